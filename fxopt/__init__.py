@@ -1,0 +1,62 @@
+"""fxopt: an inference optimizer for the fully connected layers of PyTorch models.
+
+    opt = fxopt.compile(model, example_inputs, passes=["remove-dropout", "fold-batchnorm"])
+    y = opt(*example_inputs)
+    print(opt.report)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fxopt.api import OptimizedModule, compile
+from fxopt.capture import capture
+from fxopt.errors import (
+    BackendError,
+    CaptureError,
+    FxoptError,
+    InputError,
+    PassFailedError,
+    PassOptionError,
+    UnknownPassError,
+)
+from fxopt.manager import DumpGraphs, PassInstrument, PassManager, PrintProgress
+from fxopt.pass_api import Pass, PassContext, PassResult, Skip
+from fxopt.registry import get_pass, list_passes, register_pass
+from fxopt.report import PassRecord, Report
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendError",
+    "CaptureError",
+    "DumpGraphs",
+    "FxoptError",
+    "InputError",
+    "OptimizedModule",
+    "Pass",
+    "PassContext",
+    "PassFailedError",
+    "PassInstrument",
+    "PassManager",
+    "PassOptionError",
+    "PassRecord",
+    "PassResult",
+    "PrintProgress",
+    "Report",
+    "Skip",
+    "UnknownPassError",
+    "capture",
+    "compile",
+    "export_onnx",
+    "get_pass",
+    "list_passes",
+    "register_pass",
+]
+
+
+def export_onnx(*args: Any, **kwargs: Any) -> Any:
+    """Export an optimized model to ONNX; see :func:`fxopt.backends.onnx.export_onnx`."""
+    from fxopt.backends.onnx import export_onnx as _export_onnx
+
+    return _export_onnx(*args, **kwargs)

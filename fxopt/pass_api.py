@@ -1,0 +1,199 @@
+"""The pass contract: what a pass is, what it returns, and what it may ask of the manager.
+
+A pass is a frozen dataclass whose fields are its options::
+
+    @dataclass(frozen=True)
+    class RemoveDropout(Pass):
+        name: ClassVar[str] = "remove-dropout"
+        exact: ClassVar[bool] = True
+
+        def __call__(self, gm, ctx) -> PassResult: ...
+
+It rewrites ``gm`` in place (the manager hands it a working copy and keeps the
+original for rollback), never modifies a constant tensor in place (it adds new ones with
+``fxopt.ir.add_constant``), and returns a :class:`PassResult` that lists what it matched,
+what it changed and every node it left alone with the reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+
+from fxopt.errors import PassOptionError
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A node a pass matched but left alone, and why."""
+
+    node: str
+    reason: str
+
+
+@dataclass
+class PassResult:
+    """What one pass did. ``stats`` counts at least ``matched`` and ``applied``."""
+
+    modified: bool = False
+    stats: Counter[str] = field(default_factory=Counter)
+    skipped: list[Skip] = field(default_factory=list)
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def matched(self) -> int:
+        return self.stats["matched"]
+
+    @property
+    def applied(self) -> int:
+        return self.stats["applied"]
+
+    def match(self, count: int = 1) -> None:
+        self.stats["matched"] += count
+
+    def apply(self, count: int = 1) -> None:
+        self.stats["applied"] += count
+        self.modified = True
+
+    def skip(self, node: fx.Node | str, reason: str) -> None:
+        self.skipped.append(Skip(node.name if isinstance(node, fx.Node) else str(node), reason))
+
+    def reasons(self) -> Counter[str]:
+        return Counter(s.reason for s in self.skipped)
+
+
+@dataclass
+class PassContext:
+    """What the manager offers a pass: data to measure on, and ways to measure.
+
+    ``batches`` are flat input lists: the example inputs first, then calibration batches.
+    ``reference`` holds the current graph's outputs on each batch, so a lossy pass can
+    measure a candidate rewrite with :meth:`output_error` before committing to it.
+    """
+
+    batches: list[list[torch.Tensor]]
+    reference: list[list[Any]] = field(default_factory=list)
+    original: list[list[Any]] = field(default_factory=list)
+    calibrated: bool = False
+    log: Callable[[str], None] = lambda message: None
+
+    @property
+    def example_inputs(self) -> list[torch.Tensor]:
+        return self.batches[0]
+
+    def output_error(self, gm: fx.GraphModule) -> float:
+        """Largest relative output error of ``gm`` against the reference, over all batches."""
+        from fxopt.verify import compare_outputs, run_graph
+
+        worst = 0.0
+        for inputs, expected in zip(self.batches, self.reference):
+            comparison = compare_outputs(expected, run_graph(gm, inputs))
+            if comparison.mismatch:
+                return float("inf")
+            worst = max(worst, comparison.max_rel)
+        return worst
+
+
+class Pass:
+    """Base class of every pass. Subclasses are ``@dataclass(frozen=True)``.
+
+    Class attributes:
+      name: kebab-case name used in ``passes=[...]`` and the CLI.
+      exact: True when the rewrite preserves outputs (up to float rounding).
+      default_order: where the pass runs in the default pipeline (lower runs first).
+
+    A lossy pass declares a ``budget`` field: the largest relative output error it may
+    introduce, which the manager enforces.
+    """
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = True
+    default_order: ClassVar[int] = 100
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover
+        raise NotImplementedError
+
+    def __post_init__(self) -> None:
+        check_option_types(self)
+
+    @classmethod
+    def summary(cls) -> str:
+        """The first line of the pass's module docstring (its one-line description)."""
+        import sys
+
+        doc = sys.modules[cls.__module__].__doc__ or cls.__doc__ or ""
+        lines = [line.strip() for line in doc.strip().splitlines() if line.strip()]
+        return lines[0] if lines else ""
+
+    @property
+    def budget_or_none(self) -> float | None:
+        return None if self.exact else float(getattr(self, "budget", 0.0))
+
+    def describe(self) -> str:
+        options = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}"
+            for f in dataclasses.fields(self)  # type: ignore[arg-type]
+            if getattr(self, f.name) != f.default
+        )
+        return f"{self.name}({options})" if options else self.name
+
+
+_SIMPLE_TYPES: dict[Any, tuple[type, ...]] = {
+    int: (int,),
+    float: (int, float),
+    bool: (bool,),
+    str: (str,),
+}
+
+
+def check_option_types(instance: Any) -> None:
+    """Refuse option values of the wrong type, naming the option (simple annotations only)."""
+    if not dataclasses.is_dataclass(instance):
+        return
+    try:
+        hints = typing.get_type_hints(type(instance))
+    except Exception:
+        return
+    for f in dataclasses.fields(instance):
+        expected = hints.get(f.name)
+        value = getattr(instance, f.name)
+        allowed = _allowed_types(expected)
+        if allowed is None:
+            continue
+        if isinstance(value, bool) and bool not in allowed:
+            ok = False
+        else:
+            ok = isinstance(value, allowed)
+        if not ok:
+            names = " or ".join(sorted({t.__name__ for t in allowed}))
+            raise PassOptionError(
+                f"pass '{instance.name}': option '{f.name}' must be {names}, got {value!r}"
+            )
+
+
+def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
+    if annotation in _SIMPLE_TYPES:
+        return _SIMPLE_TYPES[annotation]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        allowed: list[type] = []
+        for member in typing.get_args(annotation):
+            if member is type(None):
+                allowed.append(type(None))
+            elif member in _SIMPLE_TYPES:
+                allowed.extend(_SIMPLE_TYPES[member])
+            else:
+                return None
+        return tuple(allowed)
+    return None
+
+
+def option_names(pass_type: type) -> Sequence[str]:
+    return [f.name for f in dataclasses.fields(pass_type)] if dataclasses.is_dataclass(pass_type) else []

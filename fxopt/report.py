@@ -1,0 +1,121 @@
+"""The optimization report: one row per pass, printable and machine-readable."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from fxopt.cost import Cost
+
+
+@dataclass
+class PassRecord:
+    """What one pass did to the graph, as measured by the manager."""
+
+    name: str
+    exact: bool
+    status: str  # "applied", "no change", "rolled back"
+    matched: int = 0
+    applied: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    before: Cost = Cost(0, 0, 0)
+    after: Cost = Cost(0, 0, 0)
+    max_abs_err: float = 0.0
+    max_rel_err: float = 0.0
+    budget: float | None = None
+    seconds: float = 0.0
+    message: str = ""
+    details: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.status == "rolled back"
+
+
+@dataclass
+class Report:
+    """What ``fxopt.compile`` did: capture, every pass, lowering."""
+
+    model: str = ""
+    backend: str = "eager"
+    device: str = "cpu"
+    capture_seconds: float = 0.0
+    lower_seconds: float = 0.0
+    passes: list[PassRecord] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    original: Cost = Cost(0, 0, 0)
+    final: Cost = Cost(0, 0, 0)
+    final_max_rel_err: float = 0.0
+    final_max_abs_err: float = 0.0
+
+    def __getitem__(self, name: str) -> PassRecord:
+        """The record of the (last) run of the pass called ``name``."""
+        for record in reversed(self.passes):
+            if record.name == name:
+                return record
+        raise KeyError(f"no pass named {name!r} in this report (ran: {[r.name for r in self.passes]})")
+
+    @property
+    def rolled_back(self) -> list[PassRecord]:
+        return [r for r in self.passes if r.rolled_back]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        for record in data["passes"]:
+            record["skipped"] = dict(record["skipped"])
+        return data
+
+    def __str__(self) -> str:
+        header = ["pass", "kind", "status", "matched", "applied", "skipped", "params", "GFLOPs",
+                  "weight MB", "max abs err", "max rel err", "time s"]
+        rows = [header]
+        for r in self.passes:
+            rows.append([
+                r.name,
+                "exact" if r.exact else f"lossy<={r.budget:g}" if r.budget is not None else "lossy",
+                r.status,
+                str(r.matched),
+                str(r.applied),
+                str(sum(r.skipped.values())),
+                _arrow(r.before.params, r.after.params, _count),
+                _arrow(r.before.flops, r.after.flops, lambda v: f"{v / 1e9:.3g}"),
+                _arrow(r.before.weight_bytes, r.after.weight_bytes, lambda v: f"{v / 1e6:.3g}"),
+                f"{r.max_abs_err:.2e}",
+                f"{r.max_rel_err:.2e}",
+                f"{r.seconds:.2f}",
+            ])
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines = [f"fxopt report: {self.model} -> {self.backend} on {self.device} "
+                 f"(capture {self.capture_seconds:.2f}s, lowering {self.lower_seconds:.2f}s)"]
+        for i, row in enumerate(rows):
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+            if i == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        if not self.passes:
+            lines.append("(no passes ran: nothing to do)")
+        for r in self.passes:
+            for reason, count in r.skipped.most_common():
+                lines.append(f"  {r.name}: skipped {count}x: {reason}")
+            if r.message:
+                lines.append(f"  {r.name}: {r.message}")
+        lines.append(
+            f"total: params {_arrow(self.original.params, self.final.params, _count)}, "
+            f"GFLOPs {_arrow(self.original.flops, self.final.flops, lambda v: f'{v / 1e9:.3g}')}, "
+            f"weight MB {_arrow(self.original.weight_bytes, self.final.weight_bytes, lambda v: f'{v / 1e6:.3g}')}, "
+            f"max rel err vs original {self.final_max_rel_err:.2e}"
+        )
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _count(value: int) -> str:
+    if value >= 1e6:
+        return f"{value / 1e6:.3g}M"
+    if value >= 1e3:
+        return f"{value / 1e3:.3g}k"
+    return str(value)
+
+
+def _arrow(before: int, after: int, fmt: Any) -> str:
+    return fmt(before) if before == after else f"{fmt(before)}->{fmt(after)}"
