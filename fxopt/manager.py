@@ -145,6 +145,7 @@ class PassManager:
                 raise _Rejected(f"returned {type(result).__name__} instead of a PassResult")
             record.matched, record.applied = result.matched, result.applied
             record.skipped = result.reasons()
+            record.skips = list(result.skipped)
             record.details = list(result.details)
             if [t._version for t in frozen] != versions:
                 # The previous graph shares these tensors, so there is nothing to roll back to.

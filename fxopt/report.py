@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from fxopt.cost import Cost
+from fxopt.pass_api import Skip
 
 
 @dataclass
@@ -27,6 +28,7 @@ class PassRecord:
     seconds: float = 0.0
     message: str = ""
     details: list[dict[str, Any]] = field(default_factory=list)
+    skips: list[Skip] = field(default_factory=list)
 
     @property
     def rolled_back(self) -> bool:

@@ -1,24 +1,19 @@
 """fxopt's built-in passes, one per module, registered through the ``fxopt.passes`` entry points.
 
-Pass classes are importable from here (``fxopt.passes.FoldBatchNorm``); modules load on
-first attribute access so importing fxopt stays cheap.
+Pass classes are importable from here by class name (``fxopt.passes.FoldBatchNorm``): the
+name is looked up among the registered passes on first access, so importing fxopt stays
+cheap and this file never lists the passes.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Any
-
-_CLASSES = {
-    "RemoveDropout": "remove_dropout",
-    "FoldBatchNorm": "fold_batchnorm",
-}
-
-__all__ = sorted(_CLASSES)
 
 
 def __getattr__(name: str) -> Any:
-    module = _CLASSES.get(name)
-    if module is None:
-        raise AttributeError(f"module 'fxopt.passes' has no attribute {name!r}")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    from fxopt.registry import list_passes
+
+    for pass_type in list_passes():
+        if pass_type.__name__ == name:
+            return pass_type
+    raise AttributeError(f"module 'fxopt.passes' has no attribute {name!r}")

@@ -1,0 +1,182 @@
+"""The ``fxopt`` command line: passes, demo, optimize, bench."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64, "int64": torch.int64, "int32": torch.int32}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("fxopt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        else:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"fxopt {args.command}: error: {message} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxopt", description="Inference optimizer for PyTorch Linear layers, built on torch.fx.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("passes", help="list the registered passes")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("demo", help="optimize the built-in demo model end to end")
+    p.add_argument("--passes", default=None, help="comma-separated pass list (default: every exact pass)")
+    p.add_argument("--batch", type=int, default=64, help="batch size of the demo input (default 64)")
+    p.add_argument("--repeats", type=int, default=30, help="timing repeats per candidate (default 30)")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("optimize", help="optimize a model defined in a Python file")
+    p.add_argument("target", help="FILE.py:ATTR, where ATTR is an nn.Module or a callable returning one")
+    p.add_argument("--input-shape", action="append", required=True, metavar="D0,D1,...",
+                   help="shape of one input (repeat for several inputs), e.g. 8,512")
+    p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="dtype of each input (default float32)")
+    p.add_argument("--passes", default=None, help="comma-separated pass list, e.g. 'remove-dropout,low-rank(energy=0.99)'")
+    p.add_argument("--backend", default="eager", choices=["eager", "onnx"])
+    p.add_argument("--onnx", metavar="PATH", help="also export the optimized graph to ONNX")
+    p.add_argument("--report-json", metavar="PATH", help="write the report as JSON")
+    p.add_argument("--strict", action="store_true", help="fail instead of rolling back a failing pass")
+    p.set_defaults(func=cmd_optimize)
+
+    p = sub.add_parser("bench", help="side-by-side latency of fxopt against eager and peers")
+    p.add_argument("--models", default="mlp", help="comma-separated models: mlp,bert,llama,gpt2,dlrm")
+    p.add_argument("--systems", default=None, help="comma-separated systems (default: all available)")
+    p.add_argument("--quick", action="store_true", help="small sizes and few repeats")
+    p.add_argument("--json", metavar="PATH", help="write {machine, rows} as JSON")
+    p.add_argument("--markdown", metavar="PATH", help="write a markdown table")
+    p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of speedups (needs matplotlib)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    import fxopt
+
+    types = fxopt.list_passes()
+    width = max((len(t.name) for t in types), default=0)
+    for pass_type in types:
+        kind = "exact" if pass_type.exact else "lossy"
+        print(f"{pass_type.name.ljust(width)}  {kind}  {pass_type.summary()}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import fxopt
+    from fxopt.demo import build_demo
+    from fxopt.ir import count_ops, ops
+    from fxopt.timing import measure_side_by_side
+    from fxopt.verify import compare_outputs
+
+    model, inputs = build_demo(batch=args.batch)
+    print(f"demo model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"input {tuple(inputs[0].shape)}")
+    opt = fxopt.compile(model, inputs, passes=args.passes, instruments=[fxopt.PrintProgress()])
+    print(opt.report)
+    with torch.no_grad():
+        expected, actual = model(*inputs), opt(*inputs)
+    comparison = compare_outputs(list(expected), list(actual))
+    status = "match" if comparison.within() else "DIFFER"
+    print(f"outputs {status}: max abs error {comparison.max_abs:.2e}, max rel error {comparison.max_rel:.2e}")
+    report = opt.report
+    print(f"weights (parameters and buffers): {report.original.params:,} -> {report.final.params:,}; "
+          f"linear layers: {count_ops(opt.graph_module, ops.linear)} in the optimized graph")
+    times = measure_side_by_side({"eager": lambda: model(*inputs), "fxopt": lambda: opt(*inputs)},
+                                 repeats=args.repeats)
+    print(f"latency (median of {args.repeats}, interleaved): eager {times['eager']:.3f} ms, "
+          f"fxopt {times['fxopt']:.3f} ms, speedup {times['eager'] / times['fxopt']:.2f}x")
+    return 0 if comparison.within() else 1
+
+
+def load_target(target: str) -> torch.nn.Module:
+    """``FILE.py:ATTR`` -> the module (ATTR may be a module or a zero-argument factory)."""
+    if ":" not in target:
+        raise ValueError(f"target must look like FILE.py:ATTR, got {target!r}")
+    file_name, attr = target.rsplit(":", 1)
+    path = Path(file_name)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {file_name}")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent.resolve()))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.pop(0)
+    if not hasattr(module, attr):
+        raise AttributeError(f"{file_name} has no attribute {attr!r}")
+    obj: Any = getattr(module, attr)
+    if not isinstance(obj, torch.nn.Module) and callable(obj):
+        obj = obj()
+    if not isinstance(obj, torch.nn.Module):
+        raise TypeError(f"{target} is a {type(obj).__name__}, not an nn.Module or a factory of one")
+    return obj
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--input-shape must be comma-separated integers, got {text!r}") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise ValueError(f"--input-shape must be positive sizes, got {text!r}")
+    return shape
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    import fxopt
+
+    model = load_target(args.target)
+    dtypes = args.dtype or []
+    inputs = []
+    for i, text in enumerate(args.input_shape):
+        dtype = DTYPES[dtypes[i]] if i < len(dtypes) else torch.float32
+        shape = parse_shape(text)
+        inputs.append(torch.randint(0, 2, shape, dtype=dtype) if not dtype.is_floating_point else torch.randn(shape, dtype=dtype))
+    if model.training:
+        print("fxopt optimize: note: the model is in training mode; optimizing an eval() copy", file=sys.stderr)
+    opt = fxopt.compile(model, tuple(inputs), passes=args.passes, backend=args.backend, strict=args.strict,
+                        instruments=[fxopt.PrintProgress()])
+    print(opt.report)
+    if args.report_json:
+        Path(args.report_json).write_text(json.dumps(opt.report.to_dict(), indent=2, default=str))
+        print(f"report written to {args.report_json}")
+    if args.onnx:
+        path, _ = fxopt.export_onnx(opt, tuple(inputs), args.onnx)
+        print(f"ONNX written to {path}")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fxopt.bench import run_bench_cli
+
+    return run_bench_cli(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

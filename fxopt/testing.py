@@ -1,0 +1,114 @@
+"""Helpers for pass authors: run one pass on a small module and assert what it did.
+
+    run = fxopt.testing.run_pass("fold-batchnorm", model, (x,))
+    assert run.count(ops.batch_norm) == 0
+    run.assert_outputs_match()
+    fxopt.testing.assert_skipped(run, "training mode")
+    fxopt.testing.assert_idempotent("fold-batchnorm", model, (x,))
+
+``run_pass`` goes through the real pass manager, so the rewrite is verified exactly as in
+``fxopt.compile`` (``strict=True`` by default: a failed check raises).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxopt.capture import capture, normalize_example_inputs
+from fxopt.ir import count_ops, op_histogram
+from fxopt.manager import PassManager
+from fxopt.pass_api import Pass, PassContext
+from fxopt.registry import resolve_passes
+from fxopt.report import PassRecord
+from fxopt.verify import compare_outputs, exact_tolerance, module_fingerprint, run_graph
+
+__all__ = ["PassRun", "assert_idempotent", "assert_outputs_close", "assert_skipped", "count_ops",
+           "op_histogram", "run_pass"]
+
+
+@dataclass
+class PassRun:
+    """One pass applied to a captured module: the graphs before and after, and the record."""
+
+    before: fx.GraphModule
+    after: fx.GraphModule
+    record: PassRecord
+    batches: list[list[torch.Tensor]]
+    model: torch.nn.Module
+
+    @property
+    def modified(self) -> bool:
+        return self.record.status == "applied"
+
+    def count(self, *ops: Any) -> int:
+        """How many calls to ``ops`` the rewritten graph has."""
+        return count_ops(self.after, *ops)
+
+    def count_before(self, *ops: Any) -> int:
+        return count_ops(self.before, *ops)
+
+    def outputs(self, inputs: Sequence[torch.Tensor] | None = None) -> list[Any]:
+        return run_graph(self.after, list(inputs) if inputs is not None else self.batches[0])
+
+    def assert_outputs_match(self, rtol: float | None = None, inputs: Sequence[torch.Tensor] | None = None) -> float:
+        """Assert the rewritten graph matches the original eager model; returns the relative error."""
+        batch = list(inputs) if inputs is not None else self.batches[0]
+        with torch.no_grad():
+            expected = self.model(*batch)
+        expected_flat = list(expected) if isinstance(expected, (tuple, list)) else [expected]
+        return assert_outputs_close(self.outputs(batch), expected_flat, rtol)
+
+
+def run_pass(
+    pass_: str | Pass,
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    calibration: Iterable[Any] | None = None,
+    strict: bool = True,
+) -> PassRun:
+    """Capture ``model`` (which must be in eval mode), run one pass through the manager."""
+    args = normalize_example_inputs(example_inputs)
+    fingerprint = module_fingerprint(model)
+    before = capture(model, args)
+    batches = [list(args)] + [list(normalize_example_inputs(b)) for b in (calibration or [])]
+    ctx = PassContext(batches=batches, calibrated=len(batches) > 1)
+    (pass_obj,) = resolve_passes([pass_])
+    from fxopt.ir import copy_graph_module
+
+    after, records = PassManager([pass_obj], strict=strict).run(copy_graph_module(before), ctx)
+    assert module_fingerprint(model) == fingerprint, "the pass modified the user's model"
+    return PassRun(before, after, records[0], batches, model)
+
+
+def assert_outputs_close(actual: Sequence[Any], expected: Sequence[Any], rtol: float | None = None) -> float:
+    """Assert two flat output lists agree (default: the dtype's exact tolerance)."""
+    comparison = compare_outputs(list(expected), list(actual))
+    assert comparison.mismatch is None, comparison.mismatch
+    limit = exact_tolerance(comparison.worst_dtype) if rtol is None else rtol
+    assert comparison.max_rel <= limit, f"max relative error {comparison.max_rel:.3g} > {limit:g}"
+    return comparison.max_rel
+
+
+def assert_skipped(run: PassRun, reason: str, *, node: str | None = None) -> None:
+    """Assert the pass left some node alone (``node`` if given) with a reason containing ``reason``."""
+    skips = run.record.skips
+    hits = [s for s in skips if reason in s.reason and (node is None or s.node == node)]
+    assert hits, f"no skip with reason containing {reason!r}; skips were: {[(s.node, s.reason) for s in skips]}"
+
+
+def assert_idempotent(pass_: str | Pass, model: torch.nn.Module, example_inputs: Any) -> None:
+    """Running the pass a second time on its own output changes nothing."""
+    first = run_pass(pass_, model, example_inputs)
+    (pass_obj,) = resolve_passes([pass_])
+    ctx = PassContext(batches=first.batches)
+    again, records = PassManager([pass_obj], strict=True).run(first.after, ctx)
+    assert records[0].status == "no change", (
+        f"second run of {pass_obj.name} changed the graph again (applied {records[0].applied})"
+    )
+    assert op_histogram(again) == op_histogram(first.after)
