@@ -24,12 +24,41 @@ def register_flops(op: object, counter: FlopCounter) -> None:
     _FLOP_COUNTERS[op] = counter
 
 
+def linear_shape_flops(rows: int, in_features: int, out_features: int) -> int:
+    """FLOPs of a Linear ``in_features -> out_features`` applied to ``rows`` rows (bias ignored)."""
+    return 2 * rows * in_features * out_features
+
+
+def linear_shape_params(in_features: int, out_features: int, bias: bool = True) -> int:
+    """Parameters of a Linear ``in_features -> out_features``."""
+    return in_features * out_features + (out_features if bias else 0)
+
+
+def linear_shape_bytes(rows: int, in_features: int, out_features: int, bias: bool, itemsize: int) -> int:
+    """Memory traffic of one Linear call: read the input and the weights, write the output."""
+    return itemsize * (rows * in_features + linear_shape_params(in_features, out_features, bias)
+                       + rows * out_features)
+
+
+def low_rank_break_even(in_features: int, out_features: int) -> float:
+    """The rank at which ``Linear(in, r) -> Linear(r, out)`` has as many weights as ``Linear(in, out)``.
+
+    A factorization saves parameters and FLOPs only for ranks strictly below it.
+    """
+    return in_features * out_features / (in_features + out_features)
+
+
+def linear_rows(node: fx.Node) -> int:
+    """How many rows a ``linear`` node multiplies: the product of its output's leading dims."""
+    out_shape = shape_of(node)
+    return numel_hint(out_shape[:-1]) if out_shape is not None else 0
+
+
 def linear_flops(node: fx.Node) -> int:
     out_shape, w_shape = shape_of(node), shape_of(node.args[1])
     if out_shape is None or w_shape is None:
         return 0
-    rows = numel_hint(out_shape[:-1])
-    return 2 * rows * size_hint(w_shape[0]) * size_hint(w_shape[-1])
+    return linear_shape_flops(linear_rows(node), size_hint(w_shape[-1]), size_hint(w_shape[0]))
 
 
 def _matmul_flops(node: fx.Node) -> int:

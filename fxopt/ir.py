@@ -12,6 +12,7 @@ import copy
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -322,3 +323,98 @@ def module_path(node: fx.Node) -> str:
         path = list(stack.values())[-1][0]
         return str(path).replace("L['self'].", "").replace("L__self___", "")
     return node.name
+
+
+def infer_val(node: fx.Node) -> Any:
+    """Compute ``node.meta["val"]`` from its inputs' values (fake tensors), for new nodes.
+
+    Lets a pass see the shape of a node it just created without re-propagating the graph.
+    """
+    import torch.utils._pytree as pytree
+    from torch._guards import detect_fake_mode
+
+    def value(a: Any) -> Any:
+        return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+    args = pytree.tree_map(value, node.args)
+    kwargs = pytree.tree_map(value, node.kwargs)
+    mode = detect_fake_mode(pytree.tree_leaves((args, kwargs)))
+    if mode is None:
+        result = node.target(*args, **kwargs)
+    else:
+        with mode:
+            result = node.target(*args, **kwargs)
+    node.meta["val"] = result
+    return result
+
+
+# ---------------------------------------------------------------- Linear layers
+
+
+@dataclass(frozen=True)
+class LinearParts:
+    """``linear(x, W, b)`` taken apart, when ``W`` (and ``b`` if present) are constants."""
+
+    node: fx.Node
+    input: fx.Node
+    weight_node: fx.Node
+    weight: torch.Tensor
+    bias_node: fx.Node | None
+    bias: torch.Tensor | None
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def name(self) -> str:
+        """A readable name for reports: the source module's path when known."""
+        return module_path(self.node)
+
+
+def linear_parts(gm: fx.GraphModule, node: fx.Node) -> LinearParts | None:
+    """The pieces of a ``linear`` node whose weight is a 2-D constant and whose bias is a
+    constant or absent; None for anything else."""
+    if not is_op(node, ops.linear) or not isinstance(node.args[0], fx.Node):
+        return None
+    weight_node = arg(node, 1, "weight")
+    bias_node = arg(node, 2, "bias")
+    weight = constant(gm, weight_node)
+    if weight is None or weight.dim() != 2:
+        return None
+    bias = constant(gm, bias_node)
+    if bias_node is not None and bias is None:
+        return None
+    return LinearParts(node, node.args[0], weight_node, weight, bias_node, bias)
+
+
+def constant_users(gm: fx.GraphModule, const_node: fx.Node) -> list[fx.Node]:
+    """Every node reading the tensor behind ``const_node``, through any ``get_attr`` node
+    (tied weights are one tensor registered under several names)."""
+    tensor = constant(gm, const_node)
+    if tensor is None:
+        return []
+    users: list[fx.Node] = []
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            other = constant(gm, node)
+            if other is not None and other.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+                users.extend(node.users)
+    return users
+
+
+def insert_linear(gm: fx.GraphModule, x: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None,
+                  name_hint: str, *, before: fx.Node) -> fx.Node:
+    """Add ``linear(x, weight, bias)`` before ``before``, with new constants and ``meta["val"]``."""
+    w_node = add_constant(gm, weight.contiguous(), name_hint)
+    args: tuple[Any, ...] = (x, w_node)
+    if bias is not None:
+        args += (add_constant(gm, bias.contiguous(), f"{name_hint}_bias"),)
+    with gm.graph.inserting_before(before):
+        node = gm.graph.call_function(ops.linear, args)
+    infer_val(node)
+    return node

@@ -1,0 +1,121 @@
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.ir import ops
+from fxopt.testing import assert_idempotent, assert_skipped, run_pass
+
+
+class Heads(nn.Module):
+    """Three projections of one input, grouped-query style: q wider than k and v, v without bias."""
+
+    def __init__(self, d: int = 24) -> None:
+        super().__init__()
+        self.q = nn.Linear(d, 32)
+        self.k = nn.Linear(d, 16)
+        self.v = nn.Linear(d, 16, bias=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        q = self.q(x).view(*x.shape[:-1], 4, 8)
+        return q, self.k(x) * 2, self.v(x).relu()
+
+
+class CrossAttention(nn.Module):
+    """T5 cross-attention: k and v read the encoder output, q reads the decoder state."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, dec: torch.Tensor, enc: torch.Tensor) -> torch.Tensor:
+        scores = self.q(dec) @ self.k(enc).transpose(-1, -2)
+        return scores.softmax(-1) @ self.v(enc)
+
+
+class TiedSibling(nn.Module):
+    """``a`` runs on two inputs, so its weight is read by two Linears."""
+
+    def __init__(self, d: int = 16) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, 8)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.a(x), self.b(x), self.a(z)
+
+
+def test_merges_unequal_widths_and_mixed_bias_into_one_linear() -> None:
+    torch.manual_seed(0)
+    model, x = Heads().eval(), torch.randn(2, 5, 24)
+    run = run_pass("merge-siblings", model, (x,))
+    assert run.count_before(ops.linear) == 3
+    assert run.count(ops.linear) == 1
+    assert run.count(ops.split_with_sizes) == 1
+    (split,) = [n for n in run.after.graph.nodes if n.target == ops.split_with_sizes]
+    assert list(split.args[1]) == [32, 16, 16]
+    run.assert_outputs_match()
+    assert run.record.after.flops == run.record.before.flops
+
+
+def test_any_number_of_leading_dims() -> None:
+    torch.manual_seed(0)
+    for shape in [(24,), (7, 24), (2, 3, 4, 24)]:
+        model, x = Heads().eval(), torch.randn(*shape)
+        run = run_pass("merge-siblings", model, (x,))
+        assert run.count(ops.linear) == 1, shape
+        run.assert_outputs_match()
+
+
+def test_partial_group_merges_only_the_siblings() -> None:
+    torch.manual_seed(0)
+    model = CrossAttention().eval()
+    run = run_pass("merge-siblings", model, (torch.randn(2, 3, 16), torch.randn(2, 7, 16)))
+    assert run.count(ops.linear) == 2  # q alone, k+v merged
+    assert run.count(ops.split_with_sizes) == 1
+    assert run.record.applied == 1
+    run.assert_outputs_match()
+
+
+def test_weight_used_elsewhere_is_left_alone() -> None:
+    torch.manual_seed(0)
+    model = TiedSibling().eval()
+    run = run_pass("merge-siblings", model, (torch.randn(4, 16), torch.randn(4, 16)))
+    assert not run.modified
+    assert run.count(ops.linear) == 3
+    assert_skipped(run, "weight tensor is also used by")
+    assert_skipped(run, "only 1 sibling")
+
+
+def test_min_group_option() -> None:
+    torch.manual_seed(0)
+    model = CrossAttention().eval()
+    inputs = (torch.randn(2, 3, 16), torch.randn(2, 7, 16))
+    run = run_pass(fxopt.passes.MergeSiblings(min_group=3), model, inputs)
+    assert not run.modified
+    assert_skipped(run, "only 2 sibling Linear(s) can merge here (min_group=3)")
+
+
+def test_constants_are_concatenated_at_compile_time() -> None:
+    torch.manual_seed(0)
+    model, x = Heads().eval(), torch.randn(2, 5, 24)
+    run = run_pass("merge-siblings", model, (x,))
+    assert run.count(torch.ops.aten.cat.default) == 0
+    (linear,) = [n for n in run.after.graph.nodes if n.target == ops.linear]
+    weight = getattr(run.after, linear.args[1].target)
+    bias = getattr(run.after, linear.args[2].target)
+    assert torch.equal(weight, torch.cat([model.q.weight, model.k.weight, model.v.weight]))
+    assert torch.equal(bias[-16:], torch.zeros(16))
+
+
+def test_idempotent() -> None:
+    torch.manual_seed(0)
+    assert_idempotent("merge-siblings", Heads().eval(), (torch.randn(2, 5, 24),))
+    assert_idempotent("merge-siblings", TiedSibling().eval(), (torch.randn(4, 16), torch.randn(4, 16)))
+
+
+def test_bad_option_is_refused() -> None:
+    try:
+        fxopt.get_pass("merge-siblings", min_group=1)
+    except fxopt.PassOptionError as exc:
+        assert "min_group" in str(exc)
+    else:
+        raise AssertionError("min_group=1 was accepted")
