@@ -155,7 +155,8 @@ def _factor(gm: fx.GraphModule, parts: LinearParts, rank: int, svd: Svd) -> None
     u, s, vh = svd
     dtype = parts.weight.dtype
     hint = str(parts.weight_node.target)
-    down = insert_linear(gm, parts.input, vh[:rank].to(dtype), None, f"{hint}_lowrank_in", before=parts.node)
+    x = parts.node.args[0]  # current input: an earlier layer's rewrite may have replaced parts.input
+    down = insert_linear(gm, x, vh[:rank].to(dtype), None, f"{hint}_lowrank_in", before=parts.node)
     up = insert_linear(gm, down, (u[:, :rank] * s[:rank]).to(dtype), parts.bias, f"{hint}_lowrank_out",
                        before=parts.node)
     replace_node(parts.node, up)

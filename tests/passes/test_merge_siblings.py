@@ -119,3 +119,21 @@ def test_bad_option_is_refused() -> None:
         assert "min_group" in str(exc)
     else:
         raise AssertionError("min_group=1 was accepted")
+
+
+def test_default_pipeline_merges_the_demo_heads() -> None:
+    from fxopt.demo import build_demo
+    from fxopt.registry import default_pipeline
+
+    names = [p.name for p in default_pipeline()]
+    assert names.index("remove-dropout") < names.index("merge-consecutive") < names.index("merge-siblings")
+    assert "low-rank" not in names and "prune-hidden" not in names
+    model, (x,) = build_demo(batch=8, d_in=64, hidden=128)
+    opt = fxopt.compile(model, (x,), strict=True)
+    assert opt.report["merge-siblings"].applied == 1
+    graph = opt.graph_module
+    (split,) = [n for n in graph.graph.nodes if n.target == ops.split_with_sizes]
+    assert list(split.args[1]) == [128, 64, 32]
+    assert fxopt.testing.count_ops(graph, ops.linear) == 3  # two tower layers and the merged heads
+    with torch.no_grad():
+        fxopt.testing.assert_outputs_close(list(opt(x)), list(model(x)))

@@ -1,0 +1,143 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.ir import ops
+from fxopt.passes import LowRank
+from fxopt.testing import assert_idempotent, assert_skipped, run_pass
+from fxopt.verify import compare_outputs
+
+
+def spectrum_weight(out_features: int, in_features: int, sigma: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """A weight with singular values ``sigma`` and random singular vectors."""
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(out_features, len(sigma), generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(in_features, len(sigma), generator=g, dtype=torch.float64))
+    return (u * sigma) @ v.T
+
+
+def decaying(n: int, rate: float = 4.0) -> torch.Tensor:
+    return torch.exp(-torch.arange(n, dtype=torch.float64) / rate)
+
+
+def linear_with(weight: torch.Tensor) -> nn.Linear:
+    layer = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+    return layer.eval()
+
+
+def truncated_error(layer: nn.Linear, x: torch.Tensor, rank: int) -> float:
+    """Output error of ``layer`` with its weight truncated to ``rank``, computed directly."""
+    u, s, vh = torch.linalg.svd(layer.weight.double(), full_matrices=False)
+    approx = ((u[:, :rank] * s[:rank]) @ vh[:rank]).float()
+    with torch.no_grad():
+        return compare_outputs([layer(x)], [nn.functional.linear(x, approx, layer.bias)]).max_rel
+
+
+def test_default_picks_the_smallest_rank_within_budget() -> None:
+    torch.manual_seed(0)
+    layer, x = linear_with(spectrum_weight(128, 128, decaying(128))), torch.randn(32, 128)
+    run = run_pass(LowRank(min_params=0), layer, (x,))
+    assert run.count(ops.linear) == 2
+    (detail,) = run.record.details
+    rank = detail["rank"]
+    assert rank % 8 == 0 and rank < 64
+    assert truncated_error(layer, x, rank) <= 0.01 < truncated_error(layer, x, rank - 8)
+    assert detail["params_saved"] == 128 * 128 - rank * 256
+    assert run.record.before.params - run.record.after.params == detail["params_saved"]
+    assert run.record.after.flops < run.record.before.flops
+    assert detail["error"] == pytest.approx(run.record.max_rel_err, rel=1e-3)
+    run.assert_outputs_match(rtol=0.01)
+
+
+def test_random_init_is_full_rank_and_skipped() -> None:
+    torch.manual_seed(0)
+    run = run_pass(LowRank(min_params=0), nn.Linear(128, 128).eval(), (torch.randn(32, 128),))
+    assert not run.modified
+    assert_skipped(run, "no rank below the break-even rank 64.0 keeps the output error within budget")
+
+
+def test_energy_option_keeps_that_share_of_the_spectrum() -> None:
+    torch.manual_seed(0)
+    sigma = decaying(96, rate=3.0)
+    layer = linear_with(spectrum_weight(96, 160, sigma))
+    run = run_pass(LowRank(energy=0.999, budget=0.5, min_params=0), layer, (torch.randn(16, 160),))
+    share = (sigma.square().cumsum(0) / sigma.square().sum()).tolist()
+    needed = next(i + 1 for i, s in enumerate(share) if s >= 0.999)
+    assert run.record.details[0]["rank"] == math.ceil(needed / 8) * 8
+
+
+def test_ratio_option_and_the_break_even_refusal() -> None:
+    torch.manual_seed(0)
+    layer, x = linear_with(spectrum_weight(128, 128, decaying(128))), torch.randn(16, 128)
+    run = run_pass(LowRank(ratio=0.25, budget=0.5, min_params=0), layer, (x,))
+    assert run.record.details[0]["rank"] == 32
+    refused = run_pass(LowRank(ratio=0.5, budget=0.5, min_params=0), layer, (x,))
+    assert not refused.modified
+    assert_skipped(refused, "rank 64 from ratio=0.5 is not below the break-even rank 64.0: no saving")
+
+
+def test_fixed_rank_over_budget_is_refused() -> None:
+    torch.manual_seed(0)
+    layer, x = linear_with(spectrum_weight(128, 128, decaying(128))), torch.randn(16, 128)
+    run = run_pass(LowRank(ratio=0.0625, budget=0.001, min_params=0), layer, (x,))
+    assert not run.modified
+    assert_skipped(run, "rank 8 from ratio=0.0625 gives output error")
+
+
+def test_size_threshold() -> None:
+    torch.manual_seed(0)
+    layer = linear_with(spectrum_weight(128, 128, decaying(128)))
+    run = run_pass(LowRank(), layer, (torch.randn(4, 128),))
+    assert_skipped(run, "below the size threshold min_params=65536")
+
+
+def test_layers_share_the_budget_and_the_total_stays_within_it() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*(linear_with(spectrum_weight(96, 96, decaying(96), seed=i)) for i in range(3)))
+    run = run_pass(LowRank(budget=0.02, min_params=0), model, (torch.randn(32, 96),))
+    assert run.record.applied == 3
+    assert run.count(ops.linear) == 6
+    assert max(d["error"] for d in run.record.details) <= 0.02
+    run.assert_outputs_match(rtol=0.02)
+    assert {d["layer"] for d in run.record.details} == {"0", "1", "2"}
+
+
+def test_idempotent_when_the_spectrum_has_a_gap() -> None:
+    torch.manual_seed(0)
+    sigma = torch.cat([torch.ones(8, dtype=torch.float64), torch.full((56,), 1e-7, dtype=torch.float64)])
+    layer = linear_with(spectrum_weight(64, 64, sigma))
+    run = run_pass(LowRank(min_params=0), layer, (torch.randn(8, 64),))
+    assert run.record.details[0]["rank"] == 8
+    assert_idempotent(LowRank(min_params=0), layer, (torch.randn(8, 64),))
+
+
+# ---------------------------------------------------------------- calibration data
+
+
+def test_calibration_batches_enter_the_measured_error() -> None:
+    """Inputs confined to the top 8 right singular directions need only rank 8; calibration
+    data that covers every direction makes the pass keep a higher rank."""
+    torch.manual_seed(0)
+    weight = spectrum_weight(128, 128, decaying(128, rate=6.0))
+    layer = linear_with(weight)
+    top = torch.linalg.svd(weight, full_matrices=False)[2][:8].float()
+    narrow, wide = torch.randn(32, 8) @ top, torch.randn(32, 128)
+    alone = fxopt.compile(layer, (narrow,), passes=[LowRank(min_params=0)])
+    calibrated = fxopt.compile(layer, (narrow,), passes=[LowRank(min_params=0)], calibration=[(wide,)])
+    assert alone.report["low-rank"].details[0]["rank"] == 8
+    assert calibrated.report["low-rank"].details[0]["rank"] > 8
+    assert truncated_error(layer, wide, calibrated.report["low-rank"].details[0]["rank"]) <= 0.01
+    assert any("no calibration data" in note for note in alone.report.notes)
+    assert not any("no calibration data" in note for note in calibrated.report.notes)
+
+
+def test_wrong_shape_calibration_batch_names_the_batch() -> None:
+    layer = nn.Linear(16, 16).eval()
+    x = torch.randn(4, 16)
+    with pytest.raises(fxopt.InputError, match="calibration batch 1"):
+        fxopt.compile(layer, (x,), passes=[LowRank(min_params=0)], calibration=[(x,), (torch.randn(4, 15),)])

@@ -1,0 +1,136 @@
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.ir import ops
+from fxopt.passes import PruneHidden
+from fxopt.testing import assert_idempotent, assert_skipped, run_pass
+
+
+class Block(nn.Module):
+    def __init__(self, d: int = 16, hidden: int = 64, act: nn.Module | None = None) -> None:
+        super().__init__()
+        self.up, self.act, self.down = nn.Linear(d, hidden), act or nn.ReLU(), nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+def weak_block(strong: int = 32, hidden: int = 64, act: nn.Module | None = None) -> tuple[Block, torch.Tensor]:
+    """A block where only the first ``strong`` hidden units reach the output noticeably."""
+    block = Block(hidden=hidden, act=act).eval()
+    with torch.no_grad():
+        block.down.weight[:, strong:] *= 1e-5
+    return block, torch.tensor(range(strong))
+
+
+def kept_units(run: fxopt.testing.PassRun, block: Block) -> set[int]:
+    """Which of the original hidden units survive, found by matching rows of W1."""
+    (first,) = [n for n in run.after.graph.nodes if n.target == ops.linear and n.args[0].op == "placeholder"]
+    weight = getattr(run.after, first.args[1].target)
+    return {int((block.up.weight - row).abs().sum(1).argmin()) for row in weight}
+
+
+def test_drops_the_units_that_do_not_reach_the_output() -> None:
+    torch.manual_seed(0)
+    block, strong = weak_block()
+    x = torch.randn(64, 16)
+    run = run_pass("prune-hidden", block, (x,))
+    assert kept_units(run, block) == set(strong.tolist())
+    (detail,) = run.record.details
+    assert (detail["hidden"], detail["kept"]) == (64, 32)
+    assert detail["params_saved"] == 32 * (16 + 1 + 16)
+    assert run.record.before.params - run.record.after.params == detail["params_saved"]
+    assert run.record.after.flops < run.record.before.flops
+    run.assert_outputs_match(rtol=0.01)
+
+
+def test_block_whose_units_all_matter_is_left_alone() -> None:
+    torch.manual_seed(0)
+    run = run_pass("prune-hidden", Block(hidden=32).eval(), (torch.randn(64, 16),))
+    assert not run.modified
+    assert_skipped(run, "every hidden unit matters: dropping the 8 least important of 32 gives output error")
+
+
+def test_dead_units_go_at_no_cost() -> None:
+    torch.manual_seed(0)
+    block = Block().eval()
+    with torch.no_grad():
+        block.up.bias[40:] = -100.0  # never active on these inputs
+    run = run_pass(PruneHidden(budget=1e-6), block, (torch.randn(64, 16),))
+    assert run.record.details[0]["kept"] == 40
+    assert run.assert_outputs_match() < 1e-6
+
+
+def test_constant_units_are_folded_into_the_bias_for_any_activation() -> None:
+    """sigmoid(0) != 0: a unit that is constant on the data still adds W2[:, j] * f(b1_j).
+    Folding that mean into b2 removes it exactly; scoring by magnitude alone keeps it."""
+    torch.manual_seed(0)
+    block = Block(act=nn.Sigmoid()).eval()
+    with torch.no_grad():
+        block.up.weight[32:] = 0.0
+        block.up.bias[32:] = 2.0
+    x = torch.randn(64, 16)
+    folded = run_pass(PruneHidden(budget=1e-5), block, (x,))
+    assert folded.record.details[0]["kept"] == 32
+    folded.assert_outputs_match(rtol=1e-5)
+    unfolded = run_pass(PruneHidden(budget=1e-5, fold_mean=False), block, (x,))
+    assert not unfolded.modified
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.SiLU()])
+def test_other_activations_and_leading_dims(act: nn.Module) -> None:
+    torch.manual_seed(0)
+    block, strong = weak_block(act=act)
+    run = run_pass("prune-hidden", block, (torch.randn(4, 8, 16),))
+    assert kept_units(run, block) == set(strong.tolist())
+    run.assert_outputs_match(rtol=0.01)
+
+
+def test_consecutive_blocks_share_a_linear() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    with torch.no_grad():
+        model[2].weight[:, 48:] *= 1e-5
+        model[4].weight[:, 40:] *= 1e-5
+    run = run_pass("prune-hidden", model, (torch.randn(64, 16),))
+    assert [(d["hidden"], d["kept"]) for d in run.record.details] == [(64, 48), (64, 40)]
+    assert run.count(ops.linear) == 3
+    run.assert_outputs_match(rtol=0.01)
+
+
+def test_hidden_values_used_elsewhere_are_refused() -> None:
+    class Tapped(Block):
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            h = self.act(self.up(x))
+            return self.down(h), h.mean()
+
+    torch.manual_seed(0)
+    run = run_pass("prune-hidden", Tapped().eval(), (torch.randn(8, 16),))
+    assert_skipped(run, "are also used by")
+
+
+def test_calibration_data_decides_which_units_matter() -> None:
+    """Units 32.. fire only for inputs with x[:, 0] > 0, which only the calibration data has."""
+    torch.manual_seed(0)
+    block = Block().eval()
+    with torch.no_grad():
+        block.up.weight[32:] = 0.0
+        block.up.weight[32:, 0] = 1.0
+        block.up.bias[32:] = 0.0
+    example = torch.randn(64, 16)
+    example[:, 0] = -example[:, 0].abs() - 0.1
+    calibration = torch.randn(64, 16)
+    calibration[:, 0] = calibration[:, 0].abs() + 1
+    alone = fxopt.compile(block, (example,), passes=[PruneHidden(budget=1e-6)])
+    calibrated = fxopt.compile(block, (example,), passes=[PruneHidden(budget=1e-6)], calibration=[(calibration,)])
+    assert alone.report["prune-hidden"].details[0]["kept"] == 32
+    assert calibrated.report["prune-hidden"].applied == 0
+    assert "every hidden unit matters" in calibrated.report["prune-hidden"].skips[0].reason
+
+
+def test_idempotent() -> None:
+    torch.manual_seed(0)
+    block, _ = weak_block()
+    assert_idempotent("prune-hidden", block, (torch.randn(64, 16),))
