@@ -373,7 +373,7 @@ class LinearParts:
     @property
     def name(self) -> str:
         """A readable name for reports: the source module's path when known."""
-        return module_path(self.node)
+        return module_path(self.node) or self.node.name
 
 
 def linear_parts(gm: fx.GraphModule, node: fx.Node) -> LinearParts | None:

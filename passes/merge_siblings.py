@@ -118,7 +118,9 @@ def _merge(gm: fx.GraphModule, x: fx.Node, group: list[LinearParts]) -> None:
     bias = None
     if any(p.bias is not None for p in group):
         bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in group])
-    hint = os.path.commonprefix([str(p.weight_node.target) for p in group]) + "merged"
+    names = [str(p.weight_node.target) for p in group]
+    prefix = os.path.commonprefix(names).rstrip("_")
+    hint = (prefix or "_".join(n.removesuffix("_weight") for n in names)) + "_merged"
     merged = insert_linear(gm, x, weight, bias, hint, before=first)
     with gm.graph.inserting_before(first):
         split = gm.graph.call_function(ops.split_with_sizes, (merged, [p.out_features for p in group], -1))
