@@ -407,14 +407,23 @@ def constant_users(gm: fx.GraphModule, const_node: fx.Node) -> list[fx.Node]:
     return users
 
 
+PROVENANCE_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
+
+
 def insert_linear(gm: fx.GraphModule, x: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None,
-                  name_hint: str, *, before: fx.Node) -> fx.Node:
-    """Add ``linear(x, weight, bias)`` before ``before``, with new constants and ``meta["val"]``."""
+                  name_hint: str, *, before: fx.Node, like: fx.Node | None = None) -> fx.Node:
+    """Add ``linear(x, weight, bias)`` before ``before``, with new constants and ``meta["val"]``.
+
+    ``like``: the node this one stands for; its source module and stack trace are copied, so
+    reports and later passes still name the layer (``module_path``).
+    """
     w_node = add_constant(gm, weight.contiguous(), name_hint)
     args: tuple[Any, ...] = (x, w_node)
     if bias is not None:
         args += (add_constant(gm, bias.contiguous(), f"{name_hint}_bias"),)
     with gm.graph.inserting_before(before):
         node = gm.graph.call_function(ops.linear, args)
+    if like is not None:
+        node.meta.update({k: like.meta[k] for k in PROVENANCE_META if k in like.meta})
     infer_val(node)
     return node

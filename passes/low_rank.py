@@ -26,6 +26,7 @@ from fxopt.cost import low_rank_break_even
 from fxopt.ir import (
     LinearParts,
     call_nodes,
+    constant_users,
     copy_graph_module,
     insert_linear,
     linear_parts,
@@ -68,7 +69,7 @@ class LowRank(Pass):
         for node in call_nodes(gm, ops.linear):
             result.match()
             parts = linear_parts(gm, node)
-            reason = self._layer_reason(parts)
+            reason = self._layer_reason(gm, parts)
             if parts is None or reason:
                 result.skip(node, reason or "weight or bias is not a constant")
             else:
@@ -89,21 +90,28 @@ class LowRank(Pass):
             result.apply()
         return result
 
-    def _layer_reason(self, parts: LinearParts | None) -> str | None:
+    def _layer_reason(self, gm: fx.GraphModule, parts: LinearParts | None) -> str | None:
         if parts is None:
             return None
         if not parts.weight.is_floating_point():
             return f"weight is {parts.weight.dtype}, not floating point"
         if parts.weight.numel() < self.min_params:
             return f"{parts.weight.numel()} weights, below the size threshold min_params={self.min_params}"
+        break_even = low_rank_break_even(parts.in_features, parts.out_features)
+        if self.multiple >= break_even:
+            return (f"even rank {self.multiple} (multiple={self.multiple}) is not below the break-even rank "
+                    f"{break_even:.1f}: no saving")
+        others = [u.name for u in constant_users(gm, parts.weight_node) if u is not parts.node]
+        if others:
+            return (f"its weight tensor is also used by {', '.join(sorted(others)[:3])}; the factors "
+                    "would be stored in addition to it")
         return None
 
     def _choose_rank(self, gm: fx.GraphModule, ctx: PassContext, parts: LinearParts,
                      target: float, svd: Svd) -> tuple[int, float | None, str | None]:
         """The rank to use and the model's error with it, or a reason to leave the layer."""
         break_even = low_rank_break_even(parts.in_features, parts.out_features)
-        useful = list(range(self.multiple, math.ceil(break_even), self.multiple))
-        useful = [r for r in useful if r < break_even]
+        useful = [r for r in range(self.multiple, math.ceil(break_even), self.multiple) if r < break_even]
         errors: dict[int, float] = {}
 
         def error_at(rank: int) -> float:
@@ -126,9 +134,6 @@ class LowRank(Pass):
                 return 0, None, (f"rank {rank} from {how} gives output error {error_at(rank):.3g}, over this "
                                  f"layer's share of the budget ({target:.3g})")
             return rank, error_at(rank), None
-        if not useful:
-            return 0, None, (f"even rank {self.multiple} (multiple={self.multiple}) is not below the "
-                             f"break-even rank {break_even:.1f}: no saving")
         rank = first_passing(useful, lambda r: error_at(r) <= target)
         if rank is None:
             return 0, None, (f"no rank below the break-even rank {break_even:.1f} keeps the output error "
@@ -156,8 +161,9 @@ def _factor(gm: fx.GraphModule, parts: LinearParts, rank: int, svd: Svd) -> None
     dtype = parts.weight.dtype
     hint = str(parts.weight_node.target)
     x = parts.node.args[0]  # current input: an earlier layer's rewrite may have replaced parts.input
-    down = insert_linear(gm, x, vh[:rank].to(dtype), None, f"{hint}_lowrank_in", before=parts.node)
+    down = insert_linear(gm, x, vh[:rank].to(dtype), None, f"{hint}_lowrank_in", before=parts.node,
+                         like=parts.node)
     up = insert_linear(gm, down, (u[:, :rank] * s[:rank]).to(dtype), parts.bias, f"{hint}_lowrank_out",
-                       before=parts.node)
+                       before=parts.node, like=parts.node)
     replace_node(parts.node, up)
 

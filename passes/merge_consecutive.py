@@ -94,7 +94,7 @@ class MergeConsecutive(Pass):
                 infer_val(view)
             source = view
         hint = f"{p2.weight_node.target}_merged"
-        merged_node = insert_linear(gm, source, weight, bias, hint, before=second)
+        merged_node = insert_linear(gm, source, weight, bias, hint, before=second, like=second)
         replace_node(second, merged_node)
         gm.graph.erase_node(first)
         return None

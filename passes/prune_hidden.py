@@ -27,6 +27,7 @@ from fxopt.activations import FeatureStats, feature_statistics
 from fxopt.budget import BudgetSplit, first_passing
 from fxopt.ir import (
     call_nodes,
+    constant_users,
     copy_graph_module,
     infer_val,
     insert_linear,
@@ -142,10 +143,11 @@ class PruneHidden(Pass):
             bias2 = (shift + (p2.bias.double() if p2.bias is not None else 0.0)).to(p2.weight.dtype)
         hint1, hint2 = str(p1.weight_node.target), str(p2.weight_node.target)
         bias1 = p1.bias[keep] if p1.bias is not None else None
-        new_first = insert_linear(gm, p1.input, p1.weight[keep], bias1, f"{hint1}_pruned", before=first)
+        new_first = insert_linear(gm, p1.input, p1.weight[keep], bias1, f"{hint1}_pruned", before=first, like=first)
         act.replace_input_with(first, new_first)
         infer_val(act)
-        new_second = insert_linear(gm, act, p2.weight[:, keep], bias2, f"{hint2}_pruned", before=second)
+        new_second = insert_linear(gm, act, p2.weight[:, keep], bias2, f"{hint2}_pruned", before=second,
+                                   like=second)
         replace_node(second, new_second)
         gm.graph.erase_node(first)
         return new_second
@@ -157,6 +159,11 @@ def _block_reason(gm: fx.GraphModule, first: fx.Node, act: fx.Node, second: fx.N
         return "a weight or bias is not a constant"
     if p1.weight.dtype != p2.weight.dtype or not p1.weight.is_floating_point():
         return "the two Linears' weights are not of one floating-point dtype"
+    for parts in (p1, p2):
+        others = [u.name for u in constant_users(gm, parts.weight_node) if u is not parts.node]
+        if others:
+            return (f"the weight of {parts.node.name} is also used by {', '.join(sorted(others)[:3])}; "
+                    "pruned copies would be stored in addition to it")
     for node, expected in ((first, act), (act, second)):
         if list(node.users) != [expected]:
             others = sorted(u.name for u in node.users if u is not expected)

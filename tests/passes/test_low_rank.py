@@ -141,3 +141,18 @@ def test_wrong_shape_calibration_batch_names_the_batch() -> None:
     x = torch.randn(4, 16)
     with pytest.raises(fxopt.InputError, match="calibration batch 1"):
         fxopt.compile(layer, (x,), passes=[LowRank(min_params=0)], calibration=[(x,), (torch.randn(4, 15),)])
+
+
+def test_weight_used_elsewhere_is_left_alone() -> None:
+    class Shared(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = linear_with(spectrum_weight(128, 128, decaying(128)))
+
+        def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.proj(x), self.proj(z)
+
+    torch.manual_seed(0)
+    run = run_pass(LowRank(min_params=0), Shared().eval(), (torch.randn(4, 128), torch.randn(4, 128)))
+    assert not run.modified
+    assert_skipped(run, "its weight tensor is also used by")

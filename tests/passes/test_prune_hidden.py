@@ -96,6 +96,7 @@ def test_consecutive_blocks_share_a_linear() -> None:
         model[4].weight[:, 40:] *= 1e-5
     run = run_pass("prune-hidden", model, (torch.randn(64, 16),))
     assert [(d["hidden"], d["kept"]) for d in run.record.details] == [(64, 48), (64, 40)]
+    assert [d["block"] for d in run.record.details] == ["0 -> 2", "2 -> 4"]
     assert run.count(ops.linear) == 3
     run.assert_outputs_match(rtol=0.01)
 
@@ -134,3 +135,14 @@ def test_idempotent() -> None:
     torch.manual_seed(0)
     block, _ = weak_block()
     assert_idempotent("prune-hidden", block, (torch.randn(64, 16),))
+
+
+def test_weight_used_elsewhere_is_refused() -> None:
+    class TwoInputs(Block):
+        def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return self.down(self.act(self.up(x))), self.up(z)
+
+    torch.manual_seed(0)
+    run = run_pass("prune-hidden", TwoInputs().eval(), (torch.randn(8, 16), torch.randn(8, 16)))
+    assert not run.modified
+    assert_skipped(run, "is also used by")
