@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,6 +38,24 @@ def tiny_transformer(kind: str) -> torch.nn.Module:
     else:
         raise ValueError(kind)
     return model.eval()
+
+
+PLUGIN_DIR = Path(__file__).resolve().parent.parent / "examples" / "custom_pass_plugin"
+
+
+def plugin_metadata(directory: Path) -> Path:
+    """Write the example plugin's installed metadata (a dist-info with its entry points, taken
+    from its pyproject.toml) into ``directory``, as ``pip install`` would; returns the folder
+    to put on sys.path next to the plugin's source."""
+    text = (PLUGIN_DIR / "pyproject.toml").read_text()
+    section = text.split('[project.entry-points."fxopt.passes"]', 1)[1]
+    entries = [line.strip() for line in section.splitlines() if "=" in line and not line.startswith("[")]
+    dist = directory / "fxopt_double_relu-0.1.0.dist-info"
+    dist.mkdir(parents=True, exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fxopt-double-relu\nVersion: 0.1.0\n")
+    lines = ["[fxopt.passes]"] + [e.replace('"', "") for e in entries]
+    (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return directory
 
 
 def token_ids(batch: int = 2, seq: int = 8, vocab: int = 64) -> torch.Tensor:

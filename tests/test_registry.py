@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 import sys
-import textwrap
 
 import pytest
 import torch
+from conftest import PLUGIN_DIR, plugin_metadata
 from torch import nn
 
 import fxopt
@@ -56,39 +56,13 @@ def test_default_pipeline_is_every_exact_pass_in_order() -> None:
 
 
 def test_plugin_pass_from_another_package_via_entry_point(tmp_path, monkeypatch) -> None:
-    """A pass in a separate installed distribution is found through the entry-point group."""
-    package = tmp_path / "fxopt_plugin_demo"
-    package.mkdir()
-    (package / "__init__.py").write_text(textwrap.dedent('''
-        """Replace relu(relu(x)) with relu(x)."""
-        from dataclasses import dataclass
-        from typing import ClassVar
-
-        import fxopt
-        from fxopt.ir import call_nodes, is_op, ops, replace_node
-
-
-        @dataclass(frozen=True)
-        class DoubleRelu(fxopt.Pass):
-            name: ClassVar[str] = "double-relu"
-
-            def __call__(self, gm, ctx):
-                result = fxopt.PassResult()
-                for node in call_nodes(gm, ops.relu):
-                    if is_op(node.args[0], ops.relu):
-                        result.match()
-                        replace_node(node, node.args[0])
-                        result.apply()
-                return result
-    '''))
-    dist = tmp_path / "fxopt_plugin_demo-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fxopt-plugin-demo\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[fxopt.passes]\ndouble-relu = fxopt_plugin_demo:DoubleRelu\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    """The example plugin (a separate distribution) is found through its entry point."""
+    monkeypatch.syspath_prepend(str(plugin_metadata(tmp_path)))
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
     registry.refresh()
     try:
         assert "double-relu" in [p.name for p in fxopt.list_passes()]
+        assert "double-relu" in [p.name for p in registry.default_pipeline()]  # exact: joins the default
         model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.ReLU()).eval()
         x = torch.randn(2, 4)
         opt = fxopt.compile(model, (x,), passes=["double-relu"])
@@ -96,6 +70,6 @@ def test_plugin_pass_from_another_package_via_entry_point(tmp_path, monkeypatch)
         assert torch.equal(opt(x), model(x))
     finally:
         registry._registered.pop("double-relu", None)
-        sys.modules.pop("fxopt_plugin_demo", None)
+        sys.modules.pop("fxopt_double_relu", None)
         monkeypatch.undo()
         registry.refresh()
