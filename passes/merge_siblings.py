@@ -122,6 +122,11 @@ def _merge(gm: fx.GraphModule, x: fx.Node, group: list[LinearParts]) -> None:
     prefix = os.path.commonprefix(names).rstrip("_")
     hint = (prefix or "_".join(n.removesuffix("_weight") for n in names)) + "_merged"
     merged = insert_linear(gm, x, weight, bias, hint, before=first)
+    # The merged Linear belongs to the modules its siblings share (q, k, v -> the attention).
+    stacks = [p.node.meta.get("nn_module_stack") or {} for p in group]
+    shared = {k: v for k, v in stacks[0].items() if all(st.get(k) == v for st in stacks[1:])}
+    if shared:
+        merged.meta["nn_module_stack"] = shared
     with gm.graph.inserting_before(first):
         split = gm.graph.call_function(ops.split_with_sizes, (merged, [p.out_features for p in group], -1))
         infer_val(split)

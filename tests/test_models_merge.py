@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 
-from fxopt.ir import ops
+from fxopt.ir import module_path, ops
 from fxopt.testing import PassRun, assert_outputs_close, run_pass
 
 transformers = pytest.importorskip("transformers")
@@ -31,6 +31,8 @@ def test_bert_qkv_become_one_linear_per_layer() -> None:
     assert run.count_before(ops.linear) - run.count(ops.linear) == 2 * LAYERS
     splits = [n for n in run.after.graph.nodes if n.target == ops.split_with_sizes]
     assert all(list(s.args[1]) == [32, 32, 32] for s in splits)
+    merged = [s.args[0] for s in splits]
+    assert [module_path(m) for m in merged] == [f"encoder.layer.{i}.attention.self" for i in range(LAYERS)]
     assert_matches_eager(run)
 
 
