@@ -297,17 +297,23 @@ def has_qdq_linear(gm: fx.GraphModule) -> bool:
     return any(match_qdq_linear(gm, n) is not None for n in gm.graph.nodes)
 
 
-def lower_int8_linears(gm: fx.GraphModule, device: torch.device) -> Int8Lowering:
+def has_int8_linear(gm: fx.GraphModule) -> bool:
+    return any(is_op(n, int8_linear_op) for n in gm.graph.nodes)
+
+
+def lower_int8_linears(gm: fx.GraphModule, device: torch.device | None) -> Int8Lowering:
     """Rewrite every QDQ Linear of ``gm`` (in place) into ``fxopt::int8_linear``.
 
-    A pattern the device cannot run stays as it is (dequantize, then a float Linear: the
-    same numbers, without the int8 speed) and the reason is returned.
+    ``device`` is where PyTorch will run the graph, or None for a graph bound for ONNX
+    (whose int8 kernels ONNX Runtime provides). A pattern the device cannot run stays as it
+    is (dequantize, then a float Linear: the same numbers, without the int8 speed) and the
+    reason is returned.
     """
     result = Int8Lowering(skipped=[])
     matches = [m for m in (match_qdq_linear(gm, n) for n in list(gm.graph.nodes)) if m is not None]
     if not matches:
         return result
-    unsupported = int8_unsupported_reason(str(device))
+    unsupported = int8_unsupported_reason(str(device)) if device is not None else None
     for match in matches:
         reason = unsupported or _shape_reason(gm, match, device)
         if reason:
@@ -326,13 +332,53 @@ def lower_int8_linears(gm: fx.GraphModule, device: torch.device) -> Int8Lowering
     return result
 
 
-def _shape_reason(gm: fx.GraphModule, match: QdqLinear, device: torch.device) -> str | None:
+def _shape_reason(gm: fx.GraphModule, match: QdqLinear, device: torch.device | None) -> str | None:
     dtype = match.x.meta["val"].dtype if "val" in match.x.meta else None
     if dtype is not None and dtype not in FLOAT_DTYPES:
         return f"input dtype {dtype} is not one of float32, float16, bfloat16"
-    if device.type == "cuda":
+    if device is not None and device.type == "cuda":
         out_features, in_features = constant(gm, match.qweight).shape
         if in_features % CUDA_MULTIPLE or out_features % CUDA_MULTIPLE:
             return (f"CUDA's int8 GEMM needs in/out features that are multiples of {CUDA_MULTIPLE}, "
                     f"got {in_features}x{out_features}")
     return None
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def register_onnx_translation() -> None:
+    """Make ``fxopt::int8_linear`` exportable: ONNX Runtime runs it as ``MatMulInteger``.
+
+    Per token:  s = max(|x|, 1e-5) / 127 over the last axis; xq = Cast<int8>(Round(x * (1/s)));
+    y = Cast<float>(MatMulInteger(xq, Wq^T)) * s * sw + b. Per tensor: the same with the fixed
+    scale and a Clip to [-128, 127]. The op order mirrors the torch kernel, so both round the
+    same activations to the same integers.
+    """
+    from fxopt.backends.onnx import register_onnx_translation as register
+
+    register(int8_linear_op, _int8_linear_onnx)
+
+
+def _int8_linear_onnx(x, qweight, weight_scale, bias=None, input_scale=None):  # type: ignore[no-untyped-def]
+    from onnx import TensorProto
+    from onnxscript import opset20 as op
+
+    xf = op.Cast(x, to=TensorProto.FLOAT)
+    weight_t = op.Transpose(qweight, perm=[1, 0])
+    if input_scale is None:
+        amax = op.ReduceMax(op.Abs(xf), op.Constant(value_ints=[-1]), keepdims=1)
+        scale = op.Div(op.Max(amax, op.Constant(value_float=MIN_ABS_MAX)), op.Constant(value_float=float(QMAX)))
+        xq = op.Cast(op.Round(op.Mul(xf, op.Reciprocal(scale))), to=TensorProto.INT8)
+        acc = op.Cast(op.MatMulInteger(xq, weight_t), to=TensorProto.FLOAT)
+        y = op.Mul(op.Mul(acc, scale), weight_scale)
+    else:
+        inverse = op.Constant(value_float=float(torch.tensor(1.0 / input_scale, dtype=torch.float32)))
+        rounded = op.Round(op.Mul(xf, inverse))
+        xq = op.Cast(op.Clip(rounded, op.Constant(value_float=float(QMIN)), op.Constant(value_float=float(QMAX))),
+                     to=TensorProto.INT8)
+        acc = op.Cast(op.MatMulInteger(xq, weight_t), to=TensorProto.FLOAT)
+        y = op.Mul(acc, op.Mul(weight_scale, op.Constant(value_float=float(input_scale))))
+    if bias is not None:
+        y = op.Add(y, op.Cast(bias, to=TensorProto.FLOAT))
+    return op.CastLike(y, x)

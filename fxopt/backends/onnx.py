@@ -27,6 +27,7 @@ import torch.utils._pytree as pytree
 
 from fxopt.backends import Lowered
 from fxopt.errors import BackendError, InputError
+from fxopt.ir import copy_graph_module
 from fxopt.report import Report
 from fxopt.verify import compare_outputs, exact_tolerance, run_graph
 
@@ -122,6 +123,8 @@ def _export(gm: fx.GraphModule, inputs: list[torch.Tensor], path: Path, signatur
     """Write ``gm`` to ``path`` as checked ONNX; returns the number of nodes."""
     import onnx
 
+    gm = _with_int8_kernels(gm)
+
     gm.eval()  # the graph is ATen-level already; this only silences the exporter's warning
     path.parent.mkdir(parents=True, exist_ok=True)
     weight_bytes = sum(b.numel() * b.element_size() for b in gm.buffers())
@@ -152,6 +155,24 @@ def _export(gm: fx.GraphModule, inputs: list[torch.Tensor], path: Path, signatur
         raise BackendError(f"the exported ONNX model failed onnx.checker: {exc}") from exc
     model = onnx.load(str(path), load_external_data=False)
     return len(model.graph.node)
+
+
+def _with_int8_kernels(gm: fx.GraphModule) -> fx.GraphModule:
+    """Quantized Linears (QDQ or already lowered) as fxopt::int8_linear, which exports as
+    MatMulInteger; the graph is copied, never changed."""
+    from fxopt.int8 import (
+        has_int8_linear,
+        has_qdq_linear,
+        lower_int8_linears,
+        register_onnx_translation,
+    )
+
+    if has_qdq_linear(gm):
+        gm = copy_graph_module(gm)
+        lower_int8_linears(gm, None)
+    if has_int8_linear(gm):
+        register_onnx_translation()
+    return gm
 
 
 @contextlib.contextmanager
