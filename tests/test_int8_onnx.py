@@ -71,3 +71,16 @@ def test_onnx_backend_runs_the_qdq_graph_on_integer_kernels() -> None:
     assert_outputs_close([opt(x)], [eager(x)], rtol=1e-5)
     other = torch.randn(2, 7, 64)
     assert_outputs_close([opt(other)], [eager(other)], rtol=1e-5)
+
+
+def test_peer_systems_build_and_agree_with_fp32() -> None:
+    from fxopt.peers import compare
+
+    torch.manual_seed(0)
+    rows = compare(mlp(), (torch.randn(8, 64),), repeats=1, warmup=0)
+    assert [r["name"] for r in rows] == ["eager fp32", "ORT fp32", "ORT quantize_dynamic",
+                                         "torch.ao dynamic int8", "fxopt int8 eager", "fxopt int8 ONNX"]
+    errors = {r["name"]: r.get("max_rel_err", r.get("error")) for r in rows}
+    assert errors["ORT fp32"] < 1e-5, errors
+    assert all(isinstance(e, float) and e < 0.05 for e in errors.values()), errors
+    assert errors["fxopt int8 eager"] == pytest.approx(errors["fxopt int8 ONNX"], rel=1e-3)
