@@ -113,7 +113,7 @@ def export_onnx(
         session = _session(path, torch.device("cpu"), profile_dir=None)
         expected = run_graph(gm, flat)
         actual = _OrtRunner(session, _input_names(signature), torch.device("cpu"))(*flat)
-        error = _check_parity(expected, actual)
+        error = _check_parity(expected, actual, _quantized(gm))
         note += f"; ONNX Runtime parity: max rel err {error:.2e}"
     report.notes.append(note)
     return str(path), report
@@ -235,13 +235,26 @@ def _dynamic_shapes(gm: fx.GraphModule) -> tuple[dict[int, Any], ...] | None:
     return tuple(specs) if any(specs) else None
 
 
-def _check_parity(expected: list[Any], actual: list[Any]) -> float:
+# Two correct int8 runtimes round the same activations, but float differences of 1e-7 in
+# LayerNorm/GELU/softmax move some values across a rounding boundary, and each such value
+# is off by one quantization step; over wide layers that adds up to a few 1e-3 (BERT-base:
+# ~4e-3 after two layers). The limit is the quantize-int8 pass's default error budget.
+INT8_PARITY_RTOL = 0.05
+
+
+def _quantized(gm: fx.GraphModule) -> bool:
+    from fxopt.int8 import has_int8_linear, has_qdq_linear
+
+    return has_int8_linear(gm) or has_qdq_linear(gm)
+
+
+def _check_parity(expected: list[Any], actual: list[Any], quantized: bool = False) -> float:
     comparison = compare_outputs(expected, actual)
     if comparison.mismatch:
         raise BackendError(f"ONNX Runtime disagrees with the optimized graph: {comparison.mismatch}")
     # ONNX Runtime fuses and reorders float math (LayerNorm, GELU, attention), so fp32 gets
     # the same headroom an exact pass gets.
-    limit = exact_tolerance(comparison.worst_dtype)
+    limit = INT8_PARITY_RTOL if quantized else exact_tolerance(comparison.worst_dtype)
     if comparison.max_rel > limit:
         raise BackendError(f"ONNX Runtime disagrees with the optimized graph: max relative error "
                            f"{comparison.max_rel:.3g} > {limit:g}")
@@ -268,7 +281,7 @@ def lower_onnx(
         expected = run_graph(gm, inputs)
         actual = runner(*inputs)  # profiled: tells which provider runs each node
         placement = _node_providers(session.end_profiling())
-    error = _check_parity(expected, actual)
+    error = _check_parity(expected, actual, _quantized(gm))
     where = ", ".join(f"{count} on {provider}" for provider, count in placement.most_common())
     report.notes.append(f"ONNX Runtime {_ort_version()} runs {sum(placement.values())} nodes: {where or 'none'} "
                         f"(session providers: {', '.join(session.get_providers())}); "
