@@ -24,7 +24,7 @@ import torch.fx as fx
 
 from fxopt.ir import dtype_of, is_op, ops, replace_node, shape_of, topo_order
 from fxopt.pass_api import Pass, PassContext, PassResult
-from fxopt.pattern import ARITHMETIC, X, Call, Template, atoms, match_any, polynomial, term
+from fxopt.pattern import ARITHMETIC, Call, Template, X, atoms, match_any, polynomial, term
 
 aten = torch.ops.aten
 C = math.sqrt(2.0 / math.pi)
