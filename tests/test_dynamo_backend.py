@@ -80,7 +80,7 @@ def test_weights_are_frozen_and_weight_passes_apply():
     assert report.final.params < report.original.params
 
 
-@pytest.mark.parametrize("change", ["in_place", "load_state_dict", "replace_parameter"])
+@pytest.mark.parametrize("change", ["in_place", "load_state_dict", "assign_data", "replace_parameter"])
 def test_changed_weights_reoptimize(change):
     model = _block()
     log = CompileLog()
@@ -93,6 +93,8 @@ def test_changed_weights_reoptimize(change):
             model.bn.running_var.add_(1.0)
         elif change == "load_state_dict":
             model.load_state_dict(_block(seed=1).state_dict())
+        elif change == "assign_data":
+            model.fc.weight.data = torch.randn_like(model.fc.weight)
         else:
             model.fc2.weight = torch.nn.Parameter(torch.randn_like(model.fc2.weight))
     _check(compiled, model, x)

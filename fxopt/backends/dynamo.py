@@ -248,8 +248,10 @@ class _Piece:
         return outputs
 
 
-def _state(tensor: torch.Tensor) -> tuple[Any, ...]:
-    return tensor._version, tensor.data_ptr(), tuple(tensor.shape), tensor.dtype, tensor.device
+def _state(tensor: torch.Tensor) -> tuple[int, int]:
+    # In-place writes bump the version counter; ``param.data = other`` does not, but moves
+    # the data. Shape, dtype and device changes are dynamo's guards' business.
+    return tensor._version, tensor.data_ptr()
 
 
 def _describe(value: Any) -> str:
