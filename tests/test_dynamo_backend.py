@@ -198,3 +198,14 @@ def test_gpt2_through_torch_compile():
         actual = compiled(ids).last_hidden_state
     assert_outputs_close([actual], [expected])
     assert sum(r.report["swap-activations"].applied for r in log.records if r.fallback is None) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph():
+    model = _block().cuda()
+    log = CompileLog()
+    compiled = torch.compile(model, backend="fxopt", options={"passes": ["fold-batchnorm"], "log": log})
+    x = torch.randn(4, 8, device="cuda")
+    y = compiled(x)
+    assert y.device.type == "cuda" and log.records[0].report.device.startswith("cuda")
+    _check(compiled, model, x)
