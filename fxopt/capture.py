@@ -122,12 +122,25 @@ def capture(
     kwargs = dict(example_kwargs or {})
     try:
         with torch.no_grad():
-            exported = torch.export.export(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
+            exported = _export(model, args, kwargs, dynamic_shapes)
     except Exception as exc:  # export raises many types; all become one clear error
         raise _capture_error(model, exc) from exc
     gm = freeze(exported)
     canonicalize(gm)
     return gm
+
+
+def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_shapes: Any) -> Any:
+    """Non-strict export to the training IR (ATen ops before decomposition).
+
+    torch 2.7+ returns that IR from ``export``; 2.5 and 2.6 name it ``export_for_training``
+    (their ``export`` already decomposes, e.g. ``linear`` into ``addmm``).
+    """
+    version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+    exporter = torch.export.export
+    if version < (2, 7) and hasattr(torch.export, "export_for_training"):
+        exporter = torch.export.export_for_training
+    return exporter(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
 
 
 def freeze(exported: torch.export.ExportedProgram) -> fx.GraphModule:

@@ -173,10 +173,10 @@ class PassManager:
         return gm, record
 
     def _check(self, pass_: Pass, gm: fx.GraphModule, ctx: PassContext, record: PassRecord) -> list[list[Any]]:
-        cleanup(gm)
         reason = lint(gm)
         if reason:
             raise _Rejected(reason)
+        cleanup(gm)
         try:
             propagate_shapes(gm)
         except Exception as exc:

@@ -157,12 +157,16 @@ def check_option_types(instance: Any) -> None:
     """Refuse option values of the wrong type, naming the option (simple annotations only)."""
     if not dataclasses.is_dataclass(instance):
         return
-    try:
-        hints = typing.get_type_hints(type(instance))
-    except Exception:
-        return
+    import sys
+
+    namespace = vars(sys.modules.get(type(instance).__module__, typing))
     for f in dataclasses.fields(instance):
-        expected = hints.get(f.name)
+        expected = f.type
+        if isinstance(expected, str):
+            try:
+                expected = eval(expected, dict(namespace), {})  # annotations are strings under PEP 563
+            except Exception:
+                continue
         value = getattr(instance, f.name)
         allowed = _allowed_types(expected)
         if allowed is None:

@@ -37,12 +37,15 @@ class RemoveDropout(Pass):
                 result.skip(node, "dropout is active (train=True, p>0): it is random, not the identity")
                 continue
             if node.target == ops.native_dropout:
-                users = list(node.users)
+                users = [u for u in node.users if u.users or u.args[1] == 0]
                 if not all(u.target is operator.getitem and u.args[1] == 0 for u in users):
                     result.skip(node, "the dropout mask output is used")
                     continue
-                for user in users:
-                    replace_node(user, x)
+                for user in list(node.users):
+                    if user.args[1] == 0:
+                        replace_node(user, x)
+                    else:
+                        gm.graph.erase_node(user)  # the unused mask
                 gm.graph.erase_node(node)
             else:
                 replace_node(node, x)

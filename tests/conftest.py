@@ -1,0 +1,62 @@
+"""Shared fixtures: small models built from configs (random weights, no downloads)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+warnings.filterwarnings("ignore", message=".*bos_token_id.*")
+warnings.filterwarnings("ignore", message=".*eos_token_id.*")
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def tiny_transformer(kind: str) -> torch.nn.Module:
+    """A transformers model of ``kind`` (bert, llama, gpt2, t5) with tiny sizes, in eval mode."""
+    import transformers as tf
+
+    tf.logging.set_verbosity_error()
+    if kind == "bert":
+        model = tf.BertModel(tf.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                           intermediate_size=64, vocab_size=64, max_position_embeddings=32))
+    elif kind == "llama":
+        model = tf.LlamaModel(tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             num_key_value_heads=2, intermediate_size=64, vocab_size=64,
+                                             max_position_embeddings=32, use_cache=False))
+    elif kind == "gpt2":
+        model = tf.GPT2Model(tf.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32,
+                                           use_cache=False, bos_token_id=0, eos_token_id=0))
+    elif kind == "t5":
+        model = tf.T5EncoderModel(tf.T5Config(d_model=32, num_layers=2, num_heads=4, d_ff=64, d_kv=8,
+                                              vocab_size=64))
+    else:
+        raise ValueError(kind)
+    return model.eval()
+
+
+PLUGIN_DIR = Path(__file__).resolve().parent.parent / "examples" / "custom_pass_plugin"
+
+
+def plugin_metadata(directory: Path) -> Path:
+    """Write the example plugin's installed metadata (a dist-info with its entry points, taken
+    from its pyproject.toml) into ``directory``, as ``pip install`` would; returns the folder
+    to put on sys.path next to the plugin's source."""
+    text = (PLUGIN_DIR / "pyproject.toml").read_text()
+    section = text.split('[project.entry-points."fxopt.passes"]', 1)[1]
+    entries = [line.strip() for line in section.splitlines() if "=" in line and not line.startswith("[")]
+    dist = directory / "fxopt_double_relu-0.1.0.dist-info"
+    dist.mkdir(parents=True, exist_ok=True)
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fxopt-double-relu\nVersion: 0.1.0\n")
+    lines = ["[fxopt.passes]"] + [e.replace('"', "") for e in entries]
+    (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
+    return directory
+
+
+def token_ids(batch: int = 2, seq: int = 8, vocab: int = 64) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq))

@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from fxopt.cli import main
+
+
+def test_passes_lists_each_pass_with_kind_and_summary(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["passes"]) == 0
+    out = capsys.readouterr().out
+    assert "fold-batchnorm" in out and "exact" in out and "Fold inference BatchNorm" in out
+
+
+def test_demo_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--batch", "8", "--repeats", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "outputs match" in out and "speedup" in out and "fold-batchnorm" in out
+
+
+def test_optimize_a_model_file(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "mymodel.py"
+    source.write_text(textwrap.dedent("""
+        import torch
+        def build():
+            return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Dropout(0.1), torch.nn.ReLU()).eval()
+    """))
+    report = tmp_path / "report.json"
+    code = main(["optimize", f"{source}:build", "--input-shape", "4,16", "--passes", "remove-dropout",
+                 "--report-json", str(report)])
+    assert code == 0
+    assert "remove-dropout" in capsys.readouterr().out
+    assert '"applied": 1' in report.read_text()
+
+
+def test_errors_are_one_line_without_traceback(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["optimize", f"{tmp_path}/missing.py:build", "--input-shape", "4,16"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such file" in err and "Traceback" not in err
+    assert main(["optimize", "x.py", "--input-shape", "a,b"]) == 1
+    assert "FILE.py:ATTR" in capsys.readouterr().err
+
+
+def test_console_script_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "fxopt.cli", "optimize", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--input-shape" in result.stdout

@@ -1,0 +1,160 @@
+"""The pass manager: verification, rollback, strict mode, instruments, the report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+import fxopt
+from fxopt.ir import add_constant, call_nodes, constant, ops
+from fxopt.pass_api import PassContext, PassResult
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.2), nn.Linear(16, 4)).eval()
+
+
+@dataclass(frozen=True)
+class ScaleFirstWeight(fxopt.Pass):
+    """Multiply the first Linear's weight by ``factor`` (a deliberately wrong rewrite)."""
+
+    name: ClassVar[str] = "test-scale-first-weight"
+    exact: ClassVar[bool] = True
+    factor: float = 2.0
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        linear = call_nodes(gm, ops.linear)[0]
+        result.match()
+        weight = constant(gm, linear.args[1])
+        linear.update_arg(1, add_constant(gm, weight * self.factor, "scaled"))
+        result.apply()
+        return result
+
+
+@dataclass(frozen=True)
+class LossyScale(ScaleFirstWeight):
+    name: ClassVar[str] = "test-lossy-scale"
+    exact: ClassVar[bool] = False
+    factor: float = 1.001
+    budget: float = 0.01
+
+
+@dataclass(frozen=True)
+class Raises(fxopt.Pass):
+    name: ClassVar[str] = "test-raises"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        raise RuntimeError("boom")
+
+
+@dataclass(frozen=True)
+class MutatesConstant(fxopt.Pass):
+    name: ClassVar[str] = "test-mutates-constant"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        weight = constant(gm, call_nodes(gm, ops.linear)[0].args[1])
+        weight.mul_(1.0)
+        return PassResult(modified=True)
+
+
+@dataclass(frozen=True)
+class DanglingAttr(fxopt.Pass):
+    name: ClassVar[str] = "test-dangling"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        linear = call_nodes(gm, ops.linear)[0]
+        with gm.graph.inserting_before(linear):
+            missing = gm.graph.get_attr("does_not_exist")
+        linear.update_arg(1, missing)
+        return PassResult(modified=True)
+
+
+def test_exact_pass_that_changes_outputs_is_rolled_back() -> None:
+    model, x = _model(), torch.randn(4, 8)
+    with pytest.warns(UserWarning, match="test-scale-first-weight.*rolled back"):
+        opt = fxopt.compile(model, (x,), passes=["remove-dropout", ScaleFirstWeight()])
+    record = opt.report["test-scale-first-weight"]
+    assert record.status == "rolled back"
+    assert "exact pass changed outputs" in record.message
+    assert opt.report["remove-dropout"].status == "applied"
+    assert torch.allclose(opt(x), model(x), atol=1e-6)
+
+
+def test_strict_mode_names_the_pass_and_those_before_it() -> None:
+    with pytest.raises(fxopt.PassFailedError) as info:
+        fxopt.compile(_model(), (torch.randn(4, 8),), passes=["remove-dropout", ScaleFirstWeight()], strict=True)
+    assert info.value.pass_name == "test-scale-first-weight"
+    assert info.value.previous == ["remove-dropout"]
+    assert "remove-dropout" in str(info.value)
+
+
+def test_lossy_pass_within_budget_is_kept_and_beyond_is_rolled_back() -> None:
+    model, x = _model(), torch.randn(4, 8)
+    kept = fxopt.compile(model, (x,), passes=[LossyScale(factor=1.001)])
+    record = kept.report["test-lossy-scale"]
+    assert record.status == "applied" and 0 < record.max_rel_err <= 0.01
+    assert kept.report.final_max_rel_err == pytest.approx(record.max_rel_err)
+    with pytest.warns(UserWarning):
+        refused = fxopt.compile(model, (x,), passes=[LossyScale(factor=1.5)])
+    assert refused.report["test-lossy-scale"].status == "rolled back"
+    assert "exceeds the pass's budget 0.01" in refused.report["test-lossy-scale"].message
+
+
+def test_pass_that_raises_is_rolled_back() -> None:
+    with pytest.warns(UserWarning):
+        opt = fxopt.compile(_model(), (torch.randn(2, 8),), passes=[Raises()])
+    assert opt.report["test-raises"].message == "raised RuntimeError: boom"
+
+
+def test_dangling_node_is_rolled_back() -> None:
+    with pytest.warns(UserWarning):
+        opt = fxopt.compile(_model(), (torch.randn(2, 8),), passes=[DanglingAttr()])
+    assert "does_not_exist" in opt.report["test-dangling"].message
+
+
+def test_in_place_constant_mutation_always_raises() -> None:
+    with pytest.raises(fxopt.PassFailedError, match="modified a frozen constant in place"):
+        fxopt.compile(_model(), (torch.randn(2, 8),), passes=[MutatesConstant()])
+
+
+def test_dump_graphs_instrument(tmp_path) -> None:
+    fxopt.compile(_model(), (torch.randn(2, 8),), passes=["remove-dropout"],
+                  instruments=[fxopt.DumpGraphs(tmp_path)])
+    before = (tmp_path / "01-remove-dropout-before.txt").read_text()
+    after = (tmp_path / "01-remove-dropout-after.txt").read_text()
+    assert "aten.dropout" in before and "aten.dropout" not in after
+
+
+def test_report_table_and_dict() -> None:
+    opt = fxopt.compile(_model(), (torch.randn(2, 8),))
+    text = str(opt.report)
+    assert "remove-dropout" in text and "max rel err" in text and "params" in text
+    data = opt.report.to_dict()
+    assert [p["name"] for p in data["passes"]] == ["remove-dropout", "fold-batchnorm"]
+    assert data["passes"][0]["applied"] == 1
+
+
+def test_report_counts_reasons() -> None:
+    class ActiveDropout(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.dropout(x, 0.0, training=True) + torch.nn.functional.dropout(x, 0.5, training=False)
+
+    opt = fxopt.compile(ActiveDropout().eval(), (torch.randn(2, 3),), passes=["remove-dropout"])
+    record = opt.report["remove-dropout"]
+    assert record.matched == 2 and record.applied == 2
+
+
+def test_empty_pass_list_and_model_without_linears() -> None:
+    model = nn.Sequential(nn.ReLU(), nn.Tanh()).eval()
+    x = torch.randn(3, 4)
+    opt = fxopt.compile(model, (x,), passes=[])
+    assert opt.report.passes == [] and "nothing to do" in str(opt.report)
+    opt = fxopt.compile(model, (x,))
+    assert all(r.status == "no change" for r in opt.report.passes)
+    assert torch.equal(opt(x), model(x))
