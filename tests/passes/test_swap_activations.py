@@ -8,6 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_transformer, token_ids
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxopt
 from fxopt.ir import ops
@@ -193,3 +195,23 @@ def test_lossy_without_mapping_does_nothing_and_says_so():
     run = run_pass("swap-activations-lossy", model, (torch.randn(4, 8),))
     assert run.record.status == "no change"
     assert_skipped(run, "no mapping given")
+
+
+# ---------------------------------------------------------------- random spellings
+
+A = 0.044715
+INNER = [lambda x: x + A * torch.pow(x, 3), lambda x: A * x * x * x + x, lambda x: x * (1 + A * x * x),
+         lambda x: x + x ** 3 * A]
+SCALED = [lambda v: C * v, lambda v: v * C, lambda v: v / (1 / C)]
+OUTER = [lambda x, t: 0.5 * x * (1 + t), lambda x, t: x * (1 + t) * 0.5, lambda x, t: (t + 1) * x / 2,
+         lambda x, t: x * 0.5 + 0.5 * x * t, lambda x, t: (x + x * t) * 0.5, lambda x, t: 0.5 * (x + t * x)]
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from(INNER), st.sampled_from(SCALED), st.sampled_from(OUTER))
+def test_any_spelling_of_tanh_gelu_is_fused_exactly(inner, scaled, outer):
+    model = Act(lambda x: outer(x, torch.tanh(scaled(inner(x))))).eval()
+    run = run_pass("swap-activations", model, (torch.randn(4, 8) * 3,))
+    assert run.record.applied == 1
+    assert run.count(ops.gelu) == 1 and run.count(*FORMULA_OPS) == 0
+    run.assert_outputs_match()
