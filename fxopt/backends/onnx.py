@@ -273,12 +273,16 @@ def lower_onnx(
 ) -> Lowered:
     """Export ``gm`` and run it in an ONNX Runtime session (CUDA provider when possible)."""
     inputs = [t.detach() for t in example_inputs]
+    # Export and the reference run happen where the graph's weights are; the ONNX file is
+    # device-neutral and the session decides where it runs.
+    weights = next(iter(gm.buffers()), None)
+    home = [t.to(weights.device) for t in inputs] if weights is not None else inputs
     with tempfile.TemporaryDirectory(prefix="fxopt-onnx-") as workdir:
         path = Path(workdir) / "model.onnx"
-        _export(gm, inputs, path, signature, DEFAULT_OPSET)
+        _export(gm, home, path, signature, DEFAULT_OPSET)
         session = _session(path, device, profile_dir=workdir)
         runner = _OrtRunner(session, _input_names(signature), device)
-        expected = run_graph(gm, inputs)
+        expected = run_graph(gm, home)
         actual = runner(*inputs)  # profiled: tells which provider runs each node
         placement = _node_providers(session.end_profiling())
     error = _check_parity(expected, actual, _quantized(gm))

@@ -7,10 +7,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_transformer, token_ids
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fxopt
 from fxopt.ir import ops
-from fxopt.testing import assert_idempotent, assert_skipped, run_pass
+from fxopt.testing import assert_idempotent, assert_outputs_close, assert_skipped, run_pass
 
 aten = torch.ops.aten
 FORMULA_OPS = (aten.tanh.default, aten.pow.Tensor_Scalar, aten.mul.Tensor, aten.add.Tensor, aten.sigmoid.default,
@@ -113,12 +116,9 @@ def test_idempotent_on_gpt2_formula():
 
 
 def test_gpt2_new_gelu_is_fused_in_every_layer():
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=32, vocab_size=50,
-                                     use_cache=False, bos_token_id=0, eos_token_id=0)
-    model = transformers.GPT2Model(config).eval()
-    ids = torch.randint(0, 50, (2, 8))
+    pytest.importorskip("transformers")
+    model = tiny_transformer("gpt2")
+    ids = token_ids()
     opt = fxopt.compile(model, (ids,), passes=["swap-activations"], strict=True)
     record = opt.report["swap-activations"]
     assert record.applied == 2 and record.matched == 2
@@ -126,6 +126,18 @@ def test_gpt2_new_gelu_is_fused_in_every_layer():
     assert not any(n.target == aten.tanh.default for n in opt.graph_module.graph.nodes)
     with torch.no_grad():
         torch.testing.assert_close(opt(ids).last_hidden_state, model(ids).last_hidden_state, rtol=1e-4, atol=1e-5)
+
+
+def test_t5_gated_gelu_is_fused():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.T5Config(d_model=32, num_layers=1, num_heads=4, d_ff=64, d_kv=8, vocab_size=64,
+                                   feed_forward_proj="gated-gelu")
+    model = transformers.T5EncoderModel(config).eval()
+    ids = token_ids()
+    run = run_pass("swap-activations", model, (ids,))
+    assert run.record.applied == 1 and run.count(ops.gelu) == 1
+    with torch.no_grad():
+        assert_outputs_close(run.outputs()[:1], [model(ids).last_hidden_state])
 
 
 # ---------------------------------------------------------------- lossy
@@ -183,3 +195,23 @@ def test_lossy_without_mapping_does_nothing_and_says_so():
     run = run_pass("swap-activations-lossy", model, (torch.randn(4, 8),))
     assert run.record.status == "no change"
     assert_skipped(run, "no mapping given")
+
+
+# ---------------------------------------------------------------- random spellings
+
+A = 0.044715
+INNER = [lambda x: x + A * torch.pow(x, 3), lambda x: A * x * x * x + x, lambda x: x * (1 + A * x * x),
+         lambda x: x + x ** 3 * A]
+SCALED = [lambda v: C * v, lambda v: v * C, lambda v: v / (1 / C)]
+OUTER = [lambda x, t: 0.5 * x * (1 + t), lambda x, t: x * (1 + t) * 0.5, lambda x, t: (t + 1) * x / 2,
+         lambda x, t: x * 0.5 + 0.5 * x * t, lambda x, t: (x + x * t) * 0.5, lambda x, t: 0.5 * (x + t * x)]
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.sampled_from(INNER), st.sampled_from(SCALED), st.sampled_from(OUTER))
+def test_any_spelling_of_tanh_gelu_is_fused_exactly(inner, scaled, outer):
+    model = Act(lambda x: outer(x, torch.tanh(scaled(inner(x))))).eval()
+    run = run_pass("swap-activations", model, (torch.randn(4, 8) * 3,))
+    assert run.record.applied == 1
+    assert run.count(ops.gelu) == 1 and run.count(*FORMULA_OPS) == 0
+    run.assert_outputs_match()
