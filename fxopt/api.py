@@ -94,8 +94,6 @@ def compile(  # noqa: A001 - mirrors torch.compile
         instruments: pass instruments (progress printing, graph dumps).
         max_rounds: run the pipeline again while passes keep changing the graph.
     """
-    from fxopt.backends import lower
-
     pipeline = resolve_passes(passes)  # bad names fail before any expensive work
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -110,6 +108,46 @@ def compile(  # noqa: A001 - mirrors torch.compile
     signature: Signature = gm.meta["fxopt_signature"]
     batches = [signature.flatten(args, example_kwargs, what="example input")]
     batches += _calibration_batches(signature, calibration)
+    optimized = optimize_captured(
+        gm,
+        batches,
+        pipeline,
+        report=report,
+        backend=backend,
+        device=device,
+        strict=strict,
+        instruments=instruments,
+        max_rounds=max_rounds,
+        watched_module=model,
+        restore_watched=_restorer(model, gm),
+    )
+    if module_fingerprint(model) != fingerprint:  # pragma: no cover - invariant 1
+        raise FxoptError("internal error: the user's model changed during compilation")
+    return optimized
+
+
+def optimize_captured(
+    gm: fx.GraphModule,
+    batches: list[list[torch.Tensor]],
+    pipeline: Sequence[Pass],
+    *,
+    report: Report,
+    backend: str = "eager",
+    device: str | torch.device | None = None,
+    strict: bool = False,
+    instruments: Sequence[PassInstrument] = (),
+    max_rounds: int = 1,
+    watched_module: torch.nn.Module | None = None,
+    restore_watched: Any = None,
+) -> OptimizedModule:
+    """The steps after capture, shared by every entry point: verified passes, then lowering.
+
+    ``gm`` is a captured graph (``fxopt.capture`` output, with ``meta["fxopt_signature"]``);
+    ``batches`` are its flat inputs, the example inputs first, then calibration batches.
+    """
+    from fxopt.backends import lower
+
+    signature: Signature = gm.meta["fxopt_signature"]
     if len(batches) == 1 and not all(p.exact for p in pipeline):
         report.notes.append("no calibration data given: lossy passes were measured on the example inputs only")
     ctx = PassContext(batches=batches, calibrated=len(batches) > 1)
@@ -120,17 +158,14 @@ def compile(  # noqa: A001 - mirrors torch.compile
         strict=strict,
         instruments=instruments,
         max_rounds=max_rounds,
-        watched_module=model,
-        restore_watched=_restorer(model, gm),
+        watched_module=watched_module,
+        restore_watched=restore_watched,
     )
     if pipeline:
         gm, report.passes = manager.run(gm, ctx)
         report.final_max_abs_err, report.final_max_rel_err = _drift(ctx)
     gm.meta.pop("fxopt_sources", None)  # lets the original weights go once nothing can need them
     report.final = graph_cost(gm)
-
-    if module_fingerprint(model) != fingerprint:  # pragma: no cover - invariant 1
-        raise FxoptError("internal error: the user's model changed during compilation")
 
     target = torch.device(device) if device is not None else _device_of(batches[0])
     report.device = str(target)

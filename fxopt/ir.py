@@ -223,12 +223,16 @@ def size_hint(dim: Any) -> int:
     """A concrete size for ``dim``: itself, or the example value behind a symbolic size."""
     if isinstance(dim, int):
         return dim
-    try:
-        from torch.fx.experimental.symbolic_shapes import hint_int
+    # int(dim) would guard on the symbol and specialize the graph to the example size.
+    from torch.fx.experimental import symbolic_shapes
 
-        return int(hint_int(dim))
-    except Exception:
-        return int(dim)
+    hint = getattr(symbolic_shapes, "optimization_hint", None) or getattr(symbolic_shapes, "hint_int", None)
+    if hint is not None:
+        try:
+            return int(hint(dim))
+        except Exception:
+            pass
+    return int(dim)
 
 
 def numel_hint(shape: Sequence[Any]) -> int:

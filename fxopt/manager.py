@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.cost import graph_cost
-from fxopt.errors import PassFailedError
+from fxopt.errors import InputError, PassFailedError
 from fxopt.ir import cleanup, constants, copy_graph_module, propagate_shapes
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.report import PassRecord
@@ -104,7 +104,11 @@ class PassManager:
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, list[PassRecord]]:
         if not ctx.reference:
-            ctx.reference = [run_graph(gm, inputs) for inputs in ctx.batches]
+            try:
+                ctx.reference = [run_graph(gm, inputs) for inputs in ctx.batches]
+            except Exception as exc:  # e.g. integer inputs reaching a float Linear
+                raise InputError(f"the captured model fails on its example inputs, so there is nothing "
+                                 f"to optimize: {type(exc).__name__}: {exc}") from exc
         if not ctx.original:
             ctx.original = list(ctx.reference)
         records: list[PassRecord] = []

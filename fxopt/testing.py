@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from fxopt.capture import capture, normalize_example_inputs
 from fxopt.ir import count_ops, op_histogram
@@ -60,7 +61,7 @@ class PassRun:
         batch = list(inputs) if inputs is not None else self.batches[0]
         with torch.no_grad():
             expected = self.model(*batch)
-        expected_flat = list(expected) if isinstance(expected, (tuple, list)) else [expected]
+        expected_flat = pytree.tree_leaves(expected)  # tuples, dicts, transformers ModelOutputs
         return assert_outputs_close(self.outputs(batch), expected_flat, rtol)
 
 

@@ -139,8 +139,7 @@ def test_report_table_and_dict() -> None:
     from fxopt.registry import default_pipeline
 
     assert [p["name"] for p in data["passes"]] == [p.name for p in default_pipeline()]
-    assert [p["name"] for p in data["passes"]][:2] == ["remove-dropout", "fold-batchnorm"]
-    assert data["passes"][0]["applied"] == 1
+    assert data["passes"][0]["name"] == "remove-dropout" and data["passes"][0]["applied"] == 1
 
 
 def test_report_counts_reasons() -> None:

@@ -2,11 +2,11 @@ import math
 
 import pytest
 import torch
+from fxopt.passes import LowRank
 from torch import nn
 
 import fxopt
 from fxopt.ir import ops
-from fxopt.passes import LowRank
 from fxopt.testing import assert_idempotent, assert_skipped, run_pass
 from fxopt.verify import compare_outputs
 

@@ -1,10 +1,10 @@
 import pytest
 import torch
+from fxopt.passes import PruneHidden
 from torch import nn
 
 import fxopt
 from fxopt.ir import ops
-from fxopt.passes import PruneHidden
 from fxopt.testing import assert_idempotent, assert_skipped, run_pass
 
 

@@ -1,0 +1,182 @@
+"""Quantize Linear layers to int8: per-channel weights, per-token (or calibrated) activations.
+
+    linear(x, W, b)  =>  linear(dequantize(quantize(x)), dequantize_per_channel(Wq, sw), b)
+    where Wq = round(W / sw) in [-127, 127], sw = max|W[o, :]| / 127   (quantized once, here)
+    and x is quantized per token at run time (activations="dynamic") or per tensor with a
+    scale observed on the calibration batches (activations="static", observer minmax|percentile)
+
+Constraints: W is a constant 2-D float32/float16/bfloat16 matrix with finite values; x is
+floating point; in and out features are at least 16 (below that quantizing x costs more
+than the int8 GEMM saves, unless force=True). Layers whose quantization pushes the output
+error past ``budget`` stay float, with the error in the reason. Backends lower the pattern
+to ``fxopt::int8_linear`` (int8 x int8 -> int32 GEMM, one fused rescale).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.fx as fx
+
+from fxopt.int8 import FLOAT_DTYPES, insert_qdq, quantize_weight, static_scale
+from fxopt.ir import (
+    add_constant,
+    call_nodes,
+    constant,
+    copy_graph_module,
+    dtype_of,
+    module_path,
+    ops,
+)
+from fxopt.pass_api import Pass, PassContext, PassResult
+
+MIN_FEATURES = 16
+
+
+@dataclass(frozen=True)
+class QuantizeInt8(Pass):
+    name: ClassVar[str] = "quantize-int8"
+    exact: ClassVar[bool] = False
+    default_order: ClassVar[int] = 80
+
+    budget: float = 0.05
+    activations: str = "dynamic"  # "dynamic" (per token) | "static" (per tensor, calibrated)
+    observer: str = "minmax"  # static only: "minmax" | "percentile"
+    percentile: float = 99.99
+    include: str = ""  # regex on the module path; only matching layers are quantized
+    exclude: str = ""  # regex on the module path; matching layers stay float
+    min_params: int = 0  # layers with fewer weights stay float
+    skip_first: bool = False
+    skip_last: bool = False
+    force: bool = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        from fxopt.errors import PassOptionError
+
+        if self.activations not in ("dynamic", "static"):
+            raise PassOptionError(f"quantize-int8: activations must be 'dynamic' or 'static', got {self.activations!r}")
+        if self.observer not in ("minmax", "percentile"):
+            raise PassOptionError(f"quantize-int8: observer must be 'minmax' or 'percentile', got {self.observer!r}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise PassOptionError(f"quantize-int8: percentile must be in (0, 100], got {self.percentile}")
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        linears = call_nodes(gm, ops.linear)
+        candidates: list[fx.Node] = []
+        for index, node in enumerate(linears):
+            result.match()
+            reason = self._refusal(gm, node, index, len(linears))
+            if reason:
+                result.skip(node, reason)
+            else:
+                candidates.append(node)
+        if not candidates:
+            return result
+        scales: dict[str, float | None] = {n.name: None for n in candidates}
+        if self.activations == "static":
+            if not ctx.calibrated:
+                for node in candidates:
+                    result.skip(node, "activations='static' needs calibration batches (calibration=[...]); "
+                                      "a scale from the example inputs alone could clip later inputs")
+                return result
+            scales = self._observe(gm, candidates, ctx.batches)
+        weights = {n.name: quantize_weight(constant(gm, n.args[1])) for n in candidates}
+
+        def quantized(names: list[str]) -> fx.GraphModule:
+            trial = copy_graph_module(gm)
+            self._quantize(trial, names, weights, scales)
+            return trial
+
+        chosen = self._within_budget([n.name for n in candidates], quantized, ctx, result)
+        self._quantize(gm, chosen, weights, scales)
+        for name in chosen:
+            result.apply()
+            result.details.append({"node": name, "input_scale": scales[name]})
+        return result
+
+    def _refusal(self, gm: fx.GraphModule, node: fx.Node, index: int, count: int) -> str | None:
+        path = module_path(node)
+        if self.skip_first and index == 0:
+            return "first Linear (skip_first=True)"
+        if self.skip_last and index == count - 1:
+            return "last Linear (skip_last=True)"
+        if self.include and not re.search(self.include, path):
+            return f"module path '{path}' does not match include={self.include!r}"
+        if self.exclude and re.search(self.exclude, path):
+            return f"module path '{path}' matches exclude={self.exclude!r}"
+        weight = constant(gm, node.args[1])
+        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        if weight is None or weight.dim() != 2 or (bias is not None and constant(gm, bias) is None):
+            return "weight or bias is not a constant 2-D tensor"
+        if weight.dtype not in FLOAT_DTYPES:
+            return f"weight dtype {weight.dtype} is not one of float32, float16, bfloat16"
+        x_dtype = dtype_of(node.args[0])
+        if x_dtype is None or not x_dtype.is_floating_point:
+            return f"input dtype {x_dtype} is not floating point"
+        if not bool(torch.isfinite(weight).all()):
+            return "weight has NaN or Inf values"
+        if weight.numel() < self.min_params:
+            return f"{weight.numel()} weights < min_params={self.min_params}"
+        if not self.force and min(weight.shape) < MIN_FEATURES:
+            return (f"{weight.shape[1]}->{weight.shape[0]} features: below {MIN_FEATURES}, quantizing the input "
+                    "costs more than the int8 GEMM saves (force=True overrides)")
+        return None
+
+    def _observe(self, gm: fx.GraphModule, nodes: list[fx.Node], batches: list[list[torch.Tensor]]) -> dict[str, float | None]:
+        """Per-tensor activation scales: max |x| (minmax) or its percentile, over every batch."""
+        inputs = {n.args[0]: n.name for n in nodes}
+        seen: dict[str, float] = {}
+        observer = self
+
+        class Observer(fx.Interpreter):
+            def run_node(self, n: fx.Node) -> object:
+                value = super().run_node(n)
+                if n in inputs and isinstance(value, torch.Tensor):
+                    magnitude = value.detach().abs().float().flatten()
+                    if observer.observer == "percentile" and magnitude.numel() > 1:
+                        rank = max(1, int(round(magnitude.numel() * observer.percentile / 100.0)))
+                        stat = float(magnitude.kthvalue(rank).values)
+                    else:
+                        stat = float(magnitude.max()) if magnitude.numel() else 0.0
+                    seen[n.name] = max(seen.get(n.name, 0.0), stat)
+                return value
+
+        with torch.no_grad():
+            for batch in batches:
+                Observer(gm).run(*batch)
+        return {name: static_scale(seen.get(x.name, 0.0)) for x, name in inputs.items()}
+
+    def _quantize(self, gm: fx.GraphModule, names: list[str], weights: dict, scales: dict) -> None:
+        nodes = {n.name: n for n in gm.graph.nodes}
+        for name in names:
+            linear = nodes[name]
+            qweight, scale = weights[name]
+            hint = str(linear.args[1].target)
+            insert_qdq(gm, linear, add_constant(gm, qweight, f"{hint}_int8"),
+                       add_constant(gm, scale, f"{hint}_int8_scale"), scales[name])
+        gm.recompile()
+
+    def _within_budget(self, names: list[str], quantized, ctx: PassContext, result: PassResult) -> list[str]:
+        """All layers if that fits the budget; else the least sensitive ones, added while it fits."""
+        if ctx.output_error(quantized(names)) <= self.budget:
+            return names
+        alone = {name: ctx.output_error(quantized([name])) for name in names}
+        chosen: list[str] = []
+        for name in sorted(names, key=alone.__getitem__):
+            if alone[name] > self.budget:
+                result.skip(name, f"quantizing this layer alone gives output error {alone[name]:.3g} "
+                                  f"> budget {self.budget:g}")
+                continue
+            error = ctx.output_error(quantized(chosen + [name]))
+            if error <= self.budget:
+                chosen.append(name)
+            else:
+                result.skip(name, f"with {len(chosen)} other layer(s) quantized it raises the output "
+                                  f"error to {error:.3g} > budget {self.budget:g}")
+        return [n for n in names if n in chosen]  # graph order
+

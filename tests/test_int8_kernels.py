@@ -1,0 +1,160 @@
+"""fxopt::int8_linear: agreement with the QDQ graph, the eager lowering, export/dynamo, devices."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from fxopt.passes import QuantizeInt8
+
+import fxopt
+import fxopt.int8 as int8
+from fxopt.cost import graph_cost
+from fxopt.int8 import int8_linear_op, qops, quantize_weight
+from fxopt.ir import constants, count_ops, ops
+from fxopt.testing import assert_outputs_close, run_pass
+
+qd = torch.ops.quantized_decomposed
+
+
+def qdq_reference(x, qweight, scale, bias, input_scale=None):
+    """The QDQ pattern, op for op, as the quantize-int8 pass writes it."""
+    if input_scale is None:
+        s, zp = qd.choose_qparams_per_token(x, torch.int8)
+        xq = qd.quantize_per_token(x, s, zp, -128, 127, torch.int8)
+        xdq = qd.dequantize_per_token(xq, s, zp, -128, 127, torch.int8, x.dtype)
+    else:
+        xq = qd.quantize_per_tensor(x, input_scale, 0, -128, 127, torch.int8)
+        xdq = qd.dequantize_per_tensor(xq, input_scale, 0, -128, 127, torch.int8, out_dtype=x.dtype)
+    w = qd.dequantize_per_channel(qweight, scale, None, 0, -127, 127, torch.int8, out_dtype=x.dtype)
+    return torch.nn.functional.linear(xdq, w, bias)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_per_token_quantization_is_bit_exact_with_quantized_decomposed(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    x = (torch.randn(37, 50) * torch.logspace(-3, 3, 37)[:, None]).to(dtype)
+    x[3] = 0.0
+    xq, scale = int8.quantize_per_token(x)
+    s, zp = qd.choose_qparams_per_token(x, torch.int8)
+    assert torch.equal(xq, qd.quantize_per_token(x, s, zp, -128, 127, torch.int8))
+    assert torch.equal(scale, s)
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (5, 33), (2, 3, 64), (40, 24)])
+@pytest.mark.parametrize("out_features", [7, 48])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("input_scale", [None, 0.03])
+def test_int8_linear_matches_the_qdq_graph(shape, out_features, with_bias, input_scale) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(shape)
+    qweight, scale = quantize_weight(torch.randn(out_features, shape[-1]))
+    bias = torch.randn(out_features) if with_bias else None
+    got = torch.ops.fxopt.int8_linear(x, qweight, scale, bias, input_scale)
+    expected = qdq_reference(x, qweight, scale, bias, input_scale)
+    assert got.shape == expected.shape == (*shape[:-1], out_features)
+    # int32 accumulation is exact; only the float rescale and the float reference round
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_int_mm_accumulates_in_int32_without_overflow() -> None:
+    k = 4096  # x quantizes to 127 everywhere: the sum 127 * 127 * 4096 overflows int16, not int32
+    x = torch.full((2, k), 1.0)
+    qweight = torch.full((8, k), 127, dtype=torch.int8)
+    out = torch.ops.fxopt.int8_linear(x, qweight, torch.ones(8), None, None)
+    assert torch.equal(out, torch.full((2, 8), 127.0 * k))  # x scale 1/127 x int sum
+
+
+def mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32)).eval()
+
+
+def test_eager_backend_lowers_qdq_to_int8_kernels_and_keeps_only_int8_weights() -> None:
+    torch.manual_seed(0)
+    model, x = mlp(), torch.randn(4, 9, 64)
+    opt = fxopt.compile(model, (x,), passes=["quantize-int8"], backend="eager")
+    gm = opt.graph_module
+    assert count_ops(gm, int8_linear_op) == 2
+    assert count_ops(gm, ops.linear, qops.dequantize_per_channel, qops.quantize_per_token) == 0
+    weights = [t for _, t in constants(gm) if t.dim() == 2]
+    assert weights and all(t.dtype == torch.int8 for t in weights)
+    assert opt.report.final.weight_bytes < 0.3 * opt.report.original.weight_bytes
+    assert any("2 Linear(s) run on int8 kernels" in note for note in opt.report.notes)
+    assert graph_cost(gm).flops == opt.report.original.flops  # int8_linear's FLOPs are registered
+    qdq = run_pass("quantize-int8", model, (x,))
+    # Layer 1 agrees to float rounding; that rounding can move one of layer 2's inputs across
+    # a quantization step, so the kernel and QDQ graph differ by far less than either from fp32.
+    drift = assert_outputs_close([opt(x)], qdq.outputs(), rtol=5e-3)
+    assert drift < qdq.record.max_rel_err / 4
+
+
+def test_static_activations_lower_too() -> None:
+    torch.manual_seed(0)
+    model, x = mlp(), torch.randn(16, 64)
+    calibration = [(torch.randn(16, 64),) for _ in range(2)]
+    opt = fxopt.compile(model, (x,), passes=[QuantizeInt8(activations="static")], calibration=calibration)
+    assert count_ops(opt.graph_module, int8_linear_op) == 2
+    qdq = run_pass(QuantizeInt8(activations="static"), model, (x,), calibration=calibration)
+    drift = assert_outputs_close([opt(x)], qdq.outputs(), rtol=5e-3)
+    assert drift < qdq.record.max_rel_err / 4
+
+
+def test_device_without_int8_support_keeps_the_qdq_graph_with_reason(monkeypatch) -> None:
+    torch.manual_seed(0)
+    monkeypatch.setattr(int8, "int8_unsupported_reason", lambda device: "no int8 GEMM here")
+    model, x = mlp(), torch.randn(4, 64)
+    opt = fxopt.compile(model, (x,), passes=["quantize-int8"])
+    assert count_ops(opt.graph_module, int8_linear_op) == 0
+    assert count_ops(opt.graph_module, qops.dequantize_per_channel) == 2
+    assert any("no int8 GEMM here" in note for note in opt.report.notes)
+    with torch.no_grad():
+        assert float((opt(x) - model(x)).abs().max() / model(x).abs().max()) < 0.05
+
+
+def test_unknown_device_type_is_reported_unsupported() -> None:
+    assert "no int8 GEMM" in int8.int8_unsupported_reason("meta")
+
+
+class Int8Layer(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        qweight, scale = quantize_weight(torch.randn(24, 32))
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scale", scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.fxopt.int8_linear(x, self.qweight, self.scale, None, None).relu()
+
+
+def test_int8_op_passes_through_torch_export_and_dynamo() -> None:
+    torch.manual_seed(0)
+    layer, x = Int8Layer().eval(), torch.randn(2, 5, 32)
+    batch = torch.export.Dim("batch")
+    exported = torch.export.export(layer, (x,), dynamic_shapes={"x": {0: batch}}, strict=False)
+    assert int8_linear_op in {n.target for n in exported.graph.nodes}
+    other = torch.randn(3, 5, 32)
+    torch.testing.assert_close(exported.module()(other), layer(other))
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_int8_linear_pads_small_batches_and_matches_cpu() -> None:
+    torch.manual_seed(0)
+    if int8.int8_unsupported_reason("cuda"):
+        pytest.skip(int8.int8_unsupported_reason("cuda"))
+    x = torch.randn(3, 64)
+    qweight, scale = quantize_weight(torch.randn(32, 64))
+    cpu = torch.ops.fxopt.int8_linear(x, qweight, scale, None, None)
+    gpu = torch.ops.fxopt.int8_linear(x.cuda(), qweight.cuda(), scale.cuda(), None, None)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_lowering_skips_shapes_cublas_cannot_take() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 36), torch.nn.ReLU(), torch.nn.Linear(36, 32)).eval()
+    x = torch.randn(20, 64)
+    opt = fxopt.compile(model.cuda(), (x.cuda(),), passes=["quantize-int8"], device="cuda")
+    assert count_ops(opt.graph_module, int8_linear_op) == 0  # 36 features: not a multiple of 8
+    reason = int8.int8_unsupported_reason("cuda") or "multiples of 8"
+    assert any(reason in note for note in opt.report.notes)

@@ -1,0 +1,155 @@
+"""ONNX export (fxopt.export_onnx) and the ONNX Runtime backend (backend="onnx")."""
+
+from __future__ import annotations
+
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch.export import Dim
+
+import fxopt
+from fxopt.backends import onnx as onnx_backend
+from fxopt.testing import assert_outputs_close
+
+
+class GeluMLP(torch.nn.Module):
+    def __init__(self, approximate: str = "none") -> None:
+        super().__init__()
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 4)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.nn.functional.gelu(self.fc1(x), approximate=self.approximate))
+
+
+def _ort_outputs(path: str, **feeds: torch.Tensor) -> list[torch.Tensor]:
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    return [torch.from_numpy(o) for o in session.run(None, {k: v.numpy() for k, v in feeds.items()})]
+
+
+def test_export_plain_model_keeps_gelu_one_node_and_matches_ort(tmp_path):
+    torch.manual_seed(0)
+    model = GeluMLP("tanh").eval()
+    x = torch.randn(3, 8)
+    path, report = fxopt.export_onnx(model, (x,), tmp_path / "mlp.onnx")
+    proto = onnx.load(path)
+    onnx.checker.check_model(proto)
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 20
+    gelus = [n for n in proto.graph.node if n.op_type == "Gelu"]
+    assert len(gelus) == 1
+    assert [a.s for a in gelus[0].attribute if a.name == "approximate"] == [b"tanh"]
+    assert [i.name for i in proto.graph.input] == ["x"]
+    with torch.no_grad():
+        assert_outputs_close(_ort_outputs(path, x=x), [model(x)])
+    assert any("ONNX Runtime parity" in note for note in report.notes)
+
+
+def test_export_optimized_module_and_refuse_passes_for_it(tmp_path):
+    torch.manual_seed(0)
+    model = GeluMLP().eval()
+    x = torch.randn(2, 8)
+    opt = fxopt.compile(model, (x,), passes=["remove-dropout"])
+    path, report = fxopt.export_onnx(opt, (x,), tmp_path / "opt.onnx")
+    assert report is opt.report
+    with torch.no_grad():
+        assert_outputs_close(_ort_outputs(path, x=x), [model(x)])
+    with pytest.raises(fxopt.InputError, match="already optimized"):
+        fxopt.export_onnx(opt, (x,), tmp_path / "again.onnx", passes=["remove-dropout"])
+
+
+def test_export_keeps_dynamic_batch(tmp_path):
+    torch.manual_seed(0)
+    model = GeluMLP().eval()
+    path, _ = fxopt.export_onnx(model, (torch.randn(3, 8),), tmp_path / "dyn.onnx",
+                                dynamic_shapes=({0: Dim("batch")},))
+    dims = onnx.load(path).graph.input[0].type.tensor_type.shape.dim
+    assert dims[0].dim_param and dims[1].dim_value == 8
+    x = torch.randn(7, 8)
+    with torch.no_grad():
+        assert_outputs_close(_ort_outputs(path, x=x), [model(x)])
+
+
+def test_low_opset_is_noted(tmp_path):
+    model = GeluMLP().eval()
+    path, report = fxopt.export_onnx(model, (torch.randn(2, 8),), tmp_path / "o18.onnx", opset=18)
+    assert not any(n.op_type == "Gelu" for n in onnx.load(path).graph.node)
+    assert any("below opset 20" in note for note in report.notes)
+
+
+def test_onnx_backend_runs_in_onnx_runtime_with_torch_tensors():
+    torch.manual_seed(0)
+    model = GeluMLP().eval()
+    opt = fxopt.compile(model, (torch.randn(3, 8),), backend="onnx", dynamic_shapes=({0: Dim("batch")},))
+    assert opt.report.backend == "onnx"
+    note = next(n for n in opt.report.notes if n.startswith("ONNX Runtime"))
+    assert "on CPUExecutionProvider" in note
+    assert opt._runner.session.get_providers()[0] == "CPUExecutionProvider"
+    for batch in (1, 2, 7):
+        x = torch.randn(batch, 8)
+        y = opt(x)
+        assert isinstance(y, torch.Tensor)
+        with torch.no_grad():
+            assert_outputs_close([y], [model(x)])
+
+
+def test_session_options_do_not_spin():
+    options = onnx_backend.session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.get_session_config_entry("session.inter_op.allow_spinning") == "0"
+
+
+@torch.library.custom_op("fxopt_test::times_two", mutates_args=())
+def times_two(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@times_two.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+class UsesCustomOp(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.fxopt_test.times_two(self.fc(x))
+
+
+def test_custom_op_needs_and_uses_a_registered_translation(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    model = UsesCustomOp().eval()
+    x = torch.randn(2, 4)
+    with pytest.raises(fxopt.BackendError, match="register_onnx_translation"):
+        fxopt.export_onnx(model, (x,), tmp_path / "missing.onnx")
+
+    from onnxscript import opset20 as op
+
+    def times_two_onnx(x):
+        return op.Add(x, x)
+
+    monkeypatch.setattr(onnx_backend, "_TRANSLATIONS", {})
+    onnx_backend.register_onnx_translation(torch.ops.fxopt_test.times_two.default, times_two_onnx)
+    path, _ = fxopt.export_onnx(model, (x,), tmp_path / "custom.onnx")
+    assert "Add" in [n.op_type for n in onnx.load(path).graph.node]
+    with torch.no_grad():
+        assert_outputs_close(_ort_outputs(path, x=x), [model(x)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_onnx_backend_on_cuda():
+    torch.manual_seed(0)
+    model = GeluMLP().eval().cuda()
+    x = torch.randn(4, 8, device="cuda")
+    opt = fxopt.compile(model, (x,), backend="onnx", device="cuda")
+    y = opt(x)
+    assert y.device.type == "cuda"
+    with torch.no_grad():
+        assert_outputs_close([y], [model(x)])
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        assert "on CUDAExecutionProvider" in " ".join(opt.report.notes)
+    else:
+        assert any("no CUDAExecutionProvider" in n for n in opt.report.notes)
