@@ -1,6 +1,6 @@
 """Factor a Linear into two thinner Linears with a truncated SVD (lossy).
 
-    linear(x, W, b)  =>  linear(linear(x, Vh[:r]), U[:, :r] * S[:r], b)     W = U diag(S) Vh
+    linear(x, W, b)  =>  linear(linear(x, Vh[:r]), U[:, :r] * S[:r], b)     W ~ U diag(S) Vh
 
 Rank r: ``ratio`` (r = ratio * min(in, out)) or ``energy`` (smallest r keeping that share
 of sum(S^2)) when given; otherwise the smallest rank whose model output error, measured on
@@ -9,12 +9,19 @@ search over multiples of ``multiple``). Layers go largest first, each measured o
 model with the earlier ones already factored, so the total stays within ``budget``.
 Constraints: the weight is a floating-point constant with at least ``min_params`` entries;
 r rounded up to ``multiple`` is below the break-even rank in*out/(in+out), where the two
-factors would cost as much as W. The SVD runs in float64.
+factors would cost as much as W.
+SVD (``svd="auto"``): a full float64 SVD when min(in, out) <= 512; above, a seeded randomized
+SVD of the top q triplets (fxopt.linalg), q = 256 doubled while rank q is not good enough.
+After the first miss, one projection at the largest useful rank is measured: when even that
+is over the target the layer is refused without more sketches. Every factorization is
+measured on the model, so an approximate SVD can raise the rank or refuse, never exceed the
+budget.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -33,9 +40,13 @@ from fxopt.ir import (
     ops,
     replace_node,
 )
+from fxopt.linalg import project, randomized_svd
 from fxopt.pass_api import Pass, PassContext, PassResult
 
 Svd = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+Choice = tuple[int, float | None, str | None, Svd | None]
+EXACT_SVD_MAX_SIDE = 512  # a full float64 SVD of a 512 x 512 weight takes a fraction of a second
+FIRST_SKETCH_RANK = 256
 
 
 @dataclass(frozen=True)
@@ -49,6 +60,7 @@ class LowRank(Pass):
     ratio: float | None = None
     multiple: int = 8
     min_params: int = 65536
+    svd: str = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,6 +74,8 @@ class LowRank(Pass):
                 raise ValueError(f"{option} must be in (0, 1], got {value}")
         if self.multiple < 1:
             raise ValueError(f"multiple must be >= 1, got {self.multiple}")
+        if self.svd not in ("auto", "exact", "randomized"):
+            raise ValueError(f"svd must be 'auto', 'exact' or 'randomized', got {self.svd!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -77,11 +91,10 @@ class LowRank(Pass):
         layers.sort(key=lambda p: -p.weight.numel())
         shares = BudgetSplit(self.budget, len(layers))
         for parts in layers:
-            svd = torch.linalg.svd(parts.weight.double(), full_matrices=False)
-            rank, error, reason = self._choose_rank(gm, ctx, parts, shares.target(), svd)
+            rank, error, reason, svd = self._choose_rank(gm, ctx, parts, shares.target())
             shares.spend(error if reason is None else None)
-            if reason:
-                result.skip(parts.node, reason)
+            if reason or svd is None:
+                result.skip(parts.node, reason or "no factorization")
                 continue
             saved = parts.weight.numel() - rank * (parts.in_features + parts.out_features)
             result.details.append({"layer": parts.name, "shape": tuple(parts.weight.shape), "rank": rank,
@@ -107,49 +120,105 @@ class LowRank(Pass):
                     "would be stored in addition to it")
         return None
 
-    def _choose_rank(self, gm: fx.GraphModule, ctx: PassContext, parts: LinearParts,
-                     target: float, svd: Svd) -> tuple[int, float | None, str | None]:
-        """The rank to use and the model's error with it, or a reason to leave the layer."""
+    def _choose_rank(self, gm: fx.GraphModule, ctx: PassContext, parts: LinearParts, target: float) -> Choice:
+        """The rank, the model's error with it and the factors to use, or a reason to leave the layer."""
         break_even = low_rank_break_even(parts.in_features, parts.out_features)
         useful = [r for r in range(self.multiple, math.ceil(break_even), self.multiple) if r < break_even]
-        errors: dict[int, float] = {}
+        top = useful[-1]
+        exact = self.svd == "exact" or (self.svd == "auto" and min(parts.weight.shape) <= EXACT_SVD_MAX_SIDE)
+        svds = _Svds(parts.weight, exact)
+        errors: dict[tuple[int, int], float] = {}
+        measured: list[Svd] = []  # keeps every measured factorization alive, so its id stays its own
 
-        def error_at(rank: int) -> float:
-            if rank not in errors:
+        def error_at(svd: Svd, rank: int) -> float:
+            key = (id(svd[0]), rank)
+            if key not in errors:
+                measured.append(svd)
                 candidate = copy_graph_module(gm)
                 node = next(n for n in candidate.graph.nodes if n.name == parts.node.name)
                 candidate_parts = linear_parts(candidate, node)
                 assert candidate_parts is not None
                 _factor(candidate, candidate_parts, rank, svd)
                 candidate.recompile()
-                errors[rank] = ctx.output_error(candidate)
-            return errors[rank]
+                errors[key] = ctx.output_error(candidate)
+            return errors[key]
 
-        fixed = self._fixed_rank(parts, svd[1])
-        if fixed is not None:
-            rank, how = fixed
-            if rank >= break_even:
-                return 0, None, f"rank {rank} from {how} is not below the break-even rank {break_even:.1f}: no saving"
-            if error_at(rank) > target:
-                return 0, None, (f"rank {rank} from {how} gives output error {error_at(rank):.3g}, over this "
-                                 f"layer's share of the budget ({target:.3g})")
-            return rank, error_at(rank), None
-        rank = first_passing(useful, lambda r: error_at(r) <= target)
-        if rank is None:
-            return 0, None, (f"no rank below the break-even rank {break_even:.1f} keeps the output error "
-                             f"within budget (rank {useful[-1]}: {error_at(useful[-1]):.3g} > {target:.3g})")
-        return rank, error_at(rank), None
+        def top_projection() -> tuple[Svd, float]:
+            """A rank-``top`` factorization and the share of sum(S^2) it keeps (a lower bound)."""
+            left, right, energy = project(svds.weight, top)
+            return (left, torch.ones(top, dtype=left.dtype), right), energy / svds.total
 
-    def _fixed_rank(self, parts: LinearParts, sigma: torch.Tensor) -> tuple[int, str] | None:
+        if self.ratio is not None or self.energy is not None:
+            rank, how, svd = self._fixed_rank(svds, break_even, top, top_projection)
+            if rank is None or rank >= break_even or svd is None:
+                needed = f"rank {rank}" if rank is not None else f"a rank above {top}"
+                return 0, None, f"{needed} from {how} is not below the break-even rank {break_even:.1f}: no saving", None
+            if error_at(svd, rank) > target:
+                return 0, None, (f"rank {rank} from {how} gives output error {error_at(svd, rank):.3g}, over this "
+                                 f"layer's share of the budget ({target:.3g})"), None
+            return rank, error_at(svd, rank), None, svd
+
+        def within(svd: Svd) -> Callable[[int], bool]:
+            return lambda r: error_at(svd, r) <= target
+
+        def no_rank(svd: Svd, how: str = "") -> Choice:
+            return 0, None, (f"no rank below the break-even rank {break_even:.1f} keeps the output error within "
+                             f"budget (rank {top}{how}: {error_at(svd, top):.3g} > {target:.3g})"), None
+
+        first = top if exact else min(_round_up(FIRST_SKETCH_RANK, self.multiple), top)
+        sketch = first
+        while True:
+            svd = svds.top(sketch)
+            rank = first_passing([r for r in useful if r <= sketch], within(svd))
+            if rank is not None:
+                return rank, error_at(svd, rank), None, svd
+            if sketch == top:
+                return no_rank(svd, "" if exact else ", randomized SVD")
+            if sketch == first:  # a full-rank layer stops here, after two cheap measurements
+                projection, _ = top_projection()
+                if not within(projection)(top):
+                    return no_rank(projection, ", randomized projection")
+            sketch = min(2 * sketch, top)
+
+    def _fixed_rank(self, svds: _Svds, break_even: float, top: int,
+                    top_projection: Callable[[], tuple[Svd, float]]) -> tuple[int | None, str, Svd | None]:
+        """The rank ``ratio`` or ``energy`` asks for (None: above ``top``) and an SVD covering it."""
+        most = min(svds.weight.shape)
         if self.ratio is not None:
-            rank, how = math.ceil(self.ratio * min(parts.weight.shape)), f"ratio={self.ratio}"
-        elif self.energy is not None:
-            share = (sigma.square().cumsum(0) / sigma.square().sum()).tolist()
-            rank = next((i + 1 for i, s in enumerate(share) if s >= self.energy - 1e-12), len(share))
-            how = f"energy={self.energy}"
-        else:
-            return None
-        return min(_round_up(rank, self.multiple), min(parts.weight.shape)), how
+            rank = min(_round_up(math.ceil(self.ratio * most), self.multiple), most)
+            return rank, f"ratio={self.ratio}", svds.top(rank) if rank < break_even else None
+        assert self.energy is not None
+        how = f"energy={self.energy}"
+        first = most if svds.exact else min(_round_up(FIRST_SKETCH_RANK, self.multiple), top)
+        sketch = first
+        while True:
+            svd = svds.top(sketch)
+            kept = (svd[1].double().square().cumsum(0) / svds.total).tolist()
+            needed = next((i + 1 for i, share in enumerate(kept) if share >= self.energy - 1e-12), None)
+            if needed is not None or svds.exact:
+                return min(_round_up(needed or len(kept), self.multiple), most), how, svd
+            if sketch == top or (sketch == first and top_projection()[1] < self.energy - 1e-12):
+                return None, how, None  # the kept share is a lower bound: checked at ``top`` once
+            sketch = min(2 * sketch, top)
+
+
+class _Svds:
+    """Truncated SVDs of one weight, computed as far as asked: exact (float64, all triplets at
+    once) or randomized (float32 or wider, the top ``rank`` triplets, recomputed when more are asked)."""
+
+    def __init__(self, weight: torch.Tensor, exact: bool) -> None:
+        self.exact = exact
+        self.weight = weight.double() if exact else weight.to(torch.promote_types(weight.dtype, torch.float32))
+        self.total = float(weight.double().square().sum())  # ||W||_F^2 = sum(S^2)
+        self._svd: Svd | None = None
+
+    def top(self, rank: int) -> Svd:
+        if self._svd is None or (not self.exact and self._svd[1].numel() < rank):
+            self._svd = (torch.linalg.svd(self.weight, full_matrices=False) if self.exact
+                         else randomized_svd(self.weight, rank))
+            if self.exact:
+                self.total = float(self._svd[1].square().sum())
+        return self._svd
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -166,4 +235,3 @@ def _factor(gm: fx.GraphModule, parts: LinearParts, rank: int, svd: Svd) -> None
     up = insert_linear(gm, down, (u[:, :rank] * s[:rank]).to(dtype), parts.bias, f"{hint}_lowrank_out",
                        before=parts.node, like=parts.node)
     replace_node(parts.node, up)
-
