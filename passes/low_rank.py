@@ -11,7 +11,7 @@ Constraints: the weight is a floating-point constant with at least ``min_params`
 r rounded up to ``multiple`` is below the break-even rank in*out/(in+out), where the two
 factors would cost as much as W.
 SVD (``svd="auto"``): a full float64 SVD when min(in, out) <= 512; above, a seeded randomized
-SVD of the top q triplets (fxopt.linalg), q = 256 doubled while rank q is not good enough.
+SVD of the top q triplets (fxopt.linalg), q = ``sketch_rank`` doubled while rank q is not good enough.
 After the first miss, one projection at the largest useful rank is measured: when even that
 is over the target the layer is refused without more sketches. Every factorization is
 measured on the model, so an approximate SVD can raise the rank or refuse, never exceed the
@@ -46,7 +46,6 @@ from fxopt.pass_api import Pass, PassContext, PassResult
 Svd = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Choice = tuple[int, float | None, str | None, Svd | None]
 EXACT_SVD_MAX_SIDE = 512  # a full float64 SVD of a 512 x 512 weight takes a fraction of a second
-FIRST_SKETCH_RANK = 256
 
 
 @dataclass(frozen=True)
@@ -61,6 +60,7 @@ class LowRank(Pass):
     multiple: int = 8
     min_params: int = 65536
     svd: str = "auto"
+    sketch_rank: int = 256
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,6 +76,8 @@ class LowRank(Pass):
             raise ValueError(f"multiple must be >= 1, got {self.multiple}")
         if self.svd not in ("auto", "exact", "randomized"):
             raise ValueError(f"svd must be 'auto', 'exact' or 'randomized', got {self.svd!r}")
+        if self.sketch_rank < 1:
+            raise ValueError(f"sketch_rank must be >= 1, got {self.sketch_rank}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -165,7 +167,7 @@ class LowRank(Pass):
             return 0, None, (f"no rank below the break-even rank {break_even:.1f} keeps the output error within "
                              f"budget (rank {top}{how}: {error_at(svd, top):.3g} > {target:.3g})"), None
 
-        first = top if exact else min(_round_up(FIRST_SKETCH_RANK, self.multiple), top)
+        first = top if exact else min(_round_up(self.sketch_rank, self.multiple), top)
         sketch = first
         while True:
             svd = svds.top(sketch)
@@ -189,7 +191,7 @@ class LowRank(Pass):
             return rank, f"ratio={self.ratio}", svds.top(rank) if rank < break_even else None
         assert self.energy is not None
         how = f"energy={self.energy}"
-        first = most if svds.exact else min(_round_up(FIRST_SKETCH_RANK, self.multiple), top)
+        first = most if svds.exact else min(_round_up(self.sketch_rank, self.multiple), top)
         sketch = first
         while True:
             svd = svds.top(sketch)

@@ -7,6 +7,7 @@ from torch import nn
 
 import fxopt
 from fxopt.ir import ops
+from fxopt.linalg import randomized_svd
 from fxopt.testing import assert_idempotent, assert_skipped, run_pass
 from fxopt.verify import compare_outputs
 
@@ -156,3 +157,87 @@ def test_weight_used_elsewhere_is_left_alone() -> None:
     run = run_pass(LowRank(min_params=0), Shared().eval(), (torch.randn(4, 128), torch.randn(4, 128)))
     assert not run.modified
     assert_skipped(run, "its weight tensor is also used by")
+
+
+# ---------------------------------------------------------------- randomized SVD (large layers)
+
+
+def decaying_mlp(width: int, rates: tuple[float, ...]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, rate in enumerate(rates):
+        layers += [linear_with(spectrum_weight(width, width, decaying(width, rate), seed=i)), nn.ReLU()]
+    return nn.Sequential(*layers[:-1]).eval()
+
+
+def test_randomized_svd_chooses_ranks_within_one_multiple_of_the_exact_svd() -> None:
+    """Sketches start at rank 16 and double: the 48-rank layer needs two of them."""
+    torch.manual_seed(0)
+    model, x = decaying_mlp(160, (3.0, 6.0, 14.0)), torch.randn(32, 160)
+    exact = run_pass(LowRank(min_params=0, svd="exact"), model, (x,))
+    randomized = run_pass(LowRank(min_params=0, svd="randomized", sketch_rank=16), model, (x,))
+    exact_ranks = {d["layer"]: d["rank"] for d in exact.record.details}
+    randomized_ranks = {d["layer"]: d["rank"] for d in randomized.record.details}
+    assert exact_ranks.keys() == randomized_ranks.keys() == {"0", "2", "4"}
+    assert max(exact_ranks.values()) > 32  # a layer the first sketch cannot cover
+    for layer, rank in exact_ranks.items():
+        assert rank <= randomized_ranks[layer] <= rank + 8
+    assert randomized.record.max_rel_err <= 0.01
+    randomized.assert_outputs_match(rtol=0.01)
+
+
+def test_randomized_energy_rank_is_within_one_multiple_of_the_exact_rank() -> None:
+    torch.manual_seed(0)
+    layer, x = linear_with(spectrum_weight(192, 160, decaying(160, rate=8.0))), torch.randn(16, 160)
+    options = {"energy": 0.9999, "budget": 0.5, "min_params": 0}
+    exact = run_pass(LowRank(**options, svd="exact"), layer, (x,)).record.details[0]["rank"]
+    randomized = run_pass(LowRank(**options, svd="randomized", sketch_rank=16), layer, (x,)).record.details[0]["rank"]
+    assert exact > 16 and exact <= randomized <= exact + 8
+
+
+def test_randomized_full_rank_layer_is_refused_after_one_sketch(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fxopt.passes.low_rank as low_rank
+
+    sketches: list[int] = []
+
+    def counting_svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sketches.append(rank)
+        return randomized_svd(a, rank)
+
+    monkeypatch.setattr(low_rank, "randomized_svd", counting_svd)
+    torch.manual_seed(0)
+    run = run_pass(LowRank(min_params=0, svd="randomized", sketch_rank=16), nn.Linear(256, 256).eval(),
+                   (torch.randn(32, 256),))
+    assert not run.modified
+    assert sketches == [16]  # then one projection at rank 120, and no sketch of 32, 64, 120
+    assert_skipped(run, "no rank below the break-even rank 128.0 keeps the output error within budget "
+                        "(rank 120, randomized projection:")
+
+
+def test_randomized_svd_is_deterministic_and_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(0)
+    model, x = decaying_mlp(128, (4.0,)), torch.randn(16, 128)
+    state = torch.get_rng_state()
+    first = fxopt.compile(model, (x,), passes=[LowRank(min_params=0, svd="randomized", sketch_rank=8)])
+    assert torch.equal(torch.get_rng_state(), state)
+    second = fxopt.compile(model, (x,), passes=[LowRank(min_params=0, svd="randomized", sketch_rank=8)])
+    assert first.report["low-rank"].details == second.report["low-rank"].details
+    assert torch.equal(first(x), second(x))
+
+
+def test_only_layers_above_the_exact_svd_size_are_sketched(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fxopt.passes.low_rank as low_rank
+
+    sketched: list[tuple[int, ...]] = []
+
+    def counting_svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sketched.append(tuple(a.shape))
+        return randomized_svd(a, rank)
+
+    monkeypatch.setattr(low_rank, "EXACT_SVD_MAX_SIDE", 64)
+    monkeypatch.setattr(low_rank, "randomized_svd", counting_svd)
+    torch.manual_seed(0)
+    model = nn.Sequential(linear_with(spectrum_weight(96, 64, decaying(64), seed=1)), nn.ReLU(),
+                          linear_with(spectrum_weight(96, 96, decaying(96), seed=2))).eval()
+    run = run_pass(LowRank(min_params=0), model, (torch.randn(16, 64),))
+    assert run.record.applied == 2
+    assert sketched == [(96, 96)]
