@@ -167,8 +167,7 @@ class LowRank(Pass):
             return 0, None, (f"no rank below the break-even rank {break_even:.1f} keeps the output error within "
                              f"budget (rank {top}{how}: {error_at(svd, top):.3g} > {target:.3g})"), None
 
-        first = top if exact else min(_round_up(self.sketch_rank, self.multiple), top)
-        sketch = first
+        sketch, top_checked = top if exact else min(_round_up(self.sketch_rank, self.multiple), top), False
         while True:
             svd = svds.top(sketch)
             rank = first_passing([r for r in useful if r <= sketch], within(svd))
@@ -176,11 +175,12 @@ class LowRank(Pass):
                 return rank, error_at(svd, rank), None, svd
             if sketch == top:
                 return no_rank(svd, "" if exact else ", randomized SVD")
-            if sketch == first:  # a full-rank layer stops here, after two cheap measurements
-                projection, _ = top_projection()
+            guess = _extrapolated_rank(svd[1], error_at(svd, sketch), target)
+            if guess > top and not top_checked:  # a flat spectrum: one measurement before any larger sketch
+                top_checked, (projection, _) = True, top_projection()
                 if not within(projection)(top):
                     return no_rank(projection, ", randomized projection")
-            sketch = min(2 * sketch, top)
+            sketch = self._next_sketch(sketch, top, guess)
 
     def _fixed_rank(self, svds: _Svds, break_even: float, top: int,
                     top_projection: Callable[[], tuple[Svd, float]]) -> tuple[int | None, str, Svd | None]:
@@ -191,17 +191,26 @@ class LowRank(Pass):
             return rank, f"ratio={self.ratio}", svds.top(rank) if rank < break_even else None
         assert self.energy is not None
         how = f"energy={self.energy}"
-        first = most if svds.exact else min(_round_up(self.sketch_rank, self.multiple), top)
-        sketch = first
+        sketch, top_checked = most if svds.exact else min(_round_up(self.sketch_rank, self.multiple), top), False
         while True:
             svd = svds.top(sketch)
             kept = (svd[1].double().square().cumsum(0) / svds.total).tolist()
             needed = next((i + 1 for i, share in enumerate(kept) if share >= self.energy - 1e-12), None)
             if needed is not None or svds.exact:
                 return min(_round_up(needed or len(kept), self.multiple), most), how, svd
-            if sketch == top or (sketch == first and top_projection()[1] < self.energy - 1e-12):
-                return None, how, None  # the kept share is a lower bound: checked at ``top`` once
-            sketch = min(2 * sketch, top)
+            if sketch == top:
+                return None, how, None
+            guess = _extrapolated_rank(svd[1], math.sqrt(max(1 - kept[-1], 0.0)), math.sqrt(1 - self.energy))
+            if guess > top and not top_checked:  # the kept share is a lower bound, so this may refuse early
+                top_checked = True
+                if top_projection()[1] < self.energy - 1e-12:
+                    return None, how, None
+            sketch = self._next_sketch(sketch, top, guess)
+
+    def _next_sketch(self, sketch: int, top: int, guess: float) -> int:
+        """Double the sketch, or grow it past the extrapolated rank when that is further."""
+        reach = _round_up(math.ceil(1.25 * guess), self.multiple) if guess < top else top
+        return min(top, max(2 * sketch, reach))
 
 
 class _Svds:
@@ -221,6 +230,20 @@ class _Svds:
             if self.exact:
                 self.total = float(self._svd[1].square().sum())
         return self._svd
+
+
+def _extrapolated_rank(sigma: torch.Tensor, error: float, target: float) -> float:
+    """The rank at which ``error`` (measured at rank ``len(sigma)``) would fall to ``target`` if the
+    singular values kept decaying geometrically as over the sketch's second half and the error
+    followed the first one dropped. Only a guess, to order the work: every rank is measured.
+    """
+    half = len(sigma) // 2
+    if half == 0 or not 0 < target < error < math.inf:
+        return math.inf
+    decay = float(sigma[-1] / sigma[-1 - half]) if float(sigma[-1 - half]) > 0 else 0.0
+    if not 0 < decay < 1:
+        return math.inf if decay >= 1 else float(len(sigma))
+    return len(sigma) + half * math.log(target / error) / math.log(decay)
 
 
 def _round_up(value: int, multiple: int) -> int:
