@@ -11,9 +11,10 @@ Constraints: the weight is a floating-point constant with at least ``min_params`
 r rounded up to ``multiple`` is below the break-even rank in*out/(in+out), where the two
 factors would cost as much as W.
 SVD (``svd="auto"``): a full float64 SVD when min(in, out) <= 512; above, a seeded randomized
-SVD of the top q triplets (fxopt.linalg), q = ``sketch_rank`` doubled while rank q is not good enough.
-After the first miss, one projection at the largest useful rank is measured: when even that
-is over the target the layer is refused without more sketches. Every factorization is
+SVD of the top q triplets (fxopt.linalg), q = ``sketch_rank`` grown (doubled, or past the rank
+extrapolated from the sketch's decay) while rank q is over the target. When the spectrum looks
+too flat to fit below break-even, one projection at the largest useful rank is measured
+first, and the layer is refused if even that is over the target. Every factorization is
 measured on the model, so an approximate SVD can raise the rank or refuse, never exceed the
 budget.
 """
