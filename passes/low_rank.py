@@ -209,8 +209,9 @@ class LowRank(Pass):
             sketch = self._next_sketch(sketch, top, guess)
 
     def _next_sketch(self, sketch: int, top: int, guess: float) -> int:
-        """Double the sketch, or grow it past the extrapolated rank when that is further."""
-        reach = _round_up(math.ceil(1.25 * guess), self.multiple) if guess < top else top
+        """Double the sketch, or grow it past the extrapolated rank when that is further and below
+        ``top`` (a guess beyond ``top`` was just contradicted by the rank-``top`` projection)."""
+        reach = _round_up(math.ceil(1.25 * guess), self.multiple) if guess < top else 0
         return min(top, max(2 * sketch, reach))
 
 

@@ -213,6 +213,28 @@ def test_randomized_full_rank_layer_is_refused_after_one_sketch(monkeypatch: pyt
                         "(rank 120, randomized projection:")
 
 
+def test_a_flat_spectrum_that_fits_below_break_even_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
+    """100 equal singular values: the sketches see no decay, the rank-120 projection fits, so
+    the sketches keep growing (16, 32, 64, 120) until one holds the whole spectrum."""
+    import fxopt.passes.low_rank as low_rank
+
+    sketches: list[int] = []
+
+    def counting_svd(a: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        sketches.append(rank)
+        return randomized_svd(a, rank)
+
+    monkeypatch.setattr(low_rank, "randomized_svd", counting_svd)
+    torch.manual_seed(0)
+    sigma = torch.cat([torch.ones(100, dtype=torch.float64), torch.full((156,), 1e-6, dtype=torch.float64)])
+    layer, x = linear_with(spectrum_weight(256, 256, sigma)), torch.randn(32, 256)
+    exact = run_pass(LowRank(min_params=0, svd="exact"), layer, (x,)).record.details[0]["rank"]
+    run = run_pass(LowRank(min_params=0, svd="randomized", sketch_rank=16), layer, (x,))
+    assert exact == run.record.details[0]["rank"] == 104
+    assert sketches == [16, 32, 64, 120]
+    run.assert_outputs_match(rtol=0.01)
+
+
 def test_randomized_svd_is_deterministic_and_leaves_the_global_rng_alone() -> None:
     torch.manual_seed(0)
     model, x = decaying_mlp(128, (4.0,)), torch.randn(16, 128)
