@@ -252,8 +252,10 @@ def _prepacked(qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Te
 
 
 def _quantized_engine() -> str | None:
+    # oneDNN's dynamic Linear measured fastest on AVX-512 VNNI (docs/int8.md); "x86" and
+    # "fbgemm" run FBGEMM's kernels.
     supported = torch.backends.quantized.supported_engines
-    return next((e for e in ("x86", "fbgemm", "onednn") if e in supported), None)
+    return next((e for e in ("onednn", "x86", "fbgemm") if e in supported), None)
 
 
 @contextlib.contextmanager
