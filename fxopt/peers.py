@@ -113,14 +113,21 @@ def torch_ao_dynamic_int8(model: torch.nn.Module, inputs: Sequence[torch.Tensor]
     return System("torch.ao dynamic int8", run, _first(run()))
 
 
-def fxopt_int8_passes(activations: str = "dynamic") -> list[Any]:
+def fxopt_int8_passes(activations: str = "dynamic", merge_siblings: bool = True) -> list[Any]:
     """fxopt's int8 pipeline: every default exact pass (dropout removed, activations fused,
     Linears that share an input merged: one activation quantization for Q, K and V), then
-    quantize-int8."""
+    quantize-int8.
+
+    ``merge_siblings=False`` leaves Q, K and V apart. ONNX Runtime needs no merge to quantize
+    their shared input once (its common-subexpression elimination merges the three
+    DynamicQuantizeLinear nodes), and it copies a merged output into three tensors (Split):
+    for per-tensor activations in ONNX Runtime, the unmerged graph is faster (docs/int8.md).
+    """
     from fxopt.passes import QuantizeInt8
     from fxopt.registry import default_pipeline
 
-    return [*default_pipeline(), QuantizeInt8(activations=activations)]
+    exact = [p for p in default_pipeline() if merge_siblings or p.name != "merge-siblings"]
+    return [*exact, QuantizeInt8(activations=activations)]
 
 
 def fxopt_int8_eager(model: torch.nn.Module, inputs: Sequence[torch.Tensor], workdir: Path,
@@ -154,7 +161,7 @@ def fxopt_int8_tensor_eager(model: torch.nn.Module, inputs: Sequence[torch.Tenso
 
 def fxopt_int8_tensor_onnx(model: torch.nn.Module, inputs: Sequence[torch.Tensor], workdir: Path) -> System:
     """Per-tensor dynamic activations: ONNX Runtime's DynamicQuantizeMatMul."""
-    return fxopt_int8_onnx(model, inputs, workdir, fxopt_int8_passes("dynamic-tensor"),
+    return fxopt_int8_onnx(model, inputs, workdir, fxopt_int8_passes("dynamic-tensor", merge_siblings=False),
                            name="fxopt int8 ONNX (per-tensor)")
 
 
