@@ -32,7 +32,7 @@ import operator
 import warnings
 import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
@@ -455,11 +455,12 @@ class Int8Lowering:
 
     lowered: int = 0
     skipped: list[tuple[str, str]] | None = None
+    ops: set[str] = field(default_factory=set)
 
     def notes(self) -> list[str]:
         lines = []
         if self.lowered:
-            lines.append(f"int8: {self.lowered} Linear(s) run on int8 kernels (fxopt::int8_linear)")
+            lines.append(f"int8: {self.lowered} Linear(s) run on int8 kernels ({', '.join(sorted(self.ops))})")
         for name, reason in self.skipped or []:
             lines.append(f"int8: '{name}' stays dequantize->linear in float: {reason}")
         return lines
@@ -499,6 +500,7 @@ def lower_int8_linears(gm: fx.GraphModule, device: torch.device | None) -> Int8L
                 node = gm.graph.call_function(
                     int8_linear_op, (match.x, match.qweight, match.weight_scale, match.bias, match.input_scale))
         node.meta.update(match.linear.meta)
+        result.ops.add(f"fxopt::{node.target._opname}")
         match.linear.replace_all_uses_with(node)
         gm.graph.erase_node(match.linear)
         result.lowered += 1

@@ -164,6 +164,7 @@ def test_dynamic_tensor_activations_lower_to_their_own_kernel() -> None:
     gm = opt.graph_module
     assert count_ops(gm, int8.int8_linear_dynamic_tensor_op) == 2
     assert count_ops(gm, int8_linear_op, ops.linear, qops.choose_per_tensor, qops.dequantize_per_channel) == 0
+    assert any("2 Linear(s) run on int8 kernels (fxopt::int8_linear_dynamic_tensor)" in n for n in opt.report.notes)
     assert graph_cost(gm).flops == opt.report.original.flops
     qdq = run_pass(quantize, model, (x,))
     drift = assert_outputs_close([opt(x)], qdq.outputs(), rtol=5e-3)
