@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from fxopt.errors import CaptureError, InputError
-from fxopt.ir import _NAME_CLEAN
+from fxopt.ir import _NAME_CLEAN, copy_graph_module
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,13 @@ def capture(
         raise _capture_error(model, exc) from exc
     gm = freeze(exported)
     canonicalize(gm)
-    return gm
+    # torch.export keeps the nodes of the last exported graph in a module-level map
+    # (proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT) until the next export, and
+    # those nodes keep their module alive: return a copy and leave that module no weights.
+    owned = copy_graph_module(gm)
+    gm._buffers.clear()
+    gm.meta = {}
+    return owned
 
 
 def freeze(exported: torch.export.ExportedProgram) -> fx.GraphModule:
