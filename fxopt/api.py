@@ -18,7 +18,7 @@ from fxopt.manager import PassInstrument, PassManager
 from fxopt.pass_api import Pass, PassContext
 from fxopt.registry import resolve_passes
 from fxopt.report import Report
-from fxopt.verify import compare_outputs, module_fingerprint
+from fxopt.verify import compare_outputs, module_fingerprint, run_graph
 
 PassSpec = str | Pass | Iterable[str | Pass] | None
 
@@ -113,15 +113,24 @@ def compile(  # noqa: A001 - mirrors torch.compile
     if len(batches) == 1 and not all(p.exact for p in pipeline):
         report.notes.append("no calibration data given: lossy passes were measured on the example inputs only")
     ctx = PassContext(batches=batches, calibrated=len(batches) > 1)
+    ctx.reference = _reference_outputs(gm, batches)
 
     report.original = graph_cost(gm)
+    restore_model = _restorer(model, gm)
+
+    def restore() -> None:
+        # Restoring writes the frozen values back, which bumps tensor versions: the
+        # model's fingerprint is taken again once it holds its original values.
+        nonlocal fingerprint
+        restore_model()
+        fingerprint = module_fingerprint(model)
     manager = PassManager(
         pipeline,
         strict=strict,
         instruments=instruments,
         max_rounds=max_rounds,
         watched_module=model,
-        restore_watched=_restorer(model, gm),
+        restore_watched=restore,
     )
     if pipeline:
         gm, report.passes = manager.run(gm, ctx)
@@ -179,6 +188,23 @@ def _restorer(model: torch.nn.Module, gm: fx.GraphModule) -> Any:
                     state[name].copy_(frozen)
 
     return restore
+
+
+def _reference_outputs(gm: Any, batches: list[list[torch.Tensor]]) -> list[list[Any]]:
+    """The captured graph's outputs on every batch; export traces with fake tensors, so a
+    mismatch it did not check (a dtype, say) surfaces here, as a clear error."""
+    outputs = []
+    for index, batch in enumerate(batches):
+        try:
+            outputs.append(run_graph(gm, batch))
+        except Exception as exc:
+            what = "the example inputs" if index == 0 else f"calibration batch {index - 1}"
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise InputError(
+                f"the captured model fails on {what}: {type(exc).__name__}: {message}; check that "
+                "model(*example_inputs) runs in eager mode with these inputs' shapes and dtypes"
+            ) from exc
+    return outputs
 
 
 def _drift(ctx: PassContext) -> tuple[float, float]:

@@ -220,6 +220,9 @@ _HINTS = (
     ("not a known type", "return tensors, tuples, lists, dicts or dataclasses registered with torch.utils._pytree"),
     ("Constraints violated", "remove the dynamic_shapes entry for that dimension, or make the model accept any size there"),
     ("mat1 and mat2 shapes cannot be multiplied", "check the example inputs' shapes against the model's first layer"),
+    ("must have same reduction dim", "check the example inputs' shapes against the model's first layer"),
+    ("expected m1 and m2 to have the same dtype", "check the example inputs' dtype against the model's weights"),
+    ("should be the same", "check the example inputs' dtype and device against the model's weights"),
 )
 
 

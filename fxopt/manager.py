@@ -173,7 +173,10 @@ class PassManager:
         return gm, record
 
     def _check(self, pass_: Pass, gm: fx.GraphModule, ctx: PassContext, record: PassRecord) -> list[list[Any]]:
-        cleanup(gm)
+        try:
+            cleanup(gm)  # regenerating code is the first thing a malformed graph trips over
+        except Exception as exc:
+            raise _Rejected(f"graph lint failed: {type(exc).__name__}: {exc}") from exc
         reason = lint(gm)
         if reason:
             raise _Rejected(reason)
