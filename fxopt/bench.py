@@ -169,14 +169,15 @@ def _fxopt_system(extra_pass: str | None, backend: str) -> Callable[[BenchContex
     def prepare(ctx: BenchContext) -> Prepared:
         import fxopt
         from fxopt.errors import FxoptError, UnknownPassError
-        from fxopt.registry import default_pipeline, get_pass_type
+        from fxopt.registry import default_pipeline, get_pass_type, parse_pass_spec
 
         passes: list[Any] = list(default_pipeline())
         if extra_pass is not None:
+            name, _ = parse_pass_spec(extra_pass)
             try:
-                get_pass_type(extra_pass)
+                get_pass_type(name)
             except UnknownPassError as exc:
-                raise Unavailable(f"pass '{extra_pass}' is not installed") from exc
+                raise Unavailable(f"pass '{name}' is not installed") from exc
             passes.append(extra_pass)
         if backend != "eager":
             import importlib
@@ -195,7 +196,7 @@ def _fxopt_system(extra_pass: str | None, backend: str) -> Callable[[BenchContex
             raise Unavailable(f"fxopt.compile failed: {_first_line(exc)}") from exc
         seconds = time.perf_counter() - start
         report = opt.report
-        note = _pipeline_note(report, extra_pass)
+        note = _pipeline_note(report, parse_pass_spec(extra_pass)[0] if extra_pass else None)
         if any("rolled back" in str(w.message) for w in caught) and "rolled back" not in note:
             note = (note + "; " if note else "") + "a pass was rolled back"
         return Prepared(lambda: opt(*ctx.inputs), seconds, report.final.params,
@@ -230,6 +231,8 @@ SYSTEMS: dict[str, Callable[[BenchContext], Prepared]] = {
     "fxopt-onnx": _fxopt_system(None, "onnx"),
     "fxopt-int8": _fxopt_system("quantize-int8", "eager"),
     "fxopt-int8-onnx": _fxopt_system("quantize-int8", "onnx"),
+    "fxopt-int8-pt": _fxopt_system("quantize-int8(activations='dynamic-tensor')", "eager"),
+    "fxopt-int8-pt-onnx": _fxopt_system("quantize-int8(activations='dynamic-tensor')", "onnx"),
     "fxopt-lowrank": _fxopt_system("low-rank", "eager"),
     "torch.ao-int8": _torch_ao_int8,
     "ort-int8": _ort_int8,
@@ -243,6 +246,8 @@ SYSTEM_HELP = {
     "fxopt-onnx": "fxopt default lossless pipeline, ONNX Runtime backend",
     "fxopt-int8": "fxopt lossless pipeline + quantize-int8, eager backend",
     "fxopt-int8-onnx": "fxopt lossless pipeline + quantize-int8, ONNX Runtime backend",
+    "fxopt-int8-pt": "as fxopt-int8, activations quantized per tensor (dynamic-tensor), eager backend",
+    "fxopt-int8-pt-onnx": "as fxopt-int8, activations quantized per tensor (dynamic-tensor), ONNX Runtime backend",
     "fxopt-lowrank": "fxopt lossless pipeline + low-rank (default budget), eager backend",
     "torch.ao-int8": "torch.ao.quantization.quantize_dynamic on nn.Linear, qint8",
     "ort-int8": "onnxruntime.quantization.quantize_dynamic of the fp32 export, QInt8",
