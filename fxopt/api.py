@@ -14,7 +14,7 @@ import torch.fx as fx
 from fxopt.capture import Signature, capture, normalize_example_inputs
 from fxopt.cost import graph_cost
 from fxopt.errors import FxoptError, InputError
-from fxopt.manager import PassInstrument, PassManager
+from fxopt.manager import PassInstrument, PassManager, reference_outputs
 from fxopt.pass_api import Pass, PassContext
 from fxopt.registry import resolve_passes
 from fxopt.report import Report
@@ -108,6 +108,15 @@ def compile(  # noqa: A001 - mirrors torch.compile
     signature: Signature = gm.meta["fxopt_signature"]
     batches = [signature.flatten(args, example_kwargs, what="example input")]
     batches += _calibration_batches(signature, calibration)
+    restore_model = _restorer(model, gm)
+
+    def restore() -> None:
+        # Restoring writes the frozen values back, which bumps tensor versions: the
+        # model's fingerprint is taken again once it holds its original values.
+        nonlocal fingerprint
+        restore_model()
+        fingerprint = module_fingerprint(model)
+
     optimized = optimize_captured(
         gm,
         batches,
@@ -119,7 +128,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         instruments=instruments,
         max_rounds=max_rounds,
         watched_module=model,
-        restore_watched=_restorer(model, gm),
+        restore_watched=restore,
     )
     if module_fingerprint(model) != fingerprint:  # pragma: no cover - invariant 1
         raise FxoptError("internal error: the user's model changed during compilation")
@@ -151,6 +160,7 @@ def optimize_captured(
     if len(batches) == 1 and not all(p.exact for p in pipeline):
         report.notes.append("no calibration data given: lossy passes were measured on the example inputs only")
     ctx = PassContext(batches=batches, calibrated=len(batches) > 1)
+    ctx.reference = reference_outputs(gm, batches)
 
     report.original = graph_cost(gm)
     manager = PassManager(

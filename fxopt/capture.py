@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from fxopt.errors import CaptureError, InputError
-from fxopt.ir import _NAME_CLEAN
+from fxopt.ir import _NAME_CLEAN, copy_graph_module
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,13 @@ def capture(
         raise _capture_error(model, exc) from exc
     gm = freeze(exported)
     canonicalize(gm)
-    return gm
+    # torch.export keeps the nodes of the last exported graph in a module-level map
+    # (proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT) until the next export, and
+    # those nodes keep their module alive: return a copy and leave that module no weights.
+    owned = copy_graph_module(gm)
+    gm._buffers.clear()
+    gm.meta = {}
+    return owned
 
 
 def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_shapes: Any) -> Any:
@@ -227,6 +233,9 @@ _HINTS = (
     ("not a known type", "return tensors, tuples, lists, dicts or dataclasses registered with torch.utils._pytree"),
     ("Constraints violated", "remove the dynamic_shapes entry for that dimension, or make the model accept any size there"),
     ("mat1 and mat2 shapes cannot be multiplied", "check the example inputs' shapes against the model's first layer"),
+    ("must have same reduction dim", "check the example inputs' shapes against the model's first layer"),
+    ("expected m1 and m2 to have the same dtype", "check the example inputs' dtype against the model's weights"),
+    ("should be the same", "check the example inputs' dtype and device against the model's weights"),
 )
 
 

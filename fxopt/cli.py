@@ -63,13 +63,17 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("bench", help="side-by-side latency of fxopt against eager and peers")
-    p.add_argument("--models", default="mlp", help="comma-separated models: mlp,bert,llama,gpt2,dlrm")
+    p.add_argument("--models", default="mlp", help="comma-separated models: mlp,bert,llama,gpt2,dlrm, and scale (pass-manager time and memory on deep graphs)")
     p.add_argument("--systems", default=None, help="comma-separated systems (default: all available)")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats")
     p.add_argument("--json", metavar="PATH", help="write {machine, rows} as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write a markdown table")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of speedups (needs matplotlib)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per system (default 20, quick 5)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls per system (default 3, quick 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads for PyTorch and ONNX Runtime alike (default: PyTorch's default)")
     p.set_defaults(func=cmd_bench)
     return parser
 

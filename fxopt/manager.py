@@ -33,6 +33,24 @@ from fxopt.verify import compare_outputs, exact_tolerance, lint, module_fingerpr
 log = logging.getLogger("fxopt")
 
 
+def reference_outputs(gm: fx.GraphModule, batches: list[list[torch.Tensor]]) -> list[list[Any]]:
+    """The captured graph's outputs on every batch; export traces with fake tensors, so a
+    mismatch it did not check (a dtype, say) surfaces here, as a clear error."""
+    outputs = []
+    for index, batch in enumerate(batches):
+        try:
+            outputs.append(run_graph(gm, batch))
+        except Exception as exc:
+            what = "the example inputs" if index == 0 else f"calibration batch {index - 1}"
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise InputError(
+                f"the captured model fails on {what}: {type(exc).__name__}: {message}; check that "
+                "model(*example_inputs) runs in eager mode with these inputs' shapes and dtypes"
+            ) from exc
+    return outputs
+
+
+
 class PassInstrument:
     """Hooks around each pass (in the spirit of TVM's pass instruments)."""
 
@@ -104,11 +122,7 @@ class PassManager:
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, list[PassRecord]]:
         if not ctx.reference:
-            try:
-                ctx.reference = [run_graph(gm, inputs) for inputs in ctx.batches]
-            except Exception as exc:  # e.g. integer inputs reaching a float Linear
-                raise InputError(f"the captured model fails on its example inputs, so there is nothing "
-                                 f"to optimize: {type(exc).__name__}: {exc}") from exc
+            ctx.reference = reference_outputs(gm, ctx.batches)
         if not ctx.original:
             ctx.original = list(ctx.reference)
         records: list[PassRecord] = []
@@ -180,7 +194,10 @@ class PassManager:
         reason = lint(gm)
         if reason:
             raise _Rejected(reason)
-        cleanup(gm)
+        try:
+            cleanup(gm)  # regenerating code is the first thing a malformed graph trips over
+        except Exception as exc:
+            raise _Rejected(f"graph lint failed: {type(exc).__name__}: {exc}") from exc
         try:
             propagate_shapes(gm)
         except Exception as exc:

@@ -67,7 +67,8 @@ class FoldBatchNorm(Pass):
         weight, bias = _weights(gm, linear)
         if weight is None:
             return "the Linear's weight is not a constant"
-        new_w = weight.double() * scale[:, None]
+        compute = _weight_compute_dtype(weight)
+        new_w = weight.to(compute) * scale.to(compute)[:, None]
         new_b = (bias.double() if bias is not None else 0.0) * scale + shift
         if not _finite(new_w, new_b, scale, shift):
             return "weights or BatchNorm statistics are not finite; folding could move NaN/Inf"
@@ -85,8 +86,9 @@ class FoldBatchNorm(Pass):
             weight, bias = _weights(gm, linear)
             if weight is None:
                 return "the Linear's weight is not a constant"
-            new_w = weight.double() * scale[None, :]
-            new_b = weight.double() @ shift + (bias.double() if bias is not None else 0.0)
+            compute = _weight_compute_dtype(weight)
+            new_w = weight.to(compute) * scale.to(compute)[None, :]
+            new_b = (weight.to(compute) @ shift.to(compute)).double() + (bias.double() if bias is not None else 0.0)
             if not _finite(weight, new_w, new_b, scale, shift):
                 return "weights or BatchNorm statistics are not finite; folding could move NaN/Inf"
             folded.append((linear, new_w.to(weight.dtype), new_b.to(weight.dtype)))
@@ -120,6 +122,12 @@ def _set_weights(gm: fx.GraphModule, linear: fx.Node, weight: torch.Tensor, bias
     b_node = add_constant(gm, bias.contiguous(), f"{hint}_bnfold_bias")
     linear.args = (linear.args[0], w_node, b_node)
     linear.kwargs = {}
+
+
+def _weight_compute_dtype(weight: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/fp16/bf16 weights: a product of two fp32 values rounds once either
+    way, and a float64 copy of a large weight matrix would double the pass's peak memory."""
+    return torch.promote_types(weight.dtype, torch.float32)
 
 
 def _finite(*tensors: torch.Tensor) -> bool:

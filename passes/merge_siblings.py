@@ -55,7 +55,7 @@ class MergeSiblings(Pass):
         siblings: dict[fx.Node, list[fx.Node]] = {}
         for node in call_nodes(gm, ops.linear):
             siblings.setdefault(node.args[0], []).append(node)
-        for x, linears in siblings.items():
+        for linears in siblings.values():
             if len(linears) < 2:
                 continue
             result.match()
@@ -73,7 +73,8 @@ class MergeSiblings(Pass):
                     for parts in group:
                         result.skip(parts.node, reason)
                     continue
-                _merge(gm, x, group)
+                # the shared input, as it is now: merging an earlier group may have replaced it
+                _merge(gm, group[0].node.args[0], group)
                 result.apply()
                 result.stats["linears_merged"] += len(group)
         return result

@@ -2,14 +2,17 @@
 
     linear(x, W, b)  =>  linear(dequantize(quantize(x)), dequantize_per_channel(Wq, sw), b)
     where Wq = round(W / sw) in [-127, 127], sw = max|W[o, :]| / 127   (quantized once, here)
-    and x is quantized per token at run time (activations="dynamic") or per tensor with a
-    scale observed on the calibration batches (activations="static", observer minmax|percentile)
+    and x is quantized per token at run time (activations="dynamic"), per tensor to uint8 with
+    a scale and zero point chosen at run time (activations="dynamic-tensor", ONNX's
+    DynamicQuantizeLinear scheme), or per tensor with a scale observed on the calibration
+    batches (activations="static", observer minmax|percentile)
 
 Constraints: W is a constant 2-D float32/float16/bfloat16 matrix with finite values; x is
 floating point; in and out features are at least 16 (below that quantizing x costs more
 than the int8 GEMM saves, unless force=True). Layers whose quantization pushes the output
 error past ``budget`` stay float, with the error in the reason. Backends lower the pattern
-to ``fxopt::int8_linear`` (int8 x int8 -> int32 GEMM, one fused rescale).
+to ``fxopt::int8_linear`` (int8 x int8 -> int32 GEMM, one fused rescale) or, per tensor
+dynamic, ``fxopt::int8_linear_dynamic_tensor`` (ONNX Runtime: DynamicQuantizeMatMul).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from fxopt.ir import (
 from fxopt.pass_api import Pass, PassContext, PassResult
 
 MIN_FEATURES = 16
+ACTIVATIONS = ("dynamic", "dynamic-tensor", "static")
 
 
 @dataclass(frozen=True)
@@ -43,7 +47,7 @@ class QuantizeInt8(Pass):
     default_order: ClassVar[int] = 80
 
     budget: float = 0.05
-    activations: str = "dynamic"  # "dynamic" (per token) | "static" (per tensor, calibrated)
+    activations: str = "dynamic"  # "dynamic" (per token) | "dynamic-tensor" | "static" (per tensor, calibrated)
     observer: str = "minmax"  # static only: "minmax" | "percentile"
     percentile: float = 99.99
     include: str = ""  # regex on the module path; only matching layers are quantized
@@ -57,8 +61,9 @@ class QuantizeInt8(Pass):
         super().__post_init__()
         from fxopt.errors import PassOptionError
 
-        if self.activations not in ("dynamic", "static"):
-            raise PassOptionError(f"quantize-int8: activations must be 'dynamic' or 'static', got {self.activations!r}")
+        if self.activations not in ACTIVATIONS:
+            raise PassOptionError(f"quantize-int8: activations must be one of {', '.join(map(repr, ACTIVATIONS))}, "
+                                  f"got {self.activations!r}")
         if self.observer not in ("minmax", "percentile"):
             raise PassOptionError(f"quantize-int8: observer must be 'minmax' or 'percentile', got {self.observer!r}")
         if not 0.0 < self.percentile <= 100.0:
@@ -158,7 +163,8 @@ class QuantizeInt8(Pass):
             qweight, scale = weights[name]
             hint = str(linear.args[1].target)
             insert_qdq(gm, linear, add_constant(gm, qweight, f"{hint}_int8"),
-                       add_constant(gm, scale, f"{hint}_int8_scale"), scales[name])
+                       add_constant(gm, scale, f"{hint}_int8_scale"), scales[name],
+                       dynamic_tensor=self.activations == "dynamic-tensor")
         gm.recompile()
 
     def _within_budget(self, names: list[str], quantized, ctx: PassContext, result: PassResult) -> list[str]:

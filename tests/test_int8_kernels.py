@@ -56,6 +56,64 @@ def test_int8_linear_matches_the_qdq_graph(shape, out_features, with_bias, input
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def dynamic_tensor_reference(x, qweight, scale, bias):
+    """The dynamic per-tensor QDQ pattern, op for op, as the quantize-int8 pass writes it."""
+    s, zp = qd.choose_qparams.tensor(x, 0, 255, torch.finfo(torch.float32).eps, torch.uint8)
+    xq = qd.quantize_per_tensor.tensor(x, s, zp, 0, 255, torch.uint8)
+    xdq = qd.dequantize_per_tensor.tensor(xq, s, zp, 0, 255, torch.uint8, out_dtype=x.dtype)
+    w = qd.dequantize_per_channel(qweight, scale, None, 0, -127, 127, torch.int8, out_dtype=x.dtype)
+    return torch.nn.functional.linear(xdq, w, bias)
+
+
+@pytest.mark.parametrize("offset", [0.0, 0.7, -3.0])  # zero point inside, and at either end
+def test_dynamic_tensor_qparams_match_choose_qparams(offset: float) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(9, 40) + offset
+    scale, zero_point = int8.dynamic_tensor_qparams(x)
+    s, zp = qd.choose_qparams.tensor(x, 0, 255, torch.finfo(torch.float32).eps, torch.uint8)
+    assert float(scale) == float(s) and int(zero_point) == int(zp)
+
+
+@pytest.mark.parametrize("shape", [(1, 16), (5, 33), (2, 3, 64)])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("kernel", ["quantized engine", "int_mm"])
+def test_dynamic_tensor_linear_matches_the_qdq_graph(monkeypatch, shape, with_bias, kernel) -> None:
+    if kernel == "int_mm":
+        monkeypatch.setattr(int8, "_quantized_engine", lambda: None)
+    elif int8._quantized_engine() is None or int8.quantized_engine_unsupported_reason(int8._quantized_engine()):
+        pytest.skip("no exact quantized engine on this CPU")
+    torch.manual_seed(0)
+    x = torch.randn(shape) + 0.4
+    qweight, scale = quantize_weight(torch.randn(48, shape[-1]))
+    bias = torch.randn(48) if with_bias else None
+    got = torch.ops.fxopt.int8_linear_dynamic_tensor(x, qweight, scale, bias)
+    expected = dynamic_tensor_reference(x, qweight, scale, bias)
+    assert got.shape == expected.shape == (*shape[:-1], 48)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_quantized_engine_probe_finds_exact_sums_or_says_why() -> None:
+    engine = int8._quantized_engine()
+    if engine is None:
+        pytest.skip("this PyTorch build has no quantized engine")
+    reason = int8.quantized_engine_unsupported_reason(engine)
+    assert reason is None or engine in reason
+    assert "failed on engine 'no-such-engine'" in int8.quantized_engine_unsupported_reason("no-such-engine")
+
+
+def test_prepacked_weights_are_repacked_when_the_weight_changes() -> None:
+    if int8._quantized_engine() is None or int8.quantized_engine_unsupported_reason(int8._quantized_engine()):
+        pytest.skip("no exact quantized engine on this CPU")
+    torch.manual_seed(0)
+    x = torch.randn(6, 32)
+    qweight, scale = quantize_weight(torch.randn(16, 32))
+    before = torch.ops.fxopt.int8_linear_dynamic_tensor(x, qweight, scale, None)
+    qweight.neg_()
+    after = torch.ops.fxopt.int8_linear_dynamic_tensor(x, qweight, scale, None)
+    torch.testing.assert_close(after, dynamic_tensor_reference(x, qweight, scale, None), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(before, after)
+
+
 def test_int_mm_accumulates_in_int32_without_overflow() -> None:
     k = 4096  # x quantizes to 127 everywhere: the sum 127 * 127 * 4096 overflows int16, not int32
     x = torch.full((2, k), 1.0)
@@ -98,6 +156,21 @@ def test_static_activations_lower_too() -> None:
     assert drift < qdq.record.max_rel_err / 4
 
 
+def test_dynamic_tensor_activations_lower_to_their_own_kernel() -> None:
+    torch.manual_seed(0)
+    model, x = mlp(), torch.randn(4, 9, 64)
+    quantize = QuantizeInt8(activations="dynamic-tensor")
+    opt = fxopt.compile(model, (x,), passes=[quantize], backend="eager")
+    gm = opt.graph_module
+    assert count_ops(gm, int8.int8_linear_dynamic_tensor_op) == 2
+    assert count_ops(gm, int8_linear_op, ops.linear, qops.choose_per_tensor, qops.dequantize_per_channel) == 0
+    assert any("2 Linear(s) run on int8 kernels (fxopt::int8_linear_dynamic_tensor)" in n for n in opt.report.notes)
+    assert graph_cost(gm).flops == opt.report.original.flops
+    qdq = run_pass(quantize, model, (x,))
+    drift = assert_outputs_close([opt(x)], qdq.outputs(), rtol=5e-3)
+    assert drift < qdq.record.max_rel_err / 4
+
+
 def test_device_without_int8_support_keeps_the_qdq_graph_with_reason(monkeypatch) -> None:
     torch.manual_seed(0)
     monkeypatch.setattr(int8, "int8_unsupported_reason", lambda device: "no int8 GEMM here")
@@ -122,7 +195,8 @@ class Int8Layer(torch.nn.Module):
         self.register_buffer("scale", scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.fxopt.int8_linear(x, self.qweight, self.scale, None, None).relu()
+        y = torch.ops.fxopt.int8_linear(x, self.qweight, self.scale, None, None)
+        return y.relu() + torch.ops.fxopt.int8_linear_dynamic_tensor(x, self.qweight, self.scale, None)
 
 
 def test_int8_op_passes_through_torch_export_and_dynamo() -> None:
@@ -130,7 +204,7 @@ def test_int8_op_passes_through_torch_export_and_dynamo() -> None:
     layer, x = Int8Layer().eval(), torch.randn(2, 5, 32)
     batch = torch.export.Dim("batch")
     exported = torch.export.export(layer, (x,), dynamic_shapes={"x": {0: batch}}, strict=False)
-    assert int8_linear_op in {n.target for n in exported.graph.nodes}
+    assert {int8_linear_op, int8.int8_linear_dynamic_tensor_op} <= {n.target for n in exported.graph.nodes}
     other = torch.randn(3, 5, 32)
     torch.testing.assert_close(exported.module()(other), layer(other))
     compiled = torch.compile(layer, backend="eager", fullgraph=True)

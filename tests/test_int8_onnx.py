@@ -11,7 +11,7 @@ import torch
 from fxopt.passes import QuantizeInt8
 
 import fxopt
-from fxopt.int8 import int8_linear_op
+from fxopt.int8 import int8_linear_dynamic_tensor_op, int8_linear_op
 from fxopt.ir import count_ops
 from fxopt.testing import assert_outputs_close
 
@@ -33,14 +33,14 @@ def ort_run(path: str, optimized: Path, x: torch.Tensor) -> tuple[torch.Tensor, 
     return torch.from_numpy(out), [n.op_type for n in onnx.load(str(optimized)).graph.node]
 
 
-@pytest.mark.parametrize("activations", ["dynamic", "static"])
+@pytest.mark.parametrize("activations", ["dynamic", "dynamic-tensor", "static"])
 def test_onnx_graph_runs_integer_kernels_and_matches_eager_int8(tmp_path: Path, activations: str) -> None:
     torch.manual_seed(0)
     model, x = mlp(), torch.randn(4, 10, 64)
     calibration = [(torch.randn(4, 10, 64),)] if activations == "static" else None
     quantize = QuantizeInt8(activations=activations)
     eager = fxopt.compile(model, (x,), passes=[quantize], calibration=calibration)
-    assert count_ops(eager.graph_module, int8_linear_op) == 2
+    assert count_ops(eager.graph_module, int8_linear_op, int8_linear_dynamic_tensor_op) == 2
     path, report = fxopt.export_onnx(eager, (x,), tmp_path / "int8.onnx")
     assert any("ONNX Runtime parity" in note for note in report.notes)
     out, optimized_ops = ort_run(path, tmp_path / "int8.ort.onnx", x)
@@ -48,6 +48,20 @@ def test_onnx_graph_runs_integer_kernels_and_matches_eager_int8(tmp_path: Path, 
     assert "MatMul" not in optimized_ops and "Gemm" not in optimized_ops  # no float GEMM left
     int8_weights = [i for i in onnx.load(path).graph.initializer if i.data_type == onnx.TensorProto.INT8]
     assert len(int8_weights) == 2
+    assert_outputs_close([out], [eager(x)], rtol=1e-5)
+
+
+def test_dynamic_tensor_exports_as_onnx_runtimes_fused_dynamic_matmul(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model, x = mlp(), torch.randn(4, 10, 64) + 0.5
+    eager = fxopt.compile(model, (x,), passes=[QuantizeInt8(activations="dynamic-tensor")])
+    path, _ = fxopt.export_onnx(eager, (x,), tmp_path / "dq.onnx")
+    exported = [n.op_type for n in onnx.load(path).graph.node]
+    assert exported.count("DynamicQuantizeLinear") == exported.count("MatMulInteger") == 2
+    out, optimized_ops = ort_run(path, tmp_path / "dq.ort.onnx", x)
+    # ONNX Runtime fuses quantization, integer GEMM, rescale and bias into one kernel per Linear
+    assert optimized_ops.count("DynamicQuantizeMatMul") == 2, optimized_ops
+    assert not {"DynamicQuantizeLinear", "MatMulInteger", "Cast", "Mul"} & set(optimized_ops), optimized_ops
     assert_outputs_close([out], [eager(x)], rtol=1e-5)
 
 
@@ -79,8 +93,14 @@ def test_peer_systems_build_and_agree_with_fp32() -> None:
     torch.manual_seed(0)
     rows = compare(mlp(), (torch.randn(8, 64),), repeats=1, warmup=0)
     assert [r["name"] for r in rows] == ["eager fp32", "ORT fp32", "ORT quantize_dynamic",
-                                         "torch.ao dynamic int8", "fxopt int8 eager", "fxopt int8 ONNX"]
+                                         "torch.ao dynamic int8", "fxopt int8 eager", "fxopt int8 ONNX",
+                                         "fxopt int8 eager (per-tensor)", "fxopt int8 ONNX (per-tensor)"]
     errors = {r["name"]: r.get("max_rel_err", r.get("error")) for r in rows}
     assert errors["ORT fp32"] < 1e-5, errors
     assert all(isinstance(e, float) and e < 0.05 for e in errors.values()), errors
     assert errors["fxopt int8 eager"] == pytest.approx(errors["fxopt int8 ONNX"], rel=1e-3)
+    per_tensor = errors["fxopt int8 ONNX (per-tensor)"]
+    assert per_tensor == pytest.approx(errors["fxopt int8 eager (per-tensor)"], rel=1e-3)
+    # the scheme of ORT's quantize_dynamic (per-tensor uint8 activations, per-channel weights):
+    # the same scheme as quantize_dynamic: errors of the same order
+    assert errors["ORT quantize_dynamic"] / 2 < per_tensor < 2 * errors["ORT quantize_dynamic"], errors

@@ -137,3 +137,24 @@ def test_default_pipeline_merges_the_demo_heads() -> None:
     assert fxopt.testing.count_ops(graph, ops.linear) == 3  # two tower layers and the merged heads
     with torch.no_grad():
         fxopt.testing.assert_outputs_close(list(opt(x)), list(model(x)))
+
+
+class _ChainedGroups(nn.Module):
+    """A second sibling group reads the output of a member of the first group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.ModuleList(nn.Linear(4, 4, bias=False) for _ in range(3))
+        self.b = nn.ModuleList(nn.Linear(4, 3, bias=False) for _ in range(2))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        first, second, third = (layer(x) for layer in self.a)
+        return self.b[0](first) + self.b[1](first), second, third
+
+
+def test_group_reading_a_merged_sibling_uses_the_current_input() -> None:
+    # found by the random-graph fuzzer: the second group kept a reference to the replaced Linear
+    run = run_pass("merge-siblings", _ChainedGroups().eval(), (torch.randn(2, 4),))
+    assert run.record.applied == 2
+    assert run.count(ops.linear) == 2
+    run.assert_outputs_match()

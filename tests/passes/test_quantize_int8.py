@@ -40,6 +40,20 @@ def test_dynamic_quantizes_every_linear_per_token() -> None:
     assert 0 < error == pytest.approx(run.record.max_rel_err, rel=1e-3)
 
 
+def test_dynamic_tensor_quantizes_activations_per_tensor_to_uint8() -> None:
+    torch.manual_seed(0)
+    model, x = mlp(64, 96, 32), torch.randn(3, 5, 64)
+    run = run_pass(QuantizeInt8(activations="dynamic-tensor"), model, (x,))
+    assert run.record.applied == 2
+    assert run.count(qops.choose_per_tensor) == 2 and run.count(qops.quantize_per_tensor_dynamic) == 2
+    assert run.count(qops.choose_per_token) == 0 and run.count(qops.dequantize_per_channel) == 2
+    choose = next(n for n in run.after.graph.nodes if n.target == qops.choose_per_tensor)
+    assert choose.args[1:3] == (0, 255) and choose.args[4] == torch.uint8
+    error = run.assert_outputs_match(rtol=0.05)
+    assert 0 < error == pytest.approx(run.record.max_rel_err, rel=1e-3)
+    assert_idempotent(QuantizeInt8(activations="dynamic-tensor"), model, (x,))
+
+
 def test_weights_are_symmetric_per_channel() -> None:
     torch.manual_seed(0)
     model, x = mlp(32, 48), torch.randn(4, 32)
@@ -161,7 +175,7 @@ def test_calibration_batch_of_wrong_shape_is_an_input_error() -> None:
 
 
 def test_bad_options_are_refused() -> None:
-    with pytest.raises(PassOptionError, match="activations"):
+    with pytest.raises(PassOptionError, match="'dynamic', 'dynamic-tensor', 'static'"):
         QuantizeInt8(activations="per-token")
     with pytest.raises(PassOptionError, match="observer"):
         QuantizeInt8(observer="mse")
