@@ -34,7 +34,7 @@ import torch
 import torch.utils._pytree as pytree
 
 ROW_FIELDS = ("system", "model", "median_ms", "speedup_vs_eager", "max_rel_err", "compile_s",
-              "params", "weight_bytes", "status", "note")
+              "params", "weight_bytes", "flops", "status", "note")
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Row:
     compile_s: float | None = None
     params: int | None = None
     weight_bytes: int | None = None
+    flops: int | None = None  # matmul FLOPs per call (fxopt's cost model)
     status: str = "ok"
     note: str = ""
 
@@ -66,6 +67,7 @@ class Prepared:
     params: int
     weight_bytes: int
     note: str = ""
+    flops: int | None = None  # None: the model's own (unchanged) FLOPs
 
 
 @dataclass
@@ -79,6 +81,19 @@ class BenchContext:
     workdir: Path
     _onnx_fp32: Path | None = None
     _onnx_error: str | None = None
+    _flops: int | None = None
+
+    def model_flops(self) -> int | None:
+        """The unoptimized model's matmul FLOPs, from fxopt's capture and cost model."""
+        if self._flops is None:
+            from fxopt.capture import capture
+            from fxopt.cost import graph_cost
+
+            try:
+                self._flops = graph_cost(capture(self.model, self.inputs)).flops
+            except Exception:
+                return None
+        return self._flops
 
     def onnx_fp32(self) -> Path:
         """The eager model exported by ``torch.onnx.export`` (shared by the ORT systems)."""
@@ -200,7 +215,7 @@ def _fxopt_system(extra_pass: str | None, backend: str) -> Callable[[BenchContex
         if any("rolled back" in str(w.message) for w in caught) and "rolled back" not in note:
             note = (note + "; " if note else "") + "a pass was rolled back"
         return Prepared(lambda: opt(*ctx.inputs), seconds, report.final.params,
-                        report.final.weight_bytes, note)
+                        report.final.weight_bytes, note, report.final.flops)
 
     return prepare
 
@@ -234,6 +249,7 @@ SYSTEMS: dict[str, Callable[[BenchContext], Prepared]] = {
     "fxopt-int8-pt": _fxopt_system("quantize-int8(activations='dynamic-tensor')", "eager"),
     "fxopt-int8-pt-onnx": _fxopt_system("quantize-int8(activations='dynamic-tensor')", "onnx"),
     "fxopt-lowrank": _fxopt_system("low-rank", "eager"),
+    "fxopt-prune": _fxopt_system("prune-hidden", "eager"),
     "torch.ao-int8": _torch_ao_int8,
     "ort-int8": _ort_int8,
 }
@@ -249,6 +265,7 @@ SYSTEM_HELP = {
     "fxopt-int8-pt": "as fxopt-int8, activations quantized per tensor (dynamic-tensor), eager backend",
     "fxopt-int8-pt-onnx": "as fxopt-int8, activations quantized per tensor (dynamic-tensor), ONNX Runtime backend",
     "fxopt-lowrank": "fxopt lossless pipeline + low-rank (default budget), eager backend",
+    "fxopt-prune": "fxopt lossless pipeline + prune-hidden (default budget), eager backend",
     "torch.ao-int8": "torch.ao.quantization.quantize_dynamic on nn.Linear, qint8",
     "ort-int8": "onnxruntime.quantization.quantize_dynamic of the fp32 export, QInt8",
 }
@@ -402,7 +419,8 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...
                 del prepared[system]
                 continue
             row = Row(system, name, compile_s=ready.compile_s, params=ready.params,
-                      weight_bytes=ready.weight_bytes, note=ready.note)
+                      weight_bytes=ready.weight_bytes, note=ready.note,
+                      flops=ready.flops if ready.flops is not None else ctx.model_flops())
             row.max_rel_err = float("inf") if comparison.mismatch else comparison.max_rel
             if comparison.mismatch:
                 row.note = (row.note + "; " if row.note else "") + comparison.mismatch
@@ -606,17 +624,19 @@ def _maxrss_bytes() -> int:
 # ---------------------------------------------------------------- output
 
 def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
-    header = ["system", "model", "median ms", "speedup", "max rel err", "compile s", "params", "weight MB", "note"]
+    header = ["system", "model", "median ms", "speedup", "max rel err", "compile s", "params", "weight MB",
+              "GFLOPs", "note"]
     body = []
     for r in rows:
         if r["status"] != "ok":
-            body.append([r["system"], r["model"], "-", "-", "-", "-", "-", "-", f"{r['status']}: {r['note']}"])
+            body.append([r["system"], r["model"], "-", "-", "-", "-", "-", "-", "-", f"{r['status']}: {r['note']}"])
             continue
         body.append([
             r["system"], r["model"], f"{r['median_ms']:.3f}",
             f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] is not None else "-",
             f"{r['max_rel_err']:.1e}", f"{r['compile_s']:.1f}", _count(r["params"]),
-            f"{r['weight_bytes'] / 1e6:.1f}", r["note"],
+            f"{r['weight_bytes'] / 1e6:.1f}",
+            f"{r['flops'] / 1e9:.3g}" if r.get("flops") is not None else "-", r["note"],
         ])
     return _table(header, body, markdown)
 

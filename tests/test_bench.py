@@ -72,6 +72,9 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys) -> None:
     for row in data["rows"]:
         assert set(row) == set(bench.ROW_FIELDS)
         assert row["model"] == "mlp"
+    # the quick MLP's three Linears: 2 * batch * (in * out) summed, the same for every system
+    flops = {row["system"]: row["flops"] for row in data["rows"]}
+    assert flops["eager"] == flops["fxopt"] == flops["fxopt-int8"] > 0
     markdown = md_path.read_text()
     assert "| system | model | median ms |" in markdown and "| fxopt | mlp |" in markdown
     assert "fxopt bench" in markdown  # the command that reproduces it
