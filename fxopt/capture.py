@@ -21,7 +21,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from fxopt.errors import CaptureError, InputError
-from fxopt.ir import _NAME_CLEAN, copy_graph_module
+from fxopt.ir import copy_graph_module, unique_attr_name
 
 
 @dataclass(frozen=True)
@@ -193,7 +193,7 @@ def freeze(exported: torch.export.ExportedProgram) -> fx.GraphModule:
             frozen = source.detach().clone()
             copies[id(source)] = frozen
         sources[spec.target] = frozen
-        name = _unique_attr(gm, _NAME_CLEAN.sub("_", spec.target).strip("_") or "const")
+        name = unique_attr_name(gm, spec.target, prefix="p_")
         gm.register_buffer(name, frozen)
         with graph.inserting_before(first_real):
             attr = graph.get_attr(name)
@@ -212,16 +212,6 @@ def freeze(exported: torch.export.ExportedProgram) -> fx.GraphModule:
     gm.meta["fxopt_signature"] = Signature(call_spec.in_spec, call_spec.out_spec, inputs, leaf_names)
     gm.meta["fxopt_sources"] = sources
     return gm
-
-
-def _unique_attr(module: torch.nn.Module, base: str) -> str:
-    if base[0].isdigit():
-        base = "p_" + base
-    name, i = base, 0
-    while hasattr(module, name):
-        i += 1
-        name = f"{base}_{i}"
-    return name
 
 
 # ---------------------------------------------------------------- error reporting

@@ -127,6 +127,19 @@ def _lookup(gm: torch.nn.Module, target: str) -> Any:
 _NAME_CLEAN = re.compile(r"[^0-9a-zA-Z_]+")
 
 
+def unique_attr_name(module: torch.nn.Module, hint: str, prefix: str = "c_") -> str:
+    """A valid attribute name from ``hint`` (``encoder.layer.0.weight`` ->
+    ``encoder_layer_0_weight``) that ``module`` does not use yet."""
+    base = _NAME_CLEAN.sub("_", hint).strip("_") or "const"
+    if base[0].isdigit():
+        base = prefix + base
+    name, i = base, 0
+    while hasattr(module, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
 def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, name_hint: str, *, before: fx.Node | None = None) -> fx.Node:
     """Register ``tensor`` as a new frozen constant and return a ``get_attr`` node for it.
 
@@ -134,13 +147,7 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, name_hint: str, *, be
     and gets ``meta["val"]`` so shape propagation and cost models see it at once.
     """
     tensor = tensor.detach()
-    base = _NAME_CLEAN.sub("_", name_hint).strip("_") or "const"
-    if base[0].isdigit():
-        base = "c_" + base
-    name, i = base, 0
-    while hasattr(gm, name):
-        i += 1
-        name = f"{base}_{i}"
+    name = unique_attr_name(gm, name_hint)
     gm.register_buffer(name, tensor)
     graph = gm.graph
     anchor = before if before is not None else _first_non_placeholder(graph)
