@@ -9,6 +9,7 @@ helpers here to read and create constants so that no pass touches a tensor in pl
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -202,6 +203,22 @@ def constants(gm: fx.GraphModule) -> Iterator[tuple[str, torch.Tensor]]:
             value = _lookup(gm, node.target)
             if isinstance(value, torch.Tensor):
                 yield str(node.target), value
+
+
+def all_finite(*tensors: torch.Tensor | None) -> bool:
+    """True when no element of the given tensors is NaN or infinite (None is skipped).
+
+    Reads the max and min instead of ``isfinite(t).all()``, whose temporaries (``abs``
+    and two masks) cost about twice the weight's size at their peak: a NaN makes both
+    NaN, an infinity makes one of them infinite.
+    """
+    for tensor in tensors:
+        if tensor is None or not tensor.is_floating_point() or tensor.numel() == 0:
+            continue
+        low, high = torch.aminmax(tensor)
+        if not (math.isfinite(float(low)) and math.isfinite(float(high))):
+            return False
+    return True
 
 
 # ---------------------------------------------------------------- shapes

@@ -18,7 +18,16 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from fxopt.ir import add_constant, call_nodes, constant, is_op, ops, replace_node, shape_of
+from fxopt.ir import (
+    add_constant,
+    all_finite,
+    call_nodes,
+    constant,
+    is_op,
+    ops,
+    replace_node,
+    shape_of,
+)
 from fxopt.pass_api import Pass, PassContext, PassResult
 
 
@@ -130,5 +139,5 @@ def _weight_compute_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(weight.dtype, torch.float32)
 
 
-def _finite(*tensors: torch.Tensor) -> bool:
-    return all(bool(torch.isfinite(t).all()) for t in tensors if isinstance(t, torch.Tensor))
+def _finite(*tensors: torch.Tensor | float) -> bool:
+    return all_finite(*(t for t in tensors if isinstance(t, torch.Tensor)))

@@ -22,6 +22,7 @@ import torch.fx as fx
 from fxopt.cost import linear_rows, linear_shape_flops
 from fxopt.ir import (
     LinearParts,
+    all_finite,
     call_nodes,
     infer_val,
     insert_linear,
@@ -82,7 +83,7 @@ class MergeConsecutive(Pass):
             return (f"bottleneck {d_in} -> {mid} -> {d_out}: one {d_in}x{d_out} Linear costs more "
                     f"({merged} FLOPs vs {separate}); set force=True to merge anyway")
         weight, bias = _merged_weights(p1, p2)
-        if not all(bool(torch.isfinite(t).all()) for t in (weight, bias) if t is not None):
+        if not all_finite(weight, bias):
             return "the weights are not finite; merging could move NaN/Inf"
         source = p1.input
         if view is not None:

@@ -27,6 +27,7 @@ import torch.fx as fx
 from fxopt.int8 import FLOAT_DTYPES, insert_qdq, quantize_weight, static_scale
 from fxopt.ir import (
     add_constant,
+    all_finite,
     call_nodes,
     constant,
     copy_graph_module,
@@ -123,7 +124,7 @@ class QuantizeInt8(Pass):
         x_dtype = dtype_of(node.args[0])
         if x_dtype is None or not x_dtype.is_floating_point:
             return f"input dtype {x_dtype} is not floating point"
-        if not bool(torch.isfinite(weight).all()):
+        if not all_finite(weight):
             return "weight has NaN or Inf values"
         if weight.numel() < self.min_params:
             return f"{weight.numel()} weights < min_params={self.min_params}"

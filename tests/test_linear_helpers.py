@@ -1,5 +1,6 @@
 """Core helpers the Linear passes share: cost shapes, Linear parts, activations, budget split."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -87,3 +88,14 @@ def test_feature_statistics_over_all_rows_and_batches() -> None:
     assert torch.allclose(stats.centered_rms, rows.std(0, unbiased=False), atol=1e-7)
     values = collect_activations(gm, [relu], batches[:1])[relu]
     assert torch.allclose(values[0], model(batches[0][0]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_all_finite_sees_every_nan_and_infinity(bad: float, dtype: torch.dtype) -> None:
+    from fxopt.ir import all_finite
+
+    tensor = torch.randn(64, 33).to(dtype)
+    assert all_finite(tensor, None, torch.arange(3))
+    tensor[17, 5] = bad
+    assert not all_finite(torch.ones(2), tensor)
