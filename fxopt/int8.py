@@ -483,11 +483,17 @@ def lower_int8_linears(gm: fx.GraphModule, device: torch.device | None) -> Int8L
     reason is returned.
     """
     result = Int8Lowering(skipped=[])
-    matches = [m for m in (match_qdq_linear(gm, n) for n in list(gm.graph.nodes)) if m is not None]
-    if not matches:
-        return result
-    unsupported = int8_unsupported_reason(str(device)) if device is not None else None
-    for match in matches:
+    unsupported: str | None = None
+    probed = False
+    for candidate in list(gm.graph.nodes):
+        # Matched one at a time: lowering a Linear replaces the node a later pattern reads
+        # (Linear -> Linear chains), so a match taken before that would hold a stale node.
+        match = match_qdq_linear(gm, candidate)
+        if match is None:
+            continue
+        if not probed:
+            unsupported = int8_unsupported_reason(str(device)) if device is not None else None
+            probed = True
         reason = unsupported or _shape_reason(gm, match, device)
         if reason:
             result.skipped.append((match.linear.name, reason))
@@ -504,8 +510,9 @@ def lower_int8_linears(gm: fx.GraphModule, device: torch.device | None) -> Int8L
         match.linear.replace_all_uses_with(node)
         gm.graph.erase_node(match.linear)
         result.lowered += 1
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
+    if result.lowered:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
     return result
 
 

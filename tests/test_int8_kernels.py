@@ -232,3 +232,16 @@ def test_cuda_lowering_skips_shapes_cublas_cannot_take() -> None:
     assert count_ops(opt.graph_module, int8_linear_op) == 0  # 36 features: not a multiple of 8
     reason = int8.int8_unsupported_reason("cuda") or "multiples of 8"
     assert any(reason in note for note in opt.report.notes)
+
+
+def test_chained_linears_lower_to_chained_int8_ops() -> None:
+    # found by the random-graph fuzzer: the second Linear's pattern held the first, replaced node
+    import fxopt
+    from fxopt.ir import count_ops
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 16, bias=False)).eval()
+    x = torch.randn(1, 16)
+    opt = fxopt.compile(model, (x,), passes=["quantize-int8"])
+    assert count_ops(opt.graph_module, torch.ops.fxopt.int8_linear.default) == 2
+    reference = model(x)
+    assert (opt(x) - reference).abs().max() <= 0.05 * reference.abs().max()
