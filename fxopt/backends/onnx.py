@@ -307,11 +307,14 @@ def session_options(profile_dir: str | None = None) -> Any:
 
     Intra-op threads do not spin while waiting for work (``session.intra_op.allow_spinning=0``):
     spinning threads keep every core busy between calls, which slows down PyTorch and anything
-    else on the machine for little gain at inference batch sizes.
+    else on the machine for little gain at inference batch sizes. The session uses as many
+    intra-op threads as PyTorch does (``torch.set_num_threads`` sets both), where ONNX
+    Runtime's own default would count physical cores only.
     """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
