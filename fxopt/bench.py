@@ -229,8 +229,9 @@ def _pipeline_note(report: Any, extra_pass: str | None) -> str:
         elif record.name == extra_pass:
             text = f"{record.name}: {record.applied}/{record.matched} applied"
             if record.skipped:
-                reason, count = record.skipped.most_common(1)[0]
-                text += f", {count} skipped: {reason}"
+                reason, _ = record.skipped.most_common(1)[0]
+                total = sum(record.skipped.values())
+                text += f", {total} skipped" + (f", e.g. {reason}" if len(record.skipped) > 1 else f": {reason}")
             parts.append(text)
     applied = [f"{r.name} x{r.applied}" for r in report.passes if r.status == "applied" and r.name != extra_pass]
     if applied and extra_pass is None:
