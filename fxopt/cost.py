@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from fxopt.ir import constants, is_op, numel_hint, ops, shape_of, size_hint
+from fxopt.ir import constants, numel_hint, ops, shape_of, size_hint
 
 FlopCounter = Callable[[fx.Node], int]
 _FLOP_COUNTERS: dict[object, FlopCounter] = {}
@@ -112,11 +112,3 @@ def graph_cost(gm: fx.GraphModule) -> Cost:
                 flops += counter(node)
     return Cost(params, weight_bytes, flops)
 
-
-def node_flops(node: fx.Node) -> int:
-    counter = _FLOP_COUNTERS.get(node.target) if node.op == "call_function" else None
-    return counter(node) if counter else 0
-
-
-def is_costed(node: fx.Node) -> bool:
-    return is_op(node, set(_FLOP_COUNTERS))

@@ -35,7 +35,6 @@ class ops:
     view = aten.view.default
     reshape = aten.reshape.default
     batch_norm = aten.batch_norm.default
-    batch_norm_no_training = aten._native_batch_norm_legit_no_training.default
     dropout = aten.dropout.default
     native_dropout = aten.native_dropout.default
     feature_dropout = aten.feature_dropout.default
@@ -56,7 +55,6 @@ class ops:
     contiguous = aten.contiguous.default
 
     dropouts = frozenset({dropout, native_dropout, feature_dropout, alpha_dropout, feature_alpha_dropout})
-    batch_norms = frozenset({batch_norm, batch_norm_no_training})
 
 
 def is_op(node: Any, *targets: Any) -> bool:
@@ -321,11 +319,6 @@ def replace_node(old: fx.Node, new: fx.Node) -> None:
     new.meta.setdefault("val", old.meta.get("val"))
     old.replace_all_uses_with(new)
     old.graph.erase_node(old)
-
-
-def only_user(node: fx.Node) -> fx.Node | None:
-    users = list(node.users)
-    return users[0] if len(users) == 1 else None
 
 
 def cleanup(gm: fx.GraphModule) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -159,7 +159,3 @@ def parse_pass_spec(text: str) -> tuple[str, dict[str, Any]]:
         except (ValueError, SyntaxError):
             options[key] = raw
     return name.strip(), options
-
-
-def pass_names(passes: Sequence[Pass]) -> list[str]:
-    return [p.name for p in passes]

@@ -123,10 +123,6 @@ def lint(gm: fx.GraphModule) -> str | None:
     return None
 
 
-def tensor_versions(tensors: Sequence[torch.Tensor]) -> list[int]:
-    """Version counters: any in-place write to a tensor bumps its counter."""
-    return [t._version for t in tensors]
-
 
 def module_fingerprint(module: torch.nn.Module) -> tuple[Any, ...]:
     """Everything invariant 1 protects: module tree, train/eval flags, tensor versions."""
