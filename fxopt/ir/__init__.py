@@ -1,0 +1,43 @@
+"""fxopt's canonical IR: an ATen-level ``fx.GraphModule`` with frozen weights.
+
+Weights live on the module as buffers and enter the graph through ``get_attr`` nodes.
+Every node carries ``node.meta["val"]`` (a FakeTensor, possibly with symbolic sizes).
+Passes match ops through the vocabulary in :mod:`fxopt.ir.ops`, never by string names,
+and use :mod:`fxopt.ir.constants` to read and create constants so that no pass touches a
+tensor in place. The submodules split the IR by concern; everything is re-exported here.
+"""
+
+from fxopt.ir.constants import (
+    add_constant,
+    all_finite,
+    constant,
+    constants,
+    fake_mode_of,
+    remove_unused_constants,
+    unique_attr_name,
+)
+from fxopt.ir.linear import (
+    PROVENANCE_META,
+    LinearParts,
+    constant_users,
+    insert_linear,
+    linear_parts,
+)
+from fxopt.ir.ops import arg, aten, call_nodes, count_ops, is_op, op_histogram, ops
+from fxopt.ir.shapes import dtype_of, numel_hint, propagate_shapes, shape_of, size_hint, val
+from fxopt.ir.surgery import (
+    cleanup,
+    copy_graph_module,
+    infer_val,
+    module_path,
+    replace_node,
+    topo_order,
+)
+
+__all__ = [
+    "PROVENANCE_META", "LinearParts", "add_constant", "all_finite", "arg", "aten", "call_nodes",
+    "cleanup", "constant", "constant_users", "constants", "copy_graph_module", "count_ops",
+    "dtype_of", "fake_mode_of", "infer_val", "insert_linear", "is_op", "linear_parts",
+    "module_path", "numel_hint", "op_histogram", "ops", "propagate_shapes", "remove_unused_constants",
+    "replace_node", "shape_of", "size_hint", "topo_order", "unique_attr_name", "val",
+]

@@ -1,0 +1,91 @@
+"""Graph surgery: copy, replace, clean up and order nodes."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxopt.ir.constants import remove_unused_constants
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A structural copy: a new graph and module tree, sharing the constant tensors.
+
+    Used to give a pass a working copy that can be thrown away (rollback) without
+    copying weights; passes must never modify a constant in place (the manager checks).
+    """
+    graph = fx.Graph()
+    value_remap: dict[fx.Node, fx.Node] = {}
+    out = graph.graph_copy(gm.graph, value_remap)
+    graph.output(out)
+    graph._codegen = copy.deepcopy(gm.graph._codegen)
+    root = torch.nn.Module()
+    for name, child in gm.named_children():
+        root.add_module(name, copy_graph_module(child) if isinstance(child, fx.GraphModule) else child)
+    for name, buf in gm._buffers.items():
+        root.register_buffer(name, buf)
+    for name, param in gm._parameters.items():
+        root.register_parameter(name, param)
+    new = fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
+
+def replace_node(old: fx.Node, new: fx.Node) -> None:
+    """Point every user of ``old`` at ``new`` and erase ``old``."""
+    new.meta.setdefault("val", old.meta.get("val"))
+    old.replace_all_uses_with(new)
+    old.graph.erase_node(old)
+
+
+def cleanup(gm: fx.GraphModule) -> None:
+    """Remove dead nodes and constants nobody reads, then regenerate the code."""
+    gm.graph.eliminate_dead_code()
+    remove_unused_constants(gm)
+    gm.recompile()
+
+
+def topo_order(nodes: Iterable[fx.Node]) -> list[fx.Node]:
+    """``nodes`` sorted in graph order."""
+    nodes = list(nodes)
+    if not nodes:
+        return []
+    index = {n: i for i, n in enumerate(nodes[0].graph.nodes)}
+    return sorted(nodes, key=index.__getitem__)
+
+
+def module_path(node: fx.Node) -> str:
+    """The source module's path (``encoder.layer.0.attention.self.query``) when known."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path = list(stack.values())[-1][0]
+        return str(path).replace("L['self'].", "").replace("L__self___", "")
+    return node.name
+
+
+def infer_val(node: fx.Node) -> Any:
+    """Compute ``node.meta["val"]`` from its inputs' values (fake tensors), for new nodes.
+
+    Lets a pass see the shape of a node it just created without re-propagating the graph.
+    """
+    import torch.utils._pytree as pytree
+    from torch._guards import detect_fake_mode
+
+    def value(a: Any) -> Any:
+        return a.meta.get("val") if isinstance(a, fx.Node) else a
+
+    args = pytree.tree_map(value, node.args)
+    kwargs = pytree.tree_map(value, node.kwargs)
+    mode = detect_fake_mode(pytree.tree_leaves((args, kwargs)))
+    if mode is None:
+        result = node.target(*args, **kwargs)
+    else:
+        with mode:
+            result = node.target(*args, **kwargs)
+    node.meta["val"] = result
+    return result
+
