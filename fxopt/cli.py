@@ -90,30 +90,9 @@ def cmd_passes(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import fxopt
-    from fxopt.demo import build_demo
-    from fxopt.ir import count_ops, ops
-    from fxopt.timing import measure_side_by_side
-    from fxopt.verify import compare_outputs
+    from fxopt.demo import run_demo
 
-    model, inputs = build_demo(batch=args.batch)
-    print(f"demo model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
-          f"input {tuple(inputs[0].shape)}")
-    opt = fxopt.compile(model, inputs, passes=args.passes, instruments=[fxopt.PrintProgress()])
-    print(opt.report)
-    with torch.no_grad():
-        expected, actual = model(*inputs), opt(*inputs)
-    comparison = compare_outputs(list(expected), list(actual))
-    status = "match" if comparison.within() else "DIFFER"
-    print(f"outputs {status}: max abs error {comparison.max_abs:.2e}, max rel error {comparison.max_rel:.2e}")
-    report = opt.report
-    print(f"weights (parameters and buffers): {report.original.params:,} -> {report.final.params:,}; "
-          f"linear layers: {count_ops(opt.graph_module, ops.linear)} in the optimized graph")
-    times = measure_side_by_side({"eager": lambda: model(*inputs), "fxopt": lambda: opt(*inputs)},
-                                 repeats=args.repeats)
-    print(f"latency (median of {args.repeats}, interleaved): eager {times['eager']:.3f} ms, "
-          f"fxopt {times['fxopt']:.3f} ms, speedup {times['eager'] / times['fxopt']:.2f}x")
-    return 0 if comparison.within() else 1
+    return run_demo(args.passes, batch=args.batch, repeats=args.repeats)
 
 
 def load_target(target: str) -> torch.nn.Module:
@@ -177,7 +156,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from fxopt.bench import run_bench_cli
+    from fxopt_bench.cli import run_bench_cli
 
     return run_bench_cli(args)
 

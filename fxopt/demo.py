@@ -37,3 +37,51 @@ def build_demo(seed: int = 0, batch: int = 64, d_in: int = 512, hidden: int = 10
                 module.bias.copy_(torch.randn(module.num_features, generator=generator) * 0.1)
     model.eval()
     return model, (torch.randn(batch, d_in, generator=generator),)
+
+
+def run_demo(passes: str | None = None, batch: int = 64, repeats: int = 30) -> int:
+    """``fxopt demo``: optimize the demo model, check its outputs, time it against eager.
+
+    Exact passes must reproduce the outputs to floating-point tolerance; once a lossy pass
+    has changed the graph, the outputs are judged against the sum of the budgets of the
+    lossy passes that applied (each pass's error is bounded by its budget, measured against
+    the graph before it). Returns the exit status: 1 when the outputs are off.
+    """
+    import fxopt
+    from fxopt.ir import count_ops, ops
+    from fxopt.verify import compare_outputs
+    from fxopt_bench.timing import measure_side_by_side, speedup
+
+    model, inputs = build_demo(batch=batch)
+    print(f"demo model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "
+          f"input {tuple(inputs[0].shape)}")
+    opt = fxopt.compile(model, inputs, passes=passes, instruments=[fxopt.PrintProgress()])
+    report = opt.report
+    print(report)
+    with torch.no_grad():
+        expected, actual = model(*inputs), opt(*inputs)
+    comparison = compare_outputs(list(expected), list(actual))
+    errors = f"max abs error {comparison.max_abs:.2e}, max rel error {comparison.max_rel:.2e}"
+    lossy = [r for r in report.passes if not r.exact and r.status == "applied" and r.budget is not None]
+    if lossy:
+        budget = sum(r.budget for r in lossy)
+        ok = comparison.mismatch is None and comparison.max_rel <= budget
+        names = ", ".join(r.name for r in lossy)
+        verdict = "within budget" if ok else "OVER budget"
+        print(f"outputs {verdict}: {errors} (budget {budget:g}: {names})")
+    else:
+        ok = comparison.within()
+        print(f"outputs {'match' if ok else 'DIFFER'}: {errors}")
+    if comparison.mismatch:
+        print(f"  {comparison.mismatch}")
+    print(f"weights (parameters and buffers): {report.original.params:,} -> {report.final.params:,}; "
+          f"linear layers: {count_ops(opt.graph_module, ops.linear)} in the optimized graph")
+    times = measure_side_by_side({"eager": lambda: model(*inputs), "fxopt": lambda: opt(*inputs)},
+                                 repeats=repeats)
+    ratio = speedup(times["eager"], times["fxopt"])
+    print(f"latency (median of {repeats}, interleaved): eager {times['eager']}, fxopt {times['fxopt']}, "
+          f"speedup {ratio}")
+    if ratio.within_noise:
+        print("  ~: the spread is wider than the effect (the speedup's quartile range reaches 1.00x): "
+              "no measurable difference in this run")
+    return 0 if ok else 1

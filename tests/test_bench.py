@@ -1,4 +1,5 @@
-"""``fxopt bench`` on tiny models: the row schema and the JSON/markdown outputs (no speed)."""
+"""``fxopt bench`` (the fxopt_bench package) on tiny models: the row schema, the systems,
+the JSON/markdown outputs, the spread of every ratio (no speed is asserted)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from fxopt import bench
+import fxopt_bench as bench
 from fxopt.cli import main
+from fxopt_bench import output, scale
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +54,7 @@ def test_a_failing_system_becomes_a_row_not_a_crash(monkeypatch: pytest.MonkeyPa
     def broken(ctx: bench.BenchContext) -> bench.Prepared:
         raise RuntimeError("kernel exploded")
 
-    monkeypatch.setitem(bench.SYSTEMS, "broken", broken)
+    monkeypatch.setitem(bench.SYSTEMS, "broken", bench.System("broken", "always fails", broken))
     model, inputs = tiny()
     rows = bench.run_model("tiny", model, inputs, bench.BenchConfig(systems=["eager", "broken"], repeats=1, warmup=0),
                            lambda m: None)
@@ -94,7 +96,7 @@ def test_cuda_without_a_gpu_says_so(capsys) -> None:
 
 
 def test_scale_probe_reports_time_per_node_and_peak_memory() -> None:
-    row = bench._probe({"depth": 3, "width": 4})
+    row = scale.probe({"depth": 3, "width": 4})
     assert row["layers"] == 3 and row["nodes"] > 3 * 4
     assert row["us_per_node"] == pytest.approx(row["pass_manager_s"] / row["nodes"] * 1e6)
     assert row["peak_mb"] >= 0 and row["weight_bytes"] > 0
@@ -104,7 +106,7 @@ def test_scale_probe_reports_time_per_node_and_peak_memory() -> None:
 def test_tables_show_skipped_rows_with_their_reason() -> None:
     rows = [bench.Row("eager", "m", 1.0, 1.0, 0.0, 0.0, 10, 40).__dict__,
             bench.Row("fxopt-int8", "m", status="skipped", note="pass 'quantize-int8' is not installed").__dict__]
-    text = bench.format_table(rows)
+    text = output.format_table(rows)
     assert "skipped: pass 'quantize-int8' is not installed" in text
-    assert bench.format_table(rows, markdown=True).count("\n") == 3
-    assert bench.json_safe({"x": float("inf"), "y": [float("nan"), 1.5]}) == {"x": None, "y": [None, 1.5]}
+    assert output.format_table(rows, markdown=True).count("\n") == 3
+    assert output.json_safe({"x": float("inf"), "y": [float("nan"), 1.5]}) == {"x": None, "y": [None, 1.5]}

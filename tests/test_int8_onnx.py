@@ -88,7 +88,7 @@ def test_onnx_backend_runs_the_qdq_graph_on_integer_kernels() -> None:
 
 
 def test_peer_systems_build_and_agree_with_fp32() -> None:
-    from fxopt.peers import compare
+    from fxopt_bench import compare
 
     torch.manual_seed(0)
     rows = compare(mlp(), (torch.randn(8, 64),), repeats=1, warmup=0)

@@ -1,0 +1,61 @@
+"""``fxopt bench``: the command line of the benchmark (``fxopt bench --help``)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fxopt_bench.output import format_machine, format_scale, format_table, json_safe, write_markdown, write_plot
+from fxopt_bench.run import BenchConfig, run_bench
+from fxopt_bench.timing import SPREAD_LEGEND
+
+
+def run_bench_cli(args: Any) -> int:
+    """Run ``fxopt bench`` with the parsed arguments; returns the exit status."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("fxopt bench: --device cuda was requested but no CUDA device is available on this "
+              "machine (torch.cuda.is_available() is False); rerun with --device cpu", file=sys.stderr)
+        return 2
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            print("fxopt bench: --plot needs matplotlib: pip install 'fxopt[plot]'", file=sys.stderr)
+            return 2
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
+    config = BenchConfig(models=models, systems=systems, quick=args.quick, device=args.device,
+                         repeats=getattr(args, "repeats", None), warmup=getattr(args, "warmup", None))
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[bench {time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    result = run_bench(config, progress)
+    print(f"machine: {format_machine(result['machine'])}")
+    if result["rows"]:
+        print(format_table(result["rows"]))
+        print(SPREAD_LEGEND)
+    if result["scale"]:
+        print(format_scale(result["scale"]))
+    command = ("fxopt bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"]
+               else f"fxopt bench --models {args.models}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(json_safe(result), indent=2, allow_nan=False))
+        print(f"JSON written to {args.json}")
+    if args.markdown:
+        today = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+        write_markdown(result, args.markdown, command, date=today)
+        print(f"markdown written to {args.markdown}")
+    if args.plot:
+        write_plot(result, args.plot)
+        print(f"plot written to {args.plot}")
+    return 0

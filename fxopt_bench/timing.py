@@ -1,0 +1,103 @@
+"""Side-by-side latency measurement: the only source of fxopt's speed claims.
+
+Candidates are timed interleaved (round-robin) after a warm-up, so machine noise hits all
+of them alike. Each gets the median of its repeats and its spread (quartiles, min, max);
+a ratio of two medians comes with the range the two interquartile ranges allow
+(:func:`speedup`), and is flagged when that range is wider than the effect itself.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Milliseconds per call of one candidate over the timed rounds."""
+
+    median: float
+    q1: float
+    q3: float
+    min: float
+    max: float
+    samples: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Timing:
+        ordered = sorted(values)
+        if len(ordered) >= 2:
+            q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
+        else:
+            q1 = q3 = ordered[0]
+        return cls(statistics.median(ordered), q1, q3, ordered[0], ordered[-1], len(ordered))
+
+    def __str__(self) -> str:
+        return f"{self.median:.3f} ms (IQR {self.q1:.3f}-{self.q3:.3f})"
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """``baseline / candidate`` of the medians, with the range of the same ratio taken
+    between their quartiles: ``low`` = baseline q1 / candidate q3, ``high`` = baseline q3 /
+    candidate q1."""
+
+    ratio: float
+    low: float
+    high: float
+
+    @property
+    def within_noise(self) -> bool:
+        """The spread is wider than the effect: the range reaches 1.00x, so the rounds
+        cannot tell which of the two is faster."""
+        return self.low <= 1.0 <= self.high
+
+    def __str__(self) -> str:
+        flag = " ~" if self.within_noise else ""
+        return f"{self.ratio:.2f}x [{self.low:.2f}-{self.high:.2f}]{flag}"
+
+
+SPREAD_LEGEND = ("speedup [low-high]: the median ratio, and the same ratio taken between the two "
+                 "systems' quartiles; ~: the spread is wider than the effect (the range reaches 1.00x)")
+
+
+def speedup(baseline: Timing, candidate: Timing) -> Speedup:
+    """How many times faster ``candidate`` is than ``baseline``, with its spread."""
+    return Speedup(baseline.median / candidate.median, baseline.q1 / candidate.q3,
+                   baseline.q3 / candidate.q1)
+
+
+def measure_side_by_side(
+    candidates: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    min_seconds: float = 0.0,
+) -> dict[str, Timing]:
+    """The :class:`Timing` of each zero-argument callable, measured interleaved."""
+    with torch.inference_mode():
+        for fn in candidates.values():
+            for _ in range(warmup):
+                fn()
+        samples: dict[str, list[float]] = {name: [] for name in candidates}
+        start = time.perf_counter()
+        rounds = 0
+        while rounds < max(repeats, 1) or time.perf_counter() - start < min_seconds:
+            for name, fn in candidates.items():
+                _sync()
+                t0 = time.perf_counter()
+                fn()
+                _sync()
+                samples[name].append((time.perf_counter() - t0) * 1e3)
+            rounds += 1
+    return {name: Timing.of(values) for name, values in samples.items()}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
