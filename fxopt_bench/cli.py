@@ -11,7 +11,14 @@ from typing import Any
 
 import torch
 
-from fxopt_bench.output import format_machine, format_scale, format_table, json_safe, write_markdown, write_plot
+from fxopt_bench.output import (
+    format_machine,
+    format_scale,
+    format_table,
+    json_safe,
+    write_markdown,
+    write_plot,
+)
 from fxopt_bench.run import BenchConfig, run_bench
 from fxopt_bench.timing import SPREAD_LEGEND
 

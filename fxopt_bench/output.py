@@ -9,6 +9,7 @@ from typing import Any
 
 from fxopt_bench.timing import SPREAD_LEGEND
 
+
 def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     """One line per row; the speedup carries its spread (see :data:`SPREAD_LEGEND`)."""
     header = ["system", "model", "median ms", "speedup", "max rel err", "compile s", "params", "weight MB",

@@ -307,7 +307,10 @@ def _ort_quantize(ctx: BenchContext, source: Path, target: Path) -> Path:
     onnx.save(model, str(plain))
     try:
         with _quiet():
-            quantize_dynamic(str(plain), str(target), weight_type=QuantType.QInt8, per_channel=True)
+            # DefaultTensorType: the transformers optimizer's fused ops (SkipLayerNormalization,
+            # BiasGelu) live in the com.microsoft domain, which shape inference cannot type.
+            quantize_dynamic(str(plain), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     except Exception as exc:
         raise Unavailable(f"onnxruntime quantize_dynamic failed: {first_line(exc)}") from exc
     return target
@@ -402,8 +405,8 @@ def _openvino_prepared(ctx: BenchContext, model: Any, precision: str | None, sta
 
     run()
     params, weight_bytes = openvino_cost(model)
-    chosen = str(compiled.get_property("INFERENCE_PRECISION_HINT"))
-    note = "" if precision is not None else f"inference precision {chosen.split(':')[-1].strip(' >')}"
+    chosen = str(compiled.get_property("INFERENCE_PRECISION_HINT")).split(":")[-1].strip(" >'")
+    note = "" if precision is not None else f"inference precision {chosen}"
     return Prepared(run, time.perf_counter() - start, params, weight_bytes, note)
 
 
@@ -691,7 +694,8 @@ def _quiet() -> Any:
     previous = logging.root.manager.disable
     logging.disable(logging.WARNING)
     try:
-        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()), \
+                warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:

@@ -110,3 +110,156 @@ def test_tables_show_skipped_rows_with_their_reason() -> None:
     assert "skipped: pass 'quantize-int8' is not installed" in text
     assert output.format_table(rows, markdown=True).count("\n") == 3
     assert output.json_safe({"x": float("inf"), "y": [float("nan"), 1.5]}) == {"x": None, "y": [None, 1.5]}
+
+
+# ---------------------------------------------------------------- spread
+
+def test_a_speedup_carries_the_range_of_the_quartiles() -> None:
+    timing = bench.Timing.of([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert (timing.median, timing.q1, timing.q3, timing.min, timing.max) == (3.0, 2.0, 4.0, 1.0, 5.0)
+    clear = bench.speedup(bench.Timing(10.0, 9.0, 11.0, 8.0, 12.0, 5), bench.Timing(5.0, 4.5, 5.5, 4.0, 6.0, 5))
+    assert clear.ratio == 2.0 and clear.low == pytest.approx(9 / 5.5) and clear.high == pytest.approx(11 / 4.5)
+    assert not clear.within_noise and str(clear) == "2.00x [1.64-2.44]"
+    noisy = bench.speedup(bench.Timing(10.0, 8.0, 12.0, 7.0, 13.0, 5), bench.Timing(9.5, 8.0, 11.0, 7.0, 12.0, 5))
+    assert noisy.within_noise and str(noisy).endswith(" ~")
+
+
+def test_the_table_shows_each_ratio_with_its_spread_and_flags_noise() -> None:
+    eager = bench.Row("eager", "m", 10.0, 1.0, 0.0, 0.0, 10, 40, speedup_low=0.9, speedup_high=1.1).__dict__
+    fast = bench.Row("fast", "m", 5.0, 2.0, 0.0, 0.0, 10, 40, speedup_low=1.8, speedup_high=2.2,
+                     within_noise=False).__dict__
+    same = bench.Row("same", "m", 9.9, 1.01, 0.0, 0.0, 10, 40, speedup_low=0.95, speedup_high=1.07,
+                     within_noise=True).__dict__
+    lines = output.format_table([eager, fast, same]).splitlines()
+    assert "1.00x " in lines[2] and "[" not in lines[2]  # the baseline against itself: no range
+    assert "2.00x [1.80-2.20]" in lines[3] and "~" not in lines[3]
+    assert "1.01x [0.95-1.07] ~" in lines[4]
+
+
+def test_timed_rows_have_a_consistent_spread() -> None:
+    model, inputs = tiny()
+    rows = bench.run_model("tiny", model, inputs, bench.BenchConfig(systems=["eager", "fxopt"], repeats=3, warmup=0),
+                           lambda m: None)
+    for row in rows:
+        assert row.q1_ms <= row.median_ms <= row.q3_ms
+        assert row.speedup_low <= row.speedup_vs_eager <= row.speedup_high
+    assert rows[0].within_noise is None and isinstance(rows[1].within_noise, bool)
+
+
+# ---------------------------------------------------------------- systems as data
+
+PEERS = {"inductor-freezing", "ort-opt", "ort-opt-int8", "openvino", "openvino-bf16", "openvino-nncf-int8",
+         "pt2e-x86-int8", "ct2", "ct2-int8"}
+
+
+def test_systems_are_data_with_one_entry_per_name() -> None:
+    from fxopt_bench.systems import SYSTEMS_LIST
+
+    assert len({s.name for s in SYSTEMS_LIST}) == len(SYSTEMS_LIST) == len(bench.SYSTEMS)
+    assert PEERS <= set(bench.SYSTEMS)
+    for system in SYSTEMS_LIST:
+        assert system.description and callable(system.build)
+
+
+def test_a_system_whose_package_is_missing_is_skipped_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    def never(ctx: bench.BenchContext) -> bench.Prepared:
+        raise AssertionError("built although its package is missing")
+
+    monkeypatch.setitem(bench.SYSTEMS, "needs-it", bench.System("needs-it", "x", never, ("fxopt_no_such_pkg",)))
+    model, inputs = tiny()
+    rows = bench.run_model("tiny", model, inputs, bench.BenchConfig(systems=["eager", "needs-it"], repeats=1, warmup=0),
+                           lambda m: None)
+    assert rows[1].status == "skipped" and rows[1].median_ms is None
+    assert "fxopt_no_such_pkg not installed" in rows[1].note and "fxopt[peers]" in rows[1].note
+
+
+def test_rollbacks_come_from_the_report_records() -> None:
+    import fxopt
+    from fxopt_bench.systems import pipeline_note
+
+    report = fxopt.Report(passes=[
+        fxopt.PassRecord("remove-dropout", True, "applied", matched=2, applied=2),
+        fxopt.PassRecord("quantize-int8", False, "rolled back", message="error 0.2 exceeds the pass's budget 0.05"),
+    ])
+    assert pipeline_note(report, "quantize-int8") == "quantize-int8 rolled back (error 0.2 exceeds the pass's budget 0.05)"
+    assert pipeline_note(report, None) == ("remove-dropout x2; quantize-int8 rolled back "
+                                           "(error 0.2 exceeds the pass's budget 0.05)")
+
+
+def test_the_core_does_not_carry_the_benchmark() -> None:
+    import importlib.util
+    import subprocess
+    import sys
+
+    for name in ("fxopt.bench", "fxopt.peers", "fxopt.bench_models", "fxopt.timing"):
+        assert importlib.util.find_spec(name) is None, name
+    code = "import fxopt, sys; print(sorted(m for m in sys.modules if m.startswith('fxopt_bench')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- the peers, on a tiny BERT
+
+def tiny_bert() -> tuple[nn.Module, tuple[torch.Tensor]]:
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=100, max_position_embeddings=32)
+    model = transformers.BertModel(config).eval()
+    return model, (torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0)),)
+
+
+def peer_rows(systems: list[str], model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> dict[str, bench.Row]:
+    config = bench.BenchConfig(systems=["eager", *systems], repeats=1, warmup=0)
+    return {r.system: r for r in bench.run_model("tiny-bert", model, inputs, config, lambda m: None)}
+
+
+def assert_ran(row: bench.Row, max_rel_err: float) -> None:
+    assert row.status == "ok", row.note
+    assert row.max_rel_err < max_rel_err, (row.system, row.max_rel_err)
+    assert row.median_ms > 0 and row.speedup_low <= row.speedup_vs_eager <= row.speedup_high
+
+
+def test_openvino_f32_bf16_and_nncf_int8() -> None:
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    model, inputs = tiny_bert()
+    rows = peer_rows(["openvino", "openvino-bf16", "openvino-nncf-int8"], model, inputs)
+    assert_ran(rows["openvino"], 1e-5)  # the f32 hint: lossless
+    assert_ran(rows["openvino-bf16"], 5e-2)
+    assert rows["openvino-bf16"].note.startswith("inference precision ")
+    assert_ran(rows["openvino-nncf-int8"], 5e-2)
+    assert rows["openvino-nncf-int8"].weight_bytes < rows["openvino"].weight_bytes
+
+
+def test_ctranslate2_float32_and_int8_on_bert_only() -> None:
+    pytest.importorskip("ctranslate2")
+    model, inputs = tiny_bert()
+    rows = peer_rows(["ct2", "ct2-int8"], model, inputs)
+    assert_ran(rows["ct2"], 1e-5)
+    assert_ran(rows["ct2-int8"], 5e-2)
+    assert rows["ct2-int8"].weight_bytes < rows["ct2"].weight_bytes
+    assert model.config.to_dict().get("position_embedding_type") in (None, "absolute")  # config untouched
+    mlp_model, mlp_inputs = tiny()
+    other = peer_rows(["ct2"], mlp_model, mlp_inputs)["ct2"]
+    assert other.status == "skipped" and "BERT" in other.note
+
+
+def test_ort_transformers_optimizer_then_quantize_dynamic() -> None:
+    pytest.importorskip("onnxruntime.transformers.optimizer")
+    model, inputs = tiny_bert()
+    rows = peer_rows(["ort", "ort-opt", "ort-opt-int8"], model, inputs)
+    assert_ran(rows["ort-opt"], 1e-5)
+    assert_ran(rows["ort-opt-int8"], 5e-2)
+    assert rows["ort-opt-int8"].weight_bytes < rows["ort-opt"].weight_bytes
+
+
+@pytest.mark.slow
+def test_pt2e_x86_int8_and_inductor_freezing() -> None:
+    pytest.importorskip("torchao")
+    import torch._inductor.config as inductor_config
+
+    model, inputs = tiny_bert()
+    rows = peer_rows(["inductor-freezing", "pt2e-x86-int8"], model, inputs)
+    assert_ran(rows["inductor-freezing"], 1e-4)
+    assert_ran(rows["pt2e-x86-int8"], 5e-2)
+    assert inductor_config.freezing is False  # set for the compile only, not left behind

@@ -19,6 +19,15 @@ def test_demo_runs_end_to_end(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--batch", "8", "--repeats", "3"]) == 0
     out = capsys.readouterr().out
     assert "outputs match" in out and "speedup" in out and "fold-batchnorm" in out
+    speedup_line = next(line for line in out.splitlines() if line.startswith("latency"))
+    assert "IQR" in speedup_line and "x [" in speedup_line  # every ratio with its spread
+
+
+def test_demo_judges_a_lossy_pass_against_its_budget(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["demo", "--passes", "quantize-int8", "--batch", "8", "--repeats", "3"]) == 0
+    out = capsys.readouterr().out
+    verdict = next(line for line in out.splitlines() if line.startswith("outputs"))
+    assert verdict.startswith("outputs within budget") and "quantize-int8" in verdict and "DIFFER" not in out
 
 
 def test_optimize_a_model_file(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
