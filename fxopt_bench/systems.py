@@ -176,14 +176,24 @@ def _compile_with_inductor(model: Callable[..., Any], inputs: tuple[torch.Tensor
     import torch._inductor.config as inductor_config
 
     try:
-        compiled = torch.compile(model, backend="inductor")
-        # Freezing is read from the global config when the graph compiles, which is on the
-        # first call: the flag is set for that call only.
+        # Dynamo keeps one cache per code object and reuses an entry compiled for the same
+        # backend: a second torch.compile of the same model with backend="inductor" would
+        # run the first one's graph, unfrozen. A backend of its own gets its own entry.
+        compiled = torch.compile(model, backend=_frozen_inductor if freezing else "inductor")
+        # Freezing is read from the global config while the graph is captured and compiled,
+        # which is on the first call: the flag is set for that call only.
         with inductor_config.patch(freezing=freezing), torch.inference_mode(), _quiet():
             compiled(*inputs)
     except Exception as exc:
         raise Unavailable(f"torch.compile failed: {first_line(exc)}") from exc
     return compiled
+
+
+def _frozen_inductor(graph: torch.fx.GraphModule, example_inputs: list[torch.Tensor]) -> Any:
+    """Inductor, as a backend distinct from ``"inductor"`` (see :func:`_compile_with_inductor`)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(graph, example_inputs)
 
 
 def _torch_ao_dynamic_int8(ctx: BenchContext) -> Prepared:

@@ -263,3 +263,23 @@ def test_pt2e_x86_int8_and_inductor_freezing() -> None:
     assert_ran(rows["inductor-freezing"], 1e-4)
     assert_ran(rows["pt2e-x86-int8"], 5e-2)
     assert inductor_config.freezing is False  # set for the compile only, not left behind
+
+
+@pytest.mark.slow
+def test_inductor_freezing_really_freezes_next_to_a_plain_compile(tmp_path) -> None:
+    # Frozen weights are constants of the compiled graph: a later change to the module's
+    # weight shows in the plain compile's output and not in the frozen one's. Both compile
+    # the same module, whose dynamo cache entry the frozen one must not reuse.
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    inputs = (torch.randn(4, 8),)
+    ctx = bench.BenchContext("tiny", model, inputs, torch.device("cpu"), tmp_path)
+    plain = bench.SYSTEMS["torch.compile"].build(ctx)
+    frozen = bench.SYSTEMS["inductor-freezing"].build(ctx)
+    with torch.inference_mode():
+        before = model(*inputs)
+        torch.testing.assert_close(frozen.run(), before)
+        model[0].weight.mul_(2.0)
+        after = model(*inputs)
+        torch.testing.assert_close(plain.run(), after)
+        torch.testing.assert_close(frozen.run(), before)
+    assert not torch.allclose(before, after)
