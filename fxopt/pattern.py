@@ -303,8 +303,9 @@ ACTIVATION_LIKE = frozenset({aten.tanh.default, aten.sigmoid.default, aten.hards
 
 def gated_by_activation(root: fx.Node, gm: fx.GraphModule | None = None) -> fx.Node | None:
     """The call ``f(...)`` when ``root`` computes ``x * f(g(x))`` for an activation-like ``f``
-    (:data:`ACTIVATION_LIKE`), whatever its constants; None otherwise. Lets a pass say that a
-    formula looks like an activation but is none it knows (QuickGELU's ``x*sigmoid(1.702*x)``)."""
+    (:data:`ACTIVATION_LIKE`), whatever its constants: every term has the factor ``x`` and
+    one has ``f`` too. None otherwise. Lets a pass say that a formula looks like an activation
+    but is none it knows (QuickGELU's ``x*sigmoid(1.702*x)``)."""
     found = polynomial(root, gm)
     if found is None:
         return None
@@ -313,7 +314,7 @@ def gated_by_activation(root: fx.Node, gm: fx.GraphModule | None = None) -> fx.N
         if not is_op(atom, ACTIVATION_LIKE) or not isinstance(atom.args[0], fx.Node):
             continue
         inner = polynomial(atom.args[0], gm)
-        inner_atoms = set(atoms(inner[0])) if inner else {atom.args[0]}
-        if any(other in inner_atoms for monomial in poly if atom in monomial for other in monomial):
-            return atom
+        for x in set(atoms(inner[0])) if inner else {atom.args[0]}:
+            if all(x in monomial for monomial in poly) and any(atom in monomial for monomial in poly):
+                return atom
     return None
