@@ -67,8 +67,8 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for record in data["passes"]:
-            record["skipped"] = dict(record["skipped"])  # refusal code -> count
+        for record, original in zip(data["passes"], self.passes):
+            record["skipped"] = dict(original.skipped)  # refusal code -> count (asdict garbles a Counter)
         return data
 
     def __str__(self) -> str:
