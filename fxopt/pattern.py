@@ -7,7 +7,7 @@ to coefficients. ``0.5*x*(1 + t)``, ``x*0.5 + (x*t)*0.5`` and ``(x + t*x) / 2`` 
 
     X = pattern.X
     SILU = (term(1.0, X, Call(ops.sigmoid, (term(1.0, X),))),)
-    found = pattern.match(node, SILU)      # Match(x=<node>, interior=...) or None
+    found = pattern.match(node, SILU, gm)  # Match(gm, node, x=<node>, interior=...) or None
 
 Only the root and nodes with a single user are expanded: a value used elsewhere is an
 atom, since a rewrite around it could not remove it anyway. ``Match.interior`` lists the
@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fxopt import rewrite
 from fxopt.ir import arg, constant, is_op
 
 aten = torch.ops.aten
@@ -76,15 +77,18 @@ def term(coefficient: float, *atoms: Any) -> tuple[tuple[Any, ...], float]:
     return tuple(atoms), float(coefficient)
 
 
-@dataclass(frozen=True)
-class Match:
-    """``root`` computes the template with ``X = x``; ``interior`` are the formula's nodes,
-    the root included (``fxopt.rewrite.constraints.private_region`` says whether a rewrite
-    of the root removes them)."""
+@dataclass(eq=False)
+class Match(rewrite.Match):
+    """``node`` (the root) computes the template with ``X = x``; ``interior`` are the
+    formula's nodes, the root included: all of them are consumed by a rewrite of the root
+    (``fxopt.rewrite.constraints.private_region`` says whether it removes them)."""
 
-    root: fx.Node
     x: fx.Node
     interior: frozenset[fx.Node]
+
+    @property
+    def nodes(self) -> frozenset[fx.Node]:
+        return self.interior
 
 
 def close(a: float, b: float, rel: float = 1e-6) -> bool:
@@ -209,7 +213,7 @@ def match(root: fx.Node, template: Template, gm: fx.GraphModule | None = None) -
     for x in atoms(poly):
         interior = _match_poly(poly, template, x, gm)
         if interior is not None:
-            return Match(root, x, frozenset(expanded | interior))
+            return Match(gm, root, x, frozenset(expanded | interior))  # type: ignore[arg-type]
     return None
 
 

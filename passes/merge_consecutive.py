@@ -51,15 +51,6 @@ class LinearPair(Match):
         biases = ([w2 @ p1.bias.double()] if p1.bias is not None else []) + ([p2.bias.double()] if p2.bias is not None else [])
         return (w2 @ p1.weight.double()).to(dtype), sum(biases).to(dtype) if biases else None
 
-    def view_keeps_last_dim(self) -> Refusal | None:
-        if self.view is None:
-            return None
-        if shape_of(self.view)[-1] != shape_of(self.first)[-1]:  # type: ignore[index]
-            return Refusal("view-changes-last-dim", "the view between the Linears changes the last dim")
-        if self.view.args[1][-1] not in (-1, self.parts[0].out_features):
-            return Refusal("symbolic-view-dim", "the view's last dim is symbolic; cannot restate it for x")
-        return None
-
 
 @dataclass(frozen=True)
 class MergeLinearPair(Rule[LinearPair]):
@@ -75,11 +66,11 @@ class MergeLinearPair(Rule[LinearPair]):
         return (constant_linear(m.gm, m.first, m.node) or same_dtype(*(p.weight for p in m.parts))
                 or sole_user(m.first, m.view or m.node) or sole_user(m.view, m.node)
                 or private_linear(m.gm, m.first) or private_linear(m.gm, m.node)
-                or m.view_keeps_last_dim() or self.cheaper(m) or finite(*m.merged))
+                or _view_keeps_last_dim(m) or self._cheaper(m) or finite(*m.merged))
 
-    def cheaper(self, m: LinearPair) -> Refusal | None:
-        d_in, mid, d_out = m.parts[0].in_features, m.parts[0].out_features, m.parts[1].out_features
-        rows = linear_rows(m.node)
+    def _cheaper(self, m: LinearPair) -> Refusal | None:
+        (p1, p2), rows = m.parts, linear_rows(m.node)
+        d_in, mid, d_out = p1.in_features, p1.out_features, p2.out_features
         merged = linear_shape_flops(rows, d_in, d_out)
         separate = linear_shape_flops(rows, d_in, mid) + linear_shape_flops(rows, mid, d_out)
         return not_costlier(merged, separate, f"bottleneck {d_in} -> {mid} -> {d_out}: one {d_in}x{d_out} Linear "
@@ -88,14 +79,22 @@ class MergeLinearPair(Rule[LinearPair]):
 
     def rewrite(self, m: LinearPair) -> None:
         (p1, p2), source = m.parts, m.parts[0].input
-        if m.view is not None:
-            shape = list(m.view.args[1])
-            m.view.args, m.view.target = (source, shape[:-1] + [-1 if shape[-1] == -1 else p1.in_features]), ops.reshape
+        if m.view is not None:  # the view moves onto x, as a reshape: x may be non-contiguous
+            *rows, last = m.view.args[1]
+            m.view.args, m.view.target = (source, [*rows, -1 if last == -1 else p1.in_features]), ops.reshape
             infer_val(m.view)
             source = m.view
         merged = insert_linear(m.gm, source, *m.merged, f"{p2.weight_node.target}_merged", before=m.node, like=m.node)
         replace_node(m.node, merged)
         m.gm.graph.erase_node(m.first)
+
+
+def _view_keeps_last_dim(m: LinearPair) -> Refusal | None:
+    if m.view is not None and shape_of(m.view)[-1] != shape_of(m.first)[-1]:  # type: ignore[index]
+        return Refusal("view-changes-last-dim", "the view between the Linears changes the last dim")
+    if m.view is not None and m.view.args[1][-1] not in (-1, m.parts[0].out_features):
+        return Refusal("symbolic-view-dim", "the view's last dim is symbolic; cannot restate it for x")
+    return None
 
 
 @dataclass(frozen=True)

@@ -31,34 +31,24 @@ from fxopt.rewrite.constraints import floating_point, private_region, same_shape
 TANH = (("approximate", "tanh"),)
 
 
-@dataclass(eq=False)
-class FormulaMatch(Match):
-    formula: pattern.Match
-
-    @property
-    def nodes(self) -> frozenset[fx.Node]:
-        return self.formula.interior
-
-
 @dataclass(frozen=True)
-class Formula(Rule[FormulaMatch]):
+class Formula(Rule[pattern.Match]):
     template: Template
     op: Any
     kwargs: tuple[tuple[str, Any], ...] = ()
     label: str = ""
     anchor = ARITHMETIC
 
-    def match(self, node: fx.Node, gm: fx.GraphModule) -> FormulaMatch | None:
-        found = pattern.match(node, self.template, gm)
-        return FormulaMatch(gm, node, found) if found is not None else None
+    def match(self, node: fx.Node, gm: fx.GraphModule) -> pattern.Match | None:
+        return pattern.match(node, self.template, gm)
 
-    def check(self, m: FormulaMatch) -> Refusal | None:
-        return (floating_point(m.formula.x) or same_shape_and_dtype(m.node, m.formula.x)
-                or private_region(m.formula.interior - {m.node}, m.formula.interior))
+    def check(self, m: pattern.Match) -> Refusal | None:
+        return (floating_point(m.x) or same_shape_and_dtype(m.node, m.x)
+                or private_region(m.interior - {m.node}, m.interior))
 
-    def rewrite(self, m: FormulaMatch) -> None:
+    def rewrite(self, m: pattern.Match) -> None:
         with m.gm.graph.inserting_before(m.node):
-            fused = m.gm.graph.call_function(self.op, (m.formula.x,), dict(self.kwargs))
+            fused = m.gm.graph.call_function(self.op, (m.x,), dict(self.kwargs))
         fused.meta["val"] = m.node.meta.get("val")
         replace_node(m.node, fused)  # the rest of the formula is dead now; the manager removes it
 

@@ -1,9 +1,9 @@
 """A rule: a pattern anchored on one op, a check that may refuse, and a rewrite.
 
-    class DropInference(Rule[DropoutMatch]):
+    class DropoutIsIdentity(Rule[Match]):
         anchor = ops.dropout
-        def match(self, node, gm): return DropoutMatch(gm, node)   # or None: not this pattern
-        def check(self, m): return dropout_inactive(m.node)         # a Refusal, or None
+        def match(self, node, gm): return Match(gm, node)        # or None: not this pattern
+        def check(self, m): return dropout_inactive(m.node)      # a Refusal, or None
         def rewrite(self, m): replace_node(m.node, m.node.args[0])
 
 ``match`` only recognizes the shape of the pattern; every condition that can fail for a
