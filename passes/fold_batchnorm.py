@@ -6,8 +6,9 @@
 
 Constraints: bn_running_stats (training=False); bn_normalizes_features (BatchNorm normalizes
 dim 1, a Linear mixes the last dim: the same only for 2-D ``(N, C)`` activations); the
-Linear's output has no other user (sole_user); constant_linear, and constant statistics;
-finite (every folded weight). A BatchNorm next to no Linear is refused: no-adjacent-linear.
+Linear's output has no other user (sole_user); constant_linear, and constant statistics; no
+other layer reads the Linear's weight (private_linear: a folded copy would be stored next to
+it); finite (every folded weight). A BatchNorm next to no Linear: no-adjacent-linear.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from fxopt.rewrite.constraints import (
     constant_linear,
     constant_or_absent,
     finite,
+    private_linear,
     sole_user,
 )
 
@@ -70,7 +72,7 @@ class FoldIntoLinear(Rule[BatchNormBesideLinear]):
         return (bn_running_stats(m.node)
                 or bn_normalizes_features(m.linears[0] if m.after_linear else m.node.args[0])
                 or (sole_user(m.linears[0], m.node) if m.after_linear else None)
-                or constant_linear(m.gm, *m.linears)
+                or constant_linear(m.gm, *m.linears) or private_linear(m.gm, *m.linears)
                 or constant_or_absent(m.gm, *m.node.args[1:5], what="BatchNorm parameters or running statistics")
                 or finite(*(t for _, w, b in m.folded for t in (w, b)), what="the folded weights"))
 

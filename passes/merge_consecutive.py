@@ -65,7 +65,7 @@ class MergeLinearPair(Rule[LinearPair]):
     def check(self, m: LinearPair) -> Refusal | None:
         return (constant_linear(m.gm, m.first, m.node) or same_dtype(*(p.weight for p in m.parts))
                 or sole_user(m.first, m.view or m.node) or sole_user(m.view, m.node)
-                or private_linear(m.gm, m.first) or private_linear(m.gm, m.node)
+                or private_linear(m.gm, m.first, m.node)
                 or _view_keeps_last_dim(m) or self._cheaper(m) or finite(*m.merged))
 
     def _cheaper(self, m: LinearPair) -> Refusal | None:

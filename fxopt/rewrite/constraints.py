@@ -66,10 +66,14 @@ def private_constant(gm: fx.GraphModule, const_node: fx.Node | None, user: fx.No
     return None
 
 
-def private_linear(gm: fx.GraphModule, linear: fx.Node) -> Refusal | None:
-    """The Linear's weight and bias are read by this Linear alone (see :func:`private_constant`)."""
-    return (private_constant(gm, arg(linear, 1, "weight"), linear, "weight")
-            or private_constant(gm, arg(linear, 2, "bias"), linear, "bias"))
+def private_linear(gm: fx.GraphModule, *linears: fx.Node) -> Refusal | None:
+    """Each Linear's weight and bias are read by that Linear alone (see :func:`private_constant`)."""
+    for linear in linears:
+        refusal = (private_constant(gm, arg(linear, 1, "weight"), linear, "weight")
+                   or private_constant(gm, arg(linear, 2, "bias"), linear, "bias"))
+        if refusal:
+            return refusal
+    return None
 
 
 def constant_linear(gm: fx.GraphModule, *linears: fx.Node) -> Refusal | None:

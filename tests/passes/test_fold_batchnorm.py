@@ -116,6 +116,25 @@ def test_non_finite_statistics_are_refused() -> None:
     assert_skipped(run, "not finite", code="not-finite")
 
 
+class TowerOnTwoInputs(nn.Module):
+    """Linear -> BatchNorm applied to two inputs: the Linear's weight is read twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(8, 16), _trained(nn.BatchNorm1d(16))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.bn(self.linear(x)), self.bn(self.linear(z))
+
+
+def test_shared_linear_weight_is_not_folded_into_copies() -> None:
+    model, inputs = TowerOnTwoInputs().eval(), (torch.randn(5, 8), torch.randn(5, 8))
+    run = run_pass("fold-batchnorm", model, inputs)
+    assert run.count(ops.batch_norm) == 2 and run.record.matched == 2 and run.record.applied == 0
+    assert_skipped(run, "its weight tensor is also used by", code="shared-constant")
+    assert run.record.after.weight_bytes == run.record.before.weight_bytes
+
+
 def test_fold_batchnorm_is_idempotent() -> None:
     model = nn.Sequential(nn.Linear(8, 16), _trained(nn.BatchNorm1d(16))).eval()
     assert_idempotent("fold-batchnorm", model, (torch.randn(5, 8),))
