@@ -105,7 +105,7 @@ class WarnOnRollback(PassInstrument):
     def after_pass(self, pass_: Pass, gm: fx.GraphModule, step: PassStep) -> None:
         if step.record.rolled_back:
             warnings.warn(f"fxopt: pass '{pass_.name}' rolled back: {step.record.message}",
-                          stacklevel=_caller_outside_fxopt())
+                          stacklevel=user_stacklevel())
 
 
 class DumpGraphs(PassInstrument):
@@ -141,8 +141,9 @@ class PrintProgress(PassInstrument):
               f"{sum(record.skipped.values())}, {record.seconds:.2f}s", file=self.stream, flush=True)
 
 
-def _caller_outside_fxopt() -> int:
-    """The ``stacklevel`` that points a warning at the first frame outside fxopt."""
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning raised by the caller at the first frame
+    outside fxopt (the user's call to ``fxopt.compile``, say)."""
     frame, level = sys._getframe(1), 1
     while frame is not None and frame.f_globals.get("__name__", "").startswith("fxopt"):
         frame, level = frame.f_back, level + 1

@@ -33,6 +33,7 @@ from fxopt.pipeline.instruments import (
     PassTiming,
     ReportRows,
     WarnOnRollback,
+    user_stacklevel,
 )
 from fxopt.registry import PassOrderWarning, order_violations
 from fxopt.report import PassRecord
@@ -207,4 +208,4 @@ class PassManager:
 def _warn_about_order(passes: Sequence[Pass]) -> None:
     for problem in order_violations(passes):
         warnings.warn(f"fxopt: {problem}; running the passes in the order given",
-                      PassOrderWarning, stacklevel=3)
+                      PassOrderWarning, stacklevel=user_stacklevel())
