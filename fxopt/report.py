@@ -30,6 +30,10 @@ class PassRecord:
     details: list[dict[str, Any]] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
 
+    @property
+    def rolled_back(self) -> bool:
+        return self.status == "rolled back"
+
     def skip_lines(self) -> list[str]:
         """One line per refusal code, commonest first: how many sites, and one example's detail."""
         lines = []

@@ -93,7 +93,7 @@ class FoldIntoLinear(Rule[BatchNormBesideLinear]):
 class FoldBatchNorm(RulePass):
     name: ClassVar[str] = "fold-batchnorm"
     exact: ClassVar[bool] = True
-    default_order: ClassVar[int] = 20
+    after: ClassVar[tuple[str, ...]] = ("remove-dropout",)
 
     def rules(self) -> Sequence[Rule[Any]]:
         return [FoldIntoLinear(), RefuseUnmatched(

@@ -101,7 +101,7 @@ def _view_keeps_last_dim(m: LinearPair) -> Refusal | None:
 class MergeConsecutive(RulePass):
     name: ClassVar[str] = "merge-consecutive"
     exact: ClassVar[bool] = True
-    default_order: ClassVar[int] = 40
+    after: ClassVar[tuple[str, ...]] = ("swap-activations", "swap-activations-lossy")
 
     force: bool = False
 

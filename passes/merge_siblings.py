@@ -45,7 +45,7 @@ from fxopt.rewrite.constraints import constant_linear, not_costlier, private_lin
 class MergeSiblings(Pass):
     name: ClassVar[str] = "merge-siblings"
     exact: ClassVar[bool] = True
-    default_order: ClassVar[int] = 50
+    after: ClassVar[tuple[str, ...]] = ("merge-consecutive",)
 
     min_group: int = 2
 

@@ -61,7 +61,7 @@ class NativeDropoutIsIdentity(DropoutIsIdentity):
 class RemoveDropout(RulePass):
     name: ClassVar[str] = "remove-dropout"
     exact: ClassVar[bool] = True
-    default_order: ClassVar[int] = 10
+    after: ClassVar[tuple[str, ...]] = ()  # first: later passes then see Linears next to each other
 
     def rules(self) -> Sequence[Rule[Any]]:
         return [DropoutIsIdentity(), NativeDropoutIsIdentity()]

@@ -90,7 +90,7 @@ RULES: tuple[Rule[Any], ...] = (
 class SwapActivations(RulePass):
     name: ClassVar[str] = "swap-activations"
     exact: ClassVar[bool] = True
-    default_order: ClassVar[int] = 30
+    after: ClassVar[tuple[str, ...]] = ("fold-batchnorm",)
     reverse: ClassVar[bool] = True  # outermost formulas first: the root of a formula comes after its parts
 
     def rules(self) -> Sequence[Rule[Any]]:

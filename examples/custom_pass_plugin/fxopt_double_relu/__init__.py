@@ -32,7 +32,7 @@ class ReluOfRelu(Rule[Match]):
 class DoubleRelu(RulePass):
     name: ClassVar[str] = "double-relu"
     exact: ClassVar[bool] = True
-    default_order: ClassVar[int] = 25
+    after: ClassVar[tuple[str, ...]] = ("fold-batchnorm",)
 
     def rules(self) -> Sequence[Rule[Any]]:
         return [ReluOfRelu()]
