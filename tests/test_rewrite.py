@@ -285,8 +285,6 @@ def test_finite_same_dtype_and_costs() -> None:
     assert c.not_costlier(10, 10, "equal") is None
     assert c.not_costlier(11, 10, "more") == Refusal(c.NOT_CHEAPER, "more")
     assert c.not_costlier(11, 10, "more", force=True) is None
-    assert c.first_refusal(iter([None, Refusal("a"), Refusal("b")])) == Refusal("a")
-    assert c.first_refusal([None]) is None
 
 
 def test_floating_point_and_same_shape_and_dtype() -> None:

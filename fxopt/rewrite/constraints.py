@@ -162,13 +162,8 @@ def not_costlier(after: float, before: float, detail: str, *, force: bool = Fals
 __all__ = [
     "BN_NOT_ON_FEATURES", "BN_TRAINING", "CHANGES_SHAPE_OR_DTYPE", "DROPOUT_ACTIVE", "DTYPE_MISMATCH",
     "NOT_CHEAPER", "NOT_CONSTANT", "NOT_FINITE", "NOT_FLOATING_POINT", "SHARED_CONSTANT",
-    "SHARED_INTERMEDIATE", "bn_normalizes_features", "bn_running_stats", "constant_linear", "constant_or_absent", "dropout_inactive",
-    "finite", "first_refusal", "floating_point", "not_costlier", "private_constant", "private_linear",
-    "private_region", "same_dtype", "same_shape_and_dtype", "sole_user",
+    "SHARED_INTERMEDIATE", "bn_normalizes_features", "bn_running_stats", "constant_linear",
+    "constant_or_absent", "dropout_inactive", "finite", "floating_point", "not_costlier",
+    "private_constant", "private_linear", "private_region", "same_dtype", "same_shape_and_dtype",
+    "sole_user",
 ]
-
-
-def first_refusal(refusals: Iterable[Refusal | None]) -> Refusal | None:
-    """The first refusal in ``refusals`` (a generator is evaluated only that far), or None:
-    one constraint checked on each of several nodes."""
-    return next((r for r in refusals if r is not None), None)
