@@ -7,10 +7,12 @@ import torch
 from fxopt.passes import QuantizeInt8
 
 import fxopt
-import fxopt.int8 as int8
+import fxopt.kernels.int8 as int8
 from fxopt.cost import graph_cost
-from fxopt.int8 import int8_linear_op, qops, quantize_weight
 from fxopt.ir import constants, count_ops, ops
+from fxopt.ir.qdq import qops
+from fxopt.kernels.int8 import int8_linear_op
+from fxopt.quant import quantize_weight
 from fxopt.testing import assert_outputs_close, run_pass
 
 qd = torch.ops.quantized_decomposed
