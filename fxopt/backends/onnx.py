@@ -180,29 +180,42 @@ def _plain(text: str) -> str:
     return _ANSI.sub("", text)
 
 
-def _export_failure(exc: Exception, gm: fx.GraphModule, translations: dict[Any, Any]) -> str:
-    """Why the export failed, naming the ops that have no ONNX translation when that is why."""
-    from torch.onnx._internal.exporter import _registration
+_CAUSE = re.compile(r"^<class '[\w.]*?(\w+)'>: (.+)$", re.MULTILINE)
 
+
+def _export_failure(exc: Exception, gm: fx.GraphModule, translations: dict[Any, Any]) -> str:
+    """Why the export failed, in plain text, naming the ops that have no ONNX translation."""
     message = _plain(str(exc)).strip()
-    first = message.splitlines()[0] if message else type(exc).__name__
-    untranslated = []
-    with contextlib.suppress(Exception):
-        registry = _registration.ONNXRegistry.from_torchlib()
-        for node in gm.graph.nodes:
-            if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
-                continue
-            if node.target in translations or registry.get_decomps(node.target):
-                continue
-            name = str(node.target)
-            if name not in untranslated:
-                untranslated.append(name)
+    # The exporter's first line is generic ("step 3/3"); its summary names the root cause.
+    cause = _CAUSE.search(message)
+    detail = f"{cause.group(1)}: {cause.group(2)}" if cause else (
+        f"{type(exc).__name__}: {message.splitlines()[0]}" if message else type(exc).__name__)
+    untranslated = _untranslated_ops(gm, translations)
     if untranslated:
-        return (f"ONNX export failed: no ONNX translation for {', '.join(untranslated)} "
-                f"({type(exc).__name__}: {first}); give one with "
-                "fxopt.backends.onnx.register_onnx_translation, or from the lowering that writes the op")
-    return (f"ONNX export failed: {type(exc).__name__}: {first}; an op without an ONNX translation "
-            "needs fxopt.backends.onnx.register_onnx_translation")
+        return (f"ONNX export failed: no ONNX translation for {', '.join(untranslated)} ({detail}); "
+                "give one with fxopt.backends.onnx.register_onnx_translation, or from the lowering "
+                "that writes the op")
+    return (f"ONNX export failed: {detail}; an op without an ONNX translation needs "
+            "fxopt.backends.onnx.register_onnx_translation")
+
+
+def _untranslated_ops(gm: fx.GraphModule, translations: dict[Any, Any]) -> list[str]:
+    """The ops of ``gm`` that neither the exporter's library nor ``translations`` cover."""
+    names: list[str] = []
+    with contextlib.suppress(Exception), _quiet_exporter():
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+        registry = ONNXRegistry.from_torchlib()
+        for node in gm.graph.nodes:
+            target = node.target
+            if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+                continue
+            if target in translations or registry.get_decomps(target):
+                continue
+            name = target.name()
+            if name not in names:
+                names.append(name)
+    return names
 
 
 @contextlib.contextmanager
