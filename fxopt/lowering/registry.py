@@ -9,6 +9,7 @@ instance. :func:`registered_lowering` adds one for the duration of a ``with`` bl
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 from importlib.metadata import entry_points
 from typing import Any
@@ -18,6 +19,7 @@ from fxopt.lowering.base import Lowering
 ENTRY_POINT_GROUP = "fxopt.lowerings"
 
 _loaded: dict[str, Lowering] | None = None
+_loaded_for: tuple[str, ...] = ()  # the sys.path the entry points were read from
 _scoped: list[Lowering] = []
 
 
@@ -28,8 +30,11 @@ def refresh() -> None:
 
 
 def _discovered() -> dict[str, Lowering]:
-    global _loaded
-    if _loaded is None:
+    global _loaded, _loaded_for
+    # Read again when sys.path changed: a plugin put on the path (or taken off) is seen
+    # without a refresh() call.
+    if _loaded is None or _loaded_for != tuple(sys.path):
+        _loaded_for = tuple(sys.path)
         found: dict[str, Lowering] = {}
         for entry in entry_points(group=ENTRY_POINT_GROUP):
             found[entry.name] = _instance(entry.load(), f"entry point {entry.name!r} ({entry.value})")
