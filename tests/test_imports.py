@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Modules above the API that drive fxopt like a user does (benchmarks against other systems):
 # they may name built-in passes.
-ABOVE_THE_CORE = {"fxopt.bench", "fxopt.bench_models", "fxopt.peers", "fxopt.cli", "fxopt.demo"}
+ABOVE_THE_CORE = {"fxopt.bench", "fxopt.bench_models", "fxopt.peers"}
 
 
 def module_files() -> dict[str, Path]:
