@@ -1,7 +1,8 @@
 """The import graph of fxopt's modules is a DAG, and the core names no built-in pass or lowering.
 
-Every ``import`` counts, the ones inside functions too: a lazy import hides a cycle from the
-interpreter, not from a reader.
+Every ``import`` that runs counts, the ones inside functions too: a lazy import hides a cycle
+from the interpreter, not from a reader. Imports under ``if TYPE_CHECKING:`` serve annotations
+only and do not count.
 """
 
 from __future__ import annotations
@@ -29,11 +30,24 @@ def module_files() -> dict[str, Path]:
     return files
 
 
+def runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (annotations only)."""
+    nodes, stack = [], [tree]
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+    return nodes
+
+
 def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
     """The fxopt modules ``name`` imports anywhere in its source."""
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in runtime_nodes(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
