@@ -86,6 +86,7 @@ class Pick:
     target: float = 0.0
     split: str = "fit"  # "held-out": refused because the fitted choice failed on held-out data
     reason: str | None = None  # a chooser's own explanation of a refusal
+    others: int = 0  # how many other sites were already changed when this was measured
 
 
 @dataclass
@@ -192,8 +193,8 @@ class BudgetedSearch:
             return Pick(None, math.inf)
         chosen = first_passing(ordered[::-1], lambda level: self.error({**base, site.name: level}) <= target)
         if chosen is None:
-            return Pick(None, self.error({**base, site.name: ordered[0]}), ordered[0], target)
-        return Pick(chosen, self.error({**base, site.name: chosen}), target=target)
+            return Pick(None, self.error({**base, site.name: ordered[0]}), ordered[0], target, others=len(base))
+        return Pick(chosen, self.error({**base, site.name: chosen}), target=target, others=len(base))
 
     def pick(self, site: Site, target: float, base: Choices) -> Pick:
         chooser = self.choose_level or (lambda search, s, t, b: search.most_aggressive(s, s.levels, t, b))
@@ -246,7 +247,7 @@ class BudgetedSearch:
                 chosen = self.most_aggressive(site, site.levels[: site.levels.index(best) + 1], budget, choices)
             self.step("combine", site=site.name, level=chosen.level, error=chosen.error, target=budget)
             if chosen.level is None:
-                refused[site.name] = Pick(None, chosen.error, chosen.tried, budget)
+                refused[site.name] = replace(chosen, target=budget, others=len(choices))
             else:
                 choices[site.name] = chosen.level
                 picks[site.name] = chosen
