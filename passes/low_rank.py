@@ -98,7 +98,7 @@ class LowRank(Pass):
             else:
                 layers.append(parts)
         layers.sort(key=lambda p: -p.weight.numel())
-        sites = [Site(parts.node.name, (), payload=parts) for parts in layers]
+        sites = [Site(parts.node.name, (), payload=parts, saving_of=_saving(parts)) for parts in layers]
         factors: dict[tuple[str, Hashable], Svd] = {}  # (site, SVD key) -> the factorization a level uses
         svds: dict[str, _Svds] = {}  # per site, kept across the search's rounds
 
@@ -277,6 +277,11 @@ def _extrapolated_rank(sigma: torch.Tensor, error: float, target: float) -> floa
     if not 0 < decay < 1:
         return math.inf if decay >= 1 else float(len(sigma))
     return len(sigma) + half * math.log(target / error) / math.log(decay)
+
+
+def _saving(parts: LinearParts) -> Callable[[Hashable], float]:
+    """Parameters saved by a level (rank, SVD key) of this layer."""
+    return lambda level: parts.weight.numel() - level[0] * (parts.in_features + parts.out_features)  # type: ignore[index]
 
 
 def _refusal(pick: Pick) -> str:

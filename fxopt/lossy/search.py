@@ -62,15 +62,20 @@ class Site:
     ``name`` identifies it in the report and in ``choices``; ``levels`` are the rewrites it
     allows, least aggressive first (ranks descending, widths descending, a single ``True``
     for on/off); ``savings`` (same length, optional) is what each level saves (parameters,
-    FLOPs), used by the sensitivity strategy to rank sites; ``payload`` is the pass's own.
+    FLOPs), used by the sensitivity strategy to rank sites (``saving_of`` computes it when the
+    levels are found as the search goes); ``payload`` is the pass's own.
     """
 
     name: str
     levels: tuple[Level, ...]
     savings: tuple[float, ...] = ()
     payload: Any = None
+    saving_of: Callable[[Level], float] | None = None  # for levels only known as the search goes
 
     def saving(self, level: Level) -> float:
+        """What ``level`` saves: from ``saving_of``, ``savings``, or its position in ``levels``."""
+        if self.saving_of is not None:
+            return float(self.saving_of(level))
         index = self.levels.index(level)
         return float(self.savings[index]) if self.savings else float(index + 1)
 
