@@ -8,7 +8,10 @@ A lossy pass describes its options as data and leaves the trial-and-measure loop
         return gm
     outcome = BudgetedSearch(gm, ctx, sites, apply, budget=0.01).run()
     apply(gm, outcome.choices)         # commit on the live graph
-    result.details += outcome.details(...)
+    for name, level in outcome.choices.items():
+        result.details.append({"layer": name, "rank": level, **outcome.details_for(name)})
+    for name, pick in outcome.refused.items():
+        result.skip(name, f"rank {pick.tried}: error {pick.error:.3g} > {pick.target:.3g}")
 
 One trial mechanism: every candidate is ``apply`` on a structural copy of the graph
 (``fxopt.ir.copy_graph_module``), never the live graph, and its error against
@@ -16,11 +19,11 @@ One trial mechanism: every candidate is ``apply`` on a structural copy of the gr
 
 Held-out verification: the batches (example inputs first, then calibration batches) are
 split: even positions fit (the choice is made on them), odd positions are held out. The
-chosen combination must also stay within the budget on the held-out batches; when it does
-not, the choice overfit the data it saw, and the strategy runs again with a tighter budget
-(scaled by how far the held-out error overshot), a few times, before giving up. Both
-errors are reported. With one batch (no calibration) nothing is held out and the
-report says so.
+chosen combination must also stay within the budget on the held-out batches. When it does
+not, the fit batches did not represent the data: the strategy runs again measuring on
+every batch, with ``RETRY_SHARE`` of the budget as a margin for what is still unseen, and
+the outcome says so (``retried``). Both errors are reported. With one batch (no
+calibration) nothing is held out, and ``heldout_error`` is None.
 
 Strategies (``strategy=``):
   ``equal-share``  sites in the given order; each may raise the error to an equal share of
@@ -55,7 +58,7 @@ FIT, HELD_OUT, ALL = "fit", "held-out", "all"
 _GLOBAL_EVENTS = frozenset({"all-at-once", "ranked", "verify", "retry"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Site:
     """A place in the graph a lossy pass may change.
 
