@@ -285,11 +285,11 @@ def _saving(parts: LinearParts) -> Callable[[Hashable], float]:
 
 
 def _refusal(pick: Pick) -> str:
-    if pick.split == "held-out":
-        rank = pick.tried[0] if isinstance(pick.tried, tuple) else pick.tried
-        return (f"rank {rank} fits the batches it was chosen on but gives held-out output error "
-                f"{pick.error:.3g} > budget {pick.target:g}")
-    return pick.reason or f"output error {pick.error:.3g} > {pick.target:.3g}"
+    reason = pick.reason or f"output error {pick.error:.3g} > {pick.target:.3g}"
+    if pick.split == "all":
+        return (f"the rank chosen on half the batches failed on the held-out half; chosen again on every batch "
+                f"with half the budget: {reason}")
+    return reason
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -179,10 +179,10 @@ class PruneHidden(Pass):
 
 def _refusal(block: _Block, pick: Pick) -> str:
     dropped = block.hidden - int(pick.tried or block.hidden)  # type: ignore[call-overload]
-    if pick.split == "held-out":
-        return (f"every hidden unit matters on held-out data: dropping the {dropped} least important of "
-                f"{block.hidden} fits the batches it was chosen on but gives held-out output error "
-                f"{pick.error:.3g} > budget {pick.target:g}")
+    if pick.split == "all":
+        return (f"every hidden unit matters on held-out data: the count chosen on half the batches failed on the "
+                f"other half, and on every batch dropping the {dropped} least important of {block.hidden} gives "
+                f"output error {pick.error:.3g} > {pick.target:.3g} (half the budget)")
     return (f"every hidden unit matters: dropping the {dropped} least important of {block.hidden} "
             f"gives output error {pick.error:.3g} > {pick.target:.3g}")
 

@@ -178,8 +178,9 @@ class QuantizeInt8(Pass):
 
 
 def _budget_refusal(pick: Pick) -> str:
-    where = "held-out " if pick.split == "held-out" else ""
+    limit = f"budget {pick.target:g}"
+    if pick.split != "fit":
+        limit = f"{pick.target:g} (half the budget: chosen again on every batch after the held-out check failed)"
     if pick.others == 0:
-        return f"quantizing this layer alone gives {where}output error {pick.error:.3g} > budget {pick.target:g}"
-    return (f"with {pick.others} other layer(s) quantized it raises the {where}output error to {pick.error:.3g} "
-            f"> budget {pick.target:g}")
+        return f"quantizing this layer alone gives output error {pick.error:.3g} > {limit}"
+    return f"with {pick.others} other layer(s) quantized it raises the output error to {pick.error:.3g} > {limit}"

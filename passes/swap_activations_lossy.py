@@ -115,9 +115,11 @@ class SwapActivationsLossy(Pass):
             swap = swaps[site.name]
             if site.name in outcome.refused:
                 pick = outcome.refused[site.name]
-                where = "held-out " if pick.split == "held-out" else ""
-                result.skip(site.name, f"{swap} gives relative {where}output error {pick.error:.3g} > budget "
-                                       f"{self.budget:g}")
+                limit = f"budget {self.budget:g}"
+                if pick.split != "fit":
+                    limit = (f"{pick.target:g} (half the budget: chosen again on every batch after the held-out "
+                             "check failed)")
+                result.skip(site.name, f"{swap} gives relative output error {pick.error:.3g} > {limit}")
                 continue
             result.details.append({"node": site.name, "swap": swap, "error": outcome.picks[site.name].error,
                                    **outcome.details_for(site.name)})

@@ -92,7 +92,9 @@ class Pick:
     error: float
     tried: Level | None = None
     target: float = 0.0
-    split: str = "fit"  # "held-out": refused because the fitted choice failed on held-out data
+    # The batches ``error`` is over: "fit", or "all" when the choice fitted on half the batches
+    # failed on the held-out half and the search chose again on every batch (target: RETRY_SHARE).
+    split: str = "fit"
     reason: str | None = None  # a chooser's own explanation of a refusal
     others: int = 0  # how many other sites were already changed when this was measured
 
@@ -290,7 +292,7 @@ class BudgetedSearch:
     def _outcome(self, choices: dict[str, Level], picks: dict[str, Pick], refused: dict[str, Pick],
                  fitted: float, heldout: float | None, retried: bool) -> Outcome:
         if retried:
-            refused = {name: replace(pick, split=HELD_OUT) for name, pick in refused.items()}
+            refused = {name: replace(pick, split=ALL) for name, pick in refused.items()}
         return Outcome(choices, picks, refused, fitted, heldout, len(self.heldout_indices), self.log,
                        self.trials, retried)
 
