@@ -211,3 +211,10 @@ def test_sibling_consumers_each_get_their_input_statistics() -> None:
     stats = inputs_of(gm, linears, [[x]])
     assert set(stats) == {n.name for n in linears} and len(stats) == 3
     assert all(s.abs_max == pytest.approx(float(x.abs().max())) for s in stats.values())
+
+
+def test_a_search_outside_the_manager_measures_against_the_graph_it_starts_from() -> None:
+    gm, ctx, sites, calls = setup()
+    with_reference = BudgetedSearch(gm, ctx, sites, shrinking(calls), budget=0.05).error({sites[1].name: 0.1})
+    alone = BudgetedSearch(gm, PassContext(batches=ctx.batches), sites, shrinking(calls), budget=0.05)
+    assert alone.error({sites[1].name: 0.1}) == pytest.approx(with_reference) and with_reference > 0

@@ -46,6 +46,7 @@ import torch.fx as fx
 
 from fxopt.ir import copy_graph_module
 from fxopt.pass_api import PassContext
+from fxopt.verify import compare_outputs, run_graph
 
 Level = Hashable
 T = TypeVar("T")
@@ -85,8 +86,8 @@ class Site:
 
 @dataclass(frozen=True)
 class Pick:
-    """The level chosen for one site (None: left alone), the error measured with it, and
-    the level and error that decided a refusal."""
+    """The level chosen for one site (None: left alone) and the error of the combination
+    measured with it (on ``split``), or, for a refusal, the level tried and its error."""
 
     level: Level | None
     error: float
@@ -157,7 +158,9 @@ class BudgetedSearch:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         self.fit_indices, self.heldout_indices = split_batches(len(self.ctx.batches), self.holdout)
-        self.by_name = {site.name: site for site in self.sites}
+        # The manager fills ctx.reference before any pass runs; a search started on its own
+        # (a tuner, a test) measures against the graph it starts from.
+        self.reference = self.ctx.reference or [run_graph(self.gm, batch) for batch in self.ctx.batches]
 
     # ------------------------------------------------------------------ the one trial mechanism
 
@@ -181,9 +184,19 @@ class BudgetedSearch:
             else:
                 indices = self.fit_indices if split == FIT else self.heldout_indices
                 self.trials += 1
-                self._errors[key] = _output_error(self.ctx, self.trial(choices), indices)
+                self._errors[key] = self._output_error(self.trial(choices), indices)
                 self.step("trial", split=split, choices=dict(choices), error=self._errors[key])
         return self._errors[key]
+
+    def _output_error(self, gm: fx.GraphModule, indices: Sequence[int]) -> float:
+        """Largest relative output error of ``gm`` against the reference on the given batches."""
+        worst = 0.0
+        for index in indices:
+            comparison = compare_outputs(self.reference[index], run_graph(gm, self.ctx.batches[index]))
+            if comparison.mismatch:
+                return math.inf
+            worst = max(worst, comparison.max_rel)
+        return worst
 
     def step(self, event: str, **fields: Any) -> None:
         """Record one step of the search (and pass it to ``ctx.log``)."""
@@ -207,6 +220,8 @@ class BudgetedSearch:
         return Pick(chosen, self.error({**base, site.name: chosen}), target=target, others=len(base))
 
     def pick(self, site: Site, target: float, base: Choices) -> Pick:
+        """One site's level on top of ``base`` within ``target``, by the pass's ``choose_level``
+        or :meth:`most_aggressive` over all its levels; logged."""
         chooser = self.choose_level or (lambda search, s, t, b: search.most_aggressive(s, s.levels, t, b))
         chosen = chooser(self, site, target, base)
         self.step("pick", site=site.name, level=chosen.level, error=chosen.error, target=target,
@@ -216,6 +231,8 @@ class BudgetedSearch:
     # ------------------------------------------------------------------ strategies
 
     def equal_share(self, budget: float) -> tuple[dict[str, Level], dict[str, Pick], dict[str, Pick]]:
+        """Sites in order, each within ``used + (budget - used) / sites_left`` on top of the
+        ones chosen before it. Returns the choices, the picks made and the refusals."""
         choices: dict[str, Level] = {}
         picks: dict[str, Pick] = {}
         refused: dict[str, Pick] = {}
@@ -233,6 +250,8 @@ class BudgetedSearch:
         return choices, picks, refused
 
     def sensitivity(self, budget: float) -> tuple[dict[str, Level], dict[str, Pick], dict[str, Pick]]:
+        """Everything at once if it fits; else each site alone within ``budget``, then the sites
+        by saving per unit of error, each backed off until the combination fits."""
         everything = {s.name: s.levels[-1] for s in self.sites if s.levels}
         if everything and self.choose_level is None and self.error(everything) <= budget:
             picks = {s.name: Pick(s.levels[-1], self.error(everything), target=budget) for s in self.sites}
@@ -330,16 +349,3 @@ def fit_batches(ctx: PassContext, holdout: bool = True) -> list[list[Any]]:
     """The batches a pass may fit statistics on (ranking, means) without seeing the
     held-out ones: fitting on those would make the held-out check optimistic."""
     return [ctx.batches[i] for i in split_batches(len(ctx.batches), holdout)[0]]
-
-
-def _output_error(ctx: PassContext, gm: fx.GraphModule, indices: Sequence[int]) -> float:
-    """Largest relative output error of ``gm`` against ``ctx.reference`` on the given batches."""
-    from fxopt.verify import compare_outputs, run_graph
-
-    worst = 0.0
-    for index in indices:
-        comparison = compare_outputs(ctx.reference[index], run_graph(gm, ctx.batches[index]))
-        if comparison.mismatch:
-            return math.inf
-        worst = max(worst, comparison.max_rel)
-    return worst
