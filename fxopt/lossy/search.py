@@ -37,6 +37,7 @@ Strategies (``strategy=``):
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -52,6 +53,8 @@ Level = Hashable
 T = TypeVar("T")
 Choices = Mapping[str, Level]
 Apply = Callable[[fx.GraphModule, Choices], fx.GraphModule]
+
+log = logging.getLogger("fxopt.lossy")
 
 STRATEGIES = ("equal-share", "sensitivity")
 RETRY_SHARE = 0.5  # of the budget, for the choice made on every batch after a held-out failure
@@ -199,10 +202,11 @@ class BudgetedSearch:
         return worst
 
     def step(self, event: str, **fields: Any) -> None:
-        """Record one step of the search (and pass it to ``ctx.log``)."""
+        """Record one step of the search (also as a debug message of the ``fxopt.lossy`` logger)."""
         entry = {"event": event, **fields}
         self.log.append(entry)
-        self.ctx.log(" ".join(f"{k}={v}" for k, v in entry.items()))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(" ".join(f"{k}={v}" for k, v in entry.items()))
 
     # ------------------------------------------------------------------ one site
 
