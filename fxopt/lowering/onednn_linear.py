@@ -59,7 +59,7 @@ def _fused_linear() -> Any:
     return torch.ops.mkldnn._linear_pointwise.default
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def onednn_unsupported_reason(dtype: torch.dtype = torch.float32) -> str | None:
     """Why this PyTorch build cannot run the fused oneDNN Linear in ``dtype`` (None: it can)."""
     if not torch.backends.mkldnn.is_available():
