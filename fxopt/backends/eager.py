@@ -26,19 +26,23 @@ def lower_eager(
 ) -> Lowered:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendError("device 'cuda' was requested but CUDA is not available on this machine")
-    lowered = lower_graph(gm, "eager", device)
-    report.notes.extend(lowered.notes)
-    if lowered.applied:
-        gm = _checked(gm, lowered, example_inputs, device, report)
-    else:
-        gm = gm.to(device)
-    gm.recompile()
+    graph = _lowered(gm, "graph", example_inputs, device, report)
+    kernels = _lowered(graph, "kernel", example_inputs, device, report)
 
     def run(*inputs: torch.Tensor) -> Any:
         with torch.no_grad():
-            return gm(*inputs)
+            return kernels(*inputs)
 
-    return Lowered(gm, run)
+    return Lowered(graph, run)
+
+
+def _lowered(gm: fx.GraphModule, stage: str, example_inputs: list[torch.Tensor], device: torch.device,
+             report: Any) -> fx.GraphModule:
+    lowered = lower_graph(gm, "eager", device, stage)
+    report.notes.extend(lowered.notes)
+    result = _checked(gm, lowered, example_inputs, device, report) if lowered.applied else gm.to(device)
+    result.recompile()
+    return result
 
 
 def _checked(gm: fx.GraphModule, lowered: Any, example_inputs: list[torch.Tensor], device: torch.device,

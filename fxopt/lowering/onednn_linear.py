@@ -90,8 +90,8 @@ class OneDnnLinear(Lowering):
     name = "onednn-linear"
     backends = ("eager",)
     devices = ("cpu",)
-    # After the int8 lowering, which takes the QDQ Linears first.
-    order = 200
+    # A CPU kernel choice: opt.graph_module keeps the portable Linear (and stays exportable).
+    stage = "kernel"
 
     def probe(self, device: torch.device) -> str | None:
         return onednn_unsupported_reason(torch.float32)
