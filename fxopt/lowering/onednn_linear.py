@@ -5,8 +5,9 @@
         act in relu, gelu (exact or tanh), silu, sigmoid, tanh, hardswish, hardsigmoid,
         leaky_relu, hardtanh
 
-Constraints: ``W`` (and ``b``) are float32 or bfloat16 constants of the input's dtype; the
-activation is the Linear's only user. oneDNN applies the activation to the GEMM's output
+Constraints: ``W`` (and ``b``) are float32 or bfloat16 constants of the input's dtype, with
+at least 64 input and output features (smaller GEMMs gain nothing); the activation is the
+Linear's only user. oneDNN applies the activation to the GEMM's output
 while it is still in cache, and its fp32 GEMM (AVX-512/AMX kernels with the weight in its
 blocked layout) is faster than PyTorch's default Linear on x86; in bfloat16 it runs on the
 AVX512-BF16/AMX units. The result differs from the unfused graph only by float rounding;
@@ -53,6 +54,9 @@ POST_OPS: dict[Any, Any] = {
     aten.hardtanh.default: _hardtanh,
 }
 DTYPES = (torch.float32, torch.bfloat16)
+# Below this many input and output features the GEMM is too small for oneDNN's blocked
+# kernels to pay for their dispatch; PyTorch's own Linear stays.
+MIN_FEATURES = 64
 
 
 def _fused_linear() -> Any:
@@ -106,6 +110,8 @@ class OneDnnLinear(Lowering):
         weight_node, bias_node = arg(node, 1, "weight"), arg(node, 2, "bias")
         weight = constant(gm, weight_node)
         if weight is None or weight.dim() != 2 or weight.dtype not in DTYPES:
+            return None
+        if min(weight.shape) < MIN_FEATURES:
             return None
         if bias_node is not None:
             bias = constant(gm, bias_node)
