@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fxopt import kernels  # noqa: F401  (registers torch.ops.fxopt.*, so saved programs load)
 from fxopt.api import OptimizedModule, compile
 from fxopt.capture import capture
 from fxopt.errors import (
@@ -20,8 +21,8 @@ from fxopt.errors import (
     PassOptionError,
     UnknownPassError,
 )
-from fxopt.manager import DumpGraphs, PassInstrument, PassManager, PrintProgress
 from fxopt.pass_api import Pass, PassContext, PassResult, Skip
+from fxopt.pipeline import DumpGraphs, PassInstrument, PassManager, PrintProgress
 from fxopt.registry import get_pass, list_passes, register_pass
 from fxopt.report import PassRecord, Report
 
@@ -56,7 +57,7 @@ __all__ = [
 
 
 def export_onnx(*args: Any, **kwargs: Any) -> Any:
-    """Export an optimized model to ONNX; see :func:`fxopt.backends.onnx.export_onnx`."""
-    from fxopt.backends.onnx import export_onnx as _export_onnx
+    """Export an optimized model to ONNX; see :func:`fxopt.frontends.onnx_export.export_onnx`."""
+    from fxopt.frontends.onnx_export import export_onnx as _export_onnx
 
     return _export_onnx(*args, **kwargs)

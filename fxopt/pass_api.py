@@ -12,30 +12,52 @@ A pass is a frozen dataclass whose fields are its options::
 It rewrites ``gm`` in place (the manager hands it a working copy and keeps the
 original for rollback), never modifies a constant tensor in place (it adds new ones with
 ``fxopt.ir.add_constant``), and returns a :class:`PassResult` that lists what it matched,
-what it changed and every node it left alone with the reason.
+what it changed and every node it left alone with a :class:`fxopt.rewrite.Refusal` (a
+stable code and a detail).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.fx as fx
 
-from fxopt.errors import PassOptionError
+from fxopt.errors import OptionTypeError
+
+if TYPE_CHECKING:
+    from fxopt.rewrite.refusal import Refusal
+
+# fxopt.rewrite.refusal.UNSPECIFIED, spelled here because fxopt.rewrite imports this module.
+_UNSPECIFIED = "unspecified"
 
 
 @dataclass(frozen=True)
 class Skip:
-    """A node a pass matched but left alone, and why."""
+    """A node a pass matched but left alone: the refusal's ``code`` and ``detail``.
+
+    A skip given as plain text has the code ``"unspecified"`` and the text as its detail.
+    """
 
     node: str
-    reason: str
+    code: str
+    detail: str = ""
+
+    @property
+    def reason(self) -> str:
+        """The human-readable reason (the detail, or the code when there is none)."""
+        return self.detail or self.code
+
+    @property
+    def group(self) -> str:
+        """What the report counts this skip under: its code, or, without one, its text."""
+        return self.detail if self.code == _UNSPECIFIED else self.code
 
 
 @dataclass
@@ -62,11 +84,18 @@ class PassResult:
         self.stats["applied"] += count
         self.modified = True
 
-    def skip(self, node: fx.Node | str, reason: str) -> None:
-        self.skipped.append(Skip(node.name if isinstance(node, fx.Node) else str(node), reason))
+    def skip(self, node: fx.Node | str, reason: Refusal | str) -> None:
+        """Record that ``node`` stays as it is, with a :class:`~fxopt.rewrite.Refusal`
+        (or, from a pass without refusal codes, a plain text)."""
+        name = node.name if isinstance(node, fx.Node) else str(node)
+        if isinstance(reason, str):
+            self.skipped.append(Skip(name, _UNSPECIFIED, reason))
+        else:
+            self.skipped.append(Skip(name, reason.code, reason.detail))
 
     def reasons(self) -> Counter[str]:
-        return Counter(s.reason for s in self.skipped)
+        """How many skips per refusal code (a skip without a code counts under its text)."""
+        return Counter(s.group for s in self.skipped)
 
 
 @dataclass
@@ -82,7 +111,6 @@ class PassContext:
     reference: list[list[Any]] = field(default_factory=list)
     original: list[list[Any]] = field(default_factory=list)
     calibrated: bool = False
-    log: Callable[[str], None] = lambda message: None
 
     @property
     def example_inputs(self) -> list[torch.Tensor]:
@@ -107,7 +135,8 @@ class Pass:
     Class attributes:
       name: kebab-case name used in ``passes=[...]`` and the CLI.
       exact: True when the rewrite preserves outputs (up to float rounding).
-      default_order: where the pass runs in the default pipeline (lower runs first).
+      after: names of the passes this one must run after when both are in a pipeline
+        (the default pipeline is a topological order of these constraints).
 
     A lossy pass declares a ``budget`` field: the largest relative output error it may
     introduce, which the manager enforces.
@@ -115,7 +144,7 @@ class Pass:
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
-    default_order: ClassVar[int] = 100
+    after: ClassVar[tuple[str, ...]] = ()
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
@@ -157,18 +186,12 @@ def check_option_types(instance: Any) -> None:
     """Refuse option values of the wrong type, naming the option (simple annotations only)."""
     if not dataclasses.is_dataclass(instance):
         return
-    import sys
-
-    namespace = vars(sys.modules.get(type(instance).__module__, typing))
+    annotations = _option_annotations(type(instance))
     for f in dataclasses.fields(instance):
-        expected = f.type
-        if isinstance(expected, str):
-            try:
-                expected = eval(expected, dict(namespace), {})  # annotations are strings under PEP 563
-            except Exception:
-                continue
+        if f.name not in annotations:
+            continue
         value = getattr(instance, f.name)
-        allowed = _allowed_types(expected)
+        allowed = _allowed_types(annotations[f.name])
         if allowed is None:
             continue
         if isinstance(value, bool) and bool not in allowed:
@@ -177,16 +200,37 @@ def check_option_types(instance: Any) -> None:
             ok = isinstance(value, allowed)
         if not ok:
             names = " or ".join(sorted({t.__name__ for t in allowed}))
-            raise PassOptionError(
+            raise OptionTypeError(
                 f"pass '{instance.name}': option '{f.name}' must be {names}, got {value!r}"
             )
+
+
+def _option_annotations(pass_type: type) -> dict[str, Any]:
+    """The resolved annotation of each option field (annotations are strings under PEP 563).
+
+    A pass defined inside a function may annotate its class attributes with names local to
+    that function, which ``get_type_hints`` cannot see; then each option is resolved on its
+    own, and one that still cannot be resolved is not checked.
+    """
+    try:
+        return typing.get_type_hints(pass_type)
+    except Exception:
+        pass
+    resolved: dict[str, Any] = {}
+    for f in dataclasses.fields(pass_type):
+        holder = type("_Option", (), {"__annotations__": {f.name: f.type}, "__module__": pass_type.__module__})
+        try:
+            resolved.update(typing.get_type_hints(holder))
+        except Exception:
+            continue
+    return resolved
 
 
 def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
     if annotation in _SIMPLE_TYPES:
         return _SIMPLE_TYPES[annotation]
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         allowed: list[type] = []
         for member in typing.get_args(annotation):
             if member is type(None):

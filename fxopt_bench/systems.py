@@ -610,6 +610,10 @@ SYSTEMS_LIST: tuple[System, ...] = (
     System("fxopt-int8-pt-onnx", "as fxopt-int8-pt without merge-siblings, ONNX Runtime backend",
            _fxopt(_with(PER_TENSOR, without=("merge-siblings",)), "onnx"),
            label="fxopt int8 ONNX (per-tensor)"),
+    System("fxopt-preset-lossless", "fxopt.compile(preset='lossless'): the exact passes, the faster "
+           "backend", _fxopt(preset="lossless")),
+    System("fxopt-preset-bf16", "fxopt.compile(preset='bf16'): Linears in bfloat16 within 1% output "
+           "error", _fxopt(preset="bf16")),
     System("fxopt-preset-int8", "fxopt.compile(preset='int8'): the fastest verified int8 recipe "
            "for the device", _fxopt(preset="int8")),
     # fxopt, other lossy passes

@@ -1,7 +1,7 @@
 """The eager backend: the optimized GraphModule runs as PyTorch code on CPU or CUDA.
 
-Quantized Linears (the QDQ pattern of the quantize-int8 pass) are lowered to fxopt's int8
-kernel (:func:`fxopt.int8.lower_int8_linears`); the rest runs as it is.
+The registered lowerings (:mod:`fxopt.lowering`) that apply on the device rewrite their
+patterns into kernels first, on a copy: the optimized graph itself stays as the passes left it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch.fx as fx
 
 from fxopt.backends import Lowered
 from fxopt.errors import BackendError
-from fxopt.ir import copy_graph_module
+from fxopt.lowering import lower_graph
+from fxopt.verify import compare_outputs, exact_tolerance, run_graph
 
 
 def lower_eager(
@@ -25,17 +26,50 @@ def lower_eager(
 ) -> Lowered:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendError("device 'cuda' was requested but CUDA is not available on this machine")
-    from fxopt.int8 import has_qdq_linear, lower_int8_linears
-
-    if has_qdq_linear(gm):
-        gm = copy_graph_module(gm)  # the captured QDQ graph stays as it is
-        report.notes.extend(lower_int8_linears(gm, device).notes())
-    gm = gm.to(device)
-    gm.recompile()
+    graph = _lowered(gm, "graph", example_inputs, device, report)
+    kernels = _lowered(graph, "kernel", example_inputs, device, report)
 
     def run(*inputs: torch.Tensor) -> Any:
         with torch.no_grad():
-            return gm(*inputs)
+            return kernels(*inputs)
 
-    return Lowered(gm, run)
+    return Lowered(graph, run)
 
+
+def _lowered(gm: fx.GraphModule, stage: str, example_inputs: list[torch.Tensor], device: torch.device,
+             report: Any) -> fx.GraphModule:
+    lowered = lower_graph(gm, "eager", device, stage)
+    report.notes.extend(lowered.notes)
+    result = _checked(gm, lowered, example_inputs, device, report) if lowered.applied else gm.to(device)
+    result.recompile()
+    return result
+
+
+def _checked(gm: fx.GraphModule, lowered: Any, example_inputs: list[torch.Tensor], device: torch.device,
+             report: Any) -> fx.GraphModule:
+    """The lowered graph when it agrees with the optimized one on the example inputs (within
+    the loosest tolerance the applied lowerings declare, else float rounding); otherwise the
+    optimized graph as it is, with the reason noted. Kernels differ from the ops they replace
+    in accumulation order and in what a probe could not see, so this is checked on the
+    model's own shapes rather than trusted."""
+    kernels = lowered.graph_module.to(device)
+    inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    try:
+        with torch.no_grad():
+            expected = run_graph(gm.to(device), inputs)
+            actual = run_graph(kernels, inputs)
+    except Exception as exc:
+        report.notes.append(f"lowered kernels failed on the example inputs ({type(exc).__name__}: {exc}); "
+                            "the optimized graph runs without them")
+        return gm.to(device)
+    comparison = compare_outputs(expected, actual)
+    limit = lowered.parity_rtol()
+    if limit is None:
+        limit = exact_tolerance(comparison.worst_dtype)
+    if comparison.mismatch or not comparison.within(limit):
+        names = ", ".join(lowering.name for lowering in lowered.applied)
+        report.notes.append(f"lowerings {names} changed outputs on the example inputs "
+                            f"(max rel error {comparison.max_rel:.3g} > {limit:g}); the optimized graph "
+                            "runs without them")
+        return gm.to(device)
+    return kernels
