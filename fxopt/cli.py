@@ -101,10 +101,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", metavar="PATH", help="write a markdown table")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of speedups (needs matplotlib)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=None, help="timed repeats per system (default 20, quick 5)")
+    p.add_argument("--repeats", type=int, default=None, help="timed repeats per system (default 30, quick 10)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per system (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=None,
-                   help="intra-op threads for PyTorch and ONNX Runtime alike (default: PyTorch's default)")
+                   help="threads for every system alike: PyTorch, ONNX Runtime, OpenVINO, CTranslate2 (default: PyTorch's default)")
     p.set_defaults(func=cmd_bench)
     return parser
 
