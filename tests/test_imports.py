@@ -16,7 +16,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 # Modules above the API that drive fxopt like a user does (benchmarks against other systems):
 # they may name built-in passes.
-ABOVE_THE_CORE = {"fxopt.bench", "fxopt.bench_models", "fxopt.peers"}
 
 
 def module_files() -> dict[str, Path]:
@@ -89,11 +88,11 @@ def test_layers_point_down() -> None:
         assert high not in reach[low], f"{low} imports {high}"
 
 
-@pytest.mark.parametrize("builtin", ["fxopt.passes", "fxopt.lowering.int8_linear"])
+@pytest.mark.parametrize("builtin", ["fxopt.passes", "fxopt.lowering.int8_linear", "fxopt.lowering.onednn_linear"])
 def test_core_never_imports_a_builtin_pass_or_lowering(builtin: str) -> None:
     graph = import_graph()
     plugins = {n for n in graph if n == builtin or n.startswith(builtin + ".")}
-    core = {n for n in graph if n not in plugins and n not in ABOVE_THE_CORE and not n.startswith("fxopt.passes")}
+    core = {n for n in graph if n not in plugins and not n.startswith("fxopt.passes")}
     offenders = sorted(n for n in core if set(graph.successors(n)) & plugins)
     assert not offenders, f"{', '.join(offenders)} import {builtin} (found through entry points instead)"
 
