@@ -323,6 +323,10 @@ def test_a_rank_that_fails_on_held_out_data_is_chosen_again_on_every_batch() -> 
     assert detail["heldout_error"] <= 0.005 and detail["fitted_error"] <= 0.005
     assert any(step["event"] == "retry" for step in detail["log"])
     assert fresh_error(opt, layer, lambda g: torch.randn(32, 128, generator=g)) <= 0.01
+    record = opt.report["low-rank"]
+    assert record.heldout_retry and record.heldout_error == detail["heldout_error"]
+    (row,) = [line for line in str(opt.report).splitlines() if line.startswith("low-rank ")]
+    assert f"{detail['heldout_error']:.2e}*" in row.split()
 
 
 def test_sensitivity_strategy_stays_within_budget() -> None:
