@@ -119,6 +119,16 @@ def test_small_layers_are_one_too_small_group() -> None:
     assert len(lines) == 1 and lines[0].strip().startswith("quantize-int8: skipped 4x [too-small], e.g. ")
 
 
+def test_non_finite_weight_stays_float() -> None:
+    torch.manual_seed(0)
+    model = mlp(32, 32, 16)
+    with torch.no_grad():
+        model[0].weight[3, 5] = float("nan")
+    run = run_pass("quantize-int8", model, (torch.randn(4, 32),))
+    assert_skipped(run, "not finite", code="not-finite", node="linear")
+    assert run.record.skipped["not-finite"] == 1
+
+
 def test_layer_that_breaks_the_budget_stays_float() -> None:
     torch.manual_seed(0)
     model = mlp(32, 64, 32)
