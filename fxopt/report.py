@@ -24,11 +24,29 @@ class PassRecord:
     after: Cost = Cost(0, 0, 0)
     max_abs_err: float = 0.0
     max_rel_err: float = 0.0
+    # A lossy pass's worst error on the batches its choice was not made on (None: nothing was
+    # held out, or an exact pass), and whether a held-out failure made it choose again.
+    heldout_error: float | None = None
+    heldout_retry: bool = False
     budget: float | None = None
     seconds: float = 0.0
     message: str = ""
     details: list[dict[str, Any]] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
+
+    def take_details(self, details: list[dict[str, Any]]) -> None:
+        """Keep a pass's ``details`` and the held-out numbers the budgeted search put in them
+        (``heldout_error``, ``heldout_retry``): the worst held-out error over the details."""
+        self.details = list(details)
+        heldout = [float(d["heldout_error"]) for d in self.details if d.get("heldout_error") is not None]
+        self.heldout_error = max(heldout) if heldout else None
+        self.heldout_retry = any(bool(d.get("heldout_retry")) for d in self.details)
+
+    def heldout_cell(self) -> str:
+        """The report's "held-out err" cell: the error, "-" when nothing was held out, and a
+        trailing "*" when the choice was made again on every batch after a held-out failure."""
+        cell = "-" if self.heldout_error is None else f"{self.heldout_error:.2e}"
+        return cell + ("*" if self.heldout_retry else "")
 
     @property
     def rolled_back(self) -> bool:
@@ -77,7 +95,7 @@ class Report:
 
     def __str__(self) -> str:
         header = ["pass", "kind", "status", "matched", "applied", "skipped", "params", "GFLOPs",
-                  "weight MB", "max abs err", "max rel err", "time s"]
+                  "weight MB", "max abs err", "max rel err", "held-out err", "time s"]
         rows = [header]
         for r in self.passes:
             rows.append([
@@ -92,6 +110,7 @@ class Report:
                 _arrow(r.before.weight_bytes, r.after.weight_bytes, lambda v: f"{v / 1e6:.3g}"),
                 f"{r.max_abs_err:.2e}",
                 f"{r.max_rel_err:.2e}",
+                r.heldout_cell(),
                 f"{r.seconds:.2f}",
             ])
         widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -113,6 +132,9 @@ class Report:
             f"weight MB {_arrow(self.original.weight_bytes, self.final.weight_bytes, lambda v: f'{v / 1e6:.3g}')}, "
             f"max rel err vs original {self.final_max_rel_err:.2e}"
         )
+        if any(r.heldout_retry for r in self.passes):
+            lines.append("held-out err *: the choice made on half the batches failed on the other half and was "
+                         "made again on every batch")
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 

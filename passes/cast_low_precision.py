@@ -28,6 +28,7 @@ from fxopt.ir import add_constant, call_nodes, infer_val, is_op, linear_parts, o
 from fxopt.lossy import STRATEGIES, BudgetedSearch, Site
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.rewrite import Refusal
+from fxopt.rewrite.constraints import NOT_CONSTANT, OVER_BUDGET
 
 to_copy = torch.ops.aten._to_copy.default
 ACTIVATIONS = (ops.relu, ops.gelu, ops.silu, ops.sigmoid, ops.tanh, ops.hardswish, ops.hardsigmoid)
@@ -63,7 +64,7 @@ class CastBF16(Pass):
             result.match()
             x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
             if parts is None:
-                result.skip(node, Refusal("not-constant", "the Linear's weight or bias is not a constant"))
+                result.skip(node, Refusal(NOT_CONSTANT, "the Linear's weight or bias is not a constant"))
             elif parts.weight.dtype != torch.float32 or not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
                 result.skip(node, Refusal("not-float32", "the Linear does not run in float32"))
             else:
@@ -82,8 +83,8 @@ class CastBF16(Pass):
         for site in sites:
             if site.name in outcome.refused:
                 pick = outcome.refused[site.name]
-                result.skip(site.name, Refusal("over-budget", f"{self.dtype} gives relative output error "
-                                                              f"{pick.error:.3g} > {pick.target:g}"))
+                result.skip(site.name, Refusal(OVER_BUDGET, f"{self.dtype} gives relative output error "
+                                                            f"{pick.error:.3g} > {pick.target:g}"))
                 continue
             result.details.append({"node": site.name, "dtype": self.dtype, "error": outcome.picks[site.name].error,
                                    **outcome.details_for(site.name)})

@@ -11,9 +11,12 @@ already factored; ``"sensitivity"`` factors first the layers that save most per 
 The choice is made on one half of the batches (example inputs, 2nd calibration batch, ...)
 and verified on the other; a choice over budget on the held-out half is tightened and searched
 again, and both errors are in the details.
-Constraints: the weight is a floating-point constant with at least ``min_params`` entries;
-r rounded up to ``multiple`` is below the break-even rank in*out/(in+out), where the two
-factors would cost as much as W.
+Constraints (refusal codes): the weight is a constant (``not-constant``), floating point
+(``not-floating-point``), with at least ``min_params`` entries (``too-small``) and read by
+this Linear alone (``shared-constant``); r rounded up to ``multiple`` is below the
+break-even rank in*out/(in+out), where the two factors would cost as much as W
+(``no-saving``); the model's error at r is within the layer's share of the budget
+(``over-budget``).
 SVD (``svd="auto"``): a full float64 SVD when min(in, out) <= 512; above, a seeded randomized
 SVD of the top q triplets (fxopt.linalg), q = ``sketch_rank`` grown (doubled, or past the rank
 extrapolated from the sketch's decay) while rank q is over the target. When the spectrum looks
@@ -37,7 +40,6 @@ from fxopt.cost import low_rank_break_even
 from fxopt.ir import (
     LinearParts,
     call_nodes,
-    constant_users,
     insert_linear,
     linear_parts,
     ops,
@@ -46,9 +48,18 @@ from fxopt.ir import (
 from fxopt.linalg import project, randomized_svd
 from fxopt.lossy import STRATEGIES, BudgetedSearch, Pick, Site, first_passing
 from fxopt.pass_api import Pass, PassContext, PassResult
+from fxopt.rewrite import Refusal
+from fxopt.rewrite.constraints import (
+    NO_SAVING,
+    OVER_BUDGET,
+    constant_linear,
+    floating_weight,
+    large_enough,
+    private_constant,
+)
 
 Svd = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-Choice = tuple[int, float | None, str | None, Hashable]
+Choice = tuple[int, float | None, Refusal | None, Hashable]
 EXACT_SVD_MAX_SIDE = 512  # a full float64 SVD of a 512 x 512 weight takes a fraction of a second
 
 
@@ -92,15 +103,17 @@ class LowRank(Pass):
         for node in call_nodes(gm, ops.linear):
             result.match()
             parts = linear_parts(gm, node)
-            reason = self._layer_reason(gm, parts)
-            if parts is None or reason:
-                result.skip(node, reason or "weight or bias is not a constant")
+            refusal = constant_linear(gm, node) or self._layer_refusal(gm, parts)
+            if refusal is not None:
+                result.skip(node, refusal)
             else:
+                assert parts is not None
                 layers.append(parts)
         layers.sort(key=lambda p: -p.weight.numel())
         sites = [Site(parts.node.name, (), payload=parts, saving_of=_saving(parts)) for parts in layers]
         factors: dict[tuple[str, Hashable], Svd] = {}  # (site, SVD key) -> the factorization a level uses
         svds: dict[str, _Svds] = {}  # per site, kept across the search's rounds
+        codes: dict[str, str] = {}  # a refusal's detail (what a Pick carries) -> its code
 
         def apply(trial: fx.GraphModule, choices: Mapping[str, Hashable]) -> fx.GraphModule:
             nodes = {n.name: n for n in trial.graph.nodes}
@@ -120,16 +133,17 @@ class LowRank(Pass):
             if site.name not in svds:
                 exact = self.svd == "exact" or (self.svd == "auto" and min(parts.weight.shape) <= EXACT_SVD_MAX_SIDE)
                 svds[site.name] = _Svds(parts.weight, exact)
-            rank, error, reason, key = self._choose_rank(parts, svds[site.name], target, error_at)
-            if reason is not None:
-                return Pick(None, error if error is not None else math.inf, target=target, reason=reason)
+            rank, error, refusal, key = self._choose_rank(parts, svds[site.name], target, error_at)
+            if refusal is not None:
+                codes[refusal.detail] = refusal.code
+                return Pick(None, error if error is not None else math.inf, target=target, reason=refusal.detail)
             return Pick((rank, key), error if error is not None else 0.0, target=target)
 
         outcome = BudgetedSearch(gm, ctx, sites, apply, self.budget, self.strategy, choose_level=choose).run()
         for site in sites:
             parts = site.payload
             if site.name in outcome.refused:
-                result.skip(parts.node, _refusal(outcome.refused[site.name]))
+                result.skip(parts.node, _refusal(outcome.refused[site.name], codes))
                 continue
             rank = outcome.choices[site.name][0]  # type: ignore[index]
             saved = parts.weight.numel() - rank * (parts.in_features + parts.out_features)
@@ -140,27 +154,24 @@ class LowRank(Pass):
         apply(gm, outcome.choices)
         return result
 
-    def _layer_reason(self, gm: fx.GraphModule, parts: LinearParts | None) -> str | None:
+    def _layer_refusal(self, gm: fx.GraphModule, parts: LinearParts | None) -> Refusal | None:
         if parts is None:
             return None
-        if not parts.weight.is_floating_point():
-            return f"weight is {parts.weight.dtype}, not floating point"
-        if parts.weight.numel() < self.min_params:
-            return f"{parts.weight.numel()} weights, below the size threshold min_params={self.min_params}"
         break_even = low_rank_break_even(parts.in_features, parts.out_features)
+        no_saving = None
         if self.multiple >= break_even:
-            return (f"even rank {self.multiple} (multiple={self.multiple}) is not below the break-even rank "
-                    f"{break_even:.1f}: no saving")
-        others = [u.name for u in constant_users(gm, parts.weight_node) if u is not parts.node]
-        if others:
-            return (f"its weight tensor is also used by {', '.join(sorted(others)[:3])}; the factors "
-                    "would be stored in addition to it")
-        return None
+            no_saving = Refusal(NO_SAVING, f"even rank {self.multiple} (multiple={self.multiple}) is not below the "
+                                           f"break-even rank {break_even:.1f}: no saving")
+        return (floating_weight(parts.weight, f"weight is {parts.weight.dtype}, not floating point")
+                or large_enough(parts.weight.numel(), self.min_params,
+                                f"{parts.weight.numel()} weights, below the size threshold min_params={self.min_params}")
+                or no_saving
+                or private_constant(gm, parts.weight_node, parts.node))
 
     def _choose_rank(self, parts: LinearParts, svds: _Svds, target: float,
                      measure: Callable[[Svd, Hashable, int], float]) -> Choice:
         """The rank, the model's error with it and the key of the factors to use (a
-        :class:`_Svds` sketch size, "exact" or "projection"), or a reason to leave the layer."""
+        :class:`_Svds` sketch size, "exact" or "projection"), or a refusal to leave the layer."""
         break_even = low_rank_break_even(parts.in_features, parts.out_features)
         useful = [r for r in range(self.multiple, math.ceil(break_even), self.multiple) if r < break_even]
         top = useful[-1]
@@ -186,18 +197,21 @@ class LowRank(Pass):
             rank, how, svd = self._fixed_rank(svds, break_even, top, top_projection)
             if rank is None or rank >= break_even or svd is None:
                 needed = f"rank {rank}" if rank is not None else f"a rank above {top}"
-                return 0, None, f"{needed} from {how} is not below the break-even rank {break_even:.1f}: no saving", None
+                return 0, None, Refusal(NO_SAVING, f"{needed} from {how} is not below the break-even rank "
+                                                   f"{break_even:.1f}: no saving"), None
             if error_at(svd, rank) > target:
-                return 0, error_at(svd, rank), (f"rank {rank} from {how} gives output error {error_at(svd, rank):.3g}, "
-                                                f"over this layer's share of the budget ({target:.3g})"), None
+                return 0, error_at(svd, rank), Refusal(OVER_BUDGET, (
+                    f"rank {rank} from {how} gives output error {error_at(svd, rank):.3g}, "
+                    f"over this layer's share of the budget ({target:.3g})")), None
             return rank, error_at(svd, rank), None, key_of(svd)
 
         def within(svd: Svd) -> Callable[[int], bool]:
             return lambda r: error_at(svd, r) <= target
 
         def no_rank(svd: Svd, how: str = "") -> Choice:
-            return 0, error_at(svd, top), (f"no rank below the break-even rank {break_even:.1f} keeps the output error within "
-                             f"budget (rank {top}{how}: {error_at(svd, top):.3g} > {target:.3g})"), None
+            return 0, error_at(svd, top), Refusal(OVER_BUDGET, (
+                f"no rank below the break-even rank {break_even:.1f} keeps the output error within "
+                f"budget (rank {top}{how}: {error_at(svd, top):.3g} > {target:.3g})")), None
 
         sketch, top_checked = top if exact else min(_round_up(self.sketch_rank, self.multiple), top), False
         while True:
@@ -284,12 +298,15 @@ def _saving(parts: LinearParts) -> Callable[[Hashable], float]:
     return lambda level: parts.weight.numel() - level[0] * (parts.in_features + parts.out_features)  # type: ignore[index]
 
 
-def _refusal(pick: Pick) -> str:
+def _refusal(pick: Pick, codes: Mapping[str, str]) -> Refusal:
+    """The skip of a layer the search left alone: ``no-saving`` when no rank below break-even
+    exists, otherwise ``over-budget``."""
     reason = pick.reason or f"output error {pick.error:.3g} > {pick.target:.3g}"
+    code = codes.get(pick.reason or "", OVER_BUDGET)
     if pick.split == "all":
-        return (f"the rank chosen on half the batches failed on the held-out half; chosen again on every batch "
-                f"with half the budget: {reason}")
-    return reason
+        return Refusal(code, f"the rank chosen on half the batches failed on the held-out half; chosen again on "
+                             f"every batch with half the budget: {reason}")
+    return Refusal(code, reason)
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -13,9 +13,12 @@ graph order, as many of the lowest-scoring units go as the block's share of ``bu
 measured with the earlier blocks pruned; ``"sensitivity"``: the blocks that save most per unit
 of error first. The choice is made on one half of the batches and verified on the other
 (held-out) half; a choice over budget there is tightened and searched again, and both errors
-are in the details. Constraints: f is elementwise
-(unit j's activation depends on h_j alone), both weights are constants, and neither
-intermediate has other users. Cost model: every dropped unit saves in + out + 1 weights and
+are in the details. Constraints (refusal codes): f is elementwise (unit j's activation
+depends on h_j alone; ``not-elementwise``), both weights are constants (``not-constant``) of
+one floating-point dtype (``dtype-mismatch``, ``not-floating-point``) read by their Linear
+alone (``shared-constant``), neither intermediate has other users (``shared-intermediate``),
+the block has more than ``multiple`` hidden units (``too-small``), and dropping the
+least important units keeps the error within the block's share (``over-budget``). Cost model: every dropped unit saves in + out + 1 weights and
 2 * (in + out) FLOPs per row, so any removal is cheaper.
 """
 
@@ -30,7 +33,6 @@ import torch.fx as fx
 
 from fxopt.ir import (
     call_nodes,
-    constant_users,
     infer_val,
     insert_linear,
     is_op,
@@ -48,6 +50,17 @@ from fxopt.lossy import (
     observe,
 )
 from fxopt.pass_api import Pass, PassContext, PassResult
+from fxopt.rewrite import Refusal
+from fxopt.rewrite.constraints import (
+    NOT_ELEMENTWISE,
+    OVER_BUDGET,
+    SHARED_INTERMEDIATE,
+    constant_linear,
+    floating_weight,
+    large_enough,
+    private_constant,
+    same_dtype,
+)
 
 ELEMENTWISE = frozenset({ops.relu, ops.gelu, ops.silu, ops.sigmoid, ops.tanh, ops.hardswish, ops.hardsigmoid})
 
@@ -91,9 +104,9 @@ class PruneHidden(Pass):
                 continue
             first = act.args[0]
             result.match()
-            reason = _block_reason(gm, first, act, second)
-            if reason:
-                result.skip(second, reason)
+            refusal = _block_refusal(gm, first, act, second)
+            if refusal is not None:
+                result.skip(second, refusal)
             else:
                 candidates.append((first, act, second))
         if not candidates:
@@ -108,8 +121,10 @@ class PruneHidden(Pass):
             block = _Block(first.name, act.name, second.name, self._ranking(p2.weight, stats[act]),
                            p1.out_features, p1.in_features + 1 + p2.out_features)
             kept = tuple(range(self.multiple, block.hidden, self.multiple))[::-1]  # most kept first
-            if not kept:
-                result.skip(second, f"{block.hidden} hidden units leave nothing to drop at multiple={self.multiple}")
+            too_small = large_enough(block.hidden, self.multiple + 1, f"{block.hidden} hidden units leave nothing "
+                                                                      f"to drop at multiple={self.multiple}")
+            if too_small is not None:
+                result.skip(second, too_small)
                 continue
             sites.append(Site(f"{p1.name} -> {p2.name}", kept,
                               tuple((block.hidden - k) * block.params_per_unit for k in kept), block))
@@ -177,31 +192,33 @@ class PruneHidden(Pass):
         return new_second
 
 
-def _refusal(block: _Block, pick: Pick) -> str:
+def _refusal(block: _Block, pick: Pick) -> Refusal:
     dropped = block.hidden - int(pick.tried or block.hidden)  # type: ignore[call-overload]
     if pick.split == "all":
-        return (f"every hidden unit matters on held-out data: the count chosen on half the batches failed on the "
-                f"other half, and on every batch dropping the {dropped} least important of {block.hidden} gives "
-                f"output error {pick.error:.3g} > {pick.target:.3g} (half the budget)")
-    return (f"every hidden unit matters: dropping the {dropped} least important of {block.hidden} "
-            f"gives output error {pick.error:.3g} > {pick.target:.3g}")
+        return Refusal(OVER_BUDGET, (
+            f"every hidden unit matters on held-out data: the count chosen on half the batches failed on the "
+            f"other half, and on every batch dropping the {dropped} least important of {block.hidden} gives "
+            f"output error {pick.error:.3g} > {pick.target:.3g} (half the budget)"))
+    return Refusal(OVER_BUDGET, f"every hidden unit matters: dropping the {dropped} least important of "
+                                f"{block.hidden} gives output error {pick.error:.3g} > {pick.target:.3g}")
 
 
-def _block_reason(gm: fx.GraphModule, first: fx.Node, act: fx.Node, second: fx.Node) -> str | None:
+def _block_refusal(gm: fx.GraphModule, first: fx.Node, act: fx.Node, second: fx.Node) -> Refusal | None:
+    refusal = constant_linear(gm, first, second)
+    if refusal is not None:
+        return refusal
     p1, p2 = linear_parts(gm, first), linear_parts(gm, second)
-    if p1 is None or p2 is None:
-        return "a weight or bias is not a constant"
-    if p1.weight.dtype != p2.weight.dtype or not p1.weight.is_floating_point():
-        return "the two Linears' weights are not of one floating-point dtype"
-    for parts in (p1, p2):
-        others = [u.name for u in constant_users(gm, parts.weight_node) if u is not parts.node]
-        if others:
-            return (f"the weight of {parts.node.name} is also used by {', '.join(sorted(others)[:3])}; "
-                    "pruned copies would be stored in addition to it")
+    assert p1 is not None and p2 is not None
+    refusal = (same_dtype(p1.weight, p2.weight)
+               or floating_weight(p1.weight, "the two Linears' weights are not of one floating-point dtype")
+               or private_constant(gm, p1.weight_node, first, f"{first.name} weight")
+               or private_constant(gm, p2.weight_node, second, f"{second.name} weight"))
+    if refusal is not None:
+        return refusal
     for node, expected in ((first, act), (act, second)):
         if list(node.users) != [expected]:
             others = sorted(u.name for u in node.users if u is not expected)
-            return f"the hidden values {node.name} are also used by {', '.join(others[:3])}"
+            return Refusal(SHARED_INTERMEDIATE, f"the hidden values {node.name} are also used by {', '.join(others[:3])}")
     if act.args[1:] and any(isinstance(a, fx.Node) for a in act.args[1:]):
-        return "the activation takes tensor arguments besides the hidden values"
+        return Refusal(NOT_ELEMENTWISE, "the activation takes tensor arguments besides the hidden values")
     return None

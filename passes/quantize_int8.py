@@ -7,9 +7,13 @@
     DynamicQuantizeLinear scheme), or per tensor with a scale observed on the calibration
     batches (activations="static", observer minmax|percentile)
 
-Constraints: W is a constant 2-D float32/float16/bfloat16 matrix with finite values; x is
-floating point; in and out features are at least 16 (below that quantizing x costs more
-than the int8 GEMM saves, unless force=True). Which layers to quantize is the budgeted
+Constraints (refusal codes): the layer is not left out by ``skip_first``, ``skip_last``,
+``include`` or ``exclude`` (``excluded``); W is a constant 2-D matrix (``not-constant``) of
+float32/float16/bfloat16 (``unsupported-dtype``) with finite values (``not-finite``); x is
+floating point (``not-floating-point``); W has at least ``min_params`` entries and in and out
+features are at least 16 (below that quantizing x costs more than the int8 GEMM saves,
+unless force=True) (``too-small``); static activations need calibration batches
+(``needs-calibration``); the search keeps the error within budget (``over-budget``). Which layers to quantize is the budgeted
 search's (fxopt.lossy) choice, each layer a site with one level: ``strategy="sensitivity"``
 (default) quantizes every layer if that fits ``budget``; else each layer alone, then the
 ones that save most weight bytes per unit of error first, each while the combination fits.
@@ -33,10 +37,8 @@ import torch.fx as fx
 
 from fxopt.ir import (
     add_constant,
-    all_finite,
     call_nodes,
     constant,
-    dtype_of,
     module_path,
     ops,
 )
@@ -53,6 +55,17 @@ from fxopt.quant import (
     WEIGHT_QMAX,
     quantize_weight,
     static_scale,
+)
+from fxopt.rewrite import Refusal
+from fxopt.rewrite.constraints import (
+    EXCLUDED,
+    NEEDS_CALIBRATION,
+    OVER_BUDGET,
+    UNSUPPORTED_DTYPE,
+    constant_linear,
+    finite,
+    floating_point,
+    large_enough,
 )
 
 MIN_FEATURES = 16
@@ -98,9 +111,9 @@ class QuantizeInt8(Pass):
         candidates: list[fx.Node] = []
         for index, node in enumerate(linears):
             result.match()
-            reason = self._refusal(gm, node, index, len(linears))
-            if reason:
-                result.skip(node, reason)
+            refusal = self._refusal(gm, node, index, len(linears))
+            if refusal is not None:
+                result.skip(node, refusal)
             else:
                 candidates.append(node)
         if not candidates:
@@ -109,8 +122,9 @@ class QuantizeInt8(Pass):
         if self.activations == "static":
             if not ctx.calibrated:
                 for node in candidates:
-                    result.skip(node, "activations='static' needs calibration batches (calibration=[...]); "
-                                      "a scale from the example inputs alone could clip later inputs")
+                    result.skip(node, Refusal(NEEDS_CALIBRATION, (
+                        "activations='static' needs calibration batches (calibration=[...]); "
+                        "a scale from the example inputs alone could clip later inputs")))
                 return result
             scales = self._observe(gm, candidates, ctx.batches)
         # The search trials static scales observed on its fit batches only, so that clipping
@@ -141,33 +155,31 @@ class QuantizeInt8(Pass):
 
         return BudgetedSearch(gm, ctx, sites, apply, self.budget, self.strategy).run()
 
-    def _refusal(self, gm: fx.GraphModule, node: fx.Node, index: int, count: int) -> str | None:
+    def _refusal(self, gm: fx.GraphModule, node: fx.Node, index: int, count: int) -> Refusal | None:
         path = module_path(node)
         if self.skip_first and index == 0:
-            return "first Linear (skip_first=True)"
+            return Refusal(EXCLUDED, "first Linear (skip_first=True)")
         if self.skip_last and index == count - 1:
-            return "last Linear (skip_last=True)"
+            return Refusal(EXCLUDED, "last Linear (skip_last=True)")
         if self.include and not re.search(self.include, path):
-            return f"module path '{path}' does not match include={self.include!r}"
+            return Refusal(EXCLUDED, f"module path '{path}' does not match include={self.include!r}")
         if self.exclude and re.search(self.exclude, path):
-            return f"module path '{path}' matches exclude={self.exclude!r}"
+            return Refusal(EXCLUDED, f"module path '{path}' matches exclude={self.exclude!r}")
+        refusal = constant_linear(gm, node)
+        if refusal is not None:
+            return refusal
         weight = constant(gm, node.args[1])
-        bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-        if weight is None or weight.dim() != 2 or (bias is not None and constant(gm, bias) is None):
-            return "weight or bias is not a constant 2-D tensor"
         if weight.dtype not in FLOAT_DTYPES:
-            return f"weight dtype {weight.dtype} is not one of float32, float16, bfloat16"
-        x_dtype = dtype_of(node.args[0])
-        if x_dtype is None or not x_dtype.is_floating_point:
-            return f"input dtype {x_dtype} is not floating point"
-        if not all_finite(weight):
-            return "weight has NaN or Inf values"
-        if weight.numel() < self.min_params:
-            return f"{weight.numel()} weights < min_params={self.min_params}"
-        if not self.force and min(weight.shape) < MIN_FEATURES:
-            return (f"{weight.shape[1]}->{weight.shape[0]} features: below {MIN_FEATURES}, quantizing the input "
-                    "costs more than the int8 GEMM saves (force=True overrides)")
-        return None
+            return Refusal(UNSUPPORTED_DTYPE, f"weight dtype {weight.dtype} is not one of float32, float16, bfloat16")
+        small_features = None
+        if not self.force:
+            small_features = large_enough(min(weight.shape), MIN_FEATURES, (
+                f"{weight.shape[1]}->{weight.shape[0]} features: below {MIN_FEATURES}, quantizing the input "
+                "costs more than the int8 GEMM saves (force=True overrides)"))
+        return (floating_point(node.args[0])
+                or finite(weight, what="the weight's values")
+                or large_enough(weight.numel(), self.min_params, f"{weight.numel()} weights < min_params={self.min_params}")
+                or small_features)
 
     def _observe(self, gm: fx.GraphModule, nodes: list[fx.Node], batches: list[list[torch.Tensor]]) -> dict[str, float | None]:
         """Per-tensor activation scales: max |x| (minmax) or its largest per-batch percentile,
@@ -189,13 +201,14 @@ class QuantizeInt8(Pass):
         gm.recompile()
 
 
-def _budget_refusal(pick: Pick) -> str:
+def _budget_refusal(pick: Pick) -> Refusal:
     limit = f"budget {pick.target:g}"
     if pick.split != "fit":
         limit = f"{pick.target:g} (half the budget: chosen again on every batch after the held-out check failed)"
     if pick.others == 0:
-        return f"quantizing this layer alone gives output error {pick.error:.3g} > {limit}"
-    return f"with {pick.others} other layer(s) quantized it raises the output error to {pick.error:.3g} > {limit}"
+        return Refusal(OVER_BUDGET, f"quantizing this layer alone gives output error {pick.error:.3g} > {limit}")
+    return Refusal(OVER_BUDGET, f"with {pick.others} other layer(s) quantized it raises the output error to "
+                                f"{pick.error:.3g} > {limit}")
 
 
 def insert_qdq(

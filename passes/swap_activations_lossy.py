@@ -14,6 +14,8 @@ least error, each while the combined relative output error stays within ``budget
 ``"equal-share"`` goes in graph order, each swap within its share. The choice is made on one
 half of the batches and verified on the other; the error at each swap and both the fitted
 and held-out errors are in the report's details.
+Refusal codes: ``over-budget`` (a swap whose error does not fit the budget or its share),
+``no-mapping`` (no ``mapping`` given: the pass has nothing to swap).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from fxopt.errors import PassOptionError
 from fxopt.ir import arg, call_nodes, ops
 from fxopt.lossy import STRATEGIES, BudgetedSearch, Site
 from fxopt.pass_api import Pass, PassContext, PassResult
+from fxopt.rewrite import Refusal
+from fxopt.rewrite.constraints import NO_MAPPING, OVER_BUDGET
 
 # target name -> (op, kwargs)
 TARGETS: dict[str, tuple[Any, dict[str, Any]]] = {
@@ -91,7 +95,8 @@ class SwapActivationsLossy(Pass):
         result = PassResult()
         mapping = parse_mapping(self.mapping)
         if not mapping:
-            result.skip("graph", "no mapping given (e.g. mapping='gelu->gelu_tanh'): nothing to swap")
+            result.skip("graph", Refusal(NO_MAPPING, "no mapping given (e.g. mapping='gelu->gelu_tanh'): "
+                                                 "nothing to swap"))
             return result
         sites: list[Site] = []
         for node in call_nodes(gm, ops.gelu, ops.silu, ops.sigmoid):
@@ -119,7 +124,7 @@ class SwapActivationsLossy(Pass):
                 if pick.split != "fit":
                     limit = (f"{pick.target:g} (half the budget: chosen again on every batch after the held-out "
                              "check failed)")
-                result.skip(site.name, f"{swap} gives relative output error {pick.error:.3g} > {limit}")
+                result.skip(site.name, Refusal(OVER_BUDGET, f"{swap} gives relative output error {pick.error:.3g} > {limit}"))
                 continue
             result.details.append({"node": site.name, "swap": swap, "error": outcome.picks[site.name].error,
                                    **outcome.details_for(site.name)})

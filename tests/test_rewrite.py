@@ -329,3 +329,21 @@ def test_dropout_inactive() -> None:
     assert c.dropout_inactive(off) is None and c.dropout_inactive(zero) is None
     assert c.dropout_inactive(active) == Refusal(c.DROPOUT_ACTIVE, "dropout is active (train=True, p>0): it is "
                                                                    "random, not the identity")
+
+
+def test_large_enough_and_floating_weight() -> None:
+    """The lossy passes' shared size and dtype conditions (low-rank and quantize-int8's
+    ``min_params``, prune-hidden's hidden width; low-rank and prune-hidden's weight dtype)."""
+    assert c.large_enough(64, 64, "unused") is None
+    assert c.large_enough(63, 64, "63 weights < 64") == Refusal(c.TOO_SMALL, "63 weights < 64")
+    assert c.floating_weight(torch.ones(2, 2, dtype=torch.bfloat16), "unused") is None
+    refusal = c.floating_weight(torch.ones(2, 2, dtype=torch.int8), "weight is torch.int8")
+    assert refusal == Refusal(c.NOT_FLOATING_POINT, "weight is torch.int8")
+
+
+def test_lossy_codes_are_kebab_case_and_distinct() -> None:
+    lossy = [c.OVER_BUDGET, c.TOO_SMALL, c.NO_SAVING, c.EXCLUDED, c.NEEDS_CALIBRATION, c.NO_MAPPING,
+             c.UNSUPPORTED_DTYPE, c.NOT_ELEMENTWISE]
+    exact = [c.SHARED_INTERMEDIATE, c.SHARED_CONSTANT, c.NOT_FINITE, c.NOT_CONSTANT, c.NOT_CHEAPER]
+    assert len(set(lossy + exact)) == len(lossy + exact)
+    assert all(code == code.lower() and " " not in code and "_" not in code for code in lossy)

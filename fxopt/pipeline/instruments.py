@@ -71,7 +71,7 @@ class ReportRows(PassInstrument):
             record.matched, record.applied = result.matched, result.applied
             record.skipped = result.reasons()
             record.skips = list(result.skipped)
-            record.details = list(result.details)
+            record.take_details(result.details)
         self.records.append(record)
 
 

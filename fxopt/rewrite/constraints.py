@@ -29,6 +29,15 @@ BN_TRAINING = "bn-training"
 BN_NOT_ON_FEATURES = "bn-not-on-features"
 DROPOUT_ACTIVE = "dropout-active"
 NOT_CHEAPER = "not-cheaper"
+# The lossy passes' own reasons, shared across them so the report groups them alike.
+OVER_BUDGET = "over-budget"  # the budgeted search measured the site's error over its budget or share
+TOO_SMALL = "too-small"  # below the size where the rewrite pays (or leaves anything to remove)
+NO_SAVING = "no-saving"  # the rewritten form would not be smaller (a rank at or above break-even)
+EXCLUDED = "excluded"  # left out by the user's options (skip_first, skip_last, include, exclude)
+NEEDS_CALIBRATION = "needs-calibration"  # the pass needs calibration batches and got none
+NO_MAPPING = "no-mapping"  # the pass was given nothing to do (an empty mapping)
+UNSUPPORTED_DTYPE = "unsupported-dtype"  # floating point, but not a dtype the rewrite handles
+NOT_ELEMENTWISE = "not-elementwise"  # an activation that mixes more than one value per output
 
 
 def _names(nodes: Iterable[fx.Node], limit: int = 3) -> str:
@@ -159,11 +168,28 @@ def not_costlier(after: float, before: float, detail: str, *, force: bool = Fals
     return None
 
 
+def large_enough(size: int, minimum: int, detail: str) -> Refusal | None:
+    """``size`` (weights, features, hidden units) reaches ``minimum``: below it the lossy
+    rewrite saves less than it costs, or finds nothing to remove. ``detail`` names both."""
+    if size < minimum:
+        return Refusal(TOO_SMALL, detail)
+    return None
+
+
+def floating_weight(weight: torch.Tensor, detail: str) -> Refusal | None:
+    """``weight`` is a floating-point tensor (an integer weight has no rounding to trade)."""
+    if not weight.is_floating_point():
+        return Refusal(NOT_FLOATING_POINT, detail)
+    return None
+
+
 __all__ = [
     "BN_NOT_ON_FEATURES", "BN_TRAINING", "CHANGES_SHAPE_OR_DTYPE", "DROPOUT_ACTIVE", "DTYPE_MISMATCH",
-    "NOT_CHEAPER", "NOT_CONSTANT", "NOT_FINITE", "NOT_FLOATING_POINT", "SHARED_CONSTANT",
-    "SHARED_INTERMEDIATE", "bn_normalizes_features", "bn_running_stats", "constant_linear",
-    "constant_or_absent", "dropout_inactive", "finite", "floating_point", "not_costlier",
+    "EXCLUDED", "NEEDS_CALIBRATION", "NOT_CHEAPER", "NOT_CONSTANT", "NOT_ELEMENTWISE", "NOT_FINITE",
+    "NOT_FLOATING_POINT", "NO_MAPPING", "NO_SAVING", "OVER_BUDGET", "SHARED_CONSTANT",
+    "SHARED_INTERMEDIATE", "TOO_SMALL", "UNSUPPORTED_DTYPE", "bn_normalizes_features", "bn_running_stats",
+    "constant_linear", "constant_or_absent", "dropout_inactive", "finite", "floating_point",
+    "floating_weight", "large_enough", "not_costlier",
     "private_constant", "private_linear", "private_region", "same_dtype", "same_shape_and_dtype",
     "sole_user",
 ]

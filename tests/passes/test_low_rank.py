@@ -59,7 +59,7 @@ def test_random_init_is_full_rank_and_skipped() -> None:
     torch.manual_seed(0)
     run = run_pass(LowRank(min_params=0), nn.Linear(128, 128).eval(), (torch.randn(32, 128),))
     assert not run.modified
-    assert_skipped(run, "no rank below the break-even rank 64.0 keeps the output error within budget")
+    assert_skipped(run, "no rank below the break-even rank 64.0 keeps the output error within budget", code="over-budget")
 
 
 def test_energy_option_keeps_that_share_of_the_spectrum() -> None:
@@ -79,7 +79,7 @@ def test_ratio_option_and_the_break_even_refusal() -> None:
     assert run.record.details[0]["rank"] == 32
     refused = run_pass(LowRank(ratio=0.5, budget=0.5, min_params=0), layer, (x,))
     assert not refused.modified
-    assert_skipped(refused, "rank 64 from ratio=0.5 is not below the break-even rank 64.0: no saving")
+    assert_skipped(refused, "rank 64 from ratio=0.5 is not below the break-even rank 64.0: no saving", code="no-saving")
 
 
 def test_fixed_rank_over_budget_is_refused() -> None:
@@ -87,14 +87,31 @@ def test_fixed_rank_over_budget_is_refused() -> None:
     layer, x = linear_with(spectrum_weight(128, 128, decaying(128))), torch.randn(16, 128)
     run = run_pass(LowRank(ratio=0.0625, budget=0.001, min_params=0), layer, (x,))
     assert not run.modified
-    assert_skipped(run, "rank 8 from ratio=0.0625 gives output error")
+    assert_skipped(run, "rank 8 from ratio=0.0625 gives output error", code="over-budget")
 
 
 def test_size_threshold() -> None:
     torch.manual_seed(0)
     layer = linear_with(spectrum_weight(128, 128, decaying(128)))
     run = run_pass(LowRank(), layer, (torch.randn(4, 128),))
-    assert_skipped(run, "below the size threshold min_params=65536")
+    assert_skipped(run, "below the size threshold min_params=65536", code="too-small")
+
+
+def test_several_small_layers_give_one_grouped_report_line() -> None:
+    """Four Linears below min_params, each with its own size in the detail, are one line of
+    the report under their code, not four lines of prose."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 48), nn.ReLU(), nn.Linear(48, 24),
+                          nn.ReLU(), nn.Linear(24, 8)).eval()
+    opt = fxopt.compile(model, (torch.randn(4, 16),), passes=[LowRank()])
+    record = opt.report["low-rank"]
+    assert record.matched == 4 and record.applied == 0
+    assert record.skipped == {"too-small": 4}
+    assert len({s.detail for s in record.skips}) == 4  # the details differ: sizes
+    lines = [line for line in str(opt.report).splitlines() if line.strip().startswith("low-rank: skipped")]
+    assert lines == ["  low-rank: skipped 4x [too-small], e.g. 512 weights, below the size threshold "
+                     "min_params=65536"]
+    assert opt.report.to_dict()["passes"][0]["skipped"] == {"too-small": 4}
 
 
 def test_layers_share_the_budget_and_the_total_stays_within_it() -> None:
@@ -156,7 +173,7 @@ def test_weight_used_elsewhere_is_left_alone() -> None:
     torch.manual_seed(0)
     run = run_pass(LowRank(min_params=0), Shared().eval(), (torch.randn(4, 128), torch.randn(4, 128)))
     assert not run.modified
-    assert_skipped(run, "its weight tensor is also used by")
+    assert_skipped(run, "its weight tensor is also used by", code="shared-constant")
 
 
 # ---------------------------------------------------------------- randomized SVD (large layers)
@@ -306,6 +323,10 @@ def test_a_rank_that_fails_on_held_out_data_is_chosen_again_on_every_batch() -> 
     assert detail["heldout_error"] <= 0.005 and detail["fitted_error"] <= 0.005
     assert any(step["event"] == "retry" for step in detail["log"])
     assert fresh_error(opt, layer, lambda g: torch.randn(32, 128, generator=g)) <= 0.01
+    record = opt.report["low-rank"]
+    assert record.heldout_retry and record.heldout_error == detail["heldout_error"]
+    (row,) = [line for line in str(opt.report).splitlines() if line.startswith("low-rank ")]
+    assert f"{detail['heldout_error']:.2e}*" in row.split()
 
 
 def test_sensitivity_strategy_stays_within_budget() -> None:
@@ -314,5 +335,5 @@ def test_sensitivity_strategy_stays_within_budget() -> None:
                             for i, rate in enumerate((3.0, 12.0))))
     run = run_pass(LowRank(budget=0.02, min_params=0, strategy="sensitivity"), model, (torch.randn(32, 96),))
     assert [d["layer"] for d in run.record.details] == ["0"] and run.record.max_rel_err <= 0.02
-    assert_skipped(run, "no rank below the break-even rank 48.0", node="linear_1")
+    assert_skipped(run, "no rank below the break-even rank 48.0", code="over-budget", node="linear_1")
     run.assert_outputs_match(rtol=0.02)

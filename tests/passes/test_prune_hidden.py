@@ -50,7 +50,15 @@ def test_block_whose_units_all_matter_is_left_alone() -> None:
     torch.manual_seed(0)
     run = run_pass("prune-hidden", Block(hidden=32).eval(), (torch.randn(64, 16),))
     assert not run.modified
-    assert_skipped(run, "every hidden unit matters: dropping the 8 least important of 32 gives output error")
+    assert_skipped(run, "every hidden unit matters: dropping the 8 least important of 32 gives output error",
+                   code="over-budget")
+
+
+def test_blocks_no_wider_than_the_multiple_are_too_small() -> None:
+    torch.manual_seed(0)
+    run = run_pass(PruneHidden(multiple=8), Block(hidden=8).eval(), (torch.randn(16, 16),))
+    assert not run.modified
+    assert_skipped(run, "8 hidden units leave nothing to drop at multiple=8", code="too-small")
 
 
 def test_dead_units_go_at_no_cost() -> None:
@@ -109,7 +117,7 @@ def test_hidden_values_used_elsewhere_are_refused() -> None:
 
     torch.manual_seed(0)
     run = run_pass("prune-hidden", Tapped().eval(), (torch.randn(8, 16),))
-    assert_skipped(run, "are also used by")
+    assert_skipped(run, "are also used by", code="shared-intermediate")
 
 
 def test_calibration_data_decides_which_units_matter() -> None:
@@ -129,6 +137,7 @@ def test_calibration_data_decides_which_units_matter() -> None:
     assert alone.report["prune-hidden"].details[0]["kept"] == 32
     assert calibrated.report["prune-hidden"].applied == 0
     assert "every hidden unit matters" in calibrated.report["prune-hidden"].skips[0].reason
+    assert calibrated.report["prune-hidden"].skips[0].code == "over-budget"
 
 
 def test_idempotent() -> None:
@@ -145,7 +154,7 @@ def test_weight_used_elsewhere_is_refused() -> None:
     torch.manual_seed(0)
     run = run_pass("prune-hidden", TwoInputs().eval(), (torch.randn(8, 16), torch.randn(8, 16)))
     assert not run.modified
-    assert_skipped(run, "is also used by")
+    assert_skipped(run, "is also used by", code="shared-constant")
 
 
 # ---------------------------------------------------------------- budgets on unseen data
@@ -210,6 +219,7 @@ def test_budget_holds_on_fresh_batches(make, rows: int, calibration: int) -> Non
         assert detail["heldout_error"] <= 0.01 and detail["fitted_error"] <= 0.01
     if not record.applied:
         assert "every hidden unit matters" in record.skips[0].reason
+        assert record.skips[0].code == "over-budget"
 
 
 def test_prunable_block_is_still_pruned_and_reports_both_errors() -> None:

@@ -90,7 +90,7 @@ def test_static_without_calibration_is_refused_with_reason() -> None:
     torch.manual_seed(0)
     run = run_pass(QuantizeInt8(activations="static"), mlp(32, 32), (torch.randn(4, 32),))
     assert not run.modified
-    assert_skipped(run, "needs calibration batches")
+    assert_skipped(run, "needs calibration batches", code="needs-calibration")
 
 
 def test_filters_and_size_rule_say_why() -> None:
@@ -98,15 +98,35 @@ def test_filters_and_size_rule_say_why() -> None:
     model, x = mlp(32, 32, 32, 32, 8), torch.randn(4, 32)
     run = run_pass(QuantizeInt8(skip_first=True, exclude=r"^2$"), model, (x,))
     assert run.record.applied == 1  # only layer 4: 0 is first, 2 excluded, 6 (32->8) too small
-    assert_skipped(run, "skip_first=True")
-    assert_skipped(run, "matches exclude='^2$'")
-    assert_skipped(run, "below 16")
+    assert_skipped(run, "skip_first=True", code="excluded")
+    assert_skipped(run, "matches exclude='^2$'", code="excluded")
+    assert_skipped(run, "below 16", code="too-small")
     forced = run_pass(QuantizeInt8(force=True, include="^(4|6)$"), model, (x,))
     assert forced.record.applied == 2
-    assert_skipped(forced, "does not match include")
+    assert_skipped(forced, "does not match include", code="excluded")
     small = run_pass(QuantizeInt8(min_params=2000, skip_last=True), model, (x,))
-    assert_skipped(small, "< min_params=2000")
-    assert_skipped(small, "skip_last=True")
+    assert_skipped(small, "< min_params=2000", code="too-small")
+    assert_skipped(small, "skip_last=True", code="excluded")
+
+
+def test_small_layers_are_one_too_small_group() -> None:
+    torch.manual_seed(0)
+    model, x = mlp(32, 8, 12, 8, 4), torch.randn(4, 32)
+    opt = fxopt.compile(model, (x,), passes=["quantize-int8"])
+    record = opt.report["quantize-int8"]
+    assert record.applied == 0 and record.skipped == {"too-small": 4}
+    lines = [line for line in str(opt.report).splitlines() if "quantize-int8: skipped" in line]
+    assert len(lines) == 1 and lines[0].strip().startswith("quantize-int8: skipped 4x [too-small], e.g. ")
+
+
+def test_non_finite_weight_stays_float() -> None:
+    torch.manual_seed(0)
+    model = mlp(32, 32, 16)
+    with torch.no_grad():
+        model[0].weight[3, 5] = float("nan")
+    run = run_pass("quantize-int8", model, (torch.randn(4, 32),))
+    assert_skipped(run, "not finite", code="not-finite", node="linear")
+    assert run.record.skipped["not-finite"] == 1
 
 
 def test_layer_that_breaks_the_budget_stays_float() -> None:
@@ -118,9 +138,9 @@ def test_layer_that_breaks_the_budget_stays_float() -> None:
     x[:, 0] = 1e4  # per-token scales set by the outlier flush the other features to zero
     run = run_pass(QuantizeInt8(budget=0.05), model, (x,))
     assert run.record.applied == 1
-    assert_skipped(run, "output error", node="linear")
+    assert_skipped(run, "output error", code="over-budget", node="linear")
     assert run.record.max_rel_err <= 0.05
-    assert_skipped(run_pass(QuantizeInt8(budget=1e-6), model, (x,)), "> budget 1e-06")
+    assert_skipped(run_pass(QuantizeInt8(budget=1e-6), model, (x,)), "> budget 1e-06", code="over-budget")
 
 
 def test_idempotent() -> None:
@@ -133,7 +153,7 @@ def test_float64_model_is_left_float_with_reason() -> None:
     model = mlp(32, 32).double()
     run = run_pass("quantize-int8", model, (torch.randn(4, 32, dtype=torch.float64),))
     assert not run.modified
-    assert_skipped(run, "float64 is not one of")
+    assert_skipped(run, "float64 is not one of", code="unsupported-dtype")
 
 
 def test_model_without_linears_is_no_change() -> None:

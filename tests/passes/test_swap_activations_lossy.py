@@ -54,7 +54,13 @@ def test_sensitivity_keeps_the_cheaper_swap_where_graph_order_kept_the_costly_on
     run = run_pass(swap, net, (x,))
     assert [d["node"] for d in run.record.details] == ["gelu_1"]
     assert run.count(ops.relu) == 1 and run.record.max_rel_err <= budget
-    assert_skipped(run, "gelu->relu gives relative output error", node="gelu")
+    assert_skipped(run, "gelu->relu gives relative output error", code="over-budget", node="gelu")
     in_order = run_pass(SwapActivationsLossy(mapping="gelu->relu", budget=budget,
                                                           strategy="equal-share"), net, (x,))
     assert in_order.record.max_rel_err <= budget
+
+
+def test_without_a_mapping_the_pass_says_so() -> None:
+    run = run_pass(SwapActivationsLossy(), model(), (torch.randn(4, 8),))
+    assert not run.modified
+    assert_skipped(run, "no mapping given", code="no-mapping")
