@@ -71,8 +71,8 @@ class OptimizedModule(torch.nn.Module):
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         _discard_partial_torch_save()
-        raise FxoptError("torch.save cannot save an optimized module (its lowered runner is not picklable); "
-                         "use fxopt.save(opt, path) and fxopt.load(path)")
+        raise FxoptError("an optimized module cannot be pickled (torch.save, copy.deepcopy): its lowered "
+                         "runner is not picklable; use fxopt.save(opt, path) and fxopt.load(path)")
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.signature.flatten(args, kwargs)
@@ -319,9 +319,9 @@ def _finite(outputs: list[Any]) -> bool:
 def fresh_inputs_like(gm: fx.GraphModule, example: list[torch.Tensor]) -> tuple[list[torch.Tensor], str]:
     """Inputs like ``example`` with other values, and one more row where the batch is dynamic.
 
-    Floats are drawn with each example's mean and std (clamped to its range); integers
-    uniformly in the example's min..max; booleans and 0/1 masks repeat the example's
-    pattern. Every size symbol that dim 0 of some input uses grows by one; other dynamic
+    Float rows are random convex mixtures of the example's rows (a random rescaling when
+    there is one row); integers are drawn among the example's values; booleans and 0/1
+    masks repeat the example's pattern. Every size symbol that dim 0 of some input uses grows by one; other dynamic
     sizes keep the example's value. Returns the inputs and a description for the report.
     """
     values = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
@@ -355,21 +355,27 @@ def fresh_inputs_like(gm: fx.GraphModule, example: list[torch.Tensor]) -> tuple[
 
 def _draw_like(example: torch.Tensor, shape: list[int], generator: torch.Generator) -> torch.Tensor:
     source = example.detach().cpu()
-    if source.numel() == 0:
-        return torch.zeros(shape, dtype=example.dtype, device=example.device)
-    is_mask = source.dtype == torch.bool or bool(((source == 0) | (source == 1)).all())
-    if is_mask or source.is_complex():
-        rows = torch.arange(shape[0]) % source.shape[0] if source.dim() else None
-        repeated = source.index_select(0, rows) if rows is not None else source
-        return repeated.reshape(shape).to(example.device) if list(repeated.shape) == shape else source.clone().to(example.device)
-    if source.is_floating_point():
-        wide = source.double()
-        low, high = float(wide.min()), float(wide.max())
-        std = float(wide.std()) if wide.numel() > 1 else abs(float(wide.mean())) or 1.0
-        drawn = torch.randn(shape, generator=generator, dtype=torch.float64) * std + float(wide.mean())
-        return drawn.clamp(low, high).to(example.dtype).to(example.device)
-    low, high = int(source.min()), int(source.max())
-    return torch.randint(low, high + 1, shape, generator=generator, dtype=torch.int64).to(example.dtype).to(example.device)
+    if source.numel() == 0 or source.dim() == 0 or list(source.shape[1:]) != shape[1:]:
+        return example.clone() if list(example.shape) == shape else torch.zeros(shape, dtype=example.dtype, device=example.device)
+    rows = source.shape[0]
+    if source.dtype == torch.bool or source.is_complex() or bool(((source == 0) | (source == 1)).all()):
+        drawn = source.index_select(0, torch.arange(shape[0]) % rows)  # masks keep their pattern
+    elif source.is_floating_point():
+        if rows == 1:
+            scale = torch.empty(shape[0], *[1] * (source.dim() - 1), dtype=torch.float64).uniform_(0.5, 1.5, generator=generator)
+            drawn = (source.double() * scale).to(source.dtype)
+        else:
+            # Convex mixtures of the example rows: other values, each inside the examples'
+            # range and span, so data confined to a subspace stays there (a lossy pass's
+            # error on it is the error on data like the examples).
+            weights = torch.empty(shape[0], rows, dtype=torch.float64).exponential_(generator=generator)
+            weights = weights / weights.sum(1, keepdim=True)
+            drawn = (weights @ source.double().reshape(rows, -1)).reshape(shape).to(source.dtype)
+    else:
+        pool = source.reshape(-1)  # integers (token ids, indices) are drawn among the examples' values
+        picks = torch.randint(0, pool.numel(), (int(torch.Size(shape).numel()),), generator=generator)
+        drawn = pool[picks].reshape(shape)
+    return drawn.to(example.device)
 
 
 def _restorer(model: torch.nn.Module, gm: fx.GraphModule) -> Any:

@@ -25,7 +25,6 @@ import torch.fx as fx
 
 from fxopt.ir import add_constant, aten, cleanup, constant, infer_val, is_op, ops, shape_of, val
 
-
 _TRANSPOSES = (aten.numpy_T.default, aten.mT.default)
 
 
