@@ -122,12 +122,15 @@ def check_input(value: Any, spec: InputSpec, position: int, *, what: str = "inpu
         message = f"{label}: expected {spec.describe()}, got shape ({got_dims})"
         static = [i for i, (want, got) in enumerate(zip(spec.shape, value.shape)) if want is not None and want != got]
         if value.dim() == len(spec.shape) and static:
-            message += (
-                f"; dim {static[0]} was captured static. To accept other sizes there, compile with "
-                f"dynamic_shapes (e.g. {{'{spec.name}': {{{static[0]}: torch.export.Dim('d{static[0]}')}}}}), "
-                "or with example inputs whose batch size is at least 2 for a dynamic batch "
-                "(see docs/shapes-and-saving.md)"
-            )
+            dim = static[0]
+            message += f"; dim {dim} was captured static"
+            if spec.shape[dim] == 1:
+                message += (" because the example's size there is 1 (export keeps sizes 0 and 1 static); "
+                            "to make it dynamic, compile with examples that have a batch of 2 or more")
+            else:
+                message += (f"; to make it dynamic, compile with dynamic_shapes={{'{spec.name}': {{{dim}: "
+                            f"torch.export.Dim('d{dim}')}}}}")
+            message += " (see docs/shapes-and-saving.md)"
         raise InputError(message)
 
 
@@ -380,7 +383,7 @@ def freeze(exported: torch.export.ExportedProgram, model: torch.nn.Module | None
             fake = node.meta.get("val")
             if not isinstance(fake, torch.Tensor):
                 raise CaptureError(f"input '{spec.arg.name}' is not a tensor; fxopt takes tensor inputs only")
-            shape = tuple(d if isinstance(d, int) else None for d in fake.shape)
+            shape = tuple(_static_size(d) for d in fake.shape)
             inputs.append(InputSpec(spec.arg.name, shape, fake.dtype, tuple(size_hint(d) for d in fake.shape)))
             leaf_names.append(spec.arg.name)
             state_names[node] = ("input", spec.arg.name)
@@ -422,6 +425,16 @@ def freeze(exported: torch.export.ExportedProgram, model: torch.nn.Module | None
     gm.meta["fxopt_signature"] = Signature(call_spec.in_spec, call_spec.out_spec, inputs, leaf_names)
     gm.meta["fxopt_sources"] = sources
     return gm
+
+
+def _static_size(size: Any) -> int | None:
+    """``size`` as an int, or None when it is dynamic. A symbol export specialized while
+    tracing (``reshape(x, [4, ...])`` pins the batch to 4) counts as static."""
+    if isinstance(size, int):
+        return size
+    maybe_as_int = getattr(size.node, "maybe_as_int", None)
+    value = maybe_as_int() if maybe_as_int is not None else None
+    return int(value) if value is not None else None
 
 
 def written_argument(node: fx.Node) -> Any:
