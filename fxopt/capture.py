@@ -287,10 +287,16 @@ def _quiet_export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[st
     with _TorchOutput() as torch_output:
         try:
             with torch.no_grad():
-                return _export(model, args, kwargs, dynamic_shapes)
+                exported = _export(model, args, kwargs, dynamic_shapes)
         except Exception as exc:  # export raises many types; all become one clear error
             error = _capture_error(model, exc)
             failure = exc
+        else:
+            error = None
+    if error is None:
+        if torch_output.text():
+            log.debug("torch's output during capture:\n%s", torch_output.text())
+        return exported
     error.detail = torch_output.text()
     if error.detail:
         with contextlib.suppress(Exception):  # shown by tracebacks (the CLI's --debug)

@@ -148,3 +148,15 @@ def test_write_seen_through_a_view_stays_in_place() -> None:
     assert count_ops(gm, aten.relu_.default) == 1  # no functional spelling is provably the same
     opt = fxopt.compile(WritesThroughAView().eval(), (x,), passes=[])
     torch.testing.assert_close(opt(x), WritesThroughAView()(x))
+
+
+def test_functionalized_buffer_mutation_in_the_graph_signature_is_refused() -> None:
+    from fxopt.capture import freeze
+
+    model = CallCounter().eval()
+    with torch.no_grad():
+        exported = torch.export.export(model, (torch.randn(2, 4),), strict=False).run_decompositions()
+    assert exported.graph_signature.buffers_to_mutate  # the write is a graph output here, not an add_
+    with pytest.raises(fxopt.CaptureError, match="writes to its buffer 'calls'") as info:
+        freeze(exported, model)
+    assert info.value.module_path == "<root>"
