@@ -301,11 +301,10 @@ def _fresh_batch(gm: fx.GraphModule, example: list[torch.Tensor], report: Report
     try:
         fresh, described = fresh_inputs_like(gm, example)
         outputs = run_graph(gm, fresh)
-        baseline = run_graph(gm, example)
     except Exception as exc:
         report.notes.append(f"no fresh verification input: the captured graph fails on one ({type(exc).__name__})")
         return None
-    if _finite(baseline) and not _finite(outputs):
+    if not _finite(outputs) and _finite(run_graph(gm, example)):
         report.notes.append("no fresh verification input: the captured graph's outputs on one are not finite")
         return None
     report.notes.append(f"verified on the example inputs and one fresh input drawn like them ({described})")
