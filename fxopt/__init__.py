@@ -21,8 +21,8 @@ from fxopt.errors import (
     PassOptionError,
     UnknownPassError,
 )
-from fxopt.manager import DumpGraphs, PassInstrument, PassManager, PrintProgress
 from fxopt.pass_api import Pass, PassContext, PassResult, Skip
+from fxopt.pipeline import DumpGraphs, PassInstrument, PassManager, PrintProgress
 from fxopt.registry import get_pass, list_passes, register_pass
 from fxopt.report import PassRecord, Report
 from fxopt.saving import load, save

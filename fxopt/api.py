@@ -16,8 +16,8 @@ import torch.fx as fx
 from fxopt.capture import BATCH, Signature, capture, split_example_inputs
 from fxopt.cost import graph_cost
 from fxopt.errors import FxoptError, InputError
-from fxopt.manager import PassInstrument, PassManager, reference_outputs
 from fxopt.pass_api import Pass, PassContext
+from fxopt.pipeline import PassInstrument, PassManager, UserModelUntouched, reference_outputs
 from fxopt.registry import resolve_passes
 from fxopt.report import Report
 from fxopt.verify import compare_outputs, module_fingerprint, run_graph
@@ -176,14 +176,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     fresh = _fresh_batch(gm, batches[0], report) if fresh_inputs else None
     if fresh is not None:
         batches.append(fresh)
-    restore_model = _restorer(model, gm)
-
-    def restore() -> None:
-        # Restoring writes the frozen values back, which bumps tensor versions: the
-        # model's fingerprint is taken again once it holds its original values.
-        nonlocal fingerprint
-        restore_model()
-        fingerprint = module_fingerprint(model)
+    user_model = UserModelUntouched(model, gm.meta.get("fxopt_sources", {}), baseline=fingerprint)
 
     optimized = optimize_captured(
         gm,
@@ -195,11 +188,10 @@ def compile(  # noqa: A001 - mirrors torch.compile
         strict=strict,
         instruments=instruments,
         max_rounds=max_rounds,
-        watched_module=model,
-        restore_watched=restore,
+        user_model=user_model,
         fresh_batches=int(fresh is not None),
     )
-    if module_fingerprint(model) != fingerprint:  # pragma: no cover - invariant 1
+    if module_fingerprint(model) != user_model.baseline:  # pragma: no cover - invariant 1
         raise FxoptError("internal error: the user's model changed during compilation")
     return optimized
 
@@ -215,8 +207,7 @@ def optimize_captured(
     strict: bool = False,
     instruments: Sequence[PassInstrument] = (),
     max_rounds: int = 1,
-    watched_module: torch.nn.Module | None = None,
-    restore_watched: Any = None,
+    user_model: UserModelUntouched | None = None,
     fresh_batches: int = 0,
 ) -> OptimizedModule:
     """The steps after capture, shared by every entry point: verified passes, then lowering.
@@ -240,8 +231,7 @@ def optimize_captured(
         strict=strict,
         instruments=instruments,
         max_rounds=max_rounds,
-        watched_module=watched_module,
-        restore_watched=restore_watched,
+        user_model=user_model,
     )
     if pipeline:
         gm, report.passes = manager.run(gm, ctx)
@@ -375,22 +365,6 @@ def _draw_like(example: torch.Tensor, shape: list[int], generator: torch.Generat
         picks = torch.randint(0, pool.numel(), (int(torch.Size(shape).numel()),), generator=generator)
         drawn = pool[picks].reshape(shape)
     return drawn.to(example.device)
-
-
-def _restorer(model: torch.nn.Module, gm: fx.GraphModule) -> Any:
-    flags = [(m, m.training) for m in model.modules()]
-    sources: dict[str, torch.Tensor] = gm.meta.get("fxopt_sources", {})
-
-    def restore() -> None:
-        for module, training in flags:
-            module.training = training
-        state = model.state_dict(keep_vars=True)
-        with torch.no_grad():
-            for name, frozen in sources.items():
-                if name in state and state[name].shape == frozen.shape:
-                    state[name].copy_(frozen)
-
-    return restore
 
 
 def _drift(ctx: PassContext) -> tuple[float, float]:

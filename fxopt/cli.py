@@ -36,10 +36,32 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fxopt")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxopt", description="Inference optimizer for PyTorch Linear layers, built on torch.fx.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    parser.add_argument("--version", action="version",
+                        version=f"fxopt {_version()} (torch {torch.__version__})")
+    # --debug is accepted after the subcommand too; SUPPRESS keeps the top-level value
+    # unless the flag is given there.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="show full tracebacks on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add_parser = sub.add_parser
+
+    def add_command(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return add_parser(name, parents=[common], **kwargs)
+
+    sub.add_parser = add_command  # type: ignore[method-assign]
 
     p = sub.add_parser("passes", help="list the registered passes")
     p.set_defaults(func=cmd_passes)
@@ -52,8 +74,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("optimize", help="optimize a model defined in a Python file")
     p.add_argument("target", help="FILE.py:ATTR, where ATTR is an nn.Module or a callable returning one")
-    p.add_argument("--input-shape", action="append", required=True, metavar="D0,D1,...",
-                   help="shape of one input (repeat for several inputs), e.g. 8,512")
+    p.add_argument("--input-shape", action="append", metavar="D0,D1,...",
+                   help="shape of one random input (repeat for several inputs), e.g. 8,512")
+    p.add_argument("--inputs", metavar="FILE",
+                   help="example inputs from a file instead of random ones: .pt (a tensor, a tuple/list "
+                        "of tensors, or a dict of keyword tensors) or .npz (arr_0, arr_1, ... positional; "
+                        "other names as keyword inputs)")
+    p.add_argument("--calibration", metavar="FILE",
+                   help="calibration batches for lossy passes: .pt holding a list of batches (each like "
+                        "--inputs), or .npz whose arrays stack the batches along a new first axis")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="dtype of each input (default float32)")
     p.add_argument("--passes", default=None, help="comma-separated pass list, e.g. 'remove-dropout,low-rank(energy=0.99)'")
     p.add_argument("--backend", default="eager", choices=["eager", "onnx"])
@@ -155,16 +184,18 @@ def parse_shape(text: str) -> tuple[int, ...]:
 def cmd_optimize(args: argparse.Namespace) -> int:
     import fxopt
 
+    if bool(args.inputs) == bool(args.input_shape):
+        raise ValueError("give the example inputs either as --input-shape (random) or as --inputs FILE")
     model = load_target(args.target)
-    dtypes = args.dtype or []
-    inputs = []
-    for i, text in enumerate(args.input_shape):
-        dtype = DTYPES[dtypes[i]] if i < len(dtypes) else torch.float32
-        shape = parse_shape(text)
-        inputs.append(torch.randint(0, 2, shape, dtype=dtype) if not dtype.is_floating_point else torch.randn(shape, dtype=dtype))
+    if args.inputs:
+        inputs, kwargs = load_inputs(args.inputs)
+    else:
+        inputs, kwargs = random_inputs(args.input_shape, args.dtype or []), {}
+    calibration = load_calibration(args.calibration) if args.calibration else None
     if model.training:
         print("fxopt optimize: note: the model is in training mode; optimizing an eval() copy", file=sys.stderr)
     opt = fxopt.compile(model, tuple(inputs), passes=args.passes, backend=args.backend, strict=args.strict,
+                        example_kwargs=kwargs or None, calibration=calibration,
                         instruments=[fxopt.PrintProgress()])
     print(opt.report)
     if args.report_json:
@@ -174,6 +205,68 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         path, _ = fxopt.export_onnx(opt, tuple(inputs), args.onnx)
         print(f"ONNX written to {path}")
     return 0
+
+
+def random_inputs(shapes: list[str], dtypes: list[str]) -> list[torch.Tensor]:
+    inputs = []
+    for i, text in enumerate(shapes):
+        dtype = DTYPES[dtypes[i]] if i < len(dtypes) else torch.float32
+        shape = parse_shape(text)
+        inputs.append(torch.randint(0, 2, shape, dtype=dtype) if not dtype.is_floating_point else torch.randn(shape, dtype=dtype))
+    return inputs
+
+
+def load_inputs(path: str) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    """One batch from a ``.pt`` or ``.npz`` file: (positional inputs, keyword inputs)."""
+    return _split_batch(_read(path), path)
+
+
+def load_calibration(path: str) -> list[Any]:
+    """Calibration batches from a file, each as ``fxopt.compile(calibration=...)`` takes them."""
+    data = _read(path)
+    if isinstance(data, dict) and path.endswith(".npz"):
+        counts = {len(v) for v in data.values()}
+        if len(counts) != 1:
+            raise ValueError(f"{path}: every array must stack the same number of batches, got {sorted(counts)}")
+        data = [{k: v[i] for k, v in data.items()} for i in range(counts.pop())]
+    if not isinstance(data, (list, tuple)) or not data:
+        raise ValueError(f"{path}: calibration data must be a non-empty list of batches")
+    batches = []
+    for batch in data:
+        args, kwargs = _split_batch(batch, path)
+        if kwargs:
+            raise ValueError(f"{path}: calibration batches with keyword inputs are not supported yet; "
+                             "store them positionally (a tuple per batch)")
+        batches.append(tuple(args))
+    return batches
+
+
+def _read(path: str) -> Any:
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    if file.suffix == ".npz":
+        import numpy as np
+
+        with np.load(file) as archive:
+            return {name: torch.from_numpy(archive[name]) for name in archive.files}
+    if file.suffix in (".pt", ".pth"):
+        return torch.load(file, map_location="cpu", weights_only=True)
+    raise ValueError(f"{path}: expected a .pt or .npz file")
+
+
+def _split_batch(batch: Any, path: str) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    if isinstance(batch, torch.Tensor):
+        return [batch], {}
+    if isinstance(batch, (list, tuple)):
+        return list(batch), {}
+    if isinstance(batch, dict):
+        positional = sorted((k for k in batch if k.startswith("arr_") and k[4:].isdigit()),
+                            key=lambda k: int(k[4:]))
+        args = [batch[k] for k in positional]
+        kwargs = {k: v for k, v in batch.items() if k not in positional}
+        return args, kwargs
+    raise ValueError(f"{path}: expected tensors, a tuple/list of tensors or a dict, got {type(batch).__name__}")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

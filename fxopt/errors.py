@@ -54,6 +54,18 @@ class PassOptionError(FxoptError, TypeError):
     """A pass was given an option it does not have, or a value it cannot take."""
 
 
+class UnknownOptionError(PassOptionError):
+    """The pass has no option of that name."""
+
+
+class OptionTypeError(PassOptionError):
+    """The option's value is not of the type the pass declares for it."""
+
+
+class OptionValueError(PassOptionError, ValueError):
+    """The option's value has the right type but is out of the range the pass accepts."""
+
+
 class PassFailedError(FxoptError):
     """A pass raised, broke its contract, or failed verification under ``strict=True``."""
 

@@ -18,16 +18,17 @@ what it changed and every node it left alone with the reason.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
 
-from fxopt.errors import PassOptionError
+from fxopt.errors import OptionTypeError
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,9 @@ class PassContext:
     ``batches`` are flat input lists: the example inputs first, then calibration batches,
     then ``fresh_batches`` inputs drawn like the examples (other values, another batch
     size), there to verify on and never to calibrate on: an observer reads
-    ``batches[:len(batches) - fresh_batches]``. ``reference`` holds the current graph's outputs on each batch, so a lossy pass can
-    measure a candidate rewrite with :meth:`output_error` before committing to it.
+    ``batches[:len(batches) - fresh_batches]``. ``reference`` holds the current graph's
+    outputs on each batch, so a lossy pass can measure a candidate rewrite with
+    :meth:`output_error` before committing to it.
     """
 
     batches: list[list[torch.Tensor]]
@@ -85,7 +87,6 @@ class PassContext:
     original: list[list[Any]] = field(default_factory=list)
     calibrated: bool = False
     fresh_batches: int = 0
-    log: Callable[[str], None] = lambda message: None
 
     @property
     def example_inputs(self) -> list[torch.Tensor]:
@@ -110,7 +111,8 @@ class Pass:
     Class attributes:
       name: kebab-case name used in ``passes=[...]`` and the CLI.
       exact: True when the rewrite preserves outputs (up to float rounding).
-      default_order: where the pass runs in the default pipeline (lower runs first).
+      after: names of the passes this one must run after when both are in a pipeline
+        (the default pipeline is a topological order of these constraints).
 
     A lossy pass declares a ``budget`` field: the largest relative output error it may
     introduce, which the manager enforces.
@@ -118,7 +120,7 @@ class Pass:
 
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
-    default_order: ClassVar[int] = 100
+    after: ClassVar[tuple[str, ...]] = ()
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
@@ -160,18 +162,12 @@ def check_option_types(instance: Any) -> None:
     """Refuse option values of the wrong type, naming the option (simple annotations only)."""
     if not dataclasses.is_dataclass(instance):
         return
-    import sys
-
-    namespace = vars(sys.modules.get(type(instance).__module__, typing))
+    annotations = _option_annotations(type(instance))
     for f in dataclasses.fields(instance):
-        expected = f.type
-        if isinstance(expected, str):
-            try:
-                expected = eval(expected, dict(namespace), {})  # annotations are strings under PEP 563
-            except Exception:
-                continue
+        if f.name not in annotations:
+            continue
         value = getattr(instance, f.name)
-        allowed = _allowed_types(expected)
+        allowed = _allowed_types(annotations[f.name])
         if allowed is None:
             continue
         if isinstance(value, bool) and bool not in allowed:
@@ -180,16 +176,37 @@ def check_option_types(instance: Any) -> None:
             ok = isinstance(value, allowed)
         if not ok:
             names = " or ".join(sorted({t.__name__ for t in allowed}))
-            raise PassOptionError(
+            raise OptionTypeError(
                 f"pass '{instance.name}': option '{f.name}' must be {names}, got {value!r}"
             )
+
+
+def _option_annotations(pass_type: type) -> dict[str, Any]:
+    """The resolved annotation of each option field (annotations are strings under PEP 563).
+
+    A pass defined inside a function may annotate its class attributes with names local to
+    that function, which ``get_type_hints`` cannot see; then each option is resolved on its
+    own, and one that still cannot be resolved is not checked.
+    """
+    try:
+        return typing.get_type_hints(pass_type)
+    except Exception:
+        pass
+    resolved: dict[str, Any] = {}
+    for f in dataclasses.fields(pass_type):
+        holder = type("_Option", (), {"__annotations__": {f.name: f.type}, "__module__": pass_type.__module__})
+        try:
+            resolved.update(typing.get_type_hints(holder))
+        except Exception:
+            continue
+    return resolved
 
 
 def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
     if annotation in _SIMPLE_TYPES:
         return _SIMPLE_TYPES[annotation]
     origin = typing.get_origin(annotation)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         allowed: list[type] = []
         for member in typing.get_args(annotation):
             if member is type(None):

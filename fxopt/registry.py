@@ -2,24 +2,61 @@
 
 Built-in passes and third-party plugins take the same path; the core names none of them.
 Entry points are read lazily, on the first lookup, so importing fxopt does no work beyond
-this module's definitions. ``register_pass`` adds a pass class at run time.
+this module's definitions. ``register_pass`` adds a pass class at run time, and
+``scoped_registry`` does so for the length of a ``with`` block (a test, say).
+
+Order: a pass declares the passes it must run after (``after = ("fold-batchnorm",)``).
+The default pipeline is a topological order of every registered pass, ties broken by name,
+so "must run after" is transitive through passes that are not in a given pipeline.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
-from collections.abc import Iterable
+import heapq
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
-from fxopt.errors import PassOptionError, UnknownPassError
+from fxopt.errors import (
+    FxoptError,
+    OptionTypeError,
+    OptionValueError,
+    PassOptionError,
+    UnknownOptionError,
+    UnknownPassError,
+)
 from fxopt.pass_api import Pass, option_names
 
 ENTRY_POINT_GROUP = "fxopt.passes"
 
-_registered: dict[str, type[Pass]] = {}
-_entry_points: dict[str, Any] | None = None
+
+class PassOrderError(FxoptError, ValueError):
+    """The passes' ``after`` declarations form a cycle, so no order satisfies them all."""
+
+
+class PassOrderWarning(UserWarning):
+    """An explicit pass list runs a pass before one it declares it must run after."""
+
+
+@dataclass
+class _Registry:
+    registered: dict[str, type[Pass]] = field(default_factory=dict)
+    entry_points: dict[str, Any] | None = None
+
+
+_PROCESS = _Registry()
+# A scoped registry lives in a context variable, so it ends with its scope, and threads or
+# tasks that never entered it keep seeing the process-wide one.
+_scoped: ContextVar[_Registry | None] = ContextVar("fxopt_scoped_pass_registry", default=None)
+
+
+def _state() -> _Registry:
+    return _scoped.get() or _PROCESS
 
 
 def register_pass(pass_type: type[Pass]) -> type[Pass]:
@@ -28,25 +65,42 @@ def register_pass(pass_type: type[Pass]) -> type[Pass]:
         raise TypeError(f"register_pass takes a Pass subclass, got {pass_type!r}")
     if not pass_type.name or pass_type.name != pass_type.name.lower() or " " in pass_type.name:
         raise ValueError(f"pass name must be kebab-case, got {pass_type.name!r}")
-    _registered[pass_type.name] = pass_type
+    _state().registered[pass_type.name] = pass_type
     return pass_type
+
+
+@contextmanager
+def scoped_registry(*pass_types: type[Pass]) -> Iterator[None]:
+    """Register ``pass_types`` (and anything registered inside the block) only until the
+    block ends; entry points read inside it are forgotten too. For tests::
+
+        with scoped_registry(MyPass):
+            fxopt.compile(model, inputs, passes=["my-pass"])
+    """
+    outer = _state()
+    token = _scoped.set(_Registry(dict(outer.registered), outer.entry_points))
+    try:
+        for pass_type in pass_types:
+            register_pass(pass_type)
+        yield
+    finally:
+        _scoped.reset(token)
 
 
 def refresh() -> None:
     """Forget what was read from entry points (after installing a plugin at run time)."""
-    global _entry_points
-    _entry_points = None
+    _state().entry_points = None
 
 
 def _discovered() -> dict[str, Any]:
-    global _entry_points
-    if _entry_points is None:
-        _entry_points = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    return _entry_points
+    state = _state()
+    if state.entry_points is None:
+        state.entry_points = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return state.entry_points
 
 
 def _names() -> list[str]:
-    return sorted(set(_discovered()) | set(_registered))
+    return sorted(set(_discovered()) | set(_state().registered))
 
 
 def get_pass(name: str, **options: Any) -> Pass:
@@ -55,8 +109,9 @@ def get_pass(name: str, **options: Any) -> Pass:
 
 
 def get_pass_type(name: str) -> type[Pass]:
-    if name in _registered:
-        return _registered[name]
+    registered = _state().registered
+    if name in registered:
+        return registered[name]
     found = _discovered().get(name)
     if found is None:
         close = difflib.get_close_matches(name, _names(), n=3, cutoff=0.5)
@@ -69,34 +124,121 @@ def get_pass_type(name: str) -> type[Pass]:
         raise TypeError(f"entry point {name!r} ({found.value}) is not a fxopt Pass subclass")
     if pass_type.name != name:
         raise ValueError(f"entry point {name!r} loads a pass named {pass_type.name!r}")
-    _registered.setdefault(name, pass_type)
+    registered.setdefault(name, pass_type)
     return pass_type
 
 
 def list_passes() -> list[type[Pass]]:
     """Every registered pass class, in default pipeline order."""
-    types = [get_pass_type(name) for name in _names()]
-    return sorted(types, key=lambda t: (t.default_order, t.name))
+    return topological_order([get_pass_type(name) for name in _names()])
 
 
 def default_pipeline() -> list[Pass]:
-    """The pipeline used when ``passes=None``: every registered exact pass, default options."""
+    """The pipeline used when ``passes=None``: every registered exact pass, default options,
+    in an order that satisfies every registered pass's ``after``."""
     return [_instantiate(t, {}) for t in list_passes() if t.exact]
+
+
+def topological_order(pass_types: Iterable[type[Pass]]) -> list[type[Pass]]:
+    """``pass_types`` ordered so each runs after the passes its ``after`` names (those that
+    are among them); among passes free to run, the name decides, so the order is stable.
+
+    Raises :class:`PassOrderError` naming the passes of a cycle.
+    """
+    by_name = {t.name: t for t in pass_types}
+    waiting_on = {name: {a for a in t.after if a in by_name and a != name} for name, t in by_name.items()}
+    unblocks: dict[str, list[str]] = {name: [] for name in by_name}
+    for name, predecessors in waiting_on.items():
+        for predecessor in predecessors:
+            unblocks[predecessor].append(name)
+    ready = [name for name, predecessors in waiting_on.items() if not predecessors]
+    heapq.heapify(ready)
+    ordered: list[type[Pass]] = []
+    while ready:
+        name = heapq.heappop(ready)
+        ordered.append(by_name[name])
+        for follower in unblocks[name]:
+            waiting_on[follower].discard(name)
+            if not waiting_on[follower]:
+                heapq.heappush(ready, follower)
+    if len(ordered) < len(by_name):
+        stuck = {name: preds for name, preds in waiting_on.items() if preds}
+        raise PassOrderError(f"the passes' 'after' declarations form a cycle: {_cycle(stuck)}")
+    return ordered
+
+
+def _cycle(waiting_on: dict[str, set[str]]) -> str:
+    """One cycle among the passes a topological sort could not place, as ``a -> b -> a``
+    (read: a runs after b, which runs after a)."""
+    path = [min(waiting_on)]
+    while path.count(path[-1]) < 2:
+        path.append(min(waiting_on[path[-1]]))
+    start = path.index(path[-1])
+    return " -> ".join(path[start:])
+
+
+def order_violations(passes: Sequence[Pass]) -> list[str]:
+    """The ``after`` constraints an explicit pipeline breaks, one sentence each.
+
+    "Must run after" is transitive through every registered pass (as in the default
+    pipeline), and a pass listed twice satisfies a constraint if any run of it follows a
+    run of the pass it must follow. Order is the user's call: this only reports.
+    """
+    known = _known_types()
+    for pass_ in passes:
+        known.setdefault(pass_.name, type(pass_))
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for position, pass_ in enumerate(passes):
+        first.setdefault(pass_.name, position)
+        last[pass_.name] = position
+    problems = []
+    for name in sorted(last, key=last.__getitem__):
+        for predecessor in sorted(_must_follow(name, known)):
+            if predecessor in first and last[name] < first[predecessor]:
+                problems.append(f"'{name}' runs before '{predecessor}', but is declared to run after it")
+    return problems
+
+
+def _known_types() -> dict[str, type[Pass]]:
+    known = dict(_state().registered)
+    for name in _discovered():
+        if name not in known:
+            try:
+                known[name] = get_pass_type(name)
+            except Exception:  # a broken plugin fails when asked for, not in others' pipelines
+                continue
+    return known
+
+
+def _must_follow(name: str, known: dict[str, type[Pass]]) -> set[str]:
+    """Every pass ``name`` must run after, directly or through other passes' ``after``."""
+    seen: set[str] = set()
+    stack = [name]
+    while stack:
+        pass_type = known.get(stack.pop())
+        for predecessor in pass_type.after if pass_type is not None else ():
+            if predecessor not in seen and predecessor != name:
+                seen.add(predecessor)
+                stack.append(predecessor)
+    return seen
 
 
 def _instantiate(pass_type: type[Pass], options: dict[str, Any]) -> Pass:
     valid = option_names(pass_type)
     unknown = [k for k in options if k not in valid]
     if unknown:
-        raise PassOptionError(
+        raise UnknownOptionError(
             f"pass '{pass_type.name}' has no option {unknown[0]!r} (options: {', '.join(valid) or 'none'})"
         )
     try:
         return pass_type(**options)
     except PassOptionError:
         raise
-    except (TypeError, ValueError) as exc:
-        raise PassOptionError(f"pass '{pass_type.name}': {exc}") from exc
+    except ValueError as exc:
+        raise OptionValueError(f"pass '{pass_type.name}': {exc}") from exc
+    except TypeError as exc:
+        raise OptionTypeError(f"pass '{pass_type.name}': {exc}") from exc
 
 
 def resolve_passes(passes: str | Pass | Iterable[str | Pass] | None) -> list[Pass]:

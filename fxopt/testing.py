@@ -22,8 +22,8 @@ import torch.utils._pytree as pytree
 
 from fxopt.capture import capture, normalize_example_inputs
 from fxopt.ir import count_ops, op_histogram
-from fxopt.manager import PassManager
 from fxopt.pass_api import Pass, PassContext
+from fxopt.pipeline import PassManager
 from fxopt.registry import resolve_passes
 from fxopt.report import PassRecord
 from fxopt.verify import compare_outputs, exact_tolerance, module_fingerprint, run_graph

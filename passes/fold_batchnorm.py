@@ -35,7 +35,7 @@ from fxopt.pass_api import Pass, PassContext, PassResult
 class FoldBatchNorm(Pass):
     name: ClassVar[str] = "fold-batchnorm"
     exact: ClassVar[bool] = True
-    default_order: ClassVar[int] = 20
+    after: ClassVar[tuple[str, ...]] = ("remove-dropout",)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()

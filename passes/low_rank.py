@@ -53,7 +53,7 @@ EXACT_SVD_MAX_SIDE = 512  # a full float64 SVD of a 512 x 512 weight takes a fra
 class LowRank(Pass):
     name: ClassVar[str] = "low-rank"
     exact: ClassVar[bool] = False
-    default_order: ClassVar[int] = 60
+    after: ClassVar[tuple[str, ...]] = ("merge-siblings",)
 
     budget: float = 0.01
     energy: float | None = None

@@ -39,7 +39,7 @@ from fxopt.pass_api import Pass, PassContext, PassResult
 class MergeConsecutive(Pass):
     name: ClassVar[str] = "merge-consecutive"
     exact: ClassVar[bool] = True
-    default_order: ClassVar[int] = 40
+    after: ClassVar[tuple[str, ...]] = ("swap-activations", "swap-activations-lossy")
 
     force: bool = False
 

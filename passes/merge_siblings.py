@@ -41,7 +41,7 @@ from fxopt.pass_api import Pass, PassContext, PassResult
 class MergeSiblings(Pass):
     name: ClassVar[str] = "merge-siblings"
     exact: ClassVar[bool] = True
-    default_order: ClassVar[int] = 50
+    after: ClassVar[tuple[str, ...]] = ("merge-consecutive",)
 
     min_group: int = 2
 

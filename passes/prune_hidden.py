@@ -45,7 +45,7 @@ ELEMENTWISE = frozenset({ops.relu, ops.gelu, ops.silu, ops.sigmoid, ops.tanh, op
 class PruneHidden(Pass):
     name: ClassVar[str] = "prune-hidden"
     exact: ClassVar[bool] = False
-    default_order: ClassVar[int] = 70
+    after: ClassVar[tuple[str, ...]] = ("low-rank",)
 
     budget: float = 0.01
     multiple: int = 8

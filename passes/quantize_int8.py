@@ -45,7 +45,7 @@ ACTIVATIONS = ("dynamic", "dynamic-tensor", "static")
 class QuantizeInt8(Pass):
     name: ClassVar[str] = "quantize-int8"
     exact: ClassVar[bool] = False
-    default_order: ClassVar[int] = 80
+    after: ClassVar[tuple[str, ...]] = ("prune-hidden",)
 
     budget: float = 0.05
     activations: str = "dynamic"  # "dynamic" (per token) | "dynamic-tensor" | "static" (per tensor, calibrated)

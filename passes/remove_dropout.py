@@ -24,7 +24,7 @@ from fxopt.pass_api import Pass, PassContext, PassResult
 class RemoveDropout(Pass):
     name: ClassVar[str] = "remove-dropout"
     exact: ClassVar[bool] = True
-    default_order: ClassVar[int] = 10
+    after: ClassVar[tuple[str, ...]] = ()  # first: later passes then see Linears next to each other
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()

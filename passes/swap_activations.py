@@ -53,7 +53,7 @@ _ACTIVATION_LIKE = frozenset({ops.tanh, ops.sigmoid, ops.hardsigmoid, aten.erf.d
 class SwapActivations(Pass):
     name: ClassVar[str] = "swap-activations"
     exact: ClassVar[bool] = True
-    default_order: ClassVar[int] = 30
+    after: ClassVar[tuple[str, ...]] = ("fold-batchnorm",)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()

@@ -67,7 +67,7 @@ def _kind(node: fx.Node) -> str:
 class SwapActivationsLossy(Pass):
     name: ClassVar[str] = "swap-activations-lossy"
     exact: ClassVar[bool] = False
-    default_order: ClassVar[int] = 31
+    after: ClassVar[tuple[str, ...]] = ("swap-activations",)
 
     mapping: str = ""
     budget: float = 0.01

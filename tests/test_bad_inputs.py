@@ -52,16 +52,8 @@ def state_bits(model: nn.Module) -> dict[str, bytes]:
 @pytest.fixture
 def registered():
     """Register passes for one test, and forget them afterwards."""
-    added: list[str] = []
-
-    def add(pass_type):
-        registry.register_pass(pass_type)
-        added.append(pass_type.name)
-        return pass_type
-
-    yield add
-    for name in added:
-        registry._registered.pop(name, None)
+    with registry.scoped_registry():
+        yield registry.register_pass
 
 
 # ---------------------------------------------------------------- model and inputs

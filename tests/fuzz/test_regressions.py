@@ -63,12 +63,8 @@ def test_restored_model_does_not_trip_the_final_invariant_check() -> None:
                 model[0].bias.add_(1)
             return PassResult()
 
-    registry.register_pass(Scribbles)
-    try:
-        with pytest.warns(UserWarning, match="modified the user's model"):
-            opt = fxopt.compile(model, (torch.randn(2, 4),), passes=["test-scribbles"])
-    finally:
-        registry._registered.pop("test-scribbles", None)
+    with registry.scoped_registry(Scribbles), pytest.warns(UserWarning, match="modified the user's model"):
+        opt = fxopt.compile(model, (torch.randn(2, 4),), passes=["test-scribbles"])
     assert opt.report["test-scribbles"].status == "rolled back"
     snapshot.assert_same(model)
 

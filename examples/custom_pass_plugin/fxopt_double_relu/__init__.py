@@ -20,7 +20,7 @@ from fxopt.ir import call_nodes, is_op, ops, replace_node
 class DoubleRelu(fxopt.Pass):
     name: ClassVar[str] = "double-relu"
     exact: ClassVar[bool] = True
-    default_order: ClassVar[int] = 25
+    after: ClassVar[tuple[str, ...]] = ("fold-batchnorm",)
 
     def __call__(self, gm: fx.GraphModule, ctx: fxopt.PassContext) -> fxopt.PassResult:
         result = fxopt.PassResult()

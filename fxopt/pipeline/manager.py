@@ -1,0 +1,211 @@
+"""The pass manager: order, copy, run, consult the checks, commit or roll back.
+
+Each pass gets a structural copy of the current graph (new nodes, shared constant
+tensors), so rolling back is dropping the copy. After the pass, the manager consults its
+checks (:mod:`fxopt.pipeline.checks`: frozen constants, the user's model, graph lint,
+numerics, and any the caller adds); the first to object rolls the pass back, and
+``strict=True`` raises :class:`~fxopt.PassFailedError` instead, naming the pass and the
+passes run before it. A pass that raises or returns something other than a
+:class:`~fxopt.PassResult` is rolled back the same way.
+
+Everything else is an instrument (:mod:`fxopt.pipeline.instruments`): the report rows,
+cost, timing, the rollback warning, dumps and progress. Passes contain none of it.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxopt.errors import InputError, PassFailedError
+from fxopt.ir import copy_graph_module
+from fxopt.pass_api import Pass, PassContext, PassResult
+from fxopt.pipeline.checks import Check, Rejected, Unrecoverable, UserModelUntouched, default_checks
+from fxopt.pipeline.instruments import (
+    CostDelta,
+    PassInstrument,
+    PassTiming,
+    ReportRows,
+    WarnOnRollback,
+    user_stacklevel,
+)
+from fxopt.registry import PassOrderWarning, order_violations
+from fxopt.report import PassRecord
+from fxopt.verify import run_graph
+
+log = logging.getLogger("fxopt")
+
+
+@dataclass
+class PassStep:
+    """One run of one pass, as its checks and instruments see it."""
+
+    pass_: Pass
+    index: int  # 1-based position in the round
+    total: int  # passes in the round
+    round: int  # 1-based; see ``max_rounds``
+    record: PassRecord  # the report row; checks and instruments fill their columns
+    result: PassResult | None = None  # None until the pass returned a PassResult
+
+    @property
+    def modified(self) -> bool:
+        return self.result is not None and self.result.modified
+
+
+def reference_outputs(gm: fx.GraphModule, batches: list[list[torch.Tensor]]) -> list[list[Any]]:
+    """The captured graph's outputs on every batch; export traces with fake tensors, so a
+    mismatch it did not check (a dtype, say) surfaces here, as a clear error."""
+    outputs = []
+    for index, batch in enumerate(batches):
+        try:
+            outputs.append(run_graph(gm, batch))
+        except Exception as exc:
+            what = "the example inputs" if index == 0 else f"calibration batch {index - 1}"
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise InputError(
+                f"the captured model fails on {what}: {type(exc).__name__}: {message}; check that "
+                "model(*example_inputs) runs in eager mode with these inputs' shapes and dtypes"
+            ) from exc
+    return outputs
+
+
+class PassManager:
+    """Runs ``passes`` over a graph, in the given order, checking each; see the module docstring.
+
+    Args:
+        passes: the pipeline. The order is the caller's: an order that breaks a pass's
+            declared ``after`` warns (:class:`fxopt.registry.PassOrderWarning`) and runs as given.
+        strict: raise :class:`~fxopt.PassFailedError` instead of rolling back.
+        verify: compare outputs (the numerics check). Without it the graph is still linted
+            and cleaned up after every pass.
+        instruments: hooks around the pipeline and each pass, outside the built-in ones.
+        checks: checks consulted after the built-in ones.
+        max_rounds: run the pipeline again while some pass keeps changing the graph.
+        user_model: the check guarding the user's model (``compile`` builds it with the
+            frozen values that restore the model); it runs before the graph checks, so a
+            model a pass touched is restored whatever else is wrong with the pass.
+        watched_module: shorthand for ``user_model=UserModelUntouched(watched_module)``,
+            which detects but cannot restore.
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[Pass],
+        *,
+        strict: bool = False,
+        verify: bool = True,
+        instruments: Sequence[PassInstrument] = (),
+        checks: Sequence[Check] = (),
+        max_rounds: int = 1,
+        user_model: Check | None = None,
+        watched_module: torch.nn.Module | None = None,
+    ) -> None:
+        self.passes = list(passes)
+        self.strict = strict
+        self.verify = verify
+        self.max_rounds = max_rounds
+        if user_model is None and watched_module is not None:
+            user_model = UserModelUntouched(watched_module)
+        self.checks: list[Check] = default_checks(verify=verify, user_model=user_model) + list(checks)
+        self._rows = ReportRows()
+        # The caller's instruments are outermost: they see each finished row (see instruments).
+        self.instruments: list[PassInstrument] = [
+            WarnOnRollback(), *instruments, self._rows, CostDelta(), PassTiming()
+        ]
+        _warn_about_order(self.passes)
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, list[PassRecord]]:
+        """Run the pipeline on ``gm``; returns the final graph and one report row per pass run."""
+        if not ctx.reference:
+            ctx.reference = reference_outputs(gm, ctx.batches)
+        if not ctx.original:
+            ctx.original = list(ctx.reference)
+        done: list[str] = []
+        for instrument in self.instruments:
+            instrument.enter(self.passes)
+        try:
+            for round_ in range(1, max(1, self.max_rounds) + 1):
+                changed = False
+                for index, pass_ in enumerate(self.passes, 1):
+                    if not all(instrument.should_run(pass_, gm) for instrument in self.instruments):
+                        log.debug("pass %s skipped by an instrument", pass_.name)
+                        continue
+                    record = PassRecord(pass_.name, pass_.exact, "no change", budget=pass_.budget_or_none)
+                    step = PassStep(pass_, index, len(self.passes), round_, record)
+                    for instrument in self.instruments:
+                        instrument.before_pass(pass_, gm, step)
+                    gm = self._run_one(step, gm, ctx, done)
+                    for instrument in reversed(self.instruments):
+                        instrument.after_pass(pass_, gm, step)
+                    done.append(pass_.name)
+                    changed |= record.status == "applied"
+                if not changed:
+                    break
+        finally:
+            for instrument in self.instruments:
+                instrument.exit()
+        return gm, list(self._rows.records)
+
+    def _run_one(self, step: PassStep, gm: fx.GraphModule, ctx: PassContext, done: list[str]) -> fx.GraphModule:
+        """Copy, run, consult the checks; returns the graph to keep."""
+        pass_ = step.pass_
+        for check in self.checks:
+            check.before(gm, ctx)
+        working = copy_graph_module(gm)
+        try:
+            failure = self._call(pass_, working, ctx, step)
+            # Checks run even after the pass failed: they restore what it may have touched.
+            objection = self._consult(step, working, gm, ctx)
+        except Unrecoverable as damage:
+            raise PassFailedError(pass_.name, str(damage), done) from damage
+        rejected = failure or objection
+        if rejected is not None:
+            step.record.status = "rolled back"
+            step.record.message = str(rejected)
+            if self.strict:
+                raise PassFailedError(pass_.name, str(rejected), done) from rejected.__cause__
+            return gm
+        if not step.modified:
+            return gm
+        for check in self.checks:
+            check.commit(working, ctx)
+        step.record.status = "applied"
+        return working
+
+    @staticmethod
+    def _call(pass_: Pass, working: fx.GraphModule, ctx: PassContext, step: PassStep) -> Rejected | None:
+        try:
+            result = pass_(working, ctx)
+        except Exception as exc:
+            log.debug("pass %s raised", pass_.name, exc_info=True)
+            rejected = Rejected(f"raised {type(exc).__name__}: {exc}")
+            rejected.__cause__ = exc
+            return rejected
+        if not isinstance(result, PassResult):
+            return Rejected(f"returned {type(result).__name__} instead of a PassResult")
+        step.result = result
+        return None
+
+    def _consult(self, step: PassStep, working: fx.GraphModule, previous: fx.GraphModule,
+                 ctx: PassContext) -> Rejected | None:
+        """The first check's objection to ``working``, or None when all accept it."""
+        for check in self.checks:
+            try:
+                reason = check.after(step, working, previous, ctx)
+            except Rejected as rejected:
+                return rejected
+            if reason is not None:
+                return Rejected(reason)
+        return None
+
+
+def _warn_about_order(passes: Sequence[Pass]) -> None:
+    for problem in order_violations(passes):
+        warnings.warn(f"fxopt: {problem}; running the passes in the order given",
+                      PassOrderWarning, stacklevel=user_stacklevel())
