@@ -36,8 +36,6 @@ class OptimizedModule(torch.nn.Module):
     and ``.to(other_device)`` raise; compile the converted model instead.
     """
 
-    backend_name: str
-
     def __init__(
         self,
         graph_module: fx.GraphModule,
@@ -52,7 +50,6 @@ class OptimizedModule(torch.nn.Module):
         self.report = report
         self.device = device
         self._runner = runner
-        self.backend_name = report.backend
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> OptimizedModule:
         # nn.Module's .half()/.to()/.cuda() convert the weights one by one behind the
@@ -63,7 +60,7 @@ class OptimizedModule(torch.nn.Module):
             probe = fn(torch.empty(0, dtype=dtype, device=device))
             if isinstance(probe, torch.Tensor) and (probe.dtype, probe.device) != (dtype, device):
                 change = f"dtype {dtype} to {probe.dtype}" if probe.dtype != dtype else f"device {device} to {probe.device}"
-                what = (f"fxopt.compile(model.to({_dtype_name(probe.dtype)}), example_inputs converted the same way)"
+                what = (f"fxopt.compile(model.to({probe.dtype}), example_inputs converted the same way)"
                         if probe.dtype != dtype else f"fxopt.compile(model, example_inputs, device='{probe.device}')")
                 raise FxoptError(f"an optimized module cannot change its {change} after compilation: "
                                  f"its graph was verified and lowered for the original; compile again with {what}")
@@ -91,10 +88,6 @@ class OptimizedModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.report.backend}, device={self.report.device}"
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype)
 
 
 def _discard_partial_torch_save() -> None:
