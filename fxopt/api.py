@@ -68,8 +68,21 @@ class OptimizedModule(torch.nn.Module):
 
     def __reduce_ex__(self, protocol: Any) -> Any:
         _discard_partial_torch_save()
-        raise FxoptError("an optimized module cannot be pickled (torch.save, copy.deepcopy): its lowered "
-                         "runner is not picklable; use fxopt.save(opt, path) and fxopt.load(path)")
+        raise FxoptError("an optimized module cannot be pickled (torch.save): its lowered runner is not "
+                         "picklable; use fxopt.save(opt, path) and fxopt.load(path)")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OptimizedModule:
+        from fxopt.saving import eager_runner
+
+        graph_module = copy.deepcopy(self.graph_module, memo)
+        if self.report.backend == "eager":
+            runner = eager_runner(graph_module)
+        elif self.report.backend == "onnx":
+            runner = self._runner  # an ONNX Runtime session holds no state between runs
+        else:
+            raise FxoptError(f"an optimized module of the {self.report.backend!r} backend cannot be copied")
+        return OptimizedModule(graph_module, copy.deepcopy(self.signature, memo),
+                               copy.deepcopy(self.report, memo), runner, self.device)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.signature.flatten(args, kwargs)

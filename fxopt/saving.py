@@ -96,11 +96,12 @@ def load(path: str | os.PathLike[str]) -> Any:
     if payload["backend"] == "onnx":
         runner = _onnx_runner(payload["onnx_files"], signature, device)
     else:
-        runner = _eager_runner(gm)
+        runner = eager_runner(gm)
     return OptimizedModule(gm, signature, report, runner, device)
 
 
-def _eager_runner(gm: torch.fx.GraphModule) -> Any:
+def eager_runner(gm: torch.fx.GraphModule) -> Any:
+    """Runs ``gm`` as the eager backend does: under ``no_grad``, returning its flat outputs."""
     def run(*inputs: torch.Tensor) -> Any:
         with torch.no_grad():
             return gm(*inputs)

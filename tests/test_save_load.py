@@ -114,3 +114,18 @@ def test_device_move_is_refused() -> None:
     opt = fxopt.compile(_mlp(), (torch.randn(4, 32),))
     with pytest.raises(fxopt.FxoptError, match="device='cuda"):
         opt.cuda()
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_deepcopy_gives_an_independent_working_module(backend: str) -> None:
+    import copy
+
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    model = _mlp()
+    x = torch.randn(4, 32)
+    opt = fxopt.compile(model, (x,), backend=backend)
+    twin = copy.deepcopy(opt)
+    assert twin.graph_module is not opt.graph_module
+    torch.testing.assert_close(twin(x), opt(x))
+    assert str(twin.report) == str(opt.report)
