@@ -27,7 +27,7 @@ def main() -> None:
         diff = (compiled(x) - model(x)).abs().max().item()
         print(f"batch {batch}: max abs difference {diff:.2e}")
 
-    from fxopt.backends.dynamo import last_reports
+    from fxopt.frontends.dynamo import last_reports
 
     for report in last_reports():
         print(report)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from fxopt import kernels  # noqa: F401  (registers torch.ops.fxopt.*, so saved programs load)
 from fxopt.api import OptimizedModule, compile
 from fxopt.capture import capture
 from fxopt.errors import (
@@ -69,7 +70,7 @@ def __getattr__(name: str) -> Any:
 
 
 def export_onnx(*args: Any, **kwargs: Any) -> Any:
-    """Export an optimized model to ONNX; see :func:`fxopt.backends.onnx.export_onnx`."""
-    from fxopt.backends.onnx import export_onnx as _export_onnx
+    """Export an optimized model to ONNX; see :func:`fxopt.frontends.onnx_export.export_onnx`."""
+    from fxopt.frontends.onnx_export import export_onnx as _export_onnx
 
     return _export_onnx(*args, **kwargs)

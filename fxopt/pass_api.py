@@ -12,7 +12,8 @@ A pass is a frozen dataclass whose fields are its options::
 It rewrites ``gm`` in place (the manager hands it a working copy and keeps the
 original for rollback), never modifies a constant tensor in place (it adds new ones with
 ``fxopt.ir.add_constant``), and returns a :class:`PassResult` that lists what it matched,
-what it changed and every node it left alone with the reason.
+what it changed and every node it left alone with a :class:`fxopt.rewrite.Refusal` (a
+stable code and a detail).
 """
 
 from __future__ import annotations
@@ -23,20 +24,40 @@ import typing
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.fx as fx
 
 from fxopt.errors import OptionTypeError
 
+if TYPE_CHECKING:
+    from fxopt.rewrite.refusal import Refusal
+
+# fxopt.rewrite.refusal.UNSPECIFIED, spelled here because fxopt.rewrite imports this module.
+_UNSPECIFIED = "unspecified"
+
 
 @dataclass(frozen=True)
 class Skip:
-    """A node a pass matched but left alone, and why."""
+    """A node a pass matched but left alone: the refusal's ``code`` and ``detail``.
+
+    A skip given as plain text has the code ``"unspecified"`` and the text as its detail.
+    """
 
     node: str
-    reason: str
+    code: str
+    detail: str = ""
+
+    @property
+    def reason(self) -> str:
+        """The human-readable reason (the detail, or the code when there is none)."""
+        return self.detail or self.code
+
+    @property
+    def group(self) -> str:
+        """What the report counts this skip under: its code, or, without one, its text."""
+        return self.detail if self.code == _UNSPECIFIED else self.code
 
 
 @dataclass
@@ -63,11 +84,18 @@ class PassResult:
         self.stats["applied"] += count
         self.modified = True
 
-    def skip(self, node: fx.Node | str, reason: str) -> None:
-        self.skipped.append(Skip(node.name if isinstance(node, fx.Node) else str(node), reason))
+    def skip(self, node: fx.Node | str, reason: Refusal | str) -> None:
+        """Record that ``node`` stays as it is, with a :class:`~fxopt.rewrite.Refusal`
+        (or, from a pass without refusal codes, a plain text)."""
+        name = node.name if isinstance(node, fx.Node) else str(node)
+        if isinstance(reason, str):
+            self.skipped.append(Skip(name, _UNSPECIFIED, reason))
+        else:
+            self.skipped.append(Skip(name, reason.code, reason.detail))
 
     def reasons(self) -> Counter[str]:
-        return Counter(s.reason for s in self.skipped)
+        """How many skips per refusal code (a skip without a code counts under its text)."""
+        return Counter(s.group for s in self.skipped)
 
 
 @dataclass

@@ -7,12 +7,11 @@ to coefficients. ``0.5*x*(1 + t)``, ``x*0.5 + (x*t)*0.5`` and ``(x + t*x) / 2`` 
 
     X = pattern.X
     SILU = (term(1.0, X, Call(ops.sigmoid, (term(1.0, X),))),)
-    found = pattern.match(node, SILU)      # Match(x=<node>, interior=...) or None
+    found = pattern.match(node, SILU, gm)  # Match(gm, node, x=<node>, interior=...) or None
 
 Only the root and nodes with a single user are expanded: a value used elsewhere is an
 atom, since a rewrite around it could not remove it anyway. ``Match.interior`` lists the
-nodes the formula consists of; :meth:`Match.escaping` says which of them are also read
-outside it.
+nodes the formula consists of.
 """
 
 from __future__ import annotations
@@ -27,6 +26,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fxopt import rewrite
 from fxopt.ir import arg, constant, is_op
 
 aten = torch.ops.aten
@@ -77,16 +77,18 @@ def term(coefficient: float, *atoms: Any) -> tuple[tuple[Any, ...], float]:
     return tuple(atoms), float(coefficient)
 
 
-@dataclass(frozen=True)
-class Match:
-    root: fx.Node
+@dataclass(eq=False)
+class Match(rewrite.Match):
+    """``node`` (the root) computes the template with ``X = x``; ``interior`` are the
+    formula's nodes, the root included: all of them are consumed by a rewrite of the root
+    (``fxopt.rewrite.constraints.private_region`` says whether it removes them)."""
+
     x: fx.Node
     interior: frozenset[fx.Node]
 
-    def escaping(self) -> list[fx.Node]:
-        """Interior nodes (other than the root) that something outside the formula reads."""
-        inside = self.interior | {self.root}
-        return [n for n in self.interior if n is not self.root and any(u not in inside for u in n.users)]
+    @property
+    def nodes(self) -> frozenset[fx.Node]:
+        return self.interior
 
 
 def close(a: float, b: float, rel: float = 1e-6) -> bool:
@@ -138,7 +140,10 @@ def _expand(node: fx.Node, is_root: bool, expanded: set[fx.Node], gm: fx.GraphMo
     if node.target in _NEG:
         return _scale(_operand(a, expanded, gm), -1.0)
     b = node.args[1]
-    alpha = float(node.kwargs.get("alpha", 1))
+    # export passes rsub.Scalar's and sub.Scalar's alpha positionally, add.Tensor's by keyword
+    alpha = _scalar(arg(node, 2, "alpha", 1), gm)
+    if alpha is None:
+        raise _NotPolynomial
     if node.target in _ADD:
         return _add(_operand(a, expanded, gm), _scale(_operand(b, expanded, gm), alpha))
     if node.target in _SUB:
@@ -208,7 +213,7 @@ def match(root: fx.Node, template: Template, gm: fx.GraphModule | None = None) -
     for x in atoms(poly):
         interior = _match_poly(poly, template, x, gm)
         if interior is not None:
-            return Match(root, x, frozenset(expanded | interior))
+            return Match(gm, root, x, frozenset(expanded | interior))  # type: ignore[arg-type]
     return None
 
 
@@ -275,3 +280,45 @@ def _match_atom(node: fx.Node, t_atom: Any, x: fx.Node, gm: fx.GraphModule | Non
         sub, expanded = found
     inner = _match_poly(sub, t_atom.arg, x, gm)
     return None if inner is None else {node} | expanded | inner
+
+
+# ---------------------------------------------------------------- activation formulas
+
+_C = math.sqrt(2.0 / math.pi)
+_A = 0.044715
+_HARDTANH_0_6 = ((1, "min_val", 0.0), (2, "max_val", 6.0))
+_CLAMP_0_6 = ((1, "min", 0.0), (2, "max", 6.0))
+_X_PLUS_3 = (term(1.0, X), term(3.0))
+
+GELU_TANH: Template = (term(0.5, X), term(0.5, X, Call(aten.tanh.default, (term(_C, X), term(_C * _A, X, X, X)))))
+"""0.5*x*(1 + tanh(c*(x + 0.044715*x^3))), c = sqrt(2/pi): GPT-2's ``gelu_new``."""
+GELU_TANH_SIGMOID: Template = (term(1.0, X, Call(aten.sigmoid.default, (term(2 * _C, X), term(2 * _C * _A, X, X, X)))),)
+"""x*sigmoid(2c*(x + 0.044715*x^3)): the same function, since 1 + tanh(z) = 2*sigmoid(2z)."""
+GELU_ERF: Template = (term(0.5, X), term(0.5, X, Call(aten.erf.default, (term(1 / math.sqrt(2.0), X),))))
+SILU: Template = (term(1.0, X, Call(aten.sigmoid.default, (term(1.0, X),))),)
+HARDSWISH_RELU6: Template = (term(1 / 6, X, Call(aten.relu6.default, _X_PLUS_3)),)
+HARDSWISH_HARDTANH: Template = (term(1 / 6, X, Call(aten.hardtanh.default, _X_PLUS_3, _HARDTANH_0_6)),)
+HARDSWISH_CLAMP: Template = (term(1 / 6, X, Call(aten.clamp.default, _X_PLUS_3, _CLAMP_0_6)),)
+HARDSWISH_HARDSIGMOID: Template = (term(1.0, X, Call(aten.hardsigmoid.default, (term(1.0, X),))),)
+
+ACTIVATION_LIKE = frozenset({aten.tanh.default, aten.sigmoid.default, aten.hardsigmoid.default, aten.erf.default,
+                             aten.hardtanh.default, aten.clamp.default, aten.relu6.default})
+
+
+def gated_by_activation(root: fx.Node, gm: fx.GraphModule | None = None) -> fx.Node | None:
+    """The call ``f(...)`` when ``root`` computes ``x * f(g(x))`` for an activation-like ``f``
+    (:data:`ACTIVATION_LIKE`), whatever its constants: every term has the factor ``x`` and
+    one has ``f`` too. None otherwise. Lets a pass say that a formula looks like an activation
+    but is none it knows (QuickGELU's ``x*sigmoid(1.702*x)``)."""
+    found = polynomial(root, gm)
+    if found is None:
+        return None
+    poly, _ = found
+    for atom in atoms(poly):
+        if not is_op(atom, ACTIVATION_LIKE) or not isinstance(atom.args[0], fx.Node):
+            continue
+        inner = polynomial(atom.args[0], gm)
+        for x in set(atoms(inner[0])) if inner else {atom.args[0]}:
+            if all(x in monomial for monomial in poly) and any(atom in monomial for monomial in poly):
+                return atom
+    return None

@@ -19,7 +19,7 @@ class PassRecord:
     status: str  # "applied", "no change", "rolled back"
     matched: int = 0
     applied: int = 0
-    skipped: Counter[str] = field(default_factory=Counter)
+    skipped: Counter[str] = field(default_factory=Counter)  # refusal code -> count
     before: Cost = Cost(0, 0, 0)
     after: Cost = Cost(0, 0, 0)
     max_abs_err: float = 0.0
@@ -33,6 +33,17 @@ class PassRecord:
     @property
     def rolled_back(self) -> bool:
         return self.status == "rolled back"
+
+    def skip_lines(self) -> list[str]:
+        """One line per refusal code, commonest first: how many sites, and one example's detail."""
+        lines = []
+        for group, count in self.skipped.most_common():
+            example = next((s for s in self.skips if s.group == group), None)
+            if example is None or example.group != example.code:  # plain-text skips group by their text
+                lines.append(f"skipped {count}x: {group}")
+            else:
+                lines.append(f"skipped {count}x [{group}]" + (f", e.g. {example.detail}" if example.detail else ""))
+        return lines
 
 
 @dataclass
@@ -58,14 +69,10 @@ class Report:
                 return record
         raise KeyError(f"no pass named {name!r} in this report (ran: {[r.name for r in self.passes]})")
 
-    @property
-    def rolled_back(self) -> list[PassRecord]:
-        return [r for r in self.passes if r.rolled_back]
-
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        for record in data["passes"]:
-            record["skipped"] = dict(record["skipped"])
+        for record, original in zip(data["passes"], self.passes):
+            record["skipped"] = dict(original.skipped)  # refusal code -> count (asdict garbles a Counter)
         return data
 
     def __str__(self) -> str:
@@ -97,8 +104,7 @@ class Report:
         if not self.passes:
             lines.append("(no passes ran: nothing to do)")
         for r in self.passes:
-            for reason, count in r.skipped.most_common():
-                lines.append(f"  {r.name}: skipped {count}x: {reason}")
+            lines.extend(f"  {r.name}: {line}" for line in r.skip_lines())
             if r.message:
                 lines.append(f"  {r.name}: {r.message}")
         lines.append(

@@ -3,7 +3,7 @@
     run = fxopt.testing.run_pass("fold-batchnorm", model, (x,))
     assert run.count(ops.batch_norm) == 0
     run.assert_outputs_match()
-    fxopt.testing.assert_skipped(run, "training mode")
+    fxopt.testing.assert_skipped(run, code="bn-training")
     fxopt.testing.assert_idempotent("fold-batchnorm", model, (x,))
 
 ``run_pass`` goes through the real pass manager, so the rewrite is verified exactly as in
@@ -22,7 +22,7 @@ import torch.utils._pytree as pytree
 
 from fxopt.capture import capture, normalize_example_inputs
 from fxopt.ir import count_ops, op_histogram
-from fxopt.pass_api import Pass, PassContext
+from fxopt.pass_api import Pass, PassContext, Skip
 from fxopt.pipeline import PassManager
 from fxopt.registry import resolve_passes
 from fxopt.report import PassRecord
@@ -96,11 +96,25 @@ def assert_outputs_close(actual: Sequence[Any], expected: Sequence[Any], rtol: f
     return comparison.max_rel
 
 
-def assert_skipped(run: PassRun, reason: str, *, node: str | None = None) -> None:
-    """Assert the pass left some node alone (``node`` if given) with a reason containing ``reason``."""
+def assert_skipped(run: PassRun, reason: str | None = None, *, code: str | None = None,
+                   node: str | None = None) -> None:
+    """Assert the pass left some node alone (``node`` if given) with refusal ``code`` and a
+    detail containing ``reason``. A ``reason`` alone also matches a skip whose code it is,
+    so ``assert_skipped(run, "shared-constant")`` works too."""
+    assert reason is not None or code is not None, "give a refusal code, a reason, or both"
+
+    def fits(skip: Skip) -> bool:
+        if code is not None and skip.code != code:
+            return False
+        if reason is not None and reason not in skip.detail and (code is not None or reason != skip.code):
+            return False
+        return node is None or skip.node == node
+
     skips = run.record.skips
-    hits = [s for s in skips if reason in s.reason and (node is None or s.node == node)]
-    assert hits, f"no skip with reason containing {reason!r}; skips were: {[(s.node, s.reason) for s in skips]}"
+    wanted = " and ".join(part for part in (code and f"code {code!r}", reason and f"reason containing {reason!r}")
+                          if part)
+    assert any(fits(s) for s in skips), (
+        f"no skip with {wanted}; skips were: {[(s.node, s.code, s.detail) for s in skips]}")
 
 
 def assert_idempotent(pass_: str | Pass, model: torch.nn.Module, example_inputs: Any) -> None:

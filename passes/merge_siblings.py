@@ -3,12 +3,15 @@
     linear(x, W1, b1), ..., linear(x, Wn, bn)
       =>  y = linear(x, [W1; ...; Wn], [b1; ...; bn]);  split_with_sizes(y, [o1, ..., on], -1)[i]
 
-Constraints: at least ``min_group`` Linears read the same node ``x`` (any number of leading
-dims; output widths may differ); their weights and biases are constants of one dtype and
-device; a missing bias becomes a zero-filled one; a Linear whose weight or bias tensor is
-also read elsewhere stays, since merging would copy that tensor and keep both. The weights
-are concatenated once, at compile time. Cost model: FLOPs and weights are unchanged; the
-input is read once instead of n times, in one GEMM instead of n.
+A whole-graph pass (a group is all the Linears reading one node), checked with the same
+constraints as the rules: each member is a constant_linear whose weight and bias are read
+by it alone (private_linear: merging would copy a shared tensor and keep both) and of one
+dtype (same_dtype); members are grouped by dtype and device, and a group merges when it has
+at least ``min_group`` members (too-few-siblings). ``x`` may have any leading dims, output
+widths may differ, a missing bias becomes zeros. Weights are concatenated at compile time.
+A split piece that is a graph output (or a view of one) is copied to a contiguous tensor of
+its own, as the model returned. Cost model (not_costlier): FLOPs and weights are unchanged;
+the bytes moved must not grow (the input is read once instead of n times, in one GEMM).
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ from fxopt.cost import linear_rows, linear_shape_bytes
 from fxopt.ir import (
     LinearParts,
     call_nodes,
-    constant_users,
     infer_val,
     insert_linear,
     is_op,
@@ -35,6 +37,8 @@ from fxopt.ir import (
     topo_order,
 )
 from fxopt.pass_api import Pass, PassContext, PassResult
+from fxopt.rewrite import Refusal
+from fxopt.rewrite.constraints import constant_linear, not_costlier, private_linear, same_dtype
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,7 @@ class MergeSiblings(Pass):
             raise ValueError(f"min_group must be at least 2, got {self.min_group}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        # matched and applied count sibling groups; every Linear left out is a skip
         result = PassResult()
         siblings: dict[fx.Node, list[fx.Node]] = {}
         for node in call_nodes(gm, ops.linear):
@@ -61,17 +66,18 @@ class MergeSiblings(Pass):
             result.match()
             kinds: dict[tuple[torch.dtype, torch.device], list[LinearParts]] = {}
             for node in linears:
+                refusal = constant_linear(gm, node) or private_linear(gm, node)
                 parts = linear_parts(gm, node)
-                reason = _member_reason(gm, parts)
-                if parts is None or reason:
-                    result.skip(node, reason or "not a Linear with constant weights")
+                refusal = refusal or same_dtype(parts.weight, parts.bias)  # type: ignore[union-attr]
+                if refusal:
+                    result.skip(node, refusal)
                     continue
-                kinds.setdefault((parts.weight.dtype, parts.weight.device), []).append(parts)
+                kinds.setdefault((parts.weight.dtype, parts.weight.device), []).append(parts)  # type: ignore[union-attr]
             for group in kinds.values():
-                reason = self._group_reason(group, len(kinds))
-                if reason:
+                refusal = self._group_refusal(group, len(kinds))
+                if refusal:
                     for parts in group:
-                        result.skip(parts.node, reason)
+                        result.skip(parts.node, refusal)
                     continue
                 # the shared input, as it is now: merging an earlier group may have replaced it
                 _merge(gm, group[0].node.args[0], group)
@@ -79,36 +85,19 @@ class MergeSiblings(Pass):
                 result.stats["linears_merged"] += len(group)
         return result
 
-    def _group_reason(self, group: list[LinearParts], kinds: int) -> str | None:
+    def _group_refusal(self, group: list[LinearParts], kinds: int) -> Refusal | None:
         if len(group) < self.min_group:
             other = " with the same dtype and device" if kinds > 1 else ""
-            return (f"only {len(group)} sibling Linear(s){other} can merge here "
-                    f"(min_group={self.min_group})")
+            return Refusal("too-few-siblings", f"only {len(group)} sibling Linear(s){other} can merge here "
+                                               f"(min_group={self.min_group})")
         rows = linear_rows(group[0].node)
         itemsize = group[0].weight.element_size()
         separate = sum(linear_shape_bytes(rows, p.in_features, p.out_features, p.bias is not None, itemsize)
                        for p in group)
         merged = linear_shape_bytes(rows, group[0].in_features, sum(p.out_features for p in group),
                                     any(p.bias is not None for p in group), itemsize)
-        if merged > separate:
-            return (f"merging would move more memory ({merged} bytes vs {separate}): the zero biases "
-                    "it adds outweigh reading the input once")
-        return None
-
-
-def _member_reason(gm: fx.GraphModule, parts: LinearParts | None) -> str | None:
-    if parts is None:
-        return "weight or bias is not a constant"
-    for what, const_node in (("weight", parts.weight_node), ("bias", parts.bias_node)):
-        if const_node is None:
-            continue
-        others = [u.name for u in constant_users(gm, const_node) if u is not parts.node]
-        if others:
-            return (f"its {what} tensor is also used by {', '.join(sorted(others)[:3])}; merging "
-                    f"would copy it and keep both")
-    if parts.bias is not None and parts.bias.dtype != parts.weight.dtype:
-        return "bias and weight have different dtypes"
-    return None
+        return not_costlier(merged, separate, f"merging would move more memory ({merged} bytes vs {separate}): "
+                            "the zero biases it adds outweigh reading the input once")
 
 
 def _merge(gm: fx.GraphModule, x: fx.Node, group: list[LinearParts]) -> None:
@@ -136,6 +125,7 @@ def _merge(gm: fx.GraphModule, x: fx.Node, group: list[LinearParts]) -> None:
         infer_val(piece)
         replace_node(parts.node, piece)
         _keep_views_valid(piece)
+    _contiguous_outputs(gm, set(pieces))
 
 
 def _keep_views_valid(piece: fx.Node) -> None:
@@ -148,3 +138,19 @@ def _keep_views_valid(piece: fx.Node) -> None:
             except Exception:
                 user.target = ops.reshape
                 infer_val(user)
+
+
+def _contiguous_outputs(gm: fx.GraphModule, pieces: set[fx.Node]) -> None:
+    """A graph output that is a split piece, or a view of one, is a strided window of the
+    merged output where the model returned a tensor of its own: ``out.view(-1)`` would fail
+    on it, and it would keep the whole merged buffer alive. Such an output gets a copy."""
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    for value in output.all_input_nodes:
+        source = value
+        while is_op(source, ops.view, ops.reshape):
+            source = source.args[0]
+        if source in pieces:
+            with gm.graph.inserting_before(output):
+                copy = gm.graph.call_function(ops.clone, (value,), {"memory_format": torch.contiguous_format})
+            infer_val(copy)
+            output.replace_input_with(value, copy)

@@ -17,6 +17,7 @@ dynamic, ``fxopt::int8_linear_dynamic_tensor`` (ONNX Runtime: DynamicQuantizeMat
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass
 from typing import ClassVar
@@ -24,7 +25,6 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from fxopt.int8 import FLOAT_DTYPES, insert_qdq, quantize_weight, static_scale
 from fxopt.ir import (
     add_constant,
     all_finite,
@@ -35,7 +35,19 @@ from fxopt.ir import (
     module_path,
     ops,
 )
+from fxopt.ir.qdq import qops
 from fxopt.pass_api import Pass, PassContext, PassResult
+from fxopt.quant import (
+    FLOAT_DTYPES,
+    QMAX,
+    QMIN,
+    TENSOR_EPS,
+    UQMAX,
+    UQMIN,
+    WEIGHT_QMAX,
+    quantize_weight,
+    static_scale,
+)
 
 MIN_FEATURES = 16
 ACTIVATIONS = ("dynamic", "dynamic-tensor", "static")
@@ -187,3 +199,43 @@ class QuantizeInt8(Pass):
                                   f"error to {error:.3g} > budget {self.budget:g}")
         return [n for n in names if n in chosen]  # graph order
 
+
+def insert_qdq(
+    gm: fx.GraphModule,
+    linear: fx.Node,
+    qweight: fx.Node,
+    weight_scale: fx.Node,
+    input_scale: float | None = None,
+    dynamic_tensor: bool = False,
+) -> None:
+    """Rewrite ``linear(x, W, b)`` into the QDQ pattern (:mod:`fxopt.ir.qdq`) over the given
+    int8 weight constants: activations per token (default), per tensor with ``input_scale``,
+    or per tensor with a dynamic uint8 scale and zero point (``dynamic_tensor``)."""
+    graph = gm.graph
+    x = linear.args[0]
+    dtype = linear.meta["val"].dtype
+    with graph.inserting_before(linear):
+        if dynamic_tensor:
+            qparams = graph.call_function(qops.choose_per_tensor, (x, UQMIN, UQMAX, TENSOR_EPS, torch.uint8))
+            scale = graph.call_function(operator.getitem, (qparams, 0))
+            zero = graph.call_function(operator.getitem, (qparams, 1))
+            xq = graph.call_function(qops.quantize_per_tensor_dynamic, (x, scale, zero, UQMIN, UQMAX, torch.uint8))
+            xdq = graph.call_function(qops.dequantize_per_tensor_dynamic,
+                                      (xq, scale, zero, UQMIN, UQMAX, torch.uint8), {"out_dtype": dtype})
+        elif input_scale is None:
+            qparams = graph.call_function(qops.choose_per_token, (x, torch.int8))
+            scale = graph.call_function(operator.getitem, (qparams, 0))
+            zero = graph.call_function(operator.getitem, (qparams, 1))
+            xq = graph.call_function(qops.quantize_per_token, (x, scale, zero, QMIN, QMAX, torch.int8))
+            xdq = graph.call_function(qops.dequantize_per_token,
+                                      (xq, scale, zero, QMIN, QMAX, torch.int8, dtype))
+        else:
+            xq = graph.call_function(qops.quantize_per_tensor, (x, input_scale, 0, QMIN, QMAX, torch.int8))
+            xdq = graph.call_function(qops.dequantize_per_tensor, (xq, input_scale, 0, QMIN, QMAX, torch.int8),
+                                      {"out_dtype": dtype})
+        wdq = graph.call_function(qops.dequantize_per_channel,
+                                  (qweight, weight_scale, None, 0, -WEIGHT_QMAX, WEIGHT_QMAX, torch.int8),
+                                  {"out_dtype": dtype})
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    linear.args = (xdq, wdq, bias)
+    linear.kwargs = {}

@@ -8,112 +8,90 @@
     x*hardsigmoid(x)                            =>  hardswish(x)
 
 Formulas are matched as polynomials (fxopt.pattern), so every ordering of the sums and
-products matches, and constants agree to a relative 1e-6. Constraints: x is a
-floating-point tensor and the formula's result has x's shape and dtype; no intermediate
-value is used outside the formula (otherwise the rewrite would not remove it).
+products matches, and constants agree to a relative 1e-6. Constraints: floating_point (x);
+same_shape_and_dtype (the result and x: no broadcast, no promotion); private_region (no
+intermediate is used outside the formula, or fusing would not remove it). ``x*f(g(x))`` for
+an activation-like f that matches no formula is refused: no-exact-formula.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 import torch.fx as fx
 
-from fxopt.ir import dtype_of, is_op, ops, replace_node, shape_of, topo_order
-from fxopt.pass_api import Pass, PassContext, PassResult
-from fxopt.pattern import ARITHMETIC, Call, Template, X, atoms, match_any, polynomial, term
+from fxopt import pattern
+from fxopt.ir import ops, replace_node
+from fxopt.pattern import ARITHMETIC, Template
+from fxopt.rewrite import Match, Refusal, Rule, RulePass
+from fxopt.rewrite.constraints import floating_point, private_region, same_shape_and_dtype
 
-aten = torch.ops.aten
-C = math.sqrt(2.0 / math.pi)
-A = 0.044715
-_TANH_ARG = (term(C, X), term(C * A, X, X, X))
-_SIGMOID_ARG = (term(2 * C, X), term(2 * C * A, X, X, X))
-_RELU6 = dict(arg=(term(1.0, X), term(3.0)), fixed=((1, "min_val", 0.0), (2, "max_val", 6.0)))
-_CLAMP06 = dict(arg=(term(1.0, X), term(3.0)), fixed=((1, "min", 0.0), (2, "max", 6.0)))
-
-# (name, template, replacement op, replacement kwargs)
-REWRITES: tuple[tuple[str, Template, Any, dict[str, Any]], ...] = (
-    ("gelu_tanh", (term(0.5, X), term(0.5, X, Call(ops.tanh, _TANH_ARG))), ops.gelu, {"approximate": "tanh"}),
-    ("gelu_tanh", (term(1.0, X, Call(ops.sigmoid, _SIGMOID_ARG)),), ops.gelu, {"approximate": "tanh"}),
-    ("gelu", (term(0.5, X), term(0.5, X, Call(aten.erf.default, (term(1 / math.sqrt(2.0), X),)))), ops.gelu, {}),
-    ("silu", (term(1.0, X, Call(ops.sigmoid, (term(1.0, X),))),), ops.silu, {}),
-    ("hardswish", (term(1 / 6, X, Call(aten.relu6.default, (term(1.0, X), term(3.0)))),), ops.hardswish, {}),
-    ("hardswish", (term(1 / 6, X, Call(aten.hardtanh.default, **_RELU6)),), ops.hardswish, {}),
-    ("hardswish", (term(1 / 6, X, Call(aten.clamp.default, **_CLAMP06)),), ops.hardswish, {}),
-    ("hardswish", (term(1.0, X, Call(ops.hardsigmoid, (term(1.0, X),))),), ops.hardswish, {}),
-)
-_ACTIVATION_LIKE = frozenset({ops.tanh, ops.sigmoid, ops.hardsigmoid, aten.erf.default,
-                              aten.hardtanh.default, aten.clamp.default, aten.relu6.default})
+TANH = (("approximate", "tanh"),)
 
 
 @dataclass(frozen=True)
-class SwapActivations(Pass):
+class Formula(Rule[pattern.Match]):
+    template: Template
+    op: Any
+    kwargs: tuple[tuple[str, Any], ...] = ()
+    label: str = ""
+    anchor = ARITHMETIC
+
+    def match(self, node: fx.Node, gm: fx.GraphModule) -> pattern.Match | None:
+        return pattern.match(node, self.template, gm)
+
+    def check(self, m: pattern.Match) -> Refusal | None:
+        return (floating_point(m.x) or same_shape_and_dtype(m.node, m.x)
+                or private_region(m.interior - {m.node}, m.interior))
+
+    def rewrite(self, m: pattern.Match) -> None:
+        with m.gm.graph.inserting_before(m.node):
+            fused = m.gm.graph.call_function(self.op, (m.x,), dict(self.kwargs))
+        fused.meta["val"] = m.node.meta.get("val")
+        replace_node(m.node, fused)  # the rest of the formula is dead now; the manager removes it
+
+
+@dataclass(eq=False)
+class NearMiss(Match):
+    activation: fx.Node
+
+
+class NoExactFormula(Rule[NearMiss]):
+    """``x * f(g(x))`` for an activation-like ``f`` that no formula covers: left, and reported."""
+
+    anchor = ARITHMETIC
+
+    def match(self, node: fx.Node, gm: fx.GraphModule) -> NearMiss | None:
+        activation = pattern.gated_by_activation(node, gm)
+        return NearMiss(gm, node, activation) if activation is not None else None
+
+    def check(self, m: NearMiss) -> Refusal | None:
+        name = m.activation.target.__name__.split(".")[0]  # type: ignore[union-attr]
+        return Refusal("no-exact-formula", f"x*{name}(...) with constants that match no exact activation formula "
+                                           "(e.g. QuickGELU's sigmoid(1.702*x)); left as written")
+
+
+RULES: tuple[Rule[Any], ...] = (
+    Formula(pattern.GELU_TANH, ops.gelu, TANH, label="gelu_tanh"),
+    Formula(pattern.GELU_TANH_SIGMOID, ops.gelu, TANH, label="gelu_tanh"),
+    Formula(pattern.GELU_ERF, ops.gelu, label="gelu"),
+    Formula(pattern.SILU, ops.silu, label="silu"),
+    Formula(pattern.HARDSWISH_RELU6, ops.hardswish, label="hardswish"),
+    Formula(pattern.HARDSWISH_HARDTANH, ops.hardswish, label="hardswish"),
+    Formula(pattern.HARDSWISH_CLAMP, ops.hardswish, label="hardswish"),
+    Formula(pattern.HARDSWISH_HARDSIGMOID, ops.hardswish, label="hardswish"),
+    NoExactFormula(),
+)
+
+
+@dataclass(frozen=True)
+class SwapActivations(RulePass):
     name: ClassVar[str] = "swap-activations"
     exact: ClassVar[bool] = True
     after: ClassVar[tuple[str, ...]] = ("fold-batchnorm",)
+    reverse: ClassVar[bool] = True  # outermost formulas first: the root of a formula comes after its parts
 
-    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        result = PassResult()
-        done: set[fx.Node] = set()
-        templates = [template for _, template, _, _ in REWRITES]
-        # Outermost formulas first: the root of a formula comes after its parts.
-        for node in reversed(list(gm.graph.nodes)):
-            if node in done or not is_op(node, ARITHMETIC):
-                continue
-            found = match_any(node, templates, gm)
-            if found is None:
-                reason = _near_miss(node, gm)
-                if reason:
-                    result.skip(node, reason)
-                continue
-            index, m = found
-            done |= m.interior
-            label, _, op, kwargs = REWRITES[index]
-            result.match()
-            reason = _check(m)
-            if reason:
-                result.skip(node, reason)
-                continue
-            with gm.graph.inserting_before(node):
-                fused = gm.graph.call_function(op, (m.x,), dict(kwargs))
-            fused.meta["val"] = node.meta.get("val")
-            replace_node(node, fused)
-            for dead in reversed(topo_order(m.interior - {node})):
-                if not dead.users:
-                    gm.graph.erase_node(dead)
-            result.stats[label] += 1
-            result.apply()
-        return result
-
-
-def _check(m: Any) -> str | None:
-    x_dtype = dtype_of(m.x)
-    if x_dtype is None or not x_dtype.is_floating_point:
-        return f"x is not a floating-point tensor ({x_dtype})"
-    if dtype_of(m.root) != x_dtype or shape_of(m.root) != shape_of(m.x):
-        return "the formula's result differs from x in shape or dtype (broadcast or type promotion)"
-    escaping = m.escaping()
-    if escaping:
-        return (f"intermediate '{escaping[0].name}' is also used outside the formula: "
-                "fusing would not remove it")
-    return None
-
-
-def _near_miss(node: fx.Node, gm: fx.GraphModule) -> str | None:
-    """A reason when ``node`` computes ``x * f(g(x))`` for an activation-like ``f`` that no rule covers."""
-    found = polynomial(node, gm)
-    if found is None:
-        return None
-    poly, _ = found
-    for atom in atoms(poly):
-        if not is_op(atom, _ACTIVATION_LIKE) or not isinstance(atom.args[0], fx.Node):
-            continue
-        inner = polynomial(atom.args[0], gm)
-        inner_atoms = set(atoms(inner[0])) if inner else {atom.args[0]}
-        if any(other in inner_atoms for monomial in poly if atom in monomial for other in monomial):
-            return (f"x*{atom.target.__name__.split('.')[0]}(...) with constants that match no exact "
-                    "activation formula (e.g. QuickGELU's sigmoid(1.702*x)); left as written")
-    return None
+    def rules(self) -> Sequence[Rule[Any]]:
+        return RULES

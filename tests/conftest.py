@@ -47,13 +47,19 @@ def plugin_metadata(directory: Path) -> Path:
     """Write the example plugin's installed metadata (a dist-info with its entry points, taken
     from its pyproject.toml) into ``directory``, as ``pip install`` would; returns the folder
     to put on sys.path next to the plugin's source."""
-    text = (PLUGIN_DIR / "pyproject.toml").read_text()
-    section = text.split('[project.entry-points."fxopt.passes"]', 1)[1]
-    entries = [line.strip() for line in section.splitlines() if "=" in line and not line.startswith("[")]
+    lines: list[str] = []
+    group = None
+    for line in (PLUGIN_DIR / "pyproject.toml").read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            group = line.split('"')[1] if line.startswith("[project.entry-points.") else None
+            if group:
+                lines.append(f"[{group}]")
+        elif group and "=" in line:
+            lines.append(line.replace('"', ""))
     dist = directory / "fxopt_double_relu-0.1.0.dist-info"
     dist.mkdir(parents=True, exist_ok=True)
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fxopt-double-relu\nVersion: 0.1.0\n")
-    lines = ["[fxopt.passes]"] + [e.replace('"', "") for e in entries]
     (dist / "entry_points.txt").write_text("\n".join(lines) + "\n")
     return directory
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fxopt
-from fxopt.backends.dynamo import CompileLog
+from fxopt.frontends.dynamo import CompileLog
 from fxopt.testing import assert_outputs_close
 
 
@@ -57,7 +57,7 @@ def test_entry_point_works_in_a_fresh_interpreter():
         compiled = torch.compile(model, backend="fxopt", options={"passes": ["fold-batchnorm"]})
         x = torch.randn(4, 8)
         torch.testing.assert_close(compiled(x), model(x))
-        from fxopt.backends.dynamo import last_reports
+        from fxopt.frontends.dynamo import last_reports
         print(last_reports()[0]["fold-batchnorm"].status)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=240)

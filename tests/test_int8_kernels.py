@@ -7,10 +7,12 @@ import torch
 from fxopt.passes import QuantizeInt8
 
 import fxopt
-import fxopt.int8 as int8
+import fxopt.kernels.int8 as int8
 from fxopt.cost import graph_cost
-from fxopt.int8 import int8_linear_op, qops, quantize_weight
 from fxopt.ir import constants, count_ops, ops
+from fxopt.ir.qdq import qops
+from fxopt.kernels.int8 import int8_linear_op
+from fxopt.quant import quantize_weight
 from fxopt.testing import assert_outputs_close, run_pass
 
 qd = torch.ops.quantized_decomposed
@@ -245,3 +247,19 @@ def test_chained_linears_lower_to_chained_int8_ops() -> None:
     assert count_ops(opt.graph_module, torch.ops.fxopt.int8_linear.default) == 2
     reference = model(x)
     assert (opt(x) - reference).abs().max() <= 0.05 * reference.abs().max()
+
+
+def test_saved_int8_program_loads_after_import_fxopt(tmp_path) -> None:
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    layer, x = Int8Layer().eval(), torch.randn(2, 5, 32)
+    path = tmp_path / "int8.pt2"
+    torch.export.save(torch.export.export(layer, (x,), strict=False), str(path))
+    torch.save(x, tmp_path / "x.pt")
+    script = (f"import torch, fxopt; ep = torch.export.load({str(path)!r}); "
+              f"torch.save(ep.module()(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), layer(x))

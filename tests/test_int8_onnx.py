@@ -11,8 +11,8 @@ import torch
 from fxopt.passes import QuantizeInt8
 
 import fxopt
-from fxopt.int8 import int8_linear_dynamic_tensor_op, int8_linear_op
 from fxopt.ir import count_ops
+from fxopt.kernels.int8 import int8_linear_dynamic_tensor_op, int8_linear_op
 from fxopt.testing import assert_outputs_close
 
 INTEGER_KERNELS = {"MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QLinearMatMul", "QGemm"}

@@ -10,6 +10,7 @@ from torch.export import Dim
 
 import fxopt
 from fxopt.backends import onnx as onnx_backend
+from fxopt.ir import count_ops, ops
 from fxopt.testing import assert_outputs_close
 
 
@@ -153,3 +154,87 @@ def test_onnx_backend_on_cuda():
         assert "on CUDAExecutionProvider" in " ".join(opt.report.notes)
     else:
         assert any("no CUDAExecutionProvider" in n for n in opt.report.notes)
+
+
+def reachable_tensor_bytes(root: object) -> int:
+    """Bytes of the real tensor storages reachable from ``root`` through object references
+    (modules, functions and classes are not followed: they lead to global state)."""
+    import gc
+    import types
+
+    from torch._subclasses.fake_tensor import is_fake
+
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType)
+    seen: set[int] = set()
+    storages: dict[int, int] = {}
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor) and not obj.is_meta and not is_fake(obj):
+            storage = obj.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        stack.extend(gc.get_referents(obj))
+    return sum(storages.values())
+
+
+def test_onnx_backend_module_leaves_the_weights_to_onnx_runtime():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.GELU(), torch.nn.Linear(1024, 512)).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    x = torch.randn(4, 512)
+    opt = fxopt.compile(model, (x,), backend="onnx")
+    # the session holds the only copy; the module keeps the graph without weight storage
+    assert reachable_tensor_bytes(opt) < weight_bytes / 20
+    assert count_ops(opt.graph_module, ops.linear) == 2
+    constants = list(opt.graph_module.buffers())
+    assert all(t.is_meta for t in constants) and (1024, 512) in [tuple(t.shape) for t in constants]
+    with torch.no_grad():
+        assert_outputs_close([opt(x)], [model(x)])
+    with pytest.raises(fxopt.InputError, match="ONNX Runtime, which owns its weights"):
+        fxopt.export_onnx(opt, (x,), "unused.onnx")
+
+
+class ReturnsNonTensors(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"logits": self.fc(x), "past": None, "layers": 2, "hidden": x.relu()}
+
+
+def test_onnx_backend_passes_non_tensor_outputs_through(tmp_path):
+    torch.manual_seed(0)
+    model, x = ReturnsNonTensors().eval(), torch.randn(3, 8)
+    opt = fxopt.compile(model, (x,), backend="onnx")
+    out = opt(x)
+    with torch.no_grad():
+        expected = model(x)
+    assert list(out) == ["logits", "past", "layers", "hidden"]
+    assert out["past"] is None and out["layers"] == 2
+    assert_outputs_close([out["logits"], out["hidden"]], [expected["logits"], expected["hidden"]])
+    path, _ = fxopt.export_onnx(model, (x,), tmp_path / "dict.onnx")
+    assert [o.name for o in onnx.load(path).graph.output] == ["logits", "hidden"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_onnx_backend_on_cuda_without_cuda_says_what_to_install_before_exporting(monkeypatch):
+    def no_export(*args, **kwargs):
+        raise AssertionError("the export ran before the device was checked")
+
+    monkeypatch.setattr(onnx_backend, "export_graph", no_export, raising=False)
+    with pytest.raises(fxopt.BackendError, match="CUDA build of PyTorch") as raised:
+        fxopt.compile(GeluMLP().eval(), (torch.randn(2, 8),), backend="onnx", device="cuda")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert "onnxruntime-gpu" in str(raised.value)
+
+
+def test_export_failure_names_the_untranslated_op_in_plain_text(tmp_path):
+    with pytest.raises(fxopt.BackendError) as raised:
+        fxopt.export_onnx(UsesCustomOp().eval(), (torch.randn(2, 4),), tmp_path / "missing.onnx")
+    message = str(raised.value)
+    assert "no ONNX translation for fxopt_test::times_two" in message
+    assert "\x1b" not in message

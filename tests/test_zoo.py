@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from zoo import ARCHITECTURES, CHECKS, run_checks
 
 FULL = os.environ.get("FXOPT_ZOO") == "full"

@@ -1,6 +1,8 @@
 """Backends lower the optimized graph to something that runs.
 
 A backend is a function ``(gm, signature, example_inputs, device, report) -> Lowered``.
+Each runs the registered lowerings that apply to it (:func:`fxopt.lowering.lower_graph`)
+and names none: kernels for fused or lower-precision patterns come in as lowering plugins.
 """
 
 from __future__ import annotations

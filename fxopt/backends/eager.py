@@ -1,7 +1,7 @@
 """The eager backend: the optimized GraphModule runs as PyTorch code on CPU or CUDA.
 
-Quantized Linears (the QDQ pattern of the quantize-int8 pass) are lowered to fxopt's int8
-kernel (:func:`fxopt.int8.lower_int8_linears`); the rest runs as it is.
+The registered lowerings (:mod:`fxopt.lowering`) that apply on the device rewrite their
+patterns into kernels first, on a copy: the optimized graph itself stays as the passes left it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from fxopt.backends import Lowered
 from fxopt.errors import BackendError
-from fxopt.ir import copy_graph_module
+from fxopt.lowering import lower_graph
 
 
 def lower_eager(
@@ -25,12 +25,9 @@ def lower_eager(
 ) -> Lowered:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendError("device 'cuda' was requested but CUDA is not available on this machine")
-    from fxopt.int8 import has_qdq_linear, lower_int8_linears
-
-    if has_qdq_linear(gm):
-        gm = copy_graph_module(gm)  # the captured QDQ graph stays as it is
-        report.notes.extend(lower_int8_linears(gm, device).notes())
-    gm = gm.to(device)
+    lowered = lower_graph(gm, "eager", device)
+    report.notes.extend(lowered.notes)
+    gm = lowered.graph_module.to(device)
     gm.recompile()
 
     def run(*inputs: torch.Tensor) -> Any:
@@ -38,4 +35,3 @@ def lower_eager(
             return gm(*inputs)
 
     return Lowered(gm, run)
-

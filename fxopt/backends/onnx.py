@@ -1,16 +1,21 @@
 """The ONNX backend: export the optimized graph with ``torch.onnx`` and run it in ONNX Runtime.
 
-``export_onnx`` writes a checked ``.onnx`` file whose outputs agree with the optimized graph
-when run by ONNX Runtime; ``lower_onnx`` (``fxopt.compile(..., backend="onnx")``) keeps the
-exported graph in an ONNX Runtime session that takes and returns torch tensors.
+``lower_onnx`` (``fxopt.compile(..., backend="onnx")``) keeps the exported graph in an ONNX
+Runtime session that takes and returns torch tensors; the session owns the weights, and the
+module keeps the graph's structure only. :func:`export_graph` writes a checked ``.onnx`` file;
+``fxopt.export_onnx`` (:mod:`fxopt.frontends.onnx_export`) is the user-facing entry point.
 
-fxopt's own ops (``torch.library`` custom ops, e.g. int8 kernels) are translated by the
-onnxscript functions given to :func:`register_onnx_translation`.
+The registered lowerings for ``"onnx"`` (:mod:`fxopt.lowering`) rewrite their patterns first
+and bring the onnxscript translations of the ops they write, and their parity tolerance.
+Other custom ops (``torch.library``) are translated by the functions given to
+:func:`register_onnx_translation`. Outputs that are not tensors (None, numbers) pass around
+ONNX Runtime unchanged.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -18,6 +23,7 @@ import tempfile
 import warnings
 from collections import Counter
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +32,9 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from fxopt.backends import Lowered
-from fxopt.errors import BackendError, InputError
+from fxopt.errors import BackendError
 from fxopt.ir import copy_graph_module
-from fxopt.report import Report
+from fxopt.lowering import lower_graph
 from fxopt.verify import compare_outputs, exact_tolerance, run_graph
 
 # Opset 20 is the first with a Gelu operator (both the erf and the tanh form): below it the
@@ -45,134 +51,171 @@ _NAME = re.compile(r"[^0-9a-zA-Z_]+")
 def register_onnx_translation(op: Any, function: Callable[..., Any]) -> None:
     """Translate calls to ``op`` (an ``OpOverload``/custom op) with an onnxscript ``function``.
 
-    The table is handed to ``torch.onnx.export(custom_translation_table=...)``; it is how a
-    part of fxopt that adds its own ops (registered with ``torch.library``) makes them
-    exportable, e.g. as a QuantizeLinear/MatMulInteger/DequantizeLinear subgraph.
+    The table is handed to ``torch.onnx.export(custom_translation_table=...)``, together
+    with the translations of the lowerings that applied. A lowering brings its own
+    (:meth:`fxopt.lowering.Lowering.onnx_translations`); this table is for custom ops a model
+    calls itself.
     """
     _TRANSLATIONS[op] = function
 
 
 def onnx_translations() -> dict[Any, Callable[..., Any]]:
-    """A copy of the registered translations."""
+    """A copy of the translations given to :func:`register_onnx_translation`."""
     return dict(_TRANSLATIONS)
 
 
 # ---------------------------------------------------------------- export
 
 
-def export_onnx(
-    model_or_optimized: torch.nn.Module,
-    example_inputs: Any,
-    path: str | os.PathLike[str],
-    passes: Any = None,
-    dynamic_shapes: Any = None,
-    opset: int | None = None,
-    *,
-    check_parity: bool = True,
-) -> tuple[str, Report]:
-    """Export an optimized model to ONNX and check it; returns ``(path, report)``.
+@dataclass
+class OnnxGraph:
+    """A graph written to an ONNX file: where, how big, how to read its outputs back, and
+    what the lowerings did on the way."""
 
-    Args:
-        model_or_optimized: an :class:`fxopt.OptimizedModule`, or a plain model, which is
-            first optimized with ``fxopt.compile(model, example_inputs, passes=passes,
-            dynamic_shapes=dynamic_shapes)``.
-        example_inputs: a tuple of tensors the model can be called with.
-        path: where to write the ``.onnx`` file.
-        passes: the pipeline for a plain model (None: every exact pass).
-        dynamic_shapes: for a plain model, forwarded to capture; the sizes that are dynamic
-            in the optimized graph stay dynamic (symbolic) in the ONNX graph.
-        opset: the ONNX opset, at least 20 by default so GELU stays one node.
-        check_parity: run the file in ONNX Runtime (CPU) on ``example_inputs`` and raise
-            :class:`fxopt.BackendError` unless it matches the optimized graph.
-
-    The report gets a note with the opset, node count and the parity error.
-    """
-    from fxopt.api import OptimizedModule, compile
-    from fxopt.capture import normalize_example_inputs
-
-    args = normalize_example_inputs(example_inputs)
-    if isinstance(model_or_optimized, OptimizedModule):
-        if passes is not None or dynamic_shapes is not None:
-            raise InputError("passes and dynamic_shapes apply to a plain model; this model is already optimized")
-        optimized = model_or_optimized
-    elif isinstance(model_or_optimized, torch.nn.Module):
-        optimized = compile(model_or_optimized, args, passes=passes, dynamic_shapes=dynamic_shapes)
-    else:
-        raise InputError(f"export_onnx takes an nn.Module or an OptimizedModule, got {type(model_or_optimized).__name__}")
-    signature = optimized.signature
-    flat = [t.detach() for t in signature.flatten(args, None, what="example input")]
-    gm = optimized.graph_module
-    path = Path(path)
-    opset = DEFAULT_OPSET if opset is None else int(opset)
-    node_count = _export(gm, flat, path, signature, opset)
-    report = optimized.report
-    note = f"ONNX export: {path} (opset {opset}, {node_count} nodes)"
-    if opset < DEFAULT_OPSET:
-        note += f"; below opset {DEFAULT_OPSET} GELU is exported as elementwise nodes"
-    if check_parity:
-        session = _session(path, torch.device("cpu"), profile_dir=None)
-        expected = run_graph(gm, flat)
-        actual = _OrtRunner(session, _input_names(signature), torch.device("cpu"))(*flat)
-        error = _check_parity(expected, actual, _quantized(gm))
-        note += f"; ONNX Runtime parity: max rel err {error:.2e}"
-    report.notes.append(note)
-    return str(path), report
+    path: Path
+    node_count: int
+    input_names: list[str]
+    # One entry per flat output of the torch graph: an int is the position among the ONNX
+    # graph's outputs; a _Passthrough is a value that never enters ONNX.
+    outputs: list[Any]
+    parity_rtol: float | None  # from the lowerings that applied; None: exact float tolerance
+    notes: list[str]
 
 
-def _export(gm: fx.GraphModule, inputs: list[torch.Tensor], path: Path, signature: Any, opset: int) -> int:
-    """Write ``gm`` to ``path`` as checked ONNX; returns the number of nodes."""
+@dataclass(frozen=True)
+class _Passthrough:
+    value: Any
+
+
+@dataclass(frozen=True)
+class _Number:
+    """A SymInt/float output ONNX computes as a 0-d tensor; returned as a Python number."""
+
+    index: int
+    kind: type
+
+
+def export_graph(
+    gm: fx.GraphModule,
+    inputs: list[torch.Tensor],
+    path: Path,
+    signature: Any,
+    opset: int = DEFAULT_OPSET,
+) -> OnnxGraph:
+    """Write ``gm`` to ``path`` as checked ONNX; ``gm`` itself is never changed."""
     import onnx
 
-    gm = _with_int8_kernels(gm)
-
-    gm.eval()  # the graph is ATen-level already; this only silences the exporter's warning
+    lowered = lower_graph(gm, "onnx", None)
+    graph, outputs = _tensor_outputs(lowered.graph_module)
+    translations = {**onnx_translations(), **lowered.onnx_translations()}
+    graph.eval()  # the graph is ATen-level already; this only silences the exporter's warning
     path.parent.mkdir(parents=True, exist_ok=True)
-    weight_bytes = sum(b.numel() * b.element_size() for b in gm.buffers())
+    weight_bytes = sum(b.numel() * b.element_size() for b in graph.buffers())
+    all_names = _output_names(signature, len(outputs))
     try:
         with _quiet_exporter():
             torch.onnx.export(
-                gm,
+                graph,
                 tuple(inputs),
                 str(path),
                 dynamo=True,
                 verbose=False,
                 opset_version=opset,
-                input_names=_input_names(signature),
-                output_names=_output_names(signature, len(_graph_outputs(gm))),
-                dynamic_shapes=_dynamic_shapes(gm),
-                custom_translation_table=onnx_translations() or None,
+                input_names=input_names(signature),
+                output_names=[all_names[i] for i, kind in enumerate(outputs) if not isinstance(kind, _Passthrough)],
+                dynamic_shapes=_dynamic_shapes(graph),
+                custom_translation_table=translations or None,
                 external_data=weight_bytes > EXTERNAL_DATA_BYTES,
                 report=False,
                 verify=False,
                 optimize=True,
             )
     except Exception as exc:
-        raise BackendError(f"ONNX export failed: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
-                           "; an op without an ONNX translation needs fxopt.backends.onnx.register_onnx_translation") from exc
+        raise BackendError(_export_failure(exc, graph, translations)) from exc
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
-        raise BackendError(f"the exported ONNX model failed onnx.checker: {exc}") from exc
+        raise BackendError(f"the exported ONNX model failed onnx.checker: {_plain(str(exc))}") from exc
     model = onnx.load(str(path), load_external_data=False)
-    return len(model.graph.node)
+    return OnnxGraph(path, len(model.graph.node), input_names(signature), outputs,
+                     lowered.parity_rtol(), lowered.notes)
 
 
-def _with_int8_kernels(gm: fx.GraphModule) -> fx.GraphModule:
-    """Quantized Linears (QDQ or already lowered) as fxopt::int8_linear, which exports as
-    MatMulInteger; the graph is copied, never changed."""
-    from fxopt.int8 import (
-        has_int8_linear,
-        has_qdq_linear,
-        lower_int8_linears,
-        register_onnx_translation,
-    )
+def _tensor_outputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Any]]:
+    """``gm`` with only the outputs ONNX can carry, and where each flat output comes from.
 
-    if has_qdq_linear(gm):
-        gm = copy_graph_module(gm)
-        lower_int8_linears(gm, None)
-    if has_int8_linear(gm):
-        register_onnx_translation()
-    return gm
+    An output that is not computed by a node (None, an int the model returns) stays out of
+    the ONNX graph and is handed back as it is; the eager backend returns it the same way.
+    """
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    values = _graph_outputs(gm)
+    layout: list[Any] = []
+    kept: list[fx.Node] = []
+    for value in values:
+        if not isinstance(value, fx.Node):
+            layout.append(_Passthrough(value))
+            continue
+        val = value.meta.get("val")
+        if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)):
+            kind = {torch.SymInt: int, torch.SymFloat: float, torch.SymBool: bool}.get(type(val), type(val))
+            layout.append(_Number(len(kept), kind))
+        else:
+            layout.append(len(kept))
+        kept.append(value)
+    if len(kept) == len(values) and isinstance(output.args[0], (tuple, list)):
+        return gm, layout
+    graph = copy_graph_module(gm)
+    new_output = next(n for n in graph.graph.nodes if n.op == "output")
+    names = {n.name: n for n in graph.graph.nodes}
+    new_output.args = (tuple(names[n.name] for n in kept),)
+    graph.recompile()
+    return graph, layout
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def _plain(text: str) -> str:
+    """``text`` without terminal colour codes (the exporter's messages carry them)."""
+    return _ANSI.sub("", text)
+
+
+_CAUSE = re.compile(r"^<class '[\w.]*?(\w+)'>: (.+)$", re.MULTILINE)
+
+
+def _export_failure(exc: Exception, gm: fx.GraphModule, translations: dict[Any, Any]) -> str:
+    """Why the export failed, in plain text, naming the ops that have no ONNX translation."""
+    message = _plain(str(exc)).strip()
+    # The exporter's first line is generic ("step 3/3"); its summary names the root cause.
+    cause = _CAUSE.search(message)
+    detail = f"{cause.group(1)}: {cause.group(2)}" if cause else (
+        f"{type(exc).__name__}: {message.splitlines()[0]}" if message else type(exc).__name__)
+    untranslated = _untranslated_ops(gm, translations)
+    if untranslated:
+        return (f"ONNX export failed: no ONNX translation for {', '.join(untranslated)} ({detail}); "
+                "give one with fxopt.backends.onnx.register_onnx_translation, or from the lowering "
+                "that writes the op")
+    return (f"ONNX export failed: {detail}; an op without an ONNX translation needs "
+            "fxopt.backends.onnx.register_onnx_translation")
+
+
+def _untranslated_ops(gm: fx.GraphModule, translations: dict[Any, Any]) -> list[str]:
+    """The ops of ``gm`` that neither the exporter's library nor ``translations`` cover."""
+    names: list[str] = []
+    with contextlib.suppress(Exception), _quiet_exporter():
+        from torch.onnx._internal.exporter._registration import ONNXRegistry
+
+        registry = ONNXRegistry.from_torchlib()
+        for node in gm.graph.nodes:
+            target = node.target
+            if node.op != "call_function" or not isinstance(target, torch._ops.OpOverload):
+                continue
+            if target in translations or registry.get_decomps(target):
+                continue
+            name = target.name()
+            if name not in names:
+                names.append(name)
+    return names
 
 
 @contextlib.contextmanager
@@ -196,7 +239,8 @@ def _graph_outputs(gm: fx.GraphModule) -> list[Any]:
     return list(values) if isinstance(values, (list, tuple)) else [values]
 
 
-def _input_names(signature: Any) -> list[str]:
+def input_names(signature: Any) -> list[str]:
+    """The ONNX graph's input names: the model's argument names, made valid and unique."""
     return _unique([_NAME.sub("_", name) or f"input_{i}" for i, name in enumerate(signature.leaf_names)])
 
 
@@ -235,26 +279,17 @@ def _dynamic_shapes(gm: fx.GraphModule) -> tuple[dict[int, Any], ...] | None:
     return tuple(specs) if any(specs) else None
 
 
-# Two correct int8 runtimes round the same activations, but float differences of 1e-7 in
-# LayerNorm/GELU/softmax move some values across a rounding boundary, and each such value
-# is off by one quantization step; over wide layers that adds up to a few 1e-3 (BERT-base:
-# ~4e-3 after two layers). The limit is the quantize-int8 pass's default error budget.
-INT8_PARITY_RTOL = 0.05
-
-
-def _quantized(gm: fx.GraphModule) -> bool:
-    from fxopt.int8 import has_int8_linear, has_qdq_linear
-
-    return has_int8_linear(gm) or has_qdq_linear(gm)
-
-
-def _check_parity(expected: list[Any], actual: list[Any], quantized: bool = False) -> float:
+def check_parity(expected: list[Any], actual: list[Any], rtol: float | None = None) -> float:
+    """The max relative error of ONNX Runtime's outputs against the torch graph's; raises
+    :class:`BackendError` past ``rtol`` (None: the float tolerance of an exact rewrite)."""
     comparison = compare_outputs(expected, actual)
     if comparison.mismatch:
         raise BackendError(f"ONNX Runtime disagrees with the optimized graph: {comparison.mismatch}")
     # ONNX Runtime fuses and reorders float math (LayerNorm, GELU, attention), so fp32 gets
-    # the same headroom an exact pass gets.
-    limit = INT8_PARITY_RTOL if quantized else exact_tolerance(comparison.worst_dtype)
+    # the same headroom an exact pass gets; a lowering may declare more.
+    limit = exact_tolerance(comparison.worst_dtype)
+    if rtol is not None:
+        limit = max(limit, rtol)
     if comparison.max_rel > limit:
         raise BackendError(f"ONNX Runtime disagrees with the optimized graph: max relative error "
                            f"{comparison.max_rel:.3g} > {limit:g}")
@@ -271,21 +306,26 @@ def lower_onnx(
     device: torch.device,
     report: Any,
 ) -> Lowered:
-    """Export ``gm`` and run it in an ONNX Runtime session (CUDA provider when possible)."""
+    """Export ``gm`` and run it in an ONNX Runtime session (CUDA provider when possible).
+
+    The session owns the weights from then on: the returned graph keeps its structure and
+    metadata with its constants on the meta device, so the module does not hold a second copy.
+    """
+    _check_device(device)
     inputs = [t.detach() for t in example_inputs]
     # Export and the reference run happen where the graph's weights are; the ONNX file is
     # device-neutral and the session decides where it runs.
     weights = next(iter(gm.buffers()), None)
     home = [t.to(weights.device) for t in inputs] if weights is not None else inputs
     with tempfile.TemporaryDirectory(prefix="fxopt-onnx-") as workdir:
-        path = Path(workdir) / "model.onnx"
-        _export(gm, home, path, signature, DEFAULT_OPSET)
-        session = _session(path, device, profile_dir=workdir)
-        runner = _OrtRunner(session, _input_names(signature), device)
+        exported = export_graph(gm, home, Path(workdir) / "model.onnx", signature, DEFAULT_OPSET)
+        session = ort_session(exported.path, device, profile_dir=workdir)
+        runner = OrtRunner(session, exported, device)
         expected = run_graph(gm, home)
         actual = runner(*inputs)  # profiled: tells which provider runs each node
         placement = _node_providers(session.end_profiling())
-    error = _check_parity(expected, actual, _quantized(gm))
+    error = check_parity(expected, actual, exported.parity_rtol)
+    report.notes.extend(exported.notes)
     where = ", ".join(f"{count} on {provider}" for provider, count in placement.most_common())
     report.notes.append(f"ONNX Runtime {_ort_version()} runs {sum(placement.values())} nodes: {where or 'none'} "
                         f"(session providers: {', '.join(session.get_providers())}); "
@@ -293,7 +333,36 @@ def lower_onnx(
     if device.type == "cuda" and runner.provider != "CUDAExecutionProvider":
         report.notes.append("CUDA was requested but this ONNX Runtime has no CUDAExecutionProvider: "
                             "running on CPU and copying inputs and outputs (install onnxruntime-gpu)")
-    return Lowered(gm, runner)
+    return Lowered(without_weights(gm), runner)
+
+
+def _check_device(device: torch.device) -> None:
+    """Refuse a device the session could not hand tensors to, before the export starts."""
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise BackendError(f"the ONNX backend runs on cpu or cuda, not {device.type!r}")
+    if not torch.cuda.is_available():
+        import onnxruntime as ort
+
+        wanted = ["a CUDA build of PyTorch (torch.cuda.is_available() is False here)"]
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            wanted.append("onnxruntime-gpu (this ONNX Runtime has no CUDAExecutionProvider)")
+        raise BackendError(f"backend='onnx' with device 'cuda' needs {' and '.join(wanted)}; "
+                           "or use device='cpu'")
+
+
+def without_weights(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm`` whose constants are meta tensors: the graph, shapes and metadata
+    stay inspectable, no weight memory is held. ``gm`` is not changed."""
+    memo: dict[int, Any] = {}
+    for param in gm.parameters():
+        memo[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
+    for buffer in gm.buffers():
+        memo[id(buffer)] = torch.empty_like(buffer, device="meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # pytree's deprecated LeafSpec check on copy
+        return copy.deepcopy(gm, memo)
 
 
 def _ort_version() -> str:
@@ -325,7 +394,9 @@ def session_options(profile_dir: str | None = None) -> Any:
     return options
 
 
-def _session(path: Path, device: torch.device, profile_dir: str | None) -> Any:
+def ort_session(path: Path, device: torch.device, profile_dir: str | None = None) -> Any:
+    """An ONNX Runtime session for ``path`` with fxopt's options, on CUDA when ``device`` is
+    a CUDA device and this ONNX Runtime has the CUDA provider."""
     import onnxruntime as ort
 
     providers: list[Any] = ["CPUExecutionProvider"]
@@ -352,20 +423,35 @@ def _node_providers(profile_path: str) -> Counter[str]:
     return Counter(nodes.values())
 
 
-class _OrtRunner:
-    """Calls an ONNX Runtime session with torch tensors and returns torch tensors."""
+class OrtRunner:
+    """Calls an ONNX Runtime session with torch tensors and returns the graph's flat outputs
+    as torch tensors (and the non-tensor outputs that never entered ONNX)."""
 
-    def __init__(self, session: Any, input_names: list[str], device: torch.device) -> None:
+    def __init__(self, session: Any, exported: OnnxGraph, device: torch.device) -> None:
         self.session = session
         self.device = device
         self.provider = session.get_providers()[0]
         used = {i.name for i in session.get_inputs()}  # the exporter drops unused inputs
-        self._feeds = [(position, name) for position, name in enumerate(input_names) if name in used]
+        self._feeds = [(position, name) for position, name in enumerate(exported.input_names) if name in used]
         self._output_names = [o.name for o in session.get_outputs()]
+        self._layout = list(exported.outputs)
 
-    def __call__(self, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    def __call__(self, *inputs: torch.Tensor) -> list[Any]:
         if self.provider == "CUDAExecutionProvider":
-            return self._run_cuda(inputs)
+            tensors = self._run_cuda(inputs)
+        else:
+            tensors = self._run_cpu(inputs)
+        return [self._output(entry, tensors) for entry in self._layout]
+
+    @staticmethod
+    def _output(entry: Any, tensors: list[torch.Tensor]) -> Any:
+        if isinstance(entry, _Passthrough):
+            return entry.value
+        if isinstance(entry, _Number):
+            return entry.kind(tensors[entry.index].item())
+        return tensors[entry]
+
+    def _run_cpu(self, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         feeds = {}
         for position, name in self._feeds:
             tensor = inputs[position].detach()
@@ -399,3 +485,14 @@ def _numpy_dtype(dtype: torch.dtype) -> Any:
     import numpy as np
 
     return np.dtype(str(dtype).removeprefix("torch."))
+
+
+def __getattr__(name: str) -> Any:
+    # ``fxopt.backends.onnx.export_onnx`` was the export entry point's home; it now lives
+    # above the API (fxopt.frontends.onnx_export). Resolved on use, so this module never
+    # imports the API.
+    if name == "export_onnx":
+        import importlib
+
+        return importlib.import_module("fxopt.frontends.onnx_export").export_onnx
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -67,14 +67,14 @@ def test_batchnorm_over_channels_not_features_is_refused() -> None:
     run = run_pass("fold-batchnorm", ChannelBN().eval(), (torch.randn(2, 6, 6),))
     assert run.count(ops.batch_norm) == 1
     assert not run.modified
-    assert_skipped(run, "they coincide only for 2-D (N, C) activations")
+    assert_skipped(run, "they coincide only for 2-D (N, C) activations", code="bn-not-on-features")
 
 
 def test_batchnorm_before_linear_on_3d_input_is_refused() -> None:
     model = nn.Sequential(_trained(nn.BatchNorm1d(6)), nn.Linear(6, 6)).eval()
     run = run_pass("fold-batchnorm", model, (torch.randn(2, 6, 6),))
     assert run.count(ops.batch_norm) == 1
-    assert_skipped(run, "BatchNorm normalizes dim 1 of a 3-D input")
+    assert_skipped(run, "BatchNorm normalizes dim 1 of a 3-D input", code="bn-not-on-features")
 
 
 def test_batchnorm_in_training_mode_is_refused() -> None:
@@ -89,7 +89,7 @@ def test_batchnorm_in_training_mode_is_refused() -> None:
 
     run = run_pass("fold-batchnorm", TrainBN().eval(), (torch.randn(8, 4),))
     assert run.count(ops.batch_norm) == 1
-    assert_skipped(run, "training mode")
+    assert_skipped(run, "training mode", code="bn-training")
 
 
 def test_linear_output_used_elsewhere_is_refused() -> None:
@@ -103,7 +103,7 @@ def test_linear_output_used_elsewhere_is_refused() -> None:
             return self.bn(h) + h
 
     run = run_pass("fold-batchnorm", Shared().eval(), (torch.randn(3, 4),))
-    assert_skipped(run, "also used elsewhere")
+    assert_skipped(run, "linear is also used by add", code="shared-intermediate", node="batch_norm")
 
 
 def test_non_finite_statistics_are_refused() -> None:
@@ -113,7 +113,26 @@ def test_non_finite_statistics_are_refused() -> None:
     model = nn.Sequential(nn.Linear(4, 4), bn).eval()
     run = run_pass("fold-batchnorm", model, (torch.randn(3, 4),))
     assert run.count(ops.batch_norm) == 1
-    assert_skipped(run, "not finite")
+    assert_skipped(run, "not finite", code="not-finite")
+
+
+class TowerOnTwoInputs(nn.Module):
+    """Linear -> BatchNorm applied to two inputs: the Linear's weight is read twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.bn = nn.Linear(8, 16), _trained(nn.BatchNorm1d(16))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.bn(self.linear(x)), self.bn(self.linear(z))
+
+
+def test_shared_linear_weight_is_not_folded_into_copies() -> None:
+    model, inputs = TowerOnTwoInputs().eval(), (torch.randn(5, 8), torch.randn(5, 8))
+    run = run_pass("fold-batchnorm", model, inputs)
+    assert run.count(ops.batch_norm) == 2 and run.record.matched == 2 and run.record.applied == 0
+    assert_skipped(run, "its weight tensor is also used by", code="shared-constant")
+    assert run.record.after.weight_bytes == run.record.before.weight_bytes
 
 
 def test_fold_batchnorm_is_idempotent() -> None:

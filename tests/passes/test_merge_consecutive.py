@@ -76,7 +76,7 @@ def test_view_that_changes_the_last_dim_is_refused() -> None:
     model, x = ThroughView(last=16).eval(), torch.randn(2, 3, 16)
     run = run_pass("merge-consecutive", model, (x,))
     assert run.count(ops.linear) == 2
-    assert_skipped(run, "changes the last dim")
+    assert_skipped(run, "changes the last dim", code="view-changes-last-dim")
 
 
 def test_dropout_between_is_removed_first() -> None:
@@ -93,7 +93,7 @@ def test_bottleneck_is_refused_unless_forced() -> None:
     model, x = Chain(256, 8, 256).eval(), torch.randn(4, 256)
     run = run_pass("merge-consecutive", model, (x,))
     assert run.count(ops.linear) == 2
-    assert_skipped(run, "bottleneck 256 -> 8 -> 256")
+    assert_skipped(run, "bottleneck 256 -> 8 -> 256", code="not-cheaper")
     assert_skipped(run, "force=True")
     forced = run_pass(fxopt.passes.MergeConsecutive(force=True), model, (x,))
     assert forced.count(ops.linear) == 1
@@ -105,7 +105,7 @@ def test_intermediate_used_elsewhere_is_refused() -> None:
     torch.manual_seed(0)
     run = run_pass("merge-consecutive", SharedIntermediate().eval(), (torch.randn(4, 16),))
     assert run.count(ops.linear) == 2
-    assert_skipped(run, "is also used by")
+    assert_skipped(run, "is also used by", code="shared-intermediate")
 
 
 def test_nonlinearity_between_is_not_matched() -> None:
@@ -128,3 +128,52 @@ def test_idempotent() -> None:
     torch.manual_seed(0)
     assert_idempotent("merge-consecutive", Chain(16, 32, 8).eval(), (torch.randn(4, 16),))
     assert_idempotent("merge-consecutive", Chain(256, 8, 256).eval(), (torch.randn(4, 256),))
+
+
+class ViewBetween(nn.Module):
+    """``view`` (not ``reshape``) between the Linears: it moves onto the model's input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x).view(-1, 32))
+
+
+def test_moved_view_accepts_a_non_contiguous_input() -> None:
+    # the example input is contiguous, so a view onto x would pass every check at compile time
+    torch.manual_seed(0)
+    model = ViewBetween().eval()
+    opt = fxopt.compile(model, (torch.randn(2, 3, 16),), passes=["merge-consecutive"], strict=True)
+    assert fxopt.testing.count_ops(opt.graph_module, ops.linear) == 1
+    transposed = torch.randn(2, 16, 3).transpose(1, 2)  # the shape the model takes, not contiguous
+    assert not transposed.is_contiguous()
+    with torch.no_grad():
+        fxopt.testing.assert_outputs_close([opt(transposed)], [model(transposed)])
+    assert fxopt.testing.count_ops(opt.graph_module, ops.view) == 0
+
+
+class TowerOnTwoInputs(nn.Module):
+    """One two-layer tower applied to two inputs: each Linear's weight is read twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 32), nn.Linear(32, 64)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.b(self.a(x)), self.b(self.a(z))
+
+
+def test_shared_weights_are_not_merged_into_two_copies() -> None:
+    # 64 -> 32 -> 64 costs the same FLOPs merged, but two merged copies would double the weights
+    torch.manual_seed(0)
+    model, inputs = TowerOnTwoInputs().eval(), (torch.randn(4, 64), torch.randn(4, 64))
+    run = run_pass("merge-consecutive", model, inputs)
+    assert run.count(ops.linear) == 4 and run.record.matched == 2 and run.record.applied == 0
+    assert_skipped(run, "weight tensor is also used by", code="shared-constant")
+    assert run.record.after.params == run.record.before.params
+    opt = fxopt.compile(model, inputs, strict=True)  # the default pipeline
+    assert opt.report.final.weight_bytes <= opt.report.original.weight_bytes
+    with torch.no_grad():
+        fxopt.testing.assert_outputs_close(list(opt(*inputs)), list(model(*inputs)))

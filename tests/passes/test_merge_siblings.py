@@ -81,8 +81,8 @@ def test_weight_used_elsewhere_is_left_alone() -> None:
     run = run_pass("merge-siblings", model, (torch.randn(4, 16), torch.randn(4, 16)))
     assert not run.modified
     assert run.count(ops.linear) == 3
-    assert_skipped(run, "weight tensor is also used by")
-    assert_skipped(run, "only 1 sibling")
+    assert_skipped(run, "weight tensor is also used by", code="shared-constant", node="linear")
+    assert_skipped(run, "only 1 sibling", code="too-few-siblings")
 
 
 def test_min_group_option() -> None:
@@ -91,7 +91,7 @@ def test_min_group_option() -> None:
     inputs = (torch.randn(2, 3, 16), torch.randn(2, 7, 16))
     run = run_pass(fxopt.passes.MergeSiblings(min_group=3), model, inputs)
     assert not run.modified
-    assert_skipped(run, "only 2 sibling Linear(s) can merge here (min_group=3)")
+    assert_skipped(run, "only 2 sibling Linear(s) can merge here (min_group=3)", code="too-few-siblings")
 
 
 def test_constants_are_concatenated_at_compile_time() -> None:
@@ -158,3 +158,26 @@ def test_group_reading_a_merged_sibling_uses_the_current_input() -> None:
     assert run.record.applied == 2
     assert run.count(ops.linear) == 2
     run.assert_outputs_match()
+
+
+class TwoHeads(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(8, 12), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.q(x), self.k(x)
+
+
+def test_outputs_are_contiguous_tensors_of_their_own() -> None:
+    # a split piece is a strided window of the merged output: out.view(-1) fails on it, and it
+    # keeps the whole merged buffer alive
+    torch.manual_seed(0)
+    for model, x in [(TwoHeads().eval(), torch.randn(3, 5, 8)), (Heads().eval(), torch.randn(2, 5, 24))]:
+        opt = fxopt.compile(model, (x,), passes=["merge-siblings"], strict=True)
+        assert opt.report["merge-siblings"].applied == 1
+        with torch.no_grad():
+            outputs, expected = opt(x), model(x)
+        for out, want in zip(outputs, expected):
+            assert out.is_contiguous() and out.untyped_storage().nbytes() == out.numel() * out.element_size()
+            torch.testing.assert_close(out.view(-1), want.reshape(-1))

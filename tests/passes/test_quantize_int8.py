@@ -8,8 +8,8 @@ from fxopt.passes import QuantizeInt8
 
 import fxopt
 from fxopt.errors import CaptureError, InputError, PassOptionError
-from fxopt.int8 import qops
 from fxopt.ir import constants, ops
+from fxopt.ir.qdq import qops
 from fxopt.testing import assert_idempotent, assert_skipped, run_pass
 
 

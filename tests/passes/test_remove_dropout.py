@@ -53,7 +53,7 @@ def test_active_dropout_is_refused_with_reason() -> None:
     run = run_pass("remove-dropout", Active().eval(), (torch.randn(4, 4),))
     assert run.count(ops.dropout) == 1
     assert not run.modified
-    assert_skipped(run, "dropout is active")
+    assert_skipped(run, "dropout is active", code="dropout-active")
 
 
 @pytest.mark.parametrize("model", [AllSpellings().eval(), nn.Sequential(nn.Linear(3, 3)).eval()])

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import fxopt
 from fxopt.ir import ops
+from fxopt.pattern import polynomial
 from fxopt.testing import assert_idempotent, assert_outputs_close, assert_skipped, run_pass
 
 aten = torch.ops.aten
@@ -80,14 +81,15 @@ def test_quick_gelu_is_not_silu_and_says_why():
     model = Act(lambda x: x * torch.sigmoid(1.702 * x)).eval()
     run = run_pass("swap-activations", model, (torch.randn(4, 8),))
     assert run.record.applied == 0 and run.count(ops.silu) == 0
-    assert_skipped(run, "match no exact activation formula")
+    assert_skipped(run, "x*sigmoid(...) with constants that match no exact activation formula",
+                   code="no-exact-formula")
 
 
 def test_wrong_constant_is_not_matched():
     model = Act(lambda x: 0.5 * x * (1.0 + torch.tanh(C * (x + 0.04 * torch.pow(x, 3.0))))).eval()
     run = run_pass("swap-activations", model, (torch.randn(4, 8),))
     assert run.record.applied == 0 and run.count(ops.gelu) == 0
-    assert_skipped(run, "match no exact activation formula")
+    assert_skipped(run, "match no exact activation formula", code="no-exact-formula")
 
 
 def test_intermediate_used_elsewhere_is_refused():
@@ -97,7 +99,7 @@ def test_intermediate_used_elsewhere_is_refused():
 
     run = run_pass("swap-activations", Act(fn).eval(), (torch.randn(4, 8),))
     assert run.record.matched == 1 and run.record.applied == 0
-    assert_skipped(run, "is also used outside the formula")
+    assert_skipped(run, "sigmoid is also used by add", code="shared-intermediate")
 
 
 class IntSilu(torch.nn.Module):
@@ -108,7 +110,7 @@ class IntSilu(torch.nn.Module):
 def test_integer_x_is_refused():
     run = run_pass("swap-activations", IntSilu(), (torch.arange(-4, 4).reshape(2, 4),))
     assert run.record.matched == 1 and run.count(ops.silu) == 0
-    assert_skipped(run, "not a floating-point tensor")
+    assert_skipped(run, "not a floating-point tensor", code="not-floating-point")
 
 
 def test_idempotent_on_gpt2_formula():
@@ -215,3 +217,29 @@ def test_any_spelling_of_tanh_gelu_is_fused_exactly(inner, scaled, outer):
     assert run.record.applied == 1
     assert run.count(ops.gelu) == 1 and run.count(*FORMULA_OPS) == 0
     run.assert_outputs_match()
+
+
+class Formula(torch.nn.Module):
+    def __init__(self, fn) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+def test_alpha_given_positionally_is_read():
+    # export passes rsub's alpha positionally: rsub(-x, 3, alpha=2) = 3 + 2x, so this is not
+    # hardswish. For |x| >= 3 both clamp alike, so the example inputs cannot tell them apart.
+    model = Formula(lambda x: x * F.relu6(torch.rsub(-x, 3, alpha=2)) / 6).eval()
+    torch.manual_seed(0)
+    far = torch.randn(4, 8).sign() * (3 + torch.rand(4, 8))
+    run = run_pass("swap-activations", model, (far,))
+    assert run.count(ops.hardswish) == 0
+    near = torch.linspace(-2, 2, 32).reshape(4, 8)
+    assert not torch.allclose(F.hardswish(near), model(near))
+    run.assert_outputs_match(inputs=[near])
+    (rsub,) = [n for n in run.after.graph.nodes if n.target == aten.rsub.Scalar]
+    assert rsub.args[2] == 2 and not rsub.kwargs  # the spelling this test is about
+    poly, _ = polynomial(rsub)
+    assert poly == {(): 3.0, (rsub.args[0].args[0],): 2.0}

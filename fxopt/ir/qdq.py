@@ -1,0 +1,121 @@
+"""The QDQ vocabulary: int8 Linear layers in the PT2E representation, and their matcher.
+
+The quantize-int8 pass writes each quantized Linear with ``torch.ops.quantized_decomposed``
+ops, which every backend understands::
+
+    dynamic activations (per token, symmetric):
+        s, zp = choose_qparams_per_token(x, int8)
+        x'    = dequantize_per_token(quantize_per_token(x, s, zp, -128, 127), s, zp, -128, 127)
+    static activations (per tensor, symmetric, scale from calibration):
+        x'    = dequantize_per_tensor(quantize_per_tensor(x, s, 0, -128, 127), s, 0, -128, 127)
+    dynamic per-tensor activations (asymmetric uint8, ONNX's DynamicQuantizeLinear scheme):
+        s, zp = choose_qparams.tensor(x, 0, 255, eps, uint8)
+        x'    = dequantize_per_tensor.tensor(quantize_per_tensor.tensor(x, s, zp, 0, 255), s, zp, 0, 255)
+    weights (per output channel, symmetric, quantized once):
+        W'    = dequantize_per_channel(Wq, sw, None, 0, -127, 127)
+    y = linear(x', W', b)
+
+:func:`match_qdq_linear` recognizes that pattern (and nothing looser), so a lowering can
+replace it with one kernel.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+import torch.fx as fx
+
+from fxopt.ir.constants import constant
+from fxopt.ir.ops import is_op, ops
+from fxopt.quant import QMAX, QMIN, UQMAX, UQMIN, WEIGHT_QMAX
+
+qd = torch.ops.quantized_decomposed
+
+
+class qops:
+    """The quantized_decomposed ops of the QDQ pattern (matched by identity, never by name)."""
+
+    choose_per_token = qd.choose_qparams_per_token.default
+    quantize_per_token = qd.quantize_per_token.default
+    dequantize_per_token = qd.dequantize_per_token.default
+    quantize_per_tensor = qd.quantize_per_tensor.default
+    dequantize_per_tensor = qd.dequantize_per_tensor.default
+    dequantize_per_channel = qd.dequantize_per_channel.default
+    choose_per_tensor = qd.choose_qparams.tensor
+    quantize_per_tensor_dynamic = qd.quantize_per_tensor.tensor
+    dequantize_per_tensor_dynamic = qd.dequantize_per_tensor.tensor
+
+
+@dataclass
+class QdqLinear:
+    """A matched ``linear(dequantize(quantize(x)), dequantize_per_channel(Wq), b)``."""
+
+    linear: fx.Node
+    x: fx.Node
+    qweight: fx.Node
+    weight_scale: fx.Node
+    bias: fx.Node | None
+    input_scale: float | None  # None: dynamic (per token, or per tensor when dynamic_tensor)
+    dynamic_tensor: bool = False
+
+
+def match_qdq_linear(gm: fx.GraphModule, linear: fx.Node) -> QdqLinear | None:
+    """The QDQ pattern ending in ``linear``, or None when ``linear`` is not one."""
+    if not is_op(linear, ops.linear) or linear.kwargs:
+        return None
+    xdq, wdq = linear.args[0], linear.args[1]
+    bias = linear.args[2] if len(linear.args) > 2 else None
+    if not is_op(wdq, qops.dequantize_per_channel) or wdq.args[2:7] != (None, 0, -WEIGHT_QMAX, WEIGHT_QMAX, torch.int8):
+        return None
+    qweight, weight_scale = wdq.args[0], wdq.args[1]
+    qw, ws = constant(gm, qweight), constant(gm, weight_scale)
+    if qw is None or ws is None or qw.dtype != torch.int8 or qw.dim() != 2 or ws.dtype != torch.float32:
+        return None
+    if bias is not None and constant(gm, bias) is None:
+        return None
+    if is_op(xdq, qops.dequantize_per_tensor_dynamic):
+        xq, scale, zero = xdq.args[:3]
+        if xdq.args[3:6] != (UQMIN, UQMAX, torch.uint8) or not is_op(xq, qops.quantize_per_tensor_dynamic):
+            return None
+        x = xq.args[0]
+        if xq.args[1:6] != (scale, zero, UQMIN, UQMAX, torch.uint8) or not qparams_of_one_node(scale, zero):
+            return None
+        if not is_op(scale.args[0], qops.choose_per_tensor) or scale.args[0].args[:3] != (x, UQMIN, UQMAX):
+            return None
+        return QdqLinear(linear, x, qweight, weight_scale, bias, None, dynamic_tensor=True)
+    if is_op(xdq, qops.dequantize_per_token):
+        xq, scale, zero = xdq.args[:3]
+        if xdq.args[3:6] != (QMIN, QMAX, torch.int8) or not is_op(xq, qops.quantize_per_token):
+            return None
+        x = xq.args[0]
+        if xq.args[1:6] != (scale, zero, QMIN, QMAX, torch.int8):
+            return None
+        if not qparams_of_one_node(scale, zero):
+            return None
+        qparams = scale.args[0]
+        if not is_op(qparams, qops.choose_per_token) or qparams.args != (x, torch.int8):
+            return None
+        return QdqLinear(linear, x, qweight, weight_scale, bias, None)
+    if is_op(xdq, qops.dequantize_per_tensor):
+        xq = xdq.args[0]
+        if not is_op(xq, qops.quantize_per_tensor):
+            return None
+        scale = xq.args[1]
+        if xq.args[2:6] != (0, QMIN, QMAX, torch.int8) or xdq.args[1:6] != (scale, 0, QMIN, QMAX, torch.int8):
+            return None
+        return QdqLinear(linear, xq.args[0], qweight, weight_scale, bias, float(scale))
+    return None
+
+
+def qparams_of_one_node(scale: fx.Node, zero: fx.Node) -> bool:
+    """``scale, zero = qparams[0], qparams[1]`` of one choose_qparams node."""
+    return (scale.target is operator.getitem and zero.target is operator.getitem
+            and scale.args[0] is zero.args[0] and (scale.args[1], zero.args[1]) == (0, 1))
+
+
+def has_qdq_linear(gm: fx.GraphModule) -> bool:
+    """Whether any Linear of ``gm`` is written in the QDQ pattern."""
+    return any(match_qdq_linear(gm, n) is not None for n in gm.graph.nodes)

@@ -1,0 +1,57 @@
+"""The lowering contract: what a lowering declares and what it reports."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.fx as fx
+
+OnnxTranslations = Mapping[Any, Callable[..., Any]]
+
+
+@dataclass
+class LoweringResult:
+    """What one lowering did to a graph: how many patterns became kernels, and notes
+    (including why a pattern stayed as it was)."""
+
+    lowered: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+class Lowering:
+    """A pattern-to-kernel rewrite a backend runs after the passes; see the module docstring.
+
+    Subclasses set ``name`` (kebab-case) and implement ``applies`` and ``lower``.
+    """
+
+    name: ClassVar[str] = ""
+    backends: ClassVar[tuple[str, ...]] = ("eager", "onnx")
+    devices: ClassVar[tuple[str, ...]] = ("cpu", "cuda")
+    # Relative error allowed between ONNX Runtime and the torch graph once this lowering
+    # applied; None keeps the float tolerance of an exact rewrite.
+    parity_rtol: ClassVar[float | None] = None
+    # Lowerings run in this order (then by name): a fused lowering that consumes a larger
+    # pattern goes before one that consumes a part of it.
+    order: ClassVar[int] = 100
+
+    def probe(self, device: torch.device) -> str | None:
+        """Why this lowering cannot run on ``device`` (None when it can)."""
+        return None
+
+    def applies(self, gm: fx.GraphModule) -> bool:
+        """Whether ``gm`` holds this lowering's pattern (or the kernels it writes)."""
+        raise NotImplementedError
+
+    def lower(self, gm: fx.GraphModule, device: torch.device | None) -> LoweringResult:
+        """Rewrite the pattern in ``gm`` (in place) into kernels for ``device``."""
+        raise NotImplementedError
+
+    def onnx_translations(self) -> OnnxTranslations:
+        """onnxscript functions for the custom ops this lowering writes."""
+        return {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r})"

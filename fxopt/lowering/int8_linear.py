@@ -1,0 +1,170 @@
+"""The int8 Linear lowering: QDQ Linears -> ``fxopt::int8_linear`` kernels.
+
+    linear(dequantize(quantize(x)), dequantize_per_channel(Wq, sw), b)   (fxopt.ir.qdq)
+      => int8_linear(x, Wq, sw, b, s)                 per-token or static per-tensor activations
+      => int8_linear_dynamic_tensor(x, Wq, sw, b)     dynamic per-tensor uint8 activations
+
+On the eager backend the kernels (:mod:`fxopt.kernels.int8`) run on ``torch._int_mm`` or
+PyTorch's quantized engine; in ONNX they export as ``MatMulInteger`` subgraphs that ONNX
+Runtime runs on its integer kernels. Only the int8 weights and their float32 scales stay in
+the module. A Linear the device cannot run in int8 (no int8 GEMM, a shape cuBLASLt refuses,
+an integer input) stays as the QDQ graph: the same numbers in float, with the reason noted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxopt.ir import constant, is_op
+from fxopt.ir.qdq import QdqLinear, has_qdq_linear, match_qdq_linear
+from fxopt.kernels import int8 as kernels
+from fxopt.lowering.base import Lowering, LoweringResult, OnnxTranslations
+from fxopt.quant import FLOAT_DTYPES, MIN_ABS_MAX, QMAX, QMIN
+
+
+class Int8Linear(Lowering):
+    """QDQ Linears of the quantize-int8 pass -> fxopt's int8 GEMM kernels."""
+
+    name = "int8-linear"
+    backends = ("eager", "onnx")
+    devices = ("cpu", "cuda")
+    # Two correct int8 runtimes round the same activations, but float differences of 1e-7
+    # in LayerNorm/GELU/softmax move some values across a rounding boundary, and each such
+    # value is off by one quantization step; over wide layers that adds up to a few 1e-3
+    # (BERT-base: ~4e-3 after two layers). 5e-2 leaves an order of magnitude of headroom
+    # and still catches a wrong scale or zero point, which is off by far more.
+    parity_rtol = 0.05
+
+    def probe(self, device: torch.device) -> str | None:
+        # Looked up on the module at call time, so tests can stand in for a device.
+        return kernels.int8_unsupported_reason(str(device))
+
+    def applies(self, gm: fx.GraphModule) -> bool:
+        return has_qdq_linear(gm) or any(is_op(n, *kernels.INT8_LINEAR_OPS) for n in gm.graph.nodes)
+
+    def lower(self, gm: fx.GraphModule, device: torch.device | None) -> LoweringResult:
+        return lower_int8_linears(gm, device)
+
+    def onnx_translations(self) -> OnnxTranslations:
+        return {
+            kernels.int8_linear_op: int8_linear_onnx,
+            kernels.int8_linear_dynamic_tensor_op: int8_linear_dynamic_tensor_onnx,
+        }
+
+
+def lower_int8_linears(gm: fx.GraphModule, device: torch.device | None) -> LoweringResult:
+    """Rewrite every QDQ Linear of ``gm`` (in place) into an int8 kernel.
+
+    ``device`` is where PyTorch will run the graph, or None for a graph bound for ONNX
+    (whose int8 kernels ONNX Runtime provides). A pattern the device cannot run stays as it
+    is (dequantize, then a float Linear: the same numbers, without the int8 speed) and the
+    reason is noted.
+    """
+    result = LoweringResult()
+    kernel_names: set[str] = set()
+    skipped: list[str] = []
+    for candidate in list(gm.graph.nodes):
+        # Matched one at a time: lowering a Linear replaces the node a later pattern reads
+        # (Linear -> Linear chains), so a match taken before that would hold a stale node.
+        match = match_qdq_linear(gm, candidate)
+        if match is None:
+            continue
+        reason = _shape_reason(gm, match, device)
+        if reason:
+            skipped.append(f"'{match.linear.name}' stays dequantize->linear in float: {reason}")
+            continue
+        with gm.graph.inserting_before(match.linear):
+            if match.dynamic_tensor:
+                node = gm.graph.call_function(
+                    kernels.int8_linear_dynamic_tensor_op, (match.x, match.qweight, match.weight_scale, match.bias))
+            else:
+                node = gm.graph.call_function(
+                    kernels.int8_linear_op,
+                    (match.x, match.qweight, match.weight_scale, match.bias, match.input_scale))
+        node.meta.update(match.linear.meta)
+        kernel_names.add(f"fxopt::{node.target._opname}")
+        match.linear.replace_all_uses_with(node)
+        gm.graph.erase_node(match.linear)
+        result.lowered += 1
+    if result.lowered:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        result.notes.append(f"{result.lowered} Linear(s) run on int8 kernels ({', '.join(sorted(kernel_names))})")
+    result.notes.extend(skipped)
+    return result
+
+
+def _shape_reason(gm: fx.GraphModule, match: QdqLinear, device: torch.device | None) -> str | None:
+    dtype = match.x.meta["val"].dtype if "val" in match.x.meta else None
+    if dtype is not None and dtype not in FLOAT_DTYPES:
+        return f"input dtype {dtype} is not one of float32, float16, bfloat16"
+    if device is not None and device.type == "cuda":
+        out_features, in_features = constant(gm, match.qweight).shape
+        multiple = kernels.CUDA_MULTIPLE
+        if in_features % multiple or out_features % multiple:
+            return (f"CUDA's int8 GEMM needs in/out features that are multiples of {multiple}, "
+                    f"got {in_features}x{out_features}")
+    return None
+
+
+# ---------------------------------------------------------------- ONNX translations
+#
+# Per token:  s = max(|x|, 1e-5) / 127 over the last axis; xq = Round(x * (1/s));
+# y = Cast<float>(MatMulInteger(Cast<uint8>(xq + 128), Wq^T, zero_point=128)) * s * sw + b.
+# Per tensor: the same with the fixed scale and a Clip to [-128, 127]. The op order mirrors
+# the torch kernel, so both round the same activations to the same integers.
+#
+# Dynamic per tensor exports as ONNX Runtime's own dynamic pattern,
+# DynamicQuantizeLinear -> MatMulInteger(xq, Wq^T, zp) -> Cast -> Mul(s_x * sw) -> Add(b),
+# which ONNX Runtime fuses into one DynamicQuantizeMatMul on prepacked weights.
+
+
+def int8_linear_dynamic_tensor_onnx(x, qweight, weight_scale, bias=None):  # type: ignore[no-untyped-def]
+    from onnx import TensorProto
+    from onnxscript import opset20 as op
+
+    xq, scale, zero_point = op.DynamicQuantizeLinear(op.Cast(x, to=TensorProto.FLOAT))
+    acc = op.MatMulInteger(xq, op.Transpose(qweight, perm=[1, 0]), zero_point)
+    y = op.Mul(op.Cast(acc, to=TensorProto.FLOAT), op.Mul(scale, weight_scale))
+    if bias is not None:
+        y = op.Add(y, op.Cast(bias, to=TensorProto.FLOAT))
+    return op.CastLike(y, x)
+
+
+def int8_linear_onnx(x, qweight, weight_scale, bias=None, input_scale=None):  # type: ignore[no-untyped-def]
+    from onnx import TensorProto
+    from onnxscript import opset20 as op
+
+    xf = op.Cast(x, to=TensorProto.FLOAT)
+    weight_t = op.Transpose(qweight, perm=[1, 0])
+    if input_scale is None:
+        amax = op.ReduceMax(op.Abs(xf), op.Constant(value_ints=[-1]), keepdims=1)
+        scale = op.Div(op.Max(amax, op.Constant(value_float=MIN_ABS_MAX)), op.Constant(value_float=float(QMAX)))
+        rounded = op.Round(op.Mul(xf, op.Reciprocal(scale)))
+    else:
+        inverse = op.Constant(value_float=float(torch.tensor(1.0 / input_scale, dtype=torch.float32)))
+        rounded = op.Clip(op.Round(op.Mul(xf, inverse)), op.Constant(value_float=float(QMIN)),
+                          op.Constant(value_float=float(QMAX)))
+        scale = op.Constant(value_float=float(input_scale))
+    # The int8 values shifted by 128 into uint8 with zero point 128: the same integers, on
+    # ONNX Runtime's fast u8 x s8 GEMM (its s8 x s8 path is several times slower on CPU).
+    shifted = op.Cast(op.Add(rounded, op.Constant(value_float=128.0)), to=TensorProto.UINT8)
+    zero_point = op.Constant(value=_uint8_scalar(128))
+    acc = op.Cast(op.MatMulInteger(shifted, weight_t, zero_point), to=TensorProto.FLOAT)
+    if input_scale is None:
+        y = op.Mul(op.Mul(acc, scale), weight_scale)
+    else:
+        y = op.Mul(acc, op.Mul(weight_scale, scale))
+    if bias is not None:
+        y = op.Add(y, op.Cast(bias, to=TensorProto.FLOAT))
+    return op.CastLike(y, x)
+
+
+def _uint8_scalar(value: int) -> Any:
+    import numpy as np
+    from onnx import numpy_helper
+
+    return numpy_helper.from_array(np.array(value, dtype=np.uint8))

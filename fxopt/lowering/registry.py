@@ -1,0 +1,90 @@
+"""The lowering registry: lowerings are found through the ``fxopt.lowerings`` entry-point group.
+
+Built-in lowerings and third-party plugins take the same path; the core names none of them.
+Entry points are read and loaded on the first lookup, not at import. An entry point names a
+:class:`~fxopt.lowering.base.Lowering` subclass (instantiated without arguments) or an
+instance. :func:`registered_lowering` adds one for the duration of a ``with`` block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from importlib.metadata import entry_points
+from typing import Any
+
+from fxopt.lowering.base import Lowering
+
+ENTRY_POINT_GROUP = "fxopt.lowerings"
+
+_loaded: dict[str, Lowering] | None = None
+_loaded_for: tuple[str, ...] = ()  # the sys.path the entry points were read from
+_scoped: list[Lowering] = []
+
+
+def refresh() -> None:
+    """Forget the loaded entry points (after installing a plugin at run time)."""
+    global _loaded
+    _loaded = None
+
+
+def _discovered() -> dict[str, Lowering]:
+    global _loaded, _loaded_for
+    # Read again when sys.path changed: a plugin put on the path (or taken off) is seen
+    # without a refresh() call.
+    if _loaded is None or _loaded_for != tuple(sys.path):
+        _loaded_for = tuple(sys.path)
+        found: dict[str, Lowering] = {}
+        for entry in entry_points(group=ENTRY_POINT_GROUP):
+            found[entry.name] = _instance(entry.load(), f"entry point {entry.name!r} ({entry.value})")
+            if found[entry.name].name != entry.name:
+                raise ValueError(f"entry point {entry.name!r} loads a lowering named {found[entry.name].name!r}")
+        _loaded = found
+    return _loaded
+
+
+def _instance(value: Any, what: str) -> Lowering:
+    if isinstance(value, type) and issubclass(value, Lowering):
+        value = value()
+    if not isinstance(value, Lowering):
+        raise TypeError(f"{what} is not a fxopt Lowering (subclass or instance): {value!r}")
+    if not value.name or value.name != value.name.lower() or " " in value.name:
+        raise ValueError(f"{what}: lowering name must be kebab-case, got {value.name!r}")
+    return value
+
+
+def lowerings() -> list[Lowering]:
+    """Every registered lowering, in the order backends run them (``order``, then name).
+
+    A lowering registered with :func:`registered_lowering` replaces an entry point of the
+    same name while its scope lasts.
+    """
+    by_name = dict(_discovered())
+    for lowering in _scoped:
+        by_name[lowering.name] = lowering
+    return sorted(by_name.values(), key=lambda lowering: (lowering.order, lowering.name))
+
+
+def get_lowering(name: str) -> Lowering:
+    """A registered lowering by name."""
+    for lowering in lowerings():
+        if lowering.name == name:
+            return lowering
+    names = ", ".join(lowering.name for lowering in lowerings()) or "none"
+    raise KeyError(f"no lowering named {name!r} (registered: {names})")
+
+
+@contextlib.contextmanager
+def registered_lowering(lowering: Lowering | type[Lowering]) -> Iterator[Lowering]:
+    """Register ``lowering`` (a subclass or an instance) until the block ends::
+
+        with fxopt.lowering.registered_lowering(MyLowering):
+            opt = fxopt.compile(model, inputs)
+    """
+    instance = _instance(lowering, f"{lowering!r}")
+    _scoped.append(instance)
+    try:
+        yield instance
+    finally:
+        _scoped.remove(instance)

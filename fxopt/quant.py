@@ -1,0 +1,71 @@
+"""Int8 quantization math shared by the quantize-int8 pass, the QDQ vocabulary and the kernels.
+
+Weights are symmetric int8 per output channel in [-127, 127]; activations are symmetric int8
+per token or per tensor, or asymmetric uint8 per tensor (ONNX's DynamicQuantizeLinear scheme).
+The helpers compute the same numbers as ``torch.ops.quantized_decomposed``, so a kernel built
+on them agrees with the QDQ graph it replaces.
+"""
+
+from __future__ import annotations
+
+import torch
+
+QMIN, QMAX = -128, 127
+WEIGHT_QMAX = 127  # weights use [-127, 127] so that the range is symmetric
+# choose_qparams_per_token's floor on a row's absolute maximum (keeps all-zero rows finite).
+MIN_ABS_MAX = 1e-5
+# Dynamic per-tensor activations: asymmetric uint8, as ONNX's DynamicQuantizeLinear; the
+# scale's floor is the one PT2E's dynamic quantization uses.
+UQMIN, UQMAX = 0, 255
+TENSOR_EPS = float(torch.finfo(torch.float32).eps)
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-output-channel int8: ``(Wq [out, in] int8, scale [out] float32)``."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / WEIGHT_QMAX
+    qweight = torch.round(w / scale[:, None]).clamp(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8)
+    return qweight.contiguous(), scale.contiguous()
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of a 2-D ``x``: ``(xq, scale [rows, 1])``.
+
+    The same numbers as choose_qparams_per_token + quantize_per_token, so the int8 kernel
+    agrees with the QDQ graph it replaces, in fewer passes over ``x``: max|x| as
+    max(max x, -min x) needs no |x| buffer, and in float32 ``x / scale`` cannot leave
+    [-127, 127] (scale is max|x| / 127), so the clamp is only needed for 16-bit inputs.
+    """
+    scale = torch.maximum(x.amax(dim=-1, keepdim=True), x.amin(dim=-1, keepdim=True).neg_())
+    if scale.dtype == torch.float16:
+        scale = scale.float()
+    scale = scale.clamp_(min=MIN_ABS_MAX).div_(QMAX)
+    scaled = x.mul(1.0 / scale).round_()
+    if scaled.dtype != torch.float32:
+        scaled.clamp_(QMIN, QMAX)
+    return scaled.to(torch.int8), scale
+
+
+def quantize_per_tensor(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """Symmetric per-tensor int8, as quantize_per_tensor(x, scale, 0, -128, 127) computes it."""
+    if x.dtype in (torch.float16, torch.bfloat16):
+        x = x.to(torch.float32)
+    scaled = x * (1.0 / scale)
+    return scaled.round_().clamp_(QMIN, QMAX).to(torch.int8)
+
+
+def static_scale(abs_max: float) -> float:
+    """The per-tensor scale for activations observed up to ``abs_max`` in magnitude."""
+    return max(float(abs_max), MIN_ABS_MAX) / QMAX
+
+
+def dynamic_tensor_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Asymmetric uint8 ``(scale, zero_point)`` of all of ``x``, as choose_qparams.tensor(x, 0,
+    255, eps, uint8) computes them (and, up to float rounding, ONNX's DynamicQuantizeLinear):
+    scale = (max(max x, 0) - min(min x, 0)) / 255, zero_point = -round(min(min x, 0) / scale)."""
+    low, high = torch.aminmax(x)
+    low, high = low.clamp(max=0), high.clamp(min=0)
+    scale = torch.clamp((high - low) / float(UQMAX - UQMIN), min=TENSOR_EPS).float()
+    zero_point = (UQMIN - torch.round(low / scale).to(torch.int64)).clamp_(UQMIN, UQMAX)
+    return scale, zero_point

@@ -1,0 +1,104 @@
+"""The import graph of fxopt's modules is a DAG, and the core names no built-in pass or lowering.
+
+Every ``import`` that runs counts, the ones inside functions too: a lazy import hides a cycle
+from the interpreter, not from a reader. Imports under ``if TYPE_CHECKING:`` serve annotations
+only and do not count.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import networkx as nx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Modules above the API that drive fxopt like a user does (benchmarks against other systems):
+# they may name built-in passes.
+ABOVE_THE_CORE = {"fxopt.bench", "fxopt.bench_models", "fxopt.peers"}
+
+
+def module_files() -> dict[str, Path]:
+    files = {}
+    for path in (ROOT / "fxopt").rglob("*.py"):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    for path in (ROOT / "passes").rglob("*.py"):
+        parts = ("fxopt", *path.relative_to(ROOT).with_suffix("").parts)
+        files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return files
+
+
+def runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (annotations only)."""
+    nodes, stack = [], [tree]
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+    return nodes
+
+
+def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
+    """The fxopt modules ``name`` imports anywhere in its source."""
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in runtime_nodes(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                submodule = f"{base}.{alias.name}"
+                found.add(submodule if submodule in known else base)
+    return {m for m in found if m in known and m != name}
+
+
+def import_graph() -> nx.DiGraph:
+    files = module_files()
+    graph = nx.DiGraph()
+    for name, path in files.items():
+        graph.add_node(name)
+        for target in imported_modules(name, path, set(files)):
+            graph.add_edge(name, target)
+    return graph
+
+
+def test_import_graph_has_no_cycle() -> None:
+    graph = import_graph()
+    assert "fxopt.lowering" in graph and "fxopt.kernels.int8" in graph
+    cycles = list(nx.simple_cycles(graph))
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join([*c, c[0]]) for c in cycles[:5])
+
+
+def test_layers_point_down() -> None:
+    graph = import_graph()
+    reach = {name: nx.descendants(graph, name) for name in graph}
+    # api -> pipeline/backends -> lowerings -> kernels, never upwards
+    for low, high in [("fxopt.kernels.int8", "fxopt.lowering"), ("fxopt.lowering", "fxopt.backends"),
+                      ("fxopt.backends.onnx", "fxopt.api"), ("fxopt.backends.eager", "fxopt.api"),
+                      ("fxopt.api", "fxopt.frontends.onnx_export"), ("fxopt.api", "fxopt.frontends.dynamo")]:
+        assert high not in reach[low], f"{low} imports {high}"
+
+
+@pytest.mark.parametrize("builtin", ["fxopt.passes", "fxopt.lowering.int8_linear"])
+def test_core_never_imports_a_builtin_pass_or_lowering(builtin: str) -> None:
+    graph = import_graph()
+    plugins = {n for n in graph if n == builtin or n.startswith(builtin + ".")}
+    core = {n for n in graph if n not in plugins and n not in ABOVE_THE_CORE and not n.startswith("fxopt.passes")}
+    offenders = sorted(n for n in core if set(graph.successors(n)) & plugins)
+    assert not offenders, f"{', '.join(offenders)} import {builtin} (found through entry points instead)"
+
+
+def test_backends_name_no_pass_or_quantization_scheme() -> None:
+    for path in (ROOT / "fxopt" / "backends").glob("*.py"):
+        text = path.read_text().lower()
+        assert "int8" not in text and "quantiz" not in text, path.name

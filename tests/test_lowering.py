@@ -1,0 +1,183 @@
+"""Lowerings as plugins: the registry, how backends apply them, their translations and tolerances."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+import torch.fx as fx
+from conftest import PLUGIN_DIR, plugin_metadata
+
+import fxopt
+from fxopt.ir import call_nodes, count_ops, ops
+from fxopt.lowering import (
+    ENTRY_POINT_GROUP,
+    Lowering,
+    LoweringResult,
+    get_lowering,
+    lowerings,
+    registered_lowering,
+)
+from fxopt.lowering.int8_linear import Int8Linear
+from fxopt.testing import assert_outputs_close
+
+
+# A stand-in kernel that is off by ``error`` (relative), to see whose tolerance applies.
+@torch.library.custom_op("fxopt_test_lowering::relu_kernel", mutates_args=())
+def relu_kernel(x: torch.Tensor, error: float) -> torch.Tensor:
+    return x.relu() * (1.0 + error)
+
+
+@relu_kernel.register_fake
+def _(x: torch.Tensor, error: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+relu_kernel_op = torch.ops.fxopt_test_lowering.relu_kernel.default
+
+
+def relu_kernel_onnx(x, error):  # type: ignore[no-untyped-def]
+    from onnxscript import opset20 as op
+
+    return op.Mul(op.Relu(x), op.CastLike(op.Constant(value_float=1.0 + error), x))
+
+
+class ReluKernel(Lowering):
+    name = "test-relu-kernel"
+    error = 0.0
+    reason: str | None = None
+
+    def probe(self, device: torch.device) -> str | None:
+        return self.reason
+
+    def applies(self, gm: fx.GraphModule) -> bool:
+        return count_ops(gm, ops.relu, relu_kernel_op) > 0
+
+    def lower(self, gm: fx.GraphModule, device: torch.device | None) -> LoweringResult:
+        result = LoweringResult()
+        for relu in call_nodes(gm, ops.relu):
+            relu.target, relu.args = relu_kernel_op, (relu.args[0], self.error)
+            result.lowered += 1
+        gm.recompile()
+        result.notes.append(f"{result.lowered} ReLU(s) on the test kernel")
+        return result
+
+    def onnx_translations(self) -> dict:
+        return {relu_kernel_op: relu_kernel_onnx}
+
+
+def model() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4)).eval()
+
+
+def test_builtin_int8_lowering_comes_from_the_entry_point_group() -> None:
+    found = {e.name: e.value for e in entry_points(group=ENTRY_POINT_GROUP)}
+    assert found["int8-linear"] == "fxopt.lowering.int8_linear:Int8Linear"
+    assert isinstance(get_lowering("int8-linear"), Int8Linear)
+    assert "int8-linear" in [lowering.name for lowering in lowerings()]
+    with pytest.raises(KeyError, match="no lowering named 'nope'"):
+        get_lowering("nope")
+
+
+def test_scoped_lowering_runs_on_eager_on_a_copy_and_only_inside_its_scope() -> None:
+    x = torch.randn(3, 8)
+    with registered_lowering(ReluKernel) as lowering:
+        assert lowering in lowerings()
+        opt = fxopt.compile(model(), (x,), passes=[])
+    assert count_ops(opt.graph_module, relu_kernel_op) == 1 and count_ops(opt.graph_module, ops.relu) == 0
+    assert "test-relu-kernel: 1 ReLU(s) on the test kernel" in opt.report.notes
+    assert "test-relu-kernel" not in [lowering.name for lowering in lowerings()]
+    plain = fxopt.compile(model(), (x,), passes=[])
+    assert count_ops(plain.graph_module, ops.relu) == 1 and count_ops(plain.graph_module, relu_kernel_op) == 0
+
+
+def test_backend_and_device_restrictions_and_probe_are_honoured() -> None:
+    x = torch.randn(3, 8)
+
+    class OnnxOnly(ReluKernel):
+        backends = ("onnx",)
+
+    class CudaOnly(ReluKernel):
+        devices = ("cuda",)
+
+    class Refuses(ReluKernel):
+        reason = "no such kernel in this build"
+
+    with registered_lowering(OnnxOnly):
+        assert count_ops(fxopt.compile(model(), (x,), passes=[]).graph_module, relu_kernel_op) == 0
+    with registered_lowering(CudaOnly):
+        opt = fxopt.compile(model(), (x,), passes=[], device="cpu")
+        assert count_ops(opt.graph_module, relu_kernel_op) == 0
+        assert any("test-relu-kernel: not used on cpu" in n and "cuda only" in n for n in opt.report.notes)
+    with registered_lowering(Refuses):
+        opt = fxopt.compile(model(), (x,), passes=[])
+        assert count_ops(opt.graph_module, relu_kernel_op) == 0
+        assert any(n.endswith("no such kernel in this build") for n in opt.report.notes)
+
+
+def test_onnx_export_uses_the_lowerings_translation(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    class Doubling(ReluKernel):
+        error = 1.0  # relu(x) * 2: visible in the ONNX graph and its outputs
+
+    torch.manual_seed(0)
+    m, x = model(), torch.randn(3, 8)
+    with registered_lowering(Doubling):
+        path, _ = fxopt.export_onnx(m, (x,), tmp_path / "kernel.onnx", passes=[], check_parity=False)
+    exported = [n.op_type for n in onnx.load(path).graph.node]
+    assert "Relu" in exported and "Mul" in exported  # relu_kernel_onnx's graph
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = m[2](2 * m[1](m[0](x)))
+    assert_outputs_close([torch.from_numpy(got)], [expected])
+
+
+def test_parity_tolerance_comes_from_the_lowerings_that_applied() -> None:
+    torch.manual_seed(0)
+    m, x = model(), torch.randn(3, 8)
+
+    class Approximate(ReluKernel):
+        error = 1e-3  # past fp32's exact tolerance (1e-4)
+
+    class ApproximateWithTolerance(Approximate):
+        parity_rtol = 1e-2
+
+    with registered_lowering(Approximate), pytest.raises(fxopt.BackendError, match="max relative error"):
+        fxopt.compile(m, (x,), passes=[], backend="onnx")
+    with registered_lowering(ApproximateWithTolerance):
+        opt = fxopt.compile(m, (x,), passes=[], backend="onnx")
+    with torch.no_grad():
+        assert_outputs_close([opt(x)], [m(x)], rtol=1e-2)
+    assert Int8Linear.parity_rtol == 0.05
+
+
+def test_bad_lowerings_are_refused() -> None:
+    class NoName(ReluKernel):
+        name = ""
+
+    class Spaces(ReluKernel):
+        name = "Has Spaces"
+
+    for bad in (NoName, Spaces):
+        with pytest.raises(ValueError, match="kebab-case"), registered_lowering(bad):
+            pass
+    with pytest.raises(TypeError, match="not a fxopt Lowering"), registered_lowering(object()):  # type: ignore[arg-type]
+        pass
+
+
+def test_plugin_package_lowering_is_found_through_its_entry_point(tmp_path: Path) -> None:
+    """The example plugin's lowering (a separate distribution) runs through the same path."""
+    paths = [str(plugin_metadata(tmp_path)), str(PLUGIN_DIR), os.environ.get("PYTHONPATH", "")]
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(PLUGIN_DIR / "test_lowering.py")],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=os.pathsep.join(paths)))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "3 passed" in result.stdout
