@@ -55,7 +55,9 @@ class OptimizedModule(torch.nn.Module):
         # nn.Module's .half()/.to()/.cuda() convert the weights one by one behind the
         # lowered runner's back (an ONNX Runtime session, int8 kernels): find out what ``fn``
         # would do on an empty tensor of each kind held here, and refuse any change.
-        kinds = {(t.dtype, t.device) for t in [*self.graph_module.buffers(), *self.graph_module.parameters()]}
+        # The module's device, not the tensors': an ONNX Runtime module keeps meta tensors.
+        home = self.device or torch.device("cpu")
+        kinds = {(t.dtype, home) for t in [*self.graph_module.buffers(), *self.graph_module.parameters()]}
         for dtype, device in sorted(kinds, key=str):
             probe = fn(torch.empty(0, dtype=dtype, device=device))
             if isinstance(probe, torch.Tensor) and (probe.dtype, probe.device) != (dtype, device):
@@ -72,8 +74,6 @@ class OptimizedModule(torch.nn.Module):
                          "picklable; use fxopt.save(opt, path) and fxopt.load(path)")
 
     def __deepcopy__(self, memo: dict[int, Any]) -> OptimizedModule:
-        from fxopt.saving import eager_runner
-
         graph_module = copy.deepcopy(self.graph_module, memo)
         if self.report.backend == "eager":
             runner = eager_runner(graph_module)
@@ -101,6 +101,16 @@ class OptimizedModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.report.backend}, device={self.report.device}"
+
+
+def eager_runner(gm: fx.GraphModule) -> Any:
+    """Runs ``gm`` as the eager backend does: under ``no_grad``, returning its flat outputs."""
+
+    def run(*inputs: torch.Tensor) -> Any:
+        with torch.no_grad():
+            return gm(*inputs)
+
+    return run
 
 
 def _discard_partial_torch_save() -> None:

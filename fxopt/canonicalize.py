@@ -18,6 +18,7 @@ inputs never reach this point: capture refuses them (see :func:`fxopt.capture.fr
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -135,8 +136,6 @@ def _functional_form(node: fx.Node) -> int:
     have no aliasing users (a view of ``h`` taken before the write would see it). Readers of
     ``h`` after the write read the new value: they are pointed at the new node.
     """
-    from fxopt.capture import alias_root, written_argument
-
     if node.op != "call_function" or not node.args or written_argument(node) is not node.args[0]:
         return 0
     twin = functional_overload(node.target)
@@ -198,3 +197,40 @@ def _fold_bias_add(gm: fx.GraphModule, linear: fx.Node) -> int:
     add.replace_all_uses_with(linear)
     gm.graph.erase_node(add)
     return 1
+
+
+def written_argument(node: fx.Node) -> Any:
+    """The tensor argument an op writes to in place (``x`` of ``x.add_(1)``), or None."""
+    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
+    if schema is None:
+        return None
+    for index, argument in enumerate(schema.arguments):
+        info = argument.alias_info
+        if info is not None and info.is_write:
+            if index < len(node.args) and not argument.kwarg_only:
+                return node.args[index]
+            return node.kwargs.get(argument.name)
+    return None
+
+
+def alias_root(value: Any) -> Any:
+    """The node whose storage ``value`` shares: through views (``view``, ``t``, slicing),
+    in-place results (``relu_`` returns its input) and ``getitem`` of split outputs."""
+    while isinstance(value, fx.Node) and value.op == "call_function":
+        if value.target is operator.getitem:
+            value = value.args[0]
+            continue
+        schema = getattr(value.target, "_schema", None)
+        if schema is None or not schema.returns or schema.returns[0].alias_info is None:
+            return value
+        alias_set = schema.returns[0].alias_info.before_set
+        source = None
+        for index, argument in enumerate(schema.arguments):
+            info = argument.alias_info
+            if info is not None and info.before_set & alias_set:
+                source = value.args[index] if index < len(value.args) else value.kwargs.get(argument.name)
+                break
+        if not isinstance(source, fx.Node):
+            return value
+        value = source
+    return value

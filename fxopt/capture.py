@@ -443,46 +443,9 @@ def _static_size(size: Any) -> int | None:
     return int(value) if value is not None else None
 
 
-def written_argument(node: fx.Node) -> Any:
-    """The tensor argument an op writes to in place (``x`` of ``x.add_(1)``), or None."""
-    schema = getattr(node.target, "_schema", None) if node.op == "call_function" else None
-    if schema is None:
-        return None
-    for index, argument in enumerate(schema.arguments):
-        info = argument.alias_info
-        if info is not None and info.is_write:
-            if index < len(node.args) and not argument.kwarg_only:
-                return node.args[index]
-            return node.kwargs.get(argument.name)
-    return None
-
-
-def alias_root(value: Any) -> Any:
-    """The node whose storage ``value`` shares: through views (``view``, ``t``, slicing),
-    in-place results (``relu_`` returns its input) and ``getitem`` of split outputs."""
-    import operator
-
-    while isinstance(value, fx.Node) and value.op == "call_function":
-        if value.target is operator.getitem:
-            value = value.args[0]
-            continue
-        schema = getattr(value.target, "_schema", None)
-        if schema is None or not schema.returns or schema.returns[0].alias_info is None:
-            return value
-        alias_set = schema.returns[0].alias_info.before_set
-        source = None
-        for index, argument in enumerate(schema.arguments):
-            info = argument.alias_info
-            if info is not None and info.before_set & alias_set:
-                source = value.args[index] if index < len(value.args) else value.kwargs.get(argument.name)
-                break
-        if not isinstance(source, fx.Node):
-            return value
-        value = source
-    return value
-
-
 def _refuse_state_writes(graph: fx.Graph, state_names: dict[fx.Node, tuple[str, str]], model: torch.nn.Module | None) -> None:
+    from fxopt.canonicalize import alias_root, written_argument
+
     for node in graph.nodes:
         written = written_argument(node)
         if written is None:

@@ -7,15 +7,17 @@ The file holds the optimized ``fx.GraphModule`` (pickled as its generated code a
 constants, the way ``torch.save`` stores any GraphModule), the call signature (the pytree
 specs that map the user's call to the graph's inputs and back), the report, and for the
 ONNX backend the ONNX model that ONNX Runtime runs (its bytes, and any external weight
-files). Loading rebuilds the runner: the eager backend runs the graph as it is (fxopt's
-int8 kernels are registered by importing :mod:`fxopt.int8`); the ONNX backend opens a new
-ONNX Runtime session on the stored model. Nothing is captured or verified again.
+files). Loading rebuilds the runner: the eager backend runs the graph as it is (the custom
+ops of fxopt's kernels, int8 among them, are registered by importing the registered
+lowerings, the QDQ ops by :mod:`fxopt.ir.qdq`); the ONNX backend opens a new ONNX Runtime
+session on the stored model. Nothing is captured or verified again.
 
 The file is a pickle (``torch.load(weights_only=False)``): load only files you trust.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 import warnings
@@ -55,7 +57,7 @@ def save(optimized: Any, path: str | os.PathLike[str]) -> str:
         "graph_module": graph_module,
         "signature": optimized.signature,
         "report": optimized.report,
-        "onnx_files": _onnx_files(optimized) if backend == "onnx" else None,
+        "onnx": _onnx_files(optimized) if backend == "onnx" else None,
     }
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -72,8 +74,11 @@ def save(optimized: Any, path: str | os.PathLike[str]) -> str:
 
 def load(path: str | os.PathLike[str]) -> Any:
     """Load a module written by :func:`save`; it runs on the device it was compiled for."""
-    import fxopt.int8  # noqa: F401 - registers the int8 custom ops a saved graph may call
-    from fxopt.api import OptimizedModule
+    import fxopt.ir.qdq  # noqa: F401 - registers the quantize/dequantize ops a QDQ graph calls
+    from fxopt.api import OptimizedModule, eager_runner
+    from fxopt.lowering.registry import lowerings
+
+    lowerings()  # imports every registered lowering and the custom ops its kernels add
 
     try:
         with warnings.catch_warnings():
@@ -94,51 +99,36 @@ def load(path: str | os.PathLike[str]) -> Any:
         raise BackendError(f"{path} was compiled for {device}, but CUDA is not available on this machine")
     gm, signature, report = payload["graph_module"], payload["signature"], payload["report"]
     if payload["backend"] == "onnx":
-        runner = _onnx_runner(payload["onnx_files"], signature, device)
+        runner = _onnx_runner(payload["onnx"], device)
     else:
         runner = eager_runner(gm)
     return OptimizedModule(gm, signature, report, runner, device)
 
 
-def eager_runner(gm: torch.fx.GraphModule) -> Any:
-    """Runs ``gm`` as the eager backend does: under ``no_grad``, returning its flat outputs."""
-    def run(*inputs: torch.Tensor) -> Any:
-        with torch.no_grad():
-            return gm(*inputs)
-
-    return run
-
-
 # ---------------------------------------------------------------- ONNX
 
 
-def _onnx_files(optimized: Any) -> dict[str, bytes]:
-    """The ONNX model the module's session runs, as ``{file name: bytes}`` (the model and
-    any external weight files), exported again from the same graph."""
-    from fxopt.backends import onnx as onnx_backend
-
-    gm = optimized.graph_module
-    weights = next(iter(gm.buffers()), None)
-    home = weights.device if weights is not None else torch.device("cpu")
-    inputs = [_placeholder_input(spec, home) for spec in optimized.signature.inputs]
-    with tempfile.TemporaryDirectory(prefix="fxopt-save-") as workdir:
-        model_path = Path(workdir) / "model.onnx"
-        onnx_backend._export(gm, inputs, model_path, optimized.signature, onnx_backend.DEFAULT_OPSET)
-        return {p.name: p.read_bytes() for p in Path(workdir).iterdir() if p.is_file()}
+def _onnx_files(optimized: Any) -> dict[str, Any]:
+    """The ONNX model the module's session runs: its files (the model and any external
+    weight files) as bytes, and how the runner maps them to the graph's inputs and outputs."""
+    runner = optimized._runner
+    exported, files = getattr(runner, "exported", None), getattr(runner, "files", None)
+    if exported is None or files is None:
+        raise BackendError("this ONNX Runtime module does not keep its exported model; compile it again to save it")
+    directory = Path(files.name)
+    contents = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file() and p.suffix != ".json"}
+    return {"graph": dataclasses.replace(exported, path=Path(exported.path.name)), "files": contents}
 
 
-def _placeholder_input(spec: Any, device: torch.device) -> torch.Tensor:
-    # Export traces shapes and dtypes; values do not matter (zeros are valid token ids).
-    return torch.zeros(spec.example_shape, dtype=spec.dtype, device=device)
+def _onnx_runner(stored: dict[str, Any], device: torch.device) -> Any:
+    from fxopt.backends.onnx import OrtRunner, ort_session
 
-
-def _onnx_runner(files: dict[str, bytes], signature: Any, device: torch.device) -> Any:
-    from fxopt.backends import onnx as onnx_backend
-
-    # ONNX Runtime reads external weight files relative to the model's path, and keeps
-    # what it needs in memory once the session exists.
-    with tempfile.TemporaryDirectory(prefix="fxopt-load-") as workdir:
-        for name, data in files.items():
-            (Path(workdir) / name).write_bytes(data)
-        session = onnx_backend._session(Path(workdir) / "model.onnx", device, profile_dir=None)
-    return onnx_backend._OrtRunner(session, onnx_backend._input_names(signature), device)
+    # ONNX Runtime reads external weight files relative to the model's path, so the files
+    # go back into a directory that lives as long as the runner.
+    files = tempfile.TemporaryDirectory(prefix="fxopt-onnx-")
+    for name, data in stored["files"].items():
+        (Path(files.name) / name).write_bytes(data)
+    exported = dataclasses.replace(stored["graph"], path=Path(files.name) / stored["graph"].path.name)
+    runner = OrtRunner(ort_session(exported.path, device), exported, device)
+    runner.exported, runner.files = exported, files
+    return runner
