@@ -3,10 +3,14 @@
     linear(x, W, b)  =>  linear(linear(x, Vh[:r]), U[:, :r] * S[:r], b)     W ~ U diag(S) Vh
 
 Rank r: ``ratio`` (r = ratio * min(in, out)) or ``energy`` (smallest r keeping that share
-of sum(S^2)) when given; otherwise the smallest rank whose model output error, measured on
-the example and calibration batches, stays within the layer's share of ``budget`` (binary
-search over multiples of ``multiple``). Layers go largest first, each measured on the whole
-model with the earlier ones already factored, so the total stays within ``budget``.
+of sum(S^2)) when given; otherwise the smallest rank whose model output error stays within
+the layer's share of ``budget`` (binary search over multiples of ``multiple``). Each layer is
+a site of the budgeted search (fxopt.lossy), its levels the ranks: ``strategy="equal-share"``
+(default) goes largest layer first, each measured on the whole model with the earlier ones
+already factored; ``"sensitivity"`` factors first the layers that save most per unit of error.
+The choice is made on one half of the batches (example inputs, 2nd calibration batch, ...)
+and verified on the other; a choice over budget on the held-out half is tightened and searched
+again, and both errors are in the details.
 Constraints: the weight is a floating-point constant with at least ``min_params`` entries;
 r rounded up to ``multiple`` is below the break-even rank in*out/(in+out), where the two
 factors would cost as much as W.
@@ -22,30 +26,29 @@ budget.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.fx as fx
 
-from fxopt.budget import BudgetSplit, first_passing
 from fxopt.cost import low_rank_break_even
 from fxopt.ir import (
     LinearParts,
     call_nodes,
     constant_users,
-    copy_graph_module,
     insert_linear,
     linear_parts,
     ops,
     replace_node,
 )
 from fxopt.linalg import project, randomized_svd
+from fxopt.lossy import STRATEGIES, BudgetedSearch, Pick, Site, first_passing
 from fxopt.pass_api import Pass, PassContext, PassResult
 
 Svd = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-Choice = tuple[int, float | None, str | None, Svd | None]
+Choice = tuple[int, float | None, str | None, Hashable]
 EXACT_SVD_MAX_SIDE = 512  # a full float64 SVD of a 512 x 512 weight takes a fraction of a second
 
 
@@ -62,6 +65,7 @@ class LowRank(Pass):
     min_params: int = 65536
     svd: str = "auto"
     sketch_rank: int = 256
+    strategy: str = "equal-share"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +83,8 @@ class LowRank(Pass):
             raise ValueError(f"svd must be 'auto', 'exact' or 'randomized', got {self.svd!r}")
         if self.sketch_rank < 1:
             raise ValueError(f"sketch_rank must be >= 1, got {self.sketch_rank}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -92,18 +98,46 @@ class LowRank(Pass):
             else:
                 layers.append(parts)
         layers.sort(key=lambda p: -p.weight.numel())
-        shares = BudgetSplit(self.budget, len(layers))
-        for parts in layers:
-            rank, error, reason, svd = self._choose_rank(gm, ctx, parts, shares.target())
-            shares.spend(error if reason is None else None)
-            if reason or svd is None:
-                result.skip(parts.node, reason or "no factorization")
+        sites = [Site(parts.node.name, (), payload=parts, saving_of=_saving(parts)) for parts in layers]
+        factors: dict[tuple[str, Hashable], Svd] = {}  # (site, SVD key) -> the factorization a level uses
+        svds: dict[str, _Svds] = {}  # per site, kept across the search's rounds
+
+        def apply(trial: fx.GraphModule, choices: Mapping[str, Hashable]) -> fx.GraphModule:
+            nodes = {n.name: n for n in trial.graph.nodes}
+            for name, level in choices.items():
+                rank, key = level  # type: ignore[misc]
+                parts = linear_parts(trial, nodes[name])
+                assert parts is not None
+                _factor(trial, parts, rank, factors[(name, key)])
+            return trial
+
+        def choose(search: BudgetedSearch, site: Site, target: float, base: Mapping[str, Hashable]) -> Pick:
+            def error_at(svd: Svd, key: Hashable, rank: int) -> float:
+                factors[(site.name, key)] = svd
+                return search.error({**base, site.name: (rank, key)})
+
+            parts = site.payload
+            if site.name not in svds:
+                exact = self.svd == "exact" or (self.svd == "auto" and min(parts.weight.shape) <= EXACT_SVD_MAX_SIDE)
+                svds[site.name] = _Svds(parts.weight, exact)
+            rank, error, reason, key = self._choose_rank(parts, svds[site.name], target, error_at)
+            if reason is not None:
+                return Pick(None, error if error is not None else math.inf, target=target, reason=reason)
+            return Pick((rank, key), error if error is not None else 0.0, target=target)
+
+        outcome = BudgetedSearch(gm, ctx, sites, apply, self.budget, self.strategy, choose_level=choose).run()
+        for site in sites:
+            parts = site.payload
+            if site.name in outcome.refused:
+                result.skip(parts.node, _refusal(outcome.refused[site.name]))
                 continue
+            rank = outcome.choices[site.name][0]  # type: ignore[index]
             saved = parts.weight.numel() - rank * (parts.in_features + parts.out_features)
             result.details.append({"layer": parts.name, "shape": tuple(parts.weight.shape), "rank": rank,
-                                   "params_saved": saved, "error": error})
-            _factor(gm, parts, rank, svd)
+                                   "params_saved": saved, "error": outcome.picks[site.name].error,
+                                   **outcome.details_for(site.name)})
             result.apply()
+        apply(gm, outcome.choices)
         return result
 
     def _layer_reason(self, gm: fx.GraphModule, parts: LinearParts | None) -> str | None:
@@ -123,33 +157,30 @@ class LowRank(Pass):
                     "would be stored in addition to it")
         return None
 
-    def _choose_rank(self, gm: fx.GraphModule, ctx: PassContext, parts: LinearParts, target: float) -> Choice:
-        """The rank, the model's error with it and the factors to use, or a reason to leave the layer."""
+    def _choose_rank(self, parts: LinearParts, svds: _Svds, target: float,
+                     measure: Callable[[Svd, Hashable, int], float]) -> Choice:
+        """The rank, the model's error with it and the key of the factors to use (a
+        :class:`_Svds` sketch size, "exact" or "projection"), or a reason to leave the layer."""
         break_even = low_rank_break_even(parts.in_features, parts.out_features)
         useful = [r for r in range(self.multiple, math.ceil(break_even), self.multiple) if r < break_even]
         top = useful[-1]
-        exact = self.svd == "exact" or (self.svd == "auto" and min(parts.weight.shape) <= EXACT_SVD_MAX_SIDE)
-        svds = _Svds(parts.weight, exact)
-        errors: dict[tuple[int, int], float] = {}
-        measured: list[Svd] = []  # keeps every measured factorization alive, so its id stays its own
+        exact = svds.exact
+        projections: list[Svd] = []
+
+        def key_of(svd: Svd) -> Hashable:
+            """What identifies a factorization across calls: the sketch it comes from."""
+            if any(svd is p for p in projections):
+                return "projection"
+            return "exact" if exact else svd[1].numel()
 
         def error_at(svd: Svd, rank: int) -> float:
-            key = (id(svd[0]), rank)
-            if key not in errors:
-                measured.append(svd)
-                candidate = copy_graph_module(gm)
-                node = next(n for n in candidate.graph.nodes if n.name == parts.node.name)
-                candidate_parts = linear_parts(candidate, node)
-                assert candidate_parts is not None
-                _factor(candidate, candidate_parts, rank, svd)
-                candidate.recompile()
-                errors[key] = ctx.output_error(candidate)
-            return errors[key]
+            return measure(svd, key_of(svd), rank)
 
         def top_projection() -> tuple[Svd, float]:
             """A rank-``top`` factorization and the share of sum(S^2) it keeps (a lower bound)."""
             left, right, energy = project(svds.weight, top)
-            return (left, torch.ones(top, dtype=left.dtype), right), energy / svds.total
+            projections.append((left, torch.ones(top, dtype=left.dtype), right))
+            return projections[-1], energy / svds.total
 
         if self.ratio is not None or self.energy is not None:
             rank, how, svd = self._fixed_rank(svds, break_even, top, top_projection)
@@ -157,15 +188,15 @@ class LowRank(Pass):
                 needed = f"rank {rank}" if rank is not None else f"a rank above {top}"
                 return 0, None, f"{needed} from {how} is not below the break-even rank {break_even:.1f}: no saving", None
             if error_at(svd, rank) > target:
-                return 0, None, (f"rank {rank} from {how} gives output error {error_at(svd, rank):.3g}, over this "
-                                 f"layer's share of the budget ({target:.3g})"), None
-            return rank, error_at(svd, rank), None, svd
+                return 0, error_at(svd, rank), (f"rank {rank} from {how} gives output error {error_at(svd, rank):.3g}, "
+                                                f"over this layer's share of the budget ({target:.3g})"), None
+            return rank, error_at(svd, rank), None, key_of(svd)
 
         def within(svd: Svd) -> Callable[[int], bool]:
             return lambda r: error_at(svd, r) <= target
 
         def no_rank(svd: Svd, how: str = "") -> Choice:
-            return 0, None, (f"no rank below the break-even rank {break_even:.1f} keeps the output error within "
+            return 0, error_at(svd, top), (f"no rank below the break-even rank {break_even:.1f} keeps the output error within "
                              f"budget (rank {top}{how}: {error_at(svd, top):.3g} > {target:.3g})"), None
 
         sketch, top_checked = top if exact else min(_round_up(self.sketch_rank, self.multiple), top), False
@@ -173,7 +204,7 @@ class LowRank(Pass):
             svd = svds.top(sketch)
             rank = first_passing([r for r in useful if r <= sketch], within(svd))
             if rank is not None:
-                return rank, error_at(svd, rank), None, svd
+                return rank, error_at(svd, rank), None, key_of(svd)
             if sketch == top:
                 return no_rank(svd, "" if exact else ", randomized SVD")
             guess = _extrapolated_rank(svd[1], error_at(svd, sketch), target)
@@ -246,6 +277,19 @@ def _extrapolated_rank(sigma: torch.Tensor, error: float, target: float) -> floa
     if not 0 < decay < 1:
         return math.inf if decay >= 1 else float(len(sigma))
     return len(sigma) + half * math.log(target / error) / math.log(decay)
+
+
+def _saving(parts: LinearParts) -> Callable[[Hashable], float]:
+    """Parameters saved by a level (rank, SVD key) of this layer."""
+    return lambda level: parts.weight.numel() - level[0] * (parts.in_features + parts.out_features)  # type: ignore[index]
+
+
+def _refusal(pick: Pick) -> str:
+    reason = pick.reason or f"output error {pick.error:.3g} > {pick.target:.3g}"
+    if pick.split == "all":
+        return (f"the rank chosen on half the batches failed on the held-out half; chosen again on every batch "
+                f"with half the budget: {reason}")
+    return reason
 
 
 def _round_up(value: int, multiple: int) -> int:

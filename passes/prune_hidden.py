@@ -7,9 +7,13 @@
 Dropping unit j removes the term W2[:, j] * f(h_j) from the output. Units are scored on the
 example and calibration batches by the size of that term once its mean is folded into b2:
 std(f(h_j)) * ||W2[:, j]|| (with ``fold_mean=False``: rms(f(h_j)) * ||W2[:, j]||, b2 unchanged).
-As many of the lowest-scoring units go as the block's share of ``budget`` allows (binary search
-on the number kept, a multiple of ``multiple``, measured on the model's outputs); blocks go in
-graph order, each measured with the earlier ones already pruned. Constraints: f is elementwise
+Each block is a site of the budgeted search (fxopt.lossy): its levels are the numbers of units
+kept, multiples of ``multiple``, fewest last. ``strategy="equal-share"`` (default): blocks in
+graph order, as many of the lowest-scoring units go as the block's share of ``budget`` allows,
+measured with the earlier blocks pruned; ``"sensitivity"``: the blocks that save most per unit
+of error first. The choice is made on one half of the batches and verified on the other
+(held-out) half; a choice over budget there is tightened and searched again, and both errors
+are in the details. Constraints: f is elementwise
 (unit j's activation depends on h_j alone), both weights are constants, and neither
 intermediate has other users. Cost model: every dropped unit saves in + out + 1 weights and
 2 * (in + out) FLOPs per row, so any removal is cheaper.
@@ -17,18 +21,16 @@ intermediate has other users. Cost model: every dropped unit saves in + out + 1 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.fx as fx
 
-from fxopt.activations import FeatureStats, feature_statistics
-from fxopt.budget import BudgetSplit, first_passing
 from fxopt.ir import (
     call_nodes,
     constant_users,
-    copy_graph_module,
     infer_val,
     insert_linear,
     is_op,
@@ -36,9 +38,28 @@ from fxopt.ir import (
     ops,
     replace_node,
 )
+from fxopt.lossy import (
+    STRATEGIES,
+    ActivationStats,
+    BudgetedSearch,
+    Pick,
+    Site,
+    fit_batches,
+    observe,
+)
 from fxopt.pass_api import Pass, PassContext, PassResult
 
 ELEMENTWISE = frozenset({ops.relu, ops.gelu, ops.silu, ops.sigmoid, ops.tanh, ops.hardswish, ops.hardsigmoid})
+
+
+@dataclass(frozen=True)
+class _Block:
+    first: str
+    act: str
+    second: str
+    order: torch.Tensor  # hidden units, most important first
+    hidden: int
+    params_per_unit: int
 
 
 @dataclass(frozen=True)
@@ -50,6 +71,7 @@ class PruneHidden(Pass):
     budget: float = 0.01
     multiple: int = 8
     fold_mean: bool = True
+    strategy: str = "equal-share"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -57,10 +79,12 @@ class PruneHidden(Pass):
             raise ValueError(f"budget must be >= 0, got {self.budget}")
         if self.multiple < 1:
             raise ValueError(f"multiple must be >= 1, got {self.multiple}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
-        blocks: list[tuple[fx.Node, fx.Node, fx.Node]] = []
+        candidates: list[tuple[fx.Node, fx.Node, fx.Node]] = []
         for second in call_nodes(gm, ops.linear):
             act = second.args[0]
             if not is_op(act, ELEMENTWISE) or not is_op(act.args[0], ops.linear):
@@ -71,66 +95,66 @@ class PruneHidden(Pass):
             if reason:
                 result.skip(second, reason)
             else:
-                blocks.append((first, act, second))
-        shares = BudgetSplit(self.budget, len(blocks))
-        pruned: dict[fx.Node, fx.Node] = {}  # a block's second Linear can be the next block's first
-        for first, act, second in blocks:
-            first = pruned.get(first, first)
-            choice = self._choose(gm, ctx, first, act, second, shares.target())
-            if isinstance(choice, str):
-                shares.spend(None)
-                result.skip(second, choice)
-                continue
-            keep, stats, error = choice
-            shares.spend(error)
+                candidates.append((first, act, second))
+        if not candidates:
+            return result
+        # One observation of every block's hidden values, on the batches the choice is fitted on
+        # only: ranking units on the held-out batches too would make their check optimistic.
+        stats = observe(gm, [act for _, act, _ in candidates], fit_batches(ctx), features=True)
+        sites: list[Site] = []
+        for first, act, second in candidates:
             p1, p2 = linear_parts(gm, first), linear_parts(gm, second)
             assert p1 is not None and p2 is not None
-            hidden, kept = p1.out_features, len(keep)
-            result.details.append({"block": f"{p1.name} -> {p2.name}", "hidden": hidden, "kept": kept,
-                                   "params_saved": (hidden - kept) * (p1.in_features + 1 + p2.out_features),
-                                   "error": error})
-            pruned[second] = self._prune(gm, first, act, second, keep, stats)
+            block = _Block(first.name, act.name, second.name, self._ranking(p2.weight, stats[act]),
+                           p1.out_features, p1.in_features + 1 + p2.out_features)
+            kept = tuple(range(self.multiple, block.hidden, self.multiple))[::-1]  # most kept first
+            if not kept:
+                result.skip(second, f"{block.hidden} hidden units leave nothing to drop at multiple={self.multiple}")
+                continue
+            sites.append(Site(f"{p1.name} -> {p2.name}", kept,
+                              tuple((block.hidden - k) * block.params_per_unit for k in kept), block))
+
+        def apply(trial: fx.GraphModule, choices: Mapping[str, object]) -> fx.GraphModule:
+            self._apply(trial, sites, choices, stats)
+            return trial
+
+        outcome = BudgetedSearch(gm, ctx, sites, apply, self.budget, self.strategy).run()
+        for site in sites:
+            block: _Block = site.payload
+            if site.name in outcome.refused:
+                result.skip(block.second, _refusal(block, outcome.refused[site.name]))
+                continue
+            kept = int(outcome.choices[site.name])
+            result.details.append({"block": site.name, "hidden": block.hidden, "kept": kept,
+                                   "params_saved": (block.hidden - kept) * block.params_per_unit,
+                                   "error": outcome.picks[site.name].error, **outcome.details_for(site.name)})
             result.apply()
+        self._apply(gm, sites, outcome.choices, stats)
         return result
 
-    def _choose(self, gm: fx.GraphModule, ctx: PassContext, first: fx.Node, act: fx.Node, second: fx.Node,
-                target: float) -> tuple[torch.Tensor, FeatureStats, float] | str:
-        """The units to keep (with the statistics and resulting error), or why none can go."""
-        # Measured on the current graph, so earlier blocks' pruning is accounted for.
-        stats = feature_statistics(gm, [act], ctx.batches)[act]
-        order = self._ranking(gm, second, stats)
-        hidden = len(order)
-        sizes = list(range(self.multiple, hidden, self.multiple))
-        errors: dict[int, float] = {}
+    def _apply(self, gm: fx.GraphModule, sites: list[Site], choices: Mapping[str, object],
+               stats: dict[fx.Node, ActivationStats]) -> None:
+        """Prune the chosen blocks of ``gm`` (the live graph or a trial copy), in graph order."""
+        nodes = {n.name: n for n in gm.graph.nodes}
+        stats_by_name = {node.name: s for node, s in stats.items()}
+        replaced: dict[str, fx.Node] = {}  # a block's second Linear can be the next block's first
+        for site in sites:
+            if site.name not in choices:
+                continue
+            block: _Block = site.payload
+            first = replaced.get(block.first, nodes[block.first])
+            kept = int(choices[site.name])  # type: ignore[call-overload]
+            replaced[block.second] = self._prune(gm, first, nodes[block.act], nodes[block.second],
+                                                 block.order[:kept], stats_by_name[block.act])
 
-        def error_with(kept: int) -> float:
-            if kept not in errors:
-                candidate = copy_graph_module(gm)
-                by_name = {n.name: n for n in candidate.graph.nodes}
-                self._prune(candidate, by_name[first.name], by_name[act.name], by_name[second.name],
-                            order[:kept], stats)
-                candidate.recompile()
-                errors[kept] = ctx.output_error(candidate)
-            return errors[kept]
-
-        kept = first_passing(sizes, lambda k: error_with(k) <= target)
-        if kept is not None:
-            return order[:kept], stats, error_with(kept)
-        if not sizes:
-            return f"{hidden} hidden units leave nothing to drop at multiple={self.multiple}"
-        return (f"every hidden unit matters: dropping the {hidden - sizes[-1]} least important of {hidden} "
-                f"gives output error {error_with(sizes[-1]):.3g} > {target:.3g}")
-
-    def _ranking(self, gm: fx.GraphModule, second: fx.Node, stats: FeatureStats) -> torch.Tensor:
+    def _ranking(self, weight: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
         """Hidden units, most important first."""
-        parts = linear_parts(gm, second)
-        assert parts is not None
         spread = stats.centered_rms if self.fold_mean else stats.rms
-        score = spread * parts.weight.double().norm(dim=0)
+        score = spread * weight.double().norm(dim=0)
         return torch.argsort(score, descending=True, stable=True)
 
     def _prune(self, gm: fx.GraphModule, first: fx.Node, act: fx.Node, second: fx.Node,
-               keep: torch.Tensor, stats: FeatureStats) -> fx.Node:
+               keep: torch.Tensor, stats: ActivationStats) -> fx.Node:
         """Keep only the hidden units ``keep``; returns the new second Linear."""
         p1, p2 = linear_parts(gm, first), linear_parts(gm, second)
         assert p1 is not None and p2 is not None
@@ -151,6 +175,16 @@ class PruneHidden(Pass):
         replace_node(second, new_second)
         gm.graph.erase_node(first)
         return new_second
+
+
+def _refusal(block: _Block, pick: Pick) -> str:
+    dropped = block.hidden - int(pick.tried or block.hidden)  # type: ignore[call-overload]
+    if pick.split == "all":
+        return (f"every hidden unit matters on held-out data: the count chosen on half the batches failed on the "
+                f"other half, and on every batch dropping the {dropped} least important of {block.hidden} gives "
+                f"output error {pick.error:.3g} > {pick.target:.3g} (half the budget)")
+    return (f"every hidden unit matters: dropping the {dropped} least important of {block.hidden} "
+            f"gives output error {pick.error:.3g} > {pick.target:.3g}")
 
 
 def _block_reason(gm: fx.GraphModule, first: fx.Node, act: fx.Node, second: fx.Node) -> str | None:

@@ -9,9 +9,14 @@
 
 Constraints: W is a constant 2-D float32/float16/bfloat16 matrix with finite values; x is
 floating point; in and out features are at least 16 (below that quantizing x costs more
-than the int8 GEMM saves, unless force=True). Layers whose quantization pushes the output
-error past ``budget`` stay float, with the error in the reason. Backends lower the pattern
-to ``fxopt::int8_linear`` (int8 x int8 -> int32 GEMM, one fused rescale) or, per tensor
+than the int8 GEMM saves, unless force=True). Which layers to quantize is the budgeted
+search's (fxopt.lossy) choice, each layer a site with one level: ``strategy="sensitivity"``
+(default) quantizes every layer if that fits ``budget``; else each layer alone, then the
+ones that save most weight bytes per unit of error first, each while the combination fits.
+Layers left float say why, with the error. The choice is made on one half of the batches and
+verified on the other; both errors are in the details. Static scales come from the one
+activation observer, on every batch (sibling Linears share their input's scale).
+Backends lower the pattern to ``fxopt::int8_linear`` (int8 x int8 -> int32 GEMM, one fused rescale) or, per tensor
 dynamic, ``fxopt::int8_linear_dynamic_tensor`` (ONNX Runtime: DynamicQuantizeMatMul).
 """
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import operator
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,12 +36,12 @@ from fxopt.ir import (
     all_finite,
     call_nodes,
     constant,
-    copy_graph_module,
     dtype_of,
     module_path,
     ops,
 )
 from fxopt.ir.qdq import qops
+from fxopt.lossy import BudgetedSearch, Outcome, Pick, Site, fit_batches, inputs_of
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.quant import (
     FLOAT_DTYPES,
@@ -69,6 +75,7 @@ class QuantizeInt8(Pass):
     skip_first: bool = False
     skip_last: bool = False
     force: bool = False
+    strategy: str = "sensitivity"  # how the budget is spent across layers: "sensitivity" | "equal-share"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -81,6 +88,9 @@ class QuantizeInt8(Pass):
             raise PassOptionError(f"quantize-int8: observer must be 'minmax' or 'percentile', got {self.observer!r}")
         if not 0.0 < self.percentile <= 100.0:
             raise PassOptionError(f"quantize-int8: percentile must be in (0, 100], got {self.percentile}")
+        if self.strategy not in ("sensitivity", "equal-share"):
+            raise PassOptionError(f"quantize-int8: strategy must be 'sensitivity' or 'equal-share', "
+                                  f"got {self.strategy!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -103,19 +113,33 @@ class QuantizeInt8(Pass):
                                       "a scale from the example inputs alone could clip later inputs")
                 return result
             scales = self._observe(gm, candidates, ctx.batches)
+        # The search trials static scales observed on its fit batches only, so that clipping
+        # on the held-out ones shows; the committed scales cover every batch (wider, so they clip less).
+        fit_scales = self._observe(gm, candidates, fit_batches(ctx)) if self.activations == "static" else scales
         weights = {n.name: quantize_weight(constant(gm, n.args[1])) for n in candidates}
-
-        def quantized(names: list[str]) -> fx.GraphModule:
-            trial = copy_graph_module(gm)
-            self._quantize(trial, names, weights, scales)
-            return trial
-
-        chosen = self._within_budget([n.name for n in candidates], quantized, ctx, result)
+        outcome = self._search(gm, ctx, candidates, weights, fit_scales)
+        for node in candidates:
+            pick = outcome.refused.get(node.name)
+            if pick is not None:
+                result.skip(node, _budget_refusal(pick))
+        chosen = [n.name for n in candidates if n.name in outcome.choices]  # graph order
         self._quantize(gm, chosen, weights, scales)
         for name in chosen:
             result.apply()
-            result.details.append({"node": name, "input_scale": scales[name]})
+            result.details.append({"node": name, "input_scale": scales[name], "error": outcome.picks[name].error,
+                                   **outcome.details_for(name)})
         return result
+
+    def _search(self, gm: fx.GraphModule, ctx: PassContext, candidates: list[fx.Node], weights: dict,
+                scales: dict) -> Outcome:
+        """Which layers to quantize: a site per layer, on or off, saving 3 of every 4 weight bytes."""
+        sites = [Site(n.name, (True,), (3.0 * constant(gm, n.args[1]).numel(),)) for n in candidates]
+
+        def apply(trial: fx.GraphModule, choices: Mapping[str, object]) -> fx.GraphModule:
+            self._quantize(trial, [n.name for n in candidates if n.name in choices], weights, scales)
+            return trial
+
+        return BudgetedSearch(gm, ctx, sites, apply, self.budget, self.strategy).run()
 
     def _refusal(self, gm: fx.GraphModule, node: fx.Node, index: int, count: int) -> str | None:
         path = module_path(node)
@@ -146,28 +170,12 @@ class QuantizeInt8(Pass):
         return None
 
     def _observe(self, gm: fx.GraphModule, nodes: list[fx.Node], batches: list[list[torch.Tensor]]) -> dict[str, float | None]:
-        """Per-tensor activation scales: max |x| (minmax) or its percentile, over every batch."""
-        inputs = {n.args[0]: n.name for n in nodes}
-        seen: dict[str, float] = {}
-        observer = self
-
-        class Observer(fx.Interpreter):
-            def run_node(self, n: fx.Node) -> object:
-                value = super().run_node(n)
-                if n in inputs and isinstance(value, torch.Tensor):
-                    magnitude = value.detach().abs().float().flatten()
-                    if observer.observer == "percentile" and magnitude.numel() > 1:
-                        rank = max(1, int(round(magnitude.numel() * observer.percentile / 100.0)))
-                        stat = float(magnitude.kthvalue(rank).values)
-                    else:
-                        stat = float(magnitude.max()) if magnitude.numel() else 0.0
-                    seen[n.name] = max(seen.get(n.name, 0.0), stat)
-                return value
-
-        with torch.no_grad():
-            for batch in batches:
-                Observer(gm).run(*batch)
-        return {name: static_scale(seen.get(x.name, 0.0)) for x, name in inputs.items()}
+        """Per-tensor activation scales: max |x| (minmax) or its largest per-batch percentile,
+        over every batch, per Linear (siblings reading one input share its statistics)."""
+        percentile = self.percentile if self.observer == "percentile" else None
+        stats = inputs_of(gm, nodes, batches, percentile=percentile)
+        return {name: static_scale(s.percentile if percentile is not None and s.percentile is not None else s.abs_max)
+                for name, s in stats.items()}
 
     def _quantize(self, gm: fx.GraphModule, names: list[str], weights: dict, scales: dict) -> None:
         nodes = {n.name: n for n in gm.graph.nodes}
@@ -180,24 +188,14 @@ class QuantizeInt8(Pass):
                        dynamic_tensor=self.activations == "dynamic-tensor")
         gm.recompile()
 
-    def _within_budget(self, names: list[str], quantized, ctx: PassContext, result: PassResult) -> list[str]:
-        """All layers if that fits the budget; else the least sensitive ones, added while it fits."""
-        if ctx.output_error(quantized(names)) <= self.budget:
-            return names
-        alone = {name: ctx.output_error(quantized([name])) for name in names}
-        chosen: list[str] = []
-        for name in sorted(names, key=alone.__getitem__):
-            if alone[name] > self.budget:
-                result.skip(name, f"quantizing this layer alone gives output error {alone[name]:.3g} "
-                                  f"> budget {self.budget:g}")
-                continue
-            error = ctx.output_error(quantized(chosen + [name]))
-            if error <= self.budget:
-                chosen.append(name)
-            else:
-                result.skip(name, f"with {len(chosen)} other layer(s) quantized it raises the output "
-                                  f"error to {error:.3g} > budget {self.budget:g}")
-        return [n for n in names if n in chosen]  # graph order
+
+def _budget_refusal(pick: Pick) -> str:
+    limit = f"budget {pick.target:g}"
+    if pick.split != "fit":
+        limit = f"{pick.target:g} (half the budget: chosen again on every batch after the held-out check failed)"
+    if pick.others == 0:
+        return f"quantizing this layer alone gives output error {pick.error:.3g} > {limit}"
+    return f"with {pick.others} other layer(s) quantized it raises the output error to {pick.error:.3g} > {limit}"
 
 
 def insert_qdq(

@@ -7,14 +7,18 @@
     sigmoid(x)               =>  hardsigmoid(x)                mapping "sigmoid->hardsigmoid"
 
 Only the swaps named in ``mapping`` run (e.g. ``"gelu->gelu_tanh,silu->hardswish"``); the
-mapping is the request, since whether a target is faster depends on the backend. Swaps are
-tried one node at a time in graph order, on top of the ones kept so far; each is measured
-on every batch (example inputs and calibration data) and kept only while the relative
-output error stays within ``budget``. Its error is in the report's details.
+mapping is the request, since whether a target is faster depends on the backend. Each
+matched node is a site of the budgeted search (fxopt.lossy) with one level, swapped or not:
+``strategy="sensitivity"`` (default) measures each swap alone, then keeps them in order of
+least error, each while the combined relative output error stays within ``budget``;
+``"equal-share"`` goes in graph order, each swap within its share. The choice is made on one
+half of the batches and verified on the other; the error at each swap and both the fitted
+and held-out errors are in the report's details.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -22,6 +26,7 @@ import torch.fx as fx
 
 from fxopt.errors import PassOptionError
 from fxopt.ir import arg, call_nodes, ops
+from fxopt.lossy import STRATEGIES, BudgetedSearch, Site
 from fxopt.pass_api import Pass, PassContext, PassResult
 
 # target name -> (op, kwargs)
@@ -71,12 +76,16 @@ class SwapActivationsLossy(Pass):
 
     mapping: str = ""
     budget: float = 0.01
+    strategy: str = "sensitivity"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_mapping(self.mapping)  # refuse a bad mapping when the pass is configured
         if self.budget < 0:
             raise PassOptionError(f"swap-activations-lossy: budget must be >= 0, got {self.budget}")
+        if self.strategy not in STRATEGIES:
+            raise PassOptionError(f"swap-activations-lossy: strategy must be one of {', '.join(STRATEGIES)}, "
+                                  f"got {self.strategy!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
@@ -84,24 +93,38 @@ class SwapActivationsLossy(Pass):
         if not mapping:
             result.skip("graph", "no mapping given (e.g. mapping='gelu->gelu_tanh'): nothing to swap")
             return result
+        sites: list[Site] = []
         for node in call_nodes(gm, ops.gelu, ops.silu, ops.sigmoid):
             source = _kind(node)
             target = mapping.get(source)
             if target is None:
                 continue
             result.match()
-            saved = node.target, node.args, node.kwargs
-            op, kwargs = TARGETS[target]
-            node.target, node.args, node.kwargs = op, (node.args[0],), dict(kwargs)
-            gm.recompile()
-            error = ctx.output_error(gm)
-            swap = f"{source}->{target}"
-            if error > self.budget:
-                node.target, node.args, node.kwargs = saved
-                gm.recompile()
-                result.skip(node, f"{swap} gives relative output error {error:.3g} > budget {self.budget:g}")
+            sites.append(Site(node.name, (True,), payload=f"{source}->{target}"))
+        swaps = {site.name: site.payload for site in sites}
+
+        def apply(trial: fx.GraphModule, choices: Mapping[str, object]) -> fx.GraphModule:
+            for node in list(trial.graph.nodes):
+                if node.name in choices:
+                    op, kwargs = TARGETS[swaps[node.name].split("->")[1]]
+                    node.target, node.args, node.kwargs = op, (node.args[0],), dict(kwargs)
+            return trial
+
+        outcome = BudgetedSearch(gm, ctx, sites, apply, self.budget, self.strategy).run()
+        for site in sites:
+            swap = swaps[site.name]
+            if site.name in outcome.refused:
+                pick = outcome.refused[site.name]
+                limit = f"budget {self.budget:g}"
+                if pick.split != "fit":
+                    limit = (f"{pick.target:g} (half the budget: chosen again on every batch after the held-out "
+                             "check failed)")
+                result.skip(site.name, f"{swap} gives relative output error {pick.error:.3g} > {limit}")
                 continue
-            result.details.append({"node": node.name, "swap": swap, "error": error})
+            result.details.append({"node": site.name, "swap": swap, "error": outcome.picks[site.name].error,
+                                   **outcome.details_for(site.name)})
             result.stats[swap] += 1
             result.apply()
+        apply(gm, outcome.choices)
+        gm.recompile()
         return result

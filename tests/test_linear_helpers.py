@@ -1,11 +1,9 @@
-"""Core helpers the Linear passes share: cost shapes, Linear parts, activations, budget split."""
+"""Core helpers the Linear passes share: cost shapes, Linear parts (the lossy search and observer: test_lossy_search.py)."""
 
 import pytest
 import torch
 from torch import nn
 
-from fxopt.activations import collect_activations, feature_statistics
-from fxopt.budget import BudgetSplit, first_passing
 from fxopt.capture import capture
 from fxopt.cost import (
     linear_shape_bytes,
@@ -21,28 +19,6 @@ def test_linear_shape_costs() -> None:
     assert linear_shape_params(4, 3) == 15 and linear_shape_params(4, 3, bias=False) == 12
     assert linear_shape_bytes(8, 4, 3, True, 4) == 4 * (32 + 15 + 24)
     assert low_rank_break_even(256, 256) == 128
-
-
-def test_first_passing_finds_the_boundary_with_few_calls() -> None:
-    calls: list[int] = []
-
-    def at_least_37(value: int) -> bool:
-        calls.append(value)
-        return value >= 37
-
-    assert first_passing(list(range(100)), at_least_37) == 37
-    assert len(calls) <= 8
-    assert first_passing(list(range(10)), lambda v: False) is None
-    assert first_passing([], lambda v: True) is None
-
-
-def test_budget_split_shares_what_is_left() -> None:
-    split = BudgetSplit(0.09, 3)
-    assert abs(split.target() - 0.03) < 1e-12
-    split.spend(0.01)  # the first site used less than its share
-    assert abs(split.target() - (0.01 + 0.08 / 2)) < 1e-12
-    split.spend(None)  # skipped: the last site may use everything left
-    assert abs(split.target() - 0.09) < 1e-12
 
 
 class Tied(nn.Module):
@@ -71,23 +47,6 @@ def test_insert_linear_sets_shape_metadata() -> None:
     (node,) = call_nodes(gm, ops.linear)
     new = insert_linear(gm, node.args[0], torch.randn(6, 8), None, "extra", before=node)
     assert tuple(new.meta["val"].shape) == (3, 5, 6)
-
-
-def test_feature_statistics_over_all_rows_and_batches() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 3), nn.ReLU()).eval()
-    batches = [[torch.randn(2, 5, 4)], [torch.randn(2, 5, 4) * 3]]
-    gm = capture(model, (batches[0][0],))
-    relu = next(n for n in gm.graph.nodes if n.target == ops.relu)
-    stats = feature_statistics(gm, [relu], batches)[relu]
-    with torch.no_grad():
-        rows = torch.cat([model(b[0]).reshape(-1, 3) for b in batches]).double()
-    assert stats.rows == 20
-    assert torch.allclose(stats.mean, rows.mean(0))
-    assert torch.allclose(stats.rms, rows.square().mean(0).sqrt())
-    assert torch.allclose(stats.centered_rms, rows.std(0, unbiased=False), atol=1e-7)
-    values = collect_activations(gm, [relu], batches[:1])[relu]
-    assert torch.allclose(values[0], model(batches[0][0]))
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])

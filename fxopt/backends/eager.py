@@ -14,6 +14,7 @@ import torch.fx as fx
 from fxopt.backends import Lowered
 from fxopt.errors import BackendError
 from fxopt.lowering import lower_graph
+from fxopt.verify import compare_outputs, exact_tolerance, run_graph
 
 
 def lower_eager(
@@ -25,13 +26,50 @@ def lower_eager(
 ) -> Lowered:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendError("device 'cuda' was requested but CUDA is not available on this machine")
-    lowered = lower_graph(gm, "eager", device)
-    report.notes.extend(lowered.notes)
-    gm = lowered.graph_module.to(device)
-    gm.recompile()
+    graph = _lowered(gm, "graph", example_inputs, device, report)
+    kernels = _lowered(graph, "kernel", example_inputs, device, report)
 
     def run(*inputs: torch.Tensor) -> Any:
         with torch.no_grad():
-            return gm(*inputs)
+            return kernels(*inputs)
 
-    return Lowered(gm, run)
+    return Lowered(graph, run)
+
+
+def _lowered(gm: fx.GraphModule, stage: str, example_inputs: list[torch.Tensor], device: torch.device,
+             report: Any) -> fx.GraphModule:
+    lowered = lower_graph(gm, "eager", device, stage)
+    report.notes.extend(lowered.notes)
+    result = _checked(gm, lowered, example_inputs, device, report) if lowered.applied else gm.to(device)
+    result.recompile()
+    return result
+
+
+def _checked(gm: fx.GraphModule, lowered: Any, example_inputs: list[torch.Tensor], device: torch.device,
+             report: Any) -> fx.GraphModule:
+    """The lowered graph when it agrees with the optimized one on the example inputs (within
+    the loosest tolerance the applied lowerings declare, else float rounding); otherwise the
+    optimized graph as it is, with the reason noted. Kernels differ from the ops they replace
+    in accumulation order and in what a probe could not see, so this is checked on the
+    model's own shapes rather than trusted."""
+    kernels = lowered.graph_module.to(device)
+    inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    try:
+        with torch.no_grad():
+            expected = run_graph(gm.to(device), inputs)
+            actual = run_graph(kernels, inputs)
+    except Exception as exc:
+        report.notes.append(f"lowered kernels failed on the example inputs ({type(exc).__name__}: {exc}); "
+                            "the optimized graph runs without them")
+        return gm.to(device)
+    comparison = compare_outputs(expected, actual)
+    limit = lowered.parity_rtol()
+    if limit is None:
+        limit = exact_tolerance(comparison.worst_dtype)
+    if comparison.mismatch or not comparison.within(limit):
+        names = ", ".join(lowering.name for lowering in lowered.applied)
+        report.notes.append(f"lowerings {names} changed outputs on the example inputs "
+                            f"(max rel error {comparison.max_rel:.3g} > {limit:g}); the optimized graph "
+                            "runs without them")
+        return gm.to(device)
+    return kernels

@@ -61,12 +61,16 @@ class LoweredGraph:
         return max(limits) if limits else None
 
 
-def lower_graph(gm: fx.GraphModule, backend: str, device: torch.device | None) -> LoweredGraph:
+def lower_graph(gm: fx.GraphModule, backend: str, device: torch.device | None,
+                stage: str | None = None) -> LoweredGraph:
     """Run every registered lowering that applies to ``gm`` on ``backend`` and ``device``
-    (None: a device-neutral ONNX graph). ``gm`` is never changed: the lowerings work on a
-    copy that shares its constants, made only when one applies."""
+    (None: a device-neutral ONNX graph), of ``stage`` only when given ("graph" or "kernel").
+    ``gm`` is never changed: the lowerings work on a copy that shares its constants, made
+    only when one applies."""
     result = LoweredGraph(gm)
     for lowering in lowerings():
+        if stage is not None and lowering.stage != stage:
+            continue
         if backend not in lowering.backends or not lowering.applies(result.graph_module):
             continue
         reason = None

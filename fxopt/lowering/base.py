@@ -36,6 +36,11 @@ class Lowering:
     # Lowerings run in this order (then by name): a fused lowering that consumes a larger
     # pattern goes before one that consumes a part of it.
     order: ClassVar[int] = 100
+    # "graph": the kernels it writes are part of the optimized module's graph
+    # (``opt.graph_module``), which stays exportable (its ops have ONNX translations).
+    # "kernel": a device-specific kernel choice made only in the code that runs, after the
+    # graph lowerings; ``opt.graph_module`` keeps the portable ops it replaced.
+    stage: ClassVar[str] = "graph"
 
     def probe(self, device: torch.device) -> str | None:
         """Why this lowering cannot run on ``device`` (None when it can)."""

@@ -263,3 +263,56 @@ def test_only_layers_above_the_exact_svd_size_are_sketched(monkeypatch: pytest.M
     run = run_pass(LowRank(min_params=0), model, (torch.randn(16, 64),))
     assert run.record.applied == 2
     assert sketched == [(96, 96)]
+
+
+# ---------------------------------------------------------------- budgets on unseen data
+
+
+def fresh_error(opt: torch.nn.Module, model: torch.nn.Module, make) -> float:
+    g = torch.Generator().manual_seed(100)
+    worst = 0.0
+    for _ in range(5):
+        x = make(g)
+        with torch.no_grad():
+            worst = max(worst, compare_outputs([model(x)], [opt(x)]).max_rel)
+    return worst
+
+
+def test_rank_is_fitted_on_half_the_batches_and_holds_on_fresh_ones() -> None:
+    model = decaying_mlp(128, (10.0, 10.0))
+    g = torch.Generator().manual_seed(1)
+    x, calibration = torch.randn(4, 128, generator=g), [(torch.randn(4, 128, generator=g),) for _ in range(2)]
+    opt = fxopt.compile(model, (x,), passes=[LowRank(min_params=0)], calibration=calibration)
+    record = opt.report["low-rank"]
+    assert record.applied == 2
+    for detail in record.details:
+        assert detail["heldout_batches"] == 1
+        assert detail["fitted_error"] <= 0.01 and detail["heldout_error"] <= 0.01
+    assert fresh_error(opt, model, lambda g: torch.randn(4, 128, generator=g)) <= 1.5 * 0.01
+
+
+def test_a_rank_that_fails_on_held_out_data_is_chosen_again_on_every_batch() -> None:
+    """The example spans 8 directions, the calibration batch all of them: rank 8, fitted on
+    the example, fails on the held-out calibration batch, so the rank is chosen again on both
+    with half the budget, and holds on fresh wide inputs."""
+    torch.manual_seed(0)
+    weight = spectrum_weight(128, 128, decaying(128, rate=6.0))
+    layer = linear_with(weight)
+    top = torch.linalg.svd(weight, full_matrices=False)[2][:8].float()
+    narrow, wide = torch.randn(32, 8) @ top, torch.randn(32, 128)
+    opt = fxopt.compile(layer, (narrow,), passes=[LowRank(min_params=0)], calibration=[(wide,)])
+    (detail,) = opt.report["low-rank"].details
+    assert detail["heldout_retry"] and detail["rank"] > 8
+    assert detail["heldout_error"] <= 0.005 and detail["fitted_error"] <= 0.005
+    assert any(step["event"] == "retry" for step in detail["log"])
+    assert fresh_error(opt, layer, lambda g: torch.randn(32, 128, generator=g)) <= 0.01
+
+
+def test_sensitivity_strategy_stays_within_budget() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(*(linear_with(spectrum_weight(96, 96, decaying(96, rate), seed=i))
+                            for i, rate in enumerate((3.0, 12.0))))
+    run = run_pass(LowRank(budget=0.02, min_params=0, strategy="sensitivity"), model, (torch.randn(32, 96),))
+    assert [d["layer"] for d in run.record.details] == ["0"] and run.record.max_rel_err <= 0.02
+    assert_skipped(run, "no rank below the break-even rank 48.0", node="linear_1")
+    run.assert_outputs_match(rtol=0.02)

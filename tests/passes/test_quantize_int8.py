@@ -185,3 +185,55 @@ def test_linear_count_is_matched_not_silently_dropped() -> None:
     torch.manual_seed(0)
     run = run_pass("quantize-int8", mlp(32, 32, 32), (torch.randn(2, 32),))
     assert run.count_before(ops.linear) == 2 == run.count(ops.linear) == run.record.matched
+
+
+# ---------------------------------------------------------------- sibling Linears, unseen data
+
+
+class Attention(torch.nn.Module):
+    """q, k and v read one input: three sibling Linears."""
+
+    def __init__(self, d: int = 32) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scores = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2) / 32 ** 0.5, dim=-1)
+        return self.o(scores @ self.v(x))
+
+
+def test_static_with_sibling_linears_is_applied_within_budget() -> None:
+    torch.manual_seed(0)
+    model, x = Attention().eval(), torch.randn(2, 8, 32)
+    calibration = [(torch.randn(2, 8, 32),) for _ in range(3)]
+    run = run_pass(QuantizeInt8(activations="static", budget=0.05), model, (x,), calibration=calibration)
+    assert run.modified and run.record.applied == 4
+    scales = {d["node"]: d["input_scale"] for d in run.record.details}
+    observed = max(float(b[0].abs().max()) for b in [(x,), *calibration])
+    assert scales["linear"] == scales["linear_1"] == scales["linear_2"] == pytest.approx(observed / 127)
+    assert run.record.max_rel_err <= 0.05
+    run.assert_outputs_match(rtol=0.05)
+
+
+def test_layers_are_chosen_on_half_the_batches_and_hold_on_fresh_ones() -> None:
+    torch.manual_seed(0)
+    model = mlp(64, 128, 64)
+    g = torch.Generator().manual_seed(1)
+    x, calibration = torch.randn(16, 64, generator=g), [(torch.randn(16, 64, generator=g),) for _ in range(3)]
+    opt = fxopt.compile(model, (x,), passes=[QuantizeInt8(budget=0.02)], calibration=calibration)
+    record = opt.report["quantize-int8"]
+    assert record.applied == 2
+    for detail in record.details:
+        assert detail["heldout_batches"] == 2
+        assert detail["fitted_error"] <= 0.02 and detail["heldout_error"] <= 0.02
+    with torch.no_grad():
+        fresh = [torch.randn(16, 64, generator=g) for _ in range(5)]
+        assert max(rel_error(opt(f), model(f)) for f in fresh) <= 1.5 * 0.02
+
+
+def test_equal_share_strategy_and_bad_strategy() -> None:
+    torch.manual_seed(0)
+    run = run_pass(QuantizeInt8(strategy="equal-share", budget=0.05), mlp(32, 48, 16), (torch.randn(8, 32),))
+    assert run.record.applied == 2 and run.record.max_rel_err <= 0.05
+    with pytest.raises(PassOptionError, match="strategy"):
+        QuantizeInt8(strategy="fastest")

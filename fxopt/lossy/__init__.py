@@ -1,0 +1,21 @@
+"""Lossy rewriting: the budgeted search every lossy pass runs, and the activation observer.
+
+``search``: :class:`Site`, :class:`BudgetedSearch` (one trial mechanism with memoised
+measurement; ``equal-share`` and ``sensitivity`` strategies; choice on one split of the
+batches, verification on the other). ``observer``: :func:`observe`, :func:`inputs_of`.
+"""
+
+from fxopt.lossy.observer import ActivationStats, collect_activations, inputs_of, observe
+from fxopt.lossy.search import (
+           STRATEGIES,
+           BudgetedSearch,
+           Outcome,
+           Pick,
+           Site,
+           first_passing,
+           fit_batches,
+           split_batches,
+)
+
+__all__ = ["STRATEGIES", "ActivationStats", "BudgetedSearch", "Outcome", "Pick", "Site", "collect_activations",
+           "first_passing", "fit_batches", "inputs_of", "observe", "split_batches"]

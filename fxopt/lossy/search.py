@@ -1,0 +1,355 @@
+"""The budgeted search every lossy pass runs: which sites to change, and how far.
+
+A lossy pass describes its options as data and leaves the trial-and-measure loop here::
+
+    sites = [Site("fc1", levels=(64, 56, 48)), Site("fc2", levels=(32, 24))]   # least -> most aggressive
+    def apply(gm, choices):            # choices: {site name: level}; rewrite a trial copy
+        for name, rank in choices.items(): factor(gm, name, rank)
+        return gm
+    outcome = BudgetedSearch(gm, ctx, sites, apply, budget=0.01).run()
+    apply(gm, outcome.choices)         # commit on the live graph
+    for name, level in outcome.choices.items():
+        result.details.append({"layer": name, "rank": level, **outcome.details_for(name)})
+    for name, pick in outcome.refused.items():
+        result.skip(name, f"rank {pick.tried}: error {pick.error:.3g} > {pick.target:.3g}")
+
+One trial mechanism: every candidate is ``apply`` on a structural copy of the graph
+(``fxopt.ir.copy_graph_module``), never the live graph, and its error against
+``ctx.reference`` is memoised per split, so no combination is ever run twice.
+
+Held-out verification: the batches (example inputs first, then calibration batches) are
+split: even positions fit (the choice is made on them), odd positions are held out. The
+chosen combination must also stay within the budget on the held-out batches. When it does
+not, the fit batches did not represent the data: the strategy runs again measuring on
+every batch, with ``RETRY_SHARE`` of the budget as a margin for what is still unseen, and
+the outcome says so (``retried``). Both errors are reported. With one batch (no
+calibration) nothing is held out, and ``heldout_error`` is None.
+
+Strategies (``strategy=``):
+  ``equal-share``  sites in the given order; each may raise the error to an equal share of
+                   what the earlier ones left (so the first cannot take everything), at the
+                   most aggressive level that fits, found by binary search over its levels.
+  ``sensitivity``  first every site at its most aggressive level at once; when that is over
+                   budget, each site alone (its most aggressive level within budget), then the
+                   sites in order of saving per unit of error, each at the most aggressive
+                   level the combination so far still allows (backing off level by level).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
+
+import torch.fx as fx
+
+from fxopt.ir import copy_graph_module
+from fxopt.pass_api import PassContext
+from fxopt.verify import compare_outputs, run_graph
+
+Level = Hashable
+T = TypeVar("T")
+Choices = Mapping[str, Level]
+Apply = Callable[[fx.GraphModule, Choices], fx.GraphModule]
+
+log = logging.getLogger("fxopt.lossy")
+
+STRATEGIES = ("equal-share", "sensitivity")
+RETRY_SHARE = 0.5  # of the budget, for the choice made on every batch after a held-out failure
+FIT, HELD_OUT, ALL = "fit", "held-out", "all"
+_GLOBAL_EVENTS = frozenset({"all-at-once", "ranked", "verify", "retry"})
+
+
+@dataclass(frozen=True, eq=False)
+class Site:
+    """A place in the graph a lossy pass may change.
+
+    ``name`` identifies it in the report and in ``choices``; ``levels`` are the rewrites it
+    allows, least aggressive first (ranks descending, widths descending, a single ``True``
+    for on/off); ``savings`` (same length, optional) is what each level saves (parameters,
+    FLOPs), used by the sensitivity strategy to rank sites (``saving_of`` computes it when the
+    levels are found as the search goes); ``payload`` is the pass's own.
+    """
+
+    name: str
+    levels: tuple[Level, ...]
+    savings: tuple[float, ...] = ()
+    payload: Any = None
+    saving_of: Callable[[Level], float] | None = None  # for levels only known as the search goes
+
+    def saving(self, level: Level) -> float:
+        """What ``level`` saves: from ``saving_of``, ``savings``, or its position in ``levels``."""
+        if self.saving_of is not None:
+            return float(self.saving_of(level))
+        index = self.levels.index(level)
+        return float(self.savings[index]) if self.savings else float(index + 1)
+
+
+@dataclass(frozen=True)
+class Pick:
+    """The level chosen for one site (None: left alone) and the error of the combination
+    measured with it (on ``split``), or, for a refusal, the level tried and its error."""
+
+    level: Level | None
+    error: float
+    tried: Level | None = None
+    target: float = 0.0
+    # The batches ``error`` is over: "fit", or "all" when the choice fitted on half the batches
+    # failed on the held-out half and the search chose again on every batch (target: RETRY_SHARE).
+    split: str = "fit"
+    reason: str | None = None  # a chooser's own explanation of a refusal
+    others: int = 0  # how many other sites were already changed when this was measured
+
+
+@dataclass
+class Outcome:
+    """What the search chose: the level per site, the fitted and held-out errors of the
+    whole combination, the sites it left alone (with the pick that refused them) and a log
+    of every step."""
+
+    choices: dict[str, Level]
+    picks: dict[str, Pick]
+    refused: dict[str, Pick]
+    fitted_error: float
+    heldout_error: float | None
+    heldout_batches: int
+    log: list[dict[str, Any]]
+    trials: int
+    retried: bool = False  # the fitted choice failed on held-out data; this one was made on every batch
+
+    def summary(self) -> dict[str, Any]:
+        """The numbers a pass puts in each of its details: fitted and held-out error."""
+        return {"fitted_error": self.fitted_error, "heldout_error": self.heldout_error,
+                "heldout_batches": self.heldout_batches, "heldout_retry": self.retried}
+
+    def details_for(self, site: str) -> dict[str, Any]:
+        """:meth:`summary`, the number of trials, and the steps of the log that concern
+        ``site`` or the whole combination (trials themselves are counted, not listed)."""
+        steps = [s for s in self.log if s.get("site") == site or s["event"] in _GLOBAL_EVENTS]
+        return {**self.summary(), "trials": self.trials, "log": steps}
+
+
+LevelChooser = Callable[["BudgetedSearch", Site, float, Choices], Pick]
+
+
+@dataclass
+class BudgetedSearch:
+    """Trial ``sites`` at their ``levels`` through ``apply`` and choose within ``budget``.
+
+    ``choose_level(search, site, target, base)`` picks one site's level given the choices
+    already made (default: :meth:`most_aggressive`); a pass overrides it when its levels
+    are only known as the search goes (low-rank grows its SVD sketch). ``holdout=False``
+    fits on every batch.
+    """
+
+    gm: fx.GraphModule
+    ctx: PassContext
+    sites: Sequence[Site]
+    apply: Apply
+    budget: float
+    strategy: str = "equal-share"
+    choose_level: LevelChooser | None = None
+    holdout: bool = True
+    trials: int = 0
+    log: list[dict[str, Any]] = field(default_factory=list)
+    _errors: dict[tuple[str, frozenset[tuple[str, Level]]], float] = field(default_factory=dict)
+    _split: str = FIT
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        self.fit_indices, self.heldout_indices = split_batches(len(self.ctx.batches), self.holdout)
+        # The manager fills ctx.reference before any pass runs; a search started on its own
+        # (a tuner, a test) measures against the graph it starts from.
+        self.reference = self.ctx.reference or [run_graph(self.gm, batch) for batch in self.ctx.batches]
+
+    # ------------------------------------------------------------------ the one trial mechanism
+
+    def trial(self, choices: Choices) -> fx.GraphModule:
+        """``apply`` on a structural copy of the graph: the live graph is never touched."""
+        candidate = self.apply(copy_graph_module(self.gm), dict(choices))
+        candidate.recompile()
+        return candidate
+
+    def error(self, choices: Choices, split: str | None = None) -> float:
+        """The largest relative output error of ``choices`` against ``ctx.reference`` over the
+        batches of ``split`` ("fit", "held-out", "all"; default: the batches the strategy is
+        choosing on), memoised: each combination runs once per split."""
+        split = split or self._split
+        if split == ALL:
+            return max(self.error(choices, FIT), self.error(choices, HELD_OUT))
+        key = (split, frozenset(choices.items()))
+        if key not in self._errors:
+            if not choices:
+                self._errors[key] = 0.0
+            else:
+                indices = self.fit_indices if split == FIT else self.heldout_indices
+                self.trials += 1
+                self._errors[key] = self._output_error(self.trial(choices), indices)
+                self.step("trial", split=split, choices=dict(choices), error=self._errors[key])
+        return self._errors[key]
+
+    def _output_error(self, gm: fx.GraphModule, indices: Sequence[int]) -> float:
+        """Largest relative output error of ``gm`` against the reference on the given batches."""
+        worst = 0.0
+        for index in indices:
+            comparison = compare_outputs(self.reference[index], run_graph(gm, self.ctx.batches[index]))
+            if comparison.mismatch:
+                return math.inf
+            worst = max(worst, comparison.max_rel)
+        return worst
+
+    def step(self, event: str, **fields: Any) -> None:
+        """Record one step of the search (also as a debug message of the ``fxopt.lossy`` logger)."""
+        entry = {"event": event, **fields}
+        self.log.append(entry)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(" ".join(f"{k}={v}" for k, v in entry.items()))
+
+    # ------------------------------------------------------------------ one site
+
+    def most_aggressive(self, site: Site, levels: Sequence[Level], target: float, base: Choices) -> Pick:
+        """The most aggressive of ``levels`` (least aggressive first) whose error, on top of
+        ``base``, is within ``target``: a binary search that assumes error grows with
+        aggressiveness, so it measures about log2(len(levels)) + 1 combinations; the least
+        aggressive level is measured first, and a refusal names it."""
+        ordered = list(levels)
+        if not ordered:
+            return Pick(None, math.inf)
+        chosen = first_passing(ordered[::-1], lambda level: self.error({**base, site.name: level}) <= target)
+        if chosen is None:
+            return Pick(None, self.error({**base, site.name: ordered[0]}), ordered[0], target, others=len(base))
+        return Pick(chosen, self.error({**base, site.name: chosen}), target=target, others=len(base))
+
+    def pick(self, site: Site, target: float, base: Choices) -> Pick:
+        """One site's level on top of ``base`` within ``target``, by the pass's ``choose_level``
+        or :meth:`most_aggressive` over all its levels; logged."""
+        chooser = self.choose_level or (lambda search, s, t, b: search.most_aggressive(s, s.levels, t, b))
+        chosen = chooser(self, site, target, base)
+        self.step("pick", site=site.name, level=chosen.level, error=chosen.error, target=target,
+                  tried=chosen.tried)
+        return chosen
+
+    # ------------------------------------------------------------------ strategies
+
+    def equal_share(self, budget: float) -> tuple[dict[str, Level], dict[str, Pick], dict[str, Pick]]:
+        """Sites in order, each within ``used + (budget - used) / sites_left`` on top of the
+        ones chosen before it. Returns the choices, the picks made and the refusals."""
+        choices: dict[str, Level] = {}
+        picks: dict[str, Pick] = {}
+        refused: dict[str, Pick] = {}
+        used, left = 0.0, max(len(self.sites), 1)
+        for site in self.sites:
+            target = used + (budget - used) / max(left, 1)
+            chosen = self.pick(site, target, choices)
+            if chosen.level is None:
+                refused[site.name] = chosen
+            else:
+                choices[site.name] = chosen.level
+                picks[site.name] = chosen
+                used = max(used, chosen.error)
+            left = max(left - 1, 1)
+        return choices, picks, refused
+
+    def sensitivity(self, budget: float) -> tuple[dict[str, Level], dict[str, Pick], dict[str, Pick]]:
+        """Everything at once if it fits; else each site alone within ``budget``, then the sites
+        by saving per unit of error, each backed off until the combination fits."""
+        everything = {s.name: s.levels[-1] for s in self.sites if s.levels}
+        if everything and self.choose_level is None and self.error(everything) <= budget:
+            picks = {s.name: Pick(s.levels[-1], self.error(everything), target=budget) for s in self.sites}
+            self.step("all-at-once", error=self.error(everything), target=budget)
+            return everything, picks, {}
+        alone = {site.name: self.pick(site, budget, {}) for site in self.sites}
+        refused = {name: p for name, p in alone.items() if p.level is None}
+
+        def efficiency(site: Site) -> float:
+            chosen = alone[site.name]
+            return site.saving(chosen.level) / max(chosen.error, 1e-12)
+
+        ranked = sorted((s for s in self.sites if alone[s.name].level is not None), key=efficiency, reverse=True)
+        self.step("ranked", order=[s.name for s in ranked])
+        choices: dict[str, Level] = {}
+        picks: dict[str, Pick] = {}
+        for site in ranked:
+            best = alone[site.name].level
+            if self.choose_level is not None:
+                chosen = self.choose_level(self, site, budget, choices)
+            else:  # back off from the level that fitted alone, one binary search
+                chosen = self.most_aggressive(site, site.levels[: site.levels.index(best) + 1], budget, choices)
+            self.step("combine", site=site.name, level=chosen.level, error=chosen.error, target=budget)
+            if chosen.level is None:
+                refused[site.name] = replace(chosen, target=budget, others=len(choices))
+            else:
+                choices[site.name] = chosen.level
+                picks[site.name] = chosen
+        return choices, picks, refused
+
+    # ------------------------------------------------------------------ the whole search
+
+    def run(self) -> Outcome:
+        """Choose on the fit batches and verify on the held-out ones; when the held-out error is
+        over budget, choose again on every batch with ``RETRY_SHARE`` of the budget."""
+        strategy = self.equal_share if self.strategy == "equal-share" else self.sensitivity
+        choices, picks, refused = strategy(self.budget)
+        fitted = self.error(choices)
+        if not self.heldout_indices:
+            self.step("verify", fitted=fitted, heldout=None, note="one batch: nothing held out")
+            return self._outcome(choices, picks, refused, fitted, None, False)
+        heldout = self.error(choices, HELD_OUT)
+        self.step("verify", fitted=fitted, heldout=heldout, budget=self.budget)
+        if heldout <= self.budget:
+            return self._outcome(choices, picks, refused, fitted, heldout, False)
+        # The fit batches under-represent the data: the held-out ones join the choice, and a
+        # margin stands in for the unseen data that is now missing.
+        target = self.budget * RETRY_SHARE
+        self.step("retry", heldout=heldout, measured_on="every batch", target=target)
+        self._split = ALL
+        try:
+            choices, picks, refused = strategy(target)
+        finally:
+            self._split = FIT
+        return self._outcome(choices, picks, refused, self.error(choices), self.error(choices, HELD_OUT), True)
+
+    def _outcome(self, choices: dict[str, Level], picks: dict[str, Pick], refused: dict[str, Pick],
+                 fitted: float, heldout: float | None, retried: bool) -> Outcome:
+        if retried:
+            refused = {name: replace(pick, split=ALL) for name, pick in refused.items()}
+        return Outcome(choices, picks, refused, fitted, heldout, len(self.heldout_indices), self.log,
+                       self.trials, retried)
+
+
+def first_passing(candidates: Sequence[T], ok: Callable[[T], bool]) -> T | None:
+    """The first candidate for which ``ok`` holds, by binary search.
+
+    ``ok`` must be monotone over ``candidates`` (False ... False True ... True), e.g. "the
+    error at this rank is within budget" over increasing ranks. None when none passes.
+    ``ok`` is called about log2(len(candidates)) + 1 times, the last candidate first.
+    """
+    lo, hi = 0, len(candidates) - 1
+    if hi < 0 or not ok(candidates[hi]):
+        return None
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(candidates[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return candidates[lo]
+
+
+def split_batches(count: int, holdout: bool = True) -> tuple[list[int], list[int]]:
+    """Indices of the batches a choice is fitted on (even positions: the example inputs,
+    the 2nd calibration batch, ...) and of those it is verified on (odd positions); with one
+    batch, or ``holdout=False``, every batch fits and none is held out."""
+    indices = list(range(count))
+    if holdout and count > 1:
+        return indices[0::2], indices[1::2]
+    return indices, []
+
+
+def fit_batches(ctx: PassContext, holdout: bool = True) -> list[list[Any]]:
+    """The batches a pass may fit statistics on (ranking, means) without seeing the
+    held-out ones: fitting on those would make the held-out check optimistic."""
+    return [ctx.batches[i] for i in split_batches(len(ctx.batches), holdout)[0]]

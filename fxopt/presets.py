@@ -1,0 +1,184 @@
+"""Presets: named recipes that pick the fastest verified pipeline and backend for a device.
+
+A preset is data: a budget and a list of candidates, each a pipeline (pass specs, with
+``"exact"`` standing for every registered exact pass in order) and a backend, optionally
+limited to some devices. ``fxopt.compile(model, inputs, preset="int8")`` compiles every
+candidate that applies, drops the ones whose output error on the example and calibration
+data exceeds the preset's budget or whose passes all rolled back, times the rest side by side
+(interleaved, median) on the example inputs and keeps the fastest. The report says what was
+chosen, the measured times of the others, and why any was dropped.
+
+Presets are found like passes, through the ``fxopt.presets`` entry-point group (the built-in
+ones are declared beside the passes), so the core names no pass.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any
+
+import torch
+
+from fxopt.errors import FxoptError, InputError
+
+ENTRY_POINT_GROUP = "fxopt.presets"
+EXACT = "exact"  # in a candidate's passes: every registered exact pass, in their declared order
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One way to meet a preset: passes (names or specs; ``"exact"`` expands) and a backend."""
+
+    passes: tuple[str, ...]
+    backend: str = "eager"
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    note: str = ""
+
+    def describe(self) -> str:
+        return f"[{', '.join(self.passes)}] on {self.backend}"
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    candidates: tuple[Candidate, ...]
+    # The largest relative output error a candidate may have against the model (None: exact).
+    budget: float | None = None
+
+
+@dataclass
+class _Registry:
+    registered: dict[str, Preset] = field(default_factory=dict)
+    loaded: bool = False
+
+
+_REGISTRY = _Registry()
+
+
+def _load() -> dict[str, Preset]:
+    if not _REGISTRY.loaded:
+        for entry in entry_points(group=ENTRY_POINT_GROUP):
+            value = entry.load()
+            for preset in value if isinstance(value, (list, tuple)) else [value]:
+                _REGISTRY.registered.setdefault(preset.name, preset)
+        _REGISTRY.loaded = True
+    return _REGISTRY.registered
+
+
+def list_presets() -> list[Preset]:
+    return sorted(_load().values(), key=lambda preset: preset.name)
+
+
+def get_preset(name: str) -> Preset:
+    presets = _load()
+    if name not in presets:
+        raise InputError(f"unknown preset {name!r} (available: {', '.join(sorted(presets))})")
+    return presets[name]
+
+
+@contextmanager
+def registered_preset(preset: Preset) -> Iterator[Preset]:
+    """Register ``preset`` for the length of a ``with`` block (tests, experiments)."""
+    presets = _load()
+    previous = presets.get(preset.name)
+    presets[preset.name] = preset
+    try:
+        yield preset
+    finally:
+        if previous is None:
+            presets.pop(preset.name, None)
+        else:
+            presets[preset.name] = previous
+
+
+def expand(passes: Sequence[str]) -> list[Any]:
+    """A candidate's pass list with ``"exact"`` replaced by the exact passes in order."""
+    from fxopt.registry import default_pipeline
+
+    expanded: list[Any] = []
+    for spec in passes:
+        expanded.extend(default_pipeline() if spec == EXACT else [spec])
+    return expanded
+
+
+@dataclass
+class Trial:
+    candidate: Candidate
+    module: Any = None
+    error: float | None = None
+    milliseconds: float | None = None
+    dropped: str | None = None
+
+
+def choose(
+    preset: Preset,
+    device: torch.device,
+    build: Callable[[Candidate], Any],
+    measure_error: Callable[[Any], float],
+    run_example: Callable[[Any], Callable[[], Any]],
+    *,
+    repeats: int = 10,
+) -> tuple[Any, list[Trial]]:
+    """Compile each candidate for ``device`` with ``build``, keep those within the budget,
+    time them side by side and return the fastest module and every trial."""
+    trials = [Trial(c) for c in preset.candidates if device.type in c.devices]
+    if not trials:
+        raise InputError(f"preset {preset.name!r} has no candidate for device {device.type!r}")
+    for trial in trials:
+        try:
+            trial.module = build(trial.candidate)
+        except FxoptError as exc:
+            trial.dropped = f"failed: {exc}"
+            continue
+        lossy = [r for r in trial.module.report.passes if not r.exact]
+        if lossy and not any(r.status == "applied" for r in lossy):
+            trial.dropped = "its lossy passes changed nothing (" + ", ".join(
+                f"{r.name}: {r.status}" for r in lossy) + ")"
+            continue
+        trial.error = measure_error(trial.module)
+        limit = preset.budget if preset.budget is not None else 1e-4
+        if not trial.error <= limit:
+            trial.dropped = f"output error {trial.error:.3g} > {limit:g}"
+    alive = [t for t in trials if t.dropped is None]
+    if not alive:
+        reasons = "; ".join(f"{t.candidate.describe()}: {t.dropped}" for t in trials)
+        raise FxoptError(f"preset {preset.name!r}: no candidate met its budget ({reasons})")
+    calls = {id(t): run_example(t.module) for t in alive}
+    samples: dict[int, list[float]] = {key: [] for key in calls}
+    with torch.inference_mode():
+        for call in calls.values():
+            call()
+        for _ in range(repeats):
+            for key, call in calls.items():
+                start = time.perf_counter()
+                call()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                samples[key].append((time.perf_counter() - start) * 1e3)
+    for trial in alive:
+        trial.milliseconds = statistics.median(samples[id(trial)])
+    best = min(alive, key=lambda t: t.milliseconds or 0.0)
+    return best.module, trials
+
+
+def summary(preset: Preset, trials: Sequence[Trial], chosen: Any) -> str:
+    """The report's note: what was chosen, and what the others measured or why they were dropped."""
+    parts = []
+    for trial in trials:
+        if trial.module is chosen:
+            continue
+        if trial.dropped:
+            parts.append(f"{trial.candidate.describe()} dropped: {trial.dropped}")
+        else:
+            parts.append(f"{trial.candidate.describe()} {trial.milliseconds:.3g} ms, err {trial.error:.2g}")
+    best = next(t for t in trials if t.module is chosen)
+    head = (f"preset {preset.name}: chose {best.candidate.describe()} ({best.milliseconds:.3g} ms, "
+            f"err {best.error:.2g}, fastest of {sum(t.dropped is None for t in trials)} within "
+            f"{'exact tolerance' if preset.budget is None else f'budget {preset.budget:g}'})")
+    return head + ("; " + "; ".join(parts) if parts else "")
