@@ -95,15 +95,6 @@ def test_calibration_batches_may_have_another_batch_size() -> None:
     assert float((opt(x) - expected).abs().max() / expected.abs().max()) < 0.05
 
 
-@pytest.mark.xfail(strict=True, reason="quantize-int8 (activations='static') observes one scale per input "
-                   "node: sibling Linears reading the same input raise KeyError in passes/quantize_int8.py")
-def test_static_int8_on_sibling_linears() -> None:
-    model, (x,) = build_demo(batch=8, d_in=32, hidden=64)
-    opt = fxopt.compile(model, (x,), passes=[fxopt.passes.QuantizeInt8(activations="static")],
-                        calibration=[(torch.randn(16, 32),)], dynamic_shapes="static", fresh_inputs=False)
-    assert not opt.report["quantize-int8"].rolled_back
-
-
 def test_every_pass_works_with_a_symbolic_batch() -> None:
     model, (x,) = build_demo(batch=8, d_in=32, hidden=64)
     passes = ["remove-dropout", "fold-batchnorm", "swap-activations", "merge-consecutive", "merge-siblings",
@@ -201,3 +192,12 @@ def test_fresh_input_catches_a_pass_that_only_fits_the_examples() -> None:
     assert checked.report["test-folds-the-example"].status == "rolled back"
     assert any("one fresh input" in note for note in checked.report.notes)
     assert count_ops(checked.graph_module, ops.linear) == 2
+
+
+def test_lossy_search_never_fits_on_the_fresh_input() -> None:
+    from fxopt.lossy import split_batches
+
+    assert split_batches(2, fresh=1) == ([0], [])  # examples, fresh: the manager checks the fresh one
+    assert split_batches(3, fresh=1) == ([0], [1])  # examples, one calibration batch, fresh
+    assert split_batches(4, fresh=1) == ([0, 2], [1])
+    assert split_batches(3, holdout=False, fresh=1) == ([0, 1], [])
