@@ -74,15 +74,10 @@ class OptimizedModule(torch.nn.Module):
                          "picklable; use fxopt.save(opt, path) and fxopt.load(path)")
 
     def __deepcopy__(self, memo: dict[int, Any]) -> OptimizedModule:
-        graph_module = copy.deepcopy(self.graph_module, memo)
-        if self.report.backend == "eager":
-            runner = eager_runner(graph_module)
-        elif self.report.backend == "onnx":
-            runner = self._runner  # an ONNX Runtime session holds no state between runs
-        else:
-            raise FxoptError(f"an optimized module of the {self.report.backend!r} backend cannot be copied")
-        return OptimizedModule(graph_module, copy.deepcopy(self.signature, memo),
-                               copy.deepcopy(self.report, memo), runner, self.device)
+        # The runner (lowered kernels, an ONNX Runtime session) holds no state between runs:
+        # the copy shares it and gets its own graph, signature and report.
+        return OptimizedModule(copy.deepcopy(self.graph_module, memo), copy.deepcopy(self.signature, memo),
+                               copy.deepcopy(self.report, memo), self._runner, self.device)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.signature.flatten(args, kwargs)
@@ -101,16 +96,6 @@ class OptimizedModule(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"backend={self.report.backend}, device={self.report.device}"
-
-
-def eager_runner(gm: fx.GraphModule) -> Any:
-    """Runs ``gm`` as the eager backend does: under ``no_grad``, returning its flat outputs."""
-
-    def run(*inputs: torch.Tensor) -> Any:
-        with torch.no_grad():
-            return gm(*inputs)
-
-    return run
 
 
 def _discard_partial_torch_save() -> None:

@@ -7,10 +7,12 @@ The file holds the optimized ``fx.GraphModule`` (pickled as its generated code a
 constants, the way ``torch.save`` stores any GraphModule), the call signature (the pytree
 specs that map the user's call to the graph's inputs and back), the report, and for the
 ONNX backend the ONNX model that ONNX Runtime runs (its bytes, and any external weight
-files). Loading rebuilds the runner: the eager backend runs the graph as it is (the custom
-ops of fxopt's kernels, int8 among them, are registered by importing the registered
-lowerings, the QDQ ops by :mod:`fxopt.ir.qdq`); the ONNX backend opens a new ONNX Runtime
-session on the stored model. Nothing is captured or verified again.
+files). Loading rebuilds the runner: the eager backend runs the kernel stage of its lowering
+again (kernels such as oneDNN's are chosen for the machine that loads the file, and checked
+against the stored graph); the custom ops a stored graph calls are registered first (the
+registered lowerings and their kernels, the QDQ ops of :mod:`fxopt.ir.qdq`). The ONNX
+backend opens a new ONNX Runtime session on the stored model. Nothing is captured or
+optimized again.
 
 The file is a pickle (``torch.load(weights_only=False)``): load only files you trust.
 """
@@ -75,7 +77,7 @@ def save(optimized: Any, path: str | os.PathLike[str]) -> str:
 def load(path: str | os.PathLike[str]) -> Any:
     """Load a module written by :func:`save`; it runs on the device it was compiled for."""
     import fxopt.ir.qdq  # noqa: F401 - registers the quantize/dequantize ops a QDQ graph calls
-    from fxopt.api import OptimizedModule, eager_runner
+    from fxopt.api import OptimizedModule
     from fxopt.lowering.registry import lowerings
 
     lowerings()  # imports every registered lowering and the custom ops its kernels add
@@ -101,8 +103,29 @@ def load(path: str | os.PathLike[str]) -> Any:
     if payload["backend"] == "onnx":
         runner = _onnx_runner(payload["onnx"], device)
     else:
-        runner = eager_runner(gm)
+        gm, runner = _eager_runner(gm, signature, report, device)
     return OptimizedModule(gm, signature, report, runner, device)
+
+
+def _eager_runner(gm: torch.fx.GraphModule, signature: Any, report: Any, device: torch.device) -> tuple[Any, Any]:
+    """The eager backend's lowering again: the kernel-stage lowerings (oneDNN, say) pick the
+    kernels for this machine, checked on inputs shaped like the examples (the stored graph
+    is already graph-lowered, so that stage finds nothing new)."""
+    from fxopt.backends import lower
+
+    scratch = dataclasses.replace(report, notes=[])  # the stored report already has the notes
+    generator = torch.Generator().manual_seed(0)
+    inputs = [_input_like(spec, generator).to(device) for spec in signature.inputs]
+    lowered = lower("eager", gm, signature, inputs, device, scratch)
+    return lowered.graph_module, lowered.run
+
+
+def _input_like(spec: Any, generator: torch.Generator) -> torch.Tensor:
+    if spec.dtype.is_floating_point:
+        return torch.randn(spec.example_shape, generator=generator).to(spec.dtype)
+    if spec.dtype == torch.bool:
+        return torch.ones(spec.example_shape, dtype=torch.bool)
+    return torch.zeros(spec.example_shape, dtype=spec.dtype)  # valid token ids and indices
 
 
 # ---------------------------------------------------------------- ONNX
