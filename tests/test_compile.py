@@ -104,7 +104,7 @@ def test_cuda_requested_without_cuda() -> None:
         fxopt.compile(nn.Linear(2, 2).eval(), (torch.randn(1, 2),), device="cuda")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_eager_backend() -> None:
     model, inputs = build_demo(batch=8, d_in=32, hidden=64)
     opt = fxopt.compile(model, inputs, device="cuda")

@@ -200,7 +200,7 @@ def test_gpt2_through_torch_compile():
     assert sum(r.report["swap-activations"].applied for r in log.records if r.fallback is None) == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_cuda_graph():
     model = _block().cuda()
     log = CompileLog()

@@ -213,7 +213,7 @@ def test_int8_op_passes_through_torch_export_and_dynamo() -> None:
     torch.testing.assert_close(compiled(x), layer(x))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_int8_linear_pads_small_batches_and_matches_cpu() -> None:
     torch.manual_seed(0)
     if int8.int8_unsupported_reason("cuda"):
@@ -225,7 +225,7 @@ def test_cuda_int8_linear_pads_small_batches_and_matches_cpu() -> None:
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.cuda
 def test_cuda_lowering_skips_shapes_cublas_cannot_take() -> None:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 36), torch.nn.ReLU(), torch.nn.Linear(36, 32)).eval()

@@ -140,7 +140,7 @@ def test_custom_op_needs_and_uses_a_registered_translation(tmp_path, monkeypatch
         assert_outputs_close(_ort_outputs(path, x=x), [model(x)])
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.cuda
 def test_onnx_backend_on_cuda():
     torch.manual_seed(0)
     model = GeluMLP().eval().cuda()
