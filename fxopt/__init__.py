@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from fxopt import kernels  # noqa: F401  (registers torch.ops.fxopt.*, so saved programs load)
@@ -25,6 +26,7 @@ from fxopt.pass_api import Pass, PassContext, PassResult, Skip
 from fxopt.pipeline import DumpGraphs, PassInstrument, PassManager, PrintProgress
 from fxopt.registry import get_pass, list_passes, register_pass
 from fxopt.report import PassRecord, Report
+from fxopt.saving import load, save
 
 __version__ = "0.1.0"
 
@@ -52,8 +54,19 @@ __all__ = [
     "export_onnx",
     "get_pass",
     "list_passes",
+    "load",
+    "passes",
     "register_pass",
+    "save",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # ``fxopt.passes`` (the built-in pass classes) is imported on first use, so that
+    # ``import fxopt`` stays cheap and ``fxopt.passes.LowRank`` works without importing it.
+    if name == "passes":
+        return importlib.import_module("fxopt.passes")
+    raise AttributeError(f"module 'fxopt' has no attribute {name!r}")
 
 
 def export_onnx(*args: Any, **kwargs: Any) -> Any:

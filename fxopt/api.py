@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import inspect
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -11,14 +13,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.capture import Signature, capture, normalize_example_inputs
+from fxopt.capture import BATCH, Signature, capture, split_example_inputs
 from fxopt.cost import graph_cost
 from fxopt.errors import FxoptError, InputError
 from fxopt.pass_api import Pass, PassContext
 from fxopt.pipeline import PassInstrument, PassManager, UserModelUntouched, reference_outputs
 from fxopt.registry import resolve_passes
 from fxopt.report import Report
-from fxopt.verify import compare_outputs, module_fingerprint
+from fxopt.verify import compare_outputs, module_fingerprint, run_graph
 
 PassSpec = str | Pass | Iterable[str | Pass] | None
 
@@ -28,6 +30,10 @@ class OptimizedModule(torch.nn.Module):
 
     ``graph_module`` is the optimized fx graph and ``report`` says how it was made.
     Inputs are checked against the captured signature (count, dtype, static sizes).
+
+    Save it with :func:`fxopt.save` (``torch.save`` cannot pickle a lowered module and
+    says so). Its dtype and device are fixed at compile time: ``.half()``, ``.to(dtype)``
+    and ``.to(other_device)`` raise; compile the converted model instead.
     """
 
     def __init__(
@@ -44,6 +50,34 @@ class OptimizedModule(torch.nn.Module):
         self.report = report
         self.device = device
         self._runner = runner
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> OptimizedModule:
+        # nn.Module's .half()/.to()/.cuda() convert the weights one by one behind the
+        # lowered runner's back (an ONNX Runtime session, int8 kernels): find out what ``fn``
+        # would do on an empty tensor of each kind held here, and refuse any change.
+        # The module's device, not the tensors': an ONNX Runtime module keeps meta tensors.
+        home = self.device or torch.device("cpu")
+        kinds = {(t.dtype, home) for t in [*self.graph_module.buffers(), *self.graph_module.parameters()]}
+        for dtype, device in sorted(kinds, key=str):
+            probe = fn(torch.empty(0, dtype=dtype, device=device))
+            if isinstance(probe, torch.Tensor) and (probe.dtype, probe.device) != (dtype, device):
+                change = f"dtype {dtype} to {probe.dtype}" if probe.dtype != dtype else f"device {device} to {probe.device}"
+                what = (f"fxopt.compile(model.to({probe.dtype}), example_inputs converted the same way)"
+                        if probe.dtype != dtype else f"fxopt.compile(model, example_inputs, device='{probe.device}')")
+                raise FxoptError(f"an optimized module cannot change its {change} after compilation: "
+                                 f"its graph was verified and lowered for the original; compile again with {what}")
+        return self
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        _discard_partial_torch_save()
+        raise FxoptError("an optimized module cannot be pickled (torch.save): its lowered runner is not "
+                         "picklable; use fxopt.save(opt, path) and fxopt.load(path)")
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OptimizedModule:
+        # The runner (lowered kernels, an ONNX Runtime session) holds no state between runs:
+        # the copy shares it and gets its own graph, signature and report.
+        return OptimizedModule(copy.deepcopy(self.graph_module, memo), copy.deepcopy(self.signature, memo),
+                               copy.deepcopy(self.report, memo), self._runner, self.device)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.signature.flatten(args, kwargs)
@@ -64,6 +98,26 @@ class OptimizedModule(torch.nn.Module):
         return f"backend={self.report.backend}, device={self.report.device}"
 
 
+def _discard_partial_torch_save() -> None:
+    """Remove the file a failing ``torch.save(opt, path)`` has already created.
+
+    torch.save opens (and truncates) ``path`` before it pickles anything, so raising from
+    ``__reduce_ex__`` would otherwise leave a truncated, unloadable file behind.
+    """
+    import os
+    import sys
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "save" and frame.f_globals.get("__name__") == "torch.serialization":
+            target = frame.f_locals.get("f")
+            if isinstance(target, (str, os.PathLike)):
+                with contextlib.suppress(OSError):
+                    os.remove(target)
+            return
+        frame = frame.f_back
+
+
 def compile(  # noqa: A001 - mirrors torch.compile
     model: torch.nn.Module,
     example_inputs: Any,
@@ -77,37 +131,52 @@ def compile(  # noqa: A001 - mirrors torch.compile
     dynamic_shapes: Any = None,
     instruments: Sequence[PassInstrument] = (),
     max_rounds: int = 1,
+    fresh_inputs: bool = True,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference and return a module that runs the result.
 
     Args:
         model: the model; never modified.
-        example_inputs: a tuple of tensors ``model`` can be called with (one tensor is fine).
+        example_inputs: a tuple of tensors ``model`` can be called with (one tensor is
+            fine), or a dict of keyword inputs (``{"input_ids": ids, "attention_mask": mask}``).
         passes: pass names, configured pass objects, or ``"a,b(opt=1)"``; None runs
             every registered exact pass.
         backend: ``"eager"`` (PyTorch, CPU or CUDA) or ``"onnx"`` (ONNX Runtime).
         device: where the optimized module runs; defaults to the example inputs' device.
         strict: raise :class:`fxopt.PassFailedError` when a pass fails instead of rolling back.
         example_kwargs: keyword arguments for the call, if any.
-        calibration: an iterable of input tuples for lossy passes and their error budgets.
-        dynamic_shapes: forwarded to ``torch.export`` (e.g. ``{"x": {0: Dim("batch")}}``).
+        calibration: an iterable of input tuples (or dicts) for lossy passes and their
+            error budgets; their batch size may differ from the examples' when the batch is
+            dynamic.
+        dynamic_shapes: ``None`` (default): the batch dimension (dim 0 of every input whose
+            dim 0 equals the first input's) is dynamic where the model allows it, static
+            otherwise (the report says why); ``"static"``: every size as in the examples; or
+            a ``torch.export`` spec for full control (``{"x": {0: Dim("batch"), 1: Dim("seq")}}``).
         instruments: pass instruments (progress printing, graph dumps).
         max_rounds: run the pipeline again while passes keep changing the graph.
+        fresh_inputs: also verify every pass on one fresh input drawn like the examples
+            (other values; batch size + 1 where the batch is dynamic).
     """
     pipeline = resolve_passes(passes)  # bad names fail before any expensive work
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    args = normalize_example_inputs(example_inputs)
+    args, kwargs = split_example_inputs(example_inputs, example_kwargs)
+    if isinstance(example_inputs, Mapping):
+        _check_keywords(model, kwargs)
     report = Report(model=type(model).__name__, backend=backend)
     fingerprint = module_fingerprint(model)
     source = _inference_copy(model, report)
 
     start = time.perf_counter()
-    gm = capture(source, args, example_kwargs, dynamic_shapes=dynamic_shapes)
+    gm = capture(source, args, kwargs, dynamic_shapes=BATCH if dynamic_shapes is None else dynamic_shapes)
     report.capture_seconds = time.perf_counter() - start
+    report.notes.extend(gm.meta.pop("fxopt_notes", []))
     signature: Signature = gm.meta["fxopt_signature"]
-    batches = [signature.flatten(args, example_kwargs, what="example input")]
+    batches = [signature.flatten(args, kwargs, what="example input")]
     batches += _calibration_batches(signature, calibration)
+    fresh = _fresh_batch(gm, batches[0], report) if fresh_inputs else None
+    if fresh is not None:
+        batches.append(fresh)
     user_model = UserModelUntouched(model, gm.meta.get("fxopt_sources", {}), baseline=fingerprint)
 
     optimized = optimize_captured(
@@ -121,6 +190,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         instruments=instruments,
         max_rounds=max_rounds,
         user_model=user_model,
+        fresh_batches=int(fresh is not None),
     )
     if module_fingerprint(model) != user_model.baseline:  # pragma: no cover - invariant 1
         raise FxoptError("internal error: the user's model changed during compilation")
@@ -139,18 +209,21 @@ def optimize_captured(
     instruments: Sequence[PassInstrument] = (),
     max_rounds: int = 1,
     user_model: UserModelUntouched | None = None,
+    fresh_batches: int = 0,
 ) -> OptimizedModule:
     """The steps after capture, shared by every entry point: verified passes, then lowering.
 
     ``gm`` is a captured graph (``fxopt.capture`` output, with ``meta["fxopt_signature"]``);
-    ``batches`` are its flat inputs, the example inputs first, then calibration batches.
+    ``batches`` are its flat inputs, the example inputs first, then calibration batches,
+    then ``fresh_batches`` inputs drawn like the examples (verification only).
     """
     from fxopt.backends import lower
 
     signature: Signature = gm.meta["fxopt_signature"]
-    if len(batches) == 1 and not all(p.exact for p in pipeline):
+    calibration_batches = len(batches) - fresh_batches
+    if calibration_batches == 1 and not all(p.exact for p in pipeline):
         report.notes.append("no calibration data given: lossy passes were measured on the example inputs only")
-    ctx = PassContext(batches=batches, calibrated=len(batches) > 1)
+    ctx = PassContext(batches=batches, calibrated=calibration_batches > 1, fresh_batches=fresh_batches)
     ctx.reference = reference_outputs(gm, batches)
 
     report.original = graph_cost(gm)
@@ -175,6 +248,18 @@ def optimize_captured(
     return OptimizedModule(runner.graph_module, signature, report, runner.run, target)
 
 
+def _check_keywords(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    try:
+        inspect.signature(model.forward).bind(**kwargs)
+    except TypeError as exc:
+        raise InputError(
+            "example_inputs must be a tuple of tensors (or one tensor), or a dict of the "
+            f"model's keyword arguments; {type(model).__name__}.forward cannot take {sorted(kwargs)}: {exc}"
+        ) from None
+    except ValueError:
+        pass  # no inspectable signature: export will say what is wrong
+
+
 def _inference_copy(model: torch.nn.Module, report: Report) -> torch.nn.Module:
     training = [name or "<root>" for name, m in model.named_modules() if m.training]
     if not training:
@@ -195,9 +280,92 @@ def _calibration_batches(signature: Signature, calibration: Iterable[Any] | None
         raise InputError("calibration must be an iterable of input tuples, e.g. [(x1,), (x2,)], not one tensor")
     batches = []
     for index, batch in enumerate(calibration):
-        args = normalize_example_inputs(batch)
-        batches.append(signature.flatten(args, None, what=f"calibration batch {index}, input"))
+        args, kwargs = split_example_inputs(batch)
+        batches.append(signature.flatten(args, kwargs, what=f"calibration batch {index}, input"))
     return batches
+
+
+def _fresh_batch(gm: fx.GraphModule, example: list[torch.Tensor], report: Report) -> list[torch.Tensor] | None:
+    """One more input drawn like the examples, to verify passes beyond the values (and the
+    batch size) they were captured with; None, with a note, when the captured graph does
+    not run cleanly on it."""
+    try:
+        fresh, described = fresh_inputs_like(gm, example)
+        outputs = run_graph(gm, fresh)
+    except Exception as exc:
+        report.notes.append(f"no fresh verification input: the captured graph fails on one ({type(exc).__name__})")
+        return None
+    if not _finite(outputs) and _finite(run_graph(gm, example)):
+        report.notes.append("no fresh verification input: the captured graph's outputs on one are not finite")
+        return None
+    report.notes.append(f"verified on the example inputs and one fresh input drawn like them ({described})")
+    return fresh
+
+
+def _finite(outputs: list[Any]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in outputs if isinstance(t, torch.Tensor) and t.is_floating_point())
+
+
+def fresh_inputs_like(gm: fx.GraphModule, example: list[torch.Tensor]) -> tuple[list[torch.Tensor], str]:
+    """Inputs like ``example`` with other values, and one more row where the batch is dynamic.
+
+    Float rows are random convex mixtures of the example's rows (a random rescaling when
+    there is one row); integers are drawn among the example's values; booleans and 0/1
+    masks repeat the example's pattern. Every size symbol that dim 0 of some input uses grows by one; other dynamic
+    sizes keep the example's value. Returns the inputs and a description for the report.
+    """
+    values = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
+    known: dict[Any, int] = {}  # size symbol -> its value in the examples
+    grow: set[Any] = set()
+    for value, tensor in zip(values, example):
+        if not isinstance(value, torch.Tensor):
+            continue
+        for dim, size in enumerate(value.shape):
+            if isinstance(size, int):
+                continue
+            expr = size.node.expr
+            if expr.is_Symbol:
+                known[expr] = int(tensor.shape[dim])
+            if dim == 0:
+                grow.update(expr.free_symbols)
+    shapes = []
+    for value, tensor in zip(values, example):
+        shape = list(tensor.shape)
+        if isinstance(value, torch.Tensor):
+            for dim, size in enumerate(value.shape):
+                expr = None if isinstance(size, int) else size.node.expr
+                if expr is not None and expr.free_symbols <= set(known):
+                    shape[dim] = int(expr.subs({s: known[s] + (s in grow) for s in expr.free_symbols}))
+        shapes.append(shape)
+    generator = torch.Generator().manual_seed(len(example))
+    fresh = [_draw_like(tensor, shape, generator) for tensor, shape in zip(example, shapes)]
+    sizes = {tuple(t.shape) for t in example} != {tuple(s) for s in map(tuple, shapes)}
+    return fresh, "other values, batch size + 1" if sizes else "other values, same shapes"
+
+
+def _draw_like(example: torch.Tensor, shape: list[int], generator: torch.Generator) -> torch.Tensor:
+    source = example.detach().cpu()
+    if source.numel() == 0 or source.dim() == 0 or list(source.shape[1:]) != shape[1:]:
+        return example.clone() if list(example.shape) == shape else torch.zeros(shape, dtype=example.dtype, device=example.device)
+    rows = source.shape[0]
+    if source.dtype == torch.bool or source.is_complex() or bool(((source == 0) | (source == 1)).all()):
+        drawn = source.index_select(0, torch.arange(shape[0]) % rows)  # masks keep their pattern
+    elif source.is_floating_point():
+        if rows == 1:
+            scale = torch.empty(shape[0], *[1] * (source.dim() - 1), dtype=torch.float64).uniform_(0.5, 1.5, generator=generator)
+            drawn = (source.double() * scale).to(source.dtype)
+        else:
+            # Convex mixtures of the example rows: other values, each inside the examples'
+            # range and span, so data confined to a subspace stays there (a lossy pass's
+            # error on it is the error on data like the examples).
+            weights = torch.empty(shape[0], rows, dtype=torch.float64).exponential_(generator=generator)
+            weights = weights / weights.sum(1, keepdim=True)
+            drawn = (weights @ source.double().reshape(rows, -1)).reshape(shape).to(source.dtype)
+    else:
+        pool = source.reshape(-1)  # integers (token ids, indices) are drawn among the examples' values
+        picks = torch.randint(0, pool.numel(), (int(torch.Size(shape).numel()),), generator=generator)
+        drawn = pool[picks].reshape(shape)
+    return drawn.to(example.device)
 
 
 def _drift(ctx: PassContext) -> tuple[float, float]:

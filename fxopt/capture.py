@@ -8,10 +8,15 @@ so the optimized module takes and returns what the model does, and canonicalizes
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+import io
 import linecache
+import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -21,20 +26,38 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from fxopt.errors import CaptureError, InputError
-from fxopt.ir import copy_graph_module, unique_attr_name
+from fxopt.ir import copy_graph_module, size_hint, unique_attr_name
+
+log = logging.getLogger("fxopt")
 
 
 @dataclass(frozen=True)
 class InputSpec:
-    """What one flat tensor input must look like; ``None`` in ``shape`` is a dynamic size."""
+    """What one flat tensor input must look like; ``None`` in ``shape`` is a dynamic size.
+
+    ``example`` is the example input's shape (every size concrete), for messages and for
+    building inputs of the right form (saving, fresh verification inputs).
+    """
 
     name: str
     shape: tuple[int | None, ...]
     dtype: torch.dtype
+    example: tuple[int, ...] | None = None
+
+    @property
+    def example_shape(self) -> tuple[int, ...]:
+        if self.example is not None:
+            return self.example
+        return tuple(1 if d is None else d for d in self.shape)
 
     def describe(self) -> str:
-        dims = ", ".join("*" if d is None else str(d) for d in self.shape)
-        return f"shape ({dims}) and dtype {self.dtype}"
+        if self.example is None:
+            dims = ", ".join("*" if d is None else str(d) for d in self.shape)
+            return f"shape ({dims}) and dtype {self.dtype}"
+        dims = ", ".join(str(d) for d in self.example)
+        dynamic = [str(i) for i, d in enumerate(self.shape) if d is None]
+        free = f" (dim {', '.join(dynamic)} of any size)" if dynamic else ""
+        return f"shape ({dims}){free} and dtype {self.dtype}"
 
 
 @dataclass
@@ -48,7 +71,7 @@ class Signature:
 
     def flatten(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None, *, what: str = "input") -> list[torch.Tensor]:
         """Flatten a call's arguments into the graph's inputs, checking each one."""
-        flat, spec = pytree.tree_flatten((tuple(args), dict(kwargs or {})))
+        flat, spec = pytree.tree_flatten((tuple(args), self._in_captured_order(kwargs)))
         if spec != self.in_spec:
             expected = _describe_structure(self.in_spec)
             got = _describe_structure(spec)
@@ -62,9 +85,22 @@ class Signature:
     def unflatten(self, outputs: Sequence[Any]) -> Any:
         return pytree.tree_unflatten(list(outputs), self.out_spec)
 
+    def _in_captured_order(self, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
+        # Keyword order is not part of a call's meaning, but it is part of a pytree spec.
+        kwargs = dict(kwargs or {})
+        keys = list(_children(self.in_spec)[1].context or [])
+        if set(keys) == set(kwargs):
+            return {key: kwargs[key] for key in keys}
+        return kwargs
+
+
+def _children(spec: pytree.TreeSpec) -> list[pytree.TreeSpec]:
+    children = getattr(spec, "children", None)  # torch 2.10+; children_specs before
+    return list(children()) if callable(children) else list(spec.children_specs)
+
 
 def _describe_structure(spec: pytree.TreeSpec) -> str:
-    args_spec, kwargs_spec = spec.children_specs
+    args_spec, kwargs_spec = _children(spec)
     n_args = args_spec.num_leaves
     keys = list(kwargs_spec.context or [])
     text = f"{n_args} positional tensor(s)"
@@ -83,7 +119,19 @@ def check_input(value: Any, spec: InputSpec, position: int, *, what: str = "inpu
         want is not None and want != got for want, got in zip(spec.shape, value.shape)
     ):
         got_dims = ", ".join(str(d) for d in value.shape)
-        raise InputError(f"{label}: expected {spec.describe()}, got shape ({got_dims})")
+        message = f"{label}: expected {spec.describe()}, got shape ({got_dims})"
+        static = [i for i, (want, got) in enumerate(zip(spec.shape, value.shape)) if want is not None and want != got]
+        if value.dim() == len(spec.shape) and static:
+            dim = static[0]
+            message += f"; dim {dim} was captured static"
+            if spec.shape[dim] == 1:
+                message += (" because the example's size there is 1 (export keeps sizes 0 and 1 static); "
+                            "to make it dynamic, compile with examples that have a batch of 2 or more")
+            else:
+                message += (f"; to make it dynamic, compile with dynamic_shapes={{'{spec.name}': {{{dim}: "
+                            f"torch.export.Dim('d{dim}')}}}}")
+            message += " (see docs/shapes-and-saving.md)"
+        raise InputError(message)
 
 
 def normalize_example_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -101,31 +149,55 @@ def normalize_example_inputs(example_inputs: Any) -> tuple[Any, ...]:
     )
 
 
+def split_example_inputs(
+    example_inputs: Any, example_kwargs: Mapping[str, Any] | None = None
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword example inputs: a mapping (``{"input_ids": ..., ...}``, a
+    tokenizer's ``BatchEncoding``) is keyword arguments, anything else goes through
+    :func:`normalize_example_inputs`."""
+    if isinstance(example_inputs, Mapping):
+        kwargs = dict(example_inputs)
+        overlap = sorted(set(kwargs) & set(example_kwargs or {}))
+        if overlap:
+            raise InputError(f"keyword input(s) {overlap} given both in example_inputs and example_kwargs")
+        kwargs.update(example_kwargs or {})
+        if not kwargs:
+            raise InputError("example_inputs is an empty mapping; give the model's inputs by name")
+        return (), kwargs
+    return normalize_example_inputs(example_inputs), dict(example_kwargs or {})
+
+
+BATCH = "batch"
+STATIC = "static"
+
+
 def capture(
     model: torch.nn.Module,
     example_inputs: Any,
     example_kwargs: Mapping[str, Any] | None = None,
     *,
-    dynamic_shapes: Any = None,
+    dynamic_shapes: Any = BATCH,
 ) -> fx.GraphModule:
     """Capture ``model`` into fxopt's canonical IR (frozen weights, ``meta["val"]`` everywhere).
 
+    ``dynamic_shapes`` is ``"batch"`` (dim 0 of the inputs that share the first input's
+    batch size is dynamic where the model allows it), ``"static"`` or ``None`` (every size
+    as in the examples), or a ``torch.export`` spec (``{"x": {0: Dim("batch")}}``).
+
     The graph module's ``meta["fxopt_signature"]`` holds the :class:`Signature` that maps
-    the user's call onto the graph's flat inputs and outputs.
-    Raises :class:`fxopt.CaptureError` naming the module and source line that failed.
+    the user's call onto the graph's flat inputs and outputs; ``meta["fxopt_notes"]`` says
+    what capture decided (a batch that had to stay static, say).
+    Raises :class:`fxopt.CaptureError` naming the module and source line that failed, or
+    the buffer a ``forward`` writes to.
     """
     from fxopt.canonicalize import canonicalize
 
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    args = normalize_example_inputs(example_inputs)
-    kwargs = dict(example_kwargs or {})
-    try:
-        with torch.no_grad():
-            exported = _export(model, args, kwargs, dynamic_shapes)
-    except Exception as exc:  # export raises many types; all become one clear error
-        raise _capture_error(model, exc) from exc
-    gm = freeze(exported)
+    args, kwargs = split_example_inputs(example_inputs, example_kwargs)
+    notes: list[str] = []
+    exported = _export_with_shapes(model, args, kwargs, dynamic_shapes, notes)
+    gm = freeze(exported, model)
     canonicalize(gm)
     # torch.export keeps the nodes of the last exported graph in a module-level map
     # (proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT) until the next export, and
@@ -133,7 +205,146 @@ def capture(
     owned = copy_graph_module(gm)
     gm._buffers.clear()
     gm.meta = {}
+    if dynamic_shapes == BATCH:
+        notes += _batch_notes(owned, args, kwargs)
+    owned.meta["fxopt_notes"] = notes
     return owned
+
+
+def _export_with_shapes(
+    model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_shapes: Any, notes: list[str]
+) -> Any:
+    if isinstance(dynamic_shapes, str) and dynamic_shapes not in (BATCH, STATIC):
+        raise InputError(f"dynamic_shapes must be 'batch', 'static', None or a torch.export spec, got {dynamic_shapes!r}")
+    if dynamic_shapes == BATCH:
+        spec = batch_dynamic_shapes(model, args, kwargs)
+        if spec is not None:
+            try:
+                return _quiet_export(model, args, kwargs, spec)
+            except CaptureError as dynamic_failure:
+                # A model may refuse a dynamic batch where it would capture a static one
+                # (a reshape to a constant size, say): capture it static and say so.
+                exported = _quiet_export(model, args, kwargs, None)
+                notes.append(
+                    "the batch dimension stayed static: capture with a dynamic batch failed "
+                    f"({dynamic_failure.reason})"
+                )
+                return exported
+        dynamic_shapes = None
+    if dynamic_shapes == STATIC:
+        dynamic_shapes = None
+    return _quiet_export(model, args, kwargs, dynamic_shapes)
+
+
+def batch_dynamic_shapes(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """A ``torch.export`` spec that makes dim 0 dynamic for every tensor input whose dim 0
+    equals the first tensor input's (the batch); None when there is no such input.
+
+    ``Dim.AUTO`` lets export keep a size static where the model needs it to be (a batch
+    of 1, a reshape to a constant), instead of failing.
+    """
+    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    if not leaves:
+        return None
+    batch = leaves[0].shape[0]
+    dim = getattr(torch.export.Dim, "AUTO", None) or torch.export.Dim("batch")
+
+    def spec_of(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return {0: dim} if value.dim() >= 1 and value.shape[0] == batch else None
+        return None
+
+    try:
+        bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    except TypeError:
+        return None  # export reports the real mismatch
+    shapes: dict[str, Any] = {}
+    for name, value in bound.arguments.items():
+        parameter = bound.signature.parameters[name]
+        if parameter.kind == inspect.Parameter.VAR_KEYWORD:
+            shapes[name] = {key: pytree.tree_map(spec_of, v) for key, v in value.items()}
+        elif parameter.kind == inspect.Parameter.VAR_POSITIONAL:
+            shapes[name] = tuple(pytree.tree_map(spec_of, v) for v in value)
+        else:
+            shapes[name] = pytree.tree_map(spec_of, value)
+    return shapes
+
+
+def _batch_notes(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[str]:
+    signature: Signature = gm.meta["fxopt_signature"]
+    if not signature.inputs or any(i.shape and i.shape[0] is None for i in signature.inputs):
+        return []
+    leaves = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor) and t.dim() >= 1]
+    if not leaves:
+        return []
+    if leaves[0].shape[0] == 1:
+        return ["the batch dimension is static: the example batch size is 1 (give examples with "
+                "a batch of 2 or more for a dynamic batch)"]
+    return ["the batch dimension is static: the model fixes it (export specialized it to the example's size)"]
+
+
+def _quiet_export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_shapes: Any) -> Any:
+    with _TorchOutput() as torch_output:
+        try:
+            with torch.no_grad():
+                exported = _export(model, args, kwargs, dynamic_shapes)
+        except Exception as exc:  # export raises many types; all become one clear error
+            error = _capture_error(model, exc)
+            failure = exc
+        else:
+            error = None
+    if error is None:
+        if torch_output.text():
+            log.debug("torch's output during capture:\n%s", torch_output.text())
+        return exported
+    error.detail = torch_output.text()
+    if error.detail:
+        with contextlib.suppress(Exception):  # shown by tracebacks (the CLI's --debug)
+            failure.__notes__ = [*getattr(failure, "__notes__", []), "torch's output during capture:\n" + error.detail]
+    log.debug("capture failed; torch's output:\n%s", error.detail)
+    raise error from failure
+
+
+class _TorchOutput:
+    """Keeps what torch logs and prints to stderr during export, instead of showing it.
+
+    Export prints partial graphs to stderr and logs warnings through the ``torch`` loggers
+    before it raises; fxopt's own error says what went wrong, and this text stays available
+    as the error's ``detail`` (and in ``--debug`` tracebacks).
+    """
+
+    def __init__(self) -> None:
+        self._buffer = io.StringIO()
+        self._handler = logging.StreamHandler(self._buffer)
+        self._handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        self._saved: list[tuple[logging.Logger, list[logging.Handler], bool]] = []
+        self._stderr = contextlib.redirect_stderr(self._buffer)
+        self._warnings = warnings.catch_warnings(record=True)
+        self._caught: list[warnings.WarningMessage] = []
+
+    def __enter__(self) -> _TorchOutput:
+        for name in ["torch", *[n for n in logging.root.manager.loggerDict if n.startswith("torch.")]]:
+            logger = logging.getLogger(name)
+            if name == "torch" or logger.handlers:
+                self._saved.append((logger, list(logger.handlers), logger.propagate))
+                logger.handlers = [self._handler] if name == "torch" else []
+                logger.propagate = True if name != "torch" else False
+        self._stderr.__enter__()
+        self._caught = self._warnings.__enter__() or []
+        warnings.simplefilter("always")
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._warnings.__exit__(*exc_info)
+        self._stderr.__exit__(*exc_info)
+        for logger, handlers, propagate in reversed(self._saved):
+            logger.handlers = handlers
+            logger.propagate = propagate
+        for caught in self._caught:
+            self._buffer.write(f"{caught.category.__name__}: {caught.message}\n")
+
+    def text(self) -> str:
+        return self._buffer.getvalue().strip()
 
 
 def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], dynamic_shapes: Any) -> Any:
@@ -149,23 +360,27 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     return exporter(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
 
 
-def freeze(exported: torch.export.ExportedProgram) -> fx.GraphModule:
-    """Turn an ExportedProgram into a GraphModule whose weights are its own constants."""
+def freeze(exported: torch.export.ExportedProgram, model: torch.nn.Module | None = None) -> fx.GraphModule:
+    """Turn an ExportedProgram into a GraphModule whose weights are its own constants.
+
+    A graph that writes to a parameter, buffer or input (``self.calls += 1``, a running
+    average) is refused: freezing it would run the update on fxopt's copy, and the
+    optimized module would compute something else than the model.
+    """
     from torch.export.graph_signature import InputKind, OutputKind
 
     signature = exported.graph_signature
     for spec in signature.output_specs:
         if spec.kind != OutputKind.USER_OUTPUT:
-            raise CaptureError(
-                f"the model updates state during its forward pass ({spec.kind.name} of "
-                f"'{spec.target}'); fxopt optimizes pure inference graphs",
-                hint="call model.eval() and make sure forward does not write buffers or inputs in place",
-            )
+            target = spec.target or "?"
+            what = "buffer" if spec.kind == OutputKind.BUFFER_MUTATION else "input" if spec.kind == OutputKind.USER_INPUT_MUTATION else "state"
+            raise _state_write_error(model, what, target, _owner(target), None)
     gm = exported.graph_module
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     copies: dict[int, torch.Tensor] = {}  # keeps tied weights tied
     sources: dict[str, torch.Tensor] = {}  # original name -> frozen copy
+    state_names: dict[fx.Node, tuple[str, str]] = {}  # graph node -> (kind, original name)
     leaf_names: list[str] = []
     inputs: list[InputSpec] = []
     first_real = next(n for n in graph.nodes if n.op != "placeholder")
@@ -174,9 +389,10 @@ def freeze(exported: torch.export.ExportedProgram) -> fx.GraphModule:
             fake = node.meta.get("val")
             if not isinstance(fake, torch.Tensor):
                 raise CaptureError(f"input '{spec.arg.name}' is not a tensor; fxopt takes tensor inputs only")
-            shape = tuple(d if isinstance(d, int) else None for d in fake.shape)
-            inputs.append(InputSpec(spec.arg.name, shape, fake.dtype))
+            shape = tuple(_static_size(d) for d in fake.shape)
+            inputs.append(InputSpec(spec.arg.name, shape, fake.dtype, tuple(size_hint(d) for d in fake.shape)))
             leaf_names.append(spec.arg.name)
+            state_names[node] = ("input", spec.arg.name)
             continue
         if spec.kind in (InputKind.PARAMETER, InputKind.BUFFER):
             source = exported.state_dict.get(spec.target)
@@ -198,8 +414,11 @@ def freeze(exported: torch.export.ExportedProgram) -> fx.GraphModule:
         with graph.inserting_before(first_real):
             attr = graph.get_attr(name)
         attr.meta["val"] = node.meta.get("val")
+        kind = {InputKind.PARAMETER: "parameter", InputKind.BUFFER: "buffer"}.get(spec.kind, "constant")
+        state_names[attr] = (kind, str(spec.target))
         node.replace_all_uses_with(attr)
         graph.erase_node(node)
+    _refuse_state_writes(graph, state_names, model)
     # The exported module registered the original parameters too: drop them so the
     # graph module owns only frozen copies.
     for name in [n for n, _ in gm.named_parameters(recurse=False)]:
@@ -212,6 +431,68 @@ def freeze(exported: torch.export.ExportedProgram) -> fx.GraphModule:
     gm.meta["fxopt_signature"] = Signature(call_spec.in_spec, call_spec.out_spec, inputs, leaf_names)
     gm.meta["fxopt_sources"] = sources
     return gm
+
+
+def _static_size(size: Any) -> int | None:
+    """``size`` as an int, or None when it is dynamic. A symbol export specialized while
+    tracing (``reshape(x, [4, ...])`` pins the batch to 4) counts as static."""
+    if isinstance(size, int):
+        return size
+    maybe_as_int = getattr(size.node, "maybe_as_int", None)
+    value = maybe_as_int() if maybe_as_int is not None else None
+    return int(value) if value is not None else None
+
+
+def _refuse_state_writes(graph: fx.Graph, state_names: dict[fx.Node, tuple[str, str]], model: torch.nn.Module | None) -> None:
+    from fxopt.canonicalize import alias_root, written_argument
+
+    for node in graph.nodes:
+        written = written_argument(node)
+        if written is None:
+            continue
+        root = alias_root(written)
+        if root in state_names:
+            kind, name = state_names[root]
+            owner = _owner(name) if kind != "input" else None
+            raise _state_write_error(model, kind, name, owner, node)
+
+
+def _owner(state_name: str) -> str:
+    return state_name.rpartition(".")[0] or "<root>"
+
+
+def _state_write_error(model: torch.nn.Module | None, kind: str, name: str, owner: str | None, node: fx.Node | None) -> CaptureError:
+    model_name = type(model).__name__ if model is not None else "the model"
+    op = f" ({node.target})" if node is not None else ""
+    if kind == "input":
+        message = f"could not capture {model_name}: forward writes to its input '{name}' in place{op}"
+        hint = "write the result to a new tensor (x = x + 1, not x += 1)"
+    else:
+        message = (f"could not capture {model_name}: forward writes to its {kind} '{name}'{op}; "
+                   "fxopt optimizes stateless inference graphs and would freeze that state")
+        hint = ("call model.eval() if the update happens only in training mode, or move the update "
+                "out of forward (compute it from the outputs instead)")
+    return CaptureError(message, module_path=owner, source=_user_line(node), hint=hint)
+
+
+def _user_line(node: fx.Node | None) -> str | None:
+    """The last user-code frame of ``node``'s stack trace: ``file:line `code```."""
+    trace = node.meta.get("stack_trace") if node is not None else None
+    if not trace:
+        return None
+    torch_dir = os.path.dirname(torch.__file__)
+    lines = trace.strip().splitlines()
+    found = None
+    for index, line in enumerate(lines):
+        line = line.strip()
+        if line.startswith("File \""):
+            filename = line.split("\"")[1]
+            if filename.startswith(torch_dir) or "site-packages/torch" in filename:
+                continue
+            lineno = line.split(", line ")[1].split(",")[0] if ", line " in line else "?"
+            code = lines[index + 1].strip() if index + 1 < len(lines) and not lines[index + 1].strip().startswith("File ") else ""
+            found = f"{_short(filename)}:{lineno}" + (f" `{code}`" if code else "")
+    return found
 
 
 # ---------------------------------------------------------------- error reporting

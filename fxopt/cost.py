@@ -91,6 +91,22 @@ register_flops(ops.addmm, _addmm_flops)
 register_flops(torch.ops.aten.scaled_dot_product_attention.default, _sdpa_flops)
 
 
+def used_constants(gm: fx.GraphModule) -> list[torch.Tensor]:
+    """The distinct constant tensors that some node of ``gm`` reads."""
+    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr" and n.users}
+    seen: set[tuple[int, int, tuple[int, ...], torch.dtype]] = set()
+    tensors = []
+    for name, tensor in constants(gm):
+        if name not in read:
+            continue
+        key = (tensor.untyped_storage().data_ptr() or id(tensor), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors.append(tensor)
+    return tensors
+
+
 @dataclass(frozen=True)
 class Cost:
     params: int
@@ -99,8 +115,13 @@ class Cost:
 
 
 def graph_cost(gm: fx.GraphModule) -> Cost:
+    """Parameters and weight bytes of the distinct tensors the graph reads, and its FLOPs.
+
+    A constant no node reads is not counted, and tied weights (one tensor under several
+    names, e.g. T5's shared embedding) count once.
+    """
     params = weight_bytes = 0
-    for _, tensor in constants(gm):
+    for tensor in used_constants(gm):
         weight_bytes += tensor.numel() * tensor.element_size()
         if tensor.is_floating_point() or tensor.dtype in (torch.int8, torch.uint8):
             params += tensor.numel()

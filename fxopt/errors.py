@@ -8,7 +8,11 @@ class FxoptError(Exception):
 
 
 class CaptureError(FxoptError):
-    """The model could not be captured into fxopt's graph IR."""
+    """The model could not be captured into fxopt's graph IR.
+
+    ``reason`` is what went wrong (the message without location and hint); ``detail`` is
+    what torch logged and printed while capture ran (empty when it said nothing).
+    """
 
     def __init__(
         self,
@@ -17,10 +21,13 @@ class CaptureError(FxoptError):
         module_path: str | None = None,
         source: str | None = None,
         hint: str | None = None,
+        detail: str = "",
     ) -> None:
+        self.reason = message
         self.module_path = module_path
         self.source = source
         self.hint = hint
+        self.detail = detail
         parts = [message]
         if module_path is not None or source is not None:
             where = f"in module '{module_path or '<root>'}'"

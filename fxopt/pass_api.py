@@ -102,15 +102,19 @@ class PassResult:
 class PassContext:
     """What the manager offers a pass: data to measure on, and ways to measure.
 
-    ``batches`` are flat input lists: the example inputs first, then calibration batches.
-    ``reference`` holds the current graph's outputs on each batch, so a lossy pass can
-    measure a candidate rewrite with :meth:`output_error` before committing to it.
+    ``batches`` are flat input lists: the example inputs first, then calibration batches,
+    then ``fresh_batches`` inputs drawn like the examples (other values, another batch
+    size), there to verify on and never to calibrate on: an observer reads
+    ``batches[:len(batches) - fresh_batches]``. ``reference`` holds the current graph's
+    outputs on each batch, so a lossy pass can measure a candidate rewrite with
+    :meth:`output_error` before committing to it.
     """
 
     batches: list[list[torch.Tensor]]
     reference: list[list[Any]] = field(default_factory=list)
     original: list[list[Any]] = field(default_factory=list)
     calibrated: bool = False
+    fresh_batches: int = 0
 
     @property
     def example_inputs(self) -> list[torch.Tensor]:

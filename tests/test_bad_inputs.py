@@ -81,7 +81,7 @@ def test_missing_example_inputs() -> None:
 
 def test_example_inputs_of_the_wrong_kind() -> None:
     with pytest.raises(fxopt.InputError, match="tuple of tensors"):
-        fxopt.compile(block(), {"x": torch.randn(4, 8)})
+        fxopt.compile(block(), {"inputs": torch.randn(4, 8)})  # a dict must name forward's arguments
 
 
 def test_example_inputs_of_the_wrong_shape_name_the_module_and_line() -> None:

@@ -133,3 +133,62 @@ def test_dynamic_batch_dimension() -> None:
     for n in (1, 3, 7):
         x = torch.randn(n, 8)
         assert compare_outputs([model(x)], [opt(x)]).max_rel < 1e-5
+
+
+class DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc(x)
+        if h.sum() > 0:
+            return h
+        return -h
+
+
+def test_capture_failure_prints_nothing_and_keeps_torch_output(capfd: pytest.CaptureFixture[str]) -> None:
+    capfd.readouterr()
+    with pytest.raises(fxopt.CaptureError) as info:
+        fxopt.compile(DataDependent().eval(), (torch.randn(2, 4),))
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+    assert "def forward" in info.value.detail  # the partial graph torch printed
+    assert "torch.cond" in str(info.value)
+    assert any("def forward" in note for note in getattr(info.value.__cause__, "__notes__", []))
+
+
+def test_params_count_distinct_tensors_the_graph_reads() -> None:
+    class TiedAndUnused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encode = nn.Linear(16, 16, bias=False)
+            self.decode = nn.Linear(16, 16, bias=False)
+            self.decode.weight = self.encode.weight  # tied
+            self.unused = nn.Linear(64, 64)  # never called
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.decode(torch.relu(self.encode(x)))
+
+    opt = fxopt.compile(TiedAndUnused().eval(), (torch.randn(2, 16),), passes=["remove-dropout"])
+    assert opt.report.original.params == 16 * 16
+    assert opt.report.original.weight_bytes == 16 * 16 * 4
+    assert opt.report.final.params == 16 * 16
+
+
+def test_t5_params_before_count_the_shared_embedding_once() -> None:
+    model = tiny_transformer("t5")
+    opt = fxopt.compile(model, (token_ids(),), passes=["remove-dropout"])
+    assert opt.report.original.params == sum(p.numel() for p in model.parameters())
+    assert opt.report.original.params == opt.report.final.params
+
+
+def test_passes_are_reachable_from_a_fresh_import() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, fxopt; assert 'fxopt.passes' not in sys.modules; "
+            "p = fxopt.passes.LowRank(energy=0.99); print(p.name, 'fxopt.passes' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "low-rank True"

@@ -317,13 +317,17 @@ def lower_onnx(
     # device-neutral and the session decides where it runs.
     weights = next(iter(gm.buffers()), None)
     home = [t.to(weights.device) for t in inputs] if weights is not None else inputs
-    with tempfile.TemporaryDirectory(prefix="fxopt-onnx-") as workdir:
-        exported = export_graph(gm, home, Path(workdir) / "model.onnx", signature, DEFAULT_OPSET)
-        session = ort_session(exported.path, device, profile_dir=workdir)
-        runner = OrtRunner(session, exported, device)
-        expected = run_graph(gm, home)
-        actual = runner(*inputs)  # profiled: tells which provider runs each node
-        placement = _node_providers(session.end_profiling())
+    # The exported files stay on disk while the runner lives (fxopt.save stores them: the
+    # session cannot give its weights back); the directory goes when the runner does.
+    files = tempfile.TemporaryDirectory(prefix="fxopt-onnx-")
+    workdir = files.name
+    exported = export_graph(gm, home, Path(workdir) / "model.onnx", signature, DEFAULT_OPSET)
+    session = ort_session(exported.path, device, profile_dir=workdir)
+    runner = OrtRunner(session, exported, device)
+    runner.exported, runner.files = exported, files
+    expected = run_graph(gm, home)
+    actual = runner(*inputs)  # profiled: tells which provider runs each node
+    placement = _node_providers(session.end_profiling())
     error = check_parity(expected, actual, exported.parity_rtol)
     report.notes.extend(exported.notes)
     where = ", ".join(f"{count} on {provider}" for provider, count in placement.most_common())
@@ -426,6 +430,9 @@ def _node_providers(profile_path: str) -> Counter[str]:
 class OrtRunner:
     """Calls an ONNX Runtime session with torch tensors and returns the graph's flat outputs
     as torch tensors (and the non-tensor outputs that never entered ONNX)."""
+
+    exported: OnnxGraph | None = None  # lower_onnx keeps these two for fxopt.save
+    files: Any = None  # the TemporaryDirectory holding the exported model
 
     def __init__(self, session: Any, exported: OnnxGraph, device: torch.device) -> None:
         self.session = session

@@ -160,7 +160,8 @@ class BudgetedSearch:
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
-        self.fit_indices, self.heldout_indices = split_batches(len(self.ctx.batches), self.holdout)
+        self.fit_indices, self.heldout_indices = split_batches(len(self.ctx.batches), self.holdout,
+                                                               self.ctx.fresh_batches)
         # The manager fills ctx.reference before any pass runs; a search started on its own
         # (a tuner, a test) measures against the graph it starts from.
         self.reference = self.ctx.reference or [run_graph(self.gm, batch) for batch in self.ctx.batches]
@@ -339,12 +340,13 @@ def first_passing(candidates: Sequence[T], ok: Callable[[T], bool]) -> T | None:
     return candidates[lo]
 
 
-def split_batches(count: int, holdout: bool = True) -> tuple[list[int], list[int]]:
+def split_batches(count: int, holdout: bool = True, fresh: int = 0) -> tuple[list[int], list[int]]:
     """Indices of the batches a choice is fitted on (even positions: the example inputs,
     the 2nd calibration batch, ...) and of those it is verified on (odd positions); with one
-    batch, or ``holdout=False``, every batch fits and none is held out."""
-    indices = list(range(count))
-    if holdout and count > 1:
+    batch, or ``holdout=False``, every batch fits and none is held out. The last ``fresh``
+    batches (``PassContext.fresh_batches``) are in neither: the manager verifies on them."""
+    indices = list(range(count - fresh))
+    if holdout and len(indices) > 1:
         return indices[0::2], indices[1::2]
     return indices, []
 
@@ -352,4 +354,4 @@ def split_batches(count: int, holdout: bool = True) -> tuple[list[int], list[int
 def fit_batches(ctx: PassContext, holdout: bool = True) -> list[list[Any]]:
     """The batches a pass may fit statistics on (ranking, means) without seeing the
     held-out ones: fitting on those would make the held-out check optimistic."""
-    return [ctx.batches[i] for i in split_batches(len(ctx.batches), holdout)[0]]
+    return [ctx.batches[i] for i in split_batches(len(ctx.batches), holdout, ctx.fresh_batches)[0]]

@@ -1,0 +1,157 @@
+"""Save an optimized module to one file and load it back, in this process or another.
+
+    fxopt.save(opt, "model.fxopt")
+    opt = fxopt.load("model.fxopt")
+
+The file holds the optimized ``fx.GraphModule`` (pickled as its generated code and its
+constants, the way ``torch.save`` stores any GraphModule), the call signature (the pytree
+specs that map the user's call to the graph's inputs and back), the report, and for the
+ONNX backend the ONNX model that ONNX Runtime runs (its bytes, and any external weight
+files). Loading rebuilds the runner: the eager backend runs the kernel stage of its lowering
+again (kernels such as oneDNN's are chosen for the machine that loads the file, and checked
+against the stored graph); the custom ops a stored graph calls are registered first (the
+registered lowerings and their kernels, the QDQ ops of :mod:`fxopt.ir.qdq`). The ONNX
+backend opens a new ONNX Runtime session on the stored model. Nothing is captured or
+optimized again.
+
+The file is a pickle (``torch.load(weights_only=False)``): load only files you trust.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fxopt.errors import BackendError, FxoptError, InputError
+
+FORMAT = "fxopt.OptimizedModule"
+VERSION = 1
+
+
+def save(optimized: Any, path: str | os.PathLike[str]) -> str:
+    """Write ``optimized`` (an :class:`fxopt.OptimizedModule`) to ``path``; returns the path.
+
+    The file is written next to ``path`` first and moved into place when complete, so a
+    failure leaves no partial file behind (and an existing file untouched).
+    """
+    from fxopt.api import OptimizedModule
+    from fxopt.ir import copy_graph_module
+
+    if not isinstance(optimized, OptimizedModule):
+        raise InputError(f"fxopt.save takes what fxopt.compile returns, got {type(optimized).__name__}")
+    backend = optimized.report.backend
+    if backend not in ("eager", "onnx"):
+        raise BackendError(f"fxopt.save supports the eager and onnx backends, not {backend!r}")
+    graph_module = copy_graph_module(optimized.graph_module)  # shares the constants
+    graph_module.meta = {}  # fake tensors and capture bookkeeping are not part of the file
+    payload = {
+        "format": FORMAT,
+        "version": VERSION,
+        "torch_version": torch.__version__,
+        "backend": backend,
+        "device": str(optimized.device) if optimized.device is not None else None,
+        "graph_module": graph_module,
+        "signature": optimized.signature,
+        "report": optimized.report,
+        "onnx": _onnx_files(optimized) if backend == "onnx" else None,
+    }
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent)
+    os.close(handle)
+    try:
+        torch.save(payload, partial)
+        os.replace(partial, target)
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
+    return str(target)
+
+
+def load(path: str | os.PathLike[str]) -> Any:
+    """Load a module written by :func:`save`; it runs on the device it was compiled for."""
+    import fxopt.ir.qdq  # noqa: F401 - registers the quantize/dequantize ops a QDQ graph calls
+    from fxopt.api import OptimizedModule
+    from fxopt.lowering.registry import lowerings
+
+    lowerings()  # imports every registered lowering and the custom ops its kernels add
+
+    try:
+        with warnings.catch_warnings():
+            # torch 2.13 warns while unpickling its own pytree specs (LeafSpec)
+            warnings.simplefilter("ignore", FutureWarning)
+            payload = torch.load(path, weights_only=False, map_location=None)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise FxoptError(f"{path} is not a file written by fxopt.save: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise FxoptError(f"{path} is not a file written by fxopt.save")
+    if payload["version"] > VERSION:
+        raise FxoptError(f"{path} was written by a newer fxopt (file format {payload['version']}, "
+                         f"this fxopt reads up to {VERSION})")
+    device = torch.device(payload["device"]) if payload["device"] is not None else torch.device("cpu")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"{path} was compiled for {device}, but CUDA is not available on this machine")
+    gm, signature, report = payload["graph_module"], payload["signature"], payload["report"]
+    if payload["backend"] == "onnx":
+        runner = _onnx_runner(payload["onnx"], device)
+    else:
+        gm, runner = _eager_runner(gm, signature, report, device)
+    return OptimizedModule(gm, signature, report, runner, device)
+
+
+def _eager_runner(gm: torch.fx.GraphModule, signature: Any, report: Any, device: torch.device) -> tuple[Any, Any]:
+    """The eager backend's lowering again: the kernel-stage lowerings (oneDNN, say) pick the
+    kernels for this machine, checked on inputs shaped like the examples (the stored graph
+    is already graph-lowered, so that stage finds nothing new)."""
+    from fxopt.backends import lower
+
+    scratch = dataclasses.replace(report, notes=[])  # the stored report already has the notes
+    generator = torch.Generator().manual_seed(0)
+    inputs = [_input_like(spec, generator).to(device) for spec in signature.inputs]
+    lowered = lower("eager", gm, signature, inputs, device, scratch)
+    return lowered.graph_module, lowered.run
+
+
+def _input_like(spec: Any, generator: torch.Generator) -> torch.Tensor:
+    if spec.dtype.is_floating_point:
+        return torch.randn(spec.example_shape, generator=generator).to(spec.dtype)
+    if spec.dtype == torch.bool:
+        return torch.ones(spec.example_shape, dtype=torch.bool)
+    return torch.zeros(spec.example_shape, dtype=spec.dtype)  # valid token ids and indices
+
+
+# ---------------------------------------------------------------- ONNX
+
+
+def _onnx_files(optimized: Any) -> dict[str, Any]:
+    """The ONNX model the module's session runs: its files (the model and any external
+    weight files) as bytes, and how the runner maps them to the graph's inputs and outputs."""
+    runner = optimized._runner
+    exported, files = getattr(runner, "exported", None), getattr(runner, "files", None)
+    if exported is None or files is None:
+        raise BackendError("this ONNX Runtime module does not keep its exported model; compile it again to save it")
+    directory = Path(files.name)
+    contents = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file() and p.suffix != ".json"}
+    return {"graph": dataclasses.replace(exported, path=Path(exported.path.name)), "files": contents}
+
+
+def _onnx_runner(stored: dict[str, Any], device: torch.device) -> Any:
+    from fxopt.backends.onnx import OrtRunner, ort_session
+
+    # ONNX Runtime reads external weight files relative to the model's path, so the files
+    # go back into a directory that lives as long as the runner.
+    files = tempfile.TemporaryDirectory(prefix="fxopt-onnx-")
+    for name, data in stored["files"].items():
+        (Path(files.name) / name).write_bytes(data)
+    exported = dataclasses.replace(stored["graph"], path=Path(files.name) / stored["graph"].path.name)
+    runner = OrtRunner(ort_session(exported.path, device), exported, device)
+    runner.exported, runner.files = exported, files
+    return runner
