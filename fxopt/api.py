@@ -122,10 +122,11 @@ def compile(  # noqa: A001 - mirrors torch.compile
     model: torch.nn.Module,
     example_inputs: Any,
     passes: PassSpec = None,
-    backend: str = "eager",
+    backend: str | None = None,
     device: str | torch.device | None = None,
     strict: bool = False,
     *,
+    preset: str | None = None,
     example_kwargs: Mapping[str, Any] | None = None,
     calibration: Iterable[Any] | None = None,
     dynamic_shapes: Any = None,
@@ -141,9 +142,14 @@ def compile(  # noqa: A001 - mirrors torch.compile
             fine), or a dict of keyword inputs (``{"input_ids": ids, "attention_mask": mask}``).
         passes: pass names, configured pass objects, or ``"a,b(opt=1)"``; None runs
             every registered exact pass.
-        backend: ``"eager"`` (PyTorch, CPU or CUDA) or ``"onnx"`` (ONNX Runtime).
+        backend: ``"eager"`` (PyTorch, CPU or CUDA; the default) or ``"onnx"`` (ONNX Runtime).
+            With a preset, None lets the preset choose and a name limits it to that backend.
         device: where the optimized module runs; defaults to the example inputs' device.
         strict: raise :class:`fxopt.PassFailedError` when a pass fails instead of rolling back.
+        preset: ``"lossless"``, ``"bf16"``, ``"int8"`` (or a plugin's preset; see
+            :mod:`fxopt.presets`): compile each of the preset's candidates, keep those within
+            its budget and return the fastest, measured side by side on the example inputs.
+            The report's notes say what was chosen and why. Not combined with ``passes``.
         example_kwargs: keyword arguments for the call, if any.
         calibration: an iterable of input tuples (or dicts) for lossy passes and their
             error budgets; their batch size may differ from the examples' when the batch is
@@ -157,6 +163,12 @@ def compile(  # noqa: A001 - mirrors torch.compile
         fresh_inputs: also verify every pass on one fresh input drawn like the examples
             (other values; batch size + 1 where the batch is dynamic).
     """
+    if preset is not None:
+        return _compile_preset(
+            preset, model, example_inputs, passes, backend, device, strict, example_kwargs=example_kwargs,
+            calibration=calibration, dynamic_shapes=dynamic_shapes, instruments=instruments,
+            max_rounds=max_rounds, fresh_inputs=fresh_inputs)
+    backend = backend or "eager"
     pipeline = resolve_passes(passes)  # bad names fail before any expensive work
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -195,6 +207,39 @@ def compile(  # noqa: A001 - mirrors torch.compile
     if module_fingerprint(model) != user_model.baseline:  # pragma: no cover - invariant 1
         raise FxoptError("internal error: the user's model changed during compilation")
     return optimized
+
+
+def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, passes: PassSpec,
+                    backend: str | None, device: str | torch.device | None, strict: bool,
+                    **options: Any) -> OptimizedModule:
+    from fxopt import presets
+
+    if passes is not None:
+        raise InputError("give either passes= or preset=, not both (a preset chooses its passes)")
+    preset = presets.get_preset(name)
+    if backend is not None:
+        candidates = tuple(c for c in preset.candidates if c.backend == backend)
+        if not candidates:
+            raise InputError(f"preset {name!r} has no candidate for backend {backend!r}")
+        preset = presets.Preset(preset.name, preset.description, candidates, preset.budget)
+    if options.get("calibration") is not None:
+        options["calibration"] = list(options["calibration"])  # every candidate reads it
+    args, kwargs = split_example_inputs(example_inputs, options["example_kwargs"])
+    leaves = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    target = torch.device(device) if device is not None else _device_of(leaves)
+
+    def build(candidate: presets.Candidate) -> OptimizedModule:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a candidate's rollbacks are reported, not raised
+            return compile(model, example_inputs, presets.expand(candidate.passes), candidate.backend, device,
+                           strict, **options)
+
+    chosen, trials = presets.choose(
+        preset, target, build,
+        measure_error=lambda module: module.report.final_max_rel_err,
+        run_example=lambda module: lambda: module(*args, **kwargs))
+    chosen.report.notes.append(presets.summary(preset, trials, chosen))
+    return chosen
 
 
 def optimize_captured(

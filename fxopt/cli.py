@@ -85,7 +85,10 @@ def _parser() -> argparse.ArgumentParser:
                         "--inputs), or .npz whose arrays stack the batches along a new first axis")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="dtype of each input (default float32)")
     p.add_argument("--passes", default=None, help="comma-separated pass list, e.g. 'remove-dropout,low-rank(energy=0.99)'")
-    p.add_argument("--backend", default="eager", choices=["eager", "onnx"])
+    p.add_argument("--preset", default=None, help="instead of --passes: lossless, bf16 or int8 (the fastest "
+                   "verified recipe within the preset's budget; the report says what it chose)")
+    p.add_argument("--backend", default=None, choices=["eager", "onnx"],
+                   help="default eager; with --preset, limits the preset to that backend")
     p.add_argument("--onnx", metavar="PATH", help="also export the optimized graph to ONNX")
     p.add_argument("--report-json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--strict", action="store_true", help="fail instead of rolling back a failing pass")
@@ -176,6 +179,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if model.training:
         print("fxopt optimize: note: the model is in training mode; optimizing an eval() copy", file=sys.stderr)
     opt = fxopt.compile(model, tuple(inputs), passes=args.passes, backend=args.backend, strict=args.strict,
+                        preset=args.preset,
                         example_kwargs=kwargs or None, calibration=calibration,
                         instruments=[fxopt.PrintProgress()])
     print(opt.report)

@@ -33,7 +33,6 @@ import contextlib
 import copy
 import importlib
 import importlib.util
-import inspect
 import io
 import json
 import logging
@@ -488,9 +487,7 @@ def _fxopt(passes: Callable[[], list[Any]] | None = None, backend: str = "eager"
         options: dict[str, Any] = {"backend": backend, "device": ctx.device}
         lossy: str | None = None
         if preset is not None:
-            if "preset" not in inspect.signature(fxopt.compile).parameters:
-                raise Unavailable("this fxopt.compile has no presets")
-            options["preset"] = preset
+            options.update(preset=preset, backend=None)  # the preset chooses its backend
         else:
             pipeline = passes() if passes is not None else _default_pipeline()
             for item in pipeline:

@@ -83,3 +83,11 @@ def test_calibration_from_files_reaches_lossy_passes(model_file, tmp_path, capsy
 def test_inputs_and_shapes_are_exclusive(model_file, tmp_path, capsys) -> None:
     assert main(["optimize", f"{model_file}:build"]) == 1
     assert "--input-shape" in capsys.readouterr().err
+
+
+def test_optimize_with_a_preset(model_file, tmp_path, capsys) -> None:
+    report = tmp_path / "report.json"
+    assert main(["optimize", f"{model_file}:build_wide", "--input-shape", "32,64", "--preset", "lossless",
+                 "--backend", "eager", "--report-json", str(report)]) == 0
+    notes = json.loads(report.read_text())["notes"]
+    assert any(note.startswith("preset lossless: chose [exact] on eager") for note in notes)

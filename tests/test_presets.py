@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt import presets
+from fxopt.ir import call_nodes, constant, ops
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Dropout(0.1), nn.Linear(128, 64), nn.ReLU(),
+                         nn.Linear(64, 16)).eval()
+
+
+def _note(opt: fxopt.OptimizedModule) -> str:
+    return next(n for n in opt.report.notes if n.startswith("preset "))
+
+
+def test_builtin_presets_are_found_through_entry_points() -> None:
+    assert {p.name for p in presets.list_presets()} >= {"lossless", "bf16", "int8"}
+    with pytest.raises(fxopt.InputError, match="unknown preset 'fastest'.*available: .*int8"):
+        presets.get_preset("fastest")
+
+
+def test_lossless_preset_is_exact_and_says_what_it_chose() -> None:
+    model, x = _mlp(), torch.randn(32, 64)
+    opt = fxopt.compile(model, (x,), preset="lossless")
+    note = _note(opt)
+    assert note.startswith("preset lossless: chose [exact] on ") and "ms" in note
+    assert "[exact] on onnx" in note or "[exact] on eager" in note  # the other candidate, timed or dropped
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
+        fresh = torch.randn(7, 64)  # another batch size: the batch is dynamic
+        torch.testing.assert_close(opt(fresh), model(fresh), rtol=1e-5, atol=1e-5)
+
+
+def test_int8_preset_stays_within_its_budget_and_quantizes() -> None:
+    model, x = _mlp(), torch.randn(32, 64)
+    opt = fxopt.compile(model, (x,), preset="int8", calibration=[(torch.randn(32, 64),)])
+    assert "within budget 0.05" in _note(opt)
+    quantized = [r for r in opt.report.passes if r.name == "quantize-int8"]
+    assert quantized and quantized[0].applied >= 1
+    with torch.no_grad():
+        reference = model(x)
+        assert float((opt(x) - reference).abs().max() / reference.abs().max()) <= 0.05
+
+
+def test_bf16_preset_runs_linears_in_bfloat16() -> None:
+    model, x = _mlp(), torch.randn(32, 64)
+    opt = fxopt.compile(model, (x,), preset="bf16", backend="eager")
+    dtypes = {constant(opt.graph_module, n.args[1]).dtype for n in call_nodes(opt.graph_module, ops.linear)}
+    assert torch.bfloat16 in dtypes
+    with torch.no_grad():
+        reference = model(x)
+        assert float((opt(x) - reference).abs().max() / reference.abs().max()) <= 0.01
+
+
+def test_candidates_over_budget_or_without_effect_are_dropped_with_reasons() -> None:
+    preset = presets.Preset("tight-test", "int8 held to an impossible budget", (
+        presets.Candidate(("exact", "quantize-int8(budget=1e-9)"), "eager"),
+        presets.Candidate(("exact",), "eager"),
+    ), budget=1e-3)
+    with presets.registered_preset(preset):
+        opt = fxopt.compile(_mlp(), (torch.randn(16, 64),), preset="tight-test")
+    note = _note(opt)
+    assert note.startswith("preset tight-test: chose [exact] on eager")
+    assert "dropped: its lossy passes changed nothing (quantize-int8: no change)" in note
+
+
+def test_no_candidate_within_budget_is_an_error() -> None:
+    preset = presets.Preset("impossible-test", "bf16 within 1e-9", (
+        presets.Candidate(("exact", "cast-bf16(budget=1)"), "eager"),), budget=1e-9)
+    with presets.registered_preset(preset), pytest.raises(fxopt.FxoptError, match="no candidate met its budget"):
+        fxopt.compile(_mlp(), (torch.randn(16, 64),), preset="impossible-test")
+
+
+def test_preset_and_passes_are_exclusive() -> None:
+    with pytest.raises(fxopt.InputError, match="passes= or preset="):
+        fxopt.compile(_mlp(), (torch.randn(4, 64),), passes=["remove-dropout"], preset="int8")
+    with pytest.raises(fxopt.InputError, match="no candidate for backend 'tvm'"):
+        fxopt.compile(_mlp(), (torch.randn(4, 64),), preset="int8", backend="tvm")
