@@ -182,7 +182,7 @@ ARCHITECTURES: list[Arch] = [
     Arch("gemma", "decoder", _text("GemmaModel", "GemmaConfig", **DECODER, num_key_value_heads=2, head_dim=8)),
     Arch("phi", "decoder", _text("PhiModel", "PhiConfig", **DECODER)),
     Arch("falcon", "decoder", _text("FalconModel", "FalconConfig", hidden_size=32, num_hidden_layers=2,
-                                    num_attention_heads=4, vocab_size=VOCAB, use_cache=False)),
+                                    num_attention_heads=4, vocab_size=VOCAB, use_cache=False), fast=True),
     Arch("bloom", "decoder", _text("BloomModel", "BloomConfig", hidden_size=32, n_layer=2, n_head=4,
                                    vocab_size=VOCAB, use_cache=False)),
     Arch("gpt-neox", "decoder", _text("GPTNeoXModel", "GPTNeoXConfig", **DECODER)),
