@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from fxopt.errors import PassOptionError
 from fxopt.ir import add_constant, call_nodes, infer_val, is_op, linear_parts, ops
-from fxopt.lossy import STRATEGIES, BudgetedSearch, Site
+from fxopt.lossy import BudgetedSearch, Site, check_search_options
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import NOT_CONSTANT, OVER_BUDGET
@@ -49,11 +49,7 @@ class CastBF16(Pass):
         super().__post_init__()
         if self.dtype not in DTYPES:
             raise PassOptionError(f"{self.name}: dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.budget < 0:
-            raise PassOptionError(f"{self.name}: budget must be >= 0, got {self.budget}")
-        if self.strategy not in STRATEGIES:
-            raise PassOptionError(f"{self.name}: strategy must be one of {', '.join(STRATEGIES)}, "
-                                  f"got {self.strategy!r}")
+        check_search_options(self)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()

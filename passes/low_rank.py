@@ -46,7 +46,7 @@ from fxopt.ir import (
     replace_node,
 )
 from fxopt.linalg import project, randomized_svd
-from fxopt.lossy import STRATEGIES, BudgetedSearch, Pick, Site, first_passing
+from fxopt.lossy import BudgetedSearch, Pick, Site, check_search_options, first_passing
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import (
@@ -80,8 +80,7 @@ class LowRank(Pass):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.budget < 0:
-            raise ValueError(f"budget must be >= 0, got {self.budget}")
+        check_search_options(self)
         if self.energy is not None and self.ratio is not None:
             raise ValueError("give energy or ratio, not both")
         for option in ("energy", "ratio"):
@@ -94,8 +93,6 @@ class LowRank(Pass):
             raise ValueError(f"svd must be 'auto', 'exact' or 'randomized', got {self.svd!r}")
         if self.sketch_rank < 1:
             raise ValueError(f"sketch_rank must be >= 1, got {self.sketch_rank}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()

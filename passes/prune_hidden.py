@@ -41,11 +41,11 @@ from fxopt.ir import (
     replace_node,
 )
 from fxopt.lossy import (
-    STRATEGIES,
     ActivationStats,
     BudgetedSearch,
     Pick,
     Site,
+    check_search_options,
     fit_batches,
     observe,
 )
@@ -88,12 +88,9 @@ class PruneHidden(Pass):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.budget < 0:
-            raise ValueError(f"budget must be >= 0, got {self.budget}")
+        check_search_options(self)
         if self.multiple < 1:
             raise ValueError(f"multiple must be >= 1, got {self.multiple}")
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()

@@ -43,7 +43,15 @@ from fxopt.ir import (
     ops,
 )
 from fxopt.ir.qdq import qops
-from fxopt.lossy import BudgetedSearch, Outcome, Pick, Site, fit_batches, inputs_of
+from fxopt.lossy import (
+    BudgetedSearch,
+    Outcome,
+    Pick,
+    Site,
+    check_search_options,
+    fit_batches,
+    inputs_of,
+)
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.quant import (
     FLOAT_DTYPES,
@@ -101,9 +109,7 @@ class QuantizeInt8(Pass):
             raise PassOptionError(f"quantize-int8: observer must be 'minmax' or 'percentile', got {self.observer!r}")
         if not 0.0 < self.percentile <= 100.0:
             raise PassOptionError(f"quantize-int8: percentile must be in (0, 100], got {self.percentile}")
-        if self.strategy not in ("sensitivity", "equal-share"):
-            raise PassOptionError(f"quantize-int8: strategy must be 'sensitivity' or 'equal-share', "
-                                  f"got {self.strategy!r}")
+        check_search_options(self)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from fxopt.errors import PassOptionError
 from fxopt.ir import arg, call_nodes, ops
-from fxopt.lossy import STRATEGIES, BudgetedSearch, Site
+from fxopt.lossy import BudgetedSearch, Site, check_search_options
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import NO_MAPPING, OVER_BUDGET
@@ -85,11 +85,7 @@ class SwapActivationsLossy(Pass):
     def __post_init__(self) -> None:
         super().__post_init__()
         parse_mapping(self.mapping)  # refuse a bad mapping when the pass is configured
-        if self.budget < 0:
-            raise PassOptionError(f"swap-activations-lossy: budget must be >= 0, got {self.budget}")
-        if self.strategy not in STRATEGIES:
-            raise PassOptionError(f"swap-activations-lossy: strategy must be one of {', '.join(STRATEGIES)}, "
-                                  f"got {self.strategy!r}")
+        check_search_options(self)
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()

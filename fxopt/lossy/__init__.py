@@ -12,10 +12,11 @@ from fxopt.lossy.search import (
            Outcome,
            Pick,
            Site,
+           check_search_options,
            first_passing,
            fit_batches,
            split_batches,
 )
 
-__all__ = ["STRATEGIES", "ActivationStats", "BudgetedSearch", "Outcome", "Pick", "Site", "collect_activations",
+__all__ = ["STRATEGIES", "ActivationStats", "BudgetedSearch", "Outcome", "Pick", "Site", "check_search_options", "collect_activations",
            "first_passing", "fit_batches", "inputs_of", "observe", "split_batches"]

@@ -134,6 +134,18 @@ class Outcome:
 LevelChooser = Callable[["BudgetedSearch", Site, float, Choices], Pick]
 
 
+def check_search_options(pass_: Any) -> None:
+    """Refuse a lossy pass's ``budget`` below zero or an unknown ``strategy``, naming the pass
+    (:class:`fxopt.errors.OptionValueError`). For ``__post_init__`` of every lossy pass."""
+    from fxopt.errors import OptionValueError
+
+    if pass_.budget < 0:
+        raise OptionValueError(f"{pass_.name}: budget must be >= 0, got {pass_.budget}")
+    if pass_.strategy not in STRATEGIES:
+        raise OptionValueError(f"{pass_.name}: strategy must be one of {', '.join(STRATEGIES)}, "
+                               f"got {pass_.strategy!r}")
+
+
 @dataclass
 class BudgetedSearch:
     """Trial ``sites`` at their ``levels`` through ``apply`` and choose within ``budget``.
