@@ -47,6 +47,7 @@ class LoweredGraph:
 
     graph_module: fx.GraphModule
     applied: list[Lowering] = field(default_factory=list)
+    run_rtols: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def onnx_translations(self) -> dict[Any, Callable[..., Any]]:
@@ -56,8 +57,10 @@ class LoweredGraph:
         return table
 
     def parity_rtol(self) -> float | None:
-        """The loosest parity tolerance among the lowerings that applied (None: exact)."""
+        """The loosest parity tolerance among the lowerings that applied and the runs that
+        declared one (None: exact)."""
         limits = [lowering.parity_rtol for lowering in self.applied if lowering.parity_rtol is not None]
+        limits += self.run_rtols
         return max(limits) if limits else None
 
 
@@ -85,5 +88,7 @@ def lower_graph(gm: fx.GraphModule, backend: str, device: torch.device | None,
             result.graph_module = copy_graph_module(gm)
         outcome = lowering.lower(result.graph_module, device)
         result.applied.append(lowering)
+        if outcome.parity_rtol is not None:
+            result.run_rtols.append(outcome.parity_rtol)
         result.notes.extend(f"{lowering.name}: {note}" for note in outcome.notes)
     return result

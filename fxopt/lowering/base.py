@@ -19,6 +19,9 @@ class LoweringResult:
 
     lowered: int = 0
     notes: list[str] = field(default_factory=list)
+    # Set when this run's kernels compute in a lower precision than the graph's outputs
+    # (a bfloat16 GEMM): the parity tolerance of that precision, looser than the class's.
+    parity_rtol: float | None = None
 
 
 class Lowering:
