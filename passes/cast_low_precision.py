@@ -2,14 +2,12 @@
 
     linear(x, W, b)          =>  to_f32(linear(to_bf16(x), bf16(W), bf16(b)))
     act(linear(x, W, b))     =>  to_f32(act(linear(to_bf16(x), bf16(W), bf16(b))))
-    sdpa(q, k, v, mask)      =>  to_f32(sdpa(to_bf16(q), to_bf16(k), to_bf16(v), to_bf16(mask)))
     to_bf16(to_f32(y))       =>  y                                  y already bfloat16
 
 Constraints: ``W`` (and ``b``) are float32 constants and ``x`` is float32; the activation
-(relu, gelu, silu, sigmoid, tanh, hardswish, hardsigmoid) is the Linear's only user; an
-attention's q, k, v are float32 (a boolean mask stays as it is, a float one is cast).
-Normalizations and residual adds stay float32, so only the GEMMs, their epilogues and the
-attention kernels lose precision. Each Linear and each attention is a site of the budgeted search (fxopt.lossy): ``strategy="sensitivity"``
+(relu, gelu, silu, sigmoid, tanh, hardswish, hardsigmoid) is the Linear's only user. Softmax,
+normalizations and residual adds stay float32, so only the GEMMs (and their epilogues) lose
+precision. Each Linear is a site of the budgeted search (fxopt.lossy): ``strategy="sensitivity"``
 (default) measures each Linear alone in low precision and converts the cheapest-to-convert
 first, keeping in float32 the layers the budget cannot afford; the choice is made on one
 half of the batches and verified on the other. Bfloat16 keeps float32's range (no overflow);
@@ -26,14 +24,13 @@ import torch
 import torch.fx as fx
 
 from fxopt.errors import PassOptionError
-from fxopt.ir import add_constant, arg, call_nodes, infer_val, is_op, linear_parts, ops
+from fxopt.ir import add_constant, call_nodes, infer_val, is_op, linear_parts, ops
 from fxopt.lossy import BudgetedSearch, Site, check_search_options
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import NOT_CONSTANT, OVER_BUDGET
 
 to_copy = torch.ops.aten._to_copy.default
-SDPA = torch.ops.aten.scaled_dot_product_attention.default
 ACTIVATIONS = (ops.relu, ops.gelu, ops.silu, ops.sigmoid, ops.tanh, ops.hardswish, ops.hardsigmoid)
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -68,21 +65,11 @@ class CastBF16(Pass):
                 result.skip(node, Refusal("not-float32", "the Linear does not run in float32"))
             else:
                 sites.append(Site(node.name, (True,), savings=(float(parts.weight.numel()),)))
-        for node in call_nodes(gm, SDPA):
-            result.match()
-            mask = arg(node, 3, "attn_mask")
-            bool_mask = isinstance(mask, fx.Node) and mask.meta.get("val") is not None \
-                and mask.meta["val"].dtype == torch.bool
-            if all(_float32(a) for a in node.args[:3]) and (bool_mask or _float32(mask, optional=True)):
-                q = node.args[0].meta["val"]
-                sites.append(Site(node.name, (True,), savings=(float(q.shape[-1] * q.shape[-2]),)))
-            else:
-                result.skip(node, Refusal("not-float32", "the attention does not run in float32"))
 
         def apply(trial: fx.GraphModule, choices: Mapping[str, object]) -> fx.GraphModule:
             for node in list(trial.graph.nodes):
                 if node.name in choices:
-                    (_attention_to_low_precision if is_op(node, SDPA) else _to_low_precision)(trial, node, low)
+                    _to_low_precision(trial, node, low)
             _drop_round_trips(trial, low)
             return trial
 
@@ -131,37 +118,6 @@ def _to_low_precision(gm: fx.GraphModule, linear: fx.Node, low: torch.dtype) -> 
         back = gm.graph.call_function(to_copy, (last,), {"dtype": torch.float32})
     last.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
     infer_val(back)
-
-
-def _float32(value: object, optional: bool = False) -> bool:
-    if value is None:
-        return optional
-    val = value.meta.get("val") if isinstance(value, fx.Node) else None
-    return isinstance(val, torch.Tensor) and val.dtype == torch.float32
-
-
-def _attention_to_low_precision(gm: fx.GraphModule, attention: fx.Node, low: torch.dtype) -> None:
-    """q, k, v (and a float mask) cast to ``low``; the attention's output cast back."""
-    args = list(attention.args)
-    kwargs = dict(attention.kwargs)
-    for index in range(min(len(args), 4)):
-        if _float32(args[index]):
-            args[index] = _cast_before(gm, attention, args[index], low)
-    if _float32(kwargs.get("attn_mask")):
-        kwargs["attn_mask"] = _cast_before(gm, attention, kwargs["attn_mask"], low)
-    attention.args, attention.kwargs = tuple(args), kwargs
-    infer_val(attention)
-    with gm.graph.inserting_after(attention):
-        back = gm.graph.call_function(to_copy, (attention,), {"dtype": torch.float32})
-    attention.replace_all_uses_with(back, delete_user_cb=lambda user: user is not back)
-    infer_val(back)
-
-
-def _cast_before(gm: fx.GraphModule, user: fx.Node, value: fx.Node, low: torch.dtype) -> fx.Node:
-    with gm.graph.inserting_before(user):
-        cast = gm.graph.call_function(to_copy, (value,), {"dtype": low})
-    infer_val(cast)
-    return cast
 
 
 def _drop_round_trips(gm: fx.GraphModule, low: torch.dtype) -> None:
