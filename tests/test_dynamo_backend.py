@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -209,3 +210,24 @@ def test_cuda_graph():
     y = compiled(x)
     assert y.device.type == "cuda" and log.records[0].report.device.startswith("cuda")
     _check(compiled, model, x)
+
+
+def test_writes_through_data_are_a_documented_snapshot_with_a_warning():
+    torch.manual_seed(0)
+    from fxopt.frontends.dynamo import FrozenWeightsWarning
+
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4)).eval()
+    compiled = torch.compile(model, backend="fxopt")
+    x = torch.randn(2, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            before = compiled(x)
+    assert any(issubclass(w.category, FrozenWeightsWarning) and ".data" in str(w.message) for w in caught)
+    with torch.no_grad():
+        model[0].weight.data.mul_(2)  # bypasses the version counter: not seen, as the warning says
+        assert torch.equal(compiled(x), before)
+        assert not torch.allclose(model(x), before)
+        torch._dynamo.reset()  # what the warning tells the user to do
+        torch.testing.assert_close(torch.compile(model, backend="fxopt")(x), model(x))

@@ -19,7 +19,11 @@ breaks, with the model's parameters and buffers as graph inputs. For each piece 
    call passes and that nobody wrote to them (``tensor._version``). If a weight changed
    (``load_state_dict``, an in-place update, a replaced parameter) the piece is optimized
    again with the new weights, or, with ``on_weight_change="raise"``, raises
-   :class:`fxopt.BackendError`. Frozen weights never give stale results.
+   :class:`fxopt.BackendError`. The one write this cannot see is one through ``.data``
+   (``w.data.mul_(2)``): ``.data`` has a version counter of its own, so the piece keeps the
+   weights it froze (a snapshot) and a :class:`FrozenWeightsWarning` says so when a piece with
+   weights is optimized. Write to the parameter itself (under ``torch.no_grad()``) or call
+   ``torch._dynamo.reset()`` after such a write.
 
 A piece that cannot be captured or verified runs as dynamo traced it, with a warning
 (``strict=True`` raises instead). What happened is recorded in a :class:`CompileLog`.
@@ -130,6 +134,16 @@ class _Settings:
         return settings
 
 
+class FrozenWeightsWarning(UserWarning):
+    """A compiled piece froze weights: writes through ``.data`` will not be seen."""
+
+
+FROZEN_WEIGHTS_MESSAGE = (
+    "fxopt: torch.compile froze the model's weights; writes through .data "
+    "(w.data.mul_(2)) bypass the version counter fxopt watches and are not seen: write to the "
+    "parameter under torch.no_grad(), or call torch._dynamo.reset() after such a write")
+
+
 def fxopt_backend(
     gm: fx.GraphModule,
     example_inputs: Sequence[Any],
@@ -211,6 +225,9 @@ class _Piece:
         optimized = optimize_captured(captured, batches, self.pipeline, report=report,
                                       backend=self.settings.backend, strict=self.settings.strict)
         self._frozen = [(s.position, args[s.position], _state(args[s.position])) for s in self.slots if s.kind == "weight"]
+        if self._frozen:
+            # One message from one place: Python's default filter shows it once per process.
+            warnings.warn(FROZEN_WEIGHTS_MESSAGE, FrozenWeightsWarning, stacklevel=3)
         self._scalars = [(s.position, float(args[s.position])) for s in self.slots if s.kind == "scalar"]
         self._user_positions = [s.position for s in self.slots if s.kind == "input"]
         self.optimized = optimized
