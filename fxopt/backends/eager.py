@@ -26,8 +26,9 @@ def lower_eager(
 ) -> Lowered:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise BackendError("device 'cuda' was requested but CUDA is not available on this machine")
-    graph = _lowered(gm, "graph", example_inputs, device, report)
-    kernels = _lowered(graph, "kernel", example_inputs, device, report)
+    inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    graph, outputs = _lowered(gm, "graph", inputs, device, report, None)
+    kernels, _ = _lowered(graph, "kernel", inputs, device, report, outputs)
 
     def run(*inputs: torch.Tensor) -> Any:
         with torch.no_grad():
@@ -36,32 +37,37 @@ def lower_eager(
     return Lowered(graph, run)
 
 
-def _lowered(gm: fx.GraphModule, stage: str, example_inputs: list[torch.Tensor], device: torch.device,
-             report: Any) -> fx.GraphModule:
+def _lowered(gm: fx.GraphModule, stage: str, inputs: list[Any], device: torch.device, report: Any,
+             expected: list[Any] | None) -> tuple[fx.GraphModule, list[Any] | None]:
+    """``gm`` after the lowerings of ``stage``, and its outputs on ``inputs`` when they were
+    computed (``expected``: ``gm``'s own, if already known)."""
     lowered = lower_graph(gm, "eager", device, stage)
     report.notes.extend(lowered.notes)
-    result = _checked(gm, lowered, example_inputs, device, report) if lowered.applied else gm.to(device)
+    if not lowered.applied:
+        result, outputs = gm.to(device), expected
+    else:
+        result, outputs = _checked(gm, lowered, inputs, device, report, expected)
     result.recompile()
-    return result
+    return result, outputs
 
 
-def _checked(gm: fx.GraphModule, lowered: Any, example_inputs: list[torch.Tensor], device: torch.device,
-             report: Any) -> fx.GraphModule:
+def _checked(gm: fx.GraphModule, lowered: Any, inputs: list[Any], device: torch.device, report: Any,
+             expected: list[Any] | None) -> tuple[fx.GraphModule, list[Any] | None]:
     """The lowered graph when it agrees with the optimized one on the example inputs (within
     the loosest tolerance the applied lowerings declare, else float rounding); otherwise the
     optimized graph as it is, with the reason noted. Kernels differ from the ops they replace
     in accumulation order and in what a probe could not see, so this is checked on the
-    model's own shapes rather than trusted."""
+    model's own shapes rather than trusted. Returns the kept graph and its outputs."""
     kernels = lowered.graph_module.to(device)
-    inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in example_inputs]
     try:
         with torch.no_grad():
-            expected = run_graph(gm.to(device), inputs)
+            if expected is None:
+                expected = run_graph(gm.to(device), inputs)
             actual = run_graph(kernels, inputs)
     except Exception as exc:
         report.notes.append(f"lowered kernels failed on the example inputs ({type(exc).__name__}: {exc}); "
                             "the optimized graph runs without them")
-        return gm.to(device)
+        return gm.to(device), expected
     comparison = compare_outputs(expected, actual)
     limit = lowered.parity_rtol()
     if limit is None:
@@ -71,5 +77,5 @@ def _checked(gm: fx.GraphModule, lowered: Any, example_inputs: list[torch.Tensor
         report.notes.append(f"lowerings {names} changed outputs on the example inputs "
                             f"(max rel error {comparison.max_rel:.3g} > {limit:g}); the optimized graph "
                             "runs without them")
-        return gm.to(device)
-    return kernels
+        return gm.to(device), expected
+    return kernels, actual

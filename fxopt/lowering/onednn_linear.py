@@ -131,7 +131,8 @@ class OneDnnLinear(Lowering):
             weights = self._weights(gm, node)
             if weights is None:
                 continue
-            if constant(gm, weights[0]).dtype == torch.bfloat16 and refused_bf16:
+            dtype = constant(gm, weights[0]).dtype
+            if dtype == torch.bfloat16 and refused_bf16:
                 result.notes.append(f"'{node.name}' stays a bfloat16 Linear: {refused_bf16}")
                 continue
             post_op, out = ("none", [], "none"), node
@@ -151,7 +152,6 @@ class OneDnnLinear(Lowering):
             gm.graph.erase_node(node)
             fused[name] = fused.get(name, 0) + 1
             result.lowered += 1
-            dtype = constant(gm, weights[0]).dtype
             if dtype != torch.float32:
                 # Two bfloat16 GEMMs may round their outputs one bfloat16 step apart.
                 result.parity_rtol = max(result.parity_rtol or 0.0, exact_tolerance(dtype))
