@@ -85,6 +85,11 @@ def _parser() -> argparse.ArgumentParser:
                         "--inputs), or .npz whose arrays stack the batches along a new first axis")
     p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="dtype of each input (default float32)")
     p.add_argument("--passes", default=None, help="comma-separated pass list, e.g. 'remove-dropout,low-rank(energy=0.99)'")
+    p.add_argument("--static", action="store_true",
+                   help="every size as in the example inputs (default: the batch dimension is dynamic)")
+    p.add_argument("--dynamic", action="append", metavar="INPUT:DIM",
+                   help="also make this dim dynamic, e.g. input_ids:1 or 0:1 for a sequence length "
+                        "(INPUT: forward's parameter name or position; repeatable)")
     p.add_argument("--preset", default=None, help="instead of --passes: lossless, bf16 or int8 (the fastest "
                    "verified recipe within the preset's budget; the report says what it chose)")
     p.add_argument("--backend", default=None, choices=["eager", "onnx"],
@@ -176,11 +181,12 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     else:
         inputs, kwargs = random_inputs(args.input_shape, args.dtype or []), {}
     calibration = load_calibration(args.calibration) if args.calibration else None
+    dynamic_shapes = cli_dynamic_shapes(model, inputs, kwargs, static=args.static, dynamic=args.dynamic or [])
     if model.training:
         print("fxopt optimize: note: the model is in training mode; optimizing an eval() copy", file=sys.stderr)
     opt = fxopt.compile(model, tuple(inputs), passes=args.passes, backend=args.backend, strict=args.strict,
                         preset=args.preset,
-                        example_kwargs=kwargs or None, calibration=calibration,
+                        example_kwargs=kwargs or None, calibration=calibration, dynamic_shapes=dynamic_shapes,
                         instruments=[fxopt.PrintProgress()])
     print(opt.report)
     if args.report_json:
@@ -190,6 +196,37 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         path, _ = fxopt.export_onnx(opt, tuple(inputs), args.onnx)
         print(f"ONNX written to {path}")
     return 0
+
+
+def cli_dynamic_shapes(model: torch.nn.Module, inputs: list[torch.Tensor], kwargs: dict[str, Any], *,
+                       static: bool, dynamic: list[str]) -> Any:
+    """``fxopt.compile``'s ``dynamic_shapes`` from ``--static`` / ``--dynamic INPUT:DIM``:
+    the default dynamic batch, plus each named dim (``Dim.AUTO``)."""
+    import inspect
+
+    from fxopt.capture import batch_dynamic_shapes
+
+    if static and dynamic:
+        raise ValueError("--static and --dynamic contradict each other")
+    if static:
+        return "static"
+    if not dynamic:
+        return None
+    names = list(inspect.signature(model.forward).parameters)
+    spec = dict(batch_dynamic_shapes(model, tuple(inputs), kwargs) or {})
+    auto = getattr(torch.export.Dim, "AUTO", None) or torch.export.Dim("dynamic")
+    for item in dynamic:
+        where, _, dim = item.rpartition(":")
+        if not where or not dim.lstrip("-").isdigit():
+            raise ValueError(f"--dynamic takes INPUT:DIM (e.g. input_ids:1), got {item!r}")
+        name = names[int(where)] if where.isdigit() and int(where) < len(names) else where
+        if name not in names:
+            raise ValueError(f"--dynamic {item!r}: the model's forward has no input {where!r} "
+                             f"(inputs: {', '.join(names)})")
+        entry = dict(spec.get(name) or {})
+        entry[int(dim)] = auto
+        spec[name] = entry
+    return spec
 
 
 def random_inputs(shapes: list[str], dtypes: list[str]) -> list[torch.Tensor]:

@@ -91,3 +91,31 @@ def test_optimize_with_a_preset(model_file, tmp_path, capsys) -> None:
                  "--backend", "eager", "--report-json", str(report)]) == 0
     notes = json.loads(report.read_text())["notes"]
     assert any(note.startswith("preset lossless: chose [exact] on eager") for note in notes)
+
+
+def test_dynamic_sequence_dim_from_the_command_line() -> None:
+    import fxopt
+    from fxopt.cli import cli_dynamic_shapes
+
+    class PerToken(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(16, 8)
+
+        def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+            return self.fc(tokens)
+
+    model, x = PerToken().eval(), torch.randn(2, 5, 16)
+    spec = cli_dynamic_shapes(model, [x], {}, static=False, dynamic=["tokens:1"])
+    opt = fxopt.compile(model, (x,), dynamic_shapes=spec)
+    longer = torch.randn(3, 9, 16)  # another batch and another sequence length
+    with torch.no_grad():
+        torch.testing.assert_close(opt(longer), model(longer))
+    assert cli_dynamic_shapes(model, [x], {}, static=True, dynamic=[]) == "static"
+    static = fxopt.compile(model, (x,), dynamic_shapes="static")
+    with pytest.raises(fxopt.InputError):
+        static(torch.randn(3, 5, 16))
+    with pytest.raises(ValueError, match="no input 'x'"):
+        cli_dynamic_shapes(model, [x], {}, static=False, dynamic=["x:1"])
+    with pytest.raises(ValueError, match="contradict"):
+        cli_dynamic_shapes(model, [x], {}, static=True, dynamic=["0:1"])
