@@ -14,8 +14,6 @@ ones are declared beside the passes), so the core names no pass.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,6 +23,7 @@ from typing import Any
 import torch
 
 from fxopt.errors import FxoptError, InputError
+from fxopt.latency import measure_side_by_side
 
 ENTRY_POINT_GROUP = "fxopt.presets"
 EXACT = "exact"  # in a candidate's passes: every registered exact pass, in their declared order
@@ -149,20 +148,10 @@ def choose(
     if not alive:
         reasons = "; ".join(f"{t.candidate.describe()}: {t.dropped}" for t in trials)
         raise FxoptError(f"preset {preset.name!r}: no candidate met its budget ({reasons})")
-    calls = {id(t): run_example(t.module) for t in alive}
-    samples: dict[int, list[float]] = {key: [] for key in calls}
-    with torch.inference_mode():
-        for call in calls.values():
-            call()
-        for _ in range(repeats):
-            for key, call in calls.items():
-                start = time.perf_counter()
-                call()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                samples[key].append((time.perf_counter() - start) * 1e3)
-    for trial in alive:
-        trial.milliseconds = statistics.median(samples[id(trial)])
+    timings = measure_side_by_side({str(i): run_example(t.module) for i, t in enumerate(alive)},
+                                   warmup=1, repeats=repeats)
+    for i, trial in enumerate(alive):
+        trial.milliseconds = timings[str(i)].median
     best = min(alive, key=lambda t: t.milliseconds or 0.0)
     return best.module, trials
 

@@ -8,37 +8,11 @@ a ratio of two medians comes with the range the two interquartile ranges allow
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
-import torch
+from fxopt.latency import Timing, measure_side_by_side
 
-
-@dataclass(frozen=True)
-class Timing:
-    """Milliseconds per call of one candidate over the timed rounds."""
-
-    median: float
-    q1: float
-    q3: float
-    min: float
-    max: float
-    samples: int
-
-    @classmethod
-    def of(cls, values: Sequence[float]) -> Timing:
-        ordered = sorted(values)
-        if len(ordered) >= 2:
-            q1, _, q3 = statistics.quantiles(ordered, n=4, method="inclusive")
-        else:
-            q1 = q3 = ordered[0]
-        return cls(statistics.median(ordered), q1, q3, ordered[0], ordered[-1], len(ordered))
-
-    def __str__(self) -> str:
-        return f"{self.median:.3f} ms (IQR {self.q1:.3f}-{self.q3:.3f})"
+__all__ = ["SPREAD_LEGEND", "Speedup", "Timing", "measure_side_by_side", "speedup"]
 
 
 @dataclass(frozen=True)
@@ -70,34 +44,3 @@ def speedup(baseline: Timing, candidate: Timing) -> Speedup:
     """How many times faster ``candidate`` is than ``baseline``, with its spread."""
     return Speedup(baseline.median / candidate.median, baseline.q1 / candidate.q3,
                    baseline.q3 / candidate.q1)
-
-
-def measure_side_by_side(
-    candidates: Mapping[str, Callable[[], Any]],
-    *,
-    warmup: int = 3,
-    repeats: int = 20,
-    min_seconds: float = 0.0,
-) -> dict[str, Timing]:
-    """The :class:`Timing` of each zero-argument callable, measured interleaved."""
-    with torch.inference_mode():
-        for fn in candidates.values():
-            for _ in range(warmup):
-                fn()
-        samples: dict[str, list[float]] = {name: [] for name in candidates}
-        start = time.perf_counter()
-        rounds = 0
-        while rounds < max(repeats, 1) or time.perf_counter() - start < min_seconds:
-            for name, fn in candidates.items():
-                _sync()
-                t0 = time.perf_counter()
-                fn()
-                _sync()
-                samples[name].append((time.perf_counter() - t0) * 1e3)
-            rounds += 1
-    return {name: Timing.of(values) for name, values in samples.items()}
-
-
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
