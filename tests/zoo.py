@@ -214,16 +214,11 @@ def _flat(outputs: Any) -> list[torch.Tensor]:
 
 
 def rel_error(expected: Any, actual: Any) -> float:
-    worst = 0.0
-    exp, act = _flat(expected), _flat(actual)
-    if len(exp) != len(act):
-        return float("inf")
-    for a, b in zip(exp, act):
-        if a.shape != b.shape:
-            return float("inf")
-        scale = float(a.abs().max()) or 1.0
-        worst = max(worst, float((a.float() - b.float()).abs().max()) / scale)
-    return worst
+    """fxopt's own output comparison over the floating-point outputs (inf on a structural change)."""
+    from fxopt.verify import compare_outputs
+
+    comparison = compare_outputs(_flat(expected), _flat(actual))
+    return float("inf") if comparison.mismatch else comparison.max_rel
 
 
 def run_checks(arch: Arch, checks: tuple[str, ...] = CHECKS) -> dict[str, str]:
