@@ -256,10 +256,10 @@ def load_calibration(path: str) -> list[Any]:
     batches = []
     for batch in data:
         args, kwargs = _split_batch(batch, path)
-        if kwargs:
-            raise ValueError(f"{path}: calibration batches with keyword inputs are not supported yet; "
-                             "store them positionally (a tuple per batch)")
-        batches.append(tuple(args))
+        if args and kwargs:
+            raise ValueError(f"{path}: a calibration batch is either positional (arr_0, arr_1, ... or a "
+                             "tuple) or keyword inputs (named arrays or a dict), not both")
+        batches.append(kwargs if kwargs else tuple(args))
     return batches
 
 

@@ -75,6 +75,13 @@ def test_calibration_from_files_reaches_lossy_passes(model_file, tmp_path, capsy
         data = json.loads(report.read_text())
         assert not any("no calibration data" in note for note in data["notes"])
         assert data["passes"][0]["applied"] == 2
+    # keyword inputs, examples and calibration alike: Sequential.forward(input)
+    example, by_name = tmp_path / "example-named.npz", tmp_path / "calib-named.npz"
+    np.savez(example, input=np.random.randn(32, 64).astype(np.float32))
+    np.savez(by_name, input=np.random.randn(3, 32, 64).astype(np.float32))
+    assert main(["optimize", f"{model_file}:build_wide", "--inputs", str(example), "--calibration",
+                 str(by_name), "--passes", "quantize-int8", "--report-json", str(report)]) == 0
+    assert not any("no calibration data" in note for note in json.loads(report.read_text())["notes"])
     assert main(["optimize", f"{model_file}:build_wide", "--input-shape", "32,64", "--passes",
                  "quantize-int8", "--report-json", str(report)]) == 0
     assert any("no calibration data" in note for note in json.loads(report.read_text())["notes"])
