@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.errors import PassOptionError
-from fxopt.ir import add_constant, call_nodes, infer_val, is_op, linear_parts, ops
+from fxopt.ir import add_constant, call_nodes, dtype_of, infer_val, is_op, linear_parts, ops
 from fxopt.lossy import BudgetedSearch, Site, check_search_options
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.rewrite import Refusal
@@ -58,10 +58,9 @@ class CastBF16(Pass):
         for node in call_nodes(gm, ops.linear):
             parts = linear_parts(gm, node)
             result.match()
-            x = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
             if parts is None:
                 result.skip(node, Refusal(NOT_CONSTANT, "the Linear's weight or bias is not a constant"))
-            elif parts.weight.dtype != torch.float32 or not isinstance(x, torch.Tensor) or x.dtype != torch.float32:
+            elif parts.weight.dtype != torch.float32 or dtype_of(parts.input) != torch.float32:
                 result.skip(node, Refusal("not-float32", "the Linear does not run in float32"))
             else:
                 sites.append(Site(node.name, (True,), savings=(float(parts.weight.numel()),)))
@@ -126,8 +125,7 @@ def _drop_round_trips(gm: fx.GraphModule, low: torch.dtype) -> None:
         source = node.args[0]
         if (node.kwargs.get("dtype") == low and is_op(source, to_copy)
                 and source.kwargs.get("dtype") == torch.float32
-                and isinstance(source.args[0], fx.Node) and source.args[0].meta.get("val") is not None
-                and source.args[0].meta["val"].dtype == low):
+                and dtype_of(source.args[0]) == low):
             node.replace_all_uses_with(source.args[0])
             gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ir import arg, constant, is_op, ops
+from fxopt.ir import arg, constant, dtype_of, is_op, ops, shape_of
 from fxopt.lowering.base import Lowering, LoweringResult
 from fxopt.verify import exact_tolerance
 
@@ -118,8 +118,7 @@ class OneDnnLinear(Lowering):
             bias = constant(gm, bias_node)
             if bias is None or bias.dtype != weight.dtype:
                 return None
-        x = node.args[0].meta.get("val")
-        if not isinstance(x, torch.Tensor) or x.dtype != weight.dtype or x.dim() < 2:
+        if dtype_of(node.args[0]) != weight.dtype or len(shape_of(node.args[0]) or ()) < 2:
             return None
         return weight_node, bias_node
 
