@@ -58,14 +58,15 @@ __all__ = [
     "passes",
     "register_pass",
     "save",
+    "tune",
 ]
 
 
 def __getattr__(name: str) -> Any:
     # ``fxopt.passes`` (the built-in pass classes) is imported on first use, so that
     # ``import fxopt`` stays cheap and ``fxopt.passes.LowRank`` works without importing it.
-    if name == "passes":
-        return importlib.import_module("fxopt.passes")
+    if name in ("passes", "tune"):  # fxopt.tune: the tuner, a callable module
+        return importlib.import_module(f"fxopt.{name}")
     raise AttributeError(f"module 'fxopt' has no attribute {name!r}")
 
 

@@ -32,6 +32,7 @@ import torch.fx as fx
 from fxopt.errors import OptionTypeError
 
 if TYPE_CHECKING:
+    from fxopt.lossy.task import TaskBudget
     from fxopt.rewrite.refusal import Refusal
 
 # fxopt.rewrite.refusal.UNSPECIFIED, spelled here because fxopt.rewrite imports this module.
@@ -107,7 +108,9 @@ class PassContext:
     size), there to verify on and never to calibrate on: an observer reads
     ``batches[:len(batches) - fresh_batches]``. ``reference`` holds the current graph's
     outputs on each batch, so a lossy pass can measure a candidate rewrite with
-    :meth:`output_error` before committing to it.
+    :meth:`output_error` before committing to it. ``task`` (optional): a task-metric budget
+    (:class:`fxopt.lossy.task.TaskBudget`: labelled batches, a metric, ``max_drop``) that every
+    budgeted search of a lossy pass also keeps, besides the pass's output-error budget.
     """
 
     batches: list[list[torch.Tensor]]
@@ -115,6 +118,7 @@ class PassContext:
     original: list[list[Any]] = field(default_factory=list)
     calibrated: bool = False
     fresh_batches: int = 0
+    task: TaskBudget | None = None
 
     @property
     def example_inputs(self) -> list[torch.Tensor]:

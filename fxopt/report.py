@@ -79,6 +79,7 @@ class Report:
     final: Cost = Cost(0, 0, 0)
     final_max_rel_err: float = 0.0
     final_max_abs_err: float = 0.0
+    search: Any = None  # fxopt.tune's search log (a TuneLog), when the model was tuned
 
     def __getitem__(self, name: str) -> PassRecord:
         """The record of the (last) run of the pass called ``name``."""
@@ -136,6 +137,8 @@ class Report:
             lines.append("held-out err *: the choice made on half the batches failed on the other half and was "
                          "made again on every batch")
         lines.extend(f"note: {n}" for n in self.notes)
+        if self.search is not None:
+            lines.append(str(self.search))
         return "\n".join(lines)
 
 

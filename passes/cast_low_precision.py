@@ -16,7 +16,7 @@ float16 has three more mantissa bits but overflows above 65504, which the budget
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -66,10 +66,7 @@ class CastBF16(Pass):
                 sites.append(Site(node.name, (True,), savings=(float(parts.weight.numel()),)))
 
         def apply(trial: fx.GraphModule, choices: Mapping[str, object]) -> fx.GraphModule:
-            for node in list(trial.graph.nodes):
-                if node.name in choices:
-                    _to_low_precision(trial, node, low)
-            _drop_round_trips(trial, low)
+            cast_linears(trial, choices, low)
             return trial
 
         if not sites:
@@ -94,6 +91,15 @@ class CastFP16(CastBF16):
     name: ClassVar[str] = "cast-fp16"
 
     dtype: str = "float16"
+
+
+def cast_linears(gm: fx.GraphModule, names: Iterable[str], low: torch.dtype) -> None:
+    """Run the Linears called ``names`` (float32, constant weights) in ``low`` precision."""
+    names = set(names)
+    for node in list(gm.graph.nodes):
+        if node.name in names:
+            _to_low_precision(gm, node, low)
+    _drop_round_trips(gm, low)
 
 
 def _to_low_precision(gm: fx.GraphModule, linear: fx.Node, low: torch.dtype) -> None:

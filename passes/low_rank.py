@@ -310,6 +310,19 @@ def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 
 
+def exact_svd(weight: torch.Tensor) -> Svd:
+    """The float64 SVD ``_factor`` takes (for a layer factored at a given rank, outside a search)."""
+    return _Svds(weight, exact=True).top(min(weight.shape))
+
+
+def factor_linear(gm: fx.GraphModule, node: fx.Node, rank: int, svd: Svd | None = None) -> None:
+    """Replace the Linear ``node`` by its rank-``rank`` factorization (``svd`` of its weight,
+    computed exactly when not given), as the pass does once it has chosen the rank."""
+    parts = linear_parts(gm, node)
+    assert parts is not None, f"{node.name} is not a Linear with constant weights"
+    _factor(gm, parts, rank, svd if svd is not None else exact_svd(parts.weight))
+
+
 def _factor(gm: fx.GraphModule, parts: LinearParts, rank: int, svd: Svd) -> None:
     u, s, vh = svd
     dtype = parts.weight.dtype

@@ -189,6 +189,32 @@ class PruneHidden(Pass):
         return new_second
 
 
+def prunable_blocks(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node]]:
+    """Every Linear -> elementwise activation -> Linear block the pass may prune
+    (first, activation, second), in graph order."""
+    blocks = []
+    for second in call_nodes(gm, ops.linear):
+        act = second.args[0]
+        if is_op(act, ELEMENTWISE) and is_op(act.args[0], ops.linear):
+            first = act.args[0]
+            if _block_refusal(gm, first, act, second) is None and linear_parts(gm, first).out_features > 8:
+                blocks.append((first, act, second))
+    return blocks
+
+
+def unit_ranking(second_weight: torch.Tensor, stats: ActivationStats, fold_mean: bool = True) -> torch.Tensor:
+    """The hidden units of a block, most important first (the pass's ranking)."""
+    return PruneHidden(fold_mean=fold_mean)._ranking(second_weight, stats)
+
+
+def prune_units(gm: fx.GraphModule, first: fx.Node, act: fx.Node, second: fx.Node, keep: torch.Tensor,
+                stats: ActivationStats, fold_mean: bool = True) -> tuple[fx.Node, fx.Node]:
+    """Keep only the hidden units ``keep`` of one block, as the pass does once it has chosen
+    how many; returns the new first and second Linears."""
+    new_second = PruneHidden(fold_mean=fold_mean)._prune(gm, first, act, second, keep, stats)
+    return act.args[0], new_second
+
+
 def _refusal(block: _Block, pick: Pick) -> Refusal:
     dropped = block.hidden - int(pick.tried or block.hidden)  # type: ignore[call-overload]
     if pick.split == "all":

@@ -3,6 +3,8 @@
 ``search``: :class:`Site`, :class:`BudgetedSearch` (one trial mechanism with memoised
 measurement; ``equal-share`` and ``sensitivity`` strategies; choice on one split of the
 batches, verification on the other). ``observer``: :func:`observe`, :func:`inputs_of`.
+``task``: :class:`TaskBudget`, a task-metric budget (labelled data, a metric, ``max_drop``)
+that a search keeps besides the output-error budget.
 """
 
 from fxopt.lossy.observer import ActivationStats, collect_activations, inputs_of, observe
@@ -17,6 +19,7 @@ from fxopt.lossy.search import (
            fit_batches,
            split_batches,
 )
+from fxopt.lossy.task import METRICS, TaskBudget
 
-__all__ = ["STRATEGIES", "ActivationStats", "BudgetedSearch", "Outcome", "Pick", "Site", "check_search_options", "collect_activations",
+__all__ = ["METRICS", "STRATEGIES", "TaskBudget", "ActivationStats", "BudgetedSearch", "Outcome", "Pick", "Site", "check_search_options", "collect_activations",
            "first_passing", "fit_batches", "inputs_of", "observe", "split_batches"]

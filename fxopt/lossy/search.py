@@ -25,6 +25,13 @@ every batch, with ``RETRY_SHARE`` of the budget as a margin for what is still un
 the outcome says so (``retried``). Both errors are reported. With one batch (no
 calibration) nothing is held out, and ``heldout_error`` is None.
 
+Task metric: when ``ctx.task`` holds a :class:`~fxopt.lossy.task.TaskBudget` (labelled
+batches, a metric, ``max_drop``), a combination's error is the larger of its output error
+and its metric drop expressed in budget units (``max_drop`` maps to ``budget``), so a choice
+must keep both; the task's batches split into fit and held-out halves the same way, and
+every trial's drop is in the log. ``output_error=False`` bounds the metric alone (then
+``budget`` is ``max_drop``, in metric units).
+
 Strategies (``strategy=``):
   ``equal-share``  sites in the given order; each may raise the error to an equal share of
                    what the earlier ones left (so the first cannot take everything), at the
@@ -118,11 +125,15 @@ class Outcome:
     log: list[dict[str, Any]]
     trials: int
     retried: bool = False  # the fitted choice failed on held-out data; this one was made on every batch
+    drop: float | None = None  # with a task budget: the metric drop of the choice (worst split)
 
     def summary(self) -> dict[str, Any]:
         """The numbers a pass puts in each of its details: fitted and held-out error."""
-        return {"fitted_error": self.fitted_error, "heldout_error": self.heldout_error,
-                "heldout_batches": self.heldout_batches, "heldout_retry": self.retried}
+        summary = {"fitted_error": self.fitted_error, "heldout_error": self.heldout_error,
+                   "heldout_batches": self.heldout_batches, "heldout_retry": self.retried}
+        if self.drop is not None:
+            summary["metric_drop"] = self.drop
+        return summary
 
     def details_for(self, site: str) -> dict[str, Any]:
         """:meth:`summary`, the number of trials, and the steps of the log that concern
@@ -164,9 +175,11 @@ class BudgetedSearch:
     strategy: str = "equal-share"
     choose_level: LevelChooser | None = None
     holdout: bool = True
+    output_error: bool = True  # False: only ctx.task's metric drop counts (budget in metric units)
     trials: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
     _errors: dict[tuple[str, frozenset[tuple[str, Level]]], float] = field(default_factory=dict)
+    drops: dict[tuple[str, frozenset[tuple[str, Level]]], float] = field(default_factory=dict)
     _split: str = FIT
 
     def __post_init__(self) -> None:
@@ -174,9 +187,16 @@ class BudgetedSearch:
             raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
         self.fit_indices, self.heldout_indices = split_batches(len(self.ctx.batches), self.holdout,
                                                                self.ctx.fresh_batches)
+        if not self.output_error and self.ctx.task is None:
+            raise ValueError("output_error=False needs a task budget (ctx.task) to measure instead")
         # The manager fills ctx.reference before any pass runs; a search started on its own
         # (a tuner, a test) measures against the graph it starts from.
         self.reference = self.ctx.reference or [run_graph(self.gm, batch) for batch in self.ctx.batches]
+
+    @property
+    def split(self) -> str:
+        """The batches the strategy is choosing on now: "fit", or "all" after a held-out failure."""
+        return self._split
 
     # ------------------------------------------------------------------ the one trial mechanism
 
@@ -200,9 +220,25 @@ class BudgetedSearch:
             else:
                 indices = self.fit_indices if split == FIT else self.heldout_indices
                 self.trials += 1
-                self._errors[key] = self._output_error(self.trial(choices), indices)
-                self.step("trial", split=split, choices=dict(choices), error=self._errors[key])
+                candidate = self.trial(choices)
+                error = self._output_error(candidate, indices) if self.output_error else 0.0
+                task = self.ctx.task
+                if task is not None and (task.indices(split) if self.holdout else split == FIT):
+                    drop = task.drop(candidate, split if self.holdout else ALL)
+                    self.drops[key] = drop
+                    error = max(error, task.in_budget_units(drop, self.budget))
+                self._errors[key] = error
+                self.step("trial", split=split, choices=dict(choices), error=error,
+                          **({"drop": self.drops[key]} if key in self.drops else {}))
         return self._errors[key]
+
+    def drop(self, choices: Choices, split: str | None = None) -> float | None:
+        """The task metric's drop measured for ``choices`` (None without a task or a trial)."""
+        split = split or self._split
+        if split == ALL:
+            drops = [d for d in (self.drop(choices, FIT), self.drop(choices, HELD_OUT)) if d is not None]
+            return max(drops) if drops else None
+        return self.drops.get((split, frozenset(choices.items())), 0.0 if not choices else None)
 
     def _output_error(self, gm: fx.GraphModule, indices: Sequence[int]) -> float:
         """Largest relative output error of ``gm`` against the reference on the given batches."""
@@ -307,7 +343,8 @@ class BudgetedSearch:
         strategy = self.equal_share if self.strategy == "equal-share" else self.sensitivity
         choices, picks, refused = strategy(self.budget)
         fitted = self.error(choices)
-        if not self.heldout_indices:
+        task_heldout = self.ctx.task is not None and self.holdout and bool(self.ctx.task.indices(HELD_OUT))
+        if not self.heldout_indices and not task_heldout:
             self.step("verify", fitted=fitted, heldout=None, note="one batch: nothing held out")
             return self._outcome(choices, picks, refused, fitted, None, False)
         heldout = self.error(choices, HELD_OUT)
@@ -330,7 +367,8 @@ class BudgetedSearch:
         if retried:
             refused = {name: replace(pick, split=ALL) for name, pick in refused.items()}
         return Outcome(choices, picks, refused, fitted, heldout, len(self.heldout_indices), self.log,
-                       self.trials, retried)
+                       self.trials, retried,
+                       None if self.ctx.task is None else self.drop(choices, ALL))
 
 
 def first_passing(candidates: Sequence[T], ok: Callable[[T], bool]) -> T | None:

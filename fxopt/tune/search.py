@@ -1,0 +1,447 @@
+"""``fxopt.tune``: the fastest model whose task metric drops by at most ``max_drop``, choosing a
+technique per layer and judging speed by latency measured in the chosen backend.
+
+1. Capture, run the exact passes (``passes``), score the model on ``data``: the baseline.
+2. Sensitivity, once: every option (technique x level) alone on every site, its metric drop
+   measured on the fit half of ``data`` and its latency timed side by side with the baseline
+   (the whole model with only that change). Options that cost more than ``max_drop`` or are
+   not faster are dropped, with the reason.
+3. Combination: :class:`fxopt.lossy.BudgetedSearch` with the ``sensitivity`` strategy over
+   the sites (each site's levels: its kept options, by latency saved), the metric drop as
+   the error (``ctx.task``; no output-error budget). Sites go in order of latency saved per
+   metric lost; each takes its most saving option whose combined drop fits, and only if the
+   combined model is also measured faster than without it (side by side). The choice is
+   verified on the held-out half of ``data`` (and made again on every batch if it fails).
+4. The chosen model is lowered and scored on every batch of ``data``; while its drop is over
+   ``max_drop`` the option costing most metric per latency saved is taken back.
+5. The Pareto front of everything measured is timed again side by side, chosen model included.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Hashable, Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxopt.capture import BATCH, Signature, capture, split_example_inputs
+from fxopt.cost import graph_cost
+from fxopt.errors import InputError
+from fxopt.ir import copy_graph_module
+from fxopt.latency import Timing, measure_side_by_side
+from fxopt.lossy import BudgetedSearch, Pick, Site
+from fxopt.lossy.task import ALL, FIT, TaskBudget, task_budget
+from fxopt.pass_api import PassContext
+from fxopt.pipeline import PassManager, UserModelUntouched, reference_outputs
+from fxopt.registry import resolve_passes
+from fxopt.report import Report
+from fxopt.tune.log import Candidate, ParetoRow, TuneLog
+from fxopt.tune.techniques import Technique, select_techniques
+from fxopt.verify import compare_outputs, module_fingerprint, run_graph
+
+Option = tuple[str, Hashable]  # (technique name, level)
+Choices = Mapping[str, Option]
+CHUNK = 12  # singles timed per interleaved loop, each loop with the baseline
+MAX_CALIBRATION = 8  # data batches the techniques' statistics (static scales, unit ranking) read
+
+
+def tune(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    *,
+    data: Any,
+    metric: Any,
+    max_drop: float,
+    backend: str = "eager",
+    passes: Any = None,
+    techniques: Any = None,
+    time_budget_s: float = 120.0,
+    device: str | torch.device | None = None,
+    repeats: int = 20,
+    min_speedup: float = 1.02,
+    holdout: bool = False,
+    progress: bool = True,
+) -> Any:
+    """Search per layer among fxopt's techniques for the fastest model within ``max_drop``.
+
+    Args:
+        model: the model; never modified.
+        example_inputs: inputs at the batch size latency matters for (a tuple, one tensor, or
+            a dict of keyword inputs); every latency is timed on them.
+        data: batches of ``(inputs, labels)`` (inputs as ``example_inputs``), or a callable
+            returning them; held out from training. For ``top1-agreement`` a batch may be its
+            inputs alone.
+        metric: ``"accuracy"``, ``"top1-agreement"`` (with the original model's top-1: no
+            labels needed) or ``metric(outputs, labels) -> float``, higher is better.
+        max_drop: the largest fall of the metric allowed, in its units (0.005: half a point of
+            accuracy), on ``data``.
+        backend: ``"eager"`` or ``"onnx"``: latency is measured there.
+        passes: the exact passes to run first (None: every registered exact pass).
+        techniques: technique or family names (``"int8"``, ``"low-rank"``, ...; None: all
+            registered, see :func:`fxopt.tune.list_techniques`).
+        time_budget_s: wall-clock budget of the search; when spent, the best model so far.
+        repeats: timed rounds per side-by-side measurement.
+        min_speedup: an option counts as faster only above this ratio (timing noise).
+        holdout: choose on the even batches of ``data`` and verify on the odd ones (choosing
+            again on every batch, with half of ``max_drop``, when that fails); default: choose
+            on every batch. Either way the result is scored on every batch and kept within
+            ``max_drop`` there.
+        progress: print progress lines on stderr.
+
+    Returns an :class:`fxopt.OptimizedModule`; ``opt.report.search`` is the :class:`TuneLog`.
+    """
+    from fxopt.api import _inference_copy, optimize_captured
+
+    started = time.perf_counter()
+    chosen_techniques = select_techniques(techniques)
+    if not isinstance(time_budget_s, (int, float)) or time_budget_s <= 0:
+        raise InputError(f"time_budget_s must be a positive number of seconds, got {time_budget_s!r}")
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    pipeline = resolve_passes(passes)
+    say = _progress(progress)
+
+    args, kwargs = split_example_inputs(example_inputs)
+    report = Report(model=type(model).__name__, backend=backend)
+    fingerprint = module_fingerprint(model)
+    source = _inference_copy(model, report)
+    captured = capture(source, args, kwargs, dynamic_shapes=BATCH)
+    report.notes.extend(captured.meta.pop("fxopt_notes", []))
+    signature: Signature = captured.meta["fxopt_signature"]
+    example = signature.flatten(args, kwargs, what="example input")
+    task = task_budget(captured, signature, data, metric, max_drop)
+    batches = [example, *task.inputs[:MAX_CALIBRATION]]
+    reference = reference_outputs(captured, batches)
+    say(f"baseline {task.name} {task.baseline:.4f} on {len(task.inputs)} batches; "
+        f"running {len(pipeline)} exact passes")
+
+    # Lossy passes given in ``passes`` keep the task budget as well as their own.
+    ctx = PassContext(batches=batches, calibrated=len(batches) > 1, task=task)
+    ctx.reference = list(reference)
+    user_model = UserModelUntouched(model, captured.meta.get("fxopt_sources", {}), baseline=fingerprint)
+    start_graph, report.passes = PassManager(pipeline, user_model=user_model).run(captured, ctx) \
+        if pipeline else (captured, [])
+
+    target = torch.device(device) if device is not None else (example[0].device if example else torch.device("cpu"))
+    tuner = _Tuner(start_graph, signature, batches, task, chosen_techniques, backend, target,
+                   deadline=started + time_budget_s, repeats=repeats, min_speedup=min_speedup, say=say,
+                   holdout=holdout)
+    choices = tuner.run()
+    tuner.log.seconds = time.perf_counter() - started
+
+    final_graph = tuner.build(choices)
+    optimized = optimize_captured(final_graph, batches, [], report=report, backend=backend, device=target)
+    report.original = graph_cost(captured)
+    report.final_max_abs_err, report.final_max_rel_err = _drift(reference, final_graph, batches)
+    report.search = tuner.log  # type: ignore[attr-defined]
+    if module_fingerprint(model) != fingerprint:  # pragma: no cover - invariant 1
+        raise RuntimeError("internal error: the user's model changed during tuning")
+    say(f"done in {tuner.log.seconds:.1f}s: x{tuner.log.final_speedup:.2f} at a drop of {tuner.log.final_drop:+.4f}")
+    return optimized
+
+
+class _Tuner:
+    """One search: the graph it starts from, the task, the techniques' state, the log."""
+
+    def __init__(self, gm: fx.GraphModule, signature: Signature, batches: list[list[torch.Tensor]],
+                 task: TaskBudget, techniques: Sequence[Technique], backend: str, device: torch.device, *,
+                 deadline: float, repeats: int, min_speedup: float, say: Any, holdout: bool = False) -> None:
+        self.gm, self.signature, self.batches, self.task = gm, signature, batches, task
+        self.techniques = {t.name: t for t in techniques}
+        self.backend, self.device = backend, device
+        self.deadline, self.repeats, self.min_speedup, self.say = deadline, repeats, min_speedup, say
+        self.holdout = holdout
+        self.family = "all"  # the combination running now ("extend": growing the fastest one)
+        self.states = {t.name: t.prepare(gm, batches) for t in techniques}
+        self.log = TuneLog(task.name, task.max_drop, backend, [t.name for t in techniques])
+        self._runners: dict[frozenset[tuple[str, Option]], Any] = {}
+        self.ctx = PassContext(batches=[batches[0]], task=task)
+        self.ctx.reference = [run_graph(gm, batches[0])]
+
+    # ------------------------------------------------------------------ building and measuring
+
+    def label(self, option: Option) -> str:
+        return self.techniques[option[0]].label(option[1])
+
+    def labels(self, choices: Choices) -> dict[str, str]:
+        return {site: self.label(option) for site, option in choices.items()}
+
+    def apply(self, gm: fx.GraphModule, choices: Choices) -> fx.GraphModule:
+        """Every chosen option on ``gm``, technique by technique, structural stages first."""
+        names: dict[str, str] = {}
+        for technique in sorted(self.techniques.values(), key=lambda t: t.stage):
+            mine = {site: option[1] for site, option in choices.items() if option[0] == technique.name}
+            if mine:
+                technique.apply(gm, mine, self.states[technique.name], names)
+        gm.recompile()
+        return gm
+
+    def build(self, choices: Choices) -> fx.GraphModule:
+        return self.apply(copy_graph_module(self.gm), choices)
+
+    def runner(self, choices: Choices) -> Any:
+        """The lowered model of ``choices``: ``run(*flat_inputs)`` (built once)."""
+        from fxopt.backends import lower
+
+        key = frozenset(choices.items())
+        if key not in self._runners:
+            lowered = lower(self.backend, self.build(choices), self.signature, self.batches[0], self.device,
+                            Report(backend=self.backend))
+            self._runners[key] = lowered.run
+        return self._runners[key]
+
+    def time(self, named: Mapping[str, Choices], repeats: int | None = None) -> dict[str, Timing]:
+        """Side-by-side timings of the lowered models, one interleaved loop."""
+        example = self.batches[0]
+        calls = {name: (lambda run=self.runner(choices): run(*example)) for name, choices in named.items()}
+        return measure_side_by_side(calls, warmup=2, repeats=repeats or self.repeats)
+
+    def out_of_time(self) -> bool:
+        return time.perf_counter() > self.deadline
+
+    # ------------------------------------------------------------------ the search
+
+    def run(self) -> dict[str, Option]:
+        base_timing = self.time({"baseline": {}})["baseline"]
+        self.log.baseline_ms, self.log.baseline_metric = base_timing.median, float(self.task.baseline or 0.0)
+        self.log.add("baseline", {}, milliseconds=base_timing.median, speedup=1.0, metric=self.task.baseline,
+                     drop=0.0, split=ALL, kept=True, reason="the model after the exact passes")
+        self.say(f"baseline {base_timing}")
+        search = BudgetedSearch(self.gm, self.ctx, [], self.apply, self.task.max_drop, "sensitivity",
+                                choose_level=self.choose, holdout=self.holdout, output_error=False)
+        sites = self.sensitivity(search)
+        if not sites:
+            self.log.notes.append("no option was both within max_drop and faster alone: the model is unchanged")
+            return self.finish({})
+        # One greedy combination per family of techniques and one over all of them: the
+        # result is never slower than what one family reaches alone (timed side by side).
+        plans: dict[str, dict[str, Option]] = {}
+        families = sorted({self.techniques[o[0]].family for s in sites for o in s.levels})
+        for family in [*(families if len(families) > 1 else []), "all"]:
+            if self.out_of_time():
+                self.log.stopped = self.log.stopped or f"time budget spent before the {family} combination"
+                break
+            self.family = family
+            search.sites = [s for s in (self._restricted(site, family) for site in sites) if s.levels]
+            outcome = search.run()
+            plans[family] = dict(outcome.choices)  # type: ignore[arg-type]
+            self.log.add("combined", self.labels(plans[family]), drop=outcome.drop, split=self.split_name,
+                         kept=True, reason=self._verdict(family, outcome))
+            self.say(f"combination over {family}: {len(plans[family])} sites changed")
+        chosen = self.fastest(plans) if plans else {}
+        self.family = "extend"
+        search.sites = sites
+        for site in sorted(sites, key=lambda s: -max(s.savings)):
+            if site.name in chosen or self.out_of_time():
+                continue
+            pick = self.choose(search, site, self.task.max_drop, chosen)
+            if pick.level is not None:
+                chosen[site.name] = pick.level  # type: ignore[assignment]
+        return self.finish(chosen, {s.name: s for s in sites})
+
+    @property
+    def split_name(self) -> str:
+        return FIT if self.holdout else ALL
+
+    def _restricted(self, site: Site, family: str) -> Site:
+        keep = [i for i, o in enumerate(site.levels) if family == "all" or self.techniques[o[0]].family == family]
+        return Site(site.name, tuple(site.levels[i] for i in keep), tuple(site.savings[i] for i in keep))
+
+    def _verdict(self, family: str, outcome: Any) -> str:
+        what = f"greedy over {family}" if family != "all" else "greedy over every technique"
+        if outcome.retried:
+            return f"{what}: chosen again on every batch after the held-out half failed"
+        if outcome.heldout_error is not None:
+            return f"{what}: fitted, held-out half within max_drop"
+        return f"{what}: chosen on every batch of data"
+
+    def fastest(self, plans: Mapping[str, dict[str, Option]]) -> dict[str, Option]:
+        """The fastest of the combinations, timed side by side."""
+        distinct: dict[frozenset, str] = {}
+        for family, plan in plans.items():
+            distinct.setdefault(frozenset(plan.items()), family)
+        if len(distinct) == 1:
+            return dict(plans[next(iter(distinct.values()))])
+        timings = self.time({family: plans[family] for family in distinct.values()})
+        best = min(timings, key=lambda family: timings[family].median)
+        self.log.notes.append("combinations timed side by side: " + ", ".join(
+            f"{family} {timings[family].median:.3f} ms" for family in timings) + f"; continuing from {best}")
+        return dict(plans[best])
+
+    def sensitivity(self, search: BudgetedSearch) -> list[Site]:
+        """Every option alone on every site: drop (fit batches) and side-by-side speedup."""
+        options: list[tuple[str, Option]] = []
+        for technique in self.techniques.values():
+            for site, levels in technique.targets(self.gm, self.states[technique.name]).items():
+                options.extend((site, (technique.name, level)) for level in levels)
+        self.say(f"sensitivity: {len(options)} options on "
+                 f"{len({site for site, _ in options})} sites")
+        measured: list[tuple[str, Option, float]] = []
+        for index, (site, option) in enumerate(options):
+            if self.out_of_time():
+                self.log.stopped = f"time budget spent after {index} of {len(options)} single options"
+                break
+            search.error({site: option})
+            measured.append((site, option, search.drop({site: option}) or 0.0))
+        saved: dict[tuple[str, Option], float] = {}
+        for start in range(0, len(measured), CHUNK):
+            chunk = measured[start:start + CHUNK]
+            timings = self.time({"baseline": {}, **{str(i): {site: option} for i, (site, option, _) in enumerate(chunk)}})
+            base = timings["baseline"].median
+            for i, (site, option, drop) in enumerate(chunk):
+                speedup = base / timings[str(i)].median
+                within = drop <= self.task.max_drop
+                faster = speedup >= self.min_speedup
+                reason = ("within max_drop and faster: a level of this site" if within and faster
+                          else f"drop {drop:+.4f} > max_drop {self.task.max_drop:g}" if not within
+                          else f"not faster alone (x{speedup:.3f} < x{self.min_speedup:g})")
+                self.log.add("single", self.labels({site: option}), milliseconds=timings[str(i)].median,
+                             speedup=speedup, metric=self.task.baseline_on(self.split_name) - drop, drop=drop,
+                             split=self.split_name,
+                             kept=within and faster, reason=reason)
+                if within and faster:
+                    saved[(site, option)] = 1.0 - 1.0 / speedup  # share of the baseline's time saved
+            self.say(f"sensitivity: {min(start + CHUNK, len(measured))}/{len(measured)} options timed")
+        sites = []
+        for site in dict.fromkeys(s for s, _, _ in measured):
+            kept = sorted(((o, v) for (s, o), v in saved.items() if s == site), key=lambda item: item[1])
+            if kept:
+                sites.append(Site(site, tuple(o for o, _ in kept), tuple(v for _, v in kept)))
+        return sites
+
+    def choose(self, search: BudgetedSearch, site: Site, target: float, base: Choices) -> Pick:
+        """The most saving option of ``site`` whose combined drop fits and that makes the
+        combined model faster than ``base`` alone (measured side by side)."""
+        error = math.inf
+        for option in reversed(site.levels):
+            if self.out_of_time():
+                self.log.stopped = self.log.stopped or "time budget spent during the combination"
+                return Pick(None, error, tried=option, target=target, reason="time budget spent", others=len(base))
+            trial = {**base, site.name: option}
+            error = search.error(trial)
+            if not base and self.family != "extend":  # alone: measured and logged by the sensitivity phase
+                if error <= target:
+                    return Pick(option, error, target=target)
+                continue
+            drop = search.drop(trial)
+            if error > target:
+                self.log.add(self.phase, self.labels(trial), drop=drop, split=self._split_of(search),
+                             reason=f"combined drop {drop:+.4f} > {target:g}")
+                continue
+            timings = self.time({"baseline": {}, "without": base, "with": trial})
+            ratio = timings["without"].median / timings["with"].median
+            speedup = timings["baseline"].median / timings["with"].median
+            candidate = self.log.add(self.phase, self.labels(trial), milliseconds=timings["with"].median,
+                                     speedup=speedup, metric=self.task.baseline_on(self._split_of(search)) - (drop or 0.0),
+                                     drop=drop, split=self._split_of(search))
+            if ratio < self.min_speedup:
+                candidate.reason = f"not faster than without {site.name}'s {self.label(option)} (x{ratio:.3f})"
+                continue
+            candidate.kept, candidate.reason = True, f"x{ratio:.3f} over the model without it, drop fits"
+            self.say(f"combine: {len(base) + 1} sites, x{speedup:.2f}, drop {drop:+.4f}")
+            return Pick(option, error, target=target, others=len(base))
+        return Pick(None, error, tried=site.levels[0] if site.levels else None, target=target,
+                    reason="no option fits with the sites chosen before it", others=len(base))
+
+    @property
+    def phase(self) -> str:
+        return "extend" if self.family == "extend" else f"combine:{self.family}"
+
+    def _split_of(self, search: BudgetedSearch) -> str:
+        return search.split if self.holdout else ALL
+
+    def finish(self, chosen: dict[str, Option], sites: Mapping[str, Site] | None = None) -> dict[str, Option]:
+        """Score the choice lowered, on every batch; back off while over ``max_drop``; then
+        time the Pareto front side by side."""
+        sites = sites or {}
+        while True:
+            drop = self.task.drop(self.runner(chosen), ALL)
+            if drop <= self.task.max_drop or not chosen:
+                break
+            worst = max(chosen, key=lambda s: (self._single_drop(s, chosen[s]) or 0.0)
+                        / max(sites[s].saving(chosen[s]) if s in sites else 1e-9, 1e-9))
+            self.log.add("back-off", self.labels(chosen), drop=drop, split=ALL,
+                         reason=f"lowered model's drop {drop:+.4f} > {self.task.max_drop:g} on every batch: "
+                                f"{worst} back to float")
+            chosen = {s: o for s, o in chosen.items() if s != worst}
+        self.pareto(chosen, drop)
+        return chosen
+
+    def _single_drop(self, site: str, option: Option) -> float | None:
+        for candidate in self.log.candidates:
+            if candidate.phase == "single" and candidate.choices == self.labels({site: option}):
+                return candidate.drop
+        return None
+
+    def pareto(self, chosen: dict[str, Option], chosen_drop: float) -> None:
+        """Time the chosen model, the baseline and the front of the measured candidates side by
+        side, each scored on every batch of ``data``."""
+        by_labels = {}
+        for site, levels in self._options().items():
+            for option in levels:
+                by_labels[(site, self.label(option))] = option
+        measured = [c for c in self.log.candidates if c.speedup is not None and c.drop is not None and c.choices]
+        front = _front(measured)[:8]
+        models: dict[str, dict[str, Option]] = {"baseline": {}, "chosen": chosen}
+        for candidate in front:
+            choices = {site: by_labels[(site, label)] for site, label in candidate.choices.items()}
+            if choices != chosen and choices not in models.values():
+                models[candidate.name] = choices
+        timings = self.time(models, repeats=2 * self.repeats)  # the numbers the table reports
+        base = timings["baseline"].median
+        rows = []
+        for label, choices in models.items():
+            drop = chosen_drop if label == "chosen" else 0.0 if not choices else self.task.drop(self.runner(choices), ALL)
+            timing = timings[label]
+            rows.append(ParetoRow(label, self.labels(choices), timing.median, (timing.q1, timing.q3),
+                                  base / timing.median, float(self.task.baseline or 0.0) - drop, drop,
+                                  chosen=label == "chosen"))
+        rows.sort(key=lambda r: r.speedup)
+        self.log.pareto = rows
+        self.log.chosen = self.labels(chosen)
+        self.log.final_drop = chosen_drop
+        self.log.final_speedup = base / timings["chosen"].median
+        self.log.add("final", self.labels(chosen), milliseconds=timings["chosen"].median,
+                     speedup=self.log.final_speedup, metric=float(self.task.baseline or 0.0) - chosen_drop,
+                     drop=chosen_drop, split=ALL, kept=True,
+                     reason="lowered, scored on every batch, timed side by side with the front")
+
+    def _options(self) -> dict[str, list[Option]]:
+        found: dict[str, list[Option]] = {}
+        for technique in self.techniques.values():
+            for site, levels in technique.targets(self.gm, self.states[technique.name]).items():
+                found.setdefault(site, []).extend((technique.name, level) for level in levels)
+        return found
+
+
+def _front(candidates: Iterable[Candidate]) -> list[Candidate]:
+    """The candidates no other beats on both speedup and drop, fastest first (one per choice)."""
+    unique: dict[tuple, Candidate] = {}
+    for c in candidates:
+        key = tuple(sorted(c.choices.items()))
+        if key not in unique or (c.speedup or 0) > (unique[key].speedup or 0):
+            unique[key] = c
+    pool = list(unique.values())
+    front = [c for c in pool
+             if not any((o.speedup or 0) > (c.speedup or 0) and (o.drop or 0) <= (c.drop or 0) for o in pool)]
+    return sorted(front, key=lambda c: -(c.speedup or 0))
+
+
+def _drift(reference: list[list[Any]], gm: fx.GraphModule, batches: list[list[torch.Tensor]]) -> tuple[float, float]:
+    worst_abs = worst_rel = 0.0
+    for expected, batch in zip(reference, batches):
+        comparison = compare_outputs(expected, run_graph(gm, batch))
+        worst_abs, worst_rel = max(worst_abs, comparison.max_abs), max(worst_rel, comparison.max_rel)
+    return worst_abs, worst_rel
+
+
+def _progress(enabled: bool) -> Any:
+    def say(message: str) -> None:
+        if enabled:
+            print(f"fxopt tune: {message}", file=sys.stderr, flush=True)
+
+    return say

@@ -1,0 +1,106 @@
+"""The techniques ``fxopt.tune`` chooses among per layer, found through an entry-point group.
+
+A technique is data: a name, a family (what "int8 alone" means), a stage (structural rewrites
+that rename Linears run before the per-layer ones), and three functions::
+
+    state = technique.prepare(gm, batches)             # once per tune: statistics, scales
+    technique.targets(gm, state) -> {site: levels}     # where it applies, least aggressive first
+    technique.apply(gm, {site: level}, state, names)   # rewrite in place
+
+A site is a Linear's node name in the graph tuning starts from, or ``"<first>:hidden"`` for
+the hidden units of a Linear -> activation -> Linear block. ``names`` maps each Linear of
+that graph to its node now (an earlier stage may have replaced it); ``apply`` updates it for
+the Linears it replaces. The built-in catalogue sits beside the passes and calls their own
+rewrite functions; the core names none of them (``fxopt.techniques`` entry points).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxopt.errors import InputError
+
+ENTRY_POINT_GROUP = "fxopt.techniques"
+HIDDEN = ":hidden"  # suffix of a block site: the hidden units after this Linear
+
+Targets = Callable[[fx.GraphModule, Any], dict[str, tuple[Hashable, ...]]]
+Apply = Callable[[fx.GraphModule, Mapping[str, Hashable], Any, dict[str, str]], None]
+Prepare = Callable[[fx.GraphModule, list[list[torch.Tensor]]], Any]
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One way to change a site, at one of a few levels (ranks, widths, or a single ``True``)."""
+
+    name: str
+    family: str
+    stage: int
+    targets: Targets
+    apply: Apply
+    prepare: Prepare = lambda gm, batches: None
+    description: str = ""
+
+    def label(self, level: Hashable) -> str:
+        """How one option reads in the log: ``int8-dynamic``, ``low-rank(64)``."""
+        return self.name if level is True else f"{self.name}({level})"
+
+
+_registered: dict[str, Technique] = {}
+_loaded = False
+
+
+def _load() -> dict[str, Technique]:
+    global _loaded
+    if not _loaded:
+        for entry in entry_points(group=ENTRY_POINT_GROUP):
+            value = entry.load()
+            for technique in value if isinstance(value, (list, tuple)) else [value]:
+                _registered.setdefault(technique.name, technique)
+        _loaded = True
+    return _registered
+
+
+def list_techniques() -> list[Technique]:
+    """Every registered technique, by stage then name."""
+    return sorted(_load().values(), key=lambda t: (t.stage, t.name))
+
+
+def select_techniques(names: Any = None) -> list[Technique]:
+    """The techniques called ``names`` (technique or family names; None: all), by stage."""
+    known = list_techniques()
+    if names is None:
+        return known
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    chosen: list[Technique] = []
+    for name in names:
+        matching = [t for t in known if name in (t.name, t.family)]
+        if not matching:
+            raise InputError(f"unknown technique {name!r} (available: "
+                             f"{', '.join(sorted({t.name for t in known} | {t.family for t in known}))})")
+        chosen.extend(t for t in matching if t not in chosen)
+    if not chosen:
+        raise InputError("techniques must name at least one technique")
+    return sorted(chosen, key=lambda t: (t.stage, t.name))
+
+
+@contextmanager
+def registered_technique(technique: Technique) -> Iterator[Technique]:
+    """Register ``technique`` for the length of a ``with`` block (tests, experiments)."""
+    known = _load()
+    previous = known.get(technique.name)
+    known[technique.name] = technique
+    try:
+        yield technique
+    finally:
+        if previous is None:
+            known.pop(technique.name, None)
+        else:
+            known[technique.name] = previous
