@@ -133,6 +133,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
     instruments: Sequence[PassInstrument] = (),
     max_rounds: int = 1,
     fresh_inputs: bool = True,
+    metric: Any = None,
+    data: Any = None,
+    max_drop: float | None = None,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference and return a module that runs the result.
 
@@ -162,12 +165,16 @@ def compile(  # noqa: A001 - mirrors torch.compile
         max_rounds: run the pipeline again while passes keep changing the graph.
         fresh_inputs: also verify every pass on one fresh input drawn like the examples
             (other values; batch size + 1 where the batch is dynamic).
+        metric, data, max_drop: a task-metric budget every lossy pass keeps besides its
+            output-error budget: ``metric`` (``"accuracy"``, ``"top1-agreement"`` or
+            ``metric(outputs, labels) -> float``, higher is better) may fall by at most
+            ``max_drop`` on ``data`` (batches of ``(inputs, labels)``); see ``fxopt.tune``.
     """
     if preset is not None:
         return _compile_preset(
             preset, model, example_inputs, passes, backend, device, strict, example_kwargs=example_kwargs,
             calibration=calibration, dynamic_shapes=dynamic_shapes, instruments=instruments,
-            max_rounds=max_rounds, fresh_inputs=fresh_inputs)
+            max_rounds=max_rounds, fresh_inputs=fresh_inputs, metric=metric, data=data, max_drop=max_drop)
     backend = backend or "eager"
     pipeline = resolve_passes(passes)  # bad names fail before any expensive work
     if not isinstance(model, torch.nn.Module):
@@ -190,6 +197,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     if fresh is not None:
         batches.append(fresh)
     user_model = UserModelUntouched(model, gm.meta.get("fxopt_sources", {}), baseline=fingerprint)
+    task = _task_budget(gm, signature, metric, data, max_drop)
 
     optimized = optimize_captured(
         gm,
@@ -203,6 +211,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         max_rounds=max_rounds,
         user_model=user_model,
         fresh_batches=int(fresh is not None),
+        task=task,
     )
     if module_fingerprint(model) != user_model.baseline:  # pragma: no cover - invariant 1
         raise FxoptError("internal error: the user's model changed during compilation")
@@ -222,8 +231,9 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
         if not candidates:
             raise InputError(f"preset {name!r} has no candidate for backend {backend!r}")
         preset = presets.Preset(preset.name, preset.description, candidates, preset.budget)
-    if options.get("calibration") is not None:
-        options["calibration"] = list(options["calibration"])  # every candidate reads it
+    for every_candidate_reads in ("calibration", "data"):
+        if options.get(every_candidate_reads) is not None and not callable(options[every_candidate_reads]):
+            options[every_candidate_reads] = list(options[every_candidate_reads])
     args, kwargs = split_example_inputs(example_inputs, options["example_kwargs"])
     leaves = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
     target = torch.device(device) if device is not None else _device_of(leaves)
@@ -255,6 +265,7 @@ def optimize_captured(
     max_rounds: int = 1,
     user_model: UserModelUntouched | None = None,
     fresh_batches: int = 0,
+    task: Any = None,
 ) -> OptimizedModule:
     """The steps after capture, shared by every entry point: verified passes, then lowering.
 
@@ -268,7 +279,7 @@ def optimize_captured(
     calibration_batches = len(batches) - fresh_batches
     if calibration_batches == 1 and not all(p.exact for p in pipeline):
         report.notes.append("no calibration data given: lossy passes were measured on the example inputs only")
-    ctx = PassContext(batches=batches, calibrated=calibration_batches > 1, fresh_batches=fresh_batches)
+    ctx = PassContext(batches=batches, calibrated=calibration_batches > 1, fresh_batches=fresh_batches, task=task)
     ctx.reference = reference_outputs(gm, batches)
 
     report.original = graph_cost(gm)
@@ -291,6 +302,17 @@ def optimize_captured(
     runner = lower(backend, gm, signature, batches[0], target, report)
     report.lower_seconds = time.perf_counter() - start
     return OptimizedModule(runner.graph_module, signature, report, runner.run, target)
+
+
+def _task_budget(gm: fx.GraphModule, signature: Signature, metric: Any, data: Any, max_drop: Any) -> Any:
+    """The task-metric budget of ``compile(metric=, data=, max_drop=)``: all three or none."""
+    if metric is None and data is None and max_drop is None:
+        return None
+    if metric is None or data is None or max_drop is None:
+        raise InputError("a task-metric budget needs metric=, data= and max_drop= together")
+    from fxopt.lossy.task import task_budget
+
+    return task_budget(gm, signature, data, metric, max_drop)
 
 
 def _check_keywords(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:

@@ -64,6 +64,7 @@ class TuneLog:
     final_drop: float = 0.0
     final_speedup: float = 1.0
     seconds: float = 0.0
+    options: int = 0  # single options (technique x level x site) the sensitivity phase had to measure
     stopped: str = ""  # why the search stopped early (the time budget), if it did
     notes: list[str] = field(default_factory=list)
 
