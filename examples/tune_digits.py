@@ -70,7 +70,8 @@ def main() -> None:
 
     drops = (0.01,) if SMALL else (0.005, 0.01)
     families = {"tune (every technique)": None, "int8 alone": "int8", "low-rank alone": "low-rank"}
-    models: dict[str, torch.nn.Module] = {"eager PyTorch": model}
+    models: dict[str, torch.nn.Module] = {"eager PyTorch": model,
+                                          "fxopt exact passes": fxopt.compile(model, example)}
     for drop in drops:
         for label, techniques in families.items():
             opt = fxopt.tune(model, example, data=data, metric="accuracy", max_drop=drop, techniques=techniques,

@@ -1,4 +1,4 @@
-"""The ``fxopt`` command line: passes, demo, optimize, bench."""
+"""The ``fxopt`` command line: passes, demo, optimize, tune, bench."""
 
 from __future__ import annotations
 
@@ -99,6 +99,33 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="fail instead of rolling back a failing pass")
     p.set_defaults(func=cmd_optimize)
 
+    p = sub.add_parser("tune", help="the fastest model within a task-metric budget, choosing a technique per layer")
+    p.add_argument("target", help="FILE.py:ATTR, where ATTR is an nn.Module or a callable returning one")
+    p.add_argument("--input-shape", action="append", metavar="D0,D1,...",
+                   help="shape of one random example input, at the batch size latency matters for")
+    p.add_argument("--inputs", metavar="FILE", help="example inputs from a file (.pt or .npz, as for optimize)")
+    p.add_argument("--dtype", action="append", choices=sorted(DTYPES), help="dtype of each input (default float32)")
+    p.add_argument("--data", metavar="FILE", required=True,
+                   help=".pt holding a list of (inputs, labels) batches (for top1-agreement: a list of input "
+                        "batches, like --calibration of optimize), held out from training")
+    p.add_argument("--metric", default="accuracy",
+                   help="accuracy (default) or top1-agreement (with the original model: no labels needed)")
+    p.add_argument("--max-drop", type=float, required=True,
+                   help="largest fall of the metric allowed, in its units (0.005: half a point of accuracy)")
+    p.add_argument("--techniques", default=None,
+                   help="comma-separated techniques or families, e.g. int8,low-rank (default: every registered one: "
+                        "prune-hidden, low-rank, bf16, int8-dynamic, int8-tensor, int8-static)")
+    p.add_argument("--passes", default=None, help="exact passes to run first (default: every exact pass)")
+    p.add_argument("--backend", default="eager", choices=["eager", "onnx"], help="where latency is measured")
+    p.add_argument("--time-budget", type=float, default=120.0, metavar="SECONDS", help="search budget (default 120)")
+    p.add_argument("--repeats", type=int, default=20, help="timed rounds per side-by-side measurement (default 20)")
+    p.add_argument("--holdout", action="store_true",
+                   help="choose on half the data batches and verify on the other half")
+    p.add_argument("--plot", metavar="PATH", help="write the Pareto front as a PNG (needs matplotlib: fxopt[plot])")
+    p.add_argument("--report-json", metavar="PATH", help="write the report, search log included, as JSON")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    p.set_defaults(func=cmd_tune)
+
     p = sub.add_parser("bench", help="side-by-side latency of fxopt against eager and the peers installed "
                                      "(pip install 'fxopt[peers]' for OpenVINO, NNCF, CTranslate2, torchao)")
     p.add_argument("--models", default="mlp", help="comma-separated models: mlp,bert,llama,gpt2,dlrm, and scale (pass-manager time and memory on deep graphs)")
@@ -196,6 +223,39 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         path, _ = fxopt.export_onnx(opt, tuple(inputs), args.onnx)
         print(f"ONNX written to {path}")
     return 0
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import fxopt
+
+    if bool(args.inputs) == bool(args.input_shape):
+        raise ValueError("give the example inputs either as --input-shape (random) or as --inputs FILE")
+    model = load_target(args.target)
+    if args.inputs:
+        inputs, kwargs = load_inputs(args.inputs)
+    else:
+        inputs, kwargs = random_inputs(args.input_shape, args.dtype or []), {}
+    data = load_labelled(args.data)
+    opt = fxopt.tune(model, kwargs if kwargs and not inputs else tuple(inputs), data=data, metric=args.metric,
+                     max_drop=args.max_drop, backend=args.backend, passes=args.passes, techniques=args.techniques,
+                     time_budget_s=args.time_budget, repeats=args.repeats, holdout=args.holdout,
+                     progress=not args.quiet)
+    print(opt.report)
+    if args.plot:
+        opt.report.search.plot(args.plot)
+        print(f"Pareto plot written to {args.plot}")
+    if args.report_json:
+        Path(args.report_json).write_text(json.dumps(opt.report.to_dict(), indent=2, default=str))
+        print(f"report written to {args.report_json}")
+    return 0
+
+
+def load_labelled(path: str) -> list[Any]:
+    """``fxopt tune --data``: a ``.pt`` list of ``(inputs, labels)`` pairs, or of input batches."""
+    data = _read(path)
+    if not isinstance(data, (list, tuple)) or not data:
+        raise ValueError(f"{path}: data must be a non-empty list of (inputs, labels) batches")
+    return [tuple(item) if isinstance(item, list) else item for item in data]
 
 
 def cli_dynamic_shapes(model: torch.nn.Module, inputs: list[torch.Tensor], kwargs: dict[str, Any], *,

@@ -105,9 +105,11 @@ def test_the_log_has_every_candidate_with_its_measurements_and_reason(tuned) -> 
         assert candidate.reason, f"{candidate.name} has no reason"
         assert candidate.drop is None or math.isfinite(candidate.drop)
     for single in singles:
-        assert single.speedup is not None and single.speedup > 0 and single.milliseconds > 0
         if single.drop > 0.02:
-            assert not single.kept and "max_drop" in single.reason
+            assert not single.kept and "max_drop" in single.reason and single.speedup is None
+        else:
+            assert single.speedup is not None and single.speedup > 0 and single.milliseconds > 0
+            assert single.kept == (single.speedup >= 1.05), single
     assert any(c.phase.startswith("combine") or c.phase == "combined" for c in log.candidates)
     assert log.pareto and sum(row.chosen for row in log.pareto) == 1
     assert "Pareto front" in str(tuned.report) and "search log" in str(tuned.report)
@@ -191,3 +193,40 @@ def test_budgeted_search_bounds_the_metric_drop_alone() -> None:
     assert [s for s in outcome.log if s["event"] == "trial"][0]["drop"] == 0.0
     with pytest.raises(ValueError, match="task budget"):
         BudgetedSearch(gm, PassContext(batches=[[x]]), [], lambda g, c: g, 0.1, output_error=False)
+
+
+def test_cli_tune_prints_the_table_and_plots_it(tmp_path, trained, capsys) -> None:
+    import textwrap
+
+    from fxopt.cli import main
+
+    model, data, example = trained
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    (tmp_path / "net.py").write_text(textwrap.dedent(f"""
+        import torch, sys
+        sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+        from test_tune import _model
+        def build():
+            model = _model()
+            model.load_state_dict(torch.load({str(tmp_path / 'weights.pt')!r}))
+            return model.eval()
+    """))
+    torch.save([list(pair) for pair in data], tmp_path / "data.pt")
+    torch.save(example, tmp_path / "x.pt")
+    arguments = ["tune", f"{tmp_path / 'net.py'}:build", "--inputs", str(tmp_path / "x.pt"),
+                 "--data", str(tmp_path / "data.pt"), "--max-drop", "0.02", "--techniques", "int8,low-rank",
+                 "--repeats", "3", "--report-json", str(tmp_path / "report.json")]
+    plotting = __import__("importlib").util.find_spec("matplotlib") is not None
+    if plotting:
+        arguments += ["--plot", str(tmp_path / "front.png")]
+    assert main(arguments) == 0
+    captured = capsys.readouterr()
+    assert "Pareto front" in captured.out and "baseline" in captured.out
+    assert "fxopt tune: sensitivity" in captured.err  # progress while it searches
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["search"]["candidates"] and saved["search"]["pareto"]
+    if plotting:
+        assert (tmp_path / "front.png").stat().st_size > 1000
+    assert main(["tune", f"{tmp_path / 'net.py'}:build", "--inputs", str(tmp_path / "x.pt"), "--data",
+                 str(tmp_path / "data.pt"), "--max-drop", "-1"]) == 1
+    assert "max_drop must be" in capsys.readouterr().err

@@ -13,7 +13,12 @@ from typing import Any
 from fxopt.lossy.task import METRICS, TaskBudget
 from fxopt.tune.log import Candidate, ParetoRow, TuneLog
 from fxopt.tune.search import tune
-from fxopt.tune.techniques import Technique, list_techniques, registered_technique, select_techniques
+from fxopt.tune.techniques import (
+    Technique,
+    list_techniques,
+    registered_technique,
+    select_techniques,
+)
 
 __all__ = ["METRICS", "Candidate", "ParetoRow", "TaskBudget", "Technique", "TuneLog", "list_techniques",
            "registered_technique", "select_techniques", "tune"]

@@ -31,7 +31,7 @@ import torch.fx as fx
 from fxopt.capture import BATCH, Signature, capture, split_example_inputs
 from fxopt.cost import graph_cost
 from fxopt.errors import InputError
-from fxopt.ir import copy_graph_module
+from fxopt.ir import copy_graph_module, linear_parts
 from fxopt.latency import Timing, measure_side_by_side
 from fxopt.lossy import BudgetedSearch, Pick, Site
 from fxopt.lossy.task import ALL, FIT, TaskBudget, task_budget
@@ -40,12 +40,13 @@ from fxopt.pipeline import PassManager, UserModelUntouched, reference_outputs
 from fxopt.registry import resolve_passes
 from fxopt.report import Report
 from fxopt.tune.log import Candidate, ParetoRow, TuneLog
-from fxopt.tune.techniques import Technique, select_techniques
+from fxopt.tune.techniques import HIDDEN, Technique, select_techniques
 from fxopt.verify import compare_outputs, module_fingerprint, run_graph
 
 Option = tuple[str, Hashable]  # (technique name, level)
 Choices = Mapping[str, Option]
 CHUNK = 12  # singles timed per interleaved loop, each loop with the baseline
+SENSITIVITY_SHARE = 0.6  # of the time budget; the rest is for combining what was measured
 MAX_CALIBRATION = 8  # data batches the techniques' statistics (static scales, unit ranking) read
 
 
@@ -128,7 +129,8 @@ def tune(
 
     target = torch.device(device) if device is not None else (example[0].device if example else torch.device("cpu"))
     tuner = _Tuner(start_graph, signature, batches, task, chosen_techniques, backend, target,
-                   deadline=started + time_budget_s, repeats=repeats, min_speedup=min_speedup, say=say,
+                   deadline=started + time_budget_s, sensitivity_deadline=started + SENSITIVITY_SHARE * time_budget_s,
+                   repeats=repeats, min_speedup=min_speedup, say=say,
                    holdout=holdout)
     choices = tuner.run()
     tuner.log.seconds = time.perf_counter() - started
@@ -149,12 +151,13 @@ class _Tuner:
 
     def __init__(self, gm: fx.GraphModule, signature: Signature, batches: list[list[torch.Tensor]],
                  task: TaskBudget, techniques: Sequence[Technique], backend: str, device: torch.device, *,
-                 deadline: float, repeats: int, min_speedup: float, say: Any, holdout: bool = False) -> None:
+                 deadline: float, sensitivity_deadline: float, repeats: int, min_speedup: float, say: Any, holdout: bool = False) -> None:
         self.gm, self.signature, self.batches, self.task = gm, signature, batches, task
         self.techniques = {t.name: t for t in techniques}
         self.backend, self.device = backend, device
         self.deadline, self.repeats, self.min_speedup, self.say = deadline, repeats, min_speedup, say
         self.holdout = holdout
+        self.sensitivity_deadline = sensitivity_deadline
         self.family = "all"  # the combination running now ("extend": growing the fastest one)
         self.plans: dict[str, dict[str, Option]] = {}  # each family's own combination, and "all"
         self.states = {t.name: t.prepare(gm, batches) for t in techniques}
@@ -198,7 +201,8 @@ class _Tuner:
     def time(self, named: Mapping[str, Choices], repeats: int | None = None) -> dict[str, Timing]:
         """Side-by-side timings of the lowered models, one interleaved loop."""
         example = self.batches[0]
-        calls = {name: (lambda run=self.runner(choices): run(*example)) for name, choices in named.items()}
+        runners = {name: self.runner(choices) for name, choices in named.items()}
+        calls = {name: (lambda run=run: run(*example)) for name, run in runners.items()}
         return measure_side_by_side(calls, warmup=2, repeats=repeats or self.repeats)
 
     def out_of_time(self) -> bool:
@@ -279,41 +283,57 @@ class _Tuner:
         for technique in self.techniques.values():
             for site, levels in technique.targets(self.gm, self.states[technique.name]).items():
                 options.extend((site, (technique.name, level)) for level in levels)
+        # Largest layers first: they hold most of the latency, and a spent budget cuts the tail.
+        size = {n.name: int(parts.weight.numel()) for n in self.gm.graph.nodes
+                if (parts := linear_parts(self.gm, n)) is not None}
+        options.sort(key=lambda item: -size.get(item[0].removesuffix(HIDDEN), 0))
         self.log.options = len(options)
         self.say(f"sensitivity: {len(options)} options on "
                  f"{len({site for site, _ in options})} sites")
         measured: list[tuple[str, Option, float]] = []
-        for index, (site, option) in enumerate(options):
-            if self.out_of_time():
-                self.log.stopped = f"time budget spent after {index} of {len(options)} single options"
-                break
-            search.error({site: option})
-            measured.append((site, option, search.drop({site: option}) or 0.0))
         saved: dict[tuple[str, Option], float] = {}
-        for start in range(0, len(measured), CHUNK):
-            chunk = measured[start:start + CHUNK]
-            timings = self.time({"baseline": {}, **{str(i): {site: option} for i, (site, option, _) in enumerate(chunk)}})
-            base = timings["baseline"].median
-            for i, (site, option, drop) in enumerate(chunk):
-                speedup = base / timings[str(i)].median
-                within = drop <= self.task.max_drop
-                faster = speedup >= self.min_speedup
-                reason = ("within max_drop and faster: a level of this site" if within and faster
-                          else f"drop {drop:+.4f} > max_drop {self.task.max_drop:g}" if not within
-                          else f"not faster alone (x{speedup:.3f} < x{self.min_speedup:g})")
-                self.log.add("single", self.labels({site: option}), milliseconds=timings[str(i)].median,
-                             speedup=speedup, metric=self.task.baseline_on(self.split_name) - drop, drop=drop,
-                             split=self.split_name,
-                             kept=within and faster, reason=reason)
-                if within and faster:
-                    saved[(site, option)] = 1.0 - 1.0 / speedup  # share of the baseline's time saved
-            self.say(f"sensitivity: {min(start + CHUNK, len(measured))}/{len(measured)} options timed")
+        for start in range(0, len(options), CHUNK):
+            affordable = []
+            for index, (site, option) in enumerate(options[start:start + CHUNK], start):
+                if time.perf_counter() > self.sensitivity_deadline:
+                    self.log.stopped = (f"{SENSITIVITY_SHARE:.0%} of the time budget spent on single options after "
+                                        f"{index} of {len(options)}")
+                    break
+                search.error({site: option})
+                drop = search.drop({site: option}) or 0.0
+                measured.append((site, option, drop))
+                if drop <= self.task.max_drop:
+                    affordable.append((site, option, drop))
+                else:  # no need to time what the metric cannot afford
+                    self.log.add("single", self.labels({site: option}), split=self.split_name, drop=drop,
+                                 metric=self.task.baseline_on(self.split_name) - drop,
+                                 reason=f"drop {drop:+.4f} > max_drop {self.task.max_drop:g} (not timed)")
+            if affordable:
+                self._time_singles(affordable, saved)
+            self.say(f"sensitivity: {len(measured)}/{len(options)} options measured")
+            if self.log.stopped:
+                break
         sites = []
         for site in dict.fromkeys(s for s, _, _ in measured):
             kept = sorted(((o, v) for (s, o), v in saved.items() if s == site), key=lambda item: item[1])
             if kept:
                 sites.append(Site(site, tuple(o for o, _ in kept), tuple(v for _, v in kept)))
         return sites
+
+    def _time_singles(self, singles: list[tuple[str, Option, float]], saved: dict[tuple[str, Option], float]) -> None:
+        """Time options alone side by side with the baseline; keep the faster ones' savings."""
+        timings = self.time({"baseline": {}, **{str(i): {site: option} for i, (site, option, _) in enumerate(singles)}})
+        base = timings["baseline"].median
+        for i, (site, option, drop) in enumerate(singles):
+            speedup = base / timings[str(i)].median
+            faster = speedup >= self.min_speedup
+            self.log.add("single", self.labels({site: option}), milliseconds=timings[str(i)].median,
+                         speedup=speedup, metric=self.task.baseline_on(self.split_name) - drop, drop=drop,
+                         split=self.split_name, kept=faster,
+                         reason="within max_drop and faster: a level of this site" if faster
+                         else f"not faster alone (x{speedup:.3f} < x{self.min_speedup:g})")
+            if faster:
+                saved[(site, option)] = 1.0 - 1.0 / speedup  # share of the baseline's time saved
 
     def choose(self, search: BudgetedSearch, site: Site, target: float, base: Choices) -> Pick:
         """The most saving option of ``site`` whose combined drop fits and that makes the
