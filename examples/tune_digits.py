@@ -75,14 +75,15 @@ def main() -> None:
     for drop in drops:
         for label, techniques in families.items():
             opt = fxopt.tune(model, example, data=data, metric="accuracy", max_drop=drop, techniques=techniques,
-                             time_budget_s=20 if SMALL else 40, repeats=10 if SMALL else 20, progress=False)
+                             time_budget_s=20 if SMALL else 40, repeats=10 if SMALL else 20,
+                             progress=False)
             models[f"{label} @ {drop:g}"] = opt
             if techniques is None and drop == drops[-1]:
                 tuned = opt
     print(tuned.report)
 
     timings = measure_side_by_side({name: (lambda m=m: m(*example)) for name, m in models.items()},
-                                   warmup=3, repeats=20 if SMALL else 60)
+                                   warmup=3, repeats=20 if SMALL else 100)
     base = timings["eager PyTorch"].median
     base_val = accuracy(model, x_val, y_val)
     base_test = accuracy(model, x_test, y_test)

@@ -69,7 +69,7 @@ def main() -> None:
             print(opt.report)
 
     timings = measure_side_by_side({name: (lambda m=m: m(*example)) for name, m in models.items()},
-                                   warmup=3, repeats=20 if SMALL else 60)
+                                   warmup=3, repeats=20 if SMALL else 100)
     base = timings["eager PyTorch"].median
     print("\nside by side (batch 8 x 16 tokens, one interleaved loop; speedup over eager PyTorch):")
     for name, m in models.items():

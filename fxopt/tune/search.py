@@ -416,7 +416,7 @@ class _Tuner:
             choices = {site: by_labels[(site, label)] for site, label in candidate.choices.items()}
             if choices not in models.values():
                 models[candidate.name] = choices
-        timings = self.time(models, repeats=2 * self.repeats)  # the numbers the table reports
+        timings = self.time(models, repeats=3 * self.repeats)  # the numbers the table reports
         drops = {label: chosen_drop if label == "combined" else 0.0 if not choices
                  else self.task.drop(self.runner(choices), ALL) for label, choices in models.items()}
         best = min((label for label in models if label not in ("combined", "baseline")
