@@ -230,3 +230,13 @@ def test_cli_tune_prints_the_table_and_plots_it(tmp_path, trained, capsys) -> No
     assert main(["tune", f"{tmp_path / 'net.py'}:build", "--inputs", str(tmp_path / "x.pt"), "--data",
                  str(tmp_path / "data.pt"), "--max-drop", "-1"]) == 1
     assert "max_drop must be" in capsys.readouterr().err
+
+
+def test_a_tuned_model_saves_and_loads_with_its_search_log(tmp_path, trained, tuned) -> None:
+    _, data, _ = trained
+    fxopt.save(tuned, tmp_path / "tuned.fxopt")
+    loaded = fxopt.load(tmp_path / "tuned.fxopt")
+    x = data[0][0]
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), tuned(x), atol=1e-5)
+    assert loaded.report.search.chosen == tuned.report.search.chosen

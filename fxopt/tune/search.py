@@ -139,7 +139,7 @@ def tune(
     optimized = optimize_captured(final_graph, batches, [], report=report, backend=backend, device=target)
     report.original = graph_cost(captured)
     report.final_max_abs_err, report.final_max_rel_err = _drift(reference, final_graph, batches)
-    report.search = tuner.log  # type: ignore[attr-defined]
+    report.search = tuner.log
     if module_fingerprint(model) != fingerprint:  # pragma: no cover - invariant 1
         raise RuntimeError("internal error: the user's model changed during tuning")
     say(f"done in {tuner.log.seconds:.1f}s: x{tuner.log.final_speedup:.2f} at a drop of {tuner.log.final_drop:+.4f}")
@@ -226,7 +226,7 @@ class _Tuner:
         # result is never slower than what one family reaches alone (timed side by side).
         plans = self.plans
         families = sorted({self.techniques[o[0]].family for s in sites for o in s.levels})
-        for family in [*(families if len(families) > 1 else []), "all"]:
+        for family in ["all", *(families if len(families) > 1 else [])]:  # "all" first: the budget may not last
             if self.out_of_time():
                 self.log.stopped = self.log.stopped or f"time budget spent before the {family} combination"
                 break
