@@ -110,7 +110,10 @@ def test_the_log_has_every_candidate_with_its_measurements_and_reason(tuned) -> 
         else:
             assert single.speedup is not None and single.speedup > 0 and single.milliseconds > 0
             assert single.kept == (single.speedup >= 1.05), single
-    assert any(c.phase.startswith("combine") or c.phase == "combined" for c in log.candidates)
+    if any(single.kept for single in singles):  # timing decides, so on a noisy machine none may be
+        assert any(c.phase == "combined" for c in log.candidates)
+    else:
+        assert "the model is unchanged" in " ".join(log.notes)
     assert log.pareto and sum(row.chosen for row in log.pareto) == 1
     assert "Pareto front" in str(tuned.report) and "search log" in str(tuned.report)
     json.dumps(tuned.report.to_dict(), default=str)  # the report stays machine-readable
