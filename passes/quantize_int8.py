@@ -84,7 +84,7 @@ ACTIVATIONS = ("dynamic", "dynamic-tensor", "static")
 class QuantizeInt8(Pass):
     name: ClassVar[str] = "quantize-int8"
     exact: ClassVar[bool] = False
-    after: ClassVar[tuple[str, ...]] = ("prune-hidden",)
+    after: ClassVar[tuple[str, ...]] = ("prune-hidden", "smooth-quant")
 
     budget: float = 0.05
     activations: str = "dynamic"  # "dynamic" (per token) | "dynamic-tensor" | "static" (per tensor, calibrated)
