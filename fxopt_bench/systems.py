@@ -565,7 +565,7 @@ def pipeline_note(report: Any, lossy: str | None) -> str:
 # ---------------------------------------------------------------- the systems
 
 PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
-STATIC = "quantize-int8(activations='static')"
+STATIC = "quantize-int8(activations='static', symmetric=False)"
 
 SYSTEMS_LIST: tuple[System, ...] = (
     System("eager", "PyTorch eager, fp32 (the baseline)", _eager, label="eager fp32"),
@@ -611,8 +611,8 @@ SYSTEMS_LIST: tuple[System, ...] = (
     System("fxopt-int8-pt-onnx", "as fxopt-int8-pt without merge-siblings, ONNX Runtime backend",
            _fxopt(_with(PER_TENSOR, without=("merge-siblings",)), "onnx"),
            label="fxopt int8 ONNX (per-tensor)"),
-    System("fxopt-int8-static", "as fxopt-int8, activations per tensor with scales calibrated on the "
-           "inputs (as the peers), eager backend (oneDNN's int8 kernel)", _fxopt(_with(STATIC), calibrate=True),
+    System("fxopt-int8-static", "as fxopt-int8, activations per tensor (uint8, scale and zero point calibrated on the "
+           "inputs, as the peers), eager backend (oneDNN's int8 kernel)", _fxopt(_with(STATIC), calibrate=True),
            label="fxopt int8 eager (static)"),
     System("fxopt-preset-lossless", "fxopt.compile(preset='lossless'): the exact passes, the faster "
            "backend", _fxopt(preset="lossless")),

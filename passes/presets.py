@@ -14,7 +14,7 @@ from __future__ import annotations
 from fxopt.presets import EXACT, Candidate, Preset
 
 INT8_PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
-INT8_STATIC = "quantize-int8(activations='static')"
+INT8_STATIC = "quantize-int8(activations='static', symmetric=False)"
 
 LOSSLESS = Preset(
     "lossless",

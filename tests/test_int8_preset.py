@@ -28,8 +28,8 @@ def test_with_calibration_the_static_candidates_are_timed() -> None:
     model, x = _mlp(), torch.randn(32, 64)
     opt = fxopt.compile(model, (x,), preset="int8", calibration=[(torch.randn(32, 64),) for _ in range(2)])
     note = _note(opt)
-    assert note.count("quantize-int8(activations='static')") == 2, note
-    assert "quantize-int8(activations='static')] on eager dropped" not in note, note
+    assert note.count(INT8_STATIC) == 2, note
+    assert f"{INT8_STATIC}] on eager dropped" not in note, note
     with torch.no_grad():
         reference = model(x)
         assert float((opt(x) - reference).abs().max() / reference.abs().max()) <= 0.05
@@ -39,5 +39,5 @@ def test_without_calibration_the_static_candidates_are_dropped_with_the_reason()
     model, x = _mlp(), torch.randn(32, 64)
     opt = fxopt.compile(model, (x,), preset="int8", backend="eager")
     note = _note(opt)
-    assert "quantize-int8(activations='static')] on eager dropped: its lossy passes changed nothing" in note, note
-    assert "chose [exact, quantize-int8(activations='static')]" not in note
+    assert f"{INT8_STATIC}] on eager dropped: its lossy passes changed nothing" in note, note
+    assert f"chose [exact, {INT8_STATIC}]" not in note

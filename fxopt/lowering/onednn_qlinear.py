@@ -1,6 +1,7 @@
 """Static int8 Linears on oneDNN's fused int8 kernel, for the eager CPU backend.
 
     int8_linear(x, Wq, sw, b, s)            =>  qlinear_pointwise(u8(x, s), s, 128, pack(Wq), sw, 0, b, "none")
+    int8_linear_static_uint8(x, Wq, sw, b, s, zp)  =>  the same with u8(x, s, zp) and zero point zp
     int8_linear(x, Wq, sw, b, s) -> act     =>  qlinear_pointwise(u8(x, s), s, 128, pack(Wq), sw, 0, b, act)
         act in relu, gelu (exact or tanh), silu, tanh, hardswish
     ... -> int8_linear(y, Wq2, sw2, b2, s2)  =>  the producer writes u8(y, s2) itself (output_scale s2,
@@ -9,10 +10,11 @@
 where ``u8(x, s) = clamp(round(x / s) + 128, 0, 255)``: the symmetric int8 activations of the
 QDQ graph shifted by 128, the same integers on oneDNN's fast u8 x s8 VNNI/AMX path (its s8 x s8
 path is orders of magnitude slower), and ``pack(Wq)`` is ``onednn.qlinear_prepack``, done once
-here. Constraints: ``fxopt::int8_linear`` with a static (calibrated) input scale, float32
+here (asymmetric static activations, ``fxopt::int8_linear_static_uint8``, are uint8 already and
+keep their own zero point). Constraints: ``fxopt::int8_linear`` with a static (calibrated) input scale, float32
 activations, constant int8 weights, float32 scales and bias; an activation is fused when it is
 the Linear's only user and this build's kernel accepts it as a post-op; a Linear writes uint8
-only when every user of its (activated) output is a static int8 Linear with one scale.
+only when every user of its (activated) output is a static int8 Linear with one scale and zero point.
 
 This is how PT2E's x86 Inductor lowering runs static int8 Linears; here it runs eagerly. The
 kernel differs from the QDQ graph only by float rounding (and, when it writes uint8, by one
@@ -72,9 +74,9 @@ def _prepack() -> Any:
     return torch.ops.onednn.qlinear_prepack.default
 
 
-def quantize_u8(x: torch.Tensor, scale: float) -> torch.Tensor:
-    """``clamp(round(x / scale) + 128, 0, 255)`` as uint8, in one native pass."""
-    return torch.quantize_per_tensor(x, scale, ZERO_POINT, torch.quint8).int_repr()
+def quantize_u8(x: torch.Tensor, scale: float, zero_point: int = ZERO_POINT) -> torch.Tensor:
+    """``clamp(round(x / scale) + zero_point, 0, 255)`` as uint8, in one native pass."""
+    return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
 
 
 @functools.cache
@@ -184,9 +186,19 @@ class OneDnnQLinear(Lowering):
         return lower_static_int8_linears(gm)
 
 
+STATIC_OPS = (kernels.int8_linear_op, kernels.int8_linear_static_uint8_op)
+
+
+def _qparams(node: fx.Node) -> tuple[float, int]:
+    """The uint8 scale and zero point ``node`` quantizes its input with."""
+    if is_op(node, kernels.int8_linear_static_uint8_op):
+        return float(node.args[4]), int(node.args[5])
+    return float(node.args[4]), ZERO_POINT
+
+
 def _static_linear(gm: fx.GraphModule, node: Any) -> bool:
-    """Whether ``node`` is an ``fxopt::int8_linear`` with a static scale this kernel can run."""
-    if not is_op(node, kernels.int8_linear_op) or not isinstance(node.args[0], fx.Node):
+    """Whether ``node`` is an int8 Linear with a static scale this kernel can run."""
+    if not is_op(node, *STATIC_OPS) or not isinstance(node.args[0], fx.Node):
         return False
     x, qweight, weight_scale = node.args[:3]
     bias = node.args[3] if len(node.args) > 3 else None
@@ -207,11 +219,12 @@ def lower_static_int8_linears(gm: fx.GraphModule) -> LoweringResult:
     if not linears:
         return result
     lowered_set = set(linears)
-    quantized: dict[tuple[fx.Node, float], fx.Node] = {}  # (float value, scale) -> its uint8 node
+    quantized: dict[tuple[fx.Node, float, int], fx.Node] = {}  # (value, scale, zero point) -> its uint8 node
     fused: dict[str, int] = {}
     chained = 0
     for node in linears:
-        x, qweight, weight_scale, bias, input_scale = node.args[:5]
+        x, qweight, weight_scale, bias = node.args[:4]
+        input_scale, input_zero_point = _qparams(node)
         post_op, out = ("none", ""), node
         users = list(node.users)
         if len(users) == 1 and users[0].target in POST_OPS and users[0].args[0] is node:
@@ -221,26 +234,26 @@ def lower_static_int8_linears(gm: fx.GraphModule) -> LoweringResult:
                 post_op, out = spelled, users[0]
         # The value every reader quantizes with one scale: write it in uint8 directly.
         readers = list(out.users)
-        output_scale, output_dtype = 1.0, torch.float32
+        output_scale, output_zero_point, output_dtype = 1.0, 0, torch.float32
         if readers and all(r in lowered_set and r.args[0] is out for r in readers) \
-                and len({r.args[4] for r in readers}) == 1:
-            output_scale, output_dtype = float(readers[0].args[4]), torch.uint8
-        source = quantized.get((x, input_scale))
+                and len({_qparams(r) for r in readers}) == 1:
+            (output_scale, output_zero_point), output_dtype = _qparams(readers[0]), torch.uint8
+        source = quantized.get((x, input_scale, input_zero_point))
         with gm.graph.inserting_before(out):
             if source is None:
-                source = gm.graph.call_function(quantize_u8, (x, input_scale))
-                quantized[(x, input_scale)] = source
+                source = gm.graph.call_function(quantize_u8, (x, input_scale, input_zero_point))
+                quantized[(x, input_scale, input_zero_point)] = source
             packed = _packed_weight(gm, constant(gm, qweight), qweight)
             zeros = gm.graph.get_attr(_zero_points(gm, constant(gm, qweight).shape[0]))
             kernel = gm.graph.call_function(_qlinear(), (
-                source, input_scale, ZERO_POINT, packed, weight_scale, zeros, bias,
-                output_scale, ZERO_POINT if output_dtype == torch.uint8 else 0, output_dtype,
+                source, input_scale, input_zero_point, packed, weight_scale, zeros, bias,
+                output_scale, output_zero_point, output_dtype,
                 post_op[0], [], post_op[1]))
         kernel.meta.update(out.meta)
         if output_dtype == torch.uint8:
             kernel.meta.pop("val", None)  # a uint8 value now, read only by the kernels below
             # The readers find it as their quantized input, under the scale they quantize with.
-            quantized[(kernel, output_scale)] = kernel
+            quantized[(kernel, output_scale, output_zero_point)] = kernel
             for reader in readers:
                 reader.replace_input_with(out, kernel)
             chained += 1
