@@ -614,6 +614,9 @@ SYSTEMS_LIST: tuple[System, ...] = (
     System("fxopt-int8-static", "as fxopt-int8, activations per tensor (uint8, scale and zero point calibrated on the "
            "inputs, as the peers), eager backend (oneDNN's int8 kernel)", _fxopt(_with(STATIC), calibrate=True),
            label="fxopt int8 eager (static)"),
+    System("fxopt-int8-static-sq", "as fxopt-int8-static, smooth-quant before quantize-int8",
+           _fxopt(lambda: [*_default_pipeline(), "smooth-quant", STATIC], calibrate=True),
+           label="fxopt int8 eager (static, smooth-quant)"),
     System("fxopt-preset-lossless", "fxopt.compile(preset='lossless'): the exact passes, the faster "
            "backend", _fxopt(preset="lossless")),
     System("fxopt-preset-bf16", "fxopt.compile(preset='bf16'): Linears in bfloat16 within 1% output "
