@@ -1,7 +1,8 @@
 """Int8 quantization math shared by the quantize-int8 pass, the QDQ vocabulary and the kernels.
 
 Weights are symmetric int8 per output channel in [-127, 127]; activations are symmetric int8
-per token or per tensor, or asymmetric uint8 per tensor (ONNX's DynamicQuantizeLinear scheme).
+per token or per tensor, or asymmetric uint8 per tensor (ONNX's DynamicQuantizeLinear scheme,
+at run time or with a calibrated scale and zero point).
 The helpers compute the same numbers as ``torch.ops.quantized_decomposed``, so a kernel built
 on them agrees with the QDQ graph it replaces.
 """
@@ -58,6 +59,16 @@ def quantize_per_tensor(x: torch.Tensor, scale: float) -> torch.Tensor:
 def static_scale(abs_max: float) -> float:
     """The per-tensor scale for activations observed up to ``abs_max`` in magnitude."""
     return max(float(abs_max), MIN_ABS_MAX) / QMAX
+
+
+def static_asymmetric_qparams(low: float, high: float) -> tuple[float, int]:
+    """Asymmetric uint8 ``(scale, zero_point)`` for activations observed in ``[low, high]``:
+    the range widened to hold 0, spread over [0, 255] (the scheme of PT2E's x86 static
+    quantization; a GELU's or ReLU's output spends no codes on negatives it never has)."""
+    low, high = min(float(low), 0.0), max(float(high), 0.0)
+    scale = max((high - low) / float(UQMAX - UQMIN), MIN_ABS_MAX / QMAX)
+    zero_point = min(max(UQMIN - round(low / scale), UQMIN), UQMAX)
+    return scale, int(zero_point)
 
 
 def dynamic_tensor_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

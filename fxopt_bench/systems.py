@@ -478,13 +478,16 @@ def _saved_transformers_model(ctx: BenchContext) -> Path:
 # ---------------------------------------------------------------- fxopt
 
 def _fxopt(passes: Callable[[], list[Any]] | None = None, backend: str = "eager",
-           preset: str | None = None) -> Callable[[BenchContext], Prepared]:
-    """fxopt with a pass list (names or pass objects), or with a preset."""
+           preset: str | None = None, calibrate: bool = False) -> Callable[[BenchContext], Prepared]:
+    """fxopt with a pass list (names or pass objects), or with a preset; ``calibrate`` hands
+    it the bench inputs as calibration data, as the calibrated int8 peers get them."""
 
     def build(ctx: BenchContext) -> Prepared:
         import fxopt
 
         options: dict[str, Any] = {"backend": backend, "device": ctx.device}
+        if calibrate:
+            options["calibration"] = [ctx.inputs]
         lossy: str | None = None
         if preset is not None:
             options.update(preset=preset, backend=None)  # the preset chooses its backend
@@ -562,6 +565,7 @@ def pipeline_note(report: Any, lossy: str | None) -> str:
 # ---------------------------------------------------------------- the systems
 
 PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
+STATIC = "quantize-int8(activations='static', symmetric=False)"
 
 SYSTEMS_LIST: tuple[System, ...] = (
     System("eager", "PyTorch eager, fp32 (the baseline)", _eager, label="eager fp32"),
@@ -607,12 +611,18 @@ SYSTEMS_LIST: tuple[System, ...] = (
     System("fxopt-int8-pt-onnx", "as fxopt-int8-pt without merge-siblings, ONNX Runtime backend",
            _fxopt(_with(PER_TENSOR, without=("merge-siblings",)), "onnx"),
            label="fxopt int8 ONNX (per-tensor)"),
+    System("fxopt-int8-static", "as fxopt-int8, activations per tensor (uint8, scale and zero point calibrated on the "
+           "inputs, as the peers), eager backend (oneDNN's int8 kernel)", _fxopt(_with(STATIC), calibrate=True),
+           label="fxopt int8 eager (static)"),
+    System("fxopt-int8-static-sq", "as fxopt-int8-static, smooth-quant before quantize-int8",
+           _fxopt(lambda: [*_default_pipeline(), "smooth-quant", STATIC], calibrate=True),
+           label="fxopt int8 eager (static, smooth-quant)"),
     System("fxopt-preset-lossless", "fxopt.compile(preset='lossless'): the exact passes, the faster "
            "backend", _fxopt(preset="lossless")),
     System("fxopt-preset-bf16", "fxopt.compile(preset='bf16'): Linears in bfloat16 within 1% output "
            "error", _fxopt(preset="bf16")),
     System("fxopt-preset-int8", "fxopt.compile(preset='int8'): the fastest verified int8 recipe "
-           "for the device", _fxopt(preset="int8")),
+           "for the device, calibrated on the inputs (as the peers)", _fxopt(preset="int8", calibrate=True)),
     # fxopt, other lossy passes
     System("fxopt-lowrank", "fxopt lossless pipeline + low-rank (default budget), eager backend",
            _fxopt(_with("low-rank"))),

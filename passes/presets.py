@@ -4,7 +4,9 @@
 Runtime, whichever runs faster. ``bf16``: the exact passes, then Linears in bfloat16 where a
 1% output budget allows (float16 is a further candidate on CUDA). ``int8``: the exact passes,
 then int8 Linears with activations per tensor (chosen at run time) or per token, in eager
-PyTorch or ONNX Runtime, within the quantize-int8 pass's 5% budget.
+PyTorch or ONNX Runtime, within the quantize-int8 pass's 5% budget; given calibration batches,
+also static per-tensor activations (with and without smooth-quant) on oneDNN's fused int8
+kernel (without them those candidates are dropped: static scales need calibration).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 from fxopt.presets import EXACT, Candidate, Preset
 
 INT8_PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
+INT8_STATIC = "quantize-int8(activations='static', symmetric=False)"
 
 LOSSLESS = Preset(
     "lossless",
@@ -31,8 +34,12 @@ BF16 = Preset(
 
 INT8 = Preset(
     "int8",
-    "exact passes, then int8 Linears (dynamic per-tensor or per-token activations) within 5% output error",
+    "exact passes, then int8 Linears (static per-tensor with calibration, else dynamic per-tensor or "
+    "per-token activations) within 5% output error",
     (
+        Candidate((EXACT, INT8_STATIC), "eager", devices=("cpu",), note="needs calibration batches"),
+        Candidate((EXACT, "smooth-quant", INT8_STATIC), "eager", devices=("cpu",),
+                  note="needs calibration batches"),
         Candidate((EXACT, INT8_PER_TENSOR), "eager"),
         Candidate((EXACT, INT8_PER_TENSOR), "onnx", devices=("cpu",)),
         Candidate((EXACT, "quantize-int8"), "eager"),

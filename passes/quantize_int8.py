@@ -5,7 +5,8 @@
     and x is quantized per token at run time (activations="dynamic"), per tensor to uint8 with
     a scale and zero point chosen at run time (activations="dynamic-tensor", ONNX's
     DynamicQuantizeLinear scheme), or per tensor with a scale observed on the calibration
-    batches (activations="static", observer minmax|percentile)
+    batches (activations="static", observer minmax|percentile; symmetric=False: uint8 with a
+    calibrated zero point too, from the observed min and max)
 
 Constraints (refusal codes): the layer is not left out by ``skip_first``, ``skip_last``,
 ``include`` or ``exclude`` (``excluded``); W is a constant 2-D matrix (``not-constant``) of
@@ -30,7 +31,7 @@ import operator
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -49,6 +50,7 @@ from fxopt.lossy import (
     Pick,
     Site,
     check_search_options,
+    collect_activations,
     fit_batches,
     inputs_of,
 )
@@ -62,6 +64,7 @@ from fxopt.quant import (
     UQMIN,
     WEIGHT_QMAX,
     quantize_weight,
+    static_asymmetric_qparams,
     static_scale,
 )
 from fxopt.rewrite import Refusal
@@ -84,11 +87,12 @@ ACTIVATIONS = ("dynamic", "dynamic-tensor", "static")
 class QuantizeInt8(Pass):
     name: ClassVar[str] = "quantize-int8"
     exact: ClassVar[bool] = False
-    after: ClassVar[tuple[str, ...]] = ("prune-hidden",)
+    after: ClassVar[tuple[str, ...]] = ("prune-hidden", "smooth-quant")
 
     budget: float = 0.05
     activations: str = "dynamic"  # "dynamic" (per token) | "dynamic-tensor" | "static" (per tensor, calibrated)
     observer: str = "minmax"  # static only: "minmax" | "percentile"
+    symmetric: bool = True  # static only: int8 around 0, or (False) uint8 with a zero point over [min, max]
     percentile: float = 99.99
     include: str = ""  # regex on the module path; only matching layers are quantized
     exclude: str = ""  # regex on the module path; matching layers stay float
@@ -107,6 +111,8 @@ class QuantizeInt8(Pass):
                                   f"got {self.activations!r}")
         if self.observer not in ("minmax", "percentile"):
             raise PassOptionError(f"quantize-int8: observer must be 'minmax' or 'percentile', got {self.observer!r}")
+        if not self.symmetric and (self.activations != "static" or self.observer != "minmax"):
+            raise PassOptionError("quantize-int8: symmetric=False is for activations='static' with observer='minmax'")
         if not 0.0 < self.percentile <= 100.0:
             raise PassOptionError(f"quantize-int8: percentile must be in (0, 100], got {self.percentile}")
         check_search_options(self)
@@ -124,7 +130,7 @@ class QuantizeInt8(Pass):
                 candidates.append(node)
         if not candidates:
             return result
-        scales: dict[str, float | None] = {n.name: None for n in candidates}
+        scales: dict[str, Any] = {n.name: None for n in candidates}
         if self.activations == "static":
             if not ctx.calibrated:
                 for node in candidates:
@@ -187,9 +193,16 @@ class QuantizeInt8(Pass):
                 or large_enough(weight.numel(), self.min_params, f"{weight.numel()} weights < min_params={self.min_params}")
                 or small_features)
 
-    def _observe(self, gm: fx.GraphModule, nodes: list[fx.Node], batches: list[list[torch.Tensor]]) -> dict[str, float | None]:
+    def _observe(self, gm: fx.GraphModule, nodes: list[fx.Node], batches: list[list[torch.Tensor]]) -> dict[str, Any]:
         """Per-tensor activation scales: max |x| (minmax) or its largest per-batch percentile,
-        over every batch, per Linear (siblings reading one input share its statistics)."""
+        over every batch, per Linear (siblings reading one input share its statistics);
+        ``(scale, zero_point)`` from min and max when not symmetric."""
+        if not self.symmetric:
+            sources = {n.name: n.args[0] for n in nodes}
+            seen = collect_activations(gm, set(sources.values()), batches,
+                                       reduce=lambda v: (float(v.min()), float(v.max())))
+            return {name: static_asymmetric_qparams(min(lo for lo, _ in seen[source]), max(hi for _, hi in seen[source]))
+                    for name, source in sources.items()}
         percentile = self.percentile if self.observer == "percentile" else None
         stats = inputs_of(gm, nodes, batches, percentile=percentile)
         return {name: static_scale(s.percentile if percentile is not None and s.percentile is not None else s.abs_max)
@@ -222,12 +235,13 @@ def insert_qdq(
     linear: fx.Node,
     qweight: fx.Node,
     weight_scale: fx.Node,
-    input_scale: float | None = None,
+    input_scale: float | tuple[float, int] | None = None,
     dynamic_tensor: bool = False,
 ) -> None:
     """Rewrite ``linear(x, W, b)`` into the QDQ pattern (:mod:`fxopt.ir.qdq`) over the given
-    int8 weight constants: activations per token (default), per tensor with ``input_scale``,
-    or per tensor with a dynamic uint8 scale and zero point (``dynamic_tensor``)."""
+    int8 weight constants: activations per token (default), per tensor with ``input_scale``
+    (symmetric int8; a ``(scale, zero_point)`` pair: uint8), or per tensor with a dynamic
+    uint8 scale and zero point (``dynamic_tensor``)."""
     graph = gm.graph
     x = linear.args[0]
     dtype = linear.meta["val"].dtype
@@ -246,6 +260,11 @@ def insert_qdq(
             xq = graph.call_function(qops.quantize_per_token, (x, scale, zero, QMIN, QMAX, torch.int8))
             xdq = graph.call_function(qops.dequantize_per_token,
                                       (xq, scale, zero, QMIN, QMAX, torch.int8, dtype))
+        elif isinstance(input_scale, tuple):
+            scale, zero = input_scale
+            xq = graph.call_function(qops.quantize_per_tensor, (x, scale, zero, UQMIN, UQMAX, torch.uint8))
+            xdq = graph.call_function(qops.dequantize_per_tensor, (xq, scale, zero, UQMIN, UQMAX, torch.uint8),
+                                      {"out_dtype": dtype})
         else:
             xq = graph.call_function(qops.quantize_per_tensor, (x, input_scale, 0, QMIN, QMAX, torch.int8))
             xdq = graph.call_function(qops.dequantize_per_tensor, (xq, input_scale, 0, QMIN, QMAX, torch.int8),

@@ -8,6 +8,8 @@ ops, which every backend understands::
         x'    = dequantize_per_token(quantize_per_token(x, s, zp, -128, 127), s, zp, -128, 127)
     static activations (per tensor, symmetric, scale from calibration):
         x'    = dequantize_per_tensor(quantize_per_tensor(x, s, 0, -128, 127), s, 0, -128, 127)
+    static asymmetric activations (per tensor, uint8, scale and zero point from calibration):
+        x'    = dequantize_per_tensor(quantize_per_tensor(x, s, zp, 0, 255, uint8), s, zp, 0, 255, uint8)
     dynamic per-tensor activations (asymmetric uint8, ONNX's DynamicQuantizeLinear scheme):
         s, zp = choose_qparams.tensor(x, 0, 255, eps, uint8)
         x'    = dequantize_per_tensor.tensor(quantize_per_tensor.tensor(x, s, zp, 0, 255), s, zp, 0, 255)
@@ -60,6 +62,7 @@ class QdqLinear:
     bias: fx.Node | None
     input_scale: float | None  # None: dynamic (per token, or per tensor when dynamic_tensor)
     dynamic_tensor: bool = False
+    input_zero_point: int | None = None  # static uint8 activations' zero point (None: symmetric int8)
 
 
 def match_qdq_linear(gm: fx.GraphModule, linear: fx.Node) -> QdqLinear | None:
@@ -103,7 +106,10 @@ def match_qdq_linear(gm: fx.GraphModule, linear: fx.Node) -> QdqLinear | None:
         xq = xdq.args[0]
         if not is_op(xq, qops.quantize_per_tensor):
             return None
-        scale = xq.args[1]
+        scale, zero = xq.args[1], xq.args[2]
+        if xq.args[2:6] == (zero, UQMIN, UQMAX, torch.uint8) and isinstance(zero, int) \
+                and xdq.args[1:6] == (scale, zero, UQMIN, UQMAX, torch.uint8) and UQMIN <= zero <= UQMAX:
+            return QdqLinear(linear, xq.args[0], qweight, weight_scale, bias, float(scale), input_zero_point=zero)
         if xq.args[2:6] != (0, QMIN, QMAX, torch.int8) or xdq.args[1:6] != (scale, 0, QMIN, QMAX, torch.int8):
             return None
         return QdqLinear(linear, xq.args[0], qweight, weight_scale, bias, float(scale))

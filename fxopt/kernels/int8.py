@@ -7,6 +7,9 @@ multiplies int8 by int8 with int32 accumulation (``torch._int_mm``) and rescales
 all of ``x`` to uint8 with one dynamic scale and zero point and runs PyTorch's quantized
 engine (``quantized::linear_dynamic`` on prepacked weights: quantization, u8 x s8 GEMM and
 rescale in one kernel) where a probe shows it exact, and ``torch._int_mm`` otherwise.
+``int8_linear_static_uint8(x, Wq, sw, b, s, zp)`` quantizes ``x`` to uint8 with a calibrated
+scale and zero point and runs ``torch._int_mm`` (on CPU the eager backend's oneDNN lowering
+replaces it with ``onednn.qlinear_pointwise``).
 
 Importing this module registers the ops, their fake implementations and FLOP counts; the
 probes (:func:`int8_unsupported_reason`, :func:`quantized_engine_unsupported_reason`) run
@@ -39,6 +42,7 @@ from fxopt.quant import (
 __all__ = [
     "CUDA_MIN_ROWS", "CUDA_MULTIPLE", "FLOAT_DTYPES", "dynamic_tensor_qparams", "int8_linear",
     "INT8_LINEAR_OPS", "int8_linear_dynamic_tensor", "int8_linear_dynamic_tensor_op", "int8_linear_op",
+    "int8_linear_static_uint8", "int8_linear_static_uint8_op",
     "int8_unsupported_reason", "quantize_per_tensor", "quantize_per_token",
     "quantized_engine_unsupported_reason",
 ]
@@ -135,9 +139,14 @@ def _int8_linear_dynamic_tensor_fake(
 
 def _dynamic_tensor_int_mm(rows: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
                            bias: torch.Tensor | None) -> torch.Tensor:
-    """The per-tensor Linear on ``torch._int_mm``, exact in integers: the uint8 activations are
-    shifted by -128 into int8, and the zero point's correction folds into the bias."""
     scale, zero_point = dynamic_tensor_qparams(rows)
+    return _uint8_int_mm(rows, qweight, weight_scale, bias, scale, zero_point)
+
+
+def _uint8_int_mm(rows: torch.Tensor, qweight: torch.Tensor, weight_scale: torch.Tensor,
+                  bias: torch.Tensor | None, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """The per-tensor uint8 Linear on ``torch._int_mm``, exact in integers: the uint8 activations
+    are shifted by -128 into int8, and the zero point's correction folds into the bias."""
     shifted = (zero_point - 128).to(rows.dtype)
     xq = torch.round(rows * float(1.0 / scale.double())).add_(shifted).clamp_(QMIN, QMAX).to(torch.int8)
     acc = _int_mm(xq, qweight)
@@ -147,6 +156,41 @@ def _dynamic_tensor_int_mm(rows: torch.Tensor, qweight: torch.Tensor, weight_sca
     if bias is not None:
         offset = offset + bias.float()
     return torch.addcmul(offset, acc, column_scale)
+
+
+@torch.library.custom_op("fxopt::int8_linear_static_uint8", mutates_args=())
+def int8_linear_static_uint8(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    input_scale: float,
+    input_zero_point: int,
+) -> torch.Tensor:
+    """``linear(x, Wq * sw, b)`` with ``x`` quantized to uint8 with a calibrated scale and zero
+    point: ``clamp(round(x / s) + zp, 0, 255)``."""
+    in_features = x.shape[-1]
+    rows = x.reshape(-1, in_features)
+    if rows.dtype in (torch.float16, torch.bfloat16):
+        rows = rows.float()
+    scale = torch.tensor(input_scale, dtype=torch.float32, device=x.device)
+    zero_point = torch.tensor(input_zero_point, dtype=torch.int64, device=x.device)
+    out = _uint8_int_mm(rows, qweight, weight_scale, bias, scale, zero_point)
+    return out.to(x.dtype).reshape(*x.shape[:-1], qweight.shape[0])
+
+
+@int8_linear_static_uint8.register_fake
+def _int8_linear_static_uint8_fake(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    input_scale: float,
+    input_zero_point: int,
+) -> torch.Tensor:
+    torch._check(qweight.dtype == torch.int8, lambda: f"qweight must be int8, got {qweight.dtype}")
+    torch._check(x.shape[-1] == qweight.shape[1], lambda: "x and qweight disagree on in_features")
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 # Weights prepacked for PyTorch's quantized engine, keyed by the int8 weight's id and kept
@@ -220,6 +264,7 @@ def quantized_engine_unsupported_reason(engine: str) -> str | None:
 
 int8_linear_op = torch.ops.fxopt.int8_linear.default
 int8_linear_dynamic_tensor_op = torch.ops.fxopt.int8_linear_dynamic_tensor.default
+int8_linear_static_uint8_op = torch.ops.fxopt.int8_linear_static_uint8.default
 
 
 def _int8_linear_flops(node: fx.Node) -> int:
@@ -229,9 +274,9 @@ def _int8_linear_flops(node: fx.Node) -> int:
     return 2 * numel_hint(out[:-1]) * size_hint(w[0]) * size_hint(w[1])
 
 
-INT8_LINEAR_OPS = (int8_linear_op, int8_linear_dynamic_tensor_op)
-register_flops(int8_linear_op, _int8_linear_flops)
-register_flops(int8_linear_dynamic_tensor_op, _int8_linear_flops)
+INT8_LINEAR_OPS = (int8_linear_op, int8_linear_dynamic_tensor_op, int8_linear_static_uint8_op)
+for _op in INT8_LINEAR_OPS:
+    register_flops(_op, _int8_linear_flops)
 
 
 @functools.cache

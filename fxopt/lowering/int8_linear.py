@@ -3,6 +3,7 @@
     linear(dequantize(quantize(x)), dequantize_per_channel(Wq, sw), b)   (fxopt.ir.qdq)
       => int8_linear(x, Wq, sw, b, s)                 per-token or static per-tensor activations
       => int8_linear_dynamic_tensor(x, Wq, sw, b)     dynamic per-tensor uint8 activations
+      => int8_linear_static_uint8(x, Wq, sw, b, s, zp) static per-tensor uint8 activations
 
 On the eager backend the kernels (:mod:`fxopt.kernels.int8`) run on ``torch._int_mm`` or
 PyTorch's quantized engine; in ONNX they export as ``MatMulInteger`` subgraphs that ONNX
@@ -52,6 +53,7 @@ class Int8Linear(Lowering):
         return {
             kernels.int8_linear_op: int8_linear_onnx,
             kernels.int8_linear_dynamic_tensor_op: int8_linear_dynamic_tensor_onnx,
+            kernels.int8_linear_static_uint8_op: int8_linear_static_uint8_onnx,
         }
 
 
@@ -80,6 +82,11 @@ def lower_int8_linears(gm: fx.GraphModule, device: torch.device | None) -> Lower
             if match.dynamic_tensor:
                 node = gm.graph.call_function(
                     kernels.int8_linear_dynamic_tensor_op, (match.x, match.qweight, match.weight_scale, match.bias))
+            elif match.input_zero_point is not None:
+                node = gm.graph.call_function(
+                    kernels.int8_linear_static_uint8_op,
+                    (match.x, match.qweight, match.weight_scale, match.bias, match.input_scale,
+                     match.input_zero_point))
             else:
                 node = gm.graph.call_function(
                     kernels.int8_linear_op,
@@ -127,6 +134,21 @@ def int8_linear_dynamic_tensor_onnx(x, qweight, weight_scale, bias=None):  # typ
     from onnxscript import opset20 as op
 
     xq, scale, zero_point = op.DynamicQuantizeLinear(op.Cast(x, to=TensorProto.FLOAT))
+    acc = op.MatMulInteger(xq, op.Transpose(qweight, perm=[1, 0]), zero_point)
+    y = op.Mul(op.Cast(acc, to=TensorProto.FLOAT), op.Mul(scale, weight_scale))
+    if bias is not None:
+        y = op.Add(y, op.Cast(bias, to=TensorProto.FLOAT))
+    return op.CastLike(y, x)
+
+
+def int8_linear_static_uint8_onnx(x, qweight, weight_scale, bias=None, input_scale=1.0,  # type: ignore[no-untyped-def]
+                                  input_zero_point=0):
+    from onnx import TensorProto
+    from onnxscript import opset20 as op
+
+    scale = op.Constant(value_float=float(input_scale))
+    zero_point = op.Constant(value=_uint8_scalar(int(input_zero_point)))
+    xq = op.QuantizeLinear(op.Cast(x, to=TensorProto.FLOAT), scale, zero_point)
     acc = op.MatMulInteger(xq, op.Transpose(qweight, perm=[1, 0]), zero_point)
     y = op.Mul(op.Cast(acc, to=TensorProto.FLOAT), op.Mul(scale, weight_scale))
     if bias is not None:

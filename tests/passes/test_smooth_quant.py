@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from fxopt.passes import QuantizeInt8, SmoothQuant
+from torch import nn
+
+import fxopt
+from fxopt.errors import PassOptionError
+from fxopt.ir import constant, ops
+from fxopt.testing import assert_skipped, run_pass
+
+
+class PreNorm(nn.Module):
+    """LayerNorm feeding two sibling Linears only, then a Linear feeding a Linear; the norm's
+    weight gives a few channels large outliers, as trained transformers have."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(64)
+        self.q, self.k = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.up, self.down = nn.Linear(64, 128), nn.Linear(128, 32)
+        with torch.no_grad():
+            self.norm.weight[:4] = 40.0
+            self.norm.bias.normal_()
+            self.up.weight[:3] *= 30.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm(x)
+        return self.down(self.up(self.q(h) * self.k(h)))
+
+
+def _batches(n: int = 3) -> list[tuple[torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [(torch.randn(4, 16, 64, generator=generator),) for _ in range(n)]
+
+
+def test_outliers_move_into_the_weights_and_the_outputs_stay_the_same() -> None:
+    torch.manual_seed(0)
+    model, x = PreNorm().eval(), torch.randn(4, 16, 64)
+    run = run_pass("smooth-quant", model, (x,), calibration=_batches())
+    assert run.record.applied == 3  # q and k (one scale), down; up reads a product
+    assert_skipped(run, "'mul'", code="not-foldable")
+    run.assert_outputs_match(rtol=1e-4)
+    assert run.count(ops.linear) == 4
+    # The LayerNorm's output range per channel is flatter: its largest weight shrank.
+    norms = [n for n in run.after.graph.nodes if n.target is torch.ops.aten.layer_norm.default]
+    assert float(constant(run.after, norms[0].args[2]).abs().max()) < 40.0 / 2
+    details = {tuple(d["linears"]): d for d in run.record.details}
+    assert len(details) == 2 and any(len(names) == 2 for names in details)
+
+
+def test_it_lets_static_int8_keep_its_accuracy() -> None:
+    torch.manual_seed(0)
+    model, x = PreNorm().eval(), torch.randn(4, 16, 64)
+    calibration = _batches()
+    static = QuantizeInt8(activations="static", budget=1.0)
+    plain = fxopt.compile(model, (x,), passes=[static], calibration=calibration)
+    smoothed = fxopt.compile(model, (x,), passes=[SmoothQuant(), static], calibration=calibration)
+    test = torch.randn(4, 16, 64)
+    with torch.no_grad():
+        reference = model(test)
+        plain_error = float((plain(test) - reference).abs().max() / reference.abs().max())
+        smooth_error = float((smoothed(test) - reference).abs().max() / reference.abs().max())
+    assert smooth_error < plain_error / 1.5, (smooth_error, plain_error)
+
+
+def test_a_residual_reader_refuses_the_norm() -> None:
+    class PostNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm, self.fc = nn.LayerNorm(32), nn.Linear(32, 32)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.norm(x)
+            return h + self.fc(h)
+
+    run = run_pass("smooth-quant", PostNorm().eval(), (torch.randn(8, 32),))
+    assert not run.modified
+    assert_skipped(run, "would see X / s", code="shared-intermediate")
+
+
+def test_a_producer_it_cannot_fold_into_is_refused() -> None:
+    model = nn.Sequential(nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 16)).eval()
+    run = run_pass("smooth-quant", model, (torch.randn(8, 32),))
+    assert_skipped(run, "neither a LayerNorm nor a Linear", code="not-foldable")
+    assert run.record.applied == 0
+
+
+def test_a_norm_without_affine_parameters_is_refused() -> None:
+    model = nn.Sequential(nn.LayerNorm(32, elementwise_affine=False), nn.Linear(32, 16)).eval()
+    run = run_pass("smooth-quant", model, (torch.randn(8, 32),))
+    assert_skipped(run, "no affine weight", code="not-foldable")
+
+
+def test_alpha_is_checked() -> None:
+    with pytest.raises(PassOptionError, match="alpha"):
+        SmoothQuant(alpha=1.5)
+
+
+def test_not_in_the_default_pipeline() -> None:
+    from fxopt.registry import default_pipeline
+
+    assert "smooth-quant" not in [p.name for p in default_pipeline()]

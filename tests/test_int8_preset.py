@@ -1,0 +1,43 @@
+"""The int8 preset's static candidates: considered with calibration, dropped with a reason without."""
+
+from __future__ import annotations
+
+import torch
+from fxopt.passes.presets import INT8, INT8_STATIC
+from torch import nn
+
+import fxopt
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 256), nn.Tanh(), nn.Linear(256, 64)).eval()
+
+
+def _note(opt: fxopt.OptimizedModule) -> str:
+    return next(n for n in opt.report.notes if n.startswith("preset int8"))
+
+
+def test_static_candidates_are_declared_for_cpu() -> None:
+    static = [c for c in INT8.candidates if INT8_STATIC in c.passes]
+    assert [c.passes[1:] for c in static] == [(INT8_STATIC,), ("smooth-quant", INT8_STATIC)]
+    assert all(c.backend == "eager" and c.devices == ("cpu",) for c in static)
+
+
+def test_with_calibration_the_static_candidates_are_timed() -> None:
+    model, x = _mlp(), torch.randn(32, 64)
+    opt = fxopt.compile(model, (x,), preset="int8", calibration=[(torch.randn(32, 64),) for _ in range(2)])
+    note = _note(opt)
+    assert note.count(INT8_STATIC) == 2, note
+    assert f"{INT8_STATIC}] on eager dropped" not in note, note
+    with torch.no_grad():
+        reference = model(x)
+        assert float((opt(x) - reference).abs().max() / reference.abs().max()) <= 0.05
+
+
+def test_without_calibration_the_static_candidates_are_dropped_with_the_reason() -> None:
+    model, x = _mlp(), torch.randn(32, 64)
+    opt = fxopt.compile(model, (x,), preset="int8", backend="eager")
+    note = _note(opt)
+    assert f"{INT8_STATIC}] on eager dropped: its lossy passes changed nothing" in note, note
+    assert f"chose [exact, {INT8_STATIC}]" not in note
