@@ -478,13 +478,16 @@ def _saved_transformers_model(ctx: BenchContext) -> Path:
 # ---------------------------------------------------------------- fxopt
 
 def _fxopt(passes: Callable[[], list[Any]] | None = None, backend: str = "eager",
-           preset: str | None = None) -> Callable[[BenchContext], Prepared]:
-    """fxopt with a pass list (names or pass objects), or with a preset."""
+           preset: str | None = None, calibrate: bool = False) -> Callable[[BenchContext], Prepared]:
+    """fxopt with a pass list (names or pass objects), or with a preset; ``calibrate``:
+    the bench inputs are the calibration data too (static int8)."""
 
     def build(ctx: BenchContext) -> Prepared:
         import fxopt
 
         options: dict[str, Any] = {"backend": backend, "device": ctx.device}
+        if calibrate:
+            options["calibration"] = [ctx.inputs]
         lossy: str | None = None
         if preset is not None:
             options.update(preset=preset, backend=None)  # the preset chooses its backend
@@ -563,6 +566,7 @@ def pipeline_note(report: Any, lossy: str | None) -> str:
 # ---------------------------------------------------------------- the systems
 
 PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
+STATIC = "quantize-int8(activations='static')"
 
 SYSTEMS_LIST: tuple[System, ...] = (
     System("eager", "PyTorch eager, fp32 (the baseline)", _eager, label="eager fp32"),
@@ -612,11 +616,18 @@ SYSTEMS_LIST: tuple[System, ...] = (
     System("fxopt-int8-pt-onnx", "as fxopt-int8-pt without merge-siblings, ONNX Runtime backend",
            _fxopt(_with(PER_TENSOR, without=("merge-siblings",)), "onnx"),
            label="fxopt int8 ONNX (per-tensor)"),
-    # OpenVINO quantizes the activations of a dynamic int8 Linear itself, per token, on
-    # its int8 kernels; the graph's int8 weights are used as they are.
-    System("fxopt-int8-openvino", "as fxopt-int8-pt, OpenVINO backend (int8 weights, activations "
+    # Static activations (QuantizeLinear/DequantizeLinear pairs) become OpenVINO int8 kernels
+    # with no run-time quantization step; calibrated on the bench inputs, as the NNCF and
+    # PT2E rows are.
+    System("fxopt-int8-openvino", "fxopt lossless pipeline + quantize-int8 (static per-tensor "
+           "activations, calibrated on the inputs), OpenVINO backend",
+           _fxopt(_with(STATIC), "openvino", calibrate=True), ("openvino",), cpu_only=True,
+           label="fxopt int8 OpenVINO (static)"),
+    # OpenVINO quantizes the activations of a dynamic int8 Linear itself, in groups, on its
+    # int8 kernels; the graph's int8 weights are used as they are.
+    System("fxopt-int8-pt-openvino", "as fxopt-int8-pt, OpenVINO backend (int8 weights, activations "
            "quantized at run time by OpenVINO)", _fxopt(_with(PER_TENSOR), "openvino"), ("openvino",),
-           cpu_only=True, label="fxopt int8 OpenVINO (per-tensor)"),
+           cpu_only=True, label="fxopt int8 OpenVINO (dynamic)"),
     System("fxopt-preset-lossless", "fxopt.compile(preset='lossless'): the exact passes, the faster "
            "backend", _fxopt(preset="lossless")),
     System("fxopt-preset-bf16", "fxopt.compile(preset='bf16'): Linears in bfloat16 within 1% output "

@@ -6,6 +6,7 @@ Inductor comes with torch. Models stay tiny: Inductor compiles every graph.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import warnings
 
@@ -37,7 +38,8 @@ def _needs(backend: str) -> None:
 
 
 def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual - expected).abs().max() / expected.abs().max().detach())
+    actual, expected = actual.detach(), expected.detach()
+    return float((actual - expected).abs().max() / expected.abs().max())
 
 
 def _quiet_compile(*args, **kwargs) -> fxopt.OptimizedModule:
@@ -232,3 +234,22 @@ def test_cli_optimize_with_an_optional_backend(tmp_path) -> None:
                  "--report-json", str(report)]) == 0
     assert json.loads(report.read_text())["backend"] == "inductor"
     assert main(["optimize", f"{source}:build", "--input-shape", "4,32", "--backend", "tvm"]) == 1
+
+
+# ---------------------------------------------------------------- fxopt bench rows
+
+
+def test_bench_rows_for_the_optional_backends() -> None:
+    import fxopt_bench as bench
+
+    model, x = _mlp(), torch.randn(8, 32)
+    systems = ["fxopt-inductor", "fxopt-openvino", "fxopt-int8-openvino", "fxopt-int8-pt-openvino"]
+    config = bench.BenchConfig(systems=["eager", *systems], repeats=1, warmup=0)
+    rows = {r.system: r for r in bench.run_model("mlp", model, (x,), config, lambda m: None)}
+    assert rows["fxopt-inductor"].status == "ok" and rows["fxopt-inductor"].max_rel_err < 1e-4
+    for name in systems[1:]:
+        if importlib.util.find_spec("openvino") is None:
+            assert rows[name].status == "skipped" and "openvino not installed" in rows[name].note
+            continue
+        assert rows[name].status == "ok", rows[name].note
+        assert rows[name].max_rel_err < (1e-4 if name == "fxopt-openvino" else 0.05)
