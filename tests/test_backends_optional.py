@@ -253,3 +253,31 @@ def test_bench_rows_for_the_optional_backends() -> None:
             continue
         assert rows[name].status == "ok", rows[name].note
         assert rows[name].max_rel_err < (1e-4 if name == "fxopt-openvino" else 0.05)
+
+
+def test_torch_compile_refuses_an_unknown_backend_option() -> None:
+    compiled = torch.compile(_mlp(), backend="fxopt", options={"backend": "tvm"})
+    with pytest.raises(Exception, match="unknown backend 'tvm'"):
+        compiled(torch.randn(4, 32))
+
+
+@pytest.mark.cuda
+def test_inductor_on_cuda() -> None:
+    model, x = _mlp().cuda(), torch.randn(8, 32, device="cuda")
+    opt = _quiet_compile(model, (x,), passes=["remove-dropout", "fold-batchnorm", "quantize-int8(force=True)"],
+                         backend="inductor", device="cuda")
+    assert opt(x).device.type == "cuda"
+    assert _rel(opt(x), model(x)) < 0.05
+    other = torch.randn(3, 32, device="cuda")
+    assert _rel(opt(other), model(other)) < 0.05
+
+
+def test_openvino_adds_its_own_quantization_drift_to_the_reported_error() -> None:
+    pytest.importorskip("openvino")
+    model, x = _mlp(), torch.randn(8, 32)
+    passes = ["remove-dropout", "fold-batchnorm", PER_TENSOR]
+    eager = _quiet_compile(model, (x,), passes=passes)
+    openvino = _quiet_compile(model, (x,), passes=passes, backend="openvino")
+    # same graph, same graph error; OpenVINO's run-time scales add their drift on top
+    assert openvino.report.final_max_rel_err > eager.report.final_max_rel_err
+    assert _rel(openvino(x), model(x)) <= openvino.report.final_max_rel_err + 1e-6

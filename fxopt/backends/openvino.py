@@ -88,6 +88,11 @@ def lower_openvino(
         detail = comparison.mismatch or f"max relative error {comparison.max_rel:.3g} > {limit:g}"
         raise BackendError(f"OpenVINO disagrees with the optimized graph: {detail}")
     report.notes.extend(exported.notes)
+    if dynamic_linears or config["INFERENCE_PRECISION_HINT"] == "bf16":
+        # OpenVINO computes differently from the graph here (its own activation scales, or bf16
+        # beyond the graph's Linears): the error against the model is bounded by the graph's
+        # plus OpenVINO's drift from it, so a preset's budget holds for what actually runs.
+        report.final_max_rel_err += comparison.max_rel
     int8 = []
     if static_linears:
         int8.append(f"{static_linears} int8 Linears with static activations (QuantizeLinear/DequantizeLinear)")
