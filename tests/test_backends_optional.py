@@ -121,9 +121,14 @@ def test_lossless_mlp_matches_eager_and_takes_another_batch(backend: str) -> Non
     opt = fxopt.compile(model, (x,), backend=backend)
     assert opt.report.backend == backend
     assert _rel(opt(x), model(x)) < 1e-4
-    for batch in (5, 1):
-        other = torch.randn(batch, 32)
-        assert _rel(opt(other), model(other)) < 1e-4
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    other = torch.randn(5, 32)
+    assert _rel(opt(other), model(other)) < 1e-4
+    assert counters["stats"]["unique_graphs"] == graphs  # Inductor: the batch was compiled dynamic
+    other = torch.randn(1, 32)
+    assert _rel(opt(other), model(other)) < 1e-4
     applied = {r.name for r in opt.report.passes if r.applied}
     assert {"fold-batchnorm", "remove-dropout"} <= applied
 

@@ -16,8 +16,9 @@
   honoured in torch 2.13. The flag is set only while the graph compiles, and only under
   ``torch.no_grad()`` (Inductor freezes inference graphs only); the compiled module runs
   under ``no_grad`` too, so grad mode never forces a recompile.
-- **Dynamic sizes**: every size that is symbolic in the captured graph (the batch, by
-  default) is marked dynamic, so another batch size runs the same compiled code (a batch of
+- **Dynamic sizes**: every size that is dynamic in the captured graph (the batch, by
+  default; ``None`` in the signature's input shapes, so a loaded module keeps it) is marked
+  dynamic, so another batch size runs the same compiled code (a batch of
   1 is specialized by Inductor and compiles once more).
 
 The result must match the optimized graph on the example inputs (float tolerance of an
@@ -58,9 +59,8 @@ def lower_inductor(
     graph.recompile()
     expected = run_graph(gm.to(device), inputs)
     start = time.perf_counter()
-    compiled = compile_frozen(graph, inputs)
-    with torch.no_grad():
-        actual = _flat(compiled(*_marked(graph, inputs)))
+    compiled, outputs = compile_frozen(graph, _marked(signature, inputs))
+    actual = _flat(outputs)
     seconds = time.perf_counter() - start
     comparison = compare_outputs(expected, actual)
     limit = exact_tolerance(comparison.worst_dtype)
@@ -81,37 +81,37 @@ def lower_inductor(
     return Lowered(graph, run)
 
 
-def compile_frozen(graph: fx.GraphModule, inputs: list[Any]) -> Any:
-    """``torch.compile(graph)`` compiled now, on ``inputs``, with Inductor's freezing on for
-    that compile only."""
+def compile_frozen(graph: fx.GraphModule, inputs: list[Any]) -> tuple[Any, Any]:
+    """``torch.compile(graph)``, compiled now on ``inputs`` with Inductor's freezing on for
+    that compile only, and its outputs on ``inputs``."""
     import torch._inductor.config as inductor_config
 
     compiled = torch.compile(graph, backend="inductor")
     with inductor_config.patch(freezing=True), torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            compiled(*_marked(graph, inputs))
+            outputs = compiled(*inputs)
         except Exception as exc:
+            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             raise BackendError(f"Inductor could not compile the optimized graph: {type(exc).__name__}: "
-                               f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from exc
-    return compiled
+                               f"{detail}") from exc
+    return compiled, outputs
 
 
-def _marked(graph: fx.GraphModule, inputs: list[Any]) -> list[Any]:
+def _marked(signature: Any, inputs: list[Any]) -> list[Any]:
     """``inputs`` as new tensor objects (the caller's are left alone) with the sizes that are
-    symbolic in ``graph`` marked dynamic."""
-    placeholders = [n for n in graph.graph.nodes if n.op == "placeholder"]
+    dynamic in the captured graph (``None`` in the signature's input shapes) marked dynamic."""
+    specs = list(getattr(signature, "inputs", None) or [])
     marked = []
-    for node, value in zip(placeholders, inputs):
+    for index, value in enumerate(inputs):
         if not isinstance(value, torch.Tensor):
             marked.append(value)
             continue
         alias = value.detach()
-        meta = node.meta.get("val")
-        if isinstance(meta, torch.Tensor):
-            dims = [i for i, size in enumerate(meta.shape) if not isinstance(size, int)]
-            if dims:
-                torch._dynamo.mark_dynamic(alias, dims)
+        shape = specs[index].shape if index < len(specs) else ()
+        dims = [i for i, size in enumerate(shape) if size is None and i < alias.dim()]
+        if dims:
+            torch._dynamo.mark_dynamic(alias, dims)
         marked.append(alias)
     return marked
 
