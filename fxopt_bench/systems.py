@@ -566,7 +566,7 @@ def pipeline_note(report: Any, lossy: str | None) -> str:
 # ---------------------------------------------------------------- the systems
 
 PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
-STATIC = "quantize-int8(activations='static')"
+STATIC = "quantize-int8(activations='static', observer='percentile')"
 
 SYSTEMS_LIST: tuple[System, ...] = (
     System("eager", "PyTorch eager, fp32 (the baseline)", _eager, label="eager fp32"),
