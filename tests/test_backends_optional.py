@@ -158,7 +158,7 @@ def test_openvino_runs_int8_kernels_and_lossless_in_f32() -> None:
     assert lossless._runner.config["INFERENCE_PRECISION_HINT"] == "f32"
     assert lossless._runner.precision() in ("f32", "float32")
     assert lossless._runner.config["INFERENCE_NUM_THREADS"] == torch.get_num_threads()
-    assert lossless._runner.config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] == 0
+    assert lossless._runner.config.get("DYNAMIC_QUANTIZATION_GROUP_SIZE", 0) == 0
     assert _int8_layers(lossless) == 0
     for spec in ("quantize-int8(activations='static', force=True)", "quantize-int8(force=True)", PER_TENSOR):
         opt = _quiet_compile(model, (x,), passes=["fold-batchnorm", spec], backend="openvino",
@@ -170,7 +170,7 @@ def _int8_layers(opt: fxopt.OptimizedModule) -> int:
     """FullyConnected layers OpenVINO runs as int8 GEMMs: int8 activations in (static QDQ),
     or int8 weights with activations it quantizes at run time (dynamic quantization on)."""
     runner = opt._runner
-    dynamic = runner.config["DYNAMIC_QUANTIZATION_GROUP_SIZE"] > 0
+    dynamic = runner.config.get("DYNAMIC_QUANTIZATION_GROUP_SIZE", 0) > 0
     count = 0
     for op in runner.compiled.get_runtime_model().get_ordered_ops():
         if op.get_rt_info()["layerType"].astype(str) != "FullyConnected":
@@ -286,3 +286,29 @@ def test_openvino_adds_its_own_quantization_drift_to_the_reported_error() -> Non
     # same graph, same graph error; OpenVINO's run-time scales add their drift on top
     assert openvino.report.final_max_rel_err > eager.report.final_max_rel_err
     assert _rel(openvino(x), model(x)) <= openvino.report.final_max_rel_err + 1e-6
+
+
+def test_openvino_int8_lowering_leaves_dynamic_activations_to_openvino() -> None:
+    from fxopt.ir.qdq import has_qdq_linear, qops
+    from fxopt.lowering import get_lowering, lower_graph
+
+    captured = {}
+
+    def keep(gm, signature, inputs, device, report):
+        captured["gm"] = gm
+        return Lowered(gm, lambda *args: gm(*args))
+
+    model = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    with registered_backend(Backend("keep", keep)):
+        _quiet_compile(model, (torch.randn(8, 48),), passes=["quantize-int8(force=True)"], backend="keep")
+    gm = captured["gm"]
+    lowering = get_lowering("openvino-int8")
+    assert lowering.backends == ("openvino",)
+    assert lower_graph(gm, "eager", torch.device("cpu"), "graph").applied != [lowering]
+    lowered = lower_graph(gm, "openvino", torch.device("cpu"))
+    assert lowered.applied == [lowering] and lowered.parity_rtol() == 0.05
+    graph = lowered.graph_module
+    assert not has_qdq_linear(graph) and has_qdq_linear(gm)  # the captured graph is untouched
+    targets = {node.target for node in graph.graph.nodes}
+    assert qops.dequantize_per_channel in targets and qops.quantize_per_token not in targets
+    assert lowering.runtime_config(graph) == {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 16}  # gcd(48, 64)

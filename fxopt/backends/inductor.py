@@ -3,12 +3,11 @@
 ``fxopt.compile(..., backend="inductor")`` hands the graph the passes produced to
 ``torch.compile`` (CPU or CUDA) once, at lowering time, on the example inputs:
 
-- **Graph-stage lowerings run first** (those the eager backend runs: the int8 QDQ Linears
-  become ``fxopt::int8_linear*`` custom ops). Inductor calls a custom op as an opaque
-  kernel through its fake (shape) implementation and fuses the float code around it. Left
-  as QDQ, the quantize/dequantize ops would be decomposed into float pointwise code around
-  a float GEMM (Inductor's own int8 patterns cover only PT2E's static uint8 scheme), so the
-  Linears would lose their int8 speed. Kernel-stage lowerings (oneDNN Linear+activation
+- **Graph-stage lowerings run first**, those the eager backend runs: the kernels they write
+  are PyTorch custom ops with fake (shape) implementations, which Inductor calls as opaque
+  kernels while it fuses the float code around them. Left to Inductor, the patterns they
+  replace would be decomposed into float code around a float GEMM, losing the kernels'
+  speed (docs/backends.md says which). Kernel-stage lowerings (oneDNN Linear+activation
   epilogues and prepacked weights) are eager-only choices: Inductor picks and prepacks its
   own GEMM kernels.
 - **Freezing** (weights constant-folded and prepacked) is read from the global flag
