@@ -43,8 +43,9 @@ INT8 = Preset(
 
 # OpenVINO joins the presets where it is installed (a candidate whose backend is missing is
 # dropped with the reason): it runs fp32, bf16 and int8 BERT-like graphs faster than eager
-# PyTorch on CPU (int8 activations quantized per token by OpenVINO itself). Inductor is not a
-# candidate: its compile (minutes for BERT-base on 2 cores) would dominate every preset's.
+# PyTorch on CPU (int8 activations quantized at run time by OpenVINO itself). Inductor is not
+# a candidate: its compile (about a minute for BERT-4L on 2 cores) would dominate every
+# preset's, and it measured no faster than eager there (docs/backends.md).
 LOSSLESS = Preset(LOSSLESS.name, LOSSLESS.description + "; OpenVINO where installed",
                   (*LOSSLESS.candidates, Candidate((EXACT,), "openvino", devices=("cpu",))))
 BF16 = Preset(BF16.name, BF16.description, (*BF16.candidates,
