@@ -145,7 +145,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
             fine), or a dict of keyword inputs (``{"input_ids": ids, "attention_mask": mask}``).
         passes: pass names, configured pass objects, or ``"a,b(opt=1)"``; None runs
             every registered exact pass.
-        backend: ``"eager"`` (PyTorch, CPU or CUDA; the default) or ``"onnx"`` (ONNX Runtime).
+        backend: ``"eager"`` (PyTorch, CPU or CUDA; the default), ``"onnx"`` (ONNX Runtime), or
+            an optional one: ``"openvino"``, ``"inductor"`` (see :mod:`fxopt.backends`).
             With a preset, None lets the preset choose and a name limits it to that backend.
         device: where the optimized module runs; defaults to the example inputs' device.
         strict: raise :class:`fxopt.PassFailedError` when a pass fails instead of rolling back.
@@ -177,6 +178,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
             max_rounds=max_rounds, fresh_inputs=fresh_inputs, metric=metric, data=data, max_drop=max_drop)
     backend = backend or "eager"
     pipeline = resolve_passes(passes)  # bad names fail before any expensive work
+    from fxopt.backends import get_backend
+
+    get_backend(backend, device)  # so do unknown or uninstalled backends
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     args, kwargs = split_example_inputs(example_inputs, example_kwargs)

@@ -92,8 +92,9 @@ def _parser() -> argparse.ArgumentParser:
                         "(INPUT: forward's parameter name or position; repeatable)")
     p.add_argument("--preset", default=None, help="instead of --passes: lossless, bf16 or int8 (the fastest "
                    "verified recipe within the preset's budget; the report says what it chose)")
-    p.add_argument("--backend", default=None, choices=["eager", "onnx"],
-                   help="default eager; with --preset, limits the preset to that backend")
+    p.add_argument("--backend", default=None,
+                   help="eager (default), onnx, or an optional backend: openvino, inductor (see "
+                        "docs/backends.md); with --preset, limits the preset to that backend")
     p.add_argument("--onnx", metavar="PATH", help="also export the optimized graph to ONNX")
     p.add_argument("--report-json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--strict", action="store_true", help="fail instead of rolling back a failing pass")

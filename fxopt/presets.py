@@ -3,7 +3,8 @@
 A preset is data: a budget and a list of candidates, each a pipeline (pass specs, with
 ``"exact"`` standing for every registered exact pass in order) and a backend, optionally
 limited to some devices. ``fxopt.compile(model, inputs, preset="int8")`` compiles every
-candidate that applies, drops the ones whose output error on the example and calibration
+candidate that applies (a candidate whose backend is not installed is dropped, with the
+reason and the install command in the report), drops the ones whose output error on the example and calibration
 data exceeds the preset's budget or whose passes all rolled back, times the rest side by side
 (interleaved, median) on the example inputs and keeps the fastest. The report says what was
 chosen, the measured times of the others, and why any was dropped.
@@ -130,6 +131,9 @@ def choose(
     if not trials:
         raise InputError(f"preset {preset.name!r} has no candidate for device {device.type!r}")
     for trial in trials:
+        trial.dropped = _unavailable(trial.candidate, device)
+        if trial.dropped is not None:
+            continue
         try:
             trial.module = build(trial.candidate)
         except FxoptError as exc:
@@ -154,6 +158,14 @@ def choose(
         trial.milliseconds = timings[str(i)].median
     best = min(alive, key=lambda t: t.milliseconds or 0.0)
     return best.module, trials
+
+
+def _unavailable(candidate: Candidate, device: torch.device) -> str | None:
+    """Why ``candidate``'s backend cannot run here (not installed, or not on ``device``)."""
+    from fxopt.backends import unavailable_reason
+
+    reason = unavailable_reason(candidate.backend, device)
+    return None if reason is None else f"backend not available: {reason}"
 
 
 def summary(preset: Preset, trials: Sequence[Trial], chosen: Any) -> str:

@@ -14,6 +14,12 @@ registered lowerings and their kernels, the QDQ ops of :mod:`fxopt.ir.qdq`). The
 backend opens a new ONNX Runtime session on the stored model. Nothing is captured or
 optimized again.
 
+Other backends (:mod:`fxopt.backends`): a runner with a ``saved_state()`` method stores what
+it returns, and the backend's ``restore`` rebuilds the runner from it (OpenVINO stores its
+exported ONNX files and compiles them again on load). A backend without one is lowered again
+from the stored graph when the file is loaded (Inductor compiles the graph again: loading
+takes its compile time). Loading needs the backend installed; the error says how.
+
 The file is a pickle (``torch.load(weights_only=False)``): load only files you trust.
 """
 
@@ -46,8 +52,7 @@ def save(optimized: Any, path: str | os.PathLike[str]) -> str:
     if not isinstance(optimized, OptimizedModule):
         raise InputError(f"fxopt.save takes what fxopt.compile returns, got {type(optimized).__name__}")
     backend = optimized.report.backend
-    if backend not in ("eager", "onnx"):
-        raise BackendError(f"fxopt.save supports the eager and onnx backends, not {backend!r}")
+    state = _backend_state(optimized) if backend not in ("eager", "onnx") else None
     graph_module = copy_graph_module(optimized.graph_module)  # shares the constants
     graph_module.meta = {}  # fake tensors and capture bookkeeping are not part of the file
     payload = {
@@ -60,6 +65,7 @@ def save(optimized: Any, path: str | os.PathLike[str]) -> str:
         "signature": optimized.signature,
         "report": optimized.report,
         "onnx": _onnx_files(optimized) if backend == "onnx" else None,
+        "backend_state": state,
     }
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -102,6 +108,8 @@ def load(path: str | os.PathLike[str]) -> Any:
     gm, signature, report = payload["graph_module"], payload["signature"], payload["report"]
     if payload["backend"] == "onnx":
         runner = _onnx_runner(payload["onnx"], device)
+    elif payload["backend"] != "eager":
+        gm, runner = _backend_runner(payload["backend"], payload.get("backend_state"), gm, signature, report, device)
     else:
         gm, runner = _eager_runner(gm, signature, report, device)
     return OptimizedModule(gm, signature, report, runner, device)
@@ -117,6 +125,38 @@ def _eager_runner(gm: torch.fx.GraphModule, signature: Any, report: Any, device:
     generator = torch.Generator().manual_seed(0)
     inputs = [_input_like(spec, generator).to(device) for spec in signature.inputs]
     lowered = lower("eager", gm, signature, inputs, device, scratch)
+    return lowered.graph_module, lowered.run
+
+
+def _backend_state(optimized: Any) -> Any:
+    """What a plugin backend's runner stores (its ``saved_state()``), or None when the
+    backend is lowered again from the stored graph on load, which needs the graph's weights."""
+    from fxopt.backends import get_backend
+
+    backend = get_backend(optimized.report.backend)
+    saved_state = getattr(optimized._runner, "saved_state", None)
+    if saved_state is not None and backend.restore is not None:
+        return saved_state()
+    if any(t.device.type == "meta" for t in (*optimized.graph_module.parameters(),
+                                             *optimized.graph_module.buffers())):
+        raise BackendError(f"the {backend.name} backend keeps no weights in the module and has no "
+                           "saved_state/restore: it cannot be saved")
+    return None
+
+
+def _backend_runner(name: str, state: Any, gm: torch.fx.GraphModule, signature: Any, report: Any,
+                    device: torch.device) -> tuple[Any, Any]:
+    """A plugin backend's runner: restored from its saved state, or lowered again from the
+    stored graph (inputs shaped like the examples, as for the eager backend)."""
+    from fxopt.backends import get_backend, lower
+
+    backend = get_backend(name, device)  # says what to install when the backend is missing
+    if state is not None and backend.restore is not None:
+        return gm, backend.restore(state, gm, signature, device)
+    scratch = dataclasses.replace(report, notes=[])
+    generator = torch.Generator().manual_seed(0)
+    inputs = [_input_like(spec, generator).to(device) for spec in signature.inputs]
+    lowered = lower(name, gm, signature, inputs, device, scratch)
     return lowered.graph_module, lowered.run
 
 

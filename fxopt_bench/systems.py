@@ -498,10 +498,11 @@ def _fxopt(passes: Callable[[], list[Any]] | None = None, backend: str = "eager"
                     lossy = _require_pass(item)
             options["passes"] = pipeline
         if backend != "eager":
-            try:
-                importlib.import_module(f"fxopt.backends.{backend}")
-            except ImportError as exc:
-                raise Unavailable(f"fxopt backend '{backend}' is not installed") from exc
+            from fxopt.backends import unavailable_reason
+
+            reason = unavailable_reason(backend, ctx.device)
+            if reason is not None:
+                raise Unavailable(reason)
         start = time.perf_counter()
         try:
             with _quiet():
@@ -566,6 +567,7 @@ def pipeline_note(report: Any, lossy: str | None) -> str:
 
 PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
 STATIC = "quantize-int8(activations='static', symmetric=False)"
+STATIC_PERCENTILE = "quantize-int8(activations='static', observer='percentile')"
 
 SYSTEMS_LIST: tuple[System, ...] = (
     System("eager", "PyTorch eager, fp32 (the baseline)", _eager, label="eager fp32"),
@@ -585,6 +587,10 @@ SYSTEMS_LIST: tuple[System, ...] = (
     # fxopt lossless
     System("fxopt", "fxopt default lossless pipeline, eager backend", _fxopt()),
     System("fxopt-onnx", "fxopt default lossless pipeline, ONNX Runtime backend", _fxopt(backend="onnx")),
+    System("fxopt-openvino", "fxopt default lossless pipeline, OpenVINO backend (f32)",
+           _fxopt(backend="openvino"), ("openvino",), cpu_only=True, label="fxopt OpenVINO"),
+    System("fxopt-inductor", "fxopt default lossless pipeline, Inductor backend (freezing)",
+           _fxopt(backend="inductor"), label="fxopt Inductor"),
     # int8 peers
     System("torch.ao-int8", "torch.ao.quantization.quantize_dynamic on nn.Linear, qint8",
            _torch_ao_dynamic_int8, cpu_only=True, label="torch.ao dynamic int8"),
@@ -617,6 +623,18 @@ SYSTEMS_LIST: tuple[System, ...] = (
     System("fxopt-int8-static-sq", "as fxopt-int8-static, smooth-quant before quantize-int8",
            _fxopt(lambda: [*_default_pipeline(), "smooth-quant", STATIC], calibrate=True),
            label="fxopt int8 eager (static, smooth-quant)"),
+    # Static activations (QuantizeLinear/DequantizeLinear pairs) become OpenVINO int8 kernels
+    # with no run-time quantization step; calibrated on the bench inputs, as the NNCF and
+    # PT2E rows are.
+    System("fxopt-int8-openvino", "fxopt lossless pipeline + quantize-int8 (static per-tensor "
+           "activations, calibrated on the inputs), OpenVINO backend",
+           _fxopt(_with(STATIC_PERCENTILE), "openvino", calibrate=True), ("openvino",), cpu_only=True,
+           label="fxopt int8 OpenVINO (static)"),
+    # OpenVINO quantizes the activations of a dynamic int8 Linear itself, in groups, on its
+    # int8 kernels; the graph's int8 weights are used as they are.
+    System("fxopt-int8-pt-openvino", "as fxopt-int8-pt, OpenVINO backend (int8 weights, activations "
+           "quantized at run time by OpenVINO)", _fxopt(_with(PER_TENSOR), "openvino"), ("openvino",),
+           cpu_only=True, label="fxopt int8 OpenVINO (dynamic)"),
     System("fxopt-preset-lossless", "fxopt.compile(preset='lossless'): the exact passes, the faster "
            "backend", _fxopt(preset="lossless")),
     System("fxopt-preset-bf16", "fxopt.compile(preset='bf16'): Linears in bfloat16 within 1% output "

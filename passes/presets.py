@@ -6,7 +6,8 @@ Runtime, whichever runs faster. ``bf16``: the exact passes, then Linears in bflo
 then int8 Linears with activations per tensor (chosen at run time) or per token, in eager
 PyTorch or ONNX Runtime, within the quantize-int8 pass's 5% budget; given calibration batches,
 also static per-tensor activations (with and without smooth-quant) on oneDNN's fused int8
-kernel (without them those candidates are dropped: static scales need calibration).
+kernel (without them those candidates are dropped: static scales need calibration). Where the optional
+backend OpenVINO is installed, it is a candidate of each preset on CPU.
 """
 
 from __future__ import annotations
@@ -16,10 +17,20 @@ from fxopt.presets import EXACT, Candidate, Preset
 INT8_PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
 INT8_STATIC = "quantize-int8(activations='static', symmetric=False)"
 
+# OpenVINO is a candidate of each preset where it is installed (a candidate whose backend is
+# missing is dropped with the reason): it runs fp32, bf16 and int8 BERT-like graphs faster
+# than eager PyTorch on CPU (int8 activations quantized at run time by OpenVINO itself).
+# Inductor is not a candidate: its compile (about a minute for BERT-4L on 2 cores) would
+# dominate every preset's, and it measured no faster than eager there (docs/backends.md).
+
 LOSSLESS = Preset(
     "lossless",
-    "every exact pass; the faster of eager PyTorch and ONNX Runtime",
-    (Candidate((EXACT,), "eager"), Candidate((EXACT,), "onnx", devices=("cpu",))),
+    "every exact pass; the fastest of eager PyTorch, ONNX Runtime and OpenVINO where installed",
+    (
+        Candidate((EXACT,), "eager"),
+        Candidate((EXACT,), "onnx", devices=("cpu",)),
+        Candidate((EXACT,), "openvino", devices=("cpu",)),
+    ),
 )
 
 BF16 = Preset(
@@ -28,6 +39,7 @@ BF16 = Preset(
     (
         Candidate((EXACT, "cast-bf16(budget=0.01)"), "eager"),
         Candidate((EXACT, "cast-fp16(budget=0.01)"), "eager", devices=("cuda",)),
+        Candidate((EXACT, "cast-bf16(budget=0.01)"), "openvino", devices=("cpu",)),
     ),
     budget=0.01,
 )
@@ -42,6 +54,7 @@ INT8 = Preset(
                   note="needs calibration batches"),
         Candidate((EXACT, INT8_PER_TENSOR), "eager"),
         Candidate((EXACT, INT8_PER_TENSOR), "onnx", devices=("cpu",)),
+        Candidate((EXACT, INT8_PER_TENSOR), "openvino", devices=("cpu",)),
         Candidate((EXACT, "quantize-int8"), "eager"),
     ),
     budget=0.05,

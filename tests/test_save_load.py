@@ -38,12 +38,15 @@ def _load_and_run(path: Path, inputs: Path) -> str:
 
 @pytest.mark.parametrize(
     ("backend", "passes"),
-    [("eager", ["remove-dropout"]), ("eager", ["remove-dropout", "quantize-int8"]), ("onnx", ["remove-dropout"])],
-    ids=["eager", "eager-int8", "onnx"],
+    [("eager", ["remove-dropout"]), ("eager", ["remove-dropout", "quantize-int8"]), ("onnx", ["remove-dropout"]),
+     ("openvino", ["remove-dropout", "quantize-int8"])],
+    ids=["eager", "eager-int8", "onnx", "openvino-int8"],
 )
 def test_save_and_load_in_a_fresh_process(tmp_path: Path, backend: str, passes: list[str]) -> None:
     if backend == "onnx":
         pytest.importorskip("onnxruntime")
+    if backend == "openvino":
+        pytest.importorskip("openvino")
     model = _mlp()
     x = torch.randn(4, 32)
     opt = fxopt.compile(model, (x,), passes=passes, backend=backend)
@@ -116,12 +119,12 @@ def test_device_move_is_refused() -> None:
         opt.cuda()
 
 
-@pytest.mark.parametrize("backend", ["eager", "onnx"])
+@pytest.mark.parametrize("backend", ["eager", "onnx", "openvino", "inductor"])
 def test_deepcopy_gives_an_independent_working_module(backend: str) -> None:
     import copy
 
-    if backend == "onnx":
-        pytest.importorskip("onnxruntime")
+    if backend in ("onnx", "openvino"):
+        pytest.importorskip("onnxruntime" if backend == "onnx" else "openvino")
     model = _mlp()
     x = torch.randn(4, 32)
     opt = fxopt.compile(model, (x,), backend=backend)

@@ -101,11 +101,14 @@ def export_graph(
     path: Path,
     signature: Any,
     opset: int = DEFAULT_OPSET,
+    backend: str = "onnx",
 ) -> OnnxGraph:
-    """Write ``gm`` to ``path`` as checked ONNX; ``gm`` itself is never changed."""
+    """Write ``gm`` to ``path`` as checked ONNX, after the lowerings declared for ``backend``
+    (another runtime that reads ONNX, such as OpenVINO, takes the graph with its own);
+    ``gm`` itself is never changed."""
     import onnx
 
-    lowered = lower_graph(gm, "onnx", None)
+    lowered = lower_graph(gm, backend, None)
     graph, outputs = _tensor_outputs(lowered.graph_module)
     translations = {**onnx_translations(), **lowered.onnx_translations()}
     graph.eval()  # the graph is ATen-level already; this only silences the exporter's warning

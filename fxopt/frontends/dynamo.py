@@ -129,6 +129,9 @@ class _Settings:
         if unknown:
             raise BackendError(f"unknown fxopt backend option(s) {unknown} (options: {', '.join(OPTIONS)})")
         settings = cls(**options)
+        from fxopt.backends import get_backend
+
+        get_backend(settings.backend)  # an unknown or uninstalled backend fails here, saying why
         if settings.on_weight_change not in ("recompile", "raise"):
             raise BackendError(f"on_weight_change must be 'recompile' or 'raise', got {settings.on_weight_change!r}")
         return settings
@@ -153,7 +156,8 @@ def fxopt_backend(
 ) -> Callable[..., Any]:
     """The TorchDynamo backend: optimize one dynamo graph; see the module docstring.
 
-    Options: ``passes`` (as in ``fxopt.compile``), ``backend`` (``"eager"`` or ``"onnx"``),
+    Options: ``passes`` (as in ``fxopt.compile``), ``backend`` (``"eager"``, ``"onnx"`` or an
+    installed optional backend, see :mod:`fxopt.backends`),
     ``strict`` (raise instead of rolling back a pass or running a piece unoptimized),
     ``on_weight_change`` (``"recompile"`` or ``"raise"``), ``log`` (a :class:`CompileLog`).
     """

@@ -1,0 +1,189 @@
+"""The OpenVINO backend: the optimized graph run by OpenVINO's CPU plugin.
+
+``fxopt.compile(..., backend="openvino")`` (``pip install 'fxopt[openvino]'``) runs the
+lowerings declared for ``"openvino"``, exports the graph with fxopt's ONNX exporter
+(:func:`fxopt.backends.onnx.export_graph`) and compiles it with
+``openvino.Core.compile_model``. The ONNX route is the one on which OpenVINO's own graph
+transformations turn fxopt's lower-precision patterns into its kernels; a lowering may give
+the CPU plugin settings for the graph it wrote (``runtime_config(gm)``), which this backend
+applies. See docs/backends.md for what each lowering does.
+
+Pitfalls handled here: the CPU plugin silently runs f32 graphs in bf16 on CPUs with bf16
+support, so every graph is compiled with ``INFERENCE_PRECISION_HINT=f32`` unless the graph
+itself computes in bfloat16 (the ``cast-bf16`` pass), which may run in bf16; it uses as many
+threads as PyTorch (``INFERENCE_NUM_THREADS = torch.get_num_threads()`` at compile time); the
+sizes that are symbolic in the graph (the batch, by default) stay dynamic in the ONNX graph,
+so another batch size runs the same compiled model. CPU only.
+
+The outputs must match the optimized graph on the example inputs (float tolerance, or what
+the applied lowerings declare, or bf16's for bf16 graphs), or
+:class:`~fxopt.errors.BackendError` is raised; where OpenVINO computes differently from the
+graph by more than float rounding, its drift is added to the report's error against the
+model. The compiled model owns the weights: the module keeps the graph without them, and
+:func:`fxopt.save` stores the exported ONNX files.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxopt.backends import Backend, Lowered
+from fxopt.errors import BackendError
+from fxopt.lowering import lower_graph
+from fxopt.verify import compare_outputs, exact_tolerance, run_graph
+
+
+def lower_openvino(
+    gm: fx.GraphModule,
+    signature: Any,
+    example_inputs: list[torch.Tensor],
+    device: torch.device,
+    report: Any,
+) -> Lowered:
+    if device.type != "cpu":
+        raise BackendError(f"backend 'openvino' runs on cpu only, not {device.type!r}; use device='cpu'")
+    from fxopt.backends.onnx import export_graph, without_weights
+
+    inputs = [t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in example_inputs]
+    lowered = lower_graph(gm, "openvino", device)
+    files = tempfile.TemporaryDirectory(prefix="fxopt-openvino-")
+    # the lowerings ran: the exporter finds none of their patterns left to lower again
+    exported = export_graph(lowered.graph_module, inputs, Path(files.name) / "model.onnx", signature,
+                            backend="openvino")
+    config = compile_config(computes_in_bfloat16(gm))
+    for lowering in lowered.applied:
+        runtime_config = getattr(lowering, "runtime_config", None)
+        if runtime_config is not None:
+            config.update(runtime_config(lowered.graph_module))
+    runner = OpenVinoRunner(exported, config)
+    runner.files = files
+    expected = run_graph(gm, inputs)
+    actual = runner(*inputs)
+    comparison = compare_outputs(expected, actual)
+    exact = exact_tolerance(comparison.worst_dtype)
+    limit = max([exact] + [rtol for rtol in (lowered.parity_rtol(), exported.parity_rtol) if rtol is not None])
+    if config["INFERENCE_PRECISION_HINT"] == "bf16":
+        limit = max(limit, exact_tolerance(torch.bfloat16))
+    if comparison.mismatch or not comparison.within(limit):
+        detail = comparison.mismatch or f"max relative error {comparison.max_rel:.3g} > {limit:g}"
+        raise BackendError(f"OpenVINO disagrees with the optimized graph: {detail}")
+    report.notes.extend(lowered.notes)
+    report.notes.extend(exported.notes)
+    if comparison.max_rel > exact:
+        # OpenVINO computes differently from the graph here (scales of its own, bf16 beyond
+        # the graph's Linears): the error against the model is bounded by the graph's plus
+        # OpenVINO's drift from it, so a preset's budget holds for what actually runs.
+        report.final_max_rel_err += comparison.max_rel
+    report.notes.append(f"OpenVINO {openvino_version()} runs the graph on CPU ({runner.precision()} inference "
+                        f"precision, {config['INFERENCE_NUM_THREADS']} threads); parity with the optimized "
+                        f"graph: max rel err {comparison.max_rel:.2e}")
+    return Lowered(without_weights(gm), runner)
+
+
+def computes_in_bfloat16(gm: fx.GraphModule) -> bool:
+    """Whether any value of ``gm`` is a bfloat16 tensor (a graph the cast-bf16 pass changed)."""
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dtype == torch.bfloat16:
+            return True
+    return False
+
+
+def compile_config(bfloat16: bool) -> dict[str, Any]:
+    """The CPU plugin's configuration for a graph: f32 unless the graph computes in bf16
+    (the plugin would pick bf16 by itself on CPUs that have it), PyTorch's thread count,
+    latency mode. Lowerings add theirs (``runtime_config``)."""
+    return {
+        "INFERENCE_PRECISION_HINT": "bf16" if bfloat16 else "f32",
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+        "PERFORMANCE_HINT": "LATENCY",
+    }
+
+
+def openvino_version() -> str:
+    import openvino
+
+    return str(openvino.__version__).split("-")[0]
+
+
+class OpenVinoRunner:
+    """Runs an exported graph compiled by OpenVINO: torch tensors in, the graph's flat
+    outputs (torch tensors, and the non-tensor outputs that never entered ONNX) out."""
+
+    files: Any = None  # the TemporaryDirectory holding the exported model
+
+    def __init__(self, exported: Any, config: dict[str, Any]) -> None:
+        import openvino as ov
+
+        self.exported = exported
+        self.config = dict(config)
+        core = ov.Core()
+        try:
+            model = core.read_model(str(exported.path))
+            self.compiled = core.compile_model(model, "CPU", self.config)
+        except Exception as exc:
+            raise BackendError(f"OpenVINO could not compile the exported graph: {exc}") from exc
+        self.request = self.compiled.create_infer_request()
+        used = {name for port in self.compiled.inputs for name in port.get_names()}
+        self._feeds = [(position, name) for position, name in enumerate(exported.input_names) if name in used]
+        self._layout = list(exported.outputs)
+
+    def precision(self) -> str:
+        return str(self.compiled.get_property("INFERENCE_PRECISION_HINT")).split(":")[-1].strip(" >'")
+
+    def __call__(self, *inputs: torch.Tensor) -> list[Any]:
+        from fxopt.backends.onnx import OrtRunner
+
+        feeds = {name: _numpy(inputs[position]) for position, name in self._feeds}
+        results = self.request.infer(feeds)
+        tensors = [torch.from_numpy(results[port].copy()) for port in self.compiled.outputs]
+        return [OrtRunner._output(entry, tensors) for entry in self._layout]
+
+    def saved_state(self) -> dict[str, Any]:
+        """What :func:`restore` needs: the exported ONNX files (bytes) and the configuration."""
+        import dataclasses
+
+        directory = Path(self.files.name) if self.files is not None else self.exported.path.parent
+        contents = {p.name: p.read_bytes() for p in directory.iterdir() if p.is_file()}
+        return {"graph": dataclasses.replace(self.exported, path=Path(self.exported.path.name)),
+                "files": contents, "config": self.config}
+
+
+def _numpy(tensor: torch.Tensor) -> Any:
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        raise BackendError("the OpenVINO runner takes no bfloat16 inputs; use float32")
+    return tensor.contiguous().numpy()
+
+
+def restore(state: dict[str, Any], graph_module: fx.GraphModule, signature: Any,
+            device: torch.device) -> OpenVinoRunner:
+    """A runner for a module :func:`fxopt.save` stored; the thread count is this process's."""
+    import dataclasses
+
+    if device.type != "cpu":
+        raise BackendError(f"backend 'openvino' runs on cpu only, not {device.type!r}")
+    files = tempfile.TemporaryDirectory(prefix="fxopt-openvino-")
+    for name, data in state["files"].items():
+        (Path(files.name) / name).write_bytes(data)
+    exported = dataclasses.replace(state["graph"], path=Path(files.name) / state["graph"].path.name)
+    config = {**state["config"], "INFERENCE_NUM_THREADS": torch.get_num_threads()}
+    runner = OpenVinoRunner(exported, config)
+    runner.files = files
+    return runner
+
+
+BACKEND = Backend(
+    "openvino",
+    lower_openvino,
+    requires=("openvino",),
+    extra="openvino",
+    devices=("cpu",),
+    description="the optimized graph exported to ONNX and run by OpenVINO's CPU plugin",
+    restore=restore,
+)

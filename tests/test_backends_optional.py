@@ -1,0 +1,314 @@
+"""Backends as plugins, and the optional OpenVINO and Inductor backends.
+
+OpenVINO tests skip where OpenVINO is not installed (``pip install 'fxopt[openvino]'``);
+Inductor comes with torch. Models stay tiny: Inductor compiles every graph.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import tiny_transformer, token_ids
+from torch import nn
+
+import fxopt
+from fxopt.backends import Backend, Lowered, backend_names, get_backend, registered_backend
+from fxopt.presets import Candidate, Preset, registered_preset
+
+PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
+OPTIONAL = ["openvino", "inductor"]
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 16))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-0.5, 0.5)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def _needs(backend: str) -> None:
+    if backend == "openvino":
+        pytest.importorskip("openvino")
+
+
+def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    actual, expected = actual.detach(), expected.detach()
+    return float((actual - expected).abs().max() / expected.abs().max())
+
+
+def _quiet_compile(*args, **kwargs) -> fxopt.OptimizedModule:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxopt.compile(*args, **kwargs)
+
+
+# ---------------------------------------------------------------- the registry
+
+
+def test_builtin_backends_are_entry_points() -> None:
+    names = backend_names()
+    assert {"eager", "onnx", "inductor"} <= set(names)
+    assert "openvino" in backend_names(installed_only=False)
+
+
+def test_unknown_backend_is_refused_before_capture() -> None:
+    with pytest.raises(fxopt.BackendError, match="unknown backend 'tvm'.*available: .*eager"):
+        fxopt.compile(nn.Linear(2, 2).eval(), (torch.randn(2, 2),), backend="tvm")
+
+
+def test_a_backend_whose_package_is_missing_says_what_to_install() -> None:
+    def never(*args):  # pragma: no cover - must not be reached
+        raise AssertionError("lowered without its package")
+
+    missing = Backend("needs-missing", never, requires=("fxopt_no_such_module",), extra="missing")
+    with registered_backend(missing):
+        assert "needs-missing" not in backend_names()
+        assert "needs-missing" in backend_names(installed_only=False)
+        with pytest.raises(fxopt.BackendError, match=r"fxopt_no_such_module.*pip install 'fxopt\[missing\]'"):
+            fxopt.compile(nn.Linear(2, 2).eval(), (torch.randn(2, 2),), backend="needs-missing")
+    assert "needs-missing" not in backend_names(installed_only=False)
+
+
+def test_a_plugin_backend_runs_and_is_saved_by_lowering_again(tmp_path) -> None:
+    calls = []
+
+    def lower_plain(gm, signature, inputs, device, report):
+        calls.append(device)
+        report.notes.append("plain backend")
+        return Lowered(gm, lambda *args: gm(*args))
+
+    model, x = _mlp(), torch.randn(4, 32)
+    with registered_backend(Backend("plain", lower_plain)):
+        opt = fxopt.compile(model, (x,), backend="plain")
+        torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+        path = fxopt.save(opt, tmp_path / "plain.fxopt")
+        loaded = fxopt.load(path)
+        torch.testing.assert_close(loaded(x), model(x), rtol=1e-4, atol=1e-5)
+    assert len(calls) == 2  # compiled, then lowered again on load
+
+
+def test_openvino_refuses_cuda_clearly() -> None:
+    pytest.importorskip("openvino")
+    with pytest.raises(fxopt.BackendError, match="'openvino' runs on cpu only"):
+        get_backend("openvino", "cuda")
+
+
+def test_preset_drops_a_candidate_whose_backend_is_missing() -> None:
+    missing = Backend("needs-missing", lambda *a: None, requires=("fxopt_no_such_module",), extra="missing")
+    preset = Preset("test-missing-backend", "eager, or a backend that is not installed",
+                    (Candidate(("remove-dropout",), "needs-missing"), Candidate(("remove-dropout",), "eager")))
+    with registered_backend(missing), registered_preset(preset):
+        opt = _quiet_compile(_mlp(), (torch.randn(4, 32),), preset="test-missing-backend")
+    assert opt.report.backend == "eager"
+    note = opt.report.notes[-1]
+    assert "on needs-missing dropped: backend not available" in note
+    assert "pip install 'fxopt[missing]'" in note
+
+
+# ---------------------------------------------------------------- each optional backend
+
+
+@pytest.mark.parametrize("backend", OPTIONAL)
+def test_lossless_mlp_matches_eager_and_takes_another_batch(backend: str) -> None:
+    _needs(backend)
+    model, x = _mlp(), torch.randn(8, 32)
+    opt = fxopt.compile(model, (x,), backend=backend)
+    assert opt.report.backend == backend
+    assert _rel(opt(x), model(x)) < 1e-4
+    from torch._dynamo.utils import counters
+
+    graphs = counters["stats"]["unique_graphs"]
+    other = torch.randn(5, 32)
+    assert _rel(opt(other), model(other)) < 1e-4
+    assert counters["stats"]["unique_graphs"] == graphs  # Inductor: the batch was compiled dynamic
+    other = torch.randn(1, 32)
+    assert _rel(opt(other), model(other)) < 1e-4
+    applied = {r.name for r in opt.report.passes if r.applied}
+    assert {"fold-batchnorm", "remove-dropout"} <= applied
+
+
+@pytest.mark.parametrize("backend", OPTIONAL)
+@pytest.mark.parametrize("int8", ["dynamic-tensor", "static"])
+def test_int8_mlp_stays_within_the_pass_budget(backend: str, int8: str) -> None:
+    _needs(backend)
+    model, x = _mlp(), torch.randn(8, 32)
+    calibration = [(torch.randn(8, 32),) for _ in range(4)]
+    spec = f"quantize-int8(activations='{int8}', force=True)"
+    opt = _quiet_compile(model, (x,), passes=["remove-dropout", "fold-batchnorm", spec], backend=backend,
+                         calibration=calibration)
+    record = next(r for r in opt.report.passes if r.name == "quantize-int8")
+    assert record.applied == 2
+    assert _rel(opt(x), model(x)) < 0.05
+    other = torch.randn(3, 32)
+    assert _rel(opt(other), model(other)) < 0.05
+
+
+def test_openvino_runs_int8_kernels_and_lossless_in_f32() -> None:
+    pytest.importorskip("openvino")
+    model, x = _mlp(), torch.randn(8, 32)
+    calibration = [(torch.randn(8, 32),) for _ in range(4)]
+    lossless = fxopt.compile(model, (x,), backend="openvino")
+    # the CPU plugin would pick bf16 by itself on CPUs that have it
+    assert lossless._runner.config["INFERENCE_PRECISION_HINT"] == "f32"
+    assert lossless._runner.precision() in ("f32", "float32")
+    assert lossless._runner.config["INFERENCE_NUM_THREADS"] == torch.get_num_threads()
+    assert lossless._runner.config.get("DYNAMIC_QUANTIZATION_GROUP_SIZE", 0) == 0
+    assert _int8_layers(lossless) == 0
+    for spec in ("quantize-int8(activations='static', force=True)", "quantize-int8(force=True)", PER_TENSOR):
+        opt = _quiet_compile(model, (x,), passes=["fold-batchnorm", spec], backend="openvino",
+                             calibration=calibration)
+        assert _int8_layers(opt) == 2, spec
+
+
+def _int8_layers(opt: fxopt.OptimizedModule) -> int:
+    """FullyConnected layers OpenVINO runs as int8 GEMMs: int8 activations in (static QDQ),
+    or int8 weights with activations it quantizes at run time (dynamic quantization on)."""
+    runner = opt._runner
+    dynamic = runner.config.get("DYNAMIC_QUANTIZATION_GROUP_SIZE", 0) > 0
+    count = 0
+    for op in runner.compiled.get_runtime_model().get_ordered_ops():
+        if op.get_rt_info()["layerType"].astype(str) != "FullyConnected":
+            continue
+        types = [op.input(i).get_element_type().get_type_name() for i in range(2)]
+        if types[0] in ("i8", "u8") or (dynamic and types[1] == "i8"):
+            count += 1
+    return count
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", OPTIONAL)
+def test_bert_lossless_and_int8(backend: str) -> None:
+    _needs(backend)
+    model = tiny_transformer("bert")
+    ids = token_ids(4, 8)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    expected = model(**inputs).last_hidden_state
+    opt = fxopt.compile(model, inputs, backend=backend)
+    assert _rel(opt(**inputs).last_hidden_state, expected) < 1e-4
+    other = token_ids(2, 8)
+    assert _rel(opt(input_ids=other, attention_mask=torch.ones_like(other)).last_hidden_state,
+                model(input_ids=other, attention_mask=torch.ones_like(other)).last_hidden_state) < 1e-4
+    if backend == "inductor":
+        return  # one Inductor compile of BERT is enough for CI; the MLP covers its int8 graphs
+    int8 = _quiet_compile(model, inputs, passes=["remove-dropout", PER_TENSOR], backend=backend)
+    assert next(r for r in int8.report.passes if r.name == "quantize-int8").applied > 0
+    assert _rel(int8(**inputs).last_hidden_state, expected) < 0.05
+
+
+@pytest.mark.parametrize("backend", OPTIONAL)
+def test_save_and_load(backend: str, tmp_path) -> None:
+    _needs(backend)
+    model, x = _mlp(), torch.randn(8, 32)
+    opt = _quiet_compile(model, (x,), passes=["remove-dropout", "fold-batchnorm",
+                                              "quantize-int8(force=True)"], backend=backend)
+    loaded = fxopt.load(fxopt.save(opt, tmp_path / f"{backend}.fxopt"))
+    assert loaded.report.backend == backend
+    torch.testing.assert_close(loaded(x), opt(x), rtol=1e-5, atol=1e-6)
+    other = torch.randn(3, 32)
+    torch.testing.assert_close(loaded(other), opt(other), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", OPTIONAL)
+def test_through_torch_compile(backend: str) -> None:
+    _needs(backend)
+    from fxopt.frontends.dynamo import CompileLog
+
+    model, x = _mlp(), torch.randn(8, 32)
+    log = CompileLog()
+    compiled = torch.compile(model, backend="fxopt", options={"backend": backend, "log": log,
+                                                              "passes": ["fold-batchnorm"]})
+    assert _rel(compiled(x), model(x)) < 1e-4
+    assert [r.backend for r in log.reports] == [backend]
+    assert all(record.fallback is None for record in log.records)
+
+
+def test_cli_optimize_with_an_optional_backend(tmp_path) -> None:
+    from fxopt.cli import main
+
+    source = tmp_path / "mlp.py"
+    source.write_text("import torch\n\ndef build():\n"
+                      "    return torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.ReLU()).eval()\n")
+    report = tmp_path / "report.json"
+    assert main(["optimize", f"{source}:build", "--input-shape", "4,32", "--backend", "inductor",
+                 "--report-json", str(report)]) == 0
+    assert json.loads(report.read_text())["backend"] == "inductor"
+    assert main(["optimize", f"{source}:build", "--input-shape", "4,32", "--backend", "tvm"]) == 1
+
+
+# ---------------------------------------------------------------- fxopt bench rows
+
+
+def test_bench_rows_for_the_optional_backends() -> None:
+    import fxopt_bench as bench
+
+    model, x = _mlp(), torch.randn(8, 32)
+    systems = ["fxopt-inductor", "fxopt-openvino", "fxopt-int8-openvino", "fxopt-int8-pt-openvino"]
+    config = bench.BenchConfig(systems=["eager", *systems], repeats=1, warmup=0)
+    rows = {r.system: r for r in bench.run_model("mlp", model, (x,), config, lambda m: None)}
+    assert rows["fxopt-inductor"].status == "ok" and rows["fxopt-inductor"].max_rel_err < 1e-4
+    for name in systems[1:]:
+        if importlib.util.find_spec("openvino") is None:
+            assert rows[name].status == "skipped" and "openvino not installed" in rows[name].note
+            continue
+        assert rows[name].status == "ok", rows[name].note
+        assert rows[name].max_rel_err < (1e-4 if name == "fxopt-openvino" else 0.05)
+
+
+def test_torch_compile_refuses_an_unknown_backend_option() -> None:
+    compiled = torch.compile(_mlp(), backend="fxopt", options={"backend": "tvm"})
+    with pytest.raises(Exception, match="unknown backend 'tvm'"):
+        compiled(torch.randn(4, 32))
+
+
+@pytest.mark.cuda
+def test_inductor_on_cuda() -> None:
+    model, x = _mlp().cuda(), torch.randn(8, 32, device="cuda")
+    opt = _quiet_compile(model, (x,), passes=["remove-dropout", "fold-batchnorm", "quantize-int8(force=True)"],
+                         backend="inductor", device="cuda")
+    assert opt(x).device.type == "cuda"
+    assert _rel(opt(x), model(x)) < 0.05
+    other = torch.randn(3, 32, device="cuda")
+    assert _rel(opt(other), model(other)) < 0.05
+
+
+def test_openvino_adds_its_own_quantization_drift_to_the_reported_error() -> None:
+    pytest.importorskip("openvino")
+    model, x = _mlp(), torch.randn(8, 32)
+    passes = ["remove-dropout", "fold-batchnorm", PER_TENSOR]
+    eager = _quiet_compile(model, (x,), passes=passes)
+    openvino = _quiet_compile(model, (x,), passes=passes, backend="openvino")
+    # same graph, same graph error; OpenVINO's run-time scales add their drift on top
+    assert openvino.report.final_max_rel_err > eager.report.final_max_rel_err
+    assert _rel(openvino(x), model(x)) <= openvino.report.final_max_rel_err + 1e-6
+
+
+def test_openvino_int8_lowering_leaves_dynamic_activations_to_openvino() -> None:
+    from fxopt.ir.qdq import has_qdq_linear, qops
+    from fxopt.lowering import get_lowering, lower_graph
+
+    captured = {}
+
+    def keep(gm, signature, inputs, device, report):
+        captured["gm"] = gm
+        return Lowered(gm, lambda *args: gm(*args))
+
+    model = nn.Sequential(nn.Linear(48, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    with registered_backend(Backend("keep", keep)):
+        _quiet_compile(model, (torch.randn(8, 48),), passes=["quantize-int8(force=True)"], backend="keep")
+    gm = captured["gm"]
+    lowering = get_lowering("openvino-int8")
+    assert lowering.backends == ("openvino",)
+    assert lower_graph(gm, "eager", torch.device("cpu"), "graph").applied != [lowering]
+    lowered = lower_graph(gm, "openvino", torch.device("cpu"))
+    assert lowered.applied == [lowering] and lowered.parity_rtol() == 0.05
+    graph = lowered.graph_module
+    assert not has_qdq_linear(graph) and has_qdq_linear(gm)  # the captured graph is untouched
+    targets = {node.target for node in graph.graph.nodes}
+    assert qops.dequantize_per_channel in targets and qops.quantize_per_token not in targets
+    assert lowering.runtime_config(graph) == {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 16}  # gcd(48, 64)
