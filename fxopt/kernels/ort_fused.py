@@ -12,9 +12,9 @@ translation into the contrib op:
                                                                 com.microsoft.FastGelu ('tanh')
 
 ``q``, ``k``, ``v`` are ``[batch, seq, heads * head_size]``: the layout the projections produce,
-so the head split and merge transposes disappear from the exported graph. FastGelu computes
-the tanh formula, the same formula as ``gelu(approximate='tanh')``; only the exact erf GELU
-maps to BiasGelu.
+so the head split and merge transposes disappear from the exported graph. BiasGelu is the
+exact erf GELU; FastGelu is the tanh formula (``approximate='tanh'``; the built-in lowering
+writes the exact form only).
 """
 
 from __future__ import annotations

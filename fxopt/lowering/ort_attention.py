@@ -198,6 +198,14 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node) -> None:
     _infer(fused)
     if merged is not None:
         merged.replace_all_uses_with(fused)
+        # Erased by hand: dead-code elimination keeps SDPA, whose op is tagged
+        # nondeterministic (its dropout), so fx treats it as impure.
+        current = merged
+        while current is not node:
+            previous = current.args[0]
+            gm.graph.erase_node(current)
+            current = previous
+        gm.graph.erase_node(node)
         return
     with gm.graph.inserting_after(fused):
         split = gm.graph.call_function(aten.unflatten.int, (fused, -1, [n, hv]))
@@ -206,3 +214,4 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node) -> None:
     _infer(split)
     _infer(heads)
     node.replace_all_uses_with(heads)
+    gm.graph.erase_node(node)

@@ -1,11 +1,11 @@
-"""The ONNX Runtime bias-GELU lowering: a Linear's bias and its GELU as ``fxopt::bias_gelu``.
+"""The ONNX Runtime bias-GELU lowering: a Linear's bias and its exact GELU as ``fxopt::bias_gelu``.
 
     gelu(linear(x, W, b), approximate='none')  => bias_gelu(linear(x, W), b, 'none')   (com.microsoft.BiasGelu)
-    gelu(linear(x, W, b), approximate='tanh')  => bias_gelu(linear(x, W), b, 'tanh')   (com.microsoft.FastGelu)
 
-FastGelu computes the tanh formula, which is what ``approximate='tanh'`` asks for; the exact
-erf GELU maps to BiasGelu only, never to FastGelu. Constraints: the Linear feeds the GELU
-alone, its bias is a constant 1-D tensor of the output's dtype (float32/float16).
+Only the exact (erf) GELU is lowered: FastGelu is the tanh approximation, so it never stands
+in for it, and a tanh GELU (GPT-2's, after swap-activations) stays ONNX's own one-node
+``Gelu(approximate='tanh')``. Constraints: the Linear feeds the GELU alone, its bias is a
+constant 1-D tensor of the output's dtype (float32/float16).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from fxopt.lowering.ort_skip_layer_norm import take_linear_bias
 
 
 class OrtBiasGelu(Lowering):
-    """Linear bias + GELU -> ONNX Runtime's BiasGelu / FastGelu, for the ONNX backend."""
+    """Linear bias + exact GELU -> ONNX Runtime's BiasGelu, for the ONNX backend."""
 
     name = "ort-bias-gelu"
     backends = ("onnx",)
@@ -31,12 +31,11 @@ class OrtBiasGelu(Lowering):
 
     def lower(self, gm: fx.GraphModule, device: torch.device | None) -> LoweringResult:
         result = LoweringResult()
-        kinds: set[str] = set()
         for node in list(gm.graph.nodes):
             if not (is_op(node, ops.gelu) and is_op(node.args[0], ops.linear)):
                 continue
             approximate = arg(node, 1, "approximate", "none")
-            if dtype_of(node) not in (torch.float32, torch.float16) or approximate not in ("none", "tanh"):
+            if dtype_of(node) not in (torch.float32, torch.float16) or approximate != "none":
                 continue
             bare, bias = take_linear_bias(gm, node.args[0])
             if bias is None:
@@ -46,11 +45,10 @@ class OrtBiasGelu(Lowering):
             fused.meta.update(node.meta)
             node.replace_all_uses_with(fused)
             gm.graph.erase_node(node)
-            kinds.add("FastGelu" if approximate == "tanh" else "BiasGelu")
             result.lowered += 1
         if result.lowered:
             gm.recompile()
-            result.notes.append(f"{result.lowered} Linear bias + GELU run as com.microsoft.{'/'.join(sorted(kinds))}")
+            result.notes.append(f"{result.lowered} Linear bias + GELU run as com.microsoft.BiasGelu")
         return result
 
     def onnx_translations(self) -> OnnxTranslations:
