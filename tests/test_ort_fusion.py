@@ -51,7 +51,9 @@ def test_bert_exports_contrib_ops_and_runs_any_batch_and_length(tmp_path):
     opt = fxopt.compile(model, (ids, _padded_mask(ids)), dynamic_shapes=shapes)
     path, report = fxopt.export_onnx(opt, (ids, _padded_mask(ids)), tmp_path / "bert.onnx")
     ops = _ops(path)
-    assert ops[(MSFT, "MultiHeadAttention")] == 2
+    # merge-siblings packed Q/K/V into one Linear: the Attention op takes it whole
+    assert ops[(MSFT, "Attention")] == 2 and ops[(MSFT, "MultiHeadAttention")] == 0
+    assert ops[("", "Split")] == 0
     assert ops[(MSFT, "SkipLayerNormalization")] == 4  # after attention and after the MLP, per layer
     assert ops[(MSFT, "BiasGelu")] == 2
     assert ops[("", "Softmax")] == 0 and ops[("", "Gelu")] == 0
@@ -76,7 +78,7 @@ def test_onnx_backend_fused_bert_matches_eager_with_padding():
     mask = _padded_mask(ids)
     opt = fxopt.compile(model, (ids,), backend="onnx", example_kwargs={"attention_mask": mask})
     notes = " | ".join(opt.report.notes)
-    assert "ort-attention: 2 attention(s) run as com.microsoft.MultiHeadAttention" in notes
+    assert "ort-attention: 2 attention(s) with a packed Q/K/V projection run as com.microsoft.Attention" in notes
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).last_hidden_state
     assert _rel(opt(ids, attention_mask=mask).last_hidden_state, expected) < 1e-4
@@ -131,6 +133,18 @@ class ResidualOut(torch.nn.Module):
         return self.norm(total), total, attn
 
 
+def test_unpacked_projections_use_multi_head_attention():
+    """Without merge-siblings, Q, K and V are three Linears: MultiHeadAttention takes them."""
+    model = tiny_transformer("bert")
+    ids = token_ids(batch=2, seq=8)
+    opt = fxopt.compile(model, (ids,), passes=["remove-dropout"])
+    lowered = lower_graph(opt.graph_module, "onnx", None)
+    targets = Counter(n.target for n in lowered.graph_module.graph.nodes if n.op == "call_function")
+    assert targets[ort_fused.multi_head_attention._opoverload] == 2
+    assert targets[ort_fused.attention._opoverload] == 0
+    torch.testing.assert_close(lowered.graph_module(ids)[0], opt.graph_module(ids)[0], rtol=1e-5, atol=1e-6)
+
+
 def test_unfusable_patterns_are_left_alone_with_a_reason():
     model = ResidualOut().eval()
     x = torch.randn(2, 5, 16)
@@ -155,7 +169,7 @@ def test_lowered_graph_runs_in_torch_and_matches():
     opt = fxopt.compile(model, (ids,), example_kwargs={"attention_mask": mask})
     lowered = lower_graph(opt.graph_module, "onnx", None).graph_module
     targets = Counter(n.target for n in lowered.graph.nodes if n.op == "call_function")
-    assert targets[ort_fused.multi_head_attention._opoverload] == 2
+    assert targets[ort_fused.attention._opoverload] == 2
     assert targets[ort_fused.skip_layer_norm._opoverload] == 4
     assert targets[ort_fused.bias_gelu._opoverload] == 2
     assert targets[torch.ops.aten.scaled_dot_product_attention.default] == 0
@@ -165,7 +179,7 @@ def test_lowered_graph_runs_in_torch_and_matches():
     for a, e in zip(actual, expected):
         torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-6)
     assert opt.graph_module is not lowered  # the optimized graph itself is left as it was
-    assert not any(n.target == ort_fused.multi_head_attention._opoverload for n in opt.graph_module.graph.nodes)
+    assert not any(n.target == ort_fused.attention._opoverload for n in opt.graph_module.graph.nodes)
 
 
 def test_reference_attention_equals_sdpa_with_a_boolean_mask():

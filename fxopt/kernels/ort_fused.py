@@ -7,6 +7,7 @@ runs, and is checked, in PyTorch), a fake implementation for shapes, and an onnx
 translation into the contrib op:
 
     multi_head_attention(q, k, v, mask, num_heads, scale)   -> com.microsoft.MultiHeadAttention
+    attention(x, W, b, mask, num_heads, scale, qkv_sizes)    -> com.microsoft.Attention (packed Q/K/V)
     skip_layer_norm(x, skip, gamma, beta, bias, eps)         -> com.microsoft.SkipLayerNormalization
     bias_gelu(x, bias, approximate)                          -> com.microsoft.BiasGelu ('none')
                                                                 com.microsoft.FastGelu ('tanh')
@@ -27,7 +28,7 @@ from fxopt.cost import register_flops
 from fxopt.ir import numel_hint, shape_of, size_hint
 
 __all__ = [
-    "bias_gelu", "bias_gelu_onnx", "multi_head_attention", "multi_head_attention_onnx",
+    "attention", "attention_onnx", "bias_gelu", "bias_gelu_onnx", "multi_head_attention", "multi_head_attention_onnx",
     "skip_layer_norm", "skip_layer_norm_onnx",
 ]
 
@@ -73,6 +74,42 @@ def _attention_flops(node: torch.fx.Node) -> int:
 register_flops(multi_head_attention._opoverload, _attention_flops)
 
 
+@torch.library.custom_op("fxopt::attention", mutates_args=())
+def attention(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor | None,
+    num_heads: int,
+    scale: float,
+    qkv_sizes: list[int],
+) -> torch.Tensor:
+    """The packed Q/K/V projection ``x @ weight + bias`` (``weight`` is ``[in, q+k+v]``),
+    split into ``qkv_sizes``, then :func:`multi_head_attention`."""
+    qkv = torch.nn.functional.linear(x, weight.t(), bias)
+    query, key, value = qkv.split(qkv_sizes, dim=-1)
+    return multi_head_attention(query, key, value, mask, num_heads, scale)
+
+
+@attention.register_fake
+def _attention_fake(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None,
+                    num_heads: int, scale: float, qkv_sizes: list[int]) -> torch.Tensor:
+    torch._check(x.shape[-1] == weight.shape[0], lambda: "x and weight disagree on in_features")
+    return x.new_empty((*x.shape[:-1], qkv_sizes[2]))
+
+
+def _packed_attention_flops(node: torch.fx.Node) -> int:
+    x, weight = shape_of(node.args[0]), shape_of(node.args[1])
+    sizes = node.args[6]
+    if x is None or weight is None:
+        return 0
+    rows, seq = numel_hint(x[:-1]), size_hint(x[1])
+    return 2 * rows * size_hint(weight[0]) * size_hint(weight[1]) + 2 * rows * seq * (sizes[0] + sizes[2])
+
+
+register_flops(attention._opoverload, _packed_attention_flops)
+
+
 @torch.library.custom_op("fxopt::skip_layer_norm", mutates_args=())
 def skip_layer_norm(
     x: torch.Tensor,
@@ -112,6 +149,9 @@ def _bias_gelu_fake(x: torch.Tensor, bias: torch.Tensor, approximate: str) -> to
 # the com.microsoft nodes as the external ops they are.
 _CONTRIB_OPS: dict[str, tuple[list[str], list[str], dict[str, str]]] = {
     # name: (inputs, "?" suffix = optional; outputs; attributes)
+    "Attention": (
+        ["input", "weights", "bias?", "mask_index?", "past?", "attention_bias?"],
+        ["output"], {"num_heads": "INT", "scale": "FLOAT", "qkv_hidden_sizes": "INTS"}),
     "MultiHeadAttention": (
         ["query", "key?", "value?", "bias?", "key_padding_mask?", "attention_bias?"],
         ["output"], {"num_heads": "INT", "scale": "FLOAT"}),
@@ -146,18 +186,29 @@ def _contrib(name: str):  # type: ignore[no-untyped-def]
 
 
 def multi_head_attention_onnx(query, key, value, mask=None, num_heads: int = 1, scale: float = 1.0):  # type: ignore[no-untyped-def]
+    return _contrib("MultiHeadAttention")(query, key, value, None, None, _attention_bias(mask, query),
+                                          num_heads=num_heads, scale=scale)
+
+
+def _attention_bias(mask, like):  # type: ignore[no-untyped-def]
+    """SDPA's ``attn_mask`` as the additive bias the contrib ops take."""
     from onnxscript import opset20 as op
 
-    attention_bias = None
-    if mask is not None:
-        if mask.dtype == 9:  # BOOL: SDPA attends where True and puts -inf elsewhere
-            zero = op.CastLike(op.Constant(value_float=0.0), query)
-            minus_inf = op.CastLike(op.Constant(value_float=float("-inf")), query)
-            attention_bias = op.Where(mask, zero, minus_inf)
-        else:
-            attention_bias = op.CastLike(mask, query)
-    return _contrib("MultiHeadAttention")(query, key, value, None, None, attention_bias,
-                                      num_heads=num_heads, scale=scale)
+    if mask is None:
+        return None
+    if mask.dtype == 9:  # BOOL: SDPA attends where True and puts -inf elsewhere
+        zero = op.CastLike(op.Constant(value_float=0.0), like)
+        minus_inf = op.CastLike(op.Constant(value_float=float("-inf")), like)
+        return op.Where(mask, zero, minus_inf)
+    return op.CastLike(mask, like)
+
+
+def attention_onnx(x, weight, bias, mask=None, num_heads: int = 1, scale: float = 1.0,  # type: ignore[no-untyped-def]
+                   qkv_sizes=None):
+    sizes = list(qkv_sizes) if qkv_sizes is not None else None
+    hidden_sizes = sizes if sizes is not None and len(set(sizes)) > 1 else None
+    return _contrib("Attention")(x, weight, bias, None, None, _attention_bias(mask, x),
+                                 num_heads=num_heads, scale=scale, qkv_hidden_sizes=hidden_sizes)
 
 
 def skip_layer_norm_onnx(x, skip, gamma, beta=None, bias=None, eps: float = 1e-5):  # type: ignore[no-untyped-def]

@@ -11,22 +11,36 @@ its heads split again. The boolean mask becomes MultiHeadAttention's additive
 ``attention_bias`` (0 where SDPA attends, -inf elsewhere: SDPA's own rule); a float mask is
 the bias itself.
 
+When the three projections are the split of one Linear (the packed Q/K/V of
+``merge-siblings``) that feeds nothing else, the Linear goes into the op too:
+
+    multi_head_attention(split(linear(x, W, b)), mask, num_heads, scale)
+      => attention(x, W^T, b, mask, num_heads, scale, qkv_sizes)     (com.microsoft.Attention)
+
 Constraints: float32 (ONNX Runtime's CPU kernel), dropout 0, no ``is_causal`` flag (a causal
 mask given as a tensor is fine), as many key/value heads as query heads, and a mask shaped
-``[B|1, N|1, S, T]``. Anything else stays SDPA, with the refusal code in the report. The
-packed Q/K/V projection of ``merge-siblings`` feeds the op through its split, which ONNX
-Runtime runs as views.
+``[B|1, N|1, S, T]``. Anything else stays SDPA, with the refusal code in the report.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from fxopt.ir import arg, dtype_of, is_op, ops, shape_of
+from fxopt.ir import (
+    add_constant,
+    arg,
+    constant,
+    dtype_of,
+    is_op,
+    ops,
+    remove_unused_constants,
+    shape_of,
+)
 from fxopt.kernels import ort_fused as kernels
 from fxopt.lowering.base import Lowering, LoweringResult, OnnxTranslations
 from fxopt.rewrite.refusal import Refusal
@@ -51,13 +65,15 @@ class OrtAttention(Lowering):
         return lower_attention(gm)
 
     def onnx_translations(self) -> OnnxTranslations:
-        return {kernels.multi_head_attention._opoverload: kernels.multi_head_attention_onnx}
+        return {kernels.multi_head_attention._opoverload: kernels.multi_head_attention_onnx,
+                kernels.attention._opoverload: kernels.attention_onnx}
 
 
 def lower_attention(gm: fx.GraphModule) -> LoweringResult:
     """Rewrite every SDPA of ``gm`` that ONNX Runtime's MultiHeadAttention computes alike."""
     result = LoweringResult()
     skipped: list[str] = []
+    packed = 0
     for node in list(gm.graph.nodes):
         if not is_op(node, SDPA):
             continue
@@ -65,12 +81,17 @@ def lower_attention(gm: fx.GraphModule) -> LoweringResult:
         if refusal is not None:
             skipped.append(f"'{node.name}' stays SDPA: {refusal}")
             continue
-        _rewrite(gm, node)
+        fused = _rewrite(gm, node)
+        packed += _pack_projection(gm, fused)
         result.lowered += 1
     if result.lowered:
         gm.graph.eliminate_dead_code()
+        remove_unused_constants(gm)
         gm.recompile()
-        result.notes.append(f"{result.lowered} attention(s) run as com.microsoft.MultiHeadAttention")
+        if packed:
+            result.notes.append(f"{packed} attention(s) with a packed Q/K/V projection run as com.microsoft.Attention")
+        if result.lowered - packed:
+            result.notes.append(f"{result.lowered - packed} attention(s) run as com.microsoft.MultiHeadAttention")
     result.notes.extend(skipped)
     return result
 
@@ -185,7 +206,7 @@ def _infer(node: fx.Node) -> None:
     infer_val(node)
 
 
-def _rewrite(gm: fx.GraphModule, node: fx.Node) -> None:
+def _rewrite(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     q, k, v = node.args[0], node.args[1], node.args[2]
     mask = arg(node, 3, "attn_mask")
     n, hv = shape_of(v)[1], shape_of(v)[3]
@@ -206,7 +227,7 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node) -> None:
             gm.graph.erase_node(current)
             current = previous
         gm.graph.erase_node(node)
-        return
+        return fused
     with gm.graph.inserting_after(fused):
         split = gm.graph.call_function(aten.unflatten.int, (fused, -1, [n, hv]))
     with gm.graph.inserting_after(split):
@@ -215,3 +236,43 @@ def _rewrite(gm: fx.GraphModule, node: fx.Node) -> None:
     _infer(heads)
     node.replace_all_uses_with(heads)
     gm.graph.erase_node(node)
+    return fused
+
+
+def _pack_projection(gm: fx.GraphModule, fused: fx.Node) -> int:
+    """Fold the packed Q/K/V Linear (``merge-siblings``) feeding ``fused`` into one Attention
+    op, whose weight is ``W^T`` (``[in, q+k+v]``, the layout the contrib op takes); 1 when it did."""
+    gm.graph.eliminate_dead_code()  # the head-split views of the projections, now unused
+    parts = fused.args[:3]
+    if not all(part.target is operator.getitem and part.args[1] == i and len(part.users) == 1
+               for i, part in enumerate(parts) if isinstance(part, fx.Node)) or \
+            not all(isinstance(part, fx.Node) for part in parts):
+        return 0
+    split = parts[0].args[0]
+    if not (is_op(split, ops.split_with_sizes) and all(p.args[0] is split for p in parts)
+            and len(split.users) == 3 and arg(split, 2, "dim", 0) in (-1, 2)):
+        return 0
+    linear = split.args[0]
+    if not is_op(linear, ops.linear) or len(linear.users) != 1:
+        return 0
+    weight = constant(gm, arg(linear, 1, "weight"))
+    bias_node = arg(linear, 2, "bias")
+    bias = constant(gm, bias_node) if bias_node is not None else None
+    x = linear.args[0]
+    if weight is None or weight.dim() != 2 or (bias_node is not None and bias is None) or \
+            shape_of(x) is None or len(shape_of(x)) != 3:
+        return 0
+    sizes = [int(size) for size in split.args[1]]
+    if bias is None:
+        bias = weight.new_zeros(weight.shape[0])
+    weight_t = add_constant(gm, weight.t().contiguous(), "packed_qkv_weight_t")
+    bias_node = add_constant(gm, bias, "packed_qkv_bias") if bias_node is None else bias_node
+    with gm.graph.inserting_before(fused):
+        packed = gm.graph.call_function(
+            kernels.attention._opoverload, (x, weight_t, bias_node, fused.args[3], fused.args[4], fused.args[5], sizes))
+    packed.meta.update({k: v for k, v in fused.meta.items() if k != "val"})
+    _infer(packed)
+    fused.replace_all_uses_with(packed)
+    for dead in (fused, *parts, split, linear):
+        gm.graph.erase_node(dead)
+    return 1
