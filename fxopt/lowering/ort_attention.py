@@ -249,10 +249,16 @@ def _pack_projection(gm: fx.GraphModule, fused: fx.Node) -> int:
             not all(isinstance(part, fx.Node) for part in parts):
         return 0
     split = parts[0].args[0]
-    if not (is_op(split, ops.split_with_sizes) and all(p.args[0] is split for p in parts)
+    if not (is_op(split, ops.split_with_sizes, ops.split) and all(p.args[0] is split for p in parts)
             and len(split.users) == 3 and arg(split, 2, "dim", 0) in (-1, 2)):
         return 0
     linear = split.args[0]
+    if is_op(split, ops.split):  # equal parts (GPT-2's c_attn(...).split(width, dim=2))
+        if not isinstance(split.args[1], int) or shape_of(linear) is None or shape_of(linear)[-1] != 3 * split.args[1]:
+            return 0
+        sizes = [split.args[1]] * 3
+    else:
+        sizes = [int(size) for size in split.args[1]]
     if not is_op(linear, ops.linear) or len(linear.users) != 1:
         return 0
     weight = constant(gm, arg(linear, 1, "weight"))
@@ -262,7 +268,6 @@ def _pack_projection(gm: fx.GraphModule, fused: fx.Node) -> int:
     if weight is None or weight.dim() != 2 or (bias_node is not None and bias is None) or \
             shape_of(x) is None or len(shape_of(x)) != 3:
         return 0
-    sizes = [int(size) for size in split.args[1]]
     if bias is None:
         bias = weight.new_zeros(weight.shape[0])
     weight_t = add_constant(gm, weight.t().contiguous(), "packed_qkv_weight_t")
