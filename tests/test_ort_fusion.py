@@ -11,7 +11,8 @@ from torch.export import Dim
 
 import fxopt
 from fxopt.kernels import ort_fused
-from fxopt.lowering import lower_graph
+from fxopt.lowering import lower_graph, registered_lowering
+from fxopt.lowering.ort_skip_layer_norm import OrtSkipLayerNorm
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("transformers")
@@ -49,7 +50,8 @@ def test_bert_exports_contrib_ops_and_runs_any_batch_and_length(tmp_path):
     batch, seq = Dim("batch"), Dim("seq", max=32)
     shapes = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
     opt = fxopt.compile(model, (ids, _padded_mask(ids)), dynamic_shapes=shapes)
-    path, report = fxopt.export_onnx(opt, (ids, _padded_mask(ids)), tmp_path / "bert.onnx")
+    with registered_lowering(OrtSkipLayerNorm):  # opt-in: slower than Add + LayerNorm on CPU
+        path, report = fxopt.export_onnx(opt, (ids, _padded_mask(ids)), tmp_path / "bert.onnx")
     ops = _ops(path)
     # merge-siblings packed Q/K/V into one Linear: the Attention op takes it whole
     assert ops[(MSFT, "Attention")] == 2 and ops[(MSFT, "MultiHeadAttention")] == 0
@@ -92,7 +94,8 @@ def test_gpt2_causal_attention_fuses_and_pre_norm_residuals_stay(tmp_path):
     model = tiny_transformer("gpt2")
     ids = token_ids()
     mask = _padded_mask(ids)
-    path, report = fxopt.export_onnx(model, (ids,), tmp_path / "gpt2.onnx", passes=["swap-activations"])
+    with registered_lowering(OrtSkipLayerNorm):
+        path, report = fxopt.export_onnx(model, (ids,), tmp_path / "gpt2.onnx", passes=["swap-activations"])
     ops = _ops(path)
     assert ops[(MSFT, "Attention")] == 2  # c_attn is one packed Q/K/V projection
     assert ops[("", "Gelu")] == 2 and ops[(MSFT, "FastGelu")] == 0  # tanh GELU is never BiasGelu
@@ -149,7 +152,8 @@ def test_unfusable_patterns_are_left_alone_with_a_reason():
     model = ResidualOut().eval()
     x = torch.randn(2, 5, 16)
     opt = fxopt.compile(model, (x,), passes=[])
-    lowered = lower_graph(opt.graph_module, "onnx", None)
+    with registered_lowering(OrtSkipLayerNorm):
+        lowered = lower_graph(opt.graph_module, "onnx", None)
     gm = lowered.graph_module
     notes = " | ".join(lowered.notes)
     assert "stays Add + LayerNorm: sum-used-elsewhere" in notes
@@ -167,7 +171,8 @@ def test_lowered_graph_runs_in_torch_and_matches():
     ids = token_ids(batch=2, seq=8)
     mask = _padded_mask(ids)
     opt = fxopt.compile(model, (ids,), example_kwargs={"attention_mask": mask})
-    lowered = lower_graph(opt.graph_module, "onnx", None).graph_module
+    with registered_lowering(OrtSkipLayerNorm):
+        lowered = lower_graph(opt.graph_module, "onnx", None).graph_module
     targets = Counter(n.target for n in lowered.graph.nodes if n.op == "call_function")
     assert targets[ort_fused.attention._opoverload] == 2
     assert targets[ort_fused.skip_layer_norm._opoverload] == 4
@@ -208,3 +213,23 @@ def test_int8_projections_feed_fused_attention():
     with torch.no_grad():
         expected = model(ids).last_hidden_state
     assert _rel(opt(ids).last_hidden_state, expected) < 0.05
+
+
+def test_skip_layer_norm_is_opt_in_and_the_cpu_session_keeps_add_and_layer_norm(tmp_path):
+    """On CPU, ONNX Runtime's SkipLayerNormalization is slower than Add + LayerNormalization:
+    fxopt writes none by default and keeps ONNX Runtime from fusing them itself."""
+    import json
+
+    from fxopt.backends.onnx import ort_session
+
+    model = tiny_transformer("bert")
+    ids = token_ids(batch=2, seq=8)
+    path, report = fxopt.export_onnx(model, (ids,), tmp_path / "bert.onnx")
+    assert _ops(path)[(MSFT, "SkipLayerNormalization")] == 0
+    assert not any(n.startswith("ort-skip-layer-norm") for n in report.notes)
+    session = ort_session(tmp_path / "bert.onnx", torch.device("cpu"), profile_dir=str(tmp_path))
+    session.run(None, {session.get_inputs()[0].name: ids.numpy()})
+    with open(session.end_profiling()) as f:
+        ran = {e["args"]["op_name"] for e in json.load(f) if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+    assert "LayerNormalization" in ran and "SkipLayerNormalization" not in ran
+    assert "Attention" in ran and "BiasGelu" in ran

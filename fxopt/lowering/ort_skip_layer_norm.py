@@ -10,6 +10,12 @@ normalization over the last axis only, a ``gamma``; the sum feeds the LayerNorm 
 (SkipLayerNormalization does not hand the sum on, so a residual read elsewhere stays an Add
 and a LayerNormalization: refusal code ``sum-used-elsewhere``). A Linear's bias moves into
 the op only when the Linear feeds nothing else.
+
+Not registered by default: on CPU, ONNX Runtime's SkipLayerNormalization kernel measured
+several times slower than the Add and LayerNormalization it replaces (docs/onnx.md), so the
+ONNX backend also keeps ONNX Runtime's own SkipLayerNormFusion off there. Opt in with
+``fxopt.lowering.registered_lowering(OrtSkipLayerNorm)`` (a GPU build, where the fused
+kernel is the faster one).
 """
 
 from __future__ import annotations
