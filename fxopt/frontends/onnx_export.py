@@ -51,7 +51,8 @@ def export_onnx(
         check_parity: run the file in ONNX Runtime (CPU) on ``example_inputs`` and raise
             :class:`fxopt.BackendError` unless it matches the optimized graph.
 
-    The report gets a note with the opset, node count and the parity error.
+    The report gets the lowerings' notes (which patterns became fused ONNX Runtime ops, and
+    why others did not) and a note with the opset, node count and the parity error.
     """
     args = normalize_example_inputs(example_inputs)
     if isinstance(model_or_optimized, OptimizedModule):
@@ -72,6 +73,7 @@ def export_onnx(
     opset = DEFAULT_OPSET if opset is None else int(opset)
     exported = export_graph(gm, flat, path, signature, opset)
     report = optimized.report
+    report.notes.extend(exported.notes)  # what the lowerings wrote (contrib ops) and what they left
     note = f"ONNX export: {path} (opset {opset}, {exported.node_count} nodes)"
     if opset < DEFAULT_OPSET:
         note += f"; below opset {DEFAULT_OPSET} GELU is exported as elementwise nodes"

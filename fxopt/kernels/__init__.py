@@ -5,4 +5,7 @@ implementations and their FLOP counts, and nothing else: a ``torch.export.save``
 that calls ``torch.ops.fxopt.*`` loads once fxopt is imported.
 """
 
-from fxopt.kernels import int8  # noqa: F401  (registers torch.ops.fxopt.int8_linear*)
+from fxopt.kernels import (
+    int8,  # noqa: F401  (registers torch.ops.fxopt.int8_linear*)
+    ort_fused,  # noqa: F401  (registers the ops ONNX Runtime runs fused)
+)
