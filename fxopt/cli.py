@@ -95,7 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default=None,
                    help="eager (default), onnx, or an optional backend: openvino, inductor (see "
                         "docs/backends.md); with --preset, limits the preset to that backend")
-    p.add_argument("--onnx", metavar="PATH", help="also export the optimized graph to ONNX")
+    p.add_argument("--onnx", metavar="PATH", help="also export the optimized graph to ONNX (with ONNX "
+                   "Runtime's fused contrib ops unless --portable-onnx)")
+    p.add_argument("--portable-onnx", action="store_true",
+                   help="with --onnx: standard ONNX operators only, for runtimes other than ONNX Runtime")
     p.add_argument("--report-json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--strict", action="store_true", help="fail instead of rolling back a failing pass")
     p.set_defaults(func=cmd_optimize)
@@ -221,7 +224,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         Path(args.report_json).write_text(json.dumps(opt.report.to_dict(), indent=2, default=str))
         print(f"report written to {args.report_json}")
     if args.onnx:
-        path, _ = fxopt.export_onnx(opt, tuple(inputs), args.onnx)
+        path, _ = fxopt.export_onnx(opt, tuple(inputs), args.onnx, portable=args.portable_onnx)
         print(f"ONNX written to {path}")
     return 0
 

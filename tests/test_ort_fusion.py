@@ -233,3 +233,19 @@ def test_skip_layer_norm_is_opt_in_and_the_cpu_session_keeps_add_and_layer_norm(
         ran = {e["args"]["op_name"] for e in json.load(f) if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
     assert "LayerNormalization" in ran and "SkipLayerNormalization" not in ran
     assert "Attention" in ran and "BiasGelu" in ran
+
+
+def test_portable_export_writes_standard_onnx_only(tmp_path):
+    model = tiny_transformer("bert")
+    ids = token_ids(batch=2, seq=8)
+    opt = fxopt.compile(model, (ids, _padded_mask(ids)))
+    path, report = fxopt.export_onnx(opt, (ids, _padded_mask(ids)), tmp_path / "bert.onnx", portable=True)
+    ops = _ops(path)
+    assert not [op for op in ops if op[0] not in ("", "ai.onnx")]  # no runtime's own domain
+    assert ops[("", "Softmax")] == 2 and ops[("", "Gelu")] == 2
+    notes = " | ".join(report.notes)
+    assert "ort-attention: not used in a portable export (it writes com.microsoft ops)" in notes
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=_padded_mask(ids)).last_hidden_state
+    actual = _ort_run(path, {"input_ids": ids, "attention_mask": _padded_mask(ids)})
+    assert _rel(actual, expected) < 1e-4

@@ -102,13 +102,15 @@ def export_graph(
     signature: Any,
     opset: int = DEFAULT_OPSET,
     backend: str = "onnx",
+    portable: bool = False,
 ) -> OnnxGraph:
     """Write ``gm`` to ``path`` as checked ONNX, after the lowerings declared for ``backend``
     (another runtime that reads ONNX, such as OpenVINO, takes the graph with its own);
-    ``gm`` itself is never changed."""
+    ``gm`` itself is never changed. ``portable`` keeps the graph to the standard ONNX domain
+    (no runtime's contrib ops)."""
     import onnx
 
-    lowered = lower_graph(gm, backend, None)
+    lowered = lower_graph(gm, backend, None, portable=portable)
     graph, outputs = _tensor_outputs(lowered.graph_module)
     translations = {**onnx_translations(), **lowered.onnx_translations()}
     graph.eval()  # the graph is ATen-level already; this only silences the exporter's warning

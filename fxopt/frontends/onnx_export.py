@@ -35,6 +35,7 @@ def export_onnx(
     opset: int | None = None,
     *,
     check_parity: bool = True,
+    portable: bool = False,
 ) -> tuple[str, Report]:
     """Export an optimized model to ONNX and check it; returns ``(path, report)``.
 
@@ -50,6 +51,9 @@ def export_onnx(
         opset: the ONNX opset, at least 20 by default so GELU stays one node.
         check_parity: run the file in ONNX Runtime (CPU) on ``example_inputs`` and raise
             :class:`fxopt.BackendError` unless it matches the optimized graph.
+        portable: write standard ONNX operators only. By default the graph holds ONNX
+            Runtime's fused contrib ops (``com.microsoft`` Attention, BiasGelu...), which
+            other ONNX runtimes do not run.
 
     The report gets the lowerings' notes (which patterns became fused ONNX Runtime ops, and
     why others did not) and a note with the opset, node count and the parity error.
@@ -71,7 +75,7 @@ def export_onnx(
     flat = [t.detach() for t in signature.flatten(args, None, what="example input")]
     path = Path(path)
     opset = DEFAULT_OPSET if opset is None else int(opset)
-    exported = export_graph(gm, flat, path, signature, opset)
+    exported = export_graph(gm, flat, path, signature, opset, portable=portable)
     report = optimized.report
     report.notes.extend(exported.notes)  # what the lowerings wrote (contrib ops) and what they left
     note = f"ONNX export: {path} (opset {opset}, {exported.node_count} nodes)"

@@ -65,9 +65,11 @@ class LoweredGraph:
 
 
 def lower_graph(gm: fx.GraphModule, backend: str, device: torch.device | None,
-                stage: str | None = None) -> LoweredGraph:
+                stage: str | None = None, portable: bool = False) -> LoweredGraph:
     """Run every registered lowering that applies to ``gm`` on ``backend`` and ``device``
-    (None: a device-neutral ONNX graph), of ``stage`` only when given ("graph" or "kernel").
+    (None: a device-neutral ONNX graph), of ``stage`` only when given ("graph" or "kernel");
+    ``portable`` leaves out the lowerings whose kernels export to a runtime's own ONNX
+    domain (``Lowering.onnx_domains``).
     ``gm`` is never changed: the lowerings work on a copy that shares its constants, made
     only when one applies."""
     result = LoweredGraph(gm)
@@ -75,6 +77,10 @@ def lower_graph(gm: fx.GraphModule, backend: str, device: torch.device | None,
         if stage is not None and lowering.stage != stage:
             continue
         if backend not in lowering.backends or not lowering.applies(result.graph_module):
+            continue
+        if portable and lowering.onnx_domains:
+            result.notes.append(f"{lowering.name}: not used in a portable export "
+                                f"(it writes {', '.join(lowering.onnx_domains)} ops)")
             continue
         reason = None
         if device is not None and device.type not in lowering.devices:

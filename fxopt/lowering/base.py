@@ -44,6 +44,10 @@ class Lowering:
     # "kernel": a device-specific kernel choice made only in the code that runs, after the
     # graph lowerings; ``opt.graph_module`` keeps the portable ops it replaced.
     stage: ClassVar[str] = "graph"
+    # ONNX operator domains beyond the standard ones (``""``, ``"ai.onnx"``) that the kernels
+    # it writes export to, e.g. ``("com.microsoft",)`` for ONNX Runtime's contrib ops. A
+    # portable export (``export_onnx(..., portable=True)``) skips such lowerings.
+    onnx_domains: ClassVar[tuple[str, ...]] = ()
 
     def probe(self, device: torch.device) -> str | None:
         """Why this lowering cannot run on ``device`` (None when it can)."""

@@ -24,6 +24,7 @@ class OrtBiasGelu(Lowering):
 
     name = "ort-bias-gelu"
     backends = ("onnx",)
+    onnx_domains = ("com.microsoft",)
     order = 150  # after int8-linear, which owns the quantized Linears and their biases
 
     def applies(self, gm: fx.GraphModule) -> bool:

@@ -39,6 +39,7 @@ class OrtSkipLayerNorm(Lowering):
 
     name = "ort-skip-layer-norm"
     backends = ("onnx",)
+    onnx_domains = ("com.microsoft",)
     order = 150  # after int8-linear, which owns the quantized Linears and their biases
 
     def applies(self, gm: fx.GraphModule) -> bool:
