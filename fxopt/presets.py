@@ -14,6 +14,8 @@ ones are declared beside the passes), so the core names no pass.
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,7 +25,8 @@ from typing import Any
 import torch
 
 from fxopt.errors import FxoptError, InputError
-from fxopt.latency import measure_side_by_side
+from fxopt.latency import Timing, measure_side_by_side
+from fxopt.report import phase
 
 ENTRY_POINT_GROUP = "fxopt.presets"
 EXACT = "exact"  # in a candidate's passes: every registered exact pass, in their declared order
@@ -125,7 +128,7 @@ def choose(
     repeats: int = 10,
 ) -> tuple[Any, list[Trial]]:
     """Compile each candidate for ``device`` with ``build``, keep those within the budget,
-    time them side by side and return the fastest module and every trial."""
+    time them side by side (:func:`race`) and return the fastest module and every trial."""
     trials = [Trial(c) for c in preset.candidates if device.type in c.devices]
     if not trials:
         raise InputError(f"preset {preset.name!r} has no candidate for device {device.type!r}")
@@ -148,12 +151,49 @@ def choose(
     if not alive:
         reasons = "; ".join(f"{t.candidate.describe()}: {t.dropped}" for t in trials)
         raise FxoptError(f"preset {preset.name!r}: no candidate met its budget ({reasons})")
-    timings = measure_side_by_side({str(i): run_example(t.module) for i, t in enumerate(alive)},
-                                   warmup=1, repeats=repeats)
+    with phase("timing"):
+        timings = race({str(i): run_example(t.module) for i, t in enumerate(alive)}, repeats=repeats)
     for i, trial in enumerate(alive):
         trial.milliseconds = timings[str(i)].median
     best = min(alive, key=lambda t: t.milliseconds or 0.0)
     return best.module, trials
+
+
+RACE_ROUNDS = 3  # rounds every candidate runs before the clearly slower ones stop
+RACE_MARGIN = 1.10  # a candidate whose fastest run is this much slower than the best median stops
+
+
+def race(candidates: dict[str, Callable[[], Any]], *, repeats: int = 10) -> dict[str, Timing]:
+    """Interleaved timing (one warm-up each, then rounds) that stops timing a candidate once
+    its fastest run is ``RACE_MARGIN`` slower than the best median after ``RACE_ROUNDS``
+    rounds, and stops altogether when one is left: a model whose runs take seconds is not
+    timed ten times over to confirm what three rounds made clear. A lone candidate runs once.
+    Each candidate's timing is over the rounds it ran."""
+    if len(candidates) == 1:
+        return measure_side_by_side(candidates, warmup=0, repeats=1)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    running = dict(candidates)
+    with torch.inference_mode():
+        for fn in running.values():
+            fn()
+        for round_ in range(1, max(repeats, 1) + 1):
+            for name, fn in running.items():
+                _synchronize()
+                start = time.perf_counter()
+                fn()
+                _synchronize()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+            if round_ >= RACE_ROUNDS and len(running) > 1:
+                best = min(statistics.median(samples[name]) for name in running)
+                running = {name: fn for name, fn in running.items() if min(samples[name]) <= best * RACE_MARGIN}
+            if len(running) == 1:
+                break
+    return {name: Timing.of(values) for name, values in samples.items()}
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def summary(preset: Preset, trials: Sequence[Trial], chosen: Any) -> str:
