@@ -422,6 +422,10 @@ def _finish(gm: fx.GraphModule, verification: Verification | None, report: Repor
     if verification is not None:
         with phase("verify"):
             report.final_max_abs_err, report.final_max_rel_err = verification.final_error(gm)
+        if verification.slices is not None and report.passes:
+            rows = [int(batch[0].shape[0]) for batch in verification.slices if batch and hasattr(batch[0], "shape")]
+            report.notes.append(f"exact passes were verified on the first {'/'.join(map(str, sorted(set(rows))))} "
+                                "rows of each input (the batch is dynamic); lossy passes on every row")
     with phase("cost"):
         report.final = graph_cost(gm)
 

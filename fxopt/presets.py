@@ -4,9 +4,14 @@ A preset is data: a budget and a list of candidates, each a pipeline (pass specs
 ``"exact"`` standing for every registered exact pass in order) and a backend, optionally
 limited to some devices. ``fxopt.compile(model, inputs, preset="int8")`` compiles every
 candidate that applies, drops the ones whose output error on the example and calibration
-data exceeds the preset's budget or whose passes all rolled back, times the rest side by side
-(interleaved, median) on the example inputs and keeps the fastest. The report says what was
-chosen, the measured times of the others, and why any was dropped.
+data exceeds the preset's budget or whose passes all rolled back (or whose compile failed),
+times the rest side by side (interleaved, median; :func:`race` stops timing the clearly
+slower ones after three rounds) on the example inputs and keeps the fastest. The report says
+what was chosen, the measured times of the others, and why any was dropped.
+
+The candidates share work: the model is captured once, the exact passes they start with run
+once, and candidates with the same pipeline (one per backend) share its lossy passes too;
+each continues from that graph with its own references and lowers its own copy.
 
 Presets are found like passes, through the ``fxopt.presets`` entry-point group (the built-in
 ones are declared beside the passes), so the core names no pass.
