@@ -493,12 +493,18 @@ def _fresh_batch(gm: fx.GraphModule, example: list[torch.Tensor], report: Report
         # Checked on the rows exact passes are verified on (all of them for a static batch);
         # the pass manager reuses these outputs as its reference on them.
         rows = _verified_rows(gm, fresh, fresh=True)
-        outputs = run_graph(gm, rows)
+        try:
+            outputs = run_graph(gm, rows)
+        except Exception:
+            if rows is fresh:
+                raise
+            rows = fresh  # not on a slice: the pass manager will verify on every row
+            outputs = run_graph(gm, rows)
         gm.meta[RUN_OUTPUTS] = [(rows, outputs)]
     except Exception as exc:
         report.notes.append(f"no fresh verification input: the captured graph fails on one ({type(exc).__name__})")
         return None
-    if not _finite(outputs) and _finite(run_graph(gm, _verified_rows(gm, example, fresh=False))):
+    if not _finite(outputs) and _finite(run_graph(gm, example if rows is fresh else _verified_rows(gm, example, False))):
         report.notes.append("no fresh verification input: the captured graph's outputs on one are not finite")
         return None
     report.notes.append(f"verified on the example inputs and one fresh input drawn like them ({described})")

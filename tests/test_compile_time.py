@@ -259,3 +259,22 @@ def test_pass_manager_alone_still_verifies_every_row() -> None:
     _, records = manager.run(gm, PassContext(batches=[[torch.randn(16, 32)]]))
     assert manager.verification is not None and manager.verification.slices is None
     assert any(r.status == "applied" for r in records)
+
+
+def test_row_slices_change_no_lossy_choice_nor_the_final_error() -> None:
+    from fxopt.api import optimize_captured
+    from fxopt.registry import resolve_passes
+    from fxopt.report import Report
+
+    model = _mlp()
+    x, fresh = torch.randn(16, 64), torch.randn(17, 64)
+    pipeline = resolve_passes([*default_pipeline(), "quantize-int8(activations='dynamic-tensor', budget=0.01)"])
+    results = []
+    for rows in (2, None):
+        gm = fxopt.capture(model, (x,))
+        opt = optimize_captured(gm, [[x], [fresh]], pipeline, report=Report(), fresh_batches=1, verify_rows=rows)
+        results.append(opt.report)
+    sliced, full = results
+    assert [(r.name, r.status, r.applied) for r in sliced.passes] == [(r.name, r.status, r.applied) for r in full.passes]
+    assert sliced["quantize-int8"].max_rel_err == full["quantize-int8"].max_rel_err
+    assert sliced.final_max_rel_err == full.final_max_rel_err > 0

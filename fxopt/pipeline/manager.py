@@ -173,19 +173,23 @@ class PassManager:
             slices = None
             if self.verify and self.verify_rows is not None:
                 slices = row_slices(gm, ctx.batches, ctx.fresh_batches, self.verify_rows)
-            verification = Verification(gm, ctx, slices)
-            if slices is None:
-                if not ctx.reference:
-                    ctx.reference = reference_outputs(gm, ctx.batches)
-                    verification.forwards += len(ctx.batches)
-                verification.full_current = True
-                if not ctx.original:
-                    ctx.original = list(ctx.reference)
-            else:
-                # The full reference waits until a lossy pass needs it: an exact-only
-                # pipeline never runs the full batches.
-                verification.slice_reference = verification.slice_original = _reference_reusing(gm, slices,
-                                                                                                 verification)
+            if slices is not None:
+                verification = Verification(gm, ctx, slices)
+                try:
+                    # The full reference waits until a lossy pass needs it: an exact-only
+                    # pipeline never runs the full batches.
+                    verification.slice_reference = verification.slice_original = _reference_reusing(
+                        gm, slices, verification)
+                    return verification
+                except InputError:
+                    log.debug("the captured graph does not run on row slices; verifying on every row")
+            verification = Verification(gm, ctx, None)
+            if not ctx.reference:
+                ctx.reference = reference_outputs(gm, ctx.batches)
+                verification.forwards += len(ctx.batches)
+            verification.full_current = True
+            if not ctx.original:
+                ctx.original = list(ctx.reference)
         return verification
 
     def _run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, list[PassRecord]]:

@@ -67,8 +67,13 @@ def row_slices(gm: fx.GraphModule, batches: Sequence[Sequence[Any]], fresh_batch
     batched = []
     for node in (n for n in gm.graph.nodes if n.op == "placeholder"):
         value = node.meta.get("val")
-        batched.append(isinstance(value, torch.Tensor) and value.dim() >= 1
-                       and not isinstance(value.shape[0], int) and value.shape[0].node.expr == symbol)
+        is_batched = (isinstance(value, torch.Tensor) and value.dim() >= 1
+                      and not isinstance(value.shape[0], int) and value.shape[0].node.expr == symbol)
+        batched.append(is_batched)
+        if isinstance(value, torch.Tensor):
+            for dim, size in enumerate(value.shape):
+                if (dim > 0 or not is_batched) and not isinstance(size, int) and symbol in size.node.expr.free_symbols:
+                    return None  # the batch size shows elsewhere too: cutting dim 0 alone would not fit
     slices, smaller = [], False
     for index, batch in enumerate(batches):
         keep = rows + (index >= len(batches) - fresh_batches)
