@@ -175,12 +175,14 @@ class ReusingRunner:
     its inputs are shared: it then computes the same value from the same inputs, so its
     stored value is what running it again would give. Everything downstream of the first
     node that differs is computed. The runner keeps the values of its pinned graphs (the
-    search's starting graph) and of the last graph it ran, per batch.
+    search's starting graph) and of the last ``keep`` graphs it ran, per batch (the last
+    trial, and the one before it: the combination a rejected trial did not join).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep: int = 2) -> None:
+        self.keep = keep
         self._pinned: dict[Any, tuple[dict[str, Any], dict[str, Any]]] = {}
-        self._last: dict[Any, tuple[dict[str, Any], dict[str, Any]]] = {}
+        self._last: dict[Any, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
         self.computed = 0  # nodes computed (tests compare with the nodes reused)
         self.reused = 0
 
@@ -190,7 +192,7 @@ class ReusingRunner:
     def run(self, gm: fx.GraphModule, inputs: Sequence[Any], key: Any = 0, *, pin: bool = False) -> list[Any]:
         """``gm``'s flat outputs on ``inputs`` (the batch called ``key``: the same tensors every call)."""
         stamps = {node.name: _node_stamp(gm, node) for node in gm.graph.nodes}
-        candidates = [c for c in (self._pinned.get(key), self._last.get(key)) if c is not None]
+        candidates = [c for c in (self._pinned.get(key), *self._last.get(key, [])) if c is not None]
         best: tuple[dict[str, Any], dict[str, Any]] | None = None
         best_clean: set[str] = set()
         for cached_stamps, cached_values in candidates:
@@ -219,7 +221,7 @@ class ReusingRunner:
         if pin:
             self._pinned[key] = record
         else:
-            self._last[key] = record
+            self._last[key] = [record, *self._last.get(key, [])][: max(self.keep, 0)]
         out = gm.graph._codegen.process_outputs(output)
         return list(out) if isinstance(out, (tuple, list)) else [out]
 
@@ -229,7 +231,7 @@ def _node_stamp(gm: fx.GraphModule, node: fx.Node) -> Any:
         obj: Any = gm
         for atom in str(node.target).split("."):
             obj = getattr(obj, atom, None)
-        return ("get_attr", node.target, id(obj))  # the cached value holds obj: its id stays its own
+        return ("get_attr", node.target, _tensor_identity(obj))
     return (node.op, node.target, _frozen(node.args), _frozen(node.kwargs))
 
 
@@ -243,10 +245,19 @@ def _frozen(value: Any) -> Any:
     if isinstance(value, slice):
         return ("slice", _frozen(value.start), _frozen(value.stop), _frozen(value.step))
     if isinstance(value, torch.Tensor):
-        return ("tensor", id(value))
+        return _tensor_identity(value)
     if isinstance(value, float) and value != value:
         return ("nan",)
     return value
+
+
+def _tensor_identity(obj: Any) -> Any:
+    """The memory a constant reads (a detached copy of a tensor is the same constant); the
+    stored values keep that memory alive, so no other tensor can take its address."""
+    if not isinstance(obj, torch.Tensor):
+        return ("object", id(obj))
+    return ("tensor", obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(),
+            obj.dtype, obj.device, obj._version)
 
 
 def _shared_nodes(gm: fx.GraphModule, stamps: dict[str, Any], cached: dict[str, Any]) -> set[str]:
