@@ -183,10 +183,12 @@ class BudgetedSearch:
 
     # ------------------------------------------------------------------ the one trial mechanism
 
-    def trial(self, choices: Choices) -> fx.GraphModule:
-        """``apply`` on a structural copy of the graph: the live graph is never touched."""
+    def trial(self, choices: Choices, runnable: bool = True) -> fx.GraphModule:
+        """``apply`` on a structural copy of the graph: the live graph is never touched.
+        ``runnable=False`` skips regenerating its code (the search's runner interprets it)."""
         candidate = self.apply(copy_graph_module(self.gm), dict(choices))
-        candidate.recompile()
+        if runnable:
+            candidate.recompile()
         return candidate
 
     def error(self, choices: Choices, split: str | None = None) -> float:
@@ -203,7 +205,7 @@ class BudgetedSearch:
             else:
                 indices = self.fit_indices if split == FIT else self.heldout_indices
                 self.trials += 1
-                self._errors[key] = self._output_error(self.trial(choices), indices)
+                self._errors[key] = self._output_error(self.trial(choices, runnable=False), indices)
                 self.step("trial", split=split, choices=dict(choices), error=self._errors[key])
         return self._errors[key]
 
