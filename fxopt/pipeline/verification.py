@@ -100,6 +100,11 @@ class Verification:
         self.captured = gm  # for the original outputs, computed only if a lossy pass needs them
         self.lossy_applied = False
         self.forwards = 0  # graph runs made here (tests count them)
+        # The captured graph's outputs on the full batches, and any graph's whose full outputs
+        # were computed here, by graph: shared by forks (a preset's candidates continue from
+        # one graph), never written in place.
+        self._captured_outputs: dict[str, list[list[Any]]] = {}
+        self._full_outputs: dict[int, tuple[fx.GraphModule, list[list[Any]]]] = {}
 
     def fork(self) -> Verification:
         """An independent copy to continue another pipeline from the same graph (a preset's
@@ -132,10 +137,15 @@ class Verification:
         """Make ``ctx.reference`` the outputs of ``gm`` on the full batches."""
         if self.full_current and self.ctx.reference:
             return
-        self.ctx.reference = self.run(gm, self.ctx.batches)
+        known = self._full_outputs.get(id(gm))
+        if known is not None and known[0] is gm:
+            self.ctx.reference = known[1]
+        else:
+            self.ctx.reference = self.run(gm, self.ctx.batches)
+            self._full_outputs[id(gm)] = (gm, self.ctx.reference)
         self.full_current = True
         if not self.ctx.original and gm is self.captured:
-            self.ctx.original = list(self.ctx.reference)
+            self.ctx.original = self._captured_outputs["full"] = list(self.ctx.reference)
 
     def commit(self, exact: bool, outputs: list[list[Any]] | None) -> None:
         """The graph that produced ``outputs`` (on the batches of its kind) is now current;
@@ -160,7 +170,9 @@ class Verification:
         else:
             self.ensure_full(gm)
             if not self.ctx.original:
-                self.ctx.original = self.run(self.captured, self.ctx.batches)
+                if "full" not in self._captured_outputs:
+                    self._captured_outputs["full"] = self.run(self.captured, self.ctx.batches)
+                self.ctx.original = self._captured_outputs["full"]
             pairs = zip(self.ctx.original, self.ctx.reference)
         worst_abs = worst_rel = 0.0
         for expected, actual in pairs:
