@@ -166,14 +166,17 @@ def choose(
 
 RACE_ROUNDS = 3  # rounds every candidate runs before the clearly slower ones stop
 RACE_MARGIN = 1.10  # a candidate whose fastest run is this much slower than the best median stops
+RACE_SECONDS = 2.0  # after RACE_ROUNDS, rounds go on (up to ``repeats``) only while timing took less
 
 
 def race(candidates: dict[str, Callable[[], Any]], *, repeats: int = 10) -> dict[str, Timing]:
     """Interleaved timing (one warm-up each, then rounds) that stops timing a candidate once
     its fastest run is ``RACE_MARGIN`` slower than the best median after ``RACE_ROUNDS``
-    rounds, and stops altogether when one is left: a model whose runs take seconds is not
-    timed ten times over to confirm what three rounds made clear. A lone candidate runs once.
-    Each candidate's timing is over the rounds it ran."""
+    rounds, and stops altogether when one is left, or, past ``RACE_ROUNDS``, once timing has
+    taken ``RACE_SECONDS``: a model whose runs take a second is not timed ten times over to
+    separate candidates within 10% of each other (either is a good choice), while one whose
+    runs take milliseconds gets every round. A lone candidate runs once. Each candidate's
+    timing is over the rounds it ran."""
     if len(candidates) == 1:
         return measure_side_by_side(candidates, warmup=0, repeats=1)
     samples: dict[str, list[float]] = {name: [] for name in candidates}
@@ -181,6 +184,7 @@ def race(candidates: dict[str, Callable[[], Any]], *, repeats: int = 10) -> dict
     with torch.inference_mode():
         for fn in running.values():
             fn()
+        began = time.perf_counter()
         for round_ in range(1, max(repeats, 1) + 1):
             for name, fn in running.items():
                 _synchronize()
@@ -191,7 +195,7 @@ def race(candidates: dict[str, Callable[[], Any]], *, repeats: int = 10) -> dict
             if round_ >= RACE_ROUNDS and len(running) > 1:
                 best = min(statistics.median(samples[name]) for name in running)
                 running = {name: fn for name, fn in running.items() if min(samples[name]) <= best * RACE_MARGIN}
-            if len(running) == 1:
+            if len(running) == 1 or (round_ >= RACE_ROUNDS and time.perf_counter() - began > RACE_SECONDS):
                 break
     return {name: Timing.of(values) for name, values in samples.items()}
 

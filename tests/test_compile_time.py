@@ -278,3 +278,18 @@ def test_row_slices_change_no_lossy_choice_nor_the_final_error() -> None:
     assert [(r.name, r.status, r.applied) for r in sliced.passes] == [(r.name, r.status, r.applied) for r in full.passes]
     assert sliced["quantize-int8"].max_rel_err == full["quantize-int8"].max_rel_err
     assert sliced.final_max_rel_err == full.final_max_rel_err > 0
+
+
+def test_race_stops_after_its_rounds_once_timing_took_its_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"a": 0, "b": 0}
+
+    def run(name: str) -> Any:
+        def call() -> None:
+            calls[name] += 1
+        return call
+
+    monkeypatch.setattr(presets, "RACE_MARGIN", float("inf"))  # neither is ever clearly slower
+    assert presets.race({"a": run("a"), "b": run("b")}, repeats=10)["a"].samples == 10  # fast: every round
+    monkeypatch.setattr(presets, "RACE_SECONDS", 0.0)
+    timings = presets.race({"a": run("a"), "b": run("b")}, repeats=10)
+    assert timings["a"].samples == timings["b"].samples == presets.RACE_ROUNDS
