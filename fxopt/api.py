@@ -8,6 +8,7 @@ import inspect
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -16,11 +17,14 @@ import torch.fx as fx
 from fxopt.capture import BATCH, Signature, capture, split_example_inputs
 from fxopt.cost import graph_cost
 from fxopt.errors import FxoptError, InputError
+from fxopt.ir import copy_graph_module
 from fxopt.pass_api import Pass, PassContext
-from fxopt.pipeline import PassInstrument, PassManager, UserModelUntouched, reference_outputs
+from fxopt.pipeline import PassInstrument, PassManager, UserModelUntouched
+from fxopt.pipeline.instruments import user_stacklevel
+from fxopt.pipeline.verification import DEFAULT_VERIFY_ROWS, Verification, row_slices
 from fxopt.registry import resolve_passes
-from fxopt.report import Report
-from fxopt.verify import compare_outputs, module_fingerprint, run_graph
+from fxopt.report import PhaseTimer, Report, phase
+from fxopt.verify import KNOWN_OUTPUTS, RUN_OUTPUTS, module_fingerprint, run_graph
 
 PassSpec = str | Pass | Iterable[str | Pass] | None
 
@@ -183,6 +187,44 @@ def compile(  # noqa: A001 - mirrors torch.compile
     get_backend(backend, device)  # so do unknown or uninstalled backends
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    timer = PhaseTimer()
+    with timer.running():
+        captured = _capture_for_compile(model, example_inputs, example_kwargs, calibration, dynamic_shapes,
+                                        fresh_inputs, backend)
+        optimized = optimize_captured(
+            captured.gm,
+            captured.batches,
+            pipeline,
+            report=captured.report,
+            backend=backend,
+            device=device,
+            strict=strict,
+            instruments=instruments,
+            max_rounds=max_rounds,
+            user_model=captured.user_model,
+            fresh_batches=captured.fresh_batches,
+            task=_task_budget(captured.gm, captured.gm.meta["fxopt_signature"], metric, data, max_drop),
+        )
+    _record_time(optimized.report, timer)
+    if module_fingerprint(model) != captured.user_model.baseline:  # pragma: no cover - invariant 1
+        raise FxoptError("internal error: the user's model changed during compilation")
+    return optimized
+
+
+@dataclass
+class _Captured:
+    """A captured model and its verification data: what every candidate of a preset shares."""
+
+    gm: fx.GraphModule
+    batches: list[list[torch.Tensor]]
+    report: Report
+    user_model: UserModelUntouched
+    fresh_batches: int
+
+
+def _capture_for_compile(model: torch.nn.Module, example_inputs: Any, example_kwargs: Mapping[str, Any] | None,
+                         calibration: Iterable[Any] | None, dynamic_shapes: Any, fresh_inputs: bool,
+                         backend: str) -> _Captured:
     args, kwargs = split_example_inputs(example_inputs, example_kwargs)
     if isinstance(example_inputs, Mapping):
         _check_keywords(model, kwargs)
@@ -191,35 +233,26 @@ def compile(  # noqa: A001 - mirrors torch.compile
     source = _inference_copy(model, report)
 
     start = time.perf_counter()
-    gm = capture(source, args, kwargs, dynamic_shapes=BATCH if dynamic_shapes is None else dynamic_shapes)
+    with phase("capture"):
+        gm = capture(source, args, kwargs, dynamic_shapes=BATCH if dynamic_shapes is None else dynamic_shapes)
     report.capture_seconds = time.perf_counter() - start
     report.notes.extend(gm.meta.pop("fxopt_notes", []))
     signature: Signature = gm.meta["fxopt_signature"]
     batches = [signature.flatten(args, kwargs, what="example input")]
     batches += _calibration_batches(signature, calibration)
-    fresh = _fresh_batch(gm, batches[0], report) if fresh_inputs else None
+    fresh = None
+    if fresh_inputs:
+        with phase("reference"):
+            fresh = _fresh_batch(gm, batches[0], report)
     if fresh is not None:
         batches.append(fresh)
     user_model = UserModelUntouched(model, gm.meta.get("fxopt_sources", {}), baseline=fingerprint)
-    task = _task_budget(gm, signature, metric, data, max_drop)
+    return _Captured(gm, batches, report, user_model, int(fresh is not None))
 
-    optimized = optimize_captured(
-        gm,
-        batches,
-        pipeline,
-        report=report,
-        backend=backend,
-        device=device,
-        strict=strict,
-        instruments=instruments,
-        max_rounds=max_rounds,
-        user_model=user_model,
-        fresh_batches=int(fresh is not None),
-        task=task,
-    )
-    if module_fingerprint(model) != user_model.baseline:  # pragma: no cover - invariant 1
-        raise FxoptError("internal error: the user's model changed during compilation")
-    return optimized
+
+def _record_time(report: Report, timer: PhaseTimer) -> None:
+    report.timings = {name: seconds for name, seconds in timer.seconds.items() if seconds > 0}
+    report.total_seconds = timer.total
 
 
 def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, passes: PassSpec,
@@ -242,18 +275,110 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
     leaves = [t for t in (*args, *kwargs.values()) if isinstance(t, torch.Tensor)]
     target = torch.device(device) if device is not None else _device_of(leaves)
 
-    def build(candidate: presets.Candidate) -> OptimizedModule:
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    timer = PhaseTimer()
+    with timer.running():
+        stages = _SharedStages(model, example_inputs, device, strict, options)
+        if options["max_rounds"] > 1:  # rounds span the whole pipeline: nothing to share
+            def build(candidate: presets.Candidate) -> OptimizedModule:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a candidate's rollbacks are reported, not raised
+                    return compile(model, example_inputs, presets.expand(candidate.passes), candidate.backend,
+                                   device, strict, **options)
+        else:
+            build = stages.build
+        chosen, trials = presets.choose(
+            preset, target, build,
+            measure_error=lambda module: module.report.final_max_rel_err,
+            run_example=lambda module: lambda: module(*args, **kwargs))
+    chosen.report.notes.append(presets.summary(preset, trials, chosen))
+    _record_time(chosen.report, timer)
+    if module_fingerprint(model) != stages.fingerprint:  # pragma: no cover - invariant 1
+        raise FxoptError("internal error: the user's model changed during compilation")
+    return chosen
+
+
+class _SharedStages:
+    """A preset's candidates compiled from shared work: the model is captured once, and a
+    pipeline prefix (the exact passes, say) runs once for every candidate that starts with
+    it; each candidate continues from that graph (the pass manager works on copies) with its
+    own references, and lowers a copy of its own final graph."""
+
+    def __init__(self, model: torch.nn.Module, example_inputs: Any, device: str | torch.device | None,
+                 strict: bool, options: dict[str, Any]) -> None:
+        self.model, self.example_inputs, self.device, self.strict = model, example_inputs, device, strict
+        self.options = options
+        self.fingerprint = module_fingerprint(model)
+        self._captured: _Captured | None = None
+        self._task: Any = None
+        self._capture_error: FxoptError | None = None
+        # pipeline prefix (tuple of passes) -> (graph, report rows, verification state)
+        self._stages: dict[tuple[Pass, ...], tuple[fx.GraphModule, list[Any], Verification]] = {}
+
+    def captured(self) -> _Captured:
+        if self._capture_error is not None:
+            raise self._capture_error
+        if self._captured is None:
+            try:
+                self._captured = _capture_for_compile(
+                    self.model, self.example_inputs, self.options["example_kwargs"], self.options["calibration"],
+                    self.options["dynamic_shapes"], self.options["fresh_inputs"], "eager")
+            except FxoptError as exc:
+                self._capture_error = exc
+                raise
+            gm = self._captured.gm
+            self._task = _task_budget(gm, gm.meta["fxopt_signature"], self.options["metric"],
+                                      self.options["data"], self.options["max_drop"])
+        return self._captured
+
+    def build(self, candidate: Any) -> OptimizedModule:
+        from fxopt import presets
+
+        pipeline = resolve_passes(presets.expand(candidate.passes))
+        captured = self.captured()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # a candidate's rollbacks are reported, not raised
-            return compile(model, example_inputs, presets.expand(candidate.passes), candidate.backend, device,
-                           strict, **options)
+            exact = 0
+            while exact < len(pipeline) and pipeline[exact].exact:
+                exact += 1
+            gm, records, verification = self._stage(tuple(pipeline[:exact]), None, captured)
+            if exact < len(pipeline):
+                gm, records, verification = self._stage(tuple(pipeline), (tuple(pipeline[:exact]), exact), captured)
+        report = copy.deepcopy(captured.report)
+        report.backend = candidate.backend
+        calibration_batches = len(captured.batches) - captured.fresh_batches
+        if calibration_batches == 1 and not all(p.exact for p in pipeline):
+            report.notes.append("no calibration data given: lossy passes were measured on the example inputs only")
+        with phase("cost"):
+            report.original = graph_cost(captured.gm)
+        report.passes = [copy.deepcopy(r) for r in records]
+        final = copy_graph_module(gm)  # the lowered module owns its graph
+        final.meta.pop(RUN_OUTPUTS, None)
+        final.meta.pop("fxopt_sources", None)
+        signature: Signature = final.meta["fxopt_signature"]
+        return _finish(final, verification.fork() if verification is not None else None, report,
+                       candidate.backend, self.device, signature, captured.batches)
 
-    chosen, trials = presets.choose(
-        preset, target, build,
-        measure_error=lambda module: module.report.final_max_rel_err,
-        run_example=lambda module: lambda: module(*args, **kwargs))
-    chosen.report.notes.append(presets.summary(preset, trials, chosen))
-    return chosen
+    def _stage(self, key: tuple[Pass, ...], prefix: tuple[tuple[Pass, ...], int] | None,
+               captured: _Captured) -> tuple[fx.GraphModule, list[Any], Verification | None]:
+        if key in self._stages:
+            return self._stages[key]
+        if not key:
+            return captured.gm, [], None
+        start_gm, start_records, start_verification = captured.gm, [], None
+        passes = key
+        if prefix is not None:
+            start_gm, start_records, start_verification = self._stage(prefix[0], None, captured)
+            passes = key[prefix[1]:]
+        ctx = PassContext(batches=captured.batches, calibrated=len(captured.batches) - captured.fresh_batches > 1,
+                          fresh_batches=captured.fresh_batches, task=self._task)
+        manager = PassManager(list(passes), strict=self.strict, instruments=self.options["instruments"],
+                              user_model=captured.user_model, verify_rows=DEFAULT_VERIFY_ROWS)
+        resume = start_verification.fork() if start_verification is not None else None
+        gm, records = manager.run(start_gm, resume.ctx if resume is not None else ctx, resume=resume)
+        self._stages[key] = (gm, list(start_records) + list(records), manager.verification)
+        return self._stages[key]
 
 
 def optimize_captured(
@@ -269,6 +394,7 @@ def optimize_captured(
     max_rounds: int = 1,
     user_model: UserModelUntouched | None = None,
     fresh_batches: int = 0,
+    verify_rows: int | None = DEFAULT_VERIFY_ROWS,
     task: Any = None,
 ) -> OptimizedModule:
     """The steps after capture, shared by every entry point: verified passes, then lowering.
@@ -276,35 +402,66 @@ def optimize_captured(
     ``gm`` is a captured graph (``fxopt.capture`` output, with ``meta["fxopt_signature"]``);
     ``batches`` are its flat inputs, the example inputs first, then calibration batches,
     then ``fresh_batches`` inputs drawn like the examples (verification only).
+    ``verify_rows``: exact passes are verified on that many rows of each batch when the
+    batch is dynamic (None: on every row; see :mod:`fxopt.pipeline.verification`).
     """
-    from fxopt.backends import lower
 
     signature: Signature = gm.meta["fxopt_signature"]
     calibration_batches = len(batches) - fresh_batches
     if calibration_batches == 1 and not all(p.exact for p in pipeline):
         report.notes.append("no calibration data given: lossy passes were measured on the example inputs only")
     ctx = PassContext(batches=batches, calibrated=calibration_batches > 1, fresh_batches=fresh_batches, task=task)
-    ctx.reference = reference_outputs(gm, batches)
 
-    report.original = graph_cost(gm)
+    with phase("cost"):
+        report.original = graph_cost(gm)
     manager = PassManager(
         pipeline,
         strict=strict,
         instruments=instruments,
         max_rounds=max_rounds,
         user_model=user_model,
+        verify_rows=verify_rows,
     )
+    verification = None
     if pipeline:
         gm, report.passes = manager.run(gm, ctx)
-        report.final_max_abs_err, report.final_max_rel_err = _drift(ctx)
+        verification = manager.verification
+    gm.meta.pop(RUN_OUTPUTS, None)
     gm.meta.pop("fxopt_sources", None)  # lets the original weights go once nothing can need them
-    report.final = graph_cost(gm)
+    return _finish(gm, verification, report, backend, device, signature, batches)
+
+
+def _finish(gm: fx.GraphModule, verification: Verification | None, report: Report, backend: str,
+            device: str | torch.device | None, signature: Signature,
+            batches: list[list[torch.Tensor]]) -> OptimizedModule:
+    """The final error and cost in the report, then lowering to ``backend``."""
+    from fxopt.backends import lower
+
+    if verification is not None:
+        with phase("verify"):
+            report.final_max_abs_err, report.final_max_rel_err = verification.final_error(gm)
+        if verification.slices is not None and report.passes:
+            rows = [int(batch[0].shape[0]) for batch in verification.slices if batch and hasattr(batch[0], "shape")]
+            report.notes.append(f"exact passes were verified on the first {'/'.join(map(str, sorted(set(rows))))} "
+                                "rows of each input (the batch is dynamic); lossy passes on every row")
+    with phase("cost"):
+        report.final = graph_cost(gm)
 
     target = torch.device(device) if device is not None else _device_of(batches[0])
     report.device = str(target)
+    known = verification.example_outputs() if verification is not None else None
+    if known is not None:
+        # The backend's parity check compares its lowered graph with these outputs instead
+        # of running the optimized graph again (fxopt.verify.known_outputs).
+        gm.meta[KNOWN_OUTPUTS] = known
     start = time.perf_counter()
-    runner = lower(backend, gm, signature, batches[0], target, report)
+    try:
+        with phase("lowering"):
+            runner = lower(backend, gm, signature, batches[0], target, report)
+    finally:
+        gm.meta.pop(KNOWN_OUTPUTS, None)
     report.lower_seconds = time.perf_counter() - start
+    runner.graph_module.meta.pop(KNOWN_OUTPUTS, None)
     return OptimizedModule(runner.graph_module, signature, report, runner.run, target)
 
 
@@ -339,7 +496,7 @@ def _inference_copy(model: torch.nn.Module, report: Report) -> torch.nn.Module:
         f"model is in training mode ({', '.join(training[:3])}{'...' if len(training) > 3 else ''}); "
         "fxopt optimized an eval() copy and left your model as it was"
     )
-    warnings.warn(f"fxopt: {message}", stacklevel=3)
+    warnings.warn(f"fxopt: {message}", stacklevel=user_stacklevel())
     report.notes.append(message)
     return copy.deepcopy(model).eval()
 
@@ -362,15 +519,30 @@ def _fresh_batch(gm: fx.GraphModule, example: list[torch.Tensor], report: Report
     not run cleanly on it."""
     try:
         fresh, described = fresh_inputs_like(gm, example)
-        outputs = run_graph(gm, fresh)
+        # Checked on the rows exact passes are verified on (all of them for a static batch);
+        # the pass manager reuses these outputs as its reference on them.
+        rows = _verified_rows(gm, fresh, fresh=True)
+        try:
+            outputs = run_graph(gm, rows)
+        except Exception:
+            if rows is fresh:
+                raise
+            rows = fresh  # not on a slice: the pass manager will verify on every row
+            outputs = run_graph(gm, rows)
+        gm.meta[RUN_OUTPUTS] = [(rows, outputs)]
     except Exception as exc:
         report.notes.append(f"no fresh verification input: the captured graph fails on one ({type(exc).__name__})")
         return None
-    if not _finite(outputs) and _finite(run_graph(gm, example)):
+    if not _finite(outputs) and _finite(run_graph(gm, example if rows is fresh else _verified_rows(gm, example, False))):
         report.notes.append("no fresh verification input: the captured graph's outputs on one are not finite")
         return None
     report.notes.append(f"verified on the example inputs and one fresh input drawn like them ({described})")
     return fresh
+
+
+def _verified_rows(gm: fx.GraphModule, batch: list[torch.Tensor], fresh: bool) -> list[torch.Tensor]:
+    cut = row_slices(gm, [batch], int(fresh), DEFAULT_VERIFY_ROWS)
+    return cut[0] if cut else batch
 
 
 def _finite(outputs: list[Any]) -> bool:
@@ -437,15 +609,6 @@ def _draw_like(example: torch.Tensor, shape: list[int], generator: torch.Generat
         picks = torch.randint(0, pool.numel(), (int(torch.Size(shape).numel()),), generator=generator)
         drawn = pool[picks].reshape(shape)
     return drawn.to(example.device)
-
-
-def _drift(ctx: PassContext) -> tuple[float, float]:
-    """Max abs and relative error of the final graph against the captured one."""
-    worst_abs = worst_rel = 0.0
-    for expected, actual in zip(ctx.original, ctx.reference):
-        comparison = compare_outputs(expected, actual)
-        worst_abs, worst_rel = max(worst_abs, comparison.max_abs), max(worst_rel, comparison.max_rel)
-    return worst_abs, worst_rel
 
 
 def _device_of(inputs: list[torch.Tensor]) -> torch.device:

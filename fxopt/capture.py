@@ -27,6 +27,8 @@ import torch.utils._pytree as pytree
 
 from fxopt.errors import CaptureError, InputError
 from fxopt.ir import copy_graph_module, size_hint, unique_attr_name
+from fxopt.ir.shapes import stamp_shapes
+from fxopt.report import phase
 
 log = logging.getLogger("fxopt")
 
@@ -198,7 +200,8 @@ def capture(
     notes: list[str] = []
     exported = _export_with_shapes(model, args, kwargs, dynamic_shapes, notes)
     gm = freeze(exported, model)
-    canonicalize(gm)
+    with phase("canonicalize"):
+        canonicalize(gm)
     # torch.export keeps the nodes of the last exported graph in a module-level map
     # (proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT) until the next export, and
     # those nodes keep their module alive: return a copy and leave that module no weights.
@@ -208,6 +211,7 @@ def capture(
     if dynamic_shapes == BATCH:
         notes += _batch_notes(owned, args, kwargs)
     owned.meta["fxopt_notes"] = notes
+    stamp_shapes(owned)  # export's values stand until a pass changes their nodes
     return owned
 
 

@@ -4,10 +4,16 @@ A preset is data: a budget and a list of candidates, each a pipeline (pass specs
 ``"exact"`` standing for every registered exact pass in order) and a backend, optionally
 limited to some devices. ``fxopt.compile(model, inputs, preset="int8")`` compiles every
 candidate that applies (a candidate whose backend is not installed is dropped, with the
-reason and the install command in the report), drops the ones whose output error on the example and calibration
-data exceeds the preset's budget or whose passes all rolled back, times the rest side by side
-(interleaved, median) on the example inputs and keeps the fastest. The report says what was
-chosen, the measured times of the others, and why any was dropped.
+reason and the install command in the report), drops the ones whose output error on the
+example and calibration data exceeds the preset's budget or whose passes all rolled back (or
+whose compile failed), times the rest side by side (interleaved, median; :func:`race` stops
+timing the clearly slower ones after three rounds) on the example inputs and keeps the
+fastest. The report says what was chosen, the measured times of the others, and why any was
+dropped.
+
+The candidates share work: the model is captured once, the exact passes they start with run
+once, and candidates with the same pipeline (one per backend) share its lossy passes too;
+each continues from that graph with its own references and lowers its own copy.
 
 Presets are found like passes, through the ``fxopt.presets`` entry-point group (the built-in
 ones are declared beside the passes), so the core names no pass.
@@ -15,6 +21,8 @@ ones are declared beside the passes), so the core names no pass.
 
 from __future__ import annotations
 
+import statistics
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -24,7 +32,8 @@ from typing import Any
 import torch
 
 from fxopt.errors import FxoptError, InputError
-from fxopt.latency import measure_side_by_side
+from fxopt.latency import Timing, measure_side_by_side
+from fxopt.report import phase
 
 ENTRY_POINT_GROUP = "fxopt.presets"
 EXACT = "exact"  # in a candidate's passes: every registered exact pass, in their declared order
@@ -126,7 +135,7 @@ def choose(
     repeats: int = 10,
 ) -> tuple[Any, list[Trial]]:
     """Compile each candidate for ``device`` with ``build``, keep those within the budget,
-    time them side by side and return the fastest module and every trial."""
+    time them side by side (:func:`race`) and return the fastest module and every trial."""
     trials = [Trial(c) for c in preset.candidates if device.type in c.devices]
     if not trials:
         raise InputError(f"preset {preset.name!r} has no candidate for device {device.type!r}")
@@ -152,8 +161,8 @@ def choose(
     if not alive:
         reasons = "; ".join(f"{t.candidate.describe()}: {t.dropped}" for t in trials)
         raise FxoptError(f"preset {preset.name!r}: no candidate met its budget ({reasons})")
-    timings = measure_side_by_side({str(i): run_example(t.module) for i, t in enumerate(alive)},
-                                   warmup=1, repeats=repeats)
+    with phase("timing"):
+        timings = race({str(i): run_example(t.module) for i, t in enumerate(alive)}, repeats=repeats)
     for i, trial in enumerate(alive):
         trial.milliseconds = timings[str(i)].median
     best = min(alive, key=lambda t: t.milliseconds or 0.0)
@@ -166,6 +175,47 @@ def _unavailable(candidate: Candidate, device: torch.device) -> str | None:
 
     reason = unavailable_reason(candidate.backend, device)
     return None if reason is None else f"backend not available: {reason}"
+
+
+RACE_ROUNDS = 3  # rounds every candidate runs before the clearly slower ones stop
+RACE_MARGIN = 1.10  # a candidate whose fastest run is this much slower than the best median stops
+RACE_SECONDS = 2.0  # after RACE_ROUNDS, rounds go on (up to ``repeats``) only while timing took less
+
+
+def race(candidates: dict[str, Callable[[], Any]], *, repeats: int = 10) -> dict[str, Timing]:
+    """Interleaved timing (one warm-up each, then rounds) that stops timing a candidate once
+    its fastest run is ``RACE_MARGIN`` slower than the best median after ``RACE_ROUNDS``
+    rounds, and stops altogether when one is left, or, past ``RACE_ROUNDS``, once timing has
+    taken ``RACE_SECONDS``: a model whose runs take a second is not timed ten times over to
+    separate candidates within 10% of each other (either is a good choice), while one whose
+    runs take milliseconds gets every round. A lone candidate runs once. Each candidate's
+    timing is over the rounds it ran."""
+    if len(candidates) == 1:
+        return measure_side_by_side(candidates, warmup=0, repeats=1)
+    samples: dict[str, list[float]] = {name: [] for name in candidates}
+    running = dict(candidates)
+    with torch.inference_mode():
+        for fn in running.values():
+            fn()
+        began = time.perf_counter()
+        for round_ in range(1, max(repeats, 1) + 1):
+            for name, fn in running.items():
+                _synchronize()
+                start = time.perf_counter()
+                fn()
+                _synchronize()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+            if round_ >= RACE_ROUNDS and len(running) > 1:
+                best = min(statistics.median(samples[name]) for name in running)
+                running = {name: fn for name, fn in running.items() if min(samples[name]) <= best * RACE_MARGIN}
+            if len(running) == 1 or (round_ >= RACE_ROUNDS and time.perf_counter() - began > RACE_SECONDS):
+                break
+    return {name: Timing.of(values) for name, values in samples.items()}
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def summary(preset: Preset, trials: Sequence[Trial], chosen: Any) -> str:

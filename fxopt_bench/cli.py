@@ -35,6 +35,16 @@ def run_bench_cli(args: Any) -> int:
         except ImportError:
             print("fxopt bench: --plot needs matplotlib: pip install 'fxopt[plot]'", file=sys.stderr)
             return 2
+    if getattr(args, "compile_time", False):
+        from fxopt_bench.compile_time import format_compile_time, run_compile_time
+
+        models = [m.strip() for m in args.models.split(",") if m.strip()]
+        explicit = any(arg.startswith("--models") for arg in sys.argv)  # the latency default (mlp) is not this one
+        rows = run_compile_time(models if explicit else ["bert"], quick=args.quick,
+                                repeats=getattr(args, "repeats", None) or 1, threads=getattr(args, "threads", None) or 1,
+                                progress=lambda message: print(message, file=sys.stderr, flush=True))
+        print(format_compile_time(rows))
+        return 0
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
     models = [m.strip() for m in args.models.split(",") if m.strip()]

@@ -22,6 +22,8 @@ import torch.fx as fx
 
 from fxopt.ir import cleanup, constants, copy_graph_module, propagate_shapes
 from fxopt.pass_api import PassContext
+from fxopt.pipeline.verification import Verification
+from fxopt.report import phase
 from fxopt.verify import compare_outputs, exact_tolerance, lint, module_fingerprint, run_graph
 
 if TYPE_CHECKING:
@@ -138,43 +140,65 @@ class GraphLint(BaseCheck):
               ctx: PassContext) -> str | None:
         if not step.modified:
             return None
-        reason = lint(working)
-        if reason:
-            return reason
+        with phase("lint"):
+            reason = lint(working)
+            if reason:
+                return reason
+            try:
+                cleanup(working)
+            except Exception as exc:
+                raise Rejected(f"graph lint failed: {type(exc).__name__}: {exc}") from exc
         try:
-            cleanup(working)
-        except Exception as exc:
-            raise Rejected(f"graph lint failed: {type(exc).__name__}: {exc}") from exc
-        try:
-            propagate_shapes(working)
+            with phase("shapes"):
+                # Only the nodes the pass created or rewired, and those downstream whose
+                # inputs' shapes changed: the rest keep the metadata the previous graph had.
+                propagate_shapes(working, incremental=True)
         except Exception as exc:
             raise Rejected(f"shape propagation failed: {type(exc).__name__}: {exc}") from exc
         return None
 
 
 class Numerics(BaseCheck):
-    """The new graph's outputs against the previous graph's, on every batch.
+    """The new graph's outputs against the previous graph's.
 
     An exact pass must agree to the dtype's tolerance, or, failing that, err against a
     float64 evaluation no more than the previous graph does (:func:`rounding_verdict`); a
     lossy pass must stay inside its ``budget``. Writes max abs and relative error (and the
-    rounding verdict) into the pass's report row; on commit the new outputs become
-    ``ctx.reference``, what the next pass is compared with.
+    rounding verdict) into the pass's report row; on commit the new outputs become the
+    reference the next pass is compared with (``ctx.reference`` for the full batches).
+
+    The batches are ``verification``'s (set by the manager): every row of every batch, or,
+    for an exact pass when the manager verifies on row slices, the first rows of each (see
+    :mod:`fxopt.pipeline.verification` for why that still verifies the rewrite).
     """
 
     def __init__(self) -> None:
         self._outputs: list[list[Any]] | None = None
+        self._exact = True
+        self.verification: Verification | None = None
 
     def after(self, step: PassStep, working: fx.GraphModule, previous: fx.GraphModule,
               ctx: PassContext) -> str | None:
         self._outputs = None
         if not step.modified:
             return None
+        with phase("verify"):
+            return self._verify(step, working, previous, ctx)
+
+    def _verify(self, step: PassStep, working: fx.GraphModule, previous: fx.GraphModule,
+                ctx: PassContext) -> str | None:
+        if self.verification is None or self.verification.ctx is not ctx:
+            self.verification = Verification(previous, ctx, None)
+        verification = self.verification
+        pass_ = step.pass_
+        self._exact = pass_.exact
+        batches = verification.batches_for(pass_.exact)
+        reference = verification.reference_for(previous, pass_.exact)
         outputs: list[list[Any]] = []
         worst = None
-        for inputs, expected in zip(ctx.batches, ctx.reference):
+        for inputs, expected in zip(batches, reference):
             try:
-                actual = run_graph(working, inputs)
+                actual = verification.run(working, [inputs])[0]
             except Exception as exc:
                 raise Rejected(f"the rewritten graph failed to run: {type(exc).__name__}: {exc}") from exc
             comparison = compare_outputs(expected, actual)
@@ -186,11 +210,10 @@ class Numerics(BaseCheck):
         record.max_abs_err, record.max_rel_err = worst.max_abs, worst.max_rel
         if worst.mismatch:
             return worst.mismatch
-        pass_ = step.pass_
         if pass_.exact:
             limit = exact_tolerance(worst.worst_dtype)
             if not worst.within(limit):
-                verdict = rounding_verdict(previous, working, ctx.batches, ctx.reference, outputs)
+                verdict = rounding_verdict(previous, working, batches, reference, outputs)
                 if verdict is None:
                     return f"exact pass changed outputs: max rel error {worst.max_rel:.3g} > {limit:g}"
                 record.message = verdict
@@ -202,8 +225,8 @@ class Numerics(BaseCheck):
         return None
 
     def commit(self, gm: fx.GraphModule, ctx: PassContext) -> None:
-        if self._outputs is not None:
-            ctx.reference = self._outputs
+        if self._outputs is not None and self.verification is not None:
+            self.verification.commit(self._exact, self._outputs)
         self._outputs = None
 
 

@@ -26,7 +26,14 @@ import torch.fx as fx
 from fxopt.errors import InputError, PassFailedError
 from fxopt.ir import copy_graph_module
 from fxopt.pass_api import Pass, PassContext, PassResult
-from fxopt.pipeline.checks import Check, Rejected, Unrecoverable, UserModelUntouched, default_checks
+from fxopt.pipeline.checks import (
+    Check,
+    Numerics,
+    Rejected,
+    Unrecoverable,
+    UserModelUntouched,
+    default_checks,
+)
 from fxopt.pipeline.instruments import (
     CostDelta,
     PassInstrument,
@@ -35,9 +42,10 @@ from fxopt.pipeline.instruments import (
     WarnOnRollback,
     user_stacklevel,
 )
+from fxopt.pipeline.verification import Verification, row_slices
 from fxopt.registry import PassOrderWarning, order_violations
-from fxopt.report import PassRecord
-from fxopt.verify import run_graph
+from fxopt.report import PassRecord, phase
+from fxopt.verify import RUN_OUTPUTS, run_graph, same_inputs
 
 log = logging.getLogger("fxopt")
 
@@ -58,11 +66,11 @@ class PassStep:
         return self.result is not None and self.result.modified
 
 
-def reference_outputs(gm: fx.GraphModule, batches: list[list[torch.Tensor]]) -> list[list[Any]]:
+def reference_outputs(gm: fx.GraphModule, batches: list[list[torch.Tensor]], start: int = 0) -> list[list[Any]]:
     """The captured graph's outputs on every batch; export traces with fake tensors, so a
     mismatch it did not check (a dtype, say) surfaces here, as a clear error."""
     outputs = []
-    for index, batch in enumerate(batches):
+    for index, batch in enumerate(batches, start):
         try:
             outputs.append(run_graph(gm, batch))
         except Exception as exc:
@@ -72,6 +80,20 @@ def reference_outputs(gm: fx.GraphModule, batches: list[list[torch.Tensor]]) -> 
                 f"the captured model fails on {what}: {type(exc).__name__}: {message}; check that "
                 "model(*example_inputs) runs in eager mode with these inputs' shapes and dtypes"
             ) from exc
+    return outputs
+
+
+def _reference_reusing(gm: fx.GraphModule, batches: list[list[Any]], verification: Verification) -> list[list[Any]]:
+    """:func:`reference_outputs`, taking the outputs of runs already made on the same inputs
+    (``gm.meta[RUN_OUTPUTS]``, left by the fresh-input check) instead of running again."""
+    known = gm.meta.pop(RUN_OUTPUTS, None) or []  # for this graph only: copies must not inherit it
+    outputs: list[list[Any]] = []
+    for index, batch in enumerate(batches):
+        reused = next((out for inputs, out in known if same_inputs(inputs, batch)), None)
+        if reused is None:
+            reused = reference_outputs(gm, [batch], start=index)[0]
+            verification.forwards += 1
+        outputs.append(reused)
     return outputs
 
 
@@ -92,6 +114,10 @@ class PassManager:
             model a pass touched is restored whatever else is wrong with the pass.
         watched_module: shorthand for ``user_model=UserModelUntouched(watched_module)``,
             which detects but cannot restore.
+        verify_rows: verify exact passes on the first ``verify_rows`` rows of each batch
+            (one more on a fresh batch) when the graph's batch is dynamic; None verifies
+            every pass on every row. Lossy passes always see every row
+            (:mod:`fxopt.pipeline.verification` says why this is sound).
     """
 
     def __init__(
@@ -105,8 +131,11 @@ class PassManager:
         max_rounds: int = 1,
         user_model: Check | None = None,
         watched_module: torch.nn.Module | None = None,
+        verify_rows: int | None = None,
     ) -> None:
         self.passes = list(passes)
+        self.verify_rows = verify_rows
+        self.verification: Verification | None = None
         self.strict = strict
         self.verify = verify
         self.max_rounds = max_rounds
@@ -120,12 +149,50 @@ class PassManager:
         ]
         _warn_about_order(self.passes)
 
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, list[PassRecord]]:
-        """Run the pipeline on ``gm``; returns the final graph and one report row per pass run."""
-        if not ctx.reference:
-            ctx.reference = reference_outputs(gm, ctx.batches)
-        if not ctx.original:
-            ctx.original = list(ctx.reference)
+    def run(self, gm: fx.GraphModule, ctx: PassContext,
+            resume: Verification | None = None) -> tuple[fx.GraphModule, list[PassRecord]]:
+        """Run the pipeline on ``gm``; returns the final graph and one report row per pass run.
+
+        ``self.verification`` keeps the references afterwards: the final error
+        (:meth:`Verification.final_error`) and the outputs a backend's parity check can reuse.
+        ``resume`` continues from another run's references (``Verification.fork()`` of it;
+        ``ctx`` is its ``ctx``): ``gm`` must be that run's final graph.
+        """
+        if resume is not None:
+            verification = resume
+        else:
+            verification = self._start(gm, ctx)
+        self.verification = verification
+        for check in self.checks:
+            if isinstance(check, Numerics):
+                check.verification = verification
+        return self._run(gm, ctx)
+
+    def _start(self, gm: fx.GraphModule, ctx: PassContext) -> Verification:
+        with phase("reference"):
+            slices = None
+            if self.verify and self.verify_rows is not None:
+                slices = row_slices(gm, ctx.batches, ctx.fresh_batches, self.verify_rows)
+            if slices is not None:
+                verification = Verification(gm, ctx, slices)
+                try:
+                    # The full reference waits until a lossy pass needs it: an exact-only
+                    # pipeline never runs the full batches.
+                    verification.slice_reference = verification.slice_original = _reference_reusing(
+                        gm, slices, verification)
+                    return verification
+                except InputError:
+                    log.debug("the captured graph does not run on row slices; verifying on every row")
+            verification = Verification(gm, ctx, None)
+            if not ctx.reference:
+                ctx.reference = reference_outputs(gm, ctx.batches)
+                verification.forwards += len(ctx.batches)
+            verification.full_current = True
+            if not ctx.original:
+                ctx.original = list(ctx.reference)
+        return verification
+
+    def _run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, list[PassRecord]]:
         done: list[str] = []
         for instrument in self.instruments:
             instrument.enter(self.passes)
@@ -155,9 +222,13 @@ class PassManager:
     def _run_one(self, step: PassStep, gm: fx.GraphModule, ctx: PassContext, done: list[str]) -> fx.GraphModule:
         """Copy, run, consult the checks; returns the graph to keep."""
         pass_ = step.pass_
+        if not pass_.exact and self.verification is not None:
+            with phase("reference"):
+                self.verification.ensure_full(gm)  # a lossy pass measures against ctx.reference
         for check in self.checks:
             check.before(gm, ctx)
-        working = copy_graph_module(gm)
+        with phase("copy"):
+            working = copy_graph_module(gm)
         try:
             failure = self._call(pass_, working, ctx, step)
             # Checks run even after the pass failed: they restore what it may have touched.
@@ -175,13 +246,16 @@ class PassManager:
             return gm
         for check in self.checks:
             check.commit(working, ctx)
+        if not self.verify and self.verification is not None:
+            self.verification.commit(pass_.exact, None)
         step.record.status = "applied"
         return working
 
     @staticmethod
     def _call(pass_: Pass, working: fx.GraphModule, ctx: PassContext, step: PassStep) -> Rejected | None:
         try:
-            result = pass_(working, ctx)
+            with phase(f"pass:{pass_.name}"):
+                result = pass_(working, ctx)
         except Exception as exc:
             log.debug("pass %s raised", pass_.name, exc_info=True)
             rejected = Rejected(f"raised {type(exc).__name__}: {exc}")

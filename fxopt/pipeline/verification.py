@@ -1,0 +1,190 @@
+"""What the numerics check runs graphs on, and the outputs it compares with.
+
+Two sets of batches:
+
+* the full batches (``ctx.batches``: example inputs, calibration batches, fresh inputs), on
+  which lossy passes choose and are held to their budgets; ``ctx.reference`` holds the
+  current graph's outputs on them;
+* their row slices: every batch cut to its first ``rows`` rows along the dynamic batch
+  dimension (``rows + 1`` for a fresh batch, so the two sizes differ), on which exact
+  passes are verified when the manager is given ``verify_rows``.
+
+Why a slice verifies an exact pass: an exact rewrite claims the same function for every
+input the graph accepts. A graph captured with a dynamic batch accepts every batch size,
+and the slices exercise two sizes (``rows`` and ``rows + 1``, both above 1, so a rewrite
+that mixes rows, specializes the batch size or broadcasts over it still shows) at the
+model's own sizes in every other dimension. What the slice gives up is the values of the
+rows left out, which an exact rewrite does not depend on; lossy passes, whose error does
+depend on the values, are still measured and verified on every row of every batch. A
+graph whose batch is static is verified on the full batches.
+
+References are computed when first needed and kept until the graph changes: a pass
+verified on slices leaves the full reference stale, and it is recomputed, on the current
+graph, only before a lossy pass reads it (or for the final error once a lossy pass has
+applied).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxopt.pass_api import PassContext
+from fxopt.verify import compare_outputs, run_graph
+
+DEFAULT_VERIFY_ROWS = 2
+
+
+def batch_symbol(gm: fx.GraphModule) -> Any:
+    """The symbol of the dynamic batch dimension (dim 0 of the first tensor input), or None
+    when that size is static."""
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            continue
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dim() >= 1:
+            size = value.shape[0]
+            if isinstance(size, int):
+                return None
+            expr = size.node.expr
+            return expr if expr.is_Symbol else None
+    return None
+
+
+def row_slices(gm: fx.GraphModule, batches: Sequence[Sequence[Any]], fresh_batches: int,
+               rows: int) -> list[list[Any]] | None:
+    """Each batch cut to its first ``rows`` rows (``rows + 1`` for the fresh batches) on the
+    inputs whose dim 0 is the dynamic batch; None when the batch is static or no batch has
+    more rows than its slice would (nothing to gain)."""
+    symbol = batch_symbol(gm)
+    if symbol is None or rows < 2:
+        return None
+    batched = []
+    for node in (n for n in gm.graph.nodes if n.op == "placeholder"):
+        value = node.meta.get("val")
+        is_batched = (isinstance(value, torch.Tensor) and value.dim() >= 1
+                      and not isinstance(value.shape[0], int) and value.shape[0].node.expr == symbol)
+        batched.append(is_batched)
+        if isinstance(value, torch.Tensor):
+            for dim, size in enumerate(value.shape):
+                if (dim > 0 or not is_batched) and not isinstance(size, int) and symbol in size.node.expr.free_symbols:
+                    return None  # the batch size shows elsewhere too: cutting dim 0 alone would not fit
+    slices, smaller = [], False
+    for index, batch in enumerate(batches):
+        keep = rows + (index >= len(batches) - fresh_batches)
+        cut = []
+        for tensor, is_batched in zip(batch, batched):
+            if is_batched and isinstance(tensor, torch.Tensor) and tensor.shape[0] > keep:
+                cut.append(tensor[:keep])
+                smaller = True
+            else:
+                cut.append(tensor)
+        slices.append(cut)
+    return slices if smaller else None
+
+
+class Verification:
+    """The batches and reference outputs of one pipeline run (see the module docstring)."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext, slices: list[list[Any]] | None) -> None:
+        self.ctx = ctx
+        self.slices = slices
+        self.slice_reference: list[list[Any]] | None = None
+        self.slice_original: list[list[Any]] | None = None
+        self.full_current = bool(ctx.reference)  # ctx.reference is the current graph's
+        self.captured = gm  # for the original outputs, computed only if a lossy pass needs them
+        self.lossy_applied = False
+        self.forwards = 0  # graph runs made here (tests count them)
+        # The captured graph's outputs on the full batches, and any graph's whose full outputs
+        # were computed here, by graph: shared by forks (a preset's candidates continue from
+        # one graph), never written in place.
+        self._captured_outputs: dict[str, list[list[Any]]] = {}
+        self._full_outputs: dict[int, tuple[fx.GraphModule, list[list[Any]]]] = {}
+
+    def fork(self) -> Verification:
+        """An independent copy to continue another pipeline from the same graph (a preset's
+        candidates share their exact passes): references are shared, never written in place."""
+        twin = copy.copy(self)
+        twin.ctx = dataclasses.replace(self.ctx)
+        return twin
+
+    def run(self, gm: fx.GraphModule, batches: Sequence[Sequence[Any]]) -> list[list[Any]]:
+        self.forwards += len(batches)
+        return [run_graph(gm, list(batch)) for batch in batches]
+
+    def sliced_for(self, exact: bool) -> bool:
+        """Whether a pass of this kind is verified on the row slices."""
+        return exact and self.slices is not None
+
+    def batches_for(self, exact: bool) -> list[list[Any]]:
+        return self.slices if self.sliced_for(exact) else self.ctx.batches  # type: ignore[return-value]
+
+    def reference_for(self, gm: fx.GraphModule, exact: bool) -> list[list[Any]]:
+        """The outputs of ``gm`` (the current graph) that a pass of this kind is compared with."""
+        if self.sliced_for(exact):
+            if self.slice_reference is None:
+                self.slice_reference = self.run(gm, self.slices or [])
+            return self.slice_reference
+        self.ensure_full(gm)
+        return self.ctx.reference
+
+    def ensure_full(self, gm: fx.GraphModule) -> None:
+        """Make ``ctx.reference`` the outputs of ``gm`` on the full batches."""
+        if self.full_current and self.ctx.reference:
+            return
+        known = self._full_outputs.get(id(gm))
+        if known is not None and known[0] is gm:
+            self.ctx.reference = known[1]
+        else:
+            self.ctx.reference = self.run(gm, self.ctx.batches)
+            self._full_outputs[id(gm)] = (gm, self.ctx.reference)
+        self.full_current = True
+        if not self.ctx.original and gm is self.captured:
+            self.ctx.original = self._captured_outputs["full"] = list(self.ctx.reference)
+
+    def commit(self, exact: bool, outputs: list[list[Any]] | None) -> None:
+        """The graph that produced ``outputs`` (on the batches of its kind) is now current;
+        the other set's reference is stale."""
+        if outputs is None:  # committed without being run (verification off): nothing is known
+            self.slice_reference, self.full_current = None, False
+            return
+        if self.sliced_for(exact):
+            self.slice_reference, self.full_current = outputs, False
+        else:
+            self.ctx.reference, self.full_current = outputs, True
+            self.slice_reference = None
+            self.lossy_applied |= not exact
+
+    def final_error(self, gm: fx.GraphModule) -> tuple[float, float]:
+        """Max abs and relative error of ``gm`` (the final graph) against the captured graph:
+        on the full batches once a lossy pass has applied, on the slices of an exact-only run."""
+        if self.slices is not None and not self.lossy_applied:
+            if self.slice_original is None or self.slice_reference is None:
+                return 0.0, 0.0  # nothing changed the graph
+            pairs = zip(self.slice_original, self.slice_reference)
+        else:
+            self.ensure_full(gm)
+            if not self.ctx.original:
+                if "full" not in self._captured_outputs:
+                    self._captured_outputs["full"] = self.run(self.captured, self.ctx.batches)
+                self.ctx.original = self._captured_outputs["full"]
+            pairs = zip(self.ctx.original, self.ctx.reference)
+        worst_abs = worst_rel = 0.0
+        for expected, actual in pairs:
+            comparison = compare_outputs(expected, actual)
+            worst_abs, worst_rel = max(worst_abs, comparison.max_abs), max(worst_rel, comparison.max_rel)
+        return worst_abs, worst_rel
+
+    def example_outputs(self) -> tuple[list[Any], list[Any]] | None:
+        """The example inputs (full or sliced) and the current graph's outputs on them, when
+        known without running anything."""
+        if self.full_current and self.ctx.reference:
+            return self.ctx.batches[0], self.ctx.reference[0]
+        if self.slices is not None and self.slice_reference is not None:
+            return self.slices[0], self.slice_reference[0]
+        return None

@@ -1,0 +1,295 @@
+"""Compile-time structure: how many graph runs a compile makes and on how many rows, shape
+propagation that recomputes only what changed, a preset's shared capture and passes, the
+search's reused values, and the report's timings. No wall-clock assertions: counts only."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt import presets
+from fxopt.ir import copy_graph_module, propagate_shapes
+from fxopt.ir.shapes import _shape_key
+from fxopt.lossy.search import BudgetedSearch, Site
+from fxopt.pass_api import PassContext
+from fxopt.pipeline import PassInstrument, PassManager, reference_outputs
+from fxopt.pipeline.verification import row_slices
+from fxopt.registry import default_pipeline
+from fxopt.verify import ReusingRunner, compare_outputs, run_graph
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Dropout(0.1), nn.Linear(128, 64), nn.ReLU(),
+                         nn.Linear(64, 16)).eval()
+
+
+class _SiblingHeads(nn.Module):
+    """Two Linears reading one input (merge-siblings applies) after a dropout (remove-dropout applies)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.drop = nn.Dropout(0.1)
+        self.a, self.b = nn.Linear(32, 48), nn.Linear(32, 48)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop(x)
+        return self.a(x) * self.b(x)
+
+
+@pytest.fixture
+def graph_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The batch size (rows of the first input) of every graph run fxopt.compile makes."""
+    import fxopt.api
+    import fxopt.backends.eager
+    import fxopt.pipeline.checks
+    import fxopt.pipeline.manager
+    import fxopt.pipeline.verification
+
+    rows: list[int] = []
+    original = fxopt.verify.run_graph
+
+    def counting(gm: Any, inputs: Any) -> list[Any]:
+        rows.append(int(inputs[0].shape[0]))
+        return original(gm, inputs)
+
+    for module in (fxopt.api, fxopt.backends.eager, fxopt.pipeline.checks, fxopt.pipeline.manager,
+                   fxopt.pipeline.verification):
+        monkeypatch.setattr(module, "run_graph", counting)
+    return rows
+
+
+def test_exact_passes_are_verified_on_row_slices_and_the_reference_runs_once(graph_runs: list[int]) -> None:
+    model, x = _SiblingHeads(), torch.randn(16, 32)
+    opt = fxopt.compile(model, (x,))
+    applied = [r for r in opt.report.passes if r.status == "applied"]
+    assert {r.name for r in applied} >= {"remove-dropout", "merge-siblings"}
+    # Nothing ran on all 16 (or 17 fresh) rows: the example slice has 2 rows, the fresh one 3.
+    assert set(graph_runs) <= {2, 3}
+    # fresh check (reused as its reference) + example reference + 2 batches per applied pass
+    # + the lowered kernels' parity run (the optimized graph's outputs are handed over).
+    assert len(graph_runs) <= 2 + 2 * len(applied) + 1
+    with torch.no_grad():
+        for rows in (16, 5):
+            batch = torch.randn(rows, 32)
+            torch.testing.assert_close(opt(batch), model(batch), rtol=1e-5, atol=1e-5)
+
+
+def test_lossy_passes_still_see_every_row(graph_runs: list[int]) -> None:
+    model, x = _mlp(), torch.randn(16, 64)
+    opt = fxopt.compile(model, (x,), passes=[*default_pipeline(), "quantize-int8"])
+    assert opt.report["quantize-int8"].status == "applied"
+    assert 16 in graph_runs and 17 in graph_runs  # its budget is held on the example and the fresh input
+
+
+def test_a_static_batch_is_verified_on_every_row(graph_runs: list[int]) -> None:
+    fxopt.compile(_SiblingHeads(), (torch.randn(16, 32),), dynamic_shapes="static")
+    assert set(graph_runs) == {16}
+
+
+def test_row_slices_cut_only_the_dynamic_batch() -> None:
+    gm = fxopt.capture(_mlp(), (torch.randn(8, 64),))
+    batches = [[torch.randn(8, 64)], [torch.randn(9, 64)]]
+    slices = row_slices(gm, batches, fresh_batches=1, rows=2)
+    assert slices is not None and [s[0].shape[0] for s in slices] == [2, 3]
+    static = fxopt.capture(_mlp(), (torch.randn(8, 64),), dynamic_shapes="static")
+    assert row_slices(static, [[torch.randn(8, 64)]], 0, 2) is None
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_incremental_shape_propagation_equals_full(arch: str) -> None:
+    from zoo import ARCHITECTURES
+
+    build = next(a for a in ARCHITECTURES if a.name == arch).build
+    model, args, kwargs = build()
+    gm = fxopt.capture(model, args, kwargs)
+    ctx = PassContext(batches=[])
+    recomputed = []
+    for pass_ in default_pipeline():
+        working = copy_graph_module(gm)
+        result = pass_(working, ctx)
+        if not result.modified:
+            continue
+        working.graph.eliminate_dead_code()
+        full = copy_graph_module(working)
+        recomputed.append(propagate_shapes(working, incremental=True))
+        propagate_shapes(full)
+        for a, b in zip(working.graph.nodes, full.graph.nodes):
+            assert a.name == b.name
+            assert _shape_key(a.meta.get("val")) == _shape_key(b.meta.get("val")), a.format_node()
+        gm = working
+    assert recomputed, "no pass changed the graph"
+    assert all(count < len(gm.graph.nodes) for count in recomputed)  # only what changed
+
+
+class _CountPasses(PassInstrument):
+    def __init__(self) -> None:
+        self.runs: dict[str, int] = {}
+
+    def before_pass(self, pass_: Any, gm: Any, step: Any) -> None:
+        self.runs[pass_.describe()] = self.runs.get(pass_.describe(), 0) + 1
+
+
+def test_preset_candidates_share_one_capture_and_their_common_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fxopt.api
+
+    captures = []
+    original = fxopt.api.capture
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        captures.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(fxopt.api, "capture", counting)
+    counter = _CountPasses()
+    preset = presets.Preset("shared-test", "two int8 candidates with one pipeline, one exact", (
+        presets.Candidate(("exact", "quantize-int8(activations='dynamic-tensor')"), "eager"),
+        presets.Candidate(("exact", "quantize-int8(activations='dynamic-tensor')"), "eager"),
+        presets.Candidate(("exact", "quantize-int8"), "eager"),
+        presets.Candidate(("exact",), "eager"),
+    ), budget=0.05)
+    with presets.registered_preset(preset):
+        opt = fxopt.compile(_mlp(), (torch.randn(16, 64),), preset="shared-test", instruments=[counter])
+    assert len(captures) == 1
+    exact_runs = {name: count for name, count in counter.runs.items() if not name.startswith("quantize-int8")}
+    assert exact_runs and set(exact_runs.values()) == {1}  # every exact pass ran once for four candidates
+    quantize_runs = sorted(count for name, count in counter.runs.items() if name.startswith("quantize-int8"))
+    assert quantize_runs == [1, 1]  # the two identical pipelines share their quantize-int8 run
+    assert [r.name for r in opt.report.passes][: len(default_pipeline())] == [p.name for p in default_pipeline()]
+
+
+def test_a_failing_candidate_is_dropped_and_the_others_compile() -> None:
+    preset = presets.Preset("failing-test", "one candidate's backend does not exist", (
+        presets.Candidate(("exact",), "no-such-backend"),
+        presets.Candidate(("exact",), "eager"),
+    ))
+    with presets.registered_preset(preset):
+        opt = fxopt.compile(_mlp(), (torch.randn(16, 64),), preset="failing-test")
+    note = next(n for n in opt.report.notes if n.startswith("preset "))
+    assert "chose [exact] on eager" in note and "[exact] on no-such-backend dropped: failed: unknown backend" in note
+
+
+def test_race_times_a_lone_candidate_once_and_stops_clearly_slower_ones() -> None:
+    calls = {"fast": 0, "slow": 0}
+
+    def fast() -> None:
+        calls["fast"] += 1
+
+    def slow() -> None:
+        calls["slow"] += 1
+        time.sleep(0.05)
+
+    timings = presets.race({"fast": fast, "slow": slow}, repeats=10)
+    assert timings["fast"].median < timings["slow"].median
+    assert calls["slow"] == 1 + presets.RACE_ROUNDS  # warm-up + the rounds before it stopped
+    assert presets.race({"only": fast}, repeats=10)["only"].samples == 1
+
+
+def test_report_timings_cover_the_compile() -> None:
+    opt = fxopt.compile(_SiblingHeads(), (torch.randn(16, 32),))
+    report = opt.report
+    assert {"capture", "reference", "verify", "shapes", "lowering", "pass:remove-dropout"} <= set(report.timings)
+    assert report.total_seconds > 0
+    assert sum(report.timings.values()) == pytest.approx(report.total_seconds, rel=0.02, abs=0.01)
+    assert "time: compile" in str(report) and report.to_dict()["timings"] == report.timings
+
+
+def _search_case() -> tuple[Any, PassContext, list[Site], Any]:
+    from fxopt.ir import add_constant, call_nodes, constant, ops
+    from fxopt.quant import quantize_weight
+    from passes.quantize_int8 import insert_qdq
+
+    gm = fxopt.capture(_mlp(), (torch.randn(16, 64),))
+    batches = [[torch.randn(16, 64)], [torch.randn(16, 64)]]
+    ctx = PassContext(batches=batches, reference=reference_outputs(gm, batches))
+    linears = [n.name for n in call_nodes(gm, ops.linear)]
+    weights = {}
+    for node in call_nodes(gm, ops.linear):
+        weights[node.name] = quantize_weight(constant(gm, node.args[1]))
+
+    def apply(trial: Any, choices: Any) -> Any:
+        nodes = {n.name: n for n in trial.graph.nodes}
+        for name in linears:
+            if name in choices:
+                qweight, scale = weights[name]
+                insert_qdq(trial, nodes[name], add_constant(trial, qweight, f"{name}_w8"),
+                           add_constant(trial, scale, f"{name}_s"), None)
+        return trial
+
+    return gm, ctx, [Site(name, (True,)) for name in linears], apply
+
+
+def test_search_trials_reuse_shared_values_without_changing_any_error() -> None:
+    gm, ctx, sites, apply = _search_case()
+    search = BudgetedSearch(gm, ctx, sites, apply, budget=1e-9, strategy="sensitivity", holdout=False)
+    search.run()
+    trials = [step for step in search.log if step["event"] == "trial"]
+    assert len(trials) > 2 and search._runner.reused > 0
+    for step in trials:  # each logged error is what running the trial graph itself gives
+        graph = search.trial(step["choices"])
+        worst = max(compare_outputs(ref, run_graph(graph, batch)).max_rel
+                    for ref, batch in zip(ctx.reference, ctx.batches))
+        assert step["error"] == worst
+
+
+def test_reusing_runner_matches_running_the_graph() -> None:
+    gm, ctx, sites, apply = _search_case()
+    runner = ReusingRunner()
+    batch = ctx.batches[0]
+    runner.run(gm, batch, pin=True)
+    for chosen in ([sites[2].name], [sites[1].name, sites[2].name], [sites[0].name]):
+        trial = apply(copy_graph_module(gm), {name: True for name in chosen})
+        trial.recompile()
+        expected = run_graph(trial, batch)
+        actual = runner.run(trial, batch)
+        assert all(torch.equal(a, b) for a, b in zip(expected, actual))
+    assert runner.reused > 0
+
+
+def test_pass_manager_alone_still_verifies_every_row() -> None:
+    gm = fxopt.capture(_SiblingHeads(), (torch.randn(16, 32),))
+    manager = PassManager(default_pipeline())
+    _, records = manager.run(gm, PassContext(batches=[[torch.randn(16, 32)]]))
+    assert manager.verification is not None and manager.verification.slices is None
+    assert any(r.status == "applied" for r in records)
+
+
+def test_row_slices_change_no_lossy_choice_nor_the_final_error() -> None:
+    from fxopt.api import optimize_captured
+    from fxopt.registry import resolve_passes
+    from fxopt.report import Report
+
+    model = _mlp()
+    x, fresh = torch.randn(16, 64), torch.randn(17, 64)
+    pipeline = resolve_passes([*default_pipeline(), "quantize-int8(activations='dynamic-tensor', budget=0.01)"])
+    results = []
+    for rows in (2, None):
+        gm = fxopt.capture(model, (x,))
+        opt = optimize_captured(gm, [[x], [fresh]], pipeline, report=Report(), fresh_batches=1, verify_rows=rows)
+        results.append(opt.report)
+    sliced, full = results
+    assert [(r.name, r.status, r.applied) for r in sliced.passes] == [(r.name, r.status, r.applied) for r in full.passes]
+    assert sliced["quantize-int8"].max_rel_err == full["quantize-int8"].max_rel_err
+    assert sliced.final_max_rel_err == full.final_max_rel_err > 0
+
+
+def test_race_stops_after_its_rounds_once_timing_took_its_seconds(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = {"a": 0, "b": 0}
+
+    def run(name: str) -> Any:
+        def call() -> None:
+            calls[name] += 1
+        return call
+
+    monkeypatch.setattr(presets, "RACE_MARGIN", float("inf"))  # neither is ever clearly slower
+    assert presets.race({"a": run("a"), "b": run("b")}, repeats=10)["a"].samples == 10  # fast: every round
+    monkeypatch.setattr(presets, "RACE_SECONDS", 0.0)
+    timings = presets.race({"a": run("a"), "b": run("b")}, repeats=10)
+    assert timings["a"].samples == timings["b"].samples == presets.RACE_ROUNDS
