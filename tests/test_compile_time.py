@@ -166,14 +166,24 @@ def test_preset_candidates_share_one_capture_and_their_common_passes(monkeypatch
 
 
 def test_a_failing_candidate_is_dropped_and_the_others_compile() -> None:
-    preset = presets.Preset("failing-test", "one candidate's backend does not exist", (
+    from fxopt.backends import Backend, registered_backend
+    from fxopt.errors import BackendError
+
+    def lower_broken(*args: object) -> object:
+        raise BackendError("this backend cannot lower anything")
+
+    preset = presets.Preset("failing-test", "one candidate's backend fails, one does not exist", (
+        presets.Candidate(("exact",), "broken"),
         presets.Candidate(("exact",), "no-such-backend"),
         presets.Candidate(("exact",), "eager"),
     ))
-    with presets.registered_preset(preset):
+    with presets.registered_preset(preset), registered_backend(Backend("broken", lower_broken)):
         opt = fxopt.compile(_mlp(), (torch.randn(16, 64),), preset="failing-test")
     note = next(n for n in opt.report.notes if n.startswith("preset "))
-    assert "chose [exact] on eager" in note and "[exact] on no-such-backend dropped: failed: unknown backend" in note
+    assert "chose [exact] on eager" in note
+    assert "[exact] on broken dropped: failed: this backend cannot lower anything" in note
+    # a backend that is not there is known before anything is compiled
+    assert "[exact] on no-such-backend dropped: backend not available: unknown backend" in note
 
 
 def test_race_times_a_lone_candidate_once_and_stops_clearly_slower_ones() -> None:
