@@ -204,9 +204,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def cmd_optimize(args: argparse.Namespace) -> int:
-    import fxopt
-
+def _model_and_examples(args: argparse.Namespace) -> tuple[Any, list[Any], dict[str, Any]]:
+    """The target model and its example inputs, from --inputs FILE or random --input-shape."""
     if bool(args.inputs) == bool(args.input_shape):
         raise ValueError("give the example inputs either as --input-shape (random) or as --inputs FILE")
     model = load_target(args.target)
@@ -214,6 +213,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         inputs, kwargs = load_inputs(args.inputs)
     else:
         inputs, kwargs = random_inputs(args.input_shape, args.dtype or []), {}
+    return model, inputs, kwargs
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    import fxopt
+
+    model, inputs, kwargs = _model_and_examples(args)
     calibration = load_calibration(args.calibration) if args.calibration else None
     dynamic_shapes = cli_dynamic_shapes(model, inputs, kwargs, static=args.static, dynamic=args.dynamic or [])
     if model.training:
@@ -235,13 +241,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     import fxopt
 
-    if bool(args.inputs) == bool(args.input_shape):
-        raise ValueError("give the example inputs either as --input-shape (random) or as --inputs FILE")
-    model = load_target(args.target)
-    if args.inputs:
-        inputs, kwargs = load_inputs(args.inputs)
-    else:
-        inputs, kwargs = random_inputs(args.input_shape, args.dtype or []), {}
+    model, inputs, kwargs = _model_and_examples(args)
     data = load_labelled(args.data)
     opt = fxopt.tune(model, kwargs if kwargs and not inputs else tuple(inputs), data=data, metric=args.metric,
                      max_drop=args.max_drop, backend=args.backend, passes=args.passes, techniques=args.techniques,

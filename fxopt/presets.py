@@ -94,16 +94,10 @@ def get_preset(name: str) -> Preset:
 @contextmanager
 def registered_preset(preset: Preset) -> Iterator[Preset]:
     """Register ``preset`` for the length of a ``with`` block (tests, experiments)."""
-    presets = _load()
-    previous = presets.get(preset.name)
-    presets[preset.name] = preset
-    try:
+    from fxopt.registry import scoped_entry
+
+    with scoped_entry(_load(), preset.name, preset):
         yield preset
-    finally:
-        if previous is None:
-            presets.pop(preset.name, None)
-        else:
-            presets[preset.name] = previous
 
 
 def expand(passes: Sequence[str]) -> list[Any]:

@@ -59,6 +59,21 @@ def _state() -> _Registry:
     return _scoped.get() or _PROCESS
 
 
+@contextmanager
+def scoped_entry(entries: dict[str, Any], name: str, value: Any) -> Iterator[Any]:
+    """``entries[name] = value`` for the length of a ``with`` block, then what was there before
+    (how the preset and technique registries register one for a test)."""
+    previous = entries.get(name)
+    entries[name] = value
+    try:
+        yield value
+    finally:
+        if previous is None:
+            entries.pop(name, None)
+        else:
+            entries[name] = previous
+
+
 def register_pass(pass_type: type[Pass]) -> type[Pass]:
     """Register a pass class under its ``name``; usable as a class decorator."""
     if not (isinstance(pass_type, type) and issubclass(pass_type, Pass)):

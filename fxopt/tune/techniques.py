@@ -94,13 +94,7 @@ def select_techniques(names: Any = None) -> list[Technique]:
 @contextmanager
 def registered_technique(technique: Technique) -> Iterator[Technique]:
     """Register ``technique`` for the length of a ``with`` block (tests, experiments)."""
-    known = _load()
-    previous = known.get(technique.name)
-    known[technique.name] = technique
-    try:
+    from fxopt.registry import scoped_entry
+
+    with scoped_entry(_load(), technique.name, technique):
         yield technique
-    finally:
-        if previous is None:
-            known.pop(technique.name, None)
-        else:
-            known[technique.name] = previous
