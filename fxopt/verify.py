@@ -9,6 +9,8 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fxopt.ir.shapes import freeze_arguments
+
 # Relative tolerance (max |a - b| over max |a|) an exact pass must meet, per dtype.
 # Exact rewrites reorder float sums (merged weights, folded scales), so fp32 gets a few
 # ulps of headroom times the depth of a typical reduction.
@@ -239,23 +241,8 @@ def _node_stamp(gm: fx.GraphModule, node: fx.Node) -> Any:
         for atom in str(node.target).split("."):
             obj = getattr(obj, atom, None)
         return ("get_attr", node.target, _tensor_identity(obj))
-    return (node.op, node.target, _frozen(node.args), _frozen(node.kwargs))
-
-
-def _frozen(value: Any) -> Any:
-    if isinstance(value, fx.Node):
-        return ("%node", value.name)
-    if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *(_frozen(v) for v in value))
-    if isinstance(value, dict):
-        return ("dict", *((k, _frozen(v)) for k, v in value.items()))
-    if isinstance(value, slice):
-        return ("slice", _frozen(value.start), _frozen(value.stop), _frozen(value.step))
-    if isinstance(value, torch.Tensor):
-        return _tensor_identity(value)
-    if isinstance(value, float) and value != value:
-        return ("nan",)
-    return value
+    return (node.op, node.target, freeze_arguments(node.args, _tensor_identity),
+            freeze_arguments(node.kwargs, _tensor_identity))
 
 
 def _tensor_identity(obj: Any) -> Any:

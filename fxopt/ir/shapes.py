@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -136,23 +136,31 @@ def _stamp(gm: fx.GraphModule, node: fx.Node) -> Any:
         for atom in str(node.target).split("."):
             obj = getattr(obj, atom, None)
         extra = (obj.dtype, tuple(obj.shape), obj.stride(), obj.device) if isinstance(obj, torch.Tensor) else id(obj)
-    return (node.op, node.target, _freeze(node.args), _freeze(node.kwargs), extra)
+    return (node.op, node.target, freeze_arguments(node.args, _tensor_shape_key),
+            freeze_arguments(node.kwargs, _tensor_shape_key), extra)
 
 
-def _freeze(value: Any) -> Any:
+def freeze_arguments(value: Any, tensor_key: Callable[[torch.Tensor], Any]) -> Any:
+    """A node's arguments as a hashable, comparable key: input nodes by name, a tensor
+    argument as ``tensor_key(tensor)`` says, NaN equal to itself. Shape stamps and the
+    search's value reuse both decide "is this node the same computation" with it."""
     if isinstance(value, fx.Node):
         return ("%node", value.name)
     if isinstance(value, (list, tuple)):
-        return (type(value).__name__, *(_freeze(v) for v in value))
+        return (type(value).__name__, *(freeze_arguments(v, tensor_key) for v in value))
     if isinstance(value, dict):
-        return ("dict", *((k, _freeze(v)) for k, v in value.items()))
+        return ("dict", *((k, freeze_arguments(v, tensor_key)) for k, v in value.items()))
     if isinstance(value, slice):
-        return ("slice", _freeze(value.start), _freeze(value.stop), _freeze(value.step))
+        return ("slice", *(freeze_arguments(v, tensor_key) for v in (value.start, value.stop, value.step)))
     if isinstance(value, torch.Tensor):
-        return ("tensor", id(value), value.dtype, tuple(value.shape))
+        return tensor_key(value)
     if isinstance(value, float) and value != value:
         return ("nan",)
     return value
+
+
+def _tensor_shape_key(value: torch.Tensor) -> Any:
+    return ("tensor", id(value), value.dtype, tuple(value.shape))
 
 
 def _shape_key(value: Any) -> Any:
