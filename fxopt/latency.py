@@ -56,13 +56,18 @@ def measure_side_by_side(
         rounds = 0
         while rounds < max(repeats, 1) or time.perf_counter() - start < min_seconds:
             for name, fn in candidates.items():
-                _sync()
-                t0 = time.perf_counter()
-                fn()
-                _sync()
-                samples[name].append((time.perf_counter() - t0) * 1e3)
+                samples[name].append(time_call(fn))
             rounds += 1
     return {name: Timing.of(values) for name, values in samples.items()}
+
+
+def time_call(fn: Callable[[], Any]) -> float:
+    """Milliseconds one call of ``fn`` takes, the device's queued work included."""
+    _sync()
+    start = time.perf_counter()
+    fn()
+    _sync()
+    return (time.perf_counter() - start) * 1e3
 
 
 def _sync() -> None:

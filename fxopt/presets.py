@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from fxopt.errors import FxoptError, InputError
-from fxopt.latency import Timing, measure_side_by_side
+from fxopt.latency import Timing, measure_side_by_side, time_call
 from fxopt.report import phase
 
 ENTRY_POINT_GROUP = "fxopt.presets"
@@ -194,22 +194,13 @@ def race(candidates: dict[str, Callable[[], Any]], *, repeats: int = 10) -> dict
         began = time.perf_counter()
         for round_ in range(1, max(repeats, 1) + 1):
             for name, fn in running.items():
-                _synchronize()
-                start = time.perf_counter()
-                fn()
-                _synchronize()
-                samples[name].append((time.perf_counter() - start) * 1e3)
+                samples[name].append(time_call(fn))
             if round_ >= RACE_ROUNDS and len(running) > 1:
                 best = min(statistics.median(samples[name]) for name in running)
                 running = {name: fn for name, fn in running.items() if min(samples[name]) <= best * RACE_MARGIN}
             if len(running) == 1 or (round_ >= RACE_ROUNDS and time.perf_counter() - began > RACE_SECONDS):
                 break
     return {name: Timing.of(values) for name, values in samples.items()}
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
 
 
 def summary(preset: Preset, trials: Sequence[Trial], chosen: Any) -> str:
