@@ -194,6 +194,12 @@ class registered_backend:
             _scoped[self.backend.name] = self._previous
 
 
+def require_torch_device(device: torch.device) -> None:
+    """Refuse a CUDA device this PyTorch cannot use (for backends that run PyTorch code)."""
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise BackendError("device 'cuda' was requested but CUDA is not available on this machine")
+
+
 def lower(
     name: str,
     gm: fx.GraphModule,

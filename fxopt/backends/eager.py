@@ -11,8 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.backends import Lowered
-from fxopt.errors import BackendError
+from fxopt.backends import Lowered, require_torch_device
 from fxopt.lowering import lower_graph
 from fxopt.report import phase
 from fxopt.verify import compare_outputs, exact_tolerance, known_outputs, run_graph
@@ -25,8 +24,7 @@ def lower_eager(
     device: torch.device,
     report: Any,
 ) -> Lowered:
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError("device 'cuda' was requested but CUDA is not available on this machine")
+    require_torch_device(device)
     known = known_outputs(gm)
     expected = None
     if known is not None and all(not isinstance(t, torch.Tensor) or t.device == device for t in known[0]):

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.backends import Backend, Lowered
+from fxopt.backends import Backend, Lowered, require_torch_device
 from fxopt.errors import BackendError
 from fxopt.lowering import lower_graph
 from fxopt.verify import compare_outputs, exact_tolerance, run_graph
@@ -48,8 +48,7 @@ def lower_inductor(
     device: torch.device,
     report: Any,
 ) -> Lowered:
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise BackendError("device 'cuda' was requested but CUDA is not available on this machine")
+    require_torch_device(device)
     inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in example_inputs]
     # The eager backend's graph stage: its kernels are PyTorch custom ops Inductor can call.
     lowered = lower_graph(gm, "eager", device, "graph")
