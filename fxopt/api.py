@@ -24,7 +24,7 @@ from fxopt.pipeline.instruments import user_stacklevel
 from fxopt.pipeline.verification import DEFAULT_VERIFY_ROWS, Verification, row_slices
 from fxopt.registry import resolve_passes
 from fxopt.report import PhaseTimer, Report, phase
-from fxopt.verify import KNOWN_OUTPUTS, RUN_OUTPUTS, module_fingerprint, run_graph
+from fxopt.verify import KNOWN_OUTPUTS, MODEL_OUTPUTS, RUN_OUTPUTS, module_fingerprint, run_graph
 
 PassSpec = str | Pass | Iterable[str | Pass] | None
 
@@ -454,14 +454,20 @@ def _finish(gm: fx.GraphModule, verification: Verification | None, report: Repor
         # The backend's parity check compares its lowered graph with these outputs instead
         # of running the optimized graph again (fxopt.verify.known_outputs).
         gm.meta[KNOWN_OUTPUTS] = known
+    if verification is not None and verification.lossy_applied:
+        # A backend that computes differently from the graph measures its own error with these.
+        model_outputs, drift = verification.model_outputs()
+        gm.meta[MODEL_OUTPUTS] = (verification.ctx.batches, model_outputs, drift)
     start = time.perf_counter()
     try:
         with phase("lowering"):
             runner = lower(backend, gm, signature, batches[0], target, report)
     finally:
         gm.meta.pop(KNOWN_OUTPUTS, None)
+        gm.meta.pop(MODEL_OUTPUTS, None)
     report.lower_seconds = time.perf_counter() - start
     runner.graph_module.meta.pop(KNOWN_OUTPUTS, None)
+    runner.graph_module.meta.pop(MODEL_OUTPUTS, None)
     return OptimizedModule(runner.graph_module, signature, report, runner.run, target)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,6 +61,28 @@ def known_outputs(gm: fx.GraphModule) -> tuple[list[Any], list[Any]] | None:
     example inputs, or their row slice when exact passes were verified on one."""
     known = getattr(gm, "meta", {}).get(KNOWN_OUTPUTS)
     return known if known is not None else None
+
+
+# gm.meta key: (batches, outputs, (abs, rel)) once a lossy pass has applied: the model's
+# outputs on every batch the pass manager measured (or those of a graph within the given
+# max abs and relative error of it, see fxopt.pipeline.verification), for a backend that
+# computes differently from the graph to measure its own error against the model.
+MODEL_OUTPUTS = "fxopt_model_outputs"
+
+
+def error_against_model(gm: fx.GraphModule, run: Any) -> tuple[float, float] | None:
+    """Max abs and relative error of ``run`` (a callable on a batch's flat inputs) against
+    the model's outputs on every batch in ``gm.meta[MODEL_OUTPUTS]``; None when unknown."""
+    known = getattr(gm, "meta", {}).get(MODEL_OUTPUTS)
+    if known is None:
+        return None
+    batches, outputs, (drift_abs, drift_rel) = known
+    worst = Comparison()
+    for batch, expected in zip(batches, outputs):
+        worst.merge(compare_outputs(expected, list(run(*batch))))
+    if worst.mismatch:
+        return math.inf, math.inf
+    return worst.max_abs + drift_abs, worst.max_rel + drift_rel
 
 
 # gm.meta key: [(inputs, outputs), ...] runs of the captured graph made before the pass

@@ -277,15 +277,17 @@ def test_inductor_on_cuda() -> None:
     assert _rel(opt(other), model(other)) < 0.05
 
 
-def test_openvino_adds_its_own_quantization_drift_to_the_reported_error() -> None:
+def test_openvino_reports_its_own_error_against_the_model() -> None:
     pytest.importorskip("openvino")
     model, x = _mlp(), torch.randn(8, 32)
     passes = ["remove-dropout", "fold-batchnorm", PER_TENSOR]
     eager = _quiet_compile(model, (x,), passes=passes)
     openvino = _quiet_compile(model, (x,), passes=passes, backend="openvino")
-    # same graph, same graph error; OpenVINO's run-time scales add their drift on top
-    assert openvino.report.final_max_rel_err > eager.report.final_max_rel_err
-    assert _rel(openvino(x), model(x)) <= openvino.report.final_max_rel_err + 1e-6
+    # OpenVINO quantizes with run-time scales of its own: its error is measured, not the graph's
+    assert openvino.report.final_max_rel_err != eager.report.final_max_rel_err
+    assert any(n.startswith("OpenVINO's outputs against the model's") for n in openvino.report.notes)
+    with torch.no_grad():
+        assert _rel(openvino(x), model(x)) <= openvino.report.final_max_rel_err + 1e-6
 
 
 def test_openvino_int8_lowering_leaves_dynamic_activations_to_openvino() -> None:

@@ -287,7 +287,9 @@ def test_row_slices_change_no_lossy_choice_nor_the_final_error() -> None:
     sliced, full = results
     assert [(r.name, r.status, r.applied) for r in sliced.passes] == [(r.name, r.status, r.applied) for r in full.passes]
     assert sliced["quantize-int8"].max_rel_err == full["quantize-int8"].max_rel_err
-    assert sliced.final_max_rel_err == full.final_max_rel_err > 0
+    # sliced: against the graph after the exact passes plus their drift on the slices (no extra run)
+    assert sliced.final_max_rel_err == pytest.approx(full.final_max_rel_err, rel=1e-4)
+    assert full.final_max_rel_err > 0
 
 
 def test_race_stops_after_its_rounds_once_timing_took_its_seconds(monkeypatch: pytest.MonkeyPatch) -> None:

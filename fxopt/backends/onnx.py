@@ -227,15 +227,19 @@ def _untranslated_ops(gm: fx.GraphModule, translations: dict[Any, Any]) -> list[
 def _quiet_exporter() -> Any:
     import logging
 
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # onnxscript's constant folder logs a warning for every node it could not evaluate and
+    # leaves as it is (a bfloat16 reshape, say): nothing is wrong with the exported graph.
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript.optimizer")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def _graph_outputs(gm: fx.GraphModule) -> list[Any]:
