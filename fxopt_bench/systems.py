@@ -624,11 +624,12 @@ SYSTEMS_LIST: tuple[System, ...] = (
            _fxopt(lambda: [*_default_pipeline(), "smooth-quant", STATIC], calibrate=True),
            label="fxopt int8 eager (static, smooth-quant)"),
     # Static activations (QuantizeLinear/DequantizeLinear pairs) become OpenVINO int8 kernels
-    # with no run-time quantization step; calibrated on the bench inputs, as the NNCF and
-    # PT2E rows are.
+    # with no run-time quantization step, and a quantized query and key its int8 fused
+    # attention; calibrated on the bench inputs, as the NNCF and PT2E rows are.
     System("fxopt-int8-openvino", "fxopt lossless pipeline + quantize-int8 (static per-tensor "
-           "activations, calibrated on the inputs), OpenVINO backend",
-           _fxopt(_with(STATIC_PERCENTILE), "openvino", calibrate=True), ("openvino",), cpu_only=True,
+           "activations, calibrated on the inputs) + quantize-attention, OpenVINO backend",
+           _fxopt(lambda: [*_default_pipeline(), STATIC_PERCENTILE, "quantize-attention"], "openvino",
+                  calibrate=True), ("openvino",), cpu_only=True,
            label="fxopt int8 OpenVINO (static)"),
     # OpenVINO quantizes the activations of a dynamic int8 Linear itself, in groups, on its
     # int8 kernels; the graph's int8 weights are used as they are.

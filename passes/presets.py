@@ -6,7 +6,8 @@ Runtime, whichever runs faster. ``bf16``: the exact passes, then Linears in bflo
 then int8 Linears with activations per tensor (chosen at run time) or per token, in eager
 PyTorch or ONNX Runtime, within the quantize-int8 pass's 5% budget; given calibration batches,
 also static per-tensor activations (with and without smooth-quant) on oneDNN's fused int8
-kernel (without them those candidates are dropped: static scales need calibration). Where the optional
+kernel, and on OpenVINO static int8 Linears with an int8 query and key in its fused attention
+(without calibration those candidates are dropped: static scales need it). Where the optional
 backend OpenVINO is installed, it is a candidate of each preset on CPU.
 """
 
@@ -17,8 +18,10 @@ from fxopt.presets import EXACT, Candidate, Preset
 INT8_PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
 INT8_STATIC = "quantize-int8(activations='static', symmetric=False)"
 # OpenVINO runs symmetric QuantizeLinear/DequantizeLinear pairs as int8 kernels; the
-# percentile observer keeps BERT within budget where min-max scales do not.
+# percentile observer keeps BERT within budget where min-max scales do not. Its fused
+# attention kernel computes Q @ K^T in int8 when the query and key are quantized.
 INT8_STATIC_OPENVINO = "quantize-int8(activations='static', observer='percentile')"
+INT8_ATTENTION = "quantize-attention"
 
 # OpenVINO is a candidate of each preset where it is installed (a candidate whose backend is
 # missing is dropped with the reason): it runs fp32, bf16 and int8 BERT-like graphs faster
@@ -57,7 +60,8 @@ INT8 = Preset(
                   note="needs calibration batches"),
         Candidate((EXACT, INT8_PER_TENSOR), "eager"),
         Candidate((EXACT, INT8_PER_TENSOR), "onnx", devices=("cpu",)),
-        Candidate((EXACT, INT8_STATIC_OPENVINO), "openvino", devices=("cpu",), note="needs calibration batches"),
+        Candidate((EXACT, INT8_STATIC_OPENVINO, INT8_ATTENTION), "openvino", devices=("cpu",),
+                  note="needs calibration batches"),
         Candidate((EXACT, INT8_PER_TENSOR), "openvino", devices=("cpu",)),
         Candidate((EXACT, "quantize-int8"), "eager"),
     ),

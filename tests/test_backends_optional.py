@@ -314,3 +314,88 @@ def test_openvino_int8_lowering_leaves_dynamic_activations_to_openvino() -> None
     targets = {node.target for node in graph.graph.nodes}
     assert qops.dequantize_per_channel in targets and qops.quantize_per_token not in targets
     assert lowering.runtime_config(graph) == {"DYNAMIC_QUANTIZATION_GROUP_SIZE": 16}  # gcd(48, 64)
+
+
+# ---------------------------------------------------------------- OpenVINO's preferred graph form
+
+
+class _Siblings(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(32, 32), nn.Linear(32, 16), nn.Linear(32, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x).relu(), self.k(x), self.v(x) * 2], dim=-1)
+
+
+def _graph_after_passes(model: nn.Module, inputs: tuple, passes: list, **options) -> torch.fx.GraphModule:
+    captured = {}
+
+    def keep(gm, signature, inputs, device, report):
+        captured["gm"] = gm
+        return Lowered(gm, lambda *args: gm(*args))
+
+    with registered_backend(Backend("keep", keep)):
+        _quiet_compile(model, inputs, passes=passes, backend="keep", **options)
+    return captured["gm"]
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float", "int8"])
+def test_openvino_splits_a_packed_linear_back_into_one_per_piece(int8: bool) -> None:
+    from fxopt.ir import ops
+    from fxopt.lowering import get_lowering, lower_graph
+    from fxopt.verify import compare_outputs, run_graph
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 8, 32)
+    passes = ["merge-siblings"] + (["quantize-int8(activations='static', budget=1.0)"] if int8 else [])
+    gm = _graph_after_passes(_Siblings().eval(), (x,), passes, calibration=[(torch.randn(4, 8, 32),)])
+    linears = lambda g: sum(n.target == ops.linear for n in g.graph.nodes)  # noqa: E731
+    assert linears(gm) == 1  # merged by merge-siblings
+    lowered = lower_graph(gm, "openvino", torch.device("cpu"))
+    assert get_lowering("openvino-split-linear") in lowered.applied
+    graph = lowered.graph_module
+    assert linears(graph) == 3
+    assert not any(n.target == ops.split_with_sizes for n in graph.graph.nodes)
+    assert linears(gm) == 1  # the graph it was given is unchanged
+    # each output channel comes from the same row of weights, scales and bias: the same values
+    comparison = compare_outputs(run_graph(gm, [x]), run_graph(graph, [x]))
+    assert comparison.max_rel <= 1e-6
+
+
+def test_openvino_leaves_a_split_it_cannot_take_apart() -> None:
+    from fxopt.lowering import get_lowering, lower_graph
+
+    class SplitRows(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(32, 32)
+
+        def forward(self, x: torch.Tensor) -> tuple:
+            return self.fc(x).split([1, 3], dim=0)  # rows, not output channels
+
+    gm = _graph_after_passes(SplitRows().eval(), (torch.randn(4, 32),), [])
+    assert get_lowering("openvino-split-linear") not in lower_graph(gm, "openvino", torch.device("cpu")).applied
+
+
+def test_openvino_int8_attention_runs_as_one_fused_kernel() -> None:
+    pytest.importorskip("openvino")
+    import onnx
+
+    model = tiny_transformer("bert")
+    torch.manual_seed(0)
+    ids, mask = token_ids(2, 16), torch.ones(2, 16, dtype=torch.long)
+    calibration = [(token_ids(2, 16), torch.ones(2, 16, dtype=torch.long)) for _ in range(2)]
+    passes = ["exact", "quantize-int8(activations='static', observer='percentile', budget=0.2)",
+              "quantize-attention(budget=0.2)"]
+    opt = _quiet_compile(model, (ids, mask), passes=fxopt.presets.expand(passes), backend="openvino",
+                         calibration=calibration)
+    assert opt.report["quantize-attention"].applied == 2
+    runner = opt._runner
+    exported = onnx.load(str(runner.exported.path), load_external_data=False)
+    assert [n.op_type for n in exported.graph.node].count("Attention") == 2
+    layer_types = {op.get_rt_info()["layerType"].astype(str) for op in runner.compiled.get_runtime_model().get_ops()}
+    assert "Softmax" not in layer_types  # attention is one fused kernel, not MatMul/Softmax/MatMul
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).last_hidden_state
+        assert _rel(opt(ids, mask)[0], expected) <= opt.report.final_max_rel_err + 1e-6

@@ -1,0 +1,135 @@
+"""Quantize the query and key of scaled-dot-product attention to int8, for int8 attention kernels.
+
+    scaled_dot_product_attention(q, k, v, ...)
+      =>  scaled_dot_product_attention(dequantize(quantize(q, sq)), dequantize(quantize(k, sk)), v, ...)
+    where s = max|x| / 127 over the calibration batches (static, per tensor, symmetric int8)
+
+So that ``Q @ K^T`` can run as an int8 GEMM: OpenVINO's fused attention kernel reads the
+quantized query and key as int8 (the scheme of its own post-training quantizer, which leaves
+the value and the softmax output in float). Eager PyTorch and ONNX Runtime have no such
+kernel and run the pattern as float emulation, slower than no quantization: this pass is
+opt-in, for the OpenVINO backend (the int8 preset's OpenVINO candidate runs it after
+quantize-int8).
+
+Constraints (refusal codes): q and k are floating point (``not-floating-point``) of
+float32/float16/bfloat16 (``unsupported-dtype``); static scales need calibration batches
+(``needs-calibration``); which attentions are quantized is the budgeted search's choice
+(fxopt.lossy), each attention a site: all at once if that fits ``budget``, else the ones
+that cost least error first (``over-budget`` with the measured error for the rest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.fx as fx
+
+from fxopt.ir import is_op
+from fxopt.ir.qdq import qops
+from fxopt.lossy import BudgetedSearch, Site, check_search_options, collect_activations, fit_batches
+from fxopt.pass_api import Pass, PassContext, PassResult
+from fxopt.quant import FLOAT_DTYPES, QMAX, QMIN, static_scale
+from fxopt.rewrite import Refusal
+from fxopt.rewrite.constraints import (
+    NEEDS_CALIBRATION,
+    NOT_FLOATING_POINT,
+    OVER_BUDGET,
+    UNSUPPORTED_DTYPE,
+)
+
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+QUANTIZED_INPUTS = (0, 1)  # query, key
+
+
+@dataclass(frozen=True)
+class QuantizeAttention(Pass):
+    name: ClassVar[str] = "quantize-attention"
+    exact: ClassVar[bool] = False
+    after: ClassVar[tuple[str, ...]] = ("quantize-int8",)
+
+    budget: float = 0.05
+    strategy: str = "sensitivity"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_search_options(self)
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        result = PassResult()
+        candidates: list[fx.Node] = []
+        for node in gm.graph.nodes:
+            if not is_op(node, SDPA):
+                continue
+            result.match()
+            refusal = _refusal(node)
+            if refusal is not None:
+                result.skip(node, refusal)
+            else:
+                candidates.append(node)
+        if not candidates:
+            return result
+        if not ctx.calibrated:
+            for node in candidates:
+                result.skip(node, Refusal(NEEDS_CALIBRATION, (
+                    "static query and key scales need calibration batches (calibration=[...]); "
+                    "scales from the example inputs alone could clip later inputs")))
+            return result
+        values = {node.args[i] for node in candidates for i in QUANTIZED_INPUTS}
+        # The search trials scales from its fit batches only (clipping on held-out ones shows);
+        # the committed scales cover every batch.
+        scales = _scales(gm, values, ctx.batches)
+        fit_scales = _scales(gm, values, fit_batches(ctx))
+        sites = [Site(node.name, (True,)) for node in candidates]
+
+        def apply(trial: fx.GraphModule, choices: Mapping[str, object]) -> fx.GraphModule:
+            _quantize(trial, [n.name for n in candidates if n.name in choices], fit_scales)
+            return trial
+
+        outcome = BudgetedSearch(gm, ctx, sites, apply, self.budget, self.strategy).run()
+        for name, pick in outcome.refused.items():
+            what = "alone" if pick.others == 0 else f"with {pick.others} other attention(s) quantized"
+            result.skip(name, Refusal(OVER_BUDGET, f"quantized {what} the output error is {pick.error:.3g} "
+                                                   f"> budget {pick.target:g}"))
+        chosen = [n.name for n in candidates if n.name in outcome.choices]
+        _quantize(gm, chosen, scales)
+        for name in chosen:
+            result.apply()
+            result.details.append({"node": name, "error": outcome.picks[name].error, **outcome.details_for(name)})
+        return result
+
+
+def _refusal(node: fx.Node) -> Refusal | None:
+    for index in QUANTIZED_INPUTS:
+        value = node.args[index].meta.get("val") if isinstance(node.args[index], fx.Node) else None
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            return Refusal(NOT_FLOATING_POINT, f"input {index} of '{node.name}' is not a floating-point tensor")
+        if value.dtype not in FLOAT_DTYPES:
+            return Refusal(UNSUPPORTED_DTYPE, f"input {index} of '{node.name}' is {value.dtype}")
+    return None
+
+
+def _scales(gm: fx.GraphModule, values: set[fx.Node], batches: list[list[torch.Tensor]]) -> dict[str, float]:
+    """Per-tensor symmetric int8 scale of each value: its largest magnitude over ``batches``."""
+    seen = collect_activations(gm, values, batches, reduce=lambda v: float(v.detach().abs().max()))
+    return {node.name: static_scale(max(maxima)) for node, maxima in seen.items()}
+
+
+def _quantize(gm: fx.GraphModule, names: list[str], scales: dict[str, float]) -> None:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for name in names:
+        attention = nodes[name]
+        args = list(attention.args)
+        for index in QUANTIZED_INPUTS:
+            value = args[index]
+            scale = scales[value.name]
+            dtype = value.meta["val"].dtype
+            with gm.graph.inserting_before(attention):
+                quantized = gm.graph.call_function(qops.quantize_per_tensor, (value, scale, 0, QMIN, QMAX, torch.int8))
+                args[index] = gm.graph.call_function(qops.dequantize_per_tensor,
+                                                     (quantized, scale, 0, QMIN, QMAX, torch.int8),
+                                                     {"out_dtype": dtype})
+        attention.args = tuple(args)
+    gm.recompile()
