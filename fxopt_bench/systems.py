@@ -488,14 +488,12 @@ def _fxopt(passes: Callable[[], list[Any]] | None = None, backend: str = "eager"
         options: dict[str, Any] = {"backend": backend, "device": ctx.device}
         if calibrate:
             options["calibration"] = [ctx.inputs]
-        lossy: str | None = None
+        lossy: list[str] = []
         if preset is not None:
             options.update(preset=preset, backend=None)  # the preset chooses its backend
         else:
             pipeline = passes() if passes is not None else _default_pipeline()
-            for item in pipeline:
-                if isinstance(item, str):
-                    lossy = _require_pass(item)
+            lossy = [_require_pass(item) for item in pipeline if isinstance(item, str)]
             options["passes"] = pipeline
         if backend != "eager":
             from fxopt.backends import unavailable_reason
@@ -543,22 +541,23 @@ def _with(spec: str, *, without: Sequence[str] = ()) -> Callable[[], list[Any]]:
     return lambda: [*(p for p in _default_pipeline() if p.name not in without), spec]
 
 
-def pipeline_note(report: Any, lossy: str | None) -> str:
-    """What the pipeline did, in a few words: the lossy pass's applied and skipped counts,
-    or the exact passes' applied counts, and every rollback (from the report's records)."""
+def pipeline_note(report: Any, lossy: str | Sequence[str] | None = ()) -> str:
+    """What the pipeline did, in a few words: the named (lossy) passes' applied and skipped
+    counts, or the exact passes' applied counts, and every rollback (from the report's records)."""
+    lossy = [lossy] if isinstance(lossy, str) else list(lossy or ())
     parts = []
     for record in report.passes:
         if record.status == "rolled back":
             parts.append(f"{record.name} rolled back ({record.message})")
-        elif record.name == lossy:
+        elif record.name in lossy:
             text = f"{record.name}: {record.applied}/{record.matched} applied"
             if record.skipped:
                 reason, _ = record.skipped.most_common(1)[0]
                 total = sum(record.skipped.values())
                 text += f", {total} skipped" + (f", e.g. {reason}" if len(record.skipped) > 1 else f": {reason}")
             parts.append(text)
-    applied = [f"{r.name} x{r.applied}" for r in report.passes if r.status == "applied" and r.name != lossy]
-    if applied and lossy is None:
+    applied = [f"{r.name} x{r.applied}" for r in report.passes if r.status == "applied" and r.name not in lossy]
+    if applied and not lossy:
         parts.insert(0, ", ".join(applied))
     return "; ".join(parts)
 
