@@ -6,8 +6,8 @@ Runtime, whichever runs faster. ``bf16``: the exact passes, then Linears in bflo
 then int8 Linears with activations per tensor (chosen at run time) or per token, in eager
 PyTorch or ONNX Runtime, within the quantize-int8 pass's 5% budget; given calibration batches,
 also static per-tensor activations (with and without smooth-quant) on oneDNN's fused int8
-kernel, and on OpenVINO static int8 Linears with an int8 query and key in its fused attention
-(without calibration those candidates are dropped: static scales need it). Where the optional
+kernel, and on OpenVINO smooth-quant, static int8 Linears and an int8 query and key in its
+fused attention (without calibration those candidates are dropped: static scales need it). Where the optional
 backend OpenVINO is installed, it is a candidate of each preset on CPU.
 """
 
@@ -17,10 +17,12 @@ from fxopt.presets import EXACT, Candidate, Preset
 
 INT8_PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
 INT8_STATIC = "quantize-int8(activations='static', symmetric=False)"
-# OpenVINO runs symmetric QuantizeLinear/DequantizeLinear pairs as int8 kernels; the
-# percentile observer keeps BERT within budget where min-max scales do not. Its fused
-# attention kernel computes Q @ K^T in int8 when the query and key are quantized.
-INT8_STATIC_OPENVINO = "quantize-int8(activations='static', observer='percentile')"
+# SmoothQuant where 1/s cannot be folded into the producer (BERT's LayerNorms also feed a
+# residual) divides in a multiply of its own, which OpenVINO fuses into the quantization.
+SMOOTH_QUANT = "smooth-quant(explicit=True)"
+# OpenVINO runs QuantizeLinear/DequantizeLinear pairs as int8 kernels, uint8 activations
+# (a zero point) on its fastest int8 GEMM; its fused attention kernel computes Q @ K^T in
+# int8 when the query and key are quantized.
 INT8_ATTENTION = "quantize-attention"
 
 # OpenVINO is a candidate of each preset where it is installed (a candidate whose backend is
@@ -56,11 +58,11 @@ INT8 = Preset(
     "per-token activations) within 5% output error",
     (
         Candidate((EXACT, INT8_STATIC), "eager", devices=("cpu",), note="needs calibration batches"),
-        Candidate((EXACT, "smooth-quant", INT8_STATIC), "eager", devices=("cpu",),
+        Candidate((EXACT, SMOOTH_QUANT, INT8_STATIC), "eager", devices=("cpu",),
                   note="needs calibration batches"),
         Candidate((EXACT, INT8_PER_TENSOR), "eager"),
         Candidate((EXACT, INT8_PER_TENSOR), "onnx", devices=("cpu",)),
-        Candidate((EXACT, INT8_STATIC_OPENVINO, INT8_ATTENTION), "openvino", devices=("cpu",),
+        Candidate((EXACT, SMOOTH_QUANT, INT8_STATIC, INT8_ATTENTION), "openvino", devices=("cpu",),
                   note="needs calibration batches"),
         Candidate((EXACT, INT8_PER_TENSOR), "openvino", devices=("cpu",)),
         Candidate((EXACT, "quantize-int8"), "eager"),

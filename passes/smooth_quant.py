@@ -2,6 +2,7 @@
 
     linear(layer_norm(x, g, b), W, c)  =>  linear(layer_norm(x, g / s, b / s), W * s[None, :], c)
     linear(linear(x, V, d), W, c)      =>  linear(linear(x, V / s[:, None], d / s), W * s[None, :], c)
+    linear(x, W, c)                    =>  linear(mul(x, 1 / s), W * s[None, :], c)   (explicit=True)
     where s_j = max|X_j|^alpha / max_i |W_ij|^(1 - alpha) over the calibration batches (X: the
     value the Linears read; s_j = 1 where either is 0), the same s for every Linear reading X
 
@@ -15,7 +16,10 @@ Constraints (refusal codes): every user of X is a Linear reading it as its input
 LayerNorm over the last dim with constant weight and bias, or from a Linear with a constant
 weight (``not-foldable``); the weights are constants (``not-constant``) of a float dtype
 (``unsupported-dtype``), read by no other node (``shared-constant``); the scales and the new
-weights are finite (``not-finite``). It is opt-in (not in the default pipeline: alone it
+weights are finite (``not-finite``). With ``explicit=True`` an X whose 1/s cannot be folded
+into its producer (``shared-intermediate``, ``not-foldable``) is divided by s in a multiply of
+its own that only the Linears read (the form OpenVINO fuses into the activations'
+quantization, and the one its own quantizer writes). It is opt-in (not in the default pipeline: alone it
 makes nothing faster) and verified at float32's exact tolerance (``budget`` 1e-4).
 """
 
@@ -27,7 +31,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from fxopt.ir import add_constant, arg, constant, is_op, ops
+from fxopt.ir import add_constant, arg, constant, infer_val, is_op, ops
 from fxopt.lossy.observer import collect_activations
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.quant import FLOAT_DTYPES
@@ -53,6 +57,7 @@ class SmoothQuant(Pass):
     after: ClassVar[tuple[str, ...]] = ("merge-siblings", "prune-hidden")
 
     alpha: float = 0.5  # how much of the outliers moves into the weights (0: none, 1: all)
+    explicit: bool = False  # where 1/s cannot be folded into X's producer, a multiply of its own
     budget: float = 1e-4  # float32's exact tolerance: the rewrite only rounds differently
 
     def __post_init__(self) -> None:
@@ -69,10 +74,16 @@ class SmoothQuant(Pass):
             if is_op(node, ops.linear) and isinstance(node.args[0], fx.Node):
                 groups.setdefault(node.args[0], []).append(node)
         foldable: dict[fx.Node, list[fx.Node]] = {}
+        explicit: set[fx.Node] = set()
         for value, linears in groups.items():
             for _ in linears:
                 result.match()
             refusal = self._refusal(gm, value, linears)
+            if (refusal is not None and self.explicit and refusal.code in (SHARED_INTERMEDIATE, NOT_FOLDABLE)
+                    and value.meta.get("val") is not None
+                    and not any(value in n.args[1:] for n in linears)):
+                refusal = _weights_refusal(gm, [n.args[1] for n in linears] + [arg(n, 2, "bias") for n in linears])
+                explicit.add(value)
             if refusal is not None:
                 for linear in linears:
                     result.skip(linear, refusal)
@@ -87,16 +98,19 @@ class SmoothQuant(Pass):
             scale = x_max.pow(self.alpha) / w_max.pow(1.0 - self.alpha)
             keep = (x_max < MIN_MAGNITUDE) | (w_max < MIN_MAGNITUDE) | ~torch.isfinite(scale)
             scale = torch.where(keep, torch.ones_like(scale), scale).clamp_min(MIN_MAGNITUDE)
-            folded = self._folded(gm, value, linears, scale)
+            folded = self._folded(gm, value, linears, scale, fold_producer=value not in explicit)
             if not all(torch.isfinite(t).all() for t in folded.values()):
                 for linear in linears:
                     result.skip(linear, Refusal(NOT_FINITE, "the rescaled weights are not finite"))
                 continue
             self._rewrite(gm, folded)
+            if value in explicit:
+                _divide_explicitly(gm, value, linears, scale)
             for _ in linears:
                 result.apply()
             result.details.append({"producer": value.name, "linears": [n.name for n in linears],
-                                   "max_scale": float(scale.max()), "min_scale": float(scale.min())})
+                                   "max_scale": float(scale.max()), "min_scale": float(scale.min()),
+                                   "explicit": value in explicit})
         gm.recompile()
         return result
 
@@ -116,26 +130,18 @@ class SmoothQuant(Pass):
         else:
             return Refusal(NOT_FOLDABLE, f"'{value.name}' ({value.target}) is neither a LayerNorm nor a Linear: "
                                          "nothing to fold 1/s into")
-        for node in weights:
-            if node is None:
-                continue
-            tensor = constant(gm, node)
-            if tensor is None:
-                return Refusal(NOT_CONSTANT, f"'{node.name}' is not a constant")
-            if tensor.dtype not in FLOAT_DTYPES:
-                return Refusal(UNSUPPORTED_DTYPE, f"'{node.name}' is {tensor.dtype}")
-            if len(node.users) != 1:
-                return Refusal(SHARED_CONSTANT, f"'{node.name}' is read by {len(node.users)} nodes")
-        return None
+        return _weights_refusal(gm, weights)
 
     @staticmethod
     def _folded(gm: fx.GraphModule, value: fx.Node, linears: list[fx.Node],
-                scale: torch.Tensor) -> dict[fx.Node, torch.Tensor]:
+                scale: torch.Tensor, fold_producer: bool = True) -> dict[fx.Node, torch.Tensor]:
         """The new constant of each weight node: the producer's divided by s, the readers' times s."""
         folded: dict[fx.Node, torch.Tensor] = {}
         for linear in linears:
             weight = constant(gm, linear.args[1])
             folded[linear.args[1]] = (weight.double() * scale[None, :]).to(weight.dtype)
+        if not fold_producer:
+            return folded
         if is_op(value, aten.layer_norm.default):
             producer = [(arg(value, 2, "weight"), None), (arg(value, 3, "bias"), None)]
         else:
@@ -155,6 +161,33 @@ class SmoothQuant(Pass):
             for user in list(node.users):
                 user.replace_input_with(node, replacement)
         gm.graph.eliminate_dead_code()
+
+
+def _weights_refusal(gm: fx.GraphModule, weights: list[fx.Node | None]) -> Refusal | None:
+    """Why the constants to rescale cannot be: not constants, not float, or read elsewhere."""
+    for node in weights:
+        if node is None:
+            continue
+        tensor = constant(gm, node)
+        if tensor is None:
+            return Refusal(NOT_CONSTANT, f"'{node.name}' is not a constant")
+        if tensor.dtype not in FLOAT_DTYPES:
+            return Refusal(UNSUPPORTED_DTYPE, f"'{node.name}' is {tensor.dtype}")
+        if len(node.users) != 1:
+            return Refusal(SHARED_CONSTANT, f"'{node.name}' is read by {len(node.users)} nodes")
+    return None
+
+
+def _divide_explicitly(gm: fx.GraphModule, value: fx.Node, linears: list[fx.Node], scale: torch.Tensor) -> None:
+    """The Linears read ``value / s`` from a multiply of their own; every other reader keeps ``value``."""
+    dtype = value.meta["val"].dtype
+    reciprocal = add_constant(gm, (1.0 / scale).to(dtype), f"{value.name}_smooth_reciprocal")
+    first = min(linears, key=lambda n: list(gm.graph.nodes).index(n))
+    with gm.graph.inserting_before(first):
+        scaled = gm.graph.call_function(aten.mul.Tensor, (value, reciprocal))
+    for linear in linears:
+        linear.replace_input_with(value, scaled)
+    infer_val(scaled)
 
 
 def _channel_abs_max(value: torch.Tensor) -> torch.Tensor:

@@ -102,3 +102,52 @@ def test_not_in_the_default_pipeline() -> None:
     from fxopt.registry import default_pipeline
 
     assert "smooth-quant" not in [p.name for p in default_pipeline()]
+
+
+class _PostNormBlock(nn.Module):
+    """A post-norm residual block (BERT's): the norm's output feeds a residual and a Linear,
+    the GELU's output a Linear; the norm gives a few channels large outliers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.up, self.down = nn.LayerNorm(64), nn.Linear(64, 128), nn.Linear(128, 64)
+        with torch.no_grad():
+            self.norm.weight[:4] = 100.0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.norm(x)
+        return self.down(torch.nn.functional.gelu(self.up(h))), h  # the block's update, the residual
+
+
+def test_explicit_divides_where_the_producer_cannot_take_it() -> None:
+    torch.manual_seed(0)
+    model, x = _PostNormBlock().eval(), torch.randn(4, 16, 64)
+    plain = run_pass("smooth-quant", model, (x,), calibration=_batches())
+    assert plain.record.applied == 0
+    assert_skipped(plain, code="shared-intermediate")
+    assert_skipped(plain, code="not-foldable")
+    run = run_pass("smooth-quant(explicit=True)", model, (x,), calibration=_batches())
+    assert run.record.applied == 2  # up (its norm also feeds the residual) and down (after a GELU)
+    assert all(d["explicit"] for d in run.record.details)
+    run.assert_outputs_match(rtol=1e-4)
+    multiplies = [n for n in run.after.graph.nodes if n.target is torch.ops.aten.mul.Tensor]
+    assert len(multiplies) == 2
+    for mul in multiplies:  # only the Linears read the divided value; the residual reads the norm's own
+        assert all(user.target is ops.linear for user in mul.users)
+    norm = next(n for n in run.after.graph.nodes if n.target is torch.ops.aten.layer_norm.default)
+    assert float(constant(run.after, norm.args[2]).abs().max()) == 100.0  # the norm is left as it was
+
+
+def test_explicit_lets_static_int8_keep_its_accuracy_on_a_post_norm_block() -> None:
+    torch.manual_seed(0)
+    model, x = _PostNormBlock().eval(), torch.randn(4, 16, 64)
+    calibration = _batches()
+    static = QuantizeInt8(activations="static", budget=1.0)
+    plain = fxopt.compile(model, (x,), passes=[static], calibration=calibration)
+    smoothed = fxopt.compile(model, (x,), passes=[SmoothQuant(explicit=True), static], calibration=calibration)
+    test = torch.randn(4, 16, 64)
+    with torch.no_grad():
+        reference = model(test)[0]
+        plain_error = float((plain(test)[0] - reference).abs().max() / reference.abs().max())
+        smooth_error = float((smoothed(test)[0] - reference).abs().max() / reference.abs().max())
+    assert smooth_error < plain_error / 1.5, (smooth_error, plain_error)
