@@ -82,6 +82,16 @@ def test_exact_passes_are_verified_on_row_slices_and_the_reference_runs_once(gra
             torch.testing.assert_close(opt(batch), model(batch), rtol=1e-5, atol=1e-5)
 
 
+def test_exact_passes_applied_in_a_row_cost_one_verification(graph_runs: list[int]) -> None:
+    opt = fxopt.compile(_SiblingHeads(), (torch.randn(16, 32),))
+    applied = [r for r in opt.report.passes if r.status == "applied"]
+    assert len(applied) >= 2
+    # fresh check (its reference) + example reference + the 2 slices once for every applied
+    # exact pass together + the lowered kernels' parity run
+    assert len(graph_runs) <= 2 + 2 + 1
+    assert all(r.message.startswith("verified together with") for r in applied)
+
+
 def test_lossy_passes_still_see_every_row(graph_runs: list[int]) -> None:
     model, x = _mlp(), torch.randn(16, 64)
     opt = fxopt.compile(model, (x,), passes=[*default_pipeline(), "quantize-int8"])

@@ -118,3 +118,33 @@ def test_report_counts_reasons() -> None:
     opt = fxopt.compile(ActiveDropout().eval(), (torch.randn(2, 3),), passes=["remove-dropout"])
     record = opt.report["remove-dropout"]
     assert record.matched == 2 and record.applied == 2
+
+
+def test_exact_passes_in_a_row_are_verified_together_once() -> None:
+    from fxopt.pipeline.manager import PassManager
+    from fxopt.registry import resolve_passes
+
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Dropout(0.2), nn.Linear(16, 4)).eval()
+    x = torch.randn(4, 8)
+    gm = fxopt.capture(model, (x,))
+    manager = PassManager(resolve_passes(["remove-dropout", "fold-batchnorm"]))
+    out, records = manager.run(gm, PassContext(batches=[[x]]))
+    assert [r.status for r in records] == ["applied", "applied"]
+    # one reference run and one run of the final graph, not one run per pass
+    assert manager.verification.forwards == 2
+    assert "verified together with fold-batchnorm" in records[0].message
+    assert "verified together with remove-dropout" in records[1].message
+    assert all(r.max_rel_err <= 1e-5 for r in records)
+    assert torch.allclose(out(x)[0], model(x), atol=1e-5)
+
+
+def test_a_wrong_exact_pass_among_others_is_found_and_rolled_back_alone() -> None:
+    model, x = _model(), torch.randn(4, 8)
+    with pytest.warns(UserWarning, match="test-scale-first-weight.*rolled back") as caught:
+        opt = fxopt.compile(model, (x,), passes=["remove-dropout", ScaleFirstWeight(), "merge-consecutive"])
+    assert sum("rolled back" in str(w.message) for w in caught) == 1
+    assert [r.name for r in opt.report.passes] == ["remove-dropout", "test-scale-first-weight", "merge-consecutive"]
+    assert opt.report["test-scale-first-weight"].status == "rolled back"
+    assert "exact pass changed outputs" in opt.report["test-scale-first-weight"].message
+    assert opt.report["remove-dropout"].status == "applied"
+    assert torch.allclose(opt(x), model(x), atol=1e-6)

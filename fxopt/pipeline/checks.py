@@ -176,14 +176,53 @@ class Numerics(BaseCheck):
         self._outputs: list[list[Any]] | None = None
         self._exact = True
         self.verification: Verification | None = None
+        # Set by the manager while it runs exact passes in a row: they are verified together
+        # afterwards (verify_together), each on its own only if that fails.
+        self.deferred = False
 
     def after(self, step: PassStep, working: fx.GraphModule, previous: fx.GraphModule,
               ctx: PassContext) -> str | None:
         self._outputs = None
-        if not step.modified:
+        if not step.modified or (self.deferred and step.pass_.exact):
             return None
         with phase("verify"):
             return self._verify(step, working, previous, ctx)
+
+    def verify_together(self, start: fx.GraphModule, final: fx.GraphModule, records: list[Any],
+                        ctx: PassContext) -> bool:
+        """Whether ``final`` (``start`` after exact passes run without their own check) agrees
+        with ``start`` to float rounding; if so it becomes the reference and each applied
+        pass's row holds the error of the rewrites together. An exact rewrite claims the same
+        function, so rewrites that together keep every output each kept it (errors cancelling
+        across passes to within rounding is not a failure a rewrite makes); when they do not
+        agree, the manager verifies each pass on its own to find the one at fault."""
+        if self.verification is None:
+            return False
+        verification = self.verification
+        with phase("verify"):
+            batches = verification.batches_for(True)
+            reference = verification.reference_for(start, True)
+            outputs: list[list[Any]] = []
+            worst = None
+            for inputs, expected in zip(batches, reference):
+                try:
+                    actual = verification.run(final, [inputs])[0]
+                except Exception:
+                    return False
+                comparison = compare_outputs(expected, actual)
+                worst = comparison if worst is None else worst.merge(comparison)
+                outputs.append(actual)
+        if worst is not None and (worst.mismatch or not worst.within(exact_tolerance(worst.worst_dtype))):
+            return False
+        applied = [record for record in records if record.status == "applied"]
+        for record in applied:
+            if worst is not None:
+                record.max_abs_err, record.max_rel_err = worst.max_abs, worst.max_rel
+            if len(applied) > 1 and not record.message:
+                others = ", ".join(r.name for r in applied if r is not record)
+                record.message = f"verified together with {others}"
+        verification.commit(True, outputs)
+        return True
 
     def _verify(self, step: PassStep, working: fx.GraphModule, previous: fx.GraphModule,
                 ctx: PassContext) -> str | None:

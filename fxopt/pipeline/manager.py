@@ -199,25 +199,58 @@ class PassManager:
         try:
             for round_ in range(1, max(1, self.max_rounds) + 1):
                 changed = False
-                for index, pass_ in enumerate(self.passes, 1):
-                    if not all(instrument.should_run(pass_, gm) for instrument in self.instruments):
-                        log.debug("pass %s skipped by an instrument", pass_.name)
-                        continue
-                    record = PassRecord(pass_.name, pass_.exact, "no change", budget=pass_.budget_or_none)
-                    step = PassStep(pass_, index, len(self.passes), round_, record)
-                    for instrument in self.instruments:
-                        instrument.before_pass(pass_, gm, step)
-                    gm = self._run_one(step, gm, ctx, done)
-                    for instrument in reversed(self.instruments):
-                        instrument.after_pass(pass_, gm, step)
-                    done.append(pass_.name)
-                    changed |= record.status == "applied"
+                for segment in _exact_runs(self.passes):
+                    gm, segment_changed = self._run_segment(segment, gm, ctx, done, round_)
+                    changed |= segment_changed
                 if not changed:
                     break
         finally:
             for instrument in self.instruments:
                 instrument.exit()
         return gm, list(self._rows.records)
+
+    def _run_segment(self, segment: list[tuple[int, Pass]], gm: fx.GraphModule, ctx: PassContext,
+                     done: list[str], round_: int) -> tuple[fx.GraphModule, bool]:
+        """Run consecutive passes; exact ones in a row are verified together once (see
+        :class:`~fxopt.pipeline.checks.Numerics`), and one by one only when that fails."""
+        numerics = next((c for c in self.checks if isinstance(c, Numerics)), None)
+        together = (numerics is not None and self.verification is not None and len(segment) > 1
+                    and all(pass_.exact for _, pass_ in segment))
+        if not together:
+            return self._run_passes(segment, gm, ctx, done, round_)
+        start, rows, names = gm, len(self._rows.records), len(done)
+        numerics.deferred = True
+        try:
+            gm, changed = self._run_passes(segment, gm, ctx, done, round_)
+        finally:
+            numerics.deferred = False
+        if not changed or numerics.verify_together(start, gm, self._rows.records[rows:], ctx):
+            return gm, changed
+        # The rewrites together changed the outputs: run them again, each verified on its own,
+        # so that the one at fault is rolled back (instruments see these passes twice).
+        log.debug("exact passes %s verified together failed; verifying them one by one",
+                  ", ".join(pass_.name for _, pass_ in segment))
+        del self._rows.records[rows:]
+        del done[names:]
+        return self._run_passes(segment, start, ctx, done, round_)
+
+    def _run_passes(self, segment: list[tuple[int, Pass]], gm: fx.GraphModule, ctx: PassContext,
+                    done: list[str], round_: int) -> tuple[fx.GraphModule, bool]:
+        changed = False
+        for index, pass_ in segment:
+            if not all(instrument.should_run(pass_, gm) for instrument in self.instruments):
+                log.debug("pass %s skipped by an instrument", pass_.name)
+                continue
+            record = PassRecord(pass_.name, pass_.exact, "no change", budget=pass_.budget_or_none)
+            step = PassStep(pass_, index, len(self.passes), round_, record)
+            for instrument in self.instruments:
+                instrument.before_pass(pass_, gm, step)
+            gm = self._run_one(step, gm, ctx, done)
+            for instrument in reversed(self.instruments):
+                instrument.after_pass(pass_, gm, step)
+            done.append(pass_.name)
+            changed |= record.status == "applied"
+        return gm, changed
 
     def _run_one(self, step: PassStep, gm: fx.GraphModule, ctx: PassContext, done: list[str]) -> fx.GraphModule:
         """Copy, run, consult the checks; returns the graph to keep."""
@@ -277,6 +310,18 @@ class PassManager:
             if reason is not None:
                 return Rejected(reason)
         return None
+
+
+def _exact_runs(passes: Sequence[Pass]) -> list[list[tuple[int, Pass]]]:
+    """The pipeline cut into segments: each run of consecutive exact passes is one, each
+    lossy pass one of its own; items are (1-based position, pass)."""
+    segments: list[list[tuple[int, Pass]]] = []
+    for index, pass_ in enumerate(passes, 1):
+        if pass_.exact and segments and segments[-1][-1][1].exact:
+            segments[-1].append((index, pass_))
+        else:
+            segments.append([(index, pass_)])
+    return segments
 
 
 def _warn_about_order(passes: Sequence[Pass]) -> None:
