@@ -32,14 +32,51 @@ def lower_eager(
         # or their rows exact passes were verified on): parity is checked on the same ones.
         example_inputs, expected = known
     inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-    graph, outputs = _lowered(gm, "graph", inputs, device, report, expected)
-    kernels, _ = _lowered(graph, "kernel", inputs, device, report, outputs)
+    both = _both_stages(gm, inputs, device, report, expected)
+    if both is not None:
+        graph, kernels = both
+    else:
+        graph, outputs = _lowered(gm, "graph", inputs, device, report, expected)
+        kernels, _ = _lowered(graph, "kernel", inputs, device, report, outputs)
 
     def run(*inputs: torch.Tensor) -> Any:
         with torch.no_grad():
             return kernels(*inputs)
 
     return Lowered(graph, run)
+
+
+def _both_stages(gm: fx.GraphModule, inputs: list[Any], device: torch.device, report: Any,
+                 expected: list[Any] | None) -> tuple[fx.GraphModule, fx.GraphModule] | None:
+    """The graph-stage and kernel-stage lowerings checked together, in one run of what will
+    run (the kernels) against the optimized graph, within the looser of the two stages'
+    tolerances; None when not both apply or they disagree (then each stage is checked on its
+    own, so a stage at fault is left out alone)."""
+    graph_stage = lower_graph(gm, "eager", device, "graph")
+    if not graph_stage.applied:
+        return None
+    kernel_stage = lower_graph(graph_stage.graph_module, "eager", device, "kernel")
+    if not kernel_stage.applied:
+        return None
+    kernels = kernel_stage.graph_module.to(device)
+    try:
+        with torch.no_grad(), phase("parity"):
+            if expected is None:
+                expected = run_graph(gm.to(device), inputs)
+            actual = run_graph(kernels, inputs)
+    except Exception:
+        return None
+    comparison = compare_outputs(expected, actual)
+    limits = [rtol for rtol in (graph_stage.parity_rtol(), kernel_stage.parity_rtol()) if rtol is not None]
+    limit = max(limits) if limits else exact_tolerance(comparison.worst_dtype)
+    if comparison.mismatch or not comparison.within(limit):
+        return None
+    report.notes.extend(graph_stage.notes)
+    report.notes.extend(kernel_stage.notes)
+    graph = graph_stage.graph_module.to(device)
+    graph.recompile()
+    kernels.recompile()
+    return graph, kernels
 
 
 def _lowered(gm: fx.GraphModule, stage: str, inputs: list[Any], device: torch.device, report: Any,
