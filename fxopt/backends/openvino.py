@@ -105,9 +105,9 @@ def lower_openvino(
 
 
 # Opset 23 carries scaled_dot_product_attention as one Attention node, which OpenVINO reads
-# as its ScaledDotProductAttention and runs as one fused attention kernel (int8 when its
-# query and key are quantized); below 23 the exporter spells it out as MatMul/Softmax/MatMul
-# with a NaN guard between them that OpenVINO does not fuse.
+# as its ScaledDotProductAttention and runs as one fused attention kernel; below 23 the
+# exporter spells it out as MatMul/Softmax/MatMul with a NaN guard between them that
+# OpenVINO does not fuse.
 OPENVINO_OPSET = 23
 
 
