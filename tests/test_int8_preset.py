@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 import importlib.util
 
+import torch
 from fxopt.passes.presets import INT8, INT8_ATTENTION, INT8_STATIC, SMOOTH_QUANT
 from torch import nn
 
