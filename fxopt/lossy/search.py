@@ -40,13 +40,20 @@ Strategies (``strategy=``):
                    budget, each site alone (its most aggressive level within budget), then the
                    sites in order of saving per unit of error, each at the most aggressive
                    level the combination so far still allows (backing off level by level).
+                   When every site carries an ``estimate`` (a cheap guess of the error its
+                   most aggressive level causes alone), the sites are ranked by saving per
+                   unit of *estimated* error instead of being measured alone, and the largest
+                   prefix of that ranking within budget is found by binary search over its
+                   length (about log2(sites) measured trials); then up to ``ADD_BACK_TRIALS``
+                   of the sites left out are tried once more on top of it. Every combination
+                   accepted is measured; an estimate only orders the trials.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -65,8 +72,12 @@ log = logging.getLogger("fxopt.lossy")
 
 STRATEGIES = ("equal-share", "sensitivity")
 RETRY_SHARE = 0.5  # of the budget, for the choice made on every batch after a held-out failure
+# Estimated sensitivity: how many sites left out of the ranked prefix are tried once more on
+# top of it (the one right after the prefix is already measured, and free). Each costs a
+# trial, and the ones left out after the binary search rarely fit the little budget left.
+ADD_BACK_TRIALS = 2
 FIT, HELD_OUT, ALL = "fit", "held-out", "all"
-_GLOBAL_EVENTS = frozenset({"all-at-once", "ranked", "verify", "retry"})
+_GLOBAL_EVENTS = frozenset({"all-at-once", "ranked", "prefix", "verify", "retry"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +89,12 @@ class Site:
     for on/off); ``savings`` (same length, optional) is what each level saves (parameters,
     FLOPs), used by the sensitivity strategy to rank sites (``saving_of`` computes it when the
     levels are found as the search goes); ``payload`` is the pass's own.
+
+    ``estimate(level)`` (optional) is a cheap guess of the output error ``level`` causes on
+    its own (a layer's local error, say), in the units of the budget. The sensitivity strategy
+    ranks by it instead of measuring every site alone when all the sites have one; it is
+    called only when every site at once is over budget, and only for the most aggressive
+    level. It orders trials and never stands in for a measured error.
     """
 
     name: str
@@ -85,6 +102,7 @@ class Site:
     savings: tuple[float, ...] = ()
     payload: Any = None
     saving_of: Callable[[Level], float] | None = None  # for levels only known as the search goes
+    estimate: Callable[[Level], float] | None = None
 
     def saving(self, level: Level) -> float:
         """What ``level`` saves: from ``saving_of``, ``savings``, or its position in ``levels``."""
@@ -108,6 +126,9 @@ class Pick:
     split: str = "fit"
     reason: str | None = None  # a chooser's own explanation of a refusal
     others: int = 0  # how many other sites were already changed when this was measured
+    # For a refusal with others: the measured error of those others without this site (None
+    # when that combination was not measured, e.g. a longer ranked prefix found over budget).
+    others_error: float | None = None
 
 
 @dataclass
@@ -181,6 +202,7 @@ class BudgetedSearch:
     _errors: dict[tuple[str, frozenset[tuple[str, Level]]], float] = field(default_factory=dict)
     drops: dict[tuple[str, frozenset[tuple[str, Level]]], float] = field(default_factory=dict)
     _split: str = FIT
+    _estimates: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -238,6 +260,16 @@ class BudgetedSearch:
                           **({"drop": self.drops[key]} if key in self.drops else {}))
         return self._errors[key]
 
+    def measured(self, choices: Choices, split: str | None = None) -> float | None:
+        """The error of ``choices`` if it was measured already on ``split`` (runs nothing)."""
+        split = split or self._split
+        if not choices:
+            return 0.0
+        if split == ALL:
+            errors = [self.measured(choices, FIT), self.measured(choices, HELD_OUT)]
+            return None if None in errors else max(errors)  # type: ignore[type-var]
+        return self._errors.get((split, frozenset(choices.items())))
+
     def drop(self, choices: Choices, split: str | None = None) -> float | None:
         """The task metric's drop measured for ``choices`` (None without a task or a trial)."""
         split = split or self._split
@@ -250,14 +282,30 @@ class BudgetedSearch:
         """Largest relative output error of ``gm`` against the reference on the given batches."""
         worst = 0.0
         for index in indices:
-            if self.trials > 1 and not self._runner.pinned(index):
+            if self.trials > 1:
                 # From the second trial on, the starting graph's values pay for themselves.
-                self._runner.run(self.gm, self.ctx.batches[index], index, pin=True)
+                self._pin(index)
             comparison = compare_outputs(self.reference[index], self._runner.run(gm, self.ctx.batches[index], index))
             if comparison.mismatch:
                 return math.inf
             worst = max(worst, comparison.max_rel)
         return worst
+
+    def _pin(self, index: int) -> dict[str, Any]:
+        if not self._runner.pinned(index):
+            self._runner.run(self.gm, self.ctx.batches[index], index, pin=True)
+        return self._runner.pinned_values(index)
+
+    def starting_values(self, names: Iterable[str]) -> dict[str, list[Any]]:
+        """The value of each named node of the starting graph on each fit batch, from the run
+        of the starting graph that the trials reuse (made once per batch, and kept), so a
+        pass's estimates cost no run of the graph of their own."""
+        values: dict[str, list[Any]] = {name: [] for name in names}
+        for index in self.fit_indices:
+            pinned = self._pin(index)
+            for name, seen in values.items():
+                seen.append(pinned[name])
+        return values
 
     def step(self, event: str, **fields: Any) -> None:
         """Record one step of the search (also as a debug message of the ``fxopt.lossy`` logger)."""
@@ -319,6 +367,8 @@ class BudgetedSearch:
             picks = {s.name: Pick(s.levels[-1], self.error(everything), target=budget) for s in self.sites}
             self.step("all-at-once", error=self.error(everything), target=budget)
             return everything, picks, {}
+        if self._estimated(everything):
+            return self.estimated_sensitivity(budget)
         alone = {site.name: self.pick(site, budget, {}) for site in self.sites}
         refused = {name: p for name, p in alone.items() if p.level is None}
 
@@ -338,10 +388,120 @@ class BudgetedSearch:
                 chosen = self.most_aggressive(site, site.levels[: site.levels.index(best) + 1], budget, choices)
             self.step("combine", site=site.name, level=chosen.level, error=chosen.error, target=budget)
             if chosen.level is None:
-                refused[site.name] = replace(chosen, target=budget, others=len(choices))
+                refused[site.name] = replace(chosen, target=budget, others=len(choices),
+                                             others_error=self.measured(choices) if choices else None)
             else:
                 choices[site.name] = chosen.level
                 picks[site.name] = chosen
+        return choices, picks, refused
+
+    def _estimated(self, everything: Choices) -> bool:
+        """Whether the sensitivity strategy may rank by the sites' estimates: every site has
+        one and levels, every site at once was measured (and is over budget), and no pass
+        chooser finds levels as the search goes."""
+        return (bool(self.sites) and self.choose_level is None and len(everything) == len(self.sites)
+                and all(s.estimate is not None for s in self.sites))
+
+    def estimate(self, site: Site) -> float:
+        """``site``'s estimated error at its most aggressive level (computed once per search)."""
+        if site.name not in self._estimates:
+            assert site.estimate is not None
+            value = float(site.estimate(site.levels[-1]))
+            self._estimates[site.name] = value if value == value and value >= 0.0 else math.inf  # NaN: last
+        return self._estimates[site.name]
+
+    def _predicted_length(self, ranked: Sequence[Site], budget: float) -> int:
+        """The longest prefix of ``ranked`` predicted to fit: the error of a prefix taken as
+        every site's error at once scaled by the prefix's share of the summed estimates (the
+        one measured point: local errors add up along a path, and the budget is far from
+        where they would cancel). Only where the search starts."""
+        everything = self.error({s.name: s.levels[-1] for s in ranked})
+        total = sum(self.estimate(s) for s in ranked)
+        if not math.isfinite(everything) or not math.isfinite(total) or total <= 0:
+            return len(ranked) // 2
+        length, running = 0, 0.0
+        for site in ranked:
+            running += self.estimate(site)
+            if everything * running / total > budget:
+                break
+            length += 1
+        return length
+
+    def estimated_sensitivity(self, budget: float) -> tuple[dict[str, Level], dict[str, Pick], dict[str, Pick]]:
+        """The sites ranked by saving per unit of estimated error, each at its most aggressive
+        level; the longest prefix of that ranking whose measured error is within ``budget``
+        (binary search over its length: every site at once is known to be over); then up to
+        ``ADD_BACK_TRIALS`` of the sites left out, lowest estimate first, each tried once on
+        top. A site left out is refused with the smallest over-budget combination measured
+        that includes it (every site at once, at worst)."""
+        def efficiency(site: Site) -> float:
+            return site.saving(site.levels[-1]) / max(self.estimate(site), 1e-12)
+
+        ranked = sorted(self.sites, key=efficiency, reverse=True)
+        self.step("ranked", order=[s.name for s in ranked], by="estimate",
+                  estimates=[self.estimate(s) for s in ranked])
+
+        def prefix(length: int) -> dict[str, Level]:
+            return {s.name: s.levels[-1] for s in ranked[:length]}
+
+        # Over-budget combinations measured here: each refusal names the smallest one with its site.
+        over: list[dict[str, Level]] = [prefix(len(ranked))]
+        fits, fails = 0, len(ranked)  # the empty prefix has no error; all of it is over budget
+        guess = self._predicted_length(ranked, budget)
+
+        def measure(length: int) -> bool:
+            nonlocal fits, fails
+            error = self.error(prefix(length))
+            self.step("prefix", length=length, error=error, target=budget)
+            if error <= budget:
+                fits = max(fits, length)
+            else:
+                fails = min(fails, length)
+                over.append(prefix(length))
+            return error <= budget
+
+        # From the predicted length, steps of 1, 2, 4, ... away until the boundary is
+        # bracketed, then halving: about log2 of the prediction's miss in trials, 2 when it
+        # is right, and never more than about 2 log2(sites).
+        if 0 < guess < len(ranked):
+            upward = measure(guess)
+            stride = 1
+            while fails - fits > 1:
+                probe = guess + stride if upward else guess - stride
+                if not fits < probe < fails:
+                    break
+                measure(probe)
+                stride *= 2
+        while fails - fits > 1:
+            measure((fits + fails) // 2)
+        choices = prefix(fits)
+        chosen_error = self.error(choices)
+        picks = {name: Pick(level, chosen_error, target=budget, others=fits - 1) for name, level in choices.items()}
+        self.step("prefix", length=fits, error=chosen_error, target=budget, chosen=True)
+
+        spare = ADD_BACK_TRIALS
+        for site in sorted(ranked[fits:], key=self.estimate):
+            trial = {**choices, site.name: site.levels[-1]}
+            if self.measured(trial) is None:
+                if spare == 0:
+                    continue
+                spare -= 1
+            error = self.error(trial)
+            self.step("add-back", site=site.name, level=site.levels[-1], error=error, target=budget)
+            if error <= budget:
+                choices = trial
+                picks[site.name] = Pick(site.levels[-1], error, target=budget, others=len(trial) - 1)
+            else:
+                over.append(trial)
+
+        refused: dict[str, Pick] = {}
+        for site in ranked:
+            if site.name in choices:
+                continue
+            smallest = min((c for c in over if site.name in c), key=len)
+            others = {name: level for name, level in smallest.items() if name != site.name}
+            refused[site.name] = Pick(None, self.error(smallest), site.levels[-1], budget, others=len(others),
+                                      others_error=self.measured(others))
         return choices, picks, refused
 
     # ------------------------------------------------------------------ the whole search
