@@ -88,7 +88,7 @@ MIN_FEATURES = 16
 # Rows of each layer's input its local error (the search's estimate) is measured on: the
 # estimate only orders the search's trials, and these GEMMs would otherwise cost as much as
 # a run of the model.
-ESTIMATE_ROWS = 256
+ESTIMATE_ROWS = 64
 ACTIVATIONS = ("dynamic", "dynamic-tensor", "static")
 
 
@@ -168,15 +168,18 @@ class QuantizeInt8(Pass):
     def _search(self, gm: fx.GraphModule, ctx: PassContext, candidates: list[fx.Node], weights: dict,
                 scales: dict) -> Outcome:
         """Which layers to quantize: a site per layer, on or off, saving 3 of every 4 weight bytes,
-        with its local error as the estimate the sensitivity strategy ranks by (observed only
+        with its local error as the estimate the sensitivity strategy ranks by (measured only
         when quantizing every layer at once is over budget)."""
         local: dict[str, float] = {}
+        everything = {n.name: True for n in candidates}
 
         def estimate_of(name: str):
             def estimate(level: object) -> float:
                 if not local:
+                    # The inputs each layer sees with every layer quantized: the trial the
+                    # search has just measured, kept, so the estimates run no graph.
                     sources = {n.name: n.args[0].name for n in candidates}
-                    seen = search.starting_values(set(sources.values()))
+                    seen = search.trial_values(everything, set(sources.values()))
                     local.update(self._local_errors(gm, candidates, weights, scales,
                                                     {name: seen[source] for name, source in sources.items()}))
                 return local[name]
@@ -195,25 +198,30 @@ class QuantizeInt8(Pass):
     def _local_errors(self, gm: fx.GraphModule, candidates: list[fx.Node], weights: dict, scales: dict,
                       inputs: Mapping[str, list[torch.Tensor]]) -> dict[str, float]:
         """Each layer's own largest relative output error when its input and weight are
-        quantized as :meth:`_quantize` would (the very QDQ ops, on a one-layer graph), on
-        ``inputs`` (each layer's input in the float graph, per batch). The input is quantized
-        whole (a per-tensor scale sees every row); the two GEMMs that compare run on at most
-        ``ESTIMATE_ROWS`` evenly spaced rows, as rows of a Linear are independent."""
+        quantized as :meth:`_quantize` would (the very QDQ pattern, on a one-layer graph), on
+        ``inputs`` (each layer's input, per batch). On at most ``ESTIMATE_ROWS`` evenly spaced
+        rows, plus the rows holding the input's smallest and largest value, so that a
+        per-tensor dynamic scale comes out as on every row (rows of a Linear, and of a
+        per-token scale, are independent)."""
         errors: dict[str, float] = {}
         with torch.no_grad():
             for node in candidates:
                 bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
                 weight, bias = constant(gm, node.args[1]), None if bias is None else constant(gm, bias)
-                quantized = _quantized_operands(weight, bias, node.meta["val"].dtype, *weights[node.name],
-                                                scales[node.name], self.activations == "dynamic-tensor")
+                quantized = _one_layer(weight, bias, node.meta["val"].dtype)
+                linear = next(n for n in quantized.graph.nodes if n.target == ops.linear)
+                qweight, weight_scale = weights[node.name]
+                with quantized.graph.inserting_before(linear):
+                    qweight_node = quantized.graph.get_attr(_register(quantized, qweight, "qweight"))
+                    scale_node = quantized.graph.get_attr(_register(quantized, weight_scale, "weight_scale"))
+                insert_qdq(quantized, linear, qweight_node, scale_node, scales[node.name],
+                           dynamic_tensor=self.activations == "dynamic-tensor")
+                quantized.recompile()
                 worst = 0.0
                 for x in inputs[node.name]:
-                    x_quantized, weight_quantized = quantized(x)
                     rows = x.reshape(-1, x.shape[-1])
-                    step = max(1, rows.shape[0] // ESTIMATE_ROWS)
-                    expected = ops.linear(rows[::step], weight, bias)
-                    actual = ops.linear(x_quantized.reshape(rows.shape)[::step], weight_quantized, bias)
-                    comparison = compare_outputs([expected], [actual])
+                    rows = rows[_sampled_rows(rows)]
+                    comparison = compare_outputs([ops.linear(rows, weight, bias)], [quantized(rows)])
                     worst = max(worst, math.inf if comparison.mismatch else comparison.max_rel)
                 errors[node.name] = worst
         return errors
@@ -285,31 +293,32 @@ def _budget_refusal(pick: Pick) -> Refusal:
                                 f"combination measured) it gives output error {pick.error:.3g} > {limit}")
 
 
-def _quantized_operands(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype, qweight: torch.Tensor,
-                        weight_scale: torch.Tensor, input_scale: Any, dynamic_tensor: bool) -> fx.GraphModule:
-    """``x -> (x', W')``: the dequantized input and weight that :func:`insert_qdq` gives a
-    Linear, built by :func:`insert_qdq` itself on a one-layer graph."""
+def _one_layer(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> fx.GraphModule:
+    """``x -> linear(x, weight, bias)`` as a graph, for :func:`insert_qdq` to rewrite like the real layer."""
     gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
     graph = gm.graph
     x = graph.placeholder("x")
-    output = graph.output(None)
-    with graph.inserting_before(output):
-        operands = [graph.get_attr(_register(gm, tensor, name)) if tensor is not None else None
-                    for tensor, name in ((weight, "weight"), (bias, "bias"), (qweight, "qweight"),
-                                         (weight_scale, "weight_scale"))]
-        linear = graph.call_function(ops.linear, (x, operands[0], operands[1]))
+    w = graph.get_attr(_register(gm, weight, "weight"))
+    b = None if bias is None else graph.get_attr(_register(gm, bias, "bias"))
+    linear = graph.call_function(ops.linear, (x, w, b))
     linear.meta["val"] = torch.empty(0, dtype=dtype)
-    insert_qdq(gm, linear, operands[2], operands[3], input_scale, dynamic_tensor=dynamic_tensor)
-    output.args = ((linear.args[0], linear.args[1]),)
-    graph.erase_node(linear)
-    graph.eliminate_dead_code()
-    gm.recompile()
+    graph.output(linear)
     return gm
 
 
 def _register(gm: fx.GraphModule, tensor: torch.Tensor, name: str) -> str:
     gm.register_buffer(name, tensor)
     return name
+
+
+def _sampled_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Indices of at most ``ESTIMATE_ROWS`` evenly spaced rows, plus those holding the smallest
+    and the largest value (all rows when there are few)."""
+    count, width = rows.shape
+    if count <= ESTIMATE_ROWS + 2:
+        return torch.arange(count)
+    extremes = torch.stack([rows.argmin() // width, rows.argmax() // width])
+    return torch.cat([torch.arange(0, count, -(-count // ESTIMATE_ROWS)), extremes]).unique()
 
 
 def insert_qdq(

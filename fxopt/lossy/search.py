@@ -43,10 +43,12 @@ Strategies (``strategy=``):
                    When every site carries an ``estimate`` (a cheap guess of the error its
                    most aggressive level causes alone), the sites are ranked by saving per
                    unit of *estimated* error instead of being measured alone, and the largest
-                   prefix of that ranking within budget is found by binary search over its
-                   length (about log2(sites) measured trials); then up to ``ADD_BACK_TRIALS``
-                   of the sites left out are tried once more on top of it. Every combination
-                   accepted is measured; an estimate only orders the trials.
+                   prefix of that ranking within budget is found by a search over its length
+                   that starts where the estimates predict (one or two measured trials when
+                   they are right, about 2 log2(sites) when not); the site after the prefix
+                   is refused and the rest get another round on top, within
+                   ``estimated_trial_limit(sites)`` trials. Every combination accepted is
+                   measured; an estimate only orders the trials.
 """
 
 from __future__ import annotations
@@ -72,12 +74,8 @@ log = logging.getLogger("fxopt.lossy")
 
 STRATEGIES = ("equal-share", "sensitivity")
 RETRY_SHARE = 0.5  # of the budget, for the choice made on every batch after a held-out failure
-# Estimated sensitivity: how many sites left out of the ranked prefix are tried once more on
-# top of it (the one right after the prefix is already measured, and free). Each costs a
-# trial, and the ones left out after the binary search rarely fit the little budget left.
-ADD_BACK_TRIALS = 2
 FIT, HELD_OUT, ALL = "fit", "held-out", "all"
-_GLOBAL_EVENTS = frozenset({"all-at-once", "ranked", "prefix", "verify", "retry"})
+_GLOBAL_EVENTS = frozenset({"all-at-once", "ranked", "prefix", "estimated", "verify", "retry"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -203,6 +201,8 @@ class BudgetedSearch:
     drops: dict[tuple[str, frozenset[tuple[str, Level]]], float] = field(default_factory=dict)
     _split: str = FIT
     _estimates: dict[str, float] = field(default_factory=dict)
+    _latest: dict[int, frozenset[tuple[str, Level]]] = field(default_factory=dict)  # last trial run, per batch
+    _pin_start: bool = True  # whether trials reuse the starting graph's values (estimated ranking: no)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -249,7 +249,7 @@ class BudgetedSearch:
                 self.trials += 1
                 # a task metric runs the trial itself; the output error goes through the runner
                 candidate = self.trial(choices, runnable=self.ctx.task is not None)
-                error = self._output_error(candidate, indices) if self.output_error else 0.0
+                error = self._output_error(candidate, indices, key[1]) if self.output_error else 0.0
                 task = self.ctx.task
                 if task is not None and (task.indices(split) if self.holdout else split == FIT):
                     drop = task.drop(candidate, split if self.holdout else ALL)
@@ -278,33 +278,39 @@ class BudgetedSearch:
             return max(drops) if drops else None
         return self.drops.get((split, frozenset(choices.items())), 0.0 if not choices else None)
 
-    def _output_error(self, gm: fx.GraphModule, indices: Sequence[int]) -> float:
-        """Largest relative output error of ``gm`` against the reference on the given batches."""
+    def _output_error(self, gm: fx.GraphModule, indices: Sequence[int],
+                      combination: frozenset[tuple[str, Level]] = frozenset()) -> float:
+        """Largest relative output error of ``gm`` (the trial of ``combination``) against the
+        reference on the given batches."""
         worst = 0.0
         for index in indices:
-            if self.trials > 1:
+            if self.trials > 1 and self._pin_start and not self._runner.pinned(index):
                 # From the second trial on, the starting graph's values pay for themselves.
-                self._pin(index)
+                self._runner.run(self.gm, self.ctx.batches[index], index, pin=True)
+            self._latest.pop(index, None)
             comparison = compare_outputs(self.reference[index], self._runner.run(gm, self.ctx.batches[index], index))
+            self._latest[index] = combination
             if comparison.mismatch:
                 return math.inf
             worst = max(worst, comparison.max_rel)
         return worst
 
-    def _pin(self, index: int) -> dict[str, Any]:
-        if not self._runner.pinned(index):
-            self._runner.run(self.gm, self.ctx.batches[index], index, pin=True)
-        return self._runner.pinned_values(index)
-
-    def starting_values(self, names: Iterable[str]) -> dict[str, list[Any]]:
-        """The value of each named node of the starting graph on each fit batch, from the run
-        of the starting graph that the trials reuse (made once per batch, and kept), so a
-        pass's estimates cost no run of the graph of their own."""
+    def trial_values(self, choices: Choices, names: Iterable[str]) -> dict[str, list[Any]]:
+        """The value of each named node of the trial of ``choices`` on each fit batch: kept
+        from the trial's measurement when it is the last one run on that batch (a pass's
+        estimates right after a trial cost no run), else from a run of the trial."""
+        names = list(names)
+        key = frozenset(choices.items())
         values: dict[str, list[Any]] = {name: [] for name in names}
         for index in self.fit_indices:
-            pinned = self._pin(index)
-            for name, seen in values.items():
-                seen.append(pinned[name])
+            seen = self._runner.latest_values(index) if self._latest.get(index) == key else None
+            if seen is None:
+                self._runner.run(self.trial(choices, runnable=False), self.ctx.batches[index], index)
+                self._latest[index] = key
+                seen = self._runner.latest_values(index)
+            assert seen is not None
+            for name in names:
+                values[name].append(seen[name])
         return values
 
     def step(self, event: str, **fields: Any) -> None:
@@ -410,99 +416,124 @@ class BudgetedSearch:
             self._estimates[site.name] = value if value == value and value >= 0.0 else math.inf  # NaN: last
         return self._estimates[site.name]
 
-    def _predicted_length(self, ranked: Sequence[Site], budget: float) -> int:
-        """The longest prefix of ``ranked`` predicted to fit: the error of a prefix taken as
-        every site's error at once scaled by the prefix's share of the summed estimates (the
-        one measured point: local errors add up along a path, and the budget is far from
-        where they would cancel). Only where the search starts."""
-        everything = self.error({s.name: s.levels[-1] for s in ranked})
-        total = sum(self.estimate(s) for s in ranked)
-        if not math.isfinite(everything) or not math.isfinite(total) or total <= 0:
-            return len(ranked) // 2
-        length, running = 0, 0.0
-        for site in ranked:
-            running += self.estimate(site)
-            if everything * running / total > budget:
-                break
-            length += 1
-        return length
-
     def estimated_sensitivity(self, budget: float) -> tuple[dict[str, Level], dict[str, Pick], dict[str, Pick]]:
         """The sites ranked by saving per unit of estimated error, each at its most aggressive
-        level; the longest prefix of that ranking whose measured error is within ``budget``
-        (binary search over its length: every site at once is known to be over); then up to
-        ``ADD_BACK_TRIALS`` of the sites left out, lowest estimate first, each tried once on
-        top. A site left out is refused with the smallest over-budget combination measured
-        that includes it (every site at once, at worst)."""
+        level, taken in rounds: the longest prefix of the sites still open that fits on top
+        of those taken (every site still open at once is measured over budget first), then
+        the site right after it is refused (the prefix with it was measured over budget) and
+        the next round starts after it. At most :func:`estimated_trial_limit` trials; a site
+        still open then is refused with the smallest over-budget combination measured that
+        includes it (every site at once, at worst)."""
         def efficiency(site: Site) -> float:
             return site.saving(site.levels[-1]) / max(self.estimate(site), 1e-12)
 
+        # Every prefix trial changes sites spread over the graph, and the one after every
+        # site at once shares most with it: a run of the starting graph would not pay.
+        self._pin_start = False
         ranked = sorted(self.sites, key=efficiency, reverse=True)
         self.step("ranked", order=[s.name for s in ranked], by="estimate",
                   estimates=[self.estimate(s) for s in ranked])
-
-        def prefix(length: int) -> dict[str, Level]:
-            return {s.name: s.levels[-1] for s in ranked[:length]}
-
-        # Over-budget combinations measured here: each refusal names the smallest one with its site.
-        over: list[dict[str, Level]] = [prefix(len(ranked))]
-        fits, fails = 0, len(ranked)  # the empty prefix has no error; all of it is over budget
-        guess = self._predicted_length(ranked, budget)
-
-        def measure(length: int) -> bool:
-            nonlocal fits, fails
-            error = self.error(prefix(length))
-            self.step("prefix", length=length, error=error, target=budget)
-            if error <= budget:
-                fits = max(fits, length)
-            else:
-                fails = min(fails, length)
-                over.append(prefix(length))
-            return error <= budget
-
-        # From the predicted length, steps of 1, 2, 4, ... away until the boundary is
-        # bracketed, then halving: about log2 of the prediction's miss in trials, 2 when it
-        # is right, and never more than about 2 log2(sites).
-        if 0 < guess < len(ranked):
-            upward = measure(guess)
-            stride = 1
-            while fails - fits > 1:
-                probe = guess + stride if upward else guess - stride
-                if not fits < probe < fails:
-                    break
-                measure(probe)
-                stride *= 2
-        while fails - fits > 1:
-            measure((fits + fails) // 2)
-        choices = prefix(fits)
-        chosen_error = self.error(choices)
-        picks = {name: Pick(level, chosen_error, target=budget, others=fits - 1) for name, level in choices.items()}
-        self.step("prefix", length=fits, error=chosen_error, target=budget, chosen=True)
-
-        spare = ADD_BACK_TRIALS
-        for site in sorted(ranked[fits:], key=self.estimate):
-            trial = {**choices, site.name: site.levels[-1]}
-            if self.measured(trial) is None:
-                if spare == 0:
-                    continue
-                spare -= 1
-            error = self.error(trial)
-            self.step("add-back", site=site.name, level=site.levels[-1], error=error, target=budget)
-            if error <= budget:
-                choices = trial
-                picks[site.name] = Pick(site.levels[-1], error, target=budget, others=len(trial) - 1)
-            else:
-                over.append(trial)
-
+        limit = self.trials + estimated_trial_limit(len(ranked))
+        choices: dict[str, Level] = {}
+        picks: dict[str, Pick] = {}
         refused: dict[str, Pick] = {}
-        for site in ranked:
-            if site.name in choices:
-                continue
+        over: list[dict[str, Level]] = []  # combinations measured over budget, for the refusals
+        rest = list(ranked)
+        while rest:
+            every = {**choices, **{s.name: s.levels[-1] for s in rest}}
+            if self.measured(every) is None and self.trials >= limit:
+                break
+            every_error = self.error(every)
+            if every_error > budget:
+                self.step("prefix", length=len(rest), taken=len(choices), error=every_error, target=budget)
+            if every_error <= budget:
+                self.step("prefix", length=len(rest), taken=len(choices), error=every_error, target=budget,
+                          chosen=True)
+                picks.update({s.name: Pick(s.levels[-1], every_error, target=budget, others=len(every) - 1)
+                              for s in rest})
+                choices, rest = every, []
+                break
+            over.append(every)
+            fits, fails = self._longest_prefix(choices, rest, budget, limit, over)
+            base = {**choices, **{s.name: s.levels[-1] for s in rest[:fits]}}
+            if fits:
+                base_error = self.error(base)
+                picks.update({s.name: Pick(s.levels[-1], base_error, target=budget, others=len(base) - 1)
+                              for s in rest[:fits]})
+                self.step("prefix", length=fits, taken=len(choices), error=base_error, target=budget, chosen=True)
+            choices = base
+            if fails - fits > 1:  # out of trials inside the round
+                rest = rest[fits:]
+                break
+            culprit = rest[fits]
+            refused[culprit.name] = Pick(None, self.error({**choices, culprit.name: culprit.levels[-1]}),
+                                         culprit.levels[-1], budget, others=len(choices),
+                                         others_error=self.error(choices))
+            rest = rest[fits + 1:]
+        for site in rest:
             smallest = min((c for c in over if site.name in c), key=len)
             others = {name: level for name, level in smallest.items() if name != site.name}
             refused[site.name] = Pick(None, self.error(smallest), site.levels[-1], budget, others=len(others),
                                       others_error=self.measured(others))
+        self.step("estimated", chosen=len(choices), refused=len(refused), trials_left=max(limit - self.trials, 0))
         return choices, picks, refused
+
+    def _longest_prefix(self, base: Choices, rest: Sequence[Site], budget: float, limit: int,
+                        over: list[dict[str, Level]]) -> tuple[int, int]:
+        """The longest prefix of ``rest`` within ``budget`` on top of ``base``: (the longest
+        length measured within budget, the shortest measured over it). All of ``rest`` is
+        known over budget, nothing of it within. Starts at the predicted length and steps
+        1, 2, 4, ... away from it until the boundary is bracketed, then halves: 1 or 2 trials
+        when the prediction is right, about 2 log2(len(rest)) at worst; stops at ``limit``."""
+        fits, fails = 0, len(rest)
+
+        def measure(length: int) -> bool:
+            nonlocal fits, fails
+            combination = {**base, **{s.name: s.levels[-1] for s in rest[:length]}}
+            error = self.error(combination)
+            self.step("prefix", length=length, taken=len(base), error=error, target=budget)
+            if error <= budget:
+                fits = max(fits, length)
+            else:
+                fails = min(fails, length)
+                over.append(combination)
+            return error <= budget
+
+        def affordable(length: int) -> bool:
+            combination = {**base, **{s.name: s.levels[-1] for s in rest[:length]}}
+            return self.trials < limit or self.measured(combination) is not None
+
+        guess = self._predicted_length(base, rest, budget)
+        if 0 < guess < len(rest) and affordable(guess):
+            upward = measure(guess)
+            stride = 1
+            while fails - fits > 1:
+                probe = guess + stride if upward else guess - stride
+                if not fits < probe < fails or not affordable(probe):
+                    break
+                measure(probe)
+                stride *= 2
+        while fails - fits > 1 and affordable((fits + fails) // 2):
+            measure((fits + fails) // 2)
+        return fits, fails
+
+    def _predicted_length(self, base: Choices, rest: Sequence[Site], budget: float) -> int:
+        """The longest prefix of ``rest`` predicted to fit on top of ``base``: a prefix's error
+        taken as ``base``'s plus the rise of all of ``rest`` scaled by the prefix's share of
+        their summed estimates (local errors add up along a path; the two measured points
+        calibrate their units). Only where the search starts."""
+        low = self.error(base)
+        high = self.error({**base, **{s.name: s.levels[-1] for s in rest}})
+        total = sum(self.estimate(s) for s in rest)
+        if not math.isfinite(high) or not math.isfinite(total) or total <= 0:
+            return len(rest) // 2
+        length, running = 0, 0.0
+        for site in rest:
+            running += self.estimate(site)
+            if low + (high - low) * running / total > budget:
+                break
+            length += 1
+        return length
 
     # ------------------------------------------------------------------ the whole search
 
@@ -538,6 +569,12 @@ class BudgetedSearch:
         return Outcome(choices, picks, refused, fitted, heldout, len(self.heldout_indices), self.log,
                        self.trials, retried,
                        None if self.ctx.task is None else self.drop(choices, ALL))
+
+
+def estimated_trial_limit(sites: int) -> int:
+    """The most trials the sensitivity strategy measures, after every site at once, when it
+    ranks ``sites`` sites by their estimates: two binary searches over them, and two more."""
+    return 2 * math.ceil(math.log2(sites + 1)) + 2
 
 
 def first_passing(candidates: Sequence[T], ok: Callable[[T], bool]) -> T | None:
