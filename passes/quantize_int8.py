@@ -18,10 +18,10 @@ unless force=True) (``too-small``); static activations need calibration batches
 search's (fxopt.lossy) choice, each layer a site with one level: ``strategy="sensitivity"``
 (default) quantizes every layer if that fits ``budget``; else it ranks the layers by weight
 bytes saved per unit of each one's local error (its own output's relative error with its
-input and weight quantized, from one observing run of the float graph on the fit batches)
-and keeps the longest prefix of that ranking whose measured output error fits (binary search:
-a few measured trials, not one per layer), then tries a couple of the layers left out once
-more. Layers left float say why, with a measured error. The choice is made on one half of the batches and
+input and weight quantized, on the inputs it sees in that all-at-once trial) and keeps the
+longest prefix of the ranking whose measured output error fits (a search from the length the
+estimates predict: a few measured trials, not two per layer); the layer after it stays float
+and the rest get another round. Layers left float say why, with a measured error. The choice is made on one half of the batches and
 verified on the other; both errors are in the details. Static scales come from the one
 activation observer, on every batch (sibling Linears share their input's scale).
 Backends lower the pattern to ``fxopt::int8_linear`` (int8 x int8 -> int32 GEMM, one fused rescale) or, per tensor

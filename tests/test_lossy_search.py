@@ -344,3 +344,30 @@ def test_everything_within_budget_needs_no_estimate() -> None:
     sites = [replace(s, estimate=lambda level, name=s.name: asked.append(name) or 1.0) for s in sites]
     outcome = BudgetedSearch(gm, ctx, sites, shrinking([]), budget=1.0, strategy="sensitivity").run()
     assert outcome.trials == 1 and len(outcome.choices) == len(sites) and asked == []
+
+
+def test_trial_values_come_from_the_kept_run_of_the_last_trial_or_from_a_new_run() -> None:
+    gm, ctx, sites, order = many_branches()
+    search = BudgetedSearch(gm, ctx, sites, shrinking([]), budget=0.05, strategy="sensitivity")
+    everything = {s.name: 0.5 for s in sites}
+    search.error(everything)
+    computed, trials = search._runner.computed, search.trials
+    x = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    kept = search.trial_values(everything, order + [x])
+    assert search._runner.computed == computed and search.trials == trials  # nothing ran
+    from fxopt.ir import copy_graph_module
+
+    trial = shrinking([])(copy_graph_module(gm), everything)
+    trial.recompile()
+    expected = collect_activations(trial, [n for n in trial.graph.nodes if n.name in order], ctx.batches)
+    for node, values in expected.items():
+        assert torch.equal(kept[node.name][0], values[0])
+    assert torch.equal(kept[x][0], ctx.batches[0][0])
+    # another combination, not the last one run: it is run (not counted as a trial), and is right
+    one = {order[0]: 0.5}
+    values = search.trial_values(one, [order[0], order[1]])
+    assert search._runner.computed > computed and search.trials == trials
+    float_value = next(iter(collect_activations(gm, [n for n in gm.graph.nodes if n.name == order[1]],
+                                                ctx.batches).values()))[0]
+    assert torch.equal(values[order[1]][0], float_value)  # left alone in that combination
+    assert not torch.equal(kept[order[1]][0], float_value)  # shrunk in every site at once
