@@ -18,7 +18,7 @@ unless force=True) (``too-small``); static activations need calibration batches
 search's (fxopt.lossy) choice, each layer a site with one level: ``strategy="sensitivity"``
 (default) quantizes every layer if that fits ``budget``; else it ranks the layers by weight
 bytes saved per unit of each one's local error (its own output's relative error with its
-input and weight quantized, on the inputs it sees in that all-at-once trial) and keeps the
+input and weight quantized, on its float input, from one run of the graph) and keeps the
 longest prefix of the ranking whose measured output error fits (a search from the length the
 estimates predict: a few measured trials, not two per layer); the layer after it stays float
 and the rest get another round. Layers left float say why, with a measured error. The choice is made on one half of the batches and
@@ -171,15 +171,14 @@ class QuantizeInt8(Pass):
         with its local error as the estimate the sensitivity strategy ranks by (measured only
         when quantizing every layer at once is over budget)."""
         local: dict[str, float] = {}
-        everything = {n.name: True for n in candidates}
 
         def estimate_of(name: str):
             def estimate(level: object) -> float:
                 if not local:
-                    # The inputs each layer sees with every layer quantized: the trial the
-                    # search has just measured, kept, so the estimates run no graph.
+                    # Each layer's input in the float graph: from the one run of the starting
+                    # graph that the search keeps for its trials to reuse.
                     sources = {n.name: n.args[0].name for n in candidates}
-                    seen = search.trial_values(everything, set(sources.values()))
+                    seen = search.starting_values(set(sources.values()))
                     local.update(self._local_errors(gm, candidates, weights, scales,
                                                     {name: seen[source] for name, source in sources.items()}))
                 return local[name]

@@ -346,28 +346,21 @@ def test_everything_within_budget_needs_no_estimate() -> None:
     assert outcome.trials == 1 and len(outcome.choices) == len(sites) and asked == []
 
 
-def test_trial_values_come_from_the_kept_run_of_the_last_trial_or_from_a_new_run() -> None:
-    gm, ctx, sites, order = many_branches()
+def test_starting_values_come_from_the_one_run_of_the_starting_graph_the_trials_reuse() -> None:
+    gm, ctx, sites, order = many_branches(batches=3)
     search = BudgetedSearch(gm, ctx, sites, shrinking([]), budget=0.05, strategy="sensitivity")
-    everything = {s.name: 0.5 for s in sites}
-    search.error(everything)
-    computed, trials = search._runner.computed, search.trials
+    search.error({s.name: 0.5 for s in sites})
     x = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
-    kept = search.trial_values(everything, order + [x])
-    assert search._runner.computed == computed and search.trials == trials  # nothing ran
-    from fxopt.ir import copy_graph_module
-
-    trial = shrinking([])(copy_graph_module(gm), everything)
-    trial.recompile()
-    expected = collect_activations(trial, [n for n in trial.graph.nodes if n.name in order], ctx.batches)
-    for node, values in expected.items():
-        assert torch.equal(kept[node.name][0], values[0])
-    assert torch.equal(kept[x][0], ctx.batches[0][0])
-    # another combination, not the last one run: it is run (not counted as a trial), and is right
-    one = {order[0]: 0.5}
-    values = search.trial_values(one, [order[0], order[1]])
-    assert search._runner.computed > computed and search.trials == trials
-    float_value = next(iter(collect_activations(gm, [n for n in gm.graph.nodes if n.name == order[1]],
-                                                ctx.batches).values()))[0]
-    assert torch.equal(values[order[1]][0], float_value)  # left alone in that combination
-    assert not torch.equal(kept[order[1]][0], float_value)  # shrunk in every site at once
+    values = search.starting_values([*order, x])
+    fit = [ctx.batches[i] for i in search.fit_indices]
+    assert len(fit) == 2 and all(len(v) == 2 for v in values.values())  # the fit batches only
+    expected = collect_activations(gm, [n for n in gm.graph.nodes if n.name in order], fit)
+    for node, seen in expected.items():
+        assert all(torch.equal(a, b) for a, b in zip(values[node.name], seen))
+    assert all(torch.equal(a, b[0]) for a, b in zip(values[x], fit))
+    # that run is the one the later trials reuse: neither asking again nor a trial runs it again
+    computed, trials = search._runner.computed, search.trials
+    search.starting_values(order)
+    assert search._runner.computed == computed and search.trials == trials
+    search.error({order[-1]: 0.5})
+    assert search._runner.computed - computed < len(gm.graph.nodes)  # only the nodes that changed

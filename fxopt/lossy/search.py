@@ -201,8 +201,6 @@ class BudgetedSearch:
     drops: dict[tuple[str, frozenset[tuple[str, Level]]], float] = field(default_factory=dict)
     _split: str = FIT
     _estimates: dict[str, float] = field(default_factory=dict)
-    _latest: dict[int, frozenset[tuple[str, Level]]] = field(default_factory=dict)  # last trial run, per batch
-    _pin_start: bool = True  # whether trials reuse the starting graph's values (estimated ranking: no)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -249,7 +247,7 @@ class BudgetedSearch:
                 self.trials += 1
                 # a task metric runs the trial itself; the output error goes through the runner
                 candidate = self.trial(choices, runnable=self.ctx.task is not None)
-                error = self._output_error(candidate, indices, key[1]) if self.output_error else 0.0
+                error = self._output_error(candidate, indices) if self.output_error else 0.0
                 task = self.ctx.task
                 if task is not None and (task.indices(split) if self.holdout else split == FIT):
                     drop = task.drop(candidate, split if self.holdout else ALL)
@@ -278,39 +276,34 @@ class BudgetedSearch:
             return max(drops) if drops else None
         return self.drops.get((split, frozenset(choices.items())), 0.0 if not choices else None)
 
-    def _output_error(self, gm: fx.GraphModule, indices: Sequence[int],
-                      combination: frozenset[tuple[str, Level]] = frozenset()) -> float:
-        """Largest relative output error of ``gm`` (the trial of ``combination``) against the
-        reference on the given batches."""
+    def _output_error(self, gm: fx.GraphModule, indices: Sequence[int]) -> float:
+        """Largest relative output error of ``gm`` against the reference on the given batches."""
         worst = 0.0
         for index in indices:
-            if self.trials > 1 and self._pin_start and not self._runner.pinned(index):
+            if self.trials > 1:
                 # From the second trial on, the starting graph's values pay for themselves.
-                self._runner.run(self.gm, self.ctx.batches[index], index, pin=True)
-            self._latest.pop(index, None)
+                self._pin(index)
             comparison = compare_outputs(self.reference[index], self._runner.run(gm, self.ctx.batches[index], index))
-            self._latest[index] = combination
             if comparison.mismatch:
                 return math.inf
             worst = max(worst, comparison.max_rel)
         return worst
 
-    def trial_values(self, choices: Choices, names: Iterable[str]) -> dict[str, list[Any]]:
-        """The value of each named node of the trial of ``choices`` on each fit batch: kept
-        from the trial's measurement when it is the last one run on that batch (a pass's
-        estimates right after a trial cost no run), else from a run of the trial."""
-        names = list(names)
-        key = frozenset(choices.items())
+    def _pin(self, index: int) -> dict[str, Any]:
+        """The starting graph's values on batch ``index``, run once and kept for the trials to reuse."""
+        if not self._runner.pinned(index):
+            self._runner.run(self.gm, self.ctx.batches[index], index, pin=True)
+        return self._runner.pinned_values(index)
+
+    def starting_values(self, names: Iterable[str]) -> dict[str, list[Any]]:
+        """The value of each named node of the starting graph on each fit batch, from the run
+        of the starting graph that the trials reuse (made once per batch, and kept): a pass's
+        estimates cost no run of the graph of their own."""
         values: dict[str, list[Any]] = {name: [] for name in names}
         for index in self.fit_indices:
-            seen = self._runner.latest_values(index) if self._latest.get(index) == key else None
-            if seen is None:
-                self._runner.run(self.trial(choices, runnable=False), self.ctx.batches[index], index)
-                self._latest[index] = key
-                seen = self._runner.latest_values(index)
-            assert seen is not None
-            for name in names:
-                values[name].append(seen[name])
+            pinned = self._pin(index)
+            for name, seen in values.items():
+                seen.append(pinned[name])
         return values
 
     def step(self, event: str, **fields: Any) -> None:
@@ -427,9 +420,6 @@ class BudgetedSearch:
         def efficiency(site: Site) -> float:
             return site.saving(site.levels[-1]) / max(self.estimate(site), 1e-12)
 
-        # Every prefix trial changes sites spread over the graph, and the one after every
-        # site at once shares most with it: a run of the starting graph would not pay.
-        self._pin_start = False
         ranked = sorted(self.sites, key=efficiency, reverse=True)
         self.step("ranked", order=[s.name for s in ranked], by="estimate",
                   estimates=[self.estimate(s) for s in ranked])
