@@ -171,6 +171,7 @@ class QuantizeInt8(Pass):
         with its local error as the estimate the sensitivity strategy ranks by (measured only
         when quantizing every layer at once is over budget)."""
         local: dict[str, float] = {}
+        running: list[BudgetedSearch] = []  # the search, while it runs (no cycle keeps its kept values after)
 
         def estimate_of(name: str):
             def estimate(level: object) -> float:
@@ -178,7 +179,7 @@ class QuantizeInt8(Pass):
                     # Each layer's input in the float graph: from the one run of the starting
                     # graph that the search keeps for its trials to reuse.
                     sources = {n.name: n.args[0].name for n in candidates}
-                    seen = search.starting_values(set(sources.values()))
+                    seen = running[0].starting_values(set(sources.values()))
                     local.update(self._local_errors(gm, candidates, weights, scales,
                                                     {name: seen[source] for name, source in sources.items()}))
                 return local[name]
@@ -191,8 +192,11 @@ class QuantizeInt8(Pass):
             self._quantize(trial, [n.name for n in candidates if n.name in choices], weights, scales)
             return trial
 
-        search = BudgetedSearch(gm, ctx, sites, apply, self.budget, self.strategy)
-        return search.run()
+        running.append(BudgetedSearch(gm, ctx, sites, apply, self.budget, self.strategy))
+        try:
+            return running[0].run()
+        finally:
+            running.clear()
 
     def _local_errors(self, gm: fx.GraphModule, candidates: list[fx.Node], weights: dict, scales: dict,
                       inputs: Mapping[str, list[torch.Tensor]]) -> dict[str, float]:

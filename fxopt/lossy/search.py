@@ -434,11 +434,10 @@ class BudgetedSearch:
             if self.measured(every) is None and self.trials >= limit:
                 break
             every_error = self.error(every)
-            if every_error > budget:
-                self.step("prefix", length=len(rest), taken=len(choices), error=every_error, target=budget)
-            if every_error <= budget:
-                self.step("prefix", length=len(rest), taken=len(choices), error=every_error, target=budget,
-                          chosen=True)
+            fits_whole = every_error <= budget
+            self.step("prefix", length=len(rest), taken=len(choices), error=every_error, target=budget,
+                      **({"chosen": True} if fits_whole else {}))
+            if fits_whole:
                 picks.update({s.name: Pick(s.levels[-1], every_error, target=budget, others=len(every) - 1)
                               for s in rest})
                 choices, rest = every, []
@@ -471,8 +470,8 @@ class BudgetedSearch:
     def _longest_prefix(self, base: Choices, rest: Sequence[Site], budget: float, limit: int,
                         over: list[dict[str, Level]]) -> tuple[int, int]:
         """The longest prefix of ``rest`` within ``budget`` on top of ``base``: (the longest
-        length measured within budget, the shortest measured over it). All of ``rest`` is
-        known over budget, nothing of it within. Starts at the predicted length and steps
+        length measured within budget, the shortest measured over it). The empty prefix is
+        within budget and all of ``rest`` is known over it. Starts at the predicted length and steps
         1, 2, 4, ... away from it until the boundary is bracketed, then halves: 1 or 2 trials
         when the prediction is right, about 2 log2(len(rest)) at worst; stops at ``limit``."""
         fits, fails = 0, len(rest)
