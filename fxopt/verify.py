@@ -221,6 +221,10 @@ class ReusingRunner:
     def pinned(self, key: Any) -> bool:
         return key in self._pinned
 
+    def pinned_values(self, key: Any) -> dict[str, Any]:
+        """The value of every node, by name, of the graph pinned for batch ``key``."""
+        return self._pinned[key][1]
+
     def run(self, gm: fx.GraphModule, inputs: Sequence[Any], key: Any = 0, *, pin: bool = False) -> list[Any]:
         """``gm``'s flat outputs on ``inputs`` (the batch called ``key``: the same tensors every call)."""
         stamps = {node.name: _node_stamp(gm, node) for node in gm.graph.nodes}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from fxopt.lossy import (
     BudgetedSearch,
     Site,
     collect_activations,
+    estimated_trial_limit,
     first_passing,
     inputs_of,
     observe,
@@ -218,3 +220,147 @@ def test_a_search_outside_the_manager_measures_against_the_graph_it_starts_from(
     with_reference = BudgetedSearch(gm, ctx, sites, shrinking(calls), budget=0.05).error({sites[1].name: 0.1})
     alone = BudgetedSearch(gm, PassContext(batches=ctx.batches), sites, shrinking(calls), budget=0.05)
     assert alone.error({sites[1].name: 0.1}) == pytest.approx(with_reference) and with_reference > 0
+
+
+# ---------------------------------------------------------------- sensitivity ranked by estimates
+
+
+class ManyBranches(nn.Module):
+    """y = sum_i b_i(x), branch i scaled by SCALES[i]: removing half of branch i costs error in
+    proportion to its scale, so the sites' damage is known in order (smallest first)."""
+
+    SCALES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(nn.Linear(16, 8, bias=False) for _ in self.SCALES)
+        with torch.no_grad():
+            for branch, scale in zip(self.branches, self.SCALES):
+                branch.weight.mul_(scale)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(branch(x) for branch in self.branches)
+
+
+def many_branches(batches: int = 1, estimates: bool = True, estimate_scale: list[float] | None = None):
+    torch.manual_seed(0)
+    model = ManyBranches().eval()
+    data = [[torch.randn(64, 16)] for _ in range(batches)]
+    gm = capture(model, tuple(data[0]))
+    ctx = PassContext(batches=data, calibrated=batches > 1)
+    ctx.reference = reference_outputs(gm, data)
+    linears = call_nodes(gm, ops.linear)
+    weights = {n.name: float(constant(gm, n.args[1]).norm()) for n in linears}
+    guesses = estimate_scale or [weights[n.name] for n in linears]
+    sites = [Site(n.name, (0.5,), (100.0,), estimate=(lambda level, g=g: g * level) if estimates else None)
+             for n, g in zip(linears, guesses)]
+    return gm, ctx, sites, [n.name for n in linears]
+
+
+def trial_of(outcome, combination: Mapping[str, object]) -> dict:
+    """The logged trial that measured ``combination``."""
+    return next(s for s in outcome.log if s["event"] == "trial" and s["choices"] == dict(combination))
+
+
+def test_estimates_rank_the_sites_and_a_few_measured_trials_find_the_longest_prefix_within_budget() -> None:
+    gm, ctx, sites, order = many_branches()
+    apply = shrinking([])
+    everything = measured(gm, ctx, apply, {s.name: 0.5 for s in sites})
+    budget = 0.4 * everything
+    outcome = BudgetedSearch(gm, ctx, sites, apply, budget=budget, strategy="sensitivity").run()
+    # Far fewer trials than each site alone plus each site combined (2 per site).
+    assert outcome.trials <= 1 + estimated_trial_limit(len(sites)) < 2 * len(sites)
+    assert not any(s["event"] == "pick" for s in outcome.log)  # no site was measured alone
+    ranked = next(s for s in outcome.log if s["event"] == "ranked")
+    assert ranked["order"] == order and ranked["by"] == "estimate"  # cheapest damage first
+    # The choice is the sites that damage least, and its error is measured, logged and within budget.
+    chosen = [name for name in order if name in outcome.choices]
+    assert chosen == order[:len(chosen)] and 0 < len(chosen) < len(order)
+    assert outcome.fitted_error <= budget
+    assert outcome.fitted_error == pytest.approx(measured(gm, ctx, apply, outcome.choices))
+    assert trial_of(outcome, outcome.choices)["error"] == outcome.fitted_error
+    assert [s["error"] for s in outcome.log if s["event"] == "prefix" and s.get("chosen")][-1] == outcome.fitted_error
+    # One more of the ranked sites would have broken the budget: that too was measured.
+    assert measured(gm, ctx, apply, {name: 0.5 for name in order[:len(chosen) + 1]}) > budget
+    for name, pick in outcome.refused.items():
+        # Every refusal carries the measured error of a combination with the site in it.
+        combination = trial_of(outcome, {**{n: 0.5 for n in outcome.choices}, name: 0.5}) \
+            if pick.others == len(outcome.choices) else \
+            next(s for s in outcome.log if s["event"] == "trial" and name in s["choices"]
+                 and len(s["choices"]) == pick.others + 1 and s["error"] == pick.error)
+        assert pick.level is None and pick.tried == 0.5 and pick.error > budget
+        assert combination["error"] == pytest.approx(measured(gm, ctx, apply, combination["choices"]))
+    first_out = order[len(chosen)]
+    assert outcome.refused[first_out].others == len(chosen)  # its own ranked prefix, which fitted
+    assert outcome.refused[first_out].others_error == pytest.approx(outcome.fitted_error)
+
+
+def test_a_wrong_estimate_only_orders_trials_the_choice_is_still_measured_within_budget() -> None:
+    # The estimates say the opposite of the truth: the most damaging sites look cheapest.
+    gm, ctx, sites, order = many_branches(estimate_scale=[1.0 / s for s in ManyBranches.SCALES])
+    apply = shrinking([])
+    budget = 0.4 * measured(gm, ctx, apply, {s.name: 0.5 for s in sites})
+    outcome = BudgetedSearch(gm, ctx, sites, apply, budget=budget, strategy="sensitivity").run()
+    assert outcome.fitted_error <= budget
+    assert outcome.fitted_error == pytest.approx(measured(gm, ctx, apply, outcome.choices))
+    assert outcome.trials <= 1 + estimated_trial_limit(len(sites))
+    assert all(pick.error > budget for pick in outcome.refused.values())
+
+
+def test_without_estimates_the_sensitivity_strategy_measures_every_site_alone_as_before() -> None:
+    gm, ctx, sites, order = many_branches(estimates=False)
+    apply = shrinking([])
+    budget = 0.4 * measured(gm, ctx, apply, {s.name: 0.5 for s in sites})
+    outcome = BudgetedSearch(gm, ctx, sites, apply, budget=budget, strategy="sensitivity").run()
+    events = [s["event"] for s in outcome.log]
+    fit_alone = [s["site"] for s in outcome.log if s["event"] == "pick" and s["level"] is not None]
+    assert events.count("pick") == len(sites) and "prefix" not in events
+    # every site at once, each alone, then each that fitted alone on top of the ones before it
+    # (the first of those is the same combination as itself alone)
+    assert outcome.trials == 1 + len(sites) + len(fit_alone) - 1
+    assert outcome.fitted_error <= budget
+
+
+def test_estimated_choice_is_verified_on_held_out_data_and_made_again_on_every_batch_when_it_fails() -> None:
+    gm, ctx, sites, order = many_branches(batches=2)
+    apply = shrinking([])
+    # The held-out batch is large along the least damaging branch, which the estimates put first.
+    weight = constant(gm, next(n for n in gm.graph.nodes if n.name == order[0]).args[1])
+    ctx.batches[1] = [ctx.batches[1][0] + 400 * torch.randn(64, 1) * weight[0] / weight[0].norm()]
+    ctx.reference = reference_outputs(gm, ctx.batches)
+    budget = 0.4 * measured(gm, PassContext(batches=ctx.batches[:1], reference=ctx.reference[:1]), apply,
+                            {s.name: 0.5 for s in sites})
+    outcome = BudgetedSearch(gm, ctx, sites, apply, budget=budget, strategy="sensitivity").run()
+    verify = next(s for s in outcome.log if s["event"] == "verify")
+    assert verify["heldout"] > budget and outcome.retried
+    assert outcome.fitted_error <= budget * 0.5 and outcome.heldout_error <= budget * 0.5
+    assert all(pick.split == "all" and pick.error > budget * 0.5 for pick in outcome.refused.values())
+    assert outcome.trials <= 2 * (1 + estimated_trial_limit(len(sites))) + 2
+
+
+def test_everything_within_budget_needs_no_estimate() -> None:
+    gm, ctx, sites, order = many_branches()
+    asked: list[str] = []
+    sites = [replace(s, estimate=lambda level, name=s.name: asked.append(name) or 1.0) for s in sites]
+    outcome = BudgetedSearch(gm, ctx, sites, shrinking([]), budget=1.0, strategy="sensitivity").run()
+    assert outcome.trials == 1 and len(outcome.choices) == len(sites) and asked == []
+
+
+def test_starting_values_come_from_the_one_run_of_the_starting_graph_the_trials_reuse() -> None:
+    gm, ctx, sites, order = many_branches(batches=3)
+    search = BudgetedSearch(gm, ctx, sites, shrinking([]), budget=0.05, strategy="sensitivity")
+    search.error({s.name: 0.5 for s in sites})
+    x = next(n.name for n in gm.graph.nodes if n.op == "placeholder")
+    values = search.starting_values([*order, x])
+    fit = [ctx.batches[i] for i in search.fit_indices]
+    assert len(fit) == 2 and all(len(v) == 2 for v in values.values())  # the fit batches only
+    expected = collect_activations(gm, [n for n in gm.graph.nodes if n.name in order], fit)
+    for node, seen in expected.items():
+        assert all(torch.equal(a, b) for a, b in zip(values[node.name], seen))
+    assert all(torch.equal(a, b[0]) for a, b in zip(values[x], fit))
+    # that run is the one the later trials reuse: neither asking again nor a trial runs it again
+    computed, trials = search._runner.computed, search.trials
+    search.starting_values(order)
+    assert search._runner.computed == computed and search.trials == trials
+    search.error({order[-1]: 0.5})
+    assert search._runner.computed - computed < len(gm.graph.nodes)  # only the nodes that changed

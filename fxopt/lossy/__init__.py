@@ -15,6 +15,7 @@ from fxopt.lossy.search import (
            Pick,
            Site,
            check_search_options,
+           estimated_trial_limit,
            first_passing,
            fit_batches,
            split_batches,
@@ -22,4 +23,5 @@ from fxopt.lossy.search import (
 from fxopt.lossy.task import METRICS, TaskBudget
 
 __all__ = ["METRICS", "STRATEGIES", "TaskBudget", "ActivationStats", "BudgetedSearch", "Outcome", "Pick", "Site", "check_search_options", "collect_activations",
+           "estimated_trial_limit",
            "first_passing", "fit_batches", "inputs_of", "observe", "split_batches"]

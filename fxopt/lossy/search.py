@@ -40,13 +40,22 @@ Strategies (``strategy=``):
                    budget, each site alone (its most aggressive level within budget), then the
                    sites in order of saving per unit of error, each at the most aggressive
                    level the combination so far still allows (backing off level by level).
+                   When every site carries an ``estimate`` (a cheap guess of the error its
+                   most aggressive level causes alone), the sites are ranked by saving per
+                   unit of *estimated* error instead of being measured alone, and the largest
+                   prefix of that ranking within budget is found by a search over its length
+                   that starts where the estimates predict (one or two measured trials when
+                   they are right, about 2 log2(sites) when not); the site after the prefix
+                   is refused and the rest get another round on top, within
+                   ``estimated_trial_limit(sites)`` trials. Every combination accepted is
+                   measured; an estimate only orders the trials.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, TypeVar
 
@@ -66,7 +75,7 @@ log = logging.getLogger("fxopt.lossy")
 STRATEGIES = ("equal-share", "sensitivity")
 RETRY_SHARE = 0.5  # of the budget, for the choice made on every batch after a held-out failure
 FIT, HELD_OUT, ALL = "fit", "held-out", "all"
-_GLOBAL_EVENTS = frozenset({"all-at-once", "ranked", "verify", "retry"})
+_GLOBAL_EVENTS = frozenset({"all-at-once", "ranked", "prefix", "estimated", "verify", "retry"})
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +87,12 @@ class Site:
     for on/off); ``savings`` (same length, optional) is what each level saves (parameters,
     FLOPs), used by the sensitivity strategy to rank sites (``saving_of`` computes it when the
     levels are found as the search goes); ``payload`` is the pass's own.
+
+    ``estimate(level)`` (optional) is a cheap guess of the output error ``level`` causes on
+    its own (a layer's local error, say), in the units of the budget. The sensitivity strategy
+    ranks by it instead of measuring every site alone when all the sites have one; it is
+    called only when every site at once is over budget, and only for the most aggressive
+    level. It orders trials and never stands in for a measured error.
     """
 
     name: str
@@ -85,6 +100,7 @@ class Site:
     savings: tuple[float, ...] = ()
     payload: Any = None
     saving_of: Callable[[Level], float] | None = None  # for levels only known as the search goes
+    estimate: Callable[[Level], float] | None = None
 
     def saving(self, level: Level) -> float:
         """What ``level`` saves: from ``saving_of``, ``savings``, or its position in ``levels``."""
@@ -108,6 +124,9 @@ class Pick:
     split: str = "fit"
     reason: str | None = None  # a chooser's own explanation of a refusal
     others: int = 0  # how many other sites were already changed when this was measured
+    # For a refusal with others: the measured error of those others without this site (None
+    # when that combination was not measured, e.g. a longer ranked prefix found over budget).
+    others_error: float | None = None
 
 
 @dataclass
@@ -181,6 +200,7 @@ class BudgetedSearch:
     _errors: dict[tuple[str, frozenset[tuple[str, Level]]], float] = field(default_factory=dict)
     drops: dict[tuple[str, frozenset[tuple[str, Level]]], float] = field(default_factory=dict)
     _split: str = FIT
+    _estimates: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -238,6 +258,16 @@ class BudgetedSearch:
                           **({"drop": self.drops[key]} if key in self.drops else {}))
         return self._errors[key]
 
+    def measured(self, choices: Choices, split: str | None = None) -> float | None:
+        """The error of ``choices`` if it was measured already on ``split`` (runs nothing)."""
+        split = split or self._split
+        if not choices:
+            return 0.0
+        if split == ALL:
+            errors = [self.measured(choices, FIT), self.measured(choices, HELD_OUT)]
+            return None if None in errors else max(errors)  # type: ignore[type-var]
+        return self._errors.get((split, frozenset(choices.items())))
+
     def drop(self, choices: Choices, split: str | None = None) -> float | None:
         """The task metric's drop measured for ``choices`` (None without a task or a trial)."""
         split = split or self._split
@@ -250,14 +280,31 @@ class BudgetedSearch:
         """Largest relative output error of ``gm`` against the reference on the given batches."""
         worst = 0.0
         for index in indices:
-            if self.trials > 1 and not self._runner.pinned(index):
+            if self.trials > 1:
                 # From the second trial on, the starting graph's values pay for themselves.
-                self._runner.run(self.gm, self.ctx.batches[index], index, pin=True)
+                self._pin(index)
             comparison = compare_outputs(self.reference[index], self._runner.run(gm, self.ctx.batches[index], index))
             if comparison.mismatch:
                 return math.inf
             worst = max(worst, comparison.max_rel)
         return worst
+
+    def _pin(self, index: int) -> dict[str, Any]:
+        """The starting graph's values on batch ``index``, run once and kept for the trials to reuse."""
+        if not self._runner.pinned(index):
+            self._runner.run(self.gm, self.ctx.batches[index], index, pin=True)
+        return self._runner.pinned_values(index)
+
+    def starting_values(self, names: Iterable[str]) -> dict[str, list[Any]]:
+        """The value of each named node of the starting graph on each fit batch, from the run
+        of the starting graph that the trials reuse (made once per batch, and kept): a pass's
+        estimates cost no run of the graph of their own."""
+        values: dict[str, list[Any]] = {name: [] for name in names}
+        for index in self.fit_indices:
+            pinned = self._pin(index)
+            for name, seen in values.items():
+                seen.append(pinned[name])
+        return values
 
     def step(self, event: str, **fields: Any) -> None:
         """Record one step of the search (also as a debug message of the ``fxopt.lossy`` logger)."""
@@ -319,6 +366,8 @@ class BudgetedSearch:
             picks = {s.name: Pick(s.levels[-1], self.error(everything), target=budget) for s in self.sites}
             self.step("all-at-once", error=self.error(everything), target=budget)
             return everything, picks, {}
+        if self._estimated(everything):
+            return self.estimated_sensitivity(budget)
         alone = {site.name: self.pick(site, budget, {}) for site in self.sites}
         refused = {name: p for name, p in alone.items() if p.level is None}
 
@@ -338,11 +387,142 @@ class BudgetedSearch:
                 chosen = self.most_aggressive(site, site.levels[: site.levels.index(best) + 1], budget, choices)
             self.step("combine", site=site.name, level=chosen.level, error=chosen.error, target=budget)
             if chosen.level is None:
-                refused[site.name] = replace(chosen, target=budget, others=len(choices))
+                refused[site.name] = replace(chosen, target=budget, others=len(choices),
+                                             others_error=self.measured(choices) if choices else None)
             else:
                 choices[site.name] = chosen.level
                 picks[site.name] = chosen
         return choices, picks, refused
+
+    def _estimated(self, everything: Choices) -> bool:
+        """Whether the sensitivity strategy may rank by the sites' estimates: every site has
+        one and levels, every site at once was measured (and is over budget), and no pass
+        chooser finds levels as the search goes."""
+        return (bool(self.sites) and self.choose_level is None and len(everything) == len(self.sites)
+                and all(s.estimate is not None for s in self.sites))
+
+    def estimate(self, site: Site) -> float:
+        """``site``'s estimated error at its most aggressive level (computed once per search)."""
+        if site.name not in self._estimates:
+            assert site.estimate is not None
+            value = float(site.estimate(site.levels[-1]))
+            self._estimates[site.name] = value if value == value and value >= 0.0 else math.inf  # NaN: last
+        return self._estimates[site.name]
+
+    def estimated_sensitivity(self, budget: float) -> tuple[dict[str, Level], dict[str, Pick], dict[str, Pick]]:
+        """The sites ranked by saving per unit of estimated error, each at its most aggressive
+        level, taken in rounds: the longest prefix of the sites still open that fits on top
+        of those taken (every site still open at once is measured over budget first), then
+        the site right after it is refused (the prefix with it was measured over budget) and
+        the next round starts after it. At most :func:`estimated_trial_limit` trials; a site
+        still open then is refused with the smallest over-budget combination measured that
+        includes it (every site at once, at worst)."""
+        def efficiency(site: Site) -> float:
+            return site.saving(site.levels[-1]) / max(self.estimate(site), 1e-12)
+
+        ranked = sorted(self.sites, key=efficiency, reverse=True)
+        self.step("ranked", order=[s.name for s in ranked], by="estimate",
+                  estimates=[self.estimate(s) for s in ranked])
+        limit = self.trials + estimated_trial_limit(len(ranked))
+        choices: dict[str, Level] = {}
+        picks: dict[str, Pick] = {}
+        refused: dict[str, Pick] = {}
+        over: list[dict[str, Level]] = []  # combinations measured over budget, for the refusals
+        rest = list(ranked)
+        while rest:
+            every = {**choices, **{s.name: s.levels[-1] for s in rest}}
+            if self.measured(every) is None and self.trials >= limit:
+                break
+            every_error = self.error(every)
+            fits_whole = every_error <= budget
+            self.step("prefix", length=len(rest), taken=len(choices), error=every_error, target=budget,
+                      **({"chosen": True} if fits_whole else {}))
+            if fits_whole:
+                picks.update({s.name: Pick(s.levels[-1], every_error, target=budget, others=len(every) - 1)
+                              for s in rest})
+                choices, rest = every, []
+                break
+            over.append(every)
+            fits, fails = self._longest_prefix(choices, rest, budget, limit, over)
+            base = {**choices, **{s.name: s.levels[-1] for s in rest[:fits]}}
+            if fits:
+                base_error = self.error(base)
+                picks.update({s.name: Pick(s.levels[-1], base_error, target=budget, others=len(base) - 1)
+                              for s in rest[:fits]})
+                self.step("prefix", length=fits, taken=len(choices), error=base_error, target=budget, chosen=True)
+            choices = base
+            if fails - fits > 1:  # out of trials inside the round
+                rest = rest[fits:]
+                break
+            culprit = rest[fits]
+            refused[culprit.name] = Pick(None, self.error({**choices, culprit.name: culprit.levels[-1]}),
+                                         culprit.levels[-1], budget, others=len(choices),
+                                         others_error=self.error(choices))
+            rest = rest[fits + 1:]
+        for site in rest:
+            smallest = min((c for c in over if site.name in c), key=len)
+            others = {name: level for name, level in smallest.items() if name != site.name}
+            refused[site.name] = Pick(None, self.error(smallest), site.levels[-1], budget, others=len(others),
+                                      others_error=self.measured(others))
+        self.step("estimated", chosen=len(choices), refused=len(refused), trials_left=max(limit - self.trials, 0))
+        return choices, picks, refused
+
+    def _longest_prefix(self, base: Choices, rest: Sequence[Site], budget: float, limit: int,
+                        over: list[dict[str, Level]]) -> tuple[int, int]:
+        """The longest prefix of ``rest`` within ``budget`` on top of ``base``: (the longest
+        length measured within budget, the shortest measured over it). The empty prefix is
+        within budget and all of ``rest`` is known over it. Starts at the predicted length and steps
+        1, 2, 4, ... away from it until the boundary is bracketed, then halves: 1 or 2 trials
+        when the prediction is right, about 2 log2(len(rest)) at worst; stops at ``limit``."""
+        fits, fails = 0, len(rest)
+
+        def measure(length: int) -> bool:
+            nonlocal fits, fails
+            combination = {**base, **{s.name: s.levels[-1] for s in rest[:length]}}
+            error = self.error(combination)
+            self.step("prefix", length=length, taken=len(base), error=error, target=budget)
+            if error <= budget:
+                fits = max(fits, length)
+            else:
+                fails = min(fails, length)
+                over.append(combination)
+            return error <= budget
+
+        def affordable(length: int) -> bool:
+            combination = {**base, **{s.name: s.levels[-1] for s in rest[:length]}}
+            return self.trials < limit or self.measured(combination) is not None
+
+        guess = self._predicted_length(base, rest, budget)
+        if 0 < guess < len(rest) and affordable(guess):
+            upward = measure(guess)
+            stride = 1
+            while fails - fits > 1:
+                probe = guess + stride if upward else guess - stride
+                if not fits < probe < fails or not affordable(probe):
+                    break
+                measure(probe)
+                stride *= 2
+        while fails - fits > 1 and affordable((fits + fails) // 2):
+            measure((fits + fails) // 2)
+        return fits, fails
+
+    def _predicted_length(self, base: Choices, rest: Sequence[Site], budget: float) -> int:
+        """The longest prefix of ``rest`` predicted to fit on top of ``base``: a prefix's error
+        taken as ``base``'s plus the rise of all of ``rest`` scaled by the prefix's share of
+        their summed estimates (local errors add up along a path; the two measured points
+        calibrate their units). Only where the search starts."""
+        low = self.error(base)
+        high = self.error({**base, **{s.name: s.levels[-1] for s in rest}})
+        total = sum(self.estimate(s) for s in rest)
+        if not math.isfinite(high) or not math.isfinite(total) or total <= 0:
+            return len(rest) // 2
+        length, running = 0, 0.0
+        for site in rest:
+            running += self.estimate(site)
+            if low + (high - low) * running / total > budget:
+                break
+            length += 1
+        return length
 
     # ------------------------------------------------------------------ the whole search
 
@@ -378,6 +558,12 @@ class BudgetedSearch:
         return Outcome(choices, picks, refused, fitted, heldout, len(self.heldout_indices), self.log,
                        self.trials, retried,
                        None if self.ctx.task is None else self.drop(choices, ALL))
+
+
+def estimated_trial_limit(sites: int) -> int:
+    """The most trials the sensitivity strategy measures, after every site at once, when it
+    ranks ``sites`` sites by their estimates: two binary searches over them, and two more."""
+    return 2 * math.ceil(math.log2(sites + 1)) + 2
 
 
 def first_passing(candidates: Sequence[T], ok: Callable[[T], bool]) -> T | None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from fxopt.passes import QuantizeInt8
@@ -257,3 +259,89 @@ def test_equal_share_strategy_and_bad_strategy() -> None:
     assert run.record.applied == 2 and run.record.max_rel_err <= 0.05
     with pytest.raises(PassOptionError, match="strategy"):
         QuantizeInt8(strategy="fastest")
+
+
+# ---------------------------------------------------------------- the search's estimates
+
+
+@pytest.mark.parametrize("activations,symmetric,rows", [
+    ("dynamic", True, 24), ("dynamic-tensor", True, 24), ("dynamic-tensor", True, 300),
+    ("static", True, 24), ("static", False, 300)])
+def test_local_error_is_the_layer_quantized_as_the_pass_would(activations: str, symmetric: bool, rows: int) -> None:
+    """The estimate the search ranks layers by: one layer's own error, with its input and
+    weight quantized by the very QDQ pattern of the pass (on sampled rows of a large input,
+    which include the extremes a per-tensor scale is set by)."""
+    from fxopt.passes.quantize_int8 import _sampled_rows
+
+    from fxopt.capture import capture
+    from fxopt.ir import call_nodes, copy_graph_module
+    from fxopt.quant import quantize_weight
+    from fxopt.verify import compare_outputs, run_graph
+
+    torch.manual_seed(0)
+    x = torch.randn(rows, 48)
+    x[rows // 2 + 1, 3] = 40.0  # an outlier off the evenly spaced rows: it sets a per-tensor scale
+    gm = capture(torch.nn.Linear(48, 40).eval(), (x,))
+    node = call_nodes(gm, ops.linear)[0]
+    pass_ = QuantizeInt8(activations=activations, symmetric=symmetric)
+    weights = {node.name: quantize_weight(constants_of(gm, node))}
+    scales = pass_._observe(gm, [node], [[x]]) if activations == "static" else {node.name: None}
+    estimate = pass_._local_errors(gm, [node], weights, scales, {node.name: [x]})[node.name]
+    trial = copy_graph_module(gm)
+    pass_._quantize(trial, [node.name], weights, scales)
+    expected, actual = run_graph(gm, [x])[0], run_graph(trial, [x])[0]
+    sampled = _sampled_rows(x)
+    assert len(sampled) <= min(rows, 66) and int(x.abs().max(1).values.argmax()) in sampled.tolist()
+    assert estimate > 0
+    assert estimate == pytest.approx(compare_outputs([expected[sampled]], [actual[sampled]]).max_rel, rel=1e-5)
+    if rows <= 66:
+        assert estimate == pytest.approx(compare_outputs([expected], [actual]).max_rel, rel=1e-5)
+
+
+def constants_of(gm, node) -> torch.Tensor:
+    from fxopt.ir import constant
+
+    return constant(gm, node.args[1])
+
+
+def test_over_budget_all_at_once_ranks_by_local_error_and_measures_few_combinations() -> None:
+    from fxopt.lossy import estimated_trial_limit
+
+    torch.manual_seed(0)
+    model, x = mlp(*[48] * 13), torch.randn(32, 48)
+    everything = run_pass(QuantizeInt8(budget=1.0), model, (x,)).record.max_rel_err
+    budget = 0.5 * everything
+    run = run_pass(QuantizeInt8(budget=budget), model, (x,))
+    record = run.record
+    # the last layer alone breaks the budget (its error reaches the output undamped) although
+    # its local error is the smallest: it is refused, measured alone, and the others are kept
+    assert record.applied == 11 and record.max_rel_err <= budget
+    log = record.details[0]["log"]
+    trials = record.details[0]["trials"]
+    # each layer alone and each combined would be 2 per layer; the ranked prefix needs a few
+    assert trials <= 1 + estimated_trial_limit(12) < 2 * 12
+    assert [s["by"] for s in log if s["event"] == "ranked"] == ["estimate"]
+    chosen = [s for s in log if s["event"] == "prefix" and s.get("chosen")][-1]
+    assert chosen["error"] == record.details[0]["fitted_error"] == pytest.approx(record.max_rel_err, rel=1e-5)
+    [skip] = record.skips
+    assert skip.code == "over-budget" and skip.node == "linear_11"
+    assert skip.detail.startswith("quantizing this layer alone gives output error")
+    # the number in the refusal is a measured one: the trial of that layer alone, in the log
+    measured = float(re.search(r"output error ([0-9.e-]+) >", skip.detail).group(1))
+    alone = [s["error"] for s in log if s["event"] == "prefix" and s["length"] == 1 and s["taken"] == 0]
+    assert measured > budget and alone and f"{alone[0]:.3g}" == f"{measured:.3g}"
+
+
+def test_refusal_names_a_combination_when_its_other_layers_were_not_measured_within_budget() -> None:
+    from fxopt.passes.quantize_int8 import _budget_refusal
+
+    from fxopt.lossy import Pick
+
+    alone = _budget_refusal(Pick(None, 0.08, True, 0.05))
+    raises = _budget_refusal(Pick(None, 0.06, True, 0.05, others=3, others_error=0.04))
+    together = _budget_refusal(Pick(None, 0.09, True, 0.05, others=7, others_error=None))
+    assert alone.detail == "quantizing this layer alone gives output error 0.08 > budget 0.05"
+    assert raises.detail == "with 3 other layer(s) quantized it raises the output error to 0.06 > budget 0.05"
+    assert together.detail.startswith("quantized together with 7 other layer(s)")
+    assert together.detail.endswith("it gives output error 0.09 > budget 0.05")
+    assert {alone.code, raises.code, together.code} == {"over-budget"}
