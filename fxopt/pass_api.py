@@ -119,6 +119,10 @@ class PassContext:
     calibrated: bool = False
     fresh_batches: int = 0
     task: TaskBudget | None = None
+    # A fxopt.verify.ReusingRunner holding the current graph's node values on the example
+    # inputs (batch 0), left by the manager's reference run before a lossy pass: a search's
+    # trials and the pass's verification reuse them instead of running the graph again.
+    values: Any = None
 
     @property
     def example_inputs(self) -> list[torch.Tensor]:

@@ -221,6 +221,15 @@ class ReusingRunner:
     def pinned(self, key: Any) -> bool:
         return key in self._pinned
 
+    def pinned_for(self, gm: fx.GraphModule, key: Any) -> bool:
+        """Whether the graph pinned for batch ``key`` is ``gm`` (every node the same), so its
+        values are ``gm``'s."""
+        if key not in self._pinned:
+            return False
+        stamps = {node.name: _node_stamp(gm, node) for node in gm.graph.nodes}
+        clean = _shared_nodes(gm, stamps, self._pinned[key][0])
+        return all(node.name in clean for node in gm.graph.nodes if node.op != "output")
+
     def pinned_values(self, key: Any) -> dict[str, Any]:
         """The value of every node, by name, of the graph pinned for batch ``key``."""
         return self._pinned[key][1]

@@ -315,3 +315,28 @@ def test_race_stops_after_its_rounds_once_timing_took_its_seconds(monkeypatch: p
     monkeypatch.setattr(presets, "RACE_SECONDS", 0.0)
     timings = presets.race({"a": run("a"), "b": run("b")}, repeats=10)
     assert timings["a"].samples == timings["b"].samples == presets.RACE_ROUNDS
+
+
+def test_a_lossy_pass_reuses_the_reference_runs_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxopt.api import optimize_captured
+    from fxopt.registry import resolve_passes
+    from fxopt.report import Report
+    from fxopt.verify import ReusingRunner
+
+    pins: list[int] = []
+    original = ReusingRunner.run
+
+    def counting(self, gm, inputs, key=0, *, pin=False):
+        pins.append(pin)
+        return original(self, gm, inputs, key, pin=pin)
+
+    monkeypatch.setattr(ReusingRunner, "run", counting)
+    model, x, fresh = _mlp(), torch.randn(16, 64), torch.randn(17, 64)
+    pipeline = resolve_passes([*default_pipeline(), "quantize-int8(activations='dynamic-tensor', budget=0.01)"])
+    gm = fxopt.capture(model, (x,))
+    opt = optimize_captured(gm, [[x], [fresh]], pipeline, report=Report(), fresh_batches=1, verify_rows=2)
+    record = opt.report["quantize-int8"]
+    assert record.status == "applied"
+    # the float graph ran once on the example, for the reference, and was kept: neither the
+    # search nor the verification ran it again
+    assert pins.count(True) == 1

@@ -214,7 +214,7 @@ class BudgetedSearch:
         self.reference = self.ctx.reference or [run_graph(self.gm, batch) for batch in self.ctx.batches]
         # Trials share most of their nodes with the starting graph and with each other: the
         # runner computes only what a trial changed (same values, see ReusingRunner).
-        self._runner = ReusingRunner()
+        self._runner = self.ctx.values if isinstance(self.ctx.values, ReusingRunner) else ReusingRunner()
 
     @property
     def split(self) -> str:
@@ -291,7 +291,7 @@ class BudgetedSearch:
 
     def _pin(self, index: int) -> dict[str, Any]:
         """The starting graph's values on batch ``index``, run once and kept for the trials to reuse."""
-        if not self._runner.pinned(index):
+        if not self._runner.pinned_for(self.gm, index):
             self._runner.run(self.gm, self.ctx.batches[index], index, pin=True)
         return self._runner.pinned_values(index)
 

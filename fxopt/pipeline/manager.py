@@ -257,7 +257,16 @@ class PassManager:
         pass_ = step.pass_
         if not pass_.exact and self.verification is not None:
             with phase("reference"):
-                self.verification.ensure_full(gm)  # a lossy pass measures against ctx.reference
+                # a lossy pass measures against ctx.reference (and reuses the values kept)
+                self.verification.ensure_full(gm, keep_values=True)
+            try:
+                return self._run_checked(step, gm, ctx, done)
+            finally:
+                ctx.values = None  # the node values kept for this pass: not held past it
+        return self._run_checked(step, gm, ctx, done)
+
+    def _run_checked(self, step: PassStep, gm: fx.GraphModule, ctx: PassContext, done: list[str]) -> fx.GraphModule:
+        pass_ = step.pass_
         for check in self.checks:
             check.before(gm, ctx)
         with phase("copy"):

@@ -41,7 +41,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.pass_api import PassContext
-from fxopt.verify import compare_outputs, run_graph
+from fxopt.verify import ReusingRunner, compare_outputs, run_graph
 
 DEFAULT_VERIFY_ROWS = 2
 
@@ -127,6 +127,19 @@ class Verification:
         self.forwards += len(batches)
         return [run_graph(gm, list(batch)) for batch in batches]
 
+    def _run_keeping_values(self, gm: fx.GraphModule, batches: Sequence[Sequence[Any]]) -> list[list[Any]]:
+        """:meth:`run`, keeping every node's value on the example inputs in ``ctx.values``
+        for the lossy pass about to read this reference (its trials and its verification
+        reuse them; the manager drops them after the pass)."""
+        if not batches:
+            return []
+        runner = ReusingRunner()
+        self.forwards += len(batches)
+        outputs = [runner.run(gm, list(batches[0]), 0, pin=True)]
+        outputs += [run_graph(gm, list(batch)) for batch in batches[1:]]
+        self.ctx.values = runner
+        return outputs
+
     def sliced_for(self, exact: bool) -> bool:
         """Whether a pass of this kind is verified on the row slices."""
         return exact and self.slices is not None
@@ -143,15 +156,18 @@ class Verification:
         self.ensure_full(gm)
         return self.ctx.reference
 
-    def ensure_full(self, gm: fx.GraphModule) -> None:
-        """Make ``ctx.reference`` the outputs of ``gm`` on the full batches."""
+    def ensure_full(self, gm: fx.GraphModule, keep_values: bool = False) -> None:
+        """Make ``ctx.reference`` the outputs of ``gm`` on the full batches; ``keep_values``:
+        when they are computed, also keep every node's value on the example inputs in
+        ``ctx.values`` (for the lossy pass about to run)."""
         if self.full_current and self.ctx.reference:
             return
         known = self._full_outputs.get(id(gm))
         if known is not None and known[0] is gm:
             self.ctx.reference = known[1]
         else:
-            self.ctx.reference = self.run(gm, self.ctx.batches)
+            self.ctx.reference = (self._run_keeping_values(gm, self.ctx.batches) if keep_values
+                                  else self.run(gm, self.ctx.batches))
             self._full_outputs[id(gm)] = (gm, self.ctx.reference)
         self.full_current = True
         if not self.ctx.original and gm is self.captured:
