@@ -344,7 +344,11 @@ class _SharedStages:
                 exact += 1
             gm, records, verification = self._stage(tuple(pipeline[:exact]), None, captured)
             if exact < len(pipeline):
-                gm, records, verification = self._stage(tuple(pipeline), (tuple(pipeline[:exact]), exact), captured)
+                # continue from the longest prefix another candidate already ran (its exact
+                # passes, or those and some of its lossy ones)
+                start = max((n for n in range(exact, len(pipeline)) if tuple(pipeline[:n]) in self._stages),
+                            default=exact)
+                gm, records, verification = self._stage(tuple(pipeline), (tuple(pipeline[:start]), start), captured)
         report = copy.deepcopy(captured.report)
         report.backend = candidate.backend
         calibration_batches = len(captured.batches) - captured.fresh_batches

@@ -12,7 +12,8 @@ fastest. The report says what was chosen, the measured times of the others, and 
 dropped.
 
 The candidates share work: the model is captured once, the exact passes they start with run
-once, and candidates with the same pipeline (one per backend) share its lossy passes too;
+once, and a candidate whose pipeline begins with another's (the same pipeline on another
+backend, or one more lossy pass after it) continues from that one's graph;
 each continues from that graph with its own references and lowers its own copy.
 
 Presets are found like passes, through the ``fxopt.presets`` entry-point group (the built-in
@@ -171,7 +172,7 @@ def _unavailable(candidate: Candidate, device: torch.device) -> str | None:
     return None if reason is None else f"backend not available: {reason}"
 
 
-RACE_ROUNDS = 3  # rounds every candidate runs before the clearly slower ones stop
+RACE_ROUNDS = 2  # rounds every candidate runs before the clearly slower ones stop
 RACE_MARGIN = 1.10  # a candidate whose fastest run is this much slower than the best median stops
 RACE_SECONDS = 2.0  # after RACE_ROUNDS, rounds go on (up to ``repeats``) only while timing took less
 
