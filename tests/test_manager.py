@@ -148,3 +148,31 @@ def test_a_wrong_exact_pass_among_others_is_found_and_rolled_back_alone() -> Non
     assert "exact pass changed outputs" in opt.report["test-scale-first-weight"].message
     assert opt.report["remove-dropout"].status == "applied"
     assert torch.allclose(opt(x), model(x), atol=1e-6)
+
+
+@dataclass(frozen=True)
+class OvershootsItsBudget(fxopt.Pass):
+    """Scales the first weight by 1 + 1.5 * budget: a choice that misses its budget by half."""
+
+    name: ClassVar[str] = "test-overshoots"
+    exact: ClassVar[bool] = False
+    budget: float = 0.01
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        return ScaleFirstWeight(factor=1.0 + 1.5 * self.budget)(gm, ctx)
+
+
+def test_a_lossy_pass_over_its_budget_is_run_again_with_a_tighter_target() -> None:
+    model, x = nn.Linear(8, 4, bias=False).eval(), torch.randn(4, 8)
+    opt = fxopt.compile(model, (x,), passes=[OvershootsItsBudget()])
+    record = opt.report["test-overshoots"]
+    assert record.status == "applied"
+    assert record.message.startswith("the first choice went over (error 0.015 exceeds the pass's budget 0.01)")
+    assert record.budget == 0.01  # held to the budget it was given, not the retry's target
+    assert record.max_rel_err == pytest.approx(0.009, rel=1e-3)  # 1 + 0.9 * (0.01 * 0.01 / 0.015) * 1.5
+
+
+def test_strict_mode_does_not_retry() -> None:
+    with pytest.raises(fxopt.PassFailedError):
+        fxopt.compile(nn.Linear(8, 4, bias=False).eval(), (torch.randn(4, 8),), passes=[OvershootsItsBudget()],
+                      strict=True)

@@ -179,10 +179,13 @@ class Numerics(BaseCheck):
         # Set by the manager while it runs exact passes in a row: they are verified together
         # afterwards (verify_together), each on its own only if that fails.
         self.deferred = False
+        # (error, budget) when the last lossy pass checked went over its budget
+        self.over_budget: tuple[float, float] | None = None
 
     def after(self, step: PassStep, working: fx.GraphModule, previous: fx.GraphModule,
               ctx: PassContext) -> str | None:
         self._outputs = None
+        self.over_budget = None
         if not step.modified or (self.deferred and step.pass_.exact):
             return None
         with phase("verify"):
@@ -264,8 +267,10 @@ class Numerics(BaseCheck):
                     return f"exact pass changed outputs: max rel error {worst.max_rel:.3g} > {limit:g}"
                 record.message = verdict
         else:
-            budget = pass_.budget_or_none or 0.0
+            # the budget the pass was asked for (a retry runs it with a tighter target of its own)
+            budget = record.budget if record.budget is not None else (pass_.budget_or_none or 0.0)
             if worst.max_rel > budget:
+                self.over_budget = (worst.max_rel, budget)
                 return f"error {worst.max_rel:.3g} exceeds the pass's budget {budget:g}"
         self._outputs = outputs
         return None

@@ -14,6 +14,7 @@ cost, timing, the rollback warning, dumps and progress. Passes contain none of i
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Sequence
@@ -48,6 +49,9 @@ from fxopt.report import PassRecord, phase
 from fxopt.verify import RUN_OUTPUTS, run_graph, same_inputs
 
 log = logging.getLogger("fxopt")
+
+# A lossy pass retried after going over its budget aims this far below what would have fit.
+RETRY_MARGIN = 0.9
 
 
 @dataclass
@@ -260,10 +264,36 @@ class PassManager:
                 # a lossy pass measures against ctx.reference (and reuses the values kept)
                 self.verification.ensure_full(gm, keep_values=True)
             try:
-                return self._run_checked(step, gm, ctx, done)
+                kept = self._run_checked(step, gm, ctx, done)
+                return self._retry_within_budget(step, gm, kept, ctx, done)
             finally:
                 ctx.values = None  # the node values kept for this pass: not held past it
         return self._run_checked(step, gm, ctx, done)
+
+    def _retry_within_budget(self, step: PassStep, gm: fx.GraphModule, kept: fx.GraphModule,
+                             ctx: PassContext, done: list[str]) -> fx.GraphModule:
+        """A lossy pass whose choice, made on the batches it fits on, went over its budget on
+        the others (the fresh input, say) runs once more with a target tightened by what was
+        measured, so that it backs off some of its rewrites instead of losing them all; the
+        verification still holds it to the budget it was given."""
+        numerics = next((c for c in self.checks if isinstance(c, Numerics)), None)
+        pass_ = step.pass_
+        over = numerics.over_budget if numerics is not None else None
+        if (step.record.status != "rolled back" or over is None or self.strict
+                or not dataclasses.is_dataclass(pass_) or not hasattr(pass_, "budget")):
+            return kept
+        error, budget = over
+        target = budget * (budget / error) * RETRY_MARGIN
+        first = step.record.message
+        step.pass_ = dataclasses.replace(pass_, budget=target)
+        step.record.status, step.record.message, step.result = "no change", "", None
+        try:
+            kept = self._run_checked(step, gm, ctx, done)
+        finally:
+            step.pass_ = pass_
+        retried = f"the first choice went over ({first}); chosen again within {target:.3g}"
+        step.record.message = retried + (f"; {step.record.message}" if step.record.message else "")
+        return kept
 
     def _run_checked(self, step: PassStep, gm: fx.GraphModule, ctx: PassContext, done: list[str]) -> fx.GraphModule:
         pass_ = step.pass_
