@@ -179,8 +179,9 @@ class Numerics(BaseCheck):
         # Set by the manager while it runs exact passes in a row: they are verified together
         # afterwards (verify_together), each on its own only if that fails.
         self.deferred = False
-        # (error, budget) when the last lossy pass checked went over its budget
-        self.over_budget: tuple[float, float] | None = None
+        # (error, budget, error on the example inputs) when the last lossy pass checked went
+        # over its budget
+        self.over_budget: tuple[float, float, float] | None = None
 
     def after(self, step: PassStep, working: fx.GraphModule, previous: fx.GraphModule,
               ctx: PassContext) -> str | None:
@@ -251,6 +252,8 @@ class Numerics(BaseCheck):
             except Exception as exc:
                 raise Rejected(f"the rewritten graph failed to run: {type(exc).__name__}: {exc}") from exc
             comparison = compare_outputs(expected, actual)
+            if index == 0:
+                example_error = comparison.max_rel  # on the inputs every pass chooses on
             worst = comparison if worst is None else worst.merge(comparison)
             outputs.append(actual)
         if worst is None:  # no batches: nothing to compare
@@ -270,7 +273,7 @@ class Numerics(BaseCheck):
             # the budget the pass was asked for (a retry runs it with a tighter target of its own)
             budget = record.budget if record.budget is not None else (pass_.budget_or_none or 0.0)
             if worst.max_rel > budget:
-                self.over_budget = (worst.max_rel, budget)
+                self.over_budget = (worst.max_rel, budget, example_error)
                 return f"error {worst.max_rel:.3g} exceeds the pass's budget {budget:g}"
         self._outputs = outputs
         return None

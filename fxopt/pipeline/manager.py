@@ -282,8 +282,12 @@ class PassManager:
         if (step.record.status != "rolled back" or over is None or self.strict
                 or not dataclasses.is_dataclass(pass_) or not hasattr(pass_, "budget")):
             return kept
-        error, budget = over
-        target = budget * (budget / error) * RETRY_MARGIN
+        error, budget, example_error = over
+        # The choice was made on batches like the example inputs: aim lower by as much as the
+        # others measured worse than those (or than the budget, if the example was over too).
+        target = budget * min(budget, max(example_error, 0.0)) / error * RETRY_MARGIN
+        if not target > 0.0:
+            return kept
         first = step.record.message
         step.pass_ = dataclasses.replace(pass_, budget=target)
         step.record.status, step.record.message, step.result = "no change", "", None
