@@ -22,7 +22,7 @@ import dataclasses
 import types
 import typing
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -93,6 +93,19 @@ class PassResult:
             self.skipped.append(Skip(name, _UNSPECIFIED, reason))
         else:
             self.skipped.append(Skip(name, reason.code, reason.detail))
+
+    def admit(self, nodes: Iterable[fx.Node], refusal: Callable[[fx.Node], Refusal | None]) -> list[fx.Node]:
+        """Count each of ``nodes`` as a match, record the skip of each that ``refusal`` refuses,
+        and return the others (in order): a pass's candidates."""
+        admitted = []
+        for node in nodes:
+            self.match()
+            reason = refusal(node)
+            if reason is not None:
+                self.skip(node, reason)
+            else:
+                admitted.append(node)
+        return admitted
 
     def reasons(self) -> Counter[str]:
         """How many skips per refusal code (a skip without a code counts under its text)."""

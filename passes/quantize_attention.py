@@ -59,16 +59,7 @@ class QuantizeAttention(Pass):
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
-        candidates: list[fx.Node] = []
-        for node in gm.graph.nodes:
-            if not is_op(node, SDPA):
-                continue
-            result.match()
-            refusal = _refusal(node)
-            if refusal is not None:
-                result.skip(node, refusal)
-            else:
-                candidates.append(node)
+        candidates = result.admit((n for n in gm.graph.nodes if is_op(n, SDPA)), _refusal)
         if not candidates:
             return result
         if not ctx.calibrated:

@@ -129,14 +129,8 @@ class QuantizeInt8(Pass):
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         result = PassResult()
         linears = call_nodes(gm, ops.linear)
-        candidates: list[fx.Node] = []
-        for index, node in enumerate(linears):
-            result.match()
-            refusal = self._refusal(gm, node, index, len(linears))
-            if refusal is not None:
-                result.skip(node, refusal)
-            else:
-                candidates.append(node)
+        position = {node: index for index, node in enumerate(linears)}
+        candidates = result.admit(linears, lambda node: self._refusal(gm, node, position[node], len(linears)))
         if not candidates:
             return result
         scales: dict[str, Any] = {n.name: None for n in candidates}

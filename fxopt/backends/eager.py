@@ -60,10 +60,7 @@ def _both_stages(gm: fx.GraphModule, inputs: list[Any], device: torch.device, re
         return None
     kernels = kernel_stage.graph_module.to(device)
     try:
-        with torch.no_grad(), phase("parity"):
-            if expected is None:
-                expected = run_graph(gm.to(device), inputs)
-            actual = run_graph(kernels, inputs)
+        expected, actual = _parity_runs(gm, kernels, inputs, device, expected)
     except Exception:
         return None
     comparison = compare_outputs(expected, actual)
@@ -102,10 +99,7 @@ def _checked(gm: fx.GraphModule, lowered: Any, inputs: list[Any], device: torch.
     model's own shapes rather than trusted. Returns the kept graph and its outputs."""
     kernels = lowered.graph_module.to(device)
     try:
-        with torch.no_grad(), phase("parity"):
-            if expected is None:
-                expected = run_graph(gm.to(device), inputs)
-            actual = run_graph(kernels, inputs)
+        expected, actual = _parity_runs(gm, kernels, inputs, device, expected)
     except Exception as exc:
         report.notes.append(f"lowered kernels failed on the example inputs ({type(exc).__name__}: {exc}); "
                             "the optimized graph runs without them")
@@ -121,3 +115,13 @@ def _checked(gm: fx.GraphModule, lowered: Any, inputs: list[Any], device: torch.
                             "runs without them")
         return gm.to(device), expected
     return kernels, actual
+
+
+def _parity_runs(gm: fx.GraphModule, kernels: fx.GraphModule, inputs: list[Any], device: torch.device,
+                 expected: list[Any] | None) -> tuple[list[Any], list[Any]]:
+    """The optimized graph's outputs on ``inputs`` (``expected`` when already known) and the
+    lowered kernels' outputs on them."""
+    with torch.no_grad(), phase("parity"):
+        if expected is None:
+            expected = run_graph(gm.to(device), inputs)
+        return expected, run_graph(kernels, inputs)
