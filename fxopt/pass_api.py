@@ -141,6 +141,12 @@ class PassContext:
     def example_inputs(self) -> list[torch.Tensor]:
         return self.batches[0]
 
+    @property
+    def observable_batches(self) -> list[list[torch.Tensor]]:
+        """The batches a pass may calibrate on (statistics, scales): all but the fresh ones,
+        which are there to verify the choice on data it was not fitted to."""
+        return self.batches[: len(self.batches) - self.fresh_batches]
+
     def output_error(self, gm: fx.GraphModule) -> float:
         """Largest relative output error of ``gm`` against the reference, over all batches."""
         from fxopt.verify import compare_outputs, run_graph

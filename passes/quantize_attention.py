@@ -71,7 +71,7 @@ class QuantizeAttention(Pass):
         values = {node.args[i] for node in candidates for i in QUANTIZED_INPUTS}
         # The search trials scales from its fit batches only (clipping on held-out ones shows);
         # the committed scales cover every batch.
-        scales = _scales(gm, values, ctx.batches)
+        scales = _scales(gm, values, ctx.observable_batches)
         fit_scales = _scales(gm, values, fit_batches(ctx))
         sites = [Site(node.name, (True,)) for node in candidates]
 

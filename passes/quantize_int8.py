@@ -141,7 +141,7 @@ class QuantizeInt8(Pass):
                         "activations='static' needs calibration batches (calibration=[...]); "
                         "a scale from the example inputs alone could clip later inputs")))
                 return result
-            scales = self._observe(gm, candidates, ctx.batches)
+            scales = self._observe(gm, candidates, ctx.observable_batches)
         # The search trials static scales observed on its fit batches only, so that clipping
         # on the held-out ones shows; the committed scales cover every batch (wider, so they clip less).
         fit_scales = self._observe(gm, candidates, fit_batches(ctx)) if self.activations == "static" else scales

@@ -91,7 +91,7 @@ class SmoothQuant(Pass):
                 foldable[value] = linears
         if not foldable:
             return result
-        channel_max = collect_activations(gm, foldable, ctx.batches, reduce=_channel_abs_max)
+        channel_max = collect_activations(gm, foldable, ctx.observable_batches, reduce=_channel_abs_max)
         for value, linears in foldable.items():
             x_max = torch.stack(channel_max[value]).amax(0)
             w_max = torch.stack([constant(gm, n.args[1]).detach().double().abs().amax(0) for n in linears]).amax(0)

@@ -3,7 +3,7 @@
 It runs the graph node by node on the calibration batches and reduces what flows through
 the watched nodes to statistics, so no pass runs the graph itself::
 
-    stats = observe(gm, [act], ctx.batches, features=True)[act]
+    stats = observe(gm, [act], ctx.observable_batches, features=True)[act]
     stats.rms, stats.centered_rms          # per unit (last dim): prune-hidden's ranking
     observe(gm, xs, batches, percentile=99.9)[x].percentile   # static int8 scales
 

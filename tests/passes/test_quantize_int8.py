@@ -345,3 +345,20 @@ def test_refusal_names_a_combination_when_its_other_layers_were_not_measured_wit
     assert together.detail.startswith("quantized together with 7 other layer(s)")
     assert together.detail.endswith("it gives output error 0.09 > budget 0.05")
     assert {alone.code, raises.code, together.code} == {"over-budget"}
+
+
+def test_static_scales_are_observed_on_every_batch_but_the_fresh_one() -> None:
+    from fxopt.api import optimize_captured
+    from fxopt.quant import static_scale
+    from fxopt.registry import resolve_passes
+    from fxopt.report import Report
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32)).eval()
+    x, calibration, fresh = torch.randn(8, 32), torch.randn(8, 32) * 2, torch.randn(9, 32) * 100
+    gm = fxopt.capture(model, (x,))
+    pipeline = resolve_passes(["quantize-int8(activations='static', budget=1.0, force=True)"])
+    opt = optimize_captured(gm, [[x], [calibration], [fresh]], pipeline, report=Report(), fresh_batches=1)
+    (detail,) = opt.report["quantize-int8"].details
+    # the fresh input is there to verify on: its 100x larger values set no scale
+    assert detail["input_scale"] == pytest.approx(static_scale(float(torch.cat([x, calibration]).abs().max())))

@@ -138,16 +138,33 @@ def test_explicit_divides_where_the_producer_cannot_take_it() -> None:
     assert float(constant(run.after, norm.args[2]).abs().max()) == 100.0  # the norm is left as it was
 
 
-def test_explicit_lets_static_int8_keep_its_accuracy_on_a_post_norm_block() -> None:
-    torch.manual_seed(0)
-    model, x = _PostNormBlock().eval(), torch.randn(4, 16, 64)
+class _NormFeedsResidual(nn.Module):
+    """A LayerNorm with outlier channels whose output is both read by a Linear and kept
+    as it is (a residual): 1/s cannot be folded into the norm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm, self.up = nn.LayerNorm(64), nn.Linear(64, 128)
+        with torch.no_grad():
+            self.norm.weight[:4] = 40.0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.norm(x)
+        return self.up(h), h
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_explicit_lets_static_int8_keep_its_accuracy_where_the_norm_is_shared(seed: int) -> None:
+    torch.manual_seed(seed)
+    model, x = _NormFeedsResidual().eval(), torch.randn(4, 16, 64)
     calibration = _batches()
     static = QuantizeInt8(activations="static", budget=1.0)
     plain = fxopt.compile(model, (x,), passes=[static], calibration=calibration)
     smoothed = fxopt.compile(model, (x,), passes=[SmoothQuant(explicit=True), static], calibration=calibration)
+    assert smoothed.report["smooth-quant"].applied == 1
     test = torch.randn(4, 16, 64)
     with torch.no_grad():
         reference = model(test)[0]
         plain_error = float((plain(test)[0] - reference).abs().max() / reference.abs().max())
         smooth_error = float((smoothed(test)[0] - reference).abs().max() / reference.abs().max())
-    assert smooth_error < plain_error / 1.5, (smooth_error, plain_error)
+    assert smooth_error < plain_error / 2, (smooth_error, plain_error)
