@@ -566,6 +566,7 @@ def pipeline_note(report: Any, lossy: str | Sequence[str] | None = ()) -> str:
 
 PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
 STATIC = "quantize-int8(activations='static', symmetric=False)"
+STATIC_PERCENTILE = "quantize-int8(activations='static', observer='percentile')"
 
 SYSTEMS_LIST: tuple[System, ...] = (
     System("eager", "PyTorch eager, fp32 (the baseline)", _eager, label="eager fp32"),
@@ -625,9 +626,10 @@ SYSTEMS_LIST: tuple[System, ...] = (
     # with no run-time quantization step, and a quantized query and key its int8 fused
     # attention; calibrated on the bench inputs, as the NNCF and PT2E rows are.
     System("fxopt-int8-openvino", "fxopt lossless pipeline + smooth-quant (explicit) + quantize-int8 "
-           "(static per-tensor uint8 activations, calibrated on the inputs) + quantize-attention, OpenVINO backend",
-           _fxopt(lambda: [*_default_pipeline(), "smooth-quant(explicit=True)", STATIC, "quantize-attention"],
-                  "openvino", calibrate=True), ("openvino",), cpu_only=True,
+           "(static per-tensor activations, percentile observer, calibrated on the inputs) + quantize-attention, "
+           "OpenVINO backend",
+           _fxopt(lambda: [*_default_pipeline(), "smooth-quant(explicit=True)", STATIC_PERCENTILE,
+                           "quantize-attention"], "openvino", calibrate=True), ("openvino",), cpu_only=True,
            label="fxopt int8 OpenVINO (static)"),
     # OpenVINO quantizes the activations of a dynamic int8 Linear itself, in groups, on its
     # int8 kernels; the graph's int8 weights are used as they are.

@@ -5,7 +5,13 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-from fxopt.passes.presets import INT8, INT8_ATTENTION, INT8_STATIC, SMOOTH_QUANT
+from fxopt.passes.presets import (
+    INT8,
+    INT8_ATTENTION,
+    INT8_STATIC,
+    INT8_STATIC_OPENVINO,
+    SMOOTH_QUANT,
+)
 from torch import nn
 
 import fxopt
@@ -21,11 +27,11 @@ def _note(opt: fxopt.OptimizedModule) -> str:
 
 
 def test_static_candidates_are_declared_for_cpu() -> None:
-    static = [c for c in INT8.candidates if INT8_STATIC in c.passes]
+    static = [c for c in INT8.candidates if INT8_STATIC in c.passes or INT8_STATIC_OPENVINO in c.passes]
     eager = [c for c in static if c.backend == "eager"]
     assert [c.passes[1:] for c in eager] == [(INT8_STATIC,), (SMOOTH_QUANT, INT8_STATIC)]
     openvino = [c for c in static if c.backend == "openvino"]
-    assert [c.passes[1:] for c in openvino] == [(SMOOTH_QUANT, INT8_STATIC, INT8_ATTENTION)]
+    assert [c.passes[1:] for c in openvino] == [(SMOOTH_QUANT, INT8_STATIC_OPENVINO, INT8_ATTENTION)]
     assert all(c.devices == ("cpu",) for c in static)
 
 
