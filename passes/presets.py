@@ -20,10 +20,11 @@ INT8_STATIC = "quantize-int8(activations='static', symmetric=False)"
 # SmoothQuant where 1/s cannot be folded into the producer (BERT's LayerNorms also feed a
 # residual) divides in a multiply of its own, which OpenVINO fuses into the quantization.
 SMOOTH_QUANT = "smooth-quant(explicit=True)"
-# OpenVINO runs QuantizeLinear/DequantizeLinear pairs as int8 kernels; the percentile
-# observer's scales hold on inputs they were not calibrated on where min-max scales clip
-# (BERT: 16 of 17 Linears within budget on the fresh input against 15 of 17). Its fused
-# attention kernel computes Q @ K^T in int8 when the query and key are quantized.
+# OpenVINO runs QuantizeLinear/DequantizeLinear pairs as int8 kernels, with either
+# observer: the percentile one's scales held on BERT's fresh input for 16 of 17 Linears
+# (min-max uint8: 15), min-max uint8 on Llama's for 15 of 16 (percentile: 2), so both are
+# candidates (the min-max one continues from the eager smooth-quant candidate's graph). Its
+# fused attention kernel computes Q @ K^T in int8 when the query and key are quantized.
 INT8_STATIC_OPENVINO = "quantize-int8(activations='static', observer='percentile')"
 INT8_ATTENTION = "quantize-attention"
 
@@ -65,6 +66,8 @@ INT8 = Preset(
         Candidate((EXACT, INT8_PER_TENSOR), "eager"),
         Candidate((EXACT, INT8_PER_TENSOR), "onnx", devices=("cpu",)),
         Candidate((EXACT, SMOOTH_QUANT, INT8_STATIC_OPENVINO, INT8_ATTENTION), "openvino", devices=("cpu",),
+                  note="needs calibration batches"),
+        Candidate((EXACT, SMOOTH_QUANT, INT8_STATIC, INT8_ATTENTION), "openvino", devices=("cpu",),
                   note="needs calibration batches"),
         Candidate((EXACT, INT8_PER_TENSOR), "openvino", devices=("cpu",)),
         Candidate((EXACT, "quantize-int8"), "eager"),

@@ -31,7 +31,8 @@ def test_static_candidates_are_declared_for_cpu() -> None:
     eager = [c for c in static if c.backend == "eager"]
     assert [c.passes[1:] for c in eager] == [(INT8_STATIC,), (SMOOTH_QUANT, INT8_STATIC)]
     openvino = [c for c in static if c.backend == "openvino"]
-    assert [c.passes[1:] for c in openvino] == [(SMOOTH_QUANT, INT8_STATIC_OPENVINO, INT8_ATTENTION)]
+    assert [c.passes[1:] for c in openvino] == [(SMOOTH_QUANT, INT8_STATIC_OPENVINO, INT8_ATTENTION),
+                                                (SMOOTH_QUANT, INT8_STATIC, INT8_ATTENTION)]
     assert all(c.devices == ("cpu",) for c in static)
 
 
