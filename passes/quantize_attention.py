@@ -20,7 +20,7 @@ that cost least error first (``over-budget`` with the measured error for the res
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,7 +29,13 @@ import torch.fx as fx
 
 from fxopt.ir import is_op
 from fxopt.ir.qdq import qops
-from fxopt.lossy import BudgetedSearch, Site, check_search_options, collect_activations, fit_batches
+from fxopt.lossy import (
+    BudgetedSearch,
+    Site,
+    check_search_options,
+    collect_activations,
+    split_batches,
+)
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.quant import FLOAT_DTYPES, QMAX, QMIN, static_scale
 from fxopt.rewrite import Refusal
@@ -71,8 +77,11 @@ class QuantizeAttention(Pass):
         values = {node.args[i] for node in candidates for i in QUANTIZED_INPUTS}
         # The search trials scales from its fit batches only (clipping on held-out ones shows);
         # the committed scales cover every batch.
-        scales = _scales(gm, values, ctx.observable_batches)
-        fit_scales = _scales(gm, values, fit_batches(ctx))
+        maxima = collect_activations(gm, values, ctx.observable_batches,
+                                     reduce=lambda v: float(v.detach().abs().max()))
+        fit = split_batches(len(ctx.batches), True, ctx.fresh_batches)[0]
+        scales = _scales(maxima, range(len(ctx.observable_batches)))
+        fit_scales = _scales(maxima, fit)
         sites = [Site(node.name, (True,)) for node in candidates]
 
         def apply(trial: fx.GraphModule, choices: Mapping[str, object]) -> fx.GraphModule:
@@ -102,10 +111,11 @@ def _refusal(node: fx.Node) -> Refusal | None:
     return None
 
 
-def _scales(gm: fx.GraphModule, values: set[fx.Node], batches: list[list[torch.Tensor]]) -> dict[str, float]:
-    """Per-tensor symmetric int8 scale of each value: its largest magnitude over ``batches``."""
-    seen = collect_activations(gm, values, batches, reduce=lambda v: float(v.detach().abs().max()))
-    return {node.name: static_scale(max(maxima)) for node, maxima in seen.items()}
+def _scales(maxima: dict[fx.Node, list[float]], batches: Iterable[int]) -> dict[str, float]:
+    """Per-tensor symmetric int8 scale of each value: its largest magnitude over the batches
+    at the given positions (``maxima``: each value's largest magnitude per batch)."""
+    chosen = list(batches)
+    return {node.name: static_scale(max(seen[i] for i in chosen)) for node, seen in maxima.items()}
 
 
 def _quantize(gm: fx.GraphModule, names: list[str], scales: dict[str, float]) -> None:

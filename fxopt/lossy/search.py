@@ -215,6 +215,7 @@ class BudgetedSearch:
         # Trials share most of their nodes with the starting graph and with each other: the
         # runner computes only what a trial changed (same values, see ReusingRunner).
         self._runner = self.ctx.values if isinstance(self.ctx.values, ReusingRunner) else ReusingRunner()
+        self._starting_pinned: set[int] = set()  # batches whose pinned values are self.gm's
 
     @property
     def split(self) -> str:
@@ -290,9 +291,12 @@ class BudgetedSearch:
         return worst
 
     def _pin(self, index: int) -> dict[str, Any]:
-        """The starting graph's values on batch ``index``, run once and kept for the trials to reuse."""
-        if not self._runner.pinned_for(self.gm, index):
-            self._runner.run(self.gm, self.ctx.batches[index], index, pin=True)
+        """The starting graph's values on batch ``index``, run once and kept for the trials to
+        reuse (or those the runner was handed pinned, once confirmed to be this graph's)."""
+        if index not in self._starting_pinned:
+            if not self._runner.pinned_for(self.gm, index):
+                self._runner.run(self.gm, self.ctx.batches[index], index, pin=True)
+            self._starting_pinned.add(index)
         return self._runner.pinned_values(index)
 
     def starting_values(self, names: Iterable[str]) -> dict[str, list[Any]]:

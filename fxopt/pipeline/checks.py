@@ -206,16 +206,10 @@ class Numerics(BaseCheck):
         with phase("verify"):
             batches = verification.batches_for(True)
             reference = verification.reference_for(start, True)
-            outputs: list[list[Any]] = []
-            worst = None
-            for inputs, expected in zip(batches, reference):
-                try:
-                    actual = verification.run(final, [inputs])[0]
-                except Exception:
-                    return False
-                comparison = compare_outputs(expected, actual)
-                worst = comparison if worst is None else worst.merge(comparison)
-                outputs.append(actual)
+            try:
+                worst, _, outputs = _run_and_compare(verification, final, batches, reference)
+            except Exception:
+                return False
         if worst is not None and (worst.mismatch or not worst.within(exact_tolerance(worst.worst_dtype))):
             return False
         applied = [record for record in records if record.status == "applied"]
@@ -237,25 +231,13 @@ class Numerics(BaseCheck):
         self._exact = pass_.exact
         batches = verification.batches_for(pass_.exact)
         reference = verification.reference_for(previous, pass_.exact)
-        outputs: list[list[Any]] = []
-        worst = None
         # The previous graph's values on the example inputs (kept by the reference run before
         # a lossy pass): nodes the pass left as they were are not computed again.
         values = ctx.values if not pass_.exact else None
-        for index, (inputs, expected) in enumerate(zip(batches, reference)):
-            try:
-                if index == 0 and values is not None:
-                    verification.forwards += 1
-                    actual = values.run(working, list(inputs), 0)
-                else:
-                    actual = verification.run(working, [inputs])[0]
-            except Exception as exc:
-                raise Rejected(f"the rewritten graph failed to run: {type(exc).__name__}: {exc}") from exc
-            comparison = compare_outputs(expected, actual)
-            if index == 0:
-                example_error = comparison.max_rel  # on the inputs every pass chooses on
-            worst = comparison if worst is None else worst.merge(comparison)
-            outputs.append(actual)
+        try:
+            worst, example_error, outputs = _run_and_compare(verification, working, batches, reference, values)
+        except Exception as exc:
+            raise Rejected(f"the rewritten graph failed to run: {type(exc).__name__}: {exc}") from exc
         if worst is None:  # no batches: nothing to compare
             return None
         record = step.record
@@ -282,6 +264,29 @@ class Numerics(BaseCheck):
         if self._outputs is not None and self.verification is not None:
             self.verification.commit(self._exact, self._outputs)
         self._outputs = None
+
+
+def _run_and_compare(verification: Verification, gm: fx.GraphModule, batches: list[list[Any]],
+                     reference: list[list[Any]], values: Any = None) -> tuple[Any, float, list[list[Any]]]:
+    """Run ``gm`` on each batch (the first through ``values``, a ReusingRunner, when given)
+    and compare with ``reference``: the worst comparison (None without batches), the relative
+    error on the first batch (the example inputs, which every pass chooses on) and the outputs.
+    An exception from running the graph propagates."""
+    outputs: list[list[Any]] = []
+    worst = None
+    example_error = 0.0
+    for index, (inputs, expected) in enumerate(zip(batches, reference)):
+        if index == 0 and values is not None:
+            verification.forwards += 1
+            actual = values.run(gm, list(inputs), 0)
+        else:
+            actual = verification.run(gm, [inputs])[0]
+        comparison = compare_outputs(expected, actual)
+        if index == 0:
+            example_error = comparison.max_rel
+        worst = comparison if worst is None else worst.merge(comparison)
+        outputs.append(actual)
+    return worst, example_error, outputs
 
 
 ROUNDING_FACTOR = 4.0
