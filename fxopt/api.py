@@ -169,7 +169,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         instruments: pass instruments (progress printing, graph dumps).
         max_rounds: run the pipeline again while passes keep changing the graph.
         fresh_inputs: also verify every pass on one fresh input drawn like the examples
-            (other values; batch size + 1 where the batch is dynamic).
+            (other values; another batch size where the batch is dynamic, see ``fresh_rows``).
         metric, data, max_drop: a task-metric budget every lossy pass keeps besides its
             output-error budget: ``metric`` (``"accuracy"``, ``"top1-agreement"`` or
             ``metric(outputs, labels) -> float``, higher is better) may fall by at most
@@ -453,7 +453,7 @@ def _finish(gm: fx.GraphModule, verification: Verification | None, report: Repor
 
     target = torch.device(device) if device is not None else _device_of(batches[0])
     report.device = str(target)
-    known = verification.example_outputs() if verification is not None else None
+    known = verification.smallest_known_outputs() if verification is not None else None
     if known is not None:
         # The backend's parity check compares its lowered graph with these outputs instead
         # of running the optimized graph again (fxopt.verify.known_outputs).
@@ -560,12 +560,13 @@ def _finite(outputs: list[Any]) -> bool:
 
 
 def fresh_inputs_like(gm: fx.GraphModule, example: list[torch.Tensor]) -> tuple[list[torch.Tensor], str]:
-    """Inputs like ``example`` with other values, and one more row where the batch is dynamic.
+    """Inputs like ``example`` with other values, and another batch size where it is dynamic.
 
     Float rows are random convex mixtures of the example's rows (a random rescaling when
     there is one row); integers are drawn among the example's values; booleans and 0/1
-    masks repeat the example's pattern. Every size symbol that dim 0 of some input uses grows by one; other dynamic
-    sizes keep the example's value. Returns the inputs and a description for the report.
+    masks repeat the example's pattern. Every size symbol that dim 0 of some input uses
+    takes :func:`fresh_rows` of its example value; other dynamic sizes keep the example's
+    value. Returns the inputs and a description for the report.
     """
     values = [n.meta.get("val") for n in gm.graph.nodes if n.op == "placeholder"]
     known: dict[Any, int] = {}  # size symbol -> its value in the examples
@@ -581,6 +582,8 @@ def fresh_inputs_like(gm: fx.GraphModule, example: list[torch.Tensor]) -> tuple[
                 known[expr] = int(tensor.shape[dim])
             if dim == 0:
                 grow.update(expr.free_symbols)
+    per_row = _linear_vectors_per_row(gm, known, grow)
+    fresh_values = {s: fresh_rows(v, per_row) if s in grow else v for s, v in known.items()}
     shapes = []
     for value, tensor in zip(values, example):
         shape = list(tensor.shape)
@@ -588,12 +591,64 @@ def fresh_inputs_like(gm: fx.GraphModule, example: list[torch.Tensor]) -> tuple[
             for dim, size in enumerate(value.shape):
                 expr = None if isinstance(size, int) else size.node.expr
                 if expr is not None and expr.free_symbols <= set(known):
-                    shape[dim] = int(expr.subs({s: known[s] + (s in grow) for s in expr.free_symbols}))
+                    shape[dim] = int(expr.subs({s: fresh_values[s] for s in expr.free_symbols}))
         shapes.append(shape)
     generator = torch.Generator().manual_seed(len(example))
     fresh = [_draw_like(tensor, shape, generator) for tensor, shape in zip(example, shapes)]
     sizes = {tuple(t.shape) for t in example} != {tuple(s) for s in map(tuple, shapes)}
-    return fresh, "other values, batch size + 1" if sizes else "other values, same shapes"
+    if not sizes:
+        return fresh, "other values, same shapes"
+    rows = {int(t.shape[0]) for t, shape in zip(example, shapes) if t.dim() and t.shape[0] != shape[0]}
+    fresh_sizes = {shape[0] for t, shape in zip(example, shapes) if t.dim() and t.shape[0] != shape[0]}
+    return fresh, f"other values, batch {'/'.join(map(str, sorted(fresh_sizes)))} instead of {'/'.join(map(str, sorted(rows)))}"
+
+
+# A fresh input gives the median Linear at least this many input vectors (rows of the matrix
+# it multiplies), so a lossy pass's error on it is a max over that many samples; see fresh_rows.
+FRESH_VECTORS = 256
+
+
+def fresh_rows(example_rows: int, vectors_per_row: int | None) -> int:
+    """The fresh input's batch size where the batch is dynamic: one row more than the example,
+    or fewer rows when each row gives the Linears many vectors (a sequence of tokens): as few
+    as give the median Linear ``FRESH_VECTORS`` input vectors, at least ``DEFAULT_VERIFY_ROWS + 1``
+    (the fresh input is then its own row slice, verified once for exact and lossy passes alike).
+    Never the example's own size, so the fresh input exercises another batch size; a fresh
+    run costs a fraction of an example run on sequence models (BERT-4L, 8 x 128: 3 rows)."""
+    more = example_rows + 1
+    if not vectors_per_row:
+        return more
+    rows = max(DEFAULT_VERIFY_ROWS + 1, -(-FRESH_VECTORS // vectors_per_row))
+    if rows >= more:
+        return more
+    return rows if rows != example_rows else more
+
+
+def _linear_vectors_per_row(gm: fx.GraphModule, known: dict[Any, int], batch: set[Any]) -> int | None:
+    """How many input vectors one row of the dynamic batch gives the median Linear (its
+    input's size over every dim but the last, per batch row); None without Linears."""
+    from fxopt.ir.ops import call_nodes, ops
+
+    counts = []
+    for node in call_nodes(gm, ops.linear):
+        value = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None
+        if not isinstance(value, torch.Tensor) or value.dim() < 1:
+            continue
+        vectors = 1
+        for size in value.shape[:-1]:
+            if not isinstance(size, int):
+                expr = size.node.expr
+                if not expr.free_symbols <= set(known):
+                    break
+                size = expr.subs({s: 1 if s in batch else known[s] for s in expr.free_symbols})
+                if not size.is_Integer:
+                    break
+            vectors *= int(size)
+        else:
+            counts.append(vectors)
+    if not counts:
+        return None
+    return sorted(counts)[len(counts) // 2]
 
 
 def _draw_like(example: torch.Tensor, shape: list[int], generator: torch.Generator) -> torch.Tensor:

@@ -57,8 +57,9 @@ KNOWN_OUTPUTS = "fxopt_known_outputs"
 
 
 def known_outputs(gm: fx.GraphModule) -> tuple[list[Any], list[Any]] | None:
-    """The inputs and outputs of ``gm`` its verification already computed, if any: the
-    example inputs, or their row slice when exact passes were verified on one."""
+    """The inputs and outputs of ``gm`` its verification already computed, if any: its
+    smallest verified batch (the fresh input, or a row slice when exact passes were verified
+    on slices)."""
     known = getattr(gm, "meta", {}).get(KNOWN_OUTPUTS)
     return known if known is not None else None
 

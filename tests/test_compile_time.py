@@ -340,3 +340,49 @@ def test_a_lossy_pass_reuses_the_reference_runs_values(monkeypatch: pytest.Monke
     # the float graph ran once on the example, for the reference, and was kept: neither the
     # search nor the verification ran it again
     assert pins.count(True) == 1
+
+
+class _TokenMLP(nn.Module):
+    """A feed-forward block over sequences: each batch row gives its Linears 128 token vectors."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.up, self.down = nn.Linear(32, 128), nn.Linear(128, 32)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+def test_fresh_rows_give_the_linears_enough_vectors_and_another_batch_size() -> None:
+    from fxopt.api import FRESH_VECTORS, fresh_rows
+
+    assert fresh_rows(8, 128) == 3  # BERT-like rows: 3 x 128 token vectors are plenty
+    assert fresh_rows(8, 64) == -(-FRESH_VECTORS // 64)  # as many rows as give FRESH_VECTORS
+    assert fresh_rows(16, 1) == 17  # one vector a row: the example's rows + 1
+    assert fresh_rows(8, None) == 9  # no Linear to count for
+    assert fresh_rows(2, 128) == 3 and fresh_rows(1, 128) == 2  # never more than one row over the example
+    assert fresh_rows(3, 128) == 4  # never the example's own size
+    for rows in range(1, 40):
+        for per_row in (None, 1, 7, 64, 128, 4096):
+            assert fresh_rows(rows, per_row) != rows
+
+
+def test_a_sequence_models_fresh_input_is_its_own_slice_and_runs_once_per_graph(graph_runs: list[int]) -> None:
+    model, x = _TokenMLP(), torch.randn(8, 128, 32)
+    opt = fxopt.compile(model, (x,), passes=[*default_pipeline(), "quantize-int8(activations='dynamic-tensor')"])
+    assert opt.report["quantize-int8"].status == "applied"
+    fresh_rows = 3  # 384 token vectors; no more rows than the slice exact passes are verified on
+    assert any(f"batch {fresh_rows} instead of 8" in note for note in opt.report.notes)
+    # The fresh input (3 rows) is its own row slice: the captured graph runs on it once (the
+    # fresh check), the int8 graph once (its verification; the float reference on it is the
+    # one the fresh check computed), and the kernels' parity check runs there too, the
+    # smallest verified batch. The example's full rows ran once more, for the int8 graph's
+    # verification on it (its float reference runs through the search's runner).
+    assert graph_runs.count(fresh_rows) <= 3
+    assert set(graph_runs) <= {2, fresh_rows, 8}
+    with torch.no_grad():
+        for rows in (8, 5):
+            batch = torch.randn(rows, 128, 32)
+            torch.testing.assert_close(opt(batch), model(batch), rtol=0.05, atol=0.05)

@@ -28,8 +28,8 @@ def lower_eager(
     known = known_outputs(gm)
     expected = None
     if known is not None and all(not isinstance(t, torch.Tensor) or t.device == device for t in known[0]):
-        # The pass manager verified the optimized graph on these inputs (the example inputs,
-        # or their rows exact passes were verified on): parity is checked on the same ones.
+        # The pass manager verified the optimized graph on these inputs (its smallest verified
+        # batch, see Verification.smallest_known_outputs): parity is checked on the same ones.
         example_inputs, expected = known
     inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in example_inputs]
     both = _both_stages(gm, inputs, device, report, expected)

@@ -70,8 +70,8 @@ def lower_openvino(
     runner.files = files
     known = known_outputs(gm)
     if known is not None:
-        # The pass manager verified the optimized graph on these inputs (the example inputs,
-        # or their rows exact passes were verified on): parity is checked on the same ones.
+        # The pass manager verified the optimized graph on these inputs (its smallest verified
+        # batch, see Verification.smallest_known_outputs): parity is checked on the same ones.
         check_inputs, expected = [t.detach().cpu() if isinstance(t, torch.Tensor) else t for t in known[0]], known[1]
     else:
         check_inputs, expected = inputs, run_graph(gm, inputs)

@@ -123,22 +123,36 @@ class Verification:
         twin.ctx = dataclasses.replace(self.ctx)
         return twin
 
-    def run(self, gm: fx.GraphModule, batches: Sequence[Sequence[Any]]) -> list[list[Any]]:
-        self.forwards += len(batches)
-        return [run_graph(gm, list(batch)) for batch in batches]
+    def run(self, gm: fx.GraphModule, batches: Sequence[Sequence[Any]],
+            known: Sequence[list[Any] | None] = ()) -> list[list[Any]]:
+        """``gm``'s outputs on each batch, taken from ``known`` where it holds them."""
+        known = list(known) + [None] * (len(batches) - len(known))
+        self.forwards += sum(outputs is None for outputs in known)
+        return [run_graph(gm, list(batch)) if outputs is None else outputs for batch, outputs in zip(batches, known)]
 
-    def _run_keeping_values(self, gm: fx.GraphModule, batches: Sequence[Sequence[Any]]) -> list[list[Any]]:
+    def _run_keeping_values(self, gm: fx.GraphModule, batches: Sequence[Sequence[Any]],
+                            known: Sequence[list[Any] | None]) -> list[list[Any]]:
         """:meth:`run`, keeping every node's value on the example inputs in ``ctx.values``
         for the lossy pass about to read this reference (its trials and its verification
         reuse them; the manager drops them after the pass)."""
         if not batches:
             return []
         runner = ReusingRunner()
-        self.forwards += len(batches)
-        outputs = [runner.run(gm, list(batches[0]), 0, pin=True)]
-        outputs += [run_graph(gm, list(batch)) for batch in batches[1:]]
+        self.forwards += 1
+        outputs = [runner.run(gm, list(batches[0]), 0, pin=True), *self.run(gm, batches[1:], known[1:])]
         self.ctx.values = runner
         return outputs
+
+    def _shared_outputs(self, source: Sequence[Sequence[Any]] | None, outputs: list[list[Any]] | None,
+                        target: Sequence[Sequence[Any]] | None) -> list[list[Any] | None]:
+        """For each batch of ``target``, the current graph's outputs on it when ``source`` holds
+        the very same batch (a batch no longer than its slice is its own slice: the fresh input)
+        with ``outputs`` known for it; else None."""
+        if target is None:
+            return []
+        if source is None or outputs is None:
+            return [None] * len(target)
+        return [result if _same_batch(a, b) else None for a, b, result in zip(source, target, outputs)]
 
     def sliced_for(self, exact: bool) -> bool:
         """Whether a pass of this kind is verified on the row slices."""
@@ -151,7 +165,9 @@ class Verification:
         """The outputs of ``gm`` (the current graph) that a pass of this kind is compared with."""
         if self.sliced_for(exact):
             if self.slice_reference is None:
-                self.slice_reference = self.run(gm, self.slices or [])
+                known = self._shared_outputs(self.ctx.batches, self.ctx.reference if self.full_current else None,
+                                             self.slices)
+                self.slice_reference = self.run(gm, self.slices or [], known)
             return self.slice_reference
         self.ensure_full(gm)
         return self.ctx.reference
@@ -166,8 +182,9 @@ class Verification:
         if known is not None and known[0] is gm:
             self.ctx.reference = known[1]
         else:
-            self.ctx.reference = (self._run_keeping_values(gm, self.ctx.batches) if keep_values
-                                  else self.run(gm, self.ctx.batches))
+            shared = self._shared_outputs(self.slices, self.slice_reference, self.ctx.batches)
+            self.ctx.reference = (self._run_keeping_values(gm, self.ctx.batches, shared) if keep_values
+                                  else self.run(gm, self.ctx.batches, shared))
             self._full_outputs[id(gm)] = (gm, self.ctx.reference)
         self.full_current = True
         if not self.ctx.original and gm is self.captured:
@@ -225,11 +242,20 @@ class Verification:
         self.ctx.original = self._captured_outputs["full"]
         return self.ctx.original, (0.0, 0.0)
 
-    def example_outputs(self) -> tuple[list[Any], list[Any]] | None:
-        """The example inputs (full or sliced) and the current graph's outputs on them, when
-        known without running anything."""
+    def smallest_known_outputs(self) -> tuple[list[Any], list[Any]] | None:
+        """The smallest batch (fewest input elements) the current graph's outputs are known on
+        without running anything, and those outputs: what a backend's parity check runs on.
+        A lowering claims the graph's function on every input it accepts, so any verified
+        batch shows a kernel that disagrees; the smallest costs least."""
+        known: list[tuple[list[Any], list[Any]]] = []
         if self.full_current and self.ctx.reference:
-            return self.ctx.batches[0], self.ctx.reference[0]
+            known += zip(self.ctx.batches, self.ctx.reference)
         if self.slices is not None and self.slice_reference is not None:
-            return self.slices[0], self.slice_reference[0]
-        return None
+            known += zip(self.slices, self.slice_reference)
+        if not known:
+            return None
+        return min(known, key=lambda pair: sum(t.numel() for t in pair[0] if isinstance(t, torch.Tensor)))
+
+
+def _same_batch(a: Sequence[Any], b: Sequence[Any]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))
