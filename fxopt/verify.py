@@ -222,6 +222,38 @@ class ReusingRunner:
     def pinned(self, key: Any) -> bool:
         return key in self._pinned
 
+    def pinned_bytes(self) -> int:
+        """Bytes of the computed values the pinned records hold (constants not counted: the
+        graph holds those anyway)."""
+        storages: dict[int, int] = {}
+        for stamps, values in self._pinned.values():
+            for name, value in values.items():
+                if isinstance(value, torch.Tensor) and stamps.get(name, ("",))[0] != "get_attr":
+                    storage = value.untyped_storage()
+                    storages[storage.data_ptr()] = storage.nbytes()
+        return sum(storages.values())
+
+    def has(self, key: Any) -> bool:
+        """Whether any graph's values on batch ``key`` are kept (a run on it may reuse them)."""
+        return key in self._pinned or bool(self._last.get(key))
+
+    def carried_over(self, gm: fx.GraphModule) -> ReusingRunner | None:
+        """A new runner with ``gm``'s values pinned on each batch this one holds a run of that
+        very graph on (the verification's runs of the graph a lossy pass committed, or the
+        pinned runs of the graph it started from, if it was rolled back); None when there is
+        none. Only those records are carried: the next lossy pass starts from ``gm``."""
+        stamps = {node.name: _node_stamp(gm, node) for node in gm.graph.nodes}
+        carried = ReusingRunner(self.keep)
+        for key in {*self._pinned, *self._last}:
+            for record in (self._pinned.get(key), *self._last.get(key, [])):
+                if record is None:
+                    continue
+                clean = _shared_nodes(gm, stamps, record[0])
+                if all(node.name in clean for node in gm.graph.nodes if node.op != "output"):
+                    carried._pinned[key] = record
+                    break
+        return carried if carried._pinned else None
+
     def pinned_for(self, gm: fx.GraphModule, key: Any) -> bool:
         """Whether the graph pinned for batch ``key`` is ``gm`` (every node the same), so its
         values are ``gm``'s."""

@@ -34,6 +34,7 @@ from fxopt.lossy import (
     Site,
     check_search_options,
     collect_activations,
+    known_values,
     split_batches,
 )
 from fxopt.pass_api import Pass, PassContext, PassResult
@@ -78,7 +79,7 @@ class QuantizeAttention(Pass):
         # The search trials scales from its fit batches only (clipping on held-out ones shows);
         # the committed scales cover every batch.
         maxima = collect_activations(gm, values, ctx.observable_batches,
-                                     reduce=lambda v: float(v.detach().abs().max()))
+                                     reduce=lambda v: float(v.detach().abs().max()), known=known_values(ctx, gm))
         fit = split_batches(len(ctx.batches), True, ctx.fresh_batches)[0]
         scales = _scales(maxima, range(len(ctx.observable_batches)))
         fit_scales = _scales(maxima, fit)

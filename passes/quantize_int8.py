@@ -49,6 +49,7 @@ from fxopt.ir import (
 )
 from fxopt.ir.qdq import qops
 from fxopt.lossy import (
+    ActivationStats,
     BudgetedSearch,
     Outcome,
     Pick,
@@ -56,7 +57,9 @@ from fxopt.lossy import (
     check_search_options,
     collect_activations,
     fit_batches,
-    inputs_of,
+    known_values,
+    merge_stats,
+    observe_each,
 )
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.quant import (
@@ -141,10 +144,12 @@ class QuantizeInt8(Pass):
                         "activations='static' needs calibration batches (calibration=[...]); "
                         "a scale from the example inputs alone could clip later inputs")))
                 return result
-            scales = self._observe(gm, candidates, ctx.observable_batches)
-        # The search trials static scales observed on its fit batches only, so that clipping
-        # on the held-out ones shows; the committed scales cover every batch (wider, so they clip less).
-        fit_scales = self._observe(gm, candidates, fit_batches(ctx)) if self.activations == "static" else scales
+            # The search trials static scales observed on its fit batches only, so that clipping
+            # on the held-out ones shows; the committed scales cover every batch (wider, so they
+            # clip less). Each batch is observed once for both.
+            scales, fit_scales = self._observe(gm, candidates, ctx)
+        else:
+            fit_scales = scales
         weights = {n.name: quantize_weight(constant(gm, n.args[1])) for n in candidates}
         outcome = self._search(gm, ctx, candidates, weights, fit_scales)
         for node in candidates:
@@ -249,20 +254,36 @@ class QuantizeInt8(Pass):
                 or large_enough(weight.numel(), self.min_params, f"{weight.numel()} weights < min_params={self.min_params}")
                 or small_features)
 
-    def _observe(self, gm: fx.GraphModule, nodes: list[fx.Node], batches: list[list[torch.Tensor]]) -> dict[str, Any]:
-        """Per-tensor activation scales: max |x| (minmax) or its largest per-batch percentile,
-        over every batch, per Linear (siblings reading one input share its statistics);
-        ``(scale, zero_point)`` from min and max when not symmetric."""
+    def _observe(self, gm: fx.GraphModule, nodes: list[fx.Node], ctx: PassContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Per-tensor activation scales over every observable batch, and over the fit batches
+        only: max |x| (minmax) or its largest per-batch percentile, per Linear (siblings
+        reading one input share its statistics); ``(scale, zero_point)`` from min and max when
+        not symmetric. One observation of each batch serves both (the example's values come
+        from the manager's reference run when it kept them)."""
+        batches = ctx.observable_batches
+        fit = [index for index, batch in enumerate(batches) if any(batch is b for b in fit_batches(ctx))]
+        sources = {n.name: n.args[0] for n in nodes}
+        known = known_values(ctx, gm)
         if not self.symmetric:
-            sources = {n.name: n.args[0] for n in nodes}
             seen = collect_activations(gm, set(sources.values()), batches,
-                                       reduce=lambda v: (float(v.min()), float(v.max())))
-            return {name: static_asymmetric_qparams(min(lo for lo, _ in seen[source]), max(hi for _, hi in seen[source]))
-                    for name, source in sources.items()}
+                                       reduce=lambda v: (float(v.min()), float(v.max())), known=known)
+
+            def asymmetric(indices: list[int]) -> dict[str, Any]:
+                return {name: static_asymmetric_qparams(min(seen[source][i][0] for i in indices),
+                                                        max(seen[source][i][1] for i in indices))
+                        for name, source in sources.items()}
+            return asymmetric(list(range(len(batches)))), asymmetric(fit)
         percentile = self.percentile if self.observer == "percentile" else None
-        stats = inputs_of(gm, nodes, batches, percentile=percentile)
-        return {name: static_scale(s.percentile if percentile is not None and s.percentile is not None else s.abs_max)
-                for name, s in stats.items()}
+        each = observe_each(gm, set(sources.values()), batches, percentile=percentile, known=known)
+
+        def symmetric(indices: list[int]) -> dict[str, Any]:
+            scales = {}
+            for name, source in sources.items():
+                stats = merge_stats(each[i].get(source, ActivationStats()) for i in indices)
+                scales[name] = static_scale(stats.percentile if percentile is not None and stats.percentile is not None
+                                            else stats.abs_max)
+            return scales
+        return symmetric(list(range(len(batches)))), symmetric(fit)
 
     def _quantize(self, gm: fx.GraphModule, names: list[str], weights: dict, scales: dict) -> None:
         nodes = {n.name: n for n in gm.graph.nodes}

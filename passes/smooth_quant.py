@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import add_constant, arg, constant, infer_val, is_op, ops
-from fxopt.lossy.observer import collect_activations
+from fxopt.lossy import collect_activations, known_values
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.quant import FLOAT_DTYPES
 from fxopt.rewrite import Refusal
@@ -91,7 +91,8 @@ class SmoothQuant(Pass):
                 foldable[value] = linears
         if not foldable:
             return result
-        channel_max = collect_activations(gm, foldable, ctx.observable_batches, reduce=_channel_abs_max)
+        channel_max = collect_activations(gm, foldable, ctx.observable_batches, reduce=_channel_abs_max,
+                                          known=known_values(ctx, gm))
         for value, linears in foldable.items():
             x_max = torch.stack(channel_max[value]).amax(0)
             w_max = torch.stack([constant(gm, n.args[1]).detach().double().abs().amax(0) for n in linears]).amax(0)

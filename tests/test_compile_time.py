@@ -386,3 +386,74 @@ def test_a_sequence_models_fresh_input_is_its_own_slice_and_runs_once_per_graph(
         for rows in (8, 5):
             batch = torch.randn(rows, 128, 32)
             torch.testing.assert_close(opt(batch), model(batch), rtol=0.05, atol=0.05)
+
+
+def test_a_lossy_pass_after_another_starts_from_the_values_its_verification_kept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The float graph runs once per observable batch, for the reference before the first
+    lossy pass (its values kept); the next lossy pass observes and trials on the values of
+    the graph the first committed, kept by the first's verification: no observer runs, no
+    second pin."""
+    from fxopt.api import optimize_captured
+    from fxopt.lossy import observer
+    from fxopt.registry import resolve_passes
+    from fxopt.report import Report
+
+    events: list[tuple[str, int]] = []
+    run, record = ReusingRunner.run, observer._Recorder.run
+
+    def counting_run(self, gm, inputs, key=0, *, pin=False):
+        events.append(("pin" if pin else "run", key))
+        return run(self, gm, inputs, key, pin=pin)
+
+    def counting_record(self, *args, **kwargs):
+        events.append(("observe", int(args[0].shape[0])))
+        return record(self, *args, **kwargs)
+
+    monkeypatch.setattr(ReusingRunner, "run", counting_run)
+    monkeypatch.setattr(observer._Recorder, "run", counting_record)
+    torch.manual_seed(1)
+    x, calibration, fresh = torch.randn(16, 64), torch.randn(16, 64), torch.randn(17, 64)
+    gm = fxopt.capture(_mlp(), (x,))
+    pipeline = resolve_passes([*default_pipeline(), "smooth-quant(explicit=True, budget=0.2)",
+                               "quantize-int8(activations='static', budget=0.2)"])
+    opt = optimize_captured(gm, [[x], [calibration], [fresh]], pipeline, report=Report(), fresh_batches=1,
+                            verify_rows=2)
+    assert opt.report["smooth-quant"].status == opt.report["quantize-int8"].status == "applied"
+    assert [e for e in events if e[0] == "pin"] == [("pin", 0), ("pin", 1)]
+    assert not [e for e in events if e[0] == "observe"]
+    # the fresh input is verified outside the runner: nothing observes it
+    assert all(key in (0, 1) for _, key in events)
+
+
+def test_kept_values_stay_within_their_memory_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``KEPT_VALUES_BYTES`` the reference run keeps no more batches' values (the
+    example's always): the choice and its error do not change, only what is run again."""
+    from fxopt.api import optimize_captured
+    from fxopt.pipeline import verification
+    from fxopt.registry import resolve_passes
+    from fxopt.report import Report
+
+    kept: list[list[int]] = []
+    keeping = verification.Verification._run_keeping_values
+
+    def recording(self, *args, **kwargs):
+        outputs = keeping(self, *args, **kwargs)
+        kept.append(sorted(key for key in (0, 1, 2) if self.ctx.values.pinned(key)))
+        return outputs
+
+    monkeypatch.setattr(verification.Verification, "_run_keeping_values", recording)
+    torch.manual_seed(1)
+    x, calibration, fresh = torch.randn(16, 64), torch.randn(16, 64), torch.randn(17, 64)
+    reports = []
+    for limit in (verification.KEPT_VALUES_BYTES, 0):
+        monkeypatch.setattr(verification, "KEPT_VALUES_BYTES", limit)
+        gm = fxopt.capture(_mlp(), (x,))
+        pipeline = resolve_passes([*default_pipeline(), "quantize-int8(activations='static', budget=0.2)"])
+        reports.append(optimize_captured(gm, [[x], [calibration], [fresh]], pipeline, report=Report(),
+                                         fresh_batches=1, verify_rows=2).report)
+    assert kept == [[0, 1], [0]]  # never the fresh input's, which nothing observes
+    unbounded, bounded = reports
+    assert unbounded["quantize-int8"].status == bounded["quantize-int8"].status == "applied"
+    assert unbounded["quantize-int8"].max_rel_err == pytest.approx(bounded["quantize-int8"].max_rel_err)
+    assert unbounded["quantize-int8"].details == bounded["quantize-int8"].details

@@ -2,12 +2,22 @@
 
 ``search``: :class:`Site`, :class:`BudgetedSearch` (one trial mechanism with memoised
 measurement; ``equal-share`` and ``sensitivity`` strategies; choice on one split of the
-batches, verification on the other). ``observer``: :func:`observe`, :func:`inputs_of`.
+batches, verification on the other). ``observer``: :func:`observe`, :func:`inputs_of`,
+:func:`observe_each` with :func:`merge_stats`, :func:`known_values` (the example's values the
+manager kept).
 ``task``: :class:`TaskBudget`, a task-metric budget (labelled data, a metric, ``max_drop``)
 that a search keeps besides the output-error budget.
 """
 
-from fxopt.lossy.observer import ActivationStats, collect_activations, inputs_of, observe
+from fxopt.lossy.observer import (
+    ActivationStats,
+    collect_activations,
+    inputs_of,
+    known_values,
+    merge_stats,
+    observe,
+    observe_each,
+)
 from fxopt.lossy.search import (
            STRATEGIES,
            BudgetedSearch,
@@ -24,4 +34,5 @@ from fxopt.lossy.task import METRICS, TaskBudget
 
 __all__ = ["METRICS", "STRATEGIES", "TaskBudget", "ActivationStats", "BudgetedSearch", "Outcome", "Pick", "Site", "check_search_options", "collect_activations",
            "estimated_trial_limit",
-           "first_passing", "fit_batches", "inputs_of", "observe", "split_batches"]
+           "first_passing", "fit_batches", "inputs_of", "known_values", "merge_stats", "observe", "observe_each",
+           "split_batches"]

@@ -14,7 +14,7 @@ every consumer finds its own entry.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -104,23 +104,79 @@ class _Recorder(fx.Interpreter):
 
 
 def run_watching(gm: fx.GraphModule, nodes: Iterable[fx.Node], batches: Sequence[Sequence[torch.Tensor]],
-                 sink: Callable[[fx.Node, Any], None]) -> None:
-    """Run ``gm`` on every batch, handing each watched node's value to ``sink(node, value)``."""
+                 sink: Callable[[fx.Node, Any], None], known: Mapping[int, Mapping[str, Any]] | None = None) -> None:
+    """Run ``gm`` on every batch, handing each watched node's value to ``sink(node, value)``.
+    ``known``: for some batch positions, every node's value on that batch by node name
+    (:func:`known_values`): those batches are read from it instead of run."""
     watched = set(nodes)
+    known = known or {}
     with torch.no_grad():
-        for batch in batches:
+        for position, batch in enumerate(batches):
+            values = known.get(position)
+            if values is not None and all(node.name in values for node in watched):
+                for node in gm.graph.nodes:  # graph order, as a run would hand them over
+                    if node in watched:
+                        sink(node, values[node.name])
+                continue
             _Recorder(gm, watched, sink).run(*batch)
 
 
+def known_values(ctx: Any, gm: fx.GraphModule) -> dict[int, Mapping[str, Any]]:
+    """The node values of ``gm`` on the batches (by position in ``ctx.batches``, which is
+    their position in ``ctx.observable_batches`` too) that the pass manager kept from a run
+    of this very graph (``ctx.values``: its reference run on the example inputs, or the
+    previous lossy pass's verification of the graph it committed): an observer reads them
+    instead of running the graph on those batches again."""
+    from fxopt.verify import ReusingRunner
+
+    runner = getattr(ctx, "values", None)
+    if not isinstance(runner, ReusingRunner):
+        return {}
+    return {index: runner.pinned_values(index) for index in range(len(ctx.batches))
+            if runner.pinned_for(gm, index)}
+
+
 def observe(gm: fx.GraphModule, nodes: Iterable[fx.Node], batches: Sequence[Sequence[torch.Tensor]], *,
-            percentile: float | None = None, features: bool = False) -> dict[fx.Node, ActivationStats]:
+            percentile: float | None = None, features: bool = False,
+            known: Mapping[int, Mapping[str, Any]] | None = None) -> dict[fx.Node, ActivationStats]:
     """Statistics of each of ``nodes`` over every batch (one run of the graph per batch):
     always the abs-max, the largest per-batch ``percentile`` of |value| when given, and
     per-feature moments when ``features``. Nodes whose value is not a floating-point
-    tensor get no entry."""
+    tensor get no entry. ``known``: see :func:`run_watching`."""
     reducer = _Reducer(percentile, features)
-    run_watching(gm, nodes, batches, reducer)
+    run_watching(gm, nodes, batches, reducer, known)
     return reducer.stats
+
+
+def observe_each(gm: fx.GraphModule, nodes: Iterable[fx.Node], batches: Sequence[Sequence[torch.Tensor]], *,
+                 percentile: float | None = None,
+                 known: Mapping[int, Mapping[str, Any]] | None = None) -> list[dict[fx.Node, ActivationStats]]:
+    """:func:`observe` of each batch on its own (abs-max and percentile; one run of the graph
+    per batch in all), for a pass that reduces over several subsets of the batches (its fit
+    batches, and all of them) without observing any batch twice: both statistics are maxima
+    over batches, so :func:`merge_stats` of a subset's entries is what observing the subset
+    would give."""
+    nodes = list(nodes)
+    reducers: list[_Reducer] = []
+
+    def sink(node: fx.Node, value: Any) -> None:
+        reducers[-1](node, value)
+
+    for position, batch in enumerate(batches):
+        reducers.append(_Reducer(percentile, False))
+        run_watching(gm, nodes, [batch], sink, {0: known[position]} if known and position in known else None)
+    return [reducer.stats for reducer in reducers]
+
+
+def merge_stats(each: Iterable[ActivationStats]) -> ActivationStats:
+    """One value's abs-max and percentile statistics over several batches (see :func:`observe_each`)."""
+    merged = ActivationStats()
+    for stats in each:
+        merged.abs_max = max(merged.abs_max, stats.abs_max)
+        if stats.percentile is not None:
+            merged.percentile = max(merged.percentile or 0.0, stats.percentile)
+        merged.batches += stats.batches
+    return merged
 
 
 def inputs_of(gm: fx.GraphModule, consumers: Iterable[fx.Node], batches: Sequence[Sequence[torch.Tensor]], *,
@@ -137,8 +193,10 @@ def inputs_of(gm: fx.GraphModule, consumers: Iterable[fx.Node], batches: Sequenc
 
 
 def collect_activations(gm: fx.GraphModule, nodes: Iterable[fx.Node], batches: Sequence[Sequence[torch.Tensor]],
-                        reduce: Callable[[torch.Tensor], Any] | None = None) -> dict[fx.Node, list[Any]]:
-    """The value of each of ``nodes`` on each batch (``reduce(value)`` if given, to save memory)."""
+                        reduce: Callable[[torch.Tensor], Any] | None = None,
+                        known: Mapping[int, Mapping[str, Any]] | None = None) -> dict[fx.Node, list[Any]]:
+    """The value of each of ``nodes`` on each batch (``reduce(value)`` if given, to save
+    memory). ``known``: see :func:`run_watching`."""
     watched = list(nodes)
     seen: dict[fx.Node, list[Any]] = {node: [] for node in watched}
 
@@ -146,5 +204,5 @@ def collect_activations(gm: fx.GraphModule, nodes: Iterable[fx.Node], batches: S
         value = value.detach() if isinstance(value, torch.Tensor) else value
         seen[node].append(reduce(value) if reduce is not None else value)
 
-    run_watching(gm, watched, batches, sink)
+    run_watching(gm, watched, batches, sink, known)
     return seen

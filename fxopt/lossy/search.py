@@ -216,6 +216,7 @@ class BudgetedSearch:
         # runner computes only what a trial changed (same values, see ReusingRunner).
         self._runner = self.ctx.values if isinstance(self.ctx.values, ReusingRunner) else ReusingRunner()
         self._starting_pinned: set[int] = set()  # batches whose pinned values are self.gm's
+        self._trials_on: dict[int, int] = {}  # trials run on each batch
 
     @property
     def split(self) -> str:
@@ -281,9 +282,11 @@ class BudgetedSearch:
         """Largest relative output error of ``gm`` against the reference on the given batches."""
         worst = 0.0
         for index in indices:
-            if self.trials > 1:
-                # From the second trial on, the starting graph's values pay for themselves.
+            if self._trials_on.get(index, 0):
+                # From the second trial on a batch, the starting graph's values there pay for
+                # themselves (a held-out batch's one verifying trial is cheaper without them).
                 self._pin(index)
+            self._trials_on[index] = self._trials_on.get(index, 0) + 1
             comparison = compare_outputs(self.reference[index], self._runner.run(gm, self.ctx.batches[index], index))
             if comparison.mismatch:
                 return math.inf

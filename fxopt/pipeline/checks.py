@@ -268,17 +268,19 @@ class Numerics(BaseCheck):
 
 def _run_and_compare(verification: Verification, gm: fx.GraphModule, batches: list[list[Any]],
                      reference: list[list[Any]], values: Any = None) -> tuple[Any, float, list[list[Any]]]:
-    """Run ``gm`` on each batch (the first through ``values``, a ReusingRunner, when given)
-    and compare with ``reference``: the worst comparison (None without batches), the relative
-    error on the first batch (the example inputs, which every pass chooses on) and the outputs.
-    An exception from running the graph propagates."""
+    """Run ``gm`` on each batch (through ``values``, a ReusingRunner, when given: every batch
+    but the fresh ones, whose values no pass observes, and those too where it kept values to
+    reuse) and compare with
+    ``reference``: the worst comparison (None without batches), the relative error on the
+    first batch (the example inputs, which every pass chooses on) and the outputs. An
+    exception from running the graph propagates."""
     outputs: list[list[Any]] = []
     worst = None
     example_error = 0.0
     for index, (inputs, expected) in enumerate(zip(batches, reference)):
-        if index == 0 and values is not None:
+        if values is not None and (index < len(batches) - verification.ctx.fresh_batches or values.has(index)):
             verification.forwards += 1
-            actual = values.run(gm, list(inputs), 0)
+            actual = values.run(gm, list(inputs), index)
         else:
             actual = verification.run(gm, [inputs])[0]
         comparison = compare_outputs(expected, actual)

@@ -46,7 +46,7 @@ from fxopt.pipeline.instruments import (
 from fxopt.pipeline.verification import Verification, row_slices
 from fxopt.registry import PassOrderWarning, order_violations
 from fxopt.report import PassRecord, phase
-from fxopt.verify import RUN_OUTPUTS, run_graph, same_inputs
+from fxopt.verify import RUN_OUTPUTS, ReusingRunner, run_graph, same_inputs
 
 log = logging.getLogger("fxopt")
 
@@ -170,7 +170,10 @@ class PassManager:
         for check in self.checks:
             if isinstance(check, Numerics):
                 check.verification = verification
-        return self._run(gm, ctx)
+        try:
+            return self._run(gm, ctx)
+        finally:
+            ctx.values = None  # node values kept for lossy passes: not held past the pipeline
 
     def _start(self, gm: fx.GraphModule, ctx: PassContext) -> Verification:
         with phase("reference"):
@@ -263,11 +266,21 @@ class PassManager:
             with phase("reference"):
                 # a lossy pass measures against ctx.reference (and reuses the values kept)
                 self.verification.ensure_full(gm, keep_values=True)
+            if ctx.values is None:
+                # The reference was current (a lossy pass before this one committed it) but no
+                # values of this graph were kept: the search and the verification share one runner.
+                ctx.values = ReusingRunner()
+            kept = gm
             try:
                 kept = self._run_checked(step, gm, ctx, done)
-                return self._retry_within_budget(step, gm, kept, ctx, done)
+                kept = self._retry_within_budget(step, gm, kept, ctx, done)
+                return kept
             finally:
-                ctx.values = None  # the node values kept for this pass: not held past it
+                # The kept graph's values on the example (the verification's run of what the
+                # pass committed) serve a lossy pass right after this one, which starts from
+                # that graph; nothing else is held past the pass.
+                ctx.values = ctx.values.carried_over(kept) if isinstance(ctx.values, ReusingRunner) else None
+        ctx.values = None  # an exact pass changes the graph: values kept for a lossy one are stale
         return self._run_checked(step, gm, ctx, done)
 
     def _retry_within_budget(self, step: PassStep, gm: fx.GraphModule, kept: fx.GraphModule,

@@ -45,6 +45,10 @@ from fxopt.verify import ReusingRunner, compare_outputs, run_graph
 
 DEFAULT_VERIFY_ROWS = 2
 
+# The most memory the node values kept for a lossy pass may take (beyond the example's,
+# always kept): with many calibration batches the later ones are run without keeping theirs.
+KEPT_VALUES_BYTES = 2 * 2**30
+
 
 def batch_symbol(gm: fx.GraphModule) -> Any:
     """The symbol of the dynamic batch dimension (dim 0 of the first tensor input), or None
@@ -132,14 +136,18 @@ class Verification:
 
     def _run_keeping_values(self, gm: fx.GraphModule, batches: Sequence[Sequence[Any]],
                             known: Sequence[list[Any] | None]) -> list[list[Any]]:
-        """:meth:`run`, keeping every node's value on the example inputs in ``ctx.values``
-        for the lossy pass about to read this reference (its trials and its verification
-        reuse them; the manager drops them after the pass)."""
-        if not batches:
-            return []
+        """:meth:`run`, keeping every node's value on the batches a pass may observe (all but
+        the fresh ones) in ``ctx.values`` for the lossy pass about to read this reference (its
+        observers, trials and verification reuse them; the manager drops them after the pass)."""
         runner = ReusingRunner()
-        self.forwards += 1
-        outputs = [runner.run(gm, list(batches[0]), 0, pin=True), *self.run(gm, batches[1:], known[1:])]
+        observable = len(batches) - self.ctx.fresh_batches
+        outputs = []
+        for index, batch in enumerate(batches):
+            if index == 0 or (index < observable and runner.pinned_bytes() < KEPT_VALUES_BYTES):
+                self.forwards += 1
+                outputs.append(runner.run(gm, list(batch), index, pin=True))
+            else:
+                outputs += self.run(gm, [batch], [known[index]])
         self.ctx.values = runner
         return outputs
 

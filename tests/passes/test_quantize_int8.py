@@ -12,6 +12,7 @@ import fxopt
 from fxopt.errors import CaptureError, InputError, PassOptionError
 from fxopt.ir import constants, ops
 from fxopt.ir.qdq import qops
+from fxopt.pass_api import PassContext
 from fxopt.testing import assert_idempotent, assert_skipped, run_pass
 
 
@@ -285,7 +286,7 @@ def test_local_error_is_the_layer_quantized_as_the_pass_would(activations: str, 
     node = call_nodes(gm, ops.linear)[0]
     pass_ = QuantizeInt8(activations=activations, symmetric=symmetric)
     weights = {node.name: quantize_weight(constants_of(gm, node))}
-    scales = pass_._observe(gm, [node], [[x]]) if activations == "static" else {node.name: None}
+    scales = pass_._observe(gm, [node], PassContext(batches=[[x]]))[0] if activations == "static" else {node.name: None}
     estimate = pass_._local_errors(gm, [node], weights, scales, {node.name: [x]})[node.name]
     trial = copy_graph_module(gm)
     pass_._quantize(trial, [node.name], weights, scales)
@@ -362,3 +363,46 @@ def test_static_scales_are_observed_on_every_batch_but_the_fresh_one() -> None:
     (detail,) = opt.report["quantize-int8"].details
     # the fresh input is there to verify on: its 100x larger values set no scale
     assert detail["input_scale"] == pytest.approx(static_scale(float(torch.cat([x, calibration]).abs().max())))
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_static_scales_observe_each_batch_once_or_read_the_reference_runs_values(
+        monkeypatch: pytest.MonkeyPatch, symmetric: bool) -> None:
+    """The committed scales (every observable batch) and the search's (its fit batches) come
+    from one observation of each batch; under the pass manager, from the values its
+    reference run kept, with no run of the graph of their own."""
+    from fxopt.api import optimize_captured
+    from fxopt.lossy import observer
+    from fxopt.quant import static_asymmetric_qparams, static_scale
+    from fxopt.registry import resolve_passes
+    from fxopt.report import Report
+
+    runs: list[int] = []
+    original = observer._Recorder.run
+
+    def counting(self, *args, **kwargs):
+        runs.append(int(args[0].shape[0]))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(observer._Recorder, "run", counting)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32)).eval()
+    x, first, second, fresh = torch.randn(8, 32), torch.randn(6, 32) * 2, torch.randn(5, 32) * 3, torch.randn(9, 32)
+    gm = fxopt.capture(model, (x,))
+    pipeline = resolve_passes([f"quantize-int8(activations='static', symmetric={symmetric}, budget=1.0, force=True)"])
+    opt = optimize_captured(gm, [[x], [first], [second], [fresh]], pipeline, report=Report(), fresh_batches=1)
+    (detail,) = opt.report["quantize-int8"].details
+    assert runs == []  # the reference run before the pass kept every observable batch's values
+    seen, fit = torch.cat([x, first, second]), torch.cat([x, second])  # fit: batches 0 and 2
+
+    def scale(values: torch.Tensor) -> object:
+        return (static_scale(float(values.abs().max())) if symmetric
+                else static_asymmetric_qparams(float(values.min()), float(values.max())))
+
+    assert detail["input_scale"] == pytest.approx(scale(seen))
+    # On its own (no values kept), each batch is observed once for both sets of scales.
+    node = next(n for n in gm.graph.nodes if n.target is ops.linear)
+    pass_ = QuantizeInt8(activations="static", symmetric=symmetric)
+    committed, fitted = pass_._observe(gm, [node], PassContext(batches=[[x], [first], [second], [fresh]], fresh_batches=1))
+    assert sorted(runs) == [5, 6, 8]
+    assert committed[node.name] == pytest.approx(scale(seen)) and fitted[node.name] == pytest.approx(scale(fit))
