@@ -291,7 +291,8 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
         chosen, trials = presets.choose(
             preset, target, build,
             measure_error=lambda module: module.report.final_max_rel_err,
-            run_example=lambda module: lambda: module(*args, **kwargs))
+            run_example=lambda module: lambda: module(*args, **kwargs),
+            calibrated=bool(options.get("calibration")))
     chosen.report.notes.append(presets.summary(preset, trials, chosen))
     _record_time(chosen.report, timer)
     if module_fingerprint(model) != stages.fingerprint:  # pragma: no cover - invariant 1

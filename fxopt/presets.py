@@ -48,6 +48,9 @@ class Candidate:
     backend: str = "eager"
     devices: tuple[str, ...] = ("cpu", "cuda")
     note: str = ""
+    # A recipe that only means what it says with calibration batches (static activation
+    # scales): without them it is dropped before anything is compiled for it.
+    needs_calibration: bool = False
 
     def describe(self) -> str:
         return f"[{', '.join(self.passes)}] on {self.backend}"
@@ -128,14 +131,19 @@ def choose(
     run_example: Callable[[Any], Callable[[], Any]],
     *,
     repeats: int = 10,
+    calibrated: bool = True,
 ) -> tuple[Any, list[Trial]]:
     """Compile each candidate for ``device`` with ``build``, keep those within the budget,
-    time them side by side (:func:`race`) and return the fastest module and every trial."""
+    time them side by side (:func:`race`) and return the fastest module and every trial.
+    ``calibrated``: whether calibration batches were given (else the candidates that need
+    them are dropped uncompiled)."""
     trials = [Trial(c) for c in preset.candidates if device.type in c.devices]
     if not trials:
         raise InputError(f"preset {preset.name!r} has no candidate for device {device.type!r}")
     for trial in trials:
         trial.dropped = _unavailable(trial.candidate, device)
+        if trial.dropped is None and trial.candidate.needs_calibration and not calibrated:
+            trial.dropped = "needs calibration batches (calibration=[...]), none were given"
         if trial.dropped is not None:
             continue
         try:

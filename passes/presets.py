@@ -7,7 +7,8 @@ then int8 Linears with activations per tensor (chosen at run time) or per token,
 PyTorch or ONNX Runtime, within the quantize-int8 pass's 5% budget; given calibration batches,
 also static per-tensor activations (with and without smooth-quant) on oneDNN's fused int8
 kernel, and on OpenVINO smooth-quant, static int8 Linears and an int8 query and key in its
-fused attention (without calibration those candidates are dropped: static scales need it). Where the optional
+fused attention (without calibration those candidates are dropped before they are compiled:
+static scales need it). Where the optional
 backend OpenVINO is installed, it is a candidate of each preset on CPU.
 """
 
@@ -60,15 +61,15 @@ INT8 = Preset(
     "exact passes, then int8 Linears (static per-tensor with calibration, else dynamic per-tensor or "
     "per-token activations) within 5% output error",
     (
-        Candidate((EXACT, INT8_STATIC), "eager", devices=("cpu",), note="needs calibration batches"),
+        Candidate((EXACT, INT8_STATIC), "eager", devices=("cpu",), needs_calibration=True),
         Candidate((EXACT, SMOOTH_QUANT, INT8_STATIC), "eager", devices=("cpu",),
-                  note="needs calibration batches"),
+                  needs_calibration=True),
         Candidate((EXACT, INT8_PER_TENSOR), "eager"),
         Candidate((EXACT, INT8_PER_TENSOR), "onnx", devices=("cpu",)),
         Candidate((EXACT, SMOOTH_QUANT, INT8_STATIC_OPENVINO, INT8_ATTENTION), "openvino", devices=("cpu",),
-                  note="needs calibration batches"),
+                  needs_calibration=True),
         Candidate((EXACT, SMOOTH_QUANT, INT8_STATIC, INT8_ATTENTION), "openvino", devices=("cpu",),
-                  note="needs calibration batches"),
+                  needs_calibration=True),
         Candidate((EXACT, INT8_PER_TENSOR), "openvino", devices=("cpu",)),
         Candidate((EXACT, "quantize-int8"), "eager"),
     ),
