@@ -537,7 +537,25 @@ def _capture_error(model: torch.nn.Module, exc: BaseException) -> CaptureError:
     hint = next((h for key, h in _HINTS if key in str(exc)), None)
     if hint is None:
         hint = "check that model(*example_inputs) runs in eager mode; run with --debug (CLI) or inspect __cause__ for the full trace"
+    fixes = _suggested_fixes(str(exc))
+    if fixes:
+        # export's own fix (a Dim bounded by the model's position table, say) is the answer
+        # the generic hint lacks, and it is past the message's first line
+        hint = f"torch.export suggests {fixes}; or {hint}"
     return CaptureError(f"could not capture {type(model).__name__}: {text}", module_path=module_path, source=source, hint=hint)
+
+
+def _suggested_fixes(message: str) -> str | None:
+    """The lines under torch.export's ``Suggested fixes:`` (``seq = Dim('seq', max=64)``), joined."""
+    lines = message.splitlines()
+    if "Suggested fixes:" not in lines:
+        return None
+    fixes = []
+    for line in lines[lines.index("Suggested fixes:") + 1:]:
+        if not line.strip():
+            break
+        fixes.append(line.strip())
+    return ", ".join(fixes) or None
 
 
 def _failing_location(model: torch.nn.Module, exc: BaseException) -> tuple[str | None, str | None]:
