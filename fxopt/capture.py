@@ -80,7 +80,7 @@ class Signature:
             raise InputError(f"{what} structure does not match the captured model: expected {expected}, got {got}")
         tensors: list[torch.Tensor] = []
         for position, (leaf, spec_entry) in enumerate(zip(flat, self.inputs)):
-            check_input(leaf, spec_entry, position, what=what)
+            check_input(leaf, spec_entry, position, what=what, all_inputs=self.inputs)
             tensors.append(leaf)
         return tensors
 
@@ -111,7 +111,8 @@ def _describe_structure(spec: pytree.TreeSpec) -> str:
     return text
 
 
-def check_input(value: Any, spec: InputSpec, position: int, *, what: str = "input") -> None:
+def check_input(value: Any, spec: InputSpec, position: int, *, what: str = "input",
+                all_inputs: Sequence[InputSpec] = ()) -> None:
     label = f"{what} {position} ('{spec.name}')"
     if not isinstance(value, torch.Tensor):
         raise InputError(f"{label}: expected a tensor with {spec.describe()}, got {type(value).__name__}")
@@ -130,10 +131,26 @@ def check_input(value: Any, spec: InputSpec, position: int, *, what: str = "inpu
                 message += (" because the example's size there is 1 (export keeps sizes 0 and 1 static); "
                             "to make it dynamic, compile with examples that have a batch of 2 or more")
             else:
-                message += (f"; to make it dynamic, compile with dynamic_shapes={{'{spec.name}': {{{dim}: "
-                            f"torch.export.Dim('d{dim}')}}}}")
+                message += f"; to make it dynamic, compile with dynamic_shapes={_dynamic_hint(spec, dim, all_inputs)}"
             message += " (see docs/shapes-and-saving.md)"
         raise InputError(message)
+
+
+def _dynamic_hint(spec: InputSpec, dim: int, all_inputs: Sequence[InputSpec]) -> str:
+    """A ``dynamic_shapes`` spec that makes ``dim`` of ``spec`` dynamic and keeps what is
+    dynamic now: a spec given by hand replaces the default dynamic batch, and export wants an
+    entry for every input, the same dimension dynamic in every input of the same size there.
+    ``Dim.AUTO`` lets export find the bounds the model needs (its position table, say)."""
+    size = spec.example_shape[dim]
+    entries = []
+    for other in all_inputs or [spec]:
+        dims = {d for d, want in enumerate(other.shape) if want is None}
+        if other is spec or (len(other.shape) > dim and other.shape[dim] is not None
+                             and other.example_shape[dim] == size):
+            dims.add(dim)
+        value = "{" + ", ".join(f"{d}: Dim.AUTO" for d in sorted(dims)) + "}" if dims else "None"
+        entries.append(f"'{other.name}': {value}")
+    return "{" + ", ".join(entries) + "} (Dim is torch.export.Dim)"
 
 
 def normalize_example_inputs(example_inputs: Any) -> tuple[Any, ...]:
@@ -520,7 +537,25 @@ def _capture_error(model: torch.nn.Module, exc: BaseException) -> CaptureError:
     hint = next((h for key, h in _HINTS if key in str(exc)), None)
     if hint is None:
         hint = "check that model(*example_inputs) runs in eager mode; run with --debug (CLI) or inspect __cause__ for the full trace"
+    fixes = _suggested_fixes(str(exc))
+    if fixes:
+        # export's own fix (a Dim bounded by the model's position table, say) is the answer
+        # the generic hint lacks, and it is past the message's first line
+        hint = f"torch.export suggests {fixes}; or {hint}"
     return CaptureError(f"could not capture {type(model).__name__}: {text}", module_path=module_path, source=source, hint=hint)
+
+
+def _suggested_fixes(message: str) -> str | None:
+    """The lines under torch.export's ``Suggested fixes:`` (``seq = Dim('seq', max=64)``), joined."""
+    lines = message.splitlines()
+    if "Suggested fixes:" not in lines:
+        return None
+    fixes = []
+    for line in lines[lines.index("Suggested fixes:") + 1:]:
+        if not line.strip():
+            break
+        fixes.append(line.strip())
+    return ", ".join(fixes) or None
 
 
 def _failing_location(model: torch.nn.Module, exc: BaseException) -> tuple[str | None, str | None]:

@@ -40,6 +40,16 @@ FORMAT = "fxopt.OptimizedModule"
 VERSION = 1
 
 
+class ConstantsAsAttributes(torch.fx.Tracer):
+    """The tracer that rebuilds a stored graph on load (a pickled GraphModule is re-traced
+    from its code). torch.fx's default tracer runs an op whose inputs are all buffers while
+    tracing, so a buffer-only step (``to(token_type_ids, int64)``) would be folded into a
+    new constant, and fails outright on the ONNX backend's weightless meta buffers; reading
+    every buffer through ``get_attr`` keeps the graph as it was saved."""
+
+    proxy_buffer_attributes = True
+
+
 def save(optimized: Any, path: str | os.PathLike[str]) -> str:
     """Write ``optimized`` (an :class:`fxopt.OptimizedModule`) to ``path``; returns the path.
 
@@ -55,6 +65,7 @@ def save(optimized: Any, path: str | os.PathLike[str]) -> str:
     state = _backend_state(optimized) if backend not in ("eager", "onnx") else None
     graph_module = copy_graph_module(optimized.graph_module)  # shares the constants
     graph_module.meta = {}  # fake tensors and capture bookkeeping are not part of the file
+    graph_module._tracer_cls = ConstantsAsAttributes
     payload = {
         "format": FORMAT,
         "version": VERSION,

@@ -192,3 +192,25 @@ def test_passes_are_reachable_from_a_fresh_import() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "low-rank True"
+
+
+class _PositionTable(nn.Module):
+    """Token and position embeddings: the sequence length is bounded by the position table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(32, 8)
+        self.positions = nn.Embedding(16, 8)
+        self.linear = nn.Linear(8, 8)
+        self.register_buffer("position_ids", torch.arange(16)[None], persistent=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.tokens(ids) + self.positions(self.position_ids[:, : ids.shape[1]]))
+
+
+def test_a_dynamic_size_out_of_bounds_is_refused_with_exports_suggested_fix() -> None:
+    from torch.export import Dim
+
+    ids = torch.randint(0, 32, (2, 6))
+    with pytest.raises(fxopt.CaptureError, match=r"torch\.export suggests seq = Dim\('seq', max=16\)"):
+        fxopt.compile(_PositionTable().eval(), (ids,), dynamic_shapes={"ids": {1: Dim("seq")}})

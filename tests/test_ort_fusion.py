@@ -86,6 +86,26 @@ def test_onnx_backend_fused_bert_matches_eager_with_padding():
     assert _rel(opt(ids, attention_mask=mask).last_hidden_state, expected) < 1e-4
 
 
+@pytest.mark.parametrize(("passes", "op"), [(["remove-dropout", "merge-siblings"], "Attention"),
+                                                 (["remove-dropout"], "MultiHeadAttention")])
+def test_fully_padded_row_is_zero_attention_like_sdpa(passes, op):
+    """A row of the batch that is all padding: SDPA gives its queries zero attention output
+    (no key to attend to); the fused op must too, not NaN from a row of -inf scores."""
+    model = tiny_transformer("bert")
+    ids = token_ids(batch=3, seq=8)
+    opt = fxopt.compile(model, (ids,), passes=passes, backend="onnx",
+                        example_kwargs={"attention_mask": _padded_mask(ids)})
+    assert any(f"run as com.microsoft.{op}" in n for n in opt.report.notes)
+    ids = token_ids(batch=4, seq=8)
+    mask = _padded_mask(ids)
+    mask[1] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=mask).last_hidden_state
+    actual = opt(ids, attention_mask=mask).last_hidden_state
+    assert torch.isfinite(actual).all()
+    assert _rel(actual, expected) < 1e-4
+
+
 @pytest.mark.slow
 def test_gpt2_causal_attention_fuses_and_pre_norm_residuals_stay(tmp_path):
     """GPT-2's causal mask is a tensor in the graph (no is_causal flag): MultiHeadAttention

@@ -132,3 +132,37 @@ def test_deepcopy_gives_an_independent_working_module(backend: str) -> None:
     assert twin.graph_module is not opt.graph_module
     torch.testing.assert_close(twin(x), opt(x))
     assert str(twin.report) == str(opt.report)
+
+
+class _ConstantIndex(nn.Module):
+    """A step that reads only a buffer, like transformers' ``token_type_ids.to(int64)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(16, 8)
+        self.register_buffer("order", torch.randperm(16).int())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x[:, self.order.to(device=x.device, dtype=torch.int64)])
+
+
+@pytest.mark.parametrize("backend", ["eager", "onnx"])
+def test_load_keeps_steps_that_read_only_constants(tmp_path: Path, backend: str) -> None:
+    # Loading re-traces the stored graph's code; a step on constants alone must stay a step
+    # of the graph: run while tracing, it would fail on the ONNX backend's weightless (meta)
+    # constants and fold into a new constant on the eager one.
+    if backend == "onnx":
+        pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = _ConstantIndex().eval()
+    x = torch.randn(4, 16)
+    opt = fxopt.compile(model, (x,), backend=backend)
+    loaded = fxopt.load(fxopt.save(opt, tmp_path / "model.fxopt"))
+    torch.testing.assert_close(loaded(x), model(x), rtol=1e-5, atol=1e-6)
+    other = torch.randn(7, 16)
+    torch.testing.assert_close(loaded(other), model(other), rtol=1e-5, atol=1e-6)
+
+    def steps(gm: torch.fx.GraphModule) -> list[str]:
+        return sorted(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+
+    assert steps(loaded.graph_module) == steps(opt.graph_module)

@@ -201,3 +201,27 @@ def test_lossy_search_never_fits_on_the_fresh_input() -> None:
     assert split_batches(3, fresh=1) == ([0], [1])  # examples, one calibration batch, fresh
     assert split_batches(4, fresh=1) == ([0, 2], [1])
     assert split_batches(3, holdout=False, fresh=1) == ([0, 1], [])
+
+
+class _MaskedTokens(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.linear(x) * mask.unsqueeze(-1)
+
+
+def test_static_dim_hint_covers_every_input_and_keeps_the_batch_dynamic() -> None:
+    # export wants an entry for every input and the same dimension dynamic in the inputs of
+    # that size; a spec given by hand also replaces the default dynamic batch
+    model = _MaskedTokens().eval()
+    examples = {"x": torch.randn(2, 5, 8), "mask": torch.ones(2, 5)}
+    opt = fxopt.compile(model, examples, passes=[])
+    longer = {"x": torch.randn(3, 7, 8), "mask": torch.ones(3, 7)}
+    with pytest.raises(fxopt.InputError, match="dim 1 was captured static") as refused:
+        opt(**longer)
+    hint = str(refused.value).split("dynamic_shapes=")[1].split(" (Dim is torch.export.Dim)")[0]
+    assert hint == "{'x': {0: Dim.AUTO, 1: Dim.AUTO}, 'mask': {0: Dim.AUTO, 1: Dim.AUTO}}"
+    opt = fxopt.compile(model, examples, passes=[], dynamic_shapes=eval(hint, {"Dim": Dim}))
+    torch.testing.assert_close(opt(**longer), model(**longer))

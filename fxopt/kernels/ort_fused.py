@@ -186,8 +186,12 @@ def _contrib(name: str):  # type: ignore[no-untyped-def]
 
 
 def multi_head_attention_onnx(query, key, value, mask=None, num_heads: int = 1, scale: float = 1.0):  # type: ignore[no-untyped-def]
-    return _contrib("MultiHeadAttention")(query, key, value, None, None, _attention_bias(mask, query),
-                                          num_heads=num_heads, scale=scale)
+    out = _contrib("MultiHeadAttention")(query, key, value, None, None, _attention_bias(mask, query),
+                                         num_heads=num_heads, scale=scale)
+    return _zero_fully_masked_rows(out, mask, num_heads)
+
+
+_BOOL = 9  # onnx.TensorProto.BOOL
 
 
 def _attention_bias(mask, like):  # type: ignore[no-untyped-def]
@@ -196,19 +200,37 @@ def _attention_bias(mask, like):  # type: ignore[no-untyped-def]
 
     if mask is None:
         return None
-    if mask.dtype == 9:  # BOOL: SDPA attends where True and puts -inf elsewhere
+    if mask.dtype == _BOOL:
+        # 0 where SDPA attends, the lowest finite value elsewhere: a masked key's weight
+        # is exp(lowest - max) = 0 as with SDPA's -inf, and a row with every key masked
+        # stays finite (-inf would make it NaN) for _zero_fully_masked_rows to clear.
         zero = op.CastLike(op.Constant(value_float=0.0), like)
-        minus_inf = op.CastLike(op.Constant(value_float=float("-inf")), like)
-        return op.Where(mask, zero, minus_inf)
+        lowest = op.CastLike(op.Constant(value_float=float(torch.finfo(torch.float32).min)), like)
+        return op.Where(mask, zero, lowest)
     return op.CastLike(mask, like)
+
+
+def _zero_fully_masked_rows(out, mask, num_heads: int):  # type: ignore[no-untyped-def]
+    """SDPA returns 0 for a query whose boolean mask attends to no key (a fully padded row of
+    a batch); the contrib ops would average the values there. ``out`` is ``[B, S, N*Hv]``,
+    ``mask`` ``[B|1, N|1, S, T]``."""
+    from onnxscript import opset20 as op
+
+    if mask is None or mask.dtype != _BOOL:
+        return out  # a float mask is added as it is, by SDPA and the contrib ops alike
+    attends = op.ReduceMax(op.CastLike(mask, out), op.Constant(value_ints=[-1]), keepdims=1)  # [B|1, N|1, S, 1]
+    attends = op.Transpose(attends, perm=[0, 2, 1, 3])  # [B|1, S, N|1, 1]
+    heads = op.Reshape(out, op.Constant(value_ints=[0, 0, num_heads, -1]))  # [B, S, N, Hv]
+    return op.Reshape(op.Mul(heads, attends), op.Constant(value_ints=[0, 0, -1]))
 
 
 def attention_onnx(x, weight, bias, mask=None, num_heads: int = 1, scale: float = 1.0,  # type: ignore[no-untyped-def]
                    qkv_sizes=None):
     sizes = list(qkv_sizes) if qkv_sizes is not None else None
     hidden_sizes = sizes if sizes is not None and len(set(sizes)) > 1 else None
-    return _contrib("Attention")(x, weight, bias, None, None, _attention_bias(mask, x),
-                                 num_heads=num_heads, scale=scale, qkv_hidden_sizes=hidden_sizes)
+    out = _contrib("Attention")(x, weight, bias, None, None, _attention_bias(mask, x),
+                                num_heads=num_heads, scale=scale, qkv_hidden_sizes=hidden_sizes)
+    return _zero_fully_masked_rows(out, mask, num_heads)
 
 
 def skip_layer_norm_onnx(x, skip, gamma, beta=None, bias=None, eps: float = 1e-5):  # type: ignore[no-untyped-def]

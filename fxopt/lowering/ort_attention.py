@@ -8,8 +8,9 @@ where ``heads(t) = transpose(view(t, [B, S, N, H]), 1, 2)`` of a ``[B, S, N*H]``
 values that do not come in that form (rotary embeddings applied after the head split) are
 brought back to ``[B, S, N*H]`` with a transpose and a flatten; an output used otherwise gets
 its heads split again. The boolean mask becomes MultiHeadAttention's additive
-``attention_bias`` (0 where SDPA attends, -inf elsewhere: SDPA's own rule); a float mask is
-the bias itself.
+``attention_bias`` (0 where SDPA attends, the lowest finite float elsewhere) and the output
+of a query whose mask attends nowhere is zeroed, SDPA's own result; a float mask is the bias
+itself.
 
 When the three projections are the split of one Linear (the packed Q/K/V of
 ``merge-siblings``) that feeds nothing else, the Linear goes into the op too:
