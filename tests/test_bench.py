@@ -283,3 +283,29 @@ def test_inductor_freezing_really_freezes_next_to_a_plain_compile(tmp_path) -> N
         torch.testing.assert_close(plain.run(), after)
         torch.testing.assert_close(frozen.run(), before)
     assert not torch.allclose(before, after)
+
+
+def test_compile_time_cases_report_their_phases_and_calibrate_when_asked(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fxopt
+    from fxopt_bench import compile_time
+
+    seen: list[dict] = []
+    compile_ = fxopt.compile
+
+    def recording(model, inputs, **options):
+        seen.append(options)
+        return compile_(model, inputs, **options)
+
+    monkeypatch.setattr(fxopt, "compile", recording)
+    threads = torch.get_num_threads()  # run_compile_time sets one thread: restored after
+    try:
+        rows = compile_time.run_compile_time(["mlp"], ["lossless", "int8-calibrated"], quick=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert [row["case"] for row in rows] == ["lossless", "int8-calibrated"]
+    assert all(row["seconds"] > 0 and "capture" in row["timings"] for row in rows)
+    assert "pass:quantize-int8" in rows[1]["timings"]
+    warm_up, lossless, int8_calibrated = seen  # a tiny model's compile first, for one-time imports
+    assert "calibration" not in lossless and len(int8_calibrated["calibration"]) == 1
+    with pytest.raises(ValueError, match="unknown case"):
+        compile_time.run_compile_time(["mlp"], ["no-such-case"], quick=True)
