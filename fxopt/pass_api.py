@@ -132,9 +132,11 @@ class PassContext:
     calibrated: bool = False
     fresh_batches: int = 0
     task: TaskBudget | None = None
-    # A fxopt.verify.ReusingRunner holding the current graph's node values on the example
-    # inputs (batch 0), left by the manager's reference run before a lossy pass: a search's
-    # trials and the pass's verification reuse them instead of running the graph again.
+    # A fxopt.verify.ReusingRunner holding the current graph's node values on the batches a
+    # pass may observe (keyed by position in ``batches``), left by the manager before a lossy
+    # pass (its reference run, or the previous lossy pass's verification): observers
+    # (fxopt.lossy.known_values), a search's trials and the pass's verification reuse them
+    # instead of running the graph again.
     values: Any = None
 
     @property
