@@ -239,7 +239,7 @@ def _capture_for_compile(model: torch.nn.Module, example_inputs: Any, example_kw
     report.notes.extend(gm.meta.pop("fxopt_notes", []))
     signature: Signature = gm.meta["fxopt_signature"]
     batches = [signature.flatten(args, kwargs, what="example input")]
-    batches += _calibration_batches(signature, calibration)
+    batches += _distinct_calibration(batches[0], _calibration_batches(signature, calibration), report)
     fresh = None
     if fresh_inputs:
         with phase("reference"):
@@ -522,6 +522,31 @@ def _calibration_batches(signature: Signature, calibration: Iterable[Any] | None
         args, kwargs = split_example_inputs(batch)
         batches.append(signature.flatten(args, kwargs, what=f"calibration batch {index}, input"))
     return batches
+
+
+def _distinct_calibration(example: list[torch.Tensor], calibration: list[list[torch.Tensor]],
+                          report: Report) -> list[list[torch.Tensor]]:
+    """The calibration batches less copies of the example inputs or of an earlier batch, unless
+    that leaves none: lossy passes fit on every other batch and verify on the rest, so a copy
+    of a fitted batch in the held-out half would make the held-out check see no new data
+    (``calibration=[example, other]`` is the common way to ask for it)."""
+    kept: list[list[torch.Tensor]] = []
+    for batch in calibration:
+        if not any(_same_batch(batch, seen) for seen in (example, *kept)):
+            kept.append(batch)
+    if kept and len(kept) < len(calibration):
+        dropped = len(calibration) - len(kept)
+        report.notes.append(f"{dropped} calibration batch(es) identical to the example inputs or an earlier batch "
+                            "left out, so that the held-out check sees other data")
+        return kept
+    return calibration
+
+
+def _same_batch(a: list[Any], b: list[Any]) -> bool:
+    return len(a) == len(b) and all(
+        (x.shape == y.shape and x.dtype == y.dtype and torch.equal(x, y))
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor) else x is y or x == y
+        for x, y in zip(a, b))
 
 
 def _fresh_batch(gm: fx.GraphModule, example: list[torch.Tensor], report: Report) -> list[torch.Tensor] | None:

@@ -3,8 +3,10 @@
     linear(layer_norm(x, g, b), W, c)  =>  linear(layer_norm(x, g / s, b / s), W * s[None, :], c)
     linear(linear(x, V, d), W, c)      =>  linear(linear(x, V / s[:, None], d / s), W * s[None, :], c)
     linear(x, W, c)                    =>  linear(mul(x, 1 / s), W * s[None, :], c)   (explicit=True)
-    where s_j = max|X_j|^alpha / max_i |W_ij|^(1 - alpha) over the calibration batches (X: the
-    value the Linears read; s_j = 1 where either is 0), the same s for every Linear reading X
+    where s_j = max|X_j|^alpha / max_i |W_ij|^(1 - alpha) over the fit half of the calibration
+    batches (X: the value the Linears read; s_j = 1 where either is 0), the same s for every
+    Linear reading X; the held-out half stays unseen, so that static int8's held-out check
+    after it measures the clipping of ranges it did not see
 
 Exact in real arithmetic: the producer's output channel j is divided by s_j and every Linear
 reading it multiplies input channel j by s_j. What it changes is the range of X per channel:
@@ -32,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import add_constant, arg, constant, infer_val, is_op, ops
-from fxopt.lossy import collect_activations, known_values
+from fxopt.lossy import collect_activations, known_values, split_batches
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.quant import FLOAT_DTYPES
 from fxopt.rewrite import Refusal
@@ -91,8 +93,11 @@ class SmoothQuant(Pass):
                 foldable[value] = linears
         if not foldable:
             return result
-        channel_max = collect_activations(gm, foldable, ctx.observable_batches, reduce=_channel_abs_max,
-                                          known=known_values(ctx, gm))
+        # Fit batches only: the held-out ones must stay unseen by what the search after this trials.
+        fit = split_batches(len(ctx.batches), True, ctx.fresh_batches)[0]
+        known = known_values(ctx, gm)  # by position in ctx.batches; renumbered for the fit list
+        channel_max = collect_activations(gm, foldable, [ctx.batches[i] for i in fit], reduce=_channel_abs_max,
+                                          known={at: known[i] for at, i in enumerate(fit) if i in known})
         for value, linears in foldable.items():
             x_max = torch.stack(channel_max[value]).amax(0)
             w_max = torch.stack([constant(gm, n.args[1]).detach().double().abs().amax(0) for n in linears]).amax(0)
