@@ -222,11 +222,12 @@ class ReusingRunner:
     def pinned(self, key: Any) -> bool:
         return key in self._pinned
 
-    def pinned_bytes(self) -> int:
-        """Bytes of the computed values the pinned records hold (constants not counted: the
+    def pinned_bytes(self, key: Any) -> int:
+        """Bytes of the computed values pinned for batch ``key`` (constants not counted: the
         graph holds those anyway)."""
         storages: dict[int, int] = {}
-        for stamps, values in self._pinned.values():
+        if key in self._pinned:
+            stamps, values = self._pinned[key]
             for name, value in values.items():
                 if isinstance(value, torch.Tensor) and stamps.get(name, ("",))[0] != "get_attr":
                     storage = value.untyped_storage()
@@ -242,14 +243,11 @@ class ReusingRunner:
         very graph on (the verification's runs of the graph a lossy pass committed, or the
         pinned runs of the graph it started from, if it was rolled back); None when there is
         none. Only those records are carried: the next lossy pass starts from ``gm``."""
-        stamps = {node.name: _node_stamp(gm, node) for node in gm.graph.nodes}
+        stamps = _stamps(gm)
         carried = ReusingRunner(self.keep)
         for key in {*self._pinned, *self._last}:
             for record in (self._pinned.get(key), *self._last.get(key, [])):
-                if record is None:
-                    continue
-                clean = _shared_nodes(gm, stamps, record[0])
-                if all(node.name in clean for node in gm.graph.nodes if node.op != "output"):
+                if record is not None and _whole_run_of(gm, stamps, record):
                     carried._pinned[key] = record
                     break
         return carried if carried._pinned else None
@@ -257,11 +255,12 @@ class ReusingRunner:
     def pinned_for(self, gm: fx.GraphModule, key: Any) -> bool:
         """Whether the graph pinned for batch ``key`` is ``gm`` (every node the same), so its
         values are ``gm``'s."""
-        if key not in self._pinned:
-            return False
-        stamps = {node.name: _node_stamp(gm, node) for node in gm.graph.nodes}
-        clean = _shared_nodes(gm, stamps, self._pinned[key][0])
-        return all(node.name in clean for node in gm.graph.nodes if node.op != "output")
+        return key in self.pinned_keys_for(gm, [key])
+
+    def pinned_keys_for(self, gm: fx.GraphModule, keys: Sequence[Any]) -> list[Any]:
+        """Those of ``keys`` whose pinned graph is ``gm`` (see :meth:`pinned_for`)."""
+        stamps = _stamps(gm) if any(key in self._pinned for key in keys) else {}
+        return [key for key in keys if key in self._pinned and _whole_run_of(gm, stamps, self._pinned[key])]
 
     def pinned_values(self, key: Any) -> dict[str, Any]:
         """The value of every node, by name, of the graph pinned for batch ``key``."""
@@ -269,7 +268,7 @@ class ReusingRunner:
 
     def run(self, gm: fx.GraphModule, inputs: Sequence[Any], key: Any = 0, *, pin: bool = False) -> list[Any]:
         """``gm``'s flat outputs on ``inputs`` (the batch called ``key``: the same tensors every call)."""
-        stamps = {node.name: _node_stamp(gm, node) for node in gm.graph.nodes}
+        stamps = _stamps(gm)
         candidates = [c for c in (self._pinned.get(key), *self._last.get(key, [])) if c is not None]
         best: tuple[dict[str, Any], dict[str, Any]] | None = None
         best_clean: set[str] = set()
@@ -302,6 +301,16 @@ class ReusingRunner:
             self._last[key] = [record, *self._last.get(key, [])][: max(self.keep, 0)]
         out = gm.graph._codegen.process_outputs(output)
         return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _stamps(gm: fx.GraphModule) -> dict[str, Any]:
+    return {node.name: _node_stamp(gm, node) for node in gm.graph.nodes}
+
+
+def _whole_run_of(gm: fx.GraphModule, stamps: dict[str, Any], record: tuple[dict[str, Any], dict[str, Any]]) -> bool:
+    """Whether ``record`` (stamps, values) is a run of ``gm`` itself: every node shared."""
+    clean = _shared_nodes(gm, stamps, record[0])
+    return all(node.name in clean for node in gm.graph.nodes if node.op != "output")
 
 
 def _node_stamp(gm: fx.GraphModule, node: fx.Node) -> Any:

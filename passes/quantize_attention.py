@@ -34,8 +34,8 @@ from fxopt.lossy import (
     Site,
     check_search_options,
     collect_activations,
+    fit_indices,
     known_values,
-    split_batches,
 )
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.quant import FLOAT_DTYPES, QMAX, QMIN, static_scale
@@ -80,7 +80,7 @@ class QuantizeAttention(Pass):
         # the committed scales cover every batch.
         maxima = collect_activations(gm, values, ctx.observable_batches,
                                      reduce=lambda v: float(v.detach().abs().max()), known=known_values(ctx, gm))
-        fit = split_batches(len(ctx.batches), True, ctx.fresh_batches)[0]
+        fit = fit_indices(ctx)
         scales = _scales(maxima, range(len(ctx.observable_batches)))
         fit_scales = _scales(maxima, fit)
         sites = [Site(node.name, (True,)) for node in candidates]

@@ -56,7 +56,7 @@ from fxopt.lossy import (
     Site,
     check_search_options,
     collect_activations,
-    fit_batches,
+    fit_indices,
     known_values,
     merge_stats,
     observe_each,
@@ -213,10 +213,8 @@ class QuantizeInt8(Pass):
                 quantized = _one_layer(weight, bias, node.meta["val"].dtype)
                 linear = next(n for n in quantized.graph.nodes if n.target == ops.linear)
                 qweight, weight_scale = weights[node.name]
-                with quantized.graph.inserting_before(linear):
-                    qweight_node = quantized.graph.get_attr(_register(quantized, qweight, "qweight"))
-                    scale_node = quantized.graph.get_attr(_register(quantized, weight_scale, "weight_scale"))
-                insert_qdq(quantized, linear, qweight_node, scale_node, scales[node.name],
+                insert_qdq(quantized, linear, add_constant(quantized, qweight, "qweight", before=linear),
+                           add_constant(quantized, weight_scale, "weight_scale", before=linear), scales[node.name],
                            dynamic_tensor=self.activations == "dynamic-tensor")
                 quantized.recompile()
                 worst = 0.0
@@ -261,7 +259,7 @@ class QuantizeInt8(Pass):
         not symmetric. One observation of each batch serves both (the example's values come
         from the manager's reference run when it kept them)."""
         batches = ctx.observable_batches
-        fit = [index for index, batch in enumerate(batches) if any(batch is b for b in fit_batches(ctx))]
+        fit = fit_indices(ctx)  # positions in ctx.batches, the same in its observable prefix
         sources = {n.name: n.args[0] for n in nodes}
         known = known_values(ctx, gm)
         if not self.symmetric:

@@ -34,7 +34,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import add_constant, arg, constant, infer_val, is_op, ops
-from fxopt.lossy import collect_activations, known_values, split_batches
+from fxopt.lossy import collect_activations, fit_indices, known_values
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.quant import FLOAT_DTYPES
 from fxopt.rewrite import Refusal
@@ -94,7 +94,7 @@ class SmoothQuant(Pass):
         if not foldable:
             return result
         # Fit batches only: the held-out ones must stay unseen by what the search after this trials.
-        fit = split_batches(len(ctx.batches), True, ctx.fresh_batches)[0]
+        fit = fit_indices(ctx)
         known = known_values(ctx, gm)  # by position in ctx.batches; renumbered for the fit list
         channel_max = collect_activations(gm, foldable, [ctx.batches[i] for i in fit], reduce=_channel_abs_max,
                                           known={at: known[i] for at, i in enumerate(fit) if i in known})

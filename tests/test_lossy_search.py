@@ -43,13 +43,20 @@ class TwoBranches(nn.Module):
 SHRINK = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)  # least to most aggressive: how much of a weight goes
 
 
-def setup(batches: int = 1) -> tuple[fx.GraphModule, PassContext, list[Site], list[int]]:
+def captured(model_type: type[nn.Module], rows: int, batches: int) -> tuple[fx.GraphModule, PassContext]:
+    """A seeded model of ``model_type``, captured, with ``batches`` random batches of ``rows``
+    rows and their reference outputs."""
     torch.manual_seed(0)
-    model = TwoBranches().eval()
-    data = [[torch.randn(32, 16)] for _ in range(batches)]
+    model = model_type().eval()
+    data = [[torch.randn(rows, 16)] for _ in range(batches)]
     gm = capture(model, tuple(data[0]))
     ctx = PassContext(batches=data, calibrated=batches > 1)
     ctx.reference = reference_outputs(gm, data)
+    return gm, ctx
+
+
+def setup(batches: int = 1) -> tuple[fx.GraphModule, PassContext, list[Site], list[int]]:
+    gm, ctx = captured(TwoBranches, 32, batches)
     # Branch a saves as much as branch b per level, but costs a tenth of the error.
     sites = [Site(n.name, SHRINK, tuple(100 * s for s in SHRINK)) for n in call_nodes(gm, ops.linear)]
     return gm, ctx, sites, []
@@ -243,12 +250,7 @@ class ManyBranches(nn.Module):
 
 
 def many_branches(batches: int = 1, estimates: bool = True, estimate_scale: list[float] | None = None):
-    torch.manual_seed(0)
-    model = ManyBranches().eval()
-    data = [[torch.randn(64, 16)] for _ in range(batches)]
-    gm = capture(model, tuple(data[0]))
-    ctx = PassContext(batches=data, calibrated=batches > 1)
-    ctx.reference = reference_outputs(gm, data)
+    gm, ctx = captured(ManyBranches, 64, batches)
     linears = call_nodes(gm, ops.linear)
     weights = {n.name: float(constant(gm, n.args[1]).norm()) for n in linears}
     guesses = estimate_scale or [weights[n.name] for n in linears]

@@ -28,11 +28,12 @@ from fxopt.lossy.search import (
            estimated_trial_limit,
            first_passing,
            fit_batches,
+           fit_indices,
            split_batches,
 )
 from fxopt.lossy.task import METRICS, TaskBudget
 
 __all__ = ["METRICS", "STRATEGIES", "TaskBudget", "ActivationStats", "BudgetedSearch", "Outcome", "Pick", "Site", "check_search_options", "collect_activations",
            "estimated_trial_limit",
-           "first_passing", "fit_batches", "inputs_of", "known_values", "merge_stats", "observe", "observe_each",
+           "first_passing", "fit_batches", "fit_indices", "inputs_of", "known_values", "merge_stats", "observe", "observe_each",
            "split_batches"]

@@ -132,8 +132,7 @@ def known_values(ctx: Any, gm: fx.GraphModule) -> dict[int, Mapping[str, Any]]:
     runner = getattr(ctx, "values", None)
     if not isinstance(runner, ReusingRunner):
         return {}
-    return {index: runner.pinned_values(index) for index in range(len(ctx.batches))
-            if runner.pinned_for(gm, index)}
+    return {index: runner.pinned_values(index) for index in runner.pinned_keys_for(gm, range(len(ctx.batches)))}
 
 
 def observe(gm: fx.GraphModule, nodes: Iterable[fx.Node], batches: Sequence[Sequence[torch.Tensor]], *,

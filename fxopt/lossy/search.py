@@ -437,7 +437,7 @@ class BudgetedSearch:
         over: list[dict[str, Level]] = []  # combinations measured over budget, for the refusals
         rest = list(ranked)
         while rest:
-            every = {**choices, **{s.name: s.levels[-1] for s in rest}}
+            every = _most_aggressive(choices, rest)
             if self.measured(every) is None and self.trials >= limit:
                 break
             every_error = self.error(every)
@@ -451,7 +451,7 @@ class BudgetedSearch:
                 break
             over.append(every)
             fits, fails = self._longest_prefix(choices, rest, budget, limit, over)
-            base = {**choices, **{s.name: s.levels[-1] for s in rest[:fits]}}
+            base = _most_aggressive(choices, rest[:fits])
             if fits:
                 base_error = self.error(base)
                 picks.update({s.name: Pick(s.levels[-1], base_error, target=budget, others=len(base) - 1)
@@ -485,7 +485,7 @@ class BudgetedSearch:
 
         def measure(length: int) -> bool:
             nonlocal fits, fails
-            combination = {**base, **{s.name: s.levels[-1] for s in rest[:length]}}
+            combination = _most_aggressive(base, rest[:length])
             error = self.error(combination)
             self.step("prefix", length=length, taken=len(base), error=error, target=budget)
             if error <= budget:
@@ -496,7 +496,7 @@ class BudgetedSearch:
             return error <= budget
 
         def affordable(length: int) -> bool:
-            combination = {**base, **{s.name: s.levels[-1] for s in rest[:length]}}
+            combination = _most_aggressive(base, rest[:length])
             return self.trials < limit or self.measured(combination) is not None
 
         guess = self._predicted_length(base, rest, budget)
@@ -519,7 +519,7 @@ class BudgetedSearch:
         their summed estimates (local errors add up along a path; the two measured points
         calibrate their units). Only where the search starts."""
         low = self.error(base)
-        high = self.error({**base, **{s.name: s.levels[-1] for s in rest}})
+        high = self.error(_most_aggressive(base, rest))
         total = sum(self.estimate(s) for s in rest)
         if not math.isfinite(high) or not math.isfinite(total) or total <= 0:
             return len(rest) // 2
@@ -567,6 +567,12 @@ class BudgetedSearch:
                        None if self.ctx.task is None else self.drop(choices, ALL))
 
 
+def _most_aggressive(base: Choices, sites: Sequence[Site]) -> dict[str, Level]:
+    """``base`` with each of ``sites`` at its most aggressive level (a prefix the estimated
+    sensitivity search measures)."""
+    return {**base, **{site.name: site.levels[-1] for site in sites}}
+
+
 def estimated_trial_limit(sites: int) -> int:
     """The most trials the sensitivity strategy measures, after every site at once, when it
     ranks ``sites`` sites by their estimates: two binary searches over them, and two more."""
@@ -603,7 +609,12 @@ def split_batches(count: int, holdout: bool = True, fresh: int = 0) -> tuple[lis
     return indices, []
 
 
+def fit_indices(ctx: PassContext, holdout: bool = True) -> list[int]:
+    """The positions in ``ctx.batches`` of the batches a pass may fit on (see :func:`fit_batches`)."""
+    return split_batches(len(ctx.batches), holdout, ctx.fresh_batches)[0]
+
+
 def fit_batches(ctx: PassContext, holdout: bool = True) -> list[list[Any]]:
     """The batches a pass may fit statistics on (ranking, means) without seeing the
     held-out ones: fitting on those would make the held-out check optimistic."""
-    return [ctx.batches[i] for i in split_batches(len(ctx.batches), holdout, ctx.fresh_batches)[0]]
+    return [ctx.batches[i] for i in fit_indices(ctx, holdout)]

@@ -270,10 +270,9 @@ def _run_and_compare(verification: Verification, gm: fx.GraphModule, batches: li
                      reference: list[list[Any]], values: Any = None) -> tuple[Any, float, list[list[Any]]]:
     """Run ``gm`` on each batch (through ``values``, a ReusingRunner, when given: every batch
     but the fresh ones, whose values no pass observes, and those too where it kept values to
-    reuse) and compare with
-    ``reference``: the worst comparison (None without batches), the relative error on the
-    first batch (the example inputs, which every pass chooses on) and the outputs. An
-    exception from running the graph propagates."""
+    reuse) and compare with ``reference``: the worst comparison (None without batches), the
+    relative error on the first batch (the example inputs, which every pass chooses on) and
+    the outputs. An exception from running the graph propagates."""
     outputs: list[list[Any]] = []
     worst = None
     example_error = 0.0

@@ -142,10 +142,12 @@ class Verification:
         runner = ReusingRunner()
         observable = len(batches) - self.ctx.fresh_batches
         outputs = []
+        kept = 0  # bytes of the values pinned so far
         for index, batch in enumerate(batches):
-            if index == 0 or (index < observable and runner.pinned_bytes() < KEPT_VALUES_BYTES):
+            if index == 0 or (index < observable and kept < KEPT_VALUES_BYTES):
                 self.forwards += 1
                 outputs.append(runner.run(gm, list(batch), index, pin=True))
+                kept += runner.pinned_bytes(index)
             else:
                 outputs += self.run(gm, [batch], [known[index]])
         self.ctx.values = runner
