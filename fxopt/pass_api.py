@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.errors import OptionTypeError
+from fxopt.evidence import Evidence
 
 if TYPE_CHECKING:
     from fxopt.lossy.task import TaskBudget
@@ -112,32 +113,46 @@ class PassResult:
         return Counter(s.group for s in self.skipped)
 
 
-@dataclass
+@dataclass(frozen=True)
 class PassContext:
-    """What the manager offers a pass: data to measure on, and ways to measure.
+    """What a pass is given: read-only configuration and a handle on what was measured.
 
     ``batches`` are flat input lists: the example inputs first, then calibration batches,
     then ``fresh_batches`` inputs drawn like the examples (other values, another batch
     size), there to verify on and never to calibrate on: an observer reads
-    ``batches[:len(batches) - fresh_batches]``. ``reference`` holds the current graph's
-    outputs on each batch, so a lossy pass can measure a candidate rewrite with
-    :meth:`output_error` before committing to it. ``task`` (optional): a task-metric budget
+    ``batches[:len(batches) - fresh_batches]``. ``task`` (optional): a task-metric budget
     (:class:`fxopt.lossy.task.TaskBudget`: labelled batches, a metric, ``max_drop``) that every
     budgeted search of a lossy pass also keeps, besides the pass's output-error budget.
+
+    ``evidence`` is the compilation's :class:`fxopt.evidence.Evidence`, which the
+    session and the pass manager own and fill; a pass reads it (``reference``, ``original``,
+    ``values`` below) and never writes it.
     """
 
     batches: list[list[torch.Tensor]]
-    reference: list[list[Any]] = field(default_factory=list)
-    original: list[list[Any]] = field(default_factory=list)
     calibrated: bool = False
     fresh_batches: int = 0
     task: TaskBudget | None = None
-    # A fxopt.verify.ReusingRunner holding the current graph's node values on the batches a
-    # pass may observe (keyed by position in ``batches``), left by the manager before a lossy
-    # pass (its reference run, or the previous lossy pass's verification): observers
-    # (fxopt.lossy.known_values), a search's trials and the pass's verification reuse them
-    # instead of running the graph again.
-    values: Any = None
+    evidence: Evidence = field(default_factory=Evidence)
+
+    @property
+    def reference(self) -> list[list[Any]]:
+        """The current graph's outputs on each batch (empty until the manager computed them),
+        so a lossy pass can measure a candidate rewrite with :meth:`output_error`."""
+        return self.evidence.reference
+
+    @property
+    def original(self) -> list[list[Any]]:
+        """The captured graph's outputs on each batch, when known."""
+        return self.evidence.original
+
+    @property
+    def values(self) -> Any:
+        """A :class:`fxopt.verify.ReusingRunner` holding the current graph's node values on the
+        batches a pass may observe (keyed by position in ``batches``), kept by the manager
+        before a lossy pass: observers (:func:`fxopt.lossy.known_values`), a search's trials
+        and the pass's verification reuse them instead of running the graph again; or None."""
+        return self.evidence.values
 
     @property
     def example_inputs(self) -> list[torch.Tensor]:

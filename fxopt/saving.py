@@ -56,8 +56,8 @@ def save(optimized: Any, path: str | os.PathLike[str]) -> str:
     The file is written next to ``path`` first and moved into place when complete, so a
     failure leaves no partial file behind (and an existing file untouched).
     """
-    from fxopt.api import OptimizedModule
     from fxopt.ir import copy_graph_module
+    from fxopt.module import OptimizedModule
 
     if not isinstance(optimized, OptimizedModule):
         raise InputError(f"fxopt.save takes what fxopt.compile returns, got {type(optimized).__name__}")
@@ -94,8 +94,8 @@ def save(optimized: Any, path: str | os.PathLike[str]) -> str:
 def load(path: str | os.PathLike[str]) -> Any:
     """Load a module written by :func:`save`; it runs on the device it was compiled for."""
     import fxopt.ir.qdq  # noqa: F401 - registers the quantize/dequantize ops a QDQ graph calls
-    from fxopt.api import OptimizedModule
     from fxopt.lowering.registry import lowerings
+    from fxopt.module import OptimizedModule
 
     lowerings()  # imports every registered lowering and the custom ops its kernels add
 

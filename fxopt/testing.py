@@ -22,10 +22,10 @@ import torch.utils._pytree as pytree
 
 from fxopt.capture import capture, normalize_example_inputs
 from fxopt.ir import count_ops, op_histogram
-from fxopt.pass_api import Pass, PassContext, Skip
-from fxopt.pipeline import PassManager
+from fxopt.pass_api import Pass, Skip
 from fxopt.registry import resolve_passes
-from fxopt.report import PassRecord
+from fxopt.report import PassRecord, Report
+from fxopt.session import Session, SessionOptions
 from fxopt.verify import compare_outputs, exact_tolerance, module_fingerprint, run_graph
 
 __all__ = ["PassRun", "assert_idempotent", "assert_outputs_close", "assert_skipped", "count_ops",
@@ -78,13 +78,13 @@ def run_pass(
     fingerprint = module_fingerprint(model)
     before = capture(model, args)
     batches = [list(args)] + [list(normalize_example_inputs(b)) for b in (calibration or [])]
-    ctx = PassContext(batches=batches, calibrated=len(batches) > 1)
     (pass_obj,) = resolve_passes([pass_])
     from fxopt.ir import copy_graph_module
 
-    after, records = PassManager([pass_obj], strict=strict).run(copy_graph_module(before), ctx)
+    session = Session.from_graph(copy_graph_module(before), batches, Report(), options=SessionOptions(strict=strict))
+    stage = session.run([pass_obj])
     assert module_fingerprint(model) == fingerprint, "the pass modified the user's model"
-    return PassRun(before, after, records[0], batches, model)
+    return PassRun(before, stage.gm, stage.records[0], batches, model)
 
 
 def assert_outputs_close(actual: Sequence[Any], expected: Sequence[Any], rtol: float | None = None) -> float:
@@ -121,8 +121,8 @@ def assert_idempotent(pass_: str | Pass, model: torch.nn.Module, example_inputs:
     """Running the pass a second time on its own output changes nothing."""
     first = run_pass(pass_, model, example_inputs)
     (pass_obj,) = resolve_passes([pass_])
-    ctx = PassContext(batches=first.batches)
-    again, records = PassManager([pass_obj], strict=True).run(first.after, ctx)
+    stage = Session.from_graph(first.after, first.batches, Report(), options=SessionOptions(strict=True)).run([pass_obj])
+    again, records = stage.gm, stage.records
     assert records[0].status == "no change", (
         f"second run of {pass_obj.name} changed the graph again (applied {records[0].applied})"
     )

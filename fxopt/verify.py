@@ -51,44 +51,41 @@ class Comparison:
         return self
 
 
-# gm.meta key: (inputs, outputs) of the graph, verified by the pass manager, that a
-# backend's parity check may compare with instead of running the graph again.
-KNOWN_OUTPUTS = "fxopt_known_outputs"
+@dataclass(frozen=True)
+class Parity:
+    """What a backend checks its lowering against, handed to it by the session (computed by
+    the verification, see :meth:`fxopt.pipeline.verification.Verification.parity`).
 
+    ``inputs``/``outputs``: the optimized graph's outputs on its smallest verified batch (the
+    fresh input, or a row slice when exact passes were verified on slices), or None. Once a
+    lossy pass has applied, ``model_batches``/``model_outputs``: the model's outputs on every
+    batch the passes were measured on (or those of a graph within ``model_drift``, max abs
+    and relative error, of it), for a backend that computes differently from the graph to
+    measure its own error against the model.
+    """
 
-def known_outputs(gm: fx.GraphModule) -> tuple[list[Any], list[Any]] | None:
-    """The inputs and outputs of ``gm`` its verification already computed, if any: its
-    smallest verified batch (the fresh input, or a row slice when exact passes were verified
-    on slices)."""
-    known = getattr(gm, "meta", {}).get(KNOWN_OUTPUTS)
-    return known if known is not None else None
+    inputs: list[Any] | None = None
+    outputs: list[Any] | None = None
+    model_batches: list[list[Any]] | None = None
+    model_outputs: list[list[Any]] | None = None
+    model_drift: tuple[float, float] = (0.0, 0.0)
 
+    def known(self) -> tuple[list[Any], list[Any]] | None:
+        """The graph's verified (inputs, outputs), if any."""
+        return (self.inputs, self.outputs) if self.inputs is not None and self.outputs is not None else None
 
-# gm.meta key: (batches, outputs, (abs, rel)) once a lossy pass has applied: the model's
-# outputs on every batch the pass manager measured (or those of a graph within the given
-# max abs and relative error of it, see fxopt.pipeline.verification), for a backend that
-# computes differently from the graph to measure its own error against the model.
-MODEL_OUTPUTS = "fxopt_model_outputs"
-
-
-def error_against_model(gm: fx.GraphModule, run: Any) -> tuple[float, float] | None:
-    """Max abs and relative error of ``run`` (a callable on a batch's flat inputs) against
-    the model's outputs on every batch in ``gm.meta[MODEL_OUTPUTS]``; None when unknown."""
-    known = getattr(gm, "meta", {}).get(MODEL_OUTPUTS)
-    if known is None:
-        return None
-    batches, outputs, (drift_abs, drift_rel) = known
-    worst = Comparison()
-    for batch, expected in zip(batches, outputs):
-        worst.merge(compare_outputs(expected, list(run(*batch))))
-    if worst.mismatch:
-        return math.inf, math.inf
-    return worst.max_abs + drift_abs, worst.max_rel + drift_rel
-
-
-# gm.meta key: [(inputs, outputs), ...] runs of the captured graph made before the pass
-# manager (the fresh-input check), which it takes as references instead of running again.
-RUN_OUTPUTS = "fxopt_run_outputs"
+    def error_against_model(self, run: Any) -> tuple[float, float] | None:
+        """Max abs and relative error of ``run`` (a callable on a batch's flat inputs) against
+        the model's outputs on every measured batch; None when unknown."""
+        if self.model_batches is None or self.model_outputs is None:
+            return None
+        worst = Comparison()
+        for batch, expected in zip(self.model_batches, self.model_outputs):
+            worst.merge(compare_outputs(expected, list(run(*batch))))
+        if worst.mismatch:
+            return math.inf, math.inf
+        drift_abs, drift_rel = self.model_drift
+        return worst.max_abs + drift_abs, worst.max_rel + drift_rel
 
 
 def same_inputs(a: Sequence[Any], b: Sequence[Any]) -> bool:

@@ -20,6 +20,7 @@ from fxopt.pass_api import PassContext
 from fxopt.pipeline import PassInstrument, PassManager, reference_outputs
 from fxopt.pipeline.verification import row_slices
 from fxopt.registry import default_pipeline
+from fxopt.session import pass_context
 from fxopt.verify import ReusingRunner, compare_outputs, run_graph
 
 
@@ -47,8 +48,8 @@ class _SiblingHeads(nn.Module):
 @pytest.fixture
 def graph_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """The batch size (rows of the first input) of every graph run fxopt.compile makes."""
-    import fxopt.api
     import fxopt.backends.eager
+    import fxopt.inputs
     import fxopt.pipeline.checks
     import fxopt.pipeline.manager
     import fxopt.pipeline.verification
@@ -60,7 +61,7 @@ def graph_runs(monkeypatch: pytest.MonkeyPatch) -> list[int]:
         rows.append(int(inputs[0].shape[0]))
         return original(gm, inputs)
 
-    for module in (fxopt.api, fxopt.backends.eager, fxopt.pipeline.checks, fxopt.pipeline.manager,
+    for module in (fxopt.inputs, fxopt.backends.eager, fxopt.pipeline.checks, fxopt.pipeline.manager,
                    fxopt.pipeline.verification):
         monkeypatch.setattr(module, "run_graph", counting)
     return rows
@@ -148,16 +149,16 @@ class _CountPasses(PassInstrument):
 
 
 def test_preset_candidates_share_one_capture_and_their_common_passes(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fxopt.api
+    import fxopt.session
 
     captures = []
-    original = fxopt.api.capture
+    original = fxopt.session.capture
 
     def counting(*args: Any, **kwargs: Any) -> Any:
         captures.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(fxopt.api, "capture", counting)
+    monkeypatch.setattr(fxopt.session, "capture", counting)
     counter = _CountPasses()
     preset = presets.Preset("shared-test", "two int8 candidates with one pipeline, one exact", (
         presets.Candidate(("exact", "quantize-int8(activations='dynamic-tensor')"), "eager"),
@@ -228,7 +229,7 @@ def _search_case() -> tuple[Any, PassContext, list[Site], Any]:
 
     gm = fxopt.capture(_mlp(), (torch.randn(16, 64),))
     batches = [[torch.randn(16, 64)], [torch.randn(16, 64)]]
-    ctx = PassContext(batches=batches, reference=reference_outputs(gm, batches))
+    ctx = pass_context(batches, reference=reference_outputs(gm, batches))
     linears = [n.name for n in call_nodes(gm, ops.linear)]
     weights = {}
     for node in call_nodes(gm, ops.linear):
@@ -282,9 +283,7 @@ def test_pass_manager_alone_still_verifies_every_row() -> None:
 
 
 def test_row_slices_change_no_lossy_choice_nor_the_final_error() -> None:
-    from fxopt.api import optimize_captured
     from fxopt.registry import resolve_passes
-    from fxopt.report import Report
 
     model = _mlp()
     x, fresh = torch.randn(16, 64), torch.randn(17, 64)
@@ -292,7 +291,7 @@ def test_row_slices_change_no_lossy_choice_nor_the_final_error() -> None:
     results = []
     for rows in (2, None):
         gm = fxopt.capture(model, (x,))
-        opt = optimize_captured(gm, [[x], [fresh]], pipeline, report=Report(), fresh_batches=1, verify_rows=rows)
+        opt = compile_captured(gm, [[x], [fresh]], pipeline, fresh_batches=1, verify_rows=rows)
         results.append(opt.report)
     sliced, full = results
     assert [(r.name, r.status, r.applied) for r in sliced.passes] == [(r.name, r.status, r.applied) for r in full.passes]
@@ -318,9 +317,7 @@ def test_race_stops_after_its_rounds_once_timing_took_its_seconds(monkeypatch: p
 
 
 def test_a_lossy_pass_reuses_the_reference_runs_values(monkeypatch: pytest.MonkeyPatch) -> None:
-    from fxopt.api import optimize_captured
     from fxopt.registry import resolve_passes
-    from fxopt.report import Report
     from fxopt.verify import ReusingRunner
 
     pins: list[int] = []
@@ -334,7 +331,7 @@ def test_a_lossy_pass_reuses_the_reference_runs_values(monkeypatch: pytest.Monke
     model, x, fresh = _mlp(), torch.randn(16, 64), torch.randn(17, 64)
     pipeline = resolve_passes([*default_pipeline(), "quantize-int8(activations='dynamic-tensor', budget=0.01)"])
     gm = fxopt.capture(model, (x,))
-    opt = optimize_captured(gm, [[x], [fresh]], pipeline, report=Report(), fresh_batches=1, verify_rows=2)
+    opt = compile_captured(gm, [[x], [fresh]], pipeline, fresh_batches=1, verify_rows=2)
     record = opt.report["quantize-int8"]
     assert record.status == "applied"
     # the float graph ran once on the example, for the reference, and was kept: neither the
@@ -356,7 +353,7 @@ class _TokenMLP(nn.Module):
 
 
 def test_fresh_rows_give_the_linears_enough_vectors_and_another_batch_size() -> None:
-    from fxopt.api import FRESH_VECTORS, fresh_rows
+    from fxopt.inputs import FRESH_VECTORS, fresh_rows
 
     assert fresh_rows(8, 128) == 3  # BERT-like rows: 3 x 128 token vectors are plenty
     assert fresh_rows(8, 64) == -(-FRESH_VECTORS // 64)  # as many rows as give FRESH_VECTORS
@@ -394,10 +391,8 @@ def test_a_lossy_pass_after_another_starts_from_the_values_its_verification_kept
     lossy pass (its values kept); the next lossy pass observes and trials on the values of
     the graph the first committed, kept by the first's verification: no observer runs, no
     second pin."""
-    from fxopt.api import optimize_captured
     from fxopt.lossy import observer
     from fxopt.registry import resolve_passes
-    from fxopt.report import Report
 
     events: list[tuple[str, int]] = []
     run, record = ReusingRunner.run, observer._Recorder.run
@@ -417,7 +412,7 @@ def test_a_lossy_pass_after_another_starts_from_the_values_its_verification_kept
     gm = fxopt.capture(_mlp(), (x,))
     pipeline = resolve_passes([*default_pipeline(), "smooth-quant(explicit=True, budget=0.2)",
                                "quantize-int8(activations='static', budget=0.2)"])
-    opt = optimize_captured(gm, [[x], [calibration], [fresh]], pipeline, report=Report(), fresh_batches=1,
+    opt = compile_captured(gm, [[x], [calibration], [fresh]], pipeline, fresh_batches=1,
                             verify_rows=2)
     assert opt.report["smooth-quant"].status == opt.report["quantize-int8"].status == "applied"
     assert [e for e in events if e[0] == "pin"] == [("pin", 0), ("pin", 1)]
@@ -427,12 +422,11 @@ def test_a_lossy_pass_after_another_starts_from_the_values_its_verification_kept
 
 
 def test_kept_values_stay_within_their_memory_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past ``KEPT_VALUES_BYTES`` the reference run keeps no more batches' values (the
+    """Past the evidence store's memory bound the reference run keeps no more batches' values (the
     example's always): the choice and its error do not change, only what is run again."""
-    from fxopt.api import optimize_captured
+    from fxopt.evidence import KEPT_VALUES_BYTES
     from fxopt.pipeline import verification
     from fxopt.registry import resolve_passes
-    from fxopt.report import Report
 
     kept: list[list[int]] = []
     keeping = verification.Verification._run_keeping_values
@@ -446,14 +440,25 @@ def test_kept_values_stay_within_their_memory_bound(monkeypatch: pytest.MonkeyPa
     torch.manual_seed(1)
     x, calibration, fresh = torch.randn(16, 64), torch.randn(16, 64), torch.randn(17, 64)
     reports = []
-    for limit in (verification.KEPT_VALUES_BYTES, 0):
-        monkeypatch.setattr(verification, "KEPT_VALUES_BYTES", limit)
+    for limit in (KEPT_VALUES_BYTES, 0):
         gm = fxopt.capture(_mlp(), (x,))
         pipeline = resolve_passes([*default_pipeline(), "quantize-int8(activations='static', budget=0.2)"])
-        reports.append(optimize_captured(gm, [[x], [calibration], [fresh]], pipeline, report=Report(),
-                                         fresh_batches=1, verify_rows=2).report)
+        reports.append(compile_captured(gm, [[x], [calibration], [fresh]], pipeline, fresh_batches=1, verify_rows=2,
+                                        memory_bound=limit).report)
     assert kept == [[0, 1], [0]]  # never the fresh input's, which nothing observes
     unbounded, bounded = reports
     assert unbounded["quantize-int8"].status == bounded["quantize-int8"].status == "applied"
     assert unbounded["quantize-int8"].max_rel_err == pytest.approx(bounded["quantize-int8"].max_rel_err)
     assert unbounded["quantize-int8"].details == bounded["quantize-int8"].details
+
+
+def compile_captured(gm, batches, pipeline, *, fresh_batches=0, verify_rows=2, memory_bound=None):
+    """A pipeline on an already captured graph, lowered to eager: one session's run and lower."""
+    from fxopt.report import Report
+    from fxopt.session import Session, SessionOptions
+
+    options = SessionOptions(verify_rows=verify_rows)
+    if memory_bound is not None:
+        options.memory_bound = memory_bound
+    session = Session.from_graph(gm, batches, Report(), options=options, fresh_batches=fresh_batches)
+    return session.compile(pipeline, "eager")

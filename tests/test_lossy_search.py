@@ -24,6 +24,7 @@ from fxopt.lossy import (
 )
 from fxopt.manager import reference_outputs
 from fxopt.pass_api import PassContext
+from fxopt.session import pass_context
 from fxopt.verify import compare_outputs, run_graph
 
 
@@ -50,8 +51,7 @@ def captured(model_type: type[nn.Module], rows: int, batches: int) -> tuple[fx.G
     model = model_type().eval()
     data = [[torch.randn(rows, 16)] for _ in range(batches)]
     gm = capture(model, tuple(data[0]))
-    ctx = PassContext(batches=data, calibrated=batches > 1)
-    ctx.reference = reference_outputs(gm, data)
+    ctx = pass_context(data, calibrated=batches > 1, reference=reference_outputs(gm, data))
     return gm, ctx
 
 
@@ -153,7 +153,7 @@ def test_a_choice_that_fails_on_held_out_data_is_made_again_on_every_batch() -> 
     weight_a = constant(gm, next(n for n in gm.graph.nodes if n.name == a).args[1])
     direction = weight_a[0] / weight_a[0].norm()
     ctx.batches[1] = [ctx.batches[1][0] + 40 * torch.randn(32, 1) * direction]
-    ctx.reference = reference_outputs(gm, ctx.batches)
+    ctx = pass_context(ctx.batches, calibrated=ctx.calibrated, reference=reference_outputs(gm, ctx.batches))
     search = BudgetedSearch(gm, ctx, sites, shrinking(calls), budget=0.05, strategy="sensitivity")
     outcome = search.run()
     verify = next(s for s in outcome.log if s["event"] == "verify")
@@ -329,8 +329,8 @@ def test_estimated_choice_is_verified_on_held_out_data_and_made_again_on_every_b
     # The held-out batch is large along the least damaging branch, which the estimates put first.
     weight = constant(gm, next(n for n in gm.graph.nodes if n.name == order[0]).args[1])
     ctx.batches[1] = [ctx.batches[1][0] + 400 * torch.randn(64, 1) * weight[0] / weight[0].norm()]
-    ctx.reference = reference_outputs(gm, ctx.batches)
-    budget = 0.4 * measured(gm, PassContext(batches=ctx.batches[:1], reference=ctx.reference[:1]), apply,
+    ctx = pass_context(ctx.batches, calibrated=ctx.calibrated, reference=reference_outputs(gm, ctx.batches))
+    budget = 0.4 * measured(gm, pass_context(ctx.batches[:1], reference=ctx.reference[:1]), apply,
                             {s.name: 0.5 for s in sites})
     outcome = BudgetedSearch(gm, ctx, sites, apply, budget=budget, strategy="sensitivity").run()
     verify = next(s for s in outcome.log if s["event"] == "verify")

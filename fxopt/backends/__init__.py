@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.errors import BackendError
+from fxopt.verify import Parity
 
 ENTRY_POINT_GROUP = "fxopt.backends"
 
@@ -207,10 +209,23 @@ def lower(
     example_inputs: list[torch.Tensor],
     device: torch.device,
     report: Any,
+    parity: Parity | None = None,
 ) -> Lowered:
+    """Lower ``gm`` with backend ``name``. ``parity`` (:class:`fxopt.verify.Parity`): what the
+    verification already knows of ``gm``'s outputs, handed to a lowering that takes a
+    ``parity`` argument (the built-in ones do) so its parity check runs nothing twice."""
     backend = get_backend(name, device)
     try:
         lowering = backend.lower_function()
     except ImportError as exc:
         raise BackendError(f"backend {name!r} is not available: {exc}; {backend.install_hint()}") from exc
+    if parity is not None and _takes_parity(lowering):
+        return lowering(gm, signature, example_inputs, device, report, parity=parity)
     return lowering(gm, signature, example_inputs, device, report)
+
+
+def _takes_parity(lowering: LowerFunction) -> bool:
+    try:
+        return "parity" in inspect.signature(lowering).parameters
+    except (TypeError, ValueError):
+        return False

@@ -14,7 +14,7 @@ import torch.fx as fx
 from fxopt.backends import Lowered, require_torch_device
 from fxopt.lowering import lower_graph
 from fxopt.report import phase
-from fxopt.verify import compare_outputs, exact_tolerance, known_outputs, run_graph
+from fxopt.verify import Parity, compare_outputs, exact_tolerance, run_graph
 
 
 def lower_eager(
@@ -23,9 +23,10 @@ def lower_eager(
     example_inputs: list[torch.Tensor],
     device: torch.device,
     report: Any,
+    parity: Parity | None = None,
 ) -> Lowered:
     require_torch_device(device)
-    known = known_outputs(gm)
+    known = parity.known() if parity is not None else None
     expected = None
     if known is not None and all(not isinstance(t, torch.Tensor) or t.device == device for t in known[0]):
         # The pass manager verified the optimized graph on these inputs (its smallest verified

@@ -35,13 +35,7 @@ import torch.fx as fx
 from fxopt.backends import Backend, Lowered
 from fxopt.errors import BackendError
 from fxopt.lowering import lower_graph
-from fxopt.verify import (
-    compare_outputs,
-    error_against_model,
-    exact_tolerance,
-    known_outputs,
-    run_graph,
-)
+from fxopt.verify import Parity, compare_outputs, exact_tolerance, run_graph
 
 
 def lower_openvino(
@@ -50,6 +44,7 @@ def lower_openvino(
     example_inputs: list[torch.Tensor],
     device: torch.device,
     report: Any,
+    parity: Parity | None = None,
 ) -> Lowered:
     if device.type != "cpu":
         raise BackendError(f"backend 'openvino' runs on cpu only, not {device.type!r}; use device='cpu'")
@@ -68,7 +63,8 @@ def lower_openvino(
             config.update(runtime_config(lowered.graph_module))
     runner = OpenVinoRunner(exported, config)
     runner.files = files
-    known = known_outputs(gm)
+    parity = parity or Parity()
+    known = parity.known()
     if known is not None:
         # The pass manager verified the optimized graph on these inputs (its smallest verified
         # batch, see Verification.smallest_known_outputs): parity is checked on the same ones.
@@ -92,7 +88,7 @@ def lower_openvino(
         # the graph's Linears): a preset's budget must hold for what actually runs. Its own
         # outputs are measured against the model's on every batch the passes were measured on
         # when those are known; else the graph's error plus OpenVINO's drift bounds it.
-        measured = error_against_model(gm, runner)
+        measured = parity.error_against_model(runner)
         if measured is not None:
             report.final_max_abs_err, report.final_max_rel_err = measured
             report.notes.append(f"OpenVINO's outputs against the model's: max rel err {measured[1]:.2e}")

@@ -14,7 +14,7 @@ breaks, with the model's parameters and buffers as graph inputs. For each piece 
    ``fxopt.capture``: the same canonical IR ``fxopt.compile`` builds, so every weight pass
    applies; sizes dynamo made symbolic stay dynamic;
 2. runs the verified pass pipeline and lowers to eager PyTorch or ONNX Runtime
-   (``fxopt.api.optimize_captured``);
+   (a :class:`fxopt.session.Session` on the captured graph);
 3. returns a function that, on every call, checks that the frozen tensors are the ones the
    call passes and that nobody wrote to them (``tensor._version``). If a weight changed
    (``load_state_dict``, an in-place update, a replaced parameter) the piece is optimized
@@ -213,8 +213,8 @@ class _Piece:
             warnings.warn(f"fxopt: torch.compile graph {self.record.index} runs unoptimized: {exc}", stacklevel=2)
 
     def _optimize(self, args: Sequence[Any]) -> None:
-        from fxopt.api import optimize_captured
         from fxopt.capture import capture
+        from fxopt.session import Session, SessionOptions
 
         user = [args[s.position] for s in self.slots if s.kind == "input"]
         if any(torch._subclasses.fake_tensor.is_fake(t) for t in user):
@@ -226,8 +226,8 @@ class _Piece:
         report.capture_seconds = time.perf_counter() - start
         _refuse_training_graph(captured)
         batches = [captured.meta["fxopt_signature"].flatten(user, None, what="example input")]
-        optimized = optimize_captured(captured, batches, self.pipeline, report=report,
-                                      backend=self.settings.backend, strict=self.settings.strict)
+        session = Session.from_graph(captured, batches, report, options=SessionOptions(strict=self.settings.strict))
+        optimized = session.compile(self.pipeline, self.settings.backend)
         self._frozen = [(s.position, args[s.position], _state(args[s.position])) for s in self.slots if s.kind == "weight"]
         if self._frozen:
             # One message from one place: Python's default filter shows it once per process.
@@ -235,7 +235,7 @@ class _Piece:
         self._scalars = [(s.position, float(args[s.position])) for s in self.slots if s.kind == "scalar"]
         self._user_positions = [s.position for s in self.slots if s.kind == "input"]
         self.optimized = optimized
-        self.record.report = report
+        self.record.report = optimized.report
 
     def _changed(self, args: Sequence[Any]) -> str | None:
         for position, tensor, state in self._frozen:

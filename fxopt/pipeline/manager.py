@@ -46,7 +46,7 @@ from fxopt.pipeline.instruments import (
 from fxopt.pipeline.verification import Verification, row_slices
 from fxopt.registry import PassOrderWarning, order_violations
 from fxopt.report import PassRecord, phase
-from fxopt.verify import RUN_OUTPUTS, ReusingRunner, run_graph, same_inputs
+from fxopt.verify import ReusingRunner, run_graph, same_inputs
 
 log = logging.getLogger("fxopt")
 
@@ -89,8 +89,9 @@ def reference_outputs(gm: fx.GraphModule, batches: list[list[torch.Tensor]], sta
 
 def _reference_reusing(gm: fx.GraphModule, batches: list[list[Any]], verification: Verification) -> list[list[Any]]:
     """:func:`reference_outputs`, taking the outputs of runs already made on the same inputs
-    (``gm.meta[RUN_OUTPUTS]``, left by the fresh-input check) instead of running again."""
-    known = gm.meta.pop(RUN_OUTPUTS, None) or []  # for this graph only: copies must not inherit it
+    (the evidence store's pre-pipeline ``runs``, left by the fresh-input check) instead of
+    running again."""
+    known = verification.evidence.take_runs()  # the captured graph's: no later graph may take them
     outputs: list[list[Any]] = []
     for index, batch in enumerate(batches):
         reused = next((out for inputs, out in known if same_inputs(inputs, batch)), None)
@@ -173,7 +174,7 @@ class PassManager:
         try:
             return self._run(gm, ctx)
         finally:
-            ctx.values = None  # node values kept for lossy passes: not held past the pipeline
+            ctx.evidence.drop_values()  # node values kept for lossy passes: not held past the pipeline
 
     def _start(self, gm: fx.GraphModule, ctx: PassContext) -> Verification:
         with phase("reference"):
@@ -185,18 +186,19 @@ class PassManager:
                 try:
                     # The full reference waits until a lossy pass needs it: an exact-only
                     # pipeline never runs the full batches.
-                    verification.slice_reference = verification.slice_original = _reference_reusing(
+                    ctx.evidence.slice_reference = ctx.evidence.slice_original = _reference_reusing(
                         gm, slices, verification)
                     return verification
                 except InputError:
                     log.debug("the captured graph does not run on row slices; verifying on every row")
             verification = Verification(gm, ctx, None)
-            if not ctx.reference:
-                ctx.reference = reference_outputs(gm, ctx.batches)
+            evidence = ctx.evidence
+            if not evidence.reference:
+                evidence.reference = reference_outputs(gm, ctx.batches)
                 verification.forwards += len(ctx.batches)
-            verification.full_current = True
-            if not ctx.original:
-                ctx.original = list(ctx.reference)
+            evidence.full_current = True
+            if not evidence.original:
+                evidence.original = list(evidence.reference)
         return verification
 
     def _run(self, gm: fx.GraphModule, ctx: PassContext) -> tuple[fx.GraphModule, list[PassRecord]]:
@@ -263,13 +265,14 @@ class PassManager:
         """Copy, run, consult the checks; returns the graph to keep."""
         pass_ = step.pass_
         if not pass_.exact and self.verification is not None:
+            evidence = ctx.evidence
             with phase("reference"):
                 # a lossy pass measures against ctx.reference (and reuses the values kept)
                 self.verification.ensure_full(gm, keep_values=True)
-            if ctx.values is None:
+            if evidence.values is None:
                 # The reference was current (a lossy pass before this one committed it) but no
                 # values of this graph were kept: the search and the verification share one runner.
-                ctx.values = ReusingRunner()
+                evidence.values = ReusingRunner()
             kept = gm
             try:
                 kept = self._run_checked(step, gm, ctx, done)
@@ -279,8 +282,9 @@ class PassManager:
                 # The kept graph's values on the example (the verification's run of what the
                 # pass committed) serve a lossy pass right after this one, which starts from
                 # that graph; nothing else is held past the pass.
-                ctx.values = ctx.values.carried_over(kept) if isinstance(ctx.values, ReusingRunner) else None
-        ctx.values = None  # an exact pass changes the graph: values kept for a lossy one are stale
+                runner = evidence.values
+                evidence.values = runner.carried_over(kept) if isinstance(runner, ReusingRunner) else None
+        ctx.evidence.drop_values()  # an exact pass changes the graph: values kept for a lossy one are stale
         return self._run_checked(step, gm, ctx, done)
 
     def _retry_within_budget(self, step: PassStep, gm: fx.GraphModule, kept: fx.GraphModule,

@@ -3,8 +3,8 @@
 Two sets of batches:
 
 * the full batches (``ctx.batches``: example inputs, calibration batches, fresh inputs), on
-  which lossy passes choose and are held to their budgets; ``ctx.reference`` holds the
-  current graph's outputs on them;
+  which lossy passes choose and are held to their budgets; the evidence store's ``reference``
+  holds the current graph's outputs on them;
 * their row slices: every batch cut to its first ``rows`` rows along the dynamic batch
   dimension (``rows + 1`` for a fresh batch, so the two sizes differ), on which exact
   passes are verified when the manager is given ``verify_rows``.
@@ -41,13 +41,9 @@ import torch
 import torch.fx as fx
 
 from fxopt.pass_api import PassContext
-from fxopt.verify import ReusingRunner, compare_outputs, run_graph
+from fxopt.verify import Parity, ReusingRunner, compare_outputs, run_graph
 
 DEFAULT_VERIFY_ROWS = 2
-
-# The most memory the node values kept for a lossy pass may take (beyond the example's,
-# always kept): with many calibration batches the later ones are run without keeping theirs.
-KEPT_VALUES_BYTES = 2 * 2**30
 
 
 def batch_symbol(gm: fx.GraphModule) -> Any:
@@ -99,33 +95,29 @@ def row_slices(gm: fx.GraphModule, batches: Sequence[Sequence[Any]], fresh_batch
 
 
 class Verification:
-    """The batches and reference outputs of one pipeline run (see the module docstring)."""
+    """Which batches a pass is verified on and which outputs it is compared with (see the
+    module docstring); what it runs is kept in the compilation's evidence store
+    (``ctx.evidence``, :class:`fxopt.evidence.Evidence`)."""
 
     def __init__(self, gm: fx.GraphModule, ctx: PassContext, slices: list[list[Any]] | None) -> None:
         self.ctx = ctx
+        self.evidence = ctx.evidence
         self.slices = slices
-        self.slice_reference: list[list[Any]] | None = None
-        self.slice_original: list[list[Any]] | None = None
-        self.full_current = bool(ctx.reference)  # ctx.reference is the current graph's
+        self.evidence.full_current = bool(self.evidence.reference)  # the reference is the current graph's
         self.captured = gm  # for the original outputs, computed only if a lossy pass needs them
-        self.lossy_applied = False
         self.forwards = 0  # graph runs made here (tests count them)
-        # The captured graph's outputs on the full batches, and any graph's whose full outputs
-        # were computed here, by graph: shared by forks (a preset's candidates continue from
-        # one graph), never written in place.
-        self._captured_outputs: dict[str, list[list[Any]]] = {}
-        self._full_outputs: dict[int, tuple[fx.GraphModule, list[list[Any]]]] = {}
-        # The full outputs of the graph the first lossy pass started from, and that graph's
-        # drift from the captured one on the slices (max abs, max rel): see the module docstring.
-        self.base_outputs: list[list[Any]] | None = None
-        self.base_drift: tuple[float, float] = (0.0, 0.0)
 
     def fork(self) -> Verification:
         """An independent copy to continue another pipeline from the same graph (a preset's
-        candidates share their exact passes): references are shared, never written in place."""
+        candidates share their exact passes): what was measured is shared, never written in place."""
         twin = copy.copy(self)
-        twin.ctx = dataclasses.replace(self.ctx)
+        twin.ctx = dataclasses.replace(self.ctx, evidence=self.evidence.fork())
+        twin.evidence = twin.ctx.evidence
         return twin
+
+    @property
+    def lossy_applied(self) -> bool:
+        return self.evidence.lossy_applied
 
     def run(self, gm: fx.GraphModule, batches: Sequence[Sequence[Any]],
             known: Sequence[list[Any] | None] = ()) -> list[list[Any]]:
@@ -137,20 +129,21 @@ class Verification:
     def _run_keeping_values(self, gm: fx.GraphModule, batches: Sequence[Sequence[Any]],
                             known: Sequence[list[Any] | None]) -> list[list[Any]]:
         """:meth:`run`, keeping every node's value on the batches a pass may observe (all but
-        the fresh ones) in ``ctx.values`` for the lossy pass about to read this reference (its
-        observers, trials and verification reuse them; the manager drops them after the pass)."""
+        the fresh ones) in the evidence store for the lossy pass about to read this reference
+        (its observers, trials and verification reuse them; the manager drops them after the
+        pass), within the store's memory bound."""
         runner = ReusingRunner()
         observable = len(batches) - self.ctx.fresh_batches
         outputs = []
         kept = 0  # bytes of the values pinned so far
         for index, batch in enumerate(batches):
-            if index == 0 or (index < observable and kept < KEPT_VALUES_BYTES):
+            if index == 0 or (index < observable and kept < self.evidence.memory_bound):
                 self.forwards += 1
                 outputs.append(runner.run(gm, list(batch), index, pin=True))
                 kept += runner.pinned_bytes(index)
             else:
                 outputs += self.run(gm, [batch], [known[index]])
-        self.ctx.values = runner
+        self.evidence.values = runner
         return outputs
 
     def _shared_outputs(self, source: Sequence[Sequence[Any]] | None, outputs: list[list[Any]] | None,
@@ -173,43 +166,46 @@ class Verification:
 
     def reference_for(self, gm: fx.GraphModule, exact: bool) -> list[list[Any]]:
         """The outputs of ``gm`` (the current graph) that a pass of this kind is compared with."""
+        evidence = self.evidence
         if self.sliced_for(exact):
-            if self.slice_reference is None:
-                known = self._shared_outputs(self.ctx.batches, self.ctx.reference if self.full_current else None,
+            if evidence.slice_reference is None:
+                known = self._shared_outputs(self.ctx.batches, evidence.reference if evidence.full_current else None,
                                              self.slices)
-                self.slice_reference = self.run(gm, self.slices or [], known)
-            return self.slice_reference
+                evidence.slice_reference = self.run(gm, self.slices or [], known)
+            return evidence.slice_reference
         self.ensure_full(gm)
-        return self.ctx.reference
+        return evidence.reference
 
     def ensure_full(self, gm: fx.GraphModule, keep_values: bool = False) -> None:
-        """Make ``ctx.reference`` the outputs of ``gm`` on the full batches; ``keep_values``:
-        when they are computed, also keep every node's value on the example inputs in
-        ``ctx.values`` (for the lossy pass about to run)."""
-        if self.full_current and self.ctx.reference:
+        """Make the evidence's reference the outputs of ``gm`` on the full batches;
+        ``keep_values``: when they are computed, also keep every node's value on the example
+        inputs (for the lossy pass about to run)."""
+        evidence = self.evidence
+        if evidence.full_current and evidence.reference:
             return
-        known = self._full_outputs.get(id(gm))
+        known = evidence.full_outputs.get(id(gm))
         if known is not None and known[0] is gm:
-            self.ctx.reference = known[1]
+            evidence.reference = known[1]
         else:
-            shared = self._shared_outputs(self.slices, self.slice_reference, self.ctx.batches)
-            self.ctx.reference = (self._run_keeping_values(gm, self.ctx.batches, shared) if keep_values
+            shared = self._shared_outputs(self.slices, evidence.slice_reference, self.ctx.batches)
+            evidence.reference = (self._run_keeping_values(gm, self.ctx.batches, shared) if keep_values
                                   else self.run(gm, self.ctx.batches, shared))
-            self._full_outputs[id(gm)] = (gm, self.ctx.reference)
-        self.full_current = True
-        if not self.ctx.original and gm is self.captured:
-            self.ctx.original = self._captured_outputs["full"] = list(self.ctx.reference)
-        if self.base_outputs is None and not self.lossy_applied:
-            self.base_outputs = list(self.ctx.reference)
-            self.base_drift = self._slice_drift()
+            evidence.full_outputs[id(gm)] = (gm, evidence.reference)
+        evidence.full_current = True
+        if not evidence.original and gm is self.captured:
+            evidence.original = evidence.captured_outputs["full"] = list(evidence.reference)
+        if evidence.base_outputs is None and not evidence.lossy_applied:
+            evidence.base_outputs = list(evidence.reference)
+            evidence.base_drift = self._slice_drift()
 
     def _slice_drift(self) -> tuple[float, float]:
         """Max abs and relative error of the current graph against the captured one on the
         row slices (zero when nothing changed the graph or there are no slices)."""
-        if self.slice_original is None or self.slice_reference is None:
+        evidence = self.evidence
+        if evidence.slice_original is None or evidence.slice_reference is None:
             return 0.0, 0.0
         worst_abs = worst_rel = 0.0
-        for expected, actual in zip(self.slice_original, self.slice_reference):
+        for expected, actual in zip(evidence.slice_original, evidence.slice_reference):
             comparison = compare_outputs(expected, actual)
             worst_abs, worst_rel = max(worst_abs, comparison.max_abs), max(worst_rel, comparison.max_rel)
         return worst_abs, worst_rel
@@ -217,15 +213,16 @@ class Verification:
     def commit(self, exact: bool, outputs: list[list[Any]] | None) -> None:
         """The graph that produced ``outputs`` (on the batches of its kind) is now current;
         the other set's reference is stale."""
+        evidence = self.evidence
         if outputs is None:  # committed without being run (verification off): nothing is known
-            self.slice_reference, self.full_current = None, False
+            evidence.slice_reference, evidence.full_current = None, False
             return
         if self.sliced_for(exact):
-            self.slice_reference, self.full_current = outputs, False
+            evidence.slice_reference, evidence.full_current = outputs, False
         else:
-            self.ctx.reference, self.full_current = outputs, True
-            self.slice_reference = None
-            self.lossy_applied |= not exact
+            evidence.reference, evidence.full_current = outputs, True
+            evidence.slice_reference = None
+            evidence.lossy_applied |= not exact
 
     def final_error(self, gm: fx.GraphModule) -> tuple[float, float]:
         """Max abs and relative error of ``gm`` (the final graph) against the captured graph:
@@ -234,7 +231,7 @@ class Verification:
             return self._slice_drift()  # zero when nothing changed the graph
         self.ensure_full(gm)
         model_outputs, (worst_abs, worst_rel) = self.model_outputs()
-        for expected, actual in zip(model_outputs, self.ctx.reference):
+        for expected, actual in zip(model_outputs, self.evidence.reference):
             comparison = compare_outputs(expected, actual)
             worst_abs, worst_rel = max(worst_abs, comparison.max_abs), max(worst_rel, comparison.max_rel)
         return worst_abs, worst_rel
@@ -243,25 +240,37 @@ class Verification:
         """The outputs errors against the model are measured with, on the full batches, and
         what must be added to such an error (max abs, max rel): the captured graph's outputs
         when known, with nothing to add; else the base graph's with its drift (module docstring)."""
-        if self.ctx.original:
-            return self.ctx.original, (0.0, 0.0)
-        if self.base_outputs is not None:
-            return self.base_outputs, self.base_drift
-        if "full" not in self._captured_outputs:
-            self._captured_outputs["full"] = self.run(self.captured, self.ctx.batches)
-        self.ctx.original = self._captured_outputs["full"]
-        return self.ctx.original, (0.0, 0.0)
+        evidence = self.evidence
+        if evidence.original:
+            return evidence.original, (0.0, 0.0)
+        if evidence.base_outputs is not None:
+            return evidence.base_outputs, evidence.base_drift
+        if "full" not in evidence.captured_outputs:
+            evidence.captured_outputs["full"] = self.run(self.captured, self.ctx.batches)
+        evidence.original = evidence.captured_outputs["full"]
+        return evidence.original, (0.0, 0.0)
+
+    def parity(self) -> Parity:
+        """What a backend checks its lowering against (:class:`fxopt.verify.Parity`): the
+        smallest batch whose outputs are known without running anything, and, once a lossy
+        pass applied, the model's outputs on every batch."""
+        inputs, outputs = self.smallest_known_outputs() or (None, None)
+        if not self.lossy_applied:
+            return Parity(inputs, outputs)
+        model_outputs, drift = self.model_outputs()
+        return Parity(inputs, outputs, self.ctx.batches, model_outputs, drift)
 
     def smallest_known_outputs(self) -> tuple[list[Any], list[Any]] | None:
         """The smallest batch (fewest input elements) the current graph's outputs are known on
         without running anything, and those outputs: what a backend's parity check runs on.
         A lowering claims the graph's function on every input it accepts, so any verified
         batch shows a kernel that disagrees; the smallest costs least."""
+        evidence = self.evidence
         known: list[tuple[list[Any], list[Any]]] = []
-        if self.full_current and self.ctx.reference:
-            known += zip(self.ctx.batches, self.ctx.reference)
-        if self.slices is not None and self.slice_reference is not None:
-            known += zip(self.slices, self.slice_reference)
+        if evidence.full_current and evidence.reference:
+            known += zip(self.ctx.batches, evidence.reference)
+        if self.slices is not None and evidence.slice_reference is not None:
+            known += zip(self.slices, evidence.slice_reference)
         if not known:
             return None
         return min(known, key=lambda pair: sum(t.numel() for t in pair[0] if isinstance(t, torch.Tensor)))

@@ -29,16 +29,15 @@ import torch
 import torch.fx as fx
 
 from fxopt.capture import BATCH, Signature, capture, split_example_inputs
-from fxopt.cost import graph_cost
 from fxopt.errors import InputError
 from fxopt.ir import copy_graph_module, linear_parts
 from fxopt.latency import Timing, measure_side_by_side
 from fxopt.lossy import BudgetedSearch, Pick, Site
 from fxopt.lossy.task import ALL, FIT, TaskBudget, task_budget
-from fxopt.pass_api import PassContext
-from fxopt.pipeline import PassManager, UserModelUntouched, reference_outputs
+from fxopt.pipeline import UserModelUntouched, reference_outputs
 from fxopt.registry import resolve_passes
 from fxopt.report import Report
+from fxopt.session import Session, Stage, pass_context
 from fxopt.tune.log import Candidate, ParetoRow, TuneLog
 from fxopt.tune.techniques import HIDDEN, Technique, select_techniques
 from fxopt.verify import compare_outputs, module_fingerprint, run_graph
@@ -95,7 +94,7 @@ def tune(
 
     Returns an :class:`fxopt.OptimizedModule`; ``opt.report.search`` is the :class:`TuneLog`.
     """
-    from fxopt.api import _inference_copy, optimize_captured
+    from fxopt.inputs import inference_copy
 
     started = time.perf_counter()
     chosen_techniques = select_techniques(techniques)
@@ -109,7 +108,7 @@ def tune(
     args, kwargs = split_example_inputs(example_inputs)
     report = Report(model=type(model).__name__, backend=backend)
     fingerprint = module_fingerprint(model)
-    source = _inference_copy(model, report)
+    source = inference_copy(model, report)
     captured = capture(source, args, kwargs, dynamic_shapes=BATCH)
     report.notes.extend(captured.meta.pop("fxopt_notes", []))
     signature: Signature = captured.meta["fxopt_signature"]
@@ -121,11 +120,10 @@ def tune(
         f"running {len(pipeline)} exact passes")
 
     # Lossy passes given in ``passes`` keep the task budget as well as their own.
-    ctx = PassContext(batches=batches, calibrated=len(batches) > 1, task=task)
-    ctx.reference = list(reference)
     user_model = UserModelUntouched(model, captured.meta.get("fxopt_sources", {}), baseline=fingerprint)
-    start_graph, report.passes = PassManager(pipeline, user_model=user_model).run(captured, ctx) \
-        if pipeline else (captured, [])
+    session = Session.from_graph(captured, batches, report, user_model=user_model, task=task, reference=reference)
+    exact_stage = session.run(pipeline)
+    start_graph = exact_stage.gm
 
     target = torch.device(device) if device is not None else (example[0].device if example else torch.device("cpu"))
     tuner = _Tuner(start_graph, signature, batches, task, chosen_techniques, backend, target,
@@ -136,8 +134,8 @@ def tune(
     tuner.log.seconds = time.perf_counter() - started
 
     final_graph = tuner.build(choices)
-    optimized = optimize_captured(final_graph, batches, [], report=report, backend=backend, device=target)
-    report.original = graph_cost(captured)
+    optimized = session.lower(Stage(final_graph, exact_stage.records), backend, target)
+    report = optimized.report
     report.final_max_abs_err, report.final_max_rel_err = _drift(reference, final_graph, batches)
     report.search = tuner.log
     if module_fingerprint(model) != fingerprint:  # pragma: no cover - invariant 1
@@ -163,8 +161,7 @@ class _Tuner:
         self.states = {t.name: t.prepare(gm, batches) for t in techniques}
         self.log = TuneLog(task.name, task.max_drop, backend, [t.name for t in techniques])
         self._runners: dict[frozenset[tuple[str, Option]], Any] = {}
-        self.ctx = PassContext(batches=[batches[0]], task=task)
-        self.ctx.reference = [run_graph(gm, batches[0])]
+        self.ctx = pass_context([batches[0]], task=task, reference=[run_graph(gm, batches[0])])
 
     # ------------------------------------------------------------------ building and measuring
 

@@ -13,7 +13,7 @@ from test_fuzz import check_default_pipeline, check_exact_passes
 from torch import nn
 
 import fxopt
-import fxopt.api
+import fxopt.session
 
 
 @pytest.fixture(autouse=True)
@@ -26,14 +26,14 @@ def test_compile_keeps_no_second_copy_of_the_weights(monkeypatch: pytest.MonkeyP
     next export; fxopt's frozen weights lived on that graph's module and stayed alive after
     compile returned (a second copy of every weight)."""
     frozen: list[weakref.ref] = []
-    capture = fxopt.api.capture
+    capture = fxopt.session.capture
 
     def recording_capture(*args, **kwargs):
         gm = capture(*args, **kwargs)
         frozen.extend(weakref.ref(t) for t in gm._buffers.values())
         return gm
 
-    monkeypatch.setattr(fxopt.api, "capture", recording_capture)
+    monkeypatch.setattr(fxopt.session, "capture", recording_capture)
     model = nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Linear(8, 2)).eval()
     opt = fxopt.compile(model, (torch.randn(4, 8),), passes=["fold-batchnorm"])
     gc.collect()

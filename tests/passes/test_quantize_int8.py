@@ -349,17 +349,15 @@ def test_refusal_names_a_combination_when_its_other_layers_were_not_measured_wit
 
 
 def test_static_scales_are_observed_on_every_batch_but_the_fresh_one() -> None:
-    from fxopt.api import optimize_captured
     from fxopt.quant import static_scale
     from fxopt.registry import resolve_passes
-    from fxopt.report import Report
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(32, 32)).eval()
     x, calibration, fresh = torch.randn(8, 32), torch.randn(8, 32) * 2, torch.randn(9, 32) * 100
     gm = fxopt.capture(model, (x,))
     pipeline = resolve_passes(["quantize-int8(activations='static', budget=1.0, force=True)"])
-    opt = optimize_captured(gm, [[x], [calibration], [fresh]], pipeline, report=Report(), fresh_batches=1)
+    opt = compile_captured(gm, [[x], [calibration], [fresh]], pipeline, fresh_batches=1)
     (detail,) = opt.report["quantize-int8"].details
     # the fresh input is there to verify on: its 100x larger values set no scale
     assert detail["input_scale"] == pytest.approx(static_scale(float(torch.cat([x, calibration]).abs().max())))
@@ -371,11 +369,9 @@ def test_static_scales_observe_each_batch_once_or_read_the_reference_runs_values
     """The committed scales (every observable batch) and the search's (its fit batches) come
     from one observation of each batch; under the pass manager, from the values its
     reference run kept, with no run of the graph of their own."""
-    from fxopt.api import optimize_captured
     from fxopt.lossy import observer
     from fxopt.quant import static_asymmetric_qparams, static_scale
     from fxopt.registry import resolve_passes
-    from fxopt.report import Report
 
     runs: list[int] = []
     original = observer._Recorder.run
@@ -390,7 +386,7 @@ def test_static_scales_observe_each_batch_once_or_read_the_reference_runs_values
     x, first, second, fresh = torch.randn(8, 32), torch.randn(6, 32) * 2, torch.randn(5, 32) * 3, torch.randn(9, 32)
     gm = fxopt.capture(model, (x,))
     pipeline = resolve_passes([f"quantize-int8(activations='static', symmetric={symmetric}, budget=1.0, force=True)"])
-    opt = optimize_captured(gm, [[x], [first], [second], [fresh]], pipeline, report=Report(), fresh_batches=1)
+    opt = compile_captured(gm, [[x], [first], [second], [fresh]], pipeline, fresh_batches=1)
     (detail,) = opt.report["quantize-int8"].details
     assert runs == []  # the reference run before the pass kept every observable batch's values
     seen, fit = torch.cat([x, first, second]), torch.cat([x, second])  # fit: batches 0 and 2
@@ -406,3 +402,15 @@ def test_static_scales_observe_each_batch_once_or_read_the_reference_runs_values
     committed, fitted = pass_._observe(gm, [node], PassContext(batches=[[x], [first], [second], [fresh]], fresh_batches=1))
     assert sorted(runs) == [5, 6, 8]
     assert committed[node.name] == pytest.approx(scale(seen)) and fitted[node.name] == pytest.approx(scale(fit))
+
+
+def compile_captured(gm, batches, pipeline, *, fresh_batches=0, verify_rows=2, memory_bound=None):
+    """A pipeline on an already captured graph, lowered to eager: one session's run and lower."""
+    from fxopt.report import Report
+    from fxopt.session import Session, SessionOptions
+
+    options = SessionOptions(verify_rows=verify_rows)
+    if memory_bound is not None:
+        options.memory_bound = memory_bound
+    session = Session.from_graph(gm, batches, Report(), options=options, fresh_batches=fresh_batches)
+    return session.compile(pipeline, "eager")

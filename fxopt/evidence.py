@@ -1,0 +1,70 @@
+"""The evidence store: everything one compilation measured, owned in one place.
+
+A :class:`fxopt.session.Session` makes one :class:`Evidence` per compilation; the pass
+manager's :class:`~fxopt.pipeline.verification.Verification` decides *what* to run and
+writes what it ran here; passes read it through their read-only
+:class:`~fxopt.PassContext` (``ctx.reference``, ``ctx.values``, ``ctx.evidence``):
+
+* ``reference``: the current graph's outputs on every full batch (``ctx.batches``), once
+  computed; ``slice_reference`` the same on the row slices exact passes are verified on;
+* ``original`` / ``slice_original``: the captured graph's outputs on the same;
+* ``values``: a :class:`fxopt.verify.ReusingRunner` holding the current graph's node values
+  on the batches a lossy pass may observe (kept within ``memory_bound`` bytes);
+* ``runs``: outputs of the captured graph computed before the pipeline (the fresh-input
+  check), taken as references instead of running again;
+* ``base_outputs`` / ``base_drift``: the full outputs of the graph the first lossy pass
+  started from and that graph's drift from the captured one (see verification);
+* ``timings``: the kernel-timing measurements, when the session holds a timing cache.
+
+Nothing here runs a graph. :meth:`fork` gives a preset's next candidate its own store that
+shares what was measured so far (never written in place) and diverges from there.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+# The most memory the node values kept for a lossy pass may take (beyond the example's,
+# always kept): with many calibration batches the later ones are run without keeping theirs.
+KEPT_VALUES_BYTES = 2 * 2**30
+
+
+@dataclass
+class Evidence:
+    """What one compilation measured; see the module docstring."""
+
+    reference: list[list[Any]] = field(default_factory=list)
+    original: list[list[Any]] = field(default_factory=list)
+    values: Any = None  # a fxopt.verify.ReusingRunner, or None
+    runs: list[tuple[list[Any], list[Any]]] = field(default_factory=list)
+    slice_reference: list[list[Any]] | None = None
+    slice_original: list[list[Any]] | None = None
+    full_current: bool = False  # ``reference`` is the current graph's
+    lossy_applied: bool = False
+    base_outputs: list[list[Any]] | None = None
+    base_drift: tuple[float, float] = (0.0, 0.0)
+    memory_bound: int = KEPT_VALUES_BYTES
+    timings: Any = None  # the session's kernel-timing cache, when it has one
+    # The captured graph's full outputs and any graph's whose full outputs were computed, by
+    # graph id: shared by forks, never written in place.
+    captured_outputs: dict[str, list[list[Any]]] = field(default_factory=dict)
+    full_outputs: dict[int, tuple[Any, list[list[Any]]]] = field(default_factory=dict)
+
+    def fork(self) -> Evidence:
+        """An independent store that starts from what this one knows (a preset's candidates
+        continue from one graph); the shared measurements are never written in place."""
+        twin = copy.copy(self)
+        twin.values = None  # node values belong to one pipeline's lossy pass
+        return twin
+
+    def take_runs(self) -> list[tuple[list[Any], list[Any]]]:
+        """The pre-pipeline runs, removed from the store: they are the captured graph's, and
+        no later graph may take them for its own."""
+        runs, self.runs = self.runs, []
+        return runs
+
+    def drop_values(self) -> None:
+        """Release the kept node values (a pass changed the graph, or the pipeline ended)."""
+        self.values = None
