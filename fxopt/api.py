@@ -11,7 +11,6 @@ from typing import Any
 
 import torch
 
-from fxopt.capture import split_example_inputs
 from fxopt.errors import InputError
 from fxopt.inputs import FRESH_VECTORS, device_of, fresh_inputs_like, fresh_rows
 from fxopt.module import OptimizedModule
@@ -20,6 +19,7 @@ from fxopt.pipeline import PassInstrument
 from fxopt.registry import resolve_passes
 from fxopt.report import PhaseTimer, Report
 from fxopt.session import Session, SessionOptions
+from fxopt.signature import split_example_inputs
 
 PassSpec = str | Pass | Iterable[str | Pass] | None
 

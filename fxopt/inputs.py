@@ -12,11 +12,11 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.capture import Signature, split_example_inputs
 from fxopt.errors import InputError
 from fxopt.pipeline.instruments import user_stacklevel
 from fxopt.pipeline.verification import DEFAULT_VERIFY_ROWS, row_slices
 from fxopt.report import Report
+from fxopt.signature import Signature, split_example_inputs
 from fxopt.verify import run_graph
 
 

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.capture import Signature
 from fxopt.errors import FxoptError, InputError
 from fxopt.report import Report
+from fxopt.signature import Signature
 
 
 class OptimizedModule(torch.nn.Module):

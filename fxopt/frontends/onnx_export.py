@@ -20,9 +20,9 @@ from fxopt.backends.onnx import (
     ort_session,
 )
 from fxopt.backends.onnx import check_parity as check_onnx_parity
-from fxopt.capture import normalize_example_inputs
 from fxopt.errors import InputError
 from fxopt.report import Report
+from fxopt.signature import normalize_example_inputs
 from fxopt.verify import run_graph
 
 

@@ -1,8 +1,9 @@
 """Lossy rewriting: the budgeted search every lossy pass runs, and the activation observer.
 
-``search``: :class:`Site`, :class:`BudgetedSearch` (one trial mechanism with memoised
+``search``: :class:`BudgetedSearch` (one trial mechanism with memoised
 measurement; ``equal-share`` and ``sensitivity`` strategies; choice on one split of the
-batches, verification on the other). ``observer``: :func:`observe`, :func:`inputs_of`,
+batches, verification on the other); ``sites``: :class:`Site`, :class:`Pick`, :class:`Outcome` and
+the split of the batches into those a choice is fitted on and those that verify it. ``observer``: :func:`observe`, :func:`inputs_of`,
 :func:`observe_each` with :func:`merge_stats`, :func:`known_values` (the example's values the
 manager kept).
 ``task``: :class:`TaskBudget`, a task-metric budget (labelled data, a metric, ``max_drop``)
@@ -18,9 +19,9 @@ from fxopt.lossy.observer import (
     observe,
     observe_each,
 )
-from fxopt.lossy.search import (
+from fxopt.lossy.search import BudgetedSearch
+from fxopt.lossy.sites import (
            STRATEGIES,
-           BudgetedSearch,
            Outcome,
            Pick,
            Site,

@@ -201,7 +201,7 @@ def task_budget(gm: Any, signature: Any, data: Any, metric: Any, max_drop: Any) 
     """A :class:`TaskBudget` for a captured graph: ``data`` flattened like its inputs, the
     named or given ``metric``, and the graph's own score as the baseline (for
     ``top1-agreement`` the labels are the graph's own top-1 predictions)."""
-    from fxopt.capture import split_example_inputs
+    from fxopt.signature import split_example_inputs
     from fxopt.verify import run_graph
 
     name, function = resolve_metric(metric)

@@ -1,0 +1,120 @@
+"""The Session owns one compilation: capture once, pipelines from shared stages, one evidence
+store, a read-only PassContext, parity handed to backends as an argument."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+import fxopt.session
+from fxopt.evidence import Evidence
+from fxopt.pass_api import PassContext
+from fxopt.registry import resolve_passes
+from fxopt.report import Report
+from fxopt.session import Session, SessionOptions, Stage, pass_context
+from fxopt.verify import Parity
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(16, 32), nn.Dropout(0.1), nn.ReLU(), nn.Linear(32, 8)).eval()
+
+
+def test_a_session_captures_once_however_many_pipelines_it_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    captures = []
+    original = fxopt.session.capture
+    monkeypatch.setattr(fxopt.session, "capture", lambda *a, **k: captures.append(1) or original(*a, **k))
+    model, x = _mlp(), torch.randn(4, 16)
+    session = Session(model, (x,))
+    first = session.compile(resolve_passes(["remove-dropout"]), "eager")
+    second = session.compile(resolve_passes(None), "eager")
+    assert len(captures) == 1
+    for opt in (first, second):
+        assert torch.allclose(opt(x), model(x), atol=1e-6)
+    # each lowered module owns its graph and its report
+    assert first.graph_module is not second.graph_module and first.report is not second.report
+
+
+def test_shared_prefixes_run_once_and_each_run_keeps_its_own_evidence() -> None:
+    model, x = _mlp(), torch.randn(8, 16)
+    session = Session(model, (x,), SessionOptions(calibration=[(torch.randn(8, 16),)]))
+    exact = resolve_passes(["remove-dropout"])
+    lossy = resolve_passes(["remove-dropout", "quantize-int8(activations='dynamic-tensor')"])
+    a = session.run(exact, share_prefix=True)
+    b = session.run(lossy, share_prefix=True)
+    assert session.run(exact, share_prefix=True) is a  # the exact prefix ran once
+    assert b.records[0] is a.records[0]  # the longer pipeline continued from it
+    assert b.verification is not None and a.verification is not None
+    assert b.verification.evidence is not a.verification.evidence  # forks, never shared in place
+    assert b.verification.lossy_applied and not a.verification.lossy_applied
+
+
+def test_pass_context_is_read_only_configuration() -> None:
+    ctx = pass_context([[torch.randn(2, 3)]], reference=[[torch.ones(1)]])
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.reference = []  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.batches = []  # type: ignore[misc]
+    assert torch.equal(ctx.reference[0][0], torch.ones(1))  # read through the evidence store
+    assert ctx.values is None and ctx.original == []
+    assert isinstance(PassContext(batches=[]).evidence, Evidence)
+
+
+def test_evidence_fork_shares_what_was_measured_and_diverges_after() -> None:
+    evidence = Evidence(reference=[[torch.zeros(1)]], runs=[([torch.zeros(1)], [torch.ones(1)])])
+    evidence.values = object()
+    twin = evidence.fork()
+    assert twin.reference is evidence.reference and twin.values is None
+    assert len(twin.take_runs()) == 1 and twin.runs == []
+    assert len(evidence.runs) == 1  # the original still has the pre-pipeline run
+    twin.reference = []
+    assert evidence.reference != []
+
+
+def test_no_measurement_rides_on_the_graph_meta() -> None:
+    model, x = _mlp(), torch.randn(8, 16)
+    opt = fxopt.compile(model, (x,), passes=["remove-dropout", "quantize-int8"],
+                        calibration=[(torch.randn(8, 16),)])
+    assert not any(key.endswith("_outputs") for key in opt.graph_module.meta)
+
+
+def test_backends_receive_parity_as_an_argument(monkeypatch: pytest.MonkeyPatch) -> None:
+    import fxopt.backends
+    from fxopt.backends.eager import lower_eager
+
+    seen: dict[str, Any] = {}
+
+    def with_parity(gm, signature, inputs, device, report, parity=None):
+        seen["parity"] = parity
+        return lower_eager(gm, signature, inputs, device, report, parity=parity)
+
+    def without_parity(gm, signature, inputs, device, report):  # a plugin written before parity
+        seen["plain"] = True
+        return lower_eager(gm, signature, inputs, device, report)
+
+    model, x = _mlp(), torch.randn(8, 16)
+    for name, function in (("with-parity", with_parity), ("without-parity", without_parity)):
+        with fxopt.backends.registered_backend(fxopt.backends.Backend(name, function)):
+            opt = fxopt.compile(model, (x,), passes=["remove-dropout"], backend=name)
+        assert torch.allclose(opt(x), model(x), atol=1e-6)
+    parity = seen["parity"]
+    assert isinstance(parity, Parity) and parity.known() is not None
+    inputs, outputs = parity.known()
+    assert torch.allclose(outputs[0], model(*inputs), atol=1e-6)  # the verified outputs, not a rerun
+    assert seen["plain"]
+
+
+def test_from_graph_sessions_verify_without_a_model() -> None:
+    model, x = _mlp(), torch.randn(4, 16)
+    gm = fxopt.capture(model, (x,))
+    session = Session.from_graph(gm, [[x]], Report(), options=SessionOptions(strict=True))
+    stage = session.run(resolve_passes(["remove-dropout"]))
+    assert isinstance(stage, Stage) and stage.records[0].status == "applied"
+    assert gm is not stage.gm  # the captured graph stays as it was
+    opt = session.lower(stage, "eager")
+    assert torch.allclose(opt(x), model(x), atol=1e-6)
