@@ -44,6 +44,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     metric: Any = None,
     data: Any = None,
     max_drop: float | None = None,
+    share_weights: bool = True,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference and return a module that runs the result.
 
@@ -78,11 +79,15 @@ def compile(  # noqa: A001 - mirrors torch.compile
             output-error budget: ``metric`` (``"accuracy"``, ``"top1-agreement"`` or
             ``metric(outputs, labels) -> float``, higher is better) may fall by at most
             ``max_drop`` on ``data`` (batches of ``(inputs, labels)``); see ``fxopt.tune``.
+        share_weights: the optimized module keeps the weights no pass changed as the model's
+            own tensors (no second copy; writing to the model's weights in place afterwards
+            changes them in the optimized module too: compile again after changing the model).
+            False copies every weight (twice the memory).
     """
     options = SessionOptions(
         example_kwargs=example_kwargs, calibration=calibration, dynamic_shapes=dynamic_shapes,
         fresh_inputs=fresh_inputs, strict=strict, instruments=instruments, max_rounds=max_rounds,
-        metric=metric, data=data, max_drop=max_drop)
+        metric=metric, data=data, max_drop=max_drop, share_weights=share_weights)
     if preset is not None:
         return _compile_preset(preset, model, example_inputs, passes, backend, device, options)
     backend = backend or "eager"

@@ -49,8 +49,14 @@ def capture(
     example_kwargs: Mapping[str, Any] | None = None,
     *,
     dynamic_shapes: Any = BATCH,
+    share_weights: bool = True,
 ) -> fx.GraphModule:
     """Capture ``model`` into fxopt's canonical IR (frozen weights, ``meta["val"]`` everywhere).
+
+    ``share_weights``: the graph's constants are the model's own tensors (no second copy;
+    passes never write a constant in place, the pass manager checks it), or, with False,
+    fxopt's copies of them (twice the memory; a model a faulty pass wrote to can then be
+    restored from the copies).
 
     ``dynamic_shapes`` is ``"batch"`` (dim 0 of the inputs that share the first input's
     batch size is dynamic where the model allows it), ``"static"`` or ``None`` (every size
@@ -69,7 +75,7 @@ def capture(
     args, kwargs = split_example_inputs(example_inputs, example_kwargs)
     notes: list[str] = []
     exported = _export_with_shapes(model, args, kwargs, dynamic_shapes, notes)
-    gm = freeze(exported, model)
+    gm = freeze(exported, model, share_weights=share_weights)
     with phase("canonicalize"):
         canonicalize(gm)
     # torch.export keeps the nodes of the last exported graph in a module-level map
@@ -234,8 +240,11 @@ def _export(model: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     return exporter(model, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes)
 
 
-def freeze(exported: torch.export.ExportedProgram, model: torch.nn.Module | None = None) -> fx.GraphModule:
-    """Turn an ExportedProgram into a GraphModule whose weights are its own constants.
+def freeze(exported: torch.export.ExportedProgram, model: torch.nn.Module | None = None, *,
+           share_weights: bool = False) -> fx.GraphModule:
+    """Turn an ExportedProgram into a GraphModule whose weights are ``get_attr`` constants:
+    the model's tensors themselves with ``share_weights`` (detached: same storage and version
+    counter, so a write to either shows), else copies.
 
     A graph that writes to a parameter, buffer or input (``self.calls += 1``, a running
     average) is refused: freezing it would run the update on fxopt's copy, and the
@@ -253,7 +262,7 @@ def freeze(exported: torch.export.ExportedProgram, model: torch.nn.Module | None
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     copies: dict[int, torch.Tensor] = {}  # keeps tied weights tied
-    sources: dict[str, torch.Tensor] = {}  # original name -> frozen copy
+    sources: dict[str, torch.Tensor] = {}  # original name -> frozen copy (none when shared)
     state_names: dict[fx.Node, tuple[str, str]] = {}  # graph node -> (kind, original name)
     leaf_names: list[str] = []
     inputs: list[InputSpec] = []
@@ -280,9 +289,10 @@ def freeze(exported: torch.export.ExportedProgram, model: torch.nn.Module | None
             raise CaptureError(f"constant '{spec.target}' is a {type(source).__name__}, not a tensor")
         frozen = copies.get(id(source))
         if frozen is None:
-            frozen = source.detach().clone()
+            frozen = source.detach() if share_weights else source.detach().clone()
             copies[id(source)] = frozen
-        sources[spec.target] = frozen
+        if not share_weights:
+            sources[spec.target] = frozen
         name = unique_attr_name(gm, spec.target, prefix="p_")
         gm.register_buffer(name, frozen)
         with graph.inserting_before(first_real):

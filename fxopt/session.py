@@ -62,6 +62,7 @@ class SessionOptions:
     data: Any = None
     max_drop: float | None = None
     verify_rows: int | None = DEFAULT_VERIFY_ROWS
+    share_weights: bool = True  # the graph's unchanged constants are the model's tensors
     # the most bytes of node values the evidence store keeps for a lossy pass (the example's always)
     memory_bound: int = KEPT_VALUES_BYTES
 
@@ -153,7 +154,7 @@ class Session:
         start = time.perf_counter()
         with phase("capture"):
             dynamic = BATCH if options.dynamic_shapes is None else options.dynamic_shapes
-            gm = capture(source, args, kwargs, dynamic_shapes=dynamic)
+            gm = capture(source, args, kwargs, dynamic_shapes=dynamic, share_weights=options.share_weights)
         report.capture_seconds = time.perf_counter() - start
         report.notes.extend(gm.meta.pop("fxopt_notes", []))
         signature: Signature = gm.meta["fxopt_signature"]

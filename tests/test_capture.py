@@ -14,16 +14,19 @@ def _mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
 
 
-def test_capture_freezes_weights_as_owned_constants() -> None:
+def test_capture_freezes_weights_as_constants_shared_with_the_model_or_copied() -> None:
     model = _mlp()
-    gm = fxopt.capture(model, (torch.randn(3, 8),))
-    assert [n.op for n in gm.graph.nodes].count("placeholder") == 1
-    assert count_ops(gm, ops.linear) == 2
     params = {p.data_ptr() for p in model.parameters()}
-    frozen = dict(constants(gm))
-    assert len(frozen) == 4
-    assert not params & {t.data_ptr() for t in frozen.values()}, "graph must own copies of the weights"
-    assert all("val" in n.meta for n in gm.graph.nodes if n.op != "output")
+    for share in (True, False):
+        gm = fxopt.capture(model, (torch.randn(3, 8),), share_weights=share)
+        assert [n.op for n in gm.graph.nodes].count("placeholder") == 1
+        assert count_ops(gm, ops.linear) == 2
+        frozen = dict(constants(gm))
+        assert len(frozen) == 4
+        shared = params & {t.data_ptr() for t in frozen.values()}
+        assert shared == (params if share else set()), "shared: the model's tensors; else copies"
+        assert not any(isinstance(t, nn.Parameter) for t in frozen.values())  # detached either way
+        assert all("val" in n.meta for n in gm.graph.nodes if n.op != "output")
 
 
 def test_captured_graph_matches_eager_on_two_inputs() -> None:

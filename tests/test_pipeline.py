@@ -235,10 +235,29 @@ def test_user_model_is_restored_even_when_the_pass_also_breaks_numerics() -> Non
             return super().__call__(gm, ctx)
 
     with pytest.warns(UserWarning, match="modified the user's model \\(restored"):
-        opt = fxopt.compile(model, (x,), passes=[ScribblesAndBreaks()])
+        opt = fxopt.compile(model, (x,), passes=[ScribblesAndBreaks()], share_weights=False)
     assert opt.report["test-scribbles-and-breaks"].status == "rolled back"
     assert torch.equal(model[0].weight, weight)
     assert torch.allclose(opt(x), expected)
+
+    # Sharing the weights (the default), the write reaches the graph's constants too: nothing
+    # to restore from, so the compile stops and says the model's weights were changed.
+    with pytest.raises(fxopt.PassFailedError, match="model's weights were changed too"):
+        fxopt.compile(model, (x,), passes=[ScribblesAndBreaks()])
+
+
+def test_untouched_weights_are_the_models_own_tensors_and_rewritten_ones_are_new() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.Linear(16, 4)).eval()
+    x = torch.randn(4, 8)
+    opt = fxopt.compile(model, (x,), passes=["fold-batchnorm"])
+    pointers = {t.untyped_storage().data_ptr() for t in opt.graph_module.buffers()}
+    assert model[2].weight.untyped_storage().data_ptr() in pointers  # untouched: shared
+    assert model[0].weight.untyped_storage().data_ptr() not in pointers  # folded: a new tensor
+    assert torch.allclose(opt(x), model(x), atol=1e-5)
+    copied = fxopt.compile(model, (x,), passes=["fold-batchnorm"], share_weights=False)
+    assert model[2].weight.untyped_storage().data_ptr() not in {
+        t.untyped_storage().data_ptr() for t in copied.graph_module.buffers()}
 
 
 def test_a_pass_that_raises_is_rolled_back_and_strict_chains_its_exception() -> None:

@@ -222,7 +222,10 @@ class _Piece:
         report = Report(model=f"dynamo graph {self.record.index}", backend=self.settings.backend)
         wrapper = _FrozenGraph(self.gm, self.slots, args)
         start = time.perf_counter()
-        captured = capture(wrapper, tuple(user), dynamic_shapes=_dynamic_shapes(self.gm, self.slots))
+        # A snapshot of the weights (copies): a write through .data, which no version counter
+        # shows, must not reach the graph half-way (unchanged weights seen, merged ones not).
+        captured = capture(wrapper, tuple(user), dynamic_shapes=_dynamic_shapes(self.gm, self.slots),
+                           share_weights=False)
         report.capture_seconds = time.perf_counter() - start
         _refuse_training_graph(captured)
         batches = [captured.meta["fxopt_signature"].flatten(user, None, what="example input")]

@@ -86,7 +86,9 @@ class FrozenConstantsUntouched(BaseCheck):
     def after(self, step: PassStep, working: fx.GraphModule, previous: fx.GraphModule,
               ctx: PassContext) -> str | None:
         if [tensor._version for tensor in self._tensors] != self._versions:
-            raise Unrecoverable("modified a frozen constant in place; passes must add new constants instead")
+            raise Unrecoverable("modified a frozen constant in place; passes must add new constants instead "
+                                "(the graph's constants are the model's own weights unless compiled with "
+                                "share_weights=False: the model's weights were changed too)")
         return None
 
 
@@ -94,8 +96,8 @@ class UserModelUntouched(BaseCheck):
     """The user's model is as it was (invariant 1): module tree, train/eval flags, tensors.
 
     ``sources`` maps the model's state names to fxopt's frozen copies of their values
-    (``gm.meta["fxopt_sources"]`` after capture); with them, a model a pass wrote to is
-    restored before the pass is rolled back. ``baseline`` is the fingerprint to hold the
+    (``gm.meta["fxopt_sources"]`` after a capture with ``share_weights=False``); with them,
+    a model a pass wrote to is restored before the pass is rolled back. ``baseline`` is the fingerprint to hold the
     model to (default: taken now); restoring writes values back, which moves tensor version
     counters, so the baseline is retaken after a restore.
     """
