@@ -19,11 +19,12 @@ from fxopt.cost import graph_cost
 from fxopt.errors import FxoptError, InputError
 from fxopt.ir import copy_graph_module
 from fxopt.pass_api import Pass, PassContext
+from fxopt.phases import PhaseTimer, phase
 from fxopt.pipeline import PassInstrument, PassManager, UserModelUntouched
 from fxopt.pipeline.instruments import user_stacklevel
 from fxopt.pipeline.verification import DEFAULT_VERIFY_ROWS, Verification, row_slices
 from fxopt.registry import resolve_passes
-from fxopt.report import PhaseTimer, Report, phase
+from fxopt.report import Report
 from fxopt.verify import KNOWN_OUTPUTS, MODEL_OUTPUTS, RUN_OUTPUTS, module_fingerprint, run_graph
 
 PassSpec = str | Pass | Iterable[str | Pass] | None

@@ -34,7 +34,7 @@ import torch
 
 from fxopt.errors import FxoptError, InputError
 from fxopt.latency import Timing, measure_side_by_side, time_call
-from fxopt.report import phase
+from fxopt.phases import phase
 
 ENTRY_POINT_GROUP = "fxopt.presets"
 EXACT = "exact"  # in a candidate's passes: every registered exact pass, in their declared order
