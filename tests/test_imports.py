@@ -45,6 +45,12 @@ def import_module_target(node: ast.AST) -> str | None:
 
 def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
     """The fxopt modules ``name`` imports anywhere in its source."""
+    return {m for m in imported_names(name, path, known) if m in known and m != name}
+
+
+def imported_names(name: str, path: Path, known: set[str]) -> set[str]:
+    """Every module ``name`` imports anywhere in its source (``from a import b``: ``a.b``
+    when that is a known module, else ``a``)."""
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
@@ -62,7 +68,7 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
             for alias in node.names:
                 submodule = f"{base}.{alias.name}"
                 found.add(submodule if submodule in known else base)
-    return {m for m in found if m in known and m != name}
+    return found
 
 
 def import_graph() -> nx.DiGraph:
@@ -99,6 +105,17 @@ def test_core_never_imports_a_builtin_pass_or_lowering(builtin: str) -> None:
     core = {n for n in graph if n not in plugins and not n.startswith("fxopt.passes")}
     offenders = sorted(n for n in core if set(graph.successors(n)) & plugins)
     assert not offenders, f"{', '.join(offenders)} import {builtin} (found through entry points instead)"
+
+
+def test_core_never_imports_the_benchmark() -> None:
+    # ``fxopt bench`` is the one way in: the CLI hands the subcommand over to fxopt_bench.
+    files = module_files()
+    offenders = sorted(
+        name for name, path in files.items()
+        if name != "fxopt.cli" and not name.startswith("fxopt.passes")
+        and any(m == "fxopt_bench" or m.startswith("fxopt_bench.") for m in imported_names(name, path, set(files)))
+    )
+    assert not offenders, f"{', '.join(offenders)} import fxopt_bench"
 
 
 def test_backends_name_no_pass_or_quantization_scheme() -> None:
