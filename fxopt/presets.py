@@ -25,7 +25,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -35,6 +35,7 @@ from fxopt import latency
 from fxopt.errors import FxoptError, InputError
 from fxopt.latency import Timing
 from fxopt.phases import phase
+from fxopt.registrations import Registrations
 
 ENTRY_POINT_GROUP = "fxopt.presets"
 EXACT = "exact"  # in a candidate's passes: every registered exact pass, in their declared order
@@ -65,23 +66,19 @@ class Preset:
     budget: float | None = None
 
 
-@dataclass
-class _Registry:
-    registered: dict[str, Preset] = field(default_factory=dict)
-    loaded: bool = False
-
-
-_REGISTRY = _Registry()
+_REGISTRATIONS: Registrations[Preset] = Registrations("presets")
 
 
 def _load() -> dict[str, Preset]:
-    if not _REGISTRY.loaded:
+    state = _REGISTRATIONS.current()
+    if state.discovered is None:
+        found: dict[str, Preset] = {}
         for entry in entry_points(group=ENTRY_POINT_GROUP):
             value = entry.load()
             for preset in value if isinstance(value, (list, tuple)) else [value]:
-                _REGISTRY.registered.setdefault(preset.name, preset)
-        _REGISTRY.loaded = True
-    return _REGISTRY.registered
+                found.setdefault(preset.name, preset)
+        state.discovered = found
+    return state.merged()
 
 
 def list_presets() -> list[Preset]:
@@ -98,9 +95,7 @@ def get_preset(name: str) -> Preset:
 @contextmanager
 def registered_preset(preset: Preset) -> Iterator[Preset]:
     """Register ``preset`` for the length of a ``with`` block (tests, experiments)."""
-    from fxopt.registry import scoped_entry
-
-    with scoped_entry(_load(), preset.name, preset):
+    with _REGISTRATIONS.registered({preset.name: preset}):
         yield preset
 
 

@@ -3,7 +3,8 @@
 Built-in passes and third-party plugins take the same path; the core names none of them.
 Entry points are read lazily, on the first lookup, so importing fxopt does no work beyond
 this module's definitions. ``register_pass`` adds a pass class at run time, and
-``scoped_registry`` does so for the length of a ``with`` block (a test, say).
+``scoped_registry`` does so for the length of a ``with`` block (a test, say), the way every
+registry does (:mod:`fxopt.registrations`).
 
 Order: a pass declares the passes it must run after (``after = ("fold-batchnorm",)``).
 The default pipeline is a topological order of every registered pass, ties broken by name,
@@ -17,8 +18,6 @@ import difflib
 import heapq
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -31,6 +30,7 @@ from fxopt.errors import (
     UnknownPassError,
 )
 from fxopt.pass_api import Pass, option_names
+from fxopt.registrations import Entries, Registrations
 
 ENTRY_POINT_GROUP = "fxopt.passes"
 
@@ -43,44 +43,24 @@ class PassOrderWarning(UserWarning):
     """An explicit pass list runs a pass before one it declares it must run after."""
 
 
-@dataclass
-class _Registry:
-    registered: dict[str, type[Pass]] = field(default_factory=dict)
-    entry_points: dict[str, Any] | None = None
+_REGISTRATIONS: Registrations[type[Pass]] = Registrations("passes")
 
 
-_PROCESS = _Registry()
-# A scoped registry lives in a context variable, so it ends with its scope, and threads or
-# tasks that never entered it keep seeing the process-wide one.
-_scoped: ContextVar[_Registry | None] = ContextVar("fxopt_scoped_pass_registry", default=None)
-
-
-def _state() -> _Registry:
-    return _scoped.get() or _PROCESS
-
-
-@contextmanager
-def scoped_entry(entries: dict[str, Any], name: str, value: Any) -> Iterator[Any]:
-    """``entries[name] = value`` for the length of a ``with`` block, then what was there before
-    (how the preset and technique registries register one for a test)."""
-    previous = entries.get(name)
-    entries[name] = value
-    try:
-        yield value
-    finally:
-        if previous is None:
-            entries.pop(name, None)
-        else:
-            entries[name] = previous
+def _state() -> Entries[type[Pass]]:
+    return _REGISTRATIONS.current()
 
 
 def register_pass(pass_type: type[Pass]) -> type[Pass]:
     """Register a pass class under its ``name``; usable as a class decorator."""
+    _state().registered[_checked(pass_type).name] = pass_type
+    return pass_type
+
+
+def _checked(pass_type: type[Pass]) -> type[Pass]:
     if not (isinstance(pass_type, type) and issubclass(pass_type, Pass)):
         raise TypeError(f"register_pass takes a Pass subclass, got {pass_type!r}")
     if not pass_type.name or pass_type.name != pass_type.name.lower() or " " in pass_type.name:
         raise ValueError(f"pass name must be kebab-case, got {pass_type.name!r}")
-    _state().registered[pass_type.name] = pass_type
     return pass_type
 
 
@@ -92,26 +72,20 @@ def scoped_registry(*pass_types: type[Pass]) -> Iterator[None]:
         with scoped_registry(MyPass):
             fxopt.compile(model, inputs, passes=["my-pass"])
     """
-    outer = _state()
-    token = _scoped.set(_Registry(dict(outer.registered), outer.entry_points))
-    try:
-        for pass_type in pass_types:
-            register_pass(pass_type)
+    with _REGISTRATIONS.registered({_checked(t).name: t for t in pass_types}):
         yield
-    finally:
-        _scoped.reset(token)
 
 
 def refresh() -> None:
     """Forget what was read from entry points (after installing a plugin at run time)."""
-    _state().entry_points = None
+    _state().discovered = None
 
 
 def _discovered() -> dict[str, Any]:
     state = _state()
-    if state.entry_points is None:
-        state.entry_points = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    return state.entry_points
+    if state.discovered is None:
+        state.discovered = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return state.discovered
 
 
 def _names() -> list[str]:

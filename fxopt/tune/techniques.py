@@ -26,6 +26,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.errors import InputError
+from fxopt.registrations import Registrations
 
 ENTRY_POINT_GROUP = "fxopt.techniques"
 HIDDEN = ":hidden"  # suffix of a block site: the hidden units after this Linear
@@ -52,19 +53,19 @@ class Technique:
         return self.name if level is True else f"{self.name}({level})"
 
 
-_registered: dict[str, Technique] = {}
-_loaded = False
+_REGISTRATIONS: Registrations[Technique] = Registrations("techniques")
 
 
 def _load() -> dict[str, Technique]:
-    global _loaded
-    if not _loaded:
+    state = _REGISTRATIONS.current()
+    if state.discovered is None:
+        found: dict[str, Technique] = {}
         for entry in entry_points(group=ENTRY_POINT_GROUP):
             value = entry.load()
             for technique in value if isinstance(value, (list, tuple)) else [value]:
-                _registered.setdefault(technique.name, technique)
-        _loaded = True
-    return _registered
+                found.setdefault(technique.name, technique)
+        state.discovered = found
+    return state.merged()
 
 
 def list_techniques() -> list[Technique]:
@@ -94,7 +95,5 @@ def select_techniques(names: Any = None) -> list[Technique]:
 @contextmanager
 def registered_technique(technique: Technique) -> Iterator[Technique]:
     """Register ``technique`` for the length of a ``with`` block (tests, experiments)."""
-    from fxopt.registry import scoped_entry
-
-    with scoped_entry(_load(), technique.name, technique):
+    with _REGISTRATIONS.registered({technique.name: technique}):
         yield technique
