@@ -87,10 +87,11 @@ def test_plugin_pass_from_another_package_via_entry_point(tmp_path, monkeypatch)
         monkeypatch.undo()
 
 
-def _pass(name: str, after: tuple[str, ...] = (), exact: bool = True) -> type[fxopt.Pass]:
-    """A do-nothing pass class called ``name`` that declares ``after``."""
+def _pass(name: str, after: tuple[str, ...] = (), exact: bool = True,
+          before: tuple[str, ...] = ()) -> type[fxopt.Pass]:
+    """A do-nothing pass class called ``name`` that declares ``after`` and ``before``."""
     return dataclass(frozen=True)(type(name.title().replace("-", ""), (fxopt.Pass,), {
-        "name": name, "exact": exact, "after": after,
+        "name": name, "exact": exact, "after": after, "before": before,
         "__call__": lambda self, gm, ctx: fxopt.PassResult(),
     }))
 
@@ -208,7 +209,7 @@ def _registries() -> list[tuple[str, Any, Any, Any]]:
          backends.registered_backends),
         ("presets", presets.Preset("test-scoped-preset", "", ()), presets.registered_preset,
          lambda: {p.name: p for p in presets.list_presets()}),
-        ("techniques", techniques.Technique("test-scoped-technique", "t", 0, lambda gm, s: {}, lambda *a: None),
+        ("techniques", techniques.Technique("test-scoped-technique", "t", lambda gm, s: {}, lambda *a: None),
          techniques.registered_technique, lambda: {t.name: t for t in techniques.list_techniques()}),
     ]
 
@@ -245,3 +246,28 @@ def test_a_scoped_entry_replaces_an_entry_point_of_the_same_name_for_the_block()
     with lowering.registered_lowering(replacement):
         assert lowering.get_lowering("int8-linear") is replacement
     assert lowering.get_lowering("int8-linear") is builtin
+
+
+def test_one_topological_order_for_passes_lowerings_and_techniques(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxopt import lowering, ordering
+    from fxopt.tune import techniques
+
+    # before= is the same constraint as after=, declared by the other side
+    a, b = _pass("b-first", before=("a-second",)), _pass("a-second")
+    assert [t.name for t in registry.topological_order([a, b])] == ["b-first", "a-second"]
+    with registry.scoped_registry(a, b):
+        assert registry.order_violations([b(), a()]) == [
+            "'a-second' runs before 'b-first', but is declared to run after it"]
+    # every registry sorts with the one function
+    calls: list[str] = []
+    sort = ordering.topological_order
+
+    def recording(items, what="passes"):  # type: ignore[no-untyped-def]
+        calls.append(what)
+        return sort(items, what)
+
+    monkeypatch.setattr(ordering, "topological_order", recording)
+    registry.list_passes()
+    lowering.lowerings()
+    techniques.list_techniques()
+    assert calls == ["passes", "lowerings", "techniques"]

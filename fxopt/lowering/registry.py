@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from importlib.metadata import entry_points
 from typing import Any
 
+from fxopt import ordering
 from fxopt.lowering.base import Lowering
 from fxopt.registrations import Registrations
 
@@ -49,18 +50,22 @@ def _instance(value: Any, what: str) -> Lowering:
         raise TypeError(f"{what} is not a fxopt Lowering (subclass or instance): {value!r}")
     if not value.name or value.name != value.name.lower() or " " in value.name:
         raise ValueError(f"{what}: lowering name must be kebab-case, got {value.name!r}")
+    if hasattr(value, "order"):
+        raise ValueError(f"{what}: lowering {value.name!r} sets 'order', which fxopt no longer reads; "
+                         "name the lowerings it runs after/before instead (after = (...), before = (...))")
     return value
 
 
 def lowerings() -> list[Lowering]:
-    """Every registered lowering, in the order backends run them (``order``, then name).
+    """Every registered lowering, in the order backends run them: their ``after``/``before``
+    declarations, then the name (:func:`fxopt.ordering.topological_order`).
 
     A lowering registered with :func:`registered_lowering` replaces an entry point of the
     same name while its scope lasts.
     """
     _discovered()
     by_name = _REGISTRATIONS.current().merged()
-    return sorted(by_name.values(), key=lambda lowering: (lowering.order, lowering.name))
+    return ordering.topological_order(by_name.values(), "lowerings")
 
 
 def get_lowering(name: str) -> Lowering:
