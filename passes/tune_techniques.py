@@ -18,10 +18,11 @@ import torch.fx as fx
 from fxopt.passes.cast_low_precision import cast_linears
 from fxopt.passes.low_rank import exact_svd, factor_linear
 from fxopt.passes.prune_hidden import prunable_blocks, prune_units, unit_ranking
-from fxopt.passes.quantize_int8 import MIN_FEATURES, insert_qdq
+from fxopt.passes.quantize_int8 import MIN_FEATURES
 
 from fxopt.cost import low_rank_break_even
 from fxopt.ir import add_constant, call_nodes, constant, dtype_of, linear_parts, ops
+from fxopt.ir.qdq import insert_qdq
 from fxopt.lossy import inputs_of, observe
 from fxopt.quant import FLOAT_DTYPES, quantize_weight, static_scale
 from fxopt.tune.techniques import HIDDEN, Technique
