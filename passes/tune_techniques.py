@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from fxopt.passes._prune_hidden_search import unit_ranking
 from fxopt.passes.cast_low_precision import cast_linears
 from fxopt.passes.low_rank import exact_svd, factor_linear
-from fxopt.passes.prune_hidden import prunable_blocks, prune_units, unit_ranking
+from fxopt.passes.prune_hidden import prunable_blocks, prune_units
 from fxopt.passes.quantize_int8 import MIN_FEATURES
 
 from fxopt.cost import low_rank_break_even
