@@ -15,9 +15,10 @@ from fxopt.errors import InputError
 from fxopt.inputs import FRESH_VECTORS, device_of, fresh_inputs_like, fresh_rows
 from fxopt.module import OptimizedModule
 from fxopt.pass_api import Pass
+from fxopt.phases import PhaseTimer
 from fxopt.pipeline import PassInstrument
 from fxopt.registry import resolve_passes
-from fxopt.report import PhaseTimer, Report
+from fxopt.report import Report
 from fxopt.session import Session, SessionOptions
 from fxopt.signature import split_example_inputs
 

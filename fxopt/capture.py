@@ -27,7 +27,7 @@ import torch.utils._pytree as pytree
 from fxopt.errors import CaptureError, InputError
 from fxopt.ir import copy_graph_module, size_hint, unique_attr_name
 from fxopt.ir.shapes import stamp_shapes
-from fxopt.report import phase
+from fxopt.phases import phase
 from fxopt.signature import (  # noqa: F401 - part of fxopt.capture's interface
     InputSpec,
     Signature,

@@ -49,8 +49,8 @@ def run_demo(passes: str | None = None, batch: int = 64, repeats: int = 30) -> i
     """
     import fxopt
     from fxopt.ir import count_ops, ops
+    from fxopt.latency import measure_side_by_side, speedup
     from fxopt.verify import compare_outputs
-    from fxopt_bench.timing import measure_side_by_side, speedup
 
     model, inputs = build_demo(batch=batch)
     print(f"demo model: {type(model).__name__}, {sum(p.numel() for p in model.parameters()):,} parameters, "

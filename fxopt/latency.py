@@ -1,14 +1,17 @@
 """Side-by-side latency: candidates timed interleaved (round-robin) after a warm-up, so
 machine noise hits all of them alike; each gets the median of its rounds and its spread.
-``fxopt.compile(preset=...)`` chooses among its candidates with it; ``fxopt_bench.timing``
-builds the benchmark's ratios and spreads on it.
+
+:func:`interleaved` is fxopt's one timing loop: ``fxopt.compile(preset=...)`` races its
+candidates on it (:func:`fxopt.presets.race`), ``fxopt demo`` and ``fxopt bench``
+(``fxopt_bench.timing``) measure with :func:`measure_side_by_side`, which is that loop run to
+the end, and :func:`speedup` turns two timings into a ratio with its spread.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,17 +50,41 @@ def measure_side_by_side(
     min_seconds: float = 0.0,
 ) -> dict[str, Timing]:
     """The :class:`Timing` of each zero-argument callable, measured interleaved."""
+    return interleaved(candidates, warmup=warmup, repeats=repeats, min_seconds=min_seconds)
+
+
+# ``keep(round, samples, elapsed)``: after each round, the candidates to go on timing (from
+# those still timed, whose samples it gets); none left ends the timing.
+KeepPolicy = Callable[[int, Mapping[str, list[float]], float], Iterable[str]]
+
+
+def interleaved(
+    candidates: Mapping[str, Callable[[], Any]],
+    *,
+    warmup: int = 3,
+    repeats: int = 20,
+    min_seconds: float = 0.0,
+    keep: KeepPolicy | None = None,
+) -> dict[str, Timing]:
+    """The timing loop: ``warmup`` calls of each candidate, then rounds that call each one
+    once, timed, until ``repeats`` rounds ran and ``min_seconds`` passed (seconds counted
+    from the first timed round), or ``keep`` stops timing every candidate. Each candidate's
+    :class:`Timing` is over the rounds it ran."""
     with torch.inference_mode():
         for fn in candidates.values():
             for _ in range(warmup):
                 fn()
         samples: dict[str, list[float]] = {name: [] for name in candidates}
+        running = dict(candidates)
         start = time.perf_counter()
         rounds = 0
-        while rounds < max(repeats, 1) or time.perf_counter() - start < min_seconds:
-            for name, fn in candidates.items():
+        while running and (rounds < max(repeats, 1) or time.perf_counter() - start < min_seconds):
+            for name, fn in running.items():
                 samples[name].append(time_call(fn))
             rounds += 1
+            if keep is not None:
+                kept = set(keep(rounds, {name: samples[name] for name in running}, time.perf_counter() - start))
+                running = {name: fn for name, fn in running.items() if name in kept}
     return {name: Timing.of(values) for name, values in samples.items()}
 
 
@@ -73,3 +100,34 @@ def time_call(fn: Callable[[], Any]) -> float:
 def _sync() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+@dataclass(frozen=True)
+class Speedup:
+    """``baseline / candidate`` of the medians, with the range of the same ratio taken
+    between their quartiles: ``low`` = baseline q1 / candidate q3, ``high`` = baseline q3 /
+    candidate q1."""
+
+    ratio: float
+    low: float
+    high: float
+
+    @property
+    def within_noise(self) -> bool:
+        """The spread is wider than the effect: the range reaches 1.00x, so the rounds
+        cannot tell which of the two is faster."""
+        return self.low <= 1.0 <= self.high
+
+    def __str__(self) -> str:
+        flag = " ~" if self.within_noise else ""
+        return f"{self.ratio:.2f}x [{self.low:.2f}-{self.high:.2f}]{flag}"
+
+
+SPREAD_LEGEND = ("speedup [low-high]: the median ratio, and the same ratio taken between the two "
+                 "systems' quartiles; ~: the spread is wider than the effect (the range reaches 1.00x)")
+
+
+def speedup(baseline: Timing, candidate: Timing) -> Speedup:
+    """How many times faster ``candidate`` is than ``baseline``, with its spread."""
+    return Speedup(baseline.median / candidate.median, baseline.q1 / candidate.q3,
+                   baseline.q3 / candidate.q1)

@@ -185,6 +185,8 @@ class Pass:
       exact: True when the rewrite preserves outputs (up to float rounding).
       after: names of the passes this one must run after when both are in a pipeline
         (the default pipeline is a topological order of these constraints).
+      before: names of the passes this one must run before (the same constraint, declared
+        by the other side: :mod:`fxopt.ordering`).
 
     A lossy pass declares a ``budget`` field: the largest relative output error it may
     introduce, which the manager enforces.
@@ -193,6 +195,7 @@ class Pass:
     name: ClassVar[str] = ""
     exact: ClassVar[bool] = True
     after: ClassVar[tuple[str, ...]] = ()
+    before: ClassVar[tuple[str, ...]] = ()
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError

@@ -23,18 +23,19 @@ ones are declared beside the passes), so the core names no pass.
 from __future__ import annotations
 
 import statistics
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
 
 import torch
 
+from fxopt import latency
 from fxopt.errors import FxoptError, InputError
-from fxopt.latency import Timing, measure_side_by_side, time_call
-from fxopt.report import phase
+from fxopt.latency import Timing
+from fxopt.phases import phase
+from fxopt.registrations import Registrations
 
 ENTRY_POINT_GROUP = "fxopt.presets"
 EXACT = "exact"  # in a candidate's passes: every registered exact pass, in their declared order
@@ -65,23 +66,19 @@ class Preset:
     budget: float | None = None
 
 
-@dataclass
-class _Registry:
-    registered: dict[str, Preset] = field(default_factory=dict)
-    loaded: bool = False
-
-
-_REGISTRY = _Registry()
+_REGISTRATIONS: Registrations[Preset] = Registrations("presets")
 
 
 def _load() -> dict[str, Preset]:
-    if not _REGISTRY.loaded:
+    state = _REGISTRATIONS.current()
+    if state.discovered is None:
+        found: dict[str, Preset] = {}
         for entry in entry_points(group=ENTRY_POINT_GROUP):
             value = entry.load()
             for preset in value if isinstance(value, (list, tuple)) else [value]:
-                _REGISTRY.registered.setdefault(preset.name, preset)
-        _REGISTRY.loaded = True
-    return _REGISTRY.registered
+                found.setdefault(preset.name, preset)
+        state.discovered = found
+    return state.merged()
 
 
 def list_presets() -> list[Preset]:
@@ -98,9 +95,7 @@ def get_preset(name: str) -> Preset:
 @contextmanager
 def registered_preset(preset: Preset) -> Iterator[Preset]:
     """Register ``preset`` for the length of a ``with`` block (tests, experiments)."""
-    from fxopt.registry import scoped_entry
-
-    with scoped_entry(_load(), preset.name, preset):
+    with _REGISTRATIONS.registered({preset.name: preset}):
         yield preset
 
 
@@ -192,24 +187,21 @@ def race(candidates: dict[str, Callable[[], Any]], *, repeats: int = 10) -> dict
     taken ``RACE_SECONDS``: a model whose runs take a second is not timed ten times over to
     separate candidates within 10% of each other (either is a good choice), while one whose
     runs take milliseconds gets every round. A lone candidate runs once. Each candidate's
-    timing is over the rounds it ran."""
+    timing is over the rounds it ran. The loop is :func:`fxopt.latency.interleaved`."""
     if len(candidates) == 1:
-        return measure_side_by_side(candidates, warmup=0, repeats=1)
-    samples: dict[str, list[float]] = {name: [] for name in candidates}
-    running = dict(candidates)
-    with torch.inference_mode():
-        for fn in running.values():
-            fn()
-        began = time.perf_counter()
-        for round_ in range(1, max(repeats, 1) + 1):
-            for name, fn in running.items():
-                samples[name].append(time_call(fn))
-            if round_ >= RACE_ROUNDS and len(running) > 1:
-                best = min(statistics.median(samples[name]) for name in running)
-                running = {name: fn for name, fn in running.items() if min(samples[name]) <= best * RACE_MARGIN}
-            if len(running) == 1 or (round_ >= RACE_ROUNDS and time.perf_counter() - began > RACE_SECONDS):
-                break
-    return {name: Timing.of(values) for name, values in samples.items()}
+        return latency.measure_side_by_side(candidates, warmup=0, repeats=1)
+    return latency.interleaved(candidates, warmup=1, repeats=repeats, keep=_still_racing)
+
+
+def _still_racing(round_: int, samples: Mapping[str, list[float]], elapsed: float) -> list[str]:
+    """The race's policy for :func:`fxopt.latency.interleaved`: who is timed next round."""
+    names = list(samples)
+    if round_ >= RACE_ROUNDS and len(names) > 1:
+        best = min(statistics.median(samples[name]) for name in names)
+        names = [name for name in names if min(samples[name]) <= best * RACE_MARGIN]
+    if len(names) == 1 or (round_ >= RACE_ROUNDS and elapsed > RACE_SECONDS):
+        return []
+    return names
 
 
 def summary(preset: Preset, trials: Sequence[Trial], chosen: Any) -> str:

@@ -3,27 +3,26 @@
 Built-in passes and third-party plugins take the same path; the core names none of them.
 Entry points are read lazily, on the first lookup, so importing fxopt does no work beyond
 this module's definitions. ``register_pass`` adds a pass class at run time, and
-``scoped_registry`` does so for the length of a ``with`` block (a test, say).
+``scoped_registry`` does so for the length of a ``with`` block (a test, say), the way every
+registry does (:mod:`fxopt.registrations`).
 
-Order: a pass declares the passes it must run after (``after = ("fold-batchnorm",)``).
-The default pipeline is a topological order of every registered pass, ties broken by name,
-so "must run after" is transitive through passes that are not in a given pipeline.
+Order: a pass declares the passes it must run after (``after = ("fold-batchnorm",)``) or
+before (``before = (...)``), the one scheme of every registry (:mod:`fxopt.ordering`). The
+default pipeline is a topological order of every registered pass, ties broken by name, so
+"must run after" is transitive through passes that are not in a given pipeline.
 """
 
 from __future__ import annotations
 
 import ast
 import difflib
-import heapq
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from contextvars import ContextVar
-from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
+from fxopt import ordering
 from fxopt.errors import (
-    FxoptError,
     OptionTypeError,
     OptionValueError,
     PassOptionError,
@@ -31,56 +30,37 @@ from fxopt.errors import (
     UnknownPassError,
 )
 from fxopt.pass_api import Pass, option_names
+from fxopt.registrations import Entries, Registrations
 
 ENTRY_POINT_GROUP = "fxopt.passes"
 
 
-class PassOrderError(FxoptError, ValueError):
-    """The passes' ``after`` declarations form a cycle, so no order satisfies them all."""
+# The passes' ``after``/``before`` declarations form a cycle (every registry's ordering error).
+PassOrderError = ordering.OrderError
 
 
 class PassOrderWarning(UserWarning):
     """An explicit pass list runs a pass before one it declares it must run after."""
 
 
-@dataclass
-class _Registry:
-    registered: dict[str, type[Pass]] = field(default_factory=dict)
-    entry_points: dict[str, Any] | None = None
+_REGISTRATIONS: Registrations[type[Pass]] = Registrations("passes")
 
 
-_PROCESS = _Registry()
-# A scoped registry lives in a context variable, so it ends with its scope, and threads or
-# tasks that never entered it keep seeing the process-wide one.
-_scoped: ContextVar[_Registry | None] = ContextVar("fxopt_scoped_pass_registry", default=None)
-
-
-def _state() -> _Registry:
-    return _scoped.get() or _PROCESS
-
-
-@contextmanager
-def scoped_entry(entries: dict[str, Any], name: str, value: Any) -> Iterator[Any]:
-    """``entries[name] = value`` for the length of a ``with`` block, then what was there before
-    (how the preset and technique registries register one for a test)."""
-    previous = entries.get(name)
-    entries[name] = value
-    try:
-        yield value
-    finally:
-        if previous is None:
-            entries.pop(name, None)
-        else:
-            entries[name] = previous
+def _state() -> Entries[type[Pass]]:
+    return _REGISTRATIONS.current()
 
 
 def register_pass(pass_type: type[Pass]) -> type[Pass]:
     """Register a pass class under its ``name``; usable as a class decorator."""
+    _state().registered[_checked(pass_type).name] = pass_type
+    return pass_type
+
+
+def _checked(pass_type: type[Pass]) -> type[Pass]:
     if not (isinstance(pass_type, type) and issubclass(pass_type, Pass)):
         raise TypeError(f"register_pass takes a Pass subclass, got {pass_type!r}")
     if not pass_type.name or pass_type.name != pass_type.name.lower() or " " in pass_type.name:
         raise ValueError(f"pass name must be kebab-case, got {pass_type.name!r}")
-    _state().registered[pass_type.name] = pass_type
     return pass_type
 
 
@@ -92,26 +72,20 @@ def scoped_registry(*pass_types: type[Pass]) -> Iterator[None]:
         with scoped_registry(MyPass):
             fxopt.compile(model, inputs, passes=["my-pass"])
     """
-    outer = _state()
-    token = _scoped.set(_Registry(dict(outer.registered), outer.entry_points))
-    try:
-        for pass_type in pass_types:
-            register_pass(pass_type)
+    with _REGISTRATIONS.registered({_checked(t).name: t for t in pass_types}):
         yield
-    finally:
-        _scoped.reset(token)
 
 
 def refresh() -> None:
     """Forget what was read from entry points (after installing a plugin at run time)."""
-    _state().entry_points = None
+    _state().discovered = None
 
 
 def _discovered() -> dict[str, Any]:
     state = _state()
-    if state.entry_points is None:
-        state.entry_points = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
-    return state.entry_points
+    if state.discovered is None:
+        state.discovered = {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return state.discovered
 
 
 def _names() -> list[str]:
@@ -155,45 +129,18 @@ def default_pipeline() -> list[Pass]:
 
 
 def topological_order(pass_types: Iterable[type[Pass]]) -> list[type[Pass]]:
-    """``pass_types`` ordered so each runs after the passes its ``after`` names (those that
-    are among them); among passes free to run, the name decides, so the order is stable.
+    """``pass_types`` ordered so each runs after the passes its ``after`` names and before
+    those its ``before`` names (those that are among them); among passes free to run, the
+    name decides, so the order is stable (:func:`fxopt.ordering.topological_order`, the
+    order of lowerings and tune techniques too).
 
     Raises :class:`PassOrderError` naming the passes of a cycle.
     """
-    by_name = {t.name: t for t in pass_types}
-    waiting_on = {name: {a for a in t.after if a in by_name and a != name} for name, t in by_name.items()}
-    unblocks: dict[str, list[str]] = {name: [] for name in by_name}
-    for name, predecessors in waiting_on.items():
-        for predecessor in predecessors:
-            unblocks[predecessor].append(name)
-    ready = [name for name, predecessors in waiting_on.items() if not predecessors]
-    heapq.heapify(ready)
-    ordered: list[type[Pass]] = []
-    while ready:
-        name = heapq.heappop(ready)
-        ordered.append(by_name[name])
-        for follower in unblocks[name]:
-            waiting_on[follower].discard(name)
-            if not waiting_on[follower]:
-                heapq.heappush(ready, follower)
-    if len(ordered) < len(by_name):
-        stuck = {name: preds for name, preds in waiting_on.items() if preds}
-        raise PassOrderError(f"the passes' 'after' declarations form a cycle: {_cycle(stuck)}")
-    return ordered
-
-
-def _cycle(waiting_on: dict[str, set[str]]) -> str:
-    """One cycle among the passes a topological sort could not place, as ``a -> b -> a``
-    (read: a runs after b, which runs after a)."""
-    path = [min(waiting_on)]
-    while path.count(path[-1]) < 2:
-        path.append(min(waiting_on[path[-1]]))
-    start = path.index(path[-1])
-    return " -> ".join(path[start:])
+    return ordering.topological_order(pass_types, "passes")
 
 
 def order_violations(passes: Sequence[Pass]) -> list[str]:
-    """The ``after`` constraints an explicit pipeline breaks, one sentence each.
+    """The ``after``/``before`` constraints an explicit pipeline breaks, one sentence each.
 
     "Must run after" is transitive through every registered pass (as in the default
     pipeline), and a pass listed twice satisfies a constraint if any run of it follows a
@@ -227,12 +174,13 @@ def _known_types() -> dict[str, type[Pass]]:
 
 
 def _must_follow(name: str, known: dict[str, type[Pass]]) -> set[str]:
-    """Every pass ``name`` must run after, directly or through other passes' ``after``."""
+    """Every pass ``name`` must run after, directly or through other passes' ``after`` and
+    ``before``."""
+    waiting_on = ordering.predecessors(known.values())
     seen: set[str] = set()
     stack = [name]
     while stack:
-        pass_type = known.get(stack.pop())
-        for predecessor in pass_type.after if pass_type is not None else ():
+        for predecessor in waiting_on.get(stack.pop(), ()):
             if predecessor not in seen and predecessor != name:
                 seen.add(predecessor)
                 stack.append(predecessor)

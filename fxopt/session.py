@@ -41,9 +41,10 @@ from fxopt.inputs import (
 from fxopt.ir import copy_graph_module
 from fxopt.module import OptimizedModule
 from fxopt.pass_api import Pass, PassContext
+from fxopt.phases import phase
 from fxopt.pipeline import PassInstrument, PassManager, UserModelUntouched
 from fxopt.pipeline.verification import DEFAULT_VERIFY_ROWS, Verification
-from fxopt.report import PassRecord, Report, phase
+from fxopt.report import PassRecord, Report
 from fxopt.verify import module_fingerprint
 
 

@@ -7,8 +7,9 @@ strongest peers that are installed (``pip install 'fxopt[peers]'``).
 
 Systems are data (:data:`fxopt_bench.systems.SYSTEMS`), models are built from code or
 configs (:data:`fxopt_bench.models.MODELS`), and every latency comes from one interleaved
-loop with its spread (:func:`fxopt_bench.timing.measure_side_by_side`). fxopt's core does
-not import this package; ``fxopt bench`` and ``fxopt demo`` load it when they run.
+loop with its spread (:func:`fxopt_bench.timing.measure_side_by_side`, the core's
+:mod:`fxopt.latency`). fxopt's core does not import this package; ``fxopt bench`` loads it
+when it runs.
 """
 
 from __future__ import annotations

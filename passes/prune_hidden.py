@@ -30,6 +30,7 @@ from typing import ClassVar
 
 import torch
 import torch.fx as fx
+from fxopt.passes._prune_hidden_search import Block, block_sites, budget_refusal
 
 from fxopt.ir import (
     call_nodes,
@@ -43,7 +44,6 @@ from fxopt.ir import (
 from fxopt.lossy import (
     ActivationStats,
     BudgetedSearch,
-    Pick,
     Site,
     check_search_options,
     fit_batches,
@@ -53,26 +53,14 @@ from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import (
     NOT_ELEMENTWISE,
-    OVER_BUDGET,
     SHARED_INTERMEDIATE,
     constant_linear,
     floating_weight,
-    large_enough,
     private_constant,
     same_dtype,
 )
 
 ELEMENTWISE = frozenset({ops.relu, ops.gelu, ops.silu, ops.sigmoid, ops.tanh, ops.hardswish, ops.hardsigmoid})
-
-
-@dataclass(frozen=True)
-class _Block:
-    first: str
-    act: str
-    second: str
-    order: torch.Tensor  # hidden units, most important first
-    hidden: int
-    params_per_unit: int
 
 
 @dataclass(frozen=True)
@@ -111,20 +99,9 @@ class PruneHidden(Pass):
         # One observation of every block's hidden values, on the batches the choice is fitted on
         # only: ranking units on the held-out batches too would make their check optimistic.
         stats = observe(gm, [act for _, act, _ in candidates], fit_batches(ctx), features=True)
-        sites: list[Site] = []
-        for first, act, second in candidates:
-            p1, p2 = linear_parts(gm, first), linear_parts(gm, second)
-            assert p1 is not None and p2 is not None
-            block = _Block(first.name, act.name, second.name, self._ranking(p2.weight, stats[act]),
-                           p1.out_features, p1.in_features + 1 + p2.out_features)
-            kept = tuple(range(self.multiple, block.hidden, self.multiple))[::-1]  # most kept first
-            too_small = large_enough(block.hidden, self.multiple + 1, f"{block.hidden} hidden units leave nothing "
-                                                                      f"to drop at multiple={self.multiple}")
-            if too_small is not None:
-                result.skip(second, too_small)
-                continue
-            sites.append(Site(f"{p1.name} -> {p2.name}", kept,
-                              tuple((block.hidden - k) * block.params_per_unit for k in kept), block))
+        sites, too_small = block_sites(gm, candidates, stats, self.multiple, self.fold_mean)
+        for node, refusal in too_small:
+            result.skip(node, refusal)
 
         def apply(trial: fx.GraphModule, choices: Mapping[str, object]) -> fx.GraphModule:
             self._apply(trial, sites, choices, stats)
@@ -132,9 +109,9 @@ class PruneHidden(Pass):
 
         outcome = BudgetedSearch(gm, ctx, sites, apply, self.budget, self.strategy).run()
         for site in sites:
-            block: _Block = site.payload
+            block: Block = site.payload
             if site.name in outcome.refused:
-                result.skip(block.second, _refusal(block, outcome.refused[site.name]))
+                result.skip(block.second, budget_refusal(block, outcome.refused[site.name]))
                 continue
             kept = int(outcome.choices[site.name])
             result.details.append({"block": site.name, "hidden": block.hidden, "kept": kept,
@@ -153,40 +130,11 @@ class PruneHidden(Pass):
         for site in sites:
             if site.name not in choices:
                 continue
-            block: _Block = site.payload
+            block: Block = site.payload
             first = replaced.get(block.first, nodes[block.first])
             kept = int(choices[site.name])  # type: ignore[call-overload]
-            replaced[block.second] = self._prune(gm, first, nodes[block.act], nodes[block.second],
-                                                 block.order[:kept], stats_by_name[block.act])
-
-    def _ranking(self, weight: torch.Tensor, stats: ActivationStats) -> torch.Tensor:
-        """Hidden units, most important first."""
-        spread = stats.centered_rms if self.fold_mean else stats.rms
-        score = spread * weight.double().norm(dim=0)
-        return torch.argsort(score, descending=True, stable=True)
-
-    def _prune(self, gm: fx.GraphModule, first: fx.Node, act: fx.Node, second: fx.Node,
-               keep: torch.Tensor, stats: ActivationStats) -> fx.Node:
-        """Keep only the hidden units ``keep``; returns the new second Linear."""
-        p1, p2 = linear_parts(gm, first), linear_parts(gm, second)
-        assert p1 is not None and p2 is not None
-        keep = keep.sort().values
-        bias2 = p2.bias
-        if self.fold_mean:
-            dropped = torch.ones(p2.in_features, dtype=torch.bool)
-            dropped[keep] = False
-            shift = p2.weight.double()[:, dropped] @ stats.mean[dropped]
-            bias2 = (shift + (p2.bias.double() if p2.bias is not None else 0.0)).to(p2.weight.dtype)
-        hint1, hint2 = str(p1.weight_node.target), str(p2.weight_node.target)
-        bias1 = p1.bias[keep] if p1.bias is not None else None
-        new_first = insert_linear(gm, p1.input, p1.weight[keep], bias1, f"{hint1}_pruned", before=first, like=first)
-        act.replace_input_with(first, new_first)
-        infer_val(act)
-        new_second = insert_linear(gm, act, p2.weight[:, keep], bias2, f"{hint2}_pruned", before=second,
-                                   like=second)
-        replace_node(second, new_second)
-        gm.graph.erase_node(first)
-        return new_second
+            replaced[block.second] = prune_units(gm, first, nodes[block.act], nodes[block.second],
+                                                 block.order[:kept], stats_by_name[block.act], self.fold_mean)[1]
 
 
 def prunable_blocks(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node]]:
@@ -202,28 +150,30 @@ def prunable_blocks(gm: fx.GraphModule) -> list[tuple[fx.Node, fx.Node, fx.Node]
     return blocks
 
 
-def unit_ranking(second_weight: torch.Tensor, stats: ActivationStats, fold_mean: bool = True) -> torch.Tensor:
-    """The hidden units of a block, most important first (the pass's ranking)."""
-    return PruneHidden(fold_mean=fold_mean)._ranking(second_weight, stats)
-
-
 def prune_units(gm: fx.GraphModule, first: fx.Node, act: fx.Node, second: fx.Node, keep: torch.Tensor,
                 stats: ActivationStats, fold_mean: bool = True) -> tuple[fx.Node, fx.Node]:
-    """Keep only the hidden units ``keep`` of one block, as the pass does once it has chosen
-    how many; returns the new first and second Linears."""
-    new_second = PruneHidden(fold_mean=fold_mean)._prune(gm, first, act, second, keep, stats)
-    return act.args[0], new_second
-
-
-def _refusal(block: _Block, pick: Pick) -> Refusal:
-    dropped = block.hidden - int(pick.tried or block.hidden)  # type: ignore[call-overload]
-    if pick.split == "all":
-        return Refusal(OVER_BUDGET, (
-            f"every hidden unit matters on held-out data: the count chosen on half the batches failed on the "
-            f"other half, and on every batch dropping the {dropped} least important of {block.hidden} gives "
-            f"output error {pick.error:.3g} > {pick.target:.3g} (half the budget)"))
-    return Refusal(OVER_BUDGET, f"every hidden unit matters: dropping the {dropped} least important of "
-                                f"{block.hidden} gives output error {pick.error:.3g} > {pick.target:.3g}")
+    """Keep only the hidden units ``keep`` of one block (folding the mean of the dropped
+    ones into the second bias with ``fold_mean``), as the pass does once it has chosen how
+    many; returns the new first and second Linears."""
+    p1, p2 = linear_parts(gm, first), linear_parts(gm, second)
+    assert p1 is not None and p2 is not None
+    keep = keep.sort().values
+    bias2 = p2.bias
+    if fold_mean:
+        dropped = torch.ones(p2.in_features, dtype=torch.bool)
+        dropped[keep] = False
+        shift = p2.weight.double()[:, dropped] @ stats.mean[dropped]
+        bias2 = (shift + (p2.bias.double() if p2.bias is not None else 0.0)).to(p2.weight.dtype)
+    hint1, hint2 = str(p1.weight_node.target), str(p2.weight_node.target)
+    bias1 = p1.bias[keep] if p1.bias is not None else None
+    new_first = insert_linear(gm, p1.input, p1.weight[keep], bias1, f"{hint1}_pruned", before=first, like=first)
+    act.replace_input_with(first, new_first)
+    infer_val(act)
+    new_second = insert_linear(gm, act, p2.weight[:, keep], bias2, f"{hint2}_pruned", before=second,
+                               like=second)
+    replace_node(second, new_second)
+    gm.graph.erase_node(first)
+    return new_first, new_second
 
 
 def _block_refusal(gm: fx.GraphModule, first: fx.Node, act: fx.Node, second: fx.Node) -> Refusal | None:

@@ -30,68 +30,30 @@ dynamic, ``fxopt::int8_linear_dynamic_tensor`` (ONNX Runtime: DynamicQuantizeMat
 
 from __future__ import annotations
 
-import math
-import operator
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-import torch
 import torch.fx as fx
+from fxopt.passes._quantize_int8_search import budget_refusal, choose_layers, observe_scales
 
-from fxopt.ir import (
-    add_constant,
-    call_nodes,
-    constant,
-    module_path,
-    ops,
-)
-from fxopt.ir.qdq import qops
-from fxopt.lossy import (
-    ActivationStats,
-    BudgetedSearch,
-    Outcome,
-    Pick,
-    Site,
-    check_search_options,
-    collect_activations,
-    fit_indices,
-    known_values,
-    merge_stats,
-    observe_each,
-)
+from fxopt.ir import add_constant, call_nodes, constant, module_path, ops
+from fxopt.ir.qdq import insert_qdq
+from fxopt.lossy import check_search_options
 from fxopt.pass_api import Pass, PassContext, PassResult
-from fxopt.quant import (
-    FLOAT_DTYPES,
-    QMAX,
-    QMIN,
-    TENSOR_EPS,
-    UQMAX,
-    UQMIN,
-    WEIGHT_QMAX,
-    quantize_weight,
-    static_asymmetric_qparams,
-    static_scale,
-)
+from fxopt.quant import FLOAT_DTYPES, quantize_weight
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import (
     EXCLUDED,
     NEEDS_CALIBRATION,
-    OVER_BUDGET,
     UNSUPPORTED_DTYPE,
     constant_linear,
     finite,
     floating_point,
     large_enough,
 )
-from fxopt.verify import compare_outputs
 
 MIN_FEATURES = 16
-# Rows of each layer's input its local error (the search's estimate) is measured on: the
-# estimate only orders the search's trials, and these GEMMs would otherwise cost as much as
-# a run of the model.
-ESTIMATE_ROWS = 64
 ACTIVATIONS = ("dynamic", "dynamic-tensor", "static")
 
 
@@ -147,15 +109,15 @@ class QuantizeInt8(Pass):
             # The search trials static scales observed on its fit batches only, so that clipping
             # on the held-out ones shows; the committed scales cover every batch (wider, so they
             # clip less). Each batch is observed once for both.
-            scales, fit_scales = self._observe(gm, candidates, ctx)
+            scales, fit_scales = observe_scales(self, gm, candidates, ctx)
         else:
             fit_scales = scales
         weights = {n.name: quantize_weight(constant(gm, n.args[1])) for n in candidates}
-        outcome = self._search(gm, ctx, candidates, weights, fit_scales)
+        outcome = choose_layers(self, gm, ctx, candidates, weights, fit_scales, self._quantize)
         for node in candidates:
             pick = outcome.refused.get(node.name)
             if pick is not None:
-                result.skip(node, _budget_refusal(pick))
+                result.skip(node, budget_refusal(pick))
         chosen = [n.name for n in candidates if n.name in outcome.choices]  # graph order
         self._quantize(gm, chosen, weights, scales)
         for name in chosen:
@@ -163,68 +125,6 @@ class QuantizeInt8(Pass):
             result.details.append({"node": name, "input_scale": scales[name], "error": outcome.picks[name].error,
                                    **outcome.details_for(name)})
         return result
-
-    def _search(self, gm: fx.GraphModule, ctx: PassContext, candidates: list[fx.Node], weights: dict,
-                scales: dict) -> Outcome:
-        """Which layers to quantize: a site per layer, on or off, saving 3 of every 4 weight bytes,
-        with its local error as the estimate the sensitivity strategy ranks by (measured only
-        when quantizing every layer at once is over budget)."""
-        local: dict[str, float] = {}
-        running: list[BudgetedSearch] = []  # the search, while it runs (no cycle keeps its kept values after)
-
-        def estimate_of(name: str):
-            def estimate(level: object) -> float:
-                if not local:
-                    # Each layer's input in the float graph: from the one run of the starting
-                    # graph that the search keeps for its trials to reuse.
-                    sources = {n.name: n.args[0].name for n in candidates}
-                    seen = running[0].starting_values(set(sources.values()))
-                    local.update(self._local_errors(gm, candidates, weights, scales,
-                                                    {name: seen[source] for name, source in sources.items()}))
-                return local[name]
-            return estimate
-
-        sites = [Site(n.name, (True,), (3.0 * constant(gm, n.args[1]).numel(),), estimate=estimate_of(n.name))
-                 for n in candidates]
-
-        def apply(trial: fx.GraphModule, choices: Mapping[str, object]) -> fx.GraphModule:
-            self._quantize(trial, [n.name for n in candidates if n.name in choices], weights, scales)
-            return trial
-
-        running.append(BudgetedSearch(gm, ctx, sites, apply, self.budget, self.strategy))
-        try:
-            return running[0].run()
-        finally:
-            running.clear()
-
-    def _local_errors(self, gm: fx.GraphModule, candidates: list[fx.Node], weights: dict, scales: dict,
-                      inputs: Mapping[str, list[torch.Tensor]]) -> dict[str, float]:
-        """Each layer's own largest relative output error when its input and weight are
-        quantized as :meth:`_quantize` would (the very QDQ pattern, on a one-layer graph), on
-        ``inputs`` (each layer's input, per batch). On at most ``ESTIMATE_ROWS`` evenly spaced
-        rows, plus the rows holding the input's smallest and largest value, so that a
-        per-tensor dynamic scale comes out as on every row (rows of a Linear, and of a
-        per-token scale, are independent)."""
-        errors: dict[str, float] = {}
-        with torch.no_grad():
-            for node in candidates:
-                bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-                weight, bias = constant(gm, node.args[1]), None if bias is None else constant(gm, bias)
-                quantized = _one_layer(weight, bias, node.meta["val"].dtype)
-                linear = next(n for n in quantized.graph.nodes if n.target == ops.linear)
-                qweight, weight_scale = weights[node.name]
-                insert_qdq(quantized, linear, add_constant(quantized, qweight, "qweight", before=linear),
-                           add_constant(quantized, weight_scale, "weight_scale", before=linear), scales[node.name],
-                           dynamic_tensor=self.activations == "dynamic-tensor")
-                quantized.recompile()
-                worst = 0.0
-                for x in inputs[node.name]:
-                    rows = x.reshape(-1, x.shape[-1])
-                    rows = rows[_sampled_rows(rows)]
-                    comparison = compare_outputs([ops.linear(rows, weight, bias)], [quantized(rows)])
-                    worst = max(worst, math.inf if comparison.mismatch else comparison.max_rel)
-                errors[node.name] = worst
-        return errors
 
     def _refusal(self, gm: fx.GraphModule, node: fx.Node, index: int, count: int) -> Refusal | None:
         path = module_path(node)
@@ -252,37 +152,6 @@ class QuantizeInt8(Pass):
                 or large_enough(weight.numel(), self.min_params, f"{weight.numel()} weights < min_params={self.min_params}")
                 or small_features)
 
-    def _observe(self, gm: fx.GraphModule, nodes: list[fx.Node], ctx: PassContext) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Per-tensor activation scales over every observable batch, and over the fit batches
-        only: max |x| (minmax) or its largest per-batch percentile, per Linear (siblings
-        reading one input share its statistics); ``(scale, zero_point)`` from min and max when
-        not symmetric. One observation of each batch serves both (the example's values come
-        from the manager's reference run when it kept them)."""
-        batches = ctx.observable_batches
-        fit = fit_indices(ctx)  # positions in ctx.batches, the same in its observable prefix
-        sources = {n.name: n.args[0] for n in nodes}
-        known = known_values(ctx, gm)
-        if not self.symmetric:
-            seen = collect_activations(gm, set(sources.values()), batches,
-                                       reduce=lambda v: (float(v.min()), float(v.max())), known=known)
-
-            def asymmetric(indices: list[int]) -> dict[str, Any]:
-                return {name: static_asymmetric_qparams(min(seen[source][i][0] for i in indices),
-                                                        max(seen[source][i][1] for i in indices))
-                        for name, source in sources.items()}
-            return asymmetric(list(range(len(batches)))), asymmetric(fit)
-        percentile = self.percentile if self.observer == "percentile" else None
-        each = observe_each(gm, set(sources.values()), batches, percentile=percentile, known=known)
-
-        def symmetric(indices: list[int]) -> dict[str, Any]:
-            scales = {}
-            for name, source in sources.items():
-                stats = merge_stats(each[i].get(source, ActivationStats()) for i in indices)
-                scales[name] = static_scale(stats.percentile if percentile is not None and stats.percentile is not None
-                                            else stats.abs_max)
-            return scales
-        return symmetric(list(range(len(batches)))), symmetric(fit)
-
     def _quantize(self, gm: fx.GraphModule, names: list[str], weights: dict, scales: dict) -> None:
         nodes = {n.name: n for n in gm.graph.nodes}
         for name in names:
@@ -293,92 +162,3 @@ class QuantizeInt8(Pass):
                        add_constant(gm, scale, f"{hint}_int8_scale"), scales[name],
                        dynamic_tensor=self.activations == "dynamic-tensor")
         gm.recompile()
-
-
-def _budget_refusal(pick: Pick) -> Refusal:
-    limit = f"budget {pick.target:g}"
-    if pick.split != "fit":
-        limit = f"{pick.target:g} (half the budget: chosen again on every batch after the held-out check failed)"
-    if pick.others == 0:
-        return Refusal(OVER_BUDGET, f"quantizing this layer alone gives output error {pick.error:.3g} > {limit}")
-    if pick.others_error is not None and pick.others_error <= pick.target:
-        return Refusal(OVER_BUDGET, f"with {pick.others} other layer(s) quantized it raises the output error to "
-                                    f"{pick.error:.3g} > {limit}")
-    # The others were not measured within budget without it: name the combination, not a culprit.
-    return Refusal(OVER_BUDGET, f"quantized together with {pick.others} other layer(s) (the smallest such "
-                                f"combination measured) it gives output error {pick.error:.3g} > {limit}")
-
-
-def _one_layer(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> fx.GraphModule:
-    """``x -> linear(x, weight, bias)`` as a graph, for :func:`insert_qdq` to rewrite like the real layer."""
-    gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
-    graph = gm.graph
-    x = graph.placeholder("x")
-    w = graph.get_attr(_register(gm, weight, "weight"))
-    b = None if bias is None else graph.get_attr(_register(gm, bias, "bias"))
-    linear = graph.call_function(ops.linear, (x, w, b))
-    linear.meta["val"] = torch.empty(0, dtype=dtype)
-    graph.output(linear)
-    return gm
-
-
-def _register(gm: fx.GraphModule, tensor: torch.Tensor, name: str) -> str:
-    gm.register_buffer(name, tensor)
-    return name
-
-
-def _sampled_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Indices of at most ``ESTIMATE_ROWS`` evenly spaced rows, plus those holding the smallest
-    and the largest value (all rows when there are few)."""
-    count, width = rows.shape
-    if count <= ESTIMATE_ROWS + 2:
-        return torch.arange(count)
-    extremes = torch.stack([rows.argmin() // width, rows.argmax() // width])
-    return torch.cat([torch.arange(0, count, -(-count // ESTIMATE_ROWS)), extremes]).unique()
-
-
-def insert_qdq(
-    gm: fx.GraphModule,
-    linear: fx.Node,
-    qweight: fx.Node,
-    weight_scale: fx.Node,
-    input_scale: float | tuple[float, int] | None = None,
-    dynamic_tensor: bool = False,
-) -> None:
-    """Rewrite ``linear(x, W, b)`` into the QDQ pattern (:mod:`fxopt.ir.qdq`) over the given
-    int8 weight constants: activations per token (default), per tensor with ``input_scale``
-    (symmetric int8; a ``(scale, zero_point)`` pair: uint8), or per tensor with a dynamic
-    uint8 scale and zero point (``dynamic_tensor``)."""
-    graph = gm.graph
-    x = linear.args[0]
-    dtype = linear.meta["val"].dtype
-    with graph.inserting_before(linear):
-        if dynamic_tensor:
-            qparams = graph.call_function(qops.choose_per_tensor, (x, UQMIN, UQMAX, TENSOR_EPS, torch.uint8))
-            scale = graph.call_function(operator.getitem, (qparams, 0))
-            zero = graph.call_function(operator.getitem, (qparams, 1))
-            xq = graph.call_function(qops.quantize_per_tensor_dynamic, (x, scale, zero, UQMIN, UQMAX, torch.uint8))
-            xdq = graph.call_function(qops.dequantize_per_tensor_dynamic,
-                                      (xq, scale, zero, UQMIN, UQMAX, torch.uint8), {"out_dtype": dtype})
-        elif input_scale is None:
-            qparams = graph.call_function(qops.choose_per_token, (x, torch.int8))
-            scale = graph.call_function(operator.getitem, (qparams, 0))
-            zero = graph.call_function(operator.getitem, (qparams, 1))
-            xq = graph.call_function(qops.quantize_per_token, (x, scale, zero, QMIN, QMAX, torch.int8))
-            xdq = graph.call_function(qops.dequantize_per_token,
-                                      (xq, scale, zero, QMIN, QMAX, torch.int8, dtype))
-        elif isinstance(input_scale, tuple):
-            scale, zero = input_scale
-            xq = graph.call_function(qops.quantize_per_tensor, (x, scale, zero, UQMIN, UQMAX, torch.uint8))
-            xdq = graph.call_function(qops.dequantize_per_tensor, (xq, scale, zero, UQMIN, UQMAX, torch.uint8),
-                                      {"out_dtype": dtype})
-        else:
-            xq = graph.call_function(qops.quantize_per_tensor, (x, input_scale, 0, QMIN, QMAX, torch.int8))
-            xdq = graph.call_function(qops.dequantize_per_tensor, (xq, input_scale, 0, QMIN, QMAX, torch.int8),
-                                      {"out_dtype": dtype})
-        wdq = graph.call_function(qops.dequantize_per_channel,
-                                  (qweight, weight_scale, None, 0, -WEIGHT_QMAX, WEIGHT_QMAX, torch.int8),
-                                  {"out_dtype": dtype})
-    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
-    linear.args = (xdq, wdq, bias)
-    linear.kwargs = {}

@@ -15,13 +15,15 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+from fxopt.passes._prune_hidden_search import unit_ranking
 from fxopt.passes.cast_low_precision import cast_linears
 from fxopt.passes.low_rank import exact_svd, factor_linear
-from fxopt.passes.prune_hidden import prunable_blocks, prune_units, unit_ranking
-from fxopt.passes.quantize_int8 import MIN_FEATURES, insert_qdq
+from fxopt.passes.prune_hidden import prunable_blocks, prune_units
+from fxopt.passes.quantize_int8 import MIN_FEATURES
 
 from fxopt.cost import low_rank_break_even
 from fxopt.ir import add_constant, call_nodes, constant, dtype_of, linear_parts, ops
+from fxopt.ir.qdq import insert_qdq
 from fxopt.lossy import inputs_of, observe
 from fxopt.quant import FLOAT_DTYPES, quantize_weight, static_scale
 from fxopt.tune.techniques import HIDDEN, Technique
@@ -155,17 +157,21 @@ def _prune_apply(gm: fx.GraphModule, choices: Mapping[str, Hashable], state: dic
     gm.recompile()
 
 
+# Structural rewrites (pruning, then factoring) rename Linears; the per-layer ones apply after.
+_PER_LAYER = ("prune-hidden", "low-rank")
+
 TECHNIQUES = (
-    Technique("prune-hidden", "prune-hidden", 0, _prune_targets, _prune_apply,
+    Technique("prune-hidden", "prune-hidden", _prune_targets, _prune_apply,
               lambda gm, batches: _prune_prepare(gm, batches),
               "keep the most important hidden units of a Linear -> activation -> Linear block"),
-    Technique("low-rank", "low-rank", 1, _low_rank_targets, _low_rank_apply, lambda gm, batches: {},
-              "factor a Linear at a rank below break-even (truncated SVD)"),
-    Technique("bf16", "bf16", 2, _bf16_targets, _bf16_apply, description="run a Linear in bfloat16"),
-    Technique("int8-dynamic", "int8", 2, _int8_targets, _int8_apply("dynamic"),
-              description="int8 weights per channel, activations per token at run time"),
-    Technique("int8-tensor", "int8", 2, _int8_targets, _int8_apply("dynamic-tensor"),
-              description="int8 weights per channel, activations per tensor at run time"),
-    Technique("int8-static", "int8", 2, _int8_targets, _int8_apply("static"), _int8_prepare_static,
-              "int8 weights per channel, activations per tensor with a calibrated scale"),
+    Technique("low-rank", "low-rank", _low_rank_targets, _low_rank_apply, lambda gm, batches: {},
+              "factor a Linear at a rank below break-even (truncated SVD)", after=("prune-hidden",)),
+    Technique("bf16", "bf16", _bf16_targets, _bf16_apply, description="run a Linear in bfloat16",
+              after=_PER_LAYER),
+    Technique("int8-dynamic", "int8", _int8_targets, _int8_apply("dynamic"),
+              description="int8 weights per channel, activations per token at run time", after=_PER_LAYER),
+    Technique("int8-tensor", "int8", _int8_targets, _int8_apply("dynamic-tensor"),
+              description="int8 weights per channel, activations per tensor at run time", after=_PER_LAYER),
+    Technique("int8-static", "int8", _int8_targets, _int8_apply("static"), _int8_prepare_static,
+              "int8 weights per channel, activations per tensor with a calibrated scale", after=_PER_LAYER),
 )

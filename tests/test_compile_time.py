@@ -224,8 +224,8 @@ def test_report_timings_cover_the_compile() -> None:
 
 def _search_case() -> tuple[Any, PassContext, list[Site], Any]:
     from fxopt.ir import add_constant, call_nodes, constant, ops
+    from fxopt.ir.qdq import insert_qdq
     from fxopt.quant import quantize_weight
-    from passes.quantize_int8 import insert_qdq
 
     gm = fxopt.capture(_mlp(), (torch.randn(16, 64),))
     batches = [[torch.randn(16, 64)], [torch.randn(16, 64)]]

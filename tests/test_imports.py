@@ -1,8 +1,9 @@
 """The import graph of fxopt's modules is a DAG, and the core names no built-in pass or lowering.
 
-Every ``import`` that runs counts, the ones inside functions too: a lazy import hides a cycle
-from the interpreter, not from a reader. Imports under ``if TYPE_CHECKING:`` serve annotations
-only and do not count.
+Every import counts: the ones inside functions (a lazy import hides a cycle from the
+interpreter, not from a reader), the ones under ``if TYPE_CHECKING:`` (a type-only import is
+still a dependency a reader must follow) and ``importlib.import_module("fxopt...")`` with a
+literal name (an import by another spelling).
 """
 
 from __future__ import annotations
@@ -29,25 +30,34 @@ def module_files() -> dict[str, Path]:
     return files
 
 
-def runtime_nodes(tree: ast.AST) -> list[ast.AST]:
-    """Every node of ``tree`` except those under ``if TYPE_CHECKING:`` (annotations only)."""
-    nodes, stack = [], [tree]
-    while stack:
-        node = stack.pop()
-        nodes.append(node)
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            stack.extend(node.orelse)
-            continue
-        stack.extend(ast.iter_child_nodes(node))
-    return nodes
+def import_module_target(node: ast.AST) -> str | None:
+    """The module a call ``importlib.import_module("name")`` (or ``import_module("name")``)
+    names, when the name is a literal."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    func = node.func
+    called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+    first = node.args[0]
+    if called == "import_module" and isinstance(first, ast.Constant) and isinstance(first.value, str):
+        return first.value
+    return None
 
 
 def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
     """The fxopt modules ``name`` imports anywhere in its source."""
+    return {m for m in imported_names(name, path, known) if m in known and m != name}
+
+
+def imported_names(name: str, path: Path, known: set[str]) -> set[str]:
+    """Every module ``name`` imports anywhere in its source (``from a import b``: ``a.b``
+    when that is a known module, else ``a``)."""
     package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
     found: set[str] = set()
-    for node in runtime_nodes(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        target = import_module_target(node)
+        if target is not None:
+            found.add(target)
+        elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -58,7 +68,7 @@ def imported_modules(name: str, path: Path, known: set[str]) -> set[str]:
             for alias in node.names:
                 submodule = f"{base}.{alias.name}"
                 found.add(submodule if submodule in known else base)
-    return {m for m in found if m in known and m != name}
+    return found
 
 
 def import_graph() -> nx.DiGraph:
@@ -97,7 +107,33 @@ def test_core_never_imports_a_builtin_pass_or_lowering(builtin: str) -> None:
     assert not offenders, f"{', '.join(offenders)} import {builtin} (found through entry points instead)"
 
 
+def test_core_never_imports_the_benchmark() -> None:
+    # ``fxopt bench`` is the one way in: the CLI hands the subcommand over to fxopt_bench.
+    files = module_files()
+    offenders = sorted(
+        name for name, path in files.items()
+        if name != "fxopt.cli" and not name.startswith("fxopt.passes")
+        and any(m == "fxopt_bench" or m.startswith("fxopt_bench.") for m in imported_names(name, path, set(files)))
+    )
+    assert not offenders, f"{', '.join(offenders)} import fxopt_bench"
+
+
 def test_backends_name_no_pass_or_quantization_scheme() -> None:
     for path in (ROOT / "fxopt" / "backends").glob("*.py"):
         text = path.read_text().lower()
         assert "int8" not in text and "quantiz" not in text, path.name
+
+
+def test_type_only_and_import_module_imports_count(tmp_path: Path) -> None:
+    source = tmp_path / "b.py"
+    source.write_text(
+        "from __future__ import annotations\n"
+        "import importlib\n"
+        "from typing import TYPE_CHECKING\n"
+        "if TYPE_CHECKING:\n"
+        "    from fxopt.c import Thing\n"
+        "def later():\n"
+        "    return importlib.import_module('fxopt.d').value\n"
+    )
+    known = {"fxopt.a", "fxopt.b", "fxopt.c", "fxopt.d"}
+    assert imported_modules("fxopt.a.b", source, known) == {"fxopt.c", "fxopt.d"}

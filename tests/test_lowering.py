@@ -181,3 +181,62 @@ def test_plugin_package_lowering_is_found_through_its_entry_point(tmp_path: Path
         capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=os.pathsep.join(paths)))
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "3 passed" in result.stdout
+
+
+# The order lowerings ran in when they declared integer ``order``s (50, 100, 150, then name),
+# per backend and stage: the only order a backend sees, since it runs those that list it.
+ORDER_BEFORE_NAMES = {
+    ("eager", "graph"): ["int8-linear"],
+    ("eager", "kernel"): ["onednn-linear", "onednn-qlinear"],
+    ("onnx", "graph"): ["ort-attention", "int8-linear", "ort-bias-gelu"],
+    ("openvino", "graph"): ["openvino-split-linear", "openvino-int8"],
+}
+
+
+def test_lowerings_order_by_after_and_before_names_as_they_ran_by_numbers() -> None:
+    from fxopt.lowering.ort_skip_layer_norm import OrtSkipLayerNorm
+
+    builtin = [lowering for lowering in lowerings() if lowering.name in
+               {name for names in ORDER_BEFORE_NAMES.values() for name in names}]
+    for (backend, stage), expected in ORDER_BEFORE_NAMES.items():
+        assert [lw.name for lw in builtin if backend in lw.backends and lw.stage == stage] == expected
+    # Across backends only openvino-int8 moved (it was a 100 among the 100s); no backend runs
+    # it beside another backend's lowerings, so no backend's order changed.
+    assert [lw.name for lw in builtin] == [
+        "openvino-split-linear", "openvino-int8", "ort-attention", "int8-linear", "onednn-linear",
+        "onednn-qlinear", "ort-bias-gelu"]
+    with registered_lowering(OrtSkipLayerNorm):  # opt-in; after int8-linear, as its 150 said
+        names = [lw.name for lw in lowerings() if "onnx" in lw.backends]
+        assert names.index("int8-linear") < names.index("ort-skip-layer-norm")
+
+
+def test_a_plugin_lowering_declares_what_it_runs_before() -> None:
+    class Fused(ReluKernel):
+        name = "a-fused-linear"  # its name alone would put it first; before= must hold anyway
+        before = ("int8-linear",)
+
+    class Later(ReluKernel):
+        name = "aa-after-int8"
+        after = ("int8-linear",)
+
+    with registered_lowering(Fused), registered_lowering(Later):
+        names = [lw.name for lw in lowerings()]
+        assert names.index("a-fused-linear") < names.index("int8-linear") < names.index("aa-after-int8")
+
+    class Cycle(ReluKernel):
+        name = "z-cycle"
+        after = ("int8-linear",)
+        before = ("ort-attention",)  # ort-attention runs before int8-linear
+
+    with registered_lowering(Cycle), pytest.raises(fxopt.FxoptError, match="lowerings' .* form a cycle"):
+        lowerings()
+
+
+def test_a_lowering_that_still_sets_order_is_refused_with_the_way_out() -> None:
+    class Numbered(ReluKernel):
+        name = "numbered"
+        order = 50
+
+    with pytest.raises(ValueError, match=r"sets 'order'.*after = \(\.\.\.\), before = \(\.\.\.\)"), \
+            registered_lowering(Numbered):
+        pass

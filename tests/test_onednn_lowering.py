@@ -81,7 +81,7 @@ class _Corrupting(Lowering):
 
     name = "corrupting-test-lowering"
     backends = ("eager",)
-    order = 1
+    before = ("int8-linear",)
 
     def applies(self, gm) -> bool:
         return count_ops(gm, ops.linear) > 0

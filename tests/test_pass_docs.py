@@ -24,12 +24,20 @@ def _codes_used(source: str) -> set[str]:
     return literal | {code for code in named if re.fullmatch(r"[a-z0-9]+(-[a-z0-9]+)*", code)}
 
 
+def _source_with_helpers(module: str) -> str:
+    """A pass module's source and that of the private helper modules beside it that it
+    imports (``fxopt.passes._<name>``: its search description, say)."""
+    source = inspect.getsource(importlib.import_module(module))
+    helpers = sorted(set(re.findall(r"from fxopt\.passes\.(_\w+) import", source)))
+    return "\n".join([source, *(inspect.getsource(importlib.import_module(f"fxopt.passes.{h}")) for h in helpers)])
+
+
 @pytest.mark.parametrize("pass_type", fxopt.list_passes(), ids=lambda t: t.name)
 def test_every_pass_has_a_page_that_lists_its_refusal_codes(pass_type) -> None:
     page = DOCS / f"{PAGES.get(pass_type.name, pass_type.name)}.md"
     assert page.is_file(), f"{pass_type.name} has no page in docs/passes/"
     text = page.read_text()
-    source = inspect.getsource(importlib.import_module(pass_type.__module__))
+    source = _source_with_helpers(pass_type.__module__)
     missing = sorted(code for code in _codes_used(source) if f"`{code}`" not in text)
     assert not missing, f"docs/passes/{page.name} does not list the codes {missing}"
 
@@ -42,3 +50,9 @@ def test_the_page_states_the_rewrite_of_the_docstring(pass_type) -> None:
     assert arrows, f"{pass_type.name}: the module docstring states no rewrite (an '=>' line)"
     squeeze = lambda s: re.sub(r"\s+", "", s)  # noqa: E731
     assert squeeze(arrows[0]) in squeeze(text), f"{pass_type.name}: the page does not show {arrows[0]!r}"
+
+
+def test_every_file_in_passes_is_small() -> None:
+    # A pass is one small file; what grows (a search description, helpers) goes beside it.
+    sizes = {path.name: len(path.read_text().splitlines()) for path in (DOCS.parents[1] / "passes").glob("*.py")}
+    assert sizes and all(lines <= 200 for lines in sizes.values()), {k: v for k, v in sizes.items() if v > 200}

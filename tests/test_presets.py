@@ -81,3 +81,32 @@ def test_preset_and_passes_are_exclusive() -> None:
         fxopt.compile(_mlp(), (torch.randn(4, 64),), passes=["remove-dropout"], preset="int8")
     with pytest.raises(fxopt.InputError, match="no candidate for backend 'tvm'"):
         fxopt.compile(_mlp(), (torch.randn(4, 64),), preset="int8", backend="tvm")
+
+
+def test_presets_and_the_bench_time_with_the_one_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fxopt.latency.interleaved is the only timing loop: the preset race, the benchmark's
+    measure_side_by_side (and so ``fxopt demo``'s) all run through it."""
+    from fxopt import latency
+    from fxopt_bench import timing
+
+    loop, calls = latency.interleaved, []
+
+    def recording(candidates, **options):  # type: ignore[no-untyped-def]
+        calls.append((sorted(candidates), options.get("keep") is not None))
+        return loop(candidates, **options)
+
+    monkeypatch.setattr(latency, "interleaved", recording)
+    runs = {"a": 0, "b": 0}
+
+    def run(name: str):  # type: ignore[no-untyped-def]
+        return lambda: runs.__setitem__(name, runs[name] + 1)
+
+    race = presets.race({"a": run("a"), "b": run("b")}, repeats=3)
+    assert calls == [(["a", "b"], True)]  # the race: the loop with its stopping policy
+    assert race["a"].samples == runs["a"] - 1 and race["a"].samples >= 1  # one warm-up, then its rounds
+    assert presets.race({"a": run("a")}, repeats=3)["a"].samples == 1
+    assert calls[-1] == (["a"], False)
+    bench = timing.measure_side_by_side({"a": run("a"), "b": run("b")}, warmup=1, repeats=4)
+    assert calls[-1] == (["a", "b"], False)
+    assert bench["a"].samples == bench["b"].samples == 4
+    assert timing.speedup is latency.speedup and timing.measure_side_by_side is latency.measure_side_by_side

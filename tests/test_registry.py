@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pytest
 import torch
@@ -87,10 +87,11 @@ def test_plugin_pass_from_another_package_via_entry_point(tmp_path, monkeypatch)
         monkeypatch.undo()
 
 
-def _pass(name: str, after: tuple[str, ...] = (), exact: bool = True) -> type[fxopt.Pass]:
-    """A do-nothing pass class called ``name`` that declares ``after``."""
+def _pass(name: str, after: tuple[str, ...] = (), exact: bool = True,
+          before: tuple[str, ...] = ()) -> type[fxopt.Pass]:
+    """A do-nothing pass class called ``name`` that declares ``after`` and ``before``."""
     return dataclass(frozen=True)(type(name.title().replace("-", ""), (fxopt.Pass,), {
-        "name": name, "exact": exact, "after": after,
+        "name": name, "exact": exact, "after": after, "before": before,
         "__call__": lambda self, gm, ctx: fxopt.PassResult(),
     }))
 
@@ -189,3 +190,84 @@ def test_option_types_resolve_without_eval_for_local_annotations() -> None:
     with pytest.raises(fxopt.PassOptionError, match="option 'count' must be int"):
         Typed(count=1.5)  # type: ignore[arg-type]
     assert Typed(other="unchecked").other == "unchecked"  # type: ignore[arg-type]
+
+
+def _registries() -> list[tuple[str, Any, Any, Any]]:
+    """Each registry: (name, a value to register, the scoped registration, its lookup)."""
+    from fxopt import backends, lowering, presets
+    from fxopt.lowering import Lowering
+    from fxopt.tune import techniques
+
+    class Plain(Lowering):
+        name = "test-scoped-lowering"
+
+    return [
+        ("passes", _pass("test-scoped-pass"), registry.scoped_registry,
+         lambda: {t.name: t for t in registry.list_passes()}),
+        ("lowerings", Plain(), lowering.registered_lowering, lambda: {x.name: x for x in lowering.lowerings()}),
+        ("backends", backends.Backend("test-scoped-backend", lambda *a: None), backends.registered_backend,
+         backends.registered_backends),
+        ("presets", presets.Preset("test-scoped-preset", "", ()), presets.registered_preset,
+         lambda: {p.name: p for p in presets.list_presets()}),
+        ("techniques", techniques.Technique("test-scoped-technique", "t", lambda gm, s: {}, lambda *a: None),
+         techniques.registered_technique, lambda: {t.name: t for t in techniques.list_techniques()}),
+    ]
+
+
+@pytest.mark.parametrize("which", ["passes", "lowerings", "backends", "presets", "techniques"])
+def test_every_registry_registers_for_a_block_the_same_way(which: str) -> None:
+    import threading
+
+    from fxopt.registrations import Registrations
+
+    _, value, registered, lookup = next(r for r in _registries() if r[0] == which)
+    module = sys.modules[registered.__module__]
+    assert isinstance(module._REGISTRATIONS, Registrations)  # the one mechanism behind each
+    before = lookup()
+    assert value.name not in before
+    with registered(value):
+        assert lookup()[value.name] is value
+        seen_elsewhere: list[bool] = []
+        thread = threading.Thread(target=lambda: seen_elsewhere.append(value.name in lookup()))
+        thread.start()
+        thread.join()
+        assert seen_elsewhere == [False]  # a thread that never entered the block
+        with registered(value):  # nested: the outer registration survives the inner block
+            assert value.name in lookup()
+        assert lookup()[value.name] is value
+    assert value.name not in lookup() and set(lookup()) == set(before)
+
+
+def test_a_scoped_entry_replaces_an_entry_point_of_the_same_name_for_the_block() -> None:
+    from fxopt import lowering
+
+    builtin = lowering.get_lowering("int8-linear")
+    replacement = type("Replacement", (lowering.Lowering,), {"name": "int8-linear"})()
+    with lowering.registered_lowering(replacement):
+        assert lowering.get_lowering("int8-linear") is replacement
+    assert lowering.get_lowering("int8-linear") is builtin
+
+
+def test_one_topological_order_for_passes_lowerings_and_techniques(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxopt import lowering, ordering
+    from fxopt.tune import techniques
+
+    # before= is the same constraint as after=, declared by the other side
+    a, b = _pass("b-first", before=("a-second",)), _pass("a-second")
+    assert [t.name for t in registry.topological_order([a, b])] == ["b-first", "a-second"]
+    with registry.scoped_registry(a, b):
+        assert registry.order_violations([b(), a()]) == [
+            "'a-second' runs before 'b-first', but is declared to run after it"]
+    # every registry sorts with the one function
+    calls: list[str] = []
+    sort = ordering.topological_order
+
+    def recording(items, what="passes"):  # type: ignore[no-untyped-def]
+        calls.append(what)
+        return sort(items, what)
+
+    monkeypatch.setattr(ordering, "topological_order", recording)
+    registry.list_passes()
+    lowering.lowerings()
+    techniques.list_techniques()
+    assert calls == ["passes", "lowerings", "techniques"]

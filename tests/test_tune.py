@@ -243,3 +243,19 @@ def test_a_tuned_model_saves_and_loads_with_its_search_log(tmp_path, trained, tu
     with torch.no_grad():
         assert torch.allclose(loaded(x), tuned(x), atol=1e-5)
     assert loaded.report.search.chosen == tuned.report.search.chosen
+
+
+def test_techniques_order_by_after_names_as_they_did_by_stage_numbers() -> None:
+    from fxopt.tune import techniques
+
+    # stages 0, 1, 2, then name: the order before techniques declared after= names
+    assert [t.name for t in techniques.list_techniques()] == [
+        "prune-hidden", "low-rank", "bf16", "int8-dynamic", "int8-static", "int8-tensor"]
+    assert [t.name for t in techniques.select_techniques("int8-static,bf16,prune-hidden")] == [
+        "prune-hidden", "bf16", "int8-static"]
+    early = techniques.Technique("zz-structural", "zz", lambda gm, s: {}, lambda *a: None, before=("prune-hidden",))
+    with techniques.registered_technique(early):
+        assert [t.name for t in techniques.select_techniques("low-rank,zz-structural")] == [
+            "zz-structural", "low-rank"]  # through prune-hidden, which is not chosen
+    with pytest.raises(TypeError, match="stage number"):
+        techniques.Technique("old", "old", 2, lambda gm, s: {}, lambda *a: None)  # type: ignore[arg-type]

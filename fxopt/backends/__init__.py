@@ -21,7 +21,8 @@ import importlib
 import importlib.util
 import inspect
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
@@ -30,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.errors import BackendError
+from fxopt.registrations import Registrations
 from fxopt.verify import Parity
 
 ENTRY_POINT_GROUP = "fxopt.backends"
@@ -90,23 +92,19 @@ def _importable(module: str) -> bool:
         return False
 
 
-_loaded: dict[str, Backend | BackendError] | None = None
-_loaded_for: tuple[str, ...] = ()
-_scoped: dict[str, Backend] = {}
+_REGISTRATIONS: Registrations[Backend] = Registrations("backends")
 
 
 def refresh() -> None:
     """Forget the loaded entry points (after installing a backend at run time)."""
-    global _loaded
-    _loaded = None
+    _REGISTRATIONS.current().discovered = None
 
 
 def _discovered() -> dict[str, Backend | BackendError]:
     """Every declared backend; an entry point that fails to load is kept as the error that
     says why, raised when that backend is asked for."""
-    global _loaded, _loaded_for
-    if _loaded is None or _loaded_for != tuple(sys.path):
-        _loaded_for = tuple(sys.path)
+    state = _REGISTRATIONS.current()
+    if state.discovered is None or state.discovered_for != tuple(sys.path):
         found: dict[str, Backend | BackendError] = {}
         for entry in entry_points(group=ENTRY_POINT_GROUP):
             try:
@@ -115,8 +113,8 @@ def _discovered() -> dict[str, Backend | BackendError]:
                 found[entry.name] = BackendError(
                     f"backend {entry.name!r} ({entry.value}) could not be imported: {exc}; "
                     "install the package that provides it")
-        _loaded = found
-    return _loaded
+        state.discovered, state.discovered_for = found, tuple(sys.path)
+    return state.discovered
 
 
 def _backend(name: str, value: Any) -> Backend:
@@ -131,7 +129,8 @@ def _backend(name: str, value: Any) -> Backend:
 
 def registered_backends() -> dict[str, Backend | BackendError]:
     """Every declared backend by name, installed or not (an import failure as its error)."""
-    return {**_discovered(), **_scoped}
+    _discovered()
+    return _REGISTRATIONS.current().merged()
 
 
 def backend_names(*, installed_only: bool = True) -> list[str]:
@@ -173,27 +172,17 @@ def get_backend(name: str, device: torch.device | str | None = None) -> Backend:
     return found
 
 
-class registered_backend:
+@contextmanager
+def registered_backend(backend: Backend) -> Iterator[Backend]:
     """Register ``backend`` until the ``with`` block ends (tests, experiments)::
 
         with fxopt.backends.registered_backend(Backend("mine", lower_mine)):
             opt = fxopt.compile(model, inputs, backend="mine")
     """
-
-    def __init__(self, backend: Backend) -> None:
-        self.backend = backend
-        self._previous: Backend | None = None
-
-    def __enter__(self) -> Backend:
-        self._previous = _scoped.get(self.backend.name)
-        _scoped[self.backend.name] = self.backend
-        return self.backend
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._previous is None:
-            _scoped.pop(self.backend.name, None)
-        else:
-            _scoped[self.backend.name] = self._previous
+    if not isinstance(backend, Backend):
+        raise TypeError(f"registered_backend takes a fxopt Backend, got {backend!r}")
+    with _REGISTRATIONS.registered({backend.name: backend}):
+        yield backend
 
 
 def require_torch_device(device: torch.device) -> None:

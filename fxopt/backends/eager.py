@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from fxopt.backends import Lowered, require_torch_device
 from fxopt.lowering import lower_graph
-from fxopt.report import phase
+from fxopt.phases import phase
 from fxopt.verify import Parity, compare_outputs, exact_tolerance, run_graph
 
 

@@ -512,13 +512,3 @@ def _numpy_dtype(dtype: torch.dtype) -> Any:
 
     return np.dtype(str(dtype).removeprefix("torch."))
 
-
-def __getattr__(name: str) -> Any:
-    # ``fxopt.backends.onnx.export_onnx`` was the export entry point's home; it now lives
-    # above the API (fxopt.frontends.onnx_export). Resolved on use, so this module never
-    # imports the API.
-    if name == "export_onnx":
-        import importlib
-
-        return importlib.import_module("fxopt.frontends.onnx_export").export_onnx
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """The QDQ vocabulary: int8 Linear layers in the PT2E representation, and their matcher.
 
 The quantize-int8 pass writes each quantized Linear with ``torch.ops.quantized_decomposed``
-ops, which every backend understands::
+ops, which every backend understands (:func:`insert_qdq` writes it)::
 
     dynamic activations (per token, symmetric):
         s, zp = choose_qparams_per_token(x, int8)
@@ -32,7 +32,7 @@ import torch.fx as fx
 
 from fxopt.ir.constants import constant
 from fxopt.ir.ops import is_op, ops
-from fxopt.quant import QMAX, QMIN, UQMAX, UQMIN, WEIGHT_QMAX
+from fxopt.quant import QMAX, QMIN, TENSOR_EPS, UQMAX, UQMIN, WEIGHT_QMAX
 
 qd = torch.ops.quantized_decomposed
 
@@ -125,3 +125,50 @@ def qparams_of_one_node(scale: fx.Node, zero: fx.Node) -> bool:
 def has_qdq_linear(gm: fx.GraphModule) -> bool:
     """Whether any Linear of ``gm`` is written in the QDQ pattern."""
     return any(match_qdq_linear(gm, n) is not None for n in gm.graph.nodes)
+
+
+def insert_qdq(
+    gm: fx.GraphModule,
+    linear: fx.Node,
+    qweight: fx.Node,
+    weight_scale: fx.Node,
+    input_scale: float | tuple[float, int] | None = None,
+    dynamic_tensor: bool = False,
+) -> None:
+    """Rewrite ``linear(x, W, b)`` into the QDQ pattern (:mod:`fxopt.ir.qdq`) over the given
+    int8 weight constants: activations per token (default), per tensor with ``input_scale``
+    (symmetric int8; a ``(scale, zero_point)`` pair: uint8), or per tensor with a dynamic
+    uint8 scale and zero point (``dynamic_tensor``)."""
+    graph = gm.graph
+    x = linear.args[0]
+    dtype = linear.meta["val"].dtype
+    with graph.inserting_before(linear):
+        if dynamic_tensor:
+            qparams = graph.call_function(qops.choose_per_tensor, (x, UQMIN, UQMAX, TENSOR_EPS, torch.uint8))
+            scale = graph.call_function(operator.getitem, (qparams, 0))
+            zero = graph.call_function(operator.getitem, (qparams, 1))
+            xq = graph.call_function(qops.quantize_per_tensor_dynamic, (x, scale, zero, UQMIN, UQMAX, torch.uint8))
+            xdq = graph.call_function(qops.dequantize_per_tensor_dynamic,
+                                      (xq, scale, zero, UQMIN, UQMAX, torch.uint8), {"out_dtype": dtype})
+        elif input_scale is None:
+            qparams = graph.call_function(qops.choose_per_token, (x, torch.int8))
+            scale = graph.call_function(operator.getitem, (qparams, 0))
+            zero = graph.call_function(operator.getitem, (qparams, 1))
+            xq = graph.call_function(qops.quantize_per_token, (x, scale, zero, QMIN, QMAX, torch.int8))
+            xdq = graph.call_function(qops.dequantize_per_token,
+                                      (xq, scale, zero, QMIN, QMAX, torch.int8, dtype))
+        elif isinstance(input_scale, tuple):
+            scale, zero = input_scale
+            xq = graph.call_function(qops.quantize_per_tensor, (x, scale, zero, UQMIN, UQMAX, torch.uint8))
+            xdq = graph.call_function(qops.dequantize_per_tensor, (xq, scale, zero, UQMIN, UQMAX, torch.uint8),
+                                      {"out_dtype": dtype})
+        else:
+            xq = graph.call_function(qops.quantize_per_tensor, (x, input_scale, 0, QMIN, QMAX, torch.int8))
+            xdq = graph.call_function(qops.dequantize_per_tensor, (xq, input_scale, 0, QMIN, QMAX, torch.int8),
+                                      {"out_dtype": dtype})
+        wdq = graph.call_function(qops.dequantize_per_channel,
+                                  (qweight, weight_scale, None, 0, -WEIGHT_QMAX, WEIGHT_QMAX, torch.int8),
+                                  {"out_dtype": dtype})
+    bias = linear.args[2] if len(linear.args) > 2 else linear.kwargs.get("bias")
+    linear.args = (xdq, wdq, bias)
+    linear.kwargs = {}

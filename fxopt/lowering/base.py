@@ -36,9 +36,11 @@ class Lowering:
     # Relative error allowed between ONNX Runtime and the torch graph once this lowering
     # applied; None keeps the float tolerance of an exact rewrite.
     parity_rtol: ClassVar[float | None] = None
-    # Lowerings run in this order (then by name): a fused lowering that consumes a larger
-    # pattern goes before one that consumes a part of it.
-    order: ClassVar[int] = 100
+    # The lowerings this one must run after / before (names; :mod:`fxopt.ordering`, the
+    # passes' scheme): a fused lowering that consumes a larger pattern goes before one that
+    # consumes a part of it. Among lowerings free to run, the name decides.
+    after: ClassVar[tuple[str, ...]] = ()
+    before: ClassVar[tuple[str, ...]] = ()
     # "graph": the kernels it writes are part of the optimized module's graph
     # (``opt.graph_module``), which stays exportable (its ops have ONNX translations).
     # "kernel": a device-specific kernel choice made only in the code that runs, after the

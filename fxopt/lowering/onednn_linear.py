@@ -97,6 +97,7 @@ class OneDnnLinear(Lowering):
     devices = ("cpu",)
     # A CPU kernel choice: opt.graph_module keeps the portable Linear (and stays exportable).
     stage = "kernel"
+    after = ("int8-linear",)  # a kernel choice for the graph the graph-stage lowerings wrote
 
     def probe(self, device: torch.device) -> str | None:
         return onednn_unsupported_reason(torch.float32)

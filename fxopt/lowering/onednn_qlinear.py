@@ -172,6 +172,7 @@ class OneDnnQLinear(Lowering):
     devices = ("cpu",)
     # A CPU kernel choice: opt.graph_module keeps fxopt::int8_linear (and stays exportable).
     stage = "kernel"
+    after = ("int8-linear",)  # packs the int8 kernels int8-linear wrote
     # Float rounding in the fused activation moves a uint8 output across a rounding boundary
     # now and then (one quantization step); see Int8Linear.parity_rtol.
     parity_rtol = 0.05

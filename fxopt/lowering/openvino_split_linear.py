@@ -37,7 +37,7 @@ class OpenVinoSplitLinear(Lowering):
     name = "openvino-split-linear"
     backends = ("openvino",)
     devices = ("cpu",)
-    order = 50  # before openvino-int8, which then sees each piece as a Linear of its own
+    before = ("openvino-int8",)  # which then sees each piece as a Linear of its own
 
     def applies(self, gm: fx.GraphModule) -> bool:
         return any(_packed(gm, node) is not None for node in gm.graph.nodes)

@@ -58,7 +58,7 @@ class OrtAttention(Lowering):
     name = "ort-attention"
     backends = ("onnx",)
     onnx_domains = ("com.microsoft",)
-    order = 50  # before int8-linear: it never touches the projections, and vice versa
+    before = ("int8-linear",)  # it never touches the projections, and vice versa
 
     def applies(self, gm: fx.GraphModule) -> bool:
         return any(is_op(n, SDPA) for n in gm.graph.nodes)

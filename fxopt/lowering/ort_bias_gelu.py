@@ -25,7 +25,7 @@ class OrtBiasGelu(Lowering):
     name = "ort-bias-gelu"
     backends = ("onnx",)
     onnx_domains = ("com.microsoft",)
-    order = 150  # after int8-linear, which owns the quantized Linears and their biases
+    after = ("int8-linear",)  # which owns the quantized Linears and their biases
 
     def applies(self, gm: fx.GraphModule) -> bool:
         return any(is_op(n, ops.gelu) and is_op(n.args[0], ops.linear) for n in gm.graph.nodes)

@@ -40,7 +40,7 @@ class OrtSkipLayerNorm(Lowering):
     name = "ort-skip-layer-norm"
     backends = ("onnx",)
     onnx_domains = ("com.microsoft",)
-    order = 150  # after int8-linear, which owns the quantized Linears and their biases
+    after = ("int8-linear",)  # which owns the quantized Linears and their biases
 
     def applies(self, gm: fx.GraphModule) -> bool:
         return any(is_op(n, LAYER_NORM) and is_op(n.args[0], ops.add) for n in gm.graph.nodes)

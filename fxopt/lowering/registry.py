@@ -3,7 +3,8 @@
 Built-in lowerings and third-party plugins take the same path; the core names none of them.
 Entry points are read and loaded on the first lookup, not at import. An entry point names a
 :class:`~fxopt.lowering.base.Lowering` subclass (instantiated without arguments) or an
-instance. :func:`registered_lowering` adds one for the duration of a ``with`` block.
+instance. :func:`registered_lowering` adds one for the duration of a ``with`` block
+(:mod:`fxopt.registrations`, as every registry does).
 """
 
 from __future__ import annotations
@@ -14,34 +15,32 @@ from collections.abc import Iterator
 from importlib.metadata import entry_points
 from typing import Any
 
+from fxopt import ordering
 from fxopt.lowering.base import Lowering
+from fxopt.registrations import Registrations
 
 ENTRY_POINT_GROUP = "fxopt.lowerings"
 
-_loaded: dict[str, Lowering] | None = None
-_loaded_for: tuple[str, ...] = ()  # the sys.path the entry points were read from
-_scoped: list[Lowering] = []
+_REGISTRATIONS: Registrations[Lowering] = Registrations("lowerings")
 
 
 def refresh() -> None:
     """Forget the loaded entry points (after installing a plugin at run time)."""
-    global _loaded
-    _loaded = None
+    _REGISTRATIONS.current().discovered = None
 
 
 def _discovered() -> dict[str, Lowering]:
-    global _loaded, _loaded_for
+    state = _REGISTRATIONS.current()
     # Read again when sys.path changed: a plugin put on the path (or taken off) is seen
     # without a refresh() call.
-    if _loaded is None or _loaded_for != tuple(sys.path):
-        _loaded_for = tuple(sys.path)
+    if state.discovered is None or state.discovered_for != tuple(sys.path):
         found: dict[str, Lowering] = {}
         for entry in entry_points(group=ENTRY_POINT_GROUP):
             found[entry.name] = _instance(entry.load(), f"entry point {entry.name!r} ({entry.value})")
             if found[entry.name].name != entry.name:
                 raise ValueError(f"entry point {entry.name!r} loads a lowering named {found[entry.name].name!r}")
-        _loaded = found
-    return _loaded
+        state.discovered, state.discovered_for = found, tuple(sys.path)
+    return state.discovered
 
 
 def _instance(value: Any, what: str) -> Lowering:
@@ -51,19 +50,22 @@ def _instance(value: Any, what: str) -> Lowering:
         raise TypeError(f"{what} is not a fxopt Lowering (subclass or instance): {value!r}")
     if not value.name or value.name != value.name.lower() or " " in value.name:
         raise ValueError(f"{what}: lowering name must be kebab-case, got {value.name!r}")
+    if hasattr(value, "order"):
+        raise ValueError(f"{what}: lowering {value.name!r} sets 'order', which fxopt no longer reads; "
+                         "name the lowerings it runs after/before instead (after = (...), before = (...))")
     return value
 
 
 def lowerings() -> list[Lowering]:
-    """Every registered lowering, in the order backends run them (``order``, then name).
+    """Every registered lowering, in the order backends run them: their ``after``/``before``
+    declarations, then the name (:func:`fxopt.ordering.topological_order`).
 
     A lowering registered with :func:`registered_lowering` replaces an entry point of the
     same name while its scope lasts.
     """
-    by_name = dict(_discovered())
-    for lowering in _scoped:
-        by_name[lowering.name] = lowering
-    return sorted(by_name.values(), key=lambda lowering: (lowering.order, lowering.name))
+    _discovered()
+    by_name = _REGISTRATIONS.current().merged()
+    return ordering.topological_order(by_name.values(), "lowerings")
 
 
 def get_lowering(name: str) -> Lowering:
@@ -83,8 +85,5 @@ def registered_lowering(lowering: Lowering | type[Lowering]) -> Iterator[Lowerin
             opt = fxopt.compile(model, inputs)
     """
     instance = _instance(lowering, f"{lowering!r}")
-    _scoped.append(instance)
-    try:
+    with _REGISTRATIONS.registered({instance.name: instance}):
         yield instance
-    finally:
-        _scoped.remove(instance)

@@ -28,7 +28,8 @@ from fxopt.pipeline.instruments import (
     ReportRows,
     WarnOnRollback,
 )
-from fxopt.pipeline.manager import PassManager, PassStep, reference_outputs
+from fxopt.pipeline.manager import PassManager, reference_outputs
+from fxopt.pipeline.step import PassStep
 
 __all__ = [
     "BaseCheck",

@@ -15,19 +15,17 @@ it: :class:`GraphLint` cleans the graph up and re-propagates shapes before
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.fx as fx
 
 from fxopt.ir import cleanup, constants, copy_graph_module, propagate_shapes
 from fxopt.pass_api import PassContext
+from fxopt.phases import phase
+from fxopt.pipeline.step import PassStep
 from fxopt.pipeline.verification import Verification
-from fxopt.report import phase
 from fxopt.verify import compare_outputs, exact_tolerance, lint, module_fingerprint, run_graph
-
-if TYPE_CHECKING:
-    from fxopt.pipeline.manager import PassStep
 
 
 class Rejected(Exception):

@@ -23,16 +23,14 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.fx as fx
 
 from fxopt.cost import graph_cost
 from fxopt.pass_api import Pass
+from fxopt.pipeline.step import PassStep
 from fxopt.report import PassRecord
-
-if TYPE_CHECKING:
-    from fxopt.pipeline.manager import PassStep
 
 
 class PassInstrument:

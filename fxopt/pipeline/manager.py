@@ -18,7 +18,6 @@ import dataclasses
 import logging
 import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ import torch.fx as fx
 from fxopt.errors import InputError, PassFailedError
 from fxopt.ir import copy_graph_module
 from fxopt.pass_api import Pass, PassContext, PassResult
+from fxopt.phases import phase
 from fxopt.pipeline.checks import (
     Check,
     Numerics,
@@ -43,31 +43,16 @@ from fxopt.pipeline.instruments import (
     WarnOnRollback,
     user_stacklevel,
 )
+from fxopt.pipeline.step import PassStep
 from fxopt.pipeline.verification import Verification, row_slices
 from fxopt.registry import PassOrderWarning, order_violations
-from fxopt.report import PassRecord, phase
+from fxopt.report import PassRecord
 from fxopt.verify import ReusingRunner, run_graph, same_inputs
 
 log = logging.getLogger("fxopt")
 
 # A lossy pass retried after going over its budget aims this far below what would have fit.
 RETRY_MARGIN = 0.9
-
-
-@dataclass
-class PassStep:
-    """One run of one pass, as its checks and instruments see it."""
-
-    pass_: Pass
-    index: int  # 1-based position in the round
-    total: int  # passes in the round
-    round: int  # 1-based; see ``max_rounds``
-    record: PassRecord  # the report row; checks and instruments fill their columns
-    result: PassResult | None = None  # None until the pass returned a PassResult
-
-    @property
-    def modified(self) -> bool:
-        return self.result is not None and self.result.modified
 
 
 def reference_outputs(gm: fx.GraphModule, batches: list[list[torch.Tensor]], start: int = 0) -> list[list[Any]]:

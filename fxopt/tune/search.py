@@ -39,7 +39,7 @@ from fxopt.registry import resolve_passes
 from fxopt.report import Report
 from fxopt.session import Session, Stage, pass_context
 from fxopt.tune.log import Candidate, ParetoRow, TuneLog
-from fxopt.tune.techniques import HIDDEN, Technique, select_techniques
+from fxopt.tune.techniques import HIDDEN, Technique, ordered, select_techniques
 from fxopt.verify import compare_outputs, module_fingerprint, run_graph
 
 Option = tuple[str, Hashable]  # (technique name, level)
@@ -172,9 +172,9 @@ class _Tuner:
         return {site: self.label(option) for site, option in choices.items()}
 
     def apply(self, gm: fx.GraphModule, choices: Choices) -> fx.GraphModule:
-        """Every chosen option on ``gm``, technique by technique, structural stages first."""
+        """Every chosen option on ``gm``, technique by technique, structural ones first."""
         names: dict[str, str] = {}
-        for technique in sorted(self.techniques.values(), key=lambda t: t.stage):
+        for technique in ordered(self.techniques.values()):
             mine = {site: option[1] for site, option in choices.items() if option[0] == technique.name}
             if mine:
                 technique.apply(gm, mine, self.states[technique.name], names)

@@ -212,7 +212,7 @@ def test_randomized_energy_rank_is_within_one_multiple_of_the_exact_rank() -> No
 
 
 def test_randomized_full_rank_layer_is_refused_after_one_sketch(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fxopt.passes.low_rank as low_rank
+    import fxopt.passes._low_rank_search as low_rank
 
     sketches: list[int] = []
 
@@ -233,7 +233,7 @@ def test_randomized_full_rank_layer_is_refused_after_one_sketch(monkeypatch: pyt
 def test_a_flat_spectrum_that_fits_below_break_even_is_found(monkeypatch: pytest.MonkeyPatch) -> None:
     """100 equal singular values: the sketches see no decay, the rank-120 projection fits, so
     the sketches keep growing (16, 32, 64, 120) until one holds the whole spectrum."""
-    import fxopt.passes.low_rank as low_rank
+    import fxopt.passes._low_rank_search as low_rank
 
     sketches: list[int] = []
 
@@ -264,7 +264,7 @@ def test_randomized_svd_is_deterministic_and_leaves_the_global_rng_alone() -> No
 
 
 def test_only_layers_above_the_exact_svd_size_are_sketched(monkeypatch: pytest.MonkeyPatch) -> None:
-    import fxopt.passes.low_rank as low_rank
+    import fxopt.passes._low_rank_search as low_rank
 
     sketched: list[tuple[int, ...]] = []
 

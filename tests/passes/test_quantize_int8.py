@@ -272,7 +272,7 @@ def test_local_error_is_the_layer_quantized_as_the_pass_would(activations: str, 
     """The estimate the search ranks layers by: one layer's own error, with its input and
     weight quantized by the very QDQ pattern of the pass (on sampled rows of a large input,
     which include the extremes a per-tensor scale is set by)."""
-    from fxopt.passes.quantize_int8 import _sampled_rows
+    from fxopt.passes._quantize_int8_search import local_errors, observe_scales, sampled_rows
 
     from fxopt.capture import capture
     from fxopt.ir import call_nodes, copy_graph_module
@@ -286,12 +286,12 @@ def test_local_error_is_the_layer_quantized_as_the_pass_would(activations: str, 
     node = call_nodes(gm, ops.linear)[0]
     pass_ = QuantizeInt8(activations=activations, symmetric=symmetric)
     weights = {node.name: quantize_weight(constants_of(gm, node))}
-    scales = pass_._observe(gm, [node], PassContext(batches=[[x]]))[0] if activations == "static" else {node.name: None}
-    estimate = pass_._local_errors(gm, [node], weights, scales, {node.name: [x]})[node.name]
+    scales = observe_scales(pass_, gm, [node], PassContext(batches=[[x]]))[0] if activations == "static" else {node.name: None}
+    estimate = local_errors(pass_, gm, [node], weights, scales, {node.name: [x]})[node.name]
     trial = copy_graph_module(gm)
     pass_._quantize(trial, [node.name], weights, scales)
     expected, actual = run_graph(gm, [x])[0], run_graph(trial, [x])[0]
-    sampled = _sampled_rows(x)
+    sampled = sampled_rows(x)
     assert len(sampled) <= min(rows, 66) and int(x.abs().max(1).values.argmax()) in sampled.tolist()
     assert estimate > 0
     assert estimate == pytest.approx(compare_outputs([expected[sampled]], [actual[sampled]]).max_rel, rel=1e-5)
@@ -334,13 +334,13 @@ def test_over_budget_all_at_once_ranks_by_local_error_and_measures_few_combinati
 
 
 def test_refusal_names_a_combination_when_its_other_layers_were_not_measured_within_budget() -> None:
-    from fxopt.passes.quantize_int8 import _budget_refusal
+    from fxopt.passes._quantize_int8_search import budget_refusal
 
     from fxopt.lossy import Pick
 
-    alone = _budget_refusal(Pick(None, 0.08, True, 0.05))
-    raises = _budget_refusal(Pick(None, 0.06, True, 0.05, others=3, others_error=0.04))
-    together = _budget_refusal(Pick(None, 0.09, True, 0.05, others=7, others_error=None))
+    alone = budget_refusal(Pick(None, 0.08, True, 0.05))
+    raises = budget_refusal(Pick(None, 0.06, True, 0.05, others=3, others_error=0.04))
+    together = budget_refusal(Pick(None, 0.09, True, 0.05, others=7, others_error=None))
     assert alone.detail == "quantizing this layer alone gives output error 0.08 > budget 0.05"
     assert raises.detail == "with 3 other layer(s) quantized it raises the output error to 0.06 > budget 0.05"
     assert together.detail.startswith("quantized together with 7 other layer(s)")
@@ -369,6 +369,8 @@ def test_static_scales_observe_each_batch_once_or_read_the_reference_runs_values
     """The committed scales (every observable batch) and the search's (its fit batches) come
     from one observation of each batch; under the pass manager, from the values its
     reference run kept, with no run of the graph of their own."""
+    from fxopt.passes._quantize_int8_search import observe_scales
+
     from fxopt.lossy import observer
     from fxopt.quant import static_asymmetric_qparams, static_scale
     from fxopt.registry import resolve_passes
@@ -399,7 +401,7 @@ def test_static_scales_observe_each_batch_once_or_read_the_reference_runs_values
     # On its own (no values kept), each batch is observed once for both sets of scales.
     node = next(n for n in gm.graph.nodes if n.target is ops.linear)
     pass_ = QuantizeInt8(activations="static", symmetric=symmetric)
-    committed, fitted = pass_._observe(gm, [node], PassContext(batches=[[x], [first], [second], [fresh]], fresh_batches=1))
+    committed, fitted = observe_scales(pass_, gm, [node], PassContext(batches=[[x], [first], [second], [fresh]], fresh_batches=1))
     assert sorted(runs) == [5, 6, 8]
     assert committed[node.name] == pytest.approx(scale(seen)) and fitted[node.name] == pytest.approx(scale(fit))
 

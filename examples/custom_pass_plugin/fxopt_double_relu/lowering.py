@@ -49,7 +49,7 @@ class LinearRelu(Lowering):
     name = "linear-relu"
     backends = ("eager", "onnx")
     devices = ("cpu", "cuda")
-    order = 50  # before lowerings that consume a bare Linear
+    before = ("int8-linear", "onednn-linear")  # lowerings that consume a bare Linear
 
     def applies(self, gm: fx.GraphModule) -> bool:
         return any(self._linear(gm, relu) is not None for relu in call_nodes(gm, ops.relu))

@@ -1,0 +1,197 @@
+"""quantize-int8's search description: which layers to quantize, and what each one costs.
+
+Not a pass (a leading underscore): the helpers of :mod:`fxopt.passes.quantize_int8`. Each layer
+is a site of the budgeted search (:mod:`fxopt.lossy`) with one level, saving 3 of every 4
+weight bytes; its estimate is its local error (its own output's relative error with its
+input and weight quantized, on its float input); static activation scales come from the
+one activation observer; a layer left float gets a refusal that says why, with a measured
+error.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import torch
+import torch.fx as fx
+
+from fxopt.ir import add_constant, constant, ops
+from fxopt.ir.qdq import insert_qdq
+from fxopt.lossy import (
+    ActivationStats,
+    BudgetedSearch,
+    Outcome,
+    Pick,
+    Site,
+    collect_activations,
+    fit_indices,
+    known_values,
+    merge_stats,
+    observe_each,
+)
+from fxopt.pass_api import PassContext
+from fxopt.quant import static_asymmetric_qparams, static_scale
+from fxopt.rewrite import Refusal
+from fxopt.rewrite.constraints import OVER_BUDGET
+from fxopt.verify import compare_outputs
+
+# Rows of each layer's input its local error (the search's estimate) is measured on: the
+# estimate only orders the search's trials, and these GEMMs would otherwise cost as much as
+# a run of the model.
+ESTIMATE_ROWS = 64
+
+
+class Options(Protocol):
+    """The options of the pass that the search reads."""
+
+    budget: float
+    activations: str
+    observer: str
+    symmetric: bool
+    percentile: float
+    strategy: str
+
+
+Quantize = Callable[[fx.GraphModule, list[str], dict, dict], None]
+
+
+def choose_layers(options: Options, gm: fx.GraphModule, ctx: PassContext, candidates: list[fx.Node],
+                  weights: dict, scales: dict, quantize: Quantize) -> Outcome:
+    """Which layers to quantize: a site per layer, on or off, saving 3 of every 4 weight bytes,
+    with its local error as the estimate the sensitivity strategy ranks by (measured only
+    when quantizing every layer at once is over budget). ``quantize(gm, names, weights,
+    scales)`` rewrites a trial the way the pass does."""
+    local: dict[str, float] = {}
+    running: list[BudgetedSearch] = []  # the search, while it runs (no cycle keeps its kept values after)
+
+    def estimate_of(name: str) -> Callable[[object], float]:
+        def estimate(level: object) -> float:
+            if not local:
+                # Each layer's input in the float graph: from the one run of the starting
+                # graph that the search keeps for its trials to reuse.
+                sources = {n.name: n.args[0].name for n in candidates}
+                seen = running[0].starting_values(set(sources.values()))
+                local.update(local_errors(options, gm, candidates, weights, scales,
+                                          {name: seen[source] for name, source in sources.items()}))
+            return local[name]
+        return estimate
+
+    sites = [Site(n.name, (True,), (3.0 * constant(gm, n.args[1]).numel(),), estimate=estimate_of(n.name))
+             for n in candidates]
+
+    def apply(trial: fx.GraphModule, choices: Mapping[str, object]) -> fx.GraphModule:
+        quantize(trial, [n.name for n in candidates if n.name in choices], weights, scales)
+        return trial
+
+    running.append(BudgetedSearch(gm, ctx, sites, apply, options.budget, options.strategy))
+    try:
+        return running[0].run()
+    finally:
+        running.clear()
+
+
+def local_errors(options: Options, gm: fx.GraphModule, candidates: list[fx.Node], weights: dict, scales: dict,
+                 inputs: Mapping[str, list[torch.Tensor]]) -> dict[str, float]:
+    """Each layer's own largest relative output error when its input and weight are
+    quantized as the pass would (the very QDQ pattern, on a one-layer graph), on ``inputs``
+    (each layer's input, per batch). On at most ``ESTIMATE_ROWS`` evenly spaced rows, plus
+    the rows holding the input's smallest and largest value, so that a per-tensor dynamic
+    scale comes out as on every row (rows of a Linear, and of a per-token scale, are
+    independent)."""
+    errors: dict[str, float] = {}
+    with torch.no_grad():
+        for node in candidates:
+            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+            weight, bias = constant(gm, node.args[1]), None if bias is None else constant(gm, bias)
+            quantized = _one_layer(weight, bias, node.meta["val"].dtype)
+            linear = next(n for n in quantized.graph.nodes if n.target == ops.linear)
+            qweight, weight_scale = weights[node.name]
+            insert_qdq(quantized, linear, add_constant(quantized, qweight, "qweight", before=linear),
+                       add_constant(quantized, weight_scale, "weight_scale", before=linear), scales[node.name],
+                       dynamic_tensor=options.activations == "dynamic-tensor")
+            quantized.recompile()
+            worst = 0.0
+            for x in inputs[node.name]:
+                rows = x.reshape(-1, x.shape[-1])
+                rows = rows[sampled_rows(rows)]
+                comparison = compare_outputs([ops.linear(rows, weight, bias)], [quantized(rows)])
+                worst = max(worst, math.inf if comparison.mismatch else comparison.max_rel)
+            errors[node.name] = worst
+    return errors
+
+
+def observe_scales(options: Options, gm: fx.GraphModule, nodes: list[fx.Node],
+                   ctx: PassContext) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Per-tensor activation scales over every observable batch, and over the fit batches
+    only: max |x| (minmax) or its largest per-batch percentile, per Linear (siblings
+    reading one input share its statistics); ``(scale, zero_point)`` from min and max when
+    not symmetric. One observation of each batch serves both (the example's values come
+    from the manager's reference run when it kept them)."""
+    batches = ctx.observable_batches
+    fit = fit_indices(ctx)  # positions in ctx.batches, the same in its observable prefix
+    sources = {n.name: n.args[0] for n in nodes}
+    known = known_values(ctx, gm)
+    if not options.symmetric:
+        seen = collect_activations(gm, set(sources.values()), batches,
+                                   reduce=lambda v: (float(v.min()), float(v.max())), known=known)
+
+        def asymmetric(indices: list[int]) -> dict[str, Any]:
+            return {name: static_asymmetric_qparams(min(seen[source][i][0] for i in indices),
+                                                    max(seen[source][i][1] for i in indices))
+                    for name, source in sources.items()}
+        return asymmetric(list(range(len(batches)))), asymmetric(fit)
+    percentile = options.percentile if options.observer == "percentile" else None
+    each = observe_each(gm, set(sources.values()), batches, percentile=percentile, known=known)
+
+    def symmetric(indices: list[int]) -> dict[str, Any]:
+        scales = {}
+        for name, source in sources.items():
+            stats = merge_stats(each[i].get(source, ActivationStats()) for i in indices)
+            scales[name] = static_scale(stats.percentile if percentile is not None and stats.percentile is not None
+                                        else stats.abs_max)
+        return scales
+    return symmetric(list(range(len(batches)))), symmetric(fit)
+
+
+def budget_refusal(pick: Pick) -> Refusal:
+    """Why the search left a layer float, with the measured error that decided it."""
+    limit = f"budget {pick.target:g}"
+    if pick.split != "fit":
+        limit = f"{pick.target:g} (half the budget: chosen again on every batch after the held-out check failed)"
+    if pick.others == 0:
+        return Refusal(OVER_BUDGET, f"quantizing this layer alone gives output error {pick.error:.3g} > {limit}")
+    if pick.others_error is not None and pick.others_error <= pick.target:
+        return Refusal(OVER_BUDGET, f"with {pick.others} other layer(s) quantized it raises the output error to "
+                                    f"{pick.error:.3g} > {limit}")
+    # The others were not measured within budget without it: name the combination, not a culprit.
+    return Refusal(OVER_BUDGET, f"quantized together with {pick.others} other layer(s) (the smallest such "
+                                f"combination measured) it gives output error {pick.error:.3g} > {limit}")
+
+
+def _one_layer(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> fx.GraphModule:
+    """``x -> linear(x, weight, bias)`` as a graph, for :func:`insert_qdq` to rewrite like the real layer."""
+    gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
+    graph = gm.graph
+    x = graph.placeholder("x")
+    gm.register_buffer("weight", weight)
+    w = graph.get_attr("weight")
+    b = None
+    if bias is not None:
+        gm.register_buffer("bias", bias)
+        b = graph.get_attr("bias")
+    linear = graph.call_function(ops.linear, (x, w, b))
+    linear.meta["val"] = torch.empty(0, dtype=dtype)
+    graph.output(linear)
+    return gm
+
+
+def sampled_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Indices of at most ``ESTIMATE_ROWS`` evenly spaced rows, plus those holding the smallest
+    and the largest value (all rows when there are few)."""
+    count, width = rows.shape
+    if count <= ESTIMATE_ROWS + 2:
+        return torch.arange(count)
+    extremes = torch.stack([rows.argmin() // width, rows.argmax() // width])
+    return torch.cat([torch.arange(0, count, -(-count // ESTIMATE_ROWS)), extremes]).unique()
