@@ -1,6 +1,7 @@
 """Side-by-side latency: candidates timed interleaved (round-robin) after a warm-up, so
 machine noise hits all of them alike; each gets the median of its rounds and its spread.
-``fxopt.compile(preset=...)`` chooses among its candidates with it; ``fxopt_bench.timing``
+``fxopt.compile(preset=...)`` chooses among its candidates with it, the measured kernel and
+lowering choices of a compile (:mod:`fxopt.pipeline.timings`) too; ``fxopt_bench.timing``
 builds the benchmark's ratios and spreads on it.
 """
 
@@ -45,8 +46,13 @@ def measure_side_by_side(
     warmup: int = 3,
     repeats: int = 20,
     min_seconds: float = 0.0,
+    max_seconds: float | None = None,
+    min_repeats: int = 3,
 ) -> dict[str, Timing]:
-    """The :class:`Timing` of each zero-argument callable, measured interleaved."""
+    """The :class:`Timing` of each zero-argument callable, measured interleaved.
+
+    ``max_seconds`` caps the timed rounds (after at least ``min_repeats`` of them): a compile
+    that measures its kernel choices spends a bounded time on each."""
     with torch.inference_mode():
         for fn in candidates.values():
             for _ in range(warmup):
@@ -55,6 +61,9 @@ def measure_side_by_side(
         start = time.perf_counter()
         rounds = 0
         while rounds < max(repeats, 1) or time.perf_counter() - start < min_seconds:
+            if max_seconds is not None and rounds >= max(min_repeats, 1) \
+                    and time.perf_counter() - start >= max_seconds:
+                break
             for name, fn in candidates.items():
                 samples[name].append(time_call(fn))
             rounds += 1
