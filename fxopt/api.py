@@ -21,6 +21,7 @@ from fxopt.ir import copy_graph_module
 from fxopt.pass_api import Pass, PassContext
 from fxopt.pipeline import PassInstrument, PassManager, UserModelUntouched
 from fxopt.pipeline.instruments import user_stacklevel
+from fxopt.pipeline.timings import measuring, never_slower
 from fxopt.pipeline.verification import DEFAULT_VERIFY_ROWS, Verification, row_slices
 from fxopt.registry import resolve_passes
 from fxopt.report import PhaseTimer, Report, phase
@@ -140,6 +141,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     metric: Any = None,
     data: Any = None,
     max_drop: float | None = None,
+    measure: bool = True,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference and return a module that runs the result.
 
@@ -174,6 +176,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
             output-error budget: ``metric`` (``"accuracy"``, ``"top1-agreement"`` or
             ``metric(outputs, labels) -> float``, higher is better) may fall by at most
             ``max_drop`` on ``data`` (batches of ``(inputs, labels)``); see ``fxopt.tune``.
+        measure: time kernel choices and the final graph against the captured one on this
+            machine (False: cached timings, else the cost model; see :mod:`fxopt.pipeline.timings`).
     """
     if preset is not None:
         return _compile_preset(
@@ -188,7 +192,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     timer = PhaseTimer()
-    with timer.running():
+    with timer.running(), measuring(measure) as kernel_timings:
         captured = _capture_for_compile(model, example_inputs, example_kwargs, calibration, dynamic_shapes,
                                         fresh_inputs, backend)
         optimized = optimize_captured(
@@ -205,6 +209,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
             fresh_batches=captured.fresh_batches,
             task=_task_budget(captured.gm, captured.gm.meta["fxopt_signature"], metric, data, max_drop),
         )
+        optimized = never_slower(optimized, captured.gm, captured.batches[0], kernel_timings)
     _record_time(optimized.report, timer)
     if module_fingerprint(model) != captured.user_model.baseline:  # pragma: no cover - invariant 1
         raise FxoptError("internal error: the user's model changed during compilation")

@@ -107,8 +107,8 @@ class Report:
             ordered = [k["chosen"]] + [name for name in times if name != k["chosen"]]
             spelled = " vs ".join(f"{name} {'/'.join(f'{t:.3f}' for t in times[name])} ms"
                                   for name in ordered if name in times)
-            where = ", ".join(k.get("nodes", [])) or k["site"]
-            lines.append(f"{k['op']} [{where}]: {k['chosen']} runs"
+            where = ", ".join(k.get("nodes", []))
+            lines.append(f"{k['op']} [{where}] {k['site']}: {k['chosen']} runs"
                          + (f" ({spelled}; {k['source']})" if spelled else " (not measured)"))
         return lines
 

@@ -37,6 +37,7 @@ import torch
 
 from fxopt import isa
 from fxopt.latency import measure_side_by_side
+from fxopt.report import phase
 
 CACHE_DIR_ENV = "FXOPT_CACHE_DIR"
 MEASURE_ENV = "FXOPT_MEASURE"
@@ -265,8 +266,9 @@ def never_slower(optimized: Any, captured: torch.fx.GraphModule, inputs: Sequenc
     chosen = json.dumps([[k["op"], k["site"], k["chosen"]] for k in report.kernels])
     whole = captured.code + optimized.graph_module.code + chosen
     site = f"{hashlib.sha256(whole.encode()).hexdigest()[:20]}|{_shapes(flat)}"
-    choice = timings.choose("whole-graph", site, {"lowered": runner, "captured": run_captured}, [flat],
-                            prefer="lowered", margin=NOISE)
+    with phase("measure"):
+        choice = timings.choose("whole-graph", site, {"lowered": runner, "captured": run_captured}, [flat],
+                                prefer="lowered", margin=NOISE)
     report.kernels.append({**choice.as_dict(), "nodes": ["whole graph"]})
     if choice.name == "lowered":
         return optimized
