@@ -112,3 +112,35 @@ def test_the_lowered_graph_is_kept_within_noise(tmp_path) -> None:
         opt = fxopt.compile(model, (x,), passes=[])
     assert opt.report.kernels[-1]["chosen"] == "lowered"
     assert not any(note.startswith("nothing could be made faster") for note in opt.report.notes)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(64, 256), nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize(("onednn_ms", "kept"), [(2.0, "int8-linear"), (0.5, "onednn-qlinear")])
+def test_static_int8_kernel_variant_is_measured(tmp_path, onednn_ms: float, kept: str) -> None:
+    from fxopt.passes import QuantizeInt8
+
+    from fxopt.kernels.int8 import int8_linear_op
+    from fxopt.lowering import onednn_qlinear as qlinear
+
+    if qlinear.qlinear_unsupported_reason() is not None:
+        pytest.skip(str(qlinear.qlinear_unsupported_reason()))
+    model, x = _Block().eval(), torch.randn(4, 64)
+    calibration = [(torch.randn_like(x),) for _ in range(2)]
+    timings = _timings(tmp_path, **{"onednn-qlinear": onednn_ms, "int8-linear": 1.0})
+    with measuring(timings):
+        opt = fxopt.compile(model, (x,), passes=[QuantizeInt8(activations="static")], calibration=calibration)
+    choices = [k for k in opt.report.kernels if k["op"] == "onednn-qlinear"]
+    assert [k["chosen"] for k in choices] == [kept] * 2
+    lowered = lower_graph(opt.graph_module, "eager", CPU, "kernel", choose=timings.choose).graph_module
+    qlinears = count_ops(lowered, torch.ops.onednn.qlinear_pointwise.default)
+    assert (qlinears, count_ops(lowered, int8_linear_op)) == ((0, 2) if kept == "int8-linear" else (2, 0))
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=0.1, atol=0.1)
