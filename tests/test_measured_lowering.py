@@ -139,6 +139,8 @@ def test_static_int8_kernel_variant_is_measured(tmp_path, onednn_ms: float, kept
         opt = fxopt.compile(model, (x,), passes=[QuantizeInt8(activations="static")], calibration=calibration)
     choices = [k for k in opt.report.kernels if k["op"] == "onednn-qlinear"]
     assert [k["chosen"] for k in choices] == [kept] * 2
+    # a lossy pass applied: its int8 graph is never swapped for the float one
+    assert "whole-graph" not in {k["op"] for k in opt.report.kernels}
     lowered = lower_graph(opt.graph_module, "eager", CPU, "kernel", choose=timings.choose).graph_module
     qlinears = count_ops(lowered, torch.ops.onednn.qlinear_pointwise.default)
     assert (qlinears, count_ops(lowered, int8_linear_op)) == ((0, 2) if kept == "int8-linear" else (2, 0))

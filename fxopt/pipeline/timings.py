@@ -250,10 +250,16 @@ def never_slower(optimized: Any, captured: torch.fx.GraphModule, inputs: Sequenc
     """``optimized`` (an :class:`~fxopt.api.OptimizedModule` on the eager backend), or, when
     it measures slower than ``captured`` (the graph as captured) beyond noise on ``inputs``
     (flat example inputs), the captured graph in its place, with a note in the report.
-    The verdict is cached like a kernel choice, keyed by both graphs' code and the shapes."""
+    The verdict is cached like a kernel choice, keyed by both graphs' code and the shapes.
+
+    Lossless compiles only: a lossy pass that applied (int8, low rank, pruning) was asked
+    for, and trades accuracy for size as well as speed, so its graph is not swapped for the
+    float one; choosing among such recipes by speed is what presets do."""
     timings = timings or current()
     report = optimized.report
     if report.backend != "eager" or optimized.device is None or optimized.device.type != "cpu":
+        return optimized
+    if any(not record.exact and record.status == "applied" for record in report.passes):
         return optimized
     flat = [t.to(optimized.device) if isinstance(t, torch.Tensor) else t for t in inputs]
     runner = optimized._runner if optimized._runner is not None else optimized.graph_module
