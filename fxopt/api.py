@@ -180,7 +180,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
             machine (False: cached timings, else the cost model; see :mod:`fxopt.pipeline.timings`).
     """
     if preset is not None:
-        return _compile_preset(
+        with measuring(measure):
+            return _compile_preset(
             preset, model, example_inputs, passes, backend, device, strict, example_kwargs=example_kwargs,
             calibration=calibration, dynamic_shapes=dynamic_shapes, instruments=instruments,
             max_rounds=max_rounds, fresh_inputs=fresh_inputs, metric=metric, data=data, max_drop=max_drop)
