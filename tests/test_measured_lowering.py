@@ -146,3 +146,12 @@ def test_static_int8_kernel_variant_is_measured(tmp_path, onednn_ms: float, kept
     assert (qlinears, count_ops(lowered, int8_linear_op)) == ((0, 2) if kept == "int8-linear" else (2, 0))
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x), rtol=0.1, atol=0.1)
+
+
+def test_a_static_batch_is_measured_at_its_one_shape(tmp_path) -> None:
+    timings = _timings(tmp_path, onednn=0.5)
+    with measuring(timings):
+        opt = fxopt.compile(nn.Sequential(nn.Linear(64, 64)).eval(), (torch.randn(8, 64),), passes=[],
+                            dynamic_shapes="static")
+    (linear,) = [k for k in opt.report.kernels if k["op"] == "onednn-linear"]
+    assert linear["times"] == {"onednn": [0.5], "aten": [1.0]} and linear["site"].startswith("x=(8, 64) ")

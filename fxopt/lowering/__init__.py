@@ -26,7 +26,14 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import copy_graph_module
-from fxopt.lowering.base import Choose, Lowering, LoweringResult, OnnxTranslations, measured_shapes
+from fxopt.lowering.base import (
+    Choose,
+    Lowering,
+    LoweringResult,
+    OnnxTranslations,
+    measured_inputs,
+    measured_shapes,
+)
 from fxopt.lowering.registry import (
     ENTRY_POINT_GROUP,
     get_lowering,
@@ -37,7 +44,7 @@ from fxopt.lowering.registry import (
 
 __all__ = [
     "ENTRY_POINT_GROUP", "Choose", "Lowering", "LoweredGraph", "LoweringResult", "OnnxTranslations",
-    "get_lowering", "lower_graph", "lowerings", "measured_shapes", "refresh",
+    "get_lowering", "lower_graph", "lowerings", "measured_inputs", "measured_shapes", "refresh",
     "registered_lowering",
 ]
 

@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import arg, constant, dtype_of, is_op, ops, shape_of
-from fxopt.lowering.base import Choose, Lowering, LoweringResult, measured_shapes
+from fxopt.lowering.base import Choose, Lowering, LoweringResult, measured_inputs, measured_shapes
 from fxopt.verify import exact_tolerance
 
 aten = torch.ops.aten
@@ -193,7 +193,7 @@ def _measured_faster(gm: fx.GraphModule, node: fx.Node, out: fx.Node, weights: t
 
     site = (f"x={'/'.join(map(str, shapes))} w={tuple(weight.shape)} {str(weight.dtype).removeprefix('torch.')} "
             f"bias={bias is not None} post={name}:{algorithm}:{scalars}")
-    inputs = [[torch.randn(shape, dtype=weight.dtype)] for shape in shapes]
+    inputs = measured_inputs(shapes, weight.dtype)
     choice = choose("onednn-linear", site, {"onednn": fused, "aten": unfused}, inputs, prefer="aten")
     result.choices.append({**choice.as_dict(), "nodes": [node.name]})
     return choice.name == "onednn"

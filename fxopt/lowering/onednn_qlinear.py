@@ -38,7 +38,7 @@ import torch.fx as fx
 
 from fxopt.ir import arg, constant, dtype_of, is_op, ops, shape_of
 from fxopt.kernels import int8 as kernels
-from fxopt.lowering.base import Choose, Lowering, LoweringResult, measured_shapes
+from fxopt.lowering.base import Choose, Lowering, LoweringResult, measured_inputs, measured_shapes
 
 aten = torch.ops.aten
 
@@ -318,7 +318,7 @@ def _measured_faster(gm: fx.GraphModule, node: fx.Node, post: tuple[tuple[str, s
     shapes = measured_shapes(shape_of(node.args[0]))
     site = (f"x={'/'.join(map(str, shapes))} w={tuple(qweight.shape)} bias={bias is not None} "
             f"zero_point={input_zero_point} post={post_name}:{algorithm}")
-    inputs = [[torch.randn(shape)] for shape in shapes]
+    inputs = measured_inputs(shapes, torch.float32)
     choice = choose("onednn-qlinear", site, {"onednn-qlinear": onednn, "int8-linear": int8_linear}, inputs,
                     prefer="int8-linear")
     result.choices.append({**choice.as_dict(), "nodes": [node.name]})
