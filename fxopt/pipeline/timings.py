@@ -58,7 +58,7 @@ def measuring_by_default() -> bool:
     return os.environ.get(MEASURE_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
-def side_by_side_timer(*, warmup: int = 1, repeats: int = 15, max_seconds: float = 0.3) -> Timer:
+def side_by_side_timer(*, warmup: int = 1, repeats: int = 15, max_seconds: float = 0.1) -> Timer:
     """The default timer: the fastest round of each candidate in
     :func:`~fxopt.latency.measure_side_by_side`, at most ``max_seconds`` of timed rounds per
     site and size. The fastest, not the median: another process taking the core only ever
