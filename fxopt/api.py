@@ -182,9 +182,9 @@ def compile(  # noqa: A001 - mirrors torch.compile
     if preset is not None:
         with measuring(measure):
             return _compile_preset(
-            preset, model, example_inputs, passes, backend, device, strict, example_kwargs=example_kwargs,
-            calibration=calibration, dynamic_shapes=dynamic_shapes, instruments=instruments,
-            max_rounds=max_rounds, fresh_inputs=fresh_inputs, metric=metric, data=data, max_drop=max_drop)
+                preset, model, example_inputs, passes, backend, device, strict, example_kwargs=example_kwargs,
+                calibration=calibration, dynamic_shapes=dynamic_shapes, instruments=instruments,
+                max_rounds=max_rounds, fresh_inputs=fresh_inputs, metric=metric, data=data, max_drop=max_drop)
     backend = backend or "eager"
     pipeline = resolve_passes(passes)  # bad names fail before any expensive work
     from fxopt.backends import get_backend
