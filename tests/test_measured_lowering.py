@@ -100,6 +100,7 @@ def test_the_captured_graph_runs_when_the_lowered_one_measures_slower(tmp_path) 
     assert any(note.startswith("nothing could be made faster") for note in opt.report.notes)
     assert opt.report.kernels[-1]["op"] == "whole-graph" and opt.report.kernels[-1]["chosen"] == "captured"
     assert count_ops(opt.graph_module, ops.linear) == 3
+    assert (opt.report.final, opt.report.final_max_rel_err) == (opt.report.original, 0.0)
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x))
         y = torch.randn(3, 64)  # the batch stays dynamic in the captured graph

@@ -101,3 +101,14 @@ def test_bad_candidates_are_refused(tmp_path):
         timings.choose("op", "x", {}, INPUTS)
     with pytest.raises(ValueError, match="not one of"):
         timings.choose("op", "x", _candidates([]), INPUTS, prefer="other")
+
+
+def test_a_candidate_that_fails_at_the_shape_is_left_out(tmp_path):
+    def broken(x):
+        raise RuntimeError("no kernel for this shape")
+
+    timings = KernelTimings(tmp_path, measure=True, timer=fixed_timer({"fused": 0.1, "plain": 1.0}), fingerprint="m")
+    choice = timings.choose("op", "x", {"fused": broken, "plain": lambda x: x}, INPUTS, prefer="plain")
+    assert (choice.name, choice.times) == ("plain", {"plain": [1.0, 1.0]})
+    with pytest.raises(RuntimeError, match="no kernel"):  # the preferred one must run
+        timings.choose("op", "y", {"fused": lambda x: x, "plain": broken}, INPUTS, prefer="plain")

@@ -167,11 +167,24 @@ class KernelTimings:
             return Choice(op, site, entry["chosen"], "cache", {k: list(v) for k, v in entry["times"].items()})
         if not self.measure or len(names) == 1:
             return Choice(op, site, names[0], "default")
+        runnable = dict(candidates)
         times: dict[str, list[float]] = {name: [] for name in names}
         for args in inputs:
-            measured = self.timer({name: (lambda fn=fn, args=args: fn(*args)) for name, fn in candidates.items()})
+            calls = {name: (lambda fn=fn, args=args: fn(*args)) for name, fn in runnable.items()}
+            try:
+                measured = self.timer(calls)
+            except Exception:
+                # A kernel that fails at this shape is no candidate here; the preferred one
+                # (the graph as it was) must run, so its failure is the caller's error.
+                failed = [name for name, call in calls.items() if name != prefer and _fails(call)]
+                if not failed:
+                    raise
+                for name in failed:
+                    runnable.pop(name)
+                    times.pop(name)
+                measured = self.timer({name: calls[name] for name in runnable})
             self.measurements += 1
-            for name in names:
+            for name in runnable:
                 times[name].append(float(measured[name]))
         chosen = _winner(times, prefer, margin)
         self._store(op, site, names, chosen, times)
@@ -206,6 +219,15 @@ class KernelTimings:
             os.replace(temporary, self.path)  # atomic: a reader never sees half a file
         except OSError:
             pass  # a read-only home: the choice still holds for this compile
+
+
+def _fails(call: Callable[[], Any]) -> bool:
+    try:
+        with torch.inference_mode():
+            call()
+    except Exception:
+        return True
+    return False
 
 
 def _winner(times: Mapping[str, Sequence[float]], prefer: str, margin: float) -> str:
@@ -283,6 +305,8 @@ def never_slower(optimized: Any, captured: torch.fx.GraphModule, inputs: Sequenc
         return optimized
     report.notes.append("nothing could be made faster: the optimized graph measured slower than the captured "
                         f"graph ({choice.describe()}), so the captured graph runs")
+    # The report's totals describe what runs: the captured graph, exact by definition.
+    report.final, report.final_max_abs_err, report.final_max_rel_err = report.original, 0.0, 0.0
     return type(optimized)(captured, optimized.signature, report, run_captured, optimized.device)
 
 
