@@ -156,3 +156,20 @@ def test_a_static_batch_is_measured_at_its_one_shape(tmp_path) -> None:
                             dynamic_shapes="static")
     (linear,) = [k for k in opt.report.kernels if k["op"] == "onednn-linear"]
     assert linear["times"] == {"onednn": [0.5], "aten": [1.0]} and linear["site"].startswith("x=(8, 64) ")
+
+
+def test_the_real_timer_measures_then_reads_the_cache(tmp_path) -> None:
+    # The default timer on real kernels: what is asserted is that every choice was measured,
+    # then cached, never which kernel won.
+    model, x = _mlp(), torch.randn(8, 64)
+    first = KernelTimings(tmp_path, measure=True)
+    with measuring(first):
+        opt = fxopt.compile(model, (x,), passes=[])
+    assert first.measurements == 3 * 2 + 1 and {k["source"] for k in opt.report.kernels} == {"measured"}
+    assert all(t > 0 for k in opt.report.kernels for ts in k["times"].values() for t in ts)
+    second = KernelTimings(tmp_path, measure=True)
+    with measuring(second):
+        again = fxopt.compile(model, (x,), passes=[])
+    assert second.measurements == 0 and {k["source"] for k in again.report.kernels} == {"cache"}
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
