@@ -173,3 +173,26 @@ def test_the_real_timer_measures_then_reads_the_cache(tmp_path) -> None:
     assert second.measurements == 0 and {k["source"] for k in again.report.kernels} == {"cache"}
     with torch.no_grad():
         torch.testing.assert_close(again(x), model(x))
+
+
+@pytest.mark.parametrize(("int8_ms", "kept"), [(2.0, "qdq"), (0.5, "int8")])
+def test_int8_kernel_against_its_qdq_graph_is_measured(tmp_path, int8_ms: float, kept: str) -> None:
+    from fxopt.passes import QuantizeInt8
+
+    from fxopt.kernels.int8 import int8_linear_op, int8_unsupported_reason
+
+    if int8_unsupported_reason("cpu") is not None:
+        pytest.skip(str(int8_unsupported_reason("cpu")))
+    model, x = _Block().eval(), torch.randn(4, 64)
+    timings = _timings(tmp_path, int8=int8_ms, qdq=1.0)
+    with measuring(timings):
+        opt = fxopt.compile(model, (x,), passes=[QuantizeInt8()])
+    choices = [k for k in opt.report.kernels if k["op"] == "int8-linear"]
+    assert [k["chosen"] for k in choices] == [kept] * 2
+    assert count_ops(opt.graph_module, int8_linear_op) == (2 if kept == "int8" else 0)
+    if kept == "qdq":
+        assert count_ops(opt.graph_module, ops.linear) == 2
+        assert sum("int8 kernel measured no faster" in note for note in opt.report.notes) == 2
+    # the int8 graph and its QDQ form compute the same numbers (the lossy pass was verified on them)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=0.1, atol=0.1)

@@ -35,11 +35,12 @@ class LoweringResult:
 Choose = Callable[..., Any]
 
 
-def measured_inputs(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype) -> list[list[torch.Tensor]]:
+def measured_inputs(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype,
+                    device: torch.device | None = None) -> list[list[torch.Tensor]]:
     """One random input of each shape for a site's measurement, drawn from a generator of
     its own (the caller's random stream is left as it was)."""
     generator = torch.Generator().manual_seed(0)
-    return [[torch.randn(shape, generator=generator).to(dtype)] for shape in shapes]
+    return [[torch.randn(shape, generator=generator).to(device=device, dtype=dtype)] for shape in shapes]
 
 
 def measured_shapes(shape: Sequence[Any]) -> list[tuple[int, ...]]:
