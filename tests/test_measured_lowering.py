@@ -27,7 +27,8 @@ def _mlp() -> nn.Module:
 
 
 def _timings(tmp_path, **times: float) -> KernelTimings:
-    table = {"onednn": 1.0, "aten": 1.0, "lowered": 1.0, "captured": 1.0, **times}
+    table = {"onednn": 1.0, "aten": 1.0, "lowered": 1.0, "captured": 1.0, "int8": 0.5, "qdq": 1.0,
+             "onednn-qlinear": 1.0, "int8-linear": 1.0, **times}
     return KernelTimings(tmp_path, measure=True, timer=fixed_timer(table), fingerprint="test-machine")
 
 
