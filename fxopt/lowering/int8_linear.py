@@ -128,16 +128,44 @@ def _measured_faster(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: tu
     the graph) at ``match``'s shapes, as ``choose`` measured it; the choice goes in
     ``result.choices``."""
     pattern = _pattern_module(gm, match)
-    constants = [constant(gm, a) if isinstance(a, fx.Node) else a for a in args[1:]]
     x = match.x.meta["val"]
     shapes = measured_shapes(shape_of(match.x))
     weight = tuple(constant(gm, match.qweight).shape)
+    # "+kernels": the int8 side is timed as it will run, after the kernel-stage lowerings
+    # that take its op further (e.g. onto oneDNN's int8 kernel), not as the bare op.
     site = (f"x={'/'.join(map(str, shapes))} {str(x.dtype).removeprefix('torch.')} {device.type} w={weight} "
-            f"kernel={kernel._opname} bias={match.bias is not None}")
-    choice = choose("int8-linear", site, {"int8": lambda t: kernel(t, *constants), "qdq": pattern},
+            f"kernel={kernel._opname}+kernels bias={match.bias is not None}")
+    int8 = _kernel_module(gm, match, kernel, args, device, choose)
+    choice = choose("int8-linear", site, {"int8": int8, "qdq": pattern},
                     measured_inputs(shapes, x.dtype, device), prefer="qdq")
     result.choices.append({**choice.as_dict(), "nodes": [match.linear.name]})
     return choice.name == "int8"
+
+
+def _kernel_module(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: tuple[Any, ...],
+                   device: torch.device, choose: Choose) -> fx.GraphModule:
+    """``kernel(x, *args[1:])`` as a module of its own, after the kernel-stage lowerings that
+    apply to it on ``device`` (measured with ``choose`` like the graph's own sites)."""
+    from fxopt.lowering import lower_graph  # the package imports this module
+
+    owner, graph = torch.nn.Module(), fx.Graph()
+    x = graph.placeholder("x")
+    x.meta.update(match.x.meta)
+    call_args: list[Any] = [x]
+    for index, value in enumerate(args[1:]):
+        if isinstance(value, fx.Node):
+            owner.register_buffer(f"c{index}", constant(gm, value))
+            value_node = graph.get_attr(f"c{index}")
+            value_node.meta.update(value.meta)
+            call_args.append(value_node)
+        else:
+            call_args.append(value)
+    out = graph.call_function(kernel, tuple(call_args))
+    out.meta.update(match.linear.meta)
+    graph.output(out)
+    lowered = lower_graph(fx.GraphModule(owner, graph), "eager", device, "kernel", choose=choose).graph_module
+    lowered.recompile()
+    return lowered
 
 
 def _pattern_module(gm: fx.GraphModule, match: QdqLinear) -> fx.GraphModule:

@@ -58,14 +58,17 @@ def measuring_by_default() -> bool:
     return os.environ.get(MEASURE_ENV, "1").strip().lower() not in ("0", "off", "false", "no")
 
 
-def side_by_side_timer(*, warmup: int = 1, repeats: int = 15, max_seconds: float = 0.1) -> Timer:
+def side_by_side_timer(*, warmup: int = 1, repeats: int = 15, max_seconds: float = 0.1,
+                       min_repeats: int = 2) -> Timer:
     """The default timer: the fastest round of each candidate in
     :func:`~fxopt.latency.measure_side_by_side`, at most ``max_seconds`` of timed rounds per
-    site and size. The fastest, not the median: another process taking the core only ever
+    site and size after ``min_repeats`` rounds (a slow candidate, such as a QDQ graph that
+    dequantizes its weight on every call, is not timed for long). The fastest, not the median: another process taking the core only ever
     adds time, so on a shared machine the fastest round is the steadiest estimate of what a
     kernel costs (the median moves with the load)."""
     def timer(candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
-        timings = measure_side_by_side(candidates, warmup=warmup, repeats=repeats, max_seconds=max_seconds)
+        timings = measure_side_by_side(candidates, warmup=warmup, repeats=repeats, max_seconds=max_seconds,
+                                       min_repeats=min_repeats)
         return {name: timing.min for name, timing in timings.items()}
     return timer
 
