@@ -46,6 +46,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     data: Any = None,
     max_drop: float | None = None,
     share_weights: bool = True,
+    measure: bool = True,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference and return a module that runs the result.
 
@@ -84,11 +85,17 @@ def compile(  # noqa: A001 - mirrors torch.compile
             own tensors (no second copy; writing to the model's weights in place afterwards
             changes them in the optimized module too: compile again after changing the model).
             False copies every weight (twice the memory).
+        with measuring(measure):
+            return _compile_preset(
+                preset, model, example_inputs, passes, backend, device, strict, example_kwargs=example_kwargs,
+                calibration=calibration, dynamic_shapes=dynamic_shapes, instruments=instruments,
+                max_rounds=max_rounds, fresh_inputs=fresh_inputs, metric=metric, data=data, max_drop=max_drop)
     """
     options = SessionOptions(
         example_kwargs=example_kwargs, calibration=calibration, dynamic_shapes=dynamic_shapes,
         fresh_inputs=fresh_inputs, strict=strict, instruments=instruments, max_rounds=max_rounds,
-        metric=metric, data=data, max_drop=max_drop, share_weights=share_weights)
+        metric=metric, data=data, max_drop=max_drop, share_weights=share_weights,
+        measure=measure)
     if preset is not None:
         return _compile_preset(preset, model, example_inputs, passes, backend, device, options)
     backend = backend or "eager"

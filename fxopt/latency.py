@@ -5,6 +5,8 @@ machine noise hits all of them alike; each gets the median of its rounds and its
 candidates on it (:func:`fxopt.presets.race`), ``fxopt demo`` and ``fxopt bench``
 (``fxopt_bench.timing``) measure with :func:`measure_side_by_side`, which is that loop run to
 the end, and :func:`speedup` turns two timings into a ratio with its spread.
+The measured kernel and lowering choices of a compile (:mod:`fxopt.pipeline.timings`) time
+their candidates on it too.
 """
 
 from __future__ import annotations
@@ -48,9 +50,13 @@ def measure_side_by_side(
     warmup: int = 3,
     repeats: int = 20,
     min_seconds: float = 0.0,
+    max_seconds: float | None = None,
+    min_repeats: int = 3,
 ) -> dict[str, Timing]:
-    """The :class:`Timing` of each zero-argument callable, measured interleaved."""
-    return interleaved(candidates, warmup=warmup, repeats=repeats, min_seconds=min_seconds)
+    """The :class:`Timing` of each zero-argument callable, measured interleaved (``max_seconds``,
+    ``min_repeats``: see :func:`interleaved`)."""
+    return interleaved(candidates, warmup=warmup, repeats=repeats, min_seconds=min_seconds,
+                       max_seconds=max_seconds, min_repeats=min_repeats)
 
 
 # ``keep(round, samples, elapsed)``: after each round, the candidates to go on timing (from
@@ -65,11 +71,15 @@ def interleaved(
     repeats: int = 20,
     min_seconds: float = 0.0,
     keep: KeepPolicy | None = None,
+    max_seconds: float | None = None,
+    min_repeats: int = 3,
 ) -> dict[str, Timing]:
     """The timing loop: ``warmup`` calls of each candidate, then rounds that call each one
     once, timed, until ``repeats`` rounds ran and ``min_seconds`` passed (seconds counted
-    from the first timed round), or ``keep`` stops timing every candidate. Each candidate's
-    :class:`Timing` is over the rounds it ran."""
+    from the first timed round), or ``keep`` stops timing every candidate. ``max_seconds``
+    caps the timed rounds (after at least ``min_repeats`` of them): a compile that measures
+    its kernel choices spends a bounded time on each. Each candidate's :class:`Timing` is
+    over the rounds it ran."""
     with torch.inference_mode():
         for fn in candidates.values():
             for _ in range(warmup):
@@ -79,6 +89,9 @@ def interleaved(
         start = time.perf_counter()
         rounds = 0
         while running and (rounds < max(repeats, 1) or time.perf_counter() - start < min_seconds):
+            if max_seconds is not None and rounds >= max(min_repeats, 1) \
+                    and time.perf_counter() - start >= max_seconds:
+                break
             for name, fn in running.items():
                 samples[name].append(time_call(fn))
             rounds += 1

@@ -79,6 +79,9 @@ class Report:
     final: Cost = Cost(0, 0, 0)
     final_max_rel_err: float = 0.0
     final_max_abs_err: float = 0.0
+    # The measured choices of the lowering (fxopt.pipeline.timings.Choice.as_dict): per site,
+    # the kernel that runs and the times of the candidates, and the whole-graph check.
+    kernels: list[dict[str, Any]] = field(default_factory=list)
     search: Any = None  # fxopt.tune's search log (a TuneLog), when the model was tuned
     # Where compile time went: phase -> seconds, exclusive (a phase inside another is not
     # counted twice), so the phases sum to ``total_seconds`` (see :class:`fxopt.phases.PhaseTimer`).
@@ -90,6 +93,20 @@ class Report:
         parts = sorted(self.timings.items(), key=lambda item: -item[1])
         return (f"compile {self.total_seconds:.2f}s: "
                 + ", ".join(f"{name} {seconds:.2f}" for name, seconds in parts if seconds >= 0.005))
+
+    def kernel_lines(self) -> list[str]:
+        """One line per measured choice: the site, the kernel that runs, and the candidates'
+        times (ms, at each measured batch size) with where they came from."""
+        lines = []
+        for k in self.kernels:
+            times = k.get("times") or {}
+            ordered = [k["chosen"]] + [name for name in times if name != k["chosen"]]
+            spelled = " vs ".join(f"{name} {'/'.join(f'{t:.3f}' for t in times[name])} ms"
+                                  for name in ordered if name in times)
+            where = ", ".join(k.get("nodes", []))
+            lines.append(f"{k['op']} [{where}] {k['site']}: {k['chosen']} runs"
+                         + (f" ({spelled}; {k['source']})" if spelled else " (not measured)"))
+        return lines
 
     def __getitem__(self, name: str) -> PassRecord:
         """The record of the (last) run of the pass called ``name``."""
@@ -147,6 +164,7 @@ class Report:
             lines.append("held-out err *: the choice made on half the batches failed on the other half and was "
                          "made again on every batch")
         lines.extend(f"note: {n}" for n in self.notes)
+        lines.extend(f"kernel: {line}" for line in self.kernel_lines())
         if self.search is not None:
             lines.append(str(self.search))
         if self.timings:

@@ -43,6 +43,7 @@ from fxopt.module import OptimizedModule
 from fxopt.pass_api import Pass, PassContext
 from fxopt.phases import phase
 from fxopt.pipeline import PassInstrument, PassManager, UserModelUntouched
+from fxopt.pipeline.timings import KernelTimings, current, measuring, never_slower
 from fxopt.pipeline.verification import DEFAULT_VERIFY_ROWS, Verification
 from fxopt.report import PassRecord, Report
 from fxopt.verify import module_fingerprint
@@ -64,6 +65,7 @@ class SessionOptions:
     max_drop: float | None = None
     verify_rows: int | None = DEFAULT_VERIFY_ROWS
     share_weights: bool = True  # the graph's unchanged constants are the model's tensors
+    measure: bool = True  # kernel choices and the final graph timed on this machine (else the cache decides)
     # the most bytes of node values the evidence store keeps for a lossy pass (the example's always)
     memory_bound: int = KEPT_VALUES_BYTES
 
@@ -105,7 +107,7 @@ class Session:
         self.options = options or SessionOptions()
         self.backend = backend
         self.fingerprint = module_fingerprint(model)
-        self.evidence = Evidence(memory_bound=self.options.memory_bound)
+        self.evidence = Evidence(memory_bound=self.options.memory_bound, timings=kernel_timings(self.options.measure))
         self._captured: Captured | None = None
         self._capture_error: FxoptError | None = None
         # pipeline prefix -> its stage, for run(..., share_prefix=True)
@@ -124,7 +126,8 @@ class Session:
         session.options = options or SessionOptions(verify_rows=None)
         session.backend = report.backend
         session.fingerprint = None
-        session.evidence = Evidence(reference=list(reference or []), memory_bound=session.options.memory_bound)
+        session.evidence = Evidence(reference=list(reference or []), memory_bound=session.options.memory_bound,
+                                    timings=kernel_timings(session.options.measure))
         session._captured = Captured(gm, batches, report, user_model, fresh_batches, task)
         session._capture_error = None
         session._stages = {}
@@ -253,7 +256,7 @@ class Session:
         target = torch.device(device) if device is not None else device_of(captured.batches[0])
         report.device = str(target)
         start = time.perf_counter()
-        with phase("lowering"):
+        with phase("lowering"), measuring(self.evidence.timings):
             runner = lower(backend, gm, captured.signature, captured.batches[0], target, report, parity)
         report.lower_seconds = time.perf_counter() - start
         return OptimizedModule(runner.graph_module, captured.signature, report, runner.run, target)
@@ -262,13 +265,14 @@ class Session:
                 share_prefix: bool = False) -> OptimizedModule:
         """:meth:`run` then :meth:`lower`, a candidate's rollbacks reported and not warned
         about when prefixes are shared (a preset's candidates)."""
-        if share_prefix:
+        if share_prefix:  # a preset's candidate: the preset's race compares them
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                stage = self.run(pipeline, share_prefix=True)
-        else:
-            stage = self.run(pipeline)
-        return self.lower(stage, backend, device, pipeline)
+                return self.lower(self.run(pipeline, share_prefix=True), backend, device, pipeline)
+        optimized = self.lower(self.run(pipeline), backend, device, pipeline)
+        # Speed is verified like numerics: the result runs the captured graph if that measures faster.
+        captured = self.captured
+        return never_slower(optimized, copy_graph_module(captured.gm), captured.batches[0], self.evidence.timings)
 
     def check_user_model(self) -> None:
         """Invariant 1: the user's model is as it was before the session began."""
@@ -276,6 +280,13 @@ class Session:
         baseline = guard.baseline if guard is not None else self.fingerprint  # retaken after a restore
         if self.model is not None and module_fingerprint(self.model) != baseline:  # pragma: no cover
             raise FxoptError("internal error: the user's model changed during compilation")
+
+
+def kernel_timings(measure: bool) -> KernelTimings:
+    """The kernel-timing cache a session measures with (the enclosing ``measuring`` block's, or
+    the default on-disk one); with ``measure=False``, the same without new measurements."""
+    timings = current()
+    return timings if measure or not timings.measure else timings.without_measuring()
 
 
 def task_budget(gm: fx.GraphModule, metric: Any, data: Any, max_drop: Any) -> Any:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -10,6 +12,14 @@ import torch
 
 warnings.filterwarnings("ignore", message=".*bos_token_id.*")
 warnings.filterwarnings("ignore", message=".*eos_token_id.*")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # What a compile keeps must not depend on how fast this machine ran a kernel during the
+    # test run: measured choices are off unless a test injects its own timings
+    # (fxopt.pipeline.timings.measuring), and nothing is cached in the user's home.
+    os.environ.setdefault("FXOPT_MEASURE", "0")
+    os.environ.setdefault("FXOPT_CACHE_DIR", tempfile.mkdtemp(prefix="fxopt-test-cache-"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

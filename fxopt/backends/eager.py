@@ -2,6 +2,8 @@
 
 The registered lowerings (:mod:`fxopt.lowering`) that apply on the device rewrite their
 patterns into kernels first, on a copy: the optimized graph itself stays as the passes left it.
+Those that exist for speed keep a site's kernel only when it measures faster there, with the
+compile's :class:`~fxopt.pipeline.timings.KernelTimings` (its choices go in ``report.kernels``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.fx as fx
 from fxopt.backends import Lowered, require_torch_device
 from fxopt.lowering import lower_graph
 from fxopt.phases import phase
+from fxopt.pipeline import timings
 from fxopt.verify import Parity, compare_outputs, exact_tolerance, run_graph
 
 
@@ -53,10 +56,11 @@ def _both_stages(gm: fx.GraphModule, inputs: list[Any], device: torch.device, re
     run (the kernels) against the optimized graph, within the looser of the two stages'
     tolerances; None when not both apply or they disagree (then each stage is checked on its
     own, so a stage at fault is left out alone)."""
-    graph_stage = lower_graph(gm, "eager", device, "graph")
+    choose = timings.current().choose
+    graph_stage = lower_graph(gm, "eager", device, "graph", choose=choose)
     if not graph_stage.applied:
         return None
-    kernel_stage = lower_graph(graph_stage.graph_module, "eager", device, "kernel")
+    kernel_stage = lower_graph(graph_stage.graph_module, "eager", device, "kernel", choose=choose)
     if not kernel_stage.applied:
         return None
     kernels = kernel_stage.graph_module.to(device)
@@ -71,6 +75,7 @@ def _both_stages(gm: fx.GraphModule, inputs: list[Any], device: torch.device, re
         return None
     report.notes.extend(graph_stage.notes)
     report.notes.extend(kernel_stage.notes)
+    report.kernels.extend(graph_stage.choices + kernel_stage.choices)
     graph = graph_stage.graph_module.to(device)
     graph.recompile()
     kernels.recompile()
@@ -81,7 +86,7 @@ def _lowered(gm: fx.GraphModule, stage: str, inputs: list[Any], device: torch.de
              expected: list[Any] | None) -> tuple[fx.GraphModule, list[Any] | None]:
     """``gm`` after the lowerings of ``stage``, and its outputs on ``inputs`` when they were
     computed (``expected``: ``gm``'s own, if already known)."""
-    lowered = lower_graph(gm, "eager", device, stage)
+    lowered = lower_graph(gm, "eager", device, stage, choose=timings.current().choose)
     report.notes.extend(lowered.notes)
     if not lowered.applied:
         result, outputs = gm.to(device), expected
@@ -115,6 +120,7 @@ def _checked(gm: fx.GraphModule, lowered: Any, inputs: list[Any], device: torch.
                             f"(max rel error {comparison.max_rel:.3g} > {limit:g}); the optimized graph "
                             "runs without them")
         return gm.to(device), expected
+    report.kernels.extend(lowered.choices)
     return kernels, actual
 
 

@@ -26,7 +26,14 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import copy_graph_module
-from fxopt.lowering.base import Lowering, LoweringResult, OnnxTranslations
+from fxopt.lowering.base import (
+    Choose,
+    Lowering,
+    LoweringResult,
+    OnnxTranslations,
+    measured_inputs,
+    measured_shapes,
+)
 from fxopt.lowering.registry import (
     ENTRY_POINT_GROUP,
     get_lowering,
@@ -36,8 +43,9 @@ from fxopt.lowering.registry import (
 )
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "Lowering", "LoweredGraph", "LoweringResult", "OnnxTranslations",
-    "get_lowering", "lower_graph", "lowerings", "refresh", "registered_lowering",
+    "ENTRY_POINT_GROUP", "Choose", "Lowering", "LoweredGraph", "LoweringResult", "OnnxTranslations",
+    "get_lowering", "lower_graph", "lowerings", "measured_inputs", "measured_shapes", "refresh",
+    "registered_lowering",
 ]
 
 
@@ -49,6 +57,7 @@ class LoweredGraph:
     applied: list[Lowering] = field(default_factory=list)
     run_rtols: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    choices: list[dict[str, Any]] = field(default_factory=list)  # the measured lowerings' choices
 
     def onnx_translations(self) -> dict[Any, Callable[..., Any]]:
         table: dict[Any, Callable[..., Any]] = {}
@@ -65,11 +74,12 @@ class LoweredGraph:
 
 
 def lower_graph(gm: fx.GraphModule, backend: str, device: torch.device | None,
-                stage: str | None = None, portable: bool = False) -> LoweredGraph:
+                stage: str | None = None, portable: bool = False, choose: Choose | None = None) -> LoweredGraph:
     """Run every registered lowering that applies to ``gm`` on ``backend`` and ``device``
     (None: a device-neutral ONNX graph), of ``stage`` only when given ("graph" or "kernel");
     ``portable`` leaves out the lowerings whose kernels export to a runtime's own ONNX
-    domain (``Lowering.onnx_domains``).
+    domain (``Lowering.onnx_domains``). ``choose`` is passed to the lowerings that measure
+    their sites (``Lowering.measured``); without it they rewrite every site they match.
     ``gm`` is never changed: the lowerings work on a copy that shares its constants, made
     only when one applies."""
     result = LoweredGraph(gm)
@@ -92,7 +102,11 @@ def lower_graph(gm: fx.GraphModule, backend: str, device: torch.device | None,
             continue
         if result.graph_module is gm:
             result.graph_module = copy_graph_module(gm)
-        outcome = lowering.lower(result.graph_module, device)
+        if lowering.measured:
+            outcome = lowering.lower(result.graph_module, device, choose=choose)
+        else:
+            outcome = lowering.lower(result.graph_module, device)
+        result.choices.extend(outcome.choices)
         result.applied.append(lowering)
         if outcome.parity_rtol is not None:
             result.run_rtols.append(outcome.parity_rtol)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
+
+from fxopt.ir import size_hint
 
 OnnxTranslations = Mapping[Any, Callable[..., Any]]
 
@@ -22,6 +24,36 @@ class LoweringResult:
     # Set when this run's kernels compute in a lower precision than the graph's outputs
     # (a bfloat16 GEMM): the parity tolerance of that precision, looser than the class's.
     parity_rtol: float | None = None
+    # The measured choices made (fxopt.pipeline.timings.Choice.as_dict, with the "nodes"
+    # they concern), for the report.
+    choices: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ``choose(op, site, candidates, inputs, prefer=...) -> Choice`` of a compile's
+# fxopt.pipeline.timings.KernelTimings: which candidate (name -> callable on one of
+# ``inputs``) runs at a site, measured on this machine (or cached, or the first, unmeasured).
+Choose = Callable[..., Any]
+
+
+def measured_inputs(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype,
+                    device: torch.device | None = None) -> list[list[torch.Tensor]]:
+    """One random input of each shape for a site's measurement, drawn from a generator of
+    its own (the caller's random stream is left as it was)."""
+    generator = torch.Generator().manual_seed(0)
+    return [[torch.randn(shape, generator=generator).to(device=device, dtype=dtype)] for shape in shapes]
+
+
+def measured_shapes(shape: Sequence[Any]) -> list[tuple[int, ...]]:
+    """The sizes a site is measured at: the example shape, and where a dimension is symbolic
+    (a dynamic batch) a second one, each symbolic dimension halved (doubled when 1)."""
+    example = tuple(size_hint(d) for d in shape)
+    dynamic = [i for i, d in enumerate(shape) if not isinstance(d, int)]
+    if not dynamic:
+        return [example]
+    second = list(example)
+    for i in dynamic:
+        second[i] = example[i] // 2 if example[i] > 1 else 2
+    return [example, tuple(second)]
 
 
 class Lowering:
@@ -50,6 +82,10 @@ class Lowering:
     # it writes export to, e.g. ``("com.microsoft",)`` for ONNX Runtime's contrib ops. A
     # portable export (``export_onnx(..., portable=True)``) skips such lowerings.
     onnx_domains: ClassVar[tuple[str, ...]] = ()
+    # True for a lowering that exists for speed and measures its sites: ``lower`` then takes
+    # a ``choose`` keyword (a :data:`Choose`, or None when nothing is measured, e.g. for ONNX)
+    # and rewrites a site only when the choice says its kernel is faster there.
+    measured: ClassVar[bool] = False
 
     def probe(self, device: torch.device) -> str | None:
         """Why this lowering cannot run on ``device`` (None when it can)."""

@@ -10,6 +10,9 @@ PyTorch's quantized engine; in ONNX they export as ``MatMulInteger`` subgraphs t
 Runtime runs on its integer kernels. Only the int8 weights and their float32 scales stay in
 the module. A Linear the device cannot run in int8 (no int8 GEMM, a shape cuBLASLt refuses,
 an integer input) stays as the QDQ graph: the same numbers in float, with the reason noted.
+On the eager backend, with a ``choose`` (a measured choice, :mod:`fxopt.pipeline.timings`),
+so does a Linear whose int8 kernel measures no faster than its QDQ graph at its shapes (a
+CPU without an integer dot product, a GEMM too small to pay for quantizing its input).
 """
 
 from __future__ import annotations
@@ -19,10 +22,17 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ir import constant, is_op
+from fxopt.ir import constant, is_op, shape_of
 from fxopt.ir.qdq import QdqLinear, has_qdq_linear, match_qdq_linear
 from fxopt.kernels import int8 as kernels
-from fxopt.lowering.base import Lowering, LoweringResult, OnnxTranslations
+from fxopt.lowering.base import (
+    Choose,
+    Lowering,
+    LoweringResult,
+    OnnxTranslations,
+    measured_inputs,
+    measured_shapes,
+)
 from fxopt.quant import FLOAT_DTYPES, MIN_ABS_MAX, QMAX, QMIN
 
 
@@ -38,6 +48,7 @@ class Int8Linear(Lowering):
     # (BERT-base: ~4e-3 after two layers). 5e-2 leaves an order of magnitude of headroom
     # and still catches a wrong scale or zero point, which is off by far more.
     parity_rtol = 0.05
+    measured = True
 
     def probe(self, device: torch.device) -> str | None:
         # Looked up on the module at call time, so tests can stand in for a device.
@@ -46,8 +57,8 @@ class Int8Linear(Lowering):
     def applies(self, gm: fx.GraphModule) -> bool:
         return has_qdq_linear(gm) or any(is_op(n, *kernels.INT8_LINEAR_OPS) for n in gm.graph.nodes)
 
-    def lower(self, gm: fx.GraphModule, device: torch.device | None) -> LoweringResult:
-        return lower_int8_linears(gm, device)
+    def lower(self, gm: fx.GraphModule, device: torch.device | None, choose: Choose | None = None) -> LoweringResult:
+        return lower_int8_linears(gm, device, choose)
 
     def onnx_translations(self) -> OnnxTranslations:
         return {
@@ -57,13 +68,15 @@ class Int8Linear(Lowering):
         }
 
 
-def lower_int8_linears(gm: fx.GraphModule, device: torch.device | None) -> LoweringResult:
+def lower_int8_linears(gm: fx.GraphModule, device: torch.device | None,
+                       choose: Choose | None = None) -> LoweringResult:
     """Rewrite every QDQ Linear of ``gm`` (in place) into an int8 kernel.
 
     ``device`` is where PyTorch will run the graph, or None for a graph bound for ONNX
     (whose int8 kernels ONNX Runtime provides). A pattern the device cannot run stays as it
     is (dequantize, then a float Linear: the same numbers, without the int8 speed) and the
-    reason is noted.
+    reason is noted. With ``choose`` (never for ONNX), a pattern is lowered only where its
+    kernel measures faster than the pattern itself.
     """
     result = LoweringResult()
     kernel_names: set[str] = set()
@@ -78,19 +91,14 @@ def lower_int8_linears(gm: fx.GraphModule, device: torch.device | None) -> Lower
         if reason:
             skipped.append(f"'{match.linear.name}' stays dequantize->linear in float: {reason}")
             continue
+        kernel, args = _kernel_call(match)
+        if choose is not None and device is not None \
+                and not _measured_faster(gm, match, kernel, args, device, choose, result):
+            skipped.append(f"'{match.linear.name}' stays dequantize->linear in float: its int8 kernel measured "
+                           "no faster at its shapes")
+            continue
         with gm.graph.inserting_before(match.linear):
-            if match.dynamic_tensor:
-                node = gm.graph.call_function(
-                    kernels.int8_linear_dynamic_tensor_op, (match.x, match.qweight, match.weight_scale, match.bias))
-            elif match.input_zero_point is not None:
-                node = gm.graph.call_function(
-                    kernels.int8_linear_static_uint8_op,
-                    (match.x, match.qweight, match.weight_scale, match.bias, match.input_scale,
-                     match.input_zero_point))
-            else:
-                node = gm.graph.call_function(
-                    kernels.int8_linear_op,
-                    (match.x, match.qweight, match.weight_scale, match.bias, match.input_scale))
+            node = gm.graph.call_function(kernel, args)
         node.meta.update(match.linear.meta)
         kernel_names.add(f"fxopt::{node.target._opname}")
         match.linear.replace_all_uses_with(node)
@@ -102,6 +110,84 @@ def lower_int8_linears(gm: fx.GraphModule, device: torch.device | None) -> Lower
         result.notes.append(f"{result.lowered} Linear(s) run on int8 kernels ({', '.join(sorted(kernel_names))})")
     result.notes.extend(skipped)
     return result
+
+
+def _kernel_call(match: QdqLinear) -> tuple[Any, tuple[Any, ...]]:
+    """The int8 kernel that computes ``match`` and its arguments."""
+    if match.dynamic_tensor:
+        return kernels.int8_linear_dynamic_tensor_op, (match.x, match.qweight, match.weight_scale, match.bias)
+    if match.input_zero_point is not None:
+        return kernels.int8_linear_static_uint8_op, (match.x, match.qweight, match.weight_scale, match.bias,
+                                                     match.input_scale, match.input_zero_point)
+    return kernels.int8_linear_op, (match.x, match.qweight, match.weight_scale, match.bias, match.input_scale)
+
+
+def _measured_faster(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: tuple[Any, ...],
+                     device: torch.device, choose: Choose, result: LoweringResult) -> bool:
+    """Whether the int8 kernel is faster than the QDQ pattern it replaces (run as it stands in
+    the graph) at ``match``'s shapes, as ``choose`` measured it; the choice goes in
+    ``result.choices``."""
+    pattern = _pattern_module(gm, match)
+    x = match.x.meta["val"]
+    shapes = measured_shapes(shape_of(match.x))
+    weight = tuple(constant(gm, match.qweight).shape)
+    # "+kernels": the int8 side is timed as it will run, after the kernel-stage lowerings
+    # that take its op further (e.g. onto oneDNN's int8 kernel), not as the bare op.
+    site = (f"x={'/'.join(map(str, shapes))} {str(x.dtype).removeprefix('torch.')} {device.type} w={weight} "
+            f"kernel={kernel._opname}+kernels bias={match.bias is not None}")
+    int8 = _kernel_module(gm, match, kernel, args, device, choose)
+    choice = choose("int8-linear", site, {"int8": int8, "qdq": pattern},
+                    measured_inputs(shapes, x.dtype, device), prefer="qdq")
+    result.choices.append({**choice.as_dict(), "nodes": [match.linear.name]})
+    return choice.name == "int8"
+
+
+def _kernel_module(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: tuple[Any, ...],
+                   device: torch.device, choose: Choose) -> fx.GraphModule:
+    """``kernel(x, *args[1:])`` as a module of its own, after the kernel-stage lowerings that
+    apply to it on ``device`` (measured with ``choose`` like the graph's own sites)."""
+    from fxopt.lowering import lower_graph  # the package imports this module
+
+    owner, graph = torch.nn.Module(), fx.Graph()
+    x = graph.placeholder("x")
+    x.meta.update(match.x.meta)
+    call_args: list[Any] = [x]
+    for index, value in enumerate(args[1:]):
+        if isinstance(value, fx.Node):
+            owner.register_buffer(f"c{index}", constant(gm, value))
+            value_node = graph.get_attr(f"c{index}")
+            value_node.meta.update(value.meta)
+            call_args.append(value_node)
+        else:
+            call_args.append(value)
+    out = graph.call_function(kernel, tuple(call_args))
+    out.meta.update(match.linear.meta)
+    graph.output(out)
+    lowered = lower_graph(fx.GraphModule(owner, graph), "eager", device, "kernel", choose=choose).graph_module
+    lowered.recompile()
+    return lowered
+
+
+def _pattern_module(gm: fx.GraphModule, match: QdqLinear) -> fx.GraphModule:
+    """The nodes that compute ``match.linear`` from ``match.x``, as a module of their own
+    (sharing ``gm``'s constants)."""
+    needed: list[fx.Node] = []
+    seen: set[fx.Node] = {match.x}
+    stack = [match.linear]
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        needed.append(node)
+        stack.extend(n for n in node.all_input_nodes if n not in seen)
+    graph = fx.Graph()
+    mapping = {match.x: graph.placeholder("x")}
+    for node in gm.graph.nodes:  # in the graph's (topological) order
+        if node in needed:
+            mapping[node] = graph.node_copy(node, lambda n: mapping[n])
+    graph.output(mapping[match.linear])
+    return fx.GraphModule(gm, graph)
 
 
 def _shape_reason(gm: fx.GraphModule, match: QdqLinear, device: torch.device | None) -> str | None:

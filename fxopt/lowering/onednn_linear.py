@@ -10,7 +10,10 @@ at least 64 input and output features (smaller GEMMs gain nothing); the activati
 Linear's only user. oneDNN applies the activation to the GEMM's output
 while it is still in cache, and its fp32 GEMM (AVX-512/AMX kernels with the weight in its
 blocked layout) is faster than PyTorch's default Linear on x86; in bfloat16 it runs on the
-AVX512-BF16/AMX units. The result differs from the unfused graph only by float rounding;
+AVX512-BF16/AMX units. That is a guess about the CPU, so with a ``choose`` (a measured
+choice, :mod:`fxopt.pipeline.timings`) a site is lowered only when the fused kernel measures
+faster than PyTorch's Linear (+ activation) at its shapes, at the example batch size and a
+second one when the batch is dynamic. The result differs from the unfused graph only by float rounding;
 the backend checks that on the example inputs before it keeps the lowered graph.
 """
 
@@ -23,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import arg, constant, dtype_of, is_op, ops, shape_of
-from fxopt.lowering.base import Lowering, LoweringResult
+from fxopt.lowering.base import Choose, Lowering, LoweringResult, measured_inputs, measured_shapes
 from fxopt.verify import exact_tolerance
 
 aten = torch.ops.aten
@@ -98,6 +101,7 @@ class OneDnnLinear(Lowering):
     # A CPU kernel choice: opt.graph_module keeps the portable Linear (and stays exportable).
     stage = "kernel"
     after = ("int8-linear",)  # a kernel choice for the graph the graph-stage lowerings wrote
+    measured = True
 
     def probe(self, device: torch.device) -> str | None:
         return onednn_unsupported_reason(torch.float32)
@@ -123,9 +127,10 @@ class OneDnnLinear(Lowering):
             return None
         return weight_node, bias_node
 
-    def lower(self, gm: fx.GraphModule, device: torch.device | None) -> LoweringResult:
+    def lower(self, gm: fx.GraphModule, device: torch.device | None, choose: Choose | None = None) -> LoweringResult:
         result = LoweringResult()
         fused: dict[str, int] = {}
+        slower = 0
         refused_bf16 = onednn_unsupported_reason(torch.bfloat16)
         for node in list(gm.graph.nodes):
             weights = self._weights(gm, node)
@@ -142,6 +147,9 @@ class OneDnnLinear(Lowering):
                 if spelled is not None:
                     post_op, out = spelled, users[0]
             name, scalars, algorithm = post_op
+            if choose is not None and not _measured_faster(gm, node, out, weights, post_op, choose, result):
+                slower += 1
+                continue
             with gm.graph.inserting_before(out):
                 kernel = gm.graph.call_function(
                     _fused_linear(), (node.args[0], weights[0], weights[1], name, scalars, algorithm))
@@ -159,5 +167,34 @@ class OneDnnLinear(Lowering):
             spelled = ", ".join(f"{count} {'plain' if name == 'none' else '+' + name}"
                                 for name, count in sorted(fused.items()))
             result.notes.append(f"{result.lowered} Linears run as fused oneDNN kernels ({spelled})")
+        if slower:
+            result.notes.append(f"{slower} Linear(s) stay PyTorch's Linear: the fused oneDNN kernel measured "
+                                "no faster at their shapes")
         gm.recompile()
         return result
+
+
+def _measured_faster(gm: fx.GraphModule, node: fx.Node, out: fx.Node, weights: tuple[fx.Node, fx.Node | None],
+                     post_op: tuple[str, list[float], str], choose: Choose, result: LoweringResult) -> bool:
+    """Whether the fused kernel is faster than PyTorch's Linear (+ the activation ``out``) at
+    ``node``'s shapes, as ``choose`` measured it (or found it cached); the choice goes in
+    ``result.choices``."""
+    weight = constant(gm, weights[0])
+    bias = constant(gm, weights[1]) if weights[1] is not None else None
+    shapes = measured_shapes(shape_of(node.args[0]))
+    name, scalars, algorithm = post_op
+    kernel = _fused_linear()
+
+    def fused(x: torch.Tensor) -> torch.Tensor:
+        return kernel(x, weight, bias, name, scalars, algorithm)
+
+    def unfused(x: torch.Tensor) -> torch.Tensor:
+        y = node.target(x, weight, bias)
+        return y if out is node else out.target(y, *out.args[1:], **out.kwargs)
+
+    site = (f"x={'/'.join(map(str, shapes))} w={tuple(weight.shape)} {str(weight.dtype).removeprefix('torch.')} "
+            f"bias={bias is not None} post={name}:{algorithm}:{scalars}")
+    inputs = measured_inputs(shapes, weight.dtype)
+    choice = choose("onednn-linear", site, {"onednn": fused, "aten": unfused}, inputs, prefer="aten")
+    result.choices.append({**choice.as_dict(), "nodes": [node.name]})
+    return choice.name == "onednn"

@@ -21,7 +21,10 @@ kernel differs from the QDQ graph only by float rounding (and, when it writes ui
 quantization step where the float output sits on a rounding boundary), which the backend
 checks on the example inputs before it keeps the lowered graph. A probe, run once, checks that
 the ops exist on this PyTorch build and give correct numbers; without them the graph keeps
-``fxopt::int8_linear``.
+``fxopt::int8_linear``. With a ``choose`` (a measured choice, :mod:`fxopt.pipeline.timings`)
+a Linear is lowered only when oneDNN's kernel (quantization included) measures faster than
+``fxopt::int8_linear`` at its shapes, at the example batch size and a second one when the
+batch is dynamic.
 """
 
 from __future__ import annotations
@@ -33,9 +36,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ir import arg, constant, dtype_of, is_op, ops
+from fxopt.ir import arg, constant, dtype_of, is_op, ops, shape_of
 from fxopt.kernels import int8 as kernels
-from fxopt.lowering.base import Lowering, LoweringResult
+from fxopt.lowering.base import Choose, Lowering, LoweringResult, measured_inputs, measured_shapes
 
 aten = torch.ops.aten
 
@@ -176,6 +179,7 @@ class OneDnnQLinear(Lowering):
     # Float rounding in the fused activation moves a uint8 output across a rounding boundary
     # now and then (one quantization step); see Int8Linear.parity_rtol.
     parity_rtol = 0.05
+    measured = True
 
     def probe(self, device: torch.device) -> str | None:
         return kernel_unsupported_reason(device)
@@ -183,8 +187,8 @@ class OneDnnQLinear(Lowering):
     def applies(self, gm: fx.GraphModule) -> bool:
         return any(_static_linear(gm, node) for node in gm.graph.nodes)
 
-    def lower(self, gm: fx.GraphModule, device: torch.device | None) -> LoweringResult:
-        return lower_static_int8_linears(gm)
+    def lower(self, gm: fx.GraphModule, device: torch.device | None, choose: Choose | None = None) -> LoweringResult:
+        return lower_static_int8_linears(gm, choose)
 
 
 STATIC_OPS = (kernels.int8_linear_op, kernels.int8_linear_static_uint8_op)
@@ -212,11 +216,30 @@ def _static_linear(gm: fx.GraphModule, node: Any) -> bool:
     return bias is None or (constant(gm, bias) is not None and constant(gm, bias).dtype == torch.float32)
 
 
-def lower_static_int8_linears(gm: fx.GraphModule) -> LoweringResult:
-    """Rewrite every static ``fxopt::int8_linear`` of ``gm`` (in place) into ``onednn.qlinear_pointwise``."""
+def _post_op(node: fx.Node, post_ops: frozenset[str]) -> tuple[tuple[str, str], fx.Node]:
+    """The activation fused into ``node``'s kernel (("none", "") if none) and the node whose
+    value the kernel computes."""
+    users = list(node.users)
+    if len(users) == 1 and users[0].target in POST_OPS and users[0].args[0] is node:
+        spelled = POST_OPS[users[0].target](users[0])
+        key = None if spelled is None else (f"{spelled[0]}:{spelled[1]}" if spelled[0] == "gelu" else spelled[0])
+        if key in post_ops:
+            return spelled, users[0]
+    return ("none", ""), node
+
+
+def lower_static_int8_linears(gm: fx.GraphModule, choose: Choose | None = None) -> LoweringResult:
+    """Rewrite every static ``fxopt::int8_linear`` of ``gm`` (in place) into ``onednn.qlinear_pointwise``
+    (with ``choose``, those where it measures faster)."""
     result = LoweringResult()
     post_ops = supported_post_ops()
     linears = [n for n in gm.graph.nodes if _static_linear(gm, n)]
+    if choose is not None:
+        measured = [n for n in linears if _measured_faster(gm, n, _post_op(n, post_ops), choose, result)]
+        if len(measured) < len(linears):
+            result.notes.append(f"{len(linears) - len(measured)} static int8 Linear(s) stay fxopt::int8_linear: "
+                                "oneDNN's kernel measured no faster at their shapes")
+        linears = measured
     if not linears:
         return result
     lowered_set = set(linears)
@@ -226,13 +249,7 @@ def lower_static_int8_linears(gm: fx.GraphModule) -> LoweringResult:
     for node in linears:
         x, qweight, weight_scale, bias = node.args[:4]
         input_scale, input_zero_point = _qparams(node)
-        post_op, out = ("none", ""), node
-        users = list(node.users)
-        if len(users) == 1 and users[0].target in POST_OPS and users[0].args[0] is node:
-            spelled = POST_OPS[users[0].target](users[0])
-            key = None if spelled is None else (f"{spelled[0]}:{spelled[1]}" if spelled[0] == "gelu" else spelled[0])
-            if key in post_ops:
-                post_op, out = spelled, users[0]
+        post_op, out = _post_op(node, post_ops)
         # The value every reader quantizes with one scale: write it in uint8 directly.
         readers = list(out.users)
         output_scale, output_zero_point, output_dtype = 1.0, 0, torch.float32
@@ -272,6 +289,41 @@ def lower_static_int8_linears(gm: fx.GraphModule) -> LoweringResult:
         note += f"; {chained} write uint8 for the int8 Linear(s) that read them"
     result.notes.append(note)
     return result
+
+
+def _measured_faster(gm: fx.GraphModule, node: fx.Node, post: tuple[tuple[str, str], fx.Node],
+                     choose: Choose, result: LoweringResult) -> bool:
+    """Whether oneDNN's kernel, quantizing its float input, is faster than ``node`` (+ the
+    fused activation) at ``node``'s shapes, as ``choose`` measured it; the choice goes in
+    ``result.choices``. (A kernel that would also write uint8 for the next one saves that
+    one's quantization besides: not counted, so the verdict errs toward what runs now.)"""
+    (post_name, algorithm), out = post
+    qweight, weight_scale = constant(gm, node.args[1]), constant(gm, node.args[2])
+    bias = constant(gm, node.args[3]) if len(node.args) > 3 and node.args[3] is not None else None
+    input_scale, input_zero_point = _qparams(node)
+    packed = _prepack()(qweight, None)
+    zeros = torch.zeros(qweight.shape[0], dtype=torch.int64)
+    rest = [constant(gm, a) if isinstance(a, fx.Node) else a for a in node.args[1:]]
+
+    def onednn(x: torch.Tensor) -> torch.Tensor:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            xq = quantize_u8(x, input_scale, input_zero_point)
+        return _qlinear()(xq, input_scale, input_zero_point, packed, weight_scale, zeros, bias,
+                          1.0, 0, torch.float32, post_name, [], algorithm)
+
+    def int8_linear(x: torch.Tensor) -> torch.Tensor:
+        y = node.target(x, *rest)
+        return y if out is node else out.target(y, *out.args[1:], **out.kwargs)
+
+    shapes = measured_shapes(shape_of(node.args[0]))
+    site = (f"x={'/'.join(map(str, shapes))} w={tuple(qweight.shape)} bias={bias is not None} "
+            f"zero_point={input_zero_point} post={post_name}:{algorithm}")
+    inputs = measured_inputs(shapes, torch.float32)
+    choice = choose("onednn-qlinear", site, {"onednn-qlinear": onednn, "int8-linear": int8_linear}, inputs,
+                    prefer="int8-linear")
+    result.choices.append({**choice.as_dict(), "nodes": [node.name]})
+    return choice.name == "onednn-qlinear"
 
 
 def _packed_weight(gm: fx.GraphModule, qweight: torch.Tensor, node: fx.Node) -> fx.Node:

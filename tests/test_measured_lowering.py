@@ -1,0 +1,199 @@
+"""Measured lowering choices and the never-slower check, through fxopt.compile.
+
+Timings are injected (fixed_timer): the tests assert which kernel is kept, what is cached
+and what the report says, never how fast anything runs.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxopt
+from fxopt.ir import count_ops, ops
+from fxopt.lowering import lower_graph
+from fxopt.lowering import onednn_linear as onednn
+from fxopt.pipeline.timings import KernelTimings, fixed_timer, measuring
+
+pytestmark = pytest.mark.skipif(onednn.onednn_unsupported_reason() is not None,
+                                reason=str(onednn.onednn_unsupported_reason()))
+fused = torch.ops.mkldnn._linear_pointwise.default
+CPU = torch.device("cpu")
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64), nn.Linear(64, 64)).eval()
+
+
+def _timings(tmp_path, **times: float) -> KernelTimings:
+    table = {"onednn": 1.0, "aten": 1.0, "lowered": 1.0, "captured": 1.0, "int8": 0.5, "qdq": 1.0,
+             "onednn-qlinear": 1.0, "int8-linear": 1.0, **times}
+    return KernelTimings(tmp_path, measure=True, timer=fixed_timer(table), fingerprint="test-machine")
+
+
+def test_a_fused_kernel_measured_slower_is_not_used(tmp_path) -> None:
+    model, x = _mlp(), torch.randn(8, 64)
+    timings = _timings(tmp_path, onednn=2.0, aten=1.0)
+    with measuring(timings):
+        opt = fxopt.compile(model, (x,), passes=[])
+    linears = [k for k in opt.report.kernels if k["op"] == "onednn-linear"]
+    assert [k["chosen"] for k in linears] == ["aten"] * 3
+    assert linears[0]["times"] == {"onednn": [2.0, 2.0], "aten": [1.0, 1.0]}  # two batch sizes
+    assert any("3 Linear(s) stay PyTorch's Linear" in note for note in opt.report.notes)
+    assert "onednn-linear [linear] x=(8, 64)/(4, 64) w=(128, 64)" in str(opt.report)
+    assert "aten runs (aten 1.000/1.000 ms vs onednn" in str(opt.report)
+    lowered = lower_graph(opt.graph_module, "eager", CPU, choose=timings.choose).graph_module
+    assert count_ops(lowered, fused) == 0 and count_ops(lowered, ops.linear) == 3
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+
+
+def test_a_fused_kernel_measured_faster_is_used_and_a_second_compile_measures_nothing(tmp_path) -> None:
+    model, x = _mlp(), torch.randn(8, 64)
+    first = _timings(tmp_path, onednn=0.5, aten=1.0)
+    with measuring(first):
+        opt = fxopt.compile(model, (x,), passes=[])
+    assert [k["chosen"] for k in opt.report.kernels if k["op"] == "onednn-linear"] == ["onednn"] * 3
+    # two distinct Linear shapes at two batch sizes, and the whole graph once
+    assert first.measurements == 3 * 2 + 1
+    lowered = lower_graph(opt.graph_module, "eager", CPU, choose=first.choose).graph_module
+    assert count_ops(lowered, fused) == 3
+    # A new compile (a new process would read the same file): every choice from the cache.
+    second = _timings(tmp_path, onednn=9.0, aten=1.0)
+    with measuring(second):
+        again = fxopt.compile(model, (x,), passes=[])
+    assert second.measurements == 0
+    assert {k["source"] for k in again.report.kernels} == {"cache"}
+    assert [k["chosen"] for k in again.report.kernels if k["op"] == "onednn-linear"] == ["onednn"] * 3
+
+
+def test_a_kernel_must_win_at_both_batch_sizes(tmp_path) -> None:
+    timings = KernelTimings(tmp_path, measure=True, fingerprint="m",
+                            timer=fixed_timer({"onednn": [0.5, 2.0], "aten": 1.0, "lowered": 1.0, "captured": 1.0}))
+    with measuring(timings):
+        opt = fxopt.compile(nn.Sequential(nn.Linear(64, 64)).eval(), (torch.randn(8, 64),), passes=[])
+    (linear,) = [k for k in opt.report.kernels if k["op"] == "onednn-linear"]
+    assert linear["chosen"] == "aten" and linear["times"]["onednn"] == [0.5, 2.0]
+
+
+def test_measure_false_uses_the_cache_else_the_cost_model(tmp_path) -> None:
+    model, x = _mlp(), torch.randn(8, 64)
+    cold = _timings(tmp_path / "empty")
+    with measuring(cold):
+        opt = fxopt.compile(model, (x,), passes=[], measure=False)
+    assert cold.measurements == 0
+    assert {k["source"] for k in opt.report.kernels} == {"default"}  # the cost model's order: fused
+    assert [k["chosen"] for k in opt.report.kernels] == ["onednn"] * 3 + ["lowered"]
+    with measuring(_timings(tmp_path, onednn=2.0, aten=1.0)):
+        fxopt.compile(model, (x,), passes=[])
+    warm = _timings(tmp_path)
+    with measuring(warm):
+        opt = fxopt.compile(model, (x,), passes=[], measure=False)
+    assert warm.measurements == 0
+    assert [k["chosen"] for k in opt.report.kernels if k["op"] == "onednn-linear"] == ["aten"] * 3
+
+
+def test_the_captured_graph_runs_when_the_lowered_one_measures_slower(tmp_path) -> None:
+    model, x = _mlp(), torch.randn(8, 64)
+    with measuring(_timings(tmp_path, onednn=0.5, aten=1.0, lowered=1.5, captured=1.0)):
+        opt = fxopt.compile(model, (x,), passes=["remove-dropout"])
+    assert any(note.startswith("nothing could be made faster") for note in opt.report.notes)
+    assert opt.report.kernels[-1]["op"] == "whole-graph" and opt.report.kernels[-1]["chosen"] == "captured"
+    assert count_ops(opt.graph_module, ops.linear) == 3
+    assert (opt.report.final, opt.report.final_max_rel_err) == (opt.report.original, 0.0)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))
+        y = torch.randn(3, 64)  # the batch stays dynamic in the captured graph
+        torch.testing.assert_close(opt(y), model(y))
+
+
+def test_the_lowered_graph_is_kept_within_noise(tmp_path) -> None:
+    model, x = _mlp(), torch.randn(8, 64)
+    with measuring(_timings(tmp_path, lowered=1.01, captured=1.0)):
+        opt = fxopt.compile(model, (x,), passes=[])
+    assert opt.report.kernels[-1]["chosen"] == "lowered"
+    assert not any(note.startswith("nothing could be made faster") for note in opt.report.notes)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up, self.down = nn.Linear(64, 256), nn.Linear(256, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.relu(self.up(x)))
+
+
+@pytest.mark.parametrize(("onednn_ms", "kept"), [(2.0, "int8-linear"), (0.5, "onednn-qlinear")])
+def test_static_int8_kernel_variant_is_measured(tmp_path, onednn_ms: float, kept: str) -> None:
+    from fxopt.passes import QuantizeInt8
+
+    from fxopt.kernels.int8 import int8_linear_op
+    from fxopt.lowering import onednn_qlinear as qlinear
+
+    if qlinear.qlinear_unsupported_reason() is not None:
+        pytest.skip(str(qlinear.qlinear_unsupported_reason()))
+    model, x = _Block().eval(), torch.randn(4, 64)
+    calibration = [(torch.randn_like(x),) for _ in range(2)]
+    timings = _timings(tmp_path, **{"onednn-qlinear": onednn_ms, "int8-linear": 1.0})
+    with measuring(timings):
+        opt = fxopt.compile(model, (x,), passes=[QuantizeInt8(activations="static")], calibration=calibration)
+    choices = [k for k in opt.report.kernels if k["op"] == "onednn-qlinear"]
+    assert [k["chosen"] for k in choices] == [kept] * 2
+    # a lossy pass applied: its int8 graph is never swapped for the float one
+    assert "whole-graph" not in {k["op"] for k in opt.report.kernels}
+    lowered = lower_graph(opt.graph_module, "eager", CPU, "kernel", choose=timings.choose).graph_module
+    qlinears = count_ops(lowered, torch.ops.onednn.qlinear_pointwise.default)
+    assert (qlinears, count_ops(lowered, int8_linear_op)) == ((0, 2) if kept == "int8-linear" else (2, 0))
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=0.1, atol=0.1)
+
+
+def test_a_static_batch_is_measured_at_its_one_shape(tmp_path) -> None:
+    timings = _timings(tmp_path, onednn=0.5)
+    with measuring(timings):
+        opt = fxopt.compile(nn.Sequential(nn.Linear(64, 64)).eval(), (torch.randn(8, 64),), passes=[],
+                            dynamic_shapes="static")
+    (linear,) = [k for k in opt.report.kernels if k["op"] == "onednn-linear"]
+    assert linear["times"] == {"onednn": [0.5], "aten": [1.0]} and linear["site"].startswith("x=(8, 64) ")
+
+
+def test_the_real_timer_measures_then_reads_the_cache(tmp_path) -> None:
+    # The default timer on real kernels: what is asserted is that every choice was measured,
+    # then cached, never which kernel won.
+    model, x = _mlp(), torch.randn(8, 64)
+    first = KernelTimings(tmp_path, measure=True)
+    with measuring(first):
+        opt = fxopt.compile(model, (x,), passes=[])
+    assert first.measurements == 3 * 2 + 1 and {k["source"] for k in opt.report.kernels} == {"measured"}
+    assert all(t > 0 for k in opt.report.kernels for ts in k["times"].values() for t in ts)
+    second = KernelTimings(tmp_path, measure=True)
+    with measuring(second):
+        again = fxopt.compile(model, (x,), passes=[])
+    assert second.measurements == 0 and {k["source"] for k in again.report.kernels} == {"cache"}
+    with torch.no_grad():
+        torch.testing.assert_close(again(x), model(x))
+
+
+@pytest.mark.parametrize(("int8_ms", "kept"), [(2.0, "qdq"), (0.5, "int8")])
+def test_int8_kernel_against_its_qdq_graph_is_measured(tmp_path, int8_ms: float, kept: str) -> None:
+    from fxopt.passes import QuantizeInt8
+
+    from fxopt.kernels.int8 import int8_linear_op, int8_unsupported_reason
+
+    if int8_unsupported_reason("cpu") is not None:
+        pytest.skip(str(int8_unsupported_reason("cpu")))
+    model, x = _Block().eval(), torch.randn(4, 64)
+    timings = _timings(tmp_path, int8=int8_ms, qdq=1.0)
+    with measuring(timings):
+        opt = fxopt.compile(model, (x,), passes=[QuantizeInt8()])
+    choices = [k for k in opt.report.kernels if k["op"] == "int8-linear"]
+    assert [k["chosen"] for k in choices] == [kept] * 2
+    assert count_ops(opt.graph_module, int8_linear_op) == (2 if kept == "int8" else 0)
+    if kept == "qdq":
+        assert count_ops(opt.graph_module, ops.linear) == 2
+        assert sum("int8 kernel measured no faster" in note for note in opt.report.notes) == 2
+    # the int8 graph and its QDQ form compute the same numbers (the lossy pass was verified on them)
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=0.1, atol=0.1)

@@ -1,0 +1,114 @@
+"""fxopt.pipeline.timings: measured choices, their on-disk cache, and the never-slower check.
+
+Timings are injected (fxopt.pipeline.timings.fixed_timer): these tests assert what is
+chosen, cached and measured, never how fast anything runs.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fxopt.pipeline.timings import KernelTimings, current, fixed_timer, measuring
+
+INPUTS = [[torch.ones(4)], [torch.ones(2)]]
+
+
+def _candidates(calls):
+    def make(name):
+        def run(x):
+            calls.append((name, x.shape[0]))
+            return x * 2
+        return run
+    return {"fused": make("fused"), "plain": make("plain")}
+
+
+def test_a_slower_candidate_is_dropped(tmp_path):
+    calls = []
+    timings = KernelTimings(tmp_path, measure=True, timer=fixed_timer({"fused": 2.0, "plain": 1.0}), fingerprint="m")
+    choice = timings.choose("op", "x(4)", _candidates(calls), INPUTS, prefer="plain")
+    assert (choice.name, choice.source) == ("plain", "measured")
+    assert choice.times == {"fused": [2.0, 2.0], "plain": [1.0, 1.0]}
+    assert {size for _, size in calls} == {4, 2}  # measured at both sizes
+    faster = KernelTimings(tmp_path / "b", timer=fixed_timer({"fused": 0.5, "plain": 1.0}), fingerprint="m")
+    assert faster.choose("op", "x(4)", _candidates([]), INPUTS, prefer="plain").name == "fused"
+
+
+def test_a_candidate_must_win_at_every_size(tmp_path):
+    # faster at the example size, slower at the second batch size: the preferred one stays
+    timer = fixed_timer({"fused": [0.5, 3.0], "plain": 1.0})
+    timings = KernelTimings(tmp_path, measure=True, timer=timer, fingerprint="m")
+    assert timings.choose("op", "x", _candidates([]), INPUTS, prefer="plain").name == "plain"
+
+
+def test_margin_keeps_the_preferred_within_noise(tmp_path):
+    timings = KernelTimings(tmp_path, measure=True, timer=fixed_timer({"fused": 1.0, "plain": 0.99}),
+                            fingerprint="m")
+    assert timings.choose("op", "x", _candidates([]), INPUTS[:1], prefer="fused", margin=0.02).name == "fused"
+
+
+def test_the_cache_is_json_on_disk_and_reused(tmp_path):
+    first = KernelTimings(tmp_path, measure=True, timer=fixed_timer({"fused": 0.5, "plain": 1.0}), fingerprint="m")
+    first.choose("op", "x", _candidates([]), INPUTS, prefer="plain")
+    assert first.measurements == 2
+    data = json.loads(first.path.read_text())
+    assert data["fingerprint"] == "m" and len(data["entries"]) == 1
+    calls = []
+    again = KernelTimings(tmp_path, measure=True, timer=fixed_timer({"fused": 9.0, "plain": 1.0}), fingerprint="m")
+    choice = again.choose("op", "x", _candidates(calls), INPUTS, prefer="plain")
+    assert (choice.name, choice.source, again.measurements, calls) == ("fused", "cache", 0, [])
+    # another machine (fingerprint), another site or other candidates measure again
+    other = KernelTimings(tmp_path, measure=True, timer=fixed_timer({"fused": 9.0, "plain": 1.0}), fingerprint="n")
+    assert other.choose("op", "x", _candidates([]), INPUTS, prefer="plain").name == "plain"
+    assert again.choose("op", "y", _candidates([]), INPUTS, prefer="plain").source == "measured"
+
+
+def test_measuring_off_uses_the_cache_else_the_default_order(tmp_path):
+    timings = KernelTimings(tmp_path, measure=False, timer=fixed_timer({"fused": 0.5, "plain": 1.0}), fingerprint="m")
+    calls = []
+    choice = timings.choose("op", "x", _candidates(calls), INPUTS, prefer="plain")
+    assert (choice.name, choice.source, timings.measurements, calls) == ("fused", "default", 0, [])
+    KernelTimings(tmp_path, timer=fixed_timer({"fused": 2.0, "plain": 1.0}), measure=True,
+                  fingerprint="m").choose("op", "x", _candidates([]), INPUTS, prefer="plain")
+    assert KernelTimings(tmp_path, measure=False, fingerprint="m").choose(
+        "op", "x", _candidates([]), INPUTS, prefer="plain").name == "plain"
+
+
+def test_a_corrupt_cache_is_measured_again(tmp_path):
+    timings = KernelTimings(tmp_path, timer=fixed_timer({"fused": 0.5, "plain": 1.0}), measure=True, fingerprint="m")
+    tmp_path.mkdir(exist_ok=True)
+    timings.path.write_text("{not json")
+    assert timings.choose("op", "x", _candidates([]), INPUTS, prefer="plain").source == "measured"
+    assert json.loads(timings.path.read_text())["entries"]
+
+
+def test_measuring_scopes_the_timings_a_compile_uses(tmp_path):
+    mine = KernelTimings(tmp_path, measure=True, fingerprint="m")
+    with measuring(mine) as active:
+        assert current() is mine is active
+        with measuring(False) as off:
+            assert not off.measure and off.directory == mine.directory
+        with measuring(True) as on:
+            assert on is mine
+    assert current() is not mine
+
+
+def test_bad_candidates_are_refused(tmp_path):
+    timings = KernelTimings(tmp_path, fingerprint="m")
+    with pytest.raises(ValueError, match="no candidates"):
+        timings.choose("op", "x", {}, INPUTS)
+    with pytest.raises(ValueError, match="not one of"):
+        timings.choose("op", "x", _candidates([]), INPUTS, prefer="other")
+
+
+def test_a_candidate_that_fails_at_the_shape_is_left_out(tmp_path):
+    def broken(x):
+        raise RuntimeError("no kernel for this shape")
+
+    timings = KernelTimings(tmp_path, measure=True, timer=fixed_timer({"fused": 0.1, "plain": 1.0}), fingerprint="m")
+    choice = timings.choose("op", "x", {"fused": broken, "plain": lambda x: x}, INPUTS, prefer="plain")
+    assert (choice.name, choice.times) == ("plain", {"plain": [1.0, 1.0]})
+    with pytest.raises(RuntimeError, match="no kernel"):  # the preferred one must run
+        timings.choose("op", "y", {"fused": lambda x: x, "plain": broken}, INPUTS, prefer="plain")
