@@ -220,6 +220,41 @@ def test_any_op_of_the_fxopt_namespace_loads(tmp_path: Path) -> None:
     assert [n.target for n in rebuilt.graph.nodes] == [n.target for n in gm.graph.nodes]
 
 
+def _round_trip(op: Any) -> torch.fx.GraphModule:
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output((graph.call_function(op, (x, graph.get_attr("weight"), None)),))
+    gm = torch.fx.GraphModule({"weight": torch.randn(4, 3)}, graph)
+    tensors: dict[str, torch.Tensor] = {}
+    return decode_graph(json.loads(json.dumps(encode_graph(gm, tensors))), tensors, torch.device("cpu"))
+
+
+def test_a_registered_plugins_ops_load_and_others_are_refused(tmp_path: Path, monkeypatch) -> None:
+    """A plugin's namespace (named after its package) is trusted once the plugin is installed;
+    an op of any other namespace is refused even when it is registered in the process."""
+    from conftest import PLUGIN_DIR, plugin_metadata
+
+    import fxopt.saving.trust as trust
+
+    if not hasattr(torch.ops, "saving_untrusted") or not hasattr(torch.ops.saving_untrusted, "linear"):
+        @torch.library.custom_op("saving_untrusted::linear", mutates_args=())
+        def untrusted(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            return torch.nn.functional.linear(x, weight, bias)
+
+    with pytest.raises(fxopt.FxoptError, match="saving_untrusted::linear.default is not from torch, fxopt or a "
+                                               "registered plugin"):
+        _round_trip(torch.ops.saving_untrusted.linear.default)
+    monkeypatch.syspath_prepend(str(PLUGIN_DIR))
+    monkeypatch.syspath_prepend(str(plugin_metadata(tmp_path)))
+    assert "fxopt_double_relu" in trust.plugin_packages()
+    from fxopt_double_relu.lowering import linear_relu_op
+
+    rebuilt = _round_trip(linear_relu_op)
+    assert [n.target for n in rebuilt.graph.nodes if n.op == "call_function"] == [linear_relu_op]
+    x = torch.randn(2, 3)
+    torch.testing.assert_close(rebuilt(x)[0], torch.relu(x @ rebuilt.weight.T))
+
+
 def test_a_transformers_model_loads_in_a_fresh_process(tmp_path: Path) -> None:
     """The output type (a transformers ModelOutput) is found in transformers' own modeling
     module: no pickle, and nothing but that module is imported to find it."""

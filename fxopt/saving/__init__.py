@@ -141,8 +141,9 @@ def inspect(path: str | Any) -> dict[str, Any]:
         report = decode(archive.json("report.json"), tensor=lambda key: key, blob=lambda key: key)
         header = archive.constants_header()
         files = {info.filename: info.file_size for info in archive.zip.infolist()}
-    ops = Counter(node["target"].get("op") or node["target"].get("function")
-                  for node in graph.get("nodes", []) if node.get("op") == "call_function")
+    ops = Counter(str(node["target"].get("op") or node["target"].get("function"))
+                  for node in graph.get("nodes", []) if isinstance(node, dict) and node.get("op") == "call_function"
+                  and isinstance(node.get("target"), dict))
     constants = {name: {"dtype": entry["dtype"], "shape": entry["shape"],
                         "bytes": entry["data_offsets"][1] - entry["data_offsets"][0]}
                  for name, entry in header.items()}

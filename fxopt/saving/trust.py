@@ -21,6 +21,7 @@ import importlib
 import math
 import operator
 import pkgutil
+import sys
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -47,9 +48,13 @@ BUILTIN_FUNCTIONS = _builtin_functions()
 _BUILTIN_NAMES = {id(function): name for name, function in BUILTIN_FUNCTIONS.items()}
 
 
-@functools.cache
 def plugin_packages() -> frozenset[str]:
     """The top-level packages that declare an fxopt entry point (fxopt itself among them)."""
+    return _plugin_packages(tuple(sys.path))  # looked up again when sys.path changes
+
+
+@functools.cache
+def _plugin_packages(path: tuple[str, ...]) -> frozenset[str]:
     packages = {"fxopt"}
     for group in PLUGIN_GROUPS:
         for entry in entry_points(group=group):

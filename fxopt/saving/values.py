@@ -58,6 +58,10 @@ def encode(value: Any, sink: Sink | None = None, *, node: Callable[[Any], Any] |
     """``value`` as JSON-able data (see the module docstring); ``node`` encodes fx nodes."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
+    if type(value).__module__ == "numpy" and hasattr(value, "item") and getattr(value, "ndim", None) == 0:
+        value = value.item()  # a numpy scalar (a pass's detail, say) is stored as the number it is
+        if isinstance(value, (bool, int)):
+            return value
     if isinstance(value, float):
         return value if math.isfinite(value) else {"__float__": repr(value)}
     if node is not None and isinstance(value, torch.fx.Node):
