@@ -367,3 +367,13 @@ def test_inspect_prints_what_a_file_holds_without_loading_it(tmp_path: Path,
     torch.save({"w": torch.ones(1)}, tmp_path / "other.pt")
     assert main(["inspect", str(tmp_path / "other.pt")]) == 1
     assert "it is a pickle" in capsys.readouterr().err
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_cuda_module_loads_on_cuda(tmp_path: Path) -> None:
+    x = torch.randn(4, 32, device="cuda")
+    opt = fxopt.compile(_mlp(), (x,), passes=["remove-dropout", "quantize-int8"], device="cuda")
+    loaded = fxopt.load(fxopt.save(opt, tmp_path / "cuda.fxopt"))
+    assert all(t.device.type == "cuda" for t in loaded.graph_module.buffers())
+    torch.testing.assert_close(loaded(x), opt(x))
