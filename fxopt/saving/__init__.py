@@ -53,7 +53,6 @@ def save(optimized: Any, path: str | Any) -> str:
     The file is written next to ``path`` first and moved into place when complete, so a
     failure leaves no partial file behind (and an existing file untouched).
     """
-    from fxopt import __version__
     from fxopt.api import OptimizedModule
 
     if not isinstance(optimized, OptimizedModule):
@@ -67,7 +66,7 @@ def save(optimized: Any, path: str | Any) -> str:
         state = None
     sink = Sink()
     documents = {
-        MANIFEST: {"format": FORMAT, "version": VERSION, "fxopt_version": __version__,
+        MANIFEST: {"format": FORMAT, "version": VERSION, "fxopt_version": _fxopt_version(),
                    "torch_version": torch.__version__, "backend": backend,
                    "device": str(optimized.device) if optimized.device is not None else None},
         "graph.json": encode_graph(optimized.graph_module, sink.tensors),
@@ -167,6 +166,15 @@ def describe(path: str | Any) -> str:
     lines.append("files: " + ", ".join(f"{name} ({size} B)" for name, size in info["files"].items()))
     lines.append(str(report))
     return "\n".join(lines)
+
+
+def _fxopt_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fxopt")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "unknown"
 
 
 def _is_fxopt_archive(path: Path) -> bool:

@@ -29,6 +29,10 @@ import torch
 
 from fxopt.errors import FxoptError
 
+
+class UnsafeFileError(FxoptError):
+    """A saved file names something fxopt will not build (an untrusted op, function or type)."""
+
 TORCH_NAMESPACES = frozenset({"aten", "prims", "quantized_decomposed", "quantized", "_quantized", "mkldnn", "onednn"})
 PLUGIN_GROUPS = ("fxopt.passes", "fxopt.lowerings", "fxopt.backends", "fxopt.presets", "fxopt.techniques")
 
@@ -97,8 +101,6 @@ def target_name(target: Any) -> dict[str, str]:
 
 def resolve_target(entry: Any) -> Any:
     """The ``call_function`` target the file names, looked up among trusted code only."""
-    from fxopt.saving.values import UnsafeFileError
-
     if isinstance(entry, dict) and isinstance(entry.get("function"), str):
         function = BUILTIN_FUNCTIONS.get(entry["function"])
         if function is None:

@@ -25,14 +25,10 @@ import torch
 import torch.utils._pytree as pytree
 
 from fxopt.errors import FxoptError
-from fxopt.saving.trust import trusted_module
+from fxopt.saving.trust import UnsafeFileError, trusted_module
 
 _TORCH_ENUMS = (torch.layout, torch.memory_format)
 _BUILTIN_TYPES = {t.__name__: t for t in (int, float, bool, complex, str)}
-
-
-class UnsafeFileError(FxoptError):
-    """A saved file names something fxopt will not build (an unknown type, an untrusted op)."""
 
 
 class Sink:
