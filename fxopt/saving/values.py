@@ -43,8 +43,11 @@ class Sink:
         self.tensors[key] = value
         return key
 
-    def blob(self, data: bytes) -> str:
-        key = f"blobs/{len(self.blobs)}"
+    def blob(self, data: bytes, hint: str = "") -> str:
+        """The member name for ``data``: numbered, with ``hint`` (a file name) when it is a
+        plain one, so ``unzip -l`` shows what each member is (``blobs/0-model.onnx``)."""
+        plain = hint.replace(".", "").replace("_", "").replace("-", "").isalnum()
+        key = f"blobs/{len(self.blobs)}" + (f"-{hint}" if plain and len(hint) < 100 else "")
         self.blobs[key] = data
         return key
 
@@ -66,7 +69,8 @@ def encode(value: Any, sink: Sink | None = None, *, node: Callable[[Any], Any] |
         return {"__counter__": [[encode(k, sink, node=node, where=where), n] for k, n in value.items()]}
     if isinstance(value, dict):
         if all(isinstance(k, str) and not k.startswith("__") for k in value):
-            return {k: encode(v, sink, node=node, where=f"{where}[{k!r}]") for k, v in value.items()}
+            return {k: {"__bytes__": sink.blob(bytes(v), k)} if sink is not None and isinstance(v, (bytes, bytearray))
+                    else encode(v, sink, node=node, where=f"{where}[{k!r}]") for k, v in value.items()}
         return {"__dict__": [[encode(k, sink, node=node, where=where), encode(v, sink, node=node, where=where)]
                              for k, v in value.items()]}
     if isinstance(value, list):
