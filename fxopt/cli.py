@@ -1,4 +1,4 @@
-"""The ``fxopt`` command line: passes, demo, optimize, tune, bench."""
+"""The ``fxopt`` command line: passes, demo, optimize, tune, inspect, bench."""
 
 from __future__ import annotations
 
@@ -130,6 +130,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(func=cmd_tune)
 
+    p = sub.add_parser("inspect", help="what a file written by fxopt.save holds (backend, passes, report, "
+                                       "constants), read without loading it")
+    p.add_argument("file", help="a .fxopt file")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    p.set_defaults(func=cmd_inspect)
+
     p = sub.add_parser("bench", help="side-by-side latency of fxopt against eager and the peers installed "
                                      "(pip install 'fxopt[peers]' for OpenVINO, NNCF, CTranslate2, torchao)")
     p.add_argument("--models", default="mlp", help="comma-separated models: mlp,bert,llama,gpt2,dlrm, and scale (pass-manager time and memory on deep graphs)")
@@ -166,6 +172,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fxopt.demo import run_demo
 
     return run_demo(args.passes, batch=args.batch, repeats=args.repeats)
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from fxopt.saving import describe, inspect
+
+    if args.json:
+        info = inspect(args.file)
+        print(json.dumps({**info, "report": info["report"].to_dict()}, indent=2, default=str))
+    else:
+        print(describe(args.file))
+    return 0
 
 
 def load_target(target: str) -> torch.nn.Module:
@@ -331,16 +348,33 @@ def load_calibration(path: str) -> list[Any]:
 
 
 def _read(path: str) -> Any:
+    """A data file's tensors, never unpickling Python objects: ``.npz`` arrays without
+    object arrays (``allow_pickle=False``), ``.pt`` through ``torch.load(weights_only=True)``
+    (tensors and lists, tuples and dicts of them)."""
+    import pickle
+
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     if file.suffix == ".npz":
         import numpy as np
 
-        with np.load(file) as archive:
-            return {name: torch.from_numpy(archive[name]) for name in archive.files}
+        try:
+            with np.load(file, allow_pickle=False) as archive:
+                return {name: torch.from_numpy(archive[name]) for name in archive.files}
+        except ValueError as exc:
+            if "allow_pickle" not in str(exc):
+                raise
+            raise ValueError(f"{path}: holds object arrays (pickled Python objects), which fxopt never "
+                             "loads; store numeric arrays only") from None
     if file.suffix in (".pt", ".pth"):
-        return torch.load(file, map_location="cpu", weights_only=True)
+        try:
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            found = next((line.strip() for line in str(exc).splitlines() if "GLOBAL" in line or "global" in line),
+                         str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+            raise ValueError(f"{path}: holds Python objects other than tensors ({found}), which fxopt never "
+                             "unpickles; save tensors, or lists, tuples and dicts of tensors") from None
     raise ValueError(f"{path}: expected a .pt or .npz file")
 
 

@@ -190,9 +190,9 @@ def restore(state: dict[str, Any], graph_module: fx.GraphModule, signature: Any,
 
     if device.type != "cpu":
         raise BackendError(f"backend 'openvino' runs on cpu only, not {device.type!r}")
-    files = tempfile.TemporaryDirectory(prefix="fxopt-openvino-")
-    for name, data in state["files"].items():
-        (Path(files.name) / name).write_bytes(data)
+    from fxopt.saving import unpack_files
+
+    files = unpack_files(state["files"], "fxopt-openvino-")  # refuses names that are not plain file names
     exported = dataclasses.replace(state["graph"], path=Path(files.name) / state["graph"].path.name)
     config = {**state["config"], "INFERENCE_NUM_THREADS": torch.get_num_threads()}
     runner = OpenVinoRunner(exported, config)
