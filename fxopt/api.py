@@ -140,6 +140,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     metric: Any = None,
     data: Any = None,
     max_drop: float | None = None,
+    confidence: float | None = 0.95,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference and return a module that runs the result.
 
@@ -174,12 +175,16 @@ def compile(  # noqa: A001 - mirrors torch.compile
             output-error budget: ``metric`` (``"accuracy"``, ``"top1-agreement"`` or
             ``metric(outputs, labels) -> float``, higher is better) may fall by at most
             ``max_drop`` on ``data`` (batches of ``(inputs, labels)``); see ``fxopt.tune``.
+        confidence: a lossy change is within ``max_drop`` only when the one-sided upper bound
+            of its drop at this confidence is (see :mod:`fxopt.lossy.acceptance`); ``None``
+            judges the drop measured on ``data`` alone (no allowance for sampling).
     """
     if preset is not None:
         return _compile_preset(
             preset, model, example_inputs, passes, backend, device, strict, example_kwargs=example_kwargs,
             calibration=calibration, dynamic_shapes=dynamic_shapes, instruments=instruments,
-            max_rounds=max_rounds, fresh_inputs=fresh_inputs, metric=metric, data=data, max_drop=max_drop)
+            max_rounds=max_rounds, fresh_inputs=fresh_inputs, metric=metric, data=data, max_drop=max_drop,
+            confidence=confidence)
     backend = backend or "eager"
     pipeline = resolve_passes(passes)  # bad names fail before any expensive work
     from fxopt.backends import get_backend
@@ -203,7 +208,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
             max_rounds=max_rounds,
             user_model=captured.user_model,
             fresh_batches=captured.fresh_batches,
-            task=_task_budget(captured.gm, captured.gm.meta["fxopt_signature"], metric, data, max_drop),
+            task=_task_budget(captured.gm, captured.gm.meta["fxopt_signature"], metric, data, max_drop,
+                              confidence, captured.report),
         )
     _record_time(optimized.report, timer)
     if module_fingerprint(model) != captured.user_model.baseline:  # pragma: no cover - invariant 1
@@ -330,7 +336,8 @@ class _SharedStages:
                 raise
             gm = self._captured.gm
             self._task = _task_budget(gm, gm.meta["fxopt_signature"], self.options["metric"],
-                                      self.options["data"], self.options["max_drop"])
+                                      self.options["data"], self.options["max_drop"],
+                                      self.options.get("confidence", 0.95), self._captured.report)
         return self._captured
 
     def build(self, candidate: Any) -> OptimizedModule:
@@ -476,15 +483,19 @@ def _finish(gm: fx.GraphModule, verification: Verification | None, report: Repor
     return OptimizedModule(runner.graph_module, signature, report, runner.run, target)
 
 
-def _task_budget(gm: fx.GraphModule, signature: Signature, metric: Any, data: Any, max_drop: Any) -> Any:
-    """The task-metric budget of ``compile(metric=, data=, max_drop=)``: all three or none."""
+def _task_budget(gm: fx.GraphModule, signature: Signature, metric: Any, data: Any, max_drop: Any,
+                 confidence: float | None, report: Report) -> Any:
+    """The task-metric budget of ``compile(metric=, data=, max_drop=)``: all three or none (a
+    report note when ``data`` cannot support ``max_drop`` at ``confidence``)."""
     if metric is None and data is None and max_drop is None:
         return None
     if metric is None or data is None or max_drop is None:
         raise InputError("a task-metric budget needs metric=, data= and max_drop= together")
     from fxopt.lossy.task import task_budget
 
-    return task_budget(gm, signature, data, metric, max_drop)
+    task = task_budget(gm, signature, data, metric, max_drop, confidence)
+    report.notes.extend(filter(None, [task.unsupported()]))
+    return task
 
 
 def _check_keywords(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:

@@ -133,6 +133,6 @@ def unsupported_message(max_drop: float, examples: int, confidence: float, metri
     needed = examples_needed(max_drop, confidence)
     need = (f"at least {needed} examples are needed (more if any prediction flips)" if needed is not None
             else "no number of examples is enough for a max_drop of 0")
-    return (f"{examples} examples cannot show a {metric} drop of at most {max_drop:g} at {confidence:.0%} "
+    return (f"{examples} examples cannot show that {metric} drops by at most {max_drop:g} at {confidence:.0%} "
             f"confidence: even with no prediction changed the bound is {floor:.4f}; {need}. "
             f"No lossy change will be accepted (confidence=None accepts on the point estimate alone)")
