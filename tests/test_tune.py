@@ -223,13 +223,14 @@ def test_cli_tune_prints_the_table_and_plots_it(tmp_path, trained, capsys) -> No
     torch.save(example, tmp_path / "x.pt")
     arguments = ["tune", f"{tmp_path / 'net.py'}:build", "--inputs", str(tmp_path / "x.pt"),
                  "--data", str(tmp_path / "data.pt"), "--max-drop", "0.02", "--techniques", "int8,low-rank",
-                 "--repeats", "3", "--report-json", str(tmp_path / "report.json")]
+                 "--repeats", "3", "--confidence", "0.9", "--report-json", str(tmp_path / "report.json")]
     plotting = __import__("importlib").util.find_spec("matplotlib") is not None
     if plotting:
         arguments += ["--plot", str(tmp_path / "front.png")]
     assert main(arguments) == 0
     captured = capsys.readouterr()
     assert "Pareto front" in captured.out and "baseline" in captured.out
+    assert "90% bound" in captured.out  # the drop is judged, and shown, at the confidence asked for
     assert "fxopt tune: sensitivity" in captured.err  # progress while it searches
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["search"]["candidates"] and saved["search"]["pareto"]
