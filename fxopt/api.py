@@ -141,6 +141,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     data: Any = None,
     max_drop: float | None = None,
     confidence: float | None = 0.95,
+    agreement_data: Any = None,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference and return a module that runs the result.
 
@@ -178,13 +179,15 @@ def compile(  # noqa: A001 - mirrors torch.compile
         confidence: a lossy change is within ``max_drop`` only when the one-sided upper bound
             of its drop at this confidence is (see :mod:`fxopt.lossy.acceptance`); ``None``
             judges the drop measured on ``data`` alone (no allowance for sampling).
+            ``agreement_data``: unlabelled input batches that tighten an accuracy or top-1
+            agreement bound (see ``fxopt.tune``).
     """
     if preset is not None:
         return _compile_preset(
             preset, model, example_inputs, passes, backend, device, strict, example_kwargs=example_kwargs,
             calibration=calibration, dynamic_shapes=dynamic_shapes, instruments=instruments,
             max_rounds=max_rounds, fresh_inputs=fresh_inputs, metric=metric, data=data, max_drop=max_drop,
-            confidence=confidence)
+            confidence=confidence, agreement_data=agreement_data)
     backend = backend or "eager"
     pipeline = resolve_passes(passes)  # bad names fail before any expensive work
     from fxopt.backends import get_backend
@@ -209,7 +212,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
             user_model=captured.user_model,
             fresh_batches=captured.fresh_batches,
             task=_task_budget(captured.gm, captured.gm.meta["fxopt_signature"], metric, data, max_drop,
-                              confidence, captured.report),
+                              confidence, captured.report, agreement_data),
         )
     _record_time(optimized.report, timer)
     if module_fingerprint(model) != captured.user_model.baseline:  # pragma: no cover - invariant 1
@@ -274,7 +277,7 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
         if not candidates:
             raise InputError(f"preset {name!r} has no candidate for backend {backend!r}")
         preset = presets.Preset(preset.name, preset.description, candidates, preset.budget)
-    for every_candidate_reads in ("calibration", "data"):
+    for every_candidate_reads in ("calibration", "data", "agreement_data"):
         if options.get(every_candidate_reads) is not None and not callable(options[every_candidate_reads]):
             options[every_candidate_reads] = list(options[every_candidate_reads])
     args, kwargs = split_example_inputs(example_inputs, options["example_kwargs"])
@@ -337,7 +340,8 @@ class _SharedStages:
             gm = self._captured.gm
             self._task = _task_budget(gm, gm.meta["fxopt_signature"], self.options["metric"],
                                       self.options["data"], self.options["max_drop"],
-                                      self.options.get("confidence", 0.95), self._captured.report)
+                                      self.options.get("confidence", 0.95), self._captured.report,
+                                      self.options.get("agreement_data"))
         return self._captured
 
     def build(self, candidate: Any) -> OptimizedModule:
@@ -484,7 +488,7 @@ def _finish(gm: fx.GraphModule, verification: Verification | None, report: Repor
 
 
 def _task_budget(gm: fx.GraphModule, signature: Signature, metric: Any, data: Any, max_drop: Any,
-                 confidence: float | None, report: Report) -> Any:
+                 confidence: float | None, report: Report, agreement_data: Any = None) -> Any:
     """The task-metric budget of ``compile(metric=, data=, max_drop=)``: all three or none (a
     report note when ``data`` cannot support ``max_drop`` at ``confidence``)."""
     if metric is None and data is None and max_drop is None:
@@ -493,7 +497,7 @@ def _task_budget(gm: fx.GraphModule, signature: Signature, metric: Any, data: An
         raise InputError("a task-metric budget needs metric=, data= and max_drop= together")
     from fxopt.lossy.task import task_budget
 
-    task = task_budget(gm, signature, data, metric, max_drop, confidence)
+    task = task_budget(gm, signature, data, metric, max_drop, confidence, agreement_data)
     report.notes.extend(filter(None, [task.unsupported()]))
     return task
 

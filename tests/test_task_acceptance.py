@@ -176,3 +176,40 @@ def test_bad_confidence_is_refused():
     with pytest.raises(fxopt.errors.InputError, match="confidence"):
         fxopt.tune(model, (x[:32],), data=[(x, labels)], metric="accuracy", max_drop=0.01, confidence=95,
                    progress=False)
+
+
+def test_unlabelled_agreement_data_widens_the_sample_of_the_bound():
+    model, x, labels, logits = _problem()
+    gm = capture(model, (x,), {})
+    signature = gm.meta["fxopt_signature"]
+    data = [(x[:128], labels[:128])]
+    unlabelled = [x[128:278], x[278:]]  # 272 more rows, no labels
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 400 examples in all support one point: no warning
+        task = task_budget(gm, signature, data, "top1-agreement", 0.01, agreement_data=unlabelled)
+    assert task.examples() == ROWS and task.unsupported() is None
+    assert float(task.drop(gm)) == pytest.approx(1 - 0.05 ** (1 / ROWS), rel=1e-9)  # no change in 400
+    # 3 changed top-1 predictions: 1 among the labelled rows, 2 among the unlabelled ones
+    rows = torch.tensor([5, 200, 300])
+    candidate = _flipping(logits, x, rows, (logits[rows].argmax(-1) + 1) % CLASSES)
+    drop = task.drop(candidate)
+    assert drop.bound.method == "agreement" and drop.observed == pytest.approx(1 / 128)
+    assert float(drop) == pytest.approx(beta(4, ROWS - 3).ppf(0.95), rel=1e-9)
+    # without them: the 128 labelled rows alone, 1 harmful flip
+    with pytest.warns(UserWarning, match="299"):
+        alone = task_budget(gm, signature, data, "top1-agreement", 0.01)
+    assert float(alone.drop(candidate)) == pytest.approx(beta(2, 127).ppf(0.95), rel=1e-9)
+    assert float(alone.drop(candidate)) > float(drop)
+
+
+def test_agreement_data_is_refused_where_it_cannot_bound():
+    model, x, labels, _ = _problem()
+    gm = capture(model, (x,), {})
+    signature = gm.meta["fxopt_signature"]
+    data = [(x[:128], labels[:128])]
+    with pytest.raises(fxopt.errors.InputError, match="accuracy and top1-agreement only"):
+        task_budget(gm, signature, data, lambda out, y: 0.0, 0.01, agreement_data=[x])
+    with pytest.raises(fxopt.errors.InputError, match="needs confidence"):
+        task_budget(gm, signature, data, "accuracy", 0.01, confidence=None, agreement_data=[x])
+    with pytest.raises(fxopt.errors.InputError, match="agreement_data is empty"):
+        task_budget(gm, signature, data, "accuracy", 0.01, agreement_data=[])

@@ -82,14 +82,16 @@ class DropBound:
     upper: float  # one-sided upper bound at ``confidence`` (``observed`` when confidence is None)
     examples: int
     confidence: float | None
-    method: str  # "flips" (exact binomial), "bootstrap" or "point"
+    # "flips" (exact binomial on harmful flips), "agreement" (exact binomial on changed top-1
+    # over labelled and unlabelled inputs), "bootstrap" or "point"
+    method: str
     harmful: int | None = None  # flips: right before, wrong after
     helpful: int | None = None  # flips: wrong before, right after
 
     def describe(self) -> str:
         if self.confidence is None:
             return f"drop {self.observed:+.4f} on {self.examples} examples (point estimate)"
-        flips = f", {self.harmful} harmful / {self.helpful} helpful flips" if self.method == "flips" else ""
+        flips = f", {self.harmful} harmful / {self.helpful} helpful flips" if self.harmful is not None else ""
         return (f"drop {self.observed:+.4f}, {self.confidence:.0%} bound {self.upper:+.4f} "
                 f"({self.method}, {self.examples} examples{flips})")
 

@@ -119,6 +119,11 @@ class TaskBudget:
     confidence: float | None = DEFAULT_CONFIDENCE
     # the reference model's outputs per batch: what a candidate is paired with
     reference: dict[int, list[Any]] = field(default_factory=dict, repr=False)
+    # unlabelled input batches (flat) that widen the sample of a flip metric's bound: every
+    # harmful flip changes the top-1, so the rate of changed top-1 over these and the labelled
+    # inputs bounds the drop too (``agreement_data=``)
+    agreement_inputs: list[list[torch.Tensor]] = field(default_factory=list, repr=False)
+    agreement_reference: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -128,13 +133,12 @@ class TaskBudget:
         if not (self.max_drop >= 0 and math.isfinite(self.max_drop)):
             raise ValueError(f"max_drop must be a finite number >= 0, got {self.max_drop}")
         self.confidence = check_confidence(self.confidence)
+        if self.agreement_inputs and not self.counts_flips:
+            raise ValueError("unlabelled agreement inputs bound a flip metric only (accuracy, top1-agreement)")
 
     def indices(self, split: str = ALL) -> list[int]:
         """The batches of ``split``: even positions fit, odd positions are held out (one batch: it fits)."""
-        every = list(range(len(self.inputs)))
-        if split == ALL or len(every) == 1:
-            return every if split != HELD_OUT else []
-        return every[0::2] if split == FIT else every[1::2]
+        return _split_positions(len(self.inputs), split)
 
     @property
     def counts_flips(self) -> bool:
@@ -145,7 +149,8 @@ class TaskBudget:
     def examples(self, split: str = ALL) -> int:
         """The examples a drop on ``split`` is measured on (every label of a flip metric; rows otherwise)."""
         if self.counts_flips:
-            return sum(int(torch.as_tensor(self.labels[i]).numel()) for i in self.indices(split))
+            return sum(int(torch.as_tensor(self.labels[i]).numel()) for i in self.indices(split)) + sum(
+                int(self.agreement_reference[i].numel()) for i in _split_positions(len(self.agreement_inputs), split))
         return sum(rows_of(self.labels[i]) for i in self.indices(split))
 
     def _outputs(self, run: Runner, index: int) -> list[Any]:
@@ -188,11 +193,32 @@ class TaskBudget:
                 harmful += int((before & ~after).sum())
                 helpful += int((~before & after).sum())
                 examples += int(labels.numel())
+            if self.agreement_inputs:
+                return Drop(self._agreement_bound(run, outputs, split, observed, harmful, helpful))
             bound = flip_bound(harmful, helpful, examples, self.confidence)
             # the metric's own mean (weighted by rows) is the point estimate the budget always reported
             return Drop(DropBound(observed, max(bound.upper, observed), examples, self.confidence, "flips",
                                   harmful, helpful))
         return Drop(self._bootstrap(outputs, observed))
+
+    def _agreement_bound(self, run: Runner, outputs: dict[int, list[Any]], split: str, observed: float,
+                         harmful: int, helpful: int) -> DropBound:
+        """The drop bounded by the rate of changed top-1 predictions over the labelled and the
+        unlabelled inputs of ``split`` (exact binomial on the changes)."""
+        changed = examples = 0
+        for index, flat in outputs.items():
+            before, after = top1(self.unflatten(self.reference[index])), top1(self.unflatten(flat))
+            changed += int((before != after.to(before.device)).sum())
+            examples += int(before.numel())
+        for index in _split_positions(len(self.agreement_inputs), split):
+            with torch.no_grad():
+                flat = run(*self.agreement_inputs[index])
+            after = top1(self.unflatten(list(flat) if isinstance(flat, (list, tuple)) else [flat]))
+            before = self.agreement_reference[index]
+            changed += int((before != after.to(before.device)).sum())
+            examples += int(before.numel())
+        upper = flip_bound(changed, 0, examples, self.confidence).upper
+        return DropBound(observed, max(upper, observed), examples, self.confidence, "agreement", harmful, helpful)
 
     def _bootstrap(self, outputs: dict[int, list[Any]], observed: float) -> DropBound:
         """The paired bootstrap bound: rows resampled when every output and label has one row
@@ -235,6 +261,11 @@ class TaskBudget:
             if self.indices(split):
                 self.scores[(0, split)] = self._mean({i: self.reference[i] for i in self.indices(split)})
         self.baseline = self.scores[(0, ALL)]
+        for index, flat in enumerate(self.agreement_inputs):
+            with torch.no_grad():
+                outputs = run(*flat)
+            self.agreement_reference[index] = top1(self.unflatten(
+                list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]))
 
     def unsupported(self, split: str = ALL) -> str | None:
         """Why the examples of ``split`` cannot support ``max_drop`` at ``confidence`` even when no
@@ -251,6 +282,14 @@ class TaskBudget:
         if self.max_drop == 0 or not math.isfinite(budget):
             return math.inf if drop > self.max_drop else 0.0
         return budget * drop / self.max_drop
+
+
+def _split_positions(count: int, split: str) -> list[int]:
+    """Positions of ``split`` among ``count`` batches: even ones fit, odd ones are held out (one batch: it fits)."""
+    every = list(range(count))
+    if split == ALL or count == 1:
+        return every if split != HELD_OUT else []
+    return every[0::2] if split == FIT else every[1::2]
 
 
 def split_labelled(items: Sequence[Any]) -> tuple[list[Any], list[Any]]:
@@ -314,12 +353,13 @@ def labelled_batches(data: Any, needs_labels: bool) -> list[tuple[Any, Any]]:
 
 
 def task_budget(gm: Any, signature: Any, data: Any, metric: Any, max_drop: Any,
-                confidence: float | None = DEFAULT_CONFIDENCE) -> TaskBudget:
+                confidence: float | None = DEFAULT_CONFIDENCE, agreement_data: Any = None) -> TaskBudget:
     """A :class:`TaskBudget` for a captured graph: ``data`` flattened like its inputs, the
     named or given ``metric``, and the graph's own score as the baseline (for
     ``top1-agreement`` the labels are the graph's own top-1 predictions). When ``data`` is too
     small to support ``max_drop`` at ``confidence`` this warns now, before any search
-    (``TaskBudget.unsupported`` says why and how many examples are needed)."""
+    (``TaskBudget.unsupported`` says why and how many examples are needed). ``agreement_data``:
+    unlabelled input batches that widen the sample of an accuracy or top-1 agreement bound."""
     from fxopt.capture import split_example_inputs
     from fxopt.verify import run_graph
 
@@ -335,9 +375,35 @@ def task_budget(gm: Any, signature: Any, data: Any, metric: Any, max_drop: Any,
         if name in NEEDS_NO_LABELS:
             label = top1(signature.unflatten(run_graph(gm, flat)))
         labels.append(label)
-    task = TaskBudget(inputs, labels, function, drop, unflatten=signature.unflatten, name=name, confidence=confidence)
+    agreement = _agreement_inputs(signature, agreement_data, function, confidence)
+    task = TaskBudget(inputs, labels, function, drop, unflatten=signature.unflatten, name=name, confidence=confidence,
+                      agreement_inputs=agreement)
     task.set_reference(gm)
     message = task.unsupported()
     if message is not None:
         warnings.warn(message, UserWarning, stacklevel=3)
     return task
+
+
+def _agreement_inputs(signature: Any, agreement_data: Any, metric: Metric, confidence: float | None) -> list[Any]:
+    """``agreement_data`` (input batches, or a callable returning them) flattened like the inputs."""
+    from fxopt.capture import split_example_inputs
+    from fxopt.errors import InputError
+
+    if agreement_data is None:
+        return []
+    if metric is not accuracy:
+        raise InputError("agreement_data= tightens the bound of accuracy and top1-agreement only")
+    if confidence is None:
+        raise InputError("agreement_data= tightens a confidence bound: it needs confidence= (not None)")
+    if callable(agreement_data) and not isinstance(agreement_data, torch.nn.Module):
+        agreement_data = agreement_data()
+    if isinstance(agreement_data, torch.Tensor):
+        raise InputError("agreement_data must be an iterable of input batches, not one tensor")
+    flat = []
+    for index, batch in enumerate(agreement_data):
+        args, kwargs = split_example_inputs(batch)
+        flat.append(signature.flatten(args, kwargs, what=f"agreement_data batch {index}, input"))
+    if not flat:
+        raise InputError("agreement_data is empty: give at least one batch of inputs, or leave it out")
+    return flat

@@ -73,6 +73,7 @@ def tune(
     holdout: bool = False,
     progress: bool = True,
     confidence: float | None = DEFAULT_CONFIDENCE,
+    agreement_data: Any = None,
 ) -> Any:
     """Search per layer among fxopt's techniques for the fastest model within ``max_drop``.
 
@@ -104,6 +105,10 @@ def tune(
             agreement, a paired bootstrap otherwise). ``None`` judges the drop measured on
             ``data`` alone, with no allowance for the examples it was measured on (the old
             behaviour: it does not hold on unseen data).
+        agreement_data: unlabelled input batches (or a callable returning them) drawn like
+            ``data``'s, for ``"accuracy"`` or ``"top1-agreement"``: the bound is then taken on
+            the rate of changed top-1 predictions over them and ``data``'s inputs together
+            (a larger sample: a tighter bound with few labels).
 
     Returns an :class:`fxopt.OptimizedModule`; ``opt.report.search`` is the :class:`TuneLog`.
     """
@@ -126,7 +131,7 @@ def tune(
     report.notes.extend(captured.meta.pop("fxopt_notes", []))
     signature: Signature = captured.meta["fxopt_signature"]
     example = signature.flatten(args, kwargs, what="example input")
-    task = task_budget(captured, signature, data, metric, max_drop, confidence)
+    task = task_budget(captured, signature, data, metric, max_drop, confidence, agreement_data)
     report.notes.extend(filter(None, [task.unsupported(FIT if holdout else ALL)]))
     batches = [example, *task.inputs[:MAX_CALIBRATION]]
     reference = reference_outputs(captured, batches)
