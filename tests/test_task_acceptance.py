@@ -4,6 +4,9 @@ too small for the budget is said so before any search, with the number of exampl
 
 from __future__ import annotations
 
+import copy
+import json
+import pickle
 import warnings
 
 import pytest
@@ -66,6 +69,8 @@ def test_the_drop_is_the_exact_binomial_bound_of_the_harmful_flips():
     assert float(drop) == pytest.approx(beta(6, ROWS - 5).ppf(0.95), rel=1e-9)
     # the point estimate (0.75 points) is within a 2-point budget, the bound (2.3 points) is not
     assert drop.observed <= task.max_drop < drop
+    again = pickle.loads(pickle.dumps(drop))  # a drop survives the copies a report goes through
+    assert again == drop and again.bound == drop.bound and copy.deepcopy(drop).bound == drop.bound
     # the old behaviour: the point estimate alone
     assert float(_task(x, labels, model, 0.02, confidence=None).drop(_flipping(logits, x, rows, to))) \
         == pytest.approx(3 / ROWS)
@@ -158,6 +163,8 @@ def test_compile_reports_the_unsupported_budget_and_refuses_every_lossy_change()
                           confidence=None)
     assert loose.report["low-rank"].applied > 0
     assert "metric drop" in str(loose.report)
+    json.dumps(strict.report.to_dict(), default=str)  # the report stays machine-readable
+    json.dumps(loose.report.to_dict(), default=str)
 
 
 def test_tune_says_up_front_that_the_data_cannot_support_the_budget():

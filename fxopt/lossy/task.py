@@ -93,6 +93,9 @@ class Drop(float):
         drop.bound = bound
         return drop
 
+    def __reduce__(self) -> tuple[Any, tuple[DropBound]]:  # pickle and deepcopy (reports are saved, asdict'ed)
+        return Drop, (self.bound,)
+
     @property
     def observed(self) -> float:
         return self.bound.observed
