@@ -6,7 +6,9 @@ batches, verification on the other). ``observer``: :func:`observe`, :func:`input
 :func:`observe_each` with :func:`merge_stats`, :func:`known_values` (the example's values the
 manager kept).
 ``task``: :class:`TaskBudget`, a task-metric budget (labelled data, a metric, ``max_drop``)
-that a search keeps besides the output-error budget.
+that a search keeps besides the output-error budget, judged by ``acceptance``: the one-sided
+upper confidence bound of a paired drop (exact binomial on flips, paired bootstrap otherwise)
+and the examples a budget needs.
 """
 
 from fxopt.lossy.observer import (
