@@ -179,7 +179,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         confidence: a lossy change is within ``max_drop`` only when the one-sided upper bound
             of its drop at this confidence is (see :mod:`fxopt.lossy.acceptance`); ``None``
             judges the drop measured on ``data`` alone (no allowance for sampling).
-            ``agreement_data``: unlabelled input batches that tighten an accuracy or top-1
+        agreement_data: unlabelled input batches that tighten an accuracy or top-1
             agreement bound (see ``fxopt.tune``).
     """
     if preset is not None:

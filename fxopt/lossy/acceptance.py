@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.stats import beta
@@ -94,6 +95,42 @@ class DropBound:
         flips = f", {self.harmful} harmful / {self.helpful} helpful flips" if self.harmful is not None else ""
         return (f"drop {self.observed:+.4f}, {self.confidence:.0%} bound {self.upper:+.4f} "
                 f"({self.method}, {self.examples} examples{flips})")
+
+
+class Drop(float):
+    """A measured drop as a budget compares it: the float is the upper confidence bound (the
+    point estimate when confidence is None); ``bound`` holds both and how they were measured."""
+
+    bound: DropBound
+
+    def __new__(cls, bound: DropBound) -> Drop:
+        drop = super().__new__(cls, bound.upper)
+        drop.bound = bound
+        return drop
+
+    def __reduce__(self) -> tuple[Any, tuple[DropBound]]:  # pickle and deepcopy (reports are saved, asdict'ed)
+        return Drop, (self.bound,)
+
+    @property
+    def observed(self) -> float:
+        return self.bound.observed
+
+
+def observed_drop(drop: float) -> float:
+    """The point estimate of a drop (a plain float is one already)."""
+    return drop.observed if isinstance(drop, Drop) else float(drop)
+
+
+def upper_bound(drop: float) -> float | None:
+    """The upper confidence bound a drop was judged by (None: judged on the point estimate)."""
+    if not isinstance(drop, Drop) or drop.bound.confidence is None:
+        return None
+    return drop.bound.upper
+
+
+def describe_drop(drop: float) -> str:
+    """A drop as a budget judged it, for a reason: the point estimate and its bound."""
+    return drop.bound.describe() if isinstance(drop, Drop) else f"drop {drop:+.4f}"
 
 
 def flip_bound(harmful: int, helpful: int, examples: int, confidence: float | None) -> DropBound:

@@ -15,7 +15,7 @@ positions held out), so a choice is made on one half and verified on the other.
 
 A drop is judged by its one-sided upper confidence bound at ``confidence`` (default 95%;
 :mod:`fxopt.lossy.acceptance`), paired on the same examples before and after: :meth:`TaskBudget.drop`
-returns a :class:`Drop`, a float equal to that bound (the point estimate when ``confidence`` is
+returns a :class:`~fxopt.lossy.acceptance.Drop`, a float equal to that bound (the point estimate when ``confidence`` is
 None) that also carries the point estimate and how it was measured.
 """
 
@@ -32,6 +32,7 @@ import torch
 
 from fxopt.lossy.acceptance import (
     DEFAULT_CONFIDENCE,
+    Drop,
     DropBound,
     bootstrap_bound,
     check_confidence,
@@ -80,30 +81,6 @@ NEEDS_NO_LABELS = frozenset({"top1-agreement"})
 def rows_of(labels: Any) -> int:
     """How much one batch weighs in the mean: its number of labels (1 when not a tensor)."""
     return int(labels.shape[0]) if isinstance(labels, torch.Tensor) and labels.dim() > 0 else 1
-
-
-class Drop(float):
-    """A measured drop as a budget compares it: the float is the upper confidence bound (the
-    point estimate when confidence is None); ``bound`` holds both and how they were measured."""
-
-    bound: DropBound
-
-    def __new__(cls, bound: DropBound) -> Drop:
-        drop = super().__new__(cls, bound.upper)
-        drop.bound = bound
-        return drop
-
-    def __reduce__(self) -> tuple[Any, tuple[DropBound]]:  # pickle and deepcopy (reports are saved, asdict'ed)
-        return Drop, (self.bound,)
-
-    @property
-    def observed(self) -> float:
-        return self.bound.observed
-
-
-def observed_drop(drop: float) -> float:
-    """The point estimate of a drop (a plain float is one already)."""
-    return drop.observed if isinstance(drop, Drop) else float(drop)
 
 
 @dataclass

@@ -81,7 +81,7 @@ class TuneLog:
 
     def add(self, phase: str, choices: dict[str, str], **fields: Any) -> Candidate:
         drop = fields.get("drop")
-        if hasattr(drop, "bound"):  # a fxopt.lossy.task.Drop: its point estimate, and its bound when it has one
+        if hasattr(drop, "bound"):  # a fxopt.lossy.acceptance.Drop: its point estimate, and its bound when it has one
             fields["drop"] = drop.bound.observed
             fields.setdefault("bound", None if drop.bound.confidence is None else drop.bound.upper)
         candidate = Candidate(f"c{len(self.candidates)}", phase, dict(choices), **fields)

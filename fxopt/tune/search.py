@@ -6,11 +6,6 @@ technique per layer and judging speed by latency measured in the chosen backend.
    measured on the fit half of ``data`` and its latency timed side by side with the baseline
    (the whole model with only that change). Options that cost more than ``max_drop`` or are
    not faster are dropped, with the reason.
-
-Every drop is judged by its one-sided upper confidence bound at ``confidence``
-(:mod:`fxopt.lossy.acceptance`): a model is within ``max_drop`` only when the bound is. When
-``data`` has too few examples for any lossy change to pass, tune says so (a warning and a
-report note with the number needed) and returns the model after the exact passes.
 3. Combination: :class:`fxopt.lossy.BudgetedSearch` with the ``sensitivity`` strategy over
    the sites (each site's levels: its kept options, by latency saved), the metric drop as
    the error (``ctx.task``; no output-error budget). Sites go in order of latency saved per
@@ -20,6 +15,9 @@ report note with the number needed) and returns the model after the exact passes
 4. The chosen model is lowered and scored on every batch of ``data``; while its drop is over
    ``max_drop`` the option costing most metric per latency saved is taken back.
 5. The Pareto front of everything measured is timed again side by side, chosen model included.
+
+A drop "fits" when its upper confidence bound does (:mod:`fxopt.lossy.acceptance`); with too
+few examples for any to fit, tune says so up front and returns the model after the exact passes.
 """
 
 from __future__ import annotations
@@ -39,8 +37,8 @@ from fxopt.errors import InputError
 from fxopt.ir import copy_graph_module, linear_parts
 from fxopt.latency import Timing, measure_side_by_side
 from fxopt.lossy import BudgetedSearch, Pick, Site
-from fxopt.lossy.acceptance import DEFAULT_CONFIDENCE
-from fxopt.lossy.task import ALL, FIT, TaskBudget, observed_drop, task_budget
+from fxopt.lossy.acceptance import DEFAULT_CONFIDENCE, describe_drop, observed_drop, upper_bound
+from fxopt.lossy.task import ALL, FIT, TaskBudget, task_budget
 from fxopt.pass_api import PassContext
 from fxopt.pipeline import PassManager, UserModelUntouched, reference_outputs
 from fxopt.registry import resolve_passes
@@ -100,15 +98,11 @@ def tune(
             on every batch. Either way the result is scored on every batch and kept within
             ``max_drop`` there.
         progress: print progress lines on stderr.
-        confidence: a model is within ``max_drop`` only when the one-sided upper bound of its
-            drop at this confidence is (0.95: 95%; exact binomial for accuracy and top-1
-            agreement, a paired bootstrap otherwise). ``None`` judges the drop measured on
-            ``data`` alone, with no allowance for the examples it was measured on (the old
-            behaviour: it does not hold on unseen data).
-        agreement_data: unlabelled input batches (or a callable returning them) drawn like
-            ``data``'s, for ``"accuracy"`` or ``"top1-agreement"``: the bound is then taken on
-            the rate of changed top-1 predictions over them and ``data``'s inputs together
-            (a larger sample: a tighter bound with few labels).
+        confidence: a drop fits ``max_drop`` only when its one-sided upper bound at this
+            confidence does (:mod:`fxopt.lossy.acceptance`); ``None``: the drop measured on
+            ``data`` alone, no allowance for sampling (it does not hold on unseen data).
+        agreement_data: unlabelled input batches drawn like ``data``'s: for accuracy and
+            top-1 agreement, the bound is taken on changed top-1 predictions over both.
 
     Returns an :class:`fxopt.OptimizedModule`; ``opt.report.search`` is the :class:`TuneLog`.
     """
@@ -330,7 +324,7 @@ class _Tuner:
                 else:  # no need to time what the metric cannot afford
                     self.log.add("single", self.labels({site: option}), split=self.split_name, drop=drop,
                                  metric=self.task.baseline_on(self.split_name) - observed_drop(drop),
-                                 reason=f"{_judged(drop)} > max_drop {self.task.max_drop:g} (not timed)")
+                                 reason=f"{describe_drop(drop)} > max_drop {self.task.max_drop:g} (not timed)")
             if affordable:
                 self._time_singles(affordable, saved)
             self.say(f"sensitivity: {len(measured)}/{len(options)} options measured")
@@ -375,14 +369,13 @@ class _Tuner:
             drop = search.drop(trial)
             if error > target:
                 self.log.add(self.phase, self.labels(trial), drop=drop, split=self._split_of(search),
-                             reason=f"combined {_judged(drop)} > {target:g}")
+                             reason=f"combined {describe_drop(drop)} > {target:g}")
                 continue
             timings = self.time({"baseline": {}, "without": base, "with": trial})
             ratio = timings["without"].median / timings["with"].median
             speedup = timings["baseline"].median / timings["with"].median
             candidate = self.log.add(self.phase, self.labels(trial), milliseconds=timings["with"].median,
-                                     speedup=speedup,
-                                     metric=self.task.baseline_on(self._split_of(search)) - observed_drop(drop or 0.0),
+                                     speedup=speedup, metric=self.task.baseline_on(self._split_of(search)) - observed_drop(drop or 0.0),
                                      drop=drop, split=self._split_of(search))
             if ratio < self.min_speedup:
                 candidate.reason = f"not faster than without {site.name}'s {self.label(option)} (x{ratio:.3f})"
@@ -411,7 +404,7 @@ class _Tuner:
             worst = max(chosen, key=lambda s: (self._single_drop(s, chosen[s]) or 0.0)
                         / max(sites[s].saving(chosen[s]) if s in sites else 1e-9, 1e-9))
             self.log.add("back-off", self.labels(chosen), drop=drop, split=ALL,
-                         reason=f"lowered model's {_judged(drop)} > {self.task.max_drop:g} on every batch: "
+                         reason=f"lowered model's {describe_drop(drop)} > {self.task.max_drop:g} on every batch: "
                                 f"{worst} back to float")
             chosen = {s: o for s, o in chosen.items() if s != worst}
         return self.pareto(chosen, drop)
@@ -457,16 +450,15 @@ class _Tuner:
             observed = observed_drop(drops[label])
             rows.append(ParetoRow(label, self.labels(choices), timing.median, (timing.q1, timing.q3),
                                   base / timing.median, float(self.task.baseline or 0.0) - observed,
-                                  observed, chosen=label == winner, bound=_bound(drops[label])))
+                                  observed, chosen=label == winner, bound=upper_bound(drops[label])))
         rows.sort(key=lambda r: r.speedup)
         final = models[winner]
         self.log.pareto = rows
         self.log.chosen = self.labels(final)
-        self.log.final_drop, self.log.final_bound = observed_drop(drops[winner]), _bound(drops[winner])
+        self.log.final_drop, self.log.final_bound = observed_drop(drops[winner]), upper_bound(drops[winner])
         self.log.final_speedup = base / timings[winner].median
         self.log.add("final", self.labels(final), milliseconds=timings[winner].median,
-                     speedup=self.log.final_speedup,
-                     metric=float(self.task.baseline or 0.0) - observed_drop(drops[winner]),
+                     speedup=self.log.final_speedup, metric=float(self.task.baseline or 0.0) - observed_drop(drops[winner]),
                      drop=drops[winner], split=ALL, kept=True,
                      reason="lowered, scored on every batch, timed side by side with the front")
         return final
@@ -477,18 +469,6 @@ class _Tuner:
             for site, levels in technique.targets(self.gm, self.states[technique.name]).items():
                 found.setdefault(site, []).extend((technique.name, level) for level in levels)
         return found
-
-
-def _judged(drop: Any) -> str:
-    """A drop as the budget judged it, for a reason: the point estimate and its bound."""
-    bound = getattr(drop, "bound", None)
-    return bound.describe() if bound is not None else f"drop {drop:+.4f}"
-
-
-def _bound(drop: Any) -> float | None:
-    """The upper confidence bound a drop was judged by (None: judged on the point estimate)."""
-    bound = getattr(drop, "bound", None)
-    return None if bound is None or bound.confidence is None else bound.upper
 
 
 def _front(candidates: Iterable[Candidate]) -> list[Candidate]:
