@@ -220,3 +220,24 @@ def test_agreement_data_is_refused_where_it_cannot_bound():
         task_budget(gm, signature, data, "accuracy", 0.01, confidence=None, agreement_data=[x])
     with pytest.raises(fxopt.errors.InputError, match="agreement_data is empty"):
         task_budget(gm, signature, data, "accuracy", 0.01, agreement_data=[])
+
+
+def test_other_metrics_take_a_paired_bootstrap_bound():
+    model, x, labels, logits = _problem()
+
+    def margin(outputs, y):  # a metric that is not a share of right top-1 predictions
+        return float(outputs.gather(1, y[:, None]).mean() - outputs.mean())
+
+    task = TaskBudget([[x[:200]], [x[200:]]], [labels[:200], labels[200:]], margin, 0.05)
+    task.set_reference(model)
+    assert task.drop(model).bound.method == "bootstrap" and float(task.drop(model)) == 0.0
+    rows = torch.arange(100, 130)
+    candidate = _flipping(logits, x, rows, (labels[rows] + 1) % CLASSES)
+    drop = task.drop(candidate)
+    assert drop.bound.method == "bootstrap" and float(drop) > drop.observed > 0
+    assert float(task.drop(candidate)) == float(drop)  # a fixed seed: the same bound again
+    # batches resampled when rows cannot be: labels that are not tensors
+    coarse = TaskBudget([[x[:200]], [x[200:]]], [labels[:200].tolist(), labels[200:].tolist()],
+                        lambda out, y: margin(out, torch.tensor(y)), 0.05)
+    coarse.set_reference(model)
+    assert coarse.drop(candidate).bound.method == "bootstrap"

@@ -218,6 +218,8 @@ class TaskBudget:
                         float(self.metric(self.unflatten([o[rows] for o in after]), labels[rows])))
 
             return bootstrap_bound(score, int(labels.shape[0]), observed, self.confidence)
+        if len(indices) < 2:  # one batch whose rows cannot be resampled: no spread to measure
+            return DropBound(observed, observed, self.examples(), None, "point")
         weights = np.array([rows_of(self.labels[i]) for i in indices], dtype=float)
         values = np.array([[float(self.metric(self.unflatten(source[i]), self.labels[i])) for i in indices]
                            for source in (self.reference, outputs)])
