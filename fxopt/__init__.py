@@ -52,6 +52,7 @@ __all__ = [
     "capture",
     "compile",
     "export_onnx",
+    "finetune",
     "get_pass",
     "list_passes",
     "load",
@@ -68,6 +69,13 @@ def __getattr__(name: str) -> Any:
     if name in ("passes", "tune"):  # fxopt.tune: the tuner, a callable module
         return importlib.import_module(f"fxopt.{name}")
     raise AttributeError(f"module 'fxopt' has no attribute {name!r}")
+
+
+def finetune(*args: Any, **kwargs: Any) -> Any:
+    """Train an optimized model's float constants by distillation; see :func:`fxopt.distill.finetune`."""
+    from fxopt.distill import finetune as _finetune
+
+    return _finetune(*args, **kwargs)
 
 
 def export_onnx(*args: Any, **kwargs: Any) -> Any:

@@ -47,6 +47,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
     max_drop: float | None = None,
     share_weights: bool = True,
     measure: bool = True,
+    confidence: float | None = 0.95,
+    agreement_data: Any = None,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference and return a module that runs the result.
 
@@ -85,17 +87,17 @@ def compile(  # noqa: A001 - mirrors torch.compile
             own tensors (no second copy; writing to the model's weights in place afterwards
             changes them in the optimized module too: compile again after changing the model).
             False copies every weight (twice the memory).
-        with measuring(measure):
-            return _compile_preset(
-                preset, model, example_inputs, passes, backend, device, strict, example_kwargs=example_kwargs,
-                calibration=calibration, dynamic_shapes=dynamic_shapes, instruments=instruments,
-                max_rounds=max_rounds, fresh_inputs=fresh_inputs, metric=metric, data=data, max_drop=max_drop)
+        confidence: a lossy change is within ``max_drop`` only when the one-sided upper bound
+            of its drop at this confidence is (see :mod:`fxopt.lossy.acceptance`); ``None``
+            judges the drop measured on ``data`` alone (no allowance for sampling).
+        agreement_data: unlabelled input batches that tighten an accuracy or top-1
+            agreement bound (see ``fxopt.tune``).
     """
     options = SessionOptions(
         example_kwargs=example_kwargs, calibration=calibration, dynamic_shapes=dynamic_shapes,
         fresh_inputs=fresh_inputs, strict=strict, instruments=instruments, max_rounds=max_rounds,
         metric=metric, data=data, max_drop=max_drop, share_weights=share_weights,
-        measure=measure)
+        measure=measure, confidence=confidence, agreement_data=agreement_data)
     if preset is not None:
         return _compile_preset(preset, model, example_inputs, passes, backend, device, options)
     backend = backend or "eager"
@@ -132,7 +134,7 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
         if not candidates:
             raise InputError(f"preset {name!r} has no candidate for backend {backend!r}")
         preset = presets.Preset(preset.name, preset.description, candidates, preset.budget)
-    for every_candidate_reads in ("calibration", "data"):
+    for every_candidate_reads in ("calibration", "data", "agreement_data"):
         value = getattr(options, every_candidate_reads)
         if value is not None and not callable(value):
             setattr(options, every_candidate_reads, list(value))

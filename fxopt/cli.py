@@ -116,6 +116,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="accuracy (default) or top1-agreement (with the original model: no labels needed)")
     p.add_argument("--max-drop", type=float, required=True,
                    help="largest fall of the metric allowed, in its units (0.005: half a point of accuracy)")
+    p.add_argument("--confidence", type=_confidence, default=0.95,
+                   help="judge a drop by its one-sided upper bound at this confidence (default 0.95); "
+                        "'none': by the drop measured on the data alone")
     p.add_argument("--techniques", default=None,
                    help="comma-separated techniques or families, e.g. int8,low-rank (default: every registered one: "
                         "prune-hidden, low-rank, bf16, int8-dynamic, int8-tensor, int8-static)")
@@ -255,6 +258,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _confidence(text: str) -> float | None:
+    return None if text.lower() == "none" else float(text)
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     import fxopt
 
@@ -263,7 +270,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     opt = fxopt.tune(model, kwargs if kwargs and not inputs else tuple(inputs), data=data, metric=args.metric,
                      max_drop=args.max_drop, backend=args.backend, passes=args.passes, techniques=args.techniques,
                      time_budget_s=args.time_budget, repeats=args.repeats, holdout=args.holdout,
-                     progress=not args.quiet)
+                     progress=not args.quiet, confidence=args.confidence)
     print(opt.report)
     if args.plot:
         opt.report.search.plot(args.plot)

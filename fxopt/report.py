@@ -31,6 +31,9 @@ class PassRecord:
     budget: float | None = None
     seconds: float = 0.0
     message: str = ""
+    # with a task budget: the metric drop of the pass's choice and its upper confidence bound
+    metric_drop: float | None = None
+    metric_drop_bound: float | None = None
     details: list[dict[str, Any]] = field(default_factory=list)
     skips: list[Skip] = field(default_factory=list)
 
@@ -41,6 +44,10 @@ class PassRecord:
         heldout = [float(d["heldout_error"]) for d in self.details if d.get("heldout_error") is not None]
         self.heldout_error = max(heldout) if heldout else None
         self.heldout_retry = any(bool(d.get("heldout_retry")) for d in self.details)
+        drops = [d for d in self.details if d.get("metric_drop") is not None]
+        if drops:
+            worst = max(drops, key=lambda d: d.get("metric_drop_bound", d["metric_drop"]))
+            self.metric_drop, self.metric_drop_bound = worst["metric_drop"], worst.get("metric_drop_bound")
 
     def heldout_cell(self) -> str:
         """The report's "held-out err" cell: the error, "-" when nothing was held out, and a
@@ -154,6 +161,9 @@ class Report:
             lines.extend(f"  {r.name}: {line}" for line in r.skip_lines())
             if r.message:
                 lines.append(f"  {r.name}: {r.message}")
+            if r.metric_drop is not None:
+                bound = "" if r.metric_drop_bound is None else f", upper bound {r.metric_drop_bound:+.4f}"
+                lines.append(f"  {r.name}: metric drop {r.metric_drop:+.4f}{bound} on data")
         lines.append(
             f"total: params {_arrow(self.original.params, self.final.params, _count)}, "
             f"GFLOPs {_arrow(self.original.flops, self.final.flops, lambda v: f'{v / 1e9:.3g}')}, "

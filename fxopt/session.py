@@ -63,6 +63,8 @@ class SessionOptions:
     metric: Any = None
     data: Any = None
     max_drop: float | None = None
+    confidence: float | None = 0.95
+    agreement_data: Any = None
     verify_rows: int | None = DEFAULT_VERIFY_ROWS
     share_weights: bool = True  # the graph's unchanged constants are the model's tensors
     measure: bool = True  # kernel choices and the final graph timed on this machine (else the cache decides)
@@ -172,8 +174,11 @@ class Session:
         if fresh is not None:
             batches.append(fresh)
         user_model = UserModelUntouched(self.model, gm.meta.get("fxopt_sources", {}), baseline=self.fingerprint)
-        return Captured(gm, batches, report, user_model, int(fresh is not None),
-                        task_budget(gm, options.metric, options.data, options.max_drop))
+        task = task_budget(gm, options.metric, options.data, options.max_drop, options.confidence,
+                           options.agreement_data)
+        if task is not None:
+            report.notes.extend(filter(None, [task.unsupported()]))
+        return Captured(gm, batches, report, user_model, int(fresh is not None), task)
 
     # ------------------------------------------------------------------ run
 
@@ -289,15 +294,17 @@ def kernel_timings(measure: bool) -> KernelTimings:
     return timings if measure or not timings.measure else timings.without_measuring()
 
 
-def task_budget(gm: fx.GraphModule, metric: Any, data: Any, max_drop: Any) -> Any:
-    """The task-metric budget of ``compile(metric=, data=, max_drop=)``: all three or none."""
+def task_budget(gm: fx.GraphModule, metric: Any, data: Any, max_drop: Any, confidence: float | None = 0.95,
+                agreement_data: Any = None) -> Any:
+    """The task-metric budget of ``compile(metric=, data=, max_drop=)``: all three or none;
+    ``confidence``, ``agreement_data``: see :func:`fxopt.lossy.task.task_budget`."""
     if metric is None and data is None and max_drop is None:
         return None
     if metric is None or data is None or max_drop is None:
         raise InputError("a task-metric budget needs metric=, data= and max_drop= together")
     from fxopt.lossy.task import task_budget as make_budget
 
-    return make_budget(gm, gm.meta["fxopt_signature"], data, metric, max_drop)
+    return make_budget(gm, gm.meta["fxopt_signature"], data, metric, max_drop, confidence, agreement_data)
 
 
 def pass_context(batches: list[list[torch.Tensor]], *, task: Any = None,

@@ -7,7 +7,9 @@ the split of the batches into those a choice is fitted on and those that verify 
 :func:`observe_each` with :func:`merge_stats`, :func:`known_values` (the example's values the
 manager kept).
 ``task``: :class:`TaskBudget`, a task-metric budget (labelled data, a metric, ``max_drop``)
-that a search keeps besides the output-error budget.
+that a search keeps besides the output-error budget, judged by ``acceptance``: the one-sided
+upper confidence bound of a paired drop (exact binomial on flips, paired bootstrap otherwise)
+and the examples a budget needs.
 """
 
 from fxopt.lossy.observer import (

@@ -92,7 +92,11 @@ class Outcome:
         summary = {"fitted_error": self.fitted_error, "heldout_error": self.heldout_error,
                    "heldout_batches": self.heldout_batches, "heldout_retry": self.retried}
         if self.drop is not None:
-            summary["metric_drop"] = self.drop
+            # the point estimate, and the upper confidence bound the budget judged it by
+            bound = getattr(self.drop, "bound", None)
+            summary["metric_drop"] = float(self.drop) if bound is None else bound.observed
+            if bound is not None and bound.confidence is not None:
+                summary["metric_drop_bound"] = bound.upper
         return summary
 
     def details_for(self, site: str) -> dict[str, Any]:

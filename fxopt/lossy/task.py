@@ -5,23 +5,40 @@ budget bounds what that movement costs on labelled data (accuracy, agreement wit
 original model's top-1, or any ``metric(outputs, labels) -> float``, higher is better)::
 
     task = TaskBudget(inputs, labels, metric, max_drop=0.005, unflatten=signature.unflatten)
-    task.baseline = task.score(original_graph)
+    task.set_reference(original_graph)        # the baseline, and the outputs drops are paired with
     ctx = PassContext(batches, task=task)      # every BudgetedSearch now also bounds the drop
 
 ``inputs`` are the graph's flat inputs per batch; ``baseline`` is the metric of the model the
 drop is counted from (the original, so that drops of successive passes add up against one
 ``max_drop``). The batches split like the calibration batches do (even positions fit, odd
 positions held out), so a choice is made on one half and verified on the other.
+
+A drop is judged by its one-sided upper confidence bound at ``confidence`` (default 95%;
+:mod:`fxopt.lossy.acceptance`), paired on the same examples before and after: :meth:`TaskBudget.drop`
+returns a :class:`~fxopt.lossy.acceptance.Drop`, a float equal to that bound (the point estimate when ``confidence`` is
+None) that also carries the point estimate and how it was measured.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+
+from fxopt.lossy.acceptance import (
+    DEFAULT_CONFIDENCE,
+    Drop,
+    DropBound,
+    bootstrap_bound,
+    check_confidence,
+    flip_bound,
+    unsupported_message,
+)
 
 Metric = Callable[[Any, Any], float]
 Runner = Callable[..., Any]
@@ -68,7 +85,8 @@ def rows_of(labels: Any) -> int:
 
 @dataclass
 class TaskBudget:
-    """Labelled batches, a metric and the largest drop of it a lossy choice may cause."""
+    """Labelled batches, a metric and the largest drop of it a lossy choice may cause, judged
+    at ``confidence`` (None: on the point estimate alone)."""
 
     inputs: list[list[torch.Tensor]]
     labels: list[Any]
@@ -78,6 +96,14 @@ class TaskBudget:
     baseline: float | None = None
     name: str = "metric"
     scores: dict[tuple[int, str], float] = field(default_factory=dict, repr=False)
+    confidence: float | None = DEFAULT_CONFIDENCE
+    # the reference model's outputs per batch: what a candidate is paired with
+    reference: dict[int, list[Any]] = field(default_factory=dict, repr=False)
+    # unlabelled input batches (flat) that widen the sample of a flip metric's bound: every
+    # harmful flip changes the top-1, so the rate of changed top-1 over these and the labelled
+    # inputs bounds the drop too (``agreement_data=``)
+    agreement_inputs: list[list[torch.Tensor]] = field(default_factory=list, repr=False)
+    agreement_reference: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if not self.inputs:
@@ -86,33 +112,123 @@ class TaskBudget:
             raise ValueError(f"{len(self.inputs)} input batches but {len(self.labels)} label batches")
         if not (self.max_drop >= 0 and math.isfinite(self.max_drop)):
             raise ValueError(f"max_drop must be a finite number >= 0, got {self.max_drop}")
+        self.confidence = check_confidence(self.confidence)
+        if self.agreement_inputs and not self.counts_flips:
+            raise ValueError("unlabelled agreement inputs bound a flip metric only (accuracy, top1-agreement)")
 
     def indices(self, split: str = ALL) -> list[int]:
         """The batches of ``split``: even positions fit, odd positions are held out (one batch: it fits)."""
-        every = list(range(len(self.inputs)))
-        if split == ALL or len(every) == 1:
-            return every if split != HELD_OUT else []
-        return every[0::2] if split == FIT else every[1::2]
+        return _split_positions(len(self.inputs), split)
+
+    @property
+    def counts_flips(self) -> bool:
+        """Whether the metric is a share of right top-1 predictions (accuracy, top-1 agreement):
+        then every example either keeps its outcome or flips, and the bound is exact."""
+        return self.metric is accuracy
+
+    def examples(self, split: str = ALL) -> int:
+        """The examples a drop on ``split`` is measured on (every label of a flip metric; rows otherwise)."""
+        if self.counts_flips:
+            return sum(int(torch.as_tensor(self.labels[i]).numel()) for i in self.indices(split)) + sum(
+                int(self.agreement_reference[i].numel()) for i in _split_positions(len(self.agreement_inputs), split))
+        return sum(rows_of(self.labels[i]) for i in self.indices(split))
+
+    def _outputs(self, run: Runner, index: int) -> list[Any]:
+        with torch.no_grad():
+            outputs = run(*self.inputs[index])
+        return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
+
+    def _mean(self, outputs: dict[int, list[Any]]) -> float:
+        total = weight = 0.0
+        for index, flat in outputs.items():
+            rows = rows_of(self.labels[index])
+            total += rows * float(self.metric(self.unflatten(flat), self.labels[index]))
+            weight += rows
+        return total / weight if weight else math.nan
 
     def score(self, run: Runner, split: str = ALL) -> float:
         """The metric of ``run`` (a graph module or any callable on the flat inputs), averaged
         over the batches of ``split`` weighted by their rows."""
-        total = weight = 0.0
-        with torch.no_grad():
-            for index in self.indices(split):
-                outputs = run(*self.inputs[index])
-                if not isinstance(outputs, (list, tuple)):
-                    outputs = [outputs]
-                rows = rows_of(self.labels[index])
-                total += rows * float(self.metric(self.unflatten(list(outputs)), self.labels[index]))
-                weight += rows
-        return total / weight if weight else math.nan
+        return self._mean({index: self._outputs(run, index) for index in self.indices(split)})
 
-    def drop(self, run: Runner, split: str = ALL) -> float:
-        """How far ``run``'s metric falls below ``baseline`` on ``split`` (negative: it rose)."""
+    def drop(self, run: Runner, split: str = ALL) -> Drop:
+        """How far ``run``'s metric falls below ``baseline`` on ``split`` (negative: it rose),
+        as the budget judges it: the upper confidence bound, paired with the reference."""
         baseline = self.baseline_on(split)
-        value = self.score(run, split)
-        return math.inf if math.isnan(value) else baseline - value
+        outputs = {index: self._outputs(run, index) for index in self.indices(split)}
+        value = self._mean(outputs)
+        if math.isnan(value):
+            return Drop(DropBound(math.inf, math.inf, 0, self.confidence, "point"))
+        observed = baseline - value
+        if self.confidence is None or not outputs:
+            return Drop(DropBound(observed, observed, self.examples(split), None, "point"))
+        if any(index not in self.reference for index in outputs):
+            raise ValueError("TaskBudget.reference is not set: call set_reference(model) to pair drops with it")
+        if self.counts_flips:
+            harmful = helpful = examples = 0
+            for index, flat in outputs.items():
+                labels = torch.as_tensor(self.labels[index])
+                before = top1(self.unflatten(self.reference[index])).to(labels.device) == labels
+                after = top1(self.unflatten(flat)).to(labels.device) == labels
+                harmful += int((before & ~after).sum())
+                helpful += int((~before & after).sum())
+                examples += int(labels.numel())
+            if self.agreement_inputs:
+                return Drop(self._agreement_bound(run, outputs, split, observed, harmful, helpful))
+            bound = flip_bound(harmful, helpful, examples, self.confidence)
+            # the metric's own mean (weighted by rows) is the point estimate the budget always reported
+            return Drop(DropBound(observed, max(bound.upper, observed), examples, self.confidence, "flips",
+                                  harmful, helpful))
+        return Drop(self._bootstrap(outputs, observed))
+
+    def _agreement_bound(self, run: Runner, outputs: dict[int, list[Any]], split: str, observed: float,
+                         harmful: int, helpful: int) -> DropBound:
+        """The drop bounded by the rate of changed top-1 predictions over the labelled and the
+        unlabelled inputs of ``split`` (exact binomial on the changes)."""
+        changed = examples = 0
+        for index, flat in outputs.items():
+            before, after = top1(self.unflatten(self.reference[index])), top1(self.unflatten(flat))
+            changed += int((before != after.to(before.device)).sum())
+            examples += int(before.numel())
+        for index in _split_positions(len(self.agreement_inputs), split):
+            with torch.no_grad():
+                flat = run(*self.agreement_inputs[index])
+            after = top1(self.unflatten(list(flat) if isinstance(flat, (list, tuple)) else [flat]))
+            before = self.agreement_reference[index]
+            changed += int((before != after.to(before.device)).sum())
+            examples += int(before.numel())
+        upper = flip_bound(changed, 0, examples, self.confidence).upper
+        return DropBound(observed, max(upper, observed), examples, self.confidence, "agreement", harmful, helpful)
+
+    def _bootstrap(self, outputs: dict[int, list[Any]], observed: float) -> DropBound:
+        """The paired bootstrap bound: rows resampled when every output and label has one row
+        per example, whole batches (weighted by rows) otherwise."""
+        indices = list(outputs)
+        rowwise = all(isinstance(self.labels[i], torch.Tensor) and self.labels[i].dim() > 0
+                      and all(isinstance(o, torch.Tensor) and o.dim() > 0 and o.shape[0] == self.labels[i].shape[0]
+                              for o in [*outputs[i], *self.reference[i]]) for i in indices)
+        if rowwise:
+            labels = torch.cat([self.labels[i] for i in indices])
+            before = [torch.cat(parts) for parts in zip(*(self.reference[i] for i in indices))]
+            after = [torch.cat(parts) for parts in zip(*(outputs[i] for i in indices))]
+
+            def score(sample: np.ndarray) -> tuple[float, float]:
+                rows = torch.as_tensor(sample, device=labels.device)
+                return (float(self.metric(self.unflatten([o[rows] for o in before]), labels[rows])),
+                        float(self.metric(self.unflatten([o[rows] for o in after]), labels[rows])))
+
+            return bootstrap_bound(score, int(labels.shape[0]), observed, self.confidence)
+        if len(indices) < 2:  # one batch whose rows cannot be resampled: no spread to measure
+            return DropBound(observed, observed, self.examples(), None, "point")
+        weights = np.array([rows_of(self.labels[i]) for i in indices], dtype=float)
+        values = np.array([[float(self.metric(self.unflatten(source[i]), self.labels[i])) for i in indices]
+                           for source in (self.reference, outputs)])
+
+        def weighted(sample: np.ndarray) -> tuple[float, float]:
+            w = weights[sample]
+            return float(values[0, sample] @ w / w.sum()), float(values[1, sample] @ w / w.sum())
+
+        return bootstrap_bound(weighted, int(weights.sum()), observed, self.confidence, weights=list(weights))
 
     def baseline_on(self, split: str) -> float:
         """The baseline on one split's batches (measured once per split with ``reference``)."""
@@ -121,11 +237,24 @@ class TaskBudget:
         return self.scores.get((0, split), self.baseline)
 
     def set_reference(self, run: Runner) -> None:
-        """Score the model drops are counted from, on every split."""
+        """Score the model drops are counted from, on every split, and keep its outputs to pair with."""
+        self.reference = {index: self._outputs(run, index) for index in self.indices(ALL)}
         for split in (ALL, FIT, HELD_OUT):
             if self.indices(split):
-                self.scores[(0, split)] = self.score(run, split)
+                self.scores[(0, split)] = self._mean({i: self.reference[i] for i in self.indices(split)})
         self.baseline = self.scores[(0, ALL)]
+        for index, flat in enumerate(self.agreement_inputs):
+            with torch.no_grad():
+                outputs = run(*flat)
+            self.agreement_reference[index] = top1(self.unflatten(
+                list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]))
+
+    def unsupported(self, split: str = ALL) -> str | None:
+        """Why the examples of ``split`` cannot support ``max_drop`` at ``confidence`` even when no
+        prediction changes (flip metrics), or None."""
+        if self.confidence is None or not self.counts_flips or not self.indices(split):
+            return None
+        return unsupported_message(self.max_drop, self.examples(split), self.confidence, self.name)
 
     def in_budget_units(self, drop: float, budget: float) -> float:
         """``drop`` expressed in a pass's output-error budget: ``max_drop`` maps to ``budget``,
@@ -135,6 +264,14 @@ class TaskBudget:
         if self.max_drop == 0 or not math.isfinite(budget):
             return math.inf if drop > self.max_drop else 0.0
         return budget * drop / self.max_drop
+
+
+def _split_positions(count: int, split: str) -> list[int]:
+    """Positions of ``split`` among ``count`` batches: even ones fit, odd ones are held out (one batch: it fits)."""
+    every = list(range(count))
+    if split == ALL or count == 1:
+        return every if split != HELD_OUT else []
+    return every[0::2] if split == FIT else every[1::2]
 
 
 def split_labelled(items: Sequence[Any]) -> tuple[list[Any], list[Any]]:
@@ -197,15 +334,20 @@ def labelled_batches(data: Any, needs_labels: bool) -> list[tuple[Any, Any]]:
     return pairs
 
 
-def task_budget(gm: Any, signature: Any, data: Any, metric: Any, max_drop: Any) -> TaskBudget:
+def task_budget(gm: Any, signature: Any, data: Any, metric: Any, max_drop: Any,
+                confidence: float | None = DEFAULT_CONFIDENCE, agreement_data: Any = None) -> TaskBudget:
     """A :class:`TaskBudget` for a captured graph: ``data`` flattened like its inputs, the
     named or given ``metric``, and the graph's own score as the baseline (for
-    ``top1-agreement`` the labels are the graph's own top-1 predictions)."""
+    ``top1-agreement`` the labels are the graph's own top-1 predictions). When ``data`` is too
+    small to support ``max_drop`` at ``confidence`` this warns now, before any search
+    (``TaskBudget.unsupported`` says why and how many examples are needed). ``agreement_data``:
+    unlabelled input batches that widen the sample of an accuracy or top-1 agreement bound."""
     from fxopt.signature import split_example_inputs
     from fxopt.verify import run_graph
 
     name, function = resolve_metric(metric)
     drop = check_max_drop(max_drop)
+    confidence = check_confidence(confidence)
     pairs = labelled_batches(data, needs_labels=name not in NEEDS_NO_LABELS)
     inputs, labels = [], []
     for index, (batch, label) in enumerate(pairs):
@@ -215,6 +357,35 @@ def task_budget(gm: Any, signature: Any, data: Any, metric: Any, max_drop: Any) 
         if name in NEEDS_NO_LABELS:
             label = top1(signature.unflatten(run_graph(gm, flat)))
         labels.append(label)
-    task = TaskBudget(inputs, labels, function, drop, unflatten=signature.unflatten, name=name)
+    agreement = _agreement_inputs(signature, agreement_data, function, confidence)
+    task = TaskBudget(inputs, labels, function, drop, unflatten=signature.unflatten, name=name, confidence=confidence,
+                      agreement_inputs=agreement)
     task.set_reference(gm)
+    message = task.unsupported()
+    if message is not None:
+        warnings.warn(message, UserWarning, stacklevel=3)
     return task
+
+
+def _agreement_inputs(signature: Any, agreement_data: Any, metric: Metric, confidence: float | None) -> list[Any]:
+    """``agreement_data`` (input batches, or a callable returning them) flattened like the inputs."""
+    from fxopt.capture import split_example_inputs
+    from fxopt.errors import InputError
+
+    if agreement_data is None:
+        return []
+    if metric is not accuracy:
+        raise InputError("agreement_data= tightens the bound of accuracy and top1-agreement only")
+    if confidence is None:
+        raise InputError("agreement_data= tightens a confidence bound: it needs confidence= (not None)")
+    if callable(agreement_data) and not isinstance(agreement_data, torch.nn.Module):
+        agreement_data = agreement_data()
+    if isinstance(agreement_data, torch.Tensor):
+        raise InputError("agreement_data must be an iterable of input batches, not one tensor")
+    flat = []
+    for index, batch in enumerate(agreement_data):
+        args, kwargs = split_example_inputs(batch)
+        flat.append(signature.flatten(args, kwargs, what=f"agreement_data batch {index}, input"))
+    if not flat:
+        raise InputError("agreement_data is empty: give at least one batch of inputs, or leave it out")
+    return flat

@@ -14,7 +14,9 @@ class Candidate:
     ``choices``: site -> technique (``int8-dynamic``, ``low-rank(64)``); ``speedup``: the
     baseline's median latency over this one's, timed side by side in one interleaved loop;
     ``drop``: the metric's fall below the baseline (on ``split``: the batches it was measured
-    on); ``kept``: whether the search went on with it, and ``reason`` why (not).
+    on), the point estimate; ``bound``: its one-sided upper confidence bound, what the budget
+    was checked against (None: judged on the point estimate, ``confidence=None``); ``kept``:
+    whether the search went on with it, and ``reason`` why (not).
     """
 
     name: str
@@ -29,6 +31,12 @@ class Candidate:
     split: str = "fit"
     kept: bool = False
     reason: str = ""
+    bound: float | None = None
+
+    @property
+    def judged_drop(self) -> float | None:
+        """The drop the budget was checked against: the bound, or the point estimate without one."""
+        return self.bound if self.bound is not None else self.drop
 
     def describe(self) -> str:
         return ", ".join(f"{site}: {option}" for site, option in self.choices.items()) or "(nothing changed)"
@@ -46,6 +54,7 @@ class ParetoRow:
     metric: float
     drop: float
     chosen: bool = False
+    bound: float | None = None  # upper confidence bound of ``drop``
 
 
 @dataclass
@@ -62,6 +71,8 @@ class TuneLog:
     pareto: list[ParetoRow] = field(default_factory=list)
     chosen: dict[str, str] = field(default_factory=dict)
     final_drop: float = 0.0
+    final_bound: float | None = None  # upper confidence bound of final_drop (None: point estimates)
+    confidence: float | None = None
     final_speedup: float = 1.0
     seconds: float = 0.0
     options: int = 0  # single options (technique x level x site) the sensitivity phase had to measure
@@ -69,19 +80,24 @@ class TuneLog:
     notes: list[str] = field(default_factory=list)
 
     def add(self, phase: str, choices: dict[str, str], **fields: Any) -> Candidate:
+        drop = fields.get("drop")
+        if hasattr(drop, "bound"):  # a fxopt.lossy.acceptance.Drop: its point estimate, and its bound when it has one
+            fields["drop"] = drop.bound.observed
+            fields.setdefault("bound", None if drop.bound.confidence is None else drop.bound.upper)
         candidate = Candidate(f"c{len(self.candidates)}", phase, dict(choices), **fields)
         self.candidates.append(candidate)
         return candidate
 
     def pareto_table(self) -> str:
         """The front as a table: latency (median, IQR), speedup, metric and drop."""
-        header = ["model", "latency ms (IQR)", "speedup", self.metric, "drop", "techniques"]
+        bound = f"{self.confidence:.0%} bound" if self.confidence is not None else "bound"
+        header = ["model", "latency ms (IQR)", "speedup", self.metric, "drop", bound, "techniques"]
         rows = [header]
         for row in self.pareto:
             rows.append([row.label + (" *" if row.chosen else ""),
                          f"{row.milliseconds:.3f} ({row.spread[0]:.3f}-{row.spread[1]:.3f})",
                          f"x{row.speedup:.2f}", f"{row.metric:.4f}", f"{row.drop:+.4f}",
-                         _short(row.choices)])
+                         "-" if row.bound is None else f"{row.bound:+.4f}", _short(row.choices)])
         widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))
@@ -89,19 +105,24 @@ class TuneLog:
 
     def __str__(self) -> str:
         kept = sum(c.kept for c in self.candidates)
-        lines = [f"fxopt tune: {self.metric} within a drop of {self.max_drop:g} on {self.backend}; "
+        judged = (f" (its {self.confidence:.0%} upper bound)" if self.confidence is not None
+                  else " (point estimates)")
+        lines = [f"fxopt tune: {self.metric} within a drop of {self.max_drop:g}{judged} on {self.backend}; "
                  f"{len(self.candidates)} candidates measured ({kept} kept) in {self.seconds:.1f}s"
                  + (f"; stopped early: {self.stopped}" if self.stopped else "")]
-        lines.append(f"chosen: x{self.final_speedup:.2f} at a drop of {self.final_drop:+.4f}: {_short(self.chosen)}")
-        lines.append("search log:")
+        bound = "" if self.final_bound is None else f" ({self.confidence:.0%} bound {self.final_bound:+.4f})"
+        lines.append(f"chosen: x{self.final_speedup:.2f} at a drop of {self.final_drop:+.4f}{bound}: "
+                     f"{_short(self.chosen)}")
+        lines.append("search log (drop <= its upper bound):" if self.confidence is not None else "search log:")
         for c in self.candidates:
             measured = []
             if c.speedup is not None:
                 measured.append(f"x{c.speedup:.2f}")
             if c.drop is not None:
-                measured.append(f"drop {c.drop:+.4f} ({c.split})")
+                bound = "" if c.bound is None else f" <= {c.bound:+.4f}"
+                measured.append(f"drop {c.drop:+.4f}{bound} ({c.split})")
             verdict = "kept" if c.kept else "dropped"
-            lines.append(f"  {c.name:>4} {c.phase:<14} {verdict:<7} {' '.join(measured):<28} "
+            lines.append(f"  {c.name:>4} {c.phase:<14} {verdict:<7} {' '.join(measured):<40} "
                          f"{c.describe()}: {c.reason}")
         if self.pareto:
             lines.append("Pareto front (measured side by side; * chosen):")

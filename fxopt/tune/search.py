@@ -15,6 +15,9 @@ technique per layer and judging speed by latency measured in the chosen backend.
 4. The chosen model is lowered and scored on every batch of ``data``; while its drop is over
    ``max_drop`` the option costing most metric per latency saved is taken back.
 5. The Pareto front of everything measured is timed again side by side, chosen model included.
+
+A drop "fits" when its upper confidence bound does (:mod:`fxopt.lossy.acceptance`); with too
+few examples for any to fit, tune says so up front and returns the model after the exact passes.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from fxopt.errors import InputError
 from fxopt.ir import copy_graph_module, linear_parts
 from fxopt.latency import Timing, measure_side_by_side
 from fxopt.lossy import BudgetedSearch, Pick, Site
+from fxopt.lossy.acceptance import DEFAULT_CONFIDENCE, describe_drop, observed_drop, upper_bound
 from fxopt.lossy.task import ALL, FIT, TaskBudget, task_budget
 from fxopt.pipeline import UserModelUntouched, reference_outputs
 from fxopt.registry import resolve_passes
@@ -65,6 +69,8 @@ def tune(
     min_speedup: float = 1.05,
     holdout: bool = False,
     progress: bool = True,
+    confidence: float | None = DEFAULT_CONFIDENCE,
+    agreement_data: Any = None,
 ) -> Any:
     """Search per layer among fxopt's techniques for the fastest model within ``max_drop``.
 
@@ -91,6 +97,11 @@ def tune(
             on every batch. Either way the result is scored on every batch and kept within
             ``max_drop`` there.
         progress: print progress lines on stderr.
+        confidence: a drop fits ``max_drop`` only when its one-sided upper bound at this
+            confidence does (:mod:`fxopt.lossy.acceptance`); ``None``: the drop measured on
+            ``data`` alone, no allowance for sampling (it does not hold on unseen data).
+        agreement_data: unlabelled input batches drawn like ``data``'s: for accuracy and
+            top-1 agreement, the bound is taken on changed top-1 predictions over both.
 
     Returns an :class:`fxopt.OptimizedModule`; ``opt.report.search`` is the :class:`TuneLog`.
     """
@@ -113,7 +124,8 @@ def tune(
     report.notes.extend(captured.meta.pop("fxopt_notes", []))
     signature: Signature = captured.meta["fxopt_signature"]
     example = signature.flatten(args, kwargs, what="example input")
-    task = task_budget(captured, signature, data, metric, max_drop)
+    task = task_budget(captured, signature, data, metric, max_drop, confidence, agreement_data)
+    report.notes.extend(filter(None, [task.unsupported(FIT if holdout else ALL)]))
     batches = [example, *task.inputs[:MAX_CALIBRATION]]
     reference = reference_outputs(captured, batches)
     say(f"baseline {task.name} {task.baseline:.4f} on {len(task.inputs)} batches; "
@@ -160,6 +172,7 @@ class _Tuner:
         self.plans: dict[str, dict[str, Option]] = {}  # each family's own combination, and "all"
         self.states = {t.name: t.prepare(gm, batches) for t in techniques}
         self.log = TuneLog(task.name, task.max_drop, backend, [t.name for t in techniques])
+        self.log.confidence = task.confidence
         self._runners: dict[frozenset[tuple[str, Option]], Any] = {}
         self.ctx = pass_context([batches[0]], task=task, reference=[run_graph(gm, batches[0])])
 
@@ -213,6 +226,10 @@ class _Tuner:
         self.log.add("baseline", {}, milliseconds=base_timing.median, speedup=1.0, metric=self.task.baseline,
                      drop=0.0, split=ALL, kept=True, reason="the model after the exact passes")
         self.say(f"baseline {base_timing}")
+        unsupported = self.task.unsupported(self.split_name)
+        if unsupported is not None:  # no lossy change can pass: nothing to search (the report's note says why)
+            self.log.notes.append("nothing searched: the data cannot support max_drop at this confidence")
+            return self.finish({})
         search = BudgetedSearch(self.gm, self.ctx, [], self.apply, self.task.max_drop, "sensitivity",
                                 choose_level=self.choose, holdout=self.holdout, output_error=False)
         sites = self.sensitivity(search)
@@ -303,8 +320,8 @@ class _Tuner:
                     affordable.append((site, option, drop))
                 else:  # no need to time what the metric cannot afford
                     self.log.add("single", self.labels({site: option}), split=self.split_name, drop=drop,
-                                 metric=self.task.baseline_on(self.split_name) - drop,
-                                 reason=f"drop {drop:+.4f} > max_drop {self.task.max_drop:g} (not timed)")
+                                 metric=self.task.baseline_on(self.split_name) - observed_drop(drop),
+                                 reason=f"{describe_drop(drop)} > max_drop {self.task.max_drop:g} (not timed)")
             if affordable:
                 self._time_singles(affordable, saved)
             self.say(f"sensitivity: {len(measured)}/{len(options)} options measured")
@@ -325,7 +342,7 @@ class _Tuner:
             speedup = base / timings[str(i)].median
             faster = speedup >= self.min_speedup
             self.log.add("single", self.labels({site: option}), milliseconds=timings[str(i)].median,
-                         speedup=speedup, metric=self.task.baseline_on(self.split_name) - drop, drop=drop,
+                         speedup=speedup, metric=self.task.baseline_on(self.split_name) - observed_drop(drop), drop=drop,
                          split=self.split_name, kept=faster,
                          reason="within max_drop and faster: a level of this site" if faster
                          else f"not faster alone (x{speedup:.3f} < x{self.min_speedup:g})")
@@ -349,13 +366,13 @@ class _Tuner:
             drop = search.drop(trial)
             if error > target:
                 self.log.add(self.phase, self.labels(trial), drop=drop, split=self._split_of(search),
-                             reason=f"combined drop {drop:+.4f} > {target:g}")
+                             reason=f"combined {describe_drop(drop)} > {target:g}")
                 continue
             timings = self.time({"baseline": {}, "without": base, "with": trial})
             ratio = timings["without"].median / timings["with"].median
             speedup = timings["baseline"].median / timings["with"].median
             candidate = self.log.add(self.phase, self.labels(trial), milliseconds=timings["with"].median,
-                                     speedup=speedup, metric=self.task.baseline_on(self._split_of(search)) - (drop or 0.0),
+                                     speedup=speedup, metric=self.task.baseline_on(self._split_of(search)) - observed_drop(drop or 0.0),
                                      drop=drop, split=self._split_of(search))
             if ratio < self.min_speedup:
                 candidate.reason = f"not faster than without {site.name}'s {self.label(option)} (x{ratio:.3f})"
@@ -384,7 +401,7 @@ class _Tuner:
             worst = max(chosen, key=lambda s: (self._single_drop(s, chosen[s]) or 0.0)
                         / max(sites[s].saving(chosen[s]) if s in sites else 1e-9, 1e-9))
             self.log.add("back-off", self.labels(chosen), drop=drop, split=ALL,
-                         reason=f"lowered model's drop {drop:+.4f} > {self.task.max_drop:g} on every batch: "
+                         reason=f"lowered model's {describe_drop(drop)} > {self.task.max_drop:g} on every batch: "
                                 f"{worst} back to float")
             chosen = {s: o for s, o in chosen.items() if s != worst}
         return self.pareto(chosen, drop)
@@ -427,17 +444,18 @@ class _Tuner:
         rows = []
         for label, choices in models.items():
             timing = timings[label]
+            observed = observed_drop(drops[label])
             rows.append(ParetoRow(label, self.labels(choices), timing.median, (timing.q1, timing.q3),
-                                  base / timing.median, float(self.task.baseline or 0.0) - drops[label],
-                                  drops[label], chosen=label == winner))
+                                  base / timing.median, float(self.task.baseline or 0.0) - observed,
+                                  observed, chosen=label == winner, bound=upper_bound(drops[label])))
         rows.sort(key=lambda r: r.speedup)
         final = models[winner]
         self.log.pareto = rows
         self.log.chosen = self.labels(final)
-        self.log.final_drop = drops[winner]
+        self.log.final_drop, self.log.final_bound = observed_drop(drops[winner]), upper_bound(drops[winner])
         self.log.final_speedup = base / timings[winner].median
         self.log.add("final", self.labels(final), milliseconds=timings[winner].median,
-                     speedup=self.log.final_speedup, metric=float(self.task.baseline or 0.0) - drops[winner],
+                     speedup=self.log.final_speedup, metric=float(self.task.baseline or 0.0) - observed_drop(drops[winner]),
                      drop=drops[winner], split=ALL, kept=True,
                      reason="lowered, scored on every batch, timed side by side with the front")
         return final
