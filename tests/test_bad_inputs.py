@@ -318,8 +318,11 @@ def test_broken_pass_is_rolled_back_and_reported(name: str, registered) -> None:
     fingerprint, bits = module_fingerprint(model), state_bits(model)
     with torch.no_grad():
         expected = model(x)
+    # A pass that writes to the model is restored from fxopt's copies of the weights; shared
+    # weights cannot be (see test_a_pass_that_writes_shared_weights_stops_the_compile).
     with pytest.warns(UserWarning, match=f"pass '{name}' rolled back"):
-        opt = fxopt.compile(model, (x,), passes=["remove-dropout", name, "fold-batchnorm"])
+        opt = fxopt.compile(model, (x,), passes=["remove-dropout", name, "fold-batchnorm"],
+                            share_weights=name != "test-mutates")
     record = opt.report[name]
     assert record.status == "rolled back" and reason in record.message
     assert opt.report["fold-batchnorm"].status == "applied"  # the pipeline went on
@@ -337,11 +340,24 @@ def test_broken_pass_under_strict_raises_naming_it(name: str, registered) -> Non
     _Mutator.model = model
     bits = state_bits(model)
     with pytest.raises(fxopt.PassFailedError) as info:
-        fxopt.compile(model, (torch.randn(4, 8),), passes=["remove-dropout", name], strict=True)
+        fxopt.compile(model, (torch.randn(4, 8),), passes=["remove-dropout", name], strict=True,
+                      share_weights=name != "test-mutates")
     assert info.value.pass_name == name
     assert reason in str(info.value) and "remove-dropout" in str(info.value)
     assert state_bits(model) == bits
     assert not model.training
+
+
+def test_a_pass_that_writes_shared_weights_stops_the_compile(registered) -> None:
+    """With the model's weights shared (the default), a write to them reaches the graph's
+    constants: nothing is left to restore from, so the compile stops, naming the pass and
+    saying the model's weights changed, instead of rolling back."""
+    registered(MutatesUserModel)
+    model = block()
+    _Mutator.model = model
+    with pytest.raises(fxopt.PassFailedError, match="model's weights were changed too") as info:
+        fxopt.compile(model, (torch.randn(4, 8),), passes=["remove-dropout", "test-mutates"])
+    assert info.value.pass_name == "test-mutates"
 
 
 # ---------------------------------------------------------------- nothing to do
