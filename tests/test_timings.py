@@ -112,3 +112,35 @@ def test_a_candidate_that_fails_at_the_shape_is_left_out(tmp_path):
     assert (choice.name, choice.times) == ("plain", {"plain": [1.0, 1.0]})
     with pytest.raises(RuntimeError, match="no kernel"):  # the preferred one must run
         timings.choose("op", "y", {"fused": lambda x: x, "plain": broken}, INPUTS, prefer="plain")
+
+
+def test_the_cache_file_is_data_a_crafted_one_never_runs_and_is_measured_over(tmp_path) -> None:
+    """The kernel-timing cache is JSON: a pickle payload in its place is never executed, and
+    entries of the wrong shape are no verdict (the candidates are measured again)."""
+    import json
+    import os
+    import pickle
+
+    from fxopt.pipeline.timings import FORMAT, KernelTimings, fixed_timer
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    timings = KernelTimings(tmp_path, measure=True, timer=fixed_timer({"a": 2.0, "b": 1.0}),
+                             fingerprint="test-machine")
+    timings.path.parent.mkdir(parents=True, exist_ok=True)
+    timings.path.write_bytes(pickle.dumps(Payload()))
+    choice = timings.choose("op", "site", {"a": lambda: None, "b": lambda: None}, [[]])
+    assert choice.name == "b" and choice.source == "measured" and not marker.exists()
+
+    key = KernelTimings.key("op", "other", ["a", "b"])
+    crafted = {"format": FORMAT, "fingerprint": "test-machine",
+               "entries": {key: {"chosen": "a", "times": {"a": "rm -rf /", "b": [1.0]}}}}
+    timings.path.write_text(json.dumps(crafted))
+    fresh = KernelTimings(tmp_path, measure=True, timer=fixed_timer({"a": 2.0, "b": 1.0}),
+                             fingerprint="test-machine")
+    assert fresh.choose("op", "other", {"a": lambda: None, "b": lambda: None}, [[]]).source == "measured"
+    assert json.loads(timings.path.read_text())["entries"][key]["chosen"] == "b"  # written as data again

@@ -147,6 +147,14 @@ class KernelTimings:
         entry = self._load().get(self.key(op, site, candidates))
         if not isinstance(entry, dict) or entry.get("chosen") not in candidates:
             return None
+        times = entry.get("times")
+        # The file is data someone could have edited: anything but names and lists of
+        # numbers is no verdict, and the candidates are measured again.
+        if not isinstance(times, dict) or not all(
+                isinstance(name, str) and isinstance(values, list)
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+                for name, values in times.items()):
+            return None
         return entry
 
     def choose(self, op: str, site: str, candidates: Mapping[str, Callable[..., Any]],
