@@ -6,7 +6,7 @@ original model's top-1, or any ``metric(outputs, labels) -> float``, higher is b
 
     task = TaskBudget(inputs, labels, metric, max_drop=0.005, unflatten=signature.unflatten)
     task.set_reference(original_graph)        # the baseline, and the outputs drops are paired with
-    ctx = PassContext(batches, task=task)      # every BudgetedSearch now also bounds the drop
+    ctx = pass_context(batches, task=task)     # fxopt.session: every BudgetedSearch now also bounds the drop
 
 ``inputs`` are the graph's flat inputs per batch; ``baseline`` is the metric of the model the
 drop is counted from (the original, so that drops of successive passes add up against one
