@@ -16,6 +16,10 @@ version-specific layouts, made by the lowering, never saved):
     int4pack-cuda aten._weight_int4pack_mm            4 bits, bfloat16 on CUDA (sm80+)
 
 A kernel missing from this torch build is left out (:meth:`PackedKernel.available`).
+
+``matmul_nbits(x, B, scales, zero_points, b, K, N, bits, block_size)`` is ONNX Runtime's
+``com.microsoft.MatMulNBits`` (the ONNX backend's form of the op, see
+:mod:`fxopt.lowering.weight_only_onnx`), with its arithmetic in PyTorch for parity checks.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from fxopt.ir import numel_hint, shape_of, size_hint
 from fxopt.quant import dequantize_weight_groupwise
 
 aten = torch.ops.aten
-__all__ = ["PACKED_KERNELS", "PackedKernel", "weight_only_linear", "weight_only_linear_op",
+__all__ = ["PACKED_KERNELS", "PackedKernel", "matmul_nbits", "matmul_nbits_op", "weight_only_linear", "weight_only_linear_op",
            "weight_only_linear_packed", "weight_only_linear_packed_op"]
 
 
@@ -100,6 +104,37 @@ register_flops(weight_only_linear_op, _flops)
 register_flops(weight_only_linear_packed_op, _flops)
 
 
+@torch.library.custom_op("fxopt::matmul_nbits", mutates_args=())
+def matmul_nbits(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                 bias: torch.Tensor | None, k: int, n: int, bits: int, block_size: int) -> torch.Tensor:
+    """MatMulNBits' arithmetic in PyTorch: unpack, ``(B - zero) * scale`` per block, matmul."""
+    values = _unpack(packed.reshape(n, -1), bits)
+    blocks = values.shape[1] // block_size
+    if zero_points is None:
+        zeros = torch.full((n, blocks), 2.0 ** (bits - 1))
+    else:
+        zeros = _unpack(zero_points.reshape(n, -1), bits)[:, :blocks].float()
+    weight = (values.reshape(n, blocks, block_size).float() - zeros[..., None]) * scales.reshape(n, blocks, 1)
+    out = torch.nn.functional.linear(x.float(), weight.reshape(n, -1)[:, :k], None if bias is None else bias.float())
+    return out.to(x.dtype)
+
+
+@matmul_nbits.register_fake
+def _matmul_nbits_fake(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor | None,
+                       bias: torch.Tensor | None, k: int, n: int, bits: int, block_size: int) -> torch.Tensor:
+    return x.new_empty((*x.shape[:-1], n))
+
+
+matmul_nbits_op = torch.ops.fxopt.matmul_nbits.default
+register_flops(matmul_nbits_op, _flops)
+
+
+def _unpack(rows: torch.Tensor, bits: int) -> torch.Tensor:
+    if bits == 8:
+        return rows
+    return torch.stack([rows & 0xF, rows >> 4], dim=-1).reshape(rows.shape[0], -1)
+
+
 # ---------------------------------------------------------------- packed kernels
 
 
@@ -115,13 +150,20 @@ class PackedKernel:
     run: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor]
     group_sizes: tuple[int, ...] | None = None  # None: per output channel only
     dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+    # Shape limits checked before the kernel ever runs: _weight_int8pack_mm on CPU crashes the
+    # process (no error) when in features are not a multiple of 16 (torch 2.13, x86).
+    in_multiple: int = 16
+    out_multiple: int = 1
 
     def available(self) -> bool:
         return hasattr(aten, self.op)
 
-    def takes(self, bits: int, group_size: int, in_features: int, device: torch.device, dtype: torch.dtype) -> bool:
+    def takes(self, bits: int, group_size: int, in_features: int, out_features: int, device: torch.device,
+              dtype: torch.dtype) -> bool:
         """Whether this kernel can run a Linear quantized so, on ``device`` in ``dtype``."""
         if bits != self.bits or device.type not in self.devices or dtype not in self.dtypes or not self.available():
+            return False
+        if in_features % self.in_multiple or out_features % self.out_multiple:
             return False
         if self.group_sizes is None:
             return group_size == in_features
@@ -158,7 +200,7 @@ PACKED_KERNELS: dict[str, PackedKernel] = {kernel.name: kernel for kernel in (
                  lambda rows, packed, qparams, group: aten._weight_int8pack_mm(rows, packed, qparams)),
     PackedKernel("int4pack-cpu", 4, ("cpu",), "_weight_int4pack_mm_for_cpu", _pack_int4_cpu,
                  lambda rows, packed, qparams, group: aten._weight_int4pack_mm_for_cpu(rows, packed, group, qparams),
-                 group_sizes=(32, 64, 128, 256)),
+                 group_sizes=(32, 64, 128, 256), out_multiple=16),
     PackedKernel("int4pack-cuda", 4, ("cuda",), "_weight_int4pack_mm", _pack_int4_cuda,
                  lambda rows, packed, qparams, group: aten._weight_int4pack_mm(rows, packed, group, qparams),
                  group_sizes=(32, 64, 128, 256), dtypes=(torch.bfloat16,)),

@@ -12,8 +12,8 @@ one row (a decode step) and at the example's rows; the least total time wins. Ch
 per shape for the process. A kernel stage: ``opt.graph_module`` keeps the portable op, whose
 int8 constants are what ``fxopt.save`` writes; the packed layouts are made here, per machine.
 
-ONNX: not exported yet (ONNX Runtime's ``com.microsoft.MatMulNBits`` is the target); a graph
-holding the op is refused with :class:`fxopt.errors.BackendError` saying so.
+ONNX: the ``weight-only-matmul-nbits`` lowering (:mod:`fxopt.lowering.weight_only_onnx`) writes
+ONNX Runtime's ``com.microsoft.MatMulNBits`` instead.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from fxopt.errors import BackendError
 from fxopt.ir import add_constant, constant, is_op, numel_hint, shape_of
 from fxopt.kernels import weight_only as kernels
 from fxopt.latency import measure_side_by_side
@@ -38,7 +37,7 @@ class WeightOnlyLinear(Lowering):
     """Weight-only Linears of the quantize-weights pass -> packed library kernels."""
 
     name = "weight-only-linear"
-    backends = ("eager", "onnx")
+    backends = ("eager",)
     devices = ("cpu", "cuda")
     stage = "kernel"
 
@@ -47,11 +46,6 @@ class WeightOnlyLinear(Lowering):
 
     def lower(self, gm: fx.GraphModule, device: torch.device | None) -> LoweringResult:
         result = LoweringResult()
-        if device is None:
-            raise BackendError(
-                "quantize-weights wrote weight-only Linears (fxopt::weight_only_linear), which have no ONNX "
-                "export yet: run them with backend='eager' (or torch.compile(backend='fxopt')), or leave "
-                "quantize-weights out of the passes for an ONNX model")
         chosen: dict[str, int] = {}
         for node in list(gm.graph.nodes):
             if not is_op(node, kernels.weight_only_linear_op):
@@ -85,10 +79,11 @@ class WeightOnlyLinear(Lowering):
         return result
 
 
-def candidates(device: torch.device, bits: int, group_size: int, in_features: int,
+def candidates(device: torch.device, bits: int, group_size: int, in_features: int, out_features: int,
                dtype: torch.dtype) -> list[kernels.PackedKernel]:
     """The packed kernels this torch build has for such a Linear on ``device``."""
-    return [k for k in kernels.PACKED_KERNELS.values() if k.takes(bits, group_size, in_features, device, dtype)]
+    return [k for k in kernels.PACKED_KERNELS.values()
+            if k.takes(bits, group_size, in_features, out_features, device, dtype)]
 
 
 def choose_kernel(device: torch.device, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
@@ -113,7 +108,7 @@ def _measure(device: torch.device, q: torch.Tensor, scale: torch.Tensor, zero: t
     probe = torch.randn(max(row_counts), in_features, device=device)
     with torch.no_grad():
         expected = kernels.weight_only_linear(probe, q, scale, zero, None, bits, dtype)
-        for kernel in candidates(device, bits, group_size, in_features, dtype):
+        for kernel in candidates(device, bits, group_size, in_features, out_features, dtype):
             try:  # shapes a kernel refuses (out features not a multiple of 16, say) raise here
                 packed, qparams = kernel.pack(q, scale, zero, dtype)
                 got = kernels.weight_only_linear_packed(probe, packed, qparams, None, kernel.name, group_size,

@@ -7,7 +7,7 @@ import torch
 from fxopt.passes import QuantizeWeights
 
 import fxopt
-from fxopt.errors import BackendError, OptionValueError
+from fxopt.errors import OptionValueError
 from fxopt.ir import constants, ops
 from fxopt.kernels.weight_only import weight_only_linear_op, weight_only_linear_packed_op
 from fxopt.lowering import lower_graph
@@ -139,7 +139,7 @@ def test_the_lowering_packs_for_a_library_kernel_where_one_runs() -> None:
     """int8 per channel with bfloat16 activations: the shape's packed kernel (aten's
     _weight_int8pack_mm) is a candidate; whichever is chosen, outputs agree with the op."""
     run = run_pass("quantize-weights", mlp(), (torch.randn(6, 64),))
-    candidates = kernel_candidates(torch.device("cpu"), 8, 64, 64, torch.bfloat16)
+    candidates = kernel_candidates(torch.device("cpu"), 8, 64, 64, 128, torch.bfloat16)
     if not candidates:
         pytest.skip("this torch build has no weight-only int8 kernel")
     lowered = lower_graph(run.after, "eager", torch.device("cpu"))
@@ -147,7 +147,21 @@ def test_the_lowering_packs_for_a_library_kernel_where_one_runs() -> None:
     torch.testing.assert_close(lowered.graph_module(x)[0], run.after(x)[0], rtol=0.05, atol=0.02)
 
 
-def test_onnx_export_is_refused_with_a_reason() -> None:
-    model, x = mlp(), torch.randn(6, 64)
-    with pytest.raises(BackendError, match="no ONNX export yet"):
-        fxopt.compile(model, (x,), passes=["quantize-weights"], backend="onnx")
+@pytest.mark.parametrize("spec, in_features", [("quantize-weights", 40),
+                                               ("quantize-weights(bits=4, group_size=32, budget=0.2)", 64)])
+def test_onnx_runs_weight_only_linears_as_matmul_nbits(spec: str, in_features: int, tmp_path) -> None:
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(in_features, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)).eval()
+    x = torch.randn(6, in_features)
+    eager = fxopt.compile(model, (x,), passes=[spec])
+    ort = fxopt.compile(model, (x,), passes=[spec], backend="onnx")
+    assert any("2 weight-only Linears run as com.microsoft.MatMulNBits" in note for note in ort.report.notes)
+    with torch.no_grad():
+        expected, got = eager(x), ort(x)
+    # ONNX Runtime computes in float32, the eager kernels in bfloat16: a bfloat16 step apart
+    assert float((got - expected).abs().max() / expected.abs().max()) < 0.03
+    fxopt.export_onnx(eager, (x,), tmp_path / "model.onnx")
+    exported = onnx.load(str(tmp_path / "model.onnx"))
+    assert [n.op_type for n in exported.graph.node].count("MatMulNBits") == 2
