@@ -17,7 +17,7 @@ strategy ranks layers by bytes saved per unit of error: with one level (bits=8) 
 relative quantization error estimates it; with two, each layer is measured alone.
 The backends lower ``fxopt::weight_only_linear`` to the fastest measured kernel (the eager
 backend: ``aten._weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``, ``_weight_int4pack_mm``
-on CUDA, or the op itself: dequantize + ``F.linear``); ONNX export refuses it (not yet).
+on CUDA, or the op itself: dequantize + ``F.linear``); ONNX writes ``com.microsoft.MatMulNBits``.
 """
 
 from __future__ import annotations
