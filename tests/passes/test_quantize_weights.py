@@ -165,3 +165,18 @@ def test_onnx_runs_weight_only_linears_as_matmul_nbits(spec: str, in_features: i
     fxopt.export_onnx(eager, (x,), tmp_path / "model.onnx")
     exported = onnx.load(str(tmp_path / "model.onnx"))
     assert [n.op_type for n in exported.graph.node].count("MatMulNBits") == 2
+
+
+def test_save_and_load_keep_the_unpacked_weights_and_repack_at_load(tmp_path) -> None:
+    model, x = mlp(), torch.randn(6, 64)
+    opt = fxopt.compile(model, (x,), passes=["quantize-weights(bits=4, group_size=32, budget=0.2)"])
+    path = tmp_path / "model.fxopt"
+    fxopt.save(opt, path)
+    saved = sum(f.stat().st_size for f in tmp_path.rglob("*") if f.is_file())
+    assert saved < 0.6 * sum(p.numel() * 4 for p in model.parameters())  # int8 values, not float32
+    loaded = fxopt.load(path)
+    assert len(weight_only_nodes(loaded.graph_module)) == 2
+    with torch.no_grad():
+        expected, got = opt(x), loaded(x)
+    # the loaded model measures its kernels again; two kernels differ by bfloat16 rounding
+    assert float((got - expected).abs().max() / expected.abs().max()) < 0.03
