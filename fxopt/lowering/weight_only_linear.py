@@ -8,7 +8,8 @@ For each Linear shape (out and in features, bits, group, compute dtype, the exam
 candidates that this torch build and device have (:data:`fxopt.kernels.weight_only.PACKED_KERNELS`)
 are packed, checked against the dequantizing reference on a random input, and timed side by
 side with it by the project's one timing loop (:func:`fxopt.latency.measure_side_by_side`) at
-one row (a decode step) and at the example's rows; the least total time wins. Choices are kept
+one row (a decode step) and at the example's rows; the least total time wins (the dequantizing
+op only by a margin, :data:`REFERENCE_MARGIN`). Choices are kept
 per shape for the process. A kernel stage: ``opt.graph_module`` keeps the portable op, whose
 int8 constants are what ``fxopt.save`` writes; the packed layouts are made here, per machine.
 
