@@ -94,8 +94,12 @@ def main() -> None:
         print(f"{name:<24} {decode[name]:>15.2f} {decode['eager'] / decode[name]:>7.2f}x {prefill:>10.1f} "
               f"{timings['eager/prefill'].median / prefill:>7.2f}x {agreement[name]:>11.3f} "
               f"{'yes' if identical[name] else 'no':>9} {graphs:>6}")
-    last = logs["fxopt int8 weight-only"].records[-1]
-    print(f"\nfxopt report of the int8 weight-only decode graph:\n{last.report}")
+    for name, log in logs.items():
+        for record in log.records:
+            kernels = [note for note in record.report.notes if note.startswith("weight-only-linear")]
+            print(f"{name}, graph {record.index} ({', '.join(record.inputs[:1])}): {kernels[0] if kernels else '-'}")
+    decode = next(r for r in logs["fxopt int8 weight-only"].records if r.inputs and r.inputs[0].endswith(", 1]"))
+    print(f"\nfxopt report of the int8 weight-only decode graph:\n{decode.report}")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,8 @@ For each Linear shape (out and in features, bits, group, compute dtype, the exam
 candidates that this torch build and device have (:data:`fxopt.kernels.weight_only.PACKED_KERNELS`)
 are packed, checked against the dequantizing reference on a random input, and timed side by
 side with it by the project's one timing loop (:func:`fxopt.latency.measure_side_by_side`) at
-one row (a decode step) and at the example's rows; the least total time wins (the dequantizing
-op only by a margin, :data:`REFERENCE_MARGIN`). Choices are kept
+one row (a decode step) and at the example's rows; the least total time relative to the fastest
+at each row count wins (the dequantizing op only by a margin, :data:`REFERENCE_MARGIN`). Choices are kept
 per shape for the process. A kernel stage: ``opt.graph_module`` keeps the portable op, whose
 int8 constants are what ``fxopt.save`` writes; the packed layouts are made here, per machine.
 
@@ -124,6 +124,8 @@ def _measure(device: torch.device, q: torch.Tensor, scale: torch.Tensor, zero: t
                 runs[kernel.name] = (packed, qparams)
     if not runs:
         return REFERENCE
+    # Each row count weighs alike (time relative to its fastest candidate): raw times would let
+    # the example's many rows outvote the one-row decode step a dynamic graph also serves.
     total = dict.fromkeys([REFERENCE, *runs], 0.0)
     for count in row_counts:
         x = probe[:count]
@@ -131,7 +133,9 @@ def _measure(device: torch.device, q: torch.Tensor, scale: torch.Tensor, zero: t
         for name, (packed, qparams) in runs.items():
             calls[name] = lambda x=x, name=name, packed=packed, qparams=qparams: kernels.weight_only_linear_packed(
                 x, packed, qparams, None, name, group_size, out_features, dtype)
-        for name, timing in measure_side_by_side(calls, warmup=3, repeats=15).items():
-            total[name] += timing.median
+        timings = measure_side_by_side(calls, warmup=3, repeats=15)
+        fastest = min(timing.median for timing in timings.values())
+        for name, timing in timings.items():
+            total[name] += timing.median / fastest
     packed = min(runs, key=total.__getitem__)
     return REFERENCE if total[REFERENCE] < REFERENCE_MARGIN * total[packed] else packed
