@@ -98,8 +98,8 @@ def main() -> None:
         for record in log.records:
             kernels = [note for note in record.report.notes if note.startswith("weight-only-linear")]
             print(f"{name}, graph {record.index} ({', '.join(record.inputs[:1])}): {kernels[0] if kernels else '-'}")
-    decode = next(r for r in logs["fxopt int8 weight-only"].records if r.inputs and r.inputs[0].endswith(", 1]"))
-    print(f"\nfxopt report of the int8 weight-only decode graph:\n{decode.report}")
+    decode_graph = next(r for r in logs["fxopt int8 weight-only"].records if r.inputs and r.inputs[0].endswith(", 1]"))
+    print(f"\nfxopt report of the int8 weight-only decode graph:\n{decode_graph.report}")
 
 
 if __name__ == "__main__":
