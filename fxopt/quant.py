@@ -80,3 +80,46 @@ def dynamic_tensor_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
     scale = torch.clamp((high - low) / float(UQMAX - UQMIN), min=TENSOR_EPS).float()
     zero_point = (UQMIN - torch.round(low / scale).to(torch.int64)).clamp_(UQMIN, UQMAX)
     return scale, zero_point
+
+
+# Weight-only quantization (the quantize-weights pass and fxopt.kernels.weight_only): the weight
+# is stored as int8 values, one scale per output channel or per group of ``group_size`` input
+# features. 8 bits: symmetric in [-127, 127], W ~ q * s. 4 bits: asymmetric in [0, 15] with an
+# integer zero point per group, W ~ (q - z) * s: the layout of ONNX Runtime's MatMulNBits, kept
+# unpacked (one value per int8) so that a saved model is portable; kernels pack it at lowering.
+WEIGHT_ONLY_BITS = (8, 4)
+
+
+def quantize_weight_groupwise(weight: torch.Tensor, bits: int, group_size: int | None
+                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``(q [out, in] int8, scale [out, groups] float32, zero [out, groups] int8 | None)`` of a
+    2-D ``weight``; ``group_size`` None: one group per output channel (the whole row)."""
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    size = in_features if group_size is None else group_size
+    groups = w.reshape(out_features, in_features // size, size)
+    if bits == 8:
+        scale = groups.abs().amax(dim=-1).clamp(min=1e-12) / WEIGHT_QMAX
+        q = torch.round(groups / scale[..., None]).clamp(-WEIGHT_QMAX, WEIGHT_QMAX)
+        zero = None
+    elif bits == 4:
+        low = groups.amin(dim=-1).clamp(max=0.0)
+        high = groups.amax(dim=-1).clamp(min=0.0)
+        scale = ((high - low) / 15.0).clamp(min=1e-12)
+        zero = torch.round(-low / scale).clamp(0, 15)
+        q = torch.round(groups / scale[..., None] + zero[..., None]).clamp(0, 15)
+        zero = zero.to(torch.int8).contiguous()
+    else:
+        raise ValueError(f"weight-only quantization takes bits in {WEIGHT_ONLY_BITS}, got {bits}")
+    return q.reshape(out_features, in_features).to(torch.int8).contiguous(), scale.contiguous(), zero
+
+
+def dequantize_weight_groupwise(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight ``(q - zero) * scale`` (``zero`` None: 0) that
+    :func:`quantize_weight_groupwise` approximates, in ``dtype``."""
+    out_features, in_features = q.shape
+    groups = q.reshape(out_features, scale.shape[1], -1).to(torch.float32)
+    if zero is not None:
+        groups = groups - zero.to(torch.float32)[..., None]
+    return (groups * scale.to(torch.float32)[..., None]).reshape(out_features, in_features).to(dtype)

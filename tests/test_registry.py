@@ -62,7 +62,7 @@ def test_default_pipeline_is_every_exact_pass_in_order() -> None:
     assert [t.name for t in fxopt.list_passes()] == [
         "remove-dropout", "fold-batchnorm", "swap-activations", "swap-activations-lossy",
         "merge-consecutive", "merge-siblings", "low-rank", "prune-hidden", "cast-bf16", "cast-fp16",
-        "smooth-quant", "quantize-int8", "quantize-attention"]
+        "smooth-quant", "quantize-int8", "quantize-attention", "quantize-weights"]
 
 
 def test_plugin_pass_from_another_package_via_entry_point(tmp_path, monkeypatch) -> None:

@@ -1,0 +1,141 @@
+"""The weight-only Linear lowering: ``fxopt::weight_only_linear`` -> the fastest measured kernel.
+
+    weight_only_linear(x, q, s, z, b, bits, dtype)
+      => weight_only_linear_packed(x, pack(q, s, z), b, kernel, ...)   kernel measured fastest
+      => weight_only_linear(...) as it is (dequantize + F.linear)      when that is fastest
+
+For each Linear shape (out and in features, bits, group, compute dtype, the example's rows) the
+candidates that this torch build and device have (:data:`fxopt.kernels.weight_only.PACKED_KERNELS`)
+are packed, checked against the dequantizing reference on a random input, and timed side by
+side with it by the project's one timing loop (:func:`fxopt.latency.measure_side_by_side`) at
+one row (a decode step) and at the example's rows; the least total time relative to the fastest
+at each row count wins (the dequantizing op only by a margin, :data:`REFERENCE_MARGIN`). Choices are kept
+per shape for the process. A kernel stage: ``opt.graph_module`` keeps the portable op, whose
+int8 constants are what ``fxopt.save`` writes; the packed layouts are made here, per machine.
+
+ONNX: the ``weight-only-matmul-nbits`` lowering (:mod:`fxopt.lowering.weight_only_onnx`) writes
+ONNX Runtime's ``com.microsoft.MatMulNBits`` instead.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxopt.ir import add_constant, constant, is_op, numel_hint, shape_of
+from fxopt.kernels import weight_only as kernels
+from fxopt.latency import measure_side_by_side
+from fxopt.lowering.base import Lowering, LoweringResult
+from fxopt.verify import compare_outputs
+
+REFERENCE = "dequantize"
+# The timing loop runs one Linear over and over, its weight hot in cache; in a model each
+# weight comes from memory once per call, where the packed kernels read 2-8x fewer bytes. So
+# the dequantizing op must be measured this much faster than the best packed kernel to win.
+REFERENCE_MARGIN = 0.9
+# bfloat16 GEMMs of two kernels round their outputs up to a bfloat16 step apart in each layer.
+PARITY_RTOL = {torch.bfloat16: 0.05, torch.float16: 0.05, torch.float32: 1e-3}
+_CHOICES: dict[tuple, str] = {}
+
+
+class WeightOnlyLinear(Lowering):
+    """Weight-only Linears of the quantize-weights pass -> packed library kernels."""
+
+    name = "weight-only-linear"
+    backends = ("eager",)
+    devices = ("cpu", "cuda")
+    stage = "kernel"
+
+    def applies(self, gm: fx.GraphModule) -> bool:
+        return any(is_op(n, kernels.weight_only_linear_op) for n in gm.graph.nodes)
+
+    def lower(self, gm: fx.GraphModule, device: torch.device | None) -> LoweringResult:
+        result = LoweringResult()
+        chosen: dict[str, int] = {}
+        for node in list(gm.graph.nodes):
+            if not is_op(node, kernels.weight_only_linear_op):
+                continue
+            x, q_node, s_node, z_node, bias, bits, dtype = node.args
+            q, scale = constant(gm, q_node), constant(gm, s_node)
+            zero = None if z_node is None else constant(gm, z_node)
+            x_shape = shape_of(x)
+            rows = numel_hint(x_shape[:-1]) if x_shape else 1
+            name = choose_kernel(device, q, scale, zero, bits, dtype, rows)
+            chosen[name] = chosen.get(name, 0) + 1
+            if name == REFERENCE:
+                continue
+            kernel = kernels.PACKED_KERNELS[name]
+            packed, qparams = kernel.pack(q.to(device), scale.to(device), None if zero is None else zero.to(device), dtype)
+            hint = str(q_node.target)
+            packed_node = add_constant(gm, packed, f"{hint}_{name}", before=node)
+            qparams_node = add_constant(gm, qparams, f"{hint}_{name}_qparams", before=node)
+            with gm.graph.inserting_before(node):
+                lowered = gm.graph.call_function(kernels.weight_only_linear_packed_op, (
+                    x, packed_node, qparams_node, bias, name, q.shape[1] // scale.shape[1], q.shape[0], dtype))
+            lowered.meta.update(node.meta)
+            node.replace_all_uses_with(lowered)
+            gm.graph.erase_node(node)
+            result.lowered += 1
+            result.parity_rtol = max(result.parity_rtol or 0.0, PARITY_RTOL.get(dtype, 1e-3))
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+        result.notes.append("weight-only Linears run on " + ", ".join(
+            f"{count}x {name}" for name, count in sorted(chosen.items())) + " (measured fastest per shape)")
+        return result
+
+
+def candidates(device: torch.device, bits: int, group_size: int, in_features: int, out_features: int,
+               dtype: torch.dtype) -> list[kernels.PackedKernel]:
+    """The packed kernels this torch build has for such a Linear on ``device``."""
+    return [k for k in kernels.PACKED_KERNELS.values()
+            if k.takes(bits, group_size, in_features, out_features, device, dtype)]
+
+
+def choose_kernel(device: torch.device, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                  bits: int, dtype: torch.dtype, rows: int) -> str:
+    """The fastest correct kernel for this Linear's shape at 1 and ``rows`` rows (measured once per
+    shape and process): a :data:`PACKED_KERNELS` name, or ``"dequantize"`` (the op as it is)."""
+    out_features, in_features = q.shape
+    group_size = in_features // scale.shape[1]
+    key = (str(device), out_features, in_features, bits, group_size, zero is not None, dtype, rows)
+    if key not in _CHOICES:
+        _CHOICES[key] = _measure(device, q, scale, zero, bits, dtype, sorted({1, max(rows, 1)}))
+    return _CHOICES[key]
+
+
+def _measure(device: torch.device, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+             bits: int, dtype: torch.dtype, row_counts: list[int]) -> str:
+    q, scale = q.to(device), scale.to(device)
+    zero = None if zero is None else zero.to(device)
+    out_features, in_features = q.shape
+    group_size = in_features // scale.shape[1]
+    runs = {}
+    probe = torch.randn(max(row_counts), in_features, device=device)
+    with torch.no_grad():
+        expected = kernels.weight_only_linear(probe, q, scale, zero, None, bits, dtype)
+        for kernel in candidates(device, bits, group_size, in_features, out_features, dtype):
+            try:  # shapes a kernel refuses (out features not a multiple of 16, say) raise here
+                packed, qparams = kernel.pack(q, scale, zero, dtype)
+                got = kernels.weight_only_linear_packed(probe, packed, qparams, None, kernel.name, group_size,
+                                                        out_features, dtype)
+            except RuntimeError:
+                continue
+            if compare_outputs([expected], [got]).within(PARITY_RTOL.get(dtype, 1e-3)):
+                runs[kernel.name] = (packed, qparams)
+    if not runs:
+        return REFERENCE
+    # Each row count weighs alike (time relative to its fastest candidate): raw times would let
+    # the example's many rows outvote the one-row decode step a dynamic graph also serves.
+    total = dict.fromkeys([REFERENCE, *runs], 0.0)
+    for count in row_counts:
+        x = probe[:count]
+        calls = {REFERENCE: lambda x=x: kernels.weight_only_linear(x, q, scale, zero, None, bits, dtype)}
+        for name, (packed, qparams) in runs.items():
+            calls[name] = lambda x=x, name=name, packed=packed, qparams=qparams: kernels.weight_only_linear_packed(
+                x, packed, qparams, None, name, group_size, out_features, dtype)
+        timings = measure_side_by_side(calls, warmup=3, repeats=15)
+        fastest = min(timing.median for timing in timings.values())
+        for name, timing in timings.items():
+            total[name] += timing.median / fastest
+    packed = min(runs, key=total.__getitem__)
+    return REFERENCE if total[REFERENCE] < REFERENCE_MARGIN * total[packed] else packed
