@@ -7,10 +7,10 @@
 For each Linear shape (out and in features, bits, group, compute dtype, the example's rows) the
 candidates that this torch build and device have (:data:`fxopt.kernels.weight_only.PACKED_KERNELS`)
 are packed, checked against the dequantizing reference on a random input, and timed side by
-side with it by the project's one timing loop (:func:`fxopt.latency.measure_side_by_side`) at
-one row (a decode step) and at the example's rows; the least total time relative to the fastest
-at each row count wins (the dequantizing op only by a margin, :data:`REFERENCE_MARGIN`). Choices are kept
-per shape for the process. A kernel stage: ``opt.graph_module`` keeps the portable op, whose
+side with it by the compile's measured choice (:class:`fxopt.pipeline.timings.KernelTimings`,
+the project's one timing loop and its on-disk cache) at one row (a decode step) and at the
+example's rows: the first packed kernel stands unless another candidate is faster by
+:data:`REFERENCE_MARGIN` at both. A kernel stage: ``opt.graph_module`` keeps the portable op, whose
 int8 constants are what ``fxopt.save`` writes; the packed layouts are made here, per machine.
 
 ONNX: the ``weight-only-matmul-nbits`` lowering (:mod:`fxopt.lowering.weight_only_onnx`) writes
@@ -19,23 +19,23 @@ ONNX Runtime's ``com.microsoft.MatMulNBits`` instead.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.fx as fx
 
 from fxopt.ir import add_constant, constant, is_op, numel_hint, shape_of
 from fxopt.kernels import weight_only as kernels
-from fxopt.latency import measure_side_by_side
-from fxopt.lowering.base import Lowering, LoweringResult
+from fxopt.lowering.base import Choose, Lowering, LoweringResult
 from fxopt.verify import compare_outputs
 
 REFERENCE = "dequantize"
 # The timing loop runs one Linear over and over, its weight hot in cache; in a model each
 # weight comes from memory once per call, where the packed kernels read 2-8x fewer bytes. So
-# the dequantizing op must be measured this much faster than the best packed kernel to win.
-REFERENCE_MARGIN = 0.9
+# another candidate must measure this much (a fraction) faster than the first packed kernel.
+REFERENCE_MARGIN = 0.1
 # bfloat16 GEMMs of two kernels round their outputs up to a bfloat16 step apart in each layer.
 PARITY_RTOL = {torch.bfloat16: 0.05, torch.float16: 0.05, torch.float32: 1e-3}
-_CHOICES: dict[tuple, str] = {}
 
 
 class WeightOnlyLinear(Lowering):
@@ -49,7 +49,9 @@ class WeightOnlyLinear(Lowering):
     def applies(self, gm: fx.GraphModule) -> bool:
         return any(is_op(n, kernels.weight_only_linear_op) for n in gm.graph.nodes)
 
-    def lower(self, gm: fx.GraphModule, device: torch.device | None) -> LoweringResult:
+    measured = True
+
+    def lower(self, gm: fx.GraphModule, device: torch.device | None, choose: Choose | None = None) -> LoweringResult:
         result = LoweringResult()
         chosen: dict[str, int] = {}
         for node in list(gm.graph.nodes):
@@ -60,7 +62,7 @@ class WeightOnlyLinear(Lowering):
             zero = None if z_node is None else constant(gm, z_node)
             x_shape = shape_of(x)
             rows = numel_hint(x_shape[:-1]) if x_shape else 1
-            name = choose_kernel(device, q, scale, zero, bits, dtype, rows)
+            name = choose_kernel(device, q, scale, zero, bits, dtype, rows, choose)
             chosen[name] = chosen.get(name, 0) + 1
             if name == REFERENCE:
                 continue
@@ -92,25 +94,19 @@ def candidates(device: torch.device, bits: int, group_size: int, in_features: in
 
 
 def choose_kernel(device: torch.device, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                  bits: int, dtype: torch.dtype, rows: int) -> str:
-    """The fastest correct kernel for this Linear's shape at 1 and ``rows`` rows (measured once per
-    shape and process): a :data:`PACKED_KERNELS` name, or ``"dequantize"`` (the op as it is)."""
-    out_features, in_features = q.shape
-    group_size = in_features // scale.shape[1]
-    key = (str(device), out_features, in_features, bits, group_size, zero is not None, dtype, rows)
-    if key not in _CHOICES:
-        _CHOICES[key] = _measure(device, q, scale, zero, bits, dtype, sorted({1, max(rows, 1)}))
-    return _CHOICES[key]
-
-
-def _measure(device: torch.device, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-             bits: int, dtype: torch.dtype, row_counts: list[int]) -> str:
+                  bits: int, dtype: torch.dtype, rows: int, choose: Choose | None = None) -> str:
+    """The fastest correct kernel for this Linear's shape at 1 and ``rows`` rows: a
+    :data:`PACKED_KERNELS` name, or ``"dequantize"`` (the op as it is). ``choose`` is the
+    compile's measured choice (:class:`fxopt.pipeline.timings.KernelTimings`: timed once per
+    machine and shape, cached on disk); without it, the first packed kernel that is correct."""
+    device = device or torch.device("cpu")
     q, scale = q.to(device), scale.to(device)
     zero = None if zero is None else zero.to(device)
     out_features, in_features = q.shape
     group_size = in_features // scale.shape[1]
+    row_counts = sorted({1, max(rows, 1)})
+    probe = torch.randn(max(row_counts), in_features, generator=torch.Generator().manual_seed(0)).to(device)
     runs = {}
-    probe = torch.randn(max(row_counts), in_features, device=device)
     with torch.no_grad():
         expected = kernels.weight_only_linear(probe, q, scale, zero, None, bits, dtype)
         for kernel in candidates(device, bits, group_size, in_features, out_features, dtype):
@@ -124,18 +120,21 @@ def _measure(device: torch.device, q: torch.Tensor, scale: torch.Tensor, zero: t
                 runs[kernel.name] = (packed, qparams)
     if not runs:
         return REFERENCE
-    # Each row count weighs alike (time relative to its fastest candidate): raw times would let
-    # the example's many rows outvote the one-row decode step a dynamic graph also serves.
-    total = dict.fromkeys([REFERENCE, *runs], 0.0)
-    for count in row_counts:
-        x = probe[:count]
-        calls = {REFERENCE: lambda x=x: kernels.weight_only_linear(x, q, scale, zero, None, bits, dtype)}
-        for name, (packed, qparams) in runs.items():
-            calls[name] = lambda x=x, name=name, packed=packed, qparams=qparams: kernels.weight_only_linear_packed(
-                x, packed, qparams, None, name, group_size, out_features, dtype)
-        timings = measure_side_by_side(calls, warmup=3, repeats=15)
-        fastest = min(timing.median for timing in timings.values())
-        for name, timing in timings.items():
-            total[name] += timing.median / fastest
-    packed = min(runs, key=total.__getitem__)
-    return REFERENCE if total[REFERENCE] < REFERENCE_MARGIN * total[packed] else packed
+    first = next(iter(runs))
+    if choose is None:
+        return first
+
+    def call(name: str) -> Any:
+        if name == REFERENCE:
+            return lambda x: kernels.weight_only_linear(x, q, scale, zero, None, bits, dtype)
+        packed, qparams = runs[name]
+        return lambda x: kernels.weight_only_linear_packed(x, packed, qparams, None, name, group_size,
+                                                           out_features, dtype)
+
+    # The first packed kernel stands unless another (the dequantizing op included) measures
+    # faster by REFERENCE_MARGIN at one row (a decode step) and at the example's rows alike.
+    site = (f"w=({out_features}, {in_features}) bits={bits} group={group_size} zero={zero is not None} "
+            f"{str(dtype).removeprefix('torch.')} rows={'/'.join(map(str, row_counts))} {device.type}")
+    choice = choose("weight-only-linear", site, {name: call(name) for name in [*runs, REFERENCE]},
+                    [[probe[:count]] for count in row_counts], prefer=first, margin=REFERENCE_MARGIN)
+    return choice.name
