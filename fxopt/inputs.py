@@ -16,7 +16,7 @@ from fxopt.errors import InputError
 from fxopt.pipeline.instruments import user_stacklevel
 from fxopt.pipeline.verification import DEFAULT_VERIFY_ROWS, row_slices
 from fxopt.report import Report
-from fxopt.signature import Signature, split_example_inputs
+from fxopt.signature import Signature
 from fxopt.verify import run_graph
 
 
@@ -50,11 +50,7 @@ def calibration_batches(signature: Signature, calibration: Iterable[Any] | None)
         return []
     if isinstance(calibration, torch.Tensor):
         raise InputError("calibration must be an iterable of input tuples, e.g. [(x1,), (x2,)], not one tensor")
-    batches = []
-    for index, batch in enumerate(calibration):
-        args, kwargs = split_example_inputs(batch)
-        batches.append(signature.flatten(args, kwargs, what=f"calibration batch {index}, input"))
-    return batches
+    return signature.flatten_each(calibration, "calibration")
 
 
 def distinct_calibration(example: list[torch.Tensor], calibration: list[list[torch.Tensor]],

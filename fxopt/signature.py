@@ -7,7 +7,7 @@ rejects a wrong input with a one-line error naming it.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +67,12 @@ class Signature:
             check_input(leaf, spec_entry, position, what=what, all_inputs=self.inputs)
             tensors.append(leaf)
         return tensors
+
+    def flatten_each(self, batches: Iterable[Any], what: str) -> list[list[torch.Tensor]]:
+        """:meth:`flatten` of each batch (a tuple of inputs, one tensor, or a dict of keyword
+        inputs), an error naming the batch (``"{what} batch {index}, input"``)."""
+        return [self.flatten(*split_example_inputs(batch), what=f"{what} batch {index}, input")
+                for index, batch in enumerate(batches)]
 
     def unflatten(self, outputs: Sequence[Any]) -> Any:
         return pytree.tree_unflatten(list(outputs), self.out_spec)

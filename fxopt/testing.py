@@ -87,6 +87,19 @@ def run_pass(
     return PassRun(before, stage.gm, stage.records[0], batches, model)
 
 
+def compile_captured(gm: fx.GraphModule, batches: list[list[torch.Tensor]], pipeline: Sequence[Pass], *,
+                     fresh_batches: int = 0, verify_rows: int | None = 2, memory_bound: int | None = None,
+                     backend: str = "eager") -> Any:
+    """``pipeline`` on an already captured graph (``batches``: its flat inputs, the example
+    first, the last ``fresh_batches`` for verification only), lowered to ``backend``: one
+    session's run and lower, as ``fxopt.compile`` does after capture."""
+    options = SessionOptions(verify_rows=verify_rows)
+    if memory_bound is not None:
+        options.memory_bound = memory_bound
+    session = Session.from_graph(gm, batches, Report(), options=options, fresh_batches=fresh_batches)
+    return session.compile(list(pipeline), backend)
+
+
 def assert_outputs_close(actual: Sequence[Any], expected: Sequence[Any], rtol: float | None = None) -> float:
     """Assert two flat output lists agree (default: the dtype's exact tolerance)."""
     comparison = compare_outputs(list(expected), list(actual))

@@ -41,16 +41,15 @@ from fxopt.ir import add_constant, call_nodes, constant, module_path, ops
 from fxopt.ir.qdq import insert_qdq
 from fxopt.lossy import check_search_options
 from fxopt.pass_api import Pass, PassContext, PassResult
-from fxopt.quant import FLOAT_DTYPES, quantize_weight
+from fxopt.quant import quantize_weight
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import (
     EXCLUDED,
     NEEDS_CALIBRATION,
-    UNSUPPORTED_DTYPE,
-    constant_linear,
     finite,
     floating_point,
     large_enough,
+    quantizable_linear,
 )
 
 MIN_FEATURES = 16
@@ -136,12 +135,10 @@ class QuantizeInt8(Pass):
             return Refusal(EXCLUDED, f"module path '{path}' does not match include={self.include!r}")
         if self.exclude and re.search(self.exclude, path):
             return Refusal(EXCLUDED, f"module path '{path}' matches exclude={self.exclude!r}")
-        refusal = constant_linear(gm, node)
+        refusal = quantizable_linear(gm, node)
         if refusal is not None:
             return refusal
         weight = constant(gm, node.args[1])
-        if weight.dtype not in FLOAT_DTYPES:
-            return Refusal(UNSUPPORTED_DTYPE, f"weight dtype {weight.dtype} is not one of float32, float16, bfloat16")
         small_features = None
         if not self.force:
             small_features = large_enough(min(weight.shape), MIN_FEATURES, (

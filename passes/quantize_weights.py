@@ -34,15 +34,14 @@ from fxopt.ir import add_constant, call_nodes, constant, module_path, ops
 from fxopt.kernels.weight_only import weight_only_linear_op
 from fxopt.lossy import BudgetedSearch, Pick, Site, check_search_options
 from fxopt.pass_api import Pass, PassContext, PassResult
-from fxopt.quant import FLOAT_DTYPES, dequantize_weight_groupwise, quantize_weight_groupwise
+from fxopt.quant import dequantize_weight_groupwise, quantize_weight_groupwise
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import (
     EXCLUDED,
     OVER_BUDGET,
-    UNSUPPORTED_DTYPE,
-    constant_linear,
     finite,
     floating_point,
+    quantizable_linear,
 )
 
 INDIVISIBLE_GROUP = "indivisible-group"
@@ -139,12 +138,10 @@ class QuantizeWeights(Pass):
         path = module_path(node)
         if self.exclude and re.search(self.exclude, path):
             return Refusal(EXCLUDED, f"module path '{path}' matches exclude={self.exclude!r}")
-        refusal = constant_linear(gm, node)
+        refusal = quantizable_linear(gm, node)
         if refusal is not None:
             return refusal
         weight = constant(gm, node.args[1])
-        if weight.dtype not in FLOAT_DTYPES:
-            return Refusal(UNSUPPORTED_DTYPE, f"weight dtype {weight.dtype} is not one of float32, float16, bfloat16")
         in_features = weight.shape[1]
         for _, group in self.levels:
             if group is not None and in_features % group:

@@ -21,6 +21,7 @@ from fxopt.pipeline import PassInstrument, PassManager, reference_outputs
 from fxopt.pipeline.verification import row_slices
 from fxopt.registry import default_pipeline
 from fxopt.session import pass_context
+from fxopt.testing import compile_captured
 from fxopt.verify import ReusingRunner, compare_outputs, run_graph
 
 
@@ -450,15 +451,3 @@ def test_kept_values_stay_within_their_memory_bound(monkeypatch: pytest.MonkeyPa
     assert unbounded["quantize-int8"].status == bounded["quantize-int8"].status == "applied"
     assert unbounded["quantize-int8"].max_rel_err == pytest.approx(bounded["quantize-int8"].max_rel_err)
     assert unbounded["quantize-int8"].details == bounded["quantize-int8"].details
-
-
-def compile_captured(gm, batches, pipeline, *, fresh_batches=0, verify_rows=2, memory_bound=None):
-    """A pipeline on an already captured graph, lowered to eager: one session's run and lower."""
-    from fxopt.report import Report
-    from fxopt.session import Session, SessionOptions
-
-    options = SessionOptions(verify_rows=verify_rows)
-    if memory_bound is not None:
-        options.memory_bound = memory_bound
-    session = Session.from_graph(gm, batches, Report(), options=options, fresh_batches=fresh_batches)
-    return session.compile(pipeline, "eager")

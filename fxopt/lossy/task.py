@@ -369,7 +369,6 @@ def task_budget(gm: Any, signature: Any, data: Any, metric: Any, max_drop: Any,
 
 def _agreement_inputs(signature: Any, agreement_data: Any, metric: Metric, confidence: float | None) -> list[Any]:
     """``agreement_data`` (input batches, or a callable returning them) flattened like the inputs."""
-    from fxopt.capture import split_example_inputs
     from fxopt.errors import InputError
 
     if agreement_data is None:
@@ -382,10 +381,7 @@ def _agreement_inputs(signature: Any, agreement_data: Any, metric: Metric, confi
         agreement_data = agreement_data()
     if isinstance(agreement_data, torch.Tensor):
         raise InputError("agreement_data must be an iterable of input batches, not one tensor")
-    flat = []
-    for index, batch in enumerate(agreement_data):
-        args, kwargs = split_example_inputs(batch)
-        flat.append(signature.flatten(args, kwargs, what=f"agreement_data batch {index}, input"))
+    flat = signature.flatten_each(agreement_data, "agreement_data")
     if not flat:
         raise InputError("agreement_data is empty: give at least one batch of inputs, or leave it out")
     return flat

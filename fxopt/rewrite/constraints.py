@@ -94,6 +94,20 @@ def constant_linear(gm: fx.GraphModule, *linears: fx.Node) -> Refusal | None:
     return None
 
 
+def quantizable_linear(gm: fx.GraphModule, linear: fx.Node) -> Refusal | None:
+    """The Linear's weight and bias are constants (:func:`constant_linear`) and its weight is
+    float32, float16 or bfloat16: what a quantizing rewrite reads."""
+    from fxopt.quant import FLOAT_DTYPES
+
+    refusal = constant_linear(gm, linear)
+    if refusal is not None:
+        return refusal
+    weight = constant(gm, linear.args[1])
+    if weight.dtype not in FLOAT_DTYPES:
+        return Refusal(UNSUPPORTED_DTYPE, f"weight dtype {weight.dtype} is not one of float32, float16, bfloat16")
+    return None
+
+
 def constant_or_absent(gm: fx.GraphModule, *nodes: fx.Node | None, what: str = "the weights") -> Refusal | None:
     """Each of ``nodes`` is a constant tensor or absent (None, an optional argument)."""
     if all(n is None or constant(gm, n) is not None for n in nodes):

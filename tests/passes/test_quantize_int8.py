@@ -13,7 +13,7 @@ from fxopt.errors import CaptureError, InputError, PassOptionError
 from fxopt.ir import constants, ops
 from fxopt.ir.qdq import qops
 from fxopt.pass_api import PassContext
-from fxopt.testing import assert_idempotent, assert_skipped, run_pass
+from fxopt.testing import assert_idempotent, assert_skipped, compile_captured, run_pass
 
 
 def mlp(*sizes: int) -> torch.nn.Module:
@@ -404,15 +404,3 @@ def test_static_scales_observe_each_batch_once_or_read_the_reference_runs_values
     committed, fitted = observe_scales(pass_, gm, [node], PassContext(batches=[[x], [first], [second], [fresh]], fresh_batches=1))
     assert sorted(runs) == [5, 6, 8]
     assert committed[node.name] == pytest.approx(scale(seen)) and fitted[node.name] == pytest.approx(scale(fit))
-
-
-def compile_captured(gm, batches, pipeline, *, fresh_batches=0, verify_rows=2, memory_bound=None):
-    """A pipeline on an already captured graph, lowered to eager: one session's run and lower."""
-    from fxopt.report import Report
-    from fxopt.session import Session, SessionOptions
-
-    options = SessionOptions(verify_rows=verify_rows)
-    if memory_bound is not None:
-        options.memory_bound = memory_bound
-    session = Session.from_graph(gm, batches, Report(), options=options, fresh_batches=fresh_batches)
-    return session.compile(pipeline, "eager")
