@@ -39,8 +39,8 @@ def _load_and_run(path: Path, inputs: Path) -> str:
 @pytest.mark.parametrize(
     ("backend", "passes"),
     [("eager", ["remove-dropout"]), ("eager", ["remove-dropout", "quantize-int8"]), ("onnx", ["remove-dropout"]),
-     ("openvino", ["remove-dropout", "quantize-int8"])],
-    ids=["eager", "eager-int8", "onnx", "openvino-int8"],
+     ("openvino", ["remove-dropout", "quantize-int8"]), ("inductor", ["remove-dropout"])],
+    ids=["eager", "eager-int8", "onnx", "openvino-int8", "inductor"],
 )
 def test_save_and_load_in_a_fresh_process(tmp_path: Path, backend: str, passes: list[str]) -> None:
     if backend == "onnx":
