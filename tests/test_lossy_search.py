@@ -366,3 +366,20 @@ def test_starting_values_come_from_the_one_run_of_the_starting_graph_the_trials_
     assert search._runner.computed == computed and search.trials == trials
     search.error({order[-1]: 0.5})
     assert search._runner.computed - computed < len(gm.graph.nodes)  # only the nodes that changed
+
+
+def test_one_retry_policy_serves_the_search_and_the_manager() -> None:
+    """The held-out retry of the search and the unseen-data retry of the manager read one
+    policy object: its targets are the ones they aim at."""
+    import fxopt.lossy.search as search
+    import fxopt.pipeline.manager as manager
+    from fxopt.lossy.retry import RETRY, RetryPolicy
+
+    assert search.RETRY is RETRY and manager.RETRY is RETRY
+    assert RETRY.after_heldout(0.1) == pytest.approx(0.05)
+    # fitted at 0.02 under a 0.05 budget, 0.08 on unseen data: aim 4x lower than the fitted error
+    assert RETRY.after_unseen(0.05, 0.08, 0.02) == pytest.approx(0.05 * 0.02 / 0.08 * 0.9)
+    # the fitted batches over budget too: aim below the budget by the same ratio
+    assert RETRY.after_unseen(0.05, 0.2, 0.1) == pytest.approx(0.05 * 0.05 / 0.2 * 0.9)
+    assert RETRY.after_unseen(0.05, 0.0, 0.0) == 0.0
+    assert RetryPolicy(heldout_share=0.25).after_heldout(0.1) == pytest.approx(0.025)

@@ -21,7 +21,7 @@ Held-out verification: the batches (example inputs first, then calibration batch
 split: even positions fit (the choice is made on them), odd positions are held out. The
 chosen combination must also stay within the budget on the held-out batches. When it does
 not, the fit batches did not represent the data: the strategy runs again measuring on
-every batch, with ``RETRY_SHARE`` of the budget as a margin for what is still unseen, and
+every batch, with half the budget (:mod:`fxopt.lossy.retry`) as a margin for what is still unseen, and
 the outcome says so (``retried``). Both errors are reported. With one batch (no
 calibration) nothing is held out, and ``heldout_error`` is None.
 
@@ -62,6 +62,7 @@ from typing import Any
 import torch.fx as fx
 
 from fxopt.ir import copy_graph_module
+from fxopt.lossy.retry import RETRY
 from fxopt.lossy.sites import (  # noqa: F401 - part of this module's interface
     STRATEGIES,
     Choices,
@@ -85,7 +86,6 @@ Apply = Callable[[fx.GraphModule, Choices], fx.GraphModule]
 
 log = logging.getLogger("fxopt.lossy")
 
-RETRY_SHARE = 0.5  # of the budget, for the choice made on every batch after a held-out failure
 FIT, HELD_OUT, ALL = "fit", "held-out", "all"
 
 
@@ -448,7 +448,7 @@ class BudgetedSearch:
 
     def run(self) -> Outcome:
         """Choose on the fit batches and verify on the held-out ones; when the held-out error is
-        over budget, choose again on every batch with ``RETRY_SHARE`` of the budget."""
+        over budget, choose again on every batch aiming at :data:`fxopt.lossy.retry.RETRY`'s target."""
         strategy = self.equal_share if self.strategy == "equal-share" else self.sensitivity
         choices, picks, refused = strategy(self.budget)
         fitted = self.error(choices)
@@ -462,7 +462,7 @@ class BudgetedSearch:
             return self._outcome(choices, picks, refused, fitted, heldout, False)
         # The fit batches under-represent the data: the held-out ones join the choice, and a
         # margin stands in for the unseen data that is now missing.
-        target = self.budget * RETRY_SHARE
+        target = RETRY.after_heldout(self.budget)
         self.step("retry", heldout=heldout, measured_on="every batch", target=target)
         self._split = ALL
         try:

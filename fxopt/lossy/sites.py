@@ -61,7 +61,7 @@ class Pick:
     tried: Level | None = None
     target: float = 0.0
     # The batches ``error`` is over: "fit", or "all" when the choice fitted on half the batches
-    # failed on the held-out half and the search chose again on every batch (target: RETRY_SHARE).
+    # failed on the held-out half and the search chose again on every batch (target: fxopt.lossy.retry.RETRY.after_heldout).
     split: str = "fit"
     reason: str | None = None  # a chooser's own explanation of a refusal
     others: int = 0  # how many other sites were already changed when this was measured

@@ -25,6 +25,7 @@ import torch.fx as fx
 
 from fxopt.errors import InputError, PassFailedError
 from fxopt.ir import copy_graph_module
+from fxopt.lossy.retry import RETRY
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.phases import phase
 from fxopt.pipeline.checks import (
@@ -51,8 +52,6 @@ from fxopt.verify import ReusingRunner, run_graph, same_inputs
 
 log = logging.getLogger("fxopt")
 
-# A lossy pass retried after going over its budget aims this far below what would have fit.
-RETRY_MARGIN = 0.9
 
 
 def reference_outputs(gm: fx.GraphModule, batches: list[list[torch.Tensor]], start: int = 0) -> list[list[Any]]:
@@ -286,8 +285,8 @@ class PassManager:
             return kept
         error, budget, example_error = over
         # The choice was made on batches like the example inputs: aim lower by as much as the
-        # others measured worse than those (or than the budget, if the example was over too).
-        target = budget * min(budget, max(example_error, 0.0)) / error * RETRY_MARGIN
+        # others measured worse than those (the one retry policy, fxopt.lossy.retry).
+        target = RETRY.after_unseen(budget, error, example_error)
         if not target > 0.0:
             return kept
         first = step.record.message
