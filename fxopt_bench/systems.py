@@ -63,6 +63,7 @@ class Prepared:
     weight_bytes: int | None
     note: str = ""
     flops: int | None = None  # None: the model's own (unchanged) FLOPs
+    kernels: list[dict[str, Any]] | None = None  # fxopt's kernel choices (report.kernels); None for peers
 
 
 @dataclass
@@ -510,7 +511,7 @@ def _fxopt(passes: Callable[[], list[Any]] | None = None, backend: str = "eager"
         seconds = time.perf_counter() - start
         report = opt.report
         return Prepared(lambda: opt(*ctx.inputs), seconds, report.final.params, report.final.weight_bytes,
-                        pipeline_note(report, lossy), report.final.flops)
+                        pipeline_note(report, lossy), report.final.flops, list(report.kernels))
 
     return build
 
