@@ -101,7 +101,7 @@ def test_vit_and_t5_run_under_fxopt_and_the_kernel_choices_are_printed(tmp_path,
         assert eager["kernels"] is None  # not an fxopt system: no choices, no line
         assert fx["kernels"] and all(k["source"] == "default" for k in fx["kernels"])
     out = capsys.readouterr().out
-    lines = [line.strip() for line in out.splitlines() if " / " in line]
+    lines = [line.strip() for line in out.split("kernel choices")[1].splitlines()[1:] if " / " in line]
     assert [line.split(":")[0] for line in lines] == ["fxopt / vit", "fxopt / t5"]
     for line, model in zip(lines, ("vit", "t5")):
         choices = rows["fxopt", model]["kernels"]
