@@ -38,6 +38,7 @@ class Row:
 
     ``speedup_low``/``speedup_high`` bound the speedup by the two systems' quartiles
     (:class:`fxopt_bench.timing.Speedup`); ``within_noise`` says that range reaches 1.00x.
+    ``kernels``: an fxopt system's kernel choices (its report's ``kernels``), None for the others.
     """
 
     system: str

@@ -81,6 +81,7 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys) -> None:
     markdown = md_path.read_text()
     assert "| system | model | median ms |" in markdown and "| fxopt | mlp |" in markdown
     assert "fxopt bench" in markdown  # the command that reproduces it
+    assert "Kernel choices:" in markdown and "- fxopt / mlp: " in markdown and "- eager / mlp" not in markdown
     out = capsys.readouterr()
     assert "speedup" in out.out and "[bench" in out.err
 
