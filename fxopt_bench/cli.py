@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from fxopt_bench.output import (
+    format_kernels,
     format_machine,
     format_scale,
     format_table,
@@ -61,6 +62,10 @@ def run_bench_cli(args: Any) -> int:
     if result["rows"]:
         print(format_table(result["rows"]))
         print(SPREAD_LEGEND)
+        kernels = format_kernels(result["rows"])
+        if kernels:
+            print("kernel choices (op: sites per chosen kernel):")
+            print("\n".join(f"  {line}" for line in kernels))
     if result["scale"]:
         print(format_scale(result["scale"]))
     command = ("fxopt bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"]

@@ -125,6 +125,43 @@ def build_gpt2(quick: bool = False) -> tuple[nn.Module, tuple[torch.Tensor, ...]
     return model, (ids,)
 
 
+def build_vit(quick: bool = False) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """ViTModel(hidden 768, 4 layers, 12 heads, intermediate 3072), batch 8 of 3 x 224 x 224,
+    patch 16 (197 tokens); quick: 128 wide, 2 layers, batch 2 of 3 x 64 x 64 (17 tokens)."""
+    from transformers import ViTConfig, ViTModel
+
+    torch.manual_seed(0)
+    if quick:
+        config = ViTConfig(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=512, image_size=64, patch_size=16)
+        batch = 2
+    else:
+        config = ViTConfig(hidden_size=768, num_hidden_layers=4, num_attention_heads=12,
+                           intermediate_size=3072, image_size=224, patch_size=16)
+        batch = 8
+    model = ViTModel(config).eval()
+    pixels = torch.randn(batch, 3, config.image_size, config.image_size, generator=torch.Generator().manual_seed(0))
+    return model, (pixels,)
+
+
+def build_t5(quick: bool = False) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """T5EncoderModel (the encoder only: one forward pass), d_model 512, 4 layers, 8 heads,
+    d_ff 2048, batch 8 x 128; quick: d_model 128, 2 layers, 4 heads, batch 2 x 32."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    if quick:
+        config = T5Config(d_model=128, d_kv=32, d_ff=512, num_layers=2, num_heads=4, vocab_size=1000,
+                          use_cache=False)
+        batch, seq = 2, 32
+    else:
+        config = T5Config(d_model=512, d_kv=64, d_ff=2048, num_layers=4, num_heads=8, use_cache=False)
+        batch, seq = 8, 128
+    model = T5EncoderModel(config).eval()
+    ids = torch.randint(0, config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    return model, (ids,)
+
+
 class DLRM(nn.Module):
     """DLRM-style: a bottom MLP over dense features, embedding lookups for sparse ones,
     interaction by concatenation, a top MLP to one logit."""
@@ -162,5 +199,7 @@ MODELS: dict[str, BenchModel] = {
     "bert": BenchModel("bert", "BertModel 768 wide, 4 layers, batch 8 x 128", build_bert),
     "llama": BenchModel("llama", "LlamaModel 768 wide, 4 layers, GQA 12/4 heads, batch 4 x 128", build_llama),
     "gpt2": BenchModel("gpt2", "GPT2Model 768 wide, 4 layers, batch 4 x 128", build_gpt2),
+    "vit": BenchModel("vit", "ViTModel 768 wide, 4 layers, batch 8 of 224 x 224 images, patch 16", build_vit),
+    "t5": BenchModel("t5", "T5EncoderModel 512 wide, 4 layers, 8 heads, batch 8 x 128", build_t5),
     "dlrm": BenchModel("dlrm", "DLRM-style: bottom MLP, 8 embedding tables, top MLP, batch 256", build_dlrm),
 }

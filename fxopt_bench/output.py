@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,30 @@ def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
             f"{r['flops'] / 1e9:.3g}" if r.get("flops") is not None else "-", r["note"],
         ])
     return _table(header, body, markdown)
+
+
+def format_kernels(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per fxopt row: its kernel choices (``report.kernels``) grouped by op, each
+    chosen kernel with the number of sites that run it, and where the choices came from
+    when not all were measured by this compile, e.g.
+    ``fxopt / bert: onednn-linear 12x onednn, 4x aten; whole-graph 1x lowered``."""
+    lines = []
+    for r in rows:
+        if r.get("kernels") is None:
+            continue
+        by_op: dict[str, Counter[str]] = {}
+        sources: dict[str, Counter[str]] = {}
+        for choice in r["kernels"]:
+            by_op.setdefault(choice["op"], Counter())[choice["chosen"]] += 1
+            sources.setdefault(choice["op"], Counter())[choice.get("source", "measured")] += 1
+        parts = []
+        for op, chosen in by_op.items():
+            text = f"{op} " + ", ".join(f"{count}x {name}" for name, count in chosen.most_common())
+            if set(sources[op]) != {"measured"}:
+                text += " (" + ", ".join(f"{count} {source}" for source, count in sources[op].most_common()) + ")"
+            parts.append(text)
+        lines.append(f"{r['system']} / {r['model']}: " + ("; ".join(parts) if parts else "no kernel choices"))
+    return lines
 
 
 def format_speedup(row: dict[str, Any]) -> str:
@@ -81,6 +106,9 @@ def write_markdown(result: dict[str, Any], path: str | Path, command: str, date:
     parts = [*when, f"Machine: {format_machine(result['machine'])}", "", f"Command: `{command}`", ""]
     if result["rows"]:
         parts += [format_table(result["rows"], markdown=True), "", SPREAD_LEGEND, ""]
+        kernels = format_kernels(result["rows"])
+        if kernels:
+            parts += ["Kernel choices:", "", *(f"- {line}" for line in kernels), ""]
     if result["scale"]:
         parts += [format_scale(result["scale"], markdown=True), ""]
     Path(path).write_text("\n".join(parts))

@@ -29,7 +29,7 @@ from fxopt_bench.timing import Timing, measure_side_by_side, speedup
 
 ROW_FIELDS = ("system", "model", "median_ms", "speedup_vs_eager", "max_rel_err", "compile_s",
               "params", "weight_bytes", "flops", "status", "note", "q1_ms", "q3_ms",
-              "speedup_low", "speedup_high", "within_noise", "max_abs_err")
+              "speedup_low", "speedup_high", "within_noise", "max_abs_err", "kernels")
 
 
 @dataclass
@@ -38,6 +38,7 @@ class Row:
 
     ``speedup_low``/``speedup_high`` bound the speedup by the two systems' quartiles
     (:class:`fxopt_bench.timing.Speedup`); ``within_noise`` says that range reaches 1.00x.
+    ``kernels``: an fxopt system's kernel choices (its report's ``kernels``), None for the others.
     """
 
     system: str
@@ -57,6 +58,7 @@ class Row:
     speedup_high: float | None = None
     within_noise: bool | None = None
     max_abs_err: float | None = None
+    kernels: list[dict[str, Any]] | None = None  # fxopt's kernel choices (report.kernels); None for peers
 
 
 @dataclass
@@ -158,7 +160,7 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...
             row = Row(system_name, name, compile_s=ready.compile_s, params=ready.params,
                       weight_bytes=ready.weight_bytes, note=ready.note,
                       flops=ready.flops if ready.flops is not None else ctx.model_flops(),
-                      max_abs_err=max_abs, max_rel_err=max_rel)
+                      max_abs_err=max_abs, max_rel_err=max_rel, kernels=ready.kernels)
             if mismatch:
                 row.note = (row.note + "; " if row.note else "") + mismatch
             rows[system_name] = row

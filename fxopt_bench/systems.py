@@ -36,6 +36,7 @@ import importlib.util
 import io
 import json
 import logging
+import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -63,6 +64,7 @@ class Prepared:
     weight_bytes: int | None
     note: str = ""
     flops: int | None = None  # None: the model's own (unchanged) FLOPs
+    kernels: list[dict[str, Any]] | None = None  # fxopt's kernel choices (report.kernels); None for peers
 
 
 @dataclass
@@ -116,7 +118,9 @@ class BenchContext:
                 with _quiet():
                     torch.onnx.export(self.model, self.inputs, str(path), dynamo=True, verbose=False)
             except Exception as exc:
-                raise Unavailable(f"torch.onnx.export failed: {first_line(exc)}") from exc
+                cause = exc.__cause__  # the exporter's first line is generic; its cause says what failed
+                detail = f" ({type(cause).__name__}: {first_line(cause)})" if cause is not None else ""
+                raise Unavailable(f"torch.onnx.export failed: {first_line(exc)}{detail}") from exc
             return path
 
         return self.shared("onnx-fp32", export)
@@ -510,7 +514,7 @@ def _fxopt(passes: Callable[[], list[Any]] | None = None, backend: str = "eager"
         seconds = time.perf_counter() - start
         report = opt.report
         return Prepared(lambda: opt(*ctx.inputs), seconds, report.final.params, report.final.weight_bytes,
-                        pipeline_note(report, lossy), report.final.flops)
+                        pipeline_note(report, lossy), report.final.flops, list(report.kernels))
 
     return build
 
@@ -723,8 +727,11 @@ def openvino_cost(model: Any) -> tuple[int, int]:
 
 # ---------------------------------------------------------------- helpers
 
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")  # the colours some exporters put in their messages
+
+
 def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
+    text = ANSI_ESCAPE.sub("", str(exc)).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 

@@ -4,6 +4,7 @@ the JSON/markdown outputs, the spread of every ratio (no speed is asserted)."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import fields
 
 import pytest
@@ -80,8 +81,46 @@ def test_cli_writes_json_and_markdown(tmp_path, capsys) -> None:
     markdown = md_path.read_text()
     assert "| system | model | median ms |" in markdown and "| fxopt | mlp |" in markdown
     assert "fxopt bench" in markdown  # the command that reproduces it
+    assert "Kernel choices:" in markdown and "- fxopt / mlp: " in markdown and "- eager / mlp" not in markdown
     out = capsys.readouterr()
     assert "speedup" in out.out and "[bench" in out.err
+
+
+def test_vit_and_t5_run_under_fxopt_and_the_kernel_choices_are_printed(tmp_path, capsys) -> None:
+    pytest.importorskip("transformers")
+    json_path = tmp_path / "bench.json"
+    # The test run sets FXOPT_MEASURE=0 (conftest): every choice is the default, not measured.
+    code = main(["bench", "--models", "vit,t5", "--quick", "--systems", "eager,fxopt",
+                 "--repeats", "1", "--warmup", "0", "--json", str(json_path)])
+    assert code == 0
+    rows = {(r["system"], r["model"]): r for r in json.loads(json_path.read_text())["rows"]}
+    assert set(rows) == {(s, m) for s in ("eager", "fxopt") for m in ("vit", "t5")}
+    for model in ("vit", "t5"):
+        eager, fx = rows["eager", model], rows["fxopt", model]
+        assert eager["status"] == fx["status"] == "ok", fx["note"]
+        assert fx["max_rel_err"] < 1e-4 and fx["flops"] == eager["flops"] > 0
+        assert eager["kernels"] is None  # not an fxopt system: no choices, no line
+        assert fx["kernels"] and all(k["source"] == "default" for k in fx["kernels"])
+    out = capsys.readouterr().out
+    lines = [line.strip() for line in out.split("kernel choices")[1].splitlines()[1:] if " / " in line]
+    assert [line.split(":")[0] for line in lines] == ["fxopt / vit", "fxopt / t5"]
+    for line, model in zip(lines, ("vit", "t5")):
+        choices = rows["fxopt", model]["kernels"]
+        assert sum(int(n) for n in re.findall(r"(\d+)x ", line)) == len(choices)  # every site counted once
+        assert sum(int(n) for n in re.findall(r"(\d+) default", line)) == len(choices)
+        assert f"{choices[0]['op']} " in line
+
+
+def test_kernel_choices_are_grouped_by_op_and_kernel() -> None:
+    choices = [{"op": "onednn-linear", "site": str(i), "chosen": name, "source": "measured", "times": {}}
+               for i, name in enumerate(["onednn"] * 3 + ["aten"])]
+    choices.append({"op": "whole-graph", "site": "g", "chosen": "lowered", "source": "cache", "times": {}})
+    rows = [bench.Row("fxopt", "bert", kernels=choices).__dict__, bench.Row("eager", "bert").__dict__,
+            bench.Row("fxopt-onnx", "bert", kernels=[]).__dict__]
+    assert output.format_kernels(rows) == [
+        "fxopt / bert: onednn-linear 3x onednn, 1x aten; whole-graph 1x lowered (1 cache)",
+        "fxopt-onnx / bert: no kernel choices",
+    ]
 
 
 def test_cli_rejects_unknown_names() -> None:
