@@ -132,13 +132,17 @@ def run_generate(quick: bool = False, systems: list[str] | None = None, repeats:
             options = dict(compile_args.get("options", {}))
             if compile_args["backend"] == "fxopt":
                 rows[name].log = options["log"] = CompileLog()
-            lm.forward = torch.compile(lm.forward, backend=compile_args["backend"], options=options or None)
+            try:
+                lm.forward = torch.compile(lm.forward, backend=compile_args["backend"], options=options or None)
+            except Exception as exc:  # noqa: BLE001 -- an unknown or missing backend is a row with its reason
+                rows[name].status, rows[name].note = "failed", _reason(exc)
+                continue
         models[name] = lm
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         expected = generate(reference, size.new)
         want = reference(expected).logits.argmax(-1)[:, size.prompt - 1:-1]
-        for name in names:
+        for name in list(models):
             row, lm = rows[name], models[name]
             progress(f"{name}: compiling and checking")
             try:
