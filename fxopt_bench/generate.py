@@ -133,7 +133,8 @@ def run_generate(quick: bool = False, systems: list[str] | None = None, repeats:
             if compile_args["backend"] == "fxopt":
                 rows[name].log = options["log"] = CompileLog()
             try:
-                lm.forward = torch.compile(lm.forward, backend=compile_args["backend"], options=options or None)
+                lm.forward = torch.compile(lm.forward, backend=compile_args["backend"], options=options or None,
+                                           dynamic=True)
             except Exception as exc:  # noqa: BLE001 -- an unknown or missing backend is a row with its reason
                 rows[name].status, rows[name].note = "failed", _reason(exc)
                 continue
