@@ -1,7 +1,8 @@
 """``fxopt bench --task generate``: a Llama's ``generate()`` through ``torch.compile``.
 
-Every system compiles ``lm.forward`` of its own copy of one random-weight Llama (eager runs
-it as is), generates once to compile its prefill and decode graphs, and then all systems are
+Every system compiles ``lm.forward`` of its own copy of one random-weight Llama with
+``dynamic=True`` (eager runs it as is; dynamic, so decode is one graph from its first step),
+generates once to compile its prefill and decode graphs, and then all systems are
 timed interleaved (:func:`fxopt_bench.timing.measure_side_by_side`): a full generation of
 ``new`` tokens and a one-token generation (the prefill). Decode ms/token is their difference
 over ``new - 1`` tokens. Quality is the teacher-forced top-1 agreement with eager on the
