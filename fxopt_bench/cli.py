@@ -89,6 +89,9 @@ def _run_generate_cli(args: Any) -> int:
     if args.device != "cpu":
         print("fxopt bench: --task generate runs on the CPU only", file=sys.stderr)
         return 2
+    if args.markdown or args.plot:
+        print("fxopt bench: --task generate writes --json only (no --markdown or --plot)", file=sys.stderr)
+        return 2
     systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
     start = time.perf_counter()
 

@@ -347,3 +347,4 @@ def test_generate_task_reports_a_failing_system_as_a_row(monkeypatch: pytest.Mon
     assert rows[0].status == "ok" and rows[0].prefill_ms is not None
     assert rows[1].status == "failed" and "no-such-backend" in rows[1].note
     assert main(["bench", "--task", "generate", "--systems", "eager,warp-drive"]) == 2
+    assert main(["bench", "--task", "generate", "--markdown", "out.md"]) == 2
