@@ -153,6 +153,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls per system (default 3, quick 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="threads for every system alike: PyTorch, ONNX Runtime, OpenVINO, CTranslate2 (default: PyTorch's default)")
+    p.add_argument("--task", default="latency", choices=["latency", "generate"],
+                   help="latency (default): one forward per model; generate: a random Llama's generate() "
+                        "through torch.compile, prefill and decode ms/token per system (--systems from eager, "
+                        "inductor, fxopt, fxopt-int8-weights, fxopt-int4-weights)")
     p.add_argument("--compile-time", action="store_true",
                    help="instead of latency: fxopt.compile's time and its per-phase breakdown for the lossless "
                         "pipeline, per-tensor int8 and the presets (--models, default bert; one thread unless --threads)")

@@ -48,6 +48,8 @@ def run_bench_cli(args: Any) -> int:
         return 0
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+    if getattr(args, "task", "latency") == "generate":
+        return _run_generate_cli(args)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
     config = BenchConfig(models=models, systems=systems, quick=args.quick, device=args.device,
@@ -80,4 +82,39 @@ def run_bench_cli(args: Any) -> int:
     if args.plot:
         write_plot(result, args.plot)
         print(f"plot written to {args.plot}")
+    return 0
+
+
+def _run_generate_cli(args: Any) -> int:
+    from dataclasses import asdict
+
+    from fxopt_bench.generate import FULL, QUICK, format_generate, run_generate
+    from fxopt_bench.run import machine_info
+
+    if args.device != "cpu":
+        print("fxopt bench: --task generate runs on the CPU only", file=sys.stderr)
+        return 2
+    if args.markdown or args.plot:
+        print("fxopt bench: --task generate writes --json only (no --markdown or --plot)", file=sys.stderr)
+        return 2
+    systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:
+        print(f"[bench {time.perf_counter() - start:6.1f}s] {message}", file=sys.stderr, flush=True)
+
+    try:
+        rows = run_generate(quick=args.quick, systems=systems, repeats=getattr(args, "repeats", None),
+                            warmup=getattr(args, "warmup", None), progress=progress)
+    except ValueError as exc:
+        print(f"fxopt bench: {exc}", file=sys.stderr)
+        return 2
+    machine = machine_info("cpu")
+    print(f"machine: {format_machine(machine)}")
+    print(format_generate(rows, QUICK if args.quick else FULL))
+    if args.json:
+        records = [{k: v for k, v in asdict(row).items() if k != "log"} for row in rows]
+        Path(args.json).write_text(json.dumps(json_safe({"machine": machine, "generate": records}), indent=2,
+                                              allow_nan=False))
+        print(f"JSON written to {args.json}")
     return 0

@@ -348,3 +348,42 @@ def test_compile_time_cases_report_their_phases_and_calibrate_when_asked(monkeyp
     assert "calibration" not in lossless and len(int8_calibrated["calibration"]) == 1
     with pytest.raises(ValueError, match="unknown case"):
         compile_time.run_compile_time(["mlp"], ["no-such-case"], quick=True)
+
+
+def test_generate_task_times_prefill_and_decode_and_checks_tokens(tmp_path, capsys) -> None:
+    pytest.importorskip("transformers")
+    torch._dynamo.reset()
+    json_path = tmp_path / "generate.json"
+    code = main(["bench", "--task", "generate", "--quick", "--systems", "eager,fxopt", "--repeats", "1",
+                 "--warmup", "0", "--json", str(json_path)])
+    torch._dynamo.reset()
+    assert code == 0
+    data = json.loads(json_path.read_text())
+    rows = {row["system"]: row for row in data["generate"]}
+    assert list(rows) == ["eager", "fxopt"]
+    for row in rows.values():
+        assert row["status"] == "ok", row["note"]
+        assert row["prefill_ms"] > 0 and row["decode_ms_per_token"] is not None
+        assert row["generate_low"] <= row["generate_vs_eager"] <= row["generate_high"]
+    assert rows["eager"]["identical"] and rows["eager"]["top1_agreement"] == 1.0
+    # lossless: the same tokens as eager, every graph optimized (no "unoptimized" note)
+    assert rows["fxopt"]["identical"] and rows["fxopt"]["top1_agreement"] == 1.0
+    assert rows["fxopt"]["note"] == "" and 2 <= rows["fxopt"]["graphs"] <= 4
+    # the lossless graph's frozen tensors: the parameters plus the rotary embedding's buffer
+    assert 0 <= rows["fxopt"]["weight_bytes"] - rows["eager"]["weight_bytes"] < 0.01 * rows["eager"]["weight_bytes"]
+    out = capsys.readouterr().out
+    assert "decode ms/tok" in out and "fxopt" in out
+
+
+def test_generate_task_reports_a_failing_system_as_a_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("transformers")
+    from fxopt_bench import generate
+
+    monkeypatch.setitem(generate.GENERATE_SYSTEMS, "inductor", {"backend": "no-such-backend"})
+    torch._dynamo.reset()
+    rows = generate.run_generate(quick=True, systems=["eager", "inductor"], repeats=1, warmup=0)
+    torch._dynamo.reset()
+    assert rows[0].status == "ok" and rows[0].prefill_ms is not None
+    assert rows[1].status == "failed" and "no-such-backend" in rows[1].note
+    assert main(["bench", "--task", "generate", "--systems", "eager,warp-drive"]) == 2
+    assert main(["bench", "--task", "generate", "--markdown", "out.md"]) == 2

@@ -70,3 +70,29 @@ def test_generate_lossless_is_token_identical_and_int8_weight_only_agrees_teache
     assert quantized and all(any(p.name == "quantize-weights" and p.applied == 15 for p in report.passes)
                              for report in quantized), str(int8_log)
     torch._dynamo.reset()
+
+
+def test_dynamic_true_specializes_the_python_int_logits_to_keep_and_guards_it() -> None:
+    # transformers passes ``logits_to_keep`` as a plain int; with dynamic=True dynamo makes it a
+    # graph input that no tensor size explains. fxopt takes it as a constant of the piece.
+    torch._dynamo.reset()
+    eager = small_llama()
+    ids = torch.randint(0, 256, (2, 12))
+    expected = generate(eager, ids, tokens=4)
+    log = CompileLog()
+    lm = small_llama()
+    lm.forward = torch.compile(lm.forward, backend="fxopt", dynamic=True, options={"passes": ["remove-dropout"],
+                                                                                "log": log})
+    assert torch.equal(generate(lm, ids, tokens=4), expected)
+    assert log.records and all(r.fallback is None for r in log.records), str(log)
+    # Another value of the int reaches the same dynamo graph: the piece is optimized again for it.
+    with torch.no_grad():
+        for keep in (2, 3):
+            want = eager(ids, logits_to_keep=keep).logits
+            got = lm(ids, logits_to_keep=keep).logits
+            assert got.shape == want.shape == (2, keep, 256)
+            torch.testing.assert_close(got, want)
+    direct = log.records[-1]
+    assert direct.fallback is None and direct.reoptimized == 1, str(log)
+    assert any("logits_to_keep' changed from 2 to 3" in note for note in direct.report.notes), str(log)
+    torch._dynamo.reset()

@@ -178,7 +178,9 @@ fxopt_backend.reset = _DEFAULT_LOG.clear  # type: ignore[attr-defined]  # torch.
 class _Slot:
     """How one placeholder of the dynamo graph is fed."""
 
-    kind: str  # "input" (a user input), "weight" (frozen tensor), "scalar" (frozen number), "size"
+    # "input" (a user input), "weight" (frozen tensor), "scalar" (frozen number passed as a tensor),
+    # "number" (a Python int input, specialized to its value), "size" (a dimension of a user input)
+    kind: str
     name: str
     position: int  # among the dynamo graph's inputs
     input_index: int = -1  # "input" and "size": which user input
@@ -236,9 +238,16 @@ class _Piece:
             # One message from one place: Python's default filter shows it once per process.
             warnings.warn(FROZEN_WEIGHTS_MESSAGE, FrozenWeightsWarning, stacklevel=3)
         self._scalars = [(s.position, float(args[s.position])) for s in self.slots if s.kind == "scalar"]
+        self._numbers = [(s.position, _number(args[s.position])) for s in self.slots if s.kind == "number"]
         self._user_positions = [s.position for s in self.slots if s.kind == "input"]
         self.optimized = optimized
         self.record.report = optimized.report
+
+    def _number_changed(self, args: Sequence[Any]) -> str | None:
+        for position, value in self._numbers:
+            if int(args[position]) != value:
+                return f"input '{self.slots_by_position[position]}' changed from {value} to {int(args[position])}"
+        return None
 
     def _changed(self, args: Sequence[Any]) -> str | None:
         for position, tensor, state in self._frozen:
@@ -259,6 +268,13 @@ class _Piece:
     def __call__(self, *args: Any) -> Any:
         if self.optimized is None:
             return self.gm(*args)
+        change = self._number_changed(args)
+        if change is not None:
+            # The graph holds the number as a constant: a new value needs a new graph (the way
+            # dynamo recompiles on a specialized int), whatever on_weight_change says of weights.
+            self._optimize(args)
+            self.record.reoptimized += 1
+            self.record.report.notes.append(f"re-optimized because {change}")
         change = self._changed(args)
         if change is not None:
             if self.settings.on_weight_change == "raise":
@@ -343,9 +359,23 @@ def _slots(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> list[_Slot]:
     for slot, symbol in pending_sizes:
         found = _find_size(symbol, user_tensors)
         if found is None:
-            raise _Unsupported(f"input '{slot.name}' is an integer that is not the size of a tensor input")
+            # A Python int argument (transformers' ``logits_to_keep``) that dynamo made symbolic:
+            # specialized to its value like a frozen scalar, and guarded on each call.
+            slot.kind = "number"
+            continue
         slot.input_index, slot.dim = found
     return slots
+
+
+def _number(value: Any) -> int:
+    """The value of an int input; a symbolic one's example value, read without the guard that
+    ``int()`` would add to dynamo's shapes (the piece guards the value itself)."""
+    if isinstance(value, torch.SymInt):
+        hint = value.node.hint
+        if hint is None:
+            raise _Unsupported(f"int input {value} has no example value")
+        return int(hint)
+    return int(value)
 
 
 def _find_size(symbol: Any, user_tensors: list[tuple[int, Any]]) -> tuple[int, int] | None:
@@ -367,6 +397,7 @@ class _FrozenGraph(torch.nn.Module):
         super().__init__()
         self.graph_module = _scalars_as_constants(gm, slots, args)
         self.slots = slots
+        self.numbers = {s.position: _number(args[s.position]) for s in slots if s.kind == "number"}
         self.attrs: dict[int, str] = {}
         for slot in slots:
             if slot.kind in ("weight", "scalar"):
@@ -381,6 +412,8 @@ class _FrozenGraph(torch.nn.Module):
                 args.append(inputs[slot.input_index])
             elif slot.kind == "size":
                 args.append(inputs[slot.input_index].shape[slot.dim])
+            elif slot.kind == "number":
+                args.append(self.numbers[slot.position])
             else:
                 args.append(getattr(self, self.attrs[slot.position]))
         return self.graph_module(*args)
@@ -396,12 +429,16 @@ def _unique(module: torch.nn.Module, base: str) -> str:
 
 
 def _scalars_as_constants(gm: fx.GraphModule, slots: list[_Slot], args: Sequence[Any]) -> fx.GraphModule:
-    """A copy of ``gm`` where ``scalar.item()`` on a frozen number reads the number itself."""
+    """A copy of ``gm`` where ``scalar.item()`` on a frozen number, and a Python int input, read
+    the number itself."""
     scalar_positions = {s.position for s in slots if s.kind == "scalar"}
-    if not scalar_positions:
+    number_positions = {s.position for s in slots if s.kind == "number"}
+    if not scalar_positions and not number_positions:
         return gm
     gm = fx.GraphModule(gm, gm.graph.__deepcopy__())
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for position in number_positions:
+        placeholders[position].replace_all_uses_with(_number(args[position]))  # type: ignore[arg-type]
     for position in scalar_positions:
         value = args[position].item()
         for user in list(placeholders[position].users):

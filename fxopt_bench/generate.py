@@ -1,0 +1,254 @@
+"""``fxopt bench --task generate``: a Llama's ``generate()`` through ``torch.compile``.
+
+Every system compiles ``lm.forward`` of its own copy of one random-weight Llama with
+``dynamic=True`` (eager runs it as is; dynamic, so decode is one graph from its first step),
+generates once to compile its prefill and decode graphs, and then all systems are
+timed interleaved (:func:`fxopt_bench.timing.measure_side_by_side`): a full generation of
+``new`` tokens and a one-token generation (the prefill). Decode ms/token is their difference
+over ``new - 1`` tokens. Quality is the teacher-forced top-1 agreement with eager on the
+tokens eager generated, and whether the generated tokens are identical to eager's.
+
+    rows = run_generate(quick=True, systems=["eager", "fxopt"])
+    print(format_generate(rows))
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from fxopt_bench.systems import first_line
+from fxopt_bench.timing import Timing, measure_side_by_side, speedup
+
+# name -> torch.compile arguments; None: eager.
+GENERATE_SYSTEMS: dict[str, dict[str, Any] | None] = {
+    "eager": None,
+    "inductor": {"backend": "inductor"},
+    "fxopt": {"backend": "fxopt"},
+    "fxopt-int8-weights": {"backend": "fxopt", "options": {"passes": ["remove-dropout", "quantize-weights"]}},
+    "fxopt-int4-weights": {"backend": "fxopt", "options": {
+        "passes": ["remove-dropout", "quantize-weights(bits=4, budget=0.3)"]}},
+}
+
+
+@dataclass
+class GenerateSize:
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+    vocab: int
+    batch: int
+    prompt: int
+    new: int
+
+
+FULL = GenerateSize(hidden=512, layers=4, heads=8, kv_heads=2, intermediate=1408, vocab=32000,
+                    batch=4, prompt=32, new=32)
+QUICK = GenerateSize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256,
+                     batch=2, prompt=8, new=4)
+
+
+@dataclass
+class GenerateRow:
+    """One system. ``status`` is ``ok``, ``skipped`` or ``failed`` (``note`` says why)."""
+
+    system: str
+    status: str = "ok"
+    note: str = ""
+    prefill_ms: float | None = None
+    decode_ms_per_token: float | None = None
+    decode_vs_eager: float | None = None
+    prefill_vs_eager: float | None = None
+    prefill_low: float | None = None
+    prefill_high: float | None = None
+    generate_vs_eager: float | None = None  # the whole generation, with its spread
+    generate_low: float | None = None
+    generate_high: float | None = None
+    weight_bytes: int | None = None
+    top1_agreement: float | None = None
+    identical: bool | None = None
+    graphs: int | None = None
+    compile_s: float | None = None
+    log: Any = field(default=None, repr=False)  # the fxopt CompileLog, for fxopt systems
+
+
+def llama(size: GenerateSize) -> torch.nn.Module:
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=size.hidden, num_hidden_layers=size.layers,
+                                      num_attention_heads=size.heads, num_key_value_heads=size.kv_heads,
+                                      intermediate_size=size.intermediate, vocab_size=size.vocab)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    unique = {p.data_ptr(): p for p in model.parameters()}
+    return sum(p.numel() * p.element_size() for p in unique.values())
+
+
+def run_generate(quick: bool = False, systems: list[str] | None = None, repeats: int | None = None,
+                 warmup: int | None = None, progress: Callable[[str], None] = lambda message: None,
+                 size: GenerateSize | None = None) -> list[GenerateRow]:
+    """Compile, check and time every system; a system that is missing or fails is a row with
+    its reason. The first system must be ``eager`` (the reference)."""
+    import transformers
+
+    from fxopt.frontends.dynamo import CompileLog
+
+    names = systems or list(GENERATE_SYSTEMS)
+    unknown = [n for n in names if n not in GENERATE_SYSTEMS]
+    if unknown:
+        raise ValueError(f"unknown generate systems {unknown}; choose from {list(GENERATE_SYSTEMS)}")
+    if "eager" not in names:
+        names = ["eager", *names]
+    size = size or (QUICK if quick else FULL)
+    transformers.logging.set_verbosity_error()
+    # Each copy's forward is one code object to dynamo, so the copies share its recompile limit
+    # (8 by default); every compiled copy adds its prefill and decode graphs.
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    torch.manual_seed(0)
+    reference = llama(size)
+    ids = torch.randint(0, size.vocab, (size.batch, size.prompt))
+    mask = torch.ones_like(ids)
+
+    def generate(lm: torch.nn.Module, tokens: int) -> torch.Tensor:
+        return lm.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
+                           do_sample=False, pad_token_id=0)
+
+    rows = {name: GenerateRow(name) for name in names}
+    models: dict[str, torch.nn.Module] = {}
+    for name in names:  # outside inference mode: its tensors carry no version counter to guard
+        lm = llama(size)
+        lm.load_state_dict(reference.state_dict())
+        rows[name].weight_bytes = _weight_bytes(lm)
+        compile_args = GENERATE_SYSTEMS[name]
+        if compile_args is not None:
+            options = dict(compile_args.get("options", {}))
+            if compile_args["backend"] == "fxopt":
+                rows[name].log = options["log"] = CompileLog()
+            try:
+                lm.forward = torch.compile(lm.forward, backend=compile_args["backend"], options=options or None,
+                                           dynamic=True)
+            except Exception as exc:  # noqa: BLE001 -- an unknown or missing backend is a row with its reason
+                rows[name].status, rows[name].note = "failed", _reason(exc)
+                continue
+        models[name] = lm
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        expected = generate(reference, size.new)
+        want = reference(expected).logits.argmax(-1)[:, size.prompt - 1:-1]
+        for name in list(models):
+            row, lm = rows[name], models[name]
+            progress(f"{name}: compiling and checking")
+            try:
+                start = time.perf_counter()
+                out = generate(lm, size.new)  # compiles the prefill and decode graphs
+                row.compile_s = time.perf_counter() - start
+                got = lm(expected).logits.argmax(-1)[:, size.prompt - 1:-1]
+            except Exception as exc:  # noqa: BLE001 -- a peer that fails is a row with its reason, not a crash
+                row.status, row.note = ("skipped" if isinstance(exc, ImportError) else "failed"), _reason(exc)
+                del models[name]
+                continue
+            row.identical = torch.equal(out, expected)
+            row.top1_agreement = float((got == want).float().mean())
+            if row.log is not None:
+                row.graphs = row.log.compiles
+                fallbacks = [r.fallback for r in row.log.records if r.fallback]
+                if fallbacks:
+                    row.note = f"{len(fallbacks)} graph(s) unoptimized: {fallbacks[0]}"
+                finals = [r.report.final.weight_bytes for r in row.log.records
+                          if r.fallback is None and r.report.final is not None]
+                if finals:
+                    row.weight_bytes = max(finals)
+    progress(f"timing {len(models)} systems side by side")
+    calls: dict[str, Callable[[], Any]] = {}
+    for name, lm in models.items():
+        calls[f"{name}/full"] = lambda lm=lm: generate(lm, size.new)
+        calls[f"{name}/prefill"] = lambda lm=lm: generate(lm, 1)
+    with torch.inference_mode():
+        timings = measure_side_by_side(calls, warmup=warmup if warmup is not None else 1,
+                                       repeats=repeats or (2 if quick else 5))
+    _fill_timings(rows, timings, size.new)
+    return list(rows.values())
+
+
+def _reason(exc: BaseException) -> str:
+    inner = getattr(exc, "inner_exception", None)  # dynamo wraps a backend's error
+    cause = inner if isinstance(inner, BaseException) else exc
+    return f"{type(cause).__name__}: {first_line(cause)}"
+
+
+def _fill_timings(rows: dict[str, GenerateRow], timings: dict[str, Timing], new: int) -> None:
+    if "eager/full" not in timings:
+        return
+    eager_full, eager_prefill = timings["eager/full"], timings["eager/prefill"]
+    eager_decode = (eager_full.median - eager_prefill.median) / (new - 1)
+    for name, row in rows.items():
+        if f"{name}/full" not in timings:
+            continue
+        full, prefill = timings[f"{name}/full"], timings[f"{name}/prefill"]
+        row.prefill_ms = prefill.median
+        row.decode_ms_per_token = (full.median - prefill.median) / (new - 1)
+        if row.decode_ms_per_token > 0:
+            row.decode_vs_eager = eager_decode / row.decode_ms_per_token
+        ratio = speedup(eager_prefill, prefill)
+        row.prefill_vs_eager, row.prefill_low, row.prefill_high = ratio.ratio, ratio.low, ratio.high
+        ratio = speedup(eager_full, full)
+        row.generate_vs_eager, row.generate_low, row.generate_high = ratio.ratio, ratio.low, ratio.high
+
+
+def _ratio(value: float | None, low: float | None = None, high: float | None = None) -> str:
+    if value is None:
+        return "-"
+    if low is None or high is None:
+        return f"{value:.2f}x"
+    noise = "~" if low <= 1.0 <= high else ""
+    return f"{noise}{value:.2f}x [{low:.2f}-{high:.2f}]"
+
+
+def format_generate(rows: list[GenerateRow], size: GenerateSize | None = None) -> str:
+    """The rows as a plain-text table; failed and skipped rows show their reason."""
+    header = ["system", "prefill ms", "x eager", "decode ms/tok", "x eager", "generate x eager",
+              "weight MB", "top-1 agree", "identical", "graphs"]
+    table = [header]
+    for row in rows:
+        if row.status != "ok":
+            table.append([row.system, f"{row.status}: {row.note}"] + [""] * (len(header) - 2))
+            continue
+        table.append([
+            row.system,
+            f"{row.prefill_ms:.1f}" if row.prefill_ms is not None else "-",
+            _ratio(row.prefill_vs_eager, row.prefill_low, row.prefill_high),
+            f"{row.decode_ms_per_token:.2f}" if row.decode_ms_per_token is not None else "-",
+            _ratio(row.decode_vs_eager),
+            _ratio(row.generate_vs_eager, row.generate_low, row.generate_high),
+            f"{row.weight_bytes / 1e6:.2f}" if row.weight_bytes is not None else "-",
+            f"{row.top1_agreement:.3f}" if row.top1_agreement is not None else "-",
+            {True: "yes", False: "no", None: "-"}[row.identical],
+            str(row.graphs) if row.graphs is not None else "-",
+        ])
+    widths = [max(len(line[i]) for line in table if len(line) == len(header) and line[1] and
+                  not line[1].startswith(("failed", "skipped"))) for i in range(len(header))]
+    lines = []
+    for line in table:
+        if line[1].startswith(("failed:", "skipped:")):
+            lines.append(f"{line[0]:<{widths[0]}}  {line[1]}")
+        else:
+            lines.append("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in
+                                   enumerate(zip(line, widths))).rstrip())
+    notes = [f"{row.system}: {row.note}" for row in rows if row.status == "ok" and row.note]
+    title = ""
+    if size is not None:
+        title = (f"Llama hidden {size.hidden}, {size.layers} layers, {size.heads} heads ({size.kv_heads} KV), "
+                 f"vocab {size.vocab}; prompts {size.batch} x {size.prompt}, {size.new} new tokens, "
+                 f"{torch.get_num_threads()} threads\n")
+    legend = ("decode ms/tok = (generate ms - prefill ms) / (new tokens - 1); its ratio is of medians. "
+              "top-1 agree: teacher-forced on eager's tokens.")
+    return title + "\n".join(lines + notes + [legend])
