@@ -54,6 +54,9 @@ class WeightOnlyLinear(Lowering):
     def lower(self, gm: fx.GraphModule, device: torch.device | None, choose: Choose | None = None) -> LoweringResult:
         result = LoweringResult()
         chosen: dict[str, int] = {}
+        # Linears of one shape (a transformer's layers) share their choice: the candidates are
+        # packed, checked and timed (or looked up) once per shape and compile, not per Linear.
+        by_shape: dict[tuple[Any, ...], str] = {}
         for node in list(gm.graph.nodes):
             if not is_op(node, kernels.weight_only_linear_op):
                 continue
@@ -62,7 +65,10 @@ class WeightOnlyLinear(Lowering):
             zero = None if z_node is None else constant(gm, z_node)
             x_shape = shape_of(x)
             rows = numel_hint(x_shape[:-1]) if x_shape else 1
-            name = choose_kernel(device, q, scale, zero, bits, dtype, rows, choose)
+            shape = (tuple(q.shape), tuple(scale.shape), zero is not None, bits, dtype, rows)
+            if shape not in by_shape:
+                by_shape[shape] = choose_kernel(device, q, scale, zero, bits, dtype, rows, choose)
+            name = by_shape[shape]
             chosen[name] = chosen.get(name, 0) + 1
             if name == REFERENCE:
                 continue

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from fxopt import isa
+from fxopt.ir import copy_graph_module
 from fxopt.latency import measure_side_by_side
 from fxopt.phases import phase
 
@@ -300,10 +301,7 @@ def never_slower(optimized: Any, captured: torch.fx.GraphModule, inputs: Sequenc
     flat = [t.to(optimized.device) if isinstance(t, torch.Tensor) else t for t in inputs]
     runner = optimized._runner if optimized._runner is not None else optimized.graph_module
 
-    def run_captured(*args: Any) -> Any:
-        with torch.no_grad():
-            return captured(*args)
-
+    run_captured = _without_grad(captured)
     # What runs is the optimized graph with the kernels chosen at its sites.
     chosen = json.dumps([[k["op"], k["site"], k["chosen"]] for k in report.kernels])
     whole = captured.code + optimized.graph_module.code + chosen
@@ -318,7 +316,19 @@ def never_slower(optimized: Any, captured: torch.fx.GraphModule, inputs: Sequenc
                         f"graph ({choice.describe()}), so the captured graph runs")
     # The report's totals describe what runs: the captured graph, exact by definition.
     report.final, report.final_max_abs_err, report.final_max_rel_err = report.original, 0.0, 0.0
-    return type(optimized)(captured, optimized.signature, report, run_captured, optimized.device)
+    # The captured graph is the session's, shared by its pipelines: the module gets its own copy.
+    kept = copy_graph_module(captured)
+    return type(optimized)(kept, optimized.signature, report, _without_grad(kept), optimized.device)
+
+
+def _without_grad(gm: torch.fx.GraphModule) -> Callable[..., Any]:
+    """``gm`` as a runner: called under ``torch.no_grad()``, as the backends' runners are."""
+
+    def run(*args: Any) -> Any:
+        with torch.no_grad():
+            return gm(*args)
+
+    return run
 
 
 def _shapes(values: Sequence[Any]) -> str:
