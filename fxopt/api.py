@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from fxopt.errors import InputError
+from fxopt.generation import compile_generative, is_generative
 from fxopt.inputs import FRESH_VECTORS, device_of, fresh_inputs_like, fresh_rows
 from fxopt.module import OptimizedModule
 from fxopt.pass_api import Pass
@@ -51,6 +52,10 @@ def compile(  # noqa: A001 - mirrors torch.compile
     agreement_data: Any = None,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference and return a module that runs the result.
+
+    A transformers model that generates with a KV cache (``use_cache=True``) gives a
+    :class:`fxopt.generation.GenerativeModule` instead, whose ``generate()`` runs the
+    optimized prefill and decode graphs (see :mod:`fxopt.generation` and docs/generation.md).
 
     Args:
         model: the model; never modified.
@@ -93,6 +98,13 @@ def compile(  # noqa: A001 - mirrors torch.compile
         agreement_data: unlabelled input batches that tighten an accuracy or top-1
             agreement bound (see ``fxopt.tune``).
     """
+    if is_generative(model):
+        return compile_generative(model, example_inputs, passes, backend, device, strict, example_kwargs,
+                                  share_weights, unsupported={
+                                      "preset": preset, "calibration": calibration, "metric": metric, "data": data,
+                                      "max_drop": max_drop, "agreement_data": agreement_data,
+                                      "instruments": tuple(instruments), "dynamic_shapes": dynamic_shapes,
+                                      "max_rounds": max_rounds != 1})
     options = SessionOptions(
         example_kwargs=example_kwargs, calibration=calibration, dynamic_shapes=dynamic_shapes,
         fresh_inputs=fresh_inputs, strict=strict, instruments=instruments, max_rounds=max_rounds,

@@ -31,6 +31,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import add_constant, call_nodes, constant, module_path, ops
+from fxopt.ir.derived import derived
 from fxopt.kernels.weight_only import weight_only_linear_op
 from fxopt.lossy import BudgetedSearch, Pick, Site, check_search_options
 from fxopt.pass_api import Pass, PassContext, PassResult
@@ -88,7 +89,9 @@ class QuantizeWeights(Pass):
         candidates = result.admit(call_nodes(gm, ops.linear), lambda node: self._refusal(gm, node))
         if not candidates:
             return result
-        quantized = {(n.name, level): quantize_weight_groupwise(constant(gm, n.args[1]), *level)
+        # derived(): graphs sharing a model's weights (torch.compile's prefill and decode) share
+        # one quantized copy of each.
+        quantized = {(n.name, level): _quantized(constant(gm, n.args[1]), level)
                      for n in candidates for level in self.levels}
         # Estimates rank on/off sites without a trial each; with two levels each layer is
         # measured alone so that one int4 puts over budget can back off to int8.
@@ -148,6 +151,10 @@ class QuantizeWeights(Pass):
                 return Refusal(INDIVISIBLE_GROUP, f"{in_features} input features do not divide into groups of "
                                                   f"{group} (group_size={group})")
         return floating_point(node.args[0]) or finite(weight, what="the weight's values")
+
+
+def _quantized(weight: torch.Tensor, level: tuple[int, int | None]) -> tuple:
+    return derived([weight], ("quantize-weights", *level), lambda: quantize_weight_groupwise(weight, *level))
 
 
 def _saving(weight: torch.Tensor, bits: int) -> float:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import re
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +45,7 @@ import torch.fx as fx
 from fxopt.errors import BackendError, FxoptError
 from fxopt.report import Report
 
-OPTIONS = ("passes", "backend", "strict", "on_weight_change", "log")
+OPTIONS = ("passes", "backend", "strict", "on_weight_change", "log", "share_weights")
 MAX_RECORDS = 256
 
 
@@ -58,6 +59,7 @@ class GraphRecord:
     weights: int = 0  # frozen parameter/buffer inputs
     reoptimized: int = 0  # times the piece was optimized again after a weight changed
     fallback: str | None = None  # why the piece runs unoptimized, when it does
+    module: Callable[[], Any] = field(default=lambda: None, repr=False)  # weakref to the optimized module
 
     def __str__(self) -> str:
         head = f"graph {self.index}: inputs {', '.join(self.inputs) or 'none'}, {self.weights} frozen weights"
@@ -119,6 +121,7 @@ class _Settings:
     strict: bool = False
     on_weight_change: str = "recompile"
     log: CompileLog = field(default_factory=lambda: _DEFAULT_LOG)
+    share_weights: bool = False
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None, mode: str | None) -> _Settings:
@@ -145,6 +148,11 @@ FROZEN_WEIGHTS_MESSAGE = (
     "fxopt: torch.compile froze the model's weights; writes through .data "
     "(w.data.mul_(2)) bypass the version counter fxopt watches and are not seen: write to the "
     "parameter under torch.no_grad(), or call torch._dynamo.reset() after such a write")
+SHARED_WEIGHTS_MESSAGE = (
+    "fxopt: torch.compile uses the model's weights as they are (share_weights=True); writes through "
+    ".data (w.data.mul_(2)) bypass the version counter fxopt watches: they reach the weights no pass "
+    "rewrote but not the rewritten ones (quantized, merged); write to the parameter under "
+    "torch.no_grad(), or call torch._dynamo.reset() after such a write")
 
 
 def fxopt_backend(
@@ -159,7 +167,8 @@ def fxopt_backend(
     Options: ``passes`` (as in ``fxopt.compile``), ``backend`` (``"eager"``, ``"onnx"`` or an
     installed optional backend, see :mod:`fxopt.backends`),
     ``strict`` (raise instead of rolling back a pass or running a piece unoptimized),
-    ``on_weight_change`` (``"recompile"`` or ``"raise"``), ``log`` (a :class:`CompileLog`).
+    ``on_weight_change`` (``"recompile"`` or ``"raise"``), ``log`` (a :class:`CompileLog`),
+    ``share_weights`` (False: a snapshot copy of the weights; True: the model's own tensors).
     """
     from fxopt.registry import resolve_passes
 
@@ -224,10 +233,11 @@ class _Piece:
         report = Report(model=f"dynamo graph {self.record.index}", backend=self.settings.backend)
         wrapper = _FrozenGraph(self.gm, self.slots, args)
         start = time.perf_counter()
-        # A snapshot of the weights (copies): a write through .data, which no version counter
-        # shows, must not reach the graph half-way (unchanged weights seen, merged ones not).
+        # By default a snapshot (copies): a write through .data, which no version counter shows,
+        # must not reach the graph half-way (unchanged weights seen, merged ones not). Shared:
+        # no copy of a large model, and its pieces share what passes derive (quantized weights).
         captured = capture(wrapper, tuple(user), dynamic_shapes=_dynamic_shapes(self.gm, self.slots),
-                           share_weights=False)
+                           share_weights=self.settings.share_weights)
         report.capture_seconds = time.perf_counter() - start
         _refuse_training_graph(captured)
         batches = [captured.meta["fxopt_signature"].flatten(user, None, what="example input")]
@@ -236,12 +246,14 @@ class _Piece:
         self._frozen = [(s.position, args[s.position], _state(args[s.position])) for s in self.slots if s.kind == "weight"]
         if self._frozen:
             # One message from one place: Python's default filter shows it once per process.
-            warnings.warn(FROZEN_WEIGHTS_MESSAGE, FrozenWeightsWarning, stacklevel=3)
+            warnings.warn(SHARED_WEIGHTS_MESSAGE if self.settings.share_weights else FROZEN_WEIGHTS_MESSAGE,
+                          FrozenWeightsWarning, stacklevel=3)
         self._scalars = [(s.position, float(args[s.position])) for s in self.slots if s.kind == "scalar"]
         self._numbers = [(s.position, _number(args[s.position])) for s in self.slots if s.kind == "number"]
         self._user_positions = [s.position for s in self.slots if s.kind == "input"]
         self.optimized = optimized
         self.record.report = optimized.report
+        self.record.module = weakref.ref(optimized)
 
     def _number_changed(self, args: Sequence[Any]) -> str | None:
         for position, value in self._numbers:
@@ -268,24 +280,19 @@ class _Piece:
     def __call__(self, *args: Any) -> Any:
         if self.optimized is None:
             return self.gm(*args)
+        # The graph holds a number as a constant: a new value needs a new graph (the way dynamo
+        # recompiles on a specialized int), whatever on_weight_change says of weights.
         change = self._number_changed(args)
-        if change is not None:
-            # The graph holds the number as a constant: a new value needs a new graph (the way
-            # dynamo recompiles on a specialized int), whatever on_weight_change says of weights.
+        weight_change = None if change else self._changed(args)
+        if weight_change is not None and self.settings.on_weight_change == "raise":
+            raise BackendError(f"fxopt froze the weights of torch.compile graph {self.record.index}, but "
+                               f"{weight_change}; call torch._dynamo.reset() and compile again, or use "
+                               "options={'on_weight_change': 'recompile'}")
+        if change or weight_change:
             self._optimize(args)
             self.record.reoptimized += 1
-            self.record.report.notes.append(f"re-optimized because {change}")
-        change = self._changed(args)
-        if change is not None:
-            if self.settings.on_weight_change == "raise":
-                raise BackendError(f"fxopt froze the weights of torch.compile graph {self.record.index}, but {change}; "
-                                   "call torch._dynamo.reset() and compile again, or use "
-                                   "options={'on_weight_change': 'recompile'}")
-            self._optimize(args)
-            self.record.reoptimized += 1
-            self.record.report.notes.append(f"re-optimized because {change}")
-        outputs = self.optimized(*[args[p] for p in self._user_positions])
-        return outputs
+            self.record.report.notes.append(f"re-optimized because {change or weight_change}")
+        return self.optimized(*[args[p] for p in self._user_positions])
 
 
 def _state(tensor: torch.Tensor) -> tuple[int, int]:

@@ -25,6 +25,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import add_constant, constant, is_op, numel_hint, shape_of
+from fxopt.ir.derived import derived
 from fxopt.kernels import weight_only as kernels
 from fxopt.lowering.base import Choose, Lowering, LoweringResult
 from fxopt.verify import compare_outputs
@@ -73,7 +74,10 @@ class WeightOnlyLinear(Lowering):
             if name == REFERENCE:
                 continue
             kernel = kernels.PACKED_KERNELS[name]
-            packed, qparams = kernel.pack(q.to(device), scale.to(device), None if zero is None else zero.to(device), dtype)
+            sources = (q.to(device), scale.to(device), None if zero is None else zero.to(device))
+            # One packed copy per weight, shared by the graphs that share the model's weights.
+            packed, qparams = derived(sources, ("weight-only-pack", name, dtype),
+                                      lambda kernel=kernel, sources=sources, dtype=dtype: kernel.pack(*sources, dtype))
             hint = str(q_node.target)
             packed_node = add_constant(gm, packed, f"{hint}_{name}", before=node)
             qparams_node = add_constant(gm, qparams, f"{hint}_{name}_qparams", before=node)

@@ -1,0 +1,84 @@
+"""Tensors derived from frozen constants (quantized, packed), made once per source.
+
+Several graphs of one model hold the same weight tensors when they share the model's weights:
+torch.compile hands a causal LM's prefill and its decode steps to fxopt as separate graphs, and
+each one quantizes and packs every Linear. A pass or lowering that derives tensors from a
+constant asks :func:`derived` first, so those graphs share one derived copy instead of each
+holding its own (an int8 Llama's resident weights would otherwise grow by a copy per graph).
+
+An entry is found only while its sources are the very tensors it was made from, unchanged: it
+is keyed by the first source's storage (held weakly, so a freed weight drops its entries), the
+view of each source (storage, offset, shape, stride, dtype: a detached view of a weight finds
+what the weight made) and each source's version counter (an in-place write misses), plus the
+caller's ``key`` (what was derived, and how). It lives as long as the derived tensors do
+(weak references): nothing here keeps memory alive that no graph holds.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Hashable, Sequence
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+_ENTRIES: weakref.WeakKeyDictionary[torch.UntypedStorage, dict[Hashable, _Entry]] = weakref.WeakKeyDictionary()
+
+
+class _Entry:
+    __slots__ = ("single", "storages", "values")
+
+    def __init__(self, storages: list[weakref.ref], values: list[weakref.ref | None], single: bool) -> None:
+        self.storages = storages  # the sources' storages, to tell a reused address from the source
+        self.values = values  # the derived tensors (None where make() gave None)
+        self.single = single  # make() gave one tensor, not a tuple
+
+    def alive(self) -> bool:
+        return all(ref is None or ref() is not None for ref in self.values)
+
+
+def derived(sources: Sequence[torch.Tensor | None], key: Hashable,
+            make: Callable[[], T]) -> T:
+    """``make()`` (a tensor, or a tuple of tensors and Nones) computed once for ``sources``.
+
+    ``key`` names the derivation and its options (``("int8-weights", 8, None)``); the same
+    sources and key give the same tensors while they live. Under a fake or functional mode, or
+    when the result is not made of tensors, ``make()`` runs every time.
+    """
+    tensors = [s for s in sources if s is not None]
+    if not tensors or any(_untracked(t) for t in tensors):
+        return make()
+    full_key = (key, tuple(None if s is None else _view(s) for s in sources))
+    per_storage = _ENTRIES.setdefault(tensors[0].untyped_storage(), {})
+    entry = per_storage.get(full_key)
+    if entry is not None and all(ref() is t.untyped_storage() for ref, t in zip(entry.storages, tensors)):
+        values = [None if ref is None else ref() for ref in entry.values]
+        if entry.alive():
+            return values[0] if entry.single else tuple(values)  # type: ignore[return-value]
+    for stale in [k for k, e in per_storage.items() if not e.alive()]:
+        del per_storage[stale]
+    value = make()
+    parts = list(value) if isinstance(value, tuple) else [value]
+    if not all(p is None or isinstance(p, torch.Tensor) for p in parts):
+        return value
+    per_storage[full_key] = _Entry([weakref.ref(t.untyped_storage()) for t in tensors],
+                                   [None if p is None else weakref.ref(p) for p in parts],
+                                   single=not isinstance(value, tuple))
+    return value
+
+
+def _view(tensor: torch.Tensor) -> tuple:
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype, tensor.device, tensor._version)
+
+
+def _untracked(tensor: torch.Tensor) -> bool:
+    """Fake, functional and other tensor subclasses have no storage worth keying on."""
+    return type(tensor) is not torch.Tensor and not isinstance(tensor, torch.nn.Parameter)
+
+
+def entry_count() -> int:
+    """Entries whose derived tensors are still alive."""
+    return sum(e.alive() for entries in _ENTRIES.values() for e in entries.values())
