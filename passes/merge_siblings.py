@@ -28,6 +28,7 @@ from fxopt.cost import linear_rows, linear_shape_bytes
 from fxopt.ir import (
     LinearParts,
     call_nodes,
+    derived,
     infer_val,
     insert_linear,
     is_op,
@@ -100,14 +101,21 @@ class MergeSiblings(Pass):
                             "the zero biases it adds outweigh reading the input once")
 
 
+def _concatenated(group: list[LinearParts]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The siblings' weights (and biases, zeros where one has none) stacked: one copy per set of
+    weights, shared by the graphs that share a model's weights (:mod:`fxopt.ir.derived`)."""
+    weight = torch.cat([p.weight for p in group], 0)
+    if all(p.bias is None for p in group):
+        return weight, None
+    return weight, torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in group])
+
+
 def _merge(gm: fx.GraphModule, x: fx.Node, group: list[LinearParts]) -> None:
     order = {node: i for i, node in enumerate(topo_order([p.node for p in group]))}
     group = sorted(group, key=lambda p: order[p.node])
     first = group[0].node
-    weight = torch.cat([p.weight for p in group], 0)
-    bias = None
-    if any(p.bias is not None for p in group):
-        bias = torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in group])
+    weight, bias = derived([*(p.weight for p in group), *(p.bias for p in group)], "merge-siblings",
+                           lambda: _concatenated(group))
     names = [str(p.weight_node.target) for p in group]
     prefix = os.path.commonprefix(names).rstrip("_")
     hint = (prefix or "_".join(n.removesuffix("_weight") for n in names)) + "_merged"

@@ -30,8 +30,7 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-from fxopt.ir import add_constant, call_nodes, constant, module_path, ops
-from fxopt.ir.derived import derived
+from fxopt.ir import add_constant, call_nodes, constant, derived, module_path, ops
 from fxopt.kernels.weight_only import weight_only_linear_op
 from fxopt.lossy import BudgetedSearch, Pick, Site, check_search_options
 from fxopt.pass_api import Pass, PassContext, PassResult

@@ -96,3 +96,98 @@ def test_dynamic_true_specializes_the_python_int_logits_to_keep_and_guards_it() 
     assert direct.fallback is None and direct.reoptimized == 1, str(log)
     assert any("logits_to_keep' changed from 2 to 3" in note for note in direct.report.notes), str(log)
     torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- fxopt.compile(lm, ids)
+
+
+def _storages(module: torch.nn.Module) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in module.buffers()}
+
+
+@pytest.mark.slow
+def test_fxopt_compile_of_a_generating_model_keeps_generate_with_few_graphs_and_shared_weights() -> None:
+    import fxopt
+    from fxopt.generation import GenerativeModule
+
+    torch._dynamo.reset()
+    eager = small_llama()
+    before = {k: v.clone() for k, v in eager.state_dict().items()}
+    prompt = torch.randint(0, 256, (1, 8))
+    opt = fxopt.compile(eager, prompt)
+    assert isinstance(opt, GenerativeModule)
+    assert "forward" not in eager.__dict__  # the user's model is untouched
+    # Prompts of 8 to 512 tokens, up to 256 new: at most 2 prefill and 2 decode graphs.
+    for length, new in ((8, 256), (100, 16), (512, 8)):
+        ids = torch.randint(0, 256, (1, length))
+        assert torch.equal(generate(opt, ids, tokens=new), generate(eager, ids, tokens=new)), length
+    assert opt.log.compiles <= MAX_GRAPHS and all(r.fallback is None for r in opt.log.records), str(opt.log)
+    assert all(torch.equal(before[k], v) for k, v in eager.state_dict().items())
+    # The graphs run on the model's own weights: the norms (no pass rewrites them) are its storage.
+    model_storages = {p.untyped_storage().data_ptr() for p in eager.parameters()}
+    for record in opt.log.records:
+        graph = record.module().graph_module
+        norms = [t for name, t in graph.named_buffers() if "norm" in name]
+        assert norms and all(t.untyped_storage().data_ptr() in model_storages for t in norms), str(opt.log)
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+def test_the_prefill_and_decode_graphs_share_one_quantized_copy_of_each_weight() -> None:
+    import fxopt
+
+    torch._dynamo.reset()
+    eager = small_llama()
+    opt = fxopt.compile(eager, torch.randint(0, 256, (1, 8)), passes=["remove-dropout", "merge-siblings",
+                                                                      "quantize-weights"])
+    graphs = [record.module().graph_module for record in opt.log.records]
+    assert len(graphs) >= 2, str(opt.log)
+    packed = [{t.untyped_storage().data_ptr() for t in g.buffers() if t.dtype in (torch.int8, torch.uint8)}
+              for g in graphs]
+    assert packed[0] and all(p == packed[0] for p in packed[1:]), str(opt.log)
+    torch._dynamo.reset()
+
+
+def test_fxopt_compile_of_a_generating_model_refuses_what_it_cannot_do_and_says_why() -> None:
+    import fxopt
+
+    eager = small_llama()
+    with pytest.raises(fxopt.InputError, match="preset: not supported when compiling a model that generates"):
+        fxopt.compile(eager, torch.randint(0, 256, (1, 8)), preset="int8")
+    with pytest.raises(fxopt.InputError, match="backend='openvino'"):
+        fxopt.compile(eager, torch.randint(0, 256, (1, 8)), backend="openvino")
+
+
+def test_derived_tensors_are_made_once_per_unchanged_source_and_live_with_their_users() -> None:
+    import gc
+
+    from fxopt.ir import derived
+    from fxopt.ir.derived import entry_count
+
+    weight = torch.randn(8, 4)
+    made = []
+
+    def quantize() -> tuple[torch.Tensor, torch.Tensor]:
+        made.append(1)
+        return (weight * 2).round().to(torch.int8), weight.abs().amax(1)
+
+    def memory(tensors: tuple[torch.Tensor, ...]) -> list[int]:
+        return [t.untyped_storage().data_ptr() for t in tensors]
+
+    first = derived([weight], ("q", 8), quantize)
+    held = first[0].detach()  # what a graph registers: another tensor object on the same memory
+    again = derived([weight.detach()], ("q", 8), quantize)  # a detached view is the same source
+    assert len(made) == 1 and memory(again) == memory(first) and torch.equal(again[0], first[0])
+    assert memory(derived([weight], ("q", 4), quantize)) != memory(first) and len(made) == 2  # another key
+    assert memory(derived([weight[:4]], ("q", 8), quantize)) != memory(first)  # another view
+    with torch.no_grad():
+        weight.mul_(2)  # an in-place write misses
+    assert memory(derived([weight], ("q", 8), quantize)) != memory(first) and len(made) == 4
+    del first, again, held
+    kept = [t.detach() for t in derived([weight], ("q", 8), quantize)]  # as a graph holds them
+    gc.collect()
+    count = entry_count()
+    assert count >= 1 and len(made) == 5  # the last one was dropped with its tensors: made again
+    del kept
+    gc.collect()
+    assert entry_count() < count  # nothing kept alive that no graph holds

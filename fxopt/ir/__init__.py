@@ -16,6 +16,7 @@ from fxopt.ir.constants import (
     remove_unused_constants,
     unique_attr_name,
 )
+from fxopt.ir.derived import derived
 from fxopt.ir.linear import (
     PROVENANCE_META,
     LinearParts,
@@ -36,7 +37,7 @@ from fxopt.ir.surgery import (
 
 __all__ = [
     "PROVENANCE_META", "LinearParts", "add_constant", "all_finite", "arg", "aten", "call_nodes",
-    "cleanup", "constant", "constant_users", "constants", "copy_graph_module", "count_ops",
+    "cleanup", "constant", "constant_users", "constants", "copy_graph_module", "count_ops", "derived",
     "dtype_of", "fake_mode_of", "infer_val", "insert_linear", "is_op", "linear_parts",
     "module_path", "numel_hint", "op_histogram", "ops", "propagate_shapes", "remove_unused_constants",
     "replace_node", "shape_of", "size_hint", "topo_order", "unique_attr_name", "val",

@@ -10,8 +10,8 @@ An entry is found only while its sources are the very tensors it was made from, 
 is keyed by the first source's storage (held weakly, so a freed weight drops its entries), the
 view of each source (storage, offset, shape, stride, dtype: a detached view of a weight finds
 what the weight made) and each source's version counter (an in-place write misses), plus the
-caller's ``key`` (what was derived, and how). It lives as long as the derived tensors do
-(weak references): nothing here keeps memory alive that no graph holds.
+caller's ``key`` (what was derived, and how). It lives as long as the derived tensors' memory does
+(weak references to their storages): nothing here keeps memory alive that no graph holds.
 """
 
 from __future__ import annotations
@@ -27,16 +27,34 @@ T = TypeVar("T")
 _ENTRIES: weakref.WeakKeyDictionary[torch.UntypedStorage, dict[Hashable, _Entry]] = weakref.WeakKeyDictionary()
 
 
+_MADE_HERE: weakref.WeakSet[torch.UntypedStorage] = weakref.WeakSet()
+
+
 class _Entry:
     __slots__ = ("single", "storages", "values")
 
-    def __init__(self, storages: list[weakref.ref], values: list[weakref.ref | None], single: bool) -> None:
+    def __init__(self, storages: list[weakref.ref], values: list[tuple | None], single: bool) -> None:
         self.storages = storages  # the sources' storages, to tell a reused address from the source
-        self.values = values  # the derived tensors (None where make() gave None)
+        # Each derived tensor as a weak reference to its storage and its view: a graph registers a
+        # detached view of it (another tensor object), so it is the storage that lives on.
+        self.values = values
         self.single = single  # make() gave one tensor, not a tuple
 
     def alive(self) -> bool:
-        return all(ref is None or ref() is not None for ref in self.values)
+        return all(value is None or value[0]() is not None for value in self.values)
+
+    def tensors(self) -> list[torch.Tensor | None] | None:
+        parts = []
+        for value in self.values:
+            if value is None:
+                parts.append(None)
+                continue
+            storage = value[0]()
+            if storage is None:
+                return None
+            offset, shape, stride, dtype = value[1:]
+            parts.append(torch.empty(0, dtype=dtype, device=storage.device).set_(storage, offset, shape, stride))
+        return parts
 
 
 def derived(sources: Sequence[torch.Tensor | None], key: Hashable,
@@ -44,8 +62,8 @@ def derived(sources: Sequence[torch.Tensor | None], key: Hashable,
     """``make()`` (a tensor, or a tuple of tensors and Nones) computed once for ``sources``.
 
     ``key`` names the derivation and its options (``("int8-weights", 8, None)``); the same
-    sources and key give the same tensors while they live. Under a fake or functional mode, or
-    when the result is not made of tensors, ``make()`` runs every time.
+    sources and key give tensors on the same memory while it lives. Under a fake or functional
+    mode, or when the result is not made of plain tensors, ``make()`` runs every time.
     """
     tensors = [s for s in sources if s is not None]
     if not tensors or any(_untracked(t) for t in tensors):
@@ -54,24 +72,33 @@ def derived(sources: Sequence[torch.Tensor | None], key: Hashable,
     per_storage = _ENTRIES.setdefault(tensors[0].untyped_storage(), {})
     entry = per_storage.get(full_key)
     if entry is not None and all(ref() is t.untyped_storage() for ref, t in zip(entry.storages, tensors)):
-        values = [None if ref is None else ref() for ref in entry.values]
-        if entry.alive():
-            return values[0] if entry.single else tuple(values)  # type: ignore[return-value]
+        parts = entry.tensors()
+        if parts is not None:
+            return parts[0] if entry.single else tuple(parts)  # type: ignore[return-value]
     for stale in [k for k, e in per_storage.items() if not e.alive()]:
         del per_storage[stale]
     value = make()
     parts = list(value) if isinstance(value, tuple) else [value]
-    if not all(p is None or isinstance(p, torch.Tensor) for p in parts):
+    if not all(p is None or (isinstance(p, torch.Tensor) and not _untracked(p)) for p in parts):
         return value
-    per_storage[full_key] = _Entry([weakref.ref(t.untyped_storage()) for t in tensors],
-                                   [None if p is None else weakref.ref(p) for p in parts],
-                                   single=not isinstance(value, tuple))
+    sources_memory = {t.untyped_storage().data_ptr() for t in tensors}  # make() may return a source as is
+    _MADE_HERE.update(p.untyped_storage() for p in parts
+                      if p is not None and p.untyped_storage().data_ptr() not in sources_memory)
+    per_storage[full_key] = _Entry(
+        [weakref.ref(t.untyped_storage()) for t in tensors],
+        [None if p is None else (weakref.ref(p.untyped_storage()), p.storage_offset(), tuple(p.shape),
+                                 tuple(p.stride()), p.dtype) for p in parts],
+        single=not isinstance(value, tuple))
     return value
 
 
 def _view(tensor: torch.Tensor) -> tuple:
-    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
-            tensor.dtype, tensor.device, tensor._version)
+    storage = tensor.untyped_storage()
+    # A derived tensor is never written (a pass never writes a constant in place) and comes back
+    # as a new tensor object with a version counter of its own: its version says nothing.
+    version = None if storage in _MADE_HERE else tensor._version
+    return (storage.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype, tensor.device, version)
 
 
 def _untracked(tensor: torch.Tensor) -> bool:

@@ -24,8 +24,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ir import add_constant, constant, is_op, numel_hint, shape_of
-from fxopt.ir.derived import derived
+from fxopt.ir import add_constant, constant, derived, is_op, numel_hint, shape_of
 from fxopt.kernels import weight_only as kernels
 from fxopt.lowering.base import Choose, Lowering, LoweringResult
 from fxopt.verify import compare_outputs
