@@ -88,7 +88,7 @@ def run_bench_cli(args: Any) -> int:
 def _run_generate_cli(args: Any) -> int:
     from dataclasses import asdict
 
-    from fxopt_bench.generate import FULL, QUICK, format_generate, run_generate
+    from fxopt_bench.generate import QUICK, SIZES, format_generate, run_generate
     from fxopt_bench.run import machine_info
 
     if args.device != "cpu":
@@ -98,6 +98,7 @@ def _run_generate_cli(args: Any) -> int:
         print("fxopt bench: --task generate writes --json only (no --markdown or --plot)", file=sys.stderr)
         return 2
     systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
+    size = QUICK if args.quick else SIZES[getattr(args, "size", None) or "small"]
     start = time.perf_counter()
 
     def progress(message: str) -> None:
@@ -105,13 +106,13 @@ def _run_generate_cli(args: Any) -> int:
 
     try:
         rows = run_generate(quick=args.quick, systems=systems, repeats=getattr(args, "repeats", None),
-                            warmup=getattr(args, "warmup", None), progress=progress)
+                            warmup=getattr(args, "warmup", None), progress=progress, size=size)
     except ValueError as exc:
         print(f"fxopt bench: {exc}", file=sys.stderr)
         return 2
     machine = machine_info("cpu")
     print(f"machine: {format_machine(machine)}")
-    print(format_generate(rows, QUICK if args.quick else FULL))
+    print(format_generate(rows, size))
     if args.json:
         records = [{k: v for k, v in asdict(row).items() if k != "log"} for row in rows]
         Path(args.json).write_text(json.dumps(json_safe({"machine": machine, "generate": records}), indent=2,

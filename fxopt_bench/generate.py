@@ -14,6 +14,7 @@ tokens eager generated, and whether the generated tokens are identical to eager'
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from collections.abc import Callable
@@ -25,15 +26,18 @@ import torch
 from fxopt_bench.systems import first_line
 from fxopt_bench.timing import Timing, measure_side_by_side, speedup
 
-# name -> torch.compile arguments; None: eager.
+# name -> how the system is made. None: eager. {"backend": ...}: torch.compile of the model's
+# forward with that backend ("torchao": quantized with torchao first). {"passes": ...}:
+# fxopt.compile(lm, prompt, passes=...), whose generate() runs fxopt's prefill and decode graphs.
 GENERATE_SYSTEMS: dict[str, dict[str, Any] | None] = {
     "eager": None,
     "inductor": {"backend": "inductor"},
-    "fxopt": {"backend": "fxopt"},
-    "fxopt-int8-weights": {"backend": "fxopt", "options": {"passes": ["remove-dropout", "quantize-weights"]}},
-    "fxopt-int4-weights": {"backend": "fxopt", "options": {
-        "passes": ["remove-dropout", "quantize-weights(bits=4, budget=0.3)"]}},
+    "torchao-int8-weights": {"backend": "inductor", "torchao": "Int8WeightOnlyConfig"},
+    "fxopt": {"passes": None},
+    "fxopt-int8-weights": {"passes": ["remove-dropout", "quantize-weights"]},
+    "fxopt-int4-weights": {"passes": ["remove-dropout", "quantize-weights(bits=4, budget=0.3)"]},
 }
+DEFAULT_SYSTEMS = ["eager", "inductor", "fxopt", "fxopt-int8-weights", "fxopt-int4-weights"]
 
 
 @dataclass
@@ -53,6 +57,10 @@ FULL = GenerateSize(hidden=512, layers=4, heads=8, kv_heads=2, intermediate=1408
                     batch=4, prompt=32, new=32)
 QUICK = GenerateSize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=256,
                      batch=2, prompt=8, new=4)
+# TinyLlama-1.1B's shape (4.1 GB of fp32 weights): run it alone on the machine.
+TINYLLAMA = GenerateSize(hidden=2048, layers=22, heads=32, kv_heads=4, intermediate=5632, vocab=32000,
+                         batch=1, prompt=128, new=64)
+SIZES = {"small": FULL, "quick": QUICK, "tinyllama": TINYLLAMA}
 
 
 @dataclass
@@ -88,21 +96,18 @@ def llama(size: GenerateSize) -> torch.nn.Module:
     return transformers.LlamaForCausalLM(config).eval()
 
 
-def _weight_bytes(model: torch.nn.Module) -> int:
-    unique = {p.data_ptr(): p for p in model.parameters()}
-    return sum(p.numel() * p.element_size() for p in unique.values())
-
-
 def run_generate(quick: bool = False, systems: list[str] | None = None, repeats: int | None = None,
                  warmup: int | None = None, progress: Callable[[str], None] = lambda message: None,
                  size: GenerateSize | None = None) -> list[GenerateRow]:
     """Compile, check and time every system; a system that is missing or fails is a row with
-    its reason. The first system must be ``eager`` (the reference)."""
+    its reason. The first system must be ``eager`` (the reference).
+
+    Every system runs on the reference model's own weights (a shallow copy of it, or
+    fxopt.compile's shared weights), so memory grows by what a system adds (quantized or merged
+    weights), not by a copy of the model per system; torchao quantizes a deep copy."""
     import transformers
 
-    from fxopt.frontends.dynamo import CompileLog
-
-    names = systems or list(GENERATE_SYSTEMS)
+    names = systems or list(DEFAULT_SYSTEMS)
     unknown = [n for n in names if n not in GENERATE_SYSTEMS]
     if unknown:
         raise ValueError(f"unknown generate systems {unknown}; choose from {list(GENERATE_SYSTEMS)}")
@@ -124,59 +129,77 @@ def run_generate(quick: bool = False, systems: list[str] | None = None, repeats:
 
     rows = {name: GenerateRow(name) for name in names}
     models: dict[str, torch.nn.Module] = {}
-    for name in names:  # outside inference mode: its tensors carry no version counter to guard
-        lm = llama(size)
-        lm.load_state_dict(reference.state_dict())
-        rows[name].weight_bytes = _weight_bytes(lm)
-        compile_args = GENERATE_SYSTEMS[name]
-        if compile_args is not None:
-            options = dict(compile_args.get("options", {}))
-            if compile_args["backend"] == "fxopt":
-                rows[name].log = options["log"] = CompileLog()
-            try:
-                lm.forward = torch.compile(lm.forward, backend=compile_args["backend"], options=options or None,
-                                           dynamic=True)
-            except Exception as exc:  # noqa: BLE001 -- an unknown or missing backend is a row with its reason
-                rows[name].status, rows[name].note = "failed", _reason(exc)
-                continue
-        models[name] = lm
-    with torch.inference_mode(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
+        progress("eager: generating the reference tokens")
         expected = generate(reference, size.new)
         want = reference(expected).logits.argmax(-1)[:, size.prompt - 1:-1]
-        for name in list(models):
-            row, lm = rows[name], models[name]
-            progress(f"{name}: compiling and checking")
-            try:
-                start = time.perf_counter()
-                out = generate(lm, size.new)  # compiles the prefill and decode graphs
+    for name in names:  # not under inference_mode: the compiled graphs were made (and guard) under no_grad
+        row = rows[name]
+        row.weight_bytes = resident_bytes(reference.parameters())
+        progress(f"{name}: compiling and checking")
+        try:
+            start = time.perf_counter()
+            lm = _make_system(reference, GENERATE_SYSTEMS[name], ids, mask)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                out = generate(lm, size.new)  # compiles the prefill and decode graphs (if not yet)
                 row.compile_s = time.perf_counter() - start
                 got = lm(expected).logits.argmax(-1)[:, size.prompt - 1:-1]
-            except Exception as exc:  # noqa: BLE001 -- a peer that fails is a row with its reason, not a crash
-                row.status, row.note = ("skipped" if isinstance(exc, ImportError) else "failed"), _reason(exc)
-                del models[name]
-                continue
-            row.identical = torch.equal(out, expected)
-            row.top1_agreement = float((got == want).float().mean())
-            if row.log is not None:
-                row.graphs = row.log.compiles
-                fallbacks = [r.fallback for r in row.log.records if r.fallback]
-                if fallbacks:
-                    row.note = f"{len(fallbacks)} graph(s) unoptimized: {fallbacks[0]}"
-                finals = [r.report.final.weight_bytes for r in row.log.records
-                          if r.fallback is None and r.report.final is not None]
-                if finals:
-                    row.weight_bytes = max(finals)
+        except Exception as exc:  # noqa: BLE001 -- a peer that fails is a row with its reason, not a crash
+            row.status, row.note = ("skipped" if isinstance(exc, ImportError) else "failed"), _reason(exc)
+            continue
+        row.identical = torch.equal(out, expected)
+        row.top1_agreement = float((got == want).float().mean())
+        log = getattr(lm, "log", None)
+        if log is not None:
+            row.log, row.graphs = log, log.compiles
+            fallbacks = [r.fallback for r in log.records if r.fallback]
+            if fallbacks:
+                row.note = f"{len(fallbacks)} graph(s) unoptimized: {fallbacks[0]}"
+            graphs = [r.module() for r in log.records]
+            row.weight_bytes = resident_bytes(t for g in graphs if g is not None for t in g.graph_module.buffers())
+        elif GENERATE_SYSTEMS[name] is not None and GENERATE_SYSTEMS[name].get("torchao"):
+            row.weight_bytes = resident_bytes(lm.parameters())
+        models[name] = lm
     progress(f"timing {len(models)} systems side by side")
     calls: dict[str, Callable[[], Any]] = {}
     for name, lm in models.items():
         calls[f"{name}/full"] = lambda lm=lm: generate(lm, size.new)
         calls[f"{name}/prefill"] = lambda lm=lm: generate(lm, 1)
-    with torch.inference_mode():
+    with torch.no_grad():
         timings = measure_side_by_side(calls, warmup=warmup if warmup is not None else 1,
                                        repeats=repeats or (2 if quick else 5))
     _fill_timings(rows, timings, size.new)
     return list(rows.values())
+
+
+def _make_system(reference: torch.nn.Module, spec: dict[str, Any] | None, ids: torch.Tensor,
+                 mask: torch.Tensor) -> torch.nn.Module:
+    if spec is None:
+        return reference
+    if "passes" in spec:
+        import fxopt
+
+        return fxopt.compile(reference, {"input_ids": ids, "attention_mask": mask}, passes=spec["passes"])
+    if spec.get("torchao"):
+        import torchao.quantization
+
+        lm = copy.deepcopy(reference)
+        torchao.quantization.quantize_(lm, getattr(torchao.quantization, spec["torchao"])())
+    else:
+        lm = copy.copy(reference)  # the same modules and weights, a forward of its own
+    lm.forward = torch.compile(type(lm).forward.__get__(lm, type(lm)), backend=spec["backend"], dynamic=True)
+    return lm
+
+
+def resident_bytes(tensors: Any) -> int:
+    """Bytes of the distinct memory behind ``tensors`` (views and shared weights counted once)."""
+    storages = {}
+    for tensor in tensors:
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def _reason(exc: BaseException) -> str:
