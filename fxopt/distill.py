@@ -7,11 +7,14 @@ The optimized graph is an ``nn.Module``: its floating-point constants (low-rank 
 Linears pruning left, biases, norms) become trainable parameters of a copy, trained to match
 the original model's outputs on the inputs given (no labels needed: the teacher's outputs are
 the targets), with the KL divergence of the softmax at ``temperature`` for classifiers
-(``loss="kl"``) or the mean squared error of every output (``loss="mse"``). Constants that are
-not floating point (int8 weights) stay as they are: quantization-aware training is not part of
-this. The result is lowered again for the same backend; its report says what was trained and
-the loss and top-1 agreement with the original before and after. Deterministic for a seed on
-CPU; neither the original model nor ``optimized`` is modified.
+(``loss="kl"``) or the mean squared error of every output (``loss="mse"``). Its quantized
+Linears (quantize-int8's int8 Linears, whatever their activations; quantize-weights' int8 and
+int4 weights) are trained by quantization-aware training (:mod:`fxopt.qat`): each becomes a
+float weight fake-quantized on every step with a straight-through estimator, then is
+quantized again. The result is lowered again for the same backend and checked against the
+graph it lowers, as every compile's is; its report says what was trained and the loss and
+top-1 agreement with the original before and after. Deterministic for a seed on CPU; neither
+the original model nor ``optimized`` is modified.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fxopt import qat
 from fxopt.errors import InputError
 from fxopt.ir import copy_graph_module
 from fxopt.lossy.task import logits_of
@@ -44,6 +48,7 @@ def finetune(
     loss: str = "kl",
     seed: int = 0,
     progress: bool = True,
+    activation_scales: str = "learned",
 ) -> Any:
     """Train ``optimized``'s floating-point constants to reproduce ``teacher`` on ``data``.
 
@@ -58,6 +63,8 @@ def finetune(
             ``temperature``) or ``"mse"`` (every floating-point output).
         seed: the order of the batches each epoch.
         progress: one line per epoch on stderr.
+        activation_scales: static int8 activation scales, ``"learned"`` with the weights or
+            ``"refit"``: kept while training, then observed again on ``data`` (min-max).
 
     Returns a new :class:`fxopt.OptimizedModule` lowered for ``optimized``'s backend.
     """
@@ -71,6 +78,8 @@ def finetune(
         raise InputError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     if loss not in LOSSES:
         raise InputError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if activation_scales not in qat.SCALES:
+        raise InputError(f"activation_scales must be one of {', '.join(qat.SCALES)}, got {activation_scales!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise InputError(f"epochs must be a positive integer, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and lr > 0) or not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -86,18 +95,46 @@ def finetune(
     if not batches:
         raise InputError("data is empty: give at least one batch of inputs")
 
+    device = optimized.device
+    if device is not None:
+        batches = [[t.to(device) if isinstance(t, torch.Tensor) else t for t in flat] for flat in batches]
     if any(m.training for m in teacher.modules()):
         teacher = copy.deepcopy(teacher).eval()
     with torch.no_grad():
-        targets = [teacher(*args, **kwargs) for args, kwargs in structured]
+        targets = [_to(teacher(*args, **kwargs), device) for args, kwargs in structured]
 
-    student, trained = _trainable_copy(optimized.graph_module)
-    if not trained:
-        raise InputError("the optimized graph has no floating-point constants to train")
-    if any(p.is_meta for _, p in trained):
+    if any(t.is_meta for t in optimized.graph_module.buffers()):
         raise InputError(f"the {optimized.report.backend} backend keeps the weights in its own runtime: "
                          "finetune a model compiled for backend='eager', then compile the result")
-    optimizer = torch.optim.AdamW([p for _, p in trained], lr=lr, weight_decay=0.0)
+    frozen, note, _ = distill_graph(optimized.graph_module, signature, batches, targets, epochs=epochs, lr=lr,
+                                    temperature=temperature, loss=loss, seed=seed, progress=progress,
+                                    activation_scales=activation_scales)
+    # the compile's own timings are not this step's; the final error is the trained graph's
+    report = replace(optimized.report, notes=list(optimized.report.notes), passes=list(optimized.report.passes),
+                     timings={}, total_seconds=0.0)
+    report.final_max_abs_err, report.final_max_rel_err = _error(frozen, signature, batches, targets)
+    report.notes.append(note)
+    session = Session.from_graph(frozen, [*batches], report)
+    return session.lower(Stage(frozen, list(report.passes)), report.backend, device)
+
+
+def distill_graph(gm: fx.GraphModule, signature: Any, batches: list[list[Any]], targets: list[Any], *,
+                  epochs: int, lr: float, temperature: float = 2.0, loss: str = "kl", seed: int = 0,
+                  progress: bool = True, activation_scales: str = "learned", label: str = "finetune",
+                  ) -> tuple[fx.GraphModule, str, tuple[float, float]]:
+    """A trained copy of ``gm`` (its float constants, and its quantized Linears by QAT) whose
+    outputs on the flat ``batches`` match ``targets`` (the teacher's, unflattened); returns it
+    with the report's note and the top-1 agreement on ``batches`` before and after."""
+    student = copy_graph_module(gm)
+    quantized = qat.prepare(student, learn_scales=activation_scales == "learned")
+    trained = _trainable(student) + [(f"{name}.{leaf}", p) for name, module in quantized
+                                     for leaf, p in module.named_parameters() if p.requires_grad]
+    if not trained:
+        raise InputError("the optimized graph has no floating-point constants to train")
+    scales = [p for target, p in trained if target.endswith(".log_scale")]
+    groups = [{"params": [p for target, p in trained if not target.endswith(".log_scale")], "lr": lr}]
+    optimizer = torch.optim.AdamW(groups + ([{"params": scales, "lr": qat.SCALE_LR}] if scales else []),
+                                  weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
 
     def objective(index: int) -> torch.Tensor:
@@ -116,35 +153,45 @@ def finetune(
             value = objective(index)
             try:
                 value.backward()
-            except RuntimeError as exc:  # an op without a gradient (int8 kernels): say which
+            except RuntimeError as exc:  # an op without a gradient: say which
                 raise InputError(f"fxopt.finetune cannot train through this graph: {exc}") from exc
             optimizer.step()
         if progress:
-            print(f"fxopt finetune: epoch {epoch + 1}/{epochs}, loss {mean_loss():.5f}", file=sys.stderr, flush=True)
+            print(f"fxopt {label}: epoch {epoch + 1}/{epochs}, loss {mean_loss():.5f}", file=sys.stderr, flush=True)
+    if activation_scales == "refit":
+        qat.refit_scales(quantized, lambda: [student(*flat) for flat in batches])
     after = mean_loss()
     agreement_after = _agreement(student, signature, batches, targets)
 
-    frozen = _frozen(student, trained)
-    # the compile's own timings are not this step's; the final error is the trained graph's
-    report = replace(optimized.report, notes=list(optimized.report.notes), passes=list(optimized.report.passes),
-                     timings={}, total_seconds=0.0)
-    report.final_max_abs_err, report.final_max_rel_err = _error(frozen, signature, batches, targets)
+    frozen = _frozen(student, [(target, p) for target, p in trained if not target.startswith(qat.PREFIX)])
+    qat.convert(frozen, quantized)
     count = sum(p.numel() for _, p in trained)
-    report.notes.append(
-        f"finetune: {count} parameters in {len(trained)} constants trained by distillation ({loss}, {epochs} epochs, "
-        f"{len(batches)} batches): loss {before:.5f} -> {after:.5f}, top-1 agreement with the original "
-        f"{agreement_before:.4f} -> {agreement_after:.4f} on the data")
-    session = Session.from_graph(frozen, [*batches], report)
-    return session.lower(Stage(frozen, list(report.passes)), report.backend, optimized.device)
+    what = f"{count} parameters in {len(trained)} tensors trained by distillation"
+    if quantized:
+        what += ", " + qat.describe(quantized, activation_scales)
+    note = (f"{label}: {what} ({loss}, {epochs} epochs, {len(batches)} batches): loss {before:.5f} -> {after:.5f}, "
+            f"top-1 agreement with the original {agreement_before:.4f} -> {agreement_after:.4f} on the data")
+    return frozen, note, (agreement_before, agreement_after)
+
+
+def _to(value: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
 
 
 def _as_list(outputs: Any) -> list[Any]:
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
 
-def _trainable_copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[tuple[str, torch.nn.Parameter]]]:
-    """A copy of ``gm`` whose floating-point constants are fresh trainable parameters."""
-    student = copy_graph_module(gm)
+def _trainable(student: fx.GraphModule) -> list[tuple[str, torch.nn.Parameter]]:
+    """Make ``student``'s floating-point constants fresh trainable parameters (in place)."""
     trained: list[tuple[str, torch.nn.Parameter]] = []
     for node in student.graph.nodes:
         if node.op != "get_attr" or any(name == node.target for name, _ in trained):
@@ -157,7 +204,7 @@ def _trainable_copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[tuple[str,
             setattr(module, leaf, parameter)
             trained.append((node.target, parameter))
     student.recompile()
-    return student, trained
+    return trained
 
 
 def _frozen(student: fx.GraphModule, trained: list[tuple[str, torch.nn.Parameter]]) -> fx.GraphModule:
