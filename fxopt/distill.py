@@ -20,6 +20,7 @@ the original model nor ``optimized`` is modified.
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from collections.abc import Iterable
 from dataclasses import replace
@@ -35,6 +36,7 @@ from fxopt.lossy.task import logits_of
 from fxopt.verify import compare_outputs
 
 LOSSES = ("kl", "mse")
+SCHEDULES = ("constant", "cosine")
 
 
 def finetune(
@@ -49,6 +51,7 @@ def finetune(
     seed: int = 0,
     progress: bool = True,
     activation_scales: str = "learned",
+    schedule: str = "constant",
 ) -> Any:
     """Train ``optimized``'s floating-point constants to reproduce ``teacher`` on ``data``.
 
@@ -65,6 +68,9 @@ def finetune(
         progress: one line per epoch on stderr.
         activation_scales: static int8 activation scales, ``"learned"`` with the weights or
             ``"refit"``: kept while training, then observed again on ``data`` (min-max).
+        schedule: the learning rates, ``"constant"`` or ``"cosine"`` (from ``lr`` down to 0
+            over the steps: the last steps move little, so the result depends less on the
+            last batches; quantization-aware training is noisy without it).
 
     Returns a new :class:`fxopt.OptimizedModule` lowered for ``optimized``'s backend.
     """
@@ -78,6 +84,8 @@ def finetune(
         raise InputError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     if loss not in LOSSES:
         raise InputError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if schedule not in SCHEDULES:
+        raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if activation_scales not in qat.SCALES:
         raise InputError(f"activation_scales must be one of {', '.join(qat.SCALES)}, got {activation_scales!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
@@ -108,10 +116,10 @@ def finetune(
                          "finetune a model compiled for backend='eager', then compile the result")
     frozen, note, _ = distill_graph(optimized.graph_module, signature, batches, targets, epochs=epochs, lr=lr,
                                     temperature=temperature, loss=loss, seed=seed, progress=progress,
-                                    activation_scales=activation_scales)
+                                    activation_scales=activation_scales, schedule=schedule)
     # the compile's own timings are not this step's; the final error is the trained graph's
     report = replace(optimized.report, notes=list(optimized.report.notes), passes=list(optimized.report.passes),
-                     timings={}, total_seconds=0.0)
+                     timings={}, total_seconds=0.0, kernels=[])
     report.final_max_abs_err, report.final_max_rel_err = _error(frozen, signature, batches, targets)
     report.notes.append(note)
     session = Session.from_graph(frozen, [*batches], report)
@@ -120,8 +128,8 @@ def finetune(
 
 def distill_graph(gm: fx.GraphModule, signature: Any, batches: list[list[Any]], targets: list[Any], *,
                   epochs: int, lr: float, temperature: float = 2.0, loss: str = "kl", seed: int = 0,
-                  progress: bool = True, activation_scales: str = "learned", label: str = "finetune",
-                  ) -> tuple[fx.GraphModule, str, tuple[float, float]]:
+                  progress: bool = True, activation_scales: str = "learned", schedule: str = "constant",
+                  label: str = "finetune") -> tuple[fx.GraphModule, str, tuple[float, float]]:
     """A trained copy of ``gm`` (its float constants, and its quantized Linears by QAT) whose
     outputs on the flat ``batches`` match ``targets`` (the teacher's, unflattened); returns it
     with the report's note and the top-1 agreement on ``batches`` before and after."""
@@ -136,6 +144,9 @@ def distill_graph(gm: fx.GraphModule, signature: Any, batches: list[list[Any]], 
     optimizer = torch.optim.AdamW(groups + ([{"params": scales, "lr": qat.SCALE_LR}] if scales else []),
                                   weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
+    steps = epochs * len(batches)
+    decay = (lambda step: 0.5 * (1.0 + math.cos(math.pi * step / steps))) if schedule == "cosine" else (lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
 
     def objective(index: int) -> torch.Tensor:
         outputs = signature.unflatten(list(_as_list(student(*batches[index]))))
@@ -156,6 +167,7 @@ def distill_graph(gm: fx.GraphModule, signature: Any, batches: list[list[Any]], 
             except RuntimeError as exc:  # an op without a gradient: say which
                 raise InputError(f"fxopt.finetune cannot train through this graph: {exc}") from exc
             optimizer.step()
+            scheduler.step()
         if progress:
             print(f"fxopt {label}: epoch {epoch + 1}/{epochs}, loss {mean_loss():.5f}", file=sys.stderr, flush=True)
     if activation_scales == "refit":
@@ -169,7 +181,7 @@ def distill_graph(gm: fx.GraphModule, signature: Any, batches: list[list[Any]], 
     what = f"{count} parameters in {len(trained)} tensors trained by distillation"
     if quantized:
         what += ", " + qat.describe(quantized, activation_scales)
-    note = (f"{label}: {what} ({loss}, {epochs} epochs, {len(batches)} batches): loss {before:.5f} -> {after:.5f}, "
+    note = (f"{label}: {what} ({loss}, {epochs} epochs, {len(batches)} batches, {schedule} lr {lr:g}): loss {before:.5f} -> {after:.5f}, "
             f"top-1 agreement with the original {agreement_before:.4f} -> {agreement_after:.4f} on the data")
     return frozen, note, (agreement_before, agreement_after)
 
