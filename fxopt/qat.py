@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ir import add_constant, constant, is_op, ops
+from fxopt.ir import add_constant, constant, is_op, ops, remove_unused_constants
 from fxopt.ir.qdq import insert_qdq, match_qdq_linear
 from fxopt.kernels import int8 as int8_kernels
 from fxopt.kernels.weight_only import weight_only_linear_op
@@ -169,6 +169,7 @@ def prepare(gm: fx.GraphModule, learn_scales: bool = True) -> list[tuple[str, Fa
     if modules:
         gm.graph.eliminate_dead_code()
         gm.delete_all_unused_submodules()
+        remove_unused_constants(gm)  # the int8 weights and scales the fake-quant modules replace
         gm.recompile()
     return modules
 
@@ -268,6 +269,7 @@ def convert(gm: fx.GraphModule, modules: list[tuple[str, FakeQuantLinear]]) -> N
         gm.graph.erase_node(call)
     gm.graph.eliminate_dead_code()
     gm.delete_all_unused_submodules()
+    remove_unused_constants(gm)
     gm.recompile()
 
 

@@ -92,3 +92,29 @@ def test_weight_only_int4_qat():
     count = sum(n.target == weight_only_linear_op for n in opt.graph_module.graph.nodes)
     assert count >= 1 and sum(n.target == weight_only_linear_op for n in tuned.graph_module.graph.nodes) == count
     assert "weight-only int4" in next(n for n in tuned.report.notes if n.startswith("finetune:"))
+
+
+@pytest.mark.parametrize("spec", ["quantize-int8(budget=10, force=True)",
+                                  "quantize-int8(activations='dynamic-tensor', budget=10, force=True)",
+                                  "quantize-int8(activations='static', symmetric=False, budget=10, force=True)"])
+def test_fake_quantization_computes_what_the_int8_kernels_compute(spec):
+    from fxopt import qat
+    from fxopt.ir import copy_graph_module
+
+    model = _with_outliers()
+    x = torch.randn(256, 16, generator=torch.Generator().manual_seed(5))
+    opt = fxopt.compile(model, (x[:64],), [spec], calibration=list(x.split(64)))
+    student = copy_graph_module(opt.graph_module)
+    modules = qat.prepare(student)
+    assert len(modules) == 3 and not _int8_ops(type("Opt", (), {"graph_module": student}))
+    with torch.no_grad():
+        expected, fake, exact = opt(x), student(x)[0], model(x)
+        # rounding ties and float order aside, the training copy is the int8 model
+        assert (fake - expected).abs().max() <= 0.1 * (expected - exact).abs().max()
+        qat.convert(student, modules)  # untrained: quantized again to the same int8 weights
+        assert len(_int8_ops(type("Opt", (), {"graph_module": student}))) == 0  # QDQ form, for the backend to lower
+        assert (student(x)[0] - expected).abs().max() <= 0.1 * (expected - exact).abs().max()
+    int8 = lambda gm: {tuple(t.shape): t for t in gm.buffers() if t.dtype == torch.int8 and t.dim() == 2}  # noqa: E731
+    before, after = int8(opt.graph_module), int8(student)  # the old weights are gone, the new ones are the same
+    assert len(after) == len(list(student.buffers())) - 3 - 3 == 3  # int8 weights, their scales, the biases
+    assert all(torch.equal(after[shape], before[shape]) for shape in before)
