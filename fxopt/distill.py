@@ -52,6 +52,8 @@ def finetune(
     progress: bool = True,
     activation_scales: str = "learned",
     schedule: str = "constant",
+    labels: Iterable[torch.Tensor] | None = None,
+    label_weight: float = 0.5,
 ) -> Any:
     """Train ``optimized``'s floating-point constants to reproduce ``teacher`` on ``data``.
 
@@ -60,7 +62,7 @@ def finetune(
         teacher: the original model (never modified; an eval copy runs when it is training).
         data: input batches like the example inputs (a tensor, a tuple, a dict of keyword
             inputs), as ``calibration=`` takes them; no labels (for labelled pairs, pass
-            ``[x for x, _ in pairs]``).
+            ``[x for x, _ in pairs]``, and ``labels=[y for _, y in pairs]`` to use them).
         epochs, lr: passes over ``data`` and the AdamW learning rate.
         temperature, loss: ``"kl"`` (classifiers: KL divergence of the softmax at
             ``temperature``) or ``"mse"`` (every floating-point output).
@@ -71,6 +73,9 @@ def finetune(
         schedule: the learning rates, ``"constant"`` or ``"cosine"`` (from ``lr`` down to 0
             over the steps: the last steps move little, so the result depends less on the
             last batches; quantization-aware training is noisy without it).
+        labels, label_weight: optional class indices, one tensor per batch of ``data``
+            (classifiers): the loss is then ``(1 - label_weight)`` times the distillation
+            loss plus ``label_weight`` times the cross entropy with the labels.
 
     Returns a new :class:`fxopt.OptimizedModule` lowered for ``optimized``'s backend.
     """
@@ -102,6 +107,7 @@ def finetune(
         structured.append((args, kwargs))
     if not batches:
         raise InputError("data is empty: give at least one batch of inputs")
+    truth = _labels(labels, len(batches), label_weight)
 
     device = optimized.device
     if device is not None:
@@ -116,7 +122,8 @@ def finetune(
                          "finetune a model compiled for backend='eager', then compile the result")
     frozen, note, _ = distill_graph(optimized.graph_module, signature, batches, targets, epochs=epochs, lr=lr,
                                     temperature=temperature, loss=loss, seed=seed, progress=progress,
-                                    activation_scales=activation_scales, schedule=schedule)
+                                    activation_scales=activation_scales, schedule=schedule,
+                                    labels=_to(truth, device), label_weight=label_weight)
     # the compile's own timings are not this step's; the final error is the trained graph's
     report = replace(optimized.report, notes=list(optimized.report.notes), passes=list(optimized.report.passes),
                      timings={}, total_seconds=0.0, kernels=[])
@@ -129,7 +136,7 @@ def finetune(
 def distill_graph(gm: fx.GraphModule, signature: Any, batches: list[list[Any]], targets: list[Any], *,
                   epochs: int, lr: float, temperature: float = 2.0, loss: str = "kl", seed: int = 0,
                   progress: bool = True, activation_scales: str = "learned", schedule: str = "constant",
-                  label: str = "finetune") -> tuple[fx.GraphModule, str, tuple[float, float]]:
+                  label: str = "finetune", labels: list[torch.Tensor] | None = None, label_weight: float = 0.5) -> tuple[fx.GraphModule, str, tuple[float, float]]:
     """A trained copy of ``gm`` (its float constants, and its quantized Linears by QAT) whose
     outputs on the flat ``batches`` match ``targets`` (the teacher's, unflattened); returns it
     with the report's note and the top-1 agreement on ``batches`` before and after."""
@@ -150,7 +157,11 @@ def distill_graph(gm: fx.GraphModule, signature: Any, batches: list[list[Any]], 
 
     def objective(index: int) -> torch.Tensor:
         outputs = signature.unflatten(list(_as_list(student(*batches[index]))))
-        return _distillation_loss(outputs, targets[index], loss, temperature)
+        value = _distillation_loss(outputs, targets[index], loss, temperature)
+        if labels is None:
+            return value
+        hard = torch.nn.functional.cross_entropy(logits_of(outputs).float().flatten(0, -2), labels[index].flatten())
+        return (1.0 - label_weight) * value + label_weight * hard
 
     def mean_loss() -> float:
         with torch.no_grad():
@@ -179,11 +190,26 @@ def distill_graph(gm: fx.GraphModule, signature: Any, batches: list[list[Any]], 
     qat.convert(frozen, quantized)
     count = sum(p.numel() for _, p in trained)
     what = f"{count} parameters in {len(trained)} tensors trained by distillation"
+    if labels is not None:
+        what += f" and labels (weight {label_weight:g})"
     if quantized:
         what += ", " + qat.describe(quantized, activation_scales)
     note = (f"{label}: {what} ({loss}, {epochs} epochs, {len(batches)} batches, {schedule} lr {lr:g}): loss {before:.5f} -> {after:.5f}, "
             f"top-1 agreement with the original {agreement_before:.4f} -> {agreement_after:.4f} on the data")
     return frozen, note, (agreement_before, agreement_after)
+
+
+def _labels(labels: Iterable[torch.Tensor] | None, count: int, weight: float) -> list[torch.Tensor] | None:
+    """``labels`` checked against ``count`` batches: class indices, one tensor per batch."""
+    if labels is None:
+        return None
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise InputError(f"label_weight must be a number in [0, 1], got {weight!r}")
+    labels = list(labels) if not isinstance(labels, torch.Tensor) else None
+    if labels is None or len(labels) != count or not all(isinstance(y, torch.Tensor) and not y.is_floating_point()
+                                                         for y in labels):
+        raise InputError(f"labels must be one tensor of class indices per batch of data ({count} batches)")
+    return labels
 
 
 def _to(value: Any, device: torch.device | None) -> Any:

@@ -118,3 +118,21 @@ def test_fake_quantization_computes_what_the_int8_kernels_compute(spec):
     before, after = int8(opt.graph_module), int8(student)  # the old weights are gone, the new ones are the same
     assert len(after) == len(list(student.buffers())) - 3 - 3 == 3  # int8 weights, their scales, the biases
     assert all(torch.equal(after[shape], before[shape]) for shape in before)
+
+
+def test_labels_join_the_distillation_loss(quantized):
+    model, opt, train, unseen = quantized
+    task = torch.randn(16, 6, generator=torch.Generator().manual_seed(2))  # test_finetune's task: the model's labels
+    labels = [(x @ task).argmax(-1) for x in train[:4]]
+    plain = fxopt.finetune(opt, model, train[:4], epochs=1, lr=1e-4, progress=False)
+    labelled = fxopt.finetune(opt, model, train[:4], epochs=1, lr=1e-4, labels=labels, label_weight=0.5,
+                              progress=False)
+    with torch.no_grad():
+        assert not torch.equal(plain(unseen), labelled(unseen))  # the same seed and data: the labels changed it
+    assert "and labels (weight 0.5)" in next(n for n in labelled.report.notes if n.startswith("finetune:"))
+    for bad, message in (([labels[0]], "one tensor of class indices per batch"),
+                         ([y.float() for y in labels], "one tensor of class indices per batch")):
+        with pytest.raises(InputError, match=message):
+            fxopt.finetune(opt, model, train[:4], labels=bad, progress=False)
+    with pytest.raises(InputError, match="label_weight must be"):
+        fxopt.finetune(opt, model, train[:4], labels=labels, label_weight=2.0, progress=False)
