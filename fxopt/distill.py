@@ -7,16 +7,20 @@ The optimized graph is an ``nn.Module``: its floating-point constants (low-rank 
 Linears pruning left, biases, norms) become trainable parameters of a copy, trained to match
 the original model's outputs on the inputs given (no labels needed: the teacher's outputs are
 the targets), with the KL divergence of the softmax at ``temperature`` for classifiers
-(``loss="kl"``) or the mean squared error of every output (``loss="mse"``). Constants that are
-not floating point (int8 weights) stay as they are: quantization-aware training is not part of
-this. The result is lowered again for the same backend; its report says what was trained and
-the loss and top-1 agreement with the original before and after. Deterministic for a seed on
-CPU; neither the original model nor ``optimized`` is modified.
+(``loss="kl"``) or the mean squared error of every output (``loss="mse"``). Its quantized
+Linears (quantize-int8's int8 Linears, whatever their activations; quantize-weights' int8 and
+int4 weights) are trained by quantization-aware training (:mod:`fxopt.qat`): each becomes a
+float weight fake-quantized on every step with a straight-through estimator, then is
+quantized again. The result is lowered again for the same backend and checked against the
+graph it lowers, as every compile's is; its report says what was trained and the loss and
+top-1 agreement with the original before and after. Deterministic for a seed on CPU; neither
+the original model nor ``optimized`` is modified.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import sys
 from collections.abc import Iterable
 from dataclasses import replace
@@ -25,12 +29,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fxopt import qat
 from fxopt.errors import InputError
 from fxopt.ir import copy_graph_module
 from fxopt.lossy.task import logits_of
 from fxopt.verify import compare_outputs
 
 LOSSES = ("kl", "mse")
+SCHEDULES = ("constant", "cosine")
 
 
 def finetune(
@@ -44,6 +50,10 @@ def finetune(
     loss: str = "kl",
     seed: int = 0,
     progress: bool = True,
+    activation_scales: str = "learned",
+    schedule: str = "constant",
+    labels: Iterable[torch.Tensor] | None = None,
+    label_weight: float = 0.5,
 ) -> Any:
     """Train ``optimized``'s floating-point constants to reproduce ``teacher`` on ``data``.
 
@@ -52,12 +62,20 @@ def finetune(
         teacher: the original model (never modified; an eval copy runs when it is training).
         data: input batches like the example inputs (a tensor, a tuple, a dict of keyword
             inputs), as ``calibration=`` takes them; no labels (for labelled pairs, pass
-            ``[x for x, _ in pairs]``).
+            ``[x for x, _ in pairs]``, and ``labels=[y for _, y in pairs]`` to use them).
         epochs, lr: passes over ``data`` and the AdamW learning rate.
         temperature, loss: ``"kl"`` (classifiers: KL divergence of the softmax at
             ``temperature``) or ``"mse"`` (every floating-point output).
         seed: the order of the batches each epoch.
         progress: one line per epoch on stderr.
+        activation_scales: static int8 activation scales, ``"learned"`` with the weights or
+            ``"refit"``: kept while training, then observed again on ``data`` (min-max).
+        schedule: the learning rates, ``"constant"`` or ``"cosine"`` (from ``lr`` down to 0
+            over the steps: the last steps move little, so the result depends less on the
+            last batches; quantization-aware training is noisy without it).
+        labels, label_weight: optional class indices, one tensor per batch of ``data``
+            (classifiers): the loss is then ``(1 - label_weight)`` times the distillation
+            loss plus ``label_weight`` times the cross entropy with the labels.
 
     Returns a new :class:`fxopt.OptimizedModule` lowered for ``optimized``'s backend.
     """
@@ -71,6 +89,10 @@ def finetune(
         raise InputError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     if loss not in LOSSES:
         raise InputError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if schedule not in SCHEDULES:
+        raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    if activation_scales not in qat.SCALES:
+        raise InputError(f"activation_scales must be one of {', '.join(qat.SCALES)}, got {activation_scales!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise InputError(f"epochs must be a positive integer, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and lr > 0) or not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -85,24 +107,61 @@ def finetune(
         structured.append((args, kwargs))
     if not batches:
         raise InputError("data is empty: give at least one batch of inputs")
+    truth = _labels(labels, len(batches), label_weight)
 
+    device = optimized.device
+    if device is not None:
+        batches = [[t.to(device) if isinstance(t, torch.Tensor) else t for t in flat] for flat in batches]
     if any(m.training for m in teacher.modules()):
         teacher = copy.deepcopy(teacher).eval()
     with torch.no_grad():
-        targets = [teacher(*args, **kwargs) for args, kwargs in structured]
+        targets = [_to(teacher(*args, **kwargs), device) for args, kwargs in structured]
 
-    student, trained = _trainable_copy(optimized.graph_module)
-    if not trained:
-        raise InputError("the optimized graph has no floating-point constants to train")
-    if any(p.is_meta for _, p in trained):
+    if any(t.is_meta for t in optimized.graph_module.buffers()):
         raise InputError(f"the {optimized.report.backend} backend keeps the weights in its own runtime: "
                          "finetune a model compiled for backend='eager', then compile the result")
-    optimizer = torch.optim.AdamW([p for _, p in trained], lr=lr, weight_decay=0.0)
+    frozen, note, _ = distill_graph(optimized.graph_module, signature, batches, targets, epochs=epochs, lr=lr,
+                                    temperature=temperature, loss=loss, seed=seed, progress=progress,
+                                    activation_scales=activation_scales, schedule=schedule,
+                                    labels=_to(truth, device), label_weight=label_weight)
+    # the compile's own timings are not this step's; the final error is the trained graph's
+    report = replace(optimized.report, notes=list(optimized.report.notes), passes=list(optimized.report.passes),
+                     timings={}, total_seconds=0.0, kernels=[])
+    report.final_max_abs_err, report.final_max_rel_err = _error(frozen, signature, batches, targets)
+    report.notes.append(note)
+    session = Session.from_graph(frozen, [*batches], report)
+    return session.lower(Stage(frozen, list(report.passes)), report.backend, device)
+
+
+def distill_graph(gm: fx.GraphModule, signature: Any, batches: list[list[Any]], targets: list[Any], *,
+                  epochs: int, lr: float, temperature: float = 2.0, loss: str = "kl", seed: int = 0,
+                  progress: bool = True, activation_scales: str = "learned", schedule: str = "constant",
+                  label: str = "finetune", labels: list[torch.Tensor] | None = None, label_weight: float = 0.5) -> tuple[fx.GraphModule, str, tuple[float, float]]:
+    """A trained copy of ``gm`` (its float constants, and its quantized Linears by QAT) whose
+    outputs on the flat ``batches`` match ``targets`` (the teacher's, unflattened); returns it
+    with the report's note and the top-1 agreement on ``batches`` before and after."""
+    student = copy_graph_module(gm)
+    quantized = qat.prepare(student, learn_scales=activation_scales == "learned")
+    trained = _trainable(student) + [(f"{name}.{leaf}", p) for name, module in quantized
+                                     for leaf, p in module.named_parameters() if p.requires_grad]
+    if not trained:
+        raise InputError("the optimized graph has no floating-point constants to train")
+    scales = [p for target, p in trained if target.endswith(".log_scale")]
+    groups = [{"params": [p for target, p in trained if not target.endswith(".log_scale")], "lr": lr}]
+    optimizer = torch.optim.AdamW(groups + ([{"params": scales, "lr": qat.SCALE_LR}] if scales else []),
+                                  weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
+    steps = epochs * len(batches)
+    decay = (lambda step: 0.5 * (1.0 + math.cos(math.pi * step / steps))) if schedule == "cosine" else (lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
 
     def objective(index: int) -> torch.Tensor:
         outputs = signature.unflatten(list(_as_list(student(*batches[index]))))
-        return _distillation_loss(outputs, targets[index], loss, temperature)
+        value = _distillation_loss(outputs, targets[index], loss, temperature)
+        if labels is None:
+            return value
+        hard = torch.nn.functional.cross_entropy(logits_of(outputs).float().flatten(0, -2), labels[index].flatten())
+        return (1.0 - label_weight) * value + label_weight * hard
 
     def mean_loss() -> float:
         with torch.no_grad():
@@ -116,35 +175,61 @@ def finetune(
             value = objective(index)
             try:
                 value.backward()
-            except RuntimeError as exc:  # an op without a gradient (int8 kernels): say which
+            except RuntimeError as exc:  # an op without a gradient: say which
                 raise InputError(f"fxopt.finetune cannot train through this graph: {exc}") from exc
             optimizer.step()
+            scheduler.step()
         if progress:
-            print(f"fxopt finetune: epoch {epoch + 1}/{epochs}, loss {mean_loss():.5f}", file=sys.stderr, flush=True)
+            print(f"fxopt {label}: epoch {epoch + 1}/{epochs}, loss {mean_loss():.5f}", file=sys.stderr, flush=True)
+    if activation_scales == "refit":
+        qat.refit_scales(quantized, lambda: [student(*flat) for flat in batches])
     after = mean_loss()
     agreement_after = _agreement(student, signature, batches, targets)
 
-    frozen = _frozen(student, trained)
-    # the compile's own timings are not this step's; the final error is the trained graph's
-    report = replace(optimized.report, notes=list(optimized.report.notes), passes=list(optimized.report.passes),
-                     timings={}, total_seconds=0.0)
-    report.final_max_abs_err, report.final_max_rel_err = _error(frozen, signature, batches, targets)
+    frozen = _frozen(student, [(target, p) for target, p in trained if not target.startswith(qat.PREFIX)])
+    qat.convert(frozen, quantized)
     count = sum(p.numel() for _, p in trained)
-    report.notes.append(
-        f"finetune: {count} parameters in {len(trained)} constants trained by distillation ({loss}, {epochs} epochs, "
-        f"{len(batches)} batches): loss {before:.5f} -> {after:.5f}, top-1 agreement with the original "
-        f"{agreement_before:.4f} -> {agreement_after:.4f} on the data")
-    session = Session.from_graph(frozen, [*batches], report)
-    return session.lower(Stage(frozen, list(report.passes)), report.backend, optimized.device)
+    what = f"{count} parameters in {len(trained)} tensors trained by distillation"
+    if labels is not None:
+        what += f" and labels (weight {label_weight:g})"
+    if quantized:
+        what += ", " + qat.describe(quantized, activation_scales)
+    note = (f"{label}: {what} ({loss}, {epochs} epochs, {len(batches)} batches, {schedule} lr {lr:g}): loss {before:.5f} -> {after:.5f}, "
+            f"top-1 agreement with the original {agreement_before:.4f} -> {agreement_after:.4f} on the data")
+    return frozen, note, (agreement_before, agreement_after)
+
+
+def _labels(labels: Iterable[torch.Tensor] | None, count: int, weight: float) -> list[torch.Tensor] | None:
+    """``labels`` checked against ``count`` batches: class indices, one tensor per batch."""
+    if labels is None:
+        return None
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+        raise InputError(f"label_weight must be a number in [0, 1], got {weight!r}")
+    labels = list(labels) if not isinstance(labels, torch.Tensor) else None
+    if labels is None or len(labels) != count or not all(isinstance(y, torch.Tensor) and not y.is_floating_point()
+                                                         for y in labels):
+        raise InputError(f"labels must be one tensor of class indices per batch of data ({count} batches)")
+    return labels
+
+
+def _to(value: Any, device: torch.device | None) -> Any:
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
 
 
 def _as_list(outputs: Any) -> list[Any]:
     return list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
 
 
-def _trainable_copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[tuple[str, torch.nn.Parameter]]]:
-    """A copy of ``gm`` whose floating-point constants are fresh trainable parameters."""
-    student = copy_graph_module(gm)
+def _trainable(student: fx.GraphModule) -> list[tuple[str, torch.nn.Parameter]]:
+    """Make ``student``'s floating-point constants fresh trainable parameters (in place)."""
     trained: list[tuple[str, torch.nn.Parameter]] = []
     for node in student.graph.nodes:
         if node.op != "get_attr" or any(name == node.target for name, _ in trained):
@@ -157,7 +242,7 @@ def _trainable_copy(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[tuple[str,
             setattr(module, leaf, parameter)
             trained.append((node.target, parameter))
     student.recompile()
-    return student, trained
+    return trained
 
 
 def _frozen(student: fx.GraphModule, trained: list[tuple[str, torch.nn.Parameter]]) -> fx.GraphModule:

@@ -15,7 +15,7 @@ technique per layer and judging speed by latency measured in the chosen backend.
 4. The chosen model is lowered and scored on every batch of ``data``; while its drop is over
    ``max_drop`` the option costing most metric per latency saved is taken back.
 5. The Pareto front of everything measured is timed again side by side, chosen model included.
-
+6. With ``recover=``, over-budget options are fine-tuned into the budget (:mod:`fxopt.tune.recover`).
 A drop "fits" when its upper confidence bound does (:mod:`fxopt.lossy.acceptance`); with too
 few examples for any to fit, tune says so up front and returns the model after the exact passes.
 """
@@ -43,6 +43,8 @@ from fxopt.registry import resolve_passes
 from fxopt.report import Report
 from fxopt.session import Session, Stage, pass_context
 from fxopt.tune.log import Candidate, ParetoRow, TuneLog
+from fxopt.tune.recover import recover as run_recovery
+from fxopt.tune.recover import recover_options
 from fxopt.tune.techniques import HIDDEN, Technique, ordered, select_techniques
 from fxopt.verify import compare_outputs, module_fingerprint, run_graph
 
@@ -71,6 +73,7 @@ def tune(
     progress: bool = True,
     confidence: float | None = DEFAULT_CONFIDENCE,
     agreement_data: Any = None,
+    recover: Any = None,
 ) -> Any:
     """Search per layer among fxopt's techniques for the fastest model within ``max_drop``.
 
@@ -102,13 +105,15 @@ def tune(
             ``data`` alone, no allowance for sampling (it does not hold on unseen data).
         agreement_data: unlabelled input batches drawn like ``data``'s: for accuracy and
             top-1 agreement, the bound is taken on changed top-1 predictions over both.
+        recover: input batches (no labels) to fine-tune over-budget options on after the
+            search, or a dict with ``data`` and options (:mod:`fxopt.tune.recover`).
 
     Returns an :class:`fxopt.OptimizedModule`; ``opt.report.search`` is the :class:`TuneLog`.
     """
     from fxopt.inputs import inference_copy
 
     started = time.perf_counter()
-    chosen_techniques = select_techniques(techniques)
+    chosen_techniques, recovery = select_techniques(techniques), recover_options(recover)
     if not isinstance(time_budget_s, (int, float)) or time_budget_s <= 0:
         raise InputError(f"time_budget_s must be a positive number of seconds, got {time_budget_s!r}")
     if not isinstance(model, torch.nn.Module):
@@ -128,8 +133,7 @@ def tune(
     report.notes.extend(filter(None, [task.unsupported(FIT if holdout else ALL)]))
     batches = [example, *task.inputs[:MAX_CALIBRATION]]
     reference = reference_outputs(captured, batches)
-    say(f"baseline {task.name} {task.baseline:.4f} on {len(task.inputs)} batches; "
-        f"running {len(pipeline)} exact passes")
+    say(f"baseline {task.name} {task.baseline:.4f} on {len(task.inputs)} batches; running {len(pipeline)} exact passes")
 
     # Lossy passes given in ``passes`` keep the task budget as well as their own.
     user_model = UserModelUntouched(model, captured.meta.get("fxopt_sources", {}), baseline=fingerprint)
@@ -140,12 +144,13 @@ def tune(
     target = torch.device(device) if device is not None else (example[0].device if example else torch.device("cpu"))
     tuner = _Tuner(start_graph, signature, batches, task, chosen_techniques, backend, target,
                    deadline=started + time_budget_s, sensitivity_deadline=started + SENSITIVITY_SHARE * time_budget_s,
-                   repeats=repeats, min_speedup=min_speedup, say=say,
-                   holdout=holdout)
+                   repeats=repeats, min_speedup=min_speedup, say=say, holdout=holdout)
     choices = tuner.run()
     tuner.log.seconds = time.perf_counter() - started
 
     final_graph = tuner.build(choices)
+    if recovery is not None:
+        choices, final_graph = run_recovery(tuner, choices, final_graph, recovery)
     optimized = session.lower(Stage(final_graph, exact_stage.records), backend, target)
     report = optimized.report
     report.final_max_abs_err, report.final_max_rel_err = _drift(reference, final_graph, batches)
@@ -164,10 +169,8 @@ class _Tuner:
                  deadline: float, sensitivity_deadline: float, repeats: int, min_speedup: float, say: Any, holdout: bool = False) -> None:
         self.gm, self.signature, self.batches, self.task = gm, signature, batches, task
         self.techniques = {t.name: t for t in techniques}
-        self.backend, self.device = backend, device
+        self.backend, self.device, self.holdout, self.sensitivity_deadline = backend, device, holdout, sensitivity_deadline
         self.deadline, self.repeats, self.min_speedup, self.say = deadline, repeats, min_speedup, say
-        self.holdout = holdout
-        self.sensitivity_deadline = sensitivity_deadline
         self.family = "all"  # the combination running now ("extend": growing the fastest one)
         self.plans: dict[str, dict[str, Option]] = {}  # each family's own combination, and "all"
         self.states = {t.name: t.prepare(gm, batches) for t in techniques}
@@ -302,8 +305,7 @@ class _Tuner:
                 if (parts := linear_parts(self.gm, n)) is not None}
         options.sort(key=lambda item: -size.get(item[0].removesuffix(HIDDEN), 0))
         self.log.options = len(options)
-        self.say(f"sensitivity: {len(options)} options on "
-                 f"{len({site for site, _ in options})} sites")
+        self.say(f"sensitivity: {len(options)} options on {len({site for site, _ in options})} sites")
         measured: list[tuple[str, Option, float]] = []
         saved: dict[tuple[str, Option], float] = {}
         for start in range(0, len(options), CHUNK):
