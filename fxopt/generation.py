@@ -19,6 +19,7 @@ them (see :mod:`fxopt.frontends.dynamo`).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
 import time
@@ -71,11 +72,13 @@ class GenerativeModule(torch.nn.Module):
         return self.log.reports[0]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.lm(*args, **kwargs)
+        with _compiled_mode():
+            return self.lm(*_plain(args), **_plain(kwargs))
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """``transformers.GenerationMixin.generate`` over the optimized graphs."""
-        return self.lm.generate(*args, **kwargs)
+        with _compiled_mode():
+            return self.lm.generate(*_plain(args), **_plain(kwargs))
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -120,13 +123,34 @@ def compile_generative(model: torch.nn.Module, example_inputs: Any, passes: Any,
     config = getattr(model, "generation_config", None)
     if getattr(config, "pad_token_id", None) is None:
         generation["pad_token_id"] = getattr(config, "eos_token_id", None) or 0
-    with torch.no_grad(), warnings.catch_warnings():
+    with _compiled_mode(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
-        lm.generate(*args, **kwargs, **generation)
+        lm.generate(*_plain(args), **_plain(kwargs), **generation)
     if not log.records:
         raise FxoptError(f"torch.compile handed fxopt no graph while {type(model).__name__} generated "
                          "from the example prompt")
     return GenerativeModule(lm, log, time.perf_counter() - start)
+
+
+def _compiled_mode() -> contextlib.ExitStack:
+    """The mode the graphs were compiled in (no grad, outside inference mode): dynamo guards on
+    it, so a call under ``torch.inference_mode()`` would otherwise compile another pair."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.no_grad())
+    return stack
+
+
+def _plain(values: Any) -> Any:
+    """Inference tensors (made under ``torch.inference_mode()``) as ordinary ones: dynamo guards
+    on the difference too."""
+    if isinstance(values, Mapping):
+        return {k: _plain_tensor(v) for k, v in values.items()}
+    return tuple(_plain_tensor(v) for v in values)
+
+
+def _plain_tensor(value: Any) -> Any:
+    return value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value
 
 
 def _prompt(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:

@@ -197,9 +197,18 @@ def resident_bytes(tensors: Any) -> int:
     """Bytes of the distinct memory behind ``tensors`` (views and shared weights counted once)."""
     storages = {}
     for tensor in tensors:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
+        for leaf in _plain_tensors(tensor):
+            storage = leaf.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
+
+
+def _plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors inside a tensor subclass (torchao's quantized weights), or itself."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return [leaf for name in names for leaf in _plain_tensors(getattr(tensor, name))]
+    return [tensor]
 
 
 def _reason(exc: BaseException) -> str:

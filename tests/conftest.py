@@ -19,6 +19,9 @@ def pytest_configure(config: pytest.Config) -> None:
     # test run: measured choices are off unless a test injects its own timings
     # (fxopt.pipeline.timings.measuring), and nothing is cached in the user's home.
     os.environ.setdefault("FXOPT_MEASURE", "0")
+    # fxopt's native weight-only GEMV is compiled at first use (about a minute): only
+    # tests/test_gemv.py builds it, so every other test runs the same without a compiler.
+    os.environ.setdefault("FXOPT_NATIVE_KERNELS", "0")
     os.environ.setdefault("FXOPT_CACHE_DIR", tempfile.mkdtemp(prefix="fxopt-test-cache-"))
 
 

@@ -14,6 +14,9 @@ version-specific layouts, made by the lowering, never saved):
     int8pack      aten._weight_int8pack_mm            8 bits, per output channel
     int4pack-cpu  aten._weight_int4pack_mm_for_cpu    4 bits, groups of 32..256 (torch >= 2.6)
     int4pack-cuda aten._weight_int4pack_mm            4 bits, bfloat16 on CUDA (sm80+)
+    gemv-int8     fxopt's fused dequantize + GEMV       8 bits, per output channel, CPU
+    gemv-int4     the same on packed int4               4 bits, groups of 32..256, CPU
+                  (:mod:`fxopt.kernels.gemv`: C++ built for this CPU at first use)
 
 A kernel missing from this torch build is left out (:meth:`PackedKernel.available`).
 
@@ -154,9 +157,10 @@ class PackedKernel:
     # process (no error) when in features are not a multiple of 16 (torch 2.13, x86).
     in_multiple: int = 16
     out_multiple: int = 1
+    requires: Callable[[], bool] | None = None  # whether it exists here; default: the aten op does
 
     def available(self) -> bool:
-        return hasattr(aten, self.op)
+        return self.requires() if self.requires is not None else hasattr(aten, self.op)
 
     def takes(self, bits: int, group_size: int, in_features: int, out_features: int, device: torch.device,
               dtype: torch.dtype) -> bool:
@@ -195,6 +199,25 @@ def _pack_int4_cuda(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | N
     return aten._convert_weight_to_int4pack(nibbles, 8), _scales_and_zeros(scale, zero, dtype)
 
 
+def _pack_gemv_int8(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    return q.contiguous(), scale[:, 0].float().contiguous()
+
+
+def _pack_gemv_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    from fxopt.kernels import gemv
+
+    group = q.shape[1] // scale.shape[1]
+    return gemv.pack_int4_groups(q, group), torch.stack([scale.float(), zero.float()]).contiguous()
+
+
+def _gemv_available() -> bool:
+    from fxopt.kernels import gemv
+
+    return gemv.available()
+
+
 PACKED_KERNELS: dict[str, PackedKernel] = {kernel.name: kernel for kernel in (
     PackedKernel("int8pack", 8, ("cpu", "cuda"), "_weight_int8pack_mm", _pack_int8,
                  lambda rows, packed, qparams, group: aten._weight_int8pack_mm(rows, packed, qparams)),
@@ -204,4 +227,13 @@ PACKED_KERNELS: dict[str, PackedKernel] = {kernel.name: kernel for kernel in (
     PackedKernel("int4pack-cuda", 4, ("cuda",), "_weight_int4pack_mm", _pack_int4_cuda,
                  lambda rows, packed, qparams, group: aten._weight_int4pack_mm(rows, packed, group, qparams),
                  group_sizes=(32, 64, 128, 256), dtypes=(torch.bfloat16,)),
+    # fxopt's own fused dequantize + GEMV (fxopt.kernels.gemv), float32 arithmetic.
+    PackedKernel("gemv-int8", 8, ("cpu",), "", _pack_gemv_int8,
+                 lambda rows, packed, qparams, group: torch.ops.fxopt_gemv.int8_gemv(
+                     rows.float().contiguous(), packed, qparams),
+                 in_multiple=1, requires=_gemv_available),
+    PackedKernel("gemv-int4", 4, ("cpu",), "", _pack_gemv_int4,
+                 lambda rows, packed, qparams, group: torch.ops.fxopt_gemv.int4_gemv(
+                     rows.float().contiguous(), packed, qparams[0], qparams[1], group),
+                 group_sizes=(32, 64, 128, 256), in_multiple=1, requires=_gemv_available),
 )}
