@@ -1,4 +1,4 @@
-"""Static int8 Linears on oneDNN's fused int8 kernel, for the eager CPU backend.
+"""Int8 Linears on oneDNN's fused int8 kernel, for the eager CPU backend.
 
     int8_linear(x, Wq, sw, b, s)            =>  qlinear_pointwise(u8(x, s), s, 128, pack(Wq), sw, 0, b, "none")
     int8_linear_static_uint8(x, Wq, sw, b, s, zp)  =>  the same with u8(x, s, zp) and zero point zp
@@ -9,14 +9,17 @@
     int8_linear(x, Wq, sw, b, None)         =>  token_qlinear(x, pack(Wq), sw, b): x quantized per token
         (int8, shifted into uint8 by flipping its sign bit), qlinear_pointwise(u8, 1, 128, pack(Wq), sw)
         in float32, then each row times its scale, plus b, in place (dynamic per-token activations)
+    int8_linear_dynamic_tensor(x, Wq, sw, b) [-> act]  =>  tensor_qlinear(x, pack(Wq), sw, b, act): x's
+        uint8 scale and zero point computed at run time, then qlinear_pointwise with them (+ the post-op)
 
 where ``u8(x, s) = clamp(round(x / s) + 128, 0, 255)``: the symmetric int8 activations of the
 QDQ graph shifted by 128, the same integers on oneDNN's fast u8 x s8 VNNI/AMX path (its s8 x s8
 path is orders of magnitude slower), and ``pack(Wq)`` is ``onednn.qlinear_prepack``, done once
 here (asymmetric static activations, ``fxopt::int8_linear_static_uint8``, are uint8 already and
-keep their own zero point). Constraints: ``fxopt::int8_linear`` with a static (calibrated) or per-token input scale, float32
+keep their own zero point). Constraints: ``fxopt::int8_linear`` with a static (calibrated) or per-token input scale,
+or ``fxopt::int8_linear_dynamic_tensor``, float32
 activations, constant int8 weights, float32 scales and bias; an activation is fused when it is
-the Linear's only user, the scale is static and this build's kernel accepts it as a post-op; a Linear writes uint8
+the Linear's only user, the scale is per tensor and this build's kernel accepts it as a post-op; a Linear writes uint8
 only when every user of its (activated) output is a static int8 Linear with one scale and zero point.
 
 This is how PT2E's x86 Inductor lowering runs static int8 Linears; here it runs eagerly. The
@@ -26,7 +29,7 @@ checks on the example inputs before it keeps the lowered graph. A probe, run onc
 the ops exist on this PyTorch build and give correct numbers; without them the graph keeps
 ``fxopt::int8_linear``. With a ``choose`` (a measured choice, :mod:`fxopt.pipeline.timings`)
 a Linear is lowered only when oneDNN's kernel (quantization included) measures faster than
-``fxopt::int8_linear`` at its shapes, at the example batch size and a second one when the
+fxopt's own int8 kernel (``torch._int_mm``; per tensor, ``quantized::linear_dynamic``) at its shapes, at the example batch size and a second one when the
 batch is dynamic.
 """
 
@@ -42,7 +45,7 @@ import torch.fx as fx
 from fxopt.ir import arg, constant, dtype_of, is_op, ops, shape_of
 from fxopt.kernels import int8 as kernels
 from fxopt.lowering.base import Choose, Lowering, LoweringResult, measured_inputs, measured_shapes
-from fxopt.quant import quantize_per_token
+from fxopt.quant import dynamic_tensor_qparams, quantize_per_token
 
 aten = torch.ops.aten
 
@@ -97,6 +100,23 @@ def token_qlinear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Ten
     out = _qlinear()(xq.view(torch.uint8).bitwise_xor_(128), 1.0, ZERO_POINT, packed, weight_scale, zero_points,
                      None, 1.0, 0, torch.float32, "none", [], "")
     out = out.mul_(row_scale) if bias is None else torch.addcmul(bias, out, row_scale, out=out)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def tensor_qlinear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zero_points: torch.Tensor,
+                   bias: torch.Tensor | None, post_op: str = "none", algorithm: str = "") -> torch.Tensor:
+    """``fxopt::int8_linear_dynamic_tensor`` (+ an activation) on oneDNN's int8 kernel: ``x``
+    quantized to uint8 with the scale and zero point of all of it
+    (:func:`fxopt.quant.dynamic_tensor_qparams`), the weight prepacked, scales, bias and the
+    activation applied by the kernel."""
+    rows = x.reshape(-1, x.shape[-1])
+    scale, zero_point = dynamic_tensor_qparams(rows)
+    scale_value, zero_point_value = float(scale), int(zero_point)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        xq = quantize_u8(rows, scale_value, zero_point_value)
+    out = _qlinear()(xq, scale_value, zero_point_value, packed, weight_scale, zero_points, bias,
+                     1.0, 0, torch.float32, post_op, [], algorithm)
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -186,8 +206,8 @@ class PackedWeight(torch.nn.Module):
 
 
 class OneDnnQLinear(Lowering):
-    """Static int8 Linears (+ a following activation) and per-token ones -> oneDNN's fused int8
-    kernel, on CPU."""
+    """Static and dynamic per-tensor int8 Linears (+ a following activation) and per-token ones
+    -> oneDNN's fused int8 kernel, on CPU."""
 
     name = "onednn-qlinear"
     backends = ("eager",)
@@ -204,7 +224,7 @@ class OneDnnQLinear(Lowering):
         return kernel_unsupported_reason(device)
 
     def applies(self, gm: fx.GraphModule) -> bool:
-        return any(_static_linear(gm, node) or _token_linear(gm, node) for node in gm.graph.nodes)
+        return any(_static_linear(gm, node) or _dynamic_linear(gm, node) for node in gm.graph.nodes)
 
     def lower(self, gm: fx.GraphModule, device: torch.device | None, choose: Choose | None = None) -> LoweringResult:
         return lower_static_int8_linears(gm, choose)
@@ -232,6 +252,22 @@ def _token_linear(gm: fx.GraphModule, node: Any) -> bool:
     if not is_op(node, kernels.int8_linear_op) or not isinstance(node.args[0], fx.Node):
         return False
     return (node.args[4] if len(node.args) > 4 else None) is None and _operands_fit(gm, node)
+
+
+def _dynamic_linear(gm: fx.GraphModule, node: Any) -> bool:
+    """Whether ``node`` is an int8 Linear with dynamic (per-token or per-tensor) activations
+    this kernel can run."""
+    if is_op(node, kernels.int8_linear_dynamic_tensor_op) and isinstance(node.args[0], fx.Node):
+        return _operands_fit(gm, node)
+    return _token_linear(gm, node)
+
+
+def _dynamic_post_op(gm: fx.GraphModule, node: fx.Node, post_ops: frozenset[str]) -> tuple[tuple[str, str], fx.Node]:
+    """Per tensor, the kernel applies the activation after the whole rescale: it fuses one;
+    per token the row scales come after the kernel, so none."""
+    if _token_linear(gm, node):
+        return ("none", ""), node
+    return _post_op(node, post_ops)
 
 
 def _operands_fit(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -264,18 +300,20 @@ def lower_static_int8_linears(gm: fx.GraphModule, choose: Choose | None = None) 
     result = LoweringResult()
     post_ops = supported_post_ops()
     linears = [n for n in gm.graph.nodes if _static_linear(gm, n)]
-    tokens = [n for n in gm.graph.nodes if _token_linear(gm, n)]
+    dynamic = [n for n in gm.graph.nodes if _dynamic_linear(gm, n)]
     if choose is not None:
         kept = [n for n in linears if _measured_faster(gm, n, _post_op(n, post_ops), choose, result)]
-        kept_tokens = [n for n in tokens if _measured_faster(gm, n, (("none", ""), n), choose, result)]
-        slower = len(linears) + len(tokens) - len(kept) - len(kept_tokens)
+        kept_dynamic = [n for n in dynamic
+                        if _measured_faster(gm, n, _dynamic_post_op(gm, n, post_ops), choose, result)]
+        slower = len(linears) + len(dynamic) - len(kept) - len(kept_dynamic)
         if slower:
-            result.notes.append(f"{slower} int8 Linear(s) stay fxopt::int8_linear: "
-                                "oneDNN's kernel measured no faster at their shapes")
-        linears, tokens = kept, kept_tokens
-    _lower_per_token(gm, tokens, result)
+            result.notes.append(f"{slower} int8 Linear(s) keep fxopt's int8 kernel: "
+                                "oneDNN's measured no faster at their shapes")
+        linears, dynamic = kept, kept_dynamic
+    _lower_dynamic(gm, dynamic, post_ops, result)
     if not linears:
-        if tokens:
+        if dynamic:
+            gm.graph.eliminate_dead_code()
             gm.recompile()
         return result
     lowered_set = set(linears)
@@ -327,20 +365,29 @@ def lower_static_int8_linears(gm: fx.GraphModule, choose: Choose | None = None) 
     return result
 
 
-def _lower_per_token(gm: fx.GraphModule, tokens: list[fx.Node], result: LoweringResult) -> None:
-    for node in tokens:
+def _lower_dynamic(gm: fx.GraphModule, nodes: list[fx.Node], post_ops: frozenset[str],
+                   result: LoweringResult) -> None:
+    counts: dict[str, int] = {}
+    for node in nodes:
         x, qweight, weight_scale, bias = node.args[:4]
-        with gm.graph.inserting_before(node):
+        per_token = _token_linear(gm, node)
+        (post_name, algorithm), out = _dynamic_post_op(gm, node, post_ops)
+        with gm.graph.inserting_before(out):
             packed = _packed_weight(gm, constant(gm, qweight), qweight)
             zeros = gm.graph.get_attr(_zero_points(gm, constant(gm, qweight).shape[0]))
-            kernel = gm.graph.call_function(token_qlinear, (x, packed, weight_scale, zeros, bias))
-        kernel.meta.update(node.meta)
-        node.replace_all_uses_with(kernel)
+            kernel = gm.graph.call_function(token_qlinear, (x, packed, weight_scale, zeros, bias)) if per_token \
+                else gm.graph.call_function(tensor_qlinear, (x, packed, weight_scale, zeros, bias, post_name, algorithm))
+        kernel.meta.update(out.meta)
+        out.replace_all_uses_with(kernel)
+        if out is not node:
+            gm.graph.erase_node(out)
         gm.graph.erase_node(node)
+        kind = "per-token" if per_token else "per-tensor" + ("" if post_name == "none" else f" +{post_name}")
+        counts[kind] = counts.get(kind, 0) + 1
         result.lowered += 1
-    if tokens:
-        result.notes.append(f"{len(tokens)} per-token int8 Linear(s) run on onednn.qlinear_pointwise "
-                            "(prepacked weights, row scales applied in place)")
+    if nodes:
+        spelled = ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items()))
+        result.notes.append(f"{len(nodes)} dynamic int8 Linear(s) run on onednn.qlinear_pointwise ({spelled})")
 
 
 def _measured_faster(gm: fx.GraphModule, node: fx.Node, post: tuple[tuple[str, str], fx.Node],
@@ -352,8 +399,8 @@ def _measured_faster(gm: fx.GraphModule, node: fx.Node, post: tuple[tuple[str, s
     (post_name, algorithm), out = post
     qweight, weight_scale = constant(gm, node.args[1]), constant(gm, node.args[2])
     bias = constant(gm, node.args[3]) if len(node.args) > 3 and node.args[3] is not None else None
-    per_token = _token_linear(gm, node)
-    input_scale, input_zero_point = (None, ZERO_POINT) if per_token else _qparams(node)
+    per_token, per_tensor = _token_linear(gm, node), is_op(node, kernels.int8_linear_dynamic_tensor_op)
+    input_scale, input_zero_point = (None, None) if per_token or per_tensor else _qparams(node)
     packed = _prepack()(qweight, None)
     zeros = torch.zeros(qweight.shape[0], dtype=torch.int64)
     rest = [constant(gm, a) if isinstance(a, fx.Node) else a for a in node.args[1:]]
@@ -361,6 +408,8 @@ def _measured_faster(gm: fx.GraphModule, node: fx.Node, post: tuple[tuple[str, s
     def onednn(x: torch.Tensor) -> torch.Tensor:
         if per_token:
             return token_qlinear(x, packed, weight_scale, zeros, bias)
+        if per_tensor:
+            return tensor_qlinear(x, packed, weight_scale, zeros, bias, post_name, algorithm)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             xq = quantize_u8(x, input_scale, input_zero_point)
@@ -373,7 +422,8 @@ def _measured_faster(gm: fx.GraphModule, node: fx.Node, post: tuple[tuple[str, s
 
     shapes = measured_shapes(shape_of(node.args[0]))
     site = (f"x={'/'.join(map(str, shapes))} w={tuple(qweight.shape)} bias={bias is not None} "
-            f"zero_point={input_zero_point} post={post_name}:{algorithm}" + (" per-token" if per_token else ""))
+            f"zero_point={input_zero_point} post={post_name}:{algorithm}"
+            + (" per-token" if per_token else " dynamic-tensor" if per_tensor else ""))
     inputs = measured_inputs(shapes, torch.float32)
     choice = choose("onednn-qlinear", site, {"onednn-qlinear": onednn, "int8-linear": int8_linear}, inputs,
                     prefer="int8-linear")
