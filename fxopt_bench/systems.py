@@ -569,6 +569,7 @@ def pipeline_note(report: Any, lossy: str | Sequence[str] | None = ()) -> str:
 # ---------------------------------------------------------------- the systems
 
 PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
+PER_TOKEN = "quantize-int8(activations='dynamic')"
 STATIC = "quantize-int8(activations='static', symmetric=False)"
 STATIC_PERCENTILE = "quantize-int8(activations='static', observer='percentile')"
 
@@ -609,10 +610,13 @@ SYSTEMS_LIST: tuple[System, ...] = (
     System("ct2-int8", "CTranslate2 encoder, int8 (BERT only)", _ctranslate2("int8"), ("ctranslate2",),
            cpu_only=True),
     # fxopt int8
-    System("fxopt-int8", "fxopt lossless pipeline + quantize-int8 (per-token activations), eager backend",
+    System("fxopt-int8", "fxopt lossless pipeline + quantize-int8 (default activations='auto': per tensor, "
+           "per token where per tensor breaks the budget), eager backend",
            _fxopt(_with("quantize-int8")), label="fxopt int8 eager"),
-    System("fxopt-int8-onnx", "fxopt lossless pipeline + quantize-int8 (per-token activations), "
+    System("fxopt-int8-onnx", "fxopt lossless pipeline + quantize-int8 (default activations='auto'), "
            "ONNX Runtime backend", _fxopt(_with("quantize-int8"), "onnx"), label="fxopt int8 ONNX"),
+    System("fxopt-int8-token", "as fxopt-int8, every layer's activations per token (activations='dynamic'), "
+           "eager backend", _fxopt(_with(PER_TOKEN)), label="fxopt int8 eager (per-token)"),
     System("fxopt-int8-pt", "as fxopt-int8, activations quantized per tensor (dynamic-tensor), eager backend",
            _fxopt(_with(PER_TENSOR)), label="fxopt int8 eager (per-tensor)"),
     # ONNX Runtime quantizes a shared input once by itself (CSE of DynamicQuantizeLinear)

@@ -71,7 +71,7 @@ INT8 = Preset(
         Candidate((EXACT, SMOOTH_QUANT, INT8_STATIC, INT8_ATTENTION), "openvino", devices=("cpu",),
                   needs_calibration=True),
         Candidate((EXACT, INT8_PER_TENSOR), "openvino", devices=("cpu",)),
-        Candidate((EXACT, "quantize-int8"), "eager"),
+        Candidate((EXACT, "quantize-int8(activations='dynamic')"), "eager"),
     ),
     budget=0.05,
 )

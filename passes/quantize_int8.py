@@ -1,10 +1,11 @@
-"""Quantize Linear layers to int8: per-channel weights, per-token (or calibrated) activations.
+"""Quantize Linear layers to int8: per-channel weights, dynamic (or calibrated) activations.
 
     linear(x, W, b)  =>  linear(dequantize(quantize(x)), dequantize_per_channel(Wq, sw), b)
     where Wq = round(W / sw) in [-127, 127], sw = max|W[o, :]| / 127   (quantized once, here)
     and x is quantized per token at run time (activations="dynamic"), per tensor to uint8 with
     a scale and zero point chosen at run time (activations="dynamic-tensor", ONNX's
-    DynamicQuantizeLinear scheme), or per tensor with a scale observed on the calibration
+    DynamicQuantizeLinear scheme; fused kernels run it), both (activations="auto", the default:
+    per tensor, and per token on the layers where per tensor breaks the budget), or per tensor with a scale observed on the calibration
     batches (activations="static", observer minmax|percentile; symmetric=False: uint8 with a
     calibrated zero point too, from the observed min and max)
 
@@ -31,7 +32,7 @@ dynamic, ``fxopt::int8_linear_dynamic_tensor`` (ONNX Runtime: DynamicQuantizeMat
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch.fx as fx
@@ -53,7 +54,7 @@ from fxopt.rewrite.constraints import (
 )
 
 MIN_FEATURES = 16
-ACTIVATIONS = ("dynamic", "dynamic-tensor", "static")
+ACTIVATIONS = ("auto", "dynamic", "dynamic-tensor", "static")
 
 
 @dataclass(frozen=True)
@@ -63,7 +64,9 @@ class QuantizeInt8(Pass):
     after: ClassVar[tuple[str, ...]] = ("prune-hidden", "smooth-quant")
 
     budget: float = 0.05
-    activations: str = "dynamic"  # "dynamic" (per token) | "dynamic-tensor" | "static" (per tensor, calibrated)
+    # "auto" (per tensor, per token where per tensor breaks the budget) | "dynamic" (per token)
+    # | "dynamic-tensor" | "static" (per tensor, calibrated)
+    activations: str = "auto"
     observer: str = "minmax"  # static only: "minmax" | "percentile"
     symmetric: bool = True  # static only: int8 around 0, or (False) uint8 with a zero point over [min, max]
     percentile: float = 99.99
@@ -112,7 +115,43 @@ class QuantizeInt8(Pass):
         else:
             fit_scales = scales
         weights = {n.name: quantize_weight(constant(gm, n.args[1])) for n in candidates}
+        if self.activations == "auto":
+            return self._auto(gm, ctx, candidates, weights, scales, result)
         outcome = choose_layers(self, gm, ctx, candidates, weights, fit_scales, self._quantize)
+        self._commit(gm, candidates, weights, scales, outcome, result)
+        return result
+
+    def _auto(self, gm: fx.GraphModule, ctx: PassContext, candidates: list[fx.Node], weights: dict,
+              scales: dict, result: PassResult) -> PassResult:
+        """Per tensor where the budget allows, then per token on the layers per tensor left float
+        (their search trials carry the per-tensor layers, so the budget covers both)."""
+        per_tensor = replace(self, activations="dynamic-tensor")
+        first = choose_layers(per_tensor, gm, ctx, candidates, weights, scales, per_tensor._quantize)
+        tensor_names = [n.name for n in candidates if n.name in first.choices]
+        rest = [n for n in candidates if n.name not in first.choices]
+        per_token = replace(self, activations="dynamic")
+
+        def both(trial: fx.GraphModule, names: list[str], weights: dict, scales: dict) -> None:
+            per_tensor._quantize(trial, tensor_names, weights, scales)
+            per_token._quantize(trial, names, weights, scales)
+
+        second = choose_layers(per_token, gm, ctx, rest, weights, scales, both) if rest else None
+        token_names = [] if second is None else [n.name for n in rest if n.name in second.choices]
+        both(gm, token_names, weights, scales)
+        for node in candidates:
+            outcome = first if node.name in tensor_names or second is None else second
+            pick = outcome.refused.get(node.name)
+            if pick is not None:
+                result.skip(node, budget_refusal(pick))
+            elif node.name in outcome.choices:
+                activations = "dynamic-tensor" if outcome is first else "dynamic"
+                result.apply()
+                result.details.append({"node": node.name, "input_scale": None, "activations": activations,
+                                       "error": outcome.picks[node.name].error, **outcome.details_for(node.name)})
+        return result
+
+    def _commit(self, gm: fx.GraphModule, candidates: list[fx.Node], weights: dict, scales: dict,
+                outcome: Any, result: PassResult) -> None:
         for node in candidates:
             pick = outcome.refused.get(node.name)
             if pick is not None:
@@ -121,9 +160,8 @@ class QuantizeInt8(Pass):
         self._quantize(gm, chosen, weights, scales)
         for name in chosen:
             result.apply()
-            result.details.append({"node": name, "input_scale": scales[name], "error": outcome.picks[name].error,
-                                   **outcome.details_for(name)})
-        return result
+            result.details.append({"node": name, "input_scale": scales[name], "activations": self.activations,
+                                   "error": outcome.picks[name].error, **outcome.details_for(name)})
 
     def _refusal(self, gm: fx.GraphModule, node: fx.Node, index: int, count: int) -> Refusal | None:
         path = module_path(node)

@@ -131,7 +131,7 @@ def mlp() -> torch.nn.Module:
 def test_eager_backend_lowers_qdq_to_int8_kernels_and_keeps_only_int8_weights() -> None:
     torch.manual_seed(0)
     model, x = mlp(), torch.randn(4, 9, 64)
-    opt = fxopt.compile(model, (x,), passes=["quantize-int8"], backend="eager")
+    opt = fxopt.compile(model, (x,), passes=["quantize-int8(activations='dynamic')"], backend="eager")
     gm = opt.graph_module
     assert count_ops(gm, int8_linear_op) == 2
     assert count_ops(gm, ops.linear, qops.dequantize_per_channel, qops.quantize_per_token) == 0
@@ -140,7 +140,7 @@ def test_eager_backend_lowers_qdq_to_int8_kernels_and_keeps_only_int8_weights() 
     assert opt.report.final.weight_bytes < 0.3 * opt.report.original.weight_bytes
     assert any("2 Linear(s) run on int8 kernels" in note for note in opt.report.notes)
     assert graph_cost(gm).flops == opt.report.original.flops  # int8_linear's FLOPs are registered
-    qdq = run_pass("quantize-int8", model, (x,))
+    qdq = run_pass("quantize-int8(activations='dynamic')", model, (x,))
     # Layer 1 agrees to float rounding; that rounding can move one of layer 2's inputs across
     # a quantization step, so the kernel and QDQ graph differ by far less than either from fp32.
     drift = assert_outputs_close([opt(x)], qdq.outputs(), rtol=5e-3)
@@ -243,7 +243,7 @@ def test_chained_linears_lower_to_chained_int8_ops() -> None:
 
     model = torch.nn.Sequential(torch.nn.Linear(16, 16, bias=False), torch.nn.Linear(16, 16, bias=False)).eval()
     x = torch.randn(1, 16)
-    opt = fxopt.compile(model, (x,), passes=["quantize-int8"])
+    opt = fxopt.compile(model, (x,), passes=["quantize-int8(activations='dynamic')"])
     assert count_ops(opt.graph_module, torch.ops.fxopt.int8_linear.default) == 2
     reference = model(x)
     assert (opt(x) - reference).abs().max() <= 0.05 * reference.abs().max()

@@ -150,6 +150,35 @@ def test_static_int8_kernel_variant_is_measured(tmp_path, onednn_ms: float, kept
         torch.testing.assert_close(opt(x), model(x), rtol=0.1, atol=0.1)
 
 
+@pytest.mark.parametrize("activations", ["dynamic", "dynamic-tensor"])
+@pytest.mark.parametrize(("onednn_ms", "kept"), [(2.0, "int8-linear"), (0.5, "onednn-qlinear")])
+def test_dynamic_int8_kernel_variant_is_measured(tmp_path, onednn_ms: float, kept: str, activations: str) -> None:
+    from fxopt.passes import QuantizeInt8
+
+    from fxopt.kernels.int8 import int8_linear_dynamic_tensor_op, int8_linear_op
+    from fxopt.lowering import onednn_qlinear as qlinear
+
+    if qlinear.qlinear_unsupported_reason() is not None:
+        pytest.skip(str(qlinear.qlinear_unsupported_reason()))
+    model, x = _Block().eval(), torch.randn(2, 3, 64)
+    timings = _timings(tmp_path, **{"onednn-qlinear": onednn_ms, "int8-linear": 1.0})
+    with measuring(timings):
+        opt = fxopt.compile(model, (x,), passes=[QuantizeInt8(activations=activations)])
+    choices = [k for k in opt.report.kernels if k["op"] == "onednn-qlinear"]
+    marker = "per-token" if activations == "dynamic" else "dynamic-tensor"
+    assert [k["chosen"] for k in choices] == [kept] * 2 and all(marker in k["site"] for k in choices)
+    lowered = lower_graph(opt.graph_module, "eager", CPU, "kernel", choose=timings.choose).graph_module
+    onednn = sum(n.target in (qlinear.token_qlinear, qlinear.tensor_qlinear) for n in lowered.graph.nodes)
+    fxopts = count_ops(lowered, int8_linear_op, int8_linear_dynamic_tensor_op)
+    assert (onednn, fxopts) == ((0, 2) if kept == "int8-linear" else (2, 0))
+    # oneDNN's kernel rounds the same activations: the same numbers up to float rounding (per
+    # tensor, a value on a rounding boundary may move by one step)
+    tolerance = 1e-4 if activations == "dynamic" else 2e-2
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x)[0], opt.graph_module(x)[0], rtol=tolerance, atol=tolerance)
+        torch.testing.assert_close(opt(x), model(x), rtol=0.1, atol=0.1)
+
+
 def test_a_static_batch_is_measured_at_its_one_shape(tmp_path) -> None:
     timings = _timings(tmp_path, onednn=0.5)
     with measuring(timings):
@@ -187,7 +216,7 @@ def test_int8_kernel_against_its_qdq_graph_is_measured(tmp_path, int8_ms: float,
     model, x = _Block().eval(), torch.randn(4, 64)
     timings = _timings(tmp_path, int8=int8_ms, qdq=1.0)
     with measuring(timings):
-        opt = fxopt.compile(model, (x,), passes=[QuantizeInt8()])
+        opt = fxopt.compile(model, (x,), passes=[QuantizeInt8(activations="dynamic")])
     choices = [k for k in opt.report.kernels if k["op"] == "int8-linear"]
     assert [k["chosen"] for k in choices] == [kept] * 2
     assert count_ops(opt.graph_module, int8_linear_op) == (2 if kept == "int8" else 0)

@@ -108,12 +108,34 @@ def test_shared_inputs_are_quantized_once_and_other_batch_sizes_run() -> None:
         assert float((opt(bigger) - reference).abs().max() / reference.abs().max()) < 0.05
 
 
-def test_dynamic_activations_are_left_to_their_own_kernels() -> None:
+def _calls(gm: torch.fx.GraphModule, function: object) -> list[torch.fx.Node]:
+    return [n for n in gm.graph.nodes if n.target is function]
+
+
+def test_dynamic_per_tensor_activations_run_on_onednn_with_the_activation_fused() -> None:
     torch.manual_seed(0)
     model, x = Block().eval(), torch.randn(4, 16, 64)
     opt = fxopt.compile(model, (x,), passes=[QuantizeInt8(activations="dynamic-tensor")])
     lowered = lower_graph(opt.graph_module, "eager", CPU, "kernel").graph_module
-    assert count_ops(lowered, kernel) == 0 and count_ops(lowered, int8_linear_dynamic_tensor_op) == 3
+    calls = _calls(lowered, qlinear.tensor_qlinear)
+    assert len(calls) == 3 and count_ops(lowered, int8_linear_dynamic_tensor_op, ops.gelu, ops.relu) == 0
+    assert sorted(c.args[5] for c in calls) == ["gelu", "none", "relu"]
+    # the same uint8 activations as quantized::linear_dynamic: float rounding apart
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x)[0], opt.graph_module(x)[0], rtol=1e-3, atol=1e-3)
+
+
+def test_dynamic_per_token_activations_run_on_onednn_with_their_row_scales() -> None:
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(4, 16, 64)
+    opt = fxopt.compile(model, (x,), passes=[QuantizeInt8(activations="dynamic")])
+    lowered = lower_graph(opt.graph_module, "eager", CPU, "kernel").graph_module
+    # the row scales come after the kernel: activations stay separate ops
+    assert len(_calls(lowered, qlinear.token_qlinear)) == 3 and count_ops(lowered, int8_linear_op) == 0
+    assert count_ops(lowered, ops.gelu) == count_ops(lowered, ops.relu) == 1
+    # the same int8 activations as torch._int_mm's kernel: the integers agree, the rescale's rounding apart
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x)[0], opt.graph_module(x)[0], rtol=1e-4, atol=1e-4)
 
 
 def test_probe_refusal_keeps_fxopts_kernel_with_the_reason(monkeypatch: pytest.MonkeyPatch) -> None:

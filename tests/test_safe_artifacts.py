@@ -103,7 +103,7 @@ def test_an_earlier_pickled_file_converts_with_allow_pickle(tmp_path: Path) -> N
 
 
 def test_the_file_is_data_only(tmp_path: Path) -> None:
-    path, opt, x = _saved(tmp_path, passes=["remove-dropout", "quantize-int8"])
+    path, opt, x = _saved(tmp_path, passes=["remove-dropout", "quantize-int8(activations='dynamic')"])
     with zipfile.ZipFile(path) as archive:
         names = archive.namelist()
         assert not any(name.endswith(".pkl") for name in names)
@@ -352,7 +352,7 @@ def test_an_npz_with_object_arrays_is_refused(tmp_path: Path, capsys: pytest.Cap
 
 def test_inspect_prints_what_a_file_holds_without_loading_it(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    path, opt, _ = _saved(tmp_path, passes=["remove-dropout", "quantize-int8"])
+    path, opt, _ = _saved(tmp_path, passes=["remove-dropout", "quantize-int8(activations='dynamic')"])
     assert main(["inspect", str(path)]) == 0
     out = capsys.readouterr().out
     assert "backend: eager on cpu" in out

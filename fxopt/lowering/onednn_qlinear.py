@@ -1,4 +1,4 @@
-"""Static int8 Linears on oneDNN's fused int8 kernel, for the eager CPU backend.
+"""Int8 Linears on oneDNN's fused int8 kernel, for the eager CPU backend.
 
     int8_linear(x, Wq, sw, b, s)            =>  qlinear_pointwise(u8(x, s), s, 128, pack(Wq), sw, 0, b, "none")
     int8_linear_static_uint8(x, Wq, sw, b, s, zp)  =>  the same with u8(x, s, zp) and zero point zp
@@ -6,14 +6,20 @@
         act in relu, gelu (exact or tanh), silu, tanh, hardswish
     ... -> int8_linear(y, Wq2, sw2, b2, s2)  =>  the producer writes u8(y, s2) itself (output_scale s2,
         output_zero_point 128) and the consumer reads it: one quantization pass less
+    int8_linear(x, Wq, sw, b, None)         =>  token_qlinear(x, pack(Wq), sw, b): x quantized per token
+        (int8, shifted into uint8 by flipping its sign bit), qlinear_pointwise(u8, 1, 128, pack(Wq), sw)
+        in float32, then each row times its scale, plus b, in place (dynamic per-token activations)
+    int8_linear_dynamic_tensor(x, Wq, sw, b) [-> act]  =>  tensor_qlinear(x, pack(Wq), sw, b, act): x's
+        uint8 scale and zero point computed at run time, then qlinear_pointwise with them (+ the post-op)
 
 where ``u8(x, s) = clamp(round(x / s) + 128, 0, 255)``: the symmetric int8 activations of the
 QDQ graph shifted by 128, the same integers on oneDNN's fast u8 x s8 VNNI/AMX path (its s8 x s8
 path is orders of magnitude slower), and ``pack(Wq)`` is ``onednn.qlinear_prepack``, done once
 here (asymmetric static activations, ``fxopt::int8_linear_static_uint8``, are uint8 already and
-keep their own zero point). Constraints: ``fxopt::int8_linear`` with a static (calibrated) input scale, float32
+keep their own zero point). Constraints: ``fxopt::int8_linear`` with a static (calibrated) or per-token input scale,
+or ``fxopt::int8_linear_dynamic_tensor``, float32
 activations, constant int8 weights, float32 scales and bias; an activation is fused when it is
-the Linear's only user and this build's kernel accepts it as a post-op; a Linear writes uint8
+the Linear's only user, the scale is per tensor and this build's kernel accepts it as a post-op; a Linear writes uint8
 only when every user of its (activated) output is a static int8 Linear with one scale and zero point.
 
 This is how PT2E's x86 Inductor lowering runs static int8 Linears; here it runs eagerly. The
@@ -23,7 +29,7 @@ checks on the example inputs before it keeps the lowered graph. A probe, run onc
 the ops exist on this PyTorch build and give correct numbers; without them the graph keeps
 ``fxopt::int8_linear``. With a ``choose`` (a measured choice, :mod:`fxopt.pipeline.timings`)
 a Linear is lowered only when oneDNN's kernel (quantization included) measures faster than
-``fxopt::int8_linear`` at its shapes, at the example batch size and a second one when the
+fxopt's own int8 kernel (``torch._int_mm``; per tensor, ``quantized::linear_dynamic``) at its shapes, at the example batch size and a second one when the
 batch is dynamic.
 """
 
@@ -39,6 +45,7 @@ import torch.fx as fx
 from fxopt.ir import arg, constant, dtype_of, is_op, ops, shape_of
 from fxopt.kernels import int8 as kernels
 from fxopt.lowering.base import Choose, Lowering, LoweringResult, measured_inputs, measured_shapes
+from fxopt.quant import dynamic_tensor_qparams, quantize_per_token
 
 aten = torch.ops.aten
 
@@ -80,6 +87,37 @@ def _prepack() -> Any:
 def quantize_u8(x: torch.Tensor, scale: float, zero_point: int = ZERO_POINT) -> torch.Tensor:
     """``clamp(round(x / scale) + zero_point, 0, 255)`` as uint8, in one native pass."""
     return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
+
+
+def token_qlinear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zero_points: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """``fxopt::int8_linear`` with per-token activations on oneDNN's int8 kernel: the same int8
+    activations (:func:`fxopt.quant.quantize_per_token`) as uint8 with zero point 128 (flipping
+    the sign bit adds 128 to an int8), the weight prepacked, its scale applied by the kernel; the
+    row scales and the bias in one pass over the output, in place."""
+    rows = x.reshape(-1, x.shape[-1])
+    xq, row_scale = quantize_per_token(rows)
+    out = _qlinear()(xq.view(torch.uint8).bitwise_xor_(128), 1.0, ZERO_POINT, packed, weight_scale, zero_points,
+                     None, 1.0, 0, torch.float32, "none", [], "")
+    out = out.mul_(row_scale) if bias is None else torch.addcmul(bias, out, row_scale, out=out)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def tensor_qlinear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zero_points: torch.Tensor,
+                   bias: torch.Tensor | None, post_op: str = "none", algorithm: str = "") -> torch.Tensor:
+    """``fxopt::int8_linear_dynamic_tensor`` (+ an activation) on oneDNN's int8 kernel: ``x``
+    quantized to uint8 with the scale and zero point of all of it
+    (:func:`fxopt.quant.dynamic_tensor_qparams`), the weight prepacked, scales, bias and the
+    activation applied by the kernel."""
+    rows = x.reshape(-1, x.shape[-1])
+    scale, zero_point = dynamic_tensor_qparams(rows)
+    scale_value, zero_point_value = float(scale), int(zero_point)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        xq = quantize_u8(rows, scale_value, zero_point_value)
+    out = _qlinear()(xq, scale_value, zero_point_value, packed, weight_scale, zero_points, bias,
+                     1.0, 0, torch.float32, post_op, [], algorithm)
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 @functools.cache
@@ -168,7 +206,8 @@ class PackedWeight(torch.nn.Module):
 
 
 class OneDnnQLinear(Lowering):
-    """Static int8 Linears (+ a following activation) -> oneDNN's fused int8 kernel, on CPU."""
+    """Static and dynamic per-tensor int8 Linears (+ a following activation) and per-token ones
+    -> oneDNN's fused int8 kernel, on CPU."""
 
     name = "onednn-qlinear"
     backends = ("eager",)
@@ -185,7 +224,7 @@ class OneDnnQLinear(Lowering):
         return kernel_unsupported_reason(device)
 
     def applies(self, gm: fx.GraphModule) -> bool:
-        return any(_static_linear(gm, node) for node in gm.graph.nodes)
+        return any(_static_linear(gm, node) or _dynamic_linear(gm, node) for node in gm.graph.nodes)
 
     def lower(self, gm: fx.GraphModule, device: torch.device | None, choose: Choose | None = None) -> LoweringResult:
         return lower_static_int8_linears(gm, choose)
@@ -205,10 +244,37 @@ def _static_linear(gm: fx.GraphModule, node: Any) -> bool:
     """Whether ``node`` is an int8 Linear with a static scale this kernel can run."""
     if not is_op(node, *STATIC_OPS) or not isinstance(node.args[0], fx.Node):
         return False
+    return isinstance(node.args[4] if len(node.args) > 4 else None, float) and _operands_fit(gm, node)
+
+
+def _token_linear(gm: fx.GraphModule, node: Any) -> bool:
+    """Whether ``node`` is an int8 Linear with per-token activations this kernel can run."""
+    if not is_op(node, kernels.int8_linear_op) or not isinstance(node.args[0], fx.Node):
+        return False
+    return (node.args[4] if len(node.args) > 4 else None) is None and _operands_fit(gm, node)
+
+
+def _dynamic_linear(gm: fx.GraphModule, node: Any) -> bool:
+    """Whether ``node`` is an int8 Linear with dynamic (per-token or per-tensor) activations
+    this kernel can run."""
+    if is_op(node, kernels.int8_linear_dynamic_tensor_op) and isinstance(node.args[0], fx.Node):
+        return _operands_fit(gm, node)
+    return _token_linear(gm, node)
+
+
+def _dynamic_post_op(gm: fx.GraphModule, node: fx.Node, post_ops: frozenset[str]) -> tuple[tuple[str, str], fx.Node]:
+    """Per tensor, the kernel applies the activation after the whole rescale: it fuses one;
+    per token the row scales come after the kernel, so none."""
+    if _token_linear(gm, node):
+        return ("none", ""), node
+    return _post_op(node, post_ops)
+
+
+def _operands_fit(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """float32 activations, a constant 2-D int8 weight, float32 weight scales and bias."""
     x, qweight, weight_scale = node.args[:3]
     bias = node.args[3] if len(node.args) > 3 else None
-    input_scale = node.args[4] if len(node.args) > 4 else None
-    if not isinstance(input_scale, float) or dtype_of(x) != torch.float32:
+    if dtype_of(x) != torch.float32:
         return False
     qw, ws = constant(gm, qweight), constant(gm, weight_scale)
     if qw is None or ws is None or qw.dtype != torch.int8 or qw.dim() != 2 or ws.dtype != torch.float32:
@@ -229,18 +295,26 @@ def _post_op(node: fx.Node, post_ops: frozenset[str]) -> tuple[tuple[str, str], 
 
 
 def lower_static_int8_linears(gm: fx.GraphModule, choose: Choose | None = None) -> LoweringResult:
-    """Rewrite every static ``fxopt::int8_linear`` of ``gm`` (in place) into ``onednn.qlinear_pointwise``
-    (with ``choose``, those where it measures faster)."""
+    """Rewrite every static and per-token ``fxopt::int8_linear`` of ``gm`` (in place) into
+    ``onednn.qlinear_pointwise`` (with ``choose``, those where it measures faster)."""
     result = LoweringResult()
     post_ops = supported_post_ops()
     linears = [n for n in gm.graph.nodes if _static_linear(gm, n)]
+    dynamic = [n for n in gm.graph.nodes if _dynamic_linear(gm, n)]
     if choose is not None:
-        measured = [n for n in linears if _measured_faster(gm, n, _post_op(n, post_ops), choose, result)]
-        if len(measured) < len(linears):
-            result.notes.append(f"{len(linears) - len(measured)} static int8 Linear(s) stay fxopt::int8_linear: "
-                                "oneDNN's kernel measured no faster at their shapes")
-        linears = measured
+        kept = [n for n in linears if _measured_faster(gm, n, _post_op(n, post_ops), choose, result)]
+        kept_dynamic = [n for n in dynamic
+                        if _measured_faster(gm, n, _dynamic_post_op(gm, n, post_ops), choose, result)]
+        slower = len(linears) + len(dynamic) - len(kept) - len(kept_dynamic)
+        if slower:
+            result.notes.append(f"{slower} int8 Linear(s) keep fxopt's int8 kernel: "
+                                "oneDNN's measured no faster at their shapes")
+        linears, dynamic = kept, kept_dynamic
+    _lower_dynamic(gm, dynamic, post_ops, result)
     if not linears:
+        if dynamic:
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
         return result
     lowered_set = set(linears)
     quantized: dict[tuple[fx.Node, float, int], fx.Node] = {}  # (value, scale, zero point) -> its uint8 node
@@ -291,6 +365,31 @@ def lower_static_int8_linears(gm: fx.GraphModule, choose: Choose | None = None) 
     return result
 
 
+def _lower_dynamic(gm: fx.GraphModule, nodes: list[fx.Node], post_ops: frozenset[str],
+                   result: LoweringResult) -> None:
+    counts: dict[str, int] = {}
+    for node in nodes:
+        x, qweight, weight_scale, bias = node.args[:4]
+        per_token = _token_linear(gm, node)
+        (post_name, algorithm), out = _dynamic_post_op(gm, node, post_ops)
+        with gm.graph.inserting_before(out):
+            packed = _packed_weight(gm, constant(gm, qweight), qweight)
+            zeros = gm.graph.get_attr(_zero_points(gm, constant(gm, qweight).shape[0]))
+            kernel = gm.graph.call_function(token_qlinear, (x, packed, weight_scale, zeros, bias)) if per_token \
+                else gm.graph.call_function(tensor_qlinear, (x, packed, weight_scale, zeros, bias, post_name, algorithm))
+        kernel.meta.update(out.meta)
+        out.replace_all_uses_with(kernel)
+        if out is not node:
+            gm.graph.erase_node(out)
+        gm.graph.erase_node(node)
+        kind = "per-token" if per_token else "per-tensor" + ("" if post_name == "none" else f" +{post_name}")
+        counts[kind] = counts.get(kind, 0) + 1
+        result.lowered += 1
+    if nodes:
+        spelled = ", ".join(f"{count} {kind}" for kind, count in sorted(counts.items()))
+        result.notes.append(f"{len(nodes)} dynamic int8 Linear(s) run on onednn.qlinear_pointwise ({spelled})")
+
+
 def _measured_faster(gm: fx.GraphModule, node: fx.Node, post: tuple[tuple[str, str], fx.Node],
                      choose: Choose, result: LoweringResult) -> bool:
     """Whether oneDNN's kernel, quantizing its float input, is faster than ``node`` (+ the
@@ -300,12 +399,17 @@ def _measured_faster(gm: fx.GraphModule, node: fx.Node, post: tuple[tuple[str, s
     (post_name, algorithm), out = post
     qweight, weight_scale = constant(gm, node.args[1]), constant(gm, node.args[2])
     bias = constant(gm, node.args[3]) if len(node.args) > 3 and node.args[3] is not None else None
-    input_scale, input_zero_point = _qparams(node)
+    per_token, per_tensor = _token_linear(gm, node), is_op(node, kernels.int8_linear_dynamic_tensor_op)
+    input_scale, input_zero_point = (None, None) if per_token or per_tensor else _qparams(node)
     packed = _prepack()(qweight, None)
     zeros = torch.zeros(qweight.shape[0], dtype=torch.int64)
     rest = [constant(gm, a) if isinstance(a, fx.Node) else a for a in node.args[1:]]
 
     def onednn(x: torch.Tensor) -> torch.Tensor:
+        if per_token:
+            return token_qlinear(x, packed, weight_scale, zeros, bias)
+        if per_tensor:
+            return tensor_qlinear(x, packed, weight_scale, zeros, bias, post_name, algorithm)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             xq = quantize_u8(x, input_scale, input_zero_point)
@@ -318,7 +422,8 @@ def _measured_faster(gm: fx.GraphModule, node: fx.Node, post: tuple[tuple[str, s
 
     shapes = measured_shapes(shape_of(node.args[0]))
     site = (f"x={'/'.join(map(str, shapes))} w={tuple(qweight.shape)} bias={bias is not None} "
-            f"zero_point={input_zero_point} post={post_name}:{algorithm}")
+            f"zero_point={input_zero_point} post={post_name}:{algorithm}"
+            + (" per-token" if per_token else " dynamic-tensor" if per_tensor else ""))
     inputs = measured_inputs(shapes, torch.float32)
     choice = choose("onednn-qlinear", site, {"onednn-qlinear": onednn, "int8-linear": int8_linear}, inputs,
                     prefer="int8-linear")

@@ -228,8 +228,27 @@ def _lowered_again(backend: str, gm: torch.fx.GraphModule, signature: Any, repor
     scratch = dataclasses.replace(report, notes=[])  # the stored report already has the notes
     generator = torch.Generator().manual_seed(0)
     inputs = [_input_like(spec, generator).to(device) for spec in signature.inputs]
+    _values_from(gm, inputs)
     lowered = lower(backend, gm, signature, inputs, device, scratch)
     return lowered.graph_module, lowered.run
+
+
+def _values_from(gm: torch.fx.GraphModule, inputs: list[Any]) -> None:
+    """Each node's value (``meta["val"]``, which a stored graph does not keep) from inputs shaped
+    like the examples, so that the kernel-stage lowerings that read shapes and dtypes (oneDNN's
+    float and int8 Linears) apply as they did at compile time; left without when that fails."""
+    from fxopt.ir.shapes import propagate_shapes
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != len(inputs) or any("val" in n.meta for n in gm.graph.nodes):
+        return
+    for node, value in zip(placeholders, inputs):
+        node.meta["val"] = value
+    try:
+        propagate_shapes(gm)
+    except Exception:  # a graph fake tensors cannot run: the lowerings that need values skip it
+        for node in gm.graph.nodes:
+            node.meta.pop("val", None)
 
 
 def _backend_state(optimized: Any) -> Any:

@@ -30,7 +30,7 @@ def rel_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 def test_dynamic_quantizes_every_linear_per_token() -> None:
     torch.manual_seed(0)
     model, x = mlp(64, 96, 32), torch.randn(3, 5, 64)
-    run = run_pass("quantize-int8", model, (x,))
+    run = run_pass("quantize-int8(activations='dynamic')", model, (x,))
     assert run.record.applied == 2
     assert run.count(qops.dequantize_per_channel) == 2
     assert run.count(qops.choose_per_token) == 2 and run.count(qops.quantize_per_token) == 2
@@ -55,6 +55,37 @@ def test_dynamic_tensor_quantizes_activations_per_tensor_to_uint8() -> None:
     error = run.assert_outputs_match(rtol=0.05)
     assert 0 < error == pytest.approx(run.record.max_rel_err, rel=1e-3)
     assert_idempotent(QuantizeInt8(activations="dynamic-tensor"), model, (x,))
+
+
+def test_auto_quantizes_per_tensor_where_the_budget_allows() -> None:
+    torch.manual_seed(0)
+    model, x = mlp(64, 96, 32), torch.randn(3, 5, 64)
+    run = run_pass("quantize-int8", model, (x,))  # activations="auto", the default
+    assert run.record.applied == 2 and run.count(qops.choose_per_tensor) == 2
+    assert run.count(qops.choose_per_token) == 0
+    assert [d["activations"] for d in run.record.details] == ["dynamic-tensor"] * 2
+    assert run.assert_outputs_match(rtol=0.05) == pytest.approx(run.record.max_rel_err, rel=1e-3)
+
+
+def test_auto_quantizes_per_token_the_layers_per_tensor_breaks() -> None:
+    # One token holds a single value of 1000 on a feature the first layer ignores: one
+    # per-tensor scale rounds every other token's inputs to a few levels; per token only that
+    # token's scale is coarse, and its other values are 0.
+    torch.manual_seed(0)
+    model, x = mlp(64, 96, 32), torch.randn(3, 5, 64)
+    with torch.no_grad():
+        model[0].weight[:, 0] = 0.0
+    x[0, 0] = 0.0
+    x[0, 0, 0] = 1000.0
+    per_tensor = run_pass(QuantizeInt8(activations="dynamic-tensor"), model, (x,)).record
+    assert per_tensor.skipped and {s.code for s in per_tensor.skips} == {"over-budget"}
+    run = run_pass("quantize-int8", model, (x,))
+    assert run.record.applied == 2 and run.record.max_rel_err <= 0.05
+    chosen = {d["node"]: d["activations"] for d in run.record.details}
+    assert chosen == {"linear": "dynamic", "linear_1": "dynamic-tensor"}
+    assert run.count(qops.choose_per_token) == list(chosen.values()).count("dynamic") >= 1
+    assert run.count(qops.choose_per_tensor) == list(chosen.values()).count("dynamic-tensor")
+    run.assert_outputs_match(rtol=0.05)
 
 
 def test_weights_are_symmetric_per_channel() -> None:
@@ -310,9 +341,9 @@ def test_over_budget_all_at_once_ranks_by_local_error_and_measures_few_combinati
 
     torch.manual_seed(0)
     model, x = mlp(*[48] * 13), torch.randn(32, 48)
-    everything = run_pass(QuantizeInt8(budget=1.0), model, (x,)).record.max_rel_err
+    everything = run_pass(QuantizeInt8(budget=1.0, activations="dynamic"), model, (x,)).record.max_rel_err
     budget = 0.5 * everything
-    run = run_pass(QuantizeInt8(budget=budget), model, (x,))
+    run = run_pass(QuantizeInt8(budget=budget, activations="dynamic"), model, (x,))
     record = run.record
     # the last layer alone breaks the budget (its error reaches the output undamped) although
     # its local error is the smallest: it is refused, measured alone, and the others are kept
