@@ -47,13 +47,23 @@ constexpr int64_t kTile = 4;  // activation rows that share one pass over a weig
 static inline void dot_int8(const int8_t* q, const float* const* x, int64_t rows, int64_t K, float* out) {
   int64_t k = 0;
 #if defined(__AVX512F__)
-  __m512 acc[kTile];
-  for (int64_t r = 0; r < kTile; ++r) acc[r] = _mm512_setzero_ps();
+  // Four independent accumulators per row: one FMA chain would wait on its own latency.
+  __m512 acc[kTile][4];
+  for (int64_t r = 0; r < kTile; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+  for (; k + 64 <= K; k += 64) {
+    __m512 w[4];
+    for (int c = 0; c < 4; ++c)
+      w[c] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + k + 16 * c))));
+    for (int64_t r = 0; r < rows; ++r)
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k + 16 * c), w[c], acc[r][c]);
+  }
   for (; k + 16 <= K; k += 16) {
     __m512 w = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i*)(q + k))));
-    for (int64_t r = 0; r < rows; ++r) acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k), w, acc[r]);
+    for (int64_t r = 0; r < rows; ++r) acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + k), w, acc[r][0]);
   }
-  for (int64_t r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
+  for (int64_t r = 0; r < rows; ++r)
+    out[r] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3])));
 #else
   for (int64_t r = 0; r < rows; ++r) out[r] = 0.f;
 #endif
@@ -61,28 +71,48 @@ static inline void dot_int8(const int8_t* q, const float* const* x, int64_t rows
     for (int64_t r = 0; r < rows; ++r) out[r] += x[r][k] * (float)q[k];
 }
 
-// The same for one group of packed int4: byte j holds value j (low nibble) and j + half (high).
-static inline void dot_int4(const uint8_t* q, const float* const* x, int64_t rows, int64_t half, float* out) {
-  int64_t j = 0;
+// One output row of packed int4 in groups of G: byte j of a group holds value j (low nibble)
+// and value j + G/2 (high). out[r] = sum_g s[g] * sum_{k in g} x[r][k] * q[k]; the zero points
+// are applied by the caller. The scaled group sums stay in vector registers across groups.
+static inline void dot_int4(const uint8_t* q, const float* s, const float* const* x, int64_t rows,
+                            int64_t K, int64_t G, float* out) {
+  const int64_t half = G / 2, groups = K / G;
+  for (int64_t r = 0; r < rows; ++r) out[r] = 0.f;
 #if defined(__AVX512F__)
-  __m512 acc[kTile];
-  for (int64_t r = 0; r < kTile; ++r) acc[r] = _mm512_setzero_ps();
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  for (; j + 16 <= half; j += 16) {
-    __m128i bytes = _mm_loadu_si128((const __m128i*)(q + j));
-    __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask)));
-    __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)));
+  if (half % 16 == 0) {
+    __m512 total[kTile];
+    for (int64_t r = 0; r < kTile; ++r) total[r] = _mm512_setzero_ps();
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    for (int64_t g = 0; g < groups; ++g) {
+      const uint8_t* qg = q + g * half;
+      __m512 acc[kTile];
+      for (int64_t r = 0; r < kTile; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t j = 0; j < half; j += 16) {
+        __m128i bytes = _mm_loadu_si128((const __m128i*)(qg + j));
+        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask)));
+        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)));
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* xg = x[r] + g * G;
+          acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + j), lo, acc[r]);
+          acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + half + j), hi, acc[r]);
+        }
+      }
+      const __m512 scale = _mm512_set1_ps(s[g]);
+      for (int64_t r = 0; r < rows; ++r) total[r] = _mm512_fmadd_ps(acc[r], scale, total[r]);
+    }
+    for (int64_t r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(total[r]);
+    return;
+  }
+#endif
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* qg = q + g * half;
     for (int64_t r = 0; r < rows; ++r) {
-      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + j), lo, acc[r]);
-      acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(x[r] + half + j), hi, acc[r]);
+      const float* xg = x[r] + g * G;
+      float acc = 0.f;
+      for (int64_t j = 0; j < half; ++j) acc += xg[j] * (float)(qg[j] & 15) + xg[half + j] * (float)(qg[j] >> 4);
+      out[r] += s[g] * acc;
     }
   }
-  for (int64_t r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(acc[r]);
-#else
-  for (int64_t r = 0; r < rows; ++r) out[r] = 0.f;
-#endif
-  for (; j < half; ++j)
-    for (int64_t r = 0; r < rows; ++r) out[r] += x[r][j] * (float)(q[j] & 15) + x[r][half + j] * (float)(q[j] >> 4);
 }
 
 // y[M, N] = s[N] * (x[M, K] . q[N, K]^T), q int8.
@@ -119,7 +149,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && s.is_contiguous() && z.is_contiguous(), "contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   TORCH_CHECK(G > 0 && K % G == 0 && G % 2 == 0 && q.size(1) * 2 == K && s.size(1) == K / G, "shapes");
-  const int64_t groups = K / G, half = G / 2;
+  const int64_t groups = K / G;
   // Each group's sum of activations, for the zero points: [M, groups].
   at::Tensor xsum = x.view({M, groups, G}).sum(-1).contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
@@ -131,18 +161,17 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     const float* rows[kTile];
-    float out[kTile], total[kTile];
+    float out[kTile];
     for (int64_t m0 = 0; m0 < M; m0 += kTile) {
       const int64_t count = std::min(kTile, M - m0);
+      for (int64_t r = 0; r < count; ++r) rows[r] = xp + (m0 + r) * K;
       for (int64_t o = begin; o < end; ++o) {
-        for (int64_t r = 0; r < count; ++r) total[r] = 0.f;
-        for (int64_t g = 0; g < groups; ++g) {
-          for (int64_t r = 0; r < count; ++r) rows[r] = xp + (m0 + r) * K + g * G;
-          dot_int4(qp + o * (K / 2) + g * half, rows, count, half, out);
-          const float scale = sp[o * groups + g], zero = zp[o * groups + g];
-          for (int64_t r = 0; r < count; ++r) total[r] += scale * (out[r] - zero * xs[(m0 + r) * groups + g]);
+        dot_int4(qp + o * (K / 2), sp + o * groups, rows, count, K, G, out);
+        for (int64_t r = 0; r < count; ++r) {
+          float offset = 0.f;  // the zero points: sum_g s[g] z[g] sum_{k in g} x[k]
+          for (int64_t g = 0; g < groups; ++g) offset += sp[o * groups + g] * zp[o * groups + g] * xs[(m0 + r) * groups + g];
+          yp[(m0 + r) * N + o] = out[r] - offset;
         }
-        for (int64_t r = 0; r < count; ++r) yp[(m0 + r) * N + o] = total[r];
       }
     }
   });
