@@ -23,9 +23,8 @@ few examples for any to fit, tune says so up front and returns the model after t
 from __future__ import annotations
 
 import math
-import sys
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,7 +41,8 @@ from fxopt.pipeline import UserModelUntouched, reference_outputs
 from fxopt.registry import resolve_passes
 from fxopt.report import Report
 from fxopt.session import Session, Stage, pass_context
-from fxopt.tune.log import Candidate, ParetoRow, TuneLog
+from fxopt.tune.confirm import confirm_choice, selection_and_confirmation, unsupported_confirmation
+from fxopt.tune.log import Candidate, ParetoRow, TuneLog, front, progress_printer
 from fxopt.tune.techniques import HIDDEN, Technique, ordered, select_techniques
 from fxopt.verify import compare_outputs, module_fingerprint, run_graph
 
@@ -71,6 +71,7 @@ def tune(
     progress: bool = True,
     confidence: float | None = DEFAULT_CONFIDENCE,
     agreement_data: Any = None,
+    confirm: bool | None = None,
 ) -> Any:
     """Search per layer among fxopt's techniques for the fastest model within ``max_drop``.
 
@@ -102,6 +103,11 @@ def tune(
             ``data`` alone, no allowance for sampling (it does not hold on unseen data).
         agreement_data: unlabelled input batches drawn like ``data``'s: for accuracy and
             top-1 agreement, the bound is taken on changed top-1 predictions over both.
+        confirm: choose on the even batches of ``data`` and keep the choice only as far as it
+            passes, at ``confidence``, on the odd batches no decision was made on
+            (:mod:`fxopt.tune.confirm`); default: when ``confidence`` is set and ``data`` has
+            two batches or more. False: choose and judge on every batch (the bound then holds
+            for one candidate, not for the best of the many the search tries).
 
     Returns an :class:`fxopt.OptimizedModule`; ``opt.report.search`` is the :class:`TuneLog`.
     """
@@ -114,7 +120,7 @@ def tune(
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     pipeline = resolve_passes(passes)
-    say = _progress(progress)
+    say = progress_printer(progress)
 
     args, kwargs = split_example_inputs(example_inputs)
     report = Report(model=type(model).__name__, backend=backend)
@@ -125,7 +131,12 @@ def tune(
     signature: Signature = captured.meta["fxopt_signature"]
     example = signature.flatten(args, kwargs, what="example input")
     task = task_budget(captured, signature, data, metric, max_drop, confidence, agreement_data)
-    report.notes.extend(filter(None, [task.unsupported(FIT if holdout else ALL)]))
+    parts = selection_and_confirmation(task) if confirm or (confirm is None and confidence is not None) else None
+    if confirm and parts is None:
+        raise InputError("confirm=True needs data in two batches or more: the even ones choose, the odd ones confirm")
+    selection, confirmation = parts or (task, None)
+    report.notes.extend(filter(None, [selection.unsupported(FIT if holdout else ALL)
+                                      or (confirmation and unsupported_confirmation(confirmation))]))
     batches = [example, *task.inputs[:MAX_CALIBRATION]]
     reference = reference_outputs(captured, batches)
     say(f"baseline {task.name} {task.baseline:.4f} on {len(task.inputs)} batches; "
@@ -138,11 +149,14 @@ def tune(
     start_graph = exact_stage.gm
 
     target = torch.device(device) if device is not None else (example[0].device if example else torch.device("cpu"))
-    tuner = _Tuner(start_graph, signature, batches, task, chosen_techniques, backend, target,
+    tuner = _Tuner(start_graph, signature, batches, selection, chosen_techniques, backend, target,
                    deadline=started + time_budget_s, sensitivity_deadline=started + SENSITIVITY_SHARE * time_budget_s,
                    repeats=repeats, min_speedup=min_speedup, say=say,
-                   holdout=holdout)
+                   holdout=holdout, confirmation=confirmation)
     choices = tuner.run()
+    if confirmation is not None and choices:  # the drop on every batch; the bound that accepted it
+        tuner.log.final_drop = observed_drop(task.drop(tuner.runner(choices), ALL))
+        tuner.log.final_bound = upper_bound(confirmation.drop(tuner.runner(choices), ALL))
     tuner.log.seconds = time.perf_counter() - started
 
     final_graph = tuner.build(choices)
@@ -161,12 +175,13 @@ class _Tuner:
 
     def __init__(self, gm: fx.GraphModule, signature: Signature, batches: list[list[torch.Tensor]],
                  task: TaskBudget, techniques: Sequence[Technique], backend: str, device: torch.device, *,
-                 deadline: float, sensitivity_deadline: float, repeats: int, min_speedup: float, say: Any, holdout: bool = False) -> None:
+                 deadline: float, sensitivity_deadline: float, repeats: int, min_speedup: float, say: Any,
+                 holdout: bool = False, confirmation: TaskBudget | None = None) -> None:
         self.gm, self.signature, self.batches, self.task = gm, signature, batches, task
         self.techniques = {t.name: t for t in techniques}
         self.backend, self.device = backend, device
         self.deadline, self.repeats, self.min_speedup, self.say = deadline, repeats, min_speedup, say
-        self.holdout = holdout
+        self.holdout, self.confirmation = holdout, confirmation  # confirmation: rows the choice is tested on
         self.sensitivity_deadline = sensitivity_deadline
         self.family = "all"  # the combination running now ("extend": growing the fastest one)
         self.plans: dict[str, dict[str, Option]] = {}  # each family's own combination, and "all"
@@ -226,7 +241,8 @@ class _Tuner:
         self.log.add("baseline", {}, milliseconds=base_timing.median, speedup=1.0, metric=self.task.baseline,
                      drop=0.0, split=ALL, kept=True, reason="the model after the exact passes")
         self.say(f"baseline {base_timing}")
-        unsupported = self.task.unsupported(self.split_name)
+        unsupported = self.task.unsupported(self.split_name) or (
+            self.confirmation and unsupported_confirmation(self.confirmation))
         if unsupported is not None:  # no lossy change can pass: nothing to search (the report's note says why)
             self.log.notes.append("nothing searched: the data cannot support max_drop at this confidence")
             return self.finish({})
@@ -398,7 +414,7 @@ class _Tuner:
             drop = self.task.drop(self.runner(chosen), ALL)
             if drop <= self.task.max_drop or not chosen:
                 break
-            worst = max(chosen, key=lambda s: (self._single_drop(s, chosen[s]) or 0.0)
+            worst = max(chosen, key=lambda s: (getattr(self.single(s, chosen[s]), "drop", None) or 0.0)
                         / max(sites[s].saving(chosen[s]) if s in sites else 1e-9, 1e-9))
             self.log.add("back-off", self.labels(chosen), drop=drop, split=ALL,
                          reason=f"lowered model's {describe_drop(drop)} > {self.task.max_drop:g} on every batch: "
@@ -406,11 +422,10 @@ class _Tuner:
             chosen = {s: o for s, o in chosen.items() if s != worst}
         return self.pareto(chosen, drop)
 
-    def _single_drop(self, site: str, option: Option) -> float | None:
-        for candidate in self.log.candidates:
-            if candidate.phase == "single" and candidate.choices == self.labels({site: option}):
-                return candidate.drop
-        return None
+    def single(self, site: str, option: Option) -> Candidate | None:
+        """The sensitivity phase's measurement of ``option`` alone on ``site`` (None: not measured)."""
+        return next((c for c in self.log.candidates
+                     if c.phase == "single" and c.choices == self.labels({site: option})), None)
 
     def pareto(self, chosen: dict[str, Option], chosen_drop: float) -> dict[str, Option]:
         """Time the chosen model, the baseline, each family's own combination and the front of
@@ -426,7 +441,7 @@ class _Tuner:
             if family != "all" and plan and plan not in models.values():
                 models[f"{family} alone"] = plan
         measured = [c for c in self.log.candidates if c.speedup is not None and c.drop is not None and c.choices]
-        for candidate in _front(measured)[:8]:
+        for candidate in front(measured)[:8]:
             choices = {site: by_labels[(site, label)] for site, label in candidate.choices.items()}
             if choices not in models.values():
                 models[candidate.name] = choices
@@ -440,6 +455,13 @@ class _Tuner:
             winner = best
             self.log.notes.append(f"{best} measured x{timings['combined'].median / timings[best].median:.2f} faster "
                                   f"than the combined choice side by side, within max_drop: it is the result")
+        if self.confirmation is not None and models[winner]:
+            confirmed = confirm_choice(self, models[winner])
+            if confirmed != models[winner]:  # a prefix of the choice, or nothing: time it with the rest
+                winner = "confirmed" if confirmed else "baseline"
+                models[winner] = confirmed
+                drops[winner] = self.task.drop(self.runner(confirmed), ALL) if confirmed else 0.0
+                timings = self.time(models, repeats=3 * self.repeats)
         base = timings["baseline"].median
         rows = []
         for label, choices in models.items():
@@ -468,30 +490,9 @@ class _Tuner:
         return found
 
 
-def _front(candidates: Iterable[Candidate]) -> list[Candidate]:
-    """The candidates no other beats on both speedup and drop, fastest first (one per choice)."""
-    unique: dict[tuple, Candidate] = {}
-    for c in candidates:
-        key = tuple(sorted(c.choices.items()))
-        if key not in unique or (c.speedup or 0) > (unique[key].speedup or 0):
-            unique[key] = c
-    pool = list(unique.values())
-    front = [c for c in pool
-             if not any((o.speedup or 0) > (c.speedup or 0) and (o.drop or 0) <= (c.drop or 0) for o in pool)]
-    return sorted(front, key=lambda c: -(c.speedup or 0))
-
-
 def _drift(reference: list[list[Any]], gm: fx.GraphModule, batches: list[list[torch.Tensor]]) -> tuple[float, float]:
     worst_abs = worst_rel = 0.0
     for expected, batch in zip(reference, batches):
         comparison = compare_outputs(expected, run_graph(gm, batch))
         worst_abs, worst_rel = max(worst_abs, comparison.max_abs), max(worst_rel, comparison.max_rel)
     return worst_abs, worst_rel
-
-
-def _progress(enabled: bool) -> Any:
-    def say(message: str) -> None:
-        if enabled:
-            print(f"fxopt tune: {message}", file=sys.stderr, flush=True)
-
-    return say

@@ -1,0 +1,89 @@
+"""Confirmation: the search's choice judged once more, on rows it was not chosen on.
+
+A confidence bound holds for one candidate: its true drop exceeds the bound in at most
+``1 - confidence`` of random validation samples. A search checks the bound of dozens of
+candidates on the same rows and keeps what fits, so it keeps the ones whose sample happened
+to flatter them (multiple comparisons): the chosen model's bound no longer holds. So, by
+default, ``fxopt.tune`` splits the labelled batches of ``data`` in two: the search chooses on
+the *selection* batches (even positions), and its choice is then tested on the
+*confirmation* batches (odd positions), which no decision has looked at.
+
+The test is a fixed-sequence one. The chosen sites are put in an order fixed before the
+confirmation rows are read (mildest first: smallest bound of the option's drop alone on the
+selection rows, then the largest saving), and the models holding the first 1, 2, ... of
+them are tested in that order, each by the bound at ``confidence`` on the confirmation rows.
+The result is the last model that passed before the first one that failed (the model after
+the exact passes when the first fails). Testing hypotheses in an order fixed in advance and
+stopping at the first failure keeps the chance of accepting any model whose true drop is
+over ``max_drop`` within ``1 - confidence`` overall, with no correction for the number
+tested; a Bonferroni correction over the candidates the search checks would need
+``confidence`` raised to ``1 - 0.05 / 60`` for a typical 60, which 360 rows cannot meet
+with a single flip.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from fxopt.lossy.acceptance import describe_drop
+from fxopt.lossy.task import ALL, FIT, HELD_OUT, TaskBudget
+
+CONFIRMATION = "confirmation"  # the split name the log gives the confirmation rows
+
+
+def selection_and_confirmation(task: TaskBudget) -> tuple[TaskBudget, TaskBudget] | None:
+    """The selection batches (even positions) and the confirmation batches (odd positions) of
+    ``task`` as budgets of their own; None when it has a single batch."""
+    if len(task.inputs) < 2:
+        return None
+    return task.part(FIT), task.part(HELD_OUT)
+
+
+def unsupported_confirmation(confirmation: TaskBudget) -> str | None:
+    """Why the confirmation rows cannot support ``max_drop`` at the confidence asked, or None."""
+    message = confirmation.unsupported()
+    if message is None:
+        return None
+    return (f"the choice is confirmed on the {confirmation.examples()} examples of the odd batches of data, "
+            f"which no decision is made on: {message[0].lower()}{message[1:]}; the even batches choose, so data "
+            f"needs about twice as many (confirm=False judges on every batch, a bound that does not hold for "
+            f"the best of many candidates)")
+
+
+def order_mildest_first(choices: Mapping[str, Any], alone: Mapping[str, tuple[float, float]]) -> list[str]:
+    """The sites of ``choices`` by the bound of their option's drop alone (selection rows),
+    then by the latency it saved alone, most first; ``alone``: site -> (bound, speedup)."""
+    return sorted(choices, key=lambda site: (alone.get(site, (math.inf, 1.0))[0],
+                                             -alone.get(site, (math.inf, 1.0))[1], site))
+
+
+def confirm_choice(tuner: Any, choices: Mapping[str, Any]) -> dict[str, Any]:
+    """The longest prefix of ``choices`` (mildest first) whose every prefix passes on the
+    confirmation rows; each test is logged (phase ``confirm``)."""
+    confirmation: TaskBudget = tuner.confirmation
+    alone = {}
+    for site, option in choices.items():
+        single = tuner.single(site, option)
+        alone[site] = (math.inf, 1.0) if single is None else (single.judged_drop, single.speedup or 1.0)
+    order = order_mildest_first(choices, alone)
+    accepted: dict[str, Any] = {}
+    for count in range(1, len(order) + 1):
+        trial = {site: choices[site] for site in order[:count]}
+        drop = confirmation.drop(tuner.runner(trial), ALL)
+        passed = drop <= confirmation.max_drop
+        tuner.log.add("confirm", tuner.labels(trial), drop=drop, split=CONFIRMATION, kept=passed,
+                      reason=f"{describe_drop(drop)} {'<=' if passed else '>'} max_drop {confirmation.max_drop:g} "
+                             f"on the rows held out from the choice"
+                             + ("" if passed else ": stop, the sites after it stay float"))
+        if not passed:
+            break
+        accepted = trial
+    kept = len(accepted)
+    tuner.log.notes.append(
+        f"confirmed on the {confirmation.examples()} examples of the odd batches (no decision was made on them): "
+        f"{kept} of the {len(order)} sites chosen on the even batches kept, tested in a fixed order, mildest first"
+        + ("" if kept == len(order) else f"; {', '.join(order[kept:])} back to float"))
+    return accepted
+
