@@ -24,6 +24,7 @@ with a single flip.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -39,6 +40,24 @@ def selection_and_confirmation(task: TaskBudget) -> tuple[TaskBudget, TaskBudget
     if len(task.inputs) < 2:
         return None
     return task.part(FIT), task.part(HELD_OUT)
+
+
+def split_for_confirmation(task: TaskBudget, confirm: bool | None,
+                           selection_split: str = ALL) -> tuple[TaskBudget, TaskBudget | None, str | None]:
+    """``(selection, confirmation, note)`` for ``fxopt.tune(confirm=)``: the budgets the search
+    chooses on and its choice is confirmed on (None: no confirmation), and why the data cannot
+    support the budget, if it cannot (a ``UserWarning`` as well, when ``task_budget`` did not
+    already warn)."""
+    from fxopt.errors import InputError
+
+    parts = selection_and_confirmation(task) if confirm or (confirm is None and task.confidence is not None) else None
+    if confirm and parts is None:
+        raise InputError("confirm=True needs data in two batches or more: the even ones choose, the odd ones confirm")
+    selection, confirmation = parts or (task, None)
+    halves = confirmation and unsupported_confirmation(confirmation)
+    if halves and task.unsupported() is None:
+        warnings.warn(halves, UserWarning, stacklevel=3)
+    return selection, confirmation, halves or selection.unsupported(selection_split)
 
 
 def unsupported_confirmation(confirmation: TaskBudget) -> str | None:

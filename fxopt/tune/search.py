@@ -41,7 +41,7 @@ from fxopt.pipeline import UserModelUntouched, reference_outputs
 from fxopt.registry import resolve_passes
 from fxopt.report import Report
 from fxopt.session import Session, Stage, pass_context
-from fxopt.tune.confirm import confirm_choice, selection_and_confirmation, unsupported_confirmation
+from fxopt.tune.confirm import confirm_choice, split_for_confirmation, unsupported_confirmation
 from fxopt.tune.log import Candidate, ParetoRow, TuneLog, front, progress_printer
 from fxopt.tune.techniques import HIDDEN, Technique, ordered, select_techniques
 from fxopt.verify import compare_outputs, module_fingerprint, run_graph
@@ -131,12 +131,8 @@ def tune(
     signature: Signature = captured.meta["fxopt_signature"]
     example = signature.flatten(args, kwargs, what="example input")
     task = task_budget(captured, signature, data, metric, max_drop, confidence, agreement_data)
-    parts = selection_and_confirmation(task) if confirm or (confirm is None and confidence is not None) else None
-    if confirm and parts is None:
-        raise InputError("confirm=True needs data in two batches or more: the even ones choose, the odd ones confirm")
-    selection, confirmation = parts or (task, None)
-    report.notes.extend(filter(None, [selection.unsupported(FIT if holdout else ALL)
-                                      or (confirmation and unsupported_confirmation(confirmation))]))
+    selection, confirmation, note = split_for_confirmation(task, confirm, FIT if holdout else ALL)
+    report.notes.extend(filter(None, [note]))
     batches = [example, *task.inputs[:MAX_CALIBRATION]]
     reference = reference_outputs(captured, batches)
     say(f"baseline {task.name} {task.baseline:.4f} on {len(task.inputs)} batches; "

@@ -1,0 +1,106 @@
+"""The tuner's choice is confirmed on rows no decision was made on: a fixed-sequence test of
+its sites, mildest first, each by the exact binomial bound on the confirmation rows (known
+flips -> the known decision), and data whose confirmation half cannot support the budget is
+said so before searching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import beta
+
+import fxopt
+from fxopt.lossy.task import FIT, HELD_OUT, TaskBudget, accuracy
+from fxopt.tune.confirm import confirm_choice, order_mildest_first, selection_and_confirmation
+from fxopt.tune.log import Candidate, TuneLog
+
+ROWS, BATCHES, FEATURES, CLASSES = 400, 4, 8, 4  # batches of 100: rows 100-199 and 300-399 confirm
+
+
+def _problem():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(ROWS, FEATURES, generator=generator)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(FEATURES, CLASSES).eval()
+    with torch.no_grad():
+        logits = model(x)
+    labels = logits.argmax(-1)  # right on every row: any changed prediction is a harmful flip
+    task = TaskBudget([[t] for t in x.chunk(BATCHES)], list(labels.chunk(BATCHES)), accuracy, max_drop=0.02)
+    task.set_reference(model)
+    return model, x, labels, logits, task
+
+
+class _Tuner:
+    """What confirm_choice reads of the tuner: each site's option flips known rows."""
+
+    def __init__(self, x, logits, confirmation, flips: dict[str, list[int]], alone: dict[str, float]) -> None:
+        self.x, self.logits, self.confirmation, self.flips = x, logits, confirmation, flips
+        self.log = TuneLog("accuracy", 0.02, "eager", [])
+        self.alone = alone
+
+    def labels(self, choices):
+        return {site: str(option) for site, option in choices.items()}
+
+    def single(self, site, option):
+        return Candidate("c", "single", {site: str(option)}, speedup=2.0, drop=0.0, bound=self.alone[site])
+
+    def runner(self, choices):
+        rows = [row for site in choices for row in self.flips[site]]
+        override = torch.zeros_like(self.logits)
+        override[rows, (self.logits[rows].argmax(-1) + 1) % CLASSES] = 100.0
+
+        def run(batch):
+            index = (batch[:, :1] == self.x[:, 0][None]).float().argmax(-1)
+            return self.logits[index] + override[index]
+
+        return run
+
+
+def test_the_selection_and_confirmation_halves_are_the_even_and_odd_batches():
+    _, _, labels, _, task = _problem()
+    selection, confirmation = selection_and_confirmation(task)
+    assert selection.examples() == confirmation.examples() == 200
+    assert torch.equal(torch.cat(confirmation.labels), torch.cat([labels[100:200], labels[300:400]]))
+    assert confirmation.baseline == pytest.approx(1.0) and task.part(FIT).baseline == pytest.approx(1.0)
+    assert selection_and_confirmation(task.part(HELD_OUT).part(FIT)) is None  # one batch: nothing to confirm on
+
+
+def test_sites_are_tested_mildest_first_and_kept_up_to_the_first_failure():
+    _, x, _, logits, task = _problem()
+    confirmation = task.part(HELD_OUT)
+    # 0 harmful flips on 200 rows: bound 1.49 points, within 2; one flip: 2.35 points, over
+    assert beta(1, 200).ppf(0.95) <= 0.02 < beta(2, 199).ppf(0.95)
+    flips = {"a": [], "b": [0, 1, 2], "c": [150]}  # b flips selection rows only, c one confirmation row
+    tuner = _Tuner(x, logits, confirmation, flips, alone={"a": 0.005, "b": 0.01, "c": 0.015})
+    accepted = confirm_choice(tuner, {"c": 1, "b": 1, "a": 1})
+    assert accepted == {"a": 1, "b": 1}
+    tested = [c for c in tuner.log.candidates if c.phase == "confirm"]
+    assert [list(c.choices) for c in tested] == [["a"], ["a", "b"], ["a", "b", "c"]]
+    assert [c.kept for c in tested] == [True, True, False]
+    assert tested[0].bound == pytest.approx(beta(1, 200).ppf(0.95))
+    assert tested[2].bound == pytest.approx(beta(2, 199).ppf(0.95)) and tested[2].split == "confirmation"
+    assert "c back to float" in tuner.log.notes[-1]
+
+    # the mildest site failing stops the sequence: nothing is kept, though b alone would pass
+    tuner = _Tuner(x, logits, confirmation, {"a": [120], "b": []}, alone={"a": 0.0, "b": 0.01})
+    assert confirm_choice(tuner, {"a": 1, "b": 1}) == {}
+    assert len([c for c in tuner.log.candidates if c.phase == "confirm"]) == 1
+
+
+def test_order_is_by_the_bound_alone_then_by_the_larger_speedup():
+    alone = {"x": (0.01, 1.5), "y": (0.01, 3.0), "z": (0.0, 1.1)}
+    assert order_mildest_first({"x": 1, "y": 1, "z": 1, "unmeasured": 1}, alone) == ["z", "y", "x", "unmeasured"]
+
+
+def test_tune_says_when_the_confirmation_half_cannot_support_the_budget():
+    model, x, labels, _, _ = _problem()
+    data = [(x[:200], labels[:200]), (x[200:], labels[200:])]  # 400 rows support 1 point (299 needed), 200 do not
+    with pytest.warns(UserWarning, match="twice as many"):
+        opt = fxopt.tune(model, (x[:32],), data=data, metric="accuracy", max_drop=0.01, time_budget_s=30, repeats=2,
+                         progress=False)
+    log = opt.report.search
+    assert log.chosen == {} and any("nothing searched" in note for note in log.notes)
+    assert any("confirmed on the 200 examples" in note and "299" in note for note in opt.report.notes)
+    with pytest.raises(fxopt.errors.InputError, match="two batches"):
+        fxopt.tune(model, (x[:32],), data=[(x, labels)], metric="accuracy", max_drop=0.01, confirm=True,
+                   progress=False)
