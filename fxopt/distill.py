@@ -31,6 +31,7 @@ from fxopt.lossy.task import logits_of
 from fxopt.verify import compare_outputs
 
 LOSSES = ("kl", "mse")
+SCHEDULES = ("constant", "cosine")
 
 
 def finetune(
@@ -44,6 +45,7 @@ def finetune(
     loss: str = "kl",
     seed: int = 0,
     progress: bool = True,
+    schedule: str = "constant",
 ) -> Any:
     """Train ``optimized``'s floating-point constants to reproduce ``teacher`` on ``data``.
 
@@ -58,6 +60,8 @@ def finetune(
             ``temperature``) or ``"mse"`` (every floating-point output).
         seed: the order of the batches each epoch.
         progress: one line per epoch on stderr.
+        schedule: ``"constant"`` (``lr`` throughout) or ``"cosine"`` (from ``lr`` down to 0 along
+            a half cosine over every step of every epoch).
 
     Returns a new :class:`fxopt.OptimizedModule` lowered for ``optimized``'s backend.
     """
@@ -71,6 +75,8 @@ def finetune(
         raise InputError(f"teacher must be a torch.nn.Module, got {type(teacher).__name__}")
     if loss not in LOSSES:
         raise InputError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
+    if schedule not in SCHEDULES:
+        raise InputError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise InputError(f"epochs must be a positive integer, got {epochs!r}")
     if not (isinstance(lr, (int, float)) and lr > 0) or not (isinstance(temperature, (int, float)) and temperature > 0):
@@ -99,6 +105,9 @@ def finetune(
                          "finetune a model compiled for backend='eager', then compile the result")
     optimizer = torch.optim.AdamW([p for _, p in trained], lr=lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
+    steps = epochs * len(batches)
+    scheduler = (torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps) if schedule == "cosine"
+                 else None)
 
     def objective(index: int) -> torch.Tensor:
         outputs = signature.unflatten(list(_as_list(student(*batches[index]))))
@@ -119,6 +128,8 @@ def finetune(
             except RuntimeError as exc:  # an op without a gradient (int8 kernels): say which
                 raise InputError(f"fxopt.finetune cannot train through this graph: {exc}") from exc
             optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
         if progress:
             print(f"fxopt finetune: epoch {epoch + 1}/{epochs}, loss {mean_loss():.5f}", file=sys.stderr, flush=True)
     after = mean_loss()
@@ -131,7 +142,7 @@ def finetune(
     report.final_max_abs_err, report.final_max_rel_err = _error(frozen, signature, batches, targets)
     count = sum(p.numel() for _, p in trained)
     report.notes.append(
-        f"finetune: {count} parameters in {len(trained)} constants trained by distillation ({loss}, {epochs} epochs, "
+        f"finetune: {count} parameters in {len(trained)} constants trained by distillation ({loss}, {epochs} epochs, {schedule} lr {lr:g}, "
         f"{len(batches)} batches): loss {before:.5f} -> {after:.5f}, top-1 agreement with the original "
         f"{agreement_before:.4f} -> {agreement_after:.4f} on the data")
     session = Session.from_graph(frozen, [*batches], report)
