@@ -1,7 +1,7 @@
-"""The tuner's choice is confirmed on rows no decision was made on: a fixed-sequence test of
-its sites, mildest first, each by the exact binomial bound on the confirmation rows (known
-flips -> the known decision), and data whose confirmation half cannot support the budget is
-said so before searching."""
+"""The tuner's choice is confirmed on rows no decision was made on: a fixed-sequence test along
+a ladder of models, mildest first, each by the exact binomial bound on the confirmation rows
+(known flips -> the known decision), and data whose confirmation half cannot support the
+budget is said so before searching."""
 
 from __future__ import annotations
 
@@ -11,7 +11,12 @@ from scipy.stats import beta
 
 import fxopt
 from fxopt.lossy.task import FIT, HELD_OUT, TaskBudget, accuracy
-from fxopt.tune.confirm import confirm_choice, order_mildest_first, selection_and_confirmation
+from fxopt.tune.confirm import (
+    confirm_choice,
+    ladder,
+    order_mildest_first,
+    selection_and_confirmation,
+)
 from fxopt.tune.log import Candidate, TuneLog
 
 ROWS, BATCHES, FEATURES, CLASSES = 400, 4, 8, 4  # batches of 100: rows 100-199 and 300-399 confirm
@@ -31,21 +36,30 @@ def _problem():
 
 
 class _Tuner:
-    """What confirm_choice reads of the tuner: each site's option flips known rows."""
+    """What confirm_choice reads of the tuner: options ``(technique, level)`` per site, each
+    flipping known rows, with their measurements alone (bound of the drop, speedup)."""
 
-    def __init__(self, x, logits, confirmation, flips: dict[str, list[int]], alone: dict[str, float]) -> None:
-        self.x, self.logits, self.confirmation, self.flips = x, logits, confirmation, flips
+    def __init__(self, x, logits, confirmation, flips: dict[tuple[str, tuple], list[int]],
+                 alone: dict[tuple[str, tuple], tuple[float, float]]) -> None:
+        self.x, self.logits, self.confirmation, self.flips, self.alone = x, logits, confirmation, flips, alone
         self.log = TuneLog("accuracy", 0.02, "eager", [])
-        self.alone = alone
 
     def labels(self, choices):
-        return {site: str(option) for site, option in choices.items()}
+        return {site: f"{option[0]}({option[1]})" for site, option in choices.items()}
+
+    def site_options(self):
+        found: dict[str, list[tuple]] = {}
+        for site, option in self.alone:
+            found.setdefault(site, []).append(option)
+        return found
 
     def single(self, site, option):
-        return Candidate("c", "single", {site: str(option)}, speedup=2.0, drop=0.0, bound=self.alone[site])
+        bound, speedup = self.alone[(site, option)]
+        return Candidate("c", "single", self.labels({site: option}), speedup=speedup, drop=0.0, bound=bound,
+                         kept=True)
 
     def runner(self, choices):
-        rows = [row for site in choices for row in self.flips[site]]
+        rows = [row for site, option in choices.items() for row in self.flips[(site, option)]]
         override = torch.zeros_like(self.logits)
         override[rows, (self.logits[rows].argmax(-1) + 1) % CLASSES] = 100.0
 
@@ -70,10 +84,13 @@ def test_sites_are_tested_mildest_first_and_kept_up_to_the_first_failure():
     confirmation = task.part(HELD_OUT)
     # 0 harmful flips on 200 rows: bound 1.49 points, within 2; one flip: 2.35 points, over
     assert beta(1, 200).ppf(0.95) <= 0.02 < beta(2, 199).ppf(0.95)
-    flips = {"a": [], "b": [0, 1, 2], "c": [150]}  # b flips selection rows only, c one confirmation row
-    tuner = _Tuner(x, logits, confirmation, flips, alone={"a": 0.005, "b": 0.01, "c": 0.015})
-    accepted = confirm_choice(tuner, {"c": 1, "b": 1, "a": 1})
-    assert accepted == {"a": 1, "b": 1}
+    rank = ("low-rank", 32)
+    # b flips selection rows only, c one confirmation row
+    flips = {("a", rank): [], ("b", rank): [0, 1, 2], ("c", rank): [150]}
+    alone = {("a", rank): (0.005, 2.0), ("b", rank): (0.01, 2.0), ("c", rank): (0.015, 2.0)}
+    tuner = _Tuner(x, logits, confirmation, flips, alone)
+    accepted = confirm_choice(tuner, {"c": rank, "b": rank, "a": rank})
+    assert accepted == {"a": rank, "b": rank}
     tested = [c for c in tuner.log.candidates if c.phase == "confirm"]
     assert [list(c.choices) for c in tested] == [["a"], ["a", "b"], ["a", "b", "c"]]
     assert [c.kept for c in tested] == [True, True, False]
@@ -82,9 +99,24 @@ def test_sites_are_tested_mildest_first_and_kept_up_to_the_first_failure():
     assert "c back to float" in tuner.log.notes[-1]
 
     # the mildest site failing stops the sequence: nothing is kept, though b alone would pass
-    tuner = _Tuner(x, logits, confirmation, {"a": [120], "b": []}, alone={"a": 0.0, "b": 0.01})
-    assert confirm_choice(tuner, {"a": 1, "b": 1}) == {}
+    tuner = _Tuner(x, logits, confirmation, {("a", rank): [120], ("b", rank): []},
+                   {("a", rank): (0.0, 2.0), ("b", rank): (0.01, 2.0)})
+    assert confirm_choice(tuner, {"a": rank, "b": rank}) == {}
     assert len([c for c in tuner.log.candidates if c.phase == "confirm"]) == 1
+
+
+def test_a_site_climbs_its_milder_levels_first_and_keeps_the_last_that_passed():
+    _, x, _, logits, task = _problem()
+    mild, chosen, faster = ("low-rank", 128), ("low-rank", 32), ("low-rank", 16)
+    # a at rank 32 flips a confirmation row, at rank 128 none; b flips none; rank 16 was faster
+    # than the choice, so it is no rung (a rung is milder than the choice)
+    flips = {("a", mild): [], ("a", chosen): [110], ("a", faster): [], ("b", chosen): []}
+    alone = {("a", mild): (0.0, 1.5), ("a", chosen): (0.0, 3.0), ("a", faster): (0.0, 4.0), ("b", chosen): (0.01, 2.0)}
+    tuner = _Tuner(x, logits, task.part(HELD_OUT), flips, alone)
+    assert ladder(tuner, {"a": chosen, "b": chosen}) == [{"a": mild}, {"a": mild, "b": chosen},
+                                                         {"a": chosen, "b": chosen}]
+    assert confirm_choice(tuner, {"a": chosen, "b": chosen}) == {"a": mild, "b": chosen}
+    assert "a at a milder level" in tuner.log.notes[-1]
 
 
 def test_order_is_by_the_bound_alone_then_by_the_larger_speedup():

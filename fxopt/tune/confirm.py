@@ -8,12 +8,15 @@ default, ``fxopt.tune`` splits the labelled batches of ``data`` in two: the sear
 the *selection* batches (even positions), and its choice is then tested on the
 *confirmation* batches (odd positions), which no decision has looked at.
 
-The test is a fixed-sequence one. The chosen sites are put in an order fixed before the
-confirmation rows are read (mildest first: smallest bound of the option's drop alone on the
-selection rows, then the largest saving), and the models holding the first 1, 2, ... of
-them are tested in that order, each by the bound at ``confidence`` on the confirmation rows.
-The result is the last model that passed before the first one that failed (the model after
-the exact passes when the first fails). Testing hypotheses in an order fixed in advance and
+The test is a fixed-sequence one, along a ladder of models fixed before the confirmation rows
+are read. Each chosen site climbs from its mildest level to the chosen one: the levels of the
+same technique the search kept for it alone that saved less (low-rank 128, then 64, then the
+chosen 32), ordered by their speedup alone. The sites are ordered mildest first (smallest
+bound of the chosen option's drop alone on the selection rows, then the largest saving). The
+ladder adds every site at its first level, in that order, then moves every site one level
+up, and so on, each rung a model; the rungs are tested in order, each by the bound at
+``confidence`` on the confirmation rows, and the result is the last rung that passed before
+the first one that failed (the model after the exact passes when the first fails). Testing hypotheses in an order fixed in advance and
 stopping at the first failure keeps the chance of accepting any model whose true drop is
 over ``max_drop`` within ``1 - confidence`` overall, with no correction for the number
 tested; a Bonferroni correction over the candidates the search checks would need
@@ -78,31 +81,53 @@ def order_mildest_first(choices: Mapping[str, Any], alone: Mapping[str, tuple[fl
                                              -alone.get(site, (math.inf, 1.0))[1], site))
 
 
-def confirm_choice(tuner: Any, choices: Mapping[str, Any]) -> dict[str, Any]:
-    """The longest prefix of ``choices`` (mildest first) whose every prefix passes on the
-    confirmation rows; each test is logged (phase ``confirm``)."""
-    confirmation: TaskBudget = tuner.confirmation
-    alone = {}
+def ladder(tuner: Any, choices: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The rungs confirmation tests, mildest first, the last one ``choices`` itself."""
+    alone, levels = {}, {}
+    options = tuner.site_options()
     for site, option in choices.items():
         single = tuner.single(site, option)
         alone[site] = (math.inf, 1.0) if single is None else (single.judged_drop, single.speedup or 1.0)
+        top = single.speedup if single is not None and single.speedup else math.inf
+        milder = []
+        for other in options.get(site, []):
+            measured = tuner.single(site, other) if other[0] == option[0] and other != option else None
+            if measured is not None and measured.kept and measured.speedup is not None and measured.speedup < top:
+                milder.append((measured.speedup, other))
+        levels[site] = [other for _, other in sorted(milder)] + [option]
     order = order_mildest_first(choices, alone)
+    rungs, current = [], {}
+    for step in range(max(len(steps) for steps in levels.values())):
+        for site in order:
+            if step < len(levels[site]):
+                current = {**current, site: levels[site][step]}
+                rungs.append(current)
+    return rungs
+
+
+def confirm_choice(tuner: Any, choices: Mapping[str, Any]) -> dict[str, Any]:
+    """The last rung of :func:`ladder` before the first that fails on the confirmation rows
+    (nothing when the first fails); each test is logged (phase ``confirm``)."""
+    confirmation: TaskBudget = tuner.confirmation
+    rungs = ladder(tuner, choices)
     accepted: dict[str, Any] = {}
-    for count in range(1, len(order) + 1):
-        trial = {site: choices[site] for site in order[:count]}
+    for trial in rungs:
         drop = confirmation.drop(tuner.runner(trial), ALL)
         passed = drop <= confirmation.max_drop
         tuner.log.add("confirm", tuner.labels(trial), drop=drop, split=CONFIRMATION, kept=passed,
                       reason=f"{describe_drop(drop)} {'<=' if passed else '>'} max_drop {confirmation.max_drop:g} "
                              f"on the rows held out from the choice"
-                             + ("" if passed else ": stop, the sites after it stay float"))
+                             + ("" if passed else ": stop, the rung before it is the result"))
         if not passed:
             break
         accepted = trial
-    kept = len(accepted)
+    kept = [site for site, option in choices.items() if accepted.get(site) == option]
+    milder = [site for site in accepted if site not in kept]
+    dropped = [site for site in choices if site not in accepted]
     tuner.log.notes.append(
-        f"confirmed on the {confirmation.examples()} examples of the odd batches (no decision was made on them): "
-        f"{kept} of the {len(order)} sites chosen on the even batches kept, tested in a fixed order, mildest first"
-        + ("" if kept == len(order) else f"; {', '.join(order[kept:])} back to float"))
+        f"confirmed on the {confirmation.examples()} examples of the odd batches (no decision was made on them), "
+        f"{len(rungs)} models tested in a fixed order, mildest first: {len(kept)} of the {len(choices)} sites chosen "
+        f"on the even batches kept as chosen" + (f"; {', '.join(milder)} at a milder level" if milder else "")
+        + (f"; {', '.join(dropped)} back to float" if dropped else ""))
     return accepted
 

@@ -429,7 +429,7 @@ class _Tuner:
         combination or front candidate within ``max_drop`` measured faster than the choice
         (by ``min_speedup``) replaces it."""
         by_labels = {}
-        for site, levels in self._options().items():
+        for site, levels in self.site_options().items():
             for option in levels:
                 by_labels[(site, self.label(option))] = option
         models: dict[str, dict[str, Option]] = {"baseline": {}, "combined": chosen}
@@ -478,7 +478,8 @@ class _Tuner:
                      reason="lowered, scored on every batch, timed side by side with the front")
         return final
 
-    def _options(self) -> dict[str, list[Option]]:
+    def site_options(self) -> dict[str, list[Option]]:
+        """Every option of every site, technique by technique."""
         found: dict[str, list[Option]] = {}
         for technique in self.techniques.values():
             for site, levels in technique.targets(self.gm, self.states[technique.name]).items():
