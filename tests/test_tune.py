@@ -84,7 +84,7 @@ def test_the_tuned_model_keeps_the_metric_within_max_drop(trained, tuned) -> Non
 def test_holdout_keeps_the_metric_on_every_batch(trained) -> None:
     model, data, example = trained
     opt = fxopt.tune(model, (example,), data=data, metric="top1-agreement", max_drop=0.01, techniques="low-rank",
-                     holdout=True, time_budget_s=60, repeats=3, progress=False)
+                     holdout=True, confirm=False, time_budget_s=60, repeats=3, progress=False)
     with torch.no_grad():
         agree = sum(int((opt(x).argmax(-1) == model(x).argmax(-1)).sum()) for x, _ in data)
     assert 1 - agree / sum(len(y) for _, y in data) <= 0.01 + 1e-9

@@ -150,9 +150,12 @@ def tune(
                    repeats=repeats, min_speedup=min_speedup, say=say,
                    holdout=holdout, confirmation=confirmation)
     choices = tuner.run()
-    if confirmation is not None and choices:  # the drop on every batch; the bound that accepted it
-        tuner.log.final_drop = observed_drop(task.drop(tuner.runner(choices), ALL))
-        tuner.log.final_bound = upper_bound(confirmation.drop(tuner.runner(choices), ALL))
+    if confirmation is not None:  # the baseline and drop on every batch; the bound that accepted the choice
+        tuner.log.baseline_metric = float(task.baseline or 0.0)
+        tuner.log.notes.append(f"the search measured on the {selection.examples()} examples of the even batches")
+        if choices:
+            tuner.log.final_drop = observed_drop(task.drop(tuner.runner(choices), ALL))
+            tuner.log.final_bound = upper_bound(confirmation.drop(tuner.runner(choices), ALL))
     tuner.log.seconds = time.perf_counter() - started
 
     final_graph = tuner.build(choices)
