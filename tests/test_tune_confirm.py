@@ -108,10 +108,11 @@ def test_sites_are_tested_mildest_first_and_kept_up_to_the_first_failure():
 def test_a_site_climbs_its_milder_levels_first_and_keeps_the_last_that_passed():
     _, x, _, logits, task = _problem()
     mild, chosen, faster = ("low-rank", 128), ("low-rank", 32), ("low-rank", 16)
-    # a at rank 32 flips a confirmation row, at rank 128 none; b flips none; rank 16 was faster
-    # than the choice, so it is no rung (a rung is milder than the choice)
+    # a at rank 32 flips a confirmation row, at rank 128 none; b flips none; rank 16 comes after
+    # the choice in the technique's levels (mildest first), so it is no rung
     flips = {("a", mild): [], ("a", chosen): [110], ("a", faster): [], ("b", chosen): []}
-    alone = {("a", mild): (0.0, 1.5), ("a", chosen): (0.0, 3.0), ("a", faster): (0.0, 4.0), ("b", chosen): (0.01, 2.0)}
+    # rank 128 timed faster alone than rank 32 (noise): the order is the technique's, not the timing's
+    alone = {("a", mild): (0.0, 3.5), ("a", chosen): (0.0, 3.0), ("a", faster): (0.0, 4.0), ("b", chosen): (0.01, 2.0)}
     tuner = _Tuner(x, logits, task.part(HELD_OUT), flips, alone)
     assert ladder(tuner, {"a": chosen, "b": chosen}) == [{"a": mild}, {"a": mild, "b": chosen},
                                                          {"a": chosen, "b": chosen}]

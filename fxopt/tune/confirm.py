@@ -9,9 +9,10 @@ the *selection* batches (even positions), and its choice is then tested on the
 *confirmation* batches (odd positions), which no decision has looked at.
 
 The test is a fixed-sequence one, along a ladder of models fixed before the confirmation rows
-are read. Each chosen site climbs from its mildest level to the chosen one: the levels of the
-same technique the search kept for it alone that saved less (low-rank 128, then 64, then the
-chosen 32), ordered by their speedup alone. The sites are ordered mildest first (smallest
+are read. Each chosen site climbs from its mildest level to the chosen one: the levels its
+technique lists before the chosen one (ranks and widths from large to small) that the search
+kept for the site alone (within ``max_drop`` and faster), then the chosen one (low-rank 128,
+then 64, then the chosen 32). The sites are ordered mildest first (smallest
 bound of the chosen option's drop alone on the selection rows, then the largest saving). The
 ladder adds every site at its first level, in that order, then moves every site one level
 up, and so on, each rung a model; the rungs are tested in order, each by the bound at
@@ -88,13 +89,9 @@ def ladder(tuner: Any, choices: Mapping[str, Any]) -> list[dict[str, Any]]:
     for site, option in choices.items():
         single = tuner.single(site, option)
         alone[site] = (math.inf, 1.0) if single is None else (single.judged_drop, single.speedup or 1.0)
-        top = single.speedup if single is not None and single.speedup else math.inf
-        milder = []
-        for other in options.get(site, []):
-            measured = tuner.single(site, other) if other[0] == option[0] and other != option else None
-            if measured is not None and measured.kept and measured.speedup is not None and measured.speedup < top:
-                milder.append((measured.speedup, other))
-        levels[site] = [other for _, other in sorted(milder)] + [option]
+        same = [other for other in options.get(site, []) if other[0] == option[0]]
+        before = same[:same.index(option)] if option in same else []  # a technique lists its levels mildest first
+        levels[site] = [other for other in before if getattr(tuner.single(site, other), "kept", False)] + [option]
     order = order_mildest_first(choices, alone)
     rungs, current = [], {}
     for step in range(max(len(steps) for steps in levels.values())):
