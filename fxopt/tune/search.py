@@ -15,9 +15,9 @@ technique per layer and judging speed by latency measured in the chosen backend.
 4. The chosen model is lowered and scored on every batch of ``data``; while its drop is over
    ``max_drop`` the option costing most metric per latency saved is taken back.
 5. The Pareto front of everything measured is timed again side by side, chosen model included.
-
-A drop "fits" when its upper confidence bound does (:mod:`fxopt.lossy.acceptance`); with too
-few examples for any to fit, tune says so up front and returns the model after the exact passes.
+6. With a confidence bound, 1-5 ran on the even batches of ``data``; the choice is confirmed on
+   the odd ones (:mod:`fxopt.tune.confirm`). A drop "fits" when its upper confidence bound does
+   (:mod:`fxopt.lossy.acceptance`); with too few examples, tune says so up front and searches nothing.
 """
 
 from __future__ import annotations
