@@ -113,9 +113,12 @@ def main() -> None:
     print(next(note for note in recovered.report.notes if note.startswith("finetune:")))
     print(f"\nheld-out accuracy {base:.4f} on {len(y_held)} images no step saw; parameters x{share:.3f} of the original")
     for name, alone in compressed.items():
-        print(f"low-rank on {name:<12} alone:    drop {base - accuracy(alone, x_held, y_held):+.4f}")
-    print(f"low-rank + fxopt.finetune (chosen):  drop {base - accuracy(recovered, x_held, y_held):+.4f} "
-          f"({seconds:.1f}s of distillation)")
+        kl, agree = distance(alone, model, x_held)
+        print(f"low-rank on {name:<12} alone:    drop {base - accuracy(alone, x_held, y_held):+.4f}, "
+              f"agreement with the original {agree:.4f}, KL {kl:.5f}")
+    kl, agree = distance(recovered, model, x_held)
+    print(f"low-rank + fxopt.finetune (chosen):  drop {base - accuracy(recovered, x_held, y_held):+.4f}, "
+          f"agreement with the original {agree:.4f}, KL {kl:.5f} ({seconds:.1f}s of distillation)")
     print("for information, not used for the choice: the grid's students (80% of the training images) on the "
           "held-out images")
     for (name, aug, e), _, _, student in scored:
