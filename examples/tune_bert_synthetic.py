@@ -87,10 +87,10 @@ def main() -> None:
     print(f"trained in {time.perf_counter() - started:.0f}s: accuracy {base:.4f} on {len(test[1])} test sequences",
           flush=True)
 
-    tuned = fxopt.tune(model, example, data=val, metric="accuracy", max_drop=0.02, time_budget_s=10 if SMALL else 60,
+    tuned = fxopt.tune(model, example, data=val, metric="accuracy", max_drop=0.02, time_budget_s=5 if SMALL else 60,
                        repeats=3 if SMALL else 5, progress=False)
     log = tuned.report.search
-    print(log)
+    print(tuned.report)
     print(f"\ntune: x{log.final_speedup:.2f} (its own measurement) at a validation drop of {log.final_drop:+.4f}"
           + (f" (95% bound {log.final_bound:+.4f} on the confirmation rows)" if log.chosen else "")
           + f"; test drop {base - accuracy(tuned, test):+.4f}")

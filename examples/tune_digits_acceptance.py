@@ -20,7 +20,7 @@ also runs ``confirm=False`` (the bound judged on every batch, no confirmation sp
     python examples/tune_digits_acceptance.py --setting large --splits 5 --compare
 
 No download: the digits ship with scikit-learn. ``FXOPT_EXAMPLE_SMALL=1``: shorter training,
-one split, a short search.
+one split, a short search. Each setting ends with its last tuned model's report.
 """
 
 from __future__ import annotations
@@ -120,6 +120,7 @@ def run_setting(name: str, model: torch.nn.Module, example: torch.Tensor, x_held
               f"{sum(r['lossy'] for r in found):>6} {sum(r['said'] for r in found):>14} "
               f"{statistics.median(r['tuner'] for r in found):>22.2f}x "
               f"{faster:>18}")
+    print(f"\nthe last tuned model's report:\n{opt.report}")
     return results
 
 
