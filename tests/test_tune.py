@@ -231,6 +231,11 @@ def test_cli_tune_prints_the_table_and_plots_it(tmp_path, trained, capsys) -> No
     captured = capsys.readouterr()
     assert "Pareto front" in captured.out and "baseline" in captured.out
     assert "90% bound" in captured.out  # the drop is judged, and shown, at the confidence asked for
+    assert "the search measured on the 256 examples of the even batches" in captured.out  # confirmed on the odd
+    from fxopt.cli import _parser
+    tune_options = ["tune", "net.py:build", "--inputs", "x.pt", "--data", "data.pt", "--max-drop", "0.02"]
+    assert _parser().parse_args(tune_options).confirm is None
+    assert _parser().parse_args([*tune_options, "--no-confirm"]).confirm is False
     assert "fxopt tune: sensitivity" in captured.err  # progress while it searches
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["search"]["candidates"] and saved["search"]["pareto"]
