@@ -134,6 +134,10 @@ def test_tune_says_when_the_confirmation_half_cannot_support_the_budget():
     log = opt.report.search
     assert log.chosen == {} and any("nothing searched" in note for note in log.notes)
     assert any("confirmed on the 200 examples" in note and "299" in note for note in opt.report.notes)
+    single = fxopt.tune(model, (x[:32],), data=[(x, labels)], metric="accuracy", max_drop=0.02, techniques="bf16",
+                        time_budget_s=10, repeats=2, progress=False)
+    assert any("not confirmed" in note for note in single.report.notes)
+    assert not [c for c in single.report.search.candidates if c.phase == "confirm"]
     with pytest.raises(fxopt.errors.InputError, match="two batches"):
         fxopt.tune(model, (x[:32],), data=[(x, labels)], metric="accuracy", max_drop=0.01, confirm=True,
                    progress=False)

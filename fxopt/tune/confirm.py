@@ -61,7 +61,12 @@ def split_for_confirmation(task: TaskBudget, confirm: bool | None,
     halves = confirmation and unsupported_confirmation(confirmation)
     if halves and task.unsupported() is None:
         warnings.warn(halves, UserWarning, stacklevel=3)
-    return selection, confirmation, halves or selection.unsupported(selection_split)
+    unconfirmed = None
+    if confirm is None and task.confidence is not None and parts is None:
+        unconfirmed = ("data is a single batch, so the choice is not confirmed on rows it was not made on: "
+                       "its bound holds for one candidate, not for the best of those the search tried "
+                       "(give data in two batches or more)")
+    return selection, confirmation, halves or selection.unsupported(selection_split) or unconfirmed
 
 
 def unsupported_confirmation(confirmation: TaskBudget) -> str | None:
