@@ -128,6 +128,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=20, help="timed rounds per side-by-side measurement (default 20)")
     p.add_argument("--holdout", action="store_true",
                    help="choose on half the data batches and verify on the other half")
+    p.add_argument("--no-confirm", dest="confirm", action="store_false", default=None,
+                   help="choose and judge on every data batch (default: choose on the even batches, "
+                        "confirm on the odd ones)")
     p.add_argument("--plot", metavar="PATH", help="write the Pareto front as a PNG (needs matplotlib: fxopt[plot])")
     p.add_argument("--report-json", metavar="PATH", help="write the report, search log included, as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -278,7 +281,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     opt = fxopt.tune(model, kwargs if kwargs and not inputs else tuple(inputs), data=data, metric=args.metric,
                      max_drop=args.max_drop, backend=args.backend, passes=args.passes, techniques=args.techniques,
                      time_budget_s=args.time_budget, repeats=args.repeats, holdout=args.holdout,
-                     progress=not args.quiet, confidence=args.confidence)
+                     progress=not args.quiet, confidence=args.confidence, confirm=args.confirm)
     print(opt.report)
     if args.plot:
         opt.report.search.plot(args.plot)

@@ -76,10 +76,24 @@ def test_mse_distillation_lowers_the_output_error(compressed):
         assert torch.nn.functional.mse_loss(tuned(unseen), target) < torch.nn.functional.mse_loss(opt(unseen), target)
 
 
+def test_the_cosine_schedule_starts_at_lr_and_then_decays(compressed):
+    teacher, opt, train, unseen = compressed
+
+    def trained(schedule: str, batches: int):
+        tuned = fxopt.finetune(opt, teacher, list(train.split(64))[:batches], epochs=1, lr=1e-2, schedule=schedule,
+                               progress=False)
+        with torch.no_grad():
+            return tuned(unseen)
+
+    assert torch.equal(trained("cosine", 1), trained("constant", 1))  # its one step is at lr
+    assert not torch.equal(trained("cosine", 2), trained("constant", 2))  # the second at lr / 2
+
+
 @pytest.mark.parametrize(("options", "message"), [
     ({"loss": "l1"}, "loss must be one of"),
     ({"epochs": 0}, "epochs must be"),
     ({"lr": -1.0}, "lr and temperature"),
+    ({"schedule": "step"}, "schedule must be one of"),
     ({"data": []}, "data is empty"),
     ({"data": torch.randn(4, FEATURES)}, "iterable of input batches"),
 ])

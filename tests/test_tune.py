@@ -84,7 +84,7 @@ def test_the_tuned_model_keeps_the_metric_within_max_drop(trained, tuned) -> Non
 def test_holdout_keeps_the_metric_on_every_batch(trained) -> None:
     model, data, example = trained
     opt = fxopt.tune(model, (example,), data=data, metric="top1-agreement", max_drop=0.01, techniques="low-rank",
-                     holdout=True, time_budget_s=60, repeats=3, progress=False)
+                     holdout=True, confirm=False, time_budget_s=60, repeats=3, progress=False)
     with torch.no_grad():
         agree = sum(int((opt(x).argmax(-1) == model(x).argmax(-1)).sum()) for x, _ in data)
     assert 1 - agree / sum(len(y) for _, y in data) <= 0.01 + 1e-9
@@ -231,6 +231,11 @@ def test_cli_tune_prints_the_table_and_plots_it(tmp_path, trained, capsys) -> No
     captured = capsys.readouterr()
     assert "Pareto front" in captured.out and "baseline" in captured.out
     assert "90% bound" in captured.out  # the drop is judged, and shown, at the confidence asked for
+    assert "the search measured on the 256 examples of the even batches" in captured.out  # confirmed on the odd
+    from fxopt.cli import _parser
+    tune_options = ["tune", "net.py:build", "--inputs", "x.pt", "--data", "data.pt", "--max-drop", "0.02"]
+    assert _parser().parse_args(tune_options).confirm is None
+    assert _parser().parse_args([*tune_options, "--no-confirm"]).confirm is False
     assert "fxopt tune: sensitivity" in captured.err  # progress while it searches
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["search"]["candidates"] and saved["search"]["pareto"]

@@ -239,15 +239,33 @@ class TaskBudget:
     def set_reference(self, run: Runner) -> None:
         """Score the model drops are counted from, on every split, and keep its outputs to pair with."""
         self.reference = {index: self._outputs(run, index) for index in self.indices(ALL)}
-        for split in (ALL, FIT, HELD_OUT):
-            if self.indices(split):
-                self.scores[(0, split)] = self._mean({i: self.reference[i] for i in self.indices(split)})
-        self.baseline = self.scores[(0, ALL)]
+        self._score_reference()
         for index, flat in enumerate(self.agreement_inputs):
             with torch.no_grad():
                 outputs = run(*flat)
             self.agreement_reference[index] = top1(self.unflatten(
                 list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]))
+
+    def _score_reference(self) -> None:
+        for split in (ALL, FIT, HELD_OUT):
+            if self.indices(split):
+                self.scores[(0, split)] = self._mean({i: self.reference[i] for i in self.indices(split)})
+        self.baseline = self.scores[(0, ALL)]
+
+    def part(self, split: str) -> TaskBudget:
+        """The batches of ``split`` (and the same share of the unlabelled agreement inputs) as a
+        budget of their own, paired with the same reference outputs: rows one decision is made
+        on, kept apart from the rows another is checked on."""
+        keep, agree = self.indices(split), _split_positions(len(self.agreement_inputs), split)
+        if not keep:
+            raise ValueError(f"no batch falls in the {split} split of {len(self.inputs)} batches")
+        part = TaskBudget([self.inputs[i] for i in keep], [self.labels[i] for i in keep], self.metric, self.max_drop,
+                          unflatten=self.unflatten, name=self.name, confidence=self.confidence,
+                          agreement_inputs=[self.agreement_inputs[i] for i in agree])
+        part.reference = {new: self.reference[old] for new, old in enumerate(keep)}
+        part.agreement_reference = {new: self.agreement_reference[old] for new, old in enumerate(agree)}
+        part._score_reference()
+        return part
 
     def unsupported(self, split: str = ALL) -> str | None:
         """Why the examples of ``split`` cannot support ``max_drop`` at ``confidence`` even when no

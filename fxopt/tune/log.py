@@ -3,6 +3,8 @@ the Pareto table (latency against metric) of the ones worth keeping."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -160,3 +162,26 @@ def _short(choices: dict[str, str]) -> str:
     if not choices:
         return "-"
     return ", ".join(f"{site}={option}" for site, option in choices.items())
+
+
+def front(candidates: Iterable[Candidate]) -> list[Candidate]:
+    """The candidates no other beats on both speedup and drop, fastest first (one per choice)."""
+    unique: dict[tuple, Candidate] = {}
+    for c in candidates:
+        key = tuple(sorted(c.choices.items()))
+        if key not in unique or (c.speedup or 0) > (unique[key].speedup or 0):
+            unique[key] = c
+    pool = list(unique.values())
+    front = [c for c in pool
+             if not any((o.speedup or 0) > (c.speedup or 0) and (o.drop or 0) <= (c.drop or 0) for o in pool)]
+    return sorted(front, key=lambda c: -(c.speedup or 0))
+
+
+def progress_printer(enabled: bool) -> Any:
+    """``say(message)``: a progress line on stderr when ``enabled``."""
+
+    def say(message: str) -> None:
+        if enabled:
+            print(f"fxopt tune: {message}", file=sys.stderr, flush=True)
+
+    return say

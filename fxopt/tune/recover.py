@@ -98,6 +98,8 @@ def recover(tuner: Any, chosen: dict[str, Any], final: fx.GraphModule, options: 
                                          schedule=options.schedule, label="recover")
         run = lowered(trained)
         drop = task.drop(run, ALL)
+        if tuner.confirmation is not None and drop <= task.max_drop:  # and on the rows no choice read
+            drop = tuner.confirmation.drop(run, ALL)
         what = f"fine-tuned ({note.split(': ', 1)[1].split(' (')[0]}, {options.epochs} epochs)"
         if drop > task.max_drop:
             log.add("recover", labels, drop=drop, split=ALL,

@@ -15,17 +15,17 @@ technique per layer and judging speed by latency measured in the chosen backend.
 4. The chosen model is lowered and scored on every batch of ``data``; while its drop is over
    ``max_drop`` the option costing most metric per latency saved is taken back.
 5. The Pareto front of everything measured is timed again side by side, chosen model included.
-6. With ``recover=``, over-budget options are fine-tuned into the budget (:mod:`fxopt.tune.recover`).
-A drop "fits" when its upper confidence bound does (:mod:`fxopt.lossy.acceptance`); with too
-few examples for any to fit, tune says so up front and returns the model after the exact passes.
+6. With a confidence bound, 1-5 ran on the even batches of ``data``; the choice is confirmed on
+   the odd ones (:mod:`fxopt.tune.confirm`). A drop "fits" when its upper confidence bound does
+   (:mod:`fxopt.lossy.acceptance`); with too few examples, tune says so up front and searches nothing.
+7. With ``recover=``, over-budget options are fine-tuned into the budget (:mod:`fxopt.tune.recover`).
 """
 
 from __future__ import annotations
 
 import math
-import sys
 import time
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -42,7 +42,8 @@ from fxopt.pipeline import UserModelUntouched, reference_outputs
 from fxopt.registry import resolve_passes
 from fxopt.report import Report
 from fxopt.session import Session, Stage, pass_context
-from fxopt.tune.log import Candidate, ParetoRow, TuneLog
+from fxopt.tune.confirm import confirm_choice, split_for_confirmation, unsupported_confirmation
+from fxopt.tune.log import Candidate, ParetoRow, TuneLog, front, progress_printer
 from fxopt.tune.recover import recover as run_recovery
 from fxopt.tune.recover import recover_options
 from fxopt.tune.techniques import HIDDEN, Technique, ordered, select_techniques
@@ -74,6 +75,7 @@ def tune(
     confidence: float | None = DEFAULT_CONFIDENCE,
     agreement_data: Any = None,
     recover: Any = None,
+    confirm: bool | None = None,
 ) -> Any:
     """Search per layer among fxopt's techniques for the fastest model within ``max_drop``.
 
@@ -95,10 +97,8 @@ def tune(
         time_budget_s: wall-clock budget of the search; when spent, the best model so far.
         repeats: timed rounds per side-by-side measurement.
         min_speedup: an option counts as faster only above this ratio (timing noise).
-        holdout: choose on the even batches of ``data`` and verify on the odd ones (choosing
-            again on every batch, with half of ``max_drop``, when that fails); default: choose
-            on every batch. Either way the result is scored on every batch and kept within
-            ``max_drop`` there.
+        holdout: choose on the even batches of ``data``, verify on the odd ones (choosing again
+            on every batch with half of ``max_drop`` when that fails); default: every batch.
         progress: print progress lines on stderr.
         confidence: a drop fits ``max_drop`` only when its one-sided upper bound at this
             confidence does (:mod:`fxopt.lossy.acceptance`); ``None``: the drop measured on
@@ -107,6 +107,9 @@ def tune(
             top-1 agreement, the bound is taken on changed top-1 predictions over both.
         recover: input batches (no labels) to fine-tune over-budget options on after the
             search, or a dict with ``data`` and options (:mod:`fxopt.tune.recover`).
+        confirm: choose on the even batches of ``data``, keep the choice as far as it passes on
+            the odd ones (:mod:`fxopt.tune.confirm`); default: with ``confidence`` and 2+ batches.
+            False: choose and judge on every batch (the bound then holds for one candidate).
 
     Returns an :class:`fxopt.OptimizedModule`; ``opt.report.search`` is the :class:`TuneLog`.
     """
@@ -119,7 +122,7 @@ def tune(
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     pipeline = resolve_passes(passes)
-    say = _progress(progress)
+    say = progress_printer(progress)
 
     args, kwargs = split_example_inputs(example_inputs)
     report = Report(model=type(model).__name__, backend=backend)
@@ -130,7 +133,8 @@ def tune(
     signature: Signature = captured.meta["fxopt_signature"]
     example = signature.flatten(args, kwargs, what="example input")
     task = task_budget(captured, signature, data, metric, max_drop, confidence, agreement_data)
-    report.notes.extend(filter(None, [task.unsupported(FIT if holdout else ALL)]))
+    selection, confirmation, note = split_for_confirmation(task, confirm, FIT if holdout else ALL)
+    report.notes.extend(filter(None, [note]))
     batches = [example, *task.inputs[:MAX_CALIBRATION]]
     reference = reference_outputs(captured, batches)
     say(f"baseline {task.name} {task.baseline:.4f} on {len(task.inputs)} batches; running {len(pipeline)} exact passes")
@@ -142,10 +146,17 @@ def tune(
     start_graph = exact_stage.gm
 
     target = torch.device(device) if device is not None else (example[0].device if example else torch.device("cpu"))
-    tuner = _Tuner(start_graph, signature, batches, task, chosen_techniques, backend, target,
+    tuner = _Tuner(start_graph, signature, batches, selection, chosen_techniques, backend, target,
                    deadline=started + time_budget_s, sensitivity_deadline=started + SENSITIVITY_SHARE * time_budget_s,
-                   repeats=repeats, min_speedup=min_speedup, say=say, holdout=holdout)
+                   repeats=repeats, min_speedup=min_speedup, say=say,
+                   holdout=holdout, confirmation=confirmation)
     choices = tuner.run()
+    if confirmation is not None:  # the baseline and drop on every batch; the bound that accepted the choice
+        tuner.log.baseline_metric = float(task.baseline or 0.0)
+        tuner.log.notes.append(f"the search measured on the {selection.examples()} examples of the even batches")
+        if choices:
+            tuner.log.final_drop = observed_drop(task.drop(tuner.runner(choices), ALL))
+            tuner.log.final_bound = upper_bound(confirmation.drop(tuner.runner(choices), ALL))
     tuner.log.seconds = time.perf_counter() - started
 
     final_graph = tuner.build(choices)
@@ -166,11 +177,13 @@ class _Tuner:
 
     def __init__(self, gm: fx.GraphModule, signature: Signature, batches: list[list[torch.Tensor]],
                  task: TaskBudget, techniques: Sequence[Technique], backend: str, device: torch.device, *,
-                 deadline: float, sensitivity_deadline: float, repeats: int, min_speedup: float, say: Any, holdout: bool = False) -> None:
+                 deadline: float, sensitivity_deadline: float, repeats: int, min_speedup: float, say: Any,
+                 holdout: bool = False, confirmation: TaskBudget | None = None) -> None:
         self.gm, self.signature, self.batches, self.task = gm, signature, batches, task
         self.techniques = {t.name: t for t in techniques}
         self.backend, self.device, self.holdout, self.sensitivity_deadline = backend, device, holdout, sensitivity_deadline
         self.deadline, self.repeats, self.min_speedup, self.say = deadline, repeats, min_speedup, say
+        self.confirmation = confirmation  # rows the choice is tested on (None: not confirming)
         self.family = "all"  # the combination running now ("extend": growing the fastest one)
         self.plans: dict[str, dict[str, Option]] = {}  # each family's own combination, and "all"
         self.states = {t.name: t.prepare(gm, batches) for t in techniques}
@@ -229,7 +242,8 @@ class _Tuner:
         self.log.add("baseline", {}, milliseconds=base_timing.median, speedup=1.0, metric=self.task.baseline,
                      drop=0.0, split=ALL, kept=True, reason="the model after the exact passes")
         self.say(f"baseline {base_timing}")
-        unsupported = self.task.unsupported(self.split_name)
+        unsupported = self.task.unsupported(self.split_name) or (
+            self.confirmation and unsupported_confirmation(self.confirmation))
         if unsupported is not None:  # no lossy change can pass: nothing to search (the report's note says why)
             self.log.notes.append("nothing searched: the data cannot support max_drop at this confidence")
             return self.finish({})
@@ -400,7 +414,7 @@ class _Tuner:
             drop = self.task.drop(self.runner(chosen), ALL)
             if drop <= self.task.max_drop or not chosen:
                 break
-            worst = max(chosen, key=lambda s: (self._single_drop(s, chosen[s]) or 0.0)
+            worst = max(chosen, key=lambda s: (getattr(self.single(s, chosen[s]), "drop", None) or 0.0)
                         / max(sites[s].saving(chosen[s]) if s in sites else 1e-9, 1e-9))
             self.log.add("back-off", self.labels(chosen), drop=drop, split=ALL,
                          reason=f"lowered model's {describe_drop(drop)} > {self.task.max_drop:g} on every batch: "
@@ -408,11 +422,10 @@ class _Tuner:
             chosen = {s: o for s, o in chosen.items() if s != worst}
         return self.pareto(chosen, drop)
 
-    def _single_drop(self, site: str, option: Option) -> float | None:
-        for candidate in self.log.candidates:
-            if candidate.phase == "single" and candidate.choices == self.labels({site: option}):
-                return candidate.drop
-        return None
+    def single(self, site: str, option: Option) -> Candidate | None:
+        """The sensitivity phase's measurement of ``option`` alone on ``site`` (None: not measured)."""
+        return next((c for c in self.log.candidates
+                     if c.phase == "single" and c.choices == self.labels({site: option})), None)
 
     def pareto(self, chosen: dict[str, Option], chosen_drop: float) -> dict[str, Option]:
         """Time the chosen model, the baseline, each family's own combination and the front of
@@ -420,7 +433,7 @@ class _Tuner:
         combination or front candidate within ``max_drop`` measured faster than the choice
         (by ``min_speedup``) replaces it."""
         by_labels = {}
-        for site, levels in self._options().items():
+        for site, levels in self.site_options().items():
             for option in levels:
                 by_labels[(site, self.label(option))] = option
         models: dict[str, dict[str, Option]] = {"baseline": {}, "combined": chosen}
@@ -428,7 +441,7 @@ class _Tuner:
             if family != "all" and plan and plan not in models.values():
                 models[f"{family} alone"] = plan
         measured = [c for c in self.log.candidates if c.speedup is not None and c.drop is not None and c.choices]
-        for candidate in _front(measured)[:8]:
+        for candidate in front(measured)[:8]:
             choices = {site: by_labels[(site, label)] for site, label in candidate.choices.items()}
             if choices not in models.values():
                 models[candidate.name] = choices
@@ -442,6 +455,13 @@ class _Tuner:
             winner = best
             self.log.notes.append(f"{best} measured x{timings['combined'].median / timings[best].median:.2f} faster "
                                   f"than the combined choice side by side, within max_drop: it is the result")
+        if self.confirmation is not None and models[winner]:
+            confirmed = confirm_choice(self, models[winner])
+            if confirmed != models[winner]:  # a prefix of the choice, or nothing: time it with the rest
+                winner = "confirmed" if confirmed else "baseline"
+                models[winner] = confirmed
+                drops[winner] = self.task.drop(self.runner(confirmed), ALL) if confirmed else 0.0
+                timings = self.time(models, repeats=3 * self.repeats)
         base = timings["baseline"].median
         rows = []
         for label, choices in models.items():
@@ -462,25 +482,13 @@ class _Tuner:
                      reason="lowered, scored on every batch, timed side by side with the front")
         return final
 
-    def _options(self) -> dict[str, list[Option]]:
+    def site_options(self) -> dict[str, list[Option]]:
+        """Every option of every site, technique by technique."""
         found: dict[str, list[Option]] = {}
         for technique in self.techniques.values():
             for site, levels in technique.targets(self.gm, self.states[technique.name]).items():
                 found.setdefault(site, []).extend((technique.name, level) for level in levels)
         return found
-
-
-def _front(candidates: Iterable[Candidate]) -> list[Candidate]:
-    """The candidates no other beats on both speedup and drop, fastest first (one per choice)."""
-    unique: dict[tuple, Candidate] = {}
-    for c in candidates:
-        key = tuple(sorted(c.choices.items()))
-        if key not in unique or (c.speedup or 0) > (unique[key].speedup or 0):
-            unique[key] = c
-    pool = list(unique.values())
-    front = [c for c in pool
-             if not any((o.speedup or 0) > (c.speedup or 0) and (o.drop or 0) <= (c.drop or 0) for o in pool)]
-    return sorted(front, key=lambda c: -(c.speedup or 0))
 
 
 def _drift(reference: list[list[Any]], gm: fx.GraphModule, batches: list[list[torch.Tensor]]) -> tuple[float, float]:
@@ -489,11 +497,3 @@ def _drift(reference: list[list[Any]], gm: fx.GraphModule, batches: list[list[to
         comparison = compare_outputs(expected, run_graph(gm, batch))
         worst_abs, worst_rel = max(worst_abs, comparison.max_abs), max(worst_rel, comparison.max_rel)
     return worst_abs, worst_rel
-
-
-def _progress(enabled: bool) -> Any:
-    def say(message: str) -> None:
-        if enabled:
-            print(f"fxopt tune: {message}", file=sys.stderr, flush=True)
-
-    return say
