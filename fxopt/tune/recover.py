@@ -74,7 +74,7 @@ def recover(tuner: Any, chosen: dict[str, Any], final: fx.GraphModule, options: 
     log, task = tuner.log, tuner.task
     refused = sorted((c for c in log.candidates if c.phase == "single" and not c.kept and c.judged_drop is not None
                       and c.judged_drop > task.max_drop), key=lambda c: c.judged_drop)
-    by_labels = {(site, tuner.label(option)): option for site, levels in tuner._options().items() for option in levels}
+    by_labels = {(site, tuner.label(option)): option for site, levels in tuner.site_options().items() for option in levels}
     trials = [{site: by_labels[(site, label)] for site, label in c.choices.items()} for c in refused]
     if not trials:
         log.notes.append("recover: no single option was over max_drop: nothing to fine-tune")
