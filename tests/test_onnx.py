@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import weakref
+from pathlib import Path
+from typing import Any
+
 import onnx
 import onnxruntime as ort
 import pytest
@@ -195,6 +199,72 @@ def test_onnx_backend_module_leaves_the_weights_to_onnx_runtime():
         assert_outputs_close([opt(x)], [model(x)])
     with pytest.raises(fxopt.InputError, match="ONNX Runtime, which owns its weights"):
         fxopt.export_onnx(opt, (x,), "unused.onnx")
+
+
+def _reachable(root: object, kind: type) -> list[object]:
+    """The objects of type ``kind`` reachable from ``root`` (as :func:`reachable_tensor_bytes` walks)."""
+    import gc
+    import types
+
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType)
+    seen: set[int] = set()
+    found, stack = [], [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, kind):
+            found.append(obj)
+        stack.extend(gc.get_referents(obj))
+    return found
+
+
+class _KeepWeakrefs(fxopt.PassInstrument):
+    """Weak references to the graph's constants after each pass: the tensors export reads."""
+
+    def __init__(self) -> None:
+        self.refs: list[Any] = []
+
+    def after_pass(self, pass_: Any, gm: torch.fx.GraphModule, step: Any) -> None:
+        self.refs = [weakref.ref(t) for t in [*gm.parameters(), *gm.buffers()]]
+
+
+def test_onnx_backend_holds_one_copy_of_the_weights_in_the_session(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.BatchNorm1d(512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 256)).eval()
+    model[1].running_mean.normal_()
+    model[1].running_var.uniform_(0.5, 2.0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    user_storages = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    x = torch.randn(4, 256)
+    kept = _KeepWeakrefs()
+    opt = fxopt.compile(model, (x,), passes=["fold-batchnorm"], backend="onnx", instruments=[kept])
+    assert opt.report["fold-batchnorm"].applied == 1
+    import gc
+
+    gc.collect()
+    # the folded weights are new tensors that only the exported graph needed: they are gone
+    folded = [ref for ref in kept.refs if ref() is None or ref().untyped_storage().data_ptr() not in user_storages]
+    assert folded and all(ref() is None for ref in folded)
+    # no ONNX model in memory besides the session's: neither a ModelProto nor the exporter's IR
+    import onnx_ir
+
+    assert not _reachable(opt, onnx.ModelProto) and not _reachable(opt, onnx_ir.Model)
+    assert reachable_tensor_bytes(opt) < weight_bytes / 20
+    # the session read its weights from an external data file, not from a protobuf in memory
+    files = list(Path(opt._runner.files.name).iterdir())
+    data = sum(f.stat().st_size for f in files if f.suffix == ".data")
+    proto = next(f for f in files if f.suffix == ".onnx")
+    assert data >= weight_bytes * 0.9 and proto.stat().st_size < weight_bytes / 20
+    with torch.no_grad():
+        assert_outputs_close([opt(x)], [model(x)])
+    # saved and loaded like any ONNX Runtime module: the external data file travels with it
+    fxopt.save(opt, tmp_path / "model.fxopt")
+    loaded = fxopt.load(tmp_path / "model.fxopt")
+    with torch.no_grad():
+        assert_outputs_close([loaded(x)], [model(x)])
 
 
 class ReturnsNonTensors(torch.nn.Module):

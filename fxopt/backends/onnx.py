@@ -98,11 +98,13 @@ def export_graph(
     opset: int = DEFAULT_OPSET,
     backend: str = "onnx",
     portable: bool = False,
+    external_data: bool | None = None,
 ) -> OnnxGraph:
     """Write ``gm`` to ``path`` as checked ONNX, after the lowerings declared for ``backend``
     (another runtime that reads ONNX, such as OpenVINO, takes the graph with its own);
     ``gm`` itself is never changed. ``portable`` keeps the graph to the standard ONNX domain
-    (no runtime's contrib ops)."""
+    (no runtime's contrib ops). ``external_data``: write the weights to ``<path>.data`` (None:
+    above :data:`EXTERNAL_DATA_BYTES` only)."""
     import onnx
 
     lowered = lower_graph(gm, backend, None, portable=portable)
@@ -114,7 +116,7 @@ def export_graph(
     all_names = _output_names(signature, len(outputs))
     try:
         with _quiet_exporter():
-            torch.onnx.export(
+            program = torch.onnx.export(
                 graph,
                 tuple(inputs),
                 str(path),
@@ -125,13 +127,14 @@ def export_graph(
                 output_names=[all_names[i] for i, kind in enumerate(outputs) if not isinstance(kind, _Passthrough)],
                 dynamic_shapes=_dynamic_shapes(graph),
                 custom_translation_table=translations or None,
-                external_data=weight_bytes > EXTERNAL_DATA_BYTES,
+                external_data=weight_bytes > EXTERNAL_DATA_BYTES if external_data is None else external_data,
                 report=False,
                 verify=False,
                 optimize=True,
             )
     except Exception as exc:
         raise BackendError(_export_failure(exc, graph, translations)) from exc
+    _release_weights(program)
     try:
         onnx.checker.check_model(str(path))
     except Exception as exc:
@@ -139,6 +142,23 @@ def export_graph(
     model = onnx.load(str(path), load_external_data=False)
     return OnnxGraph(path, len(model.graph.node), input_names(signature), outputs,
                      lowered.parity_rtol(), lowered.notes)
+
+
+def _release_weights(program: Any) -> None:
+    """Let go of the weights the exporter's in-memory ONNX model holds, once it is written.
+
+    Its initializers are views of the graph's torch tensors (and arrays the exporter's constant
+    folding made from them), and the ONNX model outlives the export: onnxscript's rewrite rules
+    keep the last graph they matched. Emptying the initializers frees those weights (a file
+    is all fxopt keeps of an export)."""
+    model = getattr(program, "model", None)
+    if model is None:
+        return
+    subgraphs = getattr(model.graph, "subgraphs", lambda: ())  # onnx-ir >= 0.1.2
+    functions = getattr(model, "functions", {})
+    for graph in [model.graph, *subgraphs(), *(f.graph for f in functions.values())]:
+        for value in graph.initializers.values():
+            value.const_value = None
 
 
 def _tensor_outputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Any]]:
@@ -314,6 +334,8 @@ def lower_onnx(
 
     The session owns the weights from then on: the returned graph keeps its structure and
     metadata with its constants on the meta device, so the module does not hold a second copy.
+    The weights go to an external data file, written tensor by tensor, so no protobuf holding
+    them all is built in memory (a plain export peaks at ~3x the weights, this at ~1.1x).
     """
     _check_device(device)
     inputs = [t.detach() for t in example_inputs]
@@ -325,7 +347,7 @@ def lower_onnx(
     # session cannot give its weights back); the directory goes when the runner does.
     files = tempfile.TemporaryDirectory(prefix="fxopt-onnx-")
     workdir = files.name
-    exported = export_graph(gm, home, Path(workdir) / "model.onnx", signature, DEFAULT_OPSET)
+    exported = export_graph(gm, home, Path(workdir) / "model.onnx", signature, DEFAULT_OPSET, external_data=True)
     session = ort_session(exported.path, device, profile_dir=workdir)
     runner = OrtRunner(session, exported, device)
     runner.exported, runner.files = exported, files
