@@ -127,7 +127,7 @@ def finetune(
     frozen = _frozen(student, trained)
     # the compile's own timings are not this step's; the final error is the trained graph's
     report = replace(optimized.report, notes=list(optimized.report.notes), passes=list(optimized.report.passes),
-                     timings={}, total_seconds=0.0)
+                     timings={}, total_seconds=0.0, memory={})
     report.final_max_abs_err, report.final_max_rel_err = _error(frozen, signature, batches, targets)
     count = sum(p.numel() for _, p in trained)
     report.notes.append(

@@ -42,11 +42,14 @@ from fxopt.ir import copy_graph_module
 from fxopt.module import OptimizedModule
 from fxopt.pass_api import Pass, PassContext
 from fxopt.phases import phase
-from fxopt.pipeline import PassInstrument, PassManager, UserModelUntouched
+from fxopt.pipeline import PassInstrument, PassManager, PrintProgress, UserModelUntouched
 from fxopt.pipeline.timings import KernelTimings, current, measuring, never_slower
 from fxopt.pipeline.verification import DEFAULT_VERIFY_ROWS, Verification
 from fxopt.report import PassRecord, Report
 from fxopt.verify import module_fingerprint
+
+# A pipeline running longer than this reports its progress on stderr (SessionOptions.progress).
+LONG_COMPILE_SECONDS = 20.0
 
 
 @dataclass
@@ -70,6 +73,7 @@ class SessionOptions:
     measure: bool = True  # kernel choices and the final graph timed on this machine (else the cache decides)
     # the most bytes of node values the evidence store keeps for a lossy pass (the example's always)
     memory_bound: int = KEPT_VALUES_BYTES
+    progress: bool | None = None  # stderr lines: None after LONG_COMPILE_SECONDS, True always, False never
 
 
 @dataclass
@@ -214,7 +218,10 @@ class Session:
         if not passes:
             return start
         captured, options = self.captured, self.options
-        manager = PassManager(list(passes), strict=options.strict, instruments=options.instruments,
+        instruments = list(options.instruments)
+        if options.progress is not False and not any(isinstance(i, PrintProgress) for i in instruments):
+            instruments.append(PrintProgress(delay=0.0 if options.progress else LONG_COMPILE_SECONDS))
+        manager = PassManager(list(passes), strict=options.strict, instruments=instruments,
                               max_rounds=options.max_rounds, user_model=captured.user_model,
                               verify_rows=options.verify_rows)
         resume = start.verification.fork() if start.verification is not None else None
