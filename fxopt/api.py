@@ -93,7 +93,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
             judges the drop measured on ``data`` alone (no allowance for sampling).
         agreement_data: unlabelled input batches that tighten an accuracy or top-1
             agreement bound (see ``fxopt.tune``).
-        progress: None (default): once the pipeline has run for
+        progress: None (default): once the compile has run for
             :data:`fxopt.session.LONG_COMPILE_SECONDS`, each pass and a lossy pass's sites are
             reported on stderr with the time left (:class:`fxopt.PrintProgress`); True: from
             the start; False: never. A ``PrintProgress`` in ``instruments`` replaces it.

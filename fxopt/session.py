@@ -48,7 +48,7 @@ from fxopt.pipeline.verification import DEFAULT_VERIFY_ROWS, Verification
 from fxopt.report import PassRecord, Report
 from fxopt.verify import module_fingerprint
 
-# A pipeline running longer than this reports its progress on stderr (SessionOptions.progress).
+# A compile running longer than this reports its passes' progress on stderr (SessionOptions.progress).
 LONG_COMPILE_SECONDS = 20.0
 
 
@@ -113,6 +113,7 @@ class Session:
         self.options = options or SessionOptions()
         self.backend = backend
         self.fingerprint = module_fingerprint(model)
+        self.started = time.perf_counter()  # a long compile reports its progress (SessionOptions.progress)
         self.evidence = Evidence(memory_bound=self.options.memory_bound, timings=kernel_timings(self.options.measure))
         self._captured: Captured | None = None
         self._capture_error: FxoptError | None = None
@@ -132,6 +133,7 @@ class Session:
         session.options = options or SessionOptions(verify_rows=None)
         session.backend = report.backend
         session.fingerprint = None
+        session.started = time.perf_counter()
         session.evidence = Evidence(reference=list(reference or []), memory_bound=session.options.memory_bound,
                                     timings=kernel_timings(session.options.measure))
         session._captured = Captured(gm, batches, report, user_model, fresh_batches, task)
@@ -220,7 +222,8 @@ class Session:
         captured, options = self.captured, self.options
         instruments = list(options.instruments)
         if options.progress is not False and not any(isinstance(i, PrintProgress) for i in instruments):
-            instruments.append(PrintProgress(delay=0.0 if options.progress else LONG_COMPILE_SECONDS))
+            instruments.append(PrintProgress(delay=0.0 if options.progress else LONG_COMPILE_SECONDS,
+                                             since=self.started))
         manager = PassManager(list(passes), strict=options.strict, instruments=instruments,
                               max_rounds=options.max_rounds, user_model=captured.user_model,
                               verify_rows=options.verify_rows)

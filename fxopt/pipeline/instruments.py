@@ -132,13 +132,15 @@ class DumpGraphs(PassInstrument):
 class PrintProgress(PassInstrument):
     """Lines on stderr for long runs: one as each pass starts and ends, and the pass's own
     progress (sites, blocks) with an estimate of the time left, at most every ``every``
-    seconds. Nothing is printed until the pipeline has run ``delay`` seconds, so a compile
-    that stays short stays quiet (``fxopt.compile`` adds one with a delay unless told not to).
+    seconds. Nothing is printed until ``delay`` seconds after ``since`` (a ``time.perf_counter()``
+    value; default: when the pipeline starts), so a compile that stays short stays quiet
+    (``fxopt.compile`` adds one with a delay from the compile's start unless told not to).
     """
 
-    def __init__(self, stream: Any = None, delay: float = 0.0, every: float = 5.0) -> None:
+    def __init__(self, stream: Any = None, delay: float = 0.0, every: float = 5.0,
+                 since: float | None = None) -> None:
         self.stream = stream or sys.stderr
-        self.delay, self.every = delay, every
+        self.delay, self.every, self.since = delay, every, since
         self._start = self._printed = 0.0
         self._announced: PassStep | None = None
         # the work being counted now (a pass's sites, then its blocks...): when it began, and
@@ -147,7 +149,7 @@ class PrintProgress(PassInstrument):
         self._stage_start = self._last_report = 0.0
 
     def enter(self, passes: Sequence[Pass]) -> None:
-        self._start = time.perf_counter()
+        self._start = time.perf_counter() if self.since is None else self.since
 
     def _say(self, message: str) -> None:
         print(f"[fxopt] {message}", file=self.stream, flush=True)
