@@ -117,6 +117,7 @@ LLAMA_SEQUENCE = 128
 LLAMA_CASES = {
     "model": "the model, built and run once (no compile)",
     "fxopt lossless": "fxopt.compile(m, ids) (every exact pass, eager backend)",
+    "fxopt lossless onnx": 'fxopt.compile(m, ids, backend="onnx") (the weights move into ONNX Runtime)',
     "torch.export": "torch.export.export(m, (ids,)) alone",
     "ort quantize_dynamic": "torch.onnx.export (external data) + quantize_dynamic + InferenceSession",
     "fxopt int8 weight-only": 'fxopt.compile(m, ids, passes=["remove-dropout", "quantize-weights"])',
@@ -202,6 +203,12 @@ def _llama_lossless(model: Any, ids: Any) -> Any:
     return _keep(fxopt.compile(model, (ids,)))
 
 
+def _llama_lossless_onnx(model: Any, ids: Any) -> Any:
+    import fxopt
+
+    return _keep(fxopt.compile(model, (ids,), backend="onnx"))
+
+
 def _llama_export(model: Any, ids: Any) -> Any:
     import torch
 
@@ -248,6 +255,7 @@ def _keep(*results: Any) -> str:
 _LLAMA_BUILDERS: dict[str, Callable[[Any, Any], Any]] = {
     "model": lambda model, ids: "-",
     "fxopt lossless": _llama_lossless,
+    "fxopt lossless onnx": _llama_lossless_onnx,
     "torch.export": _llama_export,
     "ort quantize_dynamic": _llama_ort,
     "fxopt int8 weight-only": _llama_weight_only,
