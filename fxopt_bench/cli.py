@@ -54,7 +54,9 @@ def run_bench_cli(args: Any) -> int:
     systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
     config = BenchConfig(models=models, systems=systems, quick=args.quick, device=args.device,
                          repeats=getattr(args, "repeats", None), warmup=getattr(args, "warmup", None),
-                         llama_layers=getattr(args, "llama_layers", None) or 22)
+                         llama_layers=getattr(args, "llama_layers", None) or 22,
+                         llama_cases=[c.strip() for c in args.llama_cases.split(",") if c.strip()]
+                         if getattr(args, "llama_cases", None) else None)
     start = time.perf_counter()
 
     def progress(message: str) -> None:

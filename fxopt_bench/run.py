@@ -70,6 +70,7 @@ class BenchConfig:
     warmup: int | None = None
     repeats: int | None = None
     llama_layers: int = 22  # --models scale-llama: layers of the 1.1B Llama shape
+    llama_cases: list[str] | None = None  # and which of fxopt_bench.scale.LLAMA_CASES (None: all)
 
 
 def flat_outputs(outputs: Any) -> list[torch.Tensor]:
@@ -202,7 +203,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             result["scale"] = run_scale(quick=config.quick, progress=progress)
             continue
         if name == "scale-llama":
-            result["scale_llama"] = run_scale_llama(layers=config.llama_layers, progress=progress)
+            result["scale_llama"] = run_scale_llama(layers=config.llama_layers, cases=config.llama_cases,
+                                                    progress=progress)
             continue
         progress(f"{name}: building ({MODELS[name].description}{', quick size' if config.quick else ''}) ...")
         model, inputs = MODELS[name].build(config.quick)

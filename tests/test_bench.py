@@ -146,7 +146,7 @@ TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 
               "num_key_value_heads": 2, "vocab_size": 512}
 
 
-@pytest.mark.parametrize("case", ["ort quantize_dynamic", "fxopt int8 weight-only"])
+@pytest.mark.parametrize("case", ["ort-quantize-dynamic", "fxopt-int8-weight-only"])
 def test_scale_llama_probe_reports_compile_time_and_peak_over_the_weights(case: str) -> None:
     pytest.importorskip("transformers")
     if case.startswith("ort"):
@@ -160,7 +160,7 @@ def test_scale_llama_probe_reports_compile_time_and_peak_over_the_weights(case: 
     assert row["compile_s"] > 0 and row["peak_bytes"] >= row["growth_bytes"] > 0
     assert row["peak_over_weights"] == pytest.approx(row["peak_bytes"] / row["weight_bytes"])
     assert row["result"] == ("InferenceSession" if case.startswith("ort") else "OptimizedModule")
-    failed = {"case": "fxopt preset int8", "layers": 22, "failed": "killed by signal 9"}
+    failed = {"case": "fxopt-preset-int8", "layers": 22, "failed": "killed by signal 9"}
     table = scale.format_scale_llama([{**row, "case": case}, failed])
     assert "peak / weights" in table and f"{row['peak_over_weights']:.2f}x" in table
     assert "failed: killed by signal 9" in table
