@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import re
 import tempfile
 import warnings
@@ -147,18 +148,33 @@ def export_graph(
 def _release_weights(program: Any) -> None:
     """Let go of the weights the exporter's in-memory ONNX model holds, once it is written.
 
-    Its initializers are views of the graph's torch tensors (and arrays the exporter's constant
-    folding made from them), and the ONNX model outlives the export: onnxscript's rewrite rules
-    keep the last graph they matched. Emptying the initializers frees those weights (a file
-    is all fxopt keeps of an export)."""
+    Its constant values are views of the graph's torch tensors (and arrays the exporter's
+    constant folding made from them), and the ONNX model outlives the export: onnxscript's
+    rewrite rules keep the last graph they matched. Not only the initializers: a weight the
+    folding replaced stays referenced from the graph's bookkeeping (the inputs' use counts).
+    So every IR value reachable from the model loses its constant (a file is all fxopt
+    keeps of an export)."""
     model = getattr(program, "model", None)
     if model is None:
         return
-    subgraphs = getattr(model.graph, "subgraphs", lambda: ())  # onnx-ir >= 0.1.2
-    functions = getattr(model, "functions", {})
-    for graph in [model.graph, *subgraphs(), *(f.graph for f in functions.values())]:
-        for value in graph.initializers.values():
-            value.const_value = None
+    try:
+        from onnx_ir import Value
+    except ImportError:  # older exporters use onnxscript's copy of the IR
+        from onnxscript.ir import Value
+    containers = (dict, list, tuple, set, frozenset)
+    seen: set[int] = set()
+    stack: list[Any] = [model]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Value):
+            if obj.const_value is not None:
+                obj.const_value = None
+        elif not isinstance(obj, containers) and not type(obj).__module__.startswith(("onnx_ir", "onnxscript")):
+            continue  # the IR's own objects and containers only: not torch, not the exporter's state
+        stack.extend(gc.get_referents(obj))
 
 
 def _tensor_outputs(gm: fx.GraphModule) -> tuple[fx.GraphModule, list[Any]]:
