@@ -266,6 +266,10 @@ class Session:
                 report.notes.append(f"exact passes were verified on the first {'/'.join(map(str, rows))} "
                                     "rows of each input (the batch is dynamic); lossy passes on every row")
             parity = verification.parity()
+        # Nothing below needs the stage: where the caller does not keep it either (a plain
+        # compile), the pipeline's new weights go as soon as the lowering drops its copy's
+        # (a backend that owns its weights, once it has exported them).
+        del stage
         with phase("cost"):
             report.final = graph_cost(gm)
         target = torch.device(device) if device is not None else device_of(captured.batches[0])

@@ -320,3 +320,28 @@ def test_export_failure_names_the_untranslated_op_in_plain_text(tmp_path):
     message = str(raised.value)
     assert "no ONNX translation for fxopt_test::times_two" in message
     assert "\x1b" not in message
+
+
+def test_drop_weights_empties_the_copy_it_is_given_and_never_the_graph_it_was_copied_from():
+    from fxopt.ir import copy_graph_module
+
+    class Inner(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 4))
+
+    root = torch.nn.Module()
+    root.inner = Inner()
+    root.register_buffer("scale", torch.randn(4))
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    w = graph.get_attr("inner.weight")
+    s = graph.get_attr("scale")
+    graph.output(graph.call_function(torch.mul, (graph.call_function(torch.matmul, (x, w)), s)))
+    original = torch.fx.GraphModule(root, graph)
+    copy = copy_graph_module(original)
+    onnx_backend.drop_weights(copy)
+    assert copy.inner.weight.is_meta and copy.scale.is_meta and copy.inner.weight.shape == (4, 4)
+    assert not original.inner.weight.is_meta and not original.scale.is_meta  # shared submodule untouched
+    x = torch.randn(2, 4)
+    assert torch.equal(original(x), (x @ original.inner.weight) * original.scale)
