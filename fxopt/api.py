@@ -50,6 +50,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     measure: bool = True,
     confidence: float | None = 0.95,
     agreement_data: Any = None,
+    progress: bool | None = None,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference and return a module that runs the result.
 
@@ -97,6 +98,10 @@ def compile(  # noqa: A001 - mirrors torch.compile
             judges the drop measured on ``data`` alone (no allowance for sampling).
         agreement_data: unlabelled input batches that tighten an accuracy or top-1
             agreement bound (see ``fxopt.tune``).
+        progress: None (default): once the compile has run for
+            :data:`fxopt.session.LONG_COMPILE_SECONDS`, each pass and a lossy pass's sites are
+            reported on stderr with the time left (:class:`fxopt.PrintProgress`); True: from
+            the start; False: never. A ``PrintProgress`` in ``instruments`` replaces it.
     """
     if is_generative(model):
         return compile_generative(model, example_inputs, passes, backend, device, strict, example_kwargs,
@@ -109,7 +114,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
         example_kwargs=example_kwargs, calibration=calibration, dynamic_shapes=dynamic_shapes,
         fresh_inputs=fresh_inputs, strict=strict, instruments=instruments, max_rounds=max_rounds,
         metric=metric, data=data, max_drop=max_drop, share_weights=share_weights,
-        measure=measure, confidence=confidence, agreement_data=agreement_data)
+        measure=measure, confidence=confidence, agreement_data=agreement_data, progress=progress)
     if preset is not None:
         return _compile_preset(preset, model, example_inputs, passes, backend, device, options)
     backend = backend or "eager"
@@ -129,6 +134,8 @@ def compile(  # noqa: A001 - mirrors torch.compile
 def _record_time(report: Report, timer: PhaseTimer) -> None:
     report.timings = {name: seconds for name, seconds in timer.seconds.items() if seconds > 0}
     report.total_seconds = timer.total
+    report.memory = {name: {"peak_mb": timer.peak_bytes.get(name, 0) / 1e6, "net_mb": timer.net_bytes.get(name, 0) / 1e6}
+                     for name in timer.seconds if name in timer.net_bytes}
 
 
 def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, passes: PassSpec,

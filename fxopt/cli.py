@@ -144,7 +144,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="side-by-side latency of fxopt against eager and the peers installed "
                                      "(pip install 'fxopt[peers]' for OpenVINO, NNCF, CTranslate2, torchao)")
-    p.add_argument("--models", default="mlp", help="comma-separated models: mlp,bert,llama,gpt2,vit,t5,dlrm, and scale (pass-manager time and memory on deep graphs)")
+    p.add_argument("--models", default="mlp", help="comma-separated models: mlp,bert,llama,gpt2,vit,t5,dlrm, and scale "
+                   "(pass-manager time and memory on deep graphs), scale-llama (compile s and peak RSS on "
+                   "TinyLlama-1.1B's shape, about 4 GiB per case: run it alone)")
+    p.add_argument("--llama-layers", type=int, default=22, metavar="N",
+                   help="layers of the scale-llama model (default 22, the 1.1B shape; fewer for a quick check)")
+    p.add_argument("--llama-cases", default=None, metavar="A,B",
+                   help="which scale-llama cases (default all: model, fxopt-lossless, fxopt-lossless-onnx, "
+                        "torch-export, ort-quantize-dynamic, fxopt-int8-weight-only, fxopt-preset-int8)")
     p.add_argument("--systems", default=None,
                    help="comma-separated systems (default: all; a peer that is not installed is a skipped row)")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats")

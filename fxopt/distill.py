@@ -126,7 +126,7 @@ def finetune(
                                     labels=_to(truth, device), label_weight=label_weight)
     # the compile's own timings are not this step's; the final error is the trained graph's
     report = replace(optimized.report, notes=list(optimized.report.notes), passes=list(optimized.report.passes),
-                     timings={}, total_seconds=0.0, kernels=[])
+                     timings={}, total_seconds=0.0, kernels=[], memory={})
     report.final_max_abs_err, report.final_max_rel_err = _error(frozen, signature, batches, targets)
     report.notes.append(note)
     session = Session.from_graph(frozen, [*batches], report)

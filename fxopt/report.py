@@ -94,12 +94,30 @@ class Report:
     # counted twice), so the phases sum to ``total_seconds`` (see :class:`fxopt.phases.PhaseTimer`).
     timings: dict[str, float] = field(default_factory=dict)
     total_seconds: float = 0.0
+    # Where memory went, per phase of ``timings`` (Linux; empty elsewhere): ``peak_mb``, how far
+    # the phase raised the process's peak resident memory (the phases sum to the compile's
+    # peak growth), and ``net_mb``, the resident memory it left behind (negative: it freed).
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)
 
     def timing_line(self) -> str:
         """The compact breakdown: ``compile 1.93s: capture 0.81, verify 0.52, ...``, largest first."""
         parts = sorted(self.timings.items(), key=lambda item: -item[1])
         return (f"compile {self.total_seconds:.2f}s: "
                 + ", ".join(f"{name} {seconds:.2f}" for name, seconds in parts if seconds >= 0.005))
+
+    def memory_line(self) -> str:
+        """The compact memory breakdown: ``memory: peak +812 MB (verify +500, capture +300),
+        kept +120 MB (lowering +150, passes -30)``, largest first; "" without measurements."""
+        if not self.memory:
+            return ""
+
+        def spelled(key: str) -> str:
+            parts = sorted(((name, m[key]) for name, m in self.memory.items()), key=lambda item: -abs(item[1]))
+            total = sum(value for _, value in parts)
+            shown = ", ".join(f"{name} {value:+.0f}" for name, value in parts if abs(value) >= 1)
+            return f"{total:+.0f} MB" + (f" ({shown})" if shown else "")
+
+        return f"memory: peak {spelled('peak_mb')}, kept {spelled('net_mb')}"
 
     def kernel_lines(self) -> list[str]:
         """One line per measured choice: the site, the kernel that runs, and the candidates'
@@ -179,6 +197,8 @@ class Report:
             lines.append(str(self.search))
         if self.timings:
             lines.append(f"time: {self.timing_line()}")
+        if self.memory:
+            lines.append(self.memory_line())
         return "\n".join(lines)
 
 

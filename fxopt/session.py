@@ -42,11 +42,14 @@ from fxopt.ir import copy_graph_module
 from fxopt.module import OptimizedModule
 from fxopt.pass_api import Pass, PassContext
 from fxopt.phases import phase
-from fxopt.pipeline import PassInstrument, PassManager, UserModelUntouched
+from fxopt.pipeline import PassInstrument, PassManager, PrintProgress, UserModelUntouched
 from fxopt.pipeline.timings import KernelTimings, current, measuring, never_slower
 from fxopt.pipeline.verification import DEFAULT_VERIFY_ROWS, Verification
 from fxopt.report import PassRecord, Report
 from fxopt.verify import module_fingerprint
+
+# A compile running longer than this reports its passes' progress on stderr (SessionOptions.progress).
+LONG_COMPILE_SECONDS = 20.0
 
 
 @dataclass
@@ -70,6 +73,7 @@ class SessionOptions:
     measure: bool = True  # kernel choices and the final graph timed on this machine (else the cache decides)
     # the most bytes of node values the evidence store keeps for a lossy pass (the example's always)
     memory_bound: int = KEPT_VALUES_BYTES
+    progress: bool | None = None  # stderr lines: None after LONG_COMPILE_SECONDS, True always, False never
 
 
 @dataclass
@@ -109,6 +113,7 @@ class Session:
         self.options = options or SessionOptions()
         self.backend = backend
         self.fingerprint = module_fingerprint(model)
+        self.started = time.perf_counter()  # a long compile reports its progress (SessionOptions.progress)
         self.evidence = Evidence(memory_bound=self.options.memory_bound, timings=kernel_timings(self.options.measure))
         self._captured: Captured | None = None
         self._capture_error: FxoptError | None = None
@@ -128,6 +133,7 @@ class Session:
         session.options = options or SessionOptions(verify_rows=None)
         session.backend = report.backend
         session.fingerprint = None
+        session.started = time.perf_counter()
         session.evidence = Evidence(reference=list(reference or []), memory_bound=session.options.memory_bound,
                                     timings=kernel_timings(session.options.measure))
         session._captured = Captured(gm, batches, report, user_model, fresh_batches, task)
@@ -214,7 +220,11 @@ class Session:
         if not passes:
             return start
         captured, options = self.captured, self.options
-        manager = PassManager(list(passes), strict=options.strict, instruments=options.instruments,
+        instruments = list(options.instruments)
+        if options.progress is not False and not any(isinstance(i, PrintProgress) for i in instruments):
+            instruments.append(PrintProgress(delay=0.0 if options.progress else LONG_COMPILE_SECONDS,
+                                             since=self.started))
+        manager = PassManager(list(passes), strict=options.strict, instruments=instruments,
                               max_rounds=options.max_rounds, user_model=captured.user_model,
                               verify_rows=options.verify_rows)
         resume = start.verification.fork() if start.verification is not None else None
@@ -256,6 +266,10 @@ class Session:
                 report.notes.append(f"exact passes were verified on the first {'/'.join(map(str, rows))} "
                                     "rows of each input (the batch is dynamic); lossy passes on every row")
             parity = verification.parity()
+        # Nothing below needs the stage: where the caller does not keep it either (a plain
+        # compile), the pipeline's new weights go as soon as the lowering drops its copy's
+        # (a backend that owns its weights, once it has exported them).
+        del stage
         with phase("cost"):
             report.final = graph_cost(gm)
         target = torch.device(device) if device is not None else device_of(captured.batches[0])

@@ -53,7 +53,10 @@ def run_bench_cli(args: Any) -> int:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
     config = BenchConfig(models=models, systems=systems, quick=args.quick, device=args.device,
-                         repeats=getattr(args, "repeats", None), warmup=getattr(args, "warmup", None))
+                         repeats=getattr(args, "repeats", None), warmup=getattr(args, "warmup", None),
+                         llama_layers=getattr(args, "llama_layers", None) or 22,
+                         llama_cases=[c.strip() for c in args.llama_cases.split(",") if c.strip()]
+                         if getattr(args, "llama_cases", None) else None)
     start = time.perf_counter()
 
     def progress(message: str) -> None:
@@ -70,6 +73,10 @@ def run_bench_cli(args: Any) -> int:
             print("\n".join(f"  {line}" for line in kernels))
     if result["scale"]:
         print(format_scale(result["scale"]))
+    if result.get("scale_llama"):
+        from fxopt_bench.scale import format_scale_llama
+
+        print(format_scale_llama(result["scale_llama"]))
     command = ("fxopt bench " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["bench"]
                else f"fxopt bench --models {args.models}")
     if args.json:

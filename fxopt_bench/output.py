@@ -111,6 +111,10 @@ def write_markdown(result: dict[str, Any], path: str | Path, command: str, date:
             parts += ["Kernel choices:", "", *(f"- {line}" for line in kernels), ""]
     if result["scale"]:
         parts += [format_scale(result["scale"], markdown=True), ""]
+    if result.get("scale_llama"):
+        from fxopt_bench.scale import format_scale_llama
+
+        parts += [format_scale_llama(result["scale_llama"], markdown=True), ""]
     Path(path).write_text("\n".join(parts))
 
 

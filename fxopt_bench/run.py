@@ -69,6 +69,8 @@ class BenchConfig:
     device: str = "cpu"
     warmup: int | None = None
     repeats: int | None = None
+    llama_layers: int = 22  # --models scale-llama: layers of the 1.1B Llama shape
+    llama_cases: list[str] | None = None  # and which of fxopt_bench.scale.LLAMA_CASES (None: all)
 
 
 def flat_outputs(outputs: Any) -> list[torch.Tensor]:
@@ -186,19 +188,23 @@ def _fill_timing(row: Row, timing: Timing, eager: Timing | None) -> None:
 def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark; returns ``{"machine": ..., "rows": [...], "scale": [...]}``."""
     from fxopt_bench.models import MODELS
-    from fxopt_bench.scale import run_scale
+    from fxopt_bench.scale import run_scale, run_scale_llama
 
     progress = progress or (lambda message: None)
     unknown = [s for s in (config.systems or []) if s not in SYSTEMS]
     if unknown:
         raise ValueError(f"unknown system {unknown[0]!r} (available: {', '.join(SYSTEMS)})")
-    unknown = [m for m in config.models if m not in MODELS and m != "scale"]
+    unknown = [m for m in config.models if m not in MODELS and m not in ("scale", "scale-llama")]
     if unknown:
-        raise ValueError(f"unknown model {unknown[0]!r} (available: {', '.join([*MODELS, 'scale'])})")
+        raise ValueError(f"unknown model {unknown[0]!r} (available: {', '.join([*MODELS, 'scale', 'scale-llama'])})")
     result: dict[str, Any] = {"machine": machine_info(config.device), "rows": [], "scale": []}
     for name in config.models:
         if name == "scale":
             result["scale"] = run_scale(quick=config.quick, progress=progress)
+            continue
+        if name == "scale-llama":
+            result["scale_llama"] = run_scale_llama(layers=config.llama_layers, cases=config.llama_cases,
+                                                    progress=progress)
             continue
         progress(f"{name}: building ({MODELS[name].description}{', quick size' if config.quick else ''}) ...")
         model, inputs = MODELS[name].build(config.quick)

@@ -107,6 +107,194 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# ---------------------------------------------------------------- the 1.1B Llama shape
+
+# TinyLlama-1.1B's shape (random weights): 3.85 GiB of fp32 weights at 22 layers.
+LLAMA_1B_SHAPE = {"hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+                  "num_attention_heads": 32, "num_key_value_heads": 4, "vocab_size": 32000}
+LLAMA_SEQUENCE = 128
+TINY_LLAMA_SHAPE = {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 1, "num_attention_heads": 4,
+                    "num_key_value_heads": 2, "vocab_size": 512}
+# What each probe compiles, each in its own interpreter (a case killed for memory is a row).
+LLAMA_CASES = {
+    "model": "the model, built and run once (no compile)",
+    "fxopt-lossless": "fxopt.compile(m, ids) (every exact pass, eager backend)",
+    "fxopt-lossless-onnx": 'fxopt.compile(m, ids, backend="onnx") (the weights move into ONNX Runtime)',
+    "torch-export": "torch.export.export(m, (ids,)) alone",
+    "ort-quantize-dynamic": "torch.onnx.export (external data) + quantize_dynamic + InferenceSession",
+    "fxopt-int8-weight-only": 'fxopt.compile(m, ids, passes=["remove-dropout", "quantize-weights"])',
+    "fxopt-preset-int8": 'fxopt.compile(m, ids, preset="int8")',
+}
+
+
+def run_scale_llama(layers: int = 22, cases: Sequence[str] | None = None,
+                    progress: Callable[[str], None] | None = None, shape: dict[str, int] | None = None,
+                    threads: int | None = None) -> list[dict[str, Any]]:
+    """Compile s and peak RSS of a Llama of TinyLlama-1.1B's shape with ``layers`` layers
+    (input 1 x 128), one row per case of :data:`LLAMA_CASES`, each in a fresh interpreter.
+
+    Each case runs once on a tiny Llama first (imports, one-time initialization). The peak is
+    the process's resident high-water mark (``VmHWM``, reset after the model is built and run
+    once), the model included, over the model's fp32 weight bytes: the memory a
+    machine needs for the case; ``growth`` is the peak minus the RSS before the compile (what
+    compiling adds); ``result`` is what the compiled artifact keeps resident (RSS after the
+    compile, garbage collected, minus before). ``shape`` overrides the config's sizes.
+    """
+    import torch
+
+    progress = progress or (lambda message: None)
+    if layers < 1:
+        raise ValueError(f"the Llama needs at least one layer, got {layers}")
+    unknown = [c for c in cases or () if c not in LLAMA_CASES]
+    if unknown:
+        raise ValueError(f"unknown case {unknown[0]!r} (available: {', '.join(LLAMA_CASES)})")
+    rows = []
+    for case in cases or LLAMA_CASES:
+        spec = {"case": case, "shape": {**LLAMA_1B_SHAPE, **(shape or {}), "num_hidden_layers": layers},
+                "threads": threads or torch.get_num_threads()}
+        progress(f"scale-llama: {layers} layers, {case} ...")
+        out = subprocess.run([sys.executable, "-m", "fxopt_bench.scale", "--llama-probe", json.dumps(spec)],
+                             capture_output=True, text=True, check=False)
+        if out.returncode == 0:
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            seconds = "" if row["compile_s"] is None else f"{row['compile_s']:.1f}s, "
+            progress(f"scale-llama:   {seconds}peak {row['peak_over_weights']:.2f}x the weights")
+        else:
+            why = (f"killed by signal {-out.returncode} (the out-of-memory killer, if SIGKILL)"
+                   if out.returncode < 0 else (out.stderr.strip().splitlines() or ["no output"])[-1][:200])
+            row = {"case": case, "layers": layers, "failed": why}
+            progress(f"scale-llama:   failed: {why}")
+        rows.append(row)
+    return rows
+
+
+def llama_probe(spec: dict[str, Any]) -> dict[str, Any]:
+    """Runs in the child process of :func:`run_scale_llama`."""
+    import gc
+
+    import torch
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.set_num_threads(spec["threads"])
+    case = spec["case"]
+    # The case once on a tiny Llama first: its imports and one-time initialization (the ONNX
+    # exporter's registries, ONNX Runtime, ~0.2-0.3 GiB) are no part of this model's cost.
+    tiny = LlamaModel(LlamaConfig(**TINY_LLAMA_SHAPE, use_cache=False)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _LLAMA_BUILDERS[case](tiny, torch.randint(0, TINY_LLAMA_SHAPE["vocab_size"], (1, 16)))
+    del tiny
+    _KEPT.clear()
+    torch.manual_seed(0)
+    model = LlamaModel(LlamaConfig(**spec["shape"], use_cache=False)).eval()
+    ids = torch.randint(0, spec["shape"]["vocab_size"], (1, LLAMA_SEQUENCE), generator=torch.Generator().manual_seed(0))
+    params, weight_bytes = state_cost(model)
+    with torch.no_grad():
+        model(ids)
+    built_peak = _rss_bytes("VmHWM")
+    gc.collect()
+    rss_before = _rss_bytes("VmRSS")
+    reset = _reset_peak_rss()
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = _LLAMA_BUILDERS[case](model, ids)
+    compile_s = time.perf_counter() - start
+    peak = built_peak if case == "model" else _rss_bytes("VmHWM") if reset else _maxrss_bytes()
+    gc.collect()
+    resident = _rss_bytes("VmRSS") - rss_before
+    return {"case": case, "layers": spec["shape"]["num_hidden_layers"], "params": params,
+            "weight_bytes": weight_bytes, "compile_s": compile_s if case != "model" else None,
+            "peak_bytes": peak, "peak_over_weights": peak / weight_bytes, "growth_bytes": max(0, peak - rss_before),
+            "result_bytes": max(0, resident),
+            "peak_measure": "VmHWM reset" if reset else "ru_maxrss (not reset)", "result": result}
+
+
+def _llama_lossless(model: Any, ids: Any) -> Any:
+    import fxopt
+
+    return _keep(fxopt.compile(model, (ids,)))
+
+
+def _llama_lossless_onnx(model: Any, ids: Any) -> Any:
+    import fxopt
+
+    return _keep(fxopt.compile(model, (ids,), backend="onnx"))
+
+
+def _llama_export(model: Any, ids: Any) -> Any:
+    import torch
+
+    return _keep(torch.export.export(model, (ids,)))
+
+
+def _llama_ort(model: Any, ids: Any) -> Any:
+    import tempfile
+
+    import torch
+
+    from fxopt_bench.systems import ort_quantize, ort_session
+
+    directory = tempfile.TemporaryDirectory(prefix="fxopt-scale-")
+    source = Path(directory.name) / "llama.onnx"
+    torch.onnx.export(model, (ids,), str(source), dynamo=True, external_data=True, verbose=False)
+    target = ort_quantize(source, source.with_name("llama-int8.onnx"))
+    return _keep(ort_session(target, torch.device("cpu")), directory)
+
+
+def _llama_weight_only(model: Any, ids: Any) -> Any:
+    import fxopt
+
+    return _keep(fxopt.compile(model, (ids,), passes=["remove-dropout", "quantize-weights"]))
+
+
+def _llama_preset(model: Any, ids: Any) -> Any:
+    import fxopt
+    from fxopt.presets import list_presets
+
+    if "int8" not in {p.name for p in list_presets()}:
+        return "no int8 preset"
+    return _keep(fxopt.compile(model, (ids,), preset="int8"))
+
+
+_KEPT: list[Any] = []  # the results stay alive until the probe reports what they hold
+
+
+def _keep(*results: Any) -> str:
+    _KEPT.extend(results)
+    return type(results[0]).__name__
+
+
+_LLAMA_BUILDERS: dict[str, Callable[[Any, Any], Any]] = {
+    "model": lambda model, ids: "-",
+    "fxopt-lossless": _llama_lossless,
+    "fxopt-lossless-onnx": _llama_lossless_onnx,
+    "torch-export": _llama_export,
+    "ort-quantize-dynamic": _llama_ort,
+    "fxopt-int8-weight-only": _llama_weight_only,
+    "fxopt-preset-int8": _llama_preset,
+}
+
+
+def format_scale_llama(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
+    """The table of :func:`run_scale_llama`: compile s, peak RSS and its ratio to the weights."""
+    from fxopt_bench.output import _table
+
+    header = ["case", "layers", "weights GiB", "compile s", "peak RSS GiB", "peak / weights",
+              "growth / weights", "result GiB"]
+    body = []
+    for r in rows:
+        if "failed" in r:
+            body.append([r["case"], str(r["layers"]), "-", "-", "-", "-", "-", f"failed: {r['failed']}"])
+            continue
+        seconds = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
+        growth = "-" if r["compile_s"] is None else f"{r['growth_bytes'] / r['weight_bytes']:.2f}x"
+        body.append([r["case"], str(r["layers"]), f"{r['weight_bytes'] / 2**30:.2f}", seconds,
+                     f"{r['peak_bytes'] / 2**30:.2f}", f"{r['peak_over_weights']:.2f}x", growth,
+                     f"{r['result_bytes'] / 2**30:.2f}"])
+    return _table(header, body, markdown)
+
+
 def _rss_bytes(field_name: str) -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -133,6 +321,7 @@ def _maxrss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-
 if __name__ == "__main__" and sys.argv[1:2] == ["--probe"]:
     print(json.dumps(probe(json.loads(sys.argv[2]))))
+if __name__ == "__main__" and sys.argv[1:2] == ["--llama-probe"]:
+    print(json.dumps(llama_probe(json.loads(sys.argv[2]))))

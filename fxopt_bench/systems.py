@@ -265,7 +265,7 @@ def _ort_fp32(ctx: BenchContext) -> Prepared:
 def _ort_int8(ctx: BenchContext) -> Prepared:
     """ONNX Runtime's dynamic int8 (per-tensor uint8 activations, per-channel weights)."""
     start = time.perf_counter()
-    target = _ort_quantize(ctx, ctx.onnx_fp32(), ctx.workdir / f"{ctx.name}-ort-int8.onnx")
+    target = ort_quantize(ctx.onnx_fp32(), ctx.workdir / f"{ctx.name}-ort-int8.onnx")
     return _ort_prepared(ctx, target, start)
 
 
@@ -304,25 +304,31 @@ def _ort_optimized_fp32(ctx: BenchContext) -> Prepared:
 def _ort_optimized_int8(ctx: BenchContext) -> Prepared:
     start = time.perf_counter()
     source = _ort_transformers_optimized(ctx)
-    target = _ort_quantize(ctx, source, ctx.workdir / f"{ctx.name}-ort-optimized-int8.onnx")
+    target = ort_quantize(source, ctx.workdir / f"{ctx.name}-ort-optimized-int8.onnx")
     return _ort_prepared(ctx, target, start)
 
 
-def _ort_quantize(ctx: BenchContext, source: Path, target: Path) -> Path:
+def ort_quantize(source: Path, target: Path) -> Path:
+    """ONNX Runtime's ``quantize_dynamic`` of ``source`` (int8 per-channel weights) into
+    ``target``; a model with external data keeps its quantized weights external too."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # The quantizer re-infers shapes and refuses the exporter's recorded intermediate shapes
-    # ("Inferred shape and existing shape differ"), so it gets the graph without them.
-    model = onnx.load(str(source))
+    # ("Inferred shape and existing shape differ"), so it gets the graph without them. The
+    # weights are not loaded here: the copy sits beside ``source``, so its external data resolves.
+    model = onnx.load(str(source), load_external_data=False)
     del model.graph.value_info[:]
-    plain = target.with_name(target.stem + "-input.onnx")
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    plain = source.with_name(target.stem + "-input.onnx")
     onnx.save(model, str(plain))
+    del model
     try:
         with _quiet():
             # DefaultTensorType: the transformers optimizer's fused ops (SkipLayerNormalization,
             # BiasGelu) live in the com.microsoft domain, which shape inference cannot type.
             quantize_dynamic(str(plain), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                             use_external_data_format=external,
                              extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     except Exception as exc:
         raise Unavailable(f"onnxruntime quantize_dynamic failed: {first_line(exc)}") from exc

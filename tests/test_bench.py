@@ -142,6 +142,32 @@ def test_scale_probe_reports_time_per_node_and_peak_memory() -> None:
     assert set(row["per_pass_s"]) == {t.name for t in __import__("fxopt").list_passes() if t.exact}
 
 
+TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "vocab_size": 512}
+
+
+@pytest.mark.parametrize("case", ["ort-quantize-dynamic", "fxopt-int8-weight-only"])
+def test_scale_llama_probe_reports_compile_time_and_peak_over_the_weights(case: str) -> None:
+    pytest.importorskip("transformers")
+    if case.startswith("ort"):
+        pytest.importorskip("onnxruntime")
+    try:
+        row = scale.llama_probe({"case": case, "shape": TINY_LLAMA, "threads": torch.get_num_threads()})
+    finally:
+        scale._KEPT.clear()
+    params = 512 * 64 + 2 * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 172 + 2 * 64) + 64
+    assert row["params"] == params and row["weight_bytes"] == 4 * params
+    assert row["compile_s"] > 0 and row["peak_bytes"] >= row["growth_bytes"] > 0
+    assert row["peak_over_weights"] == pytest.approx(row["peak_bytes"] / row["weight_bytes"])
+    assert row["result"] == ("InferenceSession" if case.startswith("ort") else "OptimizedModule")
+    failed = {"case": "fxopt-preset-int8", "layers": 22, "failed": "killed by signal 9"}
+    table = scale.format_scale_llama([{**row, "case": case}, failed])
+    assert "peak / weights" in table and f"{row['peak_over_weights']:.2f}x" in table
+    assert "failed: killed by signal 9" in table
+    with pytest.raises(ValueError, match="unknown case 'nope'"):
+        scale.run_scale_llama(layers=1, cases=["nope"])
+
+
 def test_tables_show_skipped_rows_with_their_reason() -> None:
     rows = [bench.Row("eager", "m", 1.0, 1.0, 0.0, 0.0, 10, 40).__dict__,
             bench.Row("fxopt-int8", "m", status="skipped", note="pass 'quantize-int8' is not installed").__dict__]

@@ -223,6 +223,22 @@ def test_report_timings_cover_the_compile() -> None:
     assert "time: compile" in str(report) and report.to_dict()["timings"] == report.timings
 
 
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="RSS is read from /proc")
+def test_report_memory_says_which_phase_took_the_memory() -> None:
+    # 64 MiB of weights, copied at capture (share_weights=False): fresh pages, whatever the
+    # allocator holds already (above glibc's mmap threshold)
+    model = nn.Sequential(nn.Linear(4096, 4096, bias=False)).eval()
+    weight_mb = 4096 * 4096 * 4 / 1e6
+    opt = fxopt.compile(model, (torch.randn(2, 4096),), passes=[], share_weights=False, measure=False,
+                        fresh_inputs=False)
+    memory = opt.report.memory
+    assert set(memory) <= set(opt.report.timings) and "capture" in memory
+    assert memory["capture"]["net_mb"] >= 0.9 * weight_mb and memory["capture"]["peak_mb"] >= 0.9 * weight_mb
+    assert all(m["peak_mb"] >= 0 for m in memory.values())
+    assert sum(m["net_mb"] for m in memory.values()) >= 0.9 * weight_mb  # the module holds the copy
+    assert "memory: peak +" in str(opt.report) and opt.report.to_dict()["memory"] == memory
+
+
 def _search_case() -> tuple[Any, PassContext, list[Site], Any]:
     from fxopt.ir import add_constant, call_nodes, constant, ops
     from fxopt.ir.qdq import insert_qdq

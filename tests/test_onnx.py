@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import weakref
+from pathlib import Path
+from typing import Any
+
 import onnx
 import onnxruntime as ort
 import pytest
@@ -197,6 +201,84 @@ def test_onnx_backend_module_leaves_the_weights_to_onnx_runtime():
         fxopt.export_onnx(opt, (x,), "unused.onnx")
 
 
+def _reachable(root: object, kind: type) -> list[object]:
+    """The objects of type ``kind`` reachable from ``root`` (as :func:`reachable_tensor_bytes` walks)."""
+    import gc
+    import types
+
+    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType)
+    seen: set[int] = set()
+    found, stack = [], [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, skip):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, kind):
+            found.append(obj)
+        stack.extend(gc.get_referents(obj))
+    return found
+
+
+class _KeepWeakrefs(fxopt.PassInstrument):
+    """Weak references to the graph's constants after each pass: the tensors export reads."""
+
+    def __init__(self) -> None:
+        self.refs: list[Any] = []
+
+    def after_pass(self, pass_: Any, gm: torch.fx.GraphModule, step: Any) -> None:
+        self.refs = [weakref.ref(t) for t in [*gm.parameters(), *gm.buffers()]]
+
+
+class _GatedMLP(torch.nn.Module):
+    """Two bias-free sibling Linears on a 3-d input (as in a Llama MLP): merge-siblings makes
+    their weights one new tensor, which the exporter transposes and folds into another, so the
+    merged weight leaves the ONNX graph's initializers but not its bookkeeping."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = torch.nn.Linear(256, 512, bias=False)
+        self.up = torch.nn.Linear(256, 512, bias=False)
+        self.down = torch.nn.Linear(512, 256, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def test_onnx_backend_holds_one_copy_of_the_weights_in_the_session(tmp_path):
+    torch.manual_seed(0)
+    model = _GatedMLP().eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    user_storages = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    x = torch.randn(2, 4, 256)
+    kept = _KeepWeakrefs()
+    opt = fxopt.compile(model, (x,), passes=["merge-siblings"], backend="onnx", instruments=[kept])
+    assert opt.report["merge-siblings"].applied == 1
+    import gc
+
+    gc.collect()
+    # the merged weight is a new tensor that only the exported graph needed: it is gone
+    folded = [ref for ref in kept.refs if ref() is None or ref().untyped_storage().data_ptr() not in user_storages]
+    assert folded and all(ref() is None for ref in folded)
+    # no ONNX model in memory besides the session's: neither a ModelProto nor the exporter's IR
+    import onnx_ir
+
+    assert not _reachable(opt, onnx.ModelProto) and not _reachable(opt, onnx_ir.Model)
+    assert reachable_tensor_bytes(opt) < weight_bytes / 20
+    # the session read its weights from an external data file, not from a protobuf in memory
+    files = list(Path(opt._runner.files.name).iterdir())
+    data = sum(f.stat().st_size for f in files if f.suffix == ".data")
+    proto = next(f for f in files if f.suffix == ".onnx")
+    assert data >= weight_bytes * 0.9 and proto.stat().st_size < weight_bytes / 20
+    with torch.no_grad():
+        assert_outputs_close([opt(x)], [model(x)])
+    # saved and loaded like any ONNX Runtime module: the external data file travels with it
+    fxopt.save(opt, tmp_path / "model.fxopt")
+    loaded = fxopt.load(tmp_path / "model.fxopt")
+    with torch.no_grad():
+        assert_outputs_close([loaded(x)], [model(x)])
+
+
 class ReturnsNonTensors(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -238,3 +320,28 @@ def test_export_failure_names_the_untranslated_op_in_plain_text(tmp_path):
     message = str(raised.value)
     assert "no ONNX translation for fxopt_test::times_two" in message
     assert "\x1b" not in message
+
+
+def test_drop_weights_empties_the_copy_it_is_given_and_never_the_graph_it_was_copied_from():
+    from fxopt.ir import copy_graph_module
+
+    class Inner(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 4))
+
+    root = torch.nn.Module()
+    root.inner = Inner()
+    root.register_buffer("scale", torch.randn(4))
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    w = graph.get_attr("inner.weight")
+    s = graph.get_attr("scale")
+    graph.output(graph.call_function(torch.mul, (graph.call_function(torch.matmul, (x, w)), s)))
+    original = torch.fx.GraphModule(root, graph)
+    copy = copy_graph_module(original)
+    onnx_backend.drop_weights(copy)
+    assert copy.inner.weight.is_meta and copy.scale.is_meta and copy.inner.weight.shape == (4, 4)
+    assert not original.inner.weight.is_meta and not original.scale.is_meta  # shared submodule untouched
+    x = torch.randn(2, 4)
+    assert torch.equal(original(x), (x @ original.inner.weight) * original.scale)

@@ -280,3 +280,42 @@ def test_a_pass_that_raises_is_rolled_back_and_strict_chains_its_exception() -> 
 
 def test_pass_context_has_no_log_hook() -> None:
     assert not hasattr(PassContext(batches=[]), "log")
+
+
+class _CountProgress(PassInstrument):
+    def __init__(self) -> None:
+        self.reports: list[tuple[str, int, int, str]] = []
+
+    def progress(self, pass_: fxopt.Pass, step: PassStep, done: int, total: int, what: str) -> None:
+        self.reports.append((pass_.name, done, total, what))
+
+
+def test_a_lossy_search_reports_its_sites_with_increasing_counts_and_print_progress_says_what_is_left() -> None:
+    import io
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    x = torch.randn(32, 64)
+    counted, stream = _CountProgress(), io.StringIO()
+    opt = fxopt.compile(model, (x,), passes=["quantize-int8(budget=0.05, strategy='equal-share')"],
+                        instruments=[counted, fxopt.PrintProgress(stream, every=0.0)], measure=False)
+    assert opt.report["quantize-int8"].matched == 3
+    sites = [(done, total, what) for name, done, total, what in counted.reports if name == "quantize-int8"]
+    assert [done for done, _, _ in sites] == [1, 2, 3] and {(total, what) for _, total, what in sites} == {(3, "sites")}
+    printed = stream.getvalue()
+    assert "pass 1/1: quantize-int8" in printed and "quantize-int8: 1/3 sites" in printed and "left" in printed
+    assert "quantize-int8: 3/3 sites" in printed
+
+
+def test_print_progress_stays_quiet_for_a_short_pipeline_and_compile_adds_it_unless_told_not_to(capsys) -> None:
+    import io
+
+    stream = io.StringIO()
+    fxopt.compile(_model(), (torch.randn(4, 8),), passes=["remove-dropout"],
+                  instruments=[fxopt.PrintProgress(stream, delay=60.0)])
+    assert stream.getvalue() == ""
+    fxopt.compile(_model(), (torch.randn(4, 8),), passes=["remove-dropout"], progress=True)
+    assert "[fxopt] pass 1/1: remove-dropout" in capsys.readouterr().err
+    fxopt.compile(_model(), (torch.randn(4, 8),), passes=["remove-dropout"], progress=False)
+    fxopt.compile(_model(), (torch.randn(4, 8),), passes=["remove-dropout"])  # short: quiet
+    assert capsys.readouterr().err == ""

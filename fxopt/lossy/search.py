@@ -79,6 +79,7 @@ from fxopt.lossy.sites import (  # noqa: F401 - part of this module's interface
     split_batches,
 )
 from fxopt.pass_api import PassContext
+from fxopt.phases import progress
 from fxopt.verify import ReusingRunner, compare_outputs, run_graph
 
 LevelChooser = Callable[["BudgetedSearch", Site, float, Choices], Pick]
@@ -266,9 +267,10 @@ class BudgetedSearch:
         picks: dict[str, Pick] = {}
         refused: dict[str, Pick] = {}
         used, left = 0.0, max(len(self.sites), 1)
-        for site in self.sites:
+        for count, site in enumerate(self.sites, 1):
             target = used + (budget - used) / max(left, 1)
             chosen = self.pick(site, target, choices)
+            progress(count, len(self.sites), "sites")
             if chosen.level is None:
                 refused[site.name] = chosen
             else:
@@ -288,7 +290,10 @@ class BudgetedSearch:
             return everything, picks, {}
         if self._estimated(everything):
             return self.estimated_sensitivity(budget)
-        alone = {site.name: self.pick(site, budget, {}) for site in self.sites}
+        alone = {}
+        for count, site in enumerate(self.sites, 1):
+            alone[site.name] = self.pick(site, budget, {})
+            progress(count, len(self.sites), "sites measured alone")
         refused = {name: p for name, p in alone.items() if p.level is None}
 
         def efficiency(site: Site) -> float:
@@ -299,7 +304,7 @@ class BudgetedSearch:
         self.step("ranked", order=[s.name for s in ranked])
         choices: dict[str, Level] = {}
         picks: dict[str, Pick] = {}
-        for site in ranked:
+        for count, site in enumerate(ranked, 1):
             best = alone[site.name].level
             if self.choose_level is not None:
                 chosen = self.choose_level(self, site, budget, choices)
@@ -312,6 +317,7 @@ class BudgetedSearch:
             else:
                 choices[site.name] = chosen.level
                 picks[site.name] = chosen
+            progress(count, len(ranked), "sites combined")
         return choices, picks, refused
 
     def _estimated(self, everything: Choices) -> bool:
@@ -350,6 +356,7 @@ class BudgetedSearch:
         over: list[dict[str, Level]] = []  # combinations measured over budget, for the refusals
         rest = list(ranked)
         while rest:
+            progress(len(ranked) - len(rest), len(ranked), "sites")
             every = _most_aggressive(choices, rest)
             if self.measured(every) is None and self.trials >= limit:
                 break
@@ -384,6 +391,7 @@ class BudgetedSearch:
             others = {name: level for name, level in smallest.items() if name != site.name}
             refused[site.name] = Pick(None, self.error(smallest), site.levels[-1], budget, others=len(others),
                                       others_error=self.measured(others))
+        progress(len(ranked), len(ranked), "sites")
         self.step("estimated", chosen=len(choices), refused=len(refused), trials_left=max(limit - self.trials, 0))
         return choices, picks, refused
 

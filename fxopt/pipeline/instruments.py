@@ -5,7 +5,9 @@ The hooks follow TVM's pass instruments. For one ``PassManager.run``:
     enter(passes)
     for each pass:  should_run(pass_, gm)   -- any False: the pass is skipped, no other hook
                     before_pass(pass_, gm, step)
-                    ... the pass runs, the checks are consulted, commit or roll back ...
+                    ... the pass runs (progress(pass_, step, done, total, what) as it reports
+                        its sites or blocks through fxopt.phases.progress), the checks are
+                        consulted, commit or roll back ...
                     after_pass(pass_, gm, step)   -- gm is the graph kept
     exit()          -- also when a pass raises under strict mode
 
@@ -52,6 +54,9 @@ class PassInstrument:
     def after_pass(self, pass_: Pass, gm: fx.GraphModule, step: PassStep) -> None:
         """``pass_`` ran; ``gm`` is the graph the manager kept (the previous one after a
         rollback or no change)."""
+
+    def progress(self, pass_: Pass, step: PassStep, done: int, total: int, what: str) -> None:
+        """``pass_`` finished ``done`` of ``total`` units of ``what`` (sites, blocks)."""
 
 
 class ReportRows(PassInstrument):
@@ -125,18 +130,65 @@ class DumpGraphs(PassInstrument):
 
 
 class PrintProgress(PassInstrument):
-    """One line per pass on stderr, for long runs."""
+    """Lines on stderr for long runs: one as each pass starts and ends, and the pass's own
+    progress (sites, blocks) with an estimate of the time left, at most every ``every``
+    seconds. Nothing is printed until ``delay`` seconds after ``since`` (a ``time.perf_counter()``
+    value; default: when the pipeline starts), so a compile that stays short stays quiet
+    (``fxopt.compile`` adds one with a delay from the compile's start unless told not to).
+    """
 
-    def __init__(self, stream: Any = None) -> None:
+    def __init__(self, stream: Any = None, delay: float = 0.0, every: float = 5.0,
+                 since: float | None = None) -> None:
         self.stream = stream or sys.stderr
+        self.delay, self.every, self.since = delay, every, since
+        self._start = self._printed = 0.0
+        self._announced: PassStep | None = None
+        # the work being counted now (a pass's sites, then its blocks...): when it began, and
+        # when the last report of any came (where the next count begins)
+        self._stage: tuple[PassStep, str] | None = None
+        self._stage_start = self._last_report = 0.0
+
+    def enter(self, passes: Sequence[Pass]) -> None:
+        self._start = time.perf_counter() if self.since is None else self.since
+
+    def _say(self, message: str) -> None:
+        print(f"[fxopt] {message}", file=self.stream, flush=True)
+        self._printed = time.perf_counter()
+
+    def _announce(self, step: PassStep) -> bool:
+        """Whether to print now (past the delay); the pass's start line first, once."""
+        if time.perf_counter() - self._start < self.delay:
+            return False
+        if self._announced is not step:
+            self._announced = step
+            self._say(f"pass {step.index}/{step.total}: {step.pass_.describe()} ...")
+        return True
 
     def before_pass(self, pass_: Pass, gm: fx.GraphModule, step: PassStep) -> None:
-        print(f"[fxopt] pass {step.index}/{step.total}: {pass_.describe()} ...", file=self.stream, flush=True)
+        self._last_report = time.perf_counter()
+        self._announce(step)
+
+    def progress(self, pass_: Pass, step: PassStep, done: int, total: int, what: str) -> None:
+        now = time.perf_counter()
+        if self._stage != (step, what):
+            self._stage, self._stage_start = (step, what), self._last_report
+        self._last_report = now
+        if done < total and now - self._printed < self.every or not self._announce(step):
+            return
+        elapsed = now - self._stage_start
+        left = f", about {_duration(elapsed / done * (total - done))} left" if 0 < done < total else ""
+        self._say(f"  {pass_.name}: {done}/{total} {what}, {_duration(elapsed)}{left}")
 
     def after_pass(self, pass_: Pass, gm: fx.GraphModule, step: PassStep) -> None:
+        if self._announced is not step and not self._announce(step):
+            return
         record = step.record
-        print(f"[fxopt]   {record.status}: applied {record.applied}, skipped "
-              f"{sum(record.skipped.values())}, {record.seconds:.2f}s", file=self.stream, flush=True)
+        self._say(f"  {record.status}: applied {record.applied}, skipped "
+                  f"{sum(record.skipped.values())}, {record.seconds:.2f}s")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def user_stacklevel() -> int:

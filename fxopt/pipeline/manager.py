@@ -27,7 +27,7 @@ from fxopt.errors import InputError, PassFailedError
 from fxopt.ir import copy_graph_module
 from fxopt.lossy.retry import RETRY
 from fxopt.pass_api import Pass, PassContext, PassResult
-from fxopt.phases import phase
+from fxopt.phases import listening, phase
 from fxopt.pipeline.checks import (
     Check,
     Numerics,
@@ -238,7 +238,13 @@ class PassManager:
             step = PassStep(pass_, index, len(self.passes), round_, record)
             for instrument in self.instruments:
                 instrument.before_pass(pass_, gm, step)
-            gm = self._run_one(step, gm, ctx, done)
+
+            def report(done_: int, total: int, what: str, pass_: Pass = pass_, step: PassStep = step) -> None:
+                for instrument in self.instruments:
+                    instrument.progress(pass_, step, done_, total, what)
+
+            with listening(report):
+                gm = self._run_one(step, gm, ctx, done)
             for instrument in reversed(self.instruments):
                 instrument.after_pass(pass_, gm, step)
             done.append(pass_.name)

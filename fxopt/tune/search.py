@@ -41,7 +41,7 @@ from fxopt.lossy.task import ALL, FIT, TaskBudget, task_budget
 from fxopt.pipeline import UserModelUntouched, reference_outputs
 from fxopt.registry import resolve_passes
 from fxopt.report import Report
-from fxopt.session import Session, Stage, pass_context
+from fxopt.session import Session, SessionOptions, Stage, pass_context
 from fxopt.tune.confirm import confirm_choice, split_for_confirmation, unsupported_confirmation
 from fxopt.tune.log import Candidate, ParetoRow, TuneLog, front, progress_printer
 from fxopt.tune.recover import recover as run_recovery
@@ -141,7 +141,8 @@ def tune(
 
     # Lossy passes given in ``passes`` keep the task budget as well as their own.
     user_model = UserModelUntouched(model, captured.meta.get("fxopt_sources", {}), baseline=fingerprint)
-    session = Session.from_graph(captured, batches, report, user_model=user_model, task=task, reference=reference)
+    session = Session.from_graph(captured, batches, report, user_model=user_model, task=task, reference=reference,
+                                 options=SessionOptions(verify_rows=None, progress=None if progress else False))
     exact_stage = session.run(pipeline)
     start_graph = exact_stage.gm
 
