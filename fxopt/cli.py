@@ -166,7 +166,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--task", default="latency", choices=["latency", "generate"],
                    help="latency (default): one forward per model; generate: a random Llama's generate() "
                         "through torch.compile, prefill and decode ms/token per system (--systems from eager, "
-                        "inductor, torchao-int8-weights, fxopt, fxopt-int8-weights, fxopt-int4-weights)")
+                        "inductor, torchao-int8-weights, fxopt, fxopt-int8-weights, fxopt-int4-weights, and "
+                        "fxopt-int8-weights-all, fxopt-int4-weights-all: every Linear quantized)")
     p.add_argument("--size", default=None, choices=["small", "tinyllama"],
                    help="--task generate: the Llama's shape: small (default; hidden 512, 4 layers, prompts 4 x 32) "
                         "or tinyllama (TinyLlama-1.1B's shape, 4.1 GB fp32: batch 1, prompt 128, 64 new tokens; "
