@@ -28,7 +28,7 @@ def built() -> None:
 
 
 @pytest.mark.parametrize("bits, group, in_features", [(8, None, 100), (8, None, 256), (4, 32, 96), (4, 128, 256)])
-@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("rows", [1, 3, 6, 20])
 def test_the_native_kernel_computes_what_the_portable_op_computes(built: None, bits: int, group: int | None,
                                                                   in_features: int, rows: int) -> None:
     torch.manual_seed(0)

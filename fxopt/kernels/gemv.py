@@ -13,7 +13,9 @@ and multiplies them into float32 activations, so the weights never exist as floa
 
 (packed int4: byte j of a group holds k = j in its low nibble and k = j + G/2 in its high one,
 so both halves are contiguous runs the compiler vectorizes.) Rows are computed per output row,
-whose weights stay in L1 across the activation rows, in parallel over output rows.
+whose weights stay in L1 across the activation rows, in parallel over output rows. With more
+than 16 rows of int8 (a prefill) the work is compute-bound: blocks of 512 output rows are
+dequantized to float32 one at a time and multiplied by PyTorch's GEMM.
 
 It is C++ compiled at first use with ``torch.utils.cpp_extension`` (``-O3 -march=native``:
 the vector instructions of this CPU; the build is cached per CPU in torch's extension
@@ -42,6 +44,8 @@ _SOURCE = r"""
 #endif
 
 constexpr int64_t kTile = 4;  // activation rows that share one pass over a weight row
+constexpr int64_t kGemmRows = 16;  // above: dequantized blocks and a GEMM
+constexpr int64_t kBlock = 512;  // output rows dequantized at a time
 
 // acc[r] += sum_k x[r][k] * q[k] for the rows r < rows of a tile, k < K; q int8.
 static inline void dot_int8(const int8_t* q, const float* const* x, int64_t rows, int64_t K, float* out) {
@@ -121,6 +125,17 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && s.is_contiguous(), "contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   TORCH_CHECK(q.size(1) == K && s.numel() == N, "shapes");
+  if (M > kGemmRows) {
+    // Many rows (a prefill): compute-bound, so a GEMM over float32 blocks of the weight, each
+    // dequantized just before use (a block of kBlock output rows, not the whole weight).
+    at::Tensor y = at::empty({M, N}, x.options());
+    for (int64_t o0 = 0; o0 < N; o0 += kBlock) {
+      const int64_t rows = std::min(kBlock, N - o0);
+      at::Tensor w = q.narrow(0, o0, rows).to(at::kFloat).mul_(s.narrow(0, o0, rows).unsqueeze(1));
+      y.narrow(1, o0, rows).copy_(at::mm(x, w.t()));
+    }
+    return y;
+  }
   at::Tensor y = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const int8_t* qp = q.data_ptr<int8_t>();
