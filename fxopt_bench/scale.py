@@ -71,13 +71,7 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
 
     # Memory: the whole of fxopt.compile, from a reset high-water mark.
-    rss_before = _rss_bytes("VmRSS")
-    reset = _reset_peak_rss()
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        fxopt.compile(model, inputs, passes=pipeline)
-    compile_s = time.perf_counter() - start
+    rss_before, reset, compile_s, _ = _measured(lambda: fxopt.compile(model, inputs, passes=pipeline))
     peak = _rss_bytes("VmHWM") if reset else _maxrss_bytes()
     peak_growth = max(0, peak - rss_before)
 
@@ -193,13 +187,7 @@ def llama_probe(spec: dict[str, Any]) -> dict[str, Any]:
         model(ids)
     built_peak = _rss_bytes("VmHWM")
     gc.collect()
-    rss_before = _rss_bytes("VmRSS")
-    reset = _reset_peak_rss()
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        result = _LLAMA_BUILDERS[case](model, ids)
-    compile_s = time.perf_counter() - start
+    rss_before, reset, compile_s, result = _measured(lambda: _LLAMA_BUILDERS[case](model, ids))
     peak = built_peak if case == "model" else _rss_bytes("VmHWM") if reset else _maxrss_bytes()
     gc.collect()
     resident = _rss_bytes("VmRSS") - rss_before
@@ -293,6 +281,18 @@ def format_scale_llama(rows: Sequence[dict[str, Any]], markdown: bool = False) -
                      f"{r['peak_bytes'] / 2**30:.2f}", f"{r['peak_over_weights']:.2f}x", growth,
                      f"{r['result_bytes'] / 2**30:.2f}"])
     return _table(header, body, markdown)
+
+
+def _measured(call: Callable[[], Any]) -> tuple[int, bool, float, Any]:
+    """``call()`` from a reset peak-RSS mark: (RSS before, whether the mark was reset, seconds,
+    its result)."""
+    rss_before = _rss_bytes("VmRSS")
+    reset = _reset_peak_rss()
+    start = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = call()
+    return rss_before, reset, time.perf_counter() - start, result
 
 
 def _rss_bytes(field_name: str) -> int:

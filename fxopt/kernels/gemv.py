@@ -119,6 +119,20 @@ static inline void dot_int4(const uint8_t* q, const float* s, const float* const
   }
 }
 
+// body(o, rows, count, m0) for every output row o and every tile of up to kTile activation rows
+// (rows[r] = x[m0 + r]), in parallel over output rows: a weight row is read once per tile.
+template <typename Body>
+static void for_each_tile(const float* xp, int64_t M, int64_t N, int64_t K, Body&& body) {
+  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
+    const float* rows[kTile];
+    for (int64_t m0 = 0; m0 < M; m0 += kTile) {
+      const int64_t count = std::min(kTile, M - m0);
+      for (int64_t r = 0; r < count; ++r) rows[r] = xp + (m0 + r) * K;
+      for (int64_t o = begin; o < end; ++o) body(o, rows, count, m0);
+    }
+  });
+}
+
 // y[M, N] = s[N] * (x[M, K] . q[N, K]^T), q int8.
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
   TORCH_CHECK(x.dtype() == at::kFloat && q.dtype() == at::kChar && s.dtype() == at::kFloat, "dtypes");
@@ -141,17 +155,10 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const int8_t* qp = q.data_ptr<int8_t>();
   const float* sp = s.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    const float* rows[kTile];
+  for_each_tile(xp, M, N, K, [&](int64_t o, const float* const* rows, int64_t count, int64_t m0) {
     float out[kTile];
-    for (int64_t m0 = 0; m0 < M; m0 += kTile) {
-      const int64_t count = std::min(kTile, M - m0);
-      for (int64_t r = 0; r < count; ++r) rows[r] = xp + (m0 + r) * K;
-      for (int64_t o = begin; o < end; ++o) {
-        dot_int8(qp + o * K, rows, count, K, out);
-        for (int64_t r = 0; r < count; ++r) yp[(m0 + r) * N + o] = out[r] * sp[o];
-      }
-    }
+    dot_int8(qp + o * K, rows, count, K, out);
+    for (int64_t r = 0; r < count; ++r) yp[(m0 + r) * N + o] = out[r] * sp[o];
   });
   return y;
 }
@@ -174,20 +181,13 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const float* sp = s.data_ptr<float>();
   const float* zp = z.data_ptr<float>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
-    const float* rows[kTile];
+  for_each_tile(xp, M, N, K, [&](int64_t o, const float* const* rows, int64_t count, int64_t m0) {
     float out[kTile];
-    for (int64_t m0 = 0; m0 < M; m0 += kTile) {
-      const int64_t count = std::min(kTile, M - m0);
-      for (int64_t r = 0; r < count; ++r) rows[r] = xp + (m0 + r) * K;
-      for (int64_t o = begin; o < end; ++o) {
-        dot_int4(qp + o * (K / 2), sp + o * groups, rows, count, K, G, out);
-        for (int64_t r = 0; r < count; ++r) {
-          float offset = 0.f;  // the zero points: sum_g s[g] z[g] sum_{k in g} x[k]
-          for (int64_t g = 0; g < groups; ++g) offset += sp[o * groups + g] * zp[o * groups + g] * xs[(m0 + r) * groups + g];
-          yp[(m0 + r) * N + o] = out[r] - offset;
-        }
-      }
+    dot_int4(qp + o * (K / 2), sp + o * groups, rows, count, K, G, out);
+    for (int64_t r = 0; r < count; ++r) {
+      float offset = 0.f;  // the zero points: sum_g s[g] z[g] sum_{k in g} x[k]
+      for (int64_t g = 0; g < groups; ++g) offset += sp[o * groups + g] * zp[o * groups + g] * xs[(m0 + r) * groups + g];
+      yp[(m0 + r) * N + o] = out[r] - offset;
     }
   });
   return y;
