@@ -32,6 +32,7 @@ import torch
 from fxopt.errors import FxoptError, InputError
 from fxopt.frontends.dynamo import CompileLog
 from fxopt.report import Report
+from fxopt.signature import split_example_inputs
 
 DEFAULT_WARMUP_TOKENS = 2
 
@@ -113,7 +114,7 @@ def compile_generative(model: torch.nn.Module, example_inputs: Any, passes: Any,
     if backend not in ("eager", "onnx"):
         raise InputError(f"backend={backend!r}: a generating model compiles through torch.compile's "
                          "graphs, which fxopt lowers to 'eager' or 'onnx'")
-    args, kwargs = _prompt(example_inputs, example_kwargs)
+    args, kwargs = split_example_inputs(example_inputs, example_kwargs)
     log = CompileLog()
     lm = copy.copy(model)  # shares the modules and weights; only its forward differs
     lm.forward = torch.compile(type(model).forward.__get__(lm, type(lm)), backend="fxopt", dynamic=True, options={
@@ -151,16 +152,6 @@ def _plain(values: Any) -> Any:
 
 def _plain_tensor(value: Any) -> Any:
     return value.clone() if isinstance(value, torch.Tensor) and value.is_inference() else value
-
-
-def _prompt(example_inputs: Any, example_kwargs: Mapping[str, Any] | None) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    if isinstance(example_inputs, Mapping):
-        return (), {**example_inputs, **(example_kwargs or {})}
-    args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
-    if not args and not example_kwargs:
-        raise InputError("give the example prompt: fxopt.compile(lm, input_ids) or "
-                         "fxopt.compile(lm, {'input_ids': ids, 'attention_mask': mask})")
-    return tuple(args), dict(example_kwargs or {})
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

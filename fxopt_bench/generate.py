@@ -1,9 +1,10 @@
 """``fxopt bench --task generate``: a Llama's ``generate()`` through ``torch.compile``.
 
-Every system compiles ``lm.forward`` of its own copy of one random-weight Llama with
-``dynamic=True`` (eager runs it as is; dynamic, so decode is one graph from its first step),
-generates once to compile its prefill and decode graphs, and then all systems are
-timed interleaved (:func:`fxopt_bench.timing.measure_side_by_side`): a full generation of
+Every system runs on one random-weight Llama's weights: eager runs it as is, Inductor compiles
+the ``forward`` of a shallow copy with ``dynamic=True`` (decode is one graph from its first
+step), torchao quantizes a deep copy first, and the fxopt systems are ``fxopt.compile(lm,
+prompt, passes=...)``. Each generates once to compile its prefill and decode graphs, and then
+all systems are timed interleaved (:func:`fxopt_bench.timing.measure_side_by_side`): a full generation of
 ``new`` tokens and a one-token generation (the prefill). Decode ms/token is their difference
 over ``new - 1`` tokens. Quality is the teacher-forced top-1 agreement with eager on the
 tokens eager generated, and whether the generated tokens are identical to eager's.
@@ -135,7 +136,7 @@ def run_generate(quick: bool = False, systems: list[str] | None = None, repeats:
         return lm.generate(ids, attention_mask=mask, max_new_tokens=tokens, min_new_tokens=tokens,
                            do_sample=False, pad_token_id=0)
 
-    rows = {name: GenerateRow(name) for name in names}
+    rows = {name: GenerateRow(name, weight_bytes=resident_bytes(reference.parameters())) for name in names}
     models: dict[str, torch.nn.Module] = {}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -144,7 +145,6 @@ def run_generate(quick: bool = False, systems: list[str] | None = None, repeats:
         want = reference(expected).logits.argmax(-1)[:, size.prompt - 1:-1]
     for name in names:  # not under inference_mode: the compiled graphs were made (and guard) under no_grad
         row = rows[name]
-        row.weight_bytes = resident_bytes(reference.parameters())
         progress(f"{name}: compiling and checking")
         try:
             start = time.perf_counter()
