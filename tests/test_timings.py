@@ -65,6 +65,19 @@ def test_the_cache_is_json_on_disk_and_reused(tmp_path):
     assert again.choose("op", "y", _candidates([]), INPUTS, prefer="plain").source == "measured"
 
 
+def test_verdicts_are_keyed_by_the_kernels_code(tmp_path, monkeypatch):
+    from fxopt.pipeline import timings
+
+    first = KernelTimings(tmp_path, measure=True, timer=fixed_timer({"fused": 0.5, "plain": 1.0}))
+    assert first.fingerprint.endswith(f"kernels-{timings.kernels_version()}")
+    first.choose("op", "x", _candidates([]), INPUTS, prefer="plain")
+    # the same machine with other kernel code: the old verdict is not used
+    monkeypatch.setattr(timings, "kernels_version", lambda: "changed")
+    again = KernelTimings(tmp_path, measure=True, timer=fixed_timer({"fused": 9.0, "plain": 1.0}))
+    assert again.path != first.path
+    assert again.choose("op", "x", _candidates([]), INPUTS, prefer="plain").source == "measured"
+
+
 def test_measuring_off_uses_the_cache_else_the_default_order(tmp_path):
     timings = KernelTimings(tmp_path, measure=False, timer=fixed_timer({"fused": 0.5, "plain": 1.0}), fingerprint="m")
     calls = []

@@ -7,7 +7,8 @@ timed interleaved on inputs of the site's shape with the project's one timing lo
 dynamic, at a second batch size; a candidate replaces the preferred one (the graph as it was)
 only when it is faster at every size. The verdict and the times are cached on disk as JSON,
 keyed by the machine's fingerprint (:func:`fxopt.isa.fingerprint`: CPU model and flags, CUDA
-device, PyTorch version, threads), the op, the site's shapes and dtypes, and the candidates'
+device, PyTorch version, threads) and the version of the kernels' code (:func:`kernels_version`:
+a verdict measured on other kernel code is measured again), the op, the site's shapes and dtypes, and the candidates'
 names, so a second compile of the same shapes measures nothing, as autotuning compilers do.
 
 Modes: measuring on (the default; ``FXOPT_MEASURE=0`` in the environment turns it off),
@@ -23,6 +24,7 @@ module against the captured graph, measured the same way.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -52,6 +54,19 @@ def default_cache_dir() -> Path:
     """``$FXOPT_CACHE_DIR``, else ``~/.cache/fxopt``."""
     configured = os.environ.get(CACHE_DIR_ENV)
     return Path(configured).expanduser() if configured else Path.home() / ".cache" / "fxopt"
+
+
+@functools.cache
+def kernels_version() -> str:
+    """A hash of the code that candidates run (``fxopt/kernels`` and ``fxopt/lowering``): a
+    faster version of a kernel under the same name must not lose to the verdict of its old one."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for folder in ("kernels", "lowering"):
+        for source in sorted((root / folder).glob("*.py")):
+            digest.update(source.name.encode())
+            digest.update(source.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def measuring_by_default() -> bool:
@@ -127,7 +142,7 @@ class KernelTimings:
         self.directory = Path(directory) if directory is not None else default_cache_dir()
         self.measure = measuring_by_default() if measure is None else measure
         self.timer = timer or side_by_side_timer()
-        self.fingerprint = fingerprint or isa.fingerprint()
+        self.fingerprint = fingerprint or f"{isa.fingerprint()} kernels-{kernels_version()}"
         self.measurements = 0
         self._entries: dict[str, Any] | None = None
 
