@@ -14,8 +14,8 @@ and multiplies them into float32 activations, so the weights never exist as floa
 (packed int4: byte j of a group holds k = j in its low nibble and k = j + G/2 in its high one,
 so both halves are contiguous runs the compiler vectorizes.) Rows are computed per output row,
 whose weights stay in L1 across the activation rows, in parallel over output rows. With more
-than 16 rows of int8 (a prefill) the work is compute-bound: blocks of 512 output rows are
-dequantized to float32 one at a time and multiplied by PyTorch's GEMM.
+than 16 rows (a prefill) the work is compute-bound: blocks of 512 output rows are dequantized
+to float32 one at a time and multiplied by PyTorch's GEMM.
 
 It is C++ compiled at first use with ``torch.utils.cpp_extension`` (``-O3 -march=native``:
 the vector instructions of this CPU; the build is cached per CPU in torch's extension
@@ -78,36 +78,72 @@ static inline void dot_int8(const int8_t* q, const float* const* x, int64_t rows
 // One output row of packed int4 in groups of G: byte j of a group holds value j (low nibble)
 // and value j + G/2 (high). out[r] = sum_g s[g] * sum_{k in g} x[r][k] * q[k]; the zero points
 // are applied by the caller. The scaled group sums stay in vector registers across groups.
+#if defined(__AVX512F__)
+// R activation rows at once (a compile-time count, so the accumulators stay in registers),
+// four independent FMA chains per row (low and high nibbles of two 16-byte loads): with one
+// chain the loop waits on the FMA latency and reads the weights at a third of the speed.
+template <int R>
+static inline void dot_int4_rows(const uint8_t* q, const float* s, const float* const* x, int64_t K,
+                                 int64_t G, float* out) {
+  const int64_t half = G / 2, groups = K / G;
+  const __m128i mask = _mm_set1_epi8(0x0F);
+  __m512 total[R];
+  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint8_t* qg = q + g * half;
+    __m512 acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < 4; ++c) acc[r][c] = _mm512_setzero_ps();
+    int64_t j = 0;
+    for (; j + 32 <= half; j += 32) {
+      const __m128i b0 = _mm_loadu_si128((const __m128i*)(qg + j));
+      const __m128i b1 = _mm_loadu_si128((const __m128i*)(qg + j + 16));
+      const __m512 lo0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b0, mask)));
+      const __m512 hi0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b0, 4), mask)));
+      const __m512 lo1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b1, mask)));
+      const __m512 hi1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b1, 4), mask)));
+      for (int r = 0; r < R; ++r) {
+        const float* xg = x[r] + g * G + j;
+        acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xg), lo0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + half), hi0, acc[r][1]);
+        acc[r][2] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + 16), lo1, acc[r][2]);
+        acc[r][3] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + half + 16), hi1, acc[r][3]);
+      }
+    }
+    if (j < half) {  // half is a multiple of 16: one 16-byte load left
+      const __m128i b0 = _mm_loadu_si128((const __m128i*)(qg + j));
+      const __m512 lo0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(b0, mask)));
+      const __m512 hi0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(b0, 4), mask)));
+      for (int r = 0; r < R; ++r) {
+        const float* xg = x[r] + g * G + j;
+        acc[r][0] = _mm512_fmadd_ps(_mm512_loadu_ps(xg), lo0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + half), hi0, acc[r][1]);
+      }
+    }
+    const __m512 scale = _mm512_set1_ps(s[g]);
+    for (int r = 0; r < R; ++r) {
+      const __m512 sum = _mm512_add_ps(_mm512_add_ps(acc[r][0], acc[r][1]), _mm512_add_ps(acc[r][2], acc[r][3]));
+      total[r] = _mm512_fmadd_ps(sum, scale, total[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(total[r]);
+}
+#endif
+
 static inline void dot_int4(const uint8_t* q, const float* s, const float* const* x, int64_t rows,
                             int64_t K, int64_t G, float* out) {
   const int64_t half = G / 2, groups = K / G;
-  for (int64_t r = 0; r < rows; ++r) out[r] = 0.f;
 #if defined(__AVX512F__)
   if (half % 16 == 0) {
-    __m512 total[kTile];
-    for (int64_t r = 0; r < kTile; ++r) total[r] = _mm512_setzero_ps();
-    const __m128i mask = _mm_set1_epi8(0x0F);
-    for (int64_t g = 0; g < groups; ++g) {
-      const uint8_t* qg = q + g * half;
-      __m512 acc[kTile];
-      for (int64_t r = 0; r < kTile; ++r) acc[r] = _mm512_setzero_ps();
-      for (int64_t j = 0; j < half; j += 16) {
-        __m128i bytes = _mm_loadu_si128((const __m128i*)(qg + j));
-        __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(bytes, mask)));
-        __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(bytes, 4), mask)));
-        for (int64_t r = 0; r < rows; ++r) {
-          const float* xg = x[r] + g * G;
-          acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + j), lo, acc[r]);
-          acc[r] = _mm512_fmadd_ps(_mm512_loadu_ps(xg + half + j), hi, acc[r]);
-        }
-      }
-      const __m512 scale = _mm512_set1_ps(s[g]);
-      for (int64_t r = 0; r < rows; ++r) total[r] = _mm512_fmadd_ps(acc[r], scale, total[r]);
+    switch (rows) {
+      case 1: return dot_int4_rows<1>(q, s, x, K, G, out);
+      case 2: return dot_int4_rows<2>(q, s, x, K, G, out);
+      case 3: return dot_int4_rows<3>(q, s, x, K, G, out);
+      default: return dot_int4_rows<4>(q, s, x, K, G, out);
     }
-    for (int64_t r = 0; r < rows; ++r) out[r] = _mm512_reduce_add_ps(total[r]);
-    return;
   }
 #endif
+  for (int64_t r = 0; r < rows; ++r) out[r] = 0.f;
   for (int64_t g = 0; g < groups; ++g) {
     const uint8_t* qg = q + g * half;
     for (int64_t r = 0; r < rows; ++r) {
@@ -172,6 +208,19 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
   TORCH_CHECK(G > 0 && K % G == 0 && G % 2 == 0 && q.size(1) * 2 == K && s.size(1) == K / G, "shapes");
   const int64_t groups = K / G;
+  if (M > kGemmRows) {
+    // A prefill: as int8, a GEMM over blocks of the weight dequantized to float32 just before use.
+    const int64_t half = G / 2;
+    at::Tensor y = at::empty({M, N}, x.options());
+    for (int64_t o0 = 0; o0 < N; o0 += kBlock) {
+      const int64_t rows = std::min(kBlock, N - o0);
+      at::Tensor bytes = q.narrow(0, o0, rows).view({rows, groups, 1, half});
+      at::Tensor w = at::cat({bytes.bitwise_and(15), bytes.bitwise_right_shift(4)}, 2).to(at::kFloat).view({rows, groups, G});
+      w.sub_(z.narrow(0, o0, rows).unsqueeze(2)).mul_(s.narrow(0, o0, rows).unsqueeze(2));
+      y.narrow(1, o0, rows).copy_(at::mm(x, w.view({rows, K}).t()));
+    }
+    return y;
+  }
   // Each group's sum of activations, for the zero points: [M, groups].
   at::Tensor xsum = x.view({M, groups, G}).sum(-1).contiguous();
   at::Tensor y = at::empty({M, N}, x.options());
