@@ -105,7 +105,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     """
     if is_generative(model):
         return compile_generative(model, example_inputs, passes, backend, device, strict, example_kwargs,
-                                  share_weights, unsupported={
+                                  share_weights, measure, unsupported={
                                       "preset": preset, "calibration": calibration, "metric": metric, "data": data,
                                       "max_drop": max_drop, "agreement_data": agreement_data,
                                       "instruments": tuple(instruments), "dynamic_shapes": dynamic_shapes,

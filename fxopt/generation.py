@@ -97,7 +97,7 @@ class GenerativeModule(torch.nn.Module):
 
 def compile_generative(model: torch.nn.Module, example_inputs: Any, passes: Any, backend: str | None,
                        device: Any, strict: bool, example_kwargs: Mapping[str, Any] | None,
-                       share_weights: bool, unsupported: Mapping[str, Any],
+                       share_weights: bool, measure: bool, unsupported: Mapping[str, Any],
                        warmup_tokens: int = DEFAULT_WARMUP_TOKENS) -> GenerativeModule:
     """See the module docstring; called by :func:`fxopt.compile`."""
     given = sorted(name for name, value in unsupported.items()
@@ -118,7 +118,8 @@ def compile_generative(model: torch.nn.Module, example_inputs: Any, passes: Any,
     log = CompileLog()
     lm = copy.copy(model)  # shares the modules and weights; only its forward differs
     lm.forward = torch.compile(type(model).forward.__get__(lm, type(lm)), backend="fxopt", dynamic=True, options={
-        "passes": passes, "backend": backend, "strict": strict, "log": log, "share_weights": share_weights})
+        "passes": passes, "backend": backend, "strict": strict, "log": log, "share_weights": share_weights,
+        "measure": measure})
     start = time.perf_counter()
     generation = {"max_new_tokens": warmup_tokens, "min_new_tokens": warmup_tokens, "do_sample": False}
     config = getattr(model, "generation_config", None)

@@ -133,13 +133,21 @@ def test_fxopt_compile_of_a_generating_model_keeps_generate_with_few_graphs_and_
 
 
 @pytest.mark.slow
-def test_the_prefill_and_decode_graphs_share_one_quantized_copy_of_each_weight() -> None:
+def test_the_prefill_and_decode_graphs_share_one_quantized_copy_of_each_weight(monkeypatch) -> None:
     import fxopt
 
     torch._dynamo.reset()
     eager = small_llama()
+    # Measuring is on by default here; measure=False must reach the kernel choices of every graph.
+    monkeypatch.setenv("FXOPT_MEASURE", "1")
+    from fxopt.pipeline.timings import KernelTimings
+
+    choose, sources = KernelTimings.choose, []
+    monkeypatch.setattr(KernelTimings, "choose", lambda self, *a, **k: sources.append(
+        (choice := choose(self, *a, **k)).source) or choice)
     opt = fxopt.compile(eager, torch.randint(0, 256, (1, 8)), passes=["remove-dropout", "merge-siblings",
-                                                                      "quantize-weights"])
+                                                                      "quantize-weights"], measure=False)
+    assert sources and "measured" not in sources, sources
     graphs = [record.module().graph_module for record in opt.log.records]
     assert len(graphs) >= 2, str(opt.log)
     packed = [{t.untyped_storage().data_ptr() for t in g.buffers() if t.dtype in (torch.int8, torch.uint8)}

@@ -20,13 +20,12 @@ breaks, with the model's parameters and buffers as graph inputs. For each piece 
    (``load_state_dict``, an in-place update, a replaced parameter) the piece is optimized
    again with the new weights, or, with ``on_weight_change="raise"``, raises
    :class:`fxopt.BackendError`. The one write this cannot see is one through ``.data``
-   (``w.data.mul_(2)``): ``.data`` has a version counter of its own, so the piece keeps the
-   weights it froze (a snapshot) and a :class:`FrozenWeightsWarning` says so when a piece with
-   weights is optimized. Write to the parameter itself (under ``torch.no_grad()``) or call
-   ``torch._dynamo.reset()`` after such a write.
+   (``w.data.mul_(2)``): ``.data`` has a version counter of its own, so the piece keeps the weights
+   it froze (a snapshot) and a :class:`FrozenWeightsWarning` says so when a piece with weights is
+   optimized. Write to the parameter (under ``torch.no_grad()``) or call ``torch._dynamo.reset()``.
 
-A piece that cannot be captured or verified runs as dynamo traced it, with a warning
-(``strict=True`` raises instead). What happened is recorded in a :class:`CompileLog`.
+A piece that cannot be captured or verified runs as dynamo traced it, with a warning (``strict=True``
+raises instead). What happened is recorded in a :class:`CompileLog`.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ import torch.fx as fx
 from fxopt.errors import BackendError, FxoptError
 from fxopt.report import Report
 
-OPTIONS = ("passes", "backend", "strict", "on_weight_change", "log", "share_weights")
+OPTIONS = ("passes", "backend", "strict", "on_weight_change", "log", "share_weights", "measure")
 MAX_RECORDS = 256
 
 
@@ -122,6 +121,7 @@ class _Settings:
     on_weight_change: str = "recompile"
     log: CompileLog = field(default_factory=lambda: _DEFAULT_LOG)
     share_weights: bool = False
+    measure: bool = True  # kernel choices timed on this machine (False: the timing cache, else the default order)
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None, mode: str | None) -> _Settings:
@@ -165,11 +165,10 @@ def fxopt_backend(
     """The TorchDynamo backend: optimize one dynamo graph; see the module docstring.
 
     Options: ``passes`` (as in ``fxopt.compile``), ``backend`` (``"eager"``, ``"onnx"`` or an
-    installed optional backend, see :mod:`fxopt.backends`),
-    ``strict`` (raise instead of rolling back a pass or running a piece unoptimized),
-    ``on_weight_change`` (``"recompile"`` or ``"raise"``), ``log`` (a :class:`CompileLog`),
-    ``share_weights`` (False: a snapshot copy of the weights; True: the model's own tensors).
-    """
+    installed optional backend, see :mod:`fxopt.backends`), ``strict`` (raise instead of rolling
+    back a pass or running a piece unoptimized), ``on_weight_change`` (``"recompile"`` or
+    ``"raise"``), ``log`` (a :class:`CompileLog`), ``share_weights`` (False: a snapshot copy of
+    the weights; True: the model's own tensors), ``measure`` (as in ``fxopt.compile``)."""
     from fxopt.registry import resolve_passes
 
     settings = _Settings.from_options(options, mode)
@@ -241,7 +240,8 @@ class _Piece:
         report.capture_seconds = time.perf_counter() - start
         _refuse_training_graph(captured)
         batches = [captured.meta["fxopt_signature"].flatten(user, None, what="example input")]
-        session = Session.from_graph(captured, batches, report, options=SessionOptions(strict=self.settings.strict))
+        options = SessionOptions(strict=self.settings.strict, measure=self.settings.measure)
+        session = Session.from_graph(captured, batches, report, options=options)
         optimized = session.compile(self.pipeline, self.settings.backend)
         self._frozen = [(s.position, args[s.position], _state(args[s.position])) for s in self.slots if s.kind == "weight"]
         if self._frozen:
