@@ -157,3 +157,21 @@ def test_the_cache_file_is_data_a_crafted_one_never_runs_and_is_measured_over(tm
                              fingerprint="test-machine")
     assert fresh.choose("op", "other", {"a": lambda: None, "b": lambda: None}, [[]]).source == "measured"
     assert json.loads(timings.path.read_text())["entries"][key]["chosen"] == "b"  # written as data again
+
+
+def test_the_default_timer_stops_timing_a_candidate_that_cannot_win():
+    import time
+
+    from fxopt.pipeline.timings import side_by_side_timer
+
+    calls = {"fast": 0, "slow": 0}
+
+    def sleeper(name: str, seconds: float):
+        def call() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+        return call
+
+    times = side_by_side_timer()({"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.05)})
+    assert times["slow"] > 3 * times["fast"]
+    assert calls["slow"] == 2 and calls["fast"] > 2, calls  # one warm-up and one timed round

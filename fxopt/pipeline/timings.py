@@ -3,7 +3,7 @@
 A lowering that exists for speed (a fused oneDNN Linear, an int8 kernel variant) asks
 :meth:`KernelTimings.choose` which of its candidates to run at each site: the candidates are
 timed interleaved on inputs of the site's shape with the project's one timing loop
-(:func:`fxopt.latency.measure_side_by_side`), at the example shape and, where the batch is
+(:func:`fxopt.latency.interleaved`), at the example shape and, where the batch is
 dynamic, at a second batch size; a candidate replaces the preferred one (the graph as it was)
 only when it is faster at every size. The verdict and the times are cached on disk as JSON,
 keyed by the machine's fingerprint (:func:`fxopt.isa.fingerprint`: CPU model and flags, CUDA
@@ -39,7 +39,7 @@ import torch
 
 from fxopt import isa
 from fxopt.ir import copy_graph_module
-from fxopt.latency import measure_side_by_side
+from fxopt.latency import interleaved
 from fxopt.phases import phase
 
 CACHE_DIR_ENV = "FXOPT_CACHE_DIR"
@@ -77,16 +77,28 @@ def measuring_by_default() -> bool:
 def side_by_side_timer(*, warmup: int = 1, repeats: int = 15, max_seconds: float = 0.1,
                        min_repeats: int = 2) -> Timer:
     """The default timer: the fastest round of each candidate in
-    :func:`~fxopt.latency.measure_side_by_side`, at most ``max_seconds`` of timed rounds per
+    :func:`~fxopt.latency.interleaved`, at most ``max_seconds`` of timed rounds per
     site and size after ``min_repeats`` rounds (a slow candidate, such as a QDQ graph that
-    dequantizes its weight on every call, is not timed for long). The fastest, not the median: another process taking the core only ever
+    dequantizes its weight on every call, is not timed for long; one more than :data:`HOPELESS`
+    times slower than the fastest after a round is not timed again). The fastest, not the median: another process taking the core only ever
     adds time, so on a shared machine the fastest round is the steadiest estimate of what a
     kernel costs (the median moves with the load)."""
     def timer(candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
-        timings = measure_side_by_side(candidates, warmup=warmup, repeats=repeats, max_seconds=max_seconds,
-                                       min_repeats=min_repeats)
+        timings = interleaved(candidates, warmup=warmup, repeats=repeats, max_seconds=max_seconds,
+                              min_repeats=min_repeats, keep=_drop_hopeless)
         return {name: timing.min for name, timing in timings.items()}
     return timer
+
+
+HOPELESS = 3.0
+
+
+def _drop_hopeless(rounds: int, samples: Mapping[str, list[float]], elapsed: float) -> list[str]:
+    """Candidates still worth a round: a kernel more than :data:`HOPELESS` times slower than
+    the fastest cannot win, and timing it again is where a compile's measuring time goes (a
+    library kernel that dequantizes its weight on every call, at a prefill's shape)."""
+    best = min(min(values) for values in samples.values())
+    return [name for name, values in samples.items() if min(values) <= HOPELESS * best]
 
 
 def fixed_timer(times: Mapping[str, float | Sequence[float]]) -> Timer:
