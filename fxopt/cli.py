@@ -131,6 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-confirm", dest="confirm", action="store_false", default=None,
                    help="choose and judge on every data batch (default: choose on the even batches, "
                         "confirm on the odd ones)")
+    p.add_argument("--recover", metavar="FILE",
+                   help="train an over-budget candidate back within --max-drop on these input batches (.pt "
+                        "holding a list of batches, like --calibration of optimize; no labels) before "
+                        "giving it up (see docs/accuracy.md)")
     p.add_argument("--plot", metavar="PATH", help="write the Pareto front as a PNG (needs matplotlib: fxopt[plot])")
     p.add_argument("--report-json", metavar="PATH", help="write the report, search log included, as JSON")
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -289,7 +293,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     opt = fxopt.tune(model, kwargs if kwargs and not inputs else tuple(inputs), data=data, metric=args.metric,
                      max_drop=args.max_drop, backend=args.backend, passes=args.passes, techniques=args.techniques,
                      time_budget_s=args.time_budget, repeats=args.repeats, holdout=args.holdout,
-                     progress=not args.quiet, confidence=args.confidence, confirm=args.confirm)
+                     progress=not args.quiet, confidence=args.confidence, confirm=args.confirm,
+                     recover=load_calibration(args.recover) if args.recover else None)
     print(opt.report)
     if args.plot:
         opt.report.search.plot(args.plot)

@@ -203,7 +203,7 @@ def test_budgeted_search_bounds_the_metric_drop_alone() -> None:
         BudgetedSearch(gm, PassContext(batches=[[x]]), [], lambda g, c: g, 0.1, output_error=False)
 
 
-def test_cli_tune_prints_the_table_and_plots_it(tmp_path, trained, capsys) -> None:
+def test_cli_tune_prints_the_table_and_plots_it(tmp_path, trained, capsys, monkeypatch) -> None:
     import textwrap
 
     from fxopt.cli import main
@@ -236,6 +236,14 @@ def test_cli_tune_prints_the_table_and_plots_it(tmp_path, trained, capsys) -> No
     tune_options = ["tune", "net.py:build", "--inputs", "x.pt", "--data", "data.pt", "--max-drop", "0.02"]
     assert _parser().parse_args(tune_options).confirm is None
     assert _parser().parse_args([*tune_options, "--no-confirm"]).confirm is False
+    # --recover: input batches from a file, handed to tune(recover=) as calibration batches are
+    torch.save([example], tmp_path / "recover.pt")
+    seen = {}
+    monkeypatch.setattr(fxopt, "tune", lambda *a, **k: seen.update(k) or (_ for _ in ()).throw(SystemExit(7)))
+    with pytest.raises(SystemExit) as stopped:
+        main([*arguments[:6], "--max-drop", "0.02", "--recover", str(tmp_path / "recover.pt")])
+    assert stopped.value.code == 7 and len(seen["recover"]) == 1 and torch.equal(seen["recover"][0][0], example)
+    monkeypatch.undo()
     assert "fxopt tune: sensitivity" in captured.err  # progress while it searches
     saved = json.loads((tmp_path / "report.json").read_text())
     assert saved["search"]["candidates"] and saved["search"]["pareto"]
