@@ -199,3 +199,33 @@ def test_derived_tensors_are_made_once_per_unchanged_source_and_live_with_their_
     del kept
     gc.collect()
     assert entry_count() < count  # nothing kept alive that no graph holds
+
+
+def test_what_is_derived_from_a_derived_tensor_outlives_it() -> None:
+    """A graph merges weights, quantizes the merged one and drops the float copy; the next graph
+    merges again (a new copy) and must find the first graph's quantized one, not make another."""
+    import gc
+
+    from fxopt.ir import derived
+
+    q_proj, k_proj = torch.randn(8, 4), torch.randn(8, 4)
+    made = []
+
+    def merged() -> torch.Tensor:
+        return torch.cat([q_proj, k_proj])
+
+    def quantized(weight: torch.Tensor):  # noqa: ANN202
+        return lambda: made.append(1) or (weight * 4).round().to(torch.int8)
+
+    first_merge = derived([q_proj, k_proj], ("cat",), merged)
+    held = derived([first_merge], ("q", 8), quantized(first_merge)).detach()  # what the first graph keeps
+    del first_merge
+    gc.collect()
+    second_merge = derived([q_proj, k_proj], ("cat",), merged)  # the float copy is gone: merged again
+    again = derived([second_merge], ("q", 8), quantized(second_merge))
+    assert len(made) == 1 and again.untyped_storage().data_ptr() == held.untyped_storage().data_ptr()
+    assert torch.equal(again, held)
+    with torch.no_grad():
+        k_proj.add_(1)  # a write to a root misses at every level
+    third = derived([derived([q_proj, k_proj], ("cat",), merged)], ("q", 8), quantized(merged()))
+    assert len(made) == 2 and third.untyped_storage().data_ptr() != held.untyped_storage().data_ptr()

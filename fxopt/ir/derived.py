@@ -12,6 +12,11 @@ view of each source (storage, offset, shape, stride, dtype: a detached view of a
 what the weight made) and each source's version counter (an in-place write misses), plus the
 caller's ``key`` (what was derived, and how). It lives as long as the derived tensors' memory does
 (weak references to their storages): nothing here keeps memory alive that no graph holds.
+
+A source that was itself derived here stands for what it was derived from: quantizing a merged
+weight is keyed by the weights merged and both derivations, not by the merged tensor. So once a
+graph dropped its float merged copy (quantized, it needs it no more), the next graph merges again
+and still finds the quantized copy the first one holds, instead of making a second.
 """
 
 from __future__ import annotations
@@ -28,6 +33,10 @@ _ENTRIES: weakref.WeakKeyDictionary[torch.UntypedStorage, dict[Hashable, _Entry]
 
 
 _MADE_HERE: weakref.WeakSet[torch.UntypedStorage] = weakref.WeakSet()
+# A derived tensor's storage -> (its roots' storages, the full key it was made under, its place in
+# the result): a derivation from it is keyed by those, which outlive it.
+_ORIGIN: weakref.WeakKeyDictionary[torch.UntypedStorage, tuple[list[weakref.ref], Hashable, int]] = \
+    weakref.WeakKeyDictionary()
 
 
 class _Entry:
@@ -68,10 +77,21 @@ def derived(sources: Sequence[torch.Tensor | None], key: Hashable,
     tensors = [s for s in sources if s is not None]
     if not tensors or any(_untracked(t) for t in tensors):
         return make()
-    full_key = (key, tuple(None if s is None else _view(s) for s in sources))
-    per_storage = _ENTRIES.setdefault(tensors[0].untyped_storage(), {})
+    roots, described = [], []
+    for source in sources:
+        origin = None if source is None else _ORIGIN.get(source.untyped_storage())
+        origin_roots = None if origin is None else [ref() for ref in origin[0]]
+        if origin is None or any(root is None for root in origin_roots):
+            described.append(None if source is None else _view(source))
+            origin_roots = [] if source is None else [source.untyped_storage()]
+        else:  # derived here: what it was made from, how, and which view of it
+            described.append(("derived", origin[1], origin[2], _view(source)[1:5]))
+        roots.extend(root for root in origin_roots if all(root is not r for r in roots))
+    full_key = (key, tuple(described))
+    per_storage = _ENTRIES.setdefault(roots[0], {})
     entry = per_storage.get(full_key)
-    if entry is not None and all(ref() is t.untyped_storage() for ref, t in zip(entry.storages, tensors)):
+    if entry is not None and len(entry.storages) == len(roots) and all(
+            ref() is root for ref, root in zip(entry.storages, roots)):
         parts = entry.tensors()
         if parts is not None:
             return parts[0] if entry.single else tuple(parts)  # type: ignore[return-value]
@@ -84,8 +104,12 @@ def derived(sources: Sequence[torch.Tensor | None], key: Hashable,
     sources_memory = {t.untyped_storage().data_ptr() for t in tensors}  # make() may return a source as is
     _MADE_HERE.update(p.untyped_storage() for p in parts
                       if p is not None and p.untyped_storage().data_ptr() not in sources_memory)
+    root_refs = [weakref.ref(root) for root in roots]
+    for index, part in enumerate(parts):
+        if part is not None and part.untyped_storage() in _MADE_HERE:
+            _ORIGIN[part.untyped_storage()] = (root_refs, full_key, index)
     per_storage[full_key] = _Entry(
-        [weakref.ref(t.untyped_storage()) for t in tensors],
+        root_refs,
         [None if p is None else (weakref.ref(p.untyped_storage()), p.storage_offset(), tuple(p.shape),
                                  tuple(p.stride()), p.dtype) for p in parts],
         single=not isinstance(value, tuple))
