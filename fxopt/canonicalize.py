@@ -11,6 +11,10 @@
     add(linear(x, W), b)          =>  linear(x, W, b)           b a 1-D constant of W's out size
     view(linear(view(x, [-1, in]), W, b), [*lead, out])  =>  linear(x, W, b)
                                      when lead is x's leading shape
+    to(x, dtype/device)           =>  x                         when x already has them (no copy)
+    mul(x, 1)                     =>  x                         x floating point
+    _assert_tensor_metadata(x)    =>  (nothing)                 export's check of what capture
+                                                                already holds (x's dtype, device)
 
 Weights must be frozen constants; anything else is left as it is. Writes to constants or
 inputs never reach this point: capture refuses them (see :func:`fxopt.capture.freeze`).
@@ -34,6 +38,8 @@ def canonicalize(gm: fx.GraphModule) -> int:
     rewrites = 0
     for node in list(gm.graph.nodes):
         rewrites += _functional_form(node)
+    for node in list(gm.graph.nodes):
+        rewrites += _drop_identity(node)
     for node in list(gm.graph.nodes):
         if is_op(node, ops.addmm, ops.mm, ops.matmul):
             rewrites += _matmul_to_linear(gm, node)
@@ -169,6 +175,34 @@ def _functional_form(node: fx.Node) -> int:
     for reader in later_readers:
         reader.replace_input_with(target, functional)
     node.replace_all_uses_with(functional)
+    node.graph.erase_node(node)
+    return 1
+
+
+_CASTS = (aten.to.dtype, aten.to.device, aten.to.dtype_layout)
+
+
+def _drop_identity(node: fx.Node) -> int:
+    """Ops that return their input unchanged: each is a dispatch per call (a decode step runs a
+    few hundred of them) and a form the exporters and patterns would otherwise have to know."""
+    if is_op(node, aten._assert_tensor_metadata.default) and not node.users:
+        node.graph.erase_node(node)
+        return 1
+    x = node.args[0] if is_op(node, _CASTS, aten.mul.Tensor) else None
+    before, after = val(x), val(node)
+    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
+        return 0
+    if (before.dtype, before.device, tuple(before.shape)) != (after.dtype, after.device, tuple(after.shape)):
+        return 0
+    if is_op(node, _CASTS):
+        # non_blocking, copy, memory_format, pin_memory: any but the default may copy or relayout
+        options = [*node.args[{aten.to.dtype: 2, aten.to.device: 3}.get(node.target, 1):],
+                   *(v for k, v in node.kwargs.items() if k not in ("dtype", "device", "layout"))]
+        if any(option not in (False, None, torch.preserve_format) for option in options):
+            return 0
+    elif not (before.is_floating_point() and type(node.args[1]) in (int, float) and node.args[1] == 1):
+        return 0
+    node.replace_all_uses_with(x)
     node.graph.erase_node(node)
     return 1
 

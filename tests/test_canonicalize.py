@@ -99,3 +99,28 @@ def test_falcon_style_linears_are_seen_by_passes() -> None:
     assert opt.report["merge-consecutive"].applied == 1
     assert count_ops(opt.graph_module, ops.linear) == 2
     torch.testing.assert_close(opt(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+class Casts(nn.Module):
+    """What RMSNorm and rotary embeddings spell: casts to the dtype x has, and scaling by 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        h = self.linear(x.to(torch.float32)) * 1.0
+        return h.to(x.device) + ids.to(torch.float32)[..., None] * 1  # an int cast is a real one
+
+
+def test_casts_to_what_a_tensor_already_is_and_scaling_by_one_are_gone() -> None:
+    model = Casts().eval()
+    x, ids = torch.randn(2, 3, 8), torch.arange(6).reshape(2, 3)
+    gm = fxopt.capture(model, (x, ids))
+    names = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert not [n for n in names if "_assert_tensor_metadata" in n], names
+    # the int64 -> float32 cast stays, and the multiply of its float result by 1 goes
+    casts = [n for n in gm.graph.nodes if n.op == "call_function" and str(n.target).startswith("aten.to.")]
+    assert len(casts) == 1 and casts[0].args[0].meta["val"].dtype == torch.int64, names
+    assert count_ops(gm, aten.mul.Tensor) == 0, names
+    torch.testing.assert_close(gm(x, ids)[0], model(x, ids), rtol=0, atol=0)
