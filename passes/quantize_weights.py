@@ -1,10 +1,14 @@
 """Quantize Linear weights only (int8 per output channel, or int4 group-wise); activations stay float.
 
     linear(x, W, b)  =>  weight_only_linear(x, Wq, s, z, b, bits, dtype)
-    where W ~ (Wq - z) * s, quantized once, here: bits=8: Wq = round(W / s) in [-127, 127],
-    z = 0, s = max|W[o, g]| / 127 per output channel (or per group of group_size inputs);
-    bits=4: Wq in [0, 15] with s and an integer z per group of group_size inputs (the group's
-    range widened to hold 0), and the GEMM runs in dtype (activations="bfloat16" | "float32")
+    where W ~ (Wq - z) * s, quantized once, here: bits=8: Wq = round(W / s), z = 0, one s per
+    output channel (or per group of group_size inputs); bits=4: Wq in [0, 15] with s and an
+    integer z per group of group_size inputs (the group's range widened to hold 0); the GEMM
+    runs in dtype (activations="bfloat16" | "float32"). scales="absmax": s from the group's
+    range (8 bits: max|W| / 127, Wq in [-127, 127]); scales="weighted": each group's clip ratio
+    (and 4-bit zero point) minimizes sum_k E[x_k^2] (W_k - What_k)^2, with E[x_k^2] the mean
+    square of input feature k on the example and calibration batches (fxopt.quant_search;
+    8 bits: Wq in [-128, 127])
 
 Constraints (refusal codes): the layer is not left out by ``exclude`` (``excluded``); W is a
 constant 2-D matrix (``not-constant``) of float32/float16/bfloat16 (``unsupported-dtype``) with
@@ -32,9 +36,10 @@ import torch.fx as fx
 
 from fxopt.ir import add_constant, call_nodes, constant, derived, module_path, ops
 from fxopt.kernels.weight_only import weight_only_linear_op
-from fxopt.lossy import BudgetedSearch, Pick, Site, check_search_options
+from fxopt.lossy import BudgetedSearch, Pick, Site, check_search_options, inputs_of, known_values
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.quant import dequantize_weight_groupwise, quantize_weight_groupwise
+from fxopt.quant_search import search_weight_groupwise
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import (
     EXCLUDED,
@@ -48,6 +53,7 @@ INDIVISIBLE_GROUP = "indivisible-group"
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_INT4_GROUP = 128
 ACTIVATIONS = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+SCALES = ("weighted", "absmax")
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class QuantizeWeights(Pass):
     bits: int = 8  # 8: symmetric int8; 4: asymmetric int4 with zero points
     group_size: int | None = None  # inputs sharing a scale: None = per output channel (bits=8), 128 (bits=4)
     activations: str = "bfloat16"  # the GEMM's dtype: "bfloat16" (fast library kernels on CPU) | "float32"
+    scales: str = "weighted"  # "weighted": clip search weighted by the inputs' mean squares | "absmax"
     exclude: str = ""  # regex on the module path; matching layers stay float
     strategy: str = "sensitivity"
 
@@ -75,6 +82,9 @@ class QuantizeWeights(Pass):
         if self.activations not in ACTIVATIONS:
             raise OptionValueError(f"quantize-weights: activations must be one of {', '.join(map(repr, ACTIVATIONS))}, "
                                    f"got {self.activations!r}")
+        if self.scales not in SCALES:
+            raise OptionValueError(f"quantize-weights: scales must be one of {', '.join(map(repr, SCALES))}, "
+                                   f"got {self.scales!r}")
         check_search_options(self)
 
     @property
@@ -89,8 +99,10 @@ class QuantizeWeights(Pass):
         if not candidates:
             return result
         # derived(): graphs sharing a model's weights (torch.compile's prefill and decode) share
-        # one quantized copy of each.
-        quantized = {(n.name, level): _quantized(constant(gm, n.args[1]), level)
+        # one quantized copy of each; with weighted scales, the statistics of the first graph
+        # that quantizes a weight (generate()'s prefill) decide that copy.
+        importance = _input_mean_squares(gm, candidates, ctx) if self.scales == "weighted" else {}
+        quantized = {(n.name, level): _quantized(constant(gm, n.args[1]), level, self.scales, importance.get(n.name))
                      for n in candidates for level in self.levels}
         # Estimates rank on/off sites without a trial each; with two levels each layer is
         # measured alone so that one int4 puts over budget can back off to int8.
@@ -152,8 +164,19 @@ class QuantizeWeights(Pass):
         return floating_point(node.args[0]) or finite(weight, what="the weight's values")
 
 
-def _quantized(weight: torch.Tensor, level: tuple[int, int | None]) -> tuple:
-    return derived([weight], ("quantize-weights", *level), lambda: quantize_weight_groupwise(weight, *level))
+def _quantized(weight: torch.Tensor, level: tuple[int, int | None], scales: str,
+               importance: torch.Tensor | None) -> tuple:
+    if scales == "absmax":
+        return derived([weight], ("quantize-weights", scales, *level), lambda: quantize_weight_groupwise(weight, *level))
+    return derived([weight], ("quantize-weights", scales, *level),
+                   lambda: search_weight_groupwise(weight, *level, importance=importance))
+
+
+def _input_mean_squares(gm: fx.GraphModule, linears: list[fx.Node], ctx: PassContext) -> dict[str, torch.Tensor]:
+    """E[x_k^2] of each Linear's input features over the observable batches (siblings reading
+    one input share one observation; the example's values come from the manager's run)."""
+    stats = inputs_of(gm, linears, ctx.observable_batches, features=True, known=known_values(ctx, gm))
+    return {name: s.mean_square.float() for name, s in stats.items() if s.feature_square_sum is not None}
 
 
 def _saving(weight: torch.Tensor, bits: int) -> float:
