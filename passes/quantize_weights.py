@@ -26,8 +26,9 @@ on CUDA, or the op itself: dequantize + ``F.linear``); ONNX writes ``com.microso
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -98,12 +99,12 @@ class QuantizeWeights(Pass):
         candidates = result.admit(call_nodes(gm, ops.linear), lambda node: self._refusal(gm, node))
         if not candidates:
             return result
-        # derived(): graphs sharing a model's weights (torch.compile's prefill and decode) share
-        # one quantized copy of each; with weighted scales, the statistics of the first graph
-        # that quantizes a weight (generate()'s prefill) decide that copy.
+        # derived(): graphs sharing a model's weights (torch.compile's prefill and decode) share one
+        # quantized copy of each, made when first asked for (bits=4: int8 only where tried); with
+        # weighted scales, the statistics of the first graph to quantize a weight decide its copy.
         importance = _input_mean_squares(gm, candidates, ctx) if self.scales == "weighted" else {}
-        quantized = {(n.name, level): _quantized(constant(gm, n.args[1]), level, self.scales, importance.get(n.name))
-                     for n in candidates for level in self.levels}
+        weights = {n.name: constant(gm, n.args[1]) for n in candidates}
+        quantized = functools.cache(lambda name, level: _quantized(weights[name], level, self.scales, importance.get(name)))
         # Estimates rank on/off sites without a trial each; with two levels each layer is
         # measured alone so that one int4 puts over budget can back off to int8.
         one_level = len(self.levels) == 1
@@ -130,11 +131,11 @@ class QuantizeWeights(Pass):
                                        **outcome.details_for(node.name)})
         return result
 
-    def _quantize(self, gm: fx.GraphModule, choices: Mapping[str, object], quantized: dict) -> None:
+    def _quantize(self, gm: fx.GraphModule, choices: Mapping[str, object], quantized: Callable) -> None:
         dtype = ACTIVATIONS[self.activations]
         for linear in [n for n in gm.graph.nodes if n.name in choices]:
             level = choices[linear.name]
-            q, scale, zero = quantized[(linear.name, level)]
+            q, scale, zero = quantized(linear.name, level)
             hint = f"{linear.args[1].target}_int{level[0]}"
             q_node = add_constant(gm, q, hint, before=linear)
             scale_node = add_constant(gm, scale, f"{hint}_scale", before=linear)
@@ -166,10 +167,9 @@ class QuantizeWeights(Pass):
 
 def _quantized(weight: torch.Tensor, level: tuple[int, int | None], scales: str,
                importance: torch.Tensor | None) -> tuple:
-    if scales == "absmax":
-        return derived([weight], ("quantize-weights", scales, *level), lambda: quantize_weight_groupwise(weight, *level))
-    return derived([weight], ("quantize-weights", scales, *level),
-                   lambda: search_weight_groupwise(weight, *level, importance=importance))
+    search = functools.partial(search_weight_groupwise, importance=importance)
+    make = quantize_weight_groupwise if scales == "absmax" else search
+    return derived([weight], ("quantize-weights", scales, *level), lambda: make(weight, *level))
 
 
 def _input_mean_squares(gm: fx.GraphModule, linears: list[fx.Node], ctx: PassContext) -> dict[str, torch.Tensor]:
@@ -184,11 +184,11 @@ def _saving(weight: torch.Tensor, bits: int) -> float:
     return weight.numel() * (weight.element_size() - bits / 8)
 
 
-def _estimate(weight: torch.Tensor, quantized: dict, name: str):  # noqa: ANN202
+def _estimate(weight: torch.Tensor, quantized: Callable, name: str):  # noqa: ANN202
     """The relative (Frobenius) error of the weight at a level: a cheap stand-in for the output
     error that quantizing this layer alone causes, used only to order the search's trials."""
     def estimate(level: object) -> float:
-        q, scale, zero = quantized[(name, level)]
+        q, scale, zero = quantized(name, level)
         w = weight.detach().float()
         return float((dequantize_weight_groupwise(q, scale, zero) - w).norm() / w.norm().clamp(min=1e-12))
     return estimate
