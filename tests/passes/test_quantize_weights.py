@@ -220,7 +220,9 @@ def test_weighted_scales_keep_the_layout_every_kernel_takes(bits: int, group_siz
     torch.manual_seed(0)
     weight = torch.randn(48, 128)
     weight[0, 5] = -weight.abs().max() * 1.5  # the largest magnitude negative: int8 uses -128
+    threads = torch.get_num_threads()
     q, scale, zero = search_weight_groupwise(weight, bits, group_size, torch.rand(128))
+    assert torch.get_num_threads() == threads  # the search runs on one thread, then gives them back
     assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (48, 128 // (group_size or 128))
     if bits == 8:
         assert zero is None and int(q.min()) == -128 and int(q.max()) <= 127
