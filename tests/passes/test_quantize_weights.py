@@ -235,6 +235,25 @@ def test_weighted_scales_keep_the_layout_every_kernel_takes(bits: int, group_siz
     assert float((expected - x @ weight.t()).abs().max() / (x @ weight.t()).abs().max()) < (0.02 if bits == 8 else 0.2)
 
 
+def test_the_full_int8_range_runs_on_matmul_nbits_and_int8pack() -> None:
+    from fxopt.kernels.weight_only import PACKED_KERNELS, matmul_nbits
+    from fxopt.lowering.weight_only_onnx import to_matmul_nbits
+
+    torch.manual_seed(0)
+    weight = torch.randn(32, 64)
+    weight[:, 3] = -weight.abs().amax(dim=1) * 1.5  # every row's largest magnitude is negative
+    q, scale, zero = search_weight_groupwise(weight, 8, None)
+    assert int(q.min()) == -128
+    x = torch.randn(4, 64)
+    expected = torch.nn.functional.linear(x, dequantize_weight_groupwise(q, scale, zero))
+    packed, scales, zero_points, block = to_matmul_nbits(q, scale, zero, 8)
+    torch.testing.assert_close(matmul_nbits(x, packed, scales, zero_points, None, 64, 32, 8, block), expected)
+    int8pack = PACKED_KERNELS["int8pack"]
+    if int8pack.available():
+        packed, qparams = int8pack.pack(q, scale, zero, torch.float32)
+        torch.testing.assert_close(int8pack.run(x, packed, qparams, 64), expected, rtol=1e-4, atol=1e-4)
+
+
 def test_bad_search_inputs_are_refused() -> None:
     with pytest.raises(ValueError, match="bits in"):
         search_weight_groupwise(torch.randn(4, 32), 3, None)
