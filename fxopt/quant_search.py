@@ -9,8 +9,9 @@ a grid of clip ratios and keeps the one that minimizes the activation-weighted e
     sum_k d_k (w_k - w_hat_k)^2,    d_k = E[x_k^2] over the calibration activations
 
 (the diagonal of the layer's input second moment, as AWQ's and the imatrix's weighting; with
-``d = 1`` the plain weight MSE). At 4 bits the integer zero point is searched with the scale:
-each ratio is tried with the zero point rounded from the clipped range and its neighbours.
+``d = 1`` the plain weight MSE): a coarse grid, then steps around each group's best. At 4 bits
+the integer zero point is searched with the scale: once the ratio is chosen, the zero points
+next to the one the range rounds to are tried too.
 At 8 bits the codes use all of int8's [-128, 127]: a group whose largest magnitude is negative
 gets a scale 127/128 as wide as symmetric [-127, 127] needs.
 
