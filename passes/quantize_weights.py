@@ -1,10 +1,14 @@
 """Quantize Linear weights only (int8 per output channel, or int4 group-wise); activations stay float.
 
     linear(x, W, b)  =>  weight_only_linear(x, Wq, s, z, b, bits, dtype)
-    where W ~ (Wq - z) * s, quantized once, here: bits=8: Wq = round(W / s) in [-127, 127],
-    z = 0, s = max|W[o, g]| / 127 per output channel (or per group of group_size inputs);
-    bits=4: Wq in [0, 15] with s and an integer z per group of group_size inputs (the group's
-    range widened to hold 0), and the GEMM runs in dtype (activations="bfloat16" | "float32")
+    where W ~ (Wq - z) * s, quantized once, here: bits=8: Wq = round(W / s), z = 0, one s per
+    output channel (or per group of group_size inputs); bits=4: Wq in [0, 15] with s and an
+    integer z per group of group_size inputs (the group's range widened to hold 0); the GEMM
+    runs in dtype (activations="bfloat16" | "float32"). scales="absmax": s from the group's
+    range (8 bits: max|W| / 127, Wq in [-127, 127]); scales="weighted": each group's clip ratio
+    (and 4-bit zero point) minimizes sum_k E[x_k^2] (W_k - What_k)^2, with E[x_k^2] the mean
+    square of input feature k on the example and calibration batches (fxopt.quant_search;
+    8 bits: Wq in [-128, 127])
 
 Constraints (refusal codes): the layer is not left out by ``exclude`` (``excluded``); W is a
 constant 2-D matrix (``not-constant``) of float32/float16/bfloat16 (``unsupported-dtype``) with
@@ -22,8 +26,9 @@ on CUDA, or the op itself: dequantize + ``F.linear``); ONNX writes ``com.microso
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -32,9 +37,10 @@ import torch.fx as fx
 
 from fxopt.ir import add_constant, call_nodes, constant, derived, module_path, ops
 from fxopt.kernels.weight_only import weight_only_linear_op
-from fxopt.lossy import BudgetedSearch, Pick, Site, check_search_options
+from fxopt.lossy import BudgetedSearch, Pick, Site, check_search_options, inputs_of, known_values
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.quant import dequantize_weight_groupwise, quantize_weight_groupwise
+from fxopt.quant_search import search_weight_groupwise
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import (
     EXCLUDED,
@@ -48,6 +54,7 @@ INDIVISIBLE_GROUP = "indivisible-group"
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_INT4_GROUP = 128
 ACTIVATIONS = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+SCALES = ("weighted", "absmax")
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,7 @@ class QuantizeWeights(Pass):
     bits: int = 8  # 8: symmetric int8; 4: asymmetric int4 with zero points
     group_size: int | None = None  # inputs sharing a scale: None = per output channel (bits=8), 128 (bits=4)
     activations: str = "bfloat16"  # the GEMM's dtype: "bfloat16" (fast library kernels on CPU) | "float32"
+    scales: str = "weighted"  # "weighted": clip search weighted by the inputs' mean squares | "absmax"
     exclude: str = ""  # regex on the module path; matching layers stay float
     strategy: str = "sensitivity"
 
@@ -75,6 +83,9 @@ class QuantizeWeights(Pass):
         if self.activations not in ACTIVATIONS:
             raise OptionValueError(f"quantize-weights: activations must be one of {', '.join(map(repr, ACTIVATIONS))}, "
                                    f"got {self.activations!r}")
+        if self.scales not in SCALES:
+            raise OptionValueError(f"quantize-weights: scales must be one of {', '.join(map(repr, SCALES))}, "
+                                   f"got {self.scales!r}")
         check_search_options(self)
 
     @property
@@ -88,10 +99,12 @@ class QuantizeWeights(Pass):
         candidates = result.admit(call_nodes(gm, ops.linear), lambda node: self._refusal(gm, node))
         if not candidates:
             return result
-        # derived(): graphs sharing a model's weights (torch.compile's prefill and decode) share
-        # one quantized copy of each.
-        quantized = {(n.name, level): _quantized(constant(gm, n.args[1]), level)
-                     for n in candidates for level in self.levels}
+        # derived(): graphs sharing a model's weights (torch.compile's prefill and decode) share one
+        # quantized copy of each, made when first asked for (bits=4: int8 only where tried); with
+        # weighted scales, the statistics of the first graph to quantize a weight decide its copy.
+        importance = _input_mean_squares(gm, candidates, ctx) if self.scales == "weighted" else {}
+        weights = {n.name: constant(gm, n.args[1]) for n in candidates}
+        quantized = functools.cache(lambda name, level: _quantized(weights[name], level, self.scales, importance.get(name)))
         # Estimates rank on/off sites without a trial each; with two levels each layer is
         # measured alone so that one int4 puts over budget can back off to int8.
         one_level = len(self.levels) == 1
@@ -118,11 +131,11 @@ class QuantizeWeights(Pass):
                                        **outcome.details_for(node.name)})
         return result
 
-    def _quantize(self, gm: fx.GraphModule, choices: Mapping[str, object], quantized: dict) -> None:
+    def _quantize(self, gm: fx.GraphModule, choices: Mapping[str, object], quantized: Callable) -> None:
         dtype = ACTIVATIONS[self.activations]
         for linear in [n for n in gm.graph.nodes if n.name in choices]:
             level = choices[linear.name]
-            q, scale, zero = quantized[(linear.name, level)]
+            q, scale, zero = quantized(linear.name, level)
             hint = f"{linear.args[1].target}_int{level[0]}"
             q_node = add_constant(gm, q, hint, before=linear)
             scale_node = add_constant(gm, scale, f"{hint}_scale", before=linear)
@@ -152,8 +165,18 @@ class QuantizeWeights(Pass):
         return floating_point(node.args[0]) or finite(weight, what="the weight's values")
 
 
-def _quantized(weight: torch.Tensor, level: tuple[int, int | None]) -> tuple:
-    return derived([weight], ("quantize-weights", *level), lambda: quantize_weight_groupwise(weight, *level))
+def _quantized(weight: torch.Tensor, level: tuple[int, int | None], scales: str,
+               importance: torch.Tensor | None) -> tuple:
+    search = functools.partial(search_weight_groupwise, importance=importance)
+    make = quantize_weight_groupwise if scales == "absmax" else search
+    return derived([weight], ("quantize-weights", scales, *level), lambda: make(weight, *level))
+
+
+def _input_mean_squares(gm: fx.GraphModule, linears: list[fx.Node], ctx: PassContext) -> dict[str, torch.Tensor]:
+    """E[x_k^2] of each Linear's input features over the observable batches (siblings reading
+    one input share one observation; the example's values come from the manager's run)."""
+    stats = inputs_of(gm, linears, ctx.observable_batches, features=True, known=known_values(ctx, gm))
+    return {name: s.mean_square.float() for name, s in stats.items() if s.feature_square_sum is not None}
 
 
 def _saving(weight: torch.Tensor, bits: int) -> float:
@@ -161,11 +184,11 @@ def _saving(weight: torch.Tensor, bits: int) -> float:
     return weight.numel() * (weight.element_size() - bits / 8)
 
 
-def _estimate(weight: torch.Tensor, quantized: dict, name: str):  # noqa: ANN202
+def _estimate(weight: torch.Tensor, quantized: Callable, name: str):  # noqa: ANN202
     """The relative (Frobenius) error of the weight at a level: a cheap stand-in for the output
     error that quantizing this layer alone causes, used only to order the search's trials."""
     def estimate(level: object) -> float:
-        q, scale, zero = quantized[(name, level)]
+        q, scale, zero = quantized(name, level)
         w = weight.detach().float()
         return float((dequantize_weight_groupwise(q, scale, zero) - w).norm() / w.norm().clamp(min=1e-12))
     return estimate

@@ -179,15 +179,17 @@ def merge_stats(each: Iterable[ActivationStats]) -> ActivationStats:
 
 
 def inputs_of(gm: fx.GraphModule, consumers: Iterable[fx.Node], batches: Sequence[Sequence[torch.Tensor]], *,
-              percentile: float | None = None, features: bool = False) -> dict[str, ActivationStats]:
+              percentile: float | None = None, features: bool = False,
+              known: Mapping[int, Mapping[str, Any]] | None = None) -> dict[str, ActivationStats]:
     """Statistics of the first argument of each consumer, keyed by the consumer's name.
 
     Consumers that read the same value (sibling Linears on one input) share one entry of
-    :func:`observe`, observed once; each still has its own key here.
+    :func:`observe`, observed once; each still has its own key here. ``known``: see
+    :func:`run_watching`.
     """
     consumers = list(consumers)
     sources = {c.name: c.args[0] for c in consumers if isinstance(c.args[0], fx.Node)}
-    stats = observe(gm, set(sources.values()), batches, percentile=percentile, features=features)
+    stats = observe(gm, set(sources.values()), batches, percentile=percentile, features=features, known=known)
     return {name: stats.get(source, ActivationStats()) for name, source in sources.items()}
 
 

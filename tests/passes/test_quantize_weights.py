@@ -13,6 +13,7 @@ from fxopt.kernels.weight_only import weight_only_linear_op, weight_only_linear_
 from fxopt.lowering import lower_graph
 from fxopt.lowering.weight_only_linear import candidates as kernel_candidates
 from fxopt.quant import dequantize_weight_groupwise, quantize_weight_groupwise
+from fxopt.quant_search import search_weight_groupwise
 from fxopt.testing import assert_idempotent, assert_skipped, run_pass
 
 
@@ -106,6 +107,8 @@ def test_bad_options_are_refused() -> None:
         QuantizeWeights(bits=4, group_size=48)
     with pytest.raises(OptionValueError, match="activations must be one of"):
         QuantizeWeights(activations="float16")
+    with pytest.raises(OptionValueError, match="scales must be one of 'weighted', 'absmax'"):
+        QuantizeWeights(scales="gptq")
 
 
 def test_the_pass_is_idempotent() -> None:
@@ -180,3 +183,111 @@ def test_save_and_load_keep_the_unpacked_weights_and_repack_at_load(tmp_path) ->
         expected, got = opt(x), loaded(x)
     # the loaded model measures its kernels again; two kernels differ by bfloat16 rounding
     assert float((got - expected).abs().max() / expected.abs().max()) < 0.03
+
+
+# ---------------------------------------------------------------- weighted scales
+
+
+def outlier_features(rows: int = 6, features: int = 64) -> torch.Tensor:
+    """Inputs whose first four features are 30x larger than the rest (as LLM activations' few
+    large-magnitude channels): what rounds on those weights dominates the output error."""
+    torch.manual_seed(1)
+    x = torch.randn(rows, features)
+    x[:, :4] *= 30
+    return x
+
+
+def weighted_error(weight: torch.Tensor, quantized: tuple, importance: torch.Tensor) -> float:
+    return float(((dequantize_weight_groupwise(*quantized) - weight).square() * importance).sum())
+
+
+@pytest.mark.parametrize("bits, group_size", [(8, None), (8, 32), (4, 32), (4, 128)])
+def test_the_weighted_search_lowers_the_activation_weighted_error_of_absmax(bits: int, group_size: int | None) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(96, 256) * 0.05
+    importance = outlier_features(32, 256).square().mean(0)
+    absmax = weighted_error(weight, quantize_weight_groupwise(weight, bits, group_size), importance)
+    weighted = search_weight_groupwise(weight, bits, group_size, importance)
+    assert weighted_error(weight, weighted, importance) < 0.9 * absmax
+    # with every feature alike it is a plain weight-MSE search: never worse than absmax
+    plain = torch.ones(256)
+    assert (weighted_error(weight, search_weight_groupwise(weight, bits, group_size), plain)
+            <= weighted_error(weight, quantize_weight_groupwise(weight, bits, group_size), plain))
+
+
+@pytest.mark.parametrize("bits, group_size", [(8, None), (4, 32)])
+def test_weighted_scales_keep_the_layout_every_kernel_takes(bits: int, group_size: int | None) -> None:
+    torch.manual_seed(0)
+    weight = torch.randn(48, 128)
+    weight[0, 5] = -weight.abs().max() * 1.5  # the largest magnitude negative: int8 uses -128
+    threads = torch.get_num_threads()
+    q, scale, zero = search_weight_groupwise(weight, bits, group_size, torch.rand(128))
+    assert torch.get_num_threads() == threads  # the search runs on one thread, then gives them back
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (48, 128 // (group_size or 128))
+    if bits == 8:
+        assert zero is None and int(q.min()) == -128 and int(q.max()) <= 127
+    else:
+        assert zero.dtype == torch.int8 and 0 <= int(zero.min()) and int(zero.max()) <= 15
+        assert 0 <= int(q.min()) and int(q.max()) <= 15
+    x = torch.randn(3, 128)
+    expected = torch.nn.functional.linear(x, dequantize_weight_groupwise(q, scale, zero))
+    torch.testing.assert_close(weight_only_linear_op(x, q, scale, zero, None, bits, torch.float32), expected)
+    assert float((expected - x @ weight.t()).abs().max() / (x @ weight.t()).abs().max()) < (0.02 if bits == 8 else 0.2)
+
+
+def test_the_full_int8_range_runs_on_matmul_nbits_and_int8pack() -> None:
+    from fxopt.kernels.weight_only import PACKED_KERNELS, matmul_nbits
+    from fxopt.lowering.weight_only_onnx import to_matmul_nbits
+
+    torch.manual_seed(0)
+    weight = torch.randn(32, 64)
+    weight[:, 3] = -weight.abs().amax(dim=1) * 1.5  # every row's largest magnitude is negative
+    q, scale, zero = search_weight_groupwise(weight, 8, None)
+    assert int(q.min()) == -128
+    x = torch.randn(4, 64)
+    expected = torch.nn.functional.linear(x, dequantize_weight_groupwise(q, scale, zero))
+    packed, scales, zero_points, block = to_matmul_nbits(q, scale, zero, 8)
+    torch.testing.assert_close(matmul_nbits(x, packed, scales, zero_points, None, 64, 32, 8, block), expected)
+    int8pack = PACKED_KERNELS["int8pack"]
+    if int8pack.available():
+        packed, qparams = int8pack.pack(q, scale, zero, torch.float32)
+        torch.testing.assert_close(int8pack.run(x, packed, qparams, 64), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_search_inputs_are_refused() -> None:
+    with pytest.raises(ValueError, match="bits in"):
+        search_weight_groupwise(torch.randn(4, 32), 3, None)
+    with pytest.raises(ValueError, match="do not divide into groups of 32"):
+        search_weight_groupwise(torch.randn(4, 48), 4, 32)
+    with pytest.raises(ValueError, match=r"importance must have shape \(32,\)"):
+        search_weight_groupwise(torch.randn(4, 32), 8, None, torch.ones(16))
+
+
+@pytest.mark.parametrize("spec", ["quantize-weights(bits=4, group_size=32, activations='float32', budget=1.0)",
+                                  "quantize-weights(activations='float32', budget=1.0)"])
+def test_weighted_scales_lower_the_output_error_where_a_few_input_features_dominate(spec: str) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64)).eval()
+    x = outlier_features(rows=64)
+    with torch.no_grad():
+        expected = model(x)
+
+    def rms_error(run) -> float:  # noqa: ANN001 -- the output error over every row, not its worst element
+        (got,) = run.outputs([x])
+        return float((got - expected).square().mean().sqrt() / expected.square().mean().sqrt())
+
+    weighted = run_pass(spec, model, (x,))
+    absmax = run_pass(spec.replace(")", ", scales='absmax')"), model, (x,))
+    assert weighted.record.applied == absmax.record.applied == 1
+    assert rms_error(weighted) < 0.8 * rms_error(absmax)
+
+
+def test_graphs_on_one_models_weights_share_one_quantized_copy_per_scale_method() -> None:
+    """The first graph's statistics decide the shared copy (generate()'s prefill and decode)."""
+    model = mlp()
+    compiled = [fxopt.compile(model, (x,), passes=[spec]) for spec, x in (
+        ("quantize-weights", torch.randn(6, 64)), ("quantize-weights", outlier_features(3)),
+        ("quantize-weights(scales='absmax')", torch.randn(6, 64)))]
+    first, second, absmax = ({t.untyped_storage().data_ptr() for t in opt.graph_module.buffers()
+                              if t.dtype == torch.int8} for opt in compiled)
+    assert len(first) == 2 and second == first and absmax.isdisjoint(first)
