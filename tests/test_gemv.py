@@ -58,3 +58,26 @@ def test_the_lowering_keeps_the_native_kernel_where_it_measures_fastest(built: N
 def test_without_the_native_kernel_it_is_no_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(gemv._state, "ok", False)
     assert not PACKED_KERNELS["gemv-int8"].available() and not PACKED_KERNELS["gemv-int4"].available()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_where_the_native_kernel_is_chosen_the_lowered_graph_calls_its_op_itself(built: None, tmp_path,
+                                                                                bits: int) -> None:
+    import fxopt
+    from fxopt.pipeline.timings import measuring
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 64), torch.nn.ReLU(), torch.nn.Linear(64, 32, bias=False)).eval()
+    x = torch.randn(3, 5, 128)
+    times = {f"gemv-int{bits}": 0.1, "int8pack": 1.0, "int4pack-cpu": 1.0, "dequantize": 1.0}
+    with measuring(KernelTimings(tmp_path, measure=True, fingerprint="m", timer=fixed_timer(times))):
+        opt = fxopt.compile(model, (x,), passes=[f"quantize-weights(bits={bits}, activations='float32', "
+                                                 "group_size=32, budget=1.0)" if bits == 4 else
+                                                 "quantize-weights(activations='float32', budget=1.0)"])
+    # the eager backend's runner closes over the lowered graph it calls
+    lowered = [c.cell_contents for c in opt._runner.__closure__ or () if isinstance(c.cell_contents, torch.fx.GraphModule)]
+    code = "\n".join(m.code for m in lowered)
+    assert code.count(f"fxopt_gemv.int{bits}_gemv") == 2 and "weight_only_linear_packed" not in code, code
+    with torch.no_grad():
+        expected = opt.graph_module(x)[0]
+    torch.testing.assert_close(opt(x), expected, rtol=1e-4, atol=1e-4)

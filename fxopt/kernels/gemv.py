@@ -169,8 +169,32 @@ static void for_each_tile(const float* xp, int64_t M, int64_t N, int64_t K, Body
   });
 }
 
-// y[M, N] = s[N] * (x[M, K] . q[N, K]^T), q int8.
+// x [..., K] -> [..., N]: a graph calls the ops on its activations as they are.
+static std::vector<int64_t> out_sizes(const at::Tensor& x, int64_t N) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = N;
+  return sizes;
+}
+
+static at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s);
+static at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& z,
+                            int64_t G);
+
+// y[..., N] = s[N] * (x[..., K] . q[N, K]^T), q int8.
 at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == q.size(1), "x's last dimension must be q's in features");
+  return int8_rows(x.reshape({-1, q.size(1)}).contiguous(), q, s).view(out_sizes(x, q.size(0)));
+}
+
+// Packed int4 in groups of G: q[N, K / 2] uint8, sz [2, N, K / G] float (scales, zero points).
+at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sz, int64_t G) {
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == q.size(1) * 2, "x's last dimension must be q's in features");
+  TORCH_CHECK(sz.dim() == 3 && sz.size(0) == 2, "sz must stack the scales and the zero points");
+  return int4_rows(x.reshape({-1, x.size(-1)}).contiguous(), q, sz.select(0, 0), sz.select(0, 1), G)
+      .view(out_sizes(x, q.size(0)));
+}
+
+static at::Tensor int8_rows(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s) {
   TORCH_CHECK(x.dtype() == at::kFloat && q.dtype() == at::kChar && s.dtype() == at::kFloat, "dtypes");
   TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && s.is_contiguous(), "contiguous");
   const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
@@ -199,9 +223,8 @@ at::Tensor int8_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
   return y;
 }
 
-// Packed int4 in groups of G: q[N, K / 2] uint8, s and z [N, K / G] float.
-at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& z,
-                     int64_t G) {
+static at::Tensor int4_rows(const at::Tensor& x, const at::Tensor& q, const at::Tensor& s, const at::Tensor& z,
+                            int64_t G) {
   TORCH_CHECK(x.dtype() == at::kFloat && q.dtype() == at::kByte && s.dtype() == at::kFloat
               && z.dtype() == at::kFloat, "dtypes");
   TORCH_CHECK(x.is_contiguous() && q.is_contiguous() && s.is_contiguous() && z.is_contiguous(), "contiguous");
@@ -244,7 +267,7 @@ at::Tensor int4_gemv(const at::Tensor& x, const at::Tensor& q, const at::Tensor&
 
 TORCH_LIBRARY(fxopt_gemv, m) {
   m.def("int8_gemv(Tensor x, Tensor q, Tensor s) -> Tensor", &int8_gemv);
-  m.def("int4_gemv(Tensor x, Tensor q, Tensor s, Tensor z, int G) -> Tensor", &int4_gemv);
+  m.def("int4_gemv(Tensor x, Tensor q, Tensor sz, int G) -> Tensor", &int4_gemv);
 }
 """
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -158,6 +159,10 @@ class PackedKernel:
     in_multiple: int = 16
     out_multiple: int = 1
     requires: Callable[[], bool] | None = None  # whether it exists here; default: the aten op does
+    # An op the lowered graph may call itself, on float32 activations of any rank, with
+    # (x, packed, qparams) and, for groups, the group size: no Python between the graph and the
+    # kernel (the custom op's wrapper costs about as much as a decode step's small GEMV).
+    direct: Callable[[], Any] | None = None
 
     def available(self) -> bool:
         return self.requires() if self.requires is not None else hasattr(aten, self.op)
@@ -225,7 +230,7 @@ PACKED_KERNELS: dict[str, PackedKernel] = {kernel.name: kernel for kernel in (
     PackedKernel("gemv-int8", 8, ("cpu",), "", _pack_gemv_int8,
                  lambda rows, packed, qparams, group: torch.ops.fxopt_gemv.int8_gemv(
                      rows.float().contiguous(), packed, qparams),
-                 in_multiple=1, requires=_gemv_available),
+                 in_multiple=1, requires=_gemv_available, direct=lambda: torch.ops.fxopt_gemv.int8_gemv.default),
     PackedKernel("int8pack", 8, ("cpu", "cuda"), "_weight_int8pack_mm", _pack_int8,
                  lambda rows, packed, qparams, group: aten._weight_int8pack_mm(rows, packed, qparams)),
     PackedKernel("int4pack-cpu", 4, ("cpu",), "_weight_int4pack_mm_for_cpu", _pack_int4_cpu,
@@ -237,6 +242,7 @@ PACKED_KERNELS: dict[str, PackedKernel] = {kernel.name: kernel for kernel in (
     # 4 bits: the library's bfloat16 kernel first (it measured faster than gemv-int4 here).
     PackedKernel("gemv-int4", 4, ("cpu",), "", _pack_gemv_int4,
                  lambda rows, packed, qparams, group: torch.ops.fxopt_gemv.int4_gemv(
-                     rows.float().contiguous(), packed, qparams[0], qparams[1], group),
-                 group_sizes=(32, 64, 128, 256), in_multiple=1, requires=_gemv_available),
+                     rows.float().contiguous(), packed, qparams, group),
+                 group_sizes=(32, 64, 128, 256), in_multiple=1, requires=_gemv_available,
+                 direct=lambda: torch.ops.fxopt_gemv.int4_gemv.default),
 )}

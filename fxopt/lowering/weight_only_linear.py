@@ -2,6 +2,8 @@
 
     weight_only_linear(x, q, s, z, b, bits, dtype)
       => weight_only_linear_packed(x, pack(q, s, z), b, kernel, ...)   kernel measured fastest
+      => kernel_op(x, pack(q, s, z)) (+ b)      the same, where the kernel has an op of its own
+                                                 and x and dtype are float32 (fxopt's GEMV)
       => weight_only_linear(...) as it is (dequantize + F.linear)      when that is fastest
 
 For each Linear shape (out and in features, bits, group, compute dtype, the example's rows) the
@@ -80,9 +82,19 @@ class WeightOnlyLinear(Lowering):
             hint = str(q_node.target)
             packed_node = add_constant(gm, packed, f"{hint}_{name}", before=node)
             qparams_node = add_constant(gm, qparams, f"{hint}_{name}_qparams", before=node)
+            group = q.shape[1] // scale.shape[1]
             with gm.graph.inserting_before(node):
-                lowered = gm.graph.call_function(kernels.weight_only_linear_packed_op, (
-                    x, packed_node, qparams_node, bias, name, q.shape[1] // scale.shape[1], q.shape[0], dtype))
+                x_value = x.meta.get("val") if isinstance(x, fx.Node) else None
+                if kernel.direct is not None and dtype == torch.float32 and getattr(x_value, "dtype", None) == dtype:
+                    # The kernel's own op in the graph (float32 in and out: nothing to convert).
+                    lowered = gm.graph.call_function(kernel.direct(), (x, packed_node, qparams_node)
+                                                     + ((group,) if bits == 4 else ()))
+                    if bias is not None:
+                        lowered.meta.update(node.meta)
+                        lowered = gm.graph.call_function(torch.ops.aten.add.Tensor, (lowered, bias))
+                else:
+                    lowered = gm.graph.call_function(kernels.weight_only_linear_packed_op, (
+                        x, packed_node, qparams_node, bias, name, group, q.shape[0], dtype))
             lowered.meta.update(node.meta)
             node.replace_all_uses_with(lowered)
             gm.graph.erase_node(node)
