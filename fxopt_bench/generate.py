@@ -45,6 +45,8 @@ GENERATE_SYSTEMS: dict[str, dict[str, Any] | None] = {
     "fxopt-int8-weights-all": {"passes": [
         "remove-dropout", "quantize-weights(activations='float32', budget=1.0)"]},
     "fxopt-int4-weights-all": {"passes": ["remove-dropout", "quantize-weights(bits=4, budget=1.0)"]},
+    "fxopt-int4-weights-all-float32": {"passes": [
+        "remove-dropout", "quantize-weights(bits=4, activations='float32', budget=1.0)"]},
 }
 DEFAULT_SYSTEMS = ["eager", "inductor", "fxopt", "fxopt-int8-weights", "fxopt-int4-weights"]
 
