@@ -229,3 +229,17 @@ def test_what_is_derived_from_a_derived_tensor_outlives_it() -> None:
         k_proj.add_(1)  # a write to a root misses at every level
     third = derived([derived([q_proj, k_proj], ("cat",), merged)], ("q", 8), quantized(merged()))
     assert len(made) == 2 and third.untyped_storage().data_ptr() != held.untyped_storage().data_ptr()
+
+
+def test_deriving_from_a_large_source_returns_the_freed_temporaries(monkeypatch) -> None:
+    from fxopt.ir import derived as derived_module
+
+    released = []
+    monkeypatch.setattr(derived_module, "release_freed_memory", lambda: released.append(1))
+    small, large = torch.randn(64, 64), torch.randn(derived_module.RELEASE_BYTES // 4 // 512 + 1, 512)
+    derived_module.derived([small], ("x2",), lambda: small * 2)
+    assert released == []
+    derived_module.derived([large], ("x2",), lambda: large * 2)
+    assert released == [1]
+    monkeypatch.undo()
+    derived_module.release_freed_memory()  # the real one runs anywhere (a no-op without glibc)

@@ -21,6 +21,8 @@ and still finds the quantized copy the first one holds, instead of making a seco
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
@@ -98,6 +100,8 @@ def derived(sources: Sequence[torch.Tensor | None], key: Hashable,
     for stale in [k for k, e in per_storage.items() if not e.alive()]:
         del per_storage[stale]
     value = make()
+    if sum(t.untyped_storage().nbytes() for t in tensors) >= RELEASE_BYTES:
+        release_freed_memory()
     parts = list(value) if isinstance(value, tuple) else [value]
     if not all(p is None or (isinstance(p, torch.Tensor) and not _untracked(p)) for p in parts):
         return value
@@ -114,6 +118,28 @@ def derived(sources: Sequence[torch.Tensor | None], key: Hashable,
                                  tuple(p.stride()), p.dtype) for p in parts],
         single=not isinstance(value, tuple))
     return value
+
+
+# Deriving from a source this large frees temporaries of about its size (float32 copies of a
+# block, rounding, clipping): returned to the system at once, not kept by the C allocator.
+RELEASE_BYTES = 8 << 20
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give the memory freed so far back to the system (glibc's ``malloc_trim``; elsewhere a
+    no-op). glibc keeps freed blocks of up to 32 MB for reuse, and between the int8 copies a
+    large model's quantization leaves, they add up: a 1.1B Llama's int8 compile kept 1.1 GB so."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def _view(tensor: torch.Tensor) -> tuple:
