@@ -245,3 +245,21 @@ def test_deriving_from_a_large_source_returns_the_freed_temporaries(monkeypatch)
     assert released == [1]
     monkeypatch.undo()
     derived_module.release_freed_memory()  # the real one runs anywhere (a no-op without glibc)
+
+
+def test_a_source_returned_as_it_is_keeps_what_it_was_derived_from() -> None:
+    """Packing an int8 weight may hand the int8 tensor back as the packed one: that must not
+    change what the int8 tensor is keyed as, or the next graph's packing misses and copies."""
+    from fxopt.ir import derived
+
+    weight = torch.randn(8, 4)
+    made = []
+    quantized = derived([weight], ("q",), lambda: (weight * 4).round().to(torch.int8))
+
+    def pack():  # noqa: ANN202
+        made.append(1)
+        return quantized, weight.abs().amax(1)  # the int8 values as they are, and new scales
+
+    first = derived([quantized], ("pack",), pack)
+    again = derived([derived([weight], ("q",), lambda: None)], ("pack",), pack)  # the next graph
+    assert len(made) == 1 and again[1].untyped_storage().data_ptr() == first[1].untyped_storage().data_ptr()

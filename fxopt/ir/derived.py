@@ -34,9 +34,9 @@ T = TypeVar("T")
 _ENTRIES: weakref.WeakKeyDictionary[torch.UntypedStorage, dict[Hashable, _Entry]] = weakref.WeakKeyDictionary()
 
 
-_MADE_HERE: weakref.WeakSet[torch.UntypedStorage] = weakref.WeakSet()
-# A derived tensor's storage -> (its roots' storages, the full key it was made under, its place in
-# the result): a derivation from it is keyed by those, which outlive it.
+# A derived tensor's storage (memory made here, not a source returned as is) -> (its roots'
+# storages, the full key it was made under, its place in the result): a derivation from it is
+# keyed by those, which outlive it.
 _ORIGIN: weakref.WeakKeyDictionary[torch.UntypedStorage, tuple[list[weakref.ref], Hashable, int]] = \
     weakref.WeakKeyDictionary()
 
@@ -106,11 +106,9 @@ def derived(sources: Sequence[torch.Tensor | None], key: Hashable,
     if not all(p is None or (isinstance(p, torch.Tensor) and not _untracked(p)) for p in parts):
         return value
     sources_memory = {t.untyped_storage().data_ptr() for t in tensors}  # make() may return a source as is
-    _MADE_HERE.update(p.untyped_storage() for p in parts
-                      if p is not None and p.untyped_storage().data_ptr() not in sources_memory)
     root_refs = [weakref.ref(root) for root in roots]
     for index, part in enumerate(parts):
-        if part is not None and part.untyped_storage() in _MADE_HERE:
+        if part is not None and part.untyped_storage().data_ptr() not in sources_memory:
             _ORIGIN[part.untyped_storage()] = (root_refs, full_key, index)
     per_storage[full_key] = _Entry(
         root_refs,
@@ -146,7 +144,7 @@ def _view(tensor: torch.Tensor) -> tuple:
     storage = tensor.untyped_storage()
     # A derived tensor is never written (a pass never writes a constant in place) and comes back
     # as a new tensor object with a version counter of its own: its version says nothing.
-    version = None if storage in _MADE_HERE else tensor._version
+    version = None if storage in _ORIGIN else tensor._version
     return (storage.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
             tensor.dtype, tensor.device, version)
 
