@@ -9,7 +9,7 @@ writes what it ran here; passes read it through their read-only
   computed; ``slice_reference`` the same on the row slices exact passes are verified on;
 * ``original`` / ``slice_original``: the captured graph's outputs on the same;
 * ``values``: a :class:`fxopt.verify.ReusingRunner` holding the current graph's node values
-  on the batches a lossy pass may observe (kept within ``memory_bound`` bytes);
+  on the batches a lossy pass may observe (kept within :meth:`Evidence.values_bound`);
 * ``runs``: outputs of the captured graph computed before the pipeline (the fresh-input
   check), taken as references instead of running again;
 * ``base_outputs`` / ``base_drift``: the full outputs of the graph the first lossy pass
@@ -26,9 +26,16 @@ import copy
 from dataclasses import dataclass, field
 from typing import Any
 
-# The most memory the node values kept for a lossy pass may take (beyond the example's,
-# always kept): with many calibration batches the later ones are run without keeping theirs.
+from fxopt.cost import graph_cost
+
+# The memory the node values kept for a lossy pass (the reference's on the batches it observes,
+# the search's last trials) may take: a share of the graph's weights, at least a floor, at most
+# a ceiling. A compile's peak is then the model, what the passes make, and a bounded share on
+# top, whatever the batch: past the bound a run keeps no values and holds only the live ones
+# (fxopt.verify.ReusingRunner), and later calibration batches are run without keeping theirs.
 KEPT_VALUES_BYTES = 2 * 2**30
+KEPT_VALUES_FLOOR = 64 * 2**20
+KEPT_VALUES_SHARE = 0.05
 
 
 @dataclass
@@ -45,7 +52,7 @@ class Evidence:
     lossy_applied: bool = False
     base_outputs: list[list[Any]] | None = None
     base_drift: tuple[float, float] = (0.0, 0.0)
-    memory_bound: int = KEPT_VALUES_BYTES
+    memory_bound: int | None = None  # bytes; None: ``values_bound`` derives it from the graph
     timings: Any = None  # the session's kernel-timing cache, when it has one
     # The captured graph's full outputs and any graph's whose full outputs were computed, by
     # graph id: shared by forks, never written in place.
@@ -64,6 +71,13 @@ class Evidence:
         no later graph may take them for its own."""
         runs, self.runs = self.runs, []
         return runs
+
+    def values_bound(self, gm: Any) -> int:
+        """The bytes of node values this store may keep while a lossy pass runs on ``gm``."""
+        if self.memory_bound is not None:
+            return self.memory_bound
+        share = int(KEPT_VALUES_SHARE * graph_cost(gm).weight_bytes)
+        return min(KEPT_VALUES_BYTES, max(KEPT_VALUES_FLOOR, share))
 
     def drop_values(self) -> None:
         """Release the kept node values (a pass changed the graph, or the pipeline ended)."""

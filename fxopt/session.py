@@ -29,7 +29,7 @@ import torch.fx as fx
 from fxopt.capture import BATCH, Signature, capture, split_example_inputs
 from fxopt.cost import graph_cost
 from fxopt.errors import FxoptError, InputError
-from fxopt.evidence import KEPT_VALUES_BYTES, Evidence
+from fxopt.evidence import Evidence
 from fxopt.inputs import (
     calibration_batches,
     check_keywords,
@@ -71,8 +71,9 @@ class SessionOptions:
     verify_rows: int | None = DEFAULT_VERIFY_ROWS
     share_weights: bool = True  # the graph's unchanged constants are the model's tensors
     measure: bool = True  # kernel choices and the final graph timed on this machine (else the cache decides)
-    # the most bytes of node values the evidence store keeps for a lossy pass (the example's always)
-    memory_bound: int = KEPT_VALUES_BYTES
+    # the most bytes of node values the evidence store keeps for a lossy pass (None: a share of
+    # the model's weights, fxopt.evidence.Evidence.values_bound)
+    memory_bound: int | None = None
     progress: bool | None = None  # stderr lines: None after LONG_COMPILE_SECONDS, True always, False never
 
 

@@ -206,11 +206,16 @@ class ReusingRunner:
     stored value is what running it again would give. Everything downstream of the first
     node that differs is computed. The runner keeps the values of its pinned graphs (the
     search's starting graph) and of the last ``keep`` graphs it ran, per batch (the last
-    trial, and the one before it: the combination a rejected trial did not join).
+    trial, and the one before it: the combination a rejected trial did not join), all within
+    ``max_bytes`` of computed values (None: no bound). A run whose values would not fit keeps
+    none: it frees each value after its last use, as generated code does, so that a trial
+    through a large model holds only the values still live.
     """
 
-    def __init__(self, keep: int = 2) -> None:
+    def __init__(self, keep: int = 2, max_bytes: int | None = None) -> None:
         self.keep = keep
+        self.max_bytes = max_bytes
+        self.lean_runs = 0  # runs that kept no values (over max_bytes, or keep=0)
         self._pinned: dict[Any, tuple[dict[str, Any], dict[str, Any]]] = {}
         self._last: dict[Any, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
         self.computed = 0  # nodes computed (tests compare with the nodes reused)
@@ -222,14 +227,19 @@ class ReusingRunner:
     def pinned_bytes(self, key: Any) -> int:
         """Bytes of the computed values pinned for batch ``key`` (constants not counted: the
         graph holds those anyway)."""
-        storages: dict[int, int] = {}
-        if key in self._pinned:
-            stamps, values = self._pinned[key]
-            for name, value in values.items():
-                if isinstance(value, torch.Tensor) and stamps.get(name, ("",))[0] != "get_attr":
-                    storage = value.untyped_storage()
-                    storages[storage.data_ptr()] = storage.nbytes()
-        return sum(storages.values())
+        return _record_bytes(self._pinned[key]) if key in self._pinned else 0
+
+    def _allowance(self, key: Any, pin: bool) -> int | None:
+        """Bytes a new record for batch ``key`` may take: the bound less every record that
+        stays (a new unpinned record pushes out the oldest beyond ``keep``)."""
+        if not pin and self.keep <= 0:
+            return 0
+        if self.max_bytes is None:
+            return None
+        staying = [record for k, record in self._pinned.items() if not (pin and k == key)]
+        for k, records in self._last.items():
+            staying += records[: self.keep - 1] if (k == key and not pin) else records
+        return self.max_bytes - sum(_record_bytes(record) for record in staying)
 
     def has(self, key: Any) -> bool:
         """Whether any graph's values on batch ``key`` are kept (a run on it may reuse them)."""
@@ -241,7 +251,7 @@ class ReusingRunner:
         pinned runs of the graph it started from, if it was rolled back); None when there is
         none. Only those records are carried: the next lossy pass starts from ``gm``."""
         stamps = _stamps(gm)
-        carried = ReusingRunner(self.keep)
+        carried = ReusingRunner(self.keep, self.max_bytes)
         for key in {*self._pinned, *self._last}:
             for record in (self._pinned.get(key), *self._last.get(key, [])):
                 if record is not None and _whole_run_of(gm, stamps, record):
@@ -273,12 +283,16 @@ class ReusingRunner:
             clean = _shared_nodes(gm, stamps, cached_stamps)
             if len(clean) > len(best_clean):
                 best, best_clean = (cached_stamps, cached_values), clean
-        values: dict[str, Any] = {}
+        values: dict[str, Any] | None = {}  # None once the run keeps nothing
         env: dict[fx.Node, Any] = {}
+        allowance = self._allowance(key, pin)
+        last_use = _last_uses(gm) if allowance is not None else {}
+        held: set[int] = set()  # storages the record would hold
+        held_bytes = 0
         flat_inputs = iter(gm.graph._codegen.process_inputs(*inputs))
         output: Any = None
         with torch.no_grad():
-            for node in gm.graph.nodes:
+            for index, node in enumerate(gm.graph.nodes):
                 if node.op == "output":
                     output = fx.node.map_arg(node.args[0], env.__getitem__)
                     continue
@@ -290,14 +304,49 @@ class ReusingRunner:
                 else:
                     value = _compute(gm, node, env)
                     self.computed += node.op != "get_attr"
-                env[node] = values[node.name] = value
-        record = (stamps, values)
-        if pin:
-            self._pinned[key] = record
+                    if values is not None and allowance is not None and isinstance(value, torch.Tensor) \
+                            and node.op != "get_attr":
+                        storage = value.untyped_storage()
+                        if storage.data_ptr() not in held:
+                            held.add(storage.data_ptr())
+                            held_bytes += storage.nbytes()
+                        if held_bytes > allowance:
+                            values = None
+                env[node] = value
+                if values is not None:
+                    values[node.name] = value
+                else:  # keep only what a later node reads
+                    for dead in [n for n in env if last_use[n] <= index]:
+                        del env[dead]
+        if values is None:
+            self.lean_runs += 1
+        elif pin:
+            self._pinned[key] = (stamps, values)
         else:
-            self._last[key] = [record, *self._last.get(key, [])][: max(self.keep, 0)]
+            self._last[key] = [(stamps, values), *self._last.get(key, [])][: max(self.keep, 0)]
         out = gm.graph._codegen.process_outputs(output)
         return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _record_bytes(record: tuple[dict[str, Any], dict[str, Any]]) -> int:
+    """Bytes of a record's computed values (constants not counted: the graph holds them)."""
+    stamps, values = record
+    storages: dict[int, int] = {}
+    for name, value in values.items():
+        if isinstance(value, torch.Tensor) and stamps.get(name, ("",))[0] != "get_attr":
+            storage = value.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _last_uses(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    """The position of the last node that reads each node (its own position when none does)."""
+    last: dict[fx.Node, int] = {}
+    for index, node in enumerate(gm.graph.nodes):
+        last[node] = index
+        for source in node.all_input_nodes:
+            last[source] = index
+    return last
 
 
 def _stamps(gm: fx.GraphModule) -> dict[str, Any]:

@@ -291,6 +291,43 @@ def test_reusing_runner_matches_running_the_graph() -> None:
     assert runner.reused > 0
 
 
+def test_reusing_runner_past_its_bound_keeps_no_values_and_the_same_outputs() -> None:
+    """Within the bound the pinned run is kept and a trial reuses it; a trial that would not fit
+    beside it frees its values as it goes (no record) and still gives the graph's outputs."""
+    gm, ctx, sites, apply = _search_case()
+    batch = ctx.batches[0]
+    sizing = ReusingRunner()
+    sizing.run(gm, batch, pin=True)
+    pinned = sizing.pinned_bytes(0)
+    runner = ReusingRunner(max_bytes=pinned + pinned // 4)
+    runner.run(gm, batch, pin=True)
+    assert runner.pinned(0) and runner.lean_runs == 0
+    for chosen in ([sites[2].name], [sites[0].name]):
+        trial = apply(copy_graph_module(gm), {name: True for name in chosen})
+        trial.recompile()
+        expected = run_graph(trial, batch)
+        actual = runner.run(trial, batch)
+        assert all(torch.equal(a, b) for a, b in zip(expected, actual))
+    assert runner.lean_runs == 2 and runner.reused > 0  # the pinned prefix, still reused
+    assert runner._last.get(0, []) == []
+    nothing = ReusingRunner(max_bytes=0)
+    assert all(torch.equal(a, b) for a, b in zip(run_graph(gm, batch), nothing.run(gm, batch, pin=True)))
+    assert not nothing.has(0) and nothing.lean_runs == 1
+
+
+def test_values_bound_is_a_share_of_the_weights_within_floor_and_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxopt import evidence
+    from fxopt.cost import Cost
+
+    small = fxopt.capture(_mlp(), (torch.randn(4, 64),))
+    assert evidence.Evidence().values_bound(small) == evidence.KEPT_VALUES_FLOOR
+    assert evidence.Evidence(memory_bound=123).values_bound(small) == 123
+    for weight_bytes, bound in ((4 * 2**30, int(evidence.KEPT_VALUES_SHARE * 4 * 2**30)),
+                                (400 * 2**30, evidence.KEPT_VALUES_BYTES)):
+        monkeypatch.setattr(evidence, "graph_cost", lambda gm, size=weight_bytes: Cost(0, size, 0))
+        assert evidence.Evidence().values_bound(small) == bound
+
+
 def test_pass_manager_alone_still_verifies_every_row() -> None:
     gm = fxopt.capture(_SiblingHeads(), (torch.randn(16, 32),))
     manager = PassManager(default_pipeline())
@@ -439,8 +476,9 @@ def test_a_lossy_pass_after_another_starts_from_the_values_its_verification_kept
 
 
 def test_kept_values_stay_within_their_memory_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Past the evidence store's memory bound the reference run keeps no more batches' values (the
-    example's always): the choice and its error do not change, only what is run again."""
+    """Past the evidence store's memory bound the reference run keeps no more batches' values
+    (bound 0: not even the example's): the choice and its error do not change, only what is run
+    again."""
     from fxopt.evidence import KEPT_VALUES_BYTES
     from fxopt.pipeline import verification
     from fxopt.registry import resolve_passes
@@ -462,7 +500,7 @@ def test_kept_values_stay_within_their_memory_bound(monkeypatch: pytest.MonkeyPa
         pipeline = resolve_passes([*default_pipeline(), "quantize-int8(activations='static', budget=0.2)"])
         reports.append(compile_captured(gm, [[x], [calibration], [fresh]], pipeline, fresh_batches=1, verify_rows=2,
                                         memory_bound=limit).report)
-    assert kept == [[0, 1], [0]]  # never the fresh input's, which nothing observes
+    assert kept == [[0, 1], []]  # never the fresh input's, which nothing observes
     unbounded, bounded = reports
     assert unbounded["quantize-int8"].status == bounded["quantize-int8"].status == "applied"
     assert unbounded["quantize-int8"].max_rel_err == pytest.approx(bounded["quantize-int8"].max_rel_err)

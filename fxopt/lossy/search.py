@@ -128,7 +128,8 @@ class BudgetedSearch:
         self.reference = self.ctx.reference or [run_graph(self.gm, batch) for batch in self.ctx.batches]
         # Trials share most of their nodes with the starting graph and with each other: the
         # runner computes only what a trial changed (same values, see ReusingRunner).
-        self._runner = self.ctx.values if isinstance(self.ctx.values, ReusingRunner) else ReusingRunner()
+        self._runner = self.ctx.values if isinstance(self.ctx.values, ReusingRunner) else \
+            ReusingRunner(max_bytes=self.ctx.evidence.values_bound(self.gm))
         self._starting_pinned: set[int] = set()  # batches whose pinned values are self.gm's
         self._trials_on: dict[int, int] = {}  # trials run on each batch
 

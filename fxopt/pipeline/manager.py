@@ -262,7 +262,7 @@ class PassManager:
             if evidence.values is None:
                 # The reference was current (a lossy pass before this one committed it) but no
                 # values of this graph were kept: the search and the verification share one runner.
-                evidence.values = ReusingRunner()
+                evidence.values = ReusingRunner(max_bytes=evidence.values_bound(gm))
             kept = gm
             try:
                 kept = self._run_checked(step, gm, ctx, done)

@@ -132,12 +132,13 @@ class Verification:
         the fresh ones) in the evidence store for the lossy pass about to read this reference
         (its observers, trials and verification reuse them; the manager drops them after the
         pass), within the store's memory bound."""
-        runner = ReusingRunner()
+        bound = self.evidence.values_bound(gm)
+        runner = ReusingRunner(max_bytes=bound)
         observable = len(batches) - self.ctx.fresh_batches
         outputs = []
         kept = 0  # bytes of the values pinned so far
         for index, batch in enumerate(batches):
-            if index == 0 or (index < observable and kept < self.evidence.memory_bound):
+            if index < observable and kept < bound:
                 self.forwards += 1
                 outputs.append(runner.run(gm, list(batch), index, pin=True))
                 kept += runner.pinned_bytes(index)
