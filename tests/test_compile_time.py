@@ -315,6 +315,41 @@ def test_reusing_runner_past_its_bound_keeps_no_values_and_the_same_outputs() ->
     assert not nothing.has(0) and nothing.lean_runs == 1
 
 
+@pytest.mark.parametrize("lossy", ["quantize-int8(activations='dynamic', budget=0.008)",  # 1 of 3 fits
+                                   "quantize-weights(bits=4, group_size=32, budget=0.05, strategy='equal-share')"])
+def test_a_search_with_no_room_for_values_chooses_what_an_unbounded_one_does(
+        lossy: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a memory bound of 0 no run keeps values (every trial frees them as it goes, the
+    starting graph's watched values come from a run of their own): the same trials, the same
+    choices, the same errors."""
+    from fxopt.registry import resolve_passes
+
+    lean = []
+    run = ReusingRunner.run
+
+    def counting(self, *args, **kwargs):
+        out = run(self, *args, **kwargs)
+        lean.append(self.lean_runs)
+        return out
+
+    monkeypatch.setattr(ReusingRunner, "run", counting)
+    torch.manual_seed(2)
+    x, calibration = torch.randn(16, 64), torch.randn(16, 64)
+    reports = []
+    for limit in (None, 0):
+        lean.clear()
+        gm = fxopt.capture(_mlp(), (x,))
+        pipeline = resolve_passes(["remove-dropout", lossy])
+        reports.append(compile_captured(gm, [[x], [calibration]], pipeline, verify_rows=None,
+                                        memory_bound=limit).report)
+        assert (max(lean) > 0) == (limit == 0)
+    unbounded, bounded = (r[lossy.split("(")[0]] for r in reports)
+    assert unbounded.status == bounded.status and unbounded.applied == bounded.applied
+    assert unbounded.skipped == bounded.skipped and bounded.applied > 0
+    assert unbounded.max_rel_err == pytest.approx(bounded.max_rel_err)
+    assert unbounded.details == bounded.details
+
+
 def test_values_bound_is_a_share_of_the_weights_within_floor_and_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
     from fxopt import evidence
     from fxopt.cost import Cost

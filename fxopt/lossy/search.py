@@ -62,6 +62,7 @@ from typing import Any
 import torch.fx as fx
 
 from fxopt.ir import copy_graph_module
+from fxopt.lossy.observer import run_watching
 from fxopt.lossy.retry import RETRY
 from fxopt.lossy.sites import (  # noqa: F401 - part of this module's interface
     STRATEGIES,
@@ -208,14 +209,15 @@ class BudgetedSearch:
             worst = max(worst, comparison.max_rel)
         return worst
 
-    def _pin(self, index: int) -> dict[str, Any]:
+    def _pin(self, index: int) -> dict[str, Any] | None:
         """The starting graph's values on batch ``index``, run once and kept for the trials to
-        reuse (or those the runner was handed pinned, once confirmed to be this graph's)."""
+        reuse (or those the runner was handed pinned, once confirmed to be this graph's); None
+        when they do not fit the runner's memory bound (that run kept none, and is not repeated)."""
         if index not in self._starting_pinned:
             if not self._runner.pinned_for(self.gm, index):
                 self._runner.run(self.gm, self.ctx.batches[index], index, pin=True)
             self._starting_pinned.add(index)
-        return self._runner.pinned_values(index)
+        return self._runner.pinned_values(index) if self._runner.pinned(index) else None
 
     def starting_values(self, names: Iterable[str]) -> dict[str, list[Any]]:
         """The value of each named node of the starting graph on each fit batch, from the run
@@ -224,6 +226,11 @@ class BudgetedSearch:
         values: dict[str, list[Any]] = {name: [] for name in names}
         for index in self.fit_indices:
             pinned = self._pin(index)
+            if pinned is None:  # past the memory bound: a run that keeps only these
+                pinned = {}
+                watched = [node for node in self.gm.graph.nodes if node.name in values]
+                run_watching(self.gm, watched, [self.ctx.batches[index]],
+                             lambda node, value, seen=pinned: seen.__setitem__(node.name, value))
             for name, seen in values.items():
                 seen.append(pinned[name])
         return values
