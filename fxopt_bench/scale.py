@@ -117,6 +117,8 @@ LLAMA_CASES = {
     "torch-export": "torch.export.export(m, (ids,)) alone",
     "ort-quantize-dynamic": "torch.onnx.export (external data) + quantize_dynamic + InferenceSession",
     "fxopt-int8-weight-only": 'fxopt.compile(m, ids, passes=["remove-dropout", "quantize-weights"])',
+    "fxopt-int8-weight-only-all": ('fxopt.compile(m, ids, passes=["remove-dropout", '
+                                   '"quantize-weights(activations=\'float32\', budget=1.0)"]) (every Linear)'),
     "fxopt-preset-int8": 'fxopt.compile(m, ids, preset="int8")',
 }
 
@@ -236,6 +238,13 @@ def _llama_weight_only(model: Any, ids: Any) -> Any:
     return _keep(fxopt.compile(model, (ids,), passes=["remove-dropout", "quantize-weights"]))
 
 
+def _llama_weight_only_all(model: Any, ids: Any) -> Any:
+    import fxopt
+
+    passes = ["remove-dropout", "quantize-weights(activations='float32', budget=1.0)"]
+    return _keep(fxopt.compile(model, (ids,), passes=passes))
+
+
 def _llama_preset(model: Any, ids: Any) -> Any:
     import fxopt
     from fxopt.presets import list_presets
@@ -260,6 +269,7 @@ _LLAMA_BUILDERS: dict[str, Callable[[Any, Any], Any]] = {
     "torch-export": _llama_export,
     "ort-quantize-dynamic": _llama_ort,
     "fxopt-int8-weight-only": _llama_weight_only,
+    "fxopt-int8-weight-only-all": _llama_weight_only_all,
     "fxopt-preset-int8": _llama_preset,
 }
 
