@@ -226,3 +226,38 @@ def test_int8_kernel_against_its_qdq_graph_is_measured(tmp_path, int8_ms: float,
     # the int8 graph and its QDQ form compute the same numbers (the lossy pass was verified on them)
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x), rtol=0.1, atol=0.1)
+
+
+class _Siblings(nn.Module):
+    """Three Linears reading one input: merge-siblings packs them into one GEMM and a split."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(64, 96), nn.Linear(64, 64), nn.Linear(64, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.q(x).relu(), self.k(x) * 2, self.v(x)], -1)
+
+
+@pytest.mark.parametrize(("split_ms", "kept"), [(0.5, "split"), (2.0, "merged")])
+def test_packed_siblings_are_split_only_where_one_gemm_per_piece_measures_faster(
+        tmp_path, split_ms: float, kept: str) -> None:
+    model, x = _Siblings().eval(), torch.randn(8, 64)
+    timings = _timings(tmp_path, merged=1.0, split=split_ms)
+    with measuring(timings):
+        opt = fxopt.compile(model, (x,), passes=["merge-siblings"])
+    (choice,) = [k for k in opt.report.kernels if k["op"] == "split-linear"]
+    assert choice["chosen"] == kept and choice["times"] == {"merged": [1.0, 1.0], "split": [split_ms] * 2}
+    assert "pieces=[96, 64, 32]" in choice["site"]
+    # the portable graph keeps the packed Linear; the code that runs holds the choice
+    assert count_ops(opt.graph_module, ops.split_with_sizes) == 1 and count_ops(opt.graph_module, ops.linear) == 1
+    lowered = lower_graph(opt.graph_module, "eager", CPU, choose=timings.choose).graph_module
+    gemms = count_ops(lowered, ops.linear) + count_ops(lowered, fused)
+    assert (gemms, count_ops(lowered, ops.split_with_sizes)) == ((3, 0) if kept == "split" else (1, 1))
+    if kept == "split":  # the pieces read the packed weight's rows, not copies of them
+        packed = dict(opt.graph_module.named_buffers())
+        storages = {t.untyped_storage().data_ptr() for t in packed.values() if t.dim() == 2}
+        pieces = [t for name, t in lowered.named_buffers() if name.startswith("split_") and t.dim() == 2]
+        assert len(pieces) == 3 and {t.untyped_storage().data_ptr() for t in pieces} <= storages
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x))

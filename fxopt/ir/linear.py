@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ import torch.fx as fx
 
 from fxopt.ir.constants import add_constant, constant
 from fxopt.ir.ops import arg, is_op, ops
+from fxopt.ir.qdq import qops
 from fxopt.ir.surgery import infer_val, module_path
 
 
@@ -89,3 +91,90 @@ def insert_linear(gm: fx.GraphModule, x: fx.Node, weight: torch.Tensor, bias: to
         node.meta.update({k: like.meta[k] for k in PROVENANCE_META if k in like.meta})
     infer_val(node)
     return node
+
+
+@dataclass(frozen=True)
+class PackedLinear:
+    """A Linear whose output is only split along its last dimension into pieces taken with
+    getitem (what merge-siblings writes), over constant weights sliced along dim 0: the float
+    weight, or the int8 values and per-channel scales of a weight dequantized per output channel."""
+
+    linear: fx.Node
+    split: fx.Node
+    sizes: list[int]
+    weight_parts: list[torch.Tensor]
+    bias: torch.Tensor | None
+
+
+def packed_linear(gm: fx.GraphModule, node: fx.Node) -> PackedLinear | None:
+    """``node`` as a :class:`PackedLinear`, or None when it is not one."""
+    if not is_op(node, ops.linear) or len(node.users) != 1:
+        return None
+    split = next(iter(node.users))
+    if not is_op(split, ops.split_with_sizes) or split.args[0] is not node:
+        return None
+    value = node.meta.get("val")
+    dim = arg(split, 2, "dim", 0)
+    if not isinstance(value, torch.Tensor) or dim not in (-1, value.dim() - 1):
+        return None
+    if not all(user.op == "call_function" and user.target is operator.getitem for user in split.users):
+        return None
+    parts = _weight_parts(gm, node.args[1])
+    if parts is None:
+        return None
+    bias_node = arg(node, 2, "bias", None)
+    bias = constant(gm, bias_node) if bias_node is not None else None
+    if bias_node is not None and bias is None:
+        return None
+    return PackedLinear(node, split, [int(size) for size in split.args[1]], parts, bias)
+
+
+def _weight_parts(gm: fx.GraphModule, weight: Any) -> list[torch.Tensor] | None:
+    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        tensor = constant(gm, weight)
+        return [tensor] if tensor is not None and tensor.dim() == 2 else None
+    if not is_op(weight, qops.dequantize_per_channel):
+        return None
+    values, scales, zero_points, axis = (constant(gm, a) if isinstance(a, fx.Node) else a for a in weight.args[:4])
+    if values is None or scales is None or zero_points is not None or axis != 0 or values.dim() != 2:
+        return None
+    return [values, scales]
+
+
+def unpack_linear(gm: fx.GraphModule, packed: PackedLinear, *, share: bool = False) -> list[fx.Node]:
+    """Replace ``packed`` by one Linear per piece, each over rows of the packed constants:
+    the same values per output channel. ``share``: the pieces' constants are views of the
+    packed ones (no new memory), else copies (a backend that takes ownership of each)."""
+    graph, linear, split = gm.graph, packed.linear, packed.split
+    weight = linear.args[1]
+    hint = str(packed.weight_parts[0].shape[0])
+    pieces: list[fx.Node] = []
+    start = 0
+
+    def rows_of(tensor: torch.Tensor, rows: slice) -> torch.Tensor:
+        return tensor[rows] if share else tensor[rows].clone()
+
+    with graph.inserting_before(split):
+        for index, size in enumerate(packed.sizes):
+            rows = slice(start, start + size)
+            start += size
+            sliced = [add_constant(gm, rows_of(part, rows), f"split_{hint}_{index}", before=split)
+                      for part in packed.weight_parts]
+            if len(sliced) == 1:
+                piece_weight = sliced[0]
+            else:
+                piece_weight = graph.call_function(weight.target, (sliced[0], sliced[1], *weight.args[2:]),
+                                                   dict(weight.kwargs))
+                infer_val(piece_weight)
+            piece_bias = (add_constant(gm, rows_of(packed.bias, rows), f"split_{hint}_{index}_bias", before=split)
+                          if packed.bias is not None else None)
+            piece = graph.call_function(ops.linear, (linear.args[0], piece_weight, piece_bias))
+            piece.meta.update({k: linear.meta[k] for k in PROVENANCE_META if k in linear.meta})
+            infer_val(piece)
+            pieces.append(piece)
+    for user in list(split.users):
+        user.replace_all_uses_with(pieces[user.args[1]])
+        graph.erase_node(user)
+    graph.erase_node(split)
+    graph.erase_node(linear)
+    return pieces
