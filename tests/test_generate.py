@@ -263,3 +263,23 @@ def test_a_source_returned_as_it_is_keeps_what_it_was_derived_from() -> None:
     first = derived([quantized], ("pack",), pack)
     again = derived([derived([weight], ("q",), lambda: None)], ("pack",), pack)  # the next graph
     assert len(made) == 1 and again[1].untyped_storage().data_ptr() == first[1].untyped_storage().data_ptr()
+
+
+@pytest.mark.slow
+def test_generate_on_the_onnx_backend_exports_the_decode_graph_and_is_token_identical() -> None:
+    """The decode graph's grouped-query attention has symbolic head counts (the cache's sizes
+    are all dynamic); it exports with its key/value heads repeated instead of falling back."""
+    pytest.importorskip("onnxruntime")
+    import fxopt
+
+    torch._dynamo.reset()
+    eager = small_llama()
+    prompt = torch.randint(0, 256, (1, 8))
+    opt = fxopt.compile(eager, prompt, backend="onnx")
+    ids = torch.randint(0, 256, (1, 12))
+    assert torch.equal(generate(opt, ids, tokens=12), generate(eager, ids, tokens=12))
+    assert opt.log.compiles <= MAX_GRAPHS and all(r.fallback is None for r in opt.log.records), str(opt.log)
+    notes = [note for record in opt.log.records for note in record.report.notes]
+    assert any(note.startswith("onnx-repeat-kv: 2 grouped-query attention(s)") for note in notes), notes
+    assert all(record.report.backend == "onnx" for record in opt.log.records)
+    torch._dynamo.reset()

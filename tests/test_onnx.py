@@ -345,3 +345,17 @@ def test_drop_weights_empties_the_copy_it_is_given_and_never_the_graph_it_was_co
     assert not original.inner.weight.is_meta and not original.scale.is_meta  # shared submodule untouched
     x = torch.randn(2, 4)
     assert torch.equal(original(x), (x @ original.inner.weight) * original.scale)
+
+
+def test_export_failure_names_the_node_whose_translation_raised(monkeypatch):
+    """When the exporter names the node it failed on, that op is the cause, not an op the
+    exporter's library happens to lack elsewhere in the graph."""
+    summary = ("<class 'TypeError'>: '>' not supported between instances of 'int' and 'SymbolicDim'\n"
+               "<class 'torch.onnx._internal.exporter._errors.ConversionError'>: Error when translating node "
+               "%sdpa : [num_users=1] = call_function[target=torch.ops.aten.scaled_dot_product_attention.default]"
+               "(args = (%q, %k, %v), kwargs = {enable_gqa: True}).\n")
+    monkeypatch.setattr(onnx_backend, "_untranslated_ops", lambda gm, translations: ["aten::to.dtype"])
+    message = onnx_backend._export_failure(RuntimeError(summary), None, {})
+    assert message.startswith("ONNX export failed translating aten.scaled_dot_product_attention.default "
+                              "(TypeError: '>' not supported"), message
+    assert "to.dtype" not in message

@@ -217,6 +217,7 @@ def _plain(text: str) -> str:
 
 
 _CAUSE = re.compile(r"^<class '[\w.]*?(\w+)'>: (.+)$", re.MULTILINE)
+_FAILED_NODE = re.compile(r"Error when translating node %\w+ : .*?target=torch\.ops\.([\w.]+)\]")
 
 
 def _export_failure(exc: Exception, gm: fx.GraphModule, translations: dict[Any, Any]) -> str:
@@ -227,6 +228,10 @@ def _export_failure(exc: Exception, gm: fx.GraphModule, translations: dict[Any, 
     detail = f"{cause.group(1)}: {cause.group(2)}" if cause else (
         f"{type(exc).__name__}: {message.splitlines()[0]}" if message else type(exc).__name__)
     untranslated = _untranslated_ops(gm, translations)
+    failing = _FAILED_NODE.search(message)  # the node whose translation raised, when named
+    if failing and "::".join(failing.group(1).split(".")[:2]) not in {op.split(".")[0] for op in untranslated}:
+        return (f"ONNX export failed translating {failing.group(1)} ({detail}); give a translation that handles "
+                "it with fxopt.backends.onnx.register_onnx_translation")
     if untranslated:
         return (f"ONNX export failed: no ONNX translation for {', '.join(untranslated)} ({detail}); "
                 "give one with fxopt.backends.onnx.register_onnx_translation, or from the lowering "
