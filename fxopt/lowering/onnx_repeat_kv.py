@@ -11,7 +11,9 @@ compares the head counts while building the graph and fails when they are symbol
 they are in a causal LM's decode graph: torch.compile marks every size of the KV cache
 dynamic once the cache grew from empty. Here ``r`` comes from the sizes the graph was
 captured with; a graph called later with another ratio of heads fails in ONNX Runtime
-(its attention's head counts disagree), never computes something else.
+(its attention's head counts disagree), never computes something else. Static head counts
+are rewritten too: the export of a graph marks its inputs' sizes dynamic whatever the fx
+graph says of them, and the exporter's own ``enable_gqa`` path repeats the heads as well.
 
 Constraints: ``enable_gqa`` is set, the query and key are 4-D, and at their captured sizes the
 query heads are a multiple of the key heads.
