@@ -14,9 +14,13 @@ system, in its one interleaved loop.
   of 32, ``accuracy_level=4``: activations quantized to int8 in the MatMul); its own decoding
   loop. Teacher-forced logits come one appended token at a time (it returns the last
   position's logits only). Weight bytes: the ONNX files.
-- OpenVINO and llama.cpp cannot run here; their rows say why (:func:`skipped_peer`).
+- OpenVINO: the model's forward with its KV cache as plain tensors, traced by
+  ``openvino.convert_model`` and made stateful (the cache lives in OpenVINO's state, as in
+  optimum-intel's export), weights optionally compressed by NNCF (``compress_weights``); the
+  greedy loop is Python's, one ``infer`` per token. Weight bytes: the model's constants.
+- llama.cpp cannot run here; its row says why (``SKIPPED_PEERS``).
 
-Both converters read a tokenizer for the vocabulary: the folder gets a word-level one whose
+CTranslate2's and ONNX Runtime GenAI's converters read a tokenizer for the vocabulary: the folder gets a word-level one whose
 token ``i`` is ``<t{i}>``, so token ids pass through unchanged.
 """
 
@@ -37,11 +41,6 @@ from fxopt_bench.systems import Unavailable, _quiet, first_line
 
 # Why a peer cannot run here: the row's note.
 SKIPPED_PEERS = {
-    "openvino": (
-        "OpenVINO generation needs a stateful KV-cache model (optimum-intel's export, run by "
-        "openvino-genai's LLMPipeline); optimum-intel's torchvision dependency installs torch 2.14 "
-        "(CUDA wheels) over this torch, and fxopt's OpenVINO backend does not lower generation "
-        "graphs (fxopt.compile of a causal LM takes the eager and onnx backends)"),
     "llama.cpp": (
         "llama-cpp-python has no binary wheel on PyPI (source only: a CMake build of llama.cpp), "
         "and the model would need a GGUF conversion (llama.cpp's convert_hf_to_gguf.py)"),
@@ -71,20 +70,21 @@ class PeerLM:
         return SimpleNamespace(logits=self.logits(input_ids))
 
 
-def make_peer(reference: torch.nn.Module, spec: dict[str, Any]) -> PeerLM:
+def make_peer(reference: torch.nn.Module, spec: dict[str, Any], ids: torch.Tensor) -> PeerLM:
     """The peer ``spec["peer"]`` built from ``reference`` (not modified); raises
-    :class:`~fxopt_bench.systems.Unavailable` where it cannot run here."""
+    :class:`~fxopt_bench.systems.Unavailable` where it cannot run here. ``ids``: the bench's
+    prompts (OpenVINO's model is traced on them, its batch size fixed)."""
     peer = spec["peer"]
     if peer in SKIPPED_PEERS:
         raise Unavailable(SKIPPED_PEERS[peer])
-    builders = {"ctranslate2": _ctranslate2, "onnxruntime-genai": _onnxruntime_genai}
+    builders = {"ctranslate2": _ctranslate2, "onnxruntime-genai": _onnxruntime_genai, "openvino": _openvino}
     if peer not in builders:
         raise ValueError(f"unknown generation peer {peer!r}; choose from {[*builders, *SKIPPED_PEERS]}")
     module = peer.replace("-", "_")
     if not _installed(module):
         raise Unavailable(f"{module} is not installed: pip install {peer} (or 'fxopt[peers]')")
     with tempfile.TemporaryDirectory(prefix="fxopt-generate-peer-") as folder:
-        return builders[peer](reference, spec, Path(folder))
+        return builders[peer](reference, spec, Path(folder), ids)
 
 
 def _installed(module: str) -> bool:
@@ -112,7 +112,7 @@ def _save(reference: torch.nn.Module, folder: Path) -> tuple[Path, list[str]]:
     return saved, vocabulary
 
 
-def _ctranslate2(reference: torch.nn.Module, spec: dict[str, Any], folder: Path) -> PeerLM:
+def _ctranslate2(reference: torch.nn.Module, spec: dict[str, Any], folder: Path, ids: torch.Tensor) -> PeerLM:
     import ctranslate2
     import numpy as np
 
@@ -140,7 +140,8 @@ def _ctranslate2(reference: torch.nn.Module, spec: dict[str, Any], folder: Path)
     return PeerLM(generate_tokens, logits, (target / "model.bin").stat().st_size)
 
 
-def _onnxruntime_genai(reference: torch.nn.Module, spec: dict[str, Any], folder: Path) -> PeerLM:
+def _onnxruntime_genai(reference: torch.nn.Module, spec: dict[str, Any], folder: Path,
+                       ids: torch.Tensor) -> PeerLM:
     import numpy as np
     import onnxruntime_genai as og
     from onnxruntime_genai.models.builder import create_model, parse_extra_options
@@ -184,5 +185,91 @@ def _onnxruntime_genai(reference: torch.nn.Module, spec: dict[str, Any], folder:
                 steps.append(np.asarray(run.get_logits()).reshape(-1))
             rows.append(np.stack(steps))
         return torch.from_numpy(np.stack(rows))
+
+    return PeerLM(generate_tokens, logits, weight_bytes)
+
+
+class _DecodeStep(torch.nn.Module):
+    """One forward of a causal LM with its KV cache as plain tensors, for tracing:
+    ``(ids, mask, positions, *past keys and values) -> (last position's logits, *present)``."""
+
+    def __init__(self, lm: torch.nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor,
+                *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        import transformers
+
+        cache = transformers.DynamicCache(config=self.lm.config)
+        # set, not update(): a first update() concatenates onto a 1-D empty tensor, which
+        # OpenVINO's Concat refuses
+        for layer, keys, values in zip(cache.layers, past[0::2], past[1::2]):
+            layer.device, layer.keys, layer.values, layer.is_initialized = keys.device, keys, values, True
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return (out.logits[:, -1], *[t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)])
+
+
+def _openvino(reference: torch.nn.Module, spec: dict[str, Any], folder: Path, ids: torch.Tensor) -> PeerLM:
+    """The traced decode step made stateful (the KV cache lives in OpenVINO's state, as
+    optimum-intel's export does it), weights compressed by NNCF where ``spec["weights"]`` says."""
+    import numpy as np
+    import openvino as ov
+    from openvino._offline_transformations import apply_make_stateful_transformation
+
+    config = reference.config
+    batch, layers = ids.shape[0], config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    past = [torch.zeros(batch, config.num_key_value_heads, 0, head_dim) for _ in range(2 * layers)]
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    try:
+        with _quiet(), torch.no_grad():
+            model = ov.convert_model(_DecodeStep(reference), example_input=(ids, torch.ones_like(ids), positions, *past))
+    except Exception as exc:
+        raise RuntimeError(f"OpenVINO conversion failed: {first_line(exc)}") from exc
+    names = ["input_ids", "attention_mask", "position_ids"] + [f"past.{i}" for i in range(2 * layers)]
+    for port, name in zip(model.inputs, names):
+        port.get_tensor().set_names({name})
+    for port, name in zip(model.outputs, ["logits"] + [f"present.{i}" for i in range(2 * layers)]):
+        port.get_tensor().set_names({name})
+    # a static batch: the state starts as [batch, kv heads, 0, head dim]
+    model.reshape({name: ov.PartialShape([batch, -1] if i < 3 else [batch, config.num_key_value_heads, -1, head_dim])
+                   for i, name in enumerate(names)})
+    apply_make_stateful_transformation(model, {f"past.{i}": f"present.{i}" for i in range(2 * layers)})
+    if spec.get("weights"):
+        import nncf
+
+        with _quiet():
+            model = nncf.compress_weights(model, mode=getattr(nncf.CompressWeightsMode, spec["weights"]))
+    weight_bytes = sum(op.get_byte_size() for op in model.get_ops() if op.get_type_name() == "Constant")
+    compiled = ov.Core().compile_model(model, "CPU", {
+        "INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": "f32", **spec.get("options", {})})
+    request = compiled.create_infer_request()
+    eos = reference.generation_config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    def step(tokens: np.ndarray, start: int) -> np.ndarray:
+        length = start + tokens.shape[1]
+        request.infer({"input_ids": tokens, "attention_mask": np.ones((batch, length), np.int64),
+                       "position_ids": np.broadcast_to(np.arange(start, length), tokens.shape)})
+        return request.get_tensor("logits").data
+
+    def generate_tokens(prompt: torch.Tensor, new: int) -> torch.Tensor:
+        request.reset_state()
+        tokens, position, generated = prompt.numpy().astype(np.int64), 0, []
+        for _ in range(new):
+            logits = step(tokens, position).copy()
+            position += tokens.shape[1]
+            logits[:, eos] = -np.inf  # as min_new_tokens: no end token before the last
+            tokens = logits.argmax(-1)[:, None]
+            generated.append(tokens)
+        return torch.cat([prompt, torch.from_numpy(np.concatenate(generated, 1)).to(prompt.dtype)], 1)
+
+    def logits(tokens: torch.Tensor) -> torch.Tensor:
+        request.reset_state()  # one token at a time: the graph returns the last position's logits
+        values = tokens.numpy().astype(np.int64)
+        return torch.from_numpy(np.stack([step(values[:, i:i + 1], i).copy() for i in range(values.shape[1])], 1))
 
     return PeerLM(generate_tokens, logits, weight_bytes)

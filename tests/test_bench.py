@@ -423,13 +423,15 @@ def _generate_rows(systems: list[str]) -> dict[str, Any]:
     return {row.system: row for row in rows}
 
 
-@pytest.mark.parametrize("package, lossless, quantized", [
-    ("ctranslate2", "ct2-generate", "ct2-int8-generate"),
-    ("onnxruntime_genai", "ort-genai-generate", "ort-genai-int4-generate"),
-])
-def test_generate_task_runs_a_converted_peer(package: str, lossless: str, quantized: str) -> None:
+@pytest.mark.parametrize("packages, lossless, quantized", [
+    (["ctranslate2"], "ct2-generate", "ct2-int8-generate"),
+    (["onnxruntime_genai"], "ort-genai-generate", "ort-genai-int4-generate"),
+    (["openvino", "nncf"], "openvino-generate", "openvino-int8-generate"),
+], ids=["ctranslate2", "onnxruntime-genai", "openvino"])
+def test_generate_task_runs_a_converted_peer(packages: list[str], lossless: str, quantized: str) -> None:
     pytest.importorskip("transformers")
-    pytest.importorskip(package)
+    for package in packages:
+        pytest.importorskip(package)
     rows = _generate_rows([lossless, quantized])
     for name in (lossless, quantized):
         row = rows[name]
@@ -447,10 +449,10 @@ def test_generate_task_shows_the_peers_that_cannot_run_with_their_reason(monkeyp
     from fxopt_bench import generate, generate_peers
 
     monkeypatch.setattr(generate_peers, "_installed", lambda module: False)  # as if no peer were installed
-    rows = _generate_rows(["openvino-generate", "llama-cpp-generate", "ct2-generate"])
+    rows = _generate_rows(["llama-cpp-generate", "ct2-generate", "openvino-int8-generate"])
     assert rows["eager"].status == "ok"
-    assert rows["openvino-generate"].status == "skipped" and "optimum-intel" in rows["openvino-generate"].note
     assert rows["llama-cpp-generate"].status == "skipped" and "GGUF" in rows["llama-cpp-generate"].note
     assert rows["ct2-generate"].status == "skipped" and "pip install ctranslate2" in rows["ct2-generate"].note
+    assert rows["openvino-int8-generate"].status == "skipped" and "pip install openvino" in rows["openvino-int8-generate"].note
     table = generate.format_generate(list(rows.values()))
-    assert re.search(r"openvino-generate +skipped: OpenVINO generation needs", table)
+    assert re.search(r"llama-cpp-generate +skipped: llama-cpp-python has no binary wheel", table)
