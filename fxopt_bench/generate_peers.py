@@ -20,8 +20,9 @@ system, in its one interleaved loop.
   greedy loop is Python's, one ``infer`` per token. Weight bytes: the model's constants.
 - llama.cpp cannot run here; its row says why (``SKIPPED_PEERS``).
 
-CTranslate2's and ONNX Runtime GenAI's converters read a tokenizer for the vocabulary: the folder gets a word-level one whose
-token ``i`` is ``<t{i}>``, so token ids pass through unchanged.
+CTranslate2's and ONNX Runtime GenAI's converters read a tokenizer for the vocabulary: the
+folder gets a word-level one whose token ``i`` is ``<t{i}>``, so token ids pass through
+unchanged.
 """
 
 from __future__ import annotations
@@ -257,6 +258,8 @@ def _openvino(reference: torch.nn.Module, spec: dict[str, Any], folder: Path, id
         return request.get_tensor("logits").data
 
     def generate_tokens(prompt: torch.Tensor, new: int) -> torch.Tensor:
+        if prompt.shape[0] != batch:
+            raise ValueError(f"the OpenVINO peer was traced for a batch of {batch}, not {prompt.shape[0]}")
         request.reset_state()
         tokens, position, generated = prompt.numpy().astype(np.int64), 0, []
         for _ in range(new):
