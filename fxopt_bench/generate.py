@@ -67,8 +67,8 @@ GENERATE_SYSTEMS: dict[str, dict[str, Any] | None] = {
     "openvino-int4-generate": {"peer": "openvino", "weights": "INT4_SYM"},
     "llama-cpp-generate": {"peer": "llama.cpp"},
 }
-DEFAULT_SYSTEMS = ["eager", "inductor", "fxopt", "fxopt-int8-weights", "fxopt-int4-weights", "ct2-generate",
-                   "ct2-int8-generate", "ort-genai-int4-generate", "openvino-int8-generate", "llama-cpp-generate"]
+# The peers are asked for by name (--systems): each holds a converted copy of the weights.
+DEFAULT_SYSTEMS = ["eager", "inductor", "fxopt", "fxopt-int8-weights", "fxopt-int4-weights"]
 
 
 @dataclass
