@@ -3,7 +3,8 @@
 Every system runs on one random-weight Llama's weights: eager runs it as is, Inductor compiles
 the ``forward`` of a shallow copy with ``dynamic=True`` (decode is one graph from its first
 step), torchao quantizes a deep copy first, and the fxopt systems are ``fxopt.compile(lm,
-prompt, passes=...)``. Each generates once to compile its prefill and decode graphs, and then
+prompt, passes=...)``; the peers of other runtimes (CTranslate2, ONNX Runtime GenAI) convert it
+(:mod:`fxopt_bench.generate_peers`). Each generates once to compile its prefill and decode graphs, and then
 all systems are timed interleaved (:func:`fxopt_bench.timing.measure_side_by_side`): a full generation of
 ``new`` tokens and a one-token generation (the prefill). Decode ms/token is their difference
 over ``new - 1`` tokens. Quality is the teacher-forced top-1 agreement with eager on the
@@ -24,7 +25,8 @@ from typing import Any
 
 import torch
 
-from fxopt_bench.systems import first_line
+from fxopt_bench.generate_peers import PeerLM, make_peer
+from fxopt_bench.systems import Unavailable, first_line
 from fxopt_bench.timing import Timing, measure_side_by_side, speedup
 
 # name -> how the system is made. None: eager. {"backend": ...}: torch.compile of the model's
@@ -47,7 +49,25 @@ GENERATE_SYSTEMS: dict[str, dict[str, Any] | None] = {
     "fxopt-int4-weights-all": {"passes": ["remove-dropout", "quantize-weights(bits=4, budget=1.0)"]},
     "fxopt-int4-weights-all-float32": {"passes": [
         "remove-dropout", "quantize-weights(bits=4, activations='float32', budget=1.0)"]},
+    # {"peer": ...}: converted and run by another runtime (fxopt_bench.generate_peers).
+    # CTranslate2's int8 on CPU: int8 weights per output channel, activations quantized per
+    # row at run time (it has no weight-only int8 with float activations on CPU).
+    "ct2-generate": {"peer": "ctranslate2", "compute_type": "float32"},
+    "ct2-int8-generate": {"peer": "ctranslate2", "compute_type": "int8_float32"},
+    "ort-genai-generate": {"peer": "onnxruntime-genai", "precision": "fp32"},
+    "ort-genai-int8-generate": {"peer": "onnxruntime-genai", "precision": "int8"},
+    "ort-genai-int4-generate": {"peer": "onnxruntime-genai", "precision": "int4"},
+    # OpenVINO: the traced decode step, stateful, f32 (its CPU default keeps the KV cache in
+    # uint8: the lossless row asks for f32). Compressed weights: NNCF's compress_weights at its
+    # defaults (int8: asymmetric per channel; int4: symmetric groups of 128, the embedding and
+    # lm_head int8), run at OpenVINO's defaults for them (activations quantized in groups of 32,
+    # uint8 KV cache).
+    "openvino-generate": {"peer": "openvino", "options": {"KV_CACHE_PRECISION": "f32"}},
+    "openvino-int8-generate": {"peer": "openvino", "weights": "INT8_ASYM"},
+    "openvino-int4-generate": {"peer": "openvino", "weights": "INT4_SYM"},
+    "llama-cpp-generate": {"peer": "llama.cpp"},
 }
+# The peers are asked for by name (--systems): each holds a converted copy of the weights.
 DEFAULT_SYSTEMS = ["eager", "inductor", "fxopt", "fxopt-int8-weights", "fxopt-int4-weights"]
 
 
@@ -139,7 +159,7 @@ def run_generate(quick: bool = False, systems: list[str] | None = None, repeats:
                            do_sample=False, pad_token_id=0)
 
     rows = {name: GenerateRow(name, weight_bytes=resident_bytes(reference.parameters())) for name in names}
-    models: dict[str, torch.nn.Module] = {}
+    models: dict[str, torch.nn.Module | PeerLM] = {}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         progress("eager: generating the reference tokens")
@@ -157,7 +177,8 @@ def run_generate(quick: bool = False, systems: list[str] | None = None, repeats:
                 row.compile_s = time.perf_counter() - start
                 got = lm(expected).logits.argmax(-1)[:, size.prompt - 1:-1]
         except Exception as exc:  # noqa: BLE001 -- a peer that fails is a row with its reason, not a crash
-            row.status, row.note = ("skipped" if isinstance(exc, ImportError) else "failed"), _reason(exc)
+            skipped = isinstance(exc, (ImportError, Unavailable))
+            row.status, row.note = ("skipped" if skipped else "failed"), _reason(exc)
             continue
         row.identical = torch.equal(out, expected)
         row.top1_agreement = float((got == want).float().mean())
@@ -169,6 +190,8 @@ def run_generate(quick: bool = False, systems: list[str] | None = None, repeats:
                 row.note = f"{len(fallbacks)} graph(s) unoptimized: {fallbacks[0]}"
             graphs = [r.module() for r in log.records]
             row.weight_bytes = resident_bytes(t for g in graphs if g is not None for t in g.graph_module.buffers())
+        elif isinstance(lm, PeerLM):
+            row.weight_bytes = lm.weight_bytes
         elif GENERATE_SYSTEMS[name] is not None and GENERATE_SYSTEMS[name].get("torchao"):
             row.weight_bytes = resident_bytes(lm.parameters())
         models[name] = lm
@@ -185,9 +208,11 @@ def run_generate(quick: bool = False, systems: list[str] | None = None, repeats:
 
 
 def _make_system(reference: torch.nn.Module, spec: dict[str, Any] | None, ids: torch.Tensor,
-                 mask: torch.Tensor) -> torch.nn.Module:
+                 mask: torch.Tensor) -> torch.nn.Module | PeerLM:
     if spec is None:
         return reference
+    if "peer" in spec:
+        return make_peer(reference, spec, ids)
     if "passes" in spec:
         import fxopt
 
@@ -222,6 +247,8 @@ def _plain_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, Unavailable):
+        return str(exc)
     inner = getattr(exc, "inner_exception", None)  # dynamo wraps a backend's error
     cause = inner if isinstance(inner, BaseException) else exc
     return f"{type(cause).__name__}: {first_line(cause)}"

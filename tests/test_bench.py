@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import fields
+from typing import Any
 
 import pytest
 import torch
@@ -413,3 +414,45 @@ def test_generate_task_reports_a_failing_system_as_a_row(monkeypatch: pytest.Mon
     assert rows[1].status == "failed" and "no-such-backend" in rows[1].note
     assert main(["bench", "--task", "generate", "--systems", "eager,warp-drive"]) == 2
     assert main(["bench", "--task", "generate", "--markdown", "out.md"]) == 2
+
+
+def _generate_rows(systems: list[str]) -> dict[str, Any]:
+    from fxopt_bench import generate
+
+    rows = generate.run_generate(quick=True, systems=["eager", *systems], repeats=1, warmup=0)
+    return {row.system: row for row in rows}
+
+
+@pytest.mark.parametrize("packages, lossless, quantized", [
+    (["ctranslate2"], "ct2-generate", "ct2-int8-generate"),
+    (["onnxruntime_genai"], "ort-genai-generate", "ort-genai-int4-generate"),
+    (["openvino", "nncf"], "openvino-generate", "openvino-int8-generate"),
+], ids=["ctranslate2", "onnxruntime-genai", "openvino"])
+def test_generate_task_runs_a_converted_peer(packages: list[str], lossless: str, quantized: str) -> None:
+    pytest.importorskip("transformers")
+    for package in packages:
+        pytest.importorskip(package)
+    rows = _generate_rows([lossless, quantized])
+    for name in (lossless, quantized):
+        row = rows[name]
+        assert row.status == "ok", row.note
+        assert row.prefill_ms > 0 and row.decode_ms_per_token is not None and row.weight_bytes > 0
+    # float32: eager's tokens, and eager's top-1 at every teacher-forced position
+    assert rows[lossless].identical and rows[lossless].top1_agreement == 1.0
+    # the quantized conversion stores int8/int4 Linears: well under the float32 file
+    assert rows[quantized].weight_bytes < 0.8 * rows[lossless].weight_bytes
+    assert 0.0 <= rows[quantized].top1_agreement <= 1.0
+
+
+def test_generate_task_shows_the_peers_that_cannot_run_with_their_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("transformers")
+    from fxopt_bench import generate, generate_peers
+
+    monkeypatch.setattr(generate_peers, "_installed", lambda module: False)  # as if no peer were installed
+    rows = _generate_rows(["llama-cpp-generate", "ct2-generate", "openvino-int8-generate"])
+    assert rows["eager"].status == "ok"
+    assert rows["llama-cpp-generate"].status == "skipped" and "GGUF" in rows["llama-cpp-generate"].note
+    assert rows["ct2-generate"].status == "skipped" and "pip install ctranslate2" in rows["ct2-generate"].note
+    assert rows["openvino-int8-generate"].status == "skipped" and "pip install openvino" in rows["openvino-int8-generate"].note
+    table = generate.format_generate(list(rows.values()))
+    assert re.search(r"llama-cpp-generate +skipped: llama-cpp-python has no binary wheel", table)
