@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from fxopt_bench.systems import Unavailable, _quiet, first_line
+from fxopt_bench.systems import Unavailable, _quiet, ct2_convert, first_line
 
 # Why a peer cannot run here: the row's note.
 SKIPPED_PEERS = {
@@ -119,13 +119,7 @@ def _ctranslate2(reference: torch.nn.Module, spec: dict[str, Any], folder: Path,
 
     compute_type = spec["compute_type"]
     saved, vocabulary = _save(reference, folder)
-    target = folder / "ct2"
-    try:
-        with _quiet():
-            converter = ctranslate2.converters.TransformersConverter(str(saved))
-            converter.convert(str(target), quantization=compute_type, force=True)
-    except Exception as exc:
-        raise RuntimeError(f"CTranslate2 conversion failed: {first_line(exc)}") from exc
+    target = ct2_convert(saved, folder / "ct2", compute_type, RuntimeError)
     generator = ctranslate2.Generator(str(target), device="cpu", compute_type=compute_type,
                                       intra_threads=torch.get_num_threads(), inter_threads=1)
 

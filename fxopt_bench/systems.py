@@ -445,13 +445,8 @@ def _ctranslate2(quantization: str | None) -> Callable[[BenchContext], Prepared]
             raise Unavailable("the CTranslate2 encoder row feeds input ids only")
         start = time.perf_counter()
         source = _saved_transformers_model(ctx)
-        target = ctx.workdir / f"{ctx.name}-ct2-{quantization or 'float32'}"
-        try:
-            with _quiet():
-                converter = ctranslate2.converters.TransformersConverter(str(source))
-                converter.convert(str(target), quantization=quantization, force=True)
-        except Exception as exc:
-            raise Unavailable(f"CTranslate2 conversion failed: {first_line(exc)}") from exc
+        target = ct2_convert(source, ctx.workdir / f"{ctx.name}-ct2-{quantization or 'float32'}", quantization,
+                             Unavailable)
         encoder = ctranslate2.Encoder(str(target), device="cpu", compute_type=quantization or "float32",
                                       intra_threads=torch.get_num_threads(), inter_threads=1)
         ids = ctx.inputs[0].tolist()
@@ -746,6 +741,20 @@ def first_line(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
+def ct2_convert(source: Path, target: Path, quantization: str | None, error: type[Exception]) -> Path:
+    """A saved transformers model converted by CTranslate2 into ``target`` (``error`` raised
+    with the converter's reason when it fails)."""
+    import ctranslate2
+
+    try:
+        with _quiet():
+            converter = ctranslate2.converters.TransformersConverter(str(source))
+            converter.convert(str(target), quantization=quantization, force=True)
+    except Exception as exc:
+        raise error(f"CTranslate2 conversion failed: {first_line(exc)}") from exc
+    return target
+
+
 def _quiet() -> Any:
     """Silence exporters, quantizers and compilers that print progress to stdout or the log."""
     previous = logging.root.manager.disable
