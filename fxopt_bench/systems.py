@@ -740,7 +740,6 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-@contextlib.contextmanager
 def ct2_convert(source: Path, target: Path, quantization: str | None, error: type[Exception]) -> Path:
     """A saved transformers model converted by CTranslate2 into ``target`` (``error`` raised
     with the converter's reason when it fails)."""
@@ -755,6 +754,7 @@ def ct2_convert(source: Path, target: Path, quantization: str | None, error: typ
     return target
 
 
+@contextlib.contextmanager
 def _quiet() -> Any:
     """Silence exporters, quantizers and compilers that print progress to stdout or the log."""
     previous = logging.root.manager.disable
