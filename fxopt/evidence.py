@@ -29,12 +29,14 @@ from typing import Any
 from fxopt.cost import graph_cost
 
 # The memory the node values kept for a lossy pass (the reference's on the batches it observes,
-# the search's last trials) may take: a share of the graph's weights, at least a floor, at most
-# a ceiling. A compile's peak is then the model, what the passes make, and a bounded share on
-# top, whatever the batch: past the bound a run keeps no values and holds only the live ones
-# (fxopt.verify.ReusingRunner), and later calibration batches are run without keeping theirs.
+# the search's last trials) may take: as much as keeps them and the graph's weights within
+# KEPT_VALUES_BYTES together, or KEPT_VALUES_SHARE of the weights, whichever is more. A small
+# model keeps its values (a transformer's at batch 8 x 128 are several times its weights, and
+# reusing them makes its search's trials cheap); a large one's compile peaks at the model,
+# what the passes make and a small share on top: past the bound a run keeps no values and
+# holds only the live ones (fxopt.verify.ReusingRunner), and later calibration batches are
+# run without keeping theirs.
 KEPT_VALUES_BYTES = 2 * 2**30
-KEPT_VALUES_FLOOR = 64 * 2**20
 KEPT_VALUES_SHARE = 0.05
 
 
@@ -76,8 +78,8 @@ class Evidence:
         """The bytes of node values this store may keep while a lossy pass runs on ``gm``."""
         if self.memory_bound is not None:
             return self.memory_bound
-        share = int(KEPT_VALUES_SHARE * graph_cost(gm).weight_bytes)
-        return min(KEPT_VALUES_BYTES, max(KEPT_VALUES_FLOOR, share))
+        weights = graph_cost(gm).weight_bytes
+        return max(KEPT_VALUES_BYTES - weights, int(KEPT_VALUES_SHARE * weights))
 
     def drop_values(self) -> None:
         """Release the kept node values (a pass changed the graph, or the pipeline ended)."""

@@ -350,16 +350,16 @@ def test_a_search_with_no_room_for_values_chooses_what_an_unbounded_one_does(
     assert unbounded.details == bounded.details
 
 
-def test_values_bound_is_a_share_of_the_weights_within_floor_and_ceiling(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_values_bound_keeps_a_small_models_values_and_a_share_of_a_large_ones(monkeypatch: pytest.MonkeyPatch) -> None:
     from fxopt import evidence
     from fxopt.cost import Cost
 
     small = fxopt.capture(_mlp(), (torch.randn(4, 64),))
-    assert evidence.Evidence().values_bound(small) == evidence.KEPT_VALUES_FLOOR
     assert evidence.Evidence(memory_bound=123).values_bound(small) == 123
-    for weight_bytes, bound in ((4 * 2**30, int(evidence.KEPT_VALUES_SHARE * 4 * 2**30)),
-                                (400 * 2**30, evidence.KEPT_VALUES_BYTES)):
-        monkeypatch.setattr(evidence, "graph_cost", lambda gm, size=weight_bytes: Cost(0, size, 0))
+    for weights, bound in ((0, evidence.KEPT_VALUES_BYTES),
+                           (2**30, evidence.KEPT_VALUES_BYTES - 2**30),  # the two together within 2 GiB
+                           (4 * 2**30, int(evidence.KEPT_VALUES_SHARE * 4 * 2**30))):  # 5% of the weights
+        monkeypatch.setattr(evidence, "graph_cost", lambda gm, size=weights: Cost(0, size, 0))
         assert evidence.Evidence().values_bound(small) == bound
 
 
