@@ -110,3 +110,43 @@ def test_presets_and_the_bench_time_with_the_one_loop(monkeypatch: pytest.Monkey
     assert calls[-1] == (["a", "b"], False)
     assert bench["a"].samples == bench["b"].samples == 4
     assert timing.speedup is latency.speedup and timing.measure_side_by_side is latency.measure_side_by_side
+
+
+def test_only_the_chosen_candidate_outlives_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dropped candidate is let go as soon as it is dropped, and the ones that lost the race
+    once it is run: only the chosen module (a backend's copy of the weights) is kept."""
+    import gc
+    import weakref
+    from types import SimpleNamespace
+
+    from fxopt.latency import Timing
+
+    class Built:
+        def __init__(self, error: float) -> None:
+            self.error = error
+            self.report = SimpleNamespace(passes=[SimpleNamespace(exact=False, status="applied", name="lossy")])
+
+    errors = {"over": 0.5, "slow": 0.01, "fast": 0.01}
+    built: dict[str, weakref.ref] = {}
+    alive_after_drop: list[bool] = []
+
+    def build(candidate: presets.Candidate) -> Built:
+        if candidate.note == "slow":  # built after "over" was dropped: is it gone already?
+            gc.collect()
+            alive_after_drop.append(built["over"]() is not None)
+        module = Built(errors[candidate.note])
+        built[candidate.note] = weakref.ref(module)
+        return module
+
+    monkeypatch.setattr(presets, "race", lambda runs, repeats=10: {
+        key: Timing.of([2.0 if key == "0" else 1.0]) for key in runs})  # alive "0" = slow, "1" = fast
+    preset = presets.Preset("memory-test", "three candidates", tuple(
+        presets.Candidate(("exact",), "eager", note=note) for note in errors), budget=0.05)
+    chosen, trials = presets.choose(preset, torch.device("cpu"), build, measure_error=lambda m: m.error,
+                                    run_example=lambda m: lambda: None)
+    gc.collect()
+    assert chosen.error == 0.01 and built["fast"]() is chosen
+    assert alive_after_drop == [False]
+    assert built["slow"]() is None and [t.module for t in trials] == [None, None, chosen]
+    assert trials[0].dropped == "output error 0.5 > 0.05" and trials[1].milliseconds == 2.0
+    assert presets.summary(preset, trials, chosen).startswith("preset memory-test: chose [exact] on eager (1 ms")
