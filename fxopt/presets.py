@@ -150,12 +150,11 @@ def choose(
         if lossy and not any(r.status == "applied" for r in lossy):
             trial.dropped = "its lossy passes changed nothing (" + ", ".join(
                 f"{r.name}: {r.status}" for r in lossy) + ")"
-            trial.module = None
-            continue
-        trial.error = measure_error(trial.module)
-        limit = preset.budget if preset.budget is not None else 1e-4
-        if not trial.error <= limit:
-            trial.dropped = f"output error {trial.error:.3g} > {limit:g}"
+        else:
+            trial.error = measure_error(trial.module)
+            limit = preset.budget if preset.budget is not None else 1e-4
+            if not trial.error <= limit:
+                trial.dropped = f"output error {trial.error:.3g} > {limit:g}"
         if trial.dropped is not None:
             trial.module = None  # a dropped candidate's weights (a backend's own copy) go now
     alive = [t for t in trials if t.dropped is None]
