@@ -269,3 +269,39 @@ def test_portable_export_writes_standard_onnx_only(tmp_path):
         expected = model(input_ids=ids, attention_mask=_padded_mask(ids)).last_hidden_state
     actual = _ort_run(path, {"input_ids": ids, "attention_mask": _padded_mask(ids)})
     assert _rel(actual, expected) < 1e-4
+
+
+class _GroupedAttention(torch.nn.Module):
+    """Four query heads over two key/value heads, as SDPA's ``enable_gqa`` takes them."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+
+
+def test_grouped_query_attention_exports_with_its_key_value_heads_repeated():
+    from fxopt.ir import count_ops
+    from fxopt.lowering.onnx_repeat_kv import SDPA
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    opt = fxopt.compile(_GroupedAttention(), (q, k, v), backend="onnx")
+    assert any(note.startswith("onnx-repeat-kv: 1 grouped-query attention(s)") for note in opt.report.notes)
+    lowered = lower_graph(opt.graph_module, "onnx", None).graph_module
+    # each key/value head repeated twice; no attention is left asking for enable_gqa
+    assert count_ops(lowered, torch.ops.aten.repeat_interleave.self_int) == 2
+    assert not [n for n in lowered.graph.nodes if n.target is SDPA and n.kwargs.get("enable_gqa")]
+    with torch.no_grad():  # ONNX Runtime's outputs are the model's
+        torch.testing.assert_close(opt(q, k, v), _GroupedAttention()(q, k, v))
+
+
+def test_attention_without_grouped_heads_is_not_repeated():
+    from fxopt.lowering.onnx_repeat_kv import OnnxRepeatKv
+
+    q = torch.randn(1, 4, 6, 8)
+
+    class Plain(torch.nn.Module):
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+    gm = fxopt.capture(Plain(), (q, q.clone(), q.clone()))
+    assert not OnnxRepeatKv().applies(gm)
