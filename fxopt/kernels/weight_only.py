@@ -39,6 +39,7 @@ from fxopt.ir import numel_hint, shape_of, size_hint
 from fxopt.quant import dequantize_weight_groupwise
 
 aten = torch.ops.aten
+DEQUANTIZE_BLOCK_BYTES = 4 << 20
 __all__ = ["PACKED_KERNELS", "PackedKernel", "matmul_nbits", "matmul_nbits_op", "weight_only_linear", "weight_only_linear_op",
            "weight_only_linear_packed", "weight_only_linear_packed_op"]
 
@@ -53,9 +54,21 @@ def weight_only_linear(
     bits: int,
     compute_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """``linear(x, (q - z) * s, b)`` in ``compute_dtype``, returned in ``x``'s dtype."""
-    weight = dequantize_weight_groupwise(qweight, scale, zero, compute_dtype)
-    out = torch.nn.functional.linear(x.to(compute_dtype), weight, None if bias is None else bias.to(compute_dtype))
+    """``linear(x, (q - z) * s, b)`` in ``compute_dtype``, returned in ``x``'s dtype.
+
+    A large weight is dequantized a block of output rows at a time (``DEQUANTIZE_BLOCK_BYTES`` of
+    float32), so that a forward through many quantized layers (the search's trials, a model
+    that no kernel serves) never holds a whole float copy of a weight: at a billion parameters,
+    freed whole-weight temporaries stay in the allocator's heap and set the compile's peak."""
+    rows = max(1, DEQUANTIZE_BLOCK_BYTES // (4 * qweight.shape[1]))
+    inputs = x.to(compute_dtype)
+    outs = []
+    for start in range(0, qweight.shape[0], rows):
+        stop = start + rows
+        zero_block = None if zero is None else zero[start:stop]
+        weight = dequantize_weight_groupwise(qweight[start:stop], scale[start:stop], zero_block, compute_dtype)
+        outs.append(torch.nn.functional.linear(inputs, weight, None if bias is None else bias[start:stop].to(compute_dtype)))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
     return out.to(x.dtype)
 
 
