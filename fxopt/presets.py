@@ -6,9 +6,10 @@ limited to some devices. ``fxopt.compile(model, inputs, preset="int8")`` compile
 candidate that applies (a candidate whose backend is not installed is dropped, with the
 reason and the install command in the report), drops the ones whose output error on the
 example and calibration data exceeds the preset's budget or whose passes all rolled back (or
-whose compile failed), times the rest side by side (interleaved, median; :func:`race` stops
-timing the clearly slower ones after three rounds) on the example inputs and keeps the
-fastest. The report says what was chosen, the measured times of the others, and why any was
+whose compile failed), and times each one that passes side by side with the fastest so far
+(interleaved, median; :func:`race` stops timing the clearly slower one after a few rounds) on
+the example inputs, letting the slower one go at once: at most two lowered candidates are
+held, whatever the number of candidates. The fastest is kept. The report says what was chosen, the measured times of the others, and why any was
 dropped.
 
 The candidates share work: the model is captured once, the exact passes they start with run
@@ -22,6 +23,7 @@ ones are declared beside the passes), so the core names no pass.
 
 from __future__ import annotations
 
+import gc
 import statistics
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -129,12 +131,14 @@ def choose(
     calibrated: bool = True,
 ) -> tuple[Any, list[Trial]]:
     """Compile each candidate for ``device`` with ``build``, keep those within the budget,
-    time them side by side (:func:`race`) and return the fastest module and every trial.
+    race each against the fastest so far (:func:`race`, two at a time) and return the
+    fastest module and every trial.
     ``calibrated``: whether calibration batches were given (else the candidates that need
     them are dropped uncompiled)."""
     trials = [Trial(c) for c in preset.candidates if device.type in c.devices]
     if not trials:
         raise InputError(f"preset {preset.name!r} has no candidate for device {device.type!r}")
+    best: Trial | None = None
     for trial in trials:
         trial.dropped = _unavailable(trial.candidate, device)
         if trial.dropped is None and trial.candidate.needs_calibration and not calibrated:
@@ -156,20 +160,38 @@ def choose(
             if not trial.error <= limit:
                 trial.dropped = f"output error {trial.error:.3g} > {limit:g}"
         if trial.dropped is not None:
-            trial.module = None  # a dropped candidate's weights (a backend's own copy) go now
-    alive = [t for t in trials if t.dropped is None]
-    if not alive:
+            _let_go(trial)  # a dropped candidate's weights (a backend's own copy) go now
+            continue
+        # The candidate that passed races the fastest so far, and the loser goes: at most two
+        # candidates' lowered modules (each a backend's copy of the weights) are ever held.
+        best = trial if best is None else _faster(best, trial, run_example, repeats)
+    if best is None:
         reasons = "; ".join(f"{t.candidate.describe()}: {t.dropped}" for t in trials)
         raise FxoptError(f"preset {preset.name!r}: no candidate met its budget ({reasons})")
-    with phase("timing"):
-        timings = race({str(i): run_example(t.module) for i, t in enumerate(alive)}, repeats=repeats)
-    for i, trial in enumerate(alive):
-        trial.milliseconds = timings[str(i)].median
-    best = min(alive, key=lambda t: t.milliseconds or 0.0)
-    for trial in alive:
-        if trial is not best:
-            trial.module = None  # timed; only the chosen one is kept
+    if best.milliseconds is None:  # the only one within budget: timed once, for the report
+        with phase("timing"):
+            best.milliseconds = race({"only": run_example(best.module)}, repeats=repeats)["only"].median
     return best.module, trials
+
+
+def _faster(best: Trial, challenger: Trial, run_example: Callable[[Any], Callable[[], Any]],
+            repeats: int) -> Trial:
+    """Time ``best`` and ``challenger`` side by side (:func:`race`), let the slower go and
+    return the faster. Each keeps the median of its latest race."""
+    with phase("timing"):
+        timings = race({"best": run_example(best.module), "challenger": run_example(challenger.module)},
+                       repeats=repeats)
+    best.milliseconds, challenger.milliseconds = timings["best"].median, timings["challenger"].median
+    winner, loser = (challenger, best) if challenger.milliseconds < best.milliseconds else (best, challenger)
+    _let_go(loser)
+    return winner
+
+
+def _let_go(trial: Trial) -> None:
+    """Drop ``trial``'s module now. A graph module refers to itself (its graph, its nodes), so
+    without a collection its weights would wait for the next one."""
+    trial.module = None
+    gc.collect()
 
 
 def _unavailable(candidate: Candidate, device: torch.device) -> str | None:

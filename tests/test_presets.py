@@ -113,8 +113,9 @@ def test_presets_and_the_bench_time_with_the_one_loop(monkeypatch: pytest.Monkey
 
 
 def test_only_the_chosen_candidate_outlives_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A dropped candidate is let go as soon as it is dropped, and the ones that lost the race
-    once it is run: only the chosen module (a backend's copy of the weights) is kept."""
+    """A dropped candidate is let go as soon as it is dropped, and each one within budget races
+    the fastest so far, the slower going at once: at most two built candidates (each a
+    backend's copy of the weights) are ever held, and only the chosen one is kept."""
     import gc
     import weakref
     from types import SimpleNamespace
@@ -126,27 +127,52 @@ def test_only_the_chosen_candidate_outlives_the_choice(monkeypatch: pytest.Monke
             self.error = error
             self.report = SimpleNamespace(passes=[SimpleNamespace(exact=False, status="applied", name="lossy")])
 
-    errors = {"over": 0.5, "slow": 0.01, "fast": 0.01}
+    errors = {"over": 0.5, "slow": 0.01, "fast": 0.01, "fastest": 0.01}
     built: dict[str, weakref.ref] = {}
-    alive_after_drop: list[bool] = []
+    alive_when_built: dict[str, list[str]] = {}
 
     def build(candidate: presets.Candidate) -> Built:
-        if candidate.note == "slow":  # built after "over" was dropped: is it gone already?
-            gc.collect()
-            alive_after_drop.append(built["over"]() is not None)
+        gc.collect()
+        alive_when_built[candidate.note] = [name for name, ref in built.items() if ref() is not None]
         module = Built(errors[candidate.note])
         built[candidate.note] = weakref.ref(module)
         return module
 
-    monkeypatch.setattr(presets, "race", lambda runs, repeats=10: {
-        key: Timing.of([2.0 if key == "0" else 1.0]) for key in runs})  # alive "0" = slow, "1" = fast
-    preset = presets.Preset("memory-test", "three candidates", tuple(
+    raced: list[list[str]] = []
+
+    def race(runs: dict, repeats: int = 10) -> dict:
+        raced.append(list(runs))  # the fastest so far against the one that just passed
+        return {key: Timing.of([2.0 if key == "best" else 1.0]) for key in runs}
+
+    monkeypatch.setattr(presets, "race", race)
+    preset = presets.Preset("memory-test", "four candidates", tuple(
         presets.Candidate(("exact",), "eager", note=note) for note in errors), budget=0.05)
     chosen, trials = presets.choose(preset, torch.device("cpu"), build, measure_error=lambda m: m.error,
                                     run_example=lambda m: lambda: None)
     gc.collect()
-    assert chosen.error == 0.01 and built["fast"]() is chosen
-    assert alive_after_drop == [False]
-    assert built["slow"]() is None and [t.module for t in trials] == [None, None, chosen]
+    assert chosen.error == 0.01 and built["fastest"]() is chosen
+    assert alive_when_built == {"over": [], "slow": [], "fast": ["slow"], "fastest": ["fast"]}
+    assert raced == [["best", "challenger"]] * 2  # the first within budget is not timed alone
+    assert [name for name, ref in built.items() if ref() is not None] == ["fastest"]
+    assert [t.module for t in trials] == [None, None, None, chosen]
     assert trials[0].dropped == "output error 0.5 > 0.05" and trials[1].milliseconds == 2.0
     assert presets.summary(preset, trials, chosen).startswith("preset memory-test: chose [exact] on eager (1 ms")
+
+
+def test_a_lone_candidate_within_budget_is_timed_once_for_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from fxopt.latency import Timing
+
+    raced: list[list[str]] = []
+
+    def race(runs: dict, repeats: int = 10) -> dict:
+        raced.append(list(runs))
+        return {key: Timing.of([3.0]) for key in runs}
+
+    monkeypatch.setattr(presets, "race", race)
+    preset = presets.Preset("lone", "one candidate", (presets.Candidate(("exact",), "eager"),), budget=0.05)
+    module = SimpleNamespace(report=SimpleNamespace(passes=[]))
+    chosen, trials = presets.choose(preset, torch.device("cpu"), lambda c: module, measure_error=lambda m: 0.0,
+                                    run_example=lambda m: lambda: None)
+    assert chosen is module and raced == [["only"]] and trials[0].milliseconds == 3.0
