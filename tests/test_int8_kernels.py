@@ -78,33 +78,45 @@ def test_dynamic_tensor_qparams_match_choose_qparams(offset: float) -> None:
 
 @pytest.mark.parametrize("shape", [(1, 16), (5, 33), (2, 3, 64)])
 @pytest.mark.parametrize("with_bias", [True, False])
-@pytest.mark.parametrize("kernel", ["quantized engine", "int_mm"])
+@pytest.mark.parametrize("kernel", ["", "onednn", "fbgemm", "int_mm"])  # "": the preferred engine
 def test_dynamic_tensor_linear_matches_the_qdq_graph(monkeypatch, shape, with_bias, kernel) -> None:
     if kernel == "int_mm":
-        monkeypatch.setattr(int8, "_quantized_engine", lambda: None)
-    elif int8._quantized_engine() is None or int8.quantized_engine_unsupported_reason(int8._quantized_engine()):
-        pytest.skip("no exact quantized engine on this CPU")
+        monkeypatch.setattr(int8, "exact_engines", lambda: ())
+    elif (kernel or int8.preferred_engine()) not in int8.exact_engines():
+        pytest.skip(f"no exact quantized engine {kernel!r} on this CPU")
     torch.manual_seed(0)
     x = torch.randn(shape) + 0.4
     qweight, scale = quantize_weight(torch.randn(48, shape[-1]))
     bias = torch.randn(48) if with_bias else None
-    got = torch.ops.fxopt.int8_linear_dynamic_tensor(x, qweight, scale, bias)
+    got = torch.ops.fxopt.int8_linear_dynamic_tensor(x, qweight, scale, bias, "" if kernel == "int_mm" else kernel)
     expected = dynamic_tensor_reference(x, qweight, scale, bias)
     assert got.shape == expected.shape == (*shape[:-1], 48)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_each_engine_packs_its_own_weights() -> None:
+    """A weight run on two engines is packed once for each (the packs are not shared)."""
+    engines = [e for e in ("onednn", "fbgemm") if e in int8.exact_engines()]
+    if len(engines) < 2:
+        pytest.skip("fewer than two exact quantized engines on this CPU")
+    qweight, scale = quantize_weight(torch.randn(16, 32))
+    packs = [int8._prepacked(qweight, scale, None, engine) for engine in engines]
+    assert packs[0] is not packs[1]
+    assert [int8._prepacked(qweight, scale, None, engine) for engine in engines] == packs  # both kept
+
+
 def test_quantized_engine_probe_finds_exact_sums_or_says_why() -> None:
-    engine = int8._quantized_engine()
+    engine = int8.preferred_engine()
     if engine is None:
         pytest.skip("this PyTorch build has no quantized engine")
     reason = int8.quantized_engine_unsupported_reason(engine)
     assert reason is None or engine in reason
+    assert (reason is None) == (engine in int8.exact_engines())
     assert "failed on engine 'no-such-engine'" in int8.quantized_engine_unsupported_reason("no-such-engine")
 
 
 def test_prepacked_weights_are_repacked_when_the_weight_changes() -> None:
-    if int8._quantized_engine() is None or int8.quantized_engine_unsupported_reason(int8._quantized_engine()):
+    if int8.preferred_engine() not in int8.exact_engines():
         pytest.skip("no exact quantized engine on this CPU")
     torch.manual_seed(0)
     x = torch.randn(6, 32)

@@ -27,7 +27,7 @@ def _mlp() -> nn.Module:
 
 
 def _timings(tmp_path, **times: float) -> KernelTimings:
-    table = {"onednn": 1.0, "aten": 1.0, "lowered": 1.0, "captured": 1.0, "int8": 0.5, "qdq": 1.0,
+    table = {"onednn": 1.0, "aten": 1.0, "lowered": 1.0, "captured": 1.0, "int8": 0.5, "int8-fbgemm": 0.75, "qdq": 1.0,
              "onednn-qlinear": 1.0, "int8-linear": 1.0, **times}
     return KernelTimings(tmp_path, measure=True, timer=fixed_timer(table), fingerprint="test-machine")
 
@@ -177,6 +177,31 @@ def test_dynamic_int8_kernel_variant_is_measured(tmp_path, onednn_ms: float, kep
     with torch.no_grad():
         torch.testing.assert_close(lowered(x)[0], opt.graph_module(x)[0], rtol=tolerance, atol=tolerance)
         torch.testing.assert_close(opt(x), model(x), rtol=0.1, atol=0.1)
+
+
+def test_a_dynamic_int8_linear_runs_on_the_engine_measured_fastest(tmp_path) -> None:
+    """Per tensor, each exact quantized engine is a candidate of its own: FBGEMM's measured
+    fastest, both Linears run on it (oneDNN's kernel lowering leaves them there)."""
+    from fxopt.passes import QuantizeInt8
+
+    from fxopt.kernels import int8 as kernels
+
+    if "fbgemm" not in kernels.exact_engines() or kernels.preferred_engine() == "fbgemm":
+        pytest.skip("FBGEMM is not a second exact engine on this CPU")
+    model, x = _Block().eval(), torch.randn(2, 3, 64)
+    timings = _timings(tmp_path, **{"int8-fbgemm": 0.25})
+    with measuring(timings):
+        opt = fxopt.compile(model, (x,), passes=[QuantizeInt8(activations="dynamic-tensor")])
+    choices = [k for k in opt.report.kernels if k["op"] == "int8-linear"]
+    assert [k["chosen"] for k in choices] == ["int8-fbgemm"] * 2
+    assert all(set(k["times"]) == {"int8", "int8-fbgemm", "qdq"} for k in choices)
+    lowered = lower_graph(opt.graph_module, "eager", CPU, "kernel", choose=timings.choose).graph_module
+    engines = [n.args[4] for n in lowered.graph.nodes if n.target == kernels.int8_linear_dynamic_tensor_op]
+    assert engines == ["fbgemm", "fbgemm"]
+    loaded = fxopt.load(fxopt.save(opt, tmp_path / "fbgemm.fxopt"))  # the engine is saved with the graph
+    with torch.no_grad():
+        torch.testing.assert_close(opt(x), model(x), rtol=0.1, atol=0.1)
+        torch.testing.assert_close(loaded(x), opt(x))
 
 
 def test_a_static_batch_is_measured_at_its_one_shape(tmp_path) -> None:

@@ -112,12 +112,15 @@ def int8_linear_dynamic_tensor(
     qweight: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
+    engine: str = "",
 ) -> torch.Tensor:
     """``linear(x, Wq * sw, b)`` with all of ``x`` quantized to uint8 with one dynamic scale
-    and zero point (:func:`dynamic_tensor_qparams`)."""
+    and zero point (:func:`dynamic_tensor_qparams`). On CPU it runs on PyTorch's quantized
+    engine ``engine`` ("" for :func:`preferred_engine`; the lowering measures which is faster
+    at a site's shapes), else on ``torch._int_mm``."""
     in_features = x.shape[-1]
     rows = x.reshape(-1, in_features)
-    packed = _prepacked(qweight, weight_scale, bias) if rows.device.type == "cpu" else None
+    packed = _prepacked(qweight, weight_scale, bias, engine) if rows.device.type == "cpu" else None
     if packed is not None:
         out = torch.ops.quantized.linear_dynamic(rows.float(), packed, False)
     else:
@@ -131,6 +134,7 @@ def _int8_linear_dynamic_tensor_fake(
     qweight: torch.Tensor,
     weight_scale: torch.Tensor,
     bias: torch.Tensor | None,
+    engine: str = "",
 ) -> torch.Tensor:
     torch._check(qweight.dtype == torch.int8, lambda: f"qweight must be int8, got {qweight.dtype}")
     torch._check(x.shape[-1] == qweight.shape[1], lambda: "x and qweight disagree on in_features")
@@ -193,33 +197,45 @@ def _int8_linear_static_uint8_fake(
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-# Weights prepacked for PyTorch's quantized engine, keyed by the int8 weight's id and kept
-# only while that tensor lives.
-_PACKED: dict[int, tuple[weakref.ref, tuple, object]] = {}
+# Weights prepacked for PyTorch's quantized engines, keyed by the int8 weight's id and the
+# engine, and kept only while that tensor lives.
+_PACKED: dict[tuple[int, str], tuple[weakref.ref, tuple, object]] = {}
 
 
-def _prepacked(qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> object | None:
-    """``quantized::linear_prepack`` of ``(Wq, sw, b)``, packed once; None when the engine cannot
-    run this Linear exactly (see :func:`quantized_engine_unsupported_reason`)."""
-    engine = _quantized_engine()
-    if engine is None or quantized_engine_unsupported_reason(engine) is not None:
+def _prepacked(qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+               engine: str = "") -> object | None:
+    """``quantized::linear_prepack`` of ``(Wq, sw, b)`` for ``engine`` ("": the preferred one),
+    packed once; None when the engine cannot run this Linear exactly (see
+    :func:`quantized_engine_unsupported_reason`)."""
+    engine = engine or preferred_engine() or ""
+    if engine not in exact_engines():
         return None
     key = (engine, qweight._version, weight_scale.data_ptr(), weight_scale._version,
            None if bias is None else (bias.data_ptr(), bias._version, bias.dtype))
-    entry = _PACKED.get(id(qweight))
+    ident = (id(qweight), engine)
+    entry = _PACKED.get(ident)
     if entry is not None and entry[0]() is qweight and entry[1] == key:
         return entry[2]
     packed = _pack(engine, qweight, weight_scale, None if bias is None else bias.float())
-    ident = id(qweight)
     _PACKED[ident] = (weakref.ref(qweight, lambda _: _PACKED.pop(ident, None)), key, packed)
     return packed
 
 
-def _quantized_engine() -> str | None:
-    # oneDNN's dynamic Linear measured fastest on AVX-512 VNNI (docs/int8.md); "x86" and
-    # "fbgemm" run FBGEMM's kernels.
+def preferred_engine() -> str | None:
+    """The engine a dynamic int8 Linear runs on unless a measurement chose another: oneDNN's
+    dynamic Linear measured fastest on AVX-512 VNNI from 64 rows up (docs/int8.md). "x86"
+    and "fbgemm" run FBGEMM's kernels, which measured faster for a few rows."""
     supported = torch.backends.quantized.supported_engines
     return next((e for e in ("onednn", "x86", "fbgemm") if e in supported), None)
+
+
+@functools.cache
+def exact_engines() -> tuple[str, ...]:
+    """The quantized engines of this build that run a dynamic int8 Linear exactly (oneDNN's
+    and FBGEMM's, where :func:`quantized_engine_unsupported_reason` finds nothing)."""
+    supported = torch.backends.quantized.supported_engines
+    return tuple(e for e in ("onednn", "x86", "fbgemm")
+                 if e in supported and quantized_engine_unsupported_reason(e) is None)
 
 
 @contextlib.contextmanager

@@ -92,11 +92,13 @@ def lower_int8_linears(gm: fx.GraphModule, device: torch.device | None,
             skipped.append(f"'{match.linear.name}' stays dequantize->linear in float: {reason}")
             continue
         kernel, args = _kernel_call(match)
-        if choose is not None and device is not None \
-                and not _measured_faster(gm, match, kernel, args, device, choose, result):
-            skipped.append(f"'{match.linear.name}' stays dequantize->linear in float: its int8 kernel measured "
-                           "no faster at its shapes")
-            continue
+        if choose is not None and device is not None:
+            chosen = _measured_fastest(gm, match, kernel, args, device, choose, result)
+            if chosen is None:
+                skipped.append(f"'{match.linear.name}' stays dequantize->linear in float: its int8 kernel "
+                               "measured no faster at its shapes")
+                continue
+            args = chosen
         with gm.graph.inserting_before(match.linear):
             node = gm.graph.call_function(kernel, args)
         node.meta.update(match.linear.meta)
@@ -122,24 +124,32 @@ def _kernel_call(match: QdqLinear) -> tuple[Any, tuple[Any, ...]]:
     return kernels.int8_linear_op, (match.x, match.qweight, match.weight_scale, match.bias, match.input_scale)
 
 
-def _measured_faster(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: tuple[Any, ...],
-                     device: torch.device, choose: Choose, result: LoweringResult) -> bool:
-    """Whether the int8 kernel is faster than the QDQ pattern it replaces (run as it stands in
-    the graph) at ``match``'s shapes, as ``choose`` measured it; the choice goes in
-    ``result.choices``."""
+def _measured_fastest(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: tuple[Any, ...],
+                      device: torch.device, choose: Choose, result: LoweringResult) -> tuple[Any, ...] | None:
+    """The kernel's arguments if the int8 kernel is faster than the QDQ pattern it replaces (run
+    as it stands in the graph) at ``match``'s shapes, as ``choose`` measured it, else None. A
+    dynamic per-tensor Linear on CPU is measured on each exact quantized engine (oneDNN's
+    kernels won from 64 rows up on an AVX-512 VNNI CPU, FBGEMM's for a few rows), and runs on
+    the fastest. The choice goes in ``result.choices``."""
     pattern = _pattern_module(gm, match)
     x = match.x.meta["val"]
     shapes = measured_shapes(shape_of(match.x))
     weight = tuple(constant(gm, match.qweight).shape)
+    variants = {"int8": args}
+    if kernel is kernels.int8_linear_dynamic_tensor_op and device.type == "cpu":
+        preferred = kernels.preferred_engine()
+        variants.update({f"int8-{engine}": (*args, engine) for engine in kernels.exact_engines()
+                         if engine != preferred and engine != "x86"})  # x86 runs FBGEMM's dynamic Linear
     # "+kernels": the int8 side is timed as it will run, after the kernel-stage lowerings
     # that take its op further (e.g. onto oneDNN's int8 kernel), not as the bare op.
     site = (f"x={'/'.join(map(str, shapes))} {str(x.dtype).removeprefix('torch.')} {device.type} w={weight} "
             f"kernel={kernel._opname}+kernels bias={match.bias is not None}")
-    int8 = _kernel_module(gm, match, kernel, args, device, choose)
-    choice = choose("int8-linear", site, {"int8": int8, "qdq": pattern},
+    candidates = {name: _kernel_module(gm, match, kernel, variant, device, choose)
+                  for name, variant in variants.items()}
+    choice = choose("int8-linear", site, {**candidates, "qdq": pattern},
                     measured_inputs(shapes, x.dtype, device), prefer="qdq")
     result.choices.append({**choice.as_dict(), "nodes": [match.linear.name]})
-    return choice.name == "int8"
+    return variants.get(choice.name)
 
 
 def _kernel_module(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: tuple[Any, ...],
@@ -215,7 +225,7 @@ def _shape_reason(gm: fx.GraphModule, match: QdqLinear, device: torch.device | N
 # which ONNX Runtime fuses into one DynamicQuantizeMatMul on prepacked weights.
 
 
-def int8_linear_dynamic_tensor_onnx(x, qweight, weight_scale, bias=None):  # type: ignore[no-untyped-def]
+def int8_linear_dynamic_tensor_onnx(x, qweight, weight_scale, bias=None, engine=""):  # type: ignore[no-untyped-def]
     from onnx import TensorProto
     from onnxscript import opset20 as op
 

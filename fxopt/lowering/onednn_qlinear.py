@@ -258,7 +258,9 @@ def _dynamic_linear(gm: fx.GraphModule, node: Any) -> bool:
     """Whether ``node`` is an int8 Linear with dynamic (per-token or per-tensor) activations
     this kernel can run."""
     if is_op(node, kernels.int8_linear_dynamic_tensor_op) and isinstance(node.args[0], fx.Node):
-        return _operands_fit(gm, node)
+        # a Linear the int8 lowering measured fastest on a named engine stays on it
+        engine = node.args[4] if len(node.args) > 4 else node.kwargs.get("engine", "")
+        return not engine and _operands_fit(gm, node)
     return _token_linear(gm, node)
 
 
