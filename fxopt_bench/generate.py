@@ -49,6 +49,12 @@ GENERATE_SYSTEMS: dict[str, dict[str, Any] | None] = {
     "fxopt-int4-weights-all": {"passes": ["remove-dropout", "quantize-weights(bits=4, budget=1.0)"]},
     "fxopt-int4-weights-all-float32": {"passes": [
         "remove-dropout", "quantize-weights(bits=4, activations='float32', budget=1.0)"]},
+    # int8 weights and activations quantized per tensor at run time, every Linear (as
+    # CTranslate2's and ONNX Runtime GenAI's int8 rows quantize their activations): on CPU each
+    # Linear runs on the quantized engine its lowering measured fastest (FBGEMM's for a decode
+    # step's one row on AVX-512 VNNI).
+    "fxopt-int8-dynamic-all": {"passes": [
+        "remove-dropout", "quantize-int8(activations='dynamic-tensor', budget=1.0)"]},
     # {"peer": ...}: converted and run by another runtime (fxopt_bench.generate_peers).
     # CTranslate2's int8 on CPU: int8 weights per output channel, activations quantized per
     # row at run time (it has no weight-only int8 with float activations on CPU).
