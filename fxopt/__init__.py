@@ -13,6 +13,7 @@ from typing import Any
 from fxopt import kernels  # noqa: F401  (registers torch.ops.fxopt.*, so saved programs load)
 from fxopt.api import OptimizedModule, compile
 from fxopt.capture import capture
+from fxopt.checkpoint import from_checkpoint
 from fxopt.errors import (
     BackendError,
     CaptureError,
@@ -53,6 +54,7 @@ __all__ = [
     "compile",
     "export_onnx",
     "finetune",
+    "from_checkpoint",
     "get_pass",
     "list_passes",
     "load",
