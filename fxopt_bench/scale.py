@@ -7,6 +7,7 @@ import gc
 import json
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -113,6 +114,8 @@ TINY_LLAMA_SHAPE = {"hidden_size": 64, "intermediate_size": 172, "num_hidden_lay
 LLAMA_CASES = {
     "model": "the model, built and run once (no compile)",
     "fxopt-lossless": "fxopt.compile(m, ids) (every exact pass, eager backend)",
+    "fxopt-lossless-checkpoint": ("the model saved to a safetensors file and built again with fxopt.from_checkpoint "
+                                  "(its weights memory-mapped), then fxopt.compile(m, ids)"),
     "fxopt-lossless-onnx": 'fxopt.compile(m, ids, backend="onnx") (the weights move into ONNX Runtime)',
     "torch-export": "torch.export.export(m, (ids,)) alone",
     "ort-quantize-dynamic": "torch.onnx.export (external data) + quantize_dynamic + InferenceSession",
@@ -132,7 +135,9 @@ def run_scale_llama(layers: int = 22, cases: Sequence[str] | None = None,
     Each case runs once on a tiny Llama first (imports, one-time initialization). The peak is
     the process's resident high-water mark (``VmHWM``, reset after the model is built and run
     once), the model included, over the model's fp32 weight bytes: the memory a
-    machine needs for the case; ``growth`` is the peak minus the RSS before the compile (what
+    machine needs for the case; the anonymous peak is the same without the pages of files
+    (a memory-mapped checkpoint's weights, which the kernel can drop and read again), sampled
+    every 10 ms; ``growth`` is the peak minus the RSS before the compile (what
     compiling adds); ``result`` is what the compiled artifact keeps resident (RSS after the
     compile, garbage collected, minus before). ``shape`` overrides the config's sizes.
     """
@@ -185,18 +190,23 @@ def llama_probe(spec: dict[str, Any]) -> dict[str, Any]:
     model = LlamaModel(LlamaConfig(**spec["shape"], use_cache=False)).eval()
     ids = torch.randint(0, spec["shape"]["vocab_size"], (1, LLAMA_SEQUENCE), generator=torch.Generator().manual_seed(0))
     params, weight_bytes = state_cost(model)
+    checkpoint = None
+    if case == "fxopt-lossless-checkpoint":
+        model, checkpoint = _from_checkpoint(model, LlamaModel, LlamaConfig(**spec["shape"], use_cache=False))
     with torch.no_grad():
         model(ids)
     built_peak = _rss_bytes("VmHWM")
     gc.collect()
-    rss_before, reset, compile_s, result = _measured(lambda: _LLAMA_BUILDERS[case](model, ids))
+    with _AnonymousPeak() as anonymous:
+        rss_before, reset, compile_s, result = _measured(lambda: _LLAMA_BUILDERS[case](model, ids))
     peak = built_peak if case == "model" else _rss_bytes("VmHWM") if reset else _maxrss_bytes()
     gc.collect()
     resident = _rss_bytes("VmRSS") - rss_before
     return {"case": case, "layers": spec["shape"]["num_hidden_layers"], "params": params,
             "weight_bytes": weight_bytes, "compile_s": compile_s if case != "model" else None,
             "peak_bytes": peak, "peak_over_weights": peak / weight_bytes, "growth_bytes": max(0, peak - rss_before),
-            "result_bytes": max(0, resident),
+            "anonymous_peak_bytes": anonymous.peak, "result_bytes": max(0, resident),
+            "weights_from": "memory-mapped checkpoint" if checkpoint is not None else "memory",
             "peak_measure": "VmHWM reset" if reset else "ru_maxrss (not reset)", "result": result}
 
 
@@ -210,6 +220,49 @@ def _llama_lossless_onnx(model: Any, ids: Any) -> Any:
     import fxopt
 
     return _keep(fxopt.compile(model, (ids,), backend="onnx"))
+
+
+def _from_checkpoint(model: Any, model_class: Any, config: Any) -> tuple[Any, Any]:
+    """``model`` written to a safetensors file and built again from it with
+    :func:`fxopt.from_checkpoint` (the in-memory one let go): (the new model, the folder)."""
+    import gc
+    import tempfile
+
+    from safetensors.torch import save_model
+
+    import fxopt
+
+    folder = tempfile.TemporaryDirectory(prefix="fxopt-scale-checkpoint-")
+    path = Path(folder.name) / "model.safetensors"
+    save_model(model, str(path))
+    del model
+    gc.collect()
+    _KEPT.append(folder)  # the file outlives the probe's measurements
+    return fxopt.from_checkpoint(lambda: model_class(config), path), folder
+
+
+class _AnonymousPeak:
+    """The largest anonymous resident size (``RssAnon``: memory that is no file's pages) seen
+    while the ``with`` block runs, sampled every 10 ms by a thread (0 where /proc has none)."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._done = threading.Event()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.01):
+            self.peak = max(self.peak, _rss_bytes("RssAnon", fallback=False))
+
+    def __enter__(self) -> _AnonymousPeak:
+        self.peak = _rss_bytes("RssAnon", fallback=False)
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, _rss_bytes("RssAnon", fallback=False))
 
 
 def _llama_export(model: Any, ids: Any) -> Any:
@@ -265,6 +318,7 @@ def _keep(*results: Any) -> str:
 _LLAMA_BUILDERS: dict[str, Callable[[Any, Any], Any]] = {
     "model": lambda model, ids: "-",
     "fxopt-lossless": _llama_lossless,
+    "fxopt-lossless-checkpoint": _llama_lossless,
     "fxopt-lossless-onnx": _llama_lossless_onnx,
     "torch-export": _llama_export,
     "ort-quantize-dynamic": _llama_ort,
@@ -279,16 +333,17 @@ def format_scale_llama(rows: Sequence[dict[str, Any]], markdown: bool = False) -
     from fxopt_bench.output import _table
 
     header = ["case", "layers", "weights GiB", "compile s", "peak RSS GiB", "peak / weights",
-              "growth / weights", "result GiB"]
+              "anonymous peak / weights", "growth / weights", "result GiB"]
     body = []
     for r in rows:
         if "failed" in r:
-            body.append([r["case"], str(r["layers"]), "-", "-", "-", "-", "-", f"failed: {r['failed']}"])
+            body.append([r["case"], str(r["layers"]), "-", "-", "-", "-", "-", "-", f"failed: {r['failed']}"])
             continue
         seconds = "-" if r["compile_s"] is None else f"{r['compile_s']:.1f}"
         growth = "-" if r["compile_s"] is None else f"{r['growth_bytes'] / r['weight_bytes']:.2f}x"
+        anonymous = f"{r['anonymous_peak_bytes'] / r['weight_bytes']:.2f}x" if r.get("anonymous_peak_bytes") else "-"
         body.append([r["case"], str(r["layers"]), f"{r['weight_bytes'] / 2**30:.2f}", seconds,
-                     f"{r['peak_bytes'] / 2**30:.2f}", f"{r['peak_over_weights']:.2f}x", growth,
+                     f"{r['peak_bytes'] / 2**30:.2f}", f"{r['peak_over_weights']:.2f}x", anonymous, growth,
                      f"{r['result_bytes'] / 2**30:.2f}"])
     return _table(header, body, markdown)
 
@@ -305,14 +360,14 @@ def _measured(call: Callable[[], Any]) -> tuple[int, bool, float, Any]:
     return rss_before, reset, time.perf_counter() - start, result
 
 
-def _rss_bytes(field_name: str) -> int:
+def _rss_bytes(field_name: str, fallback: bool = True) -> int:
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
             if line.startswith(field_name + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return _maxrss_bytes()
+    return _maxrss_bytes() if fallback else 0
 
 
 def _reset_peak_rss() -> bool:

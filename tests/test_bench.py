@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -147,7 +148,7 @@ TINY_LLAMA = {"hidden_size": 64, "intermediate_size": 172, "num_hidden_layers": 
               "num_key_value_heads": 2, "vocab_size": 512}
 
 
-@pytest.mark.parametrize("case", ["ort-quantize-dynamic", "fxopt-int8-weight-only"])
+@pytest.mark.parametrize("case", ["ort-quantize-dynamic", "fxopt-int8-weight-only", "fxopt-lossless-checkpoint"])
 def test_scale_llama_probe_reports_compile_time_and_peak_over_the_weights(case: str) -> None:
     pytest.importorskip("transformers")
     if case.startswith("ort"):
@@ -161,6 +162,9 @@ def test_scale_llama_probe_reports_compile_time_and_peak_over_the_weights(case: 
     assert row["compile_s"] > 0 and row["peak_bytes"] >= row["growth_bytes"] > 0
     assert row["peak_over_weights"] == pytest.approx(row["peak_bytes"] / row["weight_bytes"])
     assert row["result"] == ("InferenceSession" if case.startswith("ort") else "OptimizedModule")
+    assert row["weights_from"] == ("memory-mapped checkpoint" if case.endswith("checkpoint") else "memory")
+    if Path("/proc/self/status").exists():
+        assert 0 < row["anonymous_peak_bytes"] <= row["peak_bytes"]
     failed = {"case": "fxopt-preset-int8", "layers": 22, "failed": "killed by signal 9"}
     table = scale.format_scale_llama([{**row, "case": case}, failed])
     assert "peak / weights" in table and f"{row['peak_over_weights']:.2f}x" in table
