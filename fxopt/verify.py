@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ir.shapes import freeze_arguments
+from fxopt.ir.shapes import freeze_arguments, size_hint
 
 # Relative tolerance (max |a - b| over max |a|) an exact pass must meet, per dtype.
 # Exact rewrites reorder float sums (merged weights, folded scales), so fp32 gets a few
@@ -241,6 +241,17 @@ class ReusingRunner:
             staying += records[: self.keep - 1] if (k == key and not pin) else records
         return self.max_bytes - sum(_record_bytes(record) for record in staying)
 
+    def would_keep(self, gm: fx.GraphModule, key: Any, *, pin: bool = True) -> bool:
+        """Whether a run of ``gm`` on batch ``key`` could keep its values: False when the
+        values its nodes' recorded shapes add up to (views not counted) exceed what the bound
+        leaves, so that a run made only to keep them is not made (True when nothing bounds
+        them or a shape is unknown)."""
+        allowance = self._allowance(key, pin)
+        if allowance is None:
+            return True
+        estimate = _values_estimate(gm)
+        return estimate is None or estimate <= allowance
+
     def has(self, key: Any) -> bool:
         """Whether any graph's values on batch ``key`` are kept (a run on it may reuse them)."""
         return key in self._pinned or bool(self._last.get(key))
@@ -337,6 +348,26 @@ def _record_bytes(record: tuple[dict[str, Any], dict[str, Any]]) -> int:
             storage = value.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
+
+
+def _values_estimate(gm: fx.GraphModule) -> int | None:
+    """Bytes of the tensors ``gm``'s nodes compute, from their recorded shapes (``meta["val"]``;
+    a symbolic size at its hint); a view's output shares its input's memory and is not
+    counted. None when a node's value is unknown."""
+    total = 0
+    for node in gm.graph.nodes:
+        if node.op not in ("call_function", "call_method", "call_module") or getattr(node.target, "is_view", False):
+            continue
+        value = node.meta.get("val")
+        values = value if isinstance(value, (tuple, list)) else [value]
+        for item in values:
+            if isinstance(item, torch.Tensor):
+                total += size_hint(item.numel()) * item.element_size()
+            elif item is not None and not isinstance(item, (int, float, bool, torch.SymInt)):
+                return None
+        if value is None:
+            return None
+    return total
 
 
 def _last_uses(gm: fx.GraphModule) -> dict[fx.Node, int]:

@@ -311,6 +311,8 @@ def test_reusing_runner_past_its_bound_keeps_no_values_and_the_same_outputs() ->
     assert runner.lean_runs == 2 and runner.reused > 0  # the pinned prefix, still reused
     assert runner._last.get(0, []) == []
     nothing = ReusingRunner(max_bytes=0)
+    assert not nothing.would_keep(gm, 0) and ReusingRunner().would_keep(gm, 0)
+    assert ReusingRunner(max_bytes=2 * pinned).would_keep(gm, 0)  # the shapes' estimate is near the real size
     assert all(torch.equal(a, b) for a, b in zip(run_graph(gm, batch), nothing.run(gm, batch, pin=True)))
     assert not nothing.has(0) and nothing.lean_runs == 1
 
@@ -325,11 +327,13 @@ def test_a_search_with_no_room_for_values_chooses_what_an_unbounded_one_does(
     from fxopt.registry import resolve_passes
 
     lean = []
+    pins = []
     run = ReusingRunner.run
 
     def counting(self, *args, **kwargs):
         out = run(self, *args, **kwargs)
         lean.append(self.lean_runs)
+        pins.append(kwargs.get("pin", False))
         return out
 
     monkeypatch.setattr(ReusingRunner, "run", counting)
@@ -338,11 +342,14 @@ def test_a_search_with_no_room_for_values_chooses_what_an_unbounded_one_does(
     reports = []
     for limit in (None, 0):
         lean.clear()
+        pins.clear()
         gm = fxopt.capture(_mlp(), (x,))
         pipeline = resolve_passes(["remove-dropout", lossy])
         reports.append(compile_captured(gm, [[x], [calibration]], pipeline, verify_rows=None,
                                         memory_bound=limit).report)
         assert (max(lean) > 0) == (limit == 0)
+        # no run is made only to pin values the bound cannot hold (the shapes say so first)
+        assert any(pins) == (limit is None)
     unbounded, bounded = (r[lossy.split("(")[0]] for r in reports)
     assert unbounded.status == bounded.status and unbounded.applied == bounded.applied
     assert unbounded.skipped == bounded.skipped and bounded.applied > 0

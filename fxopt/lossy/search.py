@@ -212,9 +212,11 @@ class BudgetedSearch:
     def _pin(self, index: int) -> dict[str, Any] | None:
         """The starting graph's values on batch ``index``, run once and kept for the trials to
         reuse (or those the runner was handed pinned, once confirmed to be this graph's); None
-        when they do not fit the runner's memory bound (that run kept none, and is not repeated)."""
+        when they do not fit the runner's memory bound (that run kept none, and is not repeated;
+        where the graph's recorded shapes already say so, it is not made)."""
         if index not in self._starting_pinned:
-            if not self._runner.pinned_for(self.gm, index):
+            # A run made only to keep the values is not made where they cannot fit (a large model).
+            if not self._runner.pinned_for(self.gm, index) and self._runner.would_keep(self.gm, index):
                 self._runner.run(self.gm, self.ctx.batches[index], index, pin=True)
             self._starting_pinned.add(index)
         return self._runner.pinned_values(index) if self._runner.pinned(index) else None
