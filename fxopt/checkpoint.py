@@ -3,10 +3,11 @@
 ``fxopt.from_checkpoint(build, path)`` calls ``build()`` (a function that constructs the
 model, e.g. ``lambda: LlamaForCausalLM(config)``) with every parameter created on the meta
 device, so construction allocates and initializes no weights, then assigns each parameter
-the checkpoint's tensor of that name. safetensors memory-maps the file: a weight is read
+(and each buffer the checkpoint holds, such as BatchNorm's statistics) the checkpoint's
+tensor of that name. safetensors memory-maps the file: a weight is read
 from disk when first used, and its pages are the file's (the kernel can drop them under
 memory pressure and read them again), not a copy in the process's own memory. Buffers
-(rotary frequencies, position ids) are built as usual: they are small and often not saved.
+the checkpoint does not hold (rotary frequencies) are built as usual.
 
 ``fxopt.compile`` then shares every weight no pass rewrites with this model, so a lossless
 compile holds the checkpoint's pages plus what its passes made (merged weights), and a
@@ -45,18 +46,19 @@ def from_checkpoint(build: Callable[[], torch.nn.Module], checkpoint: Checkpoint
     if not isinstance(model, torch.nn.Module):
         raise InputError(f"from_checkpoint: build() returned {type(model).__name__}, not a torch.nn.Module")
     expected = dict(model.named_parameters(remove_duplicate=False))
+    saved_names = {**model.state_dict(keep_vars=True), **expected}  # persistent buffers too
     state: dict[str, torch.Tensor] = {}
     with ExitStack() as stack:
         for file in files:
             handle = stack.enter_context(safe_open(str(file), framework="pt"))
             for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
                 state[name] = handle.get_tensor(name)
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(set(state) - set(saved_names))
     if unexpected:
-        raise InputError(f"from_checkpoint: {len(unexpected)} tensor(s) of the checkpoint are no parameter of "
-                         f"the model: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
-    wrong = [f"{name} {tuple(state[name].shape)} (model: {tuple(p.shape)})"
-             for name, p in expected.items() if name in state and state[name].shape != p.shape]
+        raise InputError(f"from_checkpoint: {len(unexpected)} tensor(s) of the checkpoint are no parameter or "
+                         f"buffer of the model: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    wrong = [f"{name} {tuple(state[name].shape)} (model: {tuple(t.shape)})"
+             for name, t in saved_names.items() if name in state and state[name].shape != t.shape]
     if wrong:
         raise InputError(f"from_checkpoint: shapes differ: {'; '.join(wrong[:8])}")
     # A parameter the model holds under two names (an embedding tied to its output layer) is
@@ -76,6 +78,11 @@ def from_checkpoint(build: Callable[[], torch.nn.Module], checkpoint: Checkpoint
     if missing:
         raise InputError(f"from_checkpoint: {len(missing)} parameter(s) of the model are not in the checkpoint: "
                          f"{', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    unknown = [name for name, buffer in model.named_buffers() if buffer.is_meta]
+    if unknown:
+        raise InputError(f"from_checkpoint: buffer(s) {', '.join(unknown[:8])} were computed from parameters while "
+                         "the model was built, before the checkpoint's values were in; build the model in memory "
+                         "and load the checkpoint into it instead")
     return model.eval()
 
 
@@ -115,7 +122,8 @@ def _indexed(index: Path) -> list[Path]:
 def parameters_on_meta() -> Iterator[None]:
     """Every parameter registered inside the block is moved to the meta device as it is
     registered, so the module's own initialization of it touches no memory; buffers are
-    created as usual."""
+    created as usual. It patches ``torch.nn.Module.register_parameter`` for the block's
+    length: modules built by other threads meanwhile get meta parameters too."""
     register = torch.nn.Module.register_parameter
 
     def on_meta(module: torch.nn.Module, name: str, param: torch.nn.Parameter | None) -> None:

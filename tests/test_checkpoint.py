@@ -92,7 +92,7 @@ def test_a_sharded_checkpoint_by_its_index_or_its_folder(tmp_path: Path) -> None
 
 def test_a_checkpoint_that_does_not_fit_the_model_is_refused_with_the_names(tmp_path: Path) -> None:
     _, path = _saved(tmp_path)
-    with pytest.raises(fxopt.InputError, match=r"no parameter of the model: model\.layers\.1\."):
+    with pytest.raises(fxopt.InputError, match=r"no parameter or buffer of the model: model\.layers\.1\."):
         fxopt.from_checkpoint(lambda: transformers.LlamaForCausalLM(_config(layers=1)), path)
     with pytest.raises(fxopt.InputError, match=r"not in the checkpoint: model\.layers\.2\."):
         fxopt.from_checkpoint(lambda: transformers.LlamaForCausalLM(_config(layers=3)), path)
@@ -105,6 +105,32 @@ def test_a_checkpoint_that_does_not_fit_the_model_is_refused_with_the_names(tmp_
         fxopt.from_checkpoint(lambda: transformers.LlamaForCausalLM(_config()), pickled)
     with pytest.raises(fxopt.InputError, match="no such file"):
         fxopt.from_checkpoint(lambda: transformers.LlamaForCausalLM(_config()), tmp_path / "absent.safetensors")
+
+
+def test_a_buffer_computed_from_a_parameter_at_build_time_is_named(tmp_path: Path) -> None:
+    class Normalized(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(4, 4))
+            self.register_buffer("norm", self.weight.detach().norm(dim=1), persistent=False)
+
+    path = tmp_path / "normalized.safetensors"
+    save_model(Normalized(), str(path))
+    with pytest.raises(fxopt.InputError, match="buffer\\(s\\) norm were computed from parameters"):
+        fxopt.from_checkpoint(Normalized, path)
+
+
+def test_saved_buffers_come_from_the_checkpoint(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4)).eval()
+    model[1].running_mean.uniform_(-1, 1)
+    model[1].running_var.uniform_(0.5, 2)
+    path = tmp_path / "bn.safetensors"
+    save_model(model, str(path))
+    loaded = fxopt.from_checkpoint(lambda: torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4)), path)
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    assert torch.equal(loaded[1].running_var, model[1].running_var)
 
 
 def test_building_under_the_checkpoint_allocates_no_weights() -> None:
