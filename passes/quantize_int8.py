@@ -15,15 +15,13 @@ float32/float16/bfloat16 (``unsupported-dtype``) with finite values (``not-finit
 floating point (``not-floating-point``); W has at least ``min_params`` entries and in and out
 features are at least 16 (below that quantizing x costs more than the int8 GEMM saves,
 unless force=True) (``too-small``); static activations need calibration batches
-(``needs-calibration``); the search keeps the error within budget (``over-budget``). Which layers to quantize is the budgeted
-search's (fxopt.lossy) choice, each layer a site with one level: ``strategy="sensitivity"``
-(default) quantizes every layer if that fits ``budget``; else it ranks the layers by weight
-bytes saved per unit of each one's local error (its own output's relative error with its
-input and weight quantized, on its float input, from one run of the graph) and keeps the
-longest prefix of the ranking whose measured output error fits (a search from the length the
-estimates predict: a few measured trials, not two per layer); the layer after it stays float
-and the rest get another round. Layers left float say why, with a measured error. The choice is made on one half of the batches and
-verified on the other; both errors are in the details. Static scales come from the one
+(``needs-calibration``); the search keeps the error within budget (``over-budget``). Which
+layers to quantize is the budgeted search's (fxopt.lossy) choice, each layer a site with one
+level: ``strategy="sensitivity"`` (default) quantizes every layer if that fits ``budget``, else
+ranks the layers by weight bytes saved per unit of local error (the layer's own output error
+with its input and weight quantized) and keeps the longest prefix of the ranking whose measured
+output error fits; the rest get another round. Layers left float say why, with a measured error.
+The choice is made on half of the batches and verified on the other; both errors are in the details. Static scales come from the one
 activation observer, on every batch (sibling Linears share their input's scale).
 Backends lower the pattern to ``fxopt::int8_linear`` (int8 x int8 -> int32 GEMM, one fused rescale) or, per tensor
 dynamic, ``fxopt::int8_linear_dynamic_tensor`` (ONNX Runtime: DynamicQuantizeMatMul).
@@ -38,7 +36,7 @@ from typing import Any, ClassVar
 import torch.fx as fx
 from fxopt.passes._quantize_int8_search import budget_refusal, choose_layers, observe_scales
 
-from fxopt.ir import add_constant, call_nodes, constant, module_path, ops
+from fxopt.ir import add_constant, call_nodes, constant, derived, module_path, ops
 from fxopt.ir.qdq import insert_qdq
 from fxopt.lossy import check_search_options
 from fxopt.pass_api import Pass, PassContext, PassResult
@@ -114,7 +112,9 @@ class QuantizeInt8(Pass):
             scales, fit_scales = observe_scales(self, gm, candidates, ctx)
         else:
             fit_scales = scales
-        weights = {n.name: quantize_weight(constant(gm, n.args[1])) for n in candidates}
+        # derived(): the graphs of one model (a causal LM's prefill, decode) share one int8 copy
+        weights = {n.name: derived([w], ("quantize-int8",), lambda w=w: quantize_weight(w))
+                   for n in candidates for w in [constant(gm, n.args[1])]}
         if self.activations == "auto":
             return self._auto(gm, ctx, candidates, weights, scales, result)
         outcome = choose_layers(self, gm, ctx, candidates, weights, fit_scales, self._quantize)
@@ -197,3 +197,4 @@ class QuantizeInt8(Pass):
                        add_constant(gm, scale, f"{hint}_int8_scale"), scales[name],
                        dynamic_tensor=self.activations == "dynamic-tensor")
         gm.recompile()
+

@@ -275,3 +275,18 @@ def test_saved_int8_program_loads_after_import_fxopt(tmp_path) -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), layer(x))
+
+
+def test_compiles_of_one_model_share_its_int8_weights() -> None:
+    """Two graphs of one model (a causal LM's prefill and decode are two compiles) hold one int8
+    copy of each weight, not one each."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32)).eval()
+    spec = ["quantize-int8(activations='dynamic-tensor', budget=1.0)"]
+    first, second = (fxopt.compile(model, (torch.randn(rows, 64),), passes=spec, progress=False, measure=False)
+                     for rows in (8, 1))
+
+    def int8_storages(opt: fxopt.OptimizedModule) -> set[int]:
+        return {t.untyped_storage().data_ptr() for t in opt.graph_module.buffers() if t.dtype == torch.int8}
+
+    assert len(int8_storages(first)) == 2 and int8_storages(first) == int8_storages(second)
