@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("optimize", help="optimize a model defined in a Python file")
     p.add_argument("target", help="FILE.py:ATTR, where ATTR is an nn.Module or a callable returning one")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="build the model with ATTR (a function) and take its weights memory-mapped from this "
+                        "safetensors checkpoint: a file, an index or a folder of shards")
     p.add_argument("--input-shape", action="append", metavar="D0,D1,...",
                    help="shape of one random input (repeat for several inputs), e.g. 8,512")
     p.add_argument("--inputs", metavar="FILE",
@@ -105,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="the fastest model within a task-metric budget, choosing a technique per layer")
     p.add_argument("target", help="FILE.py:ATTR, where ATTR is an nn.Module or a callable returning one")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="build the model with ATTR (a function) and take its weights memory-mapped from this "
+                        "safetensors checkpoint: a file, an index or a folder of shards")
     p.add_argument("--input-shape", action="append", metavar="D0,D1,...",
                    help="shape of one random example input, at the batch size latency matters for")
     p.add_argument("--inputs", metavar="FILE", help="example inputs from a file (.pt or .npz, as for optimize)")
@@ -211,8 +217,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_target(target: str) -> torch.nn.Module:
-    """``FILE.py:ATTR`` -> the module (ATTR may be a module or a zero-argument factory)."""
+def load_target(target: str, checkpoint: str | None = None) -> torch.nn.Module:
+    """``FILE.py:ATTR`` -> the module (ATTR may be a module or a zero-argument factory). With
+    ``checkpoint`` (safetensors), ATTR must be a factory: the model is built by
+    :func:`fxopt.from_checkpoint`, its weights memory-mapped from the checkpoint."""
     if ":" not in target:
         raise ValueError(f"target must look like FILE.py:ATTR, got {target!r}")
     file_name, attr = target.rsplit(":", 1)
@@ -230,6 +238,13 @@ def load_target(target: str) -> torch.nn.Module:
     if not hasattr(module, attr):
         raise AttributeError(f"{file_name} has no attribute {attr!r}")
     obj: Any = getattr(module, attr)
+    if checkpoint is not None:
+        if isinstance(obj, torch.nn.Module) or not callable(obj):
+            raise TypeError(f"--checkpoint needs {target} to be a function that builds the model, "
+                            f"not a {type(obj).__name__}")
+        from fxopt.checkpoint import from_checkpoint
+
+        return from_checkpoint(obj, checkpoint)
     if not isinstance(obj, torch.nn.Module) and callable(obj):
         obj = obj()
     if not isinstance(obj, torch.nn.Module):
@@ -251,7 +266,7 @@ def _model_and_examples(args: argparse.Namespace) -> tuple[Any, list[Any], dict[
     """The target model and its example inputs, from --inputs FILE or random --input-shape."""
     if bool(args.inputs) == bool(args.input_shape):
         raise ValueError("give the example inputs either as --input-shape (random) or as --inputs FILE")
-    model = load_target(args.target)
+    model = load_target(args.target, getattr(args, "checkpoint", None))
     if args.inputs:
         inputs, kwargs = load_inputs(args.inputs)
     else:

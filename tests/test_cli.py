@@ -5,6 +5,7 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from fxopt.cli import main
 
@@ -43,6 +44,33 @@ def test_optimize_a_model_file(tmp_path, capsys: pytest.CaptureFixture[str]) -> 
     assert code == 0
     assert "remove-dropout" in capsys.readouterr().out
     assert '"applied": 1' in report.read_text()
+
+
+def test_optimize_a_model_built_from_a_safetensors_checkpoint(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+    import onnxruntime as ort
+    from safetensors.torch import save_model
+
+    source = tmp_path / "mymodel.py"
+    source.write_text(textwrap.dedent("""
+        import torch
+        def build():
+            return torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Dropout(0.1), torch.nn.ReLU()).eval()
+        model = build()
+    """))
+    torch.manual_seed(0)
+    trained = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.Dropout(0.1), torch.nn.ReLU())
+    save_model(trained, str(tmp_path / "model.safetensors"))
+    onnx_path = tmp_path / "model.onnx"
+    code = main(["optimize", f"{source}:build", "--checkpoint", str(tmp_path), "--input-shape", "4,16",
+                 "--passes", "remove-dropout", "--onnx", str(onnx_path)])
+    assert code == 0 and "remove-dropout" in capsys.readouterr().out
+    x = torch.randn(4, 16)
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    np.testing.assert_allclose(got, trained.eval()(x).detach().numpy(), rtol=1e-5, atol=1e-5)  # its weights
+    assert main(["optimize", f"{source}:model", "--checkpoint", str(tmp_path), "--input-shape", "4,16"]) == 1
+    assert "--checkpoint needs" in capsys.readouterr().err
 
 
 def test_errors_are_one_line_without_traceback(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
