@@ -173,7 +173,10 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
             preset, target, build,
             measure_error=lambda module: module.report.final_max_rel_err,
             run_example=lambda module: lambda: module(*args, **kwargs),
-            calibrated=bool(options.calibration))
+            calibrated=bool(options.calibration),
+            # the candidates held at once share the compile's one memory bound
+            hold_bytes=session.evidence.values_bound(session.captured.gm),
+            size_of=lambda module: module.report.final.weight_bytes)
     chosen.report.notes.append(presets.summary(preset, trials, chosen))
     _record_time(chosen.report, timer)
     session.check_user_model()

@@ -6,11 +6,13 @@ limited to some devices. ``fxopt.compile(model, inputs, preset="int8")`` compile
 candidate that applies (a candidate whose backend is not installed is dropped, with the
 reason and the install command in the report), drops the ones whose output error on the
 example and calibration data exceeds the preset's budget or whose passes all rolled back (or
-whose compile failed), and times each one that passes side by side with the fastest so far
-(interleaved, median; :func:`race` stops timing the clearly slower one after a few rounds) on
-the example inputs, letting the slower one go at once: at most two lowered candidates are
-held, whatever the number of candidates. The fastest is kept. The report says what was chosen, the measured times of the others, and why any was
-dropped.
+whose compile failed), times the rest side by side (interleaved, median; :func:`race` stops
+timing the clearly slower ones after a few rounds) on the example inputs and keeps the
+fastest. Each candidate holds a backend's copy of the weights: when the ones built so far
+exceed the compile's memory bound (a large model), they race there and only the fastest is
+kept, so that beside the candidate being built what is held stays within the bound (or is one
+candidate). The report says what was chosen, the measured times of the others, and why any
+was dropped.
 
 The candidates share work: the model is captured once, the exact passes they start with run
 once, and a candidate whose pipeline begins with another's (the same pipeline on another
@@ -129,16 +131,19 @@ def choose(
     *,
     repeats: int = 10,
     calibrated: bool = True,
+    hold_bytes: int | None = None,
+    size_of: Callable[[Any], int] = lambda module: 0,
 ) -> tuple[Any, list[Trial]]:
     """Compile each candidate for ``device`` with ``build``, keep those within the budget,
-    race each against the fastest so far (:func:`race`, two at a time) and return the
-    fastest module and every trial.
+    time them side by side (:func:`race`) and return the fastest module and every trial.
     ``calibrated``: whether calibration batches were given (else the candidates that need
-    them are dropped uncompiled)."""
+    them are dropped uncompiled). ``hold_bytes``: how many bytes of built candidates
+    (``size_of`` each, its weights) may be held at once; when the ones held exceed it, they
+    race there and only the fastest is kept (None: no bound, one race at the end)."""
     trials = [Trial(c) for c in preset.candidates if device.type in c.devices]
     if not trials:
         raise InputError(f"preset {preset.name!r} has no candidate for device {device.type!r}")
-    best: Trial | None = None
+    held: list[Trial] = []
     for trial in trials:
         trial.dropped = _unavailable(trial.candidate, device)
         if trial.dropped is None and trial.candidate.needs_calibration and not calibrated:
@@ -162,29 +167,31 @@ def choose(
         if trial.dropped is not None:
             _let_go(trial)  # a dropped candidate's weights (a backend's own copy) go now
             continue
-        # The candidate that passed races the fastest so far, and the loser goes: at most two
-        # candidates' lowered modules (each a backend's copy of the weights) are ever held.
-        best = trial if best is None else _faster(best, trial, run_example, repeats)
-    if best is None:
+        held.append(trial)
+        # Each candidate holds a backend's copy of the weights: past the bound (a large model),
+        # the held ones race now and the slower go, so that no more than the bound and one
+        # candidate are ever held; a small model's candidates all race once, at the end.
+        if len(held) > 1 and hold_bytes is not None and sum(size_of(t.module) for t in held) > hold_bytes:
+            held = [_fastest(held, run_example, repeats)]
+    if not held:
         reasons = "; ".join(f"{t.candidate.describe()}: {t.dropped}" for t in trials)
         raise FxoptError(f"preset {preset.name!r}: no candidate met its budget ({reasons})")
-    if best.milliseconds is None:  # the only one within budget: timed once, for the report
-        with phase("timing"):
-            best.milliseconds = race({"only": run_example(best.module)}, repeats=repeats)["only"].median
+    best = _fastest(held, run_example, repeats) if len(held) > 1 or held[0].milliseconds is None else held[0]
     return best.module, trials
 
 
-def _faster(best: Trial, challenger: Trial, run_example: Callable[[Any], Callable[[], Any]],
-            repeats: int) -> Trial:
-    """Time ``best`` and ``challenger`` side by side (:func:`race`), let the slower go and
-    return the faster. Each keeps the median of its latest race."""
+def _fastest(held: list[Trial], run_example: Callable[[Any], Callable[[], Any]], repeats: int) -> Trial:
+    """Time ``held`` side by side (:func:`race`; a lone one once, for the report), let all but
+    the fastest go and return it. Each keeps the median of its latest race."""
     with phase("timing"):
-        timings = race({"best": run_example(best.module), "challenger": run_example(challenger.module)},
-                       repeats=repeats)
-    best.milliseconds, challenger.milliseconds = timings["best"].median, timings["challenger"].median
-    winner, loser = (challenger, best) if challenger.milliseconds < best.milliseconds else (best, challenger)
-    _let_go(loser)
-    return winner
+        timings = race({str(i): run_example(t.module) for i, t in enumerate(held)}, repeats=repeats)
+    for i, trial in enumerate(held):
+        trial.milliseconds = timings[str(i)].median
+    best = min(held, key=lambda t: t.milliseconds or 0.0)
+    for trial in held:
+        if trial is not best:
+            _let_go(trial)
+    return best
 
 
 def _let_go(trial: Trial) -> None:

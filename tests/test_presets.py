@@ -112,10 +112,9 @@ def test_presets_and_the_bench_time_with_the_one_loop(monkeypatch: pytest.Monkey
     assert timing.speedup is latency.speedup and timing.measure_side_by_side is latency.measure_side_by_side
 
 
-def test_only_the_chosen_candidate_outlives_the_choice(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A dropped candidate is let go as soon as it is dropped, and each one within budget races
-    the fastest so far, the slower going at once: at most two built candidates (each a
-    backend's copy of the weights) are ever held, and only the chosen one is kept."""
+def _memory_case(monkeypatch: pytest.MonkeyPatch, hold_bytes: int | None):
+    """Four candidates (one over budget), each built after a collection records which of the
+    earlier ones are still alive; a race makes the later of each pair the faster."""
     import gc
     import weakref
     from types import SimpleNamespace
@@ -141,22 +140,39 @@ def test_only_the_chosen_candidate_outlives_the_choice(monkeypatch: pytest.Monke
     raced: list[list[str]] = []
 
     def race(runs: dict, repeats: int = 10) -> dict:
-        raced.append(list(runs))  # the fastest so far against the one that just passed
-        return {key: Timing.of([2.0 if key == "best" else 1.0]) for key in runs}
+        raced.append(list(runs))  # positions among the candidates held: the later, the faster
+        return {key: Timing.of([1.0 / (1 + int(key))]) for key in runs}
 
     monkeypatch.setattr(presets, "race", race)
     preset = presets.Preset("memory-test", "four candidates", tuple(
         presets.Candidate(("exact",), "eager", note=note) for note in errors), budget=0.05)
     chosen, trials = presets.choose(preset, torch.device("cpu"), build, measure_error=lambda m: m.error,
-                                    run_example=lambda m: lambda: None)
+                                    run_example=lambda m: lambda: None, hold_bytes=hold_bytes,
+                                    size_of=lambda m: 10)
     gc.collect()
+    alive = [name for name, ref in built.items() if ref() is not None]
+    return preset, chosen, trials, built, alive_when_built, raced, alive
+
+
+def test_past_the_memory_bound_candidates_race_as_they_come_and_only_the_chosen_outlives_the_choice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dropped candidate is let go as soon as it is dropped; past the bound (two candidates of
+    10 bytes over 15), the held ones race as each is added and the slower goes at once: at
+    most two built candidates (each a backend's copy of the weights) are ever held."""
+    preset, chosen, trials, built, alive_when_built, raced, alive = _memory_case(monkeypatch, hold_bytes=15)
     assert chosen.error == 0.01 and built["fastest"]() is chosen
     assert alive_when_built == {"over": [], "slow": [], "fast": ["slow"], "fastest": ["fast"]}
-    assert raced == [["best", "challenger"]] * 2  # the first within budget is not timed alone
-    assert [name for name, ref in built.items() if ref() is not None] == ["fastest"]
-    assert [t.module for t in trials] == [None, None, None, chosen]
-    assert trials[0].dropped == "output error 0.5 > 0.05" and trials[1].milliseconds == 2.0
-    assert presets.summary(preset, trials, chosen).startswith("preset memory-test: chose [exact] on eager (1 ms")
+    assert raced == [["0", "1"]] * 2  # the first within budget is not timed alone
+    assert alive == ["fastest"] and [t.module for t in trials] == [None, None, None, chosen]
+    assert trials[0].dropped == "output error 0.5 > 0.05" and trials[1].milliseconds == 1.0
+    assert presets.summary(preset, trials, chosen).startswith("preset memory-test: chose [exact] on eager (0.5 ms")
+
+
+def test_within_the_memory_bound_candidates_race_once_at_the_end(monkeypatch: pytest.MonkeyPatch) -> None:
+    _, chosen, trials, built, alive_when_built, raced, alive = _memory_case(monkeypatch, hold_bytes=None)
+    assert alive_when_built == {"over": [], "slow": [], "fast": ["slow"], "fastest": ["slow", "fast"]}
+    assert raced == [["0", "1", "2"]] and built["fastest"]() is chosen and alive == ["fastest"]
+    assert [t.milliseconds for t in trials] == [None, 1.0, 0.5, 1 / 3]
 
 
 def test_a_lone_candidate_within_budget_is_timed_once_for_the_report(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -174,5 +190,5 @@ def test_a_lone_candidate_within_budget_is_timed_once_for_the_report(monkeypatch
     preset = presets.Preset("lone", "one candidate", (presets.Candidate(("exact",), "eager"),), budget=0.05)
     module = SimpleNamespace(report=SimpleNamespace(passes=[]))
     chosen, trials = presets.choose(preset, torch.device("cpu"), lambda c: module, measure_error=lambda m: 0.0,
-                                    run_example=lambda m: lambda: None)
-    assert chosen is module and raced == [["only"]] and trials[0].milliseconds == 3.0
+                                    run_example=lambda m: lambda: None, hold_bytes=0)
+    assert chosen is module and raced == [["0"]] and trials[0].milliseconds == 3.0
