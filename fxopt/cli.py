@@ -266,7 +266,7 @@ def _model_and_examples(args: argparse.Namespace) -> tuple[Any, list[Any], dict[
     """The target model and its example inputs, from --inputs FILE or random --input-shape."""
     if bool(args.inputs) == bool(args.input_shape):
         raise ValueError("give the example inputs either as --input-shape (random) or as --inputs FILE")
-    model = load_target(args.target, getattr(args, "checkpoint", None))
+    model = load_target(args.target, args.checkpoint)
     if args.inputs:
         inputs, kwargs = load_inputs(args.inputs)
     else:

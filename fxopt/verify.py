@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ir.shapes import freeze_arguments, size_hint
+from fxopt.ir.shapes import freeze_arguments, numel_hint
 
 # Relative tolerance (max |a - b| over max |a|) an exact pass must meet, per dtype.
 # Exact rewrites reorder float sums (merged weights, folded scales), so fp32 gets a few
@@ -362,7 +362,7 @@ def _values_estimate(gm: fx.GraphModule) -> int | None:
         values = value if isinstance(value, (tuple, list)) else [value]
         for item in values:
             if isinstance(item, torch.Tensor):
-                total += size_hint(item.numel()) * item.element_size()
+                total += numel_hint(item.shape) * item.element_size()
             elif item is not None and not isinstance(item, (int, float, bool, torch.SymInt)):
                 return None
         if value is None:

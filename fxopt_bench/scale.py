@@ -190,9 +190,9 @@ def llama_probe(spec: dict[str, Any]) -> dict[str, Any]:
     model = LlamaModel(LlamaConfig(**spec["shape"], use_cache=False)).eval()
     ids = torch.randint(0, spec["shape"]["vocab_size"], (1, LLAMA_SEQUENCE), generator=torch.Generator().manual_seed(0))
     params, weight_bytes = state_cost(model)
-    checkpoint = None
-    if case == "fxopt-lossless-checkpoint":
-        model, checkpoint = _from_checkpoint(model, LlamaModel, LlamaConfig(**spec["shape"], use_cache=False))
+    mapped = case == "fxopt-lossless-checkpoint"
+    if mapped:
+        model = _from_checkpoint(model, LlamaModel, LlamaConfig(**spec["shape"], use_cache=False))
     with torch.no_grad():
         model(ids)
     built_peak = _rss_bytes("VmHWM")
@@ -206,7 +206,7 @@ def llama_probe(spec: dict[str, Any]) -> dict[str, Any]:
             "weight_bytes": weight_bytes, "compile_s": compile_s if case != "model" else None,
             "peak_bytes": peak, "peak_over_weights": peak / weight_bytes, "growth_bytes": max(0, peak - rss_before),
             "anonymous_peak_bytes": anonymous.peak, "result_bytes": max(0, resident),
-            "weights_from": "memory-mapped checkpoint" if checkpoint is not None else "memory",
+            "weights_from": "memory-mapped checkpoint" if mapped else "memory",
             "peak_measure": "VmHWM reset" if reset else "ru_maxrss (not reset)", "result": result}
 
 
@@ -222,10 +222,10 @@ def _llama_lossless_onnx(model: Any, ids: Any) -> Any:
     return _keep(fxopt.compile(model, (ids,), backend="onnx"))
 
 
-def _from_checkpoint(model: Any, model_class: Any, config: Any) -> tuple[Any, Any]:
+def _from_checkpoint(model: Any, model_class: Any, config: Any) -> Any:
     """``model`` written to a safetensors file and built again from it with
-    :func:`fxopt.from_checkpoint` (the in-memory one let go): (the new model, the folder)."""
-    import gc
+    :func:`fxopt.from_checkpoint`; the file lives as long as the probe (the in-memory model goes
+    when the caller drops it)."""
     import tempfile
 
     from safetensors.torch import save_model
@@ -235,10 +235,8 @@ def _from_checkpoint(model: Any, model_class: Any, config: Any) -> tuple[Any, An
     folder = tempfile.TemporaryDirectory(prefix="fxopt-scale-checkpoint-")
     path = Path(folder.name) / "model.safetensors"
     save_model(model, str(path))
-    del model
-    gc.collect()
     _KEPT.append(folder)  # the file outlives the probe's measurements
-    return fxopt.from_checkpoint(lambda: model_class(config), path), folder
+    return fxopt.from_checkpoint(lambda: model_class(config), path)
 
 
 class _AnonymousPeak:
