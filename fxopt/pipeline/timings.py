@@ -83,9 +83,14 @@ def side_by_side_timer(*, warmup: int = 1, repeats: int = 15, max_seconds: float
     times slower than the fastest after a round is not timed again). The fastest, not the median: another process taking the core only ever
     adds time, so on a shared machine the fastest round is the steadiest estimate of what a
     kernel costs (the median moves with the load)."""
+    # Without a warm-up, the first round may hold a candidate's one-time cost (a lazily packed
+    # weight): nothing is dropped as hopeless before a second round.
+    keep = _drop_hopeless if warmup > 0 else _drop_hopeless_after_first
+    min_repeats = min_repeats if warmup > 0 else max(min_repeats, 2)
+
     def timer(candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
         timings = interleaved(candidates, warmup=warmup, repeats=repeats, max_seconds=max_seconds,
-                              min_repeats=min_repeats, keep=_drop_hopeless)
+                              min_repeats=min_repeats, keep=keep)
         return {name: timing.min for name, timing in timings.items()}
     return timer
 
@@ -99,6 +104,10 @@ def _drop_hopeless(rounds: int, samples: Mapping[str, list[float]], elapsed: flo
     library kernel that dequantizes its weight on every call, at a prefill's shape)."""
     best = min(min(values) for values in samples.values())
     return [name for name, values in samples.items() if min(values) <= HOPELESS * best]
+
+
+def _drop_hopeless_after_first(rounds: int, samples: Mapping[str, list[float]], elapsed: float) -> list[str]:
+    return list(samples) if rounds < 2 else _drop_hopeless(rounds, samples, elapsed)
 
 
 def fixed_timer(times: Mapping[str, float | Sequence[float]]) -> Timer:
@@ -146,7 +155,10 @@ class KernelTimings:
 
     ``measure``: time candidates that are not cached (False: a cached verdict, else the
     default). ``timer``: how candidates are timed (default: :func:`side_by_side_timer`).
-    ``measurements`` counts the candidate sets this object timed.
+    ``measurements`` counts the candidate sets this object timed. ``warm_timer`` times
+    candidates that have already run in this process (whole graphs the compile ran; default:
+    the same loop without its warm-up call, as the fastest of at least two rounds leaves out
+    a first call's one-time cost anyway).
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None = None, *, measure: bool | None = None,
@@ -154,6 +166,7 @@ class KernelTimings:
         self.directory = Path(directory) if directory is not None else default_cache_dir()
         self.measure = measuring_by_default() if measure is None else measure
         self.timer = timer or side_by_side_timer()
+        self.warm_timer = timer or side_by_side_timer(warmup=0)
         self.fingerprint = fingerprint or f"{isa.fingerprint()} kernels-{kernels_version()}"
         self.measurements = 0
         self._entries: dict[str, Any] | None = None
@@ -186,7 +199,8 @@ class KernelTimings:
         return entry
 
     def choose(self, op: str, site: str, candidates: Mapping[str, Callable[..., Any]],
-               inputs: Sequence[Sequence[Any]], *, prefer: str | None = None, margin: float = 0.0) -> Choice:
+               inputs: Sequence[Sequence[Any]], *, prefer: str | None = None, margin: float = 0.0,
+               warm: bool = False) -> Choice:
         """Which of ``candidates`` (name -> callable on one of ``inputs``) runs at ``site``.
 
         ``inputs`` holds one argument list per size to measure (the example shape, then a
@@ -208,10 +222,11 @@ class KernelTimings:
             return Choice(op, site, names[0], "default")
         runnable = dict(candidates)
         times: dict[str, list[float]] = {name: [] for name in names}
+        timer = self.warm_timer if warm else self.timer
         for args in inputs:
             calls = {name: (lambda fn=fn, args=args: fn(*args)) for name, fn in runnable.items()}
             try:
-                measured = self.timer(calls)
+                measured = timer(calls)
             except Exception:
                 # A kernel that fails at this shape is no candidate here; the preferred one
                 # (the graph as it was) must run, so its failure is the caller's error.
@@ -221,7 +236,7 @@ class KernelTimings:
                 for name in failed:
                     runnable.pop(name)
                     times.pop(name)
-                measured = self.timer({name: calls[name] for name in runnable})
+                measured = timer({name: calls[name] for name in runnable})
             self.measurements += 1
             for name in runnable:
                 times[name].append(float(measured[name]))
@@ -335,7 +350,7 @@ def never_slower(optimized: Any, captured: torch.fx.GraphModule, inputs: Sequenc
     site = f"{hashlib.sha256(whole.encode()).hexdigest()[:20]}|{_shapes(flat)}"
     with phase("measure"):
         choice = timings.choose("whole-graph", site, {"lowered": runner, "captured": run_captured}, [flat],
-                                prefer="lowered", margin=NOISE)
+                                prefer="lowered", margin=NOISE, warm=True)
     report.kernels.append({**choice.as_dict(), "nodes": ["whole graph"]})
     if choice.name == "lowered":
         return optimized
