@@ -157,6 +157,8 @@ def observe_scales(options: Options, gm: fx.GraphModule, nodes: list[fx.Node],
 
 def budget_refusal(pick: Pick) -> Refusal:
     """Why the search left a layer float, with the measured error that decided it."""
+    if pick.reason:  # the search's own account (a choice made block by block)
+        return Refusal(OVER_BUDGET, pick.reason)
     limit = f"budget {pick.target:g}"
     if pick.split != "fit":
         limit = f"{pick.target:g} (half the budget: chosen again on every batch after the held-out check failed)"

@@ -197,4 +197,4 @@ def _estimate(weight: torch.Tensor, quantized: Callable, name: str):  # noqa: AN
 def _budget_refusal(pick: Pick) -> Refusal:
     level = f"int{pick.tried[0]}" if isinstance(pick.tried, tuple) else "quantized"
     context = f" with {pick.others} other layer(s) quantized" if pick.others else " alone"
-    return Refusal(OVER_BUDGET, f"{level}{context} gives output error {pick.error:.3g} > budget {pick.target:g}")
+    return Refusal(OVER_BUDGET, pick.reason or f"{level}{context} gives output error {pick.error:.3g} > budget {pick.target:g}")

@@ -14,9 +14,9 @@ Level = Hashable
 T = TypeVar("T")
 Choices = Mapping[str, Level]
 
-STRATEGIES = ("equal-share", "sensitivity")
+STRATEGIES = ("equal-share", "sensitivity", "blocks")
 # log events about the whole combination, not one site: every site's details show them
-_GLOBAL_EVENTS = frozenset({"all-at-once", "ranked", "prefix", "estimated", "verify", "retry"})
+_GLOBAL_EVENTS = frozenset({"all-at-once", "ranked", "prefix", "estimated", "verify", "retry", "blocks"})
 
 
 @dataclass(frozen=True, eq=False)

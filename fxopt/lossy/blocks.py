@@ -1,0 +1,266 @@
+"""Block by block: the budgeted search on a model whose values do not fit the memory bound.
+
+Where the search cannot keep the starting graph's values (a 1B model's run holds more than
+the compile's bound), each whole-model trial is a whole forward. Block by block, as
+GPTQ-style tools and NNCF calibrate, a trial runs one block. The blocks are the spans of the
+graph that repeated modules cover (``layers.0``, ``layers.1``, ...: a module path up to its
+first index), in graph order; what is live across a span's end (the residual stream, the
+mask, the rotary tables: small beside the weights) is kept from one block to the next.
+
+    block k      error = its outputs with the choices so far (its inputs from the changed
+                 blocks before it) against the starting graph's; the block may raise it to
+                 its share, budget * (k + 1) / blocks (errors add up along the residual
+                 stream). Its sites ranked by saving per estimated error: the longest prefix
+                 within the share is taken, the next site refused, the rest another round.
+    other sites  (a head after the blocks): whole-model trials on top, within the budget.
+    the check    the whole model's output error on every batch of the split. Over the
+                 budget, the shares shrink by the ratio missed and the blocks run again
+                 (:data:`SHRINK_ROUNDS` times at most); then the whole-model strategy decides.
+
+A block's trial is the trial graph the whole-model search would run (``search.trial``), run
+from the values kept at its span's start; run span by span, a graph computes exactly what a
+whole run computes (:func:`run_by_spans`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch.fx as fx
+
+from fxopt.ir import module_path
+from fxopt.lossy.sites import Choices, Level, Pick, Site
+from fxopt.phases import progress
+from fxopt.verify import compare_outputs
+
+if TYPE_CHECKING:
+    from fxopt.lossy.search import BudgetedSearch
+
+SHRINK_ROUNDS = 2
+_BLOCKWISE = "chosen block by block"
+Values = dict[str, Any]
+
+
+class SpanError(Exception):
+    """A trial graph's span cannot be run from the kept values (a rewrite moved its end)."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """The nodes after the previous span's last one, up to ``last`` (the last node of the block
+    ``key``); ``outputs``: its computed nodes used after it; ``sites``: the sites in it."""
+
+    key: str
+    last: str
+    outputs: tuple[str, ...]
+    sites: tuple[str, ...]
+
+
+def block_key(path: str) -> str | None:
+    """``layers.3`` for ``layers.3.mlp.up_proj``: the path up to its first index, one of a
+    container's repeated modules (None: no index, or the model's own numbered children, the
+    layers of a Sequential rather than repeated blocks)."""
+    atoms = path.split(".")
+    index = next((i for i, atom in enumerate(atoms) if atom.isdigit()), None)
+    return None if not index else ".".join(atoms[: index + 1])
+
+
+def _key(node: fx.Node) -> str | None:
+    return block_key(module_path(node)) if node.meta.get("nn_module_stack") else None
+
+
+def find_spans(gm: fx.GraphModule, site_names: Iterable[str]) -> list[Span] | None:
+    """The graph's blocks as spans, in order, each with its sites; None unless there are two
+    blocks or more, one after another (a block's computed nodes all before the next one's)."""
+    nodes = list(gm.graph.nodes)
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for index, node in enumerate(nodes):
+        key = _key(node) if node.op in ("call_function", "call_method", "call_module") else None
+        if key is not None:
+            first.setdefault(key, index)
+            last[key] = index
+    keys = sorted(first, key=first.__getitem__)
+    if len(keys) < 2 or any(first[b] <= last[a] for a, b in zip(keys, keys[1:])):
+        return None
+    wanted = set(site_names)
+    position = {node: index for index, node in enumerate(nodes)}
+    spans, start = [], 0
+    for key in keys:
+        end = last[key]
+        members = nodes[start:end + 1]
+        outputs = tuple(n.name for n in members if n.op not in ("placeholder", "get_attr")
+                        and any(position[user] > end for user in n.users))
+        spans.append(Span(key, nodes[end].name, outputs,
+                          tuple(n.name for n in members if n.name in wanted and _key(n) == key)))
+        start = end + 1
+    return spans
+
+
+def run_span(gm: fx.GraphModule, spans: Sequence[Span], k: int, live: Values, batch: Sequence[Any]) -> Values:
+    """Run span ``k`` of ``gm`` (a trial graph of the spans' graph) from ``live``, the values
+    live at its start (span 0: from ``batch``); the values live after it."""
+    nodes = list(gm.graph.nodes)
+    index = {node.name: i for i, node in enumerate(nodes)}
+    if spans[k].last not in index or (k and spans[k - 1].last not in index):
+        raise SpanError(f"block {spans[k].key}: its end is not in the trial graph")
+    start, end = (index[spans[k - 1].last] + 1 if k else 0), index[spans[k].last]
+    env = dict(live)
+    inputs = iter(batch)
+
+    def value(node: fx.Node) -> Any:
+        if node.name in env:
+            return env[node.name]
+        if node.op == "get_attr":  # a constant a rewrite placed outside the span
+            return _attribute(gm, str(node.target))
+        raise SpanError(f"block {spans[k].key}: {node.name} is neither live at its start nor in it")
+
+    for node in nodes[start:end + 1]:
+        if node.op == "placeholder":
+            env[node.name] = next(inputs)
+        elif node.op == "get_attr":
+            env[node.name] = _attribute(gm, str(node.target))
+        elif node.op == "call_function":
+            env[node.name] = node.target(*fx.node.map_arg(node.args, value), **fx.node.map_arg(node.kwargs, value))
+        elif node.op == "call_method":
+            receiver, *rest = fx.node.map_arg(node.args, value)
+            env[node.name] = getattr(receiver, str(node.target))(*rest, **fx.node.map_arg(node.kwargs, value))
+        elif node.op == "call_module":
+            module = gm.get_submodule(str(node.target))
+            env[node.name] = module(*fx.node.map_arg(node.args, value), **fx.node.map_arg(node.kwargs, value))
+        else:
+            raise SpanError(f"block {spans[k].key}: the graph's output lies inside it")
+    return {name: v for name, v in env.items()
+            if name in index and any(index[user.name] > end for user in nodes[index[name]].users)}
+
+
+def run_by_spans(gm: fx.GraphModule, spans: Sequence[Span], batch: Sequence[Any],
+                 seen: Callable[[int, Values], None] = lambda k, live: None) -> Values:
+    """Every span of ``gm`` in order on ``batch`` (``seen(k, live)`` after each); what is live
+    after the last one."""
+    live: Values = {}
+    for k in range(len(spans)):
+        live = run_span(gm, spans, k, live, batch)
+        seen(k, live)
+    return live
+
+
+def _attribute(gm: fx.GraphModule, target: str) -> Any:
+    obj: Any = gm
+    for atom in target.split("."):
+        obj = getattr(obj, atom)
+    return obj
+
+
+def block_by_block(search: BudgetedSearch, budget: float, spans: Sequence[Span]
+                   ) -> tuple[dict[str, Level], dict[str, Pick], dict[str, Pick]] | None:
+    """The search's choice block by block (the module docstring); None when the whole-model
+    check still fails after the shares shrank (the caller's whole-model strategy decides)."""
+    try:
+        return _block_by_block(search, budget, spans)
+    except SpanError as exc:
+        search.step("blocks", note=f"whole-model trials instead: {exc}")
+        return None
+
+
+def _block_by_block(search: BudgetedSearch, budget: float, spans: Sequence[Span]
+                    ) -> tuple[dict[str, Level], dict[str, Pick], dict[str, Pick]] | None:
+    indices = search.fit_indices if search.split == "fit" else sorted({*search.fit_indices, *search.heldout_indices})
+    batches = search.ctx.batches
+    reference: dict[int, dict[int, list[Any]]] = {b: {} for b in indices}
+    for b in indices:
+        run_by_spans(search.gm, spans, batches[b],
+                     lambda k, live, b=b: reference[b].__setitem__(k, [live[n] for n in spans[k].outputs]))
+    by_name = {site.name: site for site in search.sites}
+    in_blocks = {name for span in spans for name in span.sites}
+    rest = [site for site in search.sites if site.name not in in_blocks]
+    scale = 1.0
+    for attempt in range(SHRINK_ROUNDS + 1):
+        choices: dict[str, Level] = {}
+        picks: dict[str, Pick] = {}
+        refused: dict[str, Pick] = {}
+        live: dict[int, Values] = {b: {} for b in indices}
+        for k, span in enumerate(spans):
+            share = scale * budget * (k + 1) / len(spans)
+            runs: dict[frozenset[tuple[str, Level]], tuple[float, dict[int, Values]]] = {}
+
+            def measure(combination: Choices, k: int = k, span: Span = span, share: float = share,
+                        runs: dict = runs, start: dict[int, Values] = live) -> float:
+                key = frozenset(combination.items())
+                if key not in runs:
+                    trial = search.trial(combination, runnable=False)
+                    worst, after = 0.0, {}
+                    for b in indices:
+                        after[b] = run_span(trial, spans, k, start[b], batches[b])
+                        if any(name not in after[b] for name in span.outputs):
+                            raise SpanError(f"block {span.key}: a rewrite replaced one of its outputs")
+                        comparison = compare_outputs(reference[b][k], [after[b][n] for n in span.outputs])
+                        worst = max(worst, math.inf if comparison.mismatch else comparison.max_rel)
+                    search.trials += 1
+                    search.step("block-trial", block=span.key, choices=dict(combination), error=worst, target=share)
+                    runs[key] = (worst, after)
+                return runs[key][0]
+
+            where = f"block {span.key}'s output error"
+            choices = _take(search, [by_name[n] for n in span.sites], choices, measure, share, picks, refused, where)
+            measure(choices)
+            live = runs[frozenset(choices.items())][1]
+            progress(k + 1, len(spans), "blocks")
+        choices = _take(search, rest, choices, search.error, budget, picks, refused, "the output error")
+        final = search.error(choices)
+        search.step("blocks", attempt=attempt, chosen=len(choices), refused=len(refused), error=final, target=budget)
+        if final <= budget:
+            return choices, picks, refused
+        scale *= 0.9 * budget / final if math.isfinite(final) and final > 0 else 0.5
+    return None
+
+
+def _take(search: BudgetedSearch, sites: Sequence[Site], base: dict[str, Level], measure: Callable[[Choices], float],
+          target: float, picks: dict[str, Pick], refused: dict[str, Pick], where: str) -> dict[str, Level]:
+    """``base`` with the longest prefix of ``sites`` (ranked by saving per estimated error,
+    each at its most aggressive level) within ``target``, round after round: the site after
+    each round's prefix is refused, with ``where`` naming what its error is of."""
+    def efficiency(site: Site) -> float:
+        return site.saving(site.levels[-1]) / max(search.estimate(site), 1e-12)
+
+    open_ = sorted(sites, key=efficiency, reverse=True)
+    taken = dict(base)
+
+    def with_(count: int) -> dict[str, Level]:
+        return {**taken, **{site.name: site.levels[-1] for site in open_[:count]}}
+
+    while open_:
+        if measure(with_(len(open_))) <= target:
+            fits = len(open_)
+        elif measure(taken) > target:  # the sites changed before already use this share
+            every, before = measure(with_(len(open_))), measure(taken)
+            for site in open_:
+                refused[site.name] = Pick(None, every, site.levels[-1], target, others=len(taken) + len(open_) - 1,
+                                          others_error=before, reason=(
+                    f"{_BLOCKWISE}: the {len(taken)} layer(s) changed before it already bring {where} to "
+                    f"{before:.3g} > {target:.3g}"))
+            return taken
+        else:
+            fits, fails = 0, len(open_)
+            while fails - fits > 1:
+                middle = (fits + fails) // 2
+                fits, fails = (middle, fails) if measure(with_(middle)) <= target else (fits, middle)
+        chosen = with_(fits)
+        error = measure(chosen)
+        picks.update({site.name: Pick(site.levels[-1], error, target=target, others=len(chosen) - 1)
+                      for site in open_[:fits]})
+        if fits < len(open_):
+            culprit = open_[fits]
+            refused[culprit.name] = _refusal(culprit, measure(chosen | {culprit.name: culprit.levels[-1]}), target,
+                                             chosen, error, where)
+        taken, open_ = chosen, open_[fits + 1:]
+    return taken
+
+
+def _refusal(site: Site, error: float, target: float, others: Mapping[str, Level], others_error: float,
+             where: str) -> Pick:
+    reason = f"{_BLOCKWISE}: with {len(others)} other layer(s) changed, it raises {where} to {error:.3g} > {target:.3g}"
+    return Pick(None, error, site.levels[-1], target, others=len(others), others_error=others_error, reason=reason)
