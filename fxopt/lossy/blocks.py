@@ -25,10 +25,11 @@ whole run computes (:func:`run_by_spans`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import torch
 import torch.fx as fx
 
 from fxopt.ir import module_path
@@ -118,23 +119,30 @@ def run_span(gm: fx.GraphModule, spans: Sequence[Span], k: int, live: Values, ba
             return _attribute(gm, str(node.target))
         raise SpanError(f"block {spans[k].key}: {node.name} is neither live at its start nor in it")
 
-    for node in nodes[start:end + 1]:
-        if node.op == "placeholder":
-            env[node.name] = next(inputs)
-        elif node.op == "get_attr":
-            env[node.name] = _attribute(gm, str(node.target))
-        elif node.op == "call_function":
-            env[node.name] = node.target(*fx.node.map_arg(node.args, value), **fx.node.map_arg(node.kwargs, value))
-        elif node.op == "call_method":
-            receiver, *rest = fx.node.map_arg(node.args, value)
-            env[node.name] = getattr(receiver, str(node.target))(*rest, **fx.node.map_arg(node.kwargs, value))
-        elif node.op == "call_module":
-            module = gm.get_submodule(str(node.target))
-            env[node.name] = module(*fx.node.map_arg(node.args, value), **fx.node.map_arg(node.kwargs, value))
-        else:
-            raise SpanError(f"block {spans[k].key}: the graph's output lies inside it")
+    with torch.no_grad():  # a model's parameters require grad: no autograd graph keeps a block's values
+        for node in nodes[start:end + 1]:
+            _run_node(gm, node, env, value, inputs, spans[k].key)
     return {name: v for name, v in env.items()
             if name in index and any(index[user.name] > end for user in nodes[index[name]].users)}
+
+
+def _run_node(gm: fx.GraphModule, node: fx.Node, env: Values, value: Callable[[fx.Node], Any],
+              inputs: Iterator[Any], block: str) -> None:
+    args = () if node.op in ("placeholder", "get_attr") else fx.node.map_arg(node.args, value)
+    kwargs = {} if node.op in ("placeholder", "get_attr") else fx.node.map_arg(node.kwargs, value)
+    if node.op == "placeholder":
+        env[node.name] = next(inputs)
+    elif node.op == "get_attr":
+        env[node.name] = _attribute(gm, str(node.target))
+    elif node.op == "call_function":
+        env[node.name] = node.target(*args, **kwargs)
+    elif node.op == "call_method":
+        receiver, *rest = args
+        env[node.name] = getattr(receiver, str(node.target))(*rest, **kwargs)
+    elif node.op == "call_module":
+        env[node.name] = gm.get_submodule(str(node.target))(*args, **kwargs)
+    else:
+        raise SpanError(f"block {block}: the graph's output lies inside it")
 
 
 def run_by_spans(gm: fx.GraphModule, spans: Sequence[Span], batch: Sequence[Any],
