@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -37,9 +37,8 @@ from fxopt.lossy.sites import Choices, Level, Pick, Site
 from fxopt.phases import progress
 from fxopt.verify import compare_outputs
 
-if TYPE_CHECKING:
-    from fxopt.lossy.search import BudgetedSearch
-
+# The search is a fxopt.lossy.search.BudgetedSearch (which imports this module): typed Any here.
+Search = Any
 SHRINK_ROUNDS = 2
 _BLOCKWISE = "chosen block by block"
 Values = dict[str, Any]
@@ -163,7 +162,7 @@ def _attribute(gm: fx.GraphModule, target: str) -> Any:
     return obj
 
 
-def block_by_block(search: BudgetedSearch, budget: float, spans: Sequence[Span]
+def block_by_block(search: Search, budget: float, spans: Sequence[Span]
                    ) -> tuple[dict[str, Level], dict[str, Pick], dict[str, Pick]] | None:
     """The search's choice block by block (the module docstring); None when the whole-model
     check still fails after the shares shrank (the caller's whole-model strategy decides)."""
@@ -174,7 +173,7 @@ def block_by_block(search: BudgetedSearch, budget: float, spans: Sequence[Span]
         return None
 
 
-def _block_by_block(search: BudgetedSearch, budget: float, spans: Sequence[Span]
+def _block_by_block(search: Search, budget: float, spans: Sequence[Span]
                     ) -> tuple[dict[str, Level], dict[str, Pick], dict[str, Pick]] | None:
     indices = search.fit_indices if search.split == "fit" else sorted({*search.fit_indices, *search.heldout_indices})
     batches = search.ctx.batches
@@ -226,7 +225,7 @@ def _block_by_block(search: BudgetedSearch, budget: float, spans: Sequence[Span]
     return None
 
 
-def _take(search: BudgetedSearch, sites: Sequence[Site], base: dict[str, Level], measure: Callable[[Choices], float],
+def _take(search: Search, sites: Sequence[Site], base: dict[str, Level], measure: Callable[[Choices], float],
           target: float, picks: dict[str, Pick], refused: dict[str, Pick], where: str) -> dict[str, Level]:
     """``base`` with the longest prefix of ``sites`` (ranked by saving per estimated error,
     each at its most aggressive level) within ``target``, round after round: the site after
