@@ -198,3 +198,25 @@ def test_without_a_warm_up_a_slow_first_call_is_not_taken_for_a_slow_candidate()
     times = side_by_side_timer(warmup=0)({"lazy": lazy, "plain": plain})
     assert calls["lazy"] >= 2 and calls["plain"] >= 2, calls
     assert times["lazy"] < times["plain"], times
+
+
+def test_a_settled_timer_stops_once_the_preferred_candidate_clearly_leads():
+    import time
+
+    from fxopt.pipeline.timings import side_by_side_timer
+
+    calls = {"preferred": 0, "other": 0}
+
+    def sleeper(name: str, seconds: float):
+        def call() -> None:
+            calls[name] += 1
+            time.sleep(seconds)
+        return call
+
+    timer = side_by_side_timer(warmup=0, settled=0.10, max_seconds=10.0)
+    times = timer({"preferred": sleeper("preferred", 0.002), "other": sleeper("other", 0.006)})
+    assert calls == {"preferred": 1, "other": 1} and times["preferred"] < times["other"]  # one round
+    # the other way round it is not settled: the preferred one may be paying a first call's cost
+    calls.update(preferred=0, other=0)
+    timer({"preferred": sleeper("preferred", 0.006), "other": sleeper("other", 0.002)})
+    assert calls["preferred"] >= 2 and calls["other"] >= 2, calls

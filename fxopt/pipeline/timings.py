@@ -29,7 +29,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +39,7 @@ import torch
 
 from fxopt import isa
 from fxopt.ir import copy_graph_module
-from fxopt.latency import interleaved
+from fxopt.latency import KeepPolicy, interleaved
 from fxopt.phases import phase
 
 CACHE_DIR_ENV = "FXOPT_CACHE_DIR"
@@ -75,18 +75,22 @@ def measuring_by_default() -> bool:
 
 
 def side_by_side_timer(*, warmup: int = 1, repeats: int = 15, max_seconds: float = 0.1,
-                       min_repeats: int = 2) -> Timer:
+                       min_repeats: int = 2, settled: float | None = None) -> Timer:
     """The default timer: the fastest round of each candidate in
     :func:`~fxopt.latency.interleaved`, at most ``max_seconds`` of timed rounds per
     site and size after ``min_repeats`` rounds (a slow candidate, such as a QDQ graph that
     dequantizes its weight on every call, is not timed for long; one more than :data:`HOPELESS`
     times slower than the fastest after a round is not timed again). The fastest, not the median: another process taking the core only ever
     adds time, so on a shared machine the fastest round is the steadiest estimate of what a
-    kernel costs (the median moves with the load)."""
+    kernel costs (the median moves with the load). ``settled``: once the first candidate (the
+    preferred one) is faster than every other by more than this fraction, timing stops, after
+    any round (a first round's one-time costs only ever slow a candidate down)."""
     # Without a warm-up, the first round may hold a candidate's one-time cost (a lazily packed
     # weight): nothing is dropped as hopeless before a second round.
     keep = _drop_hopeless if warmup > 0 else _drop_hopeless_after_first
     min_repeats = min_repeats if warmup > 0 else max(min_repeats, 2)
+    if settled is not None:
+        keep = _until_first_leads(settled, keep)
 
     def timer(candidates: Mapping[str, Callable[[], Any]]) -> dict[str, float]:
         timings = interleaved(candidates, warmup=warmup, repeats=repeats, max_seconds=max_seconds,
@@ -96,6 +100,9 @@ def side_by_side_timer(*, warmup: int = 1, repeats: int = 15, max_seconds: float
 
 
 HOPELESS = 3.0
+# A whole graph measured faster than the other by more than this fraction in one round needs
+# no second: five times the noise (NOISE) that two runs of one graph show on a shared machine.
+SETTLED = 0.10
 
 
 def _drop_hopeless(rounds: int, samples: Mapping[str, list[float]], elapsed: float) -> list[str]:
@@ -108,6 +115,15 @@ def _drop_hopeless(rounds: int, samples: Mapping[str, list[float]], elapsed: flo
 
 def _drop_hopeless_after_first(rounds: int, samples: Mapping[str, list[float]], elapsed: float) -> list[str]:
     return list(samples) if rounds < 2 else _drop_hopeless(rounds, samples, elapsed)
+
+
+def _until_first_leads(margin: float, then: KeepPolicy) -> KeepPolicy:
+    def keep(rounds: int, samples: Mapping[str, list[float]], elapsed: float) -> Iterable[str]:
+        first, *others = samples
+        if others and all(min(samples[first]) * (1.0 + margin) < min(samples[name]) for name in others):
+            return []
+        return then(rounds, samples, elapsed)
+    return keep
 
 
 def fixed_timer(times: Mapping[str, float | Sequence[float]]) -> Timer:
@@ -158,7 +174,8 @@ class KernelTimings:
     ``measurements`` counts the candidate sets this object timed. ``warm_timer`` times
     candidates that have already run in this process (whole graphs the compile ran; default:
     the same loop without its warm-up call, as the fastest of at least two rounds leaves out
-    a first call's one-time cost anyway).
+    a first call's one-time cost anyway, and settled after one round where the preferred
+    candidate leads every other by more than :data:`SETTLED`).
     """
 
     def __init__(self, directory: str | os.PathLike[str] | None = None, *, measure: bool | None = None,
@@ -166,7 +183,7 @@ class KernelTimings:
         self.directory = Path(directory) if directory is not None else default_cache_dir()
         self.measure = measuring_by_default() if measure is None else measure
         self.timer = timer or side_by_side_timer()
-        self.warm_timer = timer or side_by_side_timer(warmup=0)
+        self.warm_timer = timer or side_by_side_timer(warmup=0, settled=SETTLED)
         self.fingerprint = fingerprint or f"{isa.fingerprint()} kernels-{kernels_version()}"
         self.measurements = 0
         self._entries: dict[str, Any] | None = None
@@ -224,7 +241,9 @@ class KernelTimings:
         times: dict[str, list[float]] = {name: [] for name in names}
         timer = self.warm_timer if warm else self.timer
         for args in inputs:
-            calls = {name: (lambda fn=fn, args=args: fn(*args)) for name, fn in runnable.items()}
+            # the preferred candidate first: a settled timer stops once it clearly leads
+            order = [prefer, *(name for name in runnable if name != prefer)]
+            calls = {name: (lambda fn=runnable[name], args=args: fn(*args)) for name in order if name in runnable}
             try:
                 measured = timer(calls)
             except Exception:
