@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import gc
 import statistics
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -120,6 +121,7 @@ class Trial:
     error: float | None = None
     milliseconds: float | None = None
     dropped: str | None = None
+    seconds: float | None = None  # building it: the passes it did not share, its lowering
 
 
 def choose(
@@ -150,11 +152,14 @@ def choose(
             trial.dropped = "needs calibration batches (calibration=[...]), none were given"
         if trial.dropped is not None:
             continue
+        start = time.perf_counter()
         try:
             trial.module = build(trial.candidate)
         except FxoptError as exc:
             trial.dropped = f"failed: {exc}"
             continue
+        finally:
+            trial.seconds = time.perf_counter() - start
         lossy = [r for r in trial.module.report.passes if not r.exact]
         if lossy and not any(r.status == "applied" for r in lossy):
             trial.dropped = "its lossy passes changed nothing (" + ", ".join(
@@ -247,9 +252,14 @@ def summary(preset: Preset, trials: Sequence[Trial], chosen: Any) -> str:
         if trial.dropped:
             parts.append(f"{trial.candidate.describe()} dropped: {trial.dropped}")
         else:
-            parts.append(f"{trial.candidate.describe()} {trial.milliseconds:.3g} ms, err {trial.error:.2g}")
+            parts.append(f"{trial.candidate.describe()} {trial.milliseconds:.3g} ms, err {trial.error:.2g}"
+                         f"{_built(trial)}")
     best = next(t for t in trials if t.module is chosen)
     head = (f"preset {preset.name}: chose {best.candidate.describe()} ({best.milliseconds:.3g} ms, "
-            f"err {best.error:.2g}, fastest of {sum(t.dropped is None for t in trials)} within "
+            f"err {best.error:.2g}{_built(best)}, fastest of {sum(t.dropped is None for t in trials)} within "
             f"{'exact tolerance' if preset.budget is None else f'budget {preset.budget:g}'})")
     return head + ("; " + "; ".join(parts) if parts else "")
+
+
+def _built(trial: Trial) -> str:
+    return "" if trial.seconds is None else f", built in {trial.seconds:.3g} s"

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -29,6 +31,9 @@ def test_lossless_preset_is_exact_and_says_what_it_chose() -> None:
     opt = fxopt.compile(model, (x,), preset="lossless")
     note = _note(opt)
     assert note.startswith("preset lossless: chose [exact] on ") and "ms" in note
+    # each compiled candidate says how long building it took (its passes and lowering)
+    head = note.split(";")[0]
+    assert re.search(r"built in [0-9.e+-]+ s", head), head
     assert "[exact] on onnx" in note or "[exact] on eager" in note  # the other candidate, timed or dropped
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x), rtol=1e-5, atol=1e-5)
