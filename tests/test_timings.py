@@ -7,6 +7,7 @@ chosen, cached and measured, never how fast anything runs.
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import torch
@@ -160,19 +161,11 @@ def test_the_cache_file_is_data_a_crafted_one_never_runs_and_is_measured_over(tm
 
 
 def test_the_default_timer_stops_timing_a_candidate_that_cannot_win():
-    import time
-
     from fxopt.pipeline.timings import side_by_side_timer
 
     calls = {"fast": 0, "slow": 0}
 
-    def sleeper(name: str, seconds: float):
-        def call() -> None:
-            calls[name] += 1
-            time.sleep(seconds)
-        return call
-
-    times = side_by_side_timer()({"fast": sleeper("fast", 0.001), "slow": sleeper("slow", 0.05)})
+    times = side_by_side_timer()({"fast": _sleeper(calls, "fast", 0.001), "slow": _sleeper(calls, "slow", 0.05)})
     assert times["slow"] > 3 * times["fast"]
     assert calls["slow"] == 2 and calls["fast"] > 2, calls  # one warm-up and one timed round
 
@@ -181,8 +174,6 @@ def test_without_a_warm_up_a_slow_first_call_is_not_taken_for_a_slow_candidate()
     # The whole-graph check times graphs the compile already ran, with no warm-up call: a
     # candidate's first round may still hold a one-time cost (a weight packed on first use),
     # so nothing is dropped as hopeless before the second round, and the fastest round counts.
-    import time
-
     from fxopt.pipeline.timings import side_by_side_timer
 
     calls = {"lazy": 0, "plain": 0}
@@ -201,22 +192,21 @@ def test_without_a_warm_up_a_slow_first_call_is_not_taken_for_a_slow_candidate()
 
 
 def test_a_settled_timer_stops_once_the_preferred_candidate_clearly_leads():
-    import time
-
     from fxopt.pipeline.timings import side_by_side_timer
 
     calls = {"preferred": 0, "other": 0}
 
-    def sleeper(name: str, seconds: float):
-        def call() -> None:
-            calls[name] += 1
-            time.sleep(seconds)
-        return call
-
     timer = side_by_side_timer(warmup=0, settled=0.10, max_seconds=10.0)
-    times = timer({"preferred": sleeper("preferred", 0.002), "other": sleeper("other", 0.006)})
+    times = timer({"preferred": _sleeper(calls, "preferred", 0.002), "other": _sleeper(calls, "other", 0.006)})
     assert calls == {"preferred": 1, "other": 1} and times["preferred"] < times["other"]  # one round
     # the other way round it is not settled: the preferred one may be paying a first call's cost
     calls.update(preferred=0, other=0)
-    timer({"preferred": sleeper("preferred", 0.006), "other": sleeper("other", 0.002)})
+    timer({"preferred": _sleeper(calls, "preferred", 0.006), "other": _sleeper(calls, "other", 0.002)})
     assert calls["preferred"] >= 2 and calls["other"] >= 2, calls
+
+
+def _sleeper(calls: dict[str, int], name: str, seconds: float):
+    def call() -> None:
+        calls[name] += 1
+        time.sleep(seconds)
+    return call

@@ -100,6 +100,16 @@ def find_spans(gm: fx.GraphModule, site_names: Iterable[str]) -> list[Span] | No
     return spans
 
 
+def spans_for(search: Search) -> list[Span] | None:
+    """The blocks ``search`` chooses block by block: with ``strategy="blocks"``, or where its
+    starting graph's values do not fit the memory bound (each whole-model trial would be a
+    whole run); an output-error budget only (a task metric runs the whole model)."""
+    if search.ctx.task is not None or not (search.strategy == "blocks" or not search.values_fit()):
+        return None
+    spans = find_spans(search.gm, [site.name for site in search.sites])
+    return spans if spans and any(span.sites for span in spans) else None
+
+
 def run_span(gm: fx.GraphModule, spans: Sequence[Span], k: int, live: Values, batch: Sequence[Any]) -> Values:
     """Run span ``k`` of ``gm`` (a trial graph of the spans' graph) from ``live``, the values
     live at its start (span 0: from ``batch``); the values live after it."""

@@ -49,6 +49,8 @@ Strategies (``strategy=``):
                    is refused and the rest get another round on top, within
                    ``estimated_trial_limit(sites)`` trials. Every combination accepted is
                    measured; an estimate only orders the trials.
+  ``blocks``       the ranked path block by block (:mod:`fxopt.lossy.blocks`), which
+                   ``sensitivity`` takes by itself where the values do not fit the memory bound.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from typing import Any
 import torch.fx as fx
 
 from fxopt.ir import copy_graph_module
-from fxopt.lossy.blocks import Span, block_by_block, find_spans
+from fxopt.lossy.blocks import block_by_block, spans_for
 from fxopt.lossy.observer import run_watching
 from fxopt.lossy.retry import RETRY
 from fxopt.lossy.sites import (  # noqa: F401 - part of this module's interface
@@ -300,7 +302,7 @@ class BudgetedSearch:
             self.step("all-at-once", error=self.error(everything), target=budget)
             return everything, picks, {}
         if self._estimated(everything):
-            spans = self._spans()
+            spans = spans_for(self)
             chosen = block_by_block(self, budget, spans) if spans else None
             return chosen or self.estimated_sensitivity(budget)
         alone = {}
@@ -340,15 +342,9 @@ class BudgetedSearch:
         return (bool(self.sites) and self.choose_level is None and len(everything) == len(self.sites)
                 and all(s.estimate is not None for s in self.sites))
 
-    def _spans(self) -> list[Span] | None:
-        """The blocks to choose block by block (:mod:`fxopt.lossy.blocks`): with
-        ``strategy="blocks"``, or where the starting graph's values do not fit the memory
-        bound (whole-model trials would each be a whole run); an output-error budget only."""
-        large = not self._runner.would_keep(self.gm, self.fit_indices[0])
-        if self.ctx.task is not None or not (self.strategy == "blocks" or large):
-            return None
-        spans = find_spans(self.gm, [site.name for site in self.sites])
-        return spans if spans and any(span.sites for span in spans) else None
+    def values_fit(self) -> bool:
+        """Whether a run of the starting graph could keep its values (the trials reuse them)."""
+        return self._runner.would_keep(self.gm, self.fit_indices[0])
 
     def estimate(self, site: Site) -> float:
         """``site``'s estimated error at its most aggressive level (computed once per search)."""
