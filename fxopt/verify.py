@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -297,7 +297,7 @@ class ReusingRunner:
         values: dict[str, Any] | None = {}  # None once the run keeps nothing
         env: dict[fx.Node, Any] = {}
         allowance = self._allowance(key, pin)
-        last_use = _last_uses(gm) if allowance is not None else {}
+        last_use = last_uses(gm) if allowance is not None else {}
         held: set[int] = set()  # storages the record would hold
         held_bytes = 0
         flat_inputs = iter(gm.graph._codegen.process_inputs(*inputs))
@@ -313,7 +313,7 @@ class ReusingRunner:
                     value = best[1][node.name]
                     self.reused += 1
                 else:
-                    value = _compute(gm, node, env)
+                    value = run_node(gm, node, env.__getitem__)
                     self.computed += node.op != "get_attr"
                     if values is not None and allowance is not None and isinstance(value, torch.Tensor) \
                             and node.op != "get_attr":
@@ -370,7 +370,7 @@ def _values_estimate(gm: fx.GraphModule) -> int | None:
     return total
 
 
-def _last_uses(gm: fx.GraphModule) -> dict[fx.Node, int]:
+def last_uses(gm: fx.GraphModule) -> dict[fx.Node, int]:
     """The position of the last node that reads each node (its own position when none does)."""
     last: dict[fx.Node, int] = {}
     for index, node in enumerate(gm.graph.nodes):
@@ -420,9 +420,11 @@ def _shared_nodes(gm: fx.GraphModule, stamps: dict[str, Any], cached: dict[str, 
     return clean
 
 
-def _compute(gm: fx.GraphModule, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
-    args = fx.node.map_arg(node.args, env.__getitem__)
-    kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+def run_node(gm: fx.GraphModule, node: fx.Node, value: Callable[[fx.Node], Any]) -> Any:
+    """What ``node`` (not a placeholder or the output) of ``gm`` computes, its inputs' values
+    given by ``value``."""
+    args = fx.node.map_arg(node.args, value)
+    kwargs = fx.node.map_arg(node.kwargs, value)
     if node.op == "get_attr":
         obj: Any = gm
         for atom in str(node.target).split("."):

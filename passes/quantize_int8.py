@@ -197,4 +197,3 @@ class QuantizeInt8(Pass):
                        add_constant(gm, scale, f"{hint}_int8_scale"), scales[name],
                        dynamic_tensor=self.activations == "dynamic-tensor")
         gm.recompile()
-

@@ -25,7 +25,7 @@ whole run computes (:func:`run_by_spans`).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +35,7 @@ import torch.fx as fx
 from fxopt.ir import module_path
 from fxopt.lossy.sites import Choices, Level, Pick, Site
 from fxopt.phases import progress
-from fxopt.verify import compare_outputs
+from fxopt.verify import compare_outputs, last_uses, run_node
 
 # The search is a fxopt.lossy.search.BudgetedSearch (which imports this module): typed Any here.
 Search = Any
@@ -119,39 +119,22 @@ def run_span(gm: fx.GraphModule, spans: Sequence[Span], k: int, live: Values, ba
         raise SpanError(f"block {spans[k].key}: its end is not in the trial graph")
     start, end = (index[spans[k - 1].last] + 1 if k else 0), index[spans[k].last]
     env = dict(live)
-    inputs = iter(batch)
+    inputs = iter(gm.graph._codegen.process_inputs(*batch))
 
     def value(node: fx.Node) -> Any:
         if node.name in env:
             return env[node.name]
         if node.op == "get_attr":  # a constant a rewrite placed outside the span
-            return _attribute(gm, str(node.target))
+            return run_node(gm, node, value)
         raise SpanError(f"block {spans[k].key}: {node.name} is neither live at its start nor in it")
 
     with torch.no_grad():  # a model's parameters require grad: no autograd graph keeps a block's values
         for node in nodes[start:end + 1]:
-            _run_node(gm, node, env, value, inputs, spans[k].key)
-    return {name: v for name, v in env.items()
-            if name in index and any(index[user.name] > end for user in nodes[index[name]].users)}
-
-
-def _run_node(gm: fx.GraphModule, node: fx.Node, env: Values, value: Callable[[fx.Node], Any],
-              inputs: Iterator[Any], block: str) -> None:
-    args = () if node.op in ("placeholder", "get_attr") else fx.node.map_arg(node.args, value)
-    kwargs = {} if node.op in ("placeholder", "get_attr") else fx.node.map_arg(node.kwargs, value)
-    if node.op == "placeholder":
-        env[node.name] = next(inputs)
-    elif node.op == "get_attr":
-        env[node.name] = _attribute(gm, str(node.target))
-    elif node.op == "call_function":
-        env[node.name] = node.target(*args, **kwargs)
-    elif node.op == "call_method":
-        receiver, *rest = args
-        env[node.name] = getattr(receiver, str(node.target))(*rest, **kwargs)
-    elif node.op == "call_module":
-        env[node.name] = gm.get_submodule(str(node.target))(*args, **kwargs)
-    else:
-        raise SpanError(f"block {block}: the graph's output lies inside it")
+            if node.op == "output":
+                raise SpanError(f"block {spans[k].key}: the graph's output lies inside it")
+            env[node.name] = next(inputs) if node.op == "placeholder" else run_node(gm, node, value)
+    last = {node.name: position for node, position in last_uses(gm).items()}
+    return {name: v for name, v in env.items() if last.get(name, -1) > end}
 
 
 def run_by_spans(gm: fx.GraphModule, spans: Sequence[Span], batch: Sequence[Any],
@@ -163,13 +146,6 @@ def run_by_spans(gm: fx.GraphModule, spans: Sequence[Span], batch: Sequence[Any]
         live = run_span(gm, spans, k, live, batch)
         seen(k, live)
     return live
-
-
-def _attribute(gm: fx.GraphModule, target: str) -> Any:
-    obj: Any = gm
-    for atom in target.split("."):
-        obj = getattr(obj, atom)
-    return obj
 
 
 def block_by_block(search: Search, budget: float, spans: Sequence[Span]
