@@ -166,7 +166,7 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
         session = Session(model, example_inputs, options)
 
         def build(candidate: presets.Candidate) -> OptimizedModule:
-            pipeline = resolve_passes(presets.expand(candidate.passes))
+            pipeline = resolve_passes(presets.expand(candidate.passes, candidate.without))
             return session.compile(pipeline, candidate.backend, device, share_prefix=True)
 
         chosen, trials = presets.choose(

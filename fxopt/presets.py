@@ -1,8 +1,9 @@
 """Presets: named recipes that pick the fastest verified pipeline and backend for a device.
 
 A preset is data: a budget and a list of candidates, each a pipeline (pass specs, with
-``"exact"`` standing for every registered exact pass in order) and a backend, optionally
-limited to some devices. ``fxopt.compile(model, inputs, preset="int8")`` compiles every
+``"exact"`` standing for every registered exact pass in order, less those the candidate runs
+elsewhere in its list or leaves out with ``without``) and a backend, optionally limited to
+some devices. ``fxopt.compile(model, inputs, preset="int8")`` compiles every
 candidate that applies (a candidate whose backend is not installed is dropped, with the
 reason and the install command in the report), drops the ones whose output error on the
 example and calibration data exceeds the preset's budget or whose passes all rolled back (or
@@ -43,7 +44,10 @@ from fxopt.phases import phase
 from fxopt.registrations import Registrations
 
 ENTRY_POINT_GROUP = "fxopt.presets"
-EXACT = "exact"  # in a candidate's passes: every registered exact pass, in their declared order
+# in a candidate's passes: every registered exact pass, in their declared order, less those the
+# candidate names elsewhere (they run there instead: merge-siblings after quantize-int8) or
+# leaves out (Candidate.without)
+EXACT = "exact"
 
 
 @dataclass(frozen=True)
@@ -54,12 +58,14 @@ class Candidate:
     backend: str = "eager"
     devices: tuple[str, ...] = ("cpu", "cuda")
     note: str = ""
+    without: tuple[str, ...] = ()  # exact passes that ``"exact"`` leaves out here
     # A recipe that only means what it says with calibration batches (static activation
     # scales): without them it is dropped before anything is compiled for it.
     needs_calibration: bool = False
 
     def describe(self) -> str:
-        return f"[{', '.join(self.passes)}] on {self.backend}"
+        without = f" (exact without {', '.join(self.without)})" if self.without else ""
+        return f"[{', '.join(self.passes)}]{without} on {self.backend}"
 
 
 @dataclass(frozen=True)
@@ -104,13 +110,15 @@ def registered_preset(preset: Preset) -> Iterator[Preset]:
         yield preset
 
 
-def expand(passes: Sequence[str]) -> list[Any]:
-    """A candidate's pass list with ``"exact"`` replaced by the exact passes in order."""
-    from fxopt.registry import default_pipeline
+def expand(passes: Sequence[str], without: Sequence[str] = ()) -> list[Any]:
+    """A candidate's pass list with ``"exact"`` replaced by the exact passes in order, less
+    those named elsewhere in the list (they run there) and those in ``without``."""
+    from fxopt.registry import default_pipeline, parse_pass_spec
 
+    left_out = {*without, *(parse_pass_spec(spec)[0] for spec in passes if spec != EXACT)}
     expanded: list[Any] = []
     for spec in passes:
-        expanded.extend(default_pipeline() if spec == EXACT else [spec])
+        expanded.extend([p for p in default_pipeline() if p.name not in left_out] if spec == EXACT else [spec])
     return expanded
 
 

@@ -55,7 +55,7 @@ from fxopt.rewrite.constraints import (
 class LowRank(Pass):
     name: ClassVar[str] = "low-rank"
     exact: ClassVar[bool] = False
-    after: ClassVar[tuple[str, ...]] = ("merge-siblings",)
+    after: ClassVar[tuple[str, ...]] = ("merge-consecutive",)
 
     budget: float = 0.01
     energy: float | None = None

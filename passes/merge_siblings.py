@@ -2,16 +2,23 @@
 
     linear(x, W1, b1), ..., linear(x, Wn, bn)
       =>  y = linear(x, [W1; ...; Wn], [b1; ...; bn]);  split_with_sizes(y, [o1, ..., on], -1)[i]
+    linear(q(x), dq(Wq1, s1), b1), ..., linear(q(x), dq(Wqn, sn), bn)
+      =>  y = linear(q(x), dq([Wq1; ...; Wqn], [s1; ...; sn]), [b1; ...; bn]);  split as above
 
-A whole-graph pass (a group is all the Linears reading one node), checked with the same
-constraints as the rules: each member is a constant_linear whose weight and bias are read
-by it alone (private_linear: merging would copy a shared tensor and keep both) and of one
-dtype (same_dtype); members are grouped by dtype and device, and a group merges when it has
-at least ``min_group`` members (too-few-siblings). ``x`` may have any leading dims, output
-widths may differ, a missing bias becomes zeros. Weights are concatenated at compile time.
-A split piece that is a graph output (or a view of one) is copied to a contiguous tensor of
-its own, as the model returned. Cost model (not_costlier): FLOPs and weights are unchanged;
-the bytes moved must not grow (the input is read once instead of n times, in one GEMM).
+The second form is the first after quantize-int8 (:mod:`fxopt.ir.qdq`): int8 weights per
+output channel whose input is quantized alike (per token, per tensor at run time, or one static
+scale and zero point); the input is then quantized once. Run after quantizing, the merge copies
+int8 weights, never float ones, and each sibling was quantized (or left float) on its own.
+
+A whole-graph pass (a group is all the Linears reading one node, the same way). Each member is
+a constant_linear, or an int8 one whose constants its dequantize alone reads, whose weight and
+bias it alone reads (private_linear: merging would copy a shared tensor and keep both), of one
+dtype (same_dtype); members group by dtype and device, and a group of at least ``min_group``
+merges (too-few-siblings). ``x`` may have any leading dims, output widths may differ, a missing
+bias becomes zeros. Weights are concatenated at compile time. A split piece that is a graph
+output (or a view of one) is copied to a contiguous tensor of its own, as the model returned.
+Cost model (not_costlier): FLOPs and weights are unchanged; the bytes moved must not grow (the
+input is read once instead of n times, in one GEMM).
 """
 
 from __future__ import annotations
@@ -26,20 +33,28 @@ import torch.fx as fx
 
 from fxopt.cost import linear_rows, linear_shape_bytes
 from fxopt.ir import (
-    LinearParts,
+    LinearWeights,
+    add_constant,
     call_nodes,
     derived,
     infer_val,
-    insert_linear,
-    is_op,
-    linear_parts,
+    keep_pieces_valid,
+    linear_weights,
     ops,
     replace_node,
     topo_order,
 )
+from fxopt.ir.qdq import match_qdq_linear
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.rewrite import Refusal
-from fxopt.rewrite.constraints import constant_linear, not_costlier, private_linear, same_dtype
+from fxopt.rewrite.constraints import (
+    NOT_CONSTANT,
+    not_costlier,
+    private_constant,
+    private_linear,
+    same_dtype,
+    sole_user,
+)
 
 
 @dataclass(frozen=True)
@@ -58,107 +73,112 @@ class MergeSiblings(Pass):
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         # matched and applied count sibling groups; every Linear left out is a skip
         result = PassResult()
-        siblings: dict[fx.Node, list[fx.Node]] = {}
+        siblings: dict[object, list[fx.Node]] = {}
         for node in call_nodes(gm, ops.linear):
-            siblings.setdefault(node.args[0], []).append(node)
+            siblings.setdefault(_input_key(gm, node), []).append(node)
         for linears in siblings.values():
             if len(linears) < 2:
                 continue
             result.match()
-            kinds: dict[tuple[torch.dtype, torch.device], list[LinearParts]] = {}
+            kinds: dict[tuple[torch.dtype, torch.device], list[LinearWeights]] = {}
             for node in linears:
-                refusal = constant_linear(gm, node) or private_linear(gm, node)
-                parts = linear_parts(gm, node)
-                refusal = refusal or same_dtype(parts.weight, parts.bias)  # type: ignore[union-attr]
-                if refusal:
-                    result.skip(node, refusal)
+                member = _sibling(gm, node)
+                if isinstance(member, Refusal):
+                    result.skip(node, member)
                     continue
-                kinds.setdefault((parts.weight.dtype, parts.weight.device), []).append(parts)  # type: ignore[union-attr]
+                kinds.setdefault((member.parts[0].dtype, member.parts[0].device), []).append(member)
             for group in kinds.values():
                 refusal = self._group_refusal(group, len(kinds))
                 if refusal:
-                    for parts in group:
-                        result.skip(parts.node, refusal)
+                    for member in group:
+                        result.skip(member.node, refusal)
                     continue
-                # the shared input, as it is now: merging an earlier group may have replaced it
-                _merge(gm, group[0].node.args[0], group)
+                _merge(gm, group)
                 result.apply()
                 result.stats["linears_merged"] += len(group)
         return result
 
-    def _group_refusal(self, group: list[LinearParts], kinds: int) -> Refusal | None:
+    def _group_refusal(self, group: list[LinearWeights], kinds: int) -> Refusal | None:
         if len(group) < self.min_group:
             other = " with the same dtype and device" if kinds > 1 else ""
             return Refusal("too-few-siblings", f"only {len(group)} sibling Linear(s){other} can merge here "
                                                f"(min_group={self.min_group})")
         rows = linear_rows(group[0].node)
-        itemsize = group[0].weight.element_size()
-        separate = sum(linear_shape_bytes(rows, p.in_features, p.out_features, p.bias is not None, itemsize)
-                       for p in group)
-        merged = linear_shape_bytes(rows, group[0].in_features, sum(p.out_features for p in group),
-                                    any(p.bias is not None for p in group), itemsize)
+        in_features, itemsize = int(group[0].parts[0].shape[1]), group[0].parts[0].element_size()
+        separate = sum(linear_shape_bytes(rows, in_features, m.out_features, m.bias is not None, itemsize)
+                       for m in group)
+        merged = linear_shape_bytes(rows, in_features, sum(m.out_features for m in group),
+                                    any(m.bias is not None for m in group), itemsize)
         return not_costlier(merged, separate, f"merging would move more memory ({merged} bytes vs {separate}): "
                             "the zero biases it adds outweigh reading the input once")
 
 
-def _concatenated(group: list[LinearParts]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The siblings' weights (and biases, zeros where one has none) stacked: one copy per set of
-    weights, shared by the graphs that share a model's weights (:mod:`fxopt.ir.derived`)."""
-    weight = torch.cat([p.weight for p in group], 0)
-    if all(p.bias is None for p in group):
-        return weight, None
-    return weight, torch.cat([p.bias if p.bias is not None else p.weight.new_zeros(p.out_features) for p in group])
+def _input_key(gm: fx.GraphModule, node: fx.Node) -> object:
+    """What a Linear reads: its input node, or for an int8 one (quantize-int8's pattern) the
+    float input and how it is quantized, so that siblings quantizing one input alike group."""
+    qdq = match_qdq_linear(gm, node)
+    if qdq is None:
+        return node.args[0]
+    return ("int8", qdq.x, qdq.input_scale, qdq.input_zero_point, qdq.dynamic_tensor)
 
 
-def _merge(gm: fx.GraphModule, x: fx.Node, group: list[LinearParts]) -> None:
-    order = {node: i for i, node in enumerate(topo_order([p.node for p in group]))}
-    group = sorted(group, key=lambda p: order[p.node])
-    first = group[0].node
-    weight, bias = derived([*(p.weight for p in group), *(p.bias for p in group)], "merge-siblings",
+def _sibling(gm: fx.GraphModule, node: fx.Node) -> LinearWeights | Refusal:
+    """``node``'s weights, or why it cannot be a member of a group."""
+    member = linear_weights(gm, node)
+    if member is None:
+        return Refusal(NOT_CONSTANT, f"the weight or bias of {node.name} is not a constant")
+    if member.weight.op == "get_attr":
+        refusal = private_linear(gm, node) or same_dtype(member.parts[0], member.bias)
+    else:
+        refusal = (private_constant(gm, member.part_nodes[0], member.weight, "int8 weight")
+                   or private_constant(gm, member.part_nodes[1], member.weight, "weight scale")
+                   or sole_user(member.weight, node) or private_constant(gm, member.bias_node, node, "bias"))
+    return refusal or member
+
+
+def _concatenated(group: list[LinearWeights]) -> tuple[torch.Tensor | None, ...]:
+    """The siblings' weight constants (and biases, zeros where one has none) stacked: one copy
+    per set of weights, shared by the graphs that share a model's weights (:mod:`fxopt.ir.derived`)."""
+    parts = [torch.cat([m.parts[i] for m in group], 0) for i in range(len(group[0].parts))]
+    if all(m.bias is None for m in group):
+        return (*parts, None)
+    like = group[0].bias if group[0].bias is not None else next(m.bias for m in group if m.bias is not None)
+    return (*parts, torch.cat([m.bias if m.bias is not None else like.new_zeros(m.out_features) for m in group]))
+
+
+def _merge(gm: fx.GraphModule, group: list[LinearWeights]) -> None:
+    order = {node: i for i, node in enumerate(topo_order([m.node for m in group]))}
+    group = sorted(group, key=lambda m: order[m.node])
+    first, graph = group[0].node, gm.graph
+    *parts, bias = derived([*(p for m in group for p in m.parts), *(m.bias for m in group)], "merge-siblings",
                            lambda: _concatenated(group))
-    names = [str(p.weight_node.target) for p in group]
+    names = [str(m.part_nodes[0].target) for m in group]
     prefix = os.path.commonprefix(names).rstrip("_")
     hint = (prefix or "_".join(n.removesuffix("_weight") for n in names)) + "_merged"
-    merged = insert_linear(gm, x, weight, bias, hint, before=first)
+    constants = [add_constant(gm, part.contiguous(), hint if i == 0 else f"{hint}_{i}") for i, part in enumerate(parts)]
+    with graph.inserting_before(first):
+        weight = constants[0]
+        if len(constants) > 1:  # the int8 form: the first sibling's dequantize over the stacked constants
+            template = group[0].weight
+            weight = graph.call_function(template.target, (*constants, *template.args[2:]), dict(template.kwargs))
+            infer_val(weight)
+        # the shared input, as it is now (merging an earlier group may have replaced it); an int8
+        # group reads the first sibling's quantized input, the others' quantize nodes go
+        args = (first.args[0], weight) if bias is None else (first.args[0], weight, add_constant(
+            gm, bias.contiguous(), f"{hint}_bias"))
+        merged = graph.call_function(ops.linear, args)
+    infer_val(merged)
     # The merged Linear belongs to the modules its siblings share (q, k, v -> the attention).
-    stacks = [p.node.meta.get("nn_module_stack") or {} for p in group]
+    stacks = [m.node.meta.get("nn_module_stack") or {} for m in group]
     shared = {k: v for k, v in stacks[0].items() if all(st.get(k) == v for st in stacks[1:])}
     if shared:
         merged.meta["nn_module_stack"] = shared
-    with gm.graph.inserting_before(first):
-        split = gm.graph.call_function(ops.split_with_sizes, (merged, [p.out_features for p in group], -1))
+    with graph.inserting_before(first):
+        split = graph.call_function(ops.split_with_sizes, (merged, [m.out_features for m in group], -1))
         infer_val(split)
-        pieces = [gm.graph.call_function(operator.getitem, (split, i)) for i in range(len(group))]
-    for piece, parts in zip(pieces, group):
+        pieces = [graph.call_function(operator.getitem, (split, i)) for i in range(len(group))]
+    for piece, member in zip(pieces, group):
         infer_val(piece)
-        replace_node(parts.node, piece)
-        _keep_views_valid(piece)
-    _contiguous_outputs(gm, set(pieces))
+        replace_node(member.node, piece)
+    keep_pieces_valid(gm, pieces)
 
-
-def _keep_views_valid(piece: fx.Node) -> None:
-    """A split output is a strided slice of the merged output: a ``view`` that needs the
-    old contiguous layout becomes a ``reshape`` (same values, copies only when it must)."""
-    for user in list(piece.users):
-        if is_op(user, ops.view):
-            try:
-                infer_val(user)
-            except Exception:
-                user.target = ops.reshape
-                infer_val(user)
-
-
-def _contiguous_outputs(gm: fx.GraphModule, pieces: set[fx.Node]) -> None:
-    """A graph output that is a split piece, or a view of one, is a strided window of the
-    merged output where the model returned a tensor of its own: ``out.view(-1)`` would fail
-    on it, and it would keep the whole merged buffer alive. Such an output gets a copy."""
-    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    for value in output.all_input_nodes:
-        source = value
-        while is_op(source, ops.view, ops.reshape):
-            source = source.args[0]
-        if source in pieces:
-            with gm.graph.inserting_before(output):
-                copy = gm.graph.call_function(ops.clone, (value,), {"memory_format": torch.contiguous_format})
-            infer_val(copy)
-            output.replace_input_with(value, copy)

@@ -56,7 +56,7 @@ MIN_MAGNITUDE = 1e-5
 class SmoothQuant(Pass):
     name: ClassVar[str] = "smooth-quant"
     exact: ClassVar[bool] = False  # exact in real arithmetic; opt-in, checked at float tolerance
-    after: ClassVar[tuple[str, ...]] = ("merge-siblings", "prune-hidden")
+    after: ClassVar[tuple[str, ...]] = ("prune-hidden",)
 
     alpha: float = 0.5  # how much of the outliers moves into the weights (0: none, 1: all)
     explicit: bool = False  # where 1/s cannot be folded into X's producer, a multiply of its own

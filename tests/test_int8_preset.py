@@ -10,6 +10,7 @@ from fxopt.passes.presets import (
     INT8_ATTENTION,
     INT8_STATIC,
     INT8_STATIC_OPENVINO,
+    MERGE,
     SMOOTH_QUANT,
 )
 from torch import nn
@@ -29,11 +30,13 @@ def _note(opt: fxopt.OptimizedModule) -> str:
 def test_static_candidates_are_declared_for_cpu() -> None:
     static = [c for c in INT8.candidates if INT8_STATIC in c.passes or INT8_STATIC_OPENVINO in c.passes]
     eager = [c for c in static if c.backend == "eager"]
-    assert [c.passes[1:] for c in eager] == [(INT8_STATIC,), (SMOOTH_QUANT, INT8_STATIC)]
+    # eager merges sibling Linears after quantizing them; ONNX Runtime and OpenVINO keep them apart
+    assert [c.passes[1:] for c in eager] == [(INT8_STATIC, MERGE), (SMOOTH_QUANT, INT8_STATIC, MERGE)]
     openvino = [c for c in static if c.backend == "openvino"]
     assert [c.passes[1:] for c in openvino] == [(SMOOTH_QUANT, INT8_STATIC_OPENVINO, INT8_ATTENTION),
                                                 (SMOOTH_QUANT, INT8_STATIC, INT8_ATTENTION)]
     assert all(c.devices == ("cpu",) for c in static)
+    assert all(c.without == (MERGE,) for c in INT8.candidates if c.backend != "eager")
 
 
 def test_with_calibration_the_static_candidates_are_timed() -> None:
@@ -41,7 +44,7 @@ def test_with_calibration_the_static_candidates_are_timed() -> None:
     opt = fxopt.compile(model, (x,), preset="int8", calibration=[(torch.randn(32, 64),) for _ in range(2)])
     note = _note(opt)
     # the two eager candidates are timed (OpenVINO's too where it is installed)
-    for passes in (f"[exact, {INT8_STATIC}]", f"[exact, {SMOOTH_QUANT}, {INT8_STATIC}]"):
+    for passes in (f"[exact, {INT8_STATIC}, {MERGE}]", f"[exact, {SMOOTH_QUANT}, {INT8_STATIC}, {MERGE}]"):
         assert f"{passes} on eager" in note and f"{passes} on eager dropped" not in note, note
     if importlib.util.find_spec("openvino") is not None:
         assert f"{INT8_ATTENTION}] on openvino dropped" not in note, note
@@ -56,6 +59,6 @@ def test_without_calibration_the_static_candidates_are_dropped_with_the_reason()
     opt = fxopt.compile(model, (x,), preset="int8", backend="eager")
     note = _note(opt)
     reason = "dropped: needs calibration batches (calibration=[...]), none were given"
-    for passes in (f"[exact, {INT8_STATIC}]", f"[exact, {SMOOTH_QUANT}, {INT8_STATIC}]"):
+    for passes in (f"[exact, {INT8_STATIC}, {MERGE}]", f"[exact, {SMOOTH_QUANT}, {INT8_STATIC}, {MERGE}]"):
         assert f"{passes} on eager {reason}" in note, note
     assert f"chose [exact, {INT8_STATIC}]" not in note

@@ -20,12 +20,15 @@ from fxopt.ir.derived import derived
 from fxopt.ir.linear import (
     PROVENANCE_META,
     LinearParts,
+    LinearWeights,
     PackedLinear,
     constant_users,
     insert_linear,
     linear_parts,
+    linear_weights,
     packed_linear,
     unpack_linear,
+    weight_parts,
 )
 from fxopt.ir.ops import arg, aten, call_nodes, count_ops, is_op, op_histogram, ops
 from fxopt.ir.shapes import dtype_of, numel_hint, propagate_shapes, shape_of, size_hint, val
@@ -33,15 +36,17 @@ from fxopt.ir.surgery import (
     cleanup,
     copy_graph_module,
     infer_val,
+    keep_pieces_valid,
     module_path,
     replace_node,
     topo_order,
 )
 
 __all__ = [
-    "PROVENANCE_META", "LinearParts", "PackedLinear", "add_constant", "all_finite", "arg", "aten", "call_nodes",
+    "PROVENANCE_META", "LinearParts", "LinearWeights", "PackedLinear", "add_constant", "all_finite", "arg", "aten", "call_nodes",
     "cleanup", "constant", "constant_users", "constants", "copy_graph_module", "count_ops", "derived",
-    "dtype_of", "fake_mode_of", "infer_val", "insert_linear", "is_op", "linear_parts",
+    "dtype_of", "fake_mode_of", "infer_val", "insert_linear", "is_op", "keep_pieces_valid", "linear_parts", "linear_weights",
     "module_path", "numel_hint", "op_histogram", "ops", "packed_linear", "propagate_shapes", "remove_unused_constants",
     "replace_node", "shape_of", "size_hint", "topo_order", "unique_attr_name", "unpack_linear", "val",
+    "weight_parts",
 ]

@@ -56,6 +56,38 @@ def linear_parts(gm: fx.GraphModule, node: fx.Node) -> LinearParts | None:
     return LinearParts(node, node.args[0], weight_node, weight, bias_node, bias)
 
 
+@dataclass(frozen=True)
+class LinearWeights:
+    """A Linear over constant weight rows: ``[W]``, or ``[Wq, s]`` under a per-output-channel
+    ``dequantize`` (quantize-int8's weights); ``weight`` is the Linear's weight argument (the
+    ``get_attr`` of W, or the dequantize node) and ``part_nodes`` the ``get_attr`` of each part."""
+
+    node: fx.Node
+    weight: fx.Node
+    parts: list[torch.Tensor]
+    part_nodes: list[fx.Node]
+    bias_node: fx.Node | None
+    bias: torch.Tensor | None
+
+    @property
+    def out_features(self) -> int:
+        return int(self.parts[0].shape[0])
+
+
+def linear_weights(gm: fx.GraphModule, node: fx.Node) -> LinearWeights | None:
+    """``node`` as a :class:`LinearWeights`, or None when its weight is neither form (or its
+    bias is not a constant)."""
+    if not is_op(node, ops.linear) or not isinstance(node.args[0], fx.Node):
+        return None
+    weight, bias_node = arg(node, 1, "weight"), arg(node, 2, "bias")
+    parts = weight_parts(gm, weight)
+    bias = constant(gm, bias_node)
+    if parts is None or (bias_node is not None and bias is None):
+        return None
+    part_nodes = [weight] if weight.op == "get_attr" else list(weight.args[:2])
+    return LinearWeights(node, weight, parts, part_nodes, bias_node, bias)
+
+
 def constant_users(gm: fx.GraphModule, const_node: fx.Node) -> list[fx.Node]:
     """Every node reading the tensor behind ``const_node``, through any ``get_attr`` node
     (tied weights are one tensor registered under several names)."""
@@ -119,7 +151,7 @@ def packed_linear(gm: fx.GraphModule, node: fx.Node) -> PackedLinear | None:
         return None
     if not all(user.op == "call_function" and user.target is operator.getitem for user in split.users):
         return None
-    parts = _weight_parts(gm, node.args[1])
+    parts = weight_parts(gm, node.args[1])
     if parts is None:
         return None
     bias_node = arg(node, 2, "bias", None)
@@ -129,7 +161,10 @@ def packed_linear(gm: fx.GraphModule, node: fx.Node) -> PackedLinear | None:
     return PackedLinear(node, split, [int(size) for size in split.args[1]], parts, bias)
 
 
-def _weight_parts(gm: fx.GraphModule, weight: Any) -> list[torch.Tensor] | None:
+def weight_parts(gm: fx.GraphModule, weight: Any) -> list[torch.Tensor] | None:
+    """The constants a Linear's weight argument is made of, each with one row per output
+    channel: ``[W]`` for a constant 2-D ``W``, ``[Wq, sw]`` for ``dequantize_per_channel(Wq,
+    sw)`` over axis 0 without zero points; None for anything else."""
     if isinstance(weight, fx.Node) and weight.op == "get_attr":
         tensor = constant(gm, weight)
         return [tensor] if tensor is not None and tensor.dim() == 2 else None

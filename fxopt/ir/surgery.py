@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir.constants import remove_unused_constants
+from fxopt.ir.ops import is_op, ops
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
@@ -89,3 +90,30 @@ def infer_val(node: fx.Node) -> Any:
     node.meta["val"] = result
     return result
 
+
+
+def keep_pieces_valid(gm: fx.GraphModule, pieces: Iterable[fx.Node]) -> None:
+    """``pieces`` stand for tensors of their own but are strided slices of one larger output
+    (a split Linear's): a ``view`` of one that needs the old contiguous layout becomes a
+    ``reshape`` (same values, copies only when it must), and a graph output that is a piece,
+    or a view of one, gets a copy, as the model returned: ``out.view(-1)`` would fail on a
+    slice, and it would keep the whole larger buffer alive."""
+    pieces = set(pieces)
+    for piece in pieces:
+        for user in list(piece.users):
+            if is_op(user, ops.view):
+                try:
+                    infer_val(user)
+                except Exception:
+                    user.target = ops.reshape
+                    infer_val(user)
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    for value in output.all_input_nodes:
+        source = value
+        while is_op(source, ops.view, ops.reshape):
+            source = source.args[0]
+        if source in pieces:
+            with gm.graph.inserting_before(output):
+                own = gm.graph.call_function(ops.clone, (value,), {"memory_format": torch.contiguous_format})
+            infer_val(own)
+            output.replace_input_with(value, own)

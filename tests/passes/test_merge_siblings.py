@@ -1,3 +1,4 @@
+import pytest
 import torch
 from torch import nn
 
@@ -181,3 +182,53 @@ def test_outputs_are_contiguous_tensors_of_their_own() -> None:
         for out, want in zip(outputs, expected):
             assert out.is_contiguous() and out.untyped_storage().nbytes() == out.numel() * out.element_size()
             torch.testing.assert_close(out.view(-1), want.reshape(-1))
+
+
+def _int8_stage(model: nn.Module, x: torch.Tensor, passes: list[str], calibration: list | None = None):
+    from fxopt.registry import resolve_passes
+    from fxopt.session import Session, SessionOptions
+
+    session = Session(model, (x,), SessionOptions(calibration=calibration, fresh_inputs=False))
+    return session.run(resolve_passes(passes))
+
+
+@pytest.mark.parametrize("activations", ["dynamic-tensor", "dynamic", "static"])
+def test_int8_siblings_merge_after_quantizing(activations: str) -> None:
+    """q, k, v quantized alike -> one int8 Linear over the stacked int8 rows and scales, its input
+    quantized once; the outputs are the unmerged int8 graph's."""
+    from fxopt.ir import constant
+    from fxopt.ir.qdq import match_qdq_linear, qops
+
+    torch.manual_seed(0)
+    model, x = Heads().eval(), torch.randn(2, 5, 24)
+    calibration = [(torch.randn(2, 5, 24),) for _ in range(3)] if activations == "static" else None
+    quantize = f"quantize-int8(activations='{activations}', budget=1.0, force=True)"
+    alone = _int8_stage(model, x, [quantize], calibration)
+    merged = _int8_stage(model, x, [quantize, "merge-siblings"], calibration)
+    record = merged.records[-1]
+    assert record.status == "applied" and record.applied == 1
+    (linear,) = [n for n in merged.gm.graph.nodes if n.target is ops.linear]
+    qdq = match_qdq_linear(merged.gm, linear)
+    assert qdq is not None and qdq.x.op == "placeholder"
+    weight, scales = constant(merged.gm, qdq.qweight), constant(merged.gm, qdq.weight_scale)
+    assert weight.dtype == torch.int8 and tuple(weight.shape) == (64, 24) and tuple(scales.shape) == (64,)
+    # no float copy of the stacked weights: every float constant is a bias or a scale
+    assert all(t.dtype == torch.int8 or t.dim() == 1 for t in merged.gm.state_dict().values())
+    quantizers = (qops.quantize_per_tensor_dynamic, qops.quantize_per_token, qops.quantize_per_tensor)
+    assert sum(n.target in quantizers for n in merged.gm.graph.nodes) == 1
+    before = [n for n in alone.gm.graph.nodes if n.target is ops.linear]
+    parts = torch.cat([constant(alone.gm, match_qdq_linear(alone.gm, n).qweight) for n in before])
+    assert torch.equal(weight, parts)
+    for expected, actual in zip(alone.gm(x), merged.gm(x)):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_sibling_left_float_does_not_merge_with_int8_ones() -> None:
+    torch.manual_seed(0)
+    model, x = Heads().eval(), torch.randn(2, 5, 24)
+    quantize = "quantize-int8(activations='dynamic-tensor', budget=1.0, force=True, exclude='^q$')"
+    stage = _int8_stage(model, x, [quantize, "merge-siblings"])
+    assert stage.records[-1].applied == 1  # k and v; q reads x itself, not x quantized
+    linears = [n for n in stage.gm.graph.nodes if n.target is ops.linear]
+    assert len(linears) == 2
+    torch.testing.assert_close(stage.gm(x)[0], model(x)[0], rtol=1e-5, atol=1e-5)
