@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fxopt.errors import InputError
+from fxopt.errors import FxoptError, InputError
 from fxopt.generation import compile_generative, is_generative
 from fxopt.inputs import FRESH_VECTORS, device_of, fresh_inputs_like, fresh_rows
 from fxopt.module import OptimizedModule
@@ -165,9 +165,22 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
     with timer.running():
         session = Session(model, example_inputs, options)
 
+        def pipeline_of(candidate: presets.Candidate) -> list[Pass]:
+            return resolve_passes(presets.expand(candidate.passes, candidate.without))
+
         def build(candidate: presets.Candidate) -> OptimizedModule:
-            pipeline = resolve_passes(presets.expand(candidate.passes, candidate.without))
-            return session.compile(pipeline, candidate.backend, device, share_prefix=True)
+            return session.compile(pipeline_of(candidate), candidate.backend, device, share_prefix=True)
+
+        def built(still_to_build: list[presets.Candidate]) -> None:
+            # what those candidates do not continue from goes now (a large model's stages
+            # hold quantized copies of its weights)
+            pipelines = []
+            for candidate in still_to_build:
+                try:
+                    pipelines.append(pipeline_of(candidate))
+                except FxoptError:  # it fails when it is built, with the reason
+                    continue
+            session.keep_stages_for(pipelines)
 
         chosen, trials = presets.choose(
             preset, target, build,
@@ -176,7 +189,7 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
             calibrated=bool(options.calibration),
             # the candidates held at once share the compile's one memory bound
             hold_bytes=session.evidence.values_bound(session.captured.gm),
-            size_of=lambda module: module.report.final.weight_bytes)
+            size_of=lambda module: module.report.final.weight_bytes, built=built)
     chosen.report.notes.append(presets.summary(preset, trials, chosen))
     _record_time(chosen.report, timer)
     session.check_user_model()

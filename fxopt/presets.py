@@ -143,21 +143,24 @@ def choose(
     calibrated: bool = True,
     hold_bytes: int | None = None,
     size_of: Callable[[Any], int] = lambda module: 0,
+    built: Callable[[list[Candidate]], None] | None = None,
 ) -> tuple[Any, list[Trial]]:
     """Compile each candidate for ``device`` with ``build``, keep those within the budget,
     time them side by side (:func:`race`) and return the fastest module and every trial.
     ``calibrated``: whether calibration batches were given (else the candidates that need
     them are dropped uncompiled). ``hold_bytes``: how many bytes of built candidates
     (``size_of`` each, its weights) may be held at once; when the ones held exceed it, they
-    race there and only the fastest is kept (None: no bound, one race at the end)."""
+    race there and only the fastest is kept (None: no bound, one race at the end). ``built``:
+    told after each build which candidates are still to be built (what shared work to keep)."""
     trials = [Trial(c) for c in preset.candidates if device.type in c.devices]
     if not trials:
         raise InputError(f"preset {preset.name!r} has no candidate for device {device.type!r}")
-    held: list[Trial] = []
     for trial in trials:
         trial.dropped = _unavailable(trial.candidate, device)
         if trial.dropped is None and trial.candidate.needs_calibration and not calibrated:
             trial.dropped = "needs calibration batches (calibration=[...]), none were given"
+    held: list[Trial] = []
+    for index, trial in enumerate(trials):
         if trial.dropped is not None:
             continue
         start = time.perf_counter()
@@ -168,6 +171,8 @@ def choose(
             continue
         finally:
             trial.seconds = time.perf_counter() - start
+            if built is not None:
+                built([t.candidate for t in trials[index + 1:] if t.dropped is None])
         lossy = [r for r in trial.module.report.passes if not r.exact]
         if lossy and not any(r.status == "applied" for r in lossy):
             trial.dropped = "its lossy passes changed nothing (" + ", ".join(

@@ -17,6 +17,7 @@ the core that builds a :class:`~fxopt.PassManager` or a :class:`~fxopt.PassConte
 from __future__ import annotations
 
 import copy
+import gc
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -202,10 +203,25 @@ class Session:
         while exact < len(pipeline) and pipeline[exact].exact:
             exact += 1
         stage = self._shared_stage(pipeline[:exact], 0)
-        if exact < len(pipeline):
-            start = max((n for n in range(exact, len(pipeline)) if pipeline[:n] in self._stages), default=exact)
-            stage = self._shared_stage(pipeline, start)
+        # From the longest prefix a run reached, each lossy pass (with the exact ones before it)
+        # ends a stage of its own: a pipeline that adds exact passes after another's lossy one
+        # (merge-siblings after quantize-int8) continues from that one's search.
+        done = max((n for n in range(exact, len(pipeline) + 1) if pipeline[:n] in self._stages), default=exact)
+        stage = self._stages.get(pipeline[:done], stage)
+        for end in range(done + 1, len(pipeline) + 1):
+            if not pipeline[end - 1].exact or end == len(pipeline):
+                stage, done = self._shared_stage(pipeline[:end], done), end
         return stage
+
+    def keep_stages_for(self, pipelines: Iterable[Sequence[Pass]]) -> None:
+        """Drop the shared stages that none of ``pipelines`` (those still to run: a preset's
+        candidates not built yet) starts with, so that their graphs' new weights go now."""
+        wanted = [tuple(p) for p in pipelines]
+        unwanted = [key for key in self._stages if not any(p[:len(key)] == key for p in wanted)]
+        for key in unwanted:
+            del self._stages[key]
+        if unwanted:
+            gc.collect()  # a graph module refers to itself: its weights would wait for a collection
 
     def _shared_stage(self, key: tuple[Pass, ...], start: int) -> Stage:
         if key in self._stages:

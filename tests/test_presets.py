@@ -197,3 +197,33 @@ def test_a_lone_candidate_within_budget_is_timed_once_for_the_report(monkeypatch
     chosen, trials = presets.choose(preset, torch.device("cpu"), lambda c: module, measure_error=lambda m: 0.0,
                                     run_example=lambda m: lambda: None, hold_bytes=0)
     assert chosen is module and raced == [["0"]] and trials[0].milliseconds == 3.0
+
+
+def test_after_each_build_the_preset_says_which_candidates_are_still_to_be_built(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a session keeps for later candidates (their shared stages) follows this list: a
+    candidate dropped before it is built (it needs calibration) is not waited for."""
+    from types import SimpleNamespace
+
+    from fxopt.latency import Timing
+
+    monkeypatch.setattr(presets, "race", lambda runs, repeats=10: {k: Timing.of([1.0]) for k in runs})
+    candidates = (presets.Candidate(("exact",), note="a"), presets.Candidate(("exact",), note="b"),
+                  presets.Candidate(("exact",), note="static", needs_calibration=True),
+                  presets.Candidate(("exact",), note="c"))
+    told: list[list[str]] = []
+    module = SimpleNamespace(report=SimpleNamespace(passes=[]))
+    presets.choose(presets.Preset("order", "four", candidates, budget=0.05), torch.device("cpu"),
+                   lambda c: module, measure_error=lambda m: 0.0, run_example=lambda m: lambda: None,
+                   calibrated=False, built=lambda still: told.append([c.note for c in still]))
+    assert told == [["b", "c"], ["c"], []]
+
+
+def test_exact_leaves_out_the_passes_a_candidate_runs_elsewhere_or_without() -> None:
+    names = lambda specs: [p if isinstance(p, str) else p.name for p in specs]  # noqa: E731
+    full = names(presets.expand(["exact"]))
+    assert "merge-siblings" in full
+    after = names(presets.expand(["exact", "quantize-int8", "merge-siblings"]))
+    assert after == [n for n in full if n != "merge-siblings"] + ["quantize-int8", "merge-siblings"]
+    assert names(presets.expand(["exact", "quantize-int8"], without=("merge-siblings",))) == \
+        [n for n in full if n != "merge-siblings"] + ["quantize-int8"]

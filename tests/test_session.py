@@ -54,6 +54,24 @@ def test_shared_prefixes_run_once_and_each_run_keeps_its_own_evidence() -> None:
     assert b.verification.lossy_applied and not a.verification.lossy_applied
 
 
+def test_each_lossy_pass_ends_a_shared_stage_and_stages_go_when_no_pipeline_continues_from_them() -> None:
+    """An int8 preset's eager candidate adds merge-siblings after the search that its ONNX
+    candidate ends with: the search runs once; once no pipeline still to run starts with a
+    stage, it goes (and a later run makes it again)."""
+    model, x = _mlp(), torch.randn(8, 16)
+    session = Session(model, (x,), SessionOptions(progress=False))
+    quantize, merge = resolve_passes(["quantize-int8(activations='dynamic-tensor', budget=1.0, force=True)",
+                                      "merge-siblings"])
+    merged = session.run([quantize, merge], share_prefix=True)
+    alone = session.run([quantize], share_prefix=True)
+    assert merged.records[0] is alone.records[0] and len(merged.records) == 2
+    session.keep_stages_for([[quantize, merge]])  # still to run: nothing is dropped
+    assert session.run([quantize], share_prefix=True) is alone
+    session.keep_stages_for([])
+    again = session.run([quantize], share_prefix=True)
+    assert again is not alone and again.records[0] is not alone.records[0]
+
+
 def test_pass_context_is_read_only_configuration() -> None:
     ctx = pass_context([[torch.randn(2, 3)]], reference=[[torch.ones(1)]])
     with pytest.raises(dataclasses.FrozenInstanceError):
