@@ -80,13 +80,16 @@ class MergeSiblings(Pass):
             if len(linears) < 2:
                 continue
             result.match()
-            kinds: dict[tuple[torch.dtype, torch.device], list[LinearWeights]] = {}
+            kinds: dict[tuple[object, ...], list[LinearWeights]] = {}
             for node in linears:
                 member = _sibling(gm, node)
                 if isinstance(member, Refusal):
                     result.skip(node, member)
                     continue
-                kinds.setdefault((member.parts[0].dtype, member.parts[0].device), []).append(member)
+                # an int8 weight's dequantize (range, output dtype) is the merged one's: one kind each
+                form = () if member.weight.op == "get_attr" else (
+                    member.weight.target, member.weight.args[2:], tuple(sorted(member.weight.kwargs.items())))
+                kinds.setdefault((member.parts[0].dtype, member.parts[0].device, form), []).append(member)
             for group in kinds.values():
                 refusal = self._group_refusal(group, len(kinds))
                 if refusal:
