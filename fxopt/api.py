@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from fxopt.cost import graph_cost
 from fxopt.errors import FxoptError, InputError
 from fxopt.generation import compile_generative, is_generative
 from fxopt.inputs import FRESH_VECTORS, device_of, fresh_inputs_like, fresh_rows
@@ -51,6 +52,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     confidence: float | None = 0.95,
     agreement_data: Any = None,
     progress: bool | None = None,
+    memory_bound: int | None = None,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference and return a module that runs the result.
 
@@ -102,6 +104,12 @@ def compile(  # noqa: A001 - mirrors torch.compile
             :data:`fxopt.session.LONG_COMPILE_SECONDS`, each pass and a lossy pass's sites are
             reported on stderr with the time left (:class:`fxopt.PrintProgress`); True: from
             the start; False: never. A ``PrintProgress`` in ``instruments`` replaces it.
+        memory_bound: bytes the compile may hold besides the model: the node values a lossy
+            pass keeps (past them a budgeted search goes block by block) and, with a preset,
+            the built candidates held at once (past them they race as they are built, and a
+            model whose weights alone exceed the bound races only the candidates whose backend
+            shares its weights). None: as much as keeps them and the weights within 2 GiB,
+            or 5% of the weights (see :mod:`fxopt.evidence`).
     """
     if is_generative(model):
         return compile_generative(model, example_inputs, passes, backend, device, strict, example_kwargs,
@@ -109,12 +117,13 @@ def compile(  # noqa: A001 - mirrors torch.compile
                                       "preset": preset, "calibration": calibration, "metric": metric, "data": data,
                                       "max_drop": max_drop, "agreement_data": agreement_data,
                                       "instruments": tuple(instruments), "dynamic_shapes": dynamic_shapes,
-                                      "max_rounds": max_rounds != 1})
+                                      "max_rounds": max_rounds != 1, "memory_bound": memory_bound})
     options = SessionOptions(
         example_kwargs=example_kwargs, calibration=calibration, dynamic_shapes=dynamic_shapes,
         fresh_inputs=fresh_inputs, strict=strict, instruments=instruments, max_rounds=max_rounds,
         metric=metric, data=data, max_drop=max_drop, share_weights=share_weights,
-        measure=measure, confidence=confidence, agreement_data=agreement_data, progress=progress)
+        measure=measure, confidence=confidence, agreement_data=agreement_data, progress=progress,
+        memory_bound=memory_bound)
     if preset is not None:
         return _compile_preset(preset, model, example_inputs, passes, backend, device, options)
     backend = backend or "eager"
@@ -189,7 +198,8 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
             calibrated=bool(options.calibration),
             # the candidates held at once share the compile's one memory bound
             hold_bytes=session.evidence.values_bound(session.captured.gm),
-            size_of=lambda module: module.report.final.weight_bytes, built=built)
+            size_of=lambda module: module.report.final.weight_bytes, built=built,
+            weight_bytes=graph_cost(session.captured.gm).weight_bytes)
     chosen.report.notes.append(presets.summary(preset, trials, chosen))
     _record_time(chosen.report, timer)
     session.check_user_model()

@@ -144,6 +144,7 @@ def choose(
     hold_bytes: int | None = None,
     size_of: Callable[[Any], int] = lambda module: 0,
     built: Callable[[list[Candidate]], None] | None = None,
+    weight_bytes: int = 0,
 ) -> tuple[Any, list[Trial]]:
     """Compile each candidate for ``device`` with ``build``, keep those within the budget,
     time them side by side (:func:`race`) and return the fastest module and every trial.
@@ -151,7 +152,9 @@ def choose(
     them are dropped uncompiled). ``hold_bytes``: how many bytes of built candidates
     (``size_of`` each, its weights) may be held at once; when the ones held exceed it, they
     race there and only the fastest is kept (None: no bound, one race at the end). ``built``:
-    told after each build which candidates are still to be built (what shared work to keep)."""
+    told after each build which candidates are still to be built (what shared work to keep).
+    ``weight_bytes``: the model's; past ``hold_bytes`` a candidate whose backend would hold a
+    copy of them of its own is dropped unbuilt where one whose backend shares them remains."""
     trials = [Trial(c) for c in preset.candidates if device.type in c.devices]
     if not trials:
         raise InputError(f"preset {preset.name!r} has no candidate for device {device.type!r}")
@@ -159,6 +162,8 @@ def choose(
         trial.dropped = _unavailable(trial.candidate, device)
         if trial.dropped is None and trial.candidate.needs_calibration and not calibrated:
             trial.dropped = "needs calibration batches (calibration=[...]), none were given"
+    if hold_bytes is not None and weight_bytes > hold_bytes:
+        _share_weights_past_the_bound(trials, weight_bytes, hold_bytes)
     held: list[Trial] = []
     for index, trial in enumerate(trials):
         if trial.dropped is not None:
@@ -196,6 +201,23 @@ def choose(
         raise FxoptError(f"preset {preset.name!r}: no candidate met its budget ({reasons})")
     best = _fastest(held, run_example, repeats) if len(held) > 1 or held[0].milliseconds is None else held[0]
     return best.module, trials
+
+
+def _share_weights_past_the_bound(trials: list[Trial], weight_bytes: int, hold_bytes: int) -> None:
+    """A model whose weights alone exceed the memory bound races only the candidates whose
+    backend computes with the graph's own tensors, when there are any: one that exports the
+    graph (ONNX Runtime, OpenVINO) would hold a copy of its own beside the model and the
+    candidate held, and its compile copies them again. ``memory_bound=`` raises the bound;
+    ``backend=`` keeps only that backend's candidates, which are then built."""
+    from fxopt.backends import shares_weights
+
+    if not any(t.dropped is None and shares_weights(t.candidate.backend) for t in trials):
+        return
+    for trial in trials:
+        if trial.dropped is None and not shares_weights(trial.candidate.backend):
+            trial.dropped = (f"its backend would hold a copy of the weights of its own ({weight_bytes / 2**30:.2f} GiB "
+                             f"before the passes), past the compile's memory bound ({hold_bytes / 2**30:.2f} GiB); "
+                             "memory_bound= raises it, backend= races that backend alone")
 
 
 def _fastest(held: list[Trial], run_example: Callable[[Any], Callable[[], Any]], repeats: int) -> Trial:

@@ -227,3 +227,42 @@ def test_exact_leaves_out_the_passes_a_candidate_runs_elsewhere_or_without() -> 
     assert after == [n for n in full if n != "merge-siblings"] + ["quantize-int8", "merge-siblings"]
     assert names(presets.expand(["exact", "quantize-int8"], without=("merge-siblings",))) == \
         [n for n in full if n != "merge-siblings"] + ["quantize-int8"]
+
+
+def test_past_the_memory_bound_backends_that_copy_the_weights_are_not_built(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model whose weights exceed the bound races only candidates on a backend that computes
+    with the graph's own tensors (eager): ONNX Runtime's would hold a copy of its own. Without
+    such a candidate (``backend="onnx"``), the others are built as before."""
+    from types import SimpleNamespace
+
+    from fxopt.latency import Timing
+
+    monkeypatch.setattr(presets, "race", lambda runs, repeats=10: {k: Timing.of([1.0]) for k in runs})
+    module = SimpleNamespace(report=SimpleNamespace(passes=[]))
+    both = presets.Preset("two", "eager and onnx", (presets.Candidate(("exact",), "eager"),
+                                                    presets.Candidate(("exact",), "onnx")), budget=0.05)
+    builds: list[str] = []
+
+    def choose(preset: presets.Preset, weight_bytes: int) -> list[presets.Trial]:
+        return presets.choose(preset, torch.device("cpu"), lambda c: builds.append(c.backend) or module,
+                              measure_error=lambda m: 0.0, run_example=lambda m: lambda: None,
+                              hold_bytes=2**30, weight_bytes=weight_bytes)[1]
+
+    trials = choose(both, weight_bytes=4 * 2**30)
+    assert builds == ["eager"] and trials[1].dropped.startswith("its backend would hold a copy of the weights")
+    assert "4.00 GiB" in trials[1].dropped and "memory_bound=" in trials[1].dropped
+    builds.clear()
+    assert [t.dropped for t in choose(both, weight_bytes=2**20)] == [None, None] and builds == ["eager", "onnx"]
+    builds.clear()
+    only_onnx = presets.Preset("one", "onnx", both.candidates[1:], budget=0.05)
+    assert choose(only_onnx, weight_bytes=4 * 2**30)[0].dropped is None and builds == ["onnx"]
+
+
+def test_a_compile_past_its_memory_bound_races_the_eager_candidates_only() -> None:
+    model, x = _mlp(), torch.randn(8, 64)
+    opt = fxopt.compile(model, (x,), preset="lossless", memory_bound=0)
+    note = _note(opt)
+    assert "chose [exact] on eager" in note
+    assert "[exact] on onnx dropped: its backend would hold a copy of the weights" in note
+    assert torch.allclose(opt(x), model(x), atol=1e-5)

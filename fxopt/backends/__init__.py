@@ -58,6 +58,9 @@ class Backend:
     (or ``package``, for a plugin without an extra). ``restore`` rebuilds a saved module's
     runner from what the runner's ``saved_state()`` returned (see :mod:`fxopt.saving`);
     without it a saved module is lowered again from its stored graph when loaded.
+    ``shares_weights``: the lowered module computes with the graph's own tensors (the model's,
+    where no pass changed them), where a backend that exports the graph (ONNX Runtime,
+    OpenVINO) holds a copy of the weights of its own.
     """
 
     name: str
@@ -68,6 +71,7 @@ class Backend:
     devices: tuple[str, ...] = ("cpu", "cuda")
     description: str = ""
     restore: Callable[..., Any] | None = None
+    shares_weights: bool = False
 
     def missing(self) -> list[str]:
         """The modules ``requires`` names that are not installed."""
@@ -151,6 +155,12 @@ def unavailable_reason(name: str, device: torch.device | str | None = None) -> s
     except BackendError as exc:
         return str(exc)
     return None
+
+
+def shares_weights(name: str) -> bool:
+    """Whether backend ``name`` computes with the graph's own tensors (see :class:`Backend`)."""
+    found = registered_backends().get(name)
+    return isinstance(found, Backend) and found.shares_weights
 
 
 def get_backend(name: str, device: torch.device | str | None = None) -> Backend:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.backends import Lowered, require_torch_device
+from fxopt.backends import Backend, Lowered, require_torch_device
 from fxopt.lowering import lower_graph
 from fxopt.phases import phase
 from fxopt.pipeline import timings
@@ -132,3 +132,11 @@ def _parity_runs(gm: fx.GraphModule, kernels: fx.GraphModule, inputs: list[Any],
         if expected is None:
             expected = run_graph(gm.to(device), inputs)
         return expected, run_graph(kernels, inputs)
+
+
+BACKEND = Backend(
+    "eager",
+    lower_eager,
+    description="the optimized graph run as PyTorch code, its kernel lowerings kept where they measure faster",
+    shares_weights=True,
+)
