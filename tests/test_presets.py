@@ -266,3 +266,19 @@ def test_a_compile_past_its_memory_bound_races_the_eager_candidates_only() -> No
     assert "chose [exact] on eager" in note
     assert "[exact] on onnx dropped: its backend would hold a copy of the weights" in note
     assert torch.allclose(opt(x), model(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", [None, "lossless"])
+def test_a_large_compile_gives_what_it_freed_back_once_its_session_is_gone(
+        monkeypatch: pytest.MonkeyPatch, preset: str | None) -> None:
+    import fxopt.api
+
+    released: list[int] = []
+    monkeypatch.setattr(fxopt.api, "release_freed_memory", lambda: released.append(1))
+    model, x = _mlp(), torch.randn(8, 64)
+    monkeypatch.setattr(fxopt.api, "GIVE_BACK_BYTES", 2**40)  # a small compile: nothing to give back
+    fxopt.compile(model, (x,), preset=preset)
+    assert released == []
+    monkeypatch.setattr(fxopt.api, "GIVE_BACK_BYTES", 0)
+    opt = fxopt.compile(model, (x,), preset=preset)
+    assert released == [1] and torch.allclose(opt(x), model(x), atol=1e-5)
