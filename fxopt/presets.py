@@ -12,13 +12,16 @@ timing the clearly slower ones after a few rounds) on the example inputs and kee
 fastest. Each candidate holds a backend's copy of the weights: when the ones built so far
 exceed the compile's memory bound (a large model), they race there and only the fastest is
 kept, so that beside the candidate being built what is held stays within the bound (or is one
-candidate). The report says what was chosen, the measured times of the others, and why any
-was dropped.
+candidate). A model whose weights alone exceed the bound races only the candidates whose
+backend computes with the graph's own tensors (``Backend.shares_weights``), where there are
+any: the others would each hold a copy of the weights. The report says what was chosen, the
+measured times of the others, and why any was dropped.
 
 The candidates share work: the model is captured once, the exact passes they start with run
-once, and a candidate whose pipeline begins with another's (the same pipeline on another
-backend, or one more lossy pass after it) continues from that one's graph;
-each continues from that graph with its own references and lowers its own copy.
+once, and a candidate whose pipeline begins with another's up to one of its lossy passes (the
+same pipeline on another backend, or more passes after it) continues from that one's graph;
+each continues from that graph with its own references and lowers its own copy. After each
+build, what no candidate still to build continues from is let go.
 
 Presets are found like passes, through the ``fxopt.presets`` entry-point group (the built-in
 ones are declared beside the passes), so the core names no pass.
