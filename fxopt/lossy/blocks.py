@@ -110,9 +110,13 @@ def spans_for(search: Search) -> list[Span] | None:
     return spans if spans and any(span.sites for span in spans) else None
 
 
-def run_span(gm: fx.GraphModule, spans: Sequence[Span], k: int, live: Values, batch: Sequence[Any]) -> Values:
+def run_span(gm: fx.GraphModule, spans: Sequence[Span], k: int, live: Values, batch: Sequence[Any],
+             folded: dict[Any, tuple[list[torch.Tensor], Any]] | None = None) -> Values:
     """Run span ``k`` of ``gm`` (a trial graph of the spans' graph) from ``live``, the values
-    live at its start (span 0: from ``batch``); the values live after it."""
+    live at its start (span 0: from ``batch``); the values live after it. ``folded``: a cache,
+    shared by the trials of one block, of what a node computes from constants alone (an int8
+    weight dequantized to float: the same tensors in trial after trial), kept with those
+    constants so that their memory, and so the key, is not another tensor's."""
     nodes = list(gm.graph.nodes)
     index = {node.name: i for i, node in enumerate(nodes)}
     if spans[k].last not in index or (k and spans[k - 1].last not in index):
@@ -132,9 +136,36 @@ def run_span(gm: fx.GraphModule, spans: Sequence[Span], k: int, live: Values, ba
         for node in nodes[start:end + 1]:
             if node.op == "output":
                 raise SpanError(f"block {spans[k].key}: the graph's output lies inside it")
-            env[node.name] = next(inputs) if node.op == "placeholder" else run_node(gm, node, value)
+            if node.op == "placeholder":
+                env[node.name] = next(inputs)
+            elif folded is not None and _of_constants(node):
+                env[node.name] = _folded(gm, node, value, folded)
+            else:
+                env[node.name] = run_node(gm, node, value)
     last = {node.name: position for node, position in last_uses(gm).items()}
     return {name: v for name, v in env.items() if last.get(name, -1) > end}
+
+
+def _of_constants(node: fx.Node) -> bool:
+    """``node`` is a deterministic op whose every input is a constant (a ``get_attr``)."""
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and torch.Tag.nondeterministic_seeded not in target.tags
+            and bool(node.all_input_nodes) and all(n.op == "get_attr" for n in node.all_input_nodes))
+
+
+def _folded(gm: fx.GraphModule, node: fx.Node, value: Callable[[fx.Node], Any],
+            folded: dict[Any, tuple[list[torch.Tensor], Any]]) -> Any:
+    constants = [value(n) for n in node.all_input_nodes]
+    if not all(isinstance(c, torch.Tensor) for c in constants):
+        return run_node(gm, node, value)
+    described = {n: (c.untyped_storage().data_ptr(), c.storage_offset(), tuple(c.shape), c.stride(), c.dtype,
+                     c._version) for n, c in zip(node.all_input_nodes, constants)}
+    key = (node.target, fx.node.map_arg(node.args, described.__getitem__),
+           tuple(sorted(fx.node.map_arg(node.kwargs, described.__getitem__).items())))
+    if key not in folded:
+        folded[key] = (constants, run_node(gm, node, value))
+    return folded[key][1]
 
 
 def run_by_spans(gm: fx.GraphModule, spans: Sequence[Span], batch: Sequence[Any],
@@ -179,15 +210,16 @@ def _block_by_block(search: Search, budget: float, spans: Sequence[Span]
         for k, span in enumerate(spans):
             share = scale * budget * (k + 1) / len(spans)
             runs: dict[frozenset[tuple[str, Level]], tuple[float, dict[int, Values]]] = {}
+            folded: dict[Any, Any] = {}  # the block's dequantized weights, for its trials
 
             def measure(combination: Choices, k: int = k, span: Span = span, share: float = share,
-                        runs: dict = runs, start: dict[int, Values] = live) -> float:
+                        runs: dict = runs, start: dict[int, Values] = live, folded: dict = folded) -> float:
                 key = frozenset(combination.items())
                 if key not in runs:
                     trial = search.trial(combination, runnable=False)
                     worst, after = 0.0, {}
                     for b in indices:
-                        after[b] = run_span(trial, spans, k, start[b], batches[b])
+                        after[b] = run_span(trial, spans, k, start[b], batches[b], folded)
                         if any(name not in after[b] for name in span.outputs):
                             raise SpanError(f"block {span.key}: a rewrite replaced one of its outputs")
                         comparison = compare_outputs(reference[b][k], [after[b][n] for n in span.outputs])
