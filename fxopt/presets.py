@@ -118,7 +118,8 @@ def expand(passes: Sequence[str], without: Sequence[str] = ()) -> list[Any]:
     those named elsewhere in the list (they run there) and those in ``without``."""
     from fxopt.registry import default_pipeline, parse_pass_spec
 
-    left_out = {*without, *(parse_pass_spec(spec)[0] for spec in passes if spec != EXACT)}
+    named = (spec.name if hasattr(spec, "name") else parse_pass_spec(spec)[0] for spec in passes if spec != EXACT)
+    left_out = {*without, *named}
     expanded: list[Any] = []
     for spec in passes:
         expanded.extend([p for p in default_pipeline() if p.name not in left_out] if spec == EXACT else [spec])

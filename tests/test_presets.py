@@ -227,6 +227,9 @@ def test_exact_leaves_out_the_passes_a_candidate_runs_elsewhere_or_without() -> 
     assert after == [n for n in full if n != "merge-siblings"] + ["quantize-int8", "merge-siblings"]
     assert names(presets.expand(["exact", "quantize-int8"], without=("merge-siblings",))) == \
         [n for n in full if n != "merge-siblings"] + ["quantize-int8"]
+    from fxopt.registry import get_pass
+
+    assert names(presets.expand(["exact", get_pass("merge-siblings")])).count("merge-siblings") == 1
 
 
 def test_past_the_memory_bound_backends_that_copy_the_weights_are_not_built(
