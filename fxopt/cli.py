@@ -104,6 +104,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="with --onnx: standard ONNX operators only, for runtimes other than ONNX Runtime")
     p.add_argument("--report-json", metavar="PATH", help="write the report as JSON")
     p.add_argument("--strict", action="store_true", help="fail instead of rolling back a failing pass")
+    p.add_argument("--memory-bound", type=float, default=None, metavar="GIB",
+                   help="GiB the compile may hold besides the model (node values a lossy pass keeps; with "
+                        "--preset, built candidates; past it a preset races only eager candidates when the "
+                        "model's weights exceed it). Default: derived from the model's weights")
     p.set_defaults(func=cmd_optimize)
 
     p = sub.add_parser("tune", help="the fastest model within a task-metric budget, choosing a technique per layer")
@@ -285,7 +289,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     opt = fxopt.compile(model, tuple(inputs), passes=args.passes, backend=args.backend, strict=args.strict,
                         preset=args.preset,
                         example_kwargs=kwargs or None, calibration=calibration, dynamic_shapes=dynamic_shapes,
-                        instruments=[fxopt.PrintProgress()])
+                        instruments=[fxopt.PrintProgress()],
+                        memory_bound=None if args.memory_bound is None else int(args.memory_bound * 2**30))
     print(opt.report)
     if args.report_json:
         Path(args.report_json).write_text(json.dumps(opt.report.to_dict(), indent=2, default=str))

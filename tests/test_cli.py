@@ -46,6 +46,16 @@ def test_optimize_a_model_file(tmp_path, capsys: pytest.CaptureFixture[str]) -> 
     assert '"applied": 1' in report.read_text()
 
 
+def test_optimize_with_a_memory_bound_races_the_eager_candidates_only(
+        tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    source = tmp_path / "mymodel.py"
+    source.write_text("import torch\nmodel = torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU()).eval()\n")
+    assert main(["optimize", f"{source}:model", "--input-shape", "4,16", "--preset", "lossless",
+                 "--memory-bound", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "chose [exact] on eager" in out and "on onnx dropped: its backend would hold a copy" in out
+
+
 def test_optimize_a_model_built_from_a_safetensors_checkpoint(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
     import numpy as np
     import onnxruntime as ort
