@@ -111,7 +111,7 @@ def test_block_by_block_and_whole_model_agree_where_every_layer_fits() -> None:
 
 
 def test_a_blocks_trials_dequantize_each_int8_weight_once_and_compute_the_same() -> None:
-    """run_span with a block's cache: what a node computes from constants alone (the int8
+    """run_span with a block's holder: what a node computes from constants alone (the int8
     weights' dequantize) is computed once for the block's trials, with the same outputs."""
     from fxopt.lossy.blocks import run_span
     from fxopt.session import Session, SessionOptions
@@ -123,13 +123,13 @@ def test_a_blocks_trials_dequantize_each_int8_weight_once_and_compute_the_same()
     spans = find_spans(gm, [n.name for n in gm.graph.nodes if n.target == ops.linear])
     assert spans is not None
     plain = run_span(gm, spans, 0, {}, batches[0])
-    folded: dict = {}
-    first = run_span(gm, spans, 0, {}, batches[0], folded)
-    dequantized = len(folded)
+    held: dict = {}
+    first = run_span(gm, spans, 0, {}, batches[0], held)
+    dequantized = len(held)
     assert dequantized > 0 and dequantized == sum(
         1 for n in _span_nodes(gm, spans[0]) if n.target is torch.ops.quantized_decomposed.dequantize_per_channel.default)
-    again = run_span(gm, spans, 0, {}, batches[1], folded)
-    assert len(folded) == dequantized  # the second trial computed none of them again
+    again = run_span(gm, spans, 0, {}, batches[1], held)
+    assert len(held) == dequantized  # the second trial computed none of them again
     assert plain.keys() == first.keys()
     for name, value in plain.items():
         assert torch.equal(first[name], value) if isinstance(value, torch.Tensor) else first[name] == value

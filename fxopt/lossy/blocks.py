@@ -32,7 +32,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ir import module_path
+from fxopt.ir import derived, module_path
 from fxopt.lossy.sites import Choices, Level, Pick, Site
 from fxopt.phases import progress
 from fxopt.verify import compare_outputs, last_uses, run_node
@@ -111,12 +111,12 @@ def spans_for(search: Search) -> list[Span] | None:
 
 
 def run_span(gm: fx.GraphModule, spans: Sequence[Span], k: int, live: Values, batch: Sequence[Any],
-             folded: dict[Any, tuple[list[torch.Tensor], Any]] | None = None) -> Values:
+             held: dict[int, torch.Tensor] | None = None) -> Values:
     """Run span ``k`` of ``gm`` (a trial graph of the spans' graph) from ``live``, the values
-    live at its start (span 0: from ``batch``); the values live after it. ``folded``: a cache,
-    shared by the trials of one block, of what a node computes from constants alone (an int8
-    weight dequantized to float: the same tensors in trial after trial), kept with those
-    constants so that their memory, and so the key, is not another tensor's."""
+    live at its start (span 0: from ``batch``); the values live after it. ``held``: given by
+    one block's trials, what a node computes from constants alone (an int8 weight dequantized
+    to float: the same tensors in trial after trial) is made once (:func:`fxopt.ir.derived`)
+    and kept alive there, by storage, until the block is done."""
     nodes = list(gm.graph.nodes)
     index = {node.name: i for i, node in enumerate(nodes)}
     if spans[k].last not in index or (k and spans[k - 1].last not in index):
@@ -138,8 +138,8 @@ def run_span(gm: fx.GraphModule, spans: Sequence[Span], k: int, live: Values, ba
                 raise SpanError(f"block {spans[k].key}: the graph's output lies inside it")
             if node.op == "placeholder":
                 env[node.name] = next(inputs)
-            elif folded is not None and _of_constants(node):
-                env[node.name] = _folded(gm, node, value, folded)
+            elif held is not None and _of_constants(node):
+                env[node.name] = _folded(gm, node, value, held)
             else:
                 env[node.name] = run_node(gm, node, value)
     last = {node.name: position for node, position in last_uses(gm).items()}
@@ -154,18 +154,18 @@ def _of_constants(node: fx.Node) -> bool:
             and bool(node.all_input_nodes) and all(n.op == "get_attr" for n in node.all_input_nodes))
 
 
-def _folded(gm: fx.GraphModule, node: fx.Node, value: Callable[[fx.Node], Any],
-            folded: dict[Any, tuple[list[torch.Tensor], Any]]) -> Any:
+def _folded(gm: fx.GraphModule, node: fx.Node, value: Callable[[fx.Node], Any], held: dict[int, torch.Tensor]) -> Any:
     constants = [value(n) for n in node.all_input_nodes]
     if not all(isinstance(c, torch.Tensor) for c in constants):
         return run_node(gm, node, value)
-    described = {n: (c.untyped_storage().data_ptr(), c.storage_offset(), tuple(c.shape), c.stride(), c.dtype,
-                     c._version) for n, c in zip(node.all_input_nodes, constants)}
-    key = (node.target, fx.node.map_arg(node.args, described.__getitem__),
-           tuple(sorted(fx.node.map_arg(node.kwargs, described.__getitem__).items())))
-    if key not in folded:
-        folded[key] = (constants, run_node(gm, node, value))
-    return folded[key][1]
+    place = {n: i for i, n in enumerate(node.all_input_nodes)}  # which constant goes where
+    how = ("constants-only", node.target, fx.node.map_arg(node.args, place.__getitem__),
+           tuple(sorted(fx.node.map_arg(node.kwargs, place.__getitem__).items())))
+    result = derived(constants, how, lambda: run_node(gm, node, value))
+    for tensor in result if isinstance(result, tuple) else (result,):
+        if isinstance(tensor, torch.Tensor):
+            held[tensor.untyped_storage().data_ptr()] = tensor
+    return result
 
 
 def run_by_spans(gm: fx.GraphModule, spans: Sequence[Span], batch: Sequence[Any],
@@ -210,16 +210,16 @@ def _block_by_block(search: Search, budget: float, spans: Sequence[Span]
         for k, span in enumerate(spans):
             share = scale * budget * (k + 1) / len(spans)
             runs: dict[frozenset[tuple[str, Level]], tuple[float, dict[int, Values]]] = {}
-            folded: dict[Any, Any] = {}  # the block's dequantized weights, for its trials
+            held: dict[int, torch.Tensor] = {}  # the block's dequantized weights, for its trials
 
             def measure(combination: Choices, k: int = k, span: Span = span, share: float = share,
-                        runs: dict = runs, start: dict[int, Values] = live, folded: dict = folded) -> float:
+                        runs: dict = runs, start: dict[int, Values] = live, held: dict = held) -> float:
                 key = frozenset(combination.items())
                 if key not in runs:
                     trial = search.trial(combination, runnable=False)
                     worst, after = 0.0, {}
                     for b in indices:
-                        after[b] = run_span(trial, spans, k, start[b], batches[b], folded)
+                        after[b] = run_span(trial, spans, k, start[b], batches[b], held)
                         if any(name not in after[b] for name in span.outputs):
                             raise SpanError(f"block {span.key}: a rewrite replaced one of its outputs")
                         comparison = compare_outputs(reference[b][k], [after[b][n] for n in span.outputs])
