@@ -91,7 +91,6 @@ def infer_val(node: fx.Node) -> Any:
     return result
 
 
-
 def keep_pieces_valid(gm: fx.GraphModule, pieces: Iterable[fx.Node]) -> None:
     """``pieces`` stand for tensors of their own but are strided slices of one larger output
     (a split Linear's): a ``view`` of one that needs the old contiguous layout becomes a
