@@ -232,3 +232,19 @@ def test_a_sibling_left_float_does_not_merge_with_int8_ones() -> None:
     linears = [n for n in stage.gm.graph.nodes if n.target is ops.linear]
     assert len(linears) == 2
     torch.testing.assert_close(stage.gm(x)[0], model(x)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_int8_siblings_too_few_to_merge_are_left_apart_with_the_reason() -> None:
+    """k and v quantized alike, q left float: with min_group=3 the int8 pair is too few, and
+    each says so; the graph keeps three Linears and the int8 one's outputs."""
+    torch.manual_seed(0)
+    model, x = Heads().eval(), torch.randn(2, 5, 24)
+    quantize = "quantize-int8(activations='dynamic-tensor', budget=1.0, force=True, exclude='^q$')"
+    stage = _int8_stage(model, x, [quantize, "merge-siblings(min_group=3)"])
+    record = stage.records[-1]
+    assert record.applied == 0 and record.skipped["too-few-siblings"] == 2
+    assert all("only 2 sibling Linear(s)" in s.detail for s in record.skips if s.code == "too-few-siblings")
+    assert sum(1 for n in stage.gm.graph.nodes if n.target is ops.linear) == 3
+    alone = _int8_stage(model, x, [quantize])
+    for expected, actual in zip(alone.gm(x), stage.gm(x)):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
