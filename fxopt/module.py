@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import weakref
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from fxopt.errors import FxoptError, InputError
+from fxopt.ir import copy_graph_module
 from fxopt.report import Report
 from fxopt.signature import Signature
 
@@ -19,6 +22,11 @@ class OptimizedModule(torch.nn.Module):
 
     ``graph_module`` is the optimized fx graph and ``report`` says how it was made.
     Inputs are checked against the captured signature (count, dtype, static sizes).
+
+    Where the runner holds a weight in a packed form of its own (oneDNN's int8 layout, say:
+    ``packed``, see :class:`fxopt.backends.Lowered`), the module keeps that copy alone:
+    ``graph_module`` unpacks such weights when read, into a module that lives as long as the
+    caller holds it (:func:`fxopt.save` reads it so).
 
     Save it with :func:`fxopt.save` (``torch.save`` cannot pickle a lowered module and
     says so). Its dtype and device are fixed at compile time: ``.half()``, ``.to(dtype)``
@@ -32,13 +40,32 @@ class OptimizedModule(torch.nn.Module):
         report: Report,
         runner: Any = None,
         device: torch.device | None = None,
+        packed: Mapping[str, Callable[[], torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
-        self.graph_module = graph_module
+        self.graph_module = graph_module  # a submodule: the property below reads it back
         self.signature = signature
         self.report = report
         self.device = device
         self._runner = runner
+        self._packed = dict(packed or {})
+        self._unpacked: weakref.ref[fx.GraphModule] | None = None
+        for target in self._packed:  # the runner's packed copy is the one kept
+            graph_module.register_buffer(target, torch.empty_like(graph_module.get_buffer(target), device="meta"))
+
+    @property
+    def graph_module(self) -> fx.GraphModule:
+        """The optimized graph, with every weight as a plain tensor."""
+        held = self._modules["graph_module"]
+        if not self._packed:
+            return held
+        unpacked = self._unpacked() if self._unpacked is not None else None
+        if unpacked is None:
+            unpacked = copy_graph_module(held)
+            for target, unpack in self._packed.items():
+                unpacked.register_buffer(target, unpack())
+            self._unpacked = weakref.ref(unpacked)
+        return unpacked
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> OptimizedModule:
         # nn.Module's .half()/.to()/.cuda() convert the weights one by one behind the
@@ -46,7 +73,8 @@ class OptimizedModule(torch.nn.Module):
         # would do on an empty tensor of each kind held here, and refuse any change.
         # The module's device, not the tensors': an ONNX Runtime module keeps meta tensors.
         home = self.device or torch.device("cpu")
-        kinds = {(t.dtype, home) for t in [*self.graph_module.buffers(), *self.graph_module.parameters()]}
+        held = self._modules["graph_module"]
+        kinds = {(t.dtype, home) for t in [*held.buffers(), *held.parameters()]}
         for dtype, device in sorted(kinds, key=str):
             probe = fn(torch.empty(0, dtype=dtype, device=device))
             if isinstance(probe, torch.Tensor) and (probe.dtype, probe.device) != (dtype, device):
@@ -65,8 +93,11 @@ class OptimizedModule(torch.nn.Module):
     def __deepcopy__(self, memo: dict[int, Any]) -> OptimizedModule:
         # The runner (lowered kernels, an ONNX Runtime session) holds no state between runs:
         # the copy shares it and gets its own graph, signature and report.
-        return OptimizedModule(copy.deepcopy(self.graph_module, memo), copy.deepcopy(self.signature, memo),
-                               copy.deepcopy(self.report, memo), self._runner, self.device)
+        held = copy.deepcopy(self._modules["graph_module"], memo)
+        copied = OptimizedModule(held, copy.deepcopy(self.signature, memo), copy.deepcopy(self.report, memo),
+                                 self._runner, self.device)
+        copied._packed = dict(self._packed)
+        return copied
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.signature.flatten(args, kwargs)

@@ -295,7 +295,7 @@ class Session:
         with phase("lowering"), measuring(self.evidence.timings):
             runner = lower(backend, gm, captured.signature, captured.batches[0], target, report, parity)
         report.lower_seconds = time.perf_counter() - start
-        return OptimizedModule(runner.graph_module, captured.signature, report, runner.run, target)
+        return OptimizedModule(runner.graph_module, captured.signature, report, runner.run, target, runner.packed)
 
     def compile(self, pipeline: Sequence[Pass], backend: str, device: str | torch.device | None = None, *,
                 share_prefix: bool = False) -> OptimizedModule:

@@ -181,3 +181,31 @@ def test_lowered_module_copies_and_saves(tmp_path) -> None:
     loaded = fxopt.load(tmp_path / "static.fxopt")
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), opt(x))
+
+
+def test_packed_int8_weights_are_held_once_and_read_back_exactly(tmp_path) -> None:
+    """The kernels' packed copy is the module's only copy of each int8 weight: the optimized
+    graph holds meta tensors in their place and unpacks the very same integers when read
+    (to inspect, copy or save it)."""
+    from fxopt.quant import quantize_weight
+
+    torch.manual_seed(0)
+    model, x = Block().eval(), torch.randn(4, 16, 64)
+    opt = fxopt.compile(model, (x,), passes=[QuantizeInt8(activations="dynamic")], measure=False)
+    held = opt._modules["graph_module"]
+    assert len(opt._packed) == 3
+    assert all(held.get_buffer(target).is_meta for target in opt._packed)
+    graph = opt.graph_module
+    assert graph is opt.graph_module  # one unpacked module while the caller holds it
+    int8 = sorted((graph.get_buffer(target) for target in opt._packed), key=lambda t: tuple(t.shape))
+    expected = sorted((quantize_weight(m.weight)[0] for m in (model.up, model.down, model.head)),
+                      key=lambda t: tuple(t.shape))
+    assert all(torch.equal(got, want) for got, want in zip(int8, expected))
+    with torch.no_grad():
+        torch.testing.assert_close(graph(x)[0], opt(x), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(copy.deepcopy(opt)(x), opt(x), rtol=0, atol=0)
+    fxopt.save(opt, tmp_path / "packed.fxopt")
+    loaded = fxopt.load(tmp_path / "packed.fxopt")
+    assert set(loaded._packed) == set(opt._packed)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), opt(x), rtol=0, atol=0)

@@ -23,7 +23,7 @@ import inspect
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -39,10 +39,16 @@ ENTRY_POINT_GROUP = "fxopt.backends"
 
 @dataclass
 class Lowered:
-    """A lowered graph: ``run(*flat_inputs)`` returns the flat outputs."""
+    """A lowered graph: ``run(*flat_inputs)`` returns the flat outputs.
+
+    ``packed`` names constants of ``graph_module`` (by ``get_attr`` target) that ``run`` holds
+    only in a packed form of its own, each with the function that gives the plain tensor back,
+    exactly (the backend checked it): the optimized module then keeps one copy, the packed one,
+    and unpacks on demand (:class:`fxopt.OptimizedModule`)."""
 
     graph_module: fx.GraphModule
     run: Callable[..., Any]
+    packed: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
 
 
 LowerFunction = Callable[[fx.GraphModule, Any, list[torch.Tensor], torch.device, Any], Lowered]

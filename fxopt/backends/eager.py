@@ -8,12 +8,14 @@ compile's :class:`~fxopt.pipeline.timings.KernelTimings` (its choices go in ``re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from fxopt.backends import Backend, Lowered, require_torch_device
+from fxopt.ir import constants
 from fxopt.lowering import lower_graph
 from fxopt.phases import phase
 from fxopt.pipeline import timings
@@ -36,22 +38,49 @@ def lower_eager(
         # batch, see Verification.smallest_known_outputs): parity is checked on the same ones.
         example_inputs, expected = known
     inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in example_inputs]
-    both = _both_stages(gm, inputs, device, report, expected)
+    packed: dict[str, Callable[[], torch.Tensor]] = {}
+    both = _both_stages(gm, inputs, device, report, expected, packed)
     if both is not None:
         graph, kernels = both
     else:
-        graph, outputs = _lowered(gm, "graph", inputs, device, report, expected)
-        kernels, _ = _lowered(graph, "kernel", inputs, device, report, outputs)
+        graph, outputs = _lowered(gm, "graph", inputs, device, report, expected, packed)
+        kernels, _ = _lowered(graph, "kernel", inputs, device, report, outputs, packed)
 
     def run(*inputs: torch.Tensor) -> Any:
         with torch.no_grad():
             return kernels(*inputs)
 
-    return Lowered(graph, run)
+    held = _packed_only(graph, kernels, packed)
+    if held:
+        size = sum(graph.get_buffer(target).nbytes for target in held)
+        report.notes.append(f"{len(held)} weight(s) ({size / 2**20:.1f} MiB) are held only as the kernels pack "
+                            "them; opt.graph_module unpacks them when read")
+    return Lowered(graph, run, held)
+
+
+def _packed_only(graph: fx.GraphModule, kernels: fx.GraphModule,
+                 packed: dict[str, Callable[[], torch.Tensor]]) -> dict[str, Callable[[], torch.Tensor]]:
+    """The constants of ``graph`` that ``kernels`` reads only through a packed copy
+    (``LoweringResult.packed``) which unpacks to exactly the same tensor: what the optimized
+    module need not hold twice."""
+    read = {node.target for node in kernels.graph.nodes if node.op == "get_attr"}
+    values = dict(constants(graph))
+    held = {}
+    for target, unpack in packed.items():
+        value = values.get(target)
+        if target in read or value is None or "." in target or target not in graph._buffers:
+            continue
+        try:
+            exact = torch.equal(unpack(), value)
+        except Exception:  # a build whose packed layout does not read back
+            exact = False
+        if exact:
+            held[target] = unpack
+    return held
 
 
 def _both_stages(gm: fx.GraphModule, inputs: list[Any], device: torch.device, report: Any,
-                 expected: list[Any] | None) -> tuple[fx.GraphModule, fx.GraphModule] | None:
+                 expected: list[Any] | None, packed: dict[str, Any]) -> tuple[fx.GraphModule, fx.GraphModule] | None:
     """The graph-stage and kernel-stage lowerings checked together, in one run of what will
     run (the kernels) against the optimized graph, within the looser of the two stages'
     tolerances; None when not both apply or they disagree (then each stage is checked on its
@@ -76,6 +105,8 @@ def _both_stages(gm: fx.GraphModule, inputs: list[Any], device: torch.device, re
     report.notes.extend(graph_stage.notes)
     report.notes.extend(kernel_stage.notes)
     report.kernels.extend(graph_stage.choices + kernel_stage.choices)
+    packed.update(graph_stage.packed)
+    packed.update(kernel_stage.packed)
     graph = graph_stage.graph_module.to(device)
     graph.recompile()
     kernels.recompile()
@@ -83,11 +114,13 @@ def _both_stages(gm: fx.GraphModule, inputs: list[Any], device: torch.device, re
 
 
 def _lowered(gm: fx.GraphModule, stage: str, inputs: list[Any], device: torch.device, report: Any,
-             expected: list[Any] | None) -> tuple[fx.GraphModule, list[Any] | None]:
+             expected: list[Any] | None, packed: dict[str, Any]) -> tuple[fx.GraphModule, list[Any] | None]:
     """``gm`` after the lowerings of ``stage``, and its outputs on ``inputs`` when they were
-    computed (``expected``: ``gm``'s own, if already known)."""
+    computed (``expected``: ``gm``'s own, if already known); what the lowerings packed goes in
+    ``packed`` (checked against the kernels kept by :func:`_packed_only`)."""
     lowered = lower_graph(gm, "eager", device, stage, choose=timings.current().choose)
     report.notes.extend(lowered.notes)
+    packed.update(lowered.packed)
     if not lowered.applied:
         result, outputs = gm.to(device), expected
     else:

@@ -11,7 +11,8 @@ is keyed by the first source's storage (held weakly, so a freed weight drops its
 view of each source (storage, offset, shape, stride, dtype: a detached view of a weight finds
 what the weight made) and each source's version counter (an in-place write misses), plus the
 caller's ``key`` (what was derived, and how). It lives as long as the derived tensors' memory does
-(weak references to their storages): nothing here keeps memory alive that no graph holds.
+(weak references to their storages; an opaque tensor such as oneDNN's packed weight, which has
+no storage, by a weak reference to itself): nothing here keeps memory alive that no graph holds.
 
 A source that was itself derived here stands for what it was derived from: quantizing a merged
 weight is keyed by the weights merged and both derivations, not by the merged tensor. So once a
@@ -63,6 +64,9 @@ class _Entry:
             storage = value[0]()
             if storage is None:
                 return None
+            if len(value) == 1:  # an opaque tensor, held as itself
+                parts.append(storage)
+                continue
             offset, shape, stride, dtype = value[1:]
             parts.append(torch.empty(0, dtype=dtype, device=storage.device).set_(storage, offset, shape, stride))
         return parts
@@ -108,13 +112,10 @@ def derived(sources: Sequence[torch.Tensor | None], key: Hashable,
     sources_memory = {t.untyped_storage().data_ptr() for t in tensors}  # make() may return a source as is
     root_refs = [weakref.ref(root) for root in roots]
     for index, part in enumerate(parts):
-        if part is not None and part.untyped_storage().data_ptr() not in sources_memory:
+        if part is not None and not part.is_mkldnn and part.untyped_storage().data_ptr() not in sources_memory:
             _ORIGIN[part.untyped_storage()] = (root_refs, full_key, index)
-    per_storage[full_key] = _Entry(
-        root_refs,
-        [None if p is None else (weakref.ref(p.untyped_storage()), p.storage_offset(), tuple(p.shape),
-                                 tuple(p.stride()), p.dtype) for p in parts],
-        single=not isinstance(value, tuple))
+    per_storage[full_key] = _Entry(root_refs, [None if p is None else _held(p) for p in parts],
+                                   single=not isinstance(value, tuple))
     return value
 
 
@@ -138,6 +139,15 @@ def release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def _held(part: torch.Tensor) -> tuple:
+    """How an entry holds a derived tensor: its storage (weakly) and its view, or for an opaque
+    tensor (oneDNN's packed layout has no storage to view) the tensor itself, weakly."""
+    if part.is_mkldnn:
+        return (weakref.ref(part),)
+    return (weakref.ref(part.untyped_storage()), part.storage_offset(), tuple(part.shape), tuple(part.stride()),
+            part.dtype)
 
 
 def _view(tensor: torch.Tensor) -> tuple:

@@ -58,6 +58,7 @@ class LoweredGraph:
     run_rtols: list[float] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     choices: list[dict[str, Any]] = field(default_factory=list)  # the measured lowerings' choices
+    packed: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)  # see LoweringResult.packed
 
     def onnx_translations(self) -> dict[Any, Callable[..., Any]]:
         table: dict[Any, Callable[..., Any]] = {}
@@ -107,6 +108,7 @@ def lower_graph(gm: fx.GraphModule, backend: str, device: torch.device | None,
         else:
             outcome = lowering.lower(result.graph_module, device)
         result.choices.extend(outcome.choices)
+        result.packed.update(outcome.packed)
         result.applied.append(lowering)
         if outcome.parity_rtol is not None:
             result.run_rtols.append(outcome.parity_rtol)

@@ -27,6 +27,10 @@ class LoweringResult:
     # The measured choices made (fxopt.pipeline.timings.Choice.as_dict, with the "nodes"
     # they concern), for the report.
     choices: list[dict[str, Any]] = field(default_factory=list)
+    # Graph constants (by ``get_attr`` target) that the kernels written here hold in a packed
+    # form of their own, each with the function that gives the plain tensor back: the backend
+    # may then keep them packed only (:class:`fxopt.backends.Lowered`).
+    packed: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
 
 
 # ``choose(op, site, candidates, inputs, prefer=...) -> Choice`` of a compile's

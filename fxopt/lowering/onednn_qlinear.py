@@ -42,7 +42,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ir import arg, constant, dtype_of, is_op, ops, shape_of
+from fxopt.ir import arg, constant, derived, dtype_of, is_op, ops, shape_of
 from fxopt.kernels import int8 as kernels
 from fxopt.lowering.base import Choose, Lowering, LoweringResult, measured_inputs, measured_shapes
 from fxopt.quant import dynamic_tensor_qparams, quantize_per_token
@@ -204,6 +204,11 @@ class PackedWeight(torch.nn.Module):
     def __deepcopy__(self, memo: dict[int, Any]) -> PackedWeight:
         return PackedWeight(self.packed)
 
+    def unpacked(self) -> torch.Tensor:
+        """The plain int8 weight ``[out, in]`` again (the packed tensor reads back as its
+        transpose)."""
+        return self.packed.to_dense().t().contiguous()
+
 
 class OneDnnQLinear(Lowering):
     """Static and dynamic per-tensor int8 Linears (+ a following activation) and per-token ones
@@ -337,7 +342,7 @@ def lower_static_int8_linears(gm: fx.GraphModule, choose: Choose | None = None) 
             if source is None:
                 source = gm.graph.call_function(quantize_u8, (x, input_scale, input_zero_point))
                 quantized[(x, input_scale, input_zero_point)] = source
-            packed = _packed_weight(gm, constant(gm, qweight), qweight)
+            packed = _packed_weight(gm, qweight, result)
             zeros = gm.graph.get_attr(_zero_points(gm, constant(gm, qweight).shape[0]))
             kernel = gm.graph.call_function(_qlinear(), (
                 source, input_scale, input_zero_point, packed, weight_scale, zeros, bias,
@@ -375,7 +380,7 @@ def _lower_dynamic(gm: fx.GraphModule, nodes: list[fx.Node], post_ops: frozenset
         per_token = _token_linear(gm, node)
         (post_name, algorithm), out = _dynamic_post_op(gm, node, post_ops)
         with gm.graph.inserting_before(out):
-            packed = _packed_weight(gm, constant(gm, qweight), qweight)
+            packed = _packed_weight(gm, qweight, result)
             zeros = gm.graph.get_attr(_zero_points(gm, constant(gm, qweight).shape[0]))
             kernel = gm.graph.call_function(token_qlinear, (x, packed, weight_scale, zeros, bias)) if per_token \
                 else gm.graph.call_function(tensor_qlinear, (x, packed, weight_scale, zeros, bias, post_name, algorithm))
@@ -433,9 +438,15 @@ def _measured_faster(gm: fx.GraphModule, node: fx.Node, post: tuple[tuple[str, s
     return choice.name == "onednn-qlinear"
 
 
-def _packed_weight(gm: fx.GraphModule, qweight: torch.Tensor, node: fx.Node) -> fx.Node:
+def _packed_weight(gm: fx.GraphModule, node: fx.Node, result: LoweringResult) -> fx.Node:
+    """``node``'s int8 weight packed for oneDNN, as a ``get_attr`` of the packed tensor; the
+    result says how to unpack it (so the module need not hold both)."""
     name = _unique(gm, f"{node.target}_onednn")
-    gm.add_module(name, PackedWeight(_prepack()(qweight, None)))
+    qweight = constant(gm, node)
+    # derived(): the graphs of one model (a causal LM's prefill, decode) share one packed copy.
+    weight = PackedWeight(derived([qweight], ("onednn-qlinear-pack",), lambda: _prepack()(qweight, None)))
+    gm.add_module(name, weight)
+    result.packed[node.target] = weight.unpacked
     with warnings.catch_warnings():
         # fx warns that a plain attribute is no parameter or buffer: it is not meant to be one.
         warnings.simplefilter("ignore")

@@ -209,17 +209,18 @@ def _build(backend: str, gm: torch.fx.GraphModule, signature: Any, report: Any, 
            device: torch.device) -> Any:
     from fxopt.module import OptimizedModule
 
+    packed: dict[str, Any] = {}
     if backend == "onnx":
         runner = _onnx_runner(state, device)
     elif backend != "eager":
         gm, runner = _backend_runner(backend, state, gm, signature, report, device)
     else:
-        gm, runner = _lowered_again("eager", gm, signature, report, device)
-    return OptimizedModule(gm, signature, report, runner, device)
+        gm, runner, packed = _lowered_again("eager", gm, signature, report, device)
+    return OptimizedModule(gm, signature, report, runner, device, packed)
 
 
 def _lowered_again(backend: str, gm: torch.fx.GraphModule, signature: Any, report: Any,
-                   device: torch.device) -> tuple[Any, Any]:
+                   device: torch.device) -> tuple[Any, Any, dict[str, Any]]:
     """The backend's lowering again, on inputs shaped like the examples: for the eager
     backend the kernel-stage lowerings (oneDNN, say) pick the kernels for this machine and
     are checked (the stored graph is already graph-lowered, so that stage finds nothing new)."""
@@ -230,7 +231,7 @@ def _lowered_again(backend: str, gm: torch.fx.GraphModule, signature: Any, repor
     inputs = [_input_like(spec, generator).to(device) for spec in signature.inputs]
     _values_from(gm, inputs)
     lowered = lower(backend, gm, signature, inputs, device, scratch)
-    return lowered.graph_module, lowered.run
+    return lowered.graph_module, lowered.run, lowered.packed
 
 
 def _values_from(gm: torch.fx.GraphModule, inputs: list[Any]) -> None:
@@ -275,7 +276,8 @@ def _backend_runner(name: str, state: Any, gm: torch.fx.GraphModule, signature: 
     backend = get_backend(name, device)  # says what to install when the backend is missing
     if state is not None and backend.restore is not None:
         return gm, backend.restore(state, gm, signature, device)
-    return _lowered_again(name, gm, signature, report, device)
+    gm, runner, _ = _lowered_again(name, gm, signature, report, device)
+    return gm, runner
 
 
 def _input_like(spec: Any, generator: torch.Generator) -> torch.Tensor:
