@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.backends import Backend, Lowered, require_torch_device
-from fxopt.ir import constants
+from fxopt.ir import constants, remove_unused_constants
 from fxopt.lowering import lower_graph
 from fxopt.phases import phase
 from fxopt.pipeline import timings
@@ -45,6 +45,8 @@ def lower_eager(
     else:
         graph, outputs = _lowered(gm, "graph", inputs, device, report, expected, packed)
         kernels, _ = _lowered(graph, "kernel", inputs, device, report, outputs, packed)
+
+    remove_unused_constants(kernels)  # what the kernels packed is held packed, not twice
 
     def run(*inputs: torch.Tensor) -> Any:
         with torch.no_grad():
