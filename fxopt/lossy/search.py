@@ -146,8 +146,9 @@ class BudgetedSearch:
 
     def trial(self, choices: Choices, runnable: bool = True) -> fx.GraphModule:
         """``apply`` on a structural copy of the graph: the live graph is never touched.
-        ``runnable=False`` skips regenerating its code (the search's runner interprets it)."""
-        candidate = self.apply(copy_graph_module(self.gm), dict(choices))
+        ``runnable=False`` skips regenerating its code (the search's runner interprets it); a
+        runnable one writes its code when first called."""
+        candidate = self.apply(copy_graph_module(self.gm, lazy=True), dict(choices))
         if runnable:
             candidate.recompile()
         return candidate
