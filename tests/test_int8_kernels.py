@@ -100,9 +100,9 @@ def test_each_engine_packs_its_own_weights() -> None:
     if len(engines) < 2:
         pytest.skip("fewer than two exact quantized engines on this CPU")
     qweight, scale = quantize_weight(torch.randn(16, 32))
-    packs = [int8._prepacked(qweight, scale, None, engine) for engine in engines]
+    packs = [int8.prepacked(qweight, scale, None, engine) for engine in engines]
     assert packs[0] is not packs[1]
-    assert [int8._prepacked(qweight, scale, None, engine) for engine in engines] == packs  # both kept
+    assert [int8.prepacked(qweight, scale, None, engine) for engine in engines] == packs  # both kept
 
 
 def test_quantized_engine_probe_finds_exact_sums_or_says_why() -> None:
@@ -297,3 +297,33 @@ def test_compiles_of_one_model_share_its_int8_weights() -> None:
         assert all(t.is_meta for t in first._modules["graph_module"].buffers() if t.dtype == torch.int8)
     else:
         assert len(int8_storages(first)) == 2 and int8_storages(first) == int8_storages(second)
+
+
+def test_engine_packed_linears_hold_the_engines_pack_alone(tmp_path) -> None:
+    """A dynamic per-tensor Linear on a quantized engine runs on a pack made once, which is the
+    module's only copy of its int8 weight: the graph unpacks the same integers when read, and
+    the outputs are those of the op it replaced."""
+    from fxopt.kernels import int8
+    from fxopt.lowering import lower_graph
+    from fxopt.quant import quantize_weight
+
+    if not int8.exact_engines():
+        pytest.skip("no quantized engine runs the dynamic int8 Linear exactly here")
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 32)).eval()
+    x = torch.randn(8, 64)
+    spec = ["quantize-int8(activations='dynamic-tensor', budget=1.0)"]
+    opt = fxopt.compile(model, (x,), passes=spec, progress=False, measure=False)
+    graph = opt.graph_module
+    kernels = lower_graph(graph, "eager", torch.device("cpu"), "kernel").graph_module
+    assert count_ops(kernels, int8.int8_linear_dynamic_tensor_op) == 0
+    assert len(opt._packed) == 2 and all(opt._modules["graph_module"].get_buffer(t).is_meta for t in opt._packed)
+    held = {tuple(graph.get_buffer(t).shape): graph.get_buffer(t) for t in opt._packed}
+    for layer in (model[0], model[2]):
+        assert torch.equal(held[tuple(layer.weight.shape)], quantize_weight(layer.weight)[0])
+    with torch.no_grad():
+        torch.testing.assert_close(kernels(x)[0], graph(x)[0], rtol=0, atol=0)
+        torch.testing.assert_close(opt(x), graph(x)[0], rtol=0, atol=0)
+    fxopt.save(opt, tmp_path / "engine.fxopt")
+    with torch.no_grad():
+        torch.testing.assert_close(fxopt.load(tmp_path / "engine.fxopt")(x), opt(x), rtol=0, atol=0)

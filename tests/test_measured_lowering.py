@@ -156,6 +156,7 @@ def test_dynamic_int8_kernel_variant_is_measured(tmp_path, onednn_ms: float, kep
     from fxopt.passes import QuantizeInt8
 
     from fxopt.kernels.int8 import int8_linear_dynamic_tensor_op, int8_linear_op
+    from fxopt.lowering import engine_packed
     from fxopt.lowering import onednn_qlinear as qlinear
 
     if qlinear.qlinear_unsupported_reason() is not None:
@@ -169,7 +170,9 @@ def test_dynamic_int8_kernel_variant_is_measured(tmp_path, onednn_ms: float, kep
     assert [k["chosen"] for k in choices] == [kept] * 2 and all(marker in k["site"] for k in choices)
     lowered = lower_graph(opt.graph_module, "eager", CPU, "kernel", choose=timings.choose).graph_module
     onednn = sum(n.target in (qlinear.token_qlinear, qlinear.tensor_qlinear) for n in lowered.graph.nodes)
-    fxopts = count_ops(lowered, int8_linear_op, int8_linear_dynamic_tensor_op)
+    # (fxopt's per-tensor kernel on a quantized engine runs on its pack: engine-packed-int8)
+    fxopts = count_ops(lowered, int8_linear_op, int8_linear_dynamic_tensor_op) + sum(
+        n.target is engine_packed.engine_linear for n in lowered.graph.nodes)
     assert (onednn, fxopts) == ((0, 2) if kept == "int8-linear" else (2, 0))
     # oneDNN's kernel rounds the same activations: the same numbers up to float rounding (per
     # tensor, a value on a rounding boundary may move by one step)
@@ -185,6 +188,7 @@ def test_a_dynamic_int8_linear_runs_on_the_engine_measured_fastest(tmp_path) -> 
     from fxopt.passes import QuantizeInt8
 
     from fxopt.kernels import int8 as kernels
+    from fxopt.lowering import engine_packed
 
     if "fbgemm" not in kernels.exact_engines() or kernels.preferred_engine() == "fbgemm":
         pytest.skip("FBGEMM is not a second exact engine on this CPU")
@@ -195,9 +199,11 @@ def test_a_dynamic_int8_linear_runs_on_the_engine_measured_fastest(tmp_path) -> 
     choices = [k for k in opt.report.kernels if k["op"] == "int8-linear"]
     assert [k["chosen"] for k in choices] == ["int8-fbgemm"] * 2
     assert all(set(k["times"]) == {"int8", "int8-fbgemm", "qdq"} for k in choices)
-    lowered = lower_graph(opt.graph_module, "eager", CPU, "kernel", choose=timings.choose).graph_module
-    engines = [n.args[4] for n in lowered.graph.nodes if n.target == kernels.int8_linear_dynamic_tensor_op]
+    engines = [n.args[4] for n in opt.graph_module.graph.nodes if n.target == kernels.int8_linear_dynamic_tensor_op]
     assert engines == ["fbgemm", "fbgemm"]
+    # what runs calls the same kernel on the engine's pack (engine-packed-int8)
+    lowered = lower_graph(opt.graph_module, "eager", CPU, "kernel", choose=timings.choose).graph_module
+    assert sum(n.target is engine_packed.engine_linear for n in lowered.graph.nodes) == 2
     loaded = fxopt.load(fxopt.save(opt, tmp_path / "fbgemm.fxopt"))  # the engine is saved with the graph
     with torch.no_grad():
         torch.testing.assert_close(opt(x), model(x), rtol=0.1, atol=0.1)

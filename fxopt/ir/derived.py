@@ -11,8 +11,8 @@ is keyed by the first source's storage (held weakly, so a freed weight drops its
 view of each source (storage, offset, shape, stride, dtype: a detached view of a weight finds
 what the weight made) and each source's version counter (an in-place write misses), plus the
 caller's ``key`` (what was derived, and how). It lives as long as the derived tensors' memory does
-(weak references to their storages; an opaque tensor such as oneDNN's packed weight, which has
-no storage, by a weak reference to itself): nothing here keeps memory alive that no graph holds.
+(weak references to their storages; an opaque result such as oneDNN's packed weight, which has
+no storage, or a quantized engine's packed weight, by a weak reference to itself): nothing here keeps memory alive that no graph holds.
 
 A source that was itself derived here stands for what it was derived from: quantizing a merged
 weight is keyed by the weights merged and both derivations, not by the merged tensor. So once a
@@ -74,7 +74,8 @@ class _Entry:
 
 def derived(sources: Sequence[torch.Tensor | None], key: Hashable,
             make: Callable[[], T]) -> T:
-    """``make()`` (a tensor, or a tuple of tensors and Nones) computed once for ``sources``.
+    """``make()`` (a tensor, an opaque packed weight, or a tuple of those and Nones) computed
+    once for ``sources``.
 
     ``key`` names the derivation and its options (``("int8-weights", 8, None)``); the same
     sources and key give tensors on the same memory while it lives. Under a fake or functional
@@ -107,12 +108,14 @@ def derived(sources: Sequence[torch.Tensor | None], key: Hashable,
     if sum(t.untyped_storage().nbytes() for t in tensors) >= RELEASE_BYTES:
         release_freed_memory()
     parts = list(value) if isinstance(value, tuple) else [value]
-    if not all(p is None or (isinstance(p, torch.Tensor) and not _untracked(p)) for p in parts):
+    if not all(p is None or isinstance(p, torch.ScriptObject) or (isinstance(p, torch.Tensor) and not _untracked(p))
+               for p in parts):
         return value
     sources_memory = {t.untyped_storage().data_ptr() for t in tensors}  # make() may return a source as is
     root_refs = [weakref.ref(root) for root in roots]
     for index, part in enumerate(parts):
-        if part is not None and not part.is_mkldnn and part.untyped_storage().data_ptr() not in sources_memory:
+        if isinstance(part, torch.Tensor) and not part.is_mkldnn \
+                and part.untyped_storage().data_ptr() not in sources_memory:
             _ORIGIN[part.untyped_storage()] = (root_refs, full_key, index)
     per_storage[full_key] = _Entry(root_refs, [None if p is None else _held(p) for p in parts],
                                    single=not isinstance(value, tuple))
@@ -141,10 +144,11 @@ def release_freed_memory() -> None:
         trim(0)
 
 
-def _held(part: torch.Tensor) -> tuple:
+def _held(part: torch.Tensor | torch.ScriptObject) -> tuple:
     """How an entry holds a derived tensor: its storage (weakly) and its view, or for an opaque
-    tensor (oneDNN's packed layout has no storage to view) the tensor itself, weakly."""
-    if part.is_mkldnn:
+    one (oneDNN's packed layout has no storage to view; a quantized engine's packed weight is
+    no tensor) the object itself, weakly."""
+    if not isinstance(part, torch.Tensor) or part.is_mkldnn:
         return (weakref.ref(part),)
     return (weakref.ref(part.untyped_storage()), part.storage_offset(), tuple(part.shape), tuple(part.stride()),
             part.dtype)

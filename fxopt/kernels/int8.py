@@ -120,7 +120,7 @@ def int8_linear_dynamic_tensor(
     at a site's shapes), else on ``torch._int_mm``."""
     in_features = x.shape[-1]
     rows = x.reshape(-1, in_features)
-    packed = _prepacked(qweight, weight_scale, bias, engine) if rows.device.type == "cpu" else None
+    packed = prepacked(qweight, weight_scale, bias, engine) if rows.device.type == "cpu" else None
     if packed is not None:
         out = torch.ops.quantized.linear_dynamic(rows.float(), packed, False)
     else:
@@ -202,7 +202,7 @@ def _int8_linear_static_uint8_fake(
 _PACKED: dict[tuple[int, str], tuple[weakref.ref, tuple, object]] = {}
 
 
-def _prepacked(qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+def prepacked(qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
                engine: str = "") -> object | None:
     """``quantized::linear_prepack`` of ``(Wq, sw, b)`` for ``engine`` ("": the preferred one),
     packed once; None when the engine cannot run this Linear exactly (see
