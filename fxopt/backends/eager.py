@@ -16,6 +16,7 @@ import torch.fx as fx
 
 from fxopt.backends import Backend, Lowered, require_torch_device
 from fxopt.ir import constants, remove_unused_constants
+from fxopt.ir.derived import release_freed_memory
 from fxopt.lowering import lower_graph
 from fxopt.phases import phase
 from fxopt.pipeline import timings
@@ -78,6 +79,8 @@ def _packed_only(graph: fx.GraphModule, kernels: fx.GraphModule,
             exact = False
         if exact:
             held[target] = unpack
+    if packed:
+        release_freed_memory()  # the unpacked copies checked above, each under glibc's trim threshold
     return held
 
 
