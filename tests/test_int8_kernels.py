@@ -103,6 +103,9 @@ def test_each_engine_packs_its_own_weights() -> None:
     packs = [int8.prepacked(qweight, scale, None, engine) for engine in engines]
     assert packs[0] is not packs[1]
     assert [int8.prepacked(qweight, scale, None, engine) for engine in engines] == packs  # both kept
+    int8.forget_packs(qweight, keep=engines[1])  # the engine that lost a measurement lets go of its pack
+    assert int8.prepacked(qweight, scale, None, engines[1]) is packs[1]
+    assert int8.prepacked(qweight, scale, None, engines[0]) is not packs[0]
 
 
 def test_quantized_engine_probe_finds_exact_sums_or_says_why() -> None:

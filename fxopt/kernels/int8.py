@@ -43,7 +43,7 @@ __all__ = [
     "CUDA_MIN_ROWS", "CUDA_MULTIPLE", "FLOAT_DTYPES", "dynamic_tensor_qparams", "int8_linear",
     "INT8_LINEAR_OPS", "int8_linear_dynamic_tensor", "int8_linear_dynamic_tensor_op", "int8_linear_op",
     "int8_linear_static_uint8", "int8_linear_static_uint8_op",
-    "int8_unsupported_reason", "quantize_per_tensor", "quantize_per_token",
+    "forget_packs", "int8_unsupported_reason", "prepacked", "quantize_per_tensor", "quantize_per_token",
     "quantized_engine_unsupported_reason",
 ]
 
@@ -219,6 +219,16 @@ def prepacked(qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Ten
     packed = _pack(engine, qweight, weight_scale, None if bias is None else bias.float())
     _PACKED[ident] = (weakref.ref(qweight, lambda _: _PACKED.pop(ident, None)), key, packed)
     return packed
+
+
+def forget_packs(qweight: torch.Tensor, keep: str | None = None) -> None:
+    """Drop the packs of ``qweight`` made for engines other than ``keep`` ("": the preferred
+    one; None: all): those a measurement made for the engines that lost, which would otherwise
+    live as long as the weight."""
+    keep = (keep or preferred_engine() or "") if keep is not None else None
+    for engine in exact_engines():
+        if engine != keep:
+            _PACKED.pop((id(qweight), engine), None)
 
 
 def preferred_engine() -> str | None:

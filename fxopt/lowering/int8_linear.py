@@ -149,7 +149,12 @@ def _measured_fastest(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: t
     choice = choose("int8-linear", site, {**candidates, "qdq": pattern},
                     measured_inputs(shapes, x.dtype, device), prefer="qdq")
     result.choices.append({**choice.as_dict(), "nodes": [match.linear.name]})
-    return variants.get(choice.name)
+    chosen = variants.get(choice.name)
+    if kernel is kernels.int8_linear_dynamic_tensor_op and device.type == "cpu":
+        # the engines that lost hold a pack of the weight each: they go now, not with the weight
+        engine = None if chosen is None else chosen[4] if len(chosen) > 4 else ""
+        kernels.forget_packs(constant(gm, match.qweight), keep=engine)
+    return chosen
 
 
 def _kernel_module(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: tuple[Any, ...],
