@@ -17,9 +17,11 @@ mask, the rotary tables: small beside the weights) is kept from one block to the
                  budget, the shares shrink by the ratio missed and the blocks run again
                  (:data:`SHRINK_ROUNDS` times at most); then the whole-model strategy decides.
 
-A block's trial is the trial graph the whole-model search would run (``search.trial``), run
-from the values kept at its span's start; run span by span, a graph computes exactly what a
-whole run computes (:func:`run_by_spans`).
+A block's trial is the trial graph the whole-model search would run (``search.trial``) with
+the block's own choices, run from the values kept at its span's start: the other blocks' choices
+rewrite nodes its run does not reach (their effect comes in through those values), and leaving
+them out keeps a trial's cost that of its block, not of every choice made so far. Run span by
+span, a graph computes exactly what a whole run computes (:func:`run_by_spans`).
 """
 
 from __future__ import annotations
@@ -216,7 +218,9 @@ def _block_by_block(search: Search, budget: float, spans: Sequence[Span]
                         runs: dict = runs, start: dict[int, Values] = live, held: dict = held) -> float:
                 key = frozenset(combination.items())
                 if key not in runs:
-                    trial = search.trial(combination, runnable=False)
+                    # The block's own choices: what the others rewrite lies outside its span.
+                    trial = search.trial({name: level for name, level in combination.items() if name in span.sites},
+                                         runnable=False)
                     worst, after = 0.0, {}
                     for b in indices:
                         after[b] = run_span(trial, spans, k, start[b], batches[b], held)
