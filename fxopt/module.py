@@ -67,6 +67,16 @@ class OptimizedModule(torch.nn.Module):
             self._unpacked = weakref.ref(unpacked)
         return unpacked
 
+    def state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        """nn.Module's, with the weights held packed unpacked (not their meta placeholders)."""
+        state = super().state_dict(*args, **kwargs)
+        prefix = kwargs.get("prefix", args[1] if len(args) > 1 else "")
+        for target, unpack in self._packed.items():
+            key = f"{prefix}graph_module.{target}"
+            if key in state:
+                state[key] = unpack()
+        return state
+
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> OptimizedModule:
         # nn.Module's .half()/.to()/.cuda() convert the weights one by one behind the
         # lowered runner's back (an ONNX Runtime session, int8 kernels): find out what ``fn``

@@ -201,6 +201,8 @@ def test_packed_int8_weights_are_held_once_and_read_back_exactly(tmp_path) -> No
     expected = sorted((quantize_weight(m.weight)[0] for m in (model.up, model.down, model.head)),
                       key=lambda t: tuple(t.shape))
     assert all(torch.equal(got, want) for got, want in zip(int8, expected))
+    state = opt.state_dict()
+    assert all(torch.equal(state[f"graph_module.{t}"], graph.get_buffer(t)) for t in opt._packed)
     with torch.no_grad():
         torch.testing.assert_close(graph(x)[0], opt(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(copy.deepcopy(opt)(x), opt(x), rtol=0, atol=0)
