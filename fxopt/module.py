@@ -103,11 +103,8 @@ class OptimizedModule(torch.nn.Module):
     def __deepcopy__(self, memo: dict[int, Any]) -> OptimizedModule:
         # The runner (lowered kernels, an ONNX Runtime session) holds no state between runs:
         # the copy shares it and gets its own graph, signature and report.
-        held = copy.deepcopy(self._modules["graph_module"], memo)
-        copied = OptimizedModule(held, copy.deepcopy(self.signature, memo), copy.deepcopy(self.report, memo),
-                                 self._runner, self.device)
-        copied._packed = dict(self._packed)
-        return copied
+        return OptimizedModule(copy.deepcopy(self._modules["graph_module"], memo), copy.deepcopy(self.signature, memo),
+                               copy.deepcopy(self.report, memo), self._runner, self.device, self._packed)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         flat = self.signature.flatten(args, kwargs)

@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.backends import Backend, Lowered, require_torch_device
-from fxopt.ir import constants, remove_unused_constants
+from fxopt.ir import remove_unused_constants
 from fxopt.ir.derived import release_freed_memory
 from fxopt.lowering import lower_graph
 from fxopt.phases import phase
@@ -67,11 +67,10 @@ def _packed_only(graph: fx.GraphModule, kernels: fx.GraphModule,
     (``LoweringResult.packed``) which unpacks to exactly the same tensor: what the optimized
     module need not hold twice."""
     read = {node.target for node in kernels.graph.nodes if node.op == "get_attr"}
-    values = dict(constants(graph))
     held = {}
     for target, unpack in packed.items():
-        value = values.get(target)
-        if target in read or value is None or "." in target or target not in graph._buffers:
+        value = graph._buffers.get(target)  # a buffer of the graph's own (not of a submodule)
+        if target in read or value is None:
             continue
         try:
             exact = torch.equal(unpack(), value)

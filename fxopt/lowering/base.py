@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -9,7 +10,7 @@ from typing import Any, ClassVar
 import torch
 import torch.fx as fx
 
-from fxopt.ir import size_hint
+from fxopt.ir import size_hint, unique_attr_name
 
 OnnxTranslations = Mapping[Any, Callable[..., Any]]
 
@@ -31,6 +32,38 @@ class LoweringResult:
     # form of their own, each with the function that gives the plain tensor back: the backend
     # may then keep them packed only (:class:`fxopt.backends.Lowered`).
     packed: dict[str, Callable[[], torch.Tensor]] = field(default_factory=dict)
+
+
+class PackedConstant(torch.nn.Module):
+    """A constant packed for a kernel (oneDNN's blocked layout, a quantized engine's packed
+    weight), held outside the module's state: the packed object is opaque (no storage to copy,
+    move or save), and a copy shares it. ``unpacked()`` gives the plain tensor back."""
+
+    def __init__(self, packed: Any, unpack: Callable[[Any], torch.Tensor]) -> None:
+        super().__init__()
+        self.packed = packed
+        self._unpack = unpack
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PackedConstant:
+        return PackedConstant(self.packed, self._unpack)
+
+    def unpacked(self) -> torch.Tensor:
+        return self._unpack(self.packed)
+
+
+def hold_packed(gm: fx.GraphModule, constant_node: fx.Node, packed: Any, unpack: Callable[[Any], torch.Tensor],
+                result: LoweringResult, suffix: str) -> fx.Node:
+    """A ``get_attr`` of ``packed``, the kernels' form of the constant ``constant_node`` reads,
+    held by ``gm`` in a :class:`PackedConstant`; ``result.packed`` says how to unpack it, so that
+    the module need not hold both (:class:`fxopt.backends.Lowered`)."""
+    name = unique_attr_name(gm, f"{constant_node.target}_{suffix}")
+    holder = PackedConstant(packed, unpack)
+    gm.add_module(name, holder)
+    result.packed[constant_node.target] = holder.unpacked
+    with warnings.catch_warnings():
+        # fx warns that a plain attribute is no parameter or buffer: it is not meant to be one.
+        warnings.simplefilter("ignore")
+        return gm.graph.get_attr(f"{name}.packed")
 
 
 # ``choose(op, site, candidates, inputs, prefer=...) -> Choice`` of a compile's

@@ -16,15 +16,14 @@ dtype are computed in float32, as the op does.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from fxopt.ir import constant, derived, is_op, unique_attr_name
+from fxopt.ir import constant, derived, is_op
 from fxopt.kernels import int8 as kernels
-from fxopt.lowering.base import Lowering, LoweringResult
+from fxopt.lowering.base import Lowering, LoweringResult, hold_packed
 
 
 class EnginePackedInt8(Lowering):
@@ -37,27 +36,23 @@ class EnginePackedInt8(Lowering):
     after = ("onednn-qlinear",)  # the Linears oneDNN's fused kernel did not take
 
     def applies(self, gm: fx.GraphModule) -> bool:
-        return any(_packable(gm, node) is not None for node in gm.graph.nodes)
+        return any(_parts(gm, node) is not None for node in gm.graph.nodes)
 
     def lower(self, gm: fx.GraphModule, device: torch.device | None) -> LoweringResult:
         result = LoweringResult()
         for node in list(gm.graph.nodes):
-            packed = _packable(gm, node)
-            if packed is None:
+            parts = _parts(gm, node)
+            if parts is None:
                 continue
-            qweight = node.args[1]
-            holder = EnginePack(packed)
-            name = unique_attr_name(gm, f"{qweight.target}_engine")
-            gm.add_module(name, holder)
-            with gm.graph.inserting_before(node), warnings.catch_warnings():
-                # fx warns that a plain attribute is no parameter or buffer: it is not meant to be one.
-                warnings.simplefilter("ignore")
-                pack = gm.graph.get_attr(f"{name}.packed")
-                kernel = gm.graph.call_function(engine_linear, (node.args[0], pack, int(constant(gm, qweight).shape[0])))
+            packed = _pack(*parts)
+            if packed is None:  # this engine does not run the Linear exactly
+                continue
+            with gm.graph.inserting_before(node):
+                pack = hold_packed(gm, node.args[1], packed, _unpacked, result, "engine")
+                kernel = gm.graph.call_function(engine_linear, (node.args[0], pack, int(parts[0].shape[0])))
             kernel.meta.update(node.meta)
             node.replace_all_uses_with(kernel)
             gm.graph.erase_node(node)
-            result.packed[qweight.target] = holder.unpacked
             result.lowered += 1
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -66,21 +61,16 @@ class EnginePackedInt8(Lowering):
         return result
 
 
-class EnginePack(torch.nn.Module):
-    """A weight packed for PyTorch's quantized engine, held outside the module's state (the
-    packed object has no tensors to copy, move or save); a copy shares it."""
+def _pack(qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None, engine: str) -> Any:
+    # derived(): the graphs of one model (a causal LM's prefill, decode) share one pack.
+    return derived([qweight, weight_scale, bias], ("engine-pack", engine),
+                   lambda: kernels.prepacked(qweight, weight_scale, bias, engine))
 
-    def __init__(self, packed: Any) -> None:
-        super().__init__()
-        self.packed = packed
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> EnginePack:
-        return EnginePack(self.packed)
-
-    def unpacked(self) -> torch.Tensor:
-        """The plain int8 weight ``[out, in]`` again."""
-        weight, _ = self.packed.unpack()
-        return weight.int_repr()
+def _unpacked(packed: Any) -> torch.Tensor:
+    """The plain int8 weight ``[out, in]`` of a quantized engine's pack."""
+    weight, _ = packed.unpack()
+    return weight.int_repr()
 
 
 def engine_linear(x: torch.Tensor, packed: Any, out_features: int) -> torch.Tensor:
@@ -90,18 +80,17 @@ def engine_linear(x: torch.Tensor, packed: Any, out_features: int) -> torch.Tens
     return out.to(x.dtype).reshape(*x.shape[:-1], out_features)
 
 
-def _packable(gm: fx.GraphModule, node: fx.Node) -> Any:
-    """The engine's pack of ``node``'s weight when ``node`` is a dynamic int8 Linear this
-    lowering takes, else None."""
+def _parts(gm: fx.GraphModule, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, str] | None:
+    """``(Wq, sw, b, engine)`` of a dynamic int8 Linear this lowering takes, with CPU constants
+    and an engine that runs it exactly; else None."""
     if not is_op(node, kernels.int8_linear_dynamic_tensor_op):
         return None
-    args = list(node.args) + [None] * (5 - len(node.args))
-    x, qweight, weight_scale, bias, engine = args[:5]
+    x, qweight, weight_scale, bias, engine = (list(node.args) + [None] * 5)[:5]
     tensors = [constant(gm, qweight), constant(gm, weight_scale)]
     bias_value = constant(gm, bias) if bias is not None else None
     if any(t is None or t.device.type != "cpu" for t in tensors) or (bias is not None and bias_value is None):
         return None
-    # derived(): the graphs of one model (a causal LM's prefill, decode) share one pack.
-    return derived([tensors[0], tensors[1], bias_value], ("engine-pack", engine or ""),
-                   lambda: kernels.prepacked(tensors[0], tensors[1], bias_value, engine or ""))
-
+    engine = engine or kernels.preferred_engine() or ""
+    if engine not in kernels.exact_engines():
+        return None
+    return tensors[0], tensors[1], bias_value, engine

@@ -44,7 +44,14 @@ import torch.fx as fx
 
 from fxopt.ir import arg, constant, derived, dtype_of, is_op, ops, shape_of
 from fxopt.kernels import int8 as kernels
-from fxopt.lowering.base import Choose, Lowering, LoweringResult, measured_inputs, measured_shapes
+from fxopt.lowering.base import (
+    Choose,
+    Lowering,
+    LoweringResult,
+    hold_packed,
+    measured_inputs,
+    measured_shapes,
+)
 from fxopt.quant import dynamic_tensor_qparams, quantize_per_token
 
 aten = torch.ops.aten
@@ -191,23 +198,6 @@ def supported_post_ops() -> frozenset[str]:
 def kernel_unsupported_reason(device: torch.device) -> str | None:
     """The probe a test can stand in for (looked up on the module at call time)."""
     return qlinear_unsupported_reason()
-
-
-class PackedWeight(torch.nn.Module):
-    """An int8 weight in oneDNN's blocked layout, held outside the module's state: the packed
-    tensor is opaque (no storage to copy, move or save), and a copy shares it."""
-
-    def __init__(self, packed: torch.Tensor) -> None:
-        super().__init__()
-        self.packed = packed
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> PackedWeight:
-        return PackedWeight(self.packed)
-
-    def unpacked(self) -> torch.Tensor:
-        """The plain int8 weight ``[out, in]`` again (the packed tensor reads back as its
-        transpose)."""
-        return self.packed.to_dense().t().contiguous()
 
 
 class OneDnnQLinear(Lowering):
@@ -439,30 +429,21 @@ def _measured_faster(gm: fx.GraphModule, node: fx.Node, post: tuple[tuple[str, s
 
 
 def _packed_weight(gm: fx.GraphModule, node: fx.Node, result: LoweringResult) -> fx.Node:
-    """``node``'s int8 weight packed for oneDNN, as a ``get_attr`` of the packed tensor; the
-    result says how to unpack it (so the module need not hold both)."""
-    name = _unique(gm, f"{node.target}_onednn")
+    """``node``'s int8 weight packed for oneDNN, as a ``get_attr`` of the packed tensor."""
     qweight = constant(gm, node)
     # derived(): the graphs of one model (a causal LM's prefill, decode) share one packed copy.
-    weight = PackedWeight(derived([qweight], ("onednn-qlinear-pack",), lambda: _prepack()(qweight, None)))
-    gm.add_module(name, weight)
-    result.packed[node.target] = weight.unpacked
-    with warnings.catch_warnings():
-        # fx warns that a plain attribute is no parameter or buffer: it is not meant to be one.
-        warnings.simplefilter("ignore")
-        return gm.graph.get_attr(f"{name}.packed")
+    packed = derived([qweight], ("onednn-qlinear-pack",), lambda: _prepack()(qweight, None))
+    return hold_packed(gm, node, packed, _unpacked, result, "onednn")
+
+
+def _unpacked(packed: torch.Tensor) -> torch.Tensor:
+    """The plain int8 weight ``[out, in]`` of a ``qlinear_prepack``ed one (it reads back as its
+    transpose)."""
+    return packed.to_dense().t().contiguous()
 
 
 def _zero_points(gm: fx.GraphModule, channels: int) -> str:
     name = f"_onednn_zero_points_{channels}"
     if not hasattr(gm, name):
         gm.register_buffer(name, torch.zeros(channels, dtype=torch.int64))
-    return name
-
-
-def _unique(gm: fx.GraphModule, hint: str) -> str:
-    base = "".join(c if c.isalnum() or c == "_" else "_" for c in hint)
-    name, index = base, 1
-    while hasattr(gm, name):
-        name, index = f"{base}_{index}", index + 1
     return name
