@@ -330,3 +330,24 @@ def test_engine_packed_linears_hold_the_engines_pack_alone(tmp_path) -> None:
     fxopt.save(opt, tmp_path / "engine.fxopt")
     with torch.no_grad():
         torch.testing.assert_close(fxopt.load(tmp_path / "engine.fxopt")(x), opt(x), rtol=0, atol=0)
+
+
+def test_engine_packed_leaves_a_linear_no_engine_runs_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a quantized engine that runs it exactly (no VNNI: int16 pair sums saturate), a
+    dynamic int8 Linear keeps fxopt's op, which then runs on torch._int_mm, and its int8
+    weight stays a plain tensor of the graph."""
+    from fxopt.lowering import engine_packed
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32)).eval()
+    x = torch.randn(8, 64)
+    spec = ["quantize-int8(activations='dynamic-tensor', budget=1.0)"]
+    graph = fxopt.compile(model, (x,), passes=spec, progress=False, measure=False).graph_module
+    lowering = engine_packed.EnginePackedInt8()
+    if int8.exact_engines():
+        assert lowering.applies(graph)
+    monkeypatch.setattr(int8, "exact_engines", lambda: ())
+    assert not lowering.applies(graph)
+    result = lowering.lower(graph, torch.device("cpu"))
+    assert result.lowered == 0 and not result.packed
+    assert count_ops(graph, int8.int8_linear_dynamic_tensor_op) == 1
