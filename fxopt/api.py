@@ -7,7 +7,7 @@ a preset's candidates share one session.
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -146,6 +146,22 @@ def compile(  # noqa: A001 - mirrors torch.compile
     return optimized
 
 
+def _proxy(session: Session, device: str | torch.device | None,
+           pipeline_of: Callable[[Any], list[Pass]]) -> Any:
+    """A large model's stand-in for its preset's race (:mod:`fxopt.proxy`), or None."""
+    from fxopt import presets
+    from fxopt.proxy import proxy_session
+
+    proxy = proxy_session(session)
+    if proxy is None:
+        return None
+
+    def build(candidate: presets.Candidate) -> OptimizedModule:
+        return proxy.session.compile(pipeline_of(candidate), candidate.backend, device, share_prefix=True)
+
+    return presets.Proxy(build, proxy.what)
+
+
 def _record_time(report: Report, timer: PhaseTimer) -> None:
     report.timings = {name: seconds for name, seconds in timer.seconds.items() if seconds > 0}
     report.total_seconds = timer.total
@@ -198,29 +214,39 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
         def pipeline_of(candidate: presets.Candidate) -> list[Pass]:
             return resolve_passes(presets.expand(candidate.passes, candidate.without))
 
-        def build(candidate: presets.Candidate) -> OptimizedModule:
-            return session.compile(pipeline_of(candidate), candidate.backend, device, share_prefix=True)
+        still_to_build: list[list[Pass]] = []
 
-        def built(still_to_build: list[presets.Candidate]) -> None:
-            # what those candidates do not continue from goes now (a large model's stages
-            # hold quantized copies of its weights)
-            pipelines = []
-            for candidate in still_to_build:
+        def build(candidate: presets.Candidate) -> OptimizedModule:
+            return session.compile(pipeline_of(candidate), candidate.backend, device, share_prefix=True,
+                                   keep_for=still_to_build)
+
+        def building(after: list[presets.Candidate]) -> None:
+            # what the candidates built after this one do not continue from goes once its
+            # passes ran (a large model's stages hold quantized copies of its weights)
+            still_to_build.clear()
+            for candidate in after:
                 try:
-                    pipelines.append(pipeline_of(candidate))
+                    still_to_build.append(pipeline_of(candidate))
                 except FxoptError:  # it fails when it is built, with the reason
                     continue
-            session.keep_stages_for(pipelines)
 
+        hold_bytes = session.evidence.values_bound(session.captured.gm)
+        weight_bytes = graph_cost(session.captured.gm).weight_bytes
+        proxy = _proxy(session, device, pipeline_of) if weight_bytes > hold_bytes else None
         chosen, trials = presets.choose(
             preset, target, build,
             measure_error=lambda module: module.report.final_max_rel_err,
             run_example=lambda module: lambda: module(*args, **kwargs),
             calibrated=bool(options.calibration),
             # the candidates held at once share the compile's one memory bound
-            hold_bytes=session.evidence.values_bound(session.captured.gm),
-            size_of=lambda module: module.report.final.weight_bytes, built=built,
-            weight_bytes=graph_cost(session.captured.gm).weight_bytes)
+            hold_bytes=hold_bytes, size_of=lambda module: module.report.final.weight_bytes,
+            building=building, weight_bytes=weight_bytes, proxy=proxy)
+        session.keep_stages_for([])
+    if proxy is not None and any(t.proxy_milliseconds is not None for t in trials):
+        chosen.report.notes.append(
+            f"preset {name}: the model's weights ({weight_bytes / 2**30:.2f} GiB) exceed the compile's memory "
+            f"bound ({hold_bytes / 2**30:.2f} GiB): its candidates raced on a stand-in ({proxy.what}), and "
+            "the fastest there within the budget was built for the whole model")
     chosen.report.notes.append(presets.summary(preset, trials, chosen))
     _record_time(chosen.report, timer)
     session.check_user_model()

@@ -14,8 +14,10 @@ exceed the compile's memory bound (a large model), they race there and only the 
 kept, so that beside the candidate being built what is held stays within the bound (or is one
 candidate). A model whose weights alone exceed the bound races only the candidates whose
 backend computes with the graph's own tensors (``Backend.shares_weights``), where there are
-any: the others would each hold a copy of the weights. The report says what was chosen, the
-measured times of the others, and why any was dropped.
+any: the others would each hold a copy of the weights; and where the model has repeated blocks,
+its candidates race on the model cut to its first blocks (:mod:`fxopt.proxy`), and only the
+fastest there is built for the whole model (the next one only if it misses the budget). The
+report says what was chosen, the measured times of the others, and why any was dropped.
 
 The candidates share work: the model is captured once, the exact passes they start with run
 once, and a candidate whose pipeline begins with another's up to one of its lossy passes (the
@@ -134,6 +136,7 @@ class Trial:
     milliseconds: float | None = None
     dropped: str | None = None
     seconds: float | None = None  # building it: the passes it did not share, its lowering
+    proxy_milliseconds: float | None = None  # its time on a stand-in for the model (Proxy)
 
 
 def choose(
@@ -147,18 +150,21 @@ def choose(
     calibrated: bool = True,
     hold_bytes: int | None = None,
     size_of: Callable[[Any], int] = lambda module: 0,
-    built: Callable[[list[Candidate]], None] | None = None,
+    building: Callable[[list[Candidate]], None] | None = None,
     weight_bytes: int = 0,
+    proxy: Proxy | None = None,
 ) -> tuple[Any, list[Trial]]:
     """Compile each candidate for ``device`` with ``build``, keep those within the budget,
     time them side by side (:func:`race`) and return the fastest module and every trial.
     ``calibrated``: whether calibration batches were given (else the candidates that need
     them are dropped uncompiled). ``hold_bytes``: how many bytes of built candidates
     (``size_of`` each, its weights) may be held at once; when the ones held exceed it, they
-    race there and only the fastest is kept (None: no bound, one race at the end). ``built``:
-    told after each build which candidates are still to be built (what shared work to keep).
-    ``weight_bytes``: the model's; past ``hold_bytes`` a candidate whose backend would hold a
-    copy of them of its own is dropped unbuilt where one whose backend shares them remains."""
+    race there and only the fastest is kept (None: no bound, one race at the end).
+    ``building``: told before each build which candidates are still to be built after it
+    (what shared work to keep once its passes have run). ``weight_bytes``: the model's; past
+    ``hold_bytes`` a candidate whose backend would hold a copy of them of its own is dropped
+    unbuilt where one whose backend shares them remains. ``proxy``: a stand-in for the model
+    to race the candidates on (:func:`_by_proxy`) where more than one is left to build."""
     trials = [Trial(c) for c in preset.candidates if device.type in c.devices]
     if not trials:
         raise InputError(f"preset {preset.name!r} has no candidate for device {device.type!r}")
@@ -168,31 +174,15 @@ def choose(
             trial.dropped = "needs calibration batches (calibration=[...]), none were given"
     if hold_bytes is not None and weight_bytes > hold_bytes:
         _share_weights_past_the_bound(trials, weight_bytes, hold_bytes)
+    if proxy is not None and sum(t.dropped is None for t in trials) > 1:
+        return _by_proxy(preset, trials, proxy, build, measure_error, run_example, repeats, building)
     held: list[Trial] = []
     for index, trial in enumerate(trials):
         if trial.dropped is not None:
             continue
-        start = time.perf_counter()
-        try:
-            trial.module = build(trial.candidate)
-        except FxoptError as exc:
-            trial.dropped = f"failed: {exc}"
-            continue
-        finally:
-            trial.seconds = time.perf_counter() - start
-            if built is not None:
-                built([t.candidate for t in trials[index + 1:] if t.dropped is None])
-        lossy = [r for r in trial.module.report.passes if not r.exact]
-        if lossy and not any(r.status == "applied" for r in lossy):
-            trial.dropped = "its lossy passes changed nothing (" + ", ".join(
-                f"{r.name}: {r.status}" for r in lossy) + ")"
-        else:
-            trial.error = measure_error(trial.module)
-            limit = preset.budget if preset.budget is not None else 1e-4
-            if not trial.error <= limit:
-                trial.dropped = f"output error {trial.error:.3g} > {limit:g}"
-        if trial.dropped is not None:
-            _let_go(trial)  # a dropped candidate's weights (a backend's own copy) go now
+        if building is not None:
+            building([t.candidate for t in trials[index + 1:] if t.dropped is None])
+        if not _build(trial, build, measure_error, preset.budget):
             continue
         held.append(trial)
         # Each candidate holds a backend's copy of the weights: past the bound (a large model),
@@ -201,10 +191,84 @@ def choose(
         if len(held) > 1 and hold_bytes is not None and sum(size_of(t.module) for t in held) > hold_bytes:
             held = [_fastest(held, run_example, repeats)]
     if not held:
-        reasons = "; ".join(f"{t.candidate.describe()}: {t.dropped}" for t in trials)
-        raise FxoptError(f"preset {preset.name!r}: no candidate met its budget ({reasons})")
+        _none_met(preset, trials)
     best = _fastest(held, run_example, repeats) if len(held) > 1 or held[0].milliseconds is None else held[0]
     return best.module, trials
+
+
+def _none_met(preset: Preset, trials: Sequence[Trial]) -> None:
+    reasons = "; ".join(f"{t.candidate.describe()}: {t.dropped}" for t in trials)
+    raise FxoptError(f"preset {preset.name!r}: no candidate met its budget ({reasons})")
+
+
+def _build(trial: Trial, build: Callable[[Candidate], Any], measure_error: Callable[[Any], float],
+           budget: float | None, where: str = "") -> bool:
+    """Build ``trial``'s candidate and check it against ``budget``: whether it is kept (else
+    ``trial.dropped`` says why, ``where`` naming what it was built on, and it is let go)."""
+    start = time.perf_counter()
+    try:
+        trial.module = build(trial.candidate)
+    except FxoptError as exc:
+        trial.dropped = f"failed{where}: {exc}"
+        return False
+    finally:
+        trial.seconds = time.perf_counter() - start
+    lossy = [r for r in trial.module.report.passes if not r.exact]
+    if lossy and not any(r.status == "applied" for r in lossy):
+        trial.dropped = f"its lossy passes changed nothing{where} (" + ", ".join(
+            f"{r.name}: {r.status}" for r in lossy) + ")"
+    else:
+        trial.error = measure_error(trial.module)
+        limit = budget if budget is not None else 1e-4
+        if not trial.error <= limit:
+            trial.dropped = f"output error {trial.error:.3g} > {limit:g}{where}"
+    if trial.dropped is not None:
+        _let_go(trial)  # a dropped candidate's weights (a backend's own copy) go now
+        return False
+    return True
+
+
+@dataclass
+class Proxy:
+    """A stand-in for the model that the candidates race on (:mod:`fxopt.proxy`): ``build``
+    compiles a candidate for it, ``what`` says what it is."""
+
+    build: Callable[[Candidate], Any]
+    what: str
+
+
+def _by_proxy(preset: Preset, trials: list[Trial], proxy: Proxy, build: Callable[[Candidate], Any],
+              measure_error: Callable[[Any], float], run_example: Callable[[Any], Callable[[], Any]],
+              repeats: int, building: Callable[[list[Candidate]], None] | None) -> tuple[Any, list[Trial]]:
+    """The candidates built for ``proxy`` and raced there; then, fastest first, built for the
+    model until one is within the budget: the only one built whole, unless one misses it."""
+    where = " on the stand-in"
+    stand_ins = [Trial(t.candidate) for t in trials]
+    raced = [(trial, stand_in) for trial, stand_in in zip(trials, stand_ins)
+             if trial.dropped is None and _build(stand_in, proxy.build, measure_error, preset.budget, where)]
+    for trial, stand_in in zip(trials, stand_ins):
+        if trial.dropped is None and stand_in.dropped is not None:
+            trial.dropped = stand_in.dropped
+    if raced:
+        with phase("timing"):
+            timings = race({str(i): run_example(s.module) for i, (_, s) in enumerate(raced)}, repeats=repeats)
+        for i, (trial, stand_in) in enumerate(raced):
+            trial.proxy_milliseconds = timings[str(i)].median
+            _let_go(stand_in)
+    order = sorted((trial for trial, _ in raced), key=lambda t: t.proxy_milliseconds or 0.0)
+    best = None
+    for index, trial in enumerate(order):
+        if building is not None:
+            building([t.candidate for t in order[index + 1:]])
+        if _build(trial, build, measure_error, preset.budget):
+            best = trial
+            break
+    if best is None:
+        _none_met(preset, trials)
+    for trial in order[index + 1:]:
+        trial.dropped = (f"not built: {trial.proxy_milliseconds:.3g} ms{where} against the chosen one's "
+                         f"{best.proxy_milliseconds:.3g} ms")
+    return _fastest([best], run_example, repeats).module, trials
 
 
 def _share_weights_past_the_bound(trials: list[Trial], weight_bytes: int, hold_bytes: int) -> None:
@@ -264,10 +328,11 @@ def race(candidates: dict[str, Callable[[], Any]], *, repeats: int = 10) -> dict
     rounds, and stops altogether when one is left, or, past ``RACE_ROUNDS``, once timing has
     taken ``RACE_SECONDS``: a model whose runs take a second is not timed ten times over to
     separate candidates within 10% of each other (either is a good choice), while one whose
-    runs take milliseconds gets every round. A lone candidate runs once. Each candidate's
+    runs take milliseconds gets every round. A lone candidate runs twice and keeps the second
+    (the first call of a module pays its one-time set-up). Each candidate's
     timing is over the rounds it ran. The loop is :func:`fxopt.latency.interleaved`."""
     if len(candidates) == 1:
-        return latency.measure_side_by_side(candidates, warmup=0, repeats=1)
+        return latency.measure_side_by_side(candidates, warmup=1, repeats=1)
     return latency.interleaved(candidates, warmup=1, repeats=repeats, keep=_still_racing)
 
 
@@ -295,10 +360,16 @@ def summary(preset: Preset, trials: Sequence[Trial], chosen: Any) -> str:
                          f"{_built(trial)}")
     best = next(t for t in trials if t.module is chosen)
     head = (f"preset {preset.name}: chose {best.candidate.describe()} ({best.milliseconds:.3g} ms, "
-            f"err {best.error:.2g}{_built(best)}, fastest of {sum(t.dropped is None for t in trials)} within "
+            f"err {best.error:.2g}{_built(best)}, fastest of {_raced(trials)} within "
             f"{'exact tolerance' if preset.budget is None else f'budget {preset.budget:g}'})")
     return head + ("; " + "; ".join(parts) if parts else "")
 
 
+def _raced(trials: Sequence[Trial]) -> int:
+    """How many candidates the chosen one was timed against (on a stand-in or on the model)."""
+    return sum(t.dropped is None or t.proxy_milliseconds is not None for t in trials)
+
+
 def _built(trial: Trial) -> str:
-    return "" if trial.seconds is None else f", built in {trial.seconds:.3g} s"
+    on_proxy = "" if trial.proxy_milliseconds is None else f", {trial.proxy_milliseconds:.3g} ms on the stand-in"
+    return on_proxy + ("" if trial.seconds is None else f", built in {trial.seconds:.3g} s")

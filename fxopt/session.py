@@ -298,17 +298,25 @@ class Session:
         return OptimizedModule(runner.graph_module, captured.signature, report, runner.run, target, runner.packed)
 
     def compile(self, pipeline: Sequence[Pass], backend: str, device: str | torch.device | None = None, *,
-                share_prefix: bool = False) -> OptimizedModule:
+                share_prefix: bool = False, keep_for: Iterable[Sequence[Pass]] | None = None) -> OptimizedModule:
         """:meth:`run` then :meth:`lower`, a candidate's rollbacks reported and not warned
-        about when prefixes are shared (a preset's candidates)."""
+        about when prefixes are shared (a preset's candidates). ``keep_for``: the pipelines
+        still to run after this one; once this one's passes ran, the shared stages none of them
+        starts with go (:meth:`keep_stages_for`), before the lowering packs its own copy."""
         if share_prefix:  # a preset's candidate: the preset's race compares them
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return self.lower(self.run(pipeline, share_prefix=True), backend, device, pipeline)
+                return self.lower(self._run_keeping(pipeline, keep_for), backend, device, pipeline)
         optimized = self.lower(self.run(pipeline), backend, device, pipeline)
         # Speed is verified like numerics: the result runs the captured graph if that measures faster.
         captured = self.captured
         return never_slower(optimized, captured.gm, captured.batches[0], self.evidence.timings)
+
+    def _run_keeping(self, pipeline: Sequence[Pass], keep_for: Iterable[Sequence[Pass]] | None) -> Stage:
+        stage = self.run(pipeline, share_prefix=True)
+        if keep_for is not None:
+            self.keep_stages_for(keep_for)
+        return stage
 
     def check_user_model(self) -> None:
         """Invariant 1: the user's model is as it was before the session began."""

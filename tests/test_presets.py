@@ -199,7 +199,7 @@ def test_a_lone_candidate_within_budget_is_timed_once_for_the_report(monkeypatch
     assert chosen is module and raced == [["0"]] and trials[0].milliseconds == 3.0
 
 
-def test_after_each_build_the_preset_says_which_candidates_are_still_to_be_built(
+def test_before_each_build_the_preset_says_which_candidates_are_still_to_be_built_after_it(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """What a session keeps for later candidates (their shared stages) follows this list: a
     candidate dropped before it is built (it needs calibration) is not waited for."""
@@ -215,7 +215,7 @@ def test_after_each_build_the_preset_says_which_candidates_are_still_to_be_built
     module = SimpleNamespace(report=SimpleNamespace(passes=[]))
     presets.choose(presets.Preset("order", "four", candidates, budget=0.05), torch.device("cpu"),
                    lambda c: module, measure_error=lambda m: 0.0, run_example=lambda m: lambda: None,
-                   calibrated=False, built=lambda still: told.append([c.note for c in still]))
+                   calibrated=False, building=lambda still: told.append([c.note for c in still]))
     assert told == [["b", "c"], ["c"], []]
 
 
@@ -285,3 +285,40 @@ def test_a_large_compile_gives_what_it_freed_back_once_its_session_is_gone(
     monkeypatch.setattr(fxopt.api, "GIVE_BACK_BYTES", 0)
     opt = fxopt.compile(model, (x,), preset=preset)
     assert released == [1] and torch.allclose(opt(x), model(x), atol=1e-5)
+
+
+def test_with_a_stand_in_the_fastest_there_is_built_whole_and_the_next_only_if_it_misses_the_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every candidate is built for the stand-in and raced there; the whole model then builds
+    them fastest first until one is within the budget (here the fastest misses it on the whole
+    model), and the slower ones are not built at all."""
+    from types import SimpleNamespace
+
+    from fxopt.latency import Timing
+
+    speed = {"slow": 3.0, "fast": 2.0, "fastest": 1.0, "over": 0.5}
+    whole_error = {"slow": 0.01, "fast": 0.02, "fastest": 0.2, "over": 0.01}
+
+    def module(note: str, error: float, ms: float) -> SimpleNamespace:
+        return SimpleNamespace(report=SimpleNamespace(passes=[]), note=note, error=error, ms=ms)
+
+    def race(runs: dict, repeats: int = 10) -> dict:
+        return {key: Timing.of([run()]) for key, run in runs.items()}
+
+    monkeypatch.setattr(presets, "race", race)
+    stand_in_builds: list[str] = []
+    whole_builds: list[str] = []
+    proxy = presets.Proxy(lambda c: stand_in_builds.append(c.note) or module(
+        c.note, 0.5 if c.note == "over" else 0.0, speed[c.note]), "a stand-in")
+    preset = presets.Preset("proxy-test", "four", tuple(presets.Candidate(("exact",), note=n) for n in speed),
+                            budget=0.05)
+    chosen, trials = presets.choose(
+        preset, torch.device("cpu"), lambda c: whole_builds.append(c.note) or module(c.note, whole_error[c.note], 9.0),
+        measure_error=lambda m: m.error, run_example=lambda m: lambda: m.ms, proxy=proxy)
+    assert stand_in_builds == ["slow", "fast", "fastest", "over"]
+    assert whole_builds == ["fastest", "fast"] and chosen.note == "fast" and chosen.ms == 9.0
+    by_note = {t.candidate.note: t for t in trials}
+    assert by_note["over"].dropped == "output error 0.5 > 0.05 on the stand-in"
+    assert by_note["fastest"].dropped == "output error 0.2 > 0.05" and by_note["fastest"].module is None
+    assert by_note["slow"].dropped == "not built: 3 ms on the stand-in against the chosen one's 2 ms"
+    assert by_note["fast"].proxy_milliseconds == 2.0 and by_note["fast"].milliseconds == 9.0
