@@ -146,20 +146,41 @@ def compile(  # noqa: A001 - mirrors torch.compile
     return optimized
 
 
-def _proxy(session: Session, device: str | torch.device | None,
-           pipeline_of: Callable[[Any], list[Pass]]) -> Any:
-    """A large model's stand-in for its preset's race (:mod:`fxopt.proxy`), or None."""
+def _stand_ins(session: Session, device: str | torch.device | None, pipeline_of: Callable[[Any], list[Pass]],
+               still_to_build: list[list[Pass]]) -> Any:
+    """A large model's stand-ins for its preset's race (:mod:`fxopt.proxy`), or None where
+    its graph has no cut: each candidate's passes run on the model, their stage is kept for
+    the candidate's whole lowering, and a sample of its blocks is lowered and raced."""
     from fxopt import presets
-    from fxopt.proxy import proxy_session
+    from fxopt.proxy import stand_in
+    from fxopt.session import Stage
 
-    proxy = proxy_session(session)
-    if proxy is None:
+    if stand_in(session.captured.gm) is None:
         return None
+    ran: list[list[Pass]] = []
 
     def build(candidate: presets.Candidate) -> OptimizedModule:
-        return proxy.session.compile(pipeline_of(candidate), candidate.backend, device, share_prefix=True)
+        pipeline = pipeline_of(candidate)
+        stage = session.run(pipeline, share_prefix=True)
+        ran.append(pipeline)
+        session.keep_stages_for(still_to_build, ran=ran)  # its stage whole, not its prefixes
+        cut = stand_in(stage.gm)
+        if cut is None:
+            raise FxoptError("its passes left no stand-in of a sample of the model's blocks")
+        module = session.lower(Stage(cut[0], stage.records), candidate.backend, device, pipeline)
+        module.report.notes.append(f"a stand-in: {cut[1]}")
+        if stage.verification is not None:  # the model's error, not the stand-in's
+            module.report.final_max_abs_err, module.report.final_max_rel_err = \
+                stage.verification.fork().final_error(stage.gm)
+        return module
 
-    return presets.Proxy(build, proxy.what)
+    def drop(candidate: presets.Candidate) -> None:
+        pipeline = pipeline_of(candidate)
+        if pipeline in ran:
+            ran.remove(pipeline)
+        session.keep_stages_for(still_to_build, ran=ran)
+
+    return presets.Proxy(build, drop)
 
 
 def _record_time(report: Report, timer: PhaseTimer) -> None:
@@ -232,7 +253,7 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
 
         hold_bytes = session.evidence.values_bound(session.captured.gm)
         weight_bytes = graph_cost(session.captured.gm).weight_bytes
-        proxy = _proxy(session, device, pipeline_of) if weight_bytes > hold_bytes else None
+        proxy = _stand_ins(session, device, pipeline_of, still_to_build) if weight_bytes > hold_bytes else None
         chosen, trials = presets.choose(
             preset, target, build,
             measure_error=lambda module: module.report.final_max_rel_err,
@@ -245,8 +266,8 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
     if proxy is not None and any(t.proxy_milliseconds is not None for t in trials):
         chosen.report.notes.append(
             f"preset {name}: the model's weights ({weight_bytes / 2**30:.2f} GiB) exceed the compile's memory "
-            f"bound ({hold_bytes / 2**30:.2f} GiB): its candidates raced on a stand-in ({proxy.what}), and "
-            "the fastest there within the budget was built for the whole model")
+            f"bound ({hold_bytes / 2**30:.2f} GiB): each candidate's passes ran on the whole model, a stand-in of "
+            "a sample of its blocks was lowered and raced, and only the fastest was lowered whole")
     chosen.report.notes.append(presets.summary(preset, trials, chosen))
     _record_time(chosen.report, timer)
     session.check_user_model()

@@ -15,8 +15,8 @@ kept, so that beside the candidate being built what is held stays within the bou
 candidate). A model whose weights alone exceed the bound races only the candidates whose
 backend computes with the graph's own tensors (``Backend.shares_weights``), where there are
 any: the others would each hold a copy of the weights; and where the model has repeated blocks,
-its candidates race on the model cut to its first blocks (:mod:`fxopt.proxy`), and only the
-fastest there is built for the whole model (the next one only if it misses the budget). The
+its candidates' passes run on the whole model but race on stand-ins, a sample of its blocks as
+each candidate left them (:mod:`fxopt.proxy`): only the fastest is lowered whole. The
 report says what was chosen, the measured times of the others, and why any was dropped.
 
 The candidates share work: the model is captured once, the exact passes they start with run
@@ -136,7 +136,7 @@ class Trial:
     milliseconds: float | None = None
     dropped: str | None = None
     seconds: float | None = None  # building it: the passes it did not share, its lowering
-    proxy_milliseconds: float | None = None  # its time on a stand-in for the model (Proxy)
+    proxy_milliseconds: float | None = None  # its stand-in's time (Proxy)
 
 
 def choose(
@@ -163,7 +163,7 @@ def choose(
     ``building``: told before each build which candidates are still to be built after it
     (what shared work to keep once its passes have run). ``weight_bytes``: the model's; past
     ``hold_bytes`` a candidate whose backend would hold a copy of them of its own is dropped
-    unbuilt where one whose backend shares them remains. ``proxy``: a stand-in for the model
+    unbuilt where one whose backend shares them remains. ``proxy``: stand-ins for the model
     to race the candidates on (:func:`_by_proxy`) where more than one is left to build."""
     trials = [Trial(c) for c in preset.candidates if device.type in c.devices]
     if not trials:
@@ -202,26 +202,26 @@ def _none_met(preset: Preset, trials: Sequence[Trial]) -> None:
 
 
 def _build(trial: Trial, build: Callable[[Candidate], Any], measure_error: Callable[[Any], float],
-           budget: float | None, where: str = "") -> bool:
+           budget: float | None) -> bool:
     """Build ``trial``'s candidate and check it against ``budget``: whether it is kept (else
-    ``trial.dropped`` says why, ``where`` naming what it was built on, and it is let go)."""
+    ``trial.dropped`` says why, and it is let go)."""
     start = time.perf_counter()
     try:
         trial.module = build(trial.candidate)
     except FxoptError as exc:
-        trial.dropped = f"failed{where}: {exc}"
+        trial.dropped = f"failed: {exc}"
         return False
     finally:
         trial.seconds = time.perf_counter() - start
     lossy = [r for r in trial.module.report.passes if not r.exact]
     if lossy and not any(r.status == "applied" for r in lossy):
-        trial.dropped = f"its lossy passes changed nothing{where} (" + ", ".join(
+        trial.dropped = "its lossy passes changed nothing (" + ", ".join(
             f"{r.name}: {r.status}" for r in lossy) + ")"
     else:
         trial.error = measure_error(trial.module)
         limit = budget if budget is not None else 1e-4
         if not trial.error <= limit:
-            trial.dropped = f"output error {trial.error:.3g} > {limit:g}{where}"
+            trial.dropped = f"output error {trial.error:.3g} > {limit:g}"
     if trial.dropped is not None:
         _let_go(trial)  # a dropped candidate's weights (a backend's own copy) go now
         return False
@@ -230,44 +230,54 @@ def _build(trial: Trial, build: Callable[[Candidate], Any], measure_error: Calla
 
 @dataclass
 class Proxy:
-    """A stand-in for the model that the candidates race on (:mod:`fxopt.proxy`): ``build``
-    compiles a candidate for it, ``what`` says what it is."""
+    """Stand-ins for the model that the candidates race on (:mod:`fxopt.proxy`): ``build``
+    runs a candidate's passes on the model and lowers a stand-in of their result, its report
+    giving the model's error; ``drop`` lets go of a dropped candidate's passes' result."""
 
     build: Callable[[Candidate], Any]
-    what: str
+    drop: Callable[[Candidate], None] = lambda candidate: None
 
 
 def _by_proxy(preset: Preset, trials: list[Trial], proxy: Proxy, build: Callable[[Candidate], Any],
               measure_error: Callable[[Any], float], run_example: Callable[[Any], Callable[[], Any]],
               repeats: int, building: Callable[[list[Candidate]], None] | None) -> tuple[Any, list[Trial]]:
-    """The candidates built for ``proxy`` and raced there; then, fastest first, built for the
-    model until one is within the budget: the only one built whole, unless one misses it."""
-    where = " on the stand-in"
-    stand_ins = [Trial(t.candidate) for t in trials]
-    raced = [(trial, stand_in) for trial, stand_in in zip(trials, stand_ins)
-             if trial.dropped is None and _build(stand_in, proxy.build, measure_error, preset.budget, where)]
-    for trial, stand_in in zip(trials, stand_ins):
-        if trial.dropped is None and stand_in.dropped is not None:
+    """Each candidate's stand-in built and checked against the budget (its error is the
+    model's), those within it raced; then, fastest first, each is built whole until one is
+    within the budget: the only one lowered whole, unless one fails there."""
+    live = [t for t in trials if t.dropped is None]
+    raced: list[tuple[Trial, Trial]] = []
+    for index, trial in enumerate(live):
+        if building is not None:
+            building([t.candidate for t in live[index + 1:]])
+        stand_in = Trial(trial.candidate)
+        if _build(stand_in, proxy.build, measure_error, preset.budget):
+            trial.error, trial.seconds = stand_in.error, stand_in.seconds
+            raced.append((trial, stand_in))
+        else:
             trial.dropped = stand_in.dropped
+            proxy.drop(trial.candidate)
     if raced:
         with phase("timing"):
             timings = race({str(i): run_example(s.module) for i, (_, s) in enumerate(raced)}, repeats=repeats)
         for i, (trial, stand_in) in enumerate(raced):
             trial.proxy_milliseconds = timings[str(i)].median
-            _let_go(stand_in)
+            stand_in.module = None
+        gc.collect()
     order = sorted((trial for trial, _ in raced), key=lambda t: t.proxy_milliseconds or 0.0)
     best = None
-    for index, trial in enumerate(order):
+    for trial in order:
         if building is not None:
-            building([t.candidate for t in order[index + 1:]])
+            building([])  # the others' stages go before this one is lowered whole
+        searched = trial.seconds or 0.0
         if _build(trial, build, measure_error, preset.budget):
+            trial.seconds = searched + (trial.seconds or 0.0)
             best = trial
             break
     if best is None:
         _none_met(preset, trials)
-    for trial in order[index + 1:]:
-        trial.dropped = (f"not built: {trial.proxy_milliseconds:.3g} ms{where} against the chosen one's "
-                         f"{best.proxy_milliseconds:.3g} ms")
+    for trial in order[order.index(best) + 1:]:
+        trial.dropped = (f"not lowered whole: {trial.proxy_milliseconds:.3g} ms on its stand-in against the "
+                         f"chosen one's {best.proxy_milliseconds:.3g} ms")
     return _fastest([best], run_example, repeats).module, trials
 
 
@@ -371,5 +381,5 @@ def _raced(trials: Sequence[Trial]) -> int:
 
 
 def _built(trial: Trial) -> str:
-    on_proxy = "" if trial.proxy_milliseconds is None else f", {trial.proxy_milliseconds:.3g} ms on the stand-in"
+    on_proxy = "" if trial.proxy_milliseconds is None else f", {trial.proxy_milliseconds:.3g} ms on its stand-in"
     return on_proxy + ("" if trial.seconds is None else f", built in {trial.seconds:.3g} s")

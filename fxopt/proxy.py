@@ -1,119 +1,94 @@
-"""A large model's stand-in for a preset's race: the model cut to its first blocks.
+"""A large model's stand-in for a preset's race: a sample of its blocks, as each candidate left them.
 
 A preset builds each candidate and times the ones within its budget side by side. On a model
-whose weights exceed the compile's memory bound that is the costly part: each build is a whole
-search, a whole verification and a lowering, and each built candidate holds an int8 copy of the
-weights of its own (a 1.1B Llama's two eager int8 candidates held together took the compile to
-twice the model's weights). The repeated blocks of a transformer are alike, and a candidate's
-kernels are chosen per site and shape, the same in every block: the candidates rank on the
-model's first blocks as they rank on the whole (as TVM tunes one task for each distinct
-subgraph, not each occurrence). So they race on a cut of :data:`PROXY_BLOCKS` blocks (a few
-percent of the weights), and the whole model builds the fastest alone, the next only when one
-misses the budget there (:func:`fxopt.presets.choose`).
+whose weights exceed the compile's memory bound, each built candidate holds a copy of the
+weights of its own, packed for its kernels (a 1.1B Llama's two eager int8 candidates, built
+and raced whole, took the compile to twice the model's weights), and each lowering and
+verification is a whole model's. What a candidate's passes choose (which layers its budget lets
+it quantize) is the whole model's search's to make: on a few blocks alone a budget buys
+something else. But how fast what they chose runs is a sum over blocks that are alike: the
+repeated blocks of a transformer run the same kernels at the same shapes, so a sample of them,
+spread over the depth, runs as the whole does in proportion (as TVM tunes one task for each
+distinct subgraph, not each occurrence).
 
-    the cut   the captured graph without the blocks after the first PROXY_BLOCKS: what follows
-              the last block (a final norm, a head) reads, in place of the last block's
-              values, those of block PROXY_BLOCKS - 1 at the same place in its node sequence.
-              The two blocks must run the same ops on values of the same shapes and dtypes;
-              where they do not (or there are too few blocks), there is no proxy.
+So each candidate's passes run on the whole model (its stage is verified there, its error is
+the whole model's), its graph is cut to :data:`STAND_IN_BLOCKS` of its blocks and only that is
+lowered; the stand-ins race, and only the fastest stage is lowered whole
+(:func:`fxopt.presets.choose`).
+
+    the cut   the stage's graph with blocks left out: the first two blocks stay (the first
+              computes the model's preamble, its masks and rotary tables), then blocks spread
+              evenly to the last. A block after a left-out one reads, in place of its values,
+              those of the last block kept before it: the blocks' values live after them (the
+              residual stream) must match in number, shapes and dtypes, else there is no cut.
+              The stand-in computes nothing the model computes; it runs what it runs.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch.fx as fx
 
-from fxopt.ir import copy_graph_module, module_path, remove_unused_constants
-from fxopt.lossy.blocks import Span, block_key, find_spans
+from fxopt.ir import copy_graph_module, remove_unused_constants
+from fxopt.lossy.blocks import Span, find_spans
 
-if TYPE_CHECKING:
-    from fxopt.session import Session
-
-# Blocks the proxy keeps: the first (where a model's preamble, its masks and rotary tables, is
-# computed) and one like every later one.
-PROXY_BLOCKS = 2
-# A proxy is worth its builds only where it leaves out most of the model.
-MIN_BLOCKS = 3 * PROXY_BLOCKS
+# Blocks a stand-in keeps: the first two and two more, spread over the depth (the last among them).
+STAND_IN_BLOCKS = 4
+# A stand-in is worth its lowering only where it leaves out most of the model.
+MIN_BLOCKS = 2 * STAND_IN_BLOCKS
 
 
-@dataclass
-class Proxy:
-    """A session on the cut graph, and what it is (for the report)."""
-
-    session: Session
-    what: str
-
-
-def proxy_session(session: Session) -> Proxy | None:
-    """A session on ``session``'s captured graph cut to its first blocks (the module
-    docstring), sharing its batches and kernel timings; None where the model has no such cut
-    or its budget is a task metric (measured on the whole model's outputs only)."""
-    from fxopt.session import Session
-
-    captured = session.captured
-    if captured.task is not None:
-        return None
-    cut = cut_after_blocks(captured.gm, PROXY_BLOCKS)
-    if cut is None:
-        return None
-    gm, blocks = cut
-    options = dataclasses.replace(session.options, progress=False, instruments=())
-    proxy = Session.from_graph(gm, captured.batches, copy.deepcopy(captured.report), options=options,
-                               fresh_batches=captured.fresh_batches)
-    proxy.evidence.timings = session.evidence.timings  # one kernel-timing cache for both
-    return Proxy(proxy, f"the model's first {PROXY_BLOCKS} of {blocks} blocks")
+def kept_blocks(blocks: int, keep: int = STAND_IN_BLOCKS) -> list[int]:
+    """Which of ``blocks`` blocks a stand-in keeps: 0, 1, then ``keep - 2`` more evenly spread
+    up to the last."""
+    rest = keep - 2
+    return [0, 1] + [round(1 + (i + 1) * (blocks - 2) / rest) for i in range(rest)]
 
 
-def cut_after_blocks(gm: fx.GraphModule, count: int) -> tuple[fx.GraphModule, int] | None:
-    """A copy of ``gm`` (sharing its constants) without its blocks after the first ``count``,
-    and how many blocks ``gm`` has; None where there is no such cut (the module docstring)."""
+def stand_in(gm: fx.GraphModule) -> tuple[fx.GraphModule, str] | None:
+    """A copy of ``gm`` (sharing its constants) that runs a sample of its blocks (the module
+    docstring), and what it keeps, for the report; None where there is no such cut."""
     spans = find_spans(gm, ())
-    if spans is None or len(spans) < max(MIN_BLOCKS, count + 1) or count < 2:
+    if spans is None or len(spans) < MIN_BLOCKS:
         return None
+    kept = kept_blocks(len(spans))
     cut = copy_graph_module(gm)
     nodes = list(cut.graph.nodes)
-    index = {node.name: i for i, node in enumerate(nodes)}
-    kept, last = _calls(nodes, index, spans, count - 1), _calls(nodes, index, spans, len(spans) - 1)
-    if len(kept) != len(last) or any(not _alike(a, b) for a, b in zip(kept, last)):
-        return None
-    end = index[spans[-1].last]
-    counterpart = dict(zip(last, kept))
-    for node in last:
-        node.replace_all_uses_with(counterpart[node], delete_user_cb=lambda user: index[user.name] > end)
-    # The later blocks' nodes go, those torch.fx keeps as impure too (attention, which may
+    position = {node: i for i, node in enumerate(nodes)}
+    by_name = {node.name: node for node in nodes}
+    previous = 1
+    for k in range(2, len(spans)):
+        if k in kept:
+            previous = k
+            continue
+        left, instead = _outputs(spans[k], by_name), _outputs(spans[previous], by_name)
+        if len(left) != len(instead) or not all(map(_alike, left, instead)):
+            return None
+        end = position[by_name[spans[k].last]]
+        for node, replacement in zip(left, instead):
+            node.replace_all_uses_with(replacement, delete_user_cb=lambda user, end=end: position[user] > end)
+    # The left-out blocks' nodes go, those torch.fx keeps as impure too (attention, which may
     # draw dropout masks): the stand-in does not run those blocks.
-    dropped = {span.key for span in spans[count:]}
-    for node in reversed(list(cut.graph.nodes)):
-        if not node.users and node.op.startswith("call") and _key(node) in dropped:
+    left_out = {node for k, span in enumerate(spans) if k not in kept
+                for node in nodes[position[by_name[spans[k - 1].last]] + 1:position[by_name[span.last]] + 1]}
+    for node in reversed(nodes):
+        if node in left_out and not node.users and node.op.startswith("call"):
             cut.graph.erase_node(node)
     cut.graph.eliminate_dead_code()
-    if any(_key(node) in dropped for node in cut.graph.nodes if node.op.startswith("call")):
+    if any(node in left_out for node in cut.graph.nodes if node.op.startswith("call")):
         return None  # one of them is still read
     remove_unused_constants(cut)
     cut.delete_all_unused_submodules()
     cut.recompile()
-    return cut, len(spans)
+    return cut, f"blocks {', '.join(map(str, kept))} of {len(spans)}"
 
 
-def _calls(nodes: list[fx.Node], index: dict[str, int], spans: list[Span], k: int) -> list[fx.Node]:
-    """The computing nodes of block ``k``'s span, in order."""
-    start = index[spans[k - 1].last] + 1 if k else 0
-    return [n for n in nodes[start:index[spans[k].last] + 1] if n.op.startswith("call")]
-
-
-def _key(node: fx.Node) -> str | None:
-    return block_key(module_path(node)) if node.meta.get("nn_module_stack") else None
+def _outputs(span: Span, by_name: dict[str, fx.Node]) -> list[fx.Node]:
+    return [by_name[name] for name in span.outputs]
 
 
 def _alike(a: fx.Node, b: fx.Node) -> bool:
-    """The same op on values of the same shapes and dtypes (where known)."""
-    if (a.op, a.target) != (b.op, b.target):
-        return False
+    """Values of the same shape and dtype (where known)."""
     va, vb = a.meta.get("val"), b.meta.get("val")
     if hasattr(va, "shape") and hasattr(vb, "shape"):
         return tuple(va.shape) == tuple(vb.shape) and va.dtype == vb.dtype
-    return True
+    return va is None and vb is None

@@ -213,11 +213,12 @@ class Session:
                 stage, done = self._shared_stage(pipeline[:end], done), end
         return stage
 
-    def keep_stages_for(self, pipelines: Iterable[Sequence[Pass]]) -> None:
+    def keep_stages_for(self, pipelines: Iterable[Sequence[Pass]], ran: Iterable[Sequence[Pass]] = ()) -> None:
         """Drop the shared stages that none of ``pipelines`` (those still to run: a preset's
-        candidates not built yet) starts with, so that their graphs' new weights go now."""
-        wanted = [tuple(p) for p in pipelines]
-        unwanted = [key for key in self._stages if not any(p[:len(key)] == key for p in wanted)]
+        candidates not built yet) starts with and that are not the end of one of ``ran`` (whose
+        stages are wanted whole, not their prefixes), so that their graphs' new weights go now."""
+        wanted, whole = [tuple(p) for p in pipelines], {tuple(p) for p in ran}
+        unwanted = [key for key in self._stages if key not in whole and not any(p[:len(key)] == key for p in wanted)]
         for key in unwanted:
             del self._stages[key]
         if unwanted:

@@ -287,38 +287,45 @@ def test_a_large_compile_gives_what_it_freed_back_once_its_session_is_gone(
     assert released == [1] and torch.allclose(opt(x), model(x), atol=1e-5)
 
 
-def test_with_a_stand_in_the_fastest_there_is_built_whole_and_the_next_only_if_it_misses_the_budget(
+def test_with_stand_ins_the_fastest_is_built_whole_and_the_next_only_if_that_fails(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every candidate is built for the stand-in and raced there; the whole model then builds
-    them fastest first until one is within the budget (here the fastest misses it on the whole
-    model), and the slower ones are not built at all."""
+    """Every candidate's stand-in is built (its error the model's: one over the budget is
+    dropped and let go) and the stand-ins race; the whole model then builds them fastest first
+    until one is within the budget (here the fastest's whole build fails), the slower ones not
+    at all."""
     from types import SimpleNamespace
 
     from fxopt.latency import Timing
 
     speed = {"slow": 3.0, "fast": 2.0, "fastest": 1.0, "over": 0.5}
-    whole_error = {"slow": 0.01, "fast": 0.02, "fastest": 0.2, "over": 0.01}
+    error = {"slow": 0.01, "fast": 0.02, "fastest": 0.01, "over": 0.5}
 
-    def module(note: str, error: float, ms: float) -> SimpleNamespace:
-        return SimpleNamespace(report=SimpleNamespace(passes=[]), note=note, error=error, ms=ms)
+    def module(note: str, ms: float) -> SimpleNamespace:
+        return SimpleNamespace(report=SimpleNamespace(passes=[]), note=note, error=error[note], ms=ms)
 
     def race(runs: dict, repeats: int = 10) -> dict:
         return {key: Timing.of([run()]) for key, run in runs.items()}
 
+    def build(candidate: presets.Candidate) -> SimpleNamespace:
+        whole_builds.append(candidate.note)
+        if candidate.note == "fastest":
+            raise fxopt.FxoptError("its lowering failed")
+        return module(candidate.note, 9.0)
+
     monkeypatch.setattr(presets, "race", race)
-    stand_in_builds: list[str] = []
+    stand_ins: list[str] = []
     whole_builds: list[str] = []
-    proxy = presets.Proxy(lambda c: stand_in_builds.append(c.note) or module(
-        c.note, 0.5 if c.note == "over" else 0.0, speed[c.note]), "a stand-in")
+    dropped: list[str] = []
+    proxy = presets.Proxy(lambda c: stand_ins.append(c.note) or module(c.note, speed[c.note]),
+                          drop=lambda c: dropped.append(c.note))
     preset = presets.Preset("proxy-test", "four", tuple(presets.Candidate(("exact",), note=n) for n in speed),
                             budget=0.05)
-    chosen, trials = presets.choose(
-        preset, torch.device("cpu"), lambda c: whole_builds.append(c.note) or module(c.note, whole_error[c.note], 9.0),
-        measure_error=lambda m: m.error, run_example=lambda m: lambda: m.ms, proxy=proxy)
-    assert stand_in_builds == ["slow", "fast", "fastest", "over"]
+    chosen, trials = presets.choose(preset, torch.device("cpu"), build, measure_error=lambda m: m.error,
+                                    run_example=lambda m: lambda: m.ms, proxy=proxy)
+    assert stand_ins == ["slow", "fast", "fastest", "over"] and dropped == ["over"]
     assert whole_builds == ["fastest", "fast"] and chosen.note == "fast" and chosen.ms == 9.0
     by_note = {t.candidate.note: t for t in trials}
-    assert by_note["over"].dropped == "output error 0.5 > 0.05 on the stand-in"
-    assert by_note["fastest"].dropped == "output error 0.2 > 0.05" and by_note["fastest"].module is None
-    assert by_note["slow"].dropped == "not built: 3 ms on the stand-in against the chosen one's 2 ms"
+    assert by_note["over"].dropped == "output error 0.5 > 0.05"
+    assert by_note["fastest"].dropped == "failed: its lowering failed" and by_note["fastest"].module is None
+    assert by_note["slow"].dropped == "not lowered whole: 3 ms on its stand-in against the chosen one's 2 ms"
     assert by_note["fast"].proxy_milliseconds == 2.0 and by_note["fast"].milliseconds == 9.0
