@@ -23,6 +23,7 @@ shares what was measured so far (never written in place) and diverges from there
 from __future__ import annotations
 
 import copy
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,9 +58,10 @@ class Evidence:
     memory_bound: int | None = None  # bytes; None: ``values_bound`` derives it from the graph
     timings: Any = None  # the session's kernel-timing cache, when it has one
     # The captured graph's full outputs and any graph's whose full outputs were computed, by
-    # graph id: shared by forks, never written in place.
+    # graph id (the graph held weakly: a candidate's graph, and its quantized weights, go when
+    # its pipeline lets it go): shared by forks, never written in place.
     captured_outputs: dict[str, list[list[Any]]] = field(default_factory=dict)
-    full_outputs: dict[int, tuple[Any, list[list[Any]]]] = field(default_factory=dict)
+    full_outputs: dict[int, tuple[weakref.ref, list[list[Any]]]] = field(default_factory=dict)
 
     def fork(self) -> Evidence:
         """An independent store that starts from what this one knows (a preset's candidates
@@ -73,6 +75,16 @@ class Evidence:
         no later graph may take them for its own."""
         runs, self.runs = self.runs, []
         return runs
+
+    def known_outputs(self, gm: Any) -> list[list[Any]] | None:
+        """``gm``'s full outputs, where they were computed."""
+        known = self.full_outputs.get(id(gm))
+        return known[1] if known is not None and known[0]() is gm else None
+
+    def know_outputs(self, gm: Any, outputs: list[list[Any]]) -> None:
+        for key in [key for key, (graph, _) in self.full_outputs.items() if graph() is None]:
+            del self.full_outputs[key]  # a graph let go: its id may be another's now
+        self.full_outputs[id(gm)] = (weakref.ref(gm), outputs)
 
     def values_bound(self, gm: Any) -> int:
         """The bytes of node values this store may keep while a lossy pass runs on ``gm``."""

@@ -184,14 +184,14 @@ class Verification:
         evidence = self.evidence
         if evidence.full_current and evidence.reference:
             return
-        known = evidence.full_outputs.get(id(gm))
-        if known is not None and known[0] is gm:
-            evidence.reference = known[1]
+        known = evidence.known_outputs(gm)
+        if known is not None:
+            evidence.reference = known
         else:
             shared = self._shared_outputs(self.slices, evidence.slice_reference, self.ctx.batches)
             evidence.reference = (self._run_keeping_values(gm, self.ctx.batches, shared) if keep_values
                                   else self.run(gm, self.ctx.batches, shared))
-            evidence.full_outputs[id(gm)] = (gm, evidence.reference)
+            evidence.know_outputs(gm, evidence.reference)
         evidence.full_current = True
         if not evidence.original and gm is self.captured:
             evidence.original = evidence.captured_outputs["full"] = list(evidence.reference)
