@@ -165,8 +165,8 @@ def _stand_ins(session: Session, device: str | torch.device | None, pipeline_of:
         ran.append(pipeline)
         session.keep_stages_for(still_to_build, ran=ran)  # its stage whole, not its prefixes
         cut = stand_in(stage.gm)
-        if cut is None:
-            raise FxoptError("its passes left no stand-in of a sample of the model's blocks")
+        if cut is None:  # its blocks no longer alike: the candidates are built whole
+            raise presets.NoStandIn(candidate)
         module = session.lower(Stage(cut[0], stage.records), candidate.backend, device, pipeline)
         module.report.notes.append(f"a stand-in: {cut[1]}")
         if stage.verification is not None:  # the model's error, not the stand-in's

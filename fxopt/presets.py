@@ -175,7 +175,9 @@ def choose(
     if hold_bytes is not None and weight_bytes > hold_bytes:
         _share_weights_past_the_bound(trials, weight_bytes, hold_bytes)
     if proxy is not None and sum(t.dropped is None for t in trials) > 1:
-        return _by_proxy(preset, trials, proxy, build, measure_error, run_example, repeats, building)
+        chosen = _by_proxy(preset, trials, proxy, build, measure_error, run_example, repeats, building)
+        if chosen is not None:
+            return chosen
     held: list[Trial] = []
     for index, trial in enumerate(trials):
         if trial.dropped is not None:
@@ -228,6 +230,10 @@ def _build(trial: Trial, build: Callable[[Candidate], Any], measure_error: Calla
     return True
 
 
+class NoStandIn(Exception):  # noqa: N818 - a signal, not an error: the race goes on without stand-ins
+    """Raised by :attr:`Proxy.build` where a candidate's passes left no stand-in to cut."""
+
+
 @dataclass
 class Proxy:
     """Stand-ins for the model that the candidates race on (:mod:`fxopt.proxy`): ``build``
@@ -240,17 +246,24 @@ class Proxy:
 
 def _by_proxy(preset: Preset, trials: list[Trial], proxy: Proxy, build: Callable[[Candidate], Any],
               measure_error: Callable[[Any], float], run_example: Callable[[Any], Callable[[], Any]],
-              repeats: int, building: Callable[[list[Candidate]], None] | None) -> tuple[Any, list[Trial]]:
+              repeats: int, building: Callable[[list[Candidate]], None] | None) -> tuple[Any, list[Trial]] | None:
     """Each candidate's stand-in built and checked against the budget (its error is the
     model's), those within it raced; then, fastest first, each is built whole until one is
-    within the budget: the only one lowered whole, unless one fails there."""
+    within the budget: the only one lowered whole, unless one fails there. None where a
+    candidate's passes left no stand-in (:class:`NoStandIn`): the caller builds them whole."""
     live = [t for t in trials if t.dropped is None]
     raced: list[tuple[Trial, Trial]] = []
     for index, trial in enumerate(live):
         if building is not None:
             building([t.candidate for t in live[index + 1:]])
         stand_in = Trial(trial.candidate)
-        if _build(stand_in, proxy.build, measure_error, preset.budget):
+        try:
+            kept = _build(stand_in, proxy.build, measure_error, preset.budget)
+        except NoStandIn:  # the ones raced so far are built whole; the dropped stay dropped
+            for earlier, _ in raced:
+                earlier.error = earlier.seconds = None
+            return None
+        if kept:
             trial.error, trial.seconds = stand_in.error, stand_in.seconds
             raced.append((trial, stand_in))
         else:

@@ -329,3 +329,28 @@ def test_with_stand_ins_the_fastest_is_built_whole_and_the_next_only_if_that_fai
     assert by_note["fastest"].dropped == "failed: its lowering failed" and by_note["fastest"].module is None
     assert by_note["slow"].dropped == "not lowered whole: 3 ms on its stand-in against the chosen one's 2 ms"
     assert by_note["fast"].proxy_milliseconds == 2.0 and by_note["fast"].milliseconds == 9.0
+
+
+def test_where_a_candidate_leaves_no_stand_in_the_candidates_are_built_whole_and_raced(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from fxopt.latency import Timing
+
+    monkeypatch.setattr(presets, "race", lambda runs, repeats=10: {k: Timing.of([run()]) for k, run in runs.items()})
+
+    def stand_in(candidate: presets.Candidate) -> SimpleNamespace:
+        if candidate.note == "b":
+            raise presets.NoStandIn(candidate)
+        return SimpleNamespace(report=SimpleNamespace(passes=[]), error=0.0, ms=1.0)
+
+    whole: list[str] = []
+    preset = presets.Preset("fallback", "two", (presets.Candidate(("exact",), note="a"),
+                                                presets.Candidate(("exact",), note="b")), budget=0.05)
+    chosen, trials = presets.choose(
+        preset, torch.device("cpu"),
+        lambda c: whole.append(c.note) or SimpleNamespace(report=SimpleNamespace(passes=[]), error=0.0,
+                                                          ms={"a": 2.0, "b": 1.0}[c.note]),
+        measure_error=lambda m: m.error, run_example=lambda m: lambda: m.ms, proxy=presets.Proxy(stand_in))
+    assert whole == ["a", "b"] and chosen.ms == 1.0
+    assert [t.proxy_milliseconds for t in trials] == [None, None] and [t.milliseconds for t in trials] == [2.0, 1.0]
