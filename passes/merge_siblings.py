@@ -42,6 +42,8 @@ from fxopt.ir import (
     linear_weights,
     ops,
     replace_node,
+    share_as,
+    stacked,
     topo_order,
 )
 from fxopt.ir.qdq import match_qdq_linear
@@ -142,7 +144,7 @@ def _sibling(gm: fx.GraphModule, node: fx.Node) -> LinearWeights | Refusal:
 def _concatenated(group: list[LinearWeights]) -> tuple[torch.Tensor | None, ...]:
     """The siblings' weight constants (and biases, zeros where one has none) stacked: one copy
     per set of weights, shared by the graphs that share a model's weights (:mod:`fxopt.ir.derived`)."""
-    parts = [torch.cat([m.parts[i] for m in group], 0) for i in range(len(group[0].parts))]
+    parts = [stacked([m.parts[i] for m in group]) for i in range(len(group[0].parts))]
     if all(m.bias is None for m in group):
         return (*parts, None)
     like = group[0].bias if group[0].bias is not None else next(m.bias for m in group if m.bias is not None)
@@ -155,6 +157,14 @@ def _merge(gm: fx.GraphModule, group: list[LinearWeights]) -> None:
     first, graph = group[0].node, gm.graph
     *parts, bias = derived([*(p for m in group for p in m.parts), *(m.bias for m in group)], "merge-siblings",
                            lambda: _concatenated(group))
+    # Each sibling's quantized rows are now held in the merged weight: deriving them again
+    # (another candidate quantizing the same weights) finds those rows, and merging them again
+    # finds them consecutive, instead of copying the weights a second time.
+    row = 0
+    for member in group:
+        for made, merged in zip(member.parts, parts):
+            share_as(made, merged[row:row + member.out_features])
+        row += member.out_features
     names = [str(m.part_nodes[0].target) for m in group]
     prefix = os.path.commonprefix(names).rstrip("_")
     hint = (prefix or "_".join(n.removesuffix("_weight") for n in names)) + "_merged"

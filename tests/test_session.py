@@ -72,6 +72,38 @@ def test_each_lossy_pass_ends_a_shared_stage_and_stages_go_when_no_pipeline_cont
     assert again is not alone and again.records[0] is not alone.records[0]
 
 
+def test_a_candidate_quantizing_after_another_holds_no_int8_weight_of_its_own() -> None:
+    """An int8 preset's candidates quantize the same weights: once the first merged its
+    siblings' int8 weights (and its unmerged stage went), the second finds each sibling's
+    int8 rows in the merged weight, and merging them again copies nothing; the one held
+    stage (the first's, whole) gives a run that is still its own."""
+    import gc
+
+    transformers = pytest.importorskip("transformers")
+    from fxopt.ir import constants
+
+    torch.manual_seed(0)
+    model = transformers.LlamaModel(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=300, use_cache=False)).eval()
+    x = torch.randint(0, 300, (2, 16))
+    session = Session(model, (x,), SessionOptions(progress=False))
+    first = resolve_passes(["quantize-int8(activations='dynamic-tensor', budget=1.0)", "merge-siblings"])
+    second = resolve_passes(["quantize-int8(activations='dynamic', budget=1.0)", "merge-siblings"])
+    a = session.run(first, share_prefix=True)
+    session.keep_stages_for([second], ran=[first])  # the first's stage whole, not its unmerged prefix
+    gc.collect()
+    b = session.run(second, share_prefix=True)
+    int8 = lambda stage: [t for _, t in constants(stage.gm) if t.dtype == torch.int8]  # noqa: E731
+    held = {t.untyped_storage().data_ptr() for t in int8(a)}
+    assert any(r.name == "merge-siblings" and r.status == "applied" for r in a.records)
+    assert len(int8(b)) > len(int8(a)) and all(t.untyped_storage().data_ptr() in held for t in int8(b))
+    with torch.no_grad():
+        expected = model(x).last_hidden_state
+        for stage in (a, b):
+            assert (stage.gm(x)[0] - expected).abs().max() / expected.abs().max() < 0.05
+
+
 def test_pass_context_is_read_only_configuration() -> None:
     ctx = pass_context([[torch.randn(2, 3)]], reference=[[torch.ones(1)]])
     with pytest.raises(dataclasses.FrozenInstanceError):

@@ -122,6 +122,35 @@ def derived(sources: Sequence[torch.Tensor | None], key: Hashable,
     return value
 
 
+def share_as(made: torch.Tensor, instead: torch.Tensor) -> None:
+    """From now on the derivation that made ``made`` gives ``instead``: the same values, held
+    elsewhere (a sibling's int8 weight as its rows of the merged weight), so that deriving them
+    again finds what is held instead of making a copy ``made``'s holders have let go of. A
+    tensor not made here, or of another shape or dtype, is left as it is."""
+    origin = _ORIGIN.get(made.untyped_storage())
+    if origin is None or made.shape != instead.shape or made.dtype != instead.dtype:
+        return
+    roots = [ref() for ref in origin[0]]
+    entry = None if any(r is None for r in roots) else _ENTRIES.get(roots[0], {}).get(origin[1])
+    if entry is not None and origin[2] < len(entry.values) and entry.values[origin[2]] is not None:
+        entry.values[origin[2]] = _held(instead)
+
+
+def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(tensors)`` along dim 0, without a copy where they are consecutive rows of one
+    memory (a merged weight's rows, each shared as a sibling's: :func:`share_as`)."""
+    first = tensors[0]
+    storage, offset = first.untyped_storage(), first.storage_offset()
+    for tensor in tensors:
+        if (tensor.untyped_storage().data_ptr() != storage.data_ptr() or tensor.storage_offset() != offset
+                or not tensor.is_contiguous() or tensor.dtype != first.dtype or tensor.shape[1:] != first.shape[1:]):
+            return torch.cat(list(tensors), 0)
+        offset += tensor.numel()
+    rows = sum(int(t.shape[0]) for t in tensors)
+    return torch.empty(0, dtype=first.dtype, device=first.device).set_(
+        storage, first.storage_offset(), (rows, *first.shape[1:]))
+
+
 # Deriving from a source this large frees temporaries of about its size (float32 copies of a
 # block, rounding, clipping): returned to the system at once, not kept by the C allocator.
 RELEASE_BYTES = 8 << 20
