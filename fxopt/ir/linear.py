@@ -90,7 +90,8 @@ def linear_weights(gm: fx.GraphModule, node: fx.Node) -> LinearWeights | None:
 
 def constant_users(gm: fx.GraphModule, const_node: fx.Node) -> list[fx.Node]:
     """Every node reading the tensor behind ``const_node``, through any ``get_attr`` node
-    (tied weights are one tensor registered under several names)."""
+    (tied weights are one tensor registered under several names; rows of one memory that do
+    not overlap, such as siblings' int8 weights held as a merged weight's rows, are not)."""
     tensor = constant(gm, const_node)
     if tensor is None:
         return []
@@ -98,9 +99,23 @@ def constant_users(gm: fx.GraphModule, const_node: fx.Node) -> list[fx.Node]:
     for node in gm.graph.nodes:
         if node.op == "get_attr":
             other = constant(gm, node)
-            if other is not None and other.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+            if other is not None and _overlap(other, tensor):
                 users.extend(node.users)
     return users
+
+
+def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` share memory (the elements each spans in its storage)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+
+    def span(t: torch.Tensor) -> tuple[int, int]:
+        start = t.storage_offset() * t.element_size()
+        extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()) if size > 0)
+        return start, start + (extent if t.numel() else 0) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 PROVENANCE_META = ("nn_module_stack", "stack_trace", "source_fn_stack")
