@@ -148,13 +148,30 @@ def _measured_fastest(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: t
                   for name, variant in variants.items()}
     choice = choose("int8-linear", site, {**candidates, "qdq": pattern},
                     measured_inputs(shapes, x.dtype, device), prefer="qdq")
-    result.choices.append({**choice.as_dict(), "nodes": [match.linear.name]})
-    chosen = variants.get(choice.name)
+    name = _single_copy_where_close(choice.name, choice.times)
+    result.choices.append({**choice.as_dict(), "chosen": name, "nodes": [match.linear.name]})
+    chosen = variants.get(name)
     if kernel is kernels.int8_linear_dynamic_tensor_op and device.type == "cpu":
         # the engines that lost hold a pack of the weight each: they go now, not with the weight
         engine = None if chosen is None else chosen[4] if len(chosen) > 4 else ""
         kernels.forget_packs(constant(gm, match.qweight), keep=engine)
     return chosen
+
+
+# oneDNN's quantized engine keeps the int8 weight it was given beside its packed copy (a 22 MiB
+# weight's pack holds 49 MiB; FBGEMM's holds 22 MiB): it runs a site only where it measured
+# faster than FBGEMM by more than this share.
+TWO_COPIES_MARGIN = 0.05
+
+
+def _single_copy_where_close(name: str, times: dict[str, list[float]]) -> str:
+    """``name``, or FBGEMM's engine where ``name`` is oneDNN's (the preferred engine, whose pack
+    holds the weight twice) and FBGEMM's measured within :data:`TWO_COPIES_MARGIN` of it at
+    every size."""
+    if name != "int8" or kernels.preferred_engine() != "onednn" or not times.get("int8-fbgemm"):
+        return name
+    close = all(fbgemm <= onednn * (1 + TWO_COPIES_MARGIN) for fbgemm, onednn in zip(times["int8-fbgemm"], times["int8"]))
+    return "int8-fbgemm" if close else name
 
 
 def _kernel_module(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: tuple[Any, ...],
