@@ -22,7 +22,7 @@ import contextlib
 import functools
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -237,6 +237,24 @@ def preferred_engine() -> str | None:
     and "fbgemm" run FBGEMM's kernels, which measured faster for a few rows."""
     supported = torch.backends.quantized.supported_engines
     return next((e for e in ("onednn", "x86", "fbgemm") if e in supported), None)
+
+
+# oneDNN's quantized engine keeps the int8 weight it was given beside its packed copy (a 22 MiB
+# weight's pack holds 49 MiB; FBGEMM's, and oneDNN's own qlinear_prepack, hold 22 MiB): a kernel
+# on that engine runs a site only where it measured faster than one holding the weight once by
+# more than this share.
+TWO_COPIES_MARGIN = 0.05
+
+
+def holds_weight_twice(engine: str) -> bool:
+    """Whether a pack for ``engine`` ("": the preferred one) keeps the weight beside its packed
+    copy (oneDNN's quantized engine does)."""
+    return (engine or preferred_engine()) == "onednn"
+
+
+def close_enough(times: Sequence[float], against: Sequence[float]) -> bool:
+    """``times`` within :data:`TWO_COPIES_MARGIN` of ``against`` at every measured size."""
+    return bool(times) and all(t <= a * (1 + TWO_COPIES_MARGIN) for t, a in zip(times, against))
 
 
 @functools.cache

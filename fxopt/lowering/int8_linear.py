@@ -158,20 +158,13 @@ def _measured_fastest(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: t
     return chosen
 
 
-# oneDNN's quantized engine keeps the int8 weight it was given beside its packed copy (a 22 MiB
-# weight's pack holds 49 MiB; FBGEMM's holds 22 MiB): it runs a site only where it measured
-# faster than FBGEMM by more than this share.
-TWO_COPIES_MARGIN = 0.05
-
-
 def _single_copy_where_close(name: str, times: dict[str, list[float]]) -> str:
-    """``name``, or FBGEMM's engine where ``name`` is oneDNN's (the preferred engine, whose pack
-    holds the weight twice) and FBGEMM's measured within :data:`TWO_COPIES_MARGIN` of it at
-    every size."""
-    if name != "int8" or kernels.preferred_engine() != "onednn" or not times.get("int8-fbgemm"):
+    """``name``, or FBGEMM's engine where ``name`` runs on oneDNN's (the preferred engine, whose
+    pack holds the weight twice) and FBGEMM's measured close to it
+    (:func:`fxopt.kernels.int8.close_enough`)."""
+    if name != "int8" or not kernels.holds_weight_twice("") or not times.get("int8-fbgemm"):
         return name
-    close = all(fbgemm <= onednn * (1 + TWO_COPIES_MARGIN) for fbgemm, onednn in zip(times["int8-fbgemm"], times["int8"]))
-    return "int8-fbgemm" if close else name
+    return "int8-fbgemm" if kernels.close_enough(times["int8-fbgemm"], times["int8"]) else name
 
 
 def _kernel_module(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: tuple[Any, ...],
