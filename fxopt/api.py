@@ -7,7 +7,7 @@ a preset's candidates share one session.
 from __future__ import annotations
 
 import gc
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from fxopt.module import OptimizedModule
 from fxopt.pass_api import Pass
 from fxopt.phases import PhaseTimer
 from fxopt.pipeline import PassInstrument
+from fxopt.proxy import stand_ins
 from fxopt.registry import resolve_passes
 from fxopt.report import Report
 from fxopt.session import Session, SessionOptions
@@ -146,43 +147,6 @@ def compile(  # noqa: A001 - mirrors torch.compile
     return optimized
 
 
-def _stand_ins(session: Session, device: str | torch.device | None, pipeline_of: Callable[[Any], list[Pass]],
-               still_to_build: list[list[Pass]]) -> Any:
-    """A large model's stand-ins for its preset's race (:mod:`fxopt.proxy`), or None where
-    its graph has no cut: each candidate's passes run on the model, their stage is kept for
-    the candidate's whole lowering, and a sample of its blocks is lowered and raced."""
-    from fxopt import presets
-    from fxopt.proxy import stand_in
-    from fxopt.session import Stage
-
-    if stand_in(session.captured.gm) is None:
-        return None
-    ran: list[list[Pass]] = []
-
-    def build(candidate: presets.Candidate) -> OptimizedModule:
-        pipeline = pipeline_of(candidate)
-        stage = session.run(pipeline, share_prefix=True)
-        ran.append(pipeline)
-        session.keep_stages_for(still_to_build, ran=ran)  # its stage whole, not its prefixes
-        cut = stand_in(stage.gm)
-        if cut is None:  # its blocks no longer alike: the candidates are built whole
-            raise presets.NoStandIn(candidate)
-        module = session.lower(Stage(cut[0], stage.records), candidate.backend, device, pipeline)
-        module.report.notes.append(f"a stand-in: {cut[1]}")
-        if stage.verification is not None:  # the model's error, not the stand-in's
-            module.report.final_max_abs_err, module.report.final_max_rel_err = \
-                stage.verification.fork().final_error(stage.gm)
-        return module
-
-    def drop(candidate: presets.Candidate) -> None:
-        pipeline = pipeline_of(candidate)
-        if pipeline in ran:
-            ran.remove(pipeline)
-        session.keep_stages_for(still_to_build, ran=ran)
-
-    return presets.Proxy(build, drop)
-
-
 def _record_time(report: Report, timer: PhaseTimer) -> None:
     report.timings = {name: seconds for name, seconds in timer.seconds.items() if seconds > 0}
     report.total_seconds = timer.total
@@ -253,7 +217,7 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
 
         hold_bytes = session.evidence.values_bound(session.captured.gm)
         weight_bytes = graph_cost(session.captured.gm).weight_bytes
-        proxy = _stand_ins(session, device, pipeline_of, still_to_build) if weight_bytes > hold_bytes else None
+        proxy = stand_ins(session, device, pipeline_of, still_to_build) if weight_bytes > hold_bytes else None
         chosen, trials = presets.choose(
             preset, target, build,
             measure_error=lambda module: module.report.final_max_rel_err,

@@ -26,10 +26,19 @@ lowered; the stand-ins race, and only the fastest stage is lowered whole
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import torch
 import torch.fx as fx
 
 from fxopt.ir import copy_graph_module, remove_unused_constants
 from fxopt.lossy.blocks import Span, find_spans
+
+if TYPE_CHECKING:
+    from fxopt.pass_api import Pass
+    from fxopt.presets import Proxy
+    from fxopt.session import Session
 
 # Blocks a stand-in keeps: the first two and two more, spread over the depth (the last among them).
 STAND_IN_BLOCKS = 4
@@ -42,6 +51,43 @@ def kept_blocks(blocks: int, keep: int = STAND_IN_BLOCKS) -> list[int]:
     up to the last."""
     rest = keep - 2
     return [0, 1] + [round(1 + (i + 1) * (blocks - 2) / rest) for i in range(rest)]
+
+
+def stand_ins(session: Session, device: str | torch.device | None, pipeline_of: Callable[[Any], list[Pass]],
+              still_to_build: list[list[Pass]]) -> Proxy | None:
+    """A large model's stand-ins for its preset's race (:func:`fxopt.presets.choose`), or None
+    where its graph has no cut: each candidate's passes run on the model, their stage is kept
+    for the candidate's whole lowering (``still_to_build``: the pipelines of the candidates
+    after it, which the preset keeps up to date), and a sample of its blocks is lowered."""
+    from fxopt import presets
+    from fxopt.session import Stage
+
+    if stand_in(session.captured.gm) is None:
+        return None
+    ran: list[list[Pass]] = []
+
+    def build(candidate: presets.Candidate) -> Any:
+        pipeline = pipeline_of(candidate)
+        stage = session.run(pipeline, share_prefix=True)
+        ran.append(pipeline)
+        session.keep_stages_for(still_to_build, ran=ran)  # its stage whole, not its prefixes
+        cut = stand_in(stage.gm)
+        if cut is None:  # its blocks no longer alike: the candidates are built whole
+            raise presets.NoStandIn(candidate)
+        module = session.lower(Stage(cut[0], stage.records), candidate.backend, device, pipeline)
+        module.report.notes.append(f"a stand-in: {cut[1]}")
+        if stage.verification is not None:  # the model's error, not the stand-in's
+            module.report.final_max_abs_err, module.report.final_max_rel_err = \
+                stage.verification.fork().final_error(stage.gm)
+        return module
+
+    def drop(candidate: presets.Candidate) -> None:
+        pipeline = pipeline_of(candidate)
+        if pipeline in ran:
+            ran.remove(pipeline)
+        session.keep_stages_for(still_to_build, ran=ran)
+
+    return presets.Proxy(build, drop)
 
 
 def stand_in(gm: fx.GraphModule) -> tuple[fx.GraphModule, str] | None:
