@@ -23,9 +23,10 @@ PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
 OPTIONAL = ["openvino", "inductor"]
 
 
-def _mlp() -> nn.Module:
+def _mlp(width: int = 32) -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(32, 64), nn.BatchNorm1d(64), nn.ReLU(), nn.Dropout(0.2), nn.Linear(64, 16))
+    model = nn.Sequential(nn.Linear(width, 2 * width), nn.BatchNorm1d(2 * width), nn.ReLU(), nn.Dropout(0.2),
+                          nn.Linear(2 * width, 16))
     with torch.no_grad():
         model[1].running_mean.uniform_(-0.5, 0.5)
         model[1].running_var.uniform_(0.5, 2.0)
@@ -151,8 +152,9 @@ def test_int8_mlp_stays_within_the_pass_budget(backend: str, int8: str) -> None:
 
 def test_openvino_runs_int8_kernels_and_lossless_in_f32() -> None:
     pytest.importorskip("openvino")
-    model, x = _mlp(), torch.randn(8, 32)
-    calibration = [(torch.randn(8, 32),) for _ in range(4)]
+    # 256 wide: at the example's static shapes OpenVINO runs a narrower MLP as one fused f32 subgraph
+    model, x = _mlp(256), torch.randn(8, 256)
+    calibration = [(torch.randn(8, 256),) for _ in range(4)]
     lossless = fxopt.compile(model, (x,), backend="openvino")
     # the CPU plugin would pick bf16 by itself on CPUs that have it
     assert lossless._runner.config["INFERENCE_PRECISION_HINT"] == "f32"
@@ -212,6 +214,52 @@ def test_save_and_load(backend: str, tmp_path) -> None:
     torch.testing.assert_close(loaded(x), opt(x), rtol=1e-5, atol=1e-6)
     other = torch.randn(3, 32)
     torch.testing.assert_close(loaded(other), opt(other), rtol=1e-5, atol=1e-6)
+    if backend == "openvino":  # the loaded module runs the graph specialized to the example's shapes too
+        assert loaded._runner.static_shapes == opt._runner.static_shapes == {"input": (8, 32)}
+
+
+def test_openvino_runs_the_dynamic_graph_where_the_specialized_one_disagrees(monkeypatch) -> None:
+    pytest.importorskip("openvino")
+    from fxopt.backends.openvino import OpenVinoRunner
+
+    run = OpenVinoRunner.run
+
+    def specialized_off_by_one(self, inputs, general=False):
+        outputs = run(self, inputs, general)
+        specialized = self.static_shapes is not None and not general and tuple(inputs[0].shape) == (8, 32)
+        return [out + 1.0 for out in outputs] if specialized else outputs
+
+    monkeypatch.setattr(OpenVinoRunner, "run", specialized_off_by_one)
+    model, x = _mlp(), torch.randn(8, 32)
+    opt = _quiet_compile(model, (x,), passes=["remove-dropout", "fold-batchnorm"], backend="openvino")
+    assert opt._runner.static_shapes is None
+    assert any("disagreed with the graph" in note and "the dynamic graph runs every shape" in note
+               for note in opt.report.notes)
+    assert _rel(opt(x), model(x)) < 1e-4
+
+
+def test_openvino_runs_a_bf16_graph_without_casts_specialized_to_the_example_shapes() -> None:
+    pytest.importorskip("openvino")
+    import onnx
+
+    model, x = _mlp(), torch.randn(8, 32)
+    opt = _quiet_compile(model, (x,), passes=["fold-batchnorm", "cast-bf16(budget=0.5)"], backend="openvino")
+    assert next(r for r in opt.report.passes if r.name == "cast-bf16").applied == 2
+    runner = opt._runner
+    assert runner.config["INFERENCE_PRECISION_HINT"] == "bf16"
+    exported = onnx.load(str(runner.exported.path), load_external_data=False)
+    # the casts around the Linears are gone; the weights hold their bf16-rounded values in float32
+    assert not [n for n in exported.graph.node if n.op_type == "Cast"]
+    assert {init.data_type for init in exported.graph.initializer} == {onnx.TensorProto.FLOAT}
+    weight = next(onnx.numpy_helper.to_array(init) for init in exported.graph.initializer
+                  if init.dims == [64, 32] or list(init.dims) == [32, 64])
+    assert torch.equal(torch.from_numpy(weight.copy()).bfloat16().float(), torch.from_numpy(weight.copy()))
+    assert any("bfloat16 casts left to OpenVINO" in note for note in opt.report.notes)
+    assert runner.static_shapes == {"input": (8, 32)} and not runner.general_compiled()
+    assert _rel(opt(x), model(x)) < 0.03
+    other = torch.randn(3, 32)  # another batch size: the dynamic graph, compiled on this call
+    assert _rel(opt(other), model(other)) < 0.03
+    assert runner.general_compiled()
 
 
 @pytest.mark.parametrize("backend", OPTIONAL)
