@@ -117,6 +117,18 @@ def test_presets_and_the_bench_time_with_the_one_loop(monkeypatch: pytest.Monkey
     assert timing.speedup is latency.speedup and timing.measure_side_by_side is latency.measure_side_by_side
 
 
+def test_each_round_of_the_timing_loop_starts_with_the_next_candidate() -> None:
+    """The call after another candidate's finds that one's weights in the caches: which
+    candidate that is rotates, so no candidate pays for its place in the order every round."""
+    from fxopt import latency
+
+    calls: list[str] = []
+    timings = latency.interleaved({name: (lambda name=name: calls.append(name)) for name in "abc"},
+                                  warmup=0, repeats=4)
+    assert calls == list("abc" "bca" "cab" "abc")
+    assert all(timing.samples == 4 for timing in timings.values())
+
+
 def _memory_case(monkeypatch: pytest.MonkeyPatch, hold_bytes: int | None):
     """Four candidates (one over budget), each built after a collection records which of the
     earlier ones are still alive; a race makes the later of each pair the faster."""
