@@ -70,6 +70,30 @@ def test_a_graph_run_span_by_span_computes_exactly_what_a_whole_run_computes() -
         assert same, name
 
 
+
+def test_a_blocks_own_graph_computes_what_its_span_of_the_whole_graph_computes() -> None:
+    """The trials copy and run a block's nodes alone (fxopt.lossy.blocks.Block), not the whole
+    graph: from the same kept values, each block gives the same values after it, bit for bit."""
+    from fxopt.lossy.blocks import blocks_of, run_block, run_span
+
+    model, batches = _llama()
+    gm = fxopt.capture(model, tuple(batches[0]))
+    spans = find_spans(gm, [n.name for n in gm.graph.nodes if n.target == ops.linear])
+    assert spans is not None
+    blocks = blocks_of(gm, spans)
+    whole_nodes = len(gm.graph.nodes)
+    live_whole: dict = {}
+    live_block: dict = {}
+    for k, (span, block) in enumerate(zip(spans, blocks)):
+        assert len(block.gm.graph.nodes) < (whole_nodes if k == 0 else whole_nodes / 2)  # block 0 holds the constants
+        assert {n.name for n in block.gm.graph.nodes if n.op == "call_function"} <= {n.name for n in gm.graph.nodes}
+        live_whole = run_span(gm, spans, k, live_whole, batches[0])
+        live_block = run_block(block.gm, block, live_block, batches[0])
+        assert live_block.keys() == live_whole.keys() and set(span.outputs) <= live_block.keys()
+        for name, value in live_whole.items():
+            assert torch.equal(live_block[name], value) if isinstance(value, torch.Tensor) else live_block[name] == value
+
+
 def test_where_the_values_do_not_fit_the_search_goes_block_by_block_and_meets_the_budget() -> None:
     model, batches = _llama()
     spec = f"quantize-int8(activations='dynamic-tensor', budget={BUDGET}, force=True)"

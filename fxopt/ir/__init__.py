@@ -39,6 +39,7 @@ from fxopt.ir.surgery import (
     keep_pieces_valid,
     module_path,
     replace_node,
+    subgraph_module,
     topo_order,
 )
 
@@ -47,7 +48,7 @@ __all__ = [
     "cleanup", "constant", "constant_users", "constants", "copy_graph_module", "count_ops", "derived",
     "dtype_of", "fake_mode_of", "infer_val", "insert_linear", "is_op", "keep_pieces_valid", "linear_parts", "linear_weights",
     "module_path", "numel_hint", "op_histogram", "ops", "packed_linear", "propagate_shapes", "remove_unused_constants",
-    "share_as", "stacked",
+    "share_as", "stacked", "subgraph_module",
     "replace_node", "shape_of", "size_hint", "topo_order", "unique_attr_name", "unpack_linear", "val",
     "weight_parts",
 ]

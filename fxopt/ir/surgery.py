@@ -40,6 +40,39 @@ def copy_graph_module(gm: fx.GraphModule, *, lazy: bool = False) -> fx.GraphModu
     return new
 
 
+
+def subgraph_module(gm: fx.GraphModule, nodes: Iterable[fx.Node], outputs: Iterable[fx.Node]) -> fx.GraphModule:
+    """``nodes`` of ``gm`` (in graph order) alone as a graph module that shares ``gm``'s
+    constants: each value they read from another node is a placeholder of that node's name
+    (a constant, its ``get_attr``), and the graph returns ``outputs``. Nodes keep their names
+    and metadata, so what is chosen by node name applies to it as to ``gm``. Its code is
+    written lazily (see :func:`copy_graph_module`)."""
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+
+    def outside(node: fx.Node) -> fx.Node:
+        if node not in env:
+            env[node] = graph.get_attr(node.target) if node.op == "get_attr" else graph.placeholder(node.name)
+            env[node].meta = dict(node.meta)
+        return env[node]
+
+    for node in nodes:
+        for source in node.all_input_nodes:
+            if source not in env:
+                outside(source)
+        env[node] = graph.node_copy(node, env.__getitem__)
+    graph.output(tuple(env[node] for node in outputs))
+    root = torch.nn.Module()
+    for name, child in gm.named_children():
+        root.add_module(name, child)
+    for name, buf in gm._buffers.items():
+        root.register_buffer(name, buf)
+    for name, param in gm._parameters.items():
+        root.register_parameter(name, param)
+    new = _lazy_graph_module_class()(root, graph, class_name=type(gm).__name__)
+    new.meta = dict(getattr(gm, "meta", {}))
+    return new
+
 def _lazy_graph_module_class() -> type[fx.GraphModule]:
     try:
         from torch.fx._lazy_graph_module import _LazyGraphModule

@@ -144,11 +144,12 @@ class BudgetedSearch:
 
     # ------------------------------------------------------------------ the one trial mechanism
 
-    def trial(self, choices: Choices, runnable: bool = True) -> fx.GraphModule:
-        """``apply`` on a structural copy of the graph: the live graph is never touched.
+    def trial(self, choices: Choices, runnable: bool = True, of: fx.GraphModule | None = None) -> fx.GraphModule:
+        """``apply`` on a structural copy of the graph (or of ``of``, a part of it: one block's
+        nodes, :func:`fxopt.ir.subgraph_module`): the live graph is never touched.
         ``runnable=False`` skips regenerating its code (the search's runner interprets it); a
         runnable one writes its code when first called."""
-        candidate = self.apply(copy_graph_module(self.gm, lazy=True), dict(choices))
+        candidate = self.apply(copy_graph_module(self.gm if of is None else of, lazy=True), dict(choices))
         if runnable:
             candidate.recompile()
         return candidate
