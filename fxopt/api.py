@@ -56,6 +56,7 @@ def compile(  # noqa: A001 - mirrors torch.compile
     agreement_data: Any = None,
     progress: bool | None = None,
     memory_bound: int | None = None,
+    budget: float | None = None,
 ) -> OptimizedModule:
     """Optimize ``model`` for inference and return a module that runs the result.
 
@@ -113,6 +114,10 @@ def compile(  # noqa: A001 - mirrors torch.compile
             model whose weights alone exceed the bound races only the candidates whose backend
             shares its weights). None: as much as keeps them and the weights within 2 GiB,
             or 5% of the weights (see :mod:`fxopt.evidence`).
+        budget: with a preset, the largest relative output error against the model its result
+            may have, in place of the preset's own (``preset="int8", budget=0.01``): candidates
+            over it are dropped, and each lossy pass searches within it. Passes take their
+            own ``budget`` option instead (``"quantize-int8(budget=0.01)"``).
     """
     if is_generative(model):
         return compile_generative(model, example_inputs, passes, backend, device, strict, example_kwargs,
@@ -120,15 +125,19 @@ def compile(  # noqa: A001 - mirrors torch.compile
                                       "preset": preset, "calibration": calibration, "metric": metric, "data": data,
                                       "max_drop": max_drop, "agreement_data": agreement_data,
                                       "instruments": tuple(instruments), "dynamic_shapes": dynamic_shapes,
-                                      "max_rounds": max_rounds != 1, "memory_bound": memory_bound})
+                                      "max_rounds": max_rounds != 1, "memory_bound": memory_bound,
+                                      "budget": budget})
     options = SessionOptions(
         example_kwargs=example_kwargs, calibration=calibration, dynamic_shapes=dynamic_shapes,
         fresh_inputs=fresh_inputs, strict=strict, instruments=instruments, max_rounds=max_rounds,
         metric=metric, data=data, max_drop=max_drop, share_weights=share_weights,
         measure=measure, confidence=confidence, agreement_data=agreement_data, progress=progress,
         memory_bound=memory_bound)
+    if budget is not None and preset is None:
+        raise InputError("budget= is a preset's output error budget; give a pass its own "
+                         "(\"quantize-int8(budget=0.01)\") or use a preset")
     if preset is not None:
-        chosen = _compile_preset(preset, model, example_inputs, passes, backend, device, options)
+        chosen = _compile_preset(preset, model, example_inputs, passes, backend, device, options, budget)
         _give_back_freed_memory(chosen.report)  # the preset's session and candidates are gone
         return chosen
     backend = backend or "eager"
@@ -171,7 +180,7 @@ def _give_back_freed_memory(report: Report) -> None:
 
 def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, passes: PassSpec,
                     backend: str | None, device: str | torch.device | None,
-                    options: SessionOptions) -> OptimizedModule:
+                    options: SessionOptions, budget: float | None = None) -> OptimizedModule:
     """Every candidate of preset ``name`` compiled in one session (capture and shared pipeline
     prefixes run once), those over budget dropped, the fastest kept."""
     from fxopt import presets
@@ -179,6 +188,8 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
     if passes is not None:
         raise InputError("give either passes= or preset=, not both (a preset chooses its passes)")
     preset = presets.get_preset(name)
+    if budget is not None:
+        preset = presets.with_budget(preset, budget)
     if backend is not None:
         candidates = tuple(c for c in preset.candidates if c.backend == backend)
         if not candidates:
@@ -197,7 +208,8 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
         session = Session(model, example_inputs, options)
 
         def pipeline_of(candidate: presets.Candidate) -> list[Pass]:
-            return resolve_passes(presets.expand(candidate.passes, candidate.without))
+            return presets.within_budget(resolve_passes(presets.expand(candidate.passes, candidate.without)),
+                                         budget)
 
         still_to_build: list[list[Pass]] = []
 

@@ -31,6 +31,7 @@ ones are declared beside the passes), so the core names no pass.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import statistics
 import time
@@ -127,6 +128,25 @@ def expand(passes: Sequence[str], without: Sequence[str] = ()) -> list[Any]:
         expanded.extend([p for p in default_pipeline() if p.name not in left_out] if spec == EXACT else [spec])
     return expanded
 
+
+
+def with_budget(preset: Preset, budget: float) -> Preset:
+    """``preset`` held to ``budget`` (relative output error against the model) instead of its
+    own: the candidates over it are dropped (:func:`choose`), and each lossy pass of a
+    candidate searches within it too (:func:`within_budget`)."""
+    if not budget > 0:
+        raise InputError(f"budget must be a positive relative output error, got {budget!r}")
+    return Preset(preset.name, preset.description, preset.candidates, budget)
+
+
+def within_budget(passes: Sequence[Any], budget: float | None) -> list[Any]:
+    """``passes`` (resolved :class:`~fxopt.pass_api.Pass` objects) with every lossy one's own
+    ``budget`` option lowered to ``budget`` where it is larger (a pass's budget is its output
+    error against the model, as a preset's is)."""
+    if budget is None:
+        return list(passes)
+    return [dataclasses.replace(p, budget=budget) if not p.exact and isinstance(getattr(p, "budget", None), float)
+            and p.budget > budget else p for p in passes]
 
 @dataclass
 class Trial:

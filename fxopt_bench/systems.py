@@ -483,9 +483,11 @@ def _saved_transformers_model(ctx: BenchContext) -> Path:
 # ---------------------------------------------------------------- fxopt
 
 def _fxopt(passes: Callable[[], list[Any]] | None = None, backend: str = "eager",
-           preset: str | None = None, calibrate: bool = False) -> Callable[[BenchContext], Prepared]:
-    """fxopt with a pass list (names or pass objects), or with a preset; ``calibrate`` hands
-    it the bench inputs as calibration data, as the calibrated int8 peers get them."""
+           preset: str | None = None, calibrate: bool = False,
+           budget: float | None = None) -> Callable[[BenchContext], Prepared]:
+    """fxopt with a pass list (names or pass objects), or with a preset (held to ``budget``
+    when given); ``calibrate`` hands it the bench inputs as calibration data, as the calibrated
+    int8 peers get them."""
 
     def build(ctx: BenchContext) -> Prepared:
         import fxopt
@@ -496,6 +498,8 @@ def _fxopt(passes: Callable[[], list[Any]] | None = None, backend: str = "eager"
         lossy: list[str] = []
         if preset is not None:
             options.update(preset=preset, backend=None)  # the preset chooses its backend
+            if budget is not None:
+                options["budget"] = budget
         else:
             pipeline = passes() if passes is not None else _default_pipeline()
             lossy = [_require_pass(item) for item in pipeline if isinstance(item, str)]
@@ -651,6 +655,8 @@ SYSTEMS_LIST: tuple[System, ...] = (
            "error", _fxopt(preset="bf16")),
     System("fxopt-preset-int8", "fxopt.compile(preset='int8'): the fastest verified int8 recipe "
            "for the device, calibrated on the inputs (as the peers)", _fxopt(preset="int8", calibrate=True)),
+    System("fxopt-preset-int8-tight", "as fxopt-preset-int8, held to budget=0.016 (1.6% output error)",
+           _fxopt(preset="int8", calibrate=True, budget=0.016)),
     # fxopt, other lossy passes
     System("fxopt-lowrank", "fxopt lossless pipeline + low-rank (default budget), eager backend",
            _fxopt(_with("low-rank"))),

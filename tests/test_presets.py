@@ -52,6 +52,30 @@ def test_int8_preset_stays_within_its_budget_and_quantizes() -> None:
         assert float((opt(x) - reference).abs().max() / reference.abs().max()) <= 0.05
 
 
+
+def test_a_preset_held_to_a_tighter_budget_searches_within_it() -> None:
+    from fxopt.registry import resolve_passes
+
+    # each lossy pass's own budget comes down to the preset's; exact passes and smaller budgets stay
+    passes = presets.within_budget(resolve_passes(["remove-dropout", "quantize-int8", "cast-bf16(budget=0.001)"]),
+                                   0.02)
+    assert [getattr(p, "budget", None) for p in passes] == [None, 0.02, 0.001]
+    preset = presets.Preset("budget-test", "per-tensor int8", (
+        presets.Candidate(("exact", "quantize-int8(activations='dynamic-tensor')"), "eager"),), budget=0.05)
+    model, x = _mlp(), torch.randn(32, 64)
+    with presets.registered_preset(preset):
+        loose = fxopt.compile(model, (x,), preset="budget-test")
+        tight = fxopt.compile(model, (x,), preset="budget-test", budget=0.007)
+    assert "within budget 0.05" in _note(loose) and "within budget 0.007" in _note(tight)
+    assert tight.report.final_max_rel_err <= 0.007 < loose.report.final_max_rel_err
+    applied = {opt: next(r for r in opt.report.passes if r.name == "quantize-int8").applied for opt in (loose, tight)}
+    assert applied[tight] < applied[loose]  # the search kept more Linears float to stay within it
+    with pytest.raises(fxopt.InputError, match="budget= is a preset's"):
+        fxopt.compile(model, (x,), passes=["quantize-int8"], budget=0.01)
+    with pytest.raises(fxopt.InputError, match="positive"):
+        fxopt.compile(model, (x,), preset="int8", budget=0.0)
+
+
 def test_bf16_preset_runs_linears_in_bfloat16() -> None:
     model, x = _mlp(), torch.randn(32, 64)
     opt = fxopt.compile(model, (x,), preset="bf16", backend="eager")
