@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -211,7 +212,19 @@ def llama_probe(spec: dict[str, Any]) -> dict[str, Any]:
             "peak_bytes": peak, "peak_over_weights": peak / weight_bytes, "growth_bytes": max(0, peak - rss_before),
             "anonymous_peak_bytes": anonymous.peak, "result_bytes": max(0, resident),
             "weights_from": "memory-mapped checkpoint" if mapped else "memory",
-            "peak_measure": "VmHWM reset" if reset else "ru_maxrss (not reset)", "result": result}
+            "peak_measure": "VmHWM reset" if reset else "ru_maxrss (not reset)", "result": result,
+            "chose": preset_choice(_KEPT)}
+
+
+def preset_choice(results: Sequence[Any]) -> str | None:
+    """The candidate a preset chose (``"[exact, quantize-int8(...)] on eager"``), read from the
+    report notes of ``results``; None where no preset ran."""
+    for result in results:
+        for note in getattr(getattr(result, "report", None), "notes", []):
+            found = re.match(r"preset [\w-]+: chose (\[.*?\](?: \(exact without [^)]*\))? on [\w-]+)", note)
+            if found:
+                return found.group(1)
+    return None
 
 
 def _llama_lossless(model: Any, ids: Any) -> Any:
@@ -347,7 +360,8 @@ def format_scale_llama(rows: Sequence[dict[str, Any]], markdown: bool = False) -
         body.append([r["case"], str(r["layers"]), f"{r['weight_bytes'] / 2**30:.2f}", seconds,
                      f"{r['peak_bytes'] / 2**30:.2f}", f"{r['peak_over_weights']:.2f}x", anonymous, growth,
                      f"{r['result_bytes'] / 2**30:.2f}"])
-    return _table(header, body, markdown)
+    choices = [f"{r['case']} chose {r['chose']}" for r in rows if r.get("chose")]
+    return _table(header, body, markdown) + "".join(f"\n{line}" for line in choices)
 
 
 def _measured(call: Callable[[], Any]) -> tuple[int, bool, float, Any]:

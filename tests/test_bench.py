@@ -162,6 +162,7 @@ def test_scale_llama_probe_reports_compile_time_and_peak_over_the_weights(case: 
     assert row["compile_s"] > 0 and row["peak_bytes"] >= row["growth_bytes"] > 0
     assert row["peak_over_weights"] == pytest.approx(row["peak_bytes"] / row["weight_bytes"])
     assert row["result"] == ("InferenceSession" if case.startswith("ort") else "OptimizedModule")
+    assert row["chose"] is None  # no preset ran
     assert row["weights_from"] == ("memory-mapped checkpoint" if case.endswith("checkpoint") else "memory")
     if Path("/proc/self/status").exists():
         assert 0 < row["anonymous_peak_bytes"] <= row["peak_bytes"]
@@ -171,6 +172,21 @@ def test_scale_llama_probe_reports_compile_time_and_peak_over_the_weights(case: 
     assert "failed: killed by signal 9" in table
     with pytest.raises(ValueError, match="unknown case 'nope'"):
         scale.run_scale_llama(layers=1, cases=["nope"])
+
+
+def test_the_scale_table_says_which_candidate_a_preset_chose() -> None:
+    class Compiled:
+        class report:  # noqa: N801 - stands in for an OptimizedModule's report
+            notes = ["preset int8: the model's weights (3.85 GiB) exceed ...",
+                     "preset int8: chose [exact, quantize-int8(activations='dynamic-tensor')] (exact without "
+                     "merge-siblings) on onnx (61 ms, err 0.043, built in 3.9 s); [exact] on eager 70 ms"]
+
+    chose = scale.preset_choice([object(), Compiled()])
+    assert chose == "[exact, quantize-int8(activations='dynamic-tensor')] (exact without merge-siblings) on onnx"
+    row = {"case": "fxopt-preset-int8", "layers": 2, "weight_bytes": 2**30, "compile_s": 1.0, "peak_bytes": 2**31,
+           "peak_over_weights": 2.0, "growth_bytes": 2**30, "anonymous_peak_bytes": 2**31, "result_bytes": 2**29,
+           "chose": chose}
+    assert scale.format_scale_llama([row]).splitlines()[-1] == f"fxopt-preset-int8 chose {chose}"
 
 
 def test_tables_show_skipped_rows_with_their_reason() -> None:
