@@ -75,8 +75,8 @@ def interleaved(
     min_repeats: int = 3,
 ) -> dict[str, Timing]:
     """The timing loop: ``warmup`` calls of each candidate, then rounds that call each one
-    once, timed (each round starting with the next candidate), until ``repeats`` rounds ran and ``min_seconds`` passed (seconds counted
-    from the first timed round), or ``keep`` stops timing every candidate. ``max_seconds``
+    once, timed (each round starting with the next candidate), until ``repeats`` rounds ran
+    and ``min_seconds`` passed (seconds counted from the first timed round), or ``keep`` stops timing every candidate. ``max_seconds``
     caps the timed rounds (after at least ``min_repeats`` of them): a compile that measures
     its kernel choices spends a bounded time on each. Each candidate's :class:`Timing` is
     over the rounds it ran."""

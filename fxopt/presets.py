@@ -129,14 +129,13 @@ def expand(passes: Sequence[str], without: Sequence[str] = ()) -> list[Any]:
     return expanded
 
 
-
 def with_budget(preset: Preset, budget: float) -> Preset:
     """``preset`` held to ``budget`` (relative output error against the model) instead of its
     own: the candidates over it are dropped (:func:`choose`), and each lossy pass of a
     candidate searches within it too (:func:`within_budget`)."""
     if not budget > 0:
         raise InputError(f"budget must be a positive relative output error, got {budget!r}")
-    return Preset(preset.name, preset.description, preset.candidates, budget)
+    return dataclasses.replace(preset, budget=budget)
 
 
 def within_budget(passes: Sequence[Any], budget: float | None) -> list[Any]:
@@ -145,8 +144,10 @@ def within_budget(passes: Sequence[Any], budget: float | None) -> list[Any]:
     error against the model, as a preset's is)."""
     if budget is None:
         return list(passes)
-    return [dataclasses.replace(p, budget=budget) if not p.exact and isinstance(getattr(p, "budget", None), float)
-            and p.budget > budget else p for p in passes]
+    return [dataclasses.replace(p, budget=budget)
+            if hasattr(p, "budget") and p.budget_or_none is not None and p.budget_or_none > budget else p
+            for p in passes]
+
 
 @dataclass
 class Trial:

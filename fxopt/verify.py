@@ -42,6 +42,14 @@ class Comparison:
         limit = exact_tolerance(self.worst_dtype) if rtol is None else rtol
         return self.max_rel <= limit
 
+    def failure(self, rtol: float | None = None) -> str | None:
+        """Why :meth:`within` ``rtol`` fails (the structural mismatch, or the error over the
+        limit); None when it holds."""
+        if self.within(rtol):
+            return None
+        limit = exact_tolerance(self.worst_dtype) if rtol is None else rtol
+        return self.mismatch or f"max relative error {self.max_rel:.3g} > {limit:g}"
+
     def merge(self, other: Comparison) -> Comparison:
         if other.max_rel >= self.max_rel:
             self.worst_dtype = other.worst_dtype

@@ -60,6 +60,7 @@ def test_a_preset_held_to_a_tighter_budget_searches_within_it() -> None:
     passes = presets.within_budget(resolve_passes(["remove-dropout", "quantize-int8", "cast-bf16(budget=0.001)"]),
                                    0.02)
     assert [getattr(p, "budget", None) for p in passes] == [None, 0.02, 0.001]
+    assert presets.within_budget(resolve_passes(["cast-bf16(budget=1)"]), 0.02)[0].budget == 0.02  # an int budget
     preset = presets.Preset("budget-test", "per-tensor int8", (
         presets.Candidate(("exact", "quantize-int8(activations='dynamic-tensor')"), "eager"),), budget=0.05)
     model, x = _mlp(), torch.randn(32, 64)

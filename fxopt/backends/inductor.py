@@ -64,8 +64,8 @@ def lower_inductor(
     limit = exact_tolerance(comparison.worst_dtype)
     if lowered.parity_rtol() is not None:
         limit = max(limit, lowered.parity_rtol())
-    if comparison.mismatch or not comparison.within(limit):
-        detail = comparison.mismatch or f"max relative error {comparison.max_rel:.3g} > {limit:g}"
+    detail = comparison.failure(limit)
+    if detail is not None:
         raise BackendError(f"Inductor's compiled graph disagrees with the optimized graph: {detail}")
     kernels = ", ".join(lowering.name for lowering in lowered.applied)
     report.notes.append(f"Inductor (torch {torch.__version__}, freezing) compiled the graph in {seconds:.1f} s"

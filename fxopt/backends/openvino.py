@@ -80,17 +80,17 @@ def lower_openvino(
     limit = max([exact] + [rtol for rtol in (lowered.parity_rtol(), exported.parity_rtol) if rtol is not None])
     if config["INFERENCE_PRECISION_HINT"] == "bf16":
         limit = max(limit, exact_tolerance(torch.bfloat16))
-    disagreement = _disagreement(comparison, limit)
+    disagreement = comparison.failure(limit)
     if runner.static_shapes is not None:
         # The graph specialized to the example's shapes is OpenVINO's other compile of the
         # same graph: it must agree with the graph too, or the dynamic graph runs every shape.
         if disagreement is None and runner.general_compiled():
             # the check ran the dynamic graph (on other shapes than the example's)
-            specialized = _disagreement(compare_outputs(runner.run(inputs, general=True), runner.run(inputs)), limit)
+            specialized = compare_outputs(runner.run(inputs, general=True), runner.run(inputs)).failure(limit)
         elif disagreement is not None and not runner.general_compiled():
             specialized = disagreement  # the check ran the specialized graph
             comparison = compare_outputs(expected, runner.run(check_inputs, general=True))
-            disagreement = _disagreement(comparison, limit)
+            disagreement = comparison.failure(limit)
         else:
             specialized = None
         if specialized is not None:
@@ -149,13 +149,6 @@ def compile_config(bfloat16: bool) -> dict[str, Any]:
         "INFERENCE_NUM_THREADS": torch.get_num_threads(),
         "PERFORMANCE_HINT": "LATENCY",
     }
-
-
-def _disagreement(comparison: Any, limit: float) -> str | None:
-    """Why ``comparison`` fails the parity check at ``limit``; None when it passes."""
-    if comparison.mismatch or not comparison.within(limit):
-        return comparison.mismatch or f"max relative error {comparison.max_rel:.3g} > {limit:g}"
-    return None
 
 
 @functools.cache

@@ -28,6 +28,12 @@ def copy_graph_module(gm: fx.GraphModule, *, lazy: bool = False) -> fx.GraphModu
     out = graph.graph_copy(gm.graph, value_remap)
     graph.output(out)
     graph._codegen = copy.deepcopy(gm.graph._codegen)
+    return _sharing_constants(gm, graph, lazy)
+
+
+def _sharing_constants(gm: fx.GraphModule, graph: fx.Graph, lazy: bool) -> fx.GraphModule:
+    """A graph module of ``graph`` whose constants (buffers, parameters, modules) are ``gm``'s
+    own tensors; a child graph module is copied (:func:`copy_graph_module`)."""
     root = torch.nn.Module()
     for name, child in gm.named_children():
         root.add_module(name, copy_graph_module(child) if isinstance(child, fx.GraphModule) else child)
@@ -38,7 +44,6 @@ def copy_graph_module(gm: fx.GraphModule, *, lazy: bool = False) -> fx.GraphModu
     new = (_lazy_graph_module_class() if lazy else fx.GraphModule)(root, graph, class_name=type(gm).__name__)
     new.meta = dict(getattr(gm, "meta", {}))
     return new
-
 
 
 def subgraph_module(gm: fx.GraphModule, nodes: Iterable[fx.Node], outputs: Iterable[fx.Node]) -> fx.GraphModule:
@@ -62,16 +67,8 @@ def subgraph_module(gm: fx.GraphModule, nodes: Iterable[fx.Node], outputs: Itera
                 outside(source)
         env[node] = graph.node_copy(node, env.__getitem__)
     graph.output(tuple(env[node] for node in outputs))
-    root = torch.nn.Module()
-    for name, child in gm.named_children():
-        root.add_module(name, child)
-    for name, buf in gm._buffers.items():
-        root.register_buffer(name, buf)
-    for name, param in gm._parameters.items():
-        root.register_parameter(name, param)
-    new = _lazy_graph_module_class()(root, graph, class_name=type(gm).__name__)
-    new.meta = dict(getattr(gm, "meta", {}))
-    return new
+    return _sharing_constants(gm, graph, lazy=True)
+
 
 def _lazy_graph_module_class() -> type[fx.GraphModule]:
     try:

@@ -149,7 +149,6 @@ def run_span(gm: fx.GraphModule, spans: Sequence[Span], k: int, live: Values, ba
     return {name: v for name, v in env.items() if last.get(name, -1) > end}
 
 
-
 @dataclass(frozen=True)
 class Block:
     """Span ``k``'s nodes alone (:func:`fxopt.ir.subgraph_module`: a placeholder for each value
@@ -216,6 +215,7 @@ def run_block(trial: fx.GraphModule, block: Block, live: Values, batch: Sequence
     after = {name: v for name, v in live.items() if name in block.carried}
     after.update((name, v) for name, v in env.items() if name in block.carried)
     return after
+
 
 def _of_constants(node: fx.Node) -> bool:
     """``node`` is a deterministic op whose every input is a constant (a ``get_attr``)."""
