@@ -108,6 +108,30 @@ def test_each_engine_packs_its_own_weights() -> None:
     assert int8.prepacked(qweight, scale, None, engines[0]) is not packs[0]
 
 
+def test_a_pack_that_keeps_its_weight_keeps_the_int8_weight_itself() -> None:
+    """oneDNN's quantized engine keeps the quantized weight it packs: it is given a view of the
+    int8 weight's memory, not a copy, and computes what a pack of a copy computes."""
+    if "onednn" not in int8.exact_engines():
+        pytest.skip("oneDNN's quantized engine does not run exactly on this CPU")
+    torch.manual_seed(0)
+    qweight, scale = quantize_weight(torch.randn(48, 64))
+    qweight = qweight[8:]  # a view with an offset into its storage
+    view = int8.quantized_view(qweight, scale[8:])
+    assert view.dtype == torch.qint8 and view.data_ptr() == qweight.data_ptr()
+    assert torch.equal(view.int_repr(), qweight)
+    torch.testing.assert_close(view.q_per_channel_scales(), scale[8:].double())
+    packed = int8.prepacked(qweight, scale[8:], None, "onednn")
+    kept, _ = packed.unpack()
+    assert kept.data_ptr() == qweight.data_ptr()
+    x = torch.randn(5, 64)
+    copied = torch._make_per_channel_quantized_tensor(qweight, scale[8:].double(),
+                                                      torch.zeros(40, dtype=torch.int64), 0)
+    with int8._engine("onednn"):
+        expected = torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(copied, None), False)
+        got = torch.ops.quantized.linear_dynamic(x, packed, False)
+    assert torch.equal(got, expected)
+
+
 def test_quantized_engine_probe_finds_exact_sums_or_says_why() -> None:
     engine = int8.preferred_engine()
     if engine is None:

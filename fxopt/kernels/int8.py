@@ -277,12 +277,40 @@ def _engine(name: str) -> Iterator[None]:
 
 
 def _pack(engine: str, qweight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None) -> object:
-    zeros = torch.zeros(qweight.shape[0], dtype=torch.int64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # quantized tensor types are deprecated upstream; the kernel is not
-        weight = torch._make_per_channel_quantized_tensor(qweight, weight_scale.double(), zeros, 0)
+        weight = quantized_view(qweight, weight_scale)
         with _engine(engine):
             return torch.ops.quantized.linear_prepack(weight, bias)
+
+
+def quantized_view(qweight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """``qweight`` (int8 ``[out, in]``) as a per-channel ``qint8`` tensor with ``weight_scale``,
+    on ``qweight``'s own memory where this build allows it. oneDNN's engine keeps the quantized
+    weight it packs: made by ``torch._make_per_channel_quantized_tensor`` (a copy), every weight
+    was held three times while a graph was lowered (the graph's int8, that copy, the blocked
+    pack); viewing the int8 memory, twice."""
+    scales, zeros = weight_scale.double(), torch.zeros(qweight.shape[0], dtype=torch.int64)
+    if qweight.is_contiguous() and qweight.device.type == "cpu" and _quantized_views_work():
+        view = torch._empty_per_channel_affine_quantized([0], scales=scales, zero_points=zeros, axis=0,
+                                                         dtype=torch.qint8)
+        return view.set_(qweight.untyped_storage(), qweight.storage_offset(), qweight.shape, qweight.stride())
+    return torch._make_per_channel_quantized_tensor(qweight, scales, zeros, 0)
+
+
+@functools.cache
+def _quantized_views_work() -> bool:
+    """Whether a ``qint8`` tensor can be set to an int8 tensor's memory in this build and reads
+    back as that int8 tensor (else :func:`quantized_view` copies)."""
+    qweight = torch.tensor([[1, -2, 3], [-127, 5, 127]], dtype=torch.int8)[1:]
+    try:
+        view = torch._empty_per_channel_affine_quantized([0], scales=torch.ones(1, dtype=torch.double),
+                                                         zero_points=torch.zeros(1, dtype=torch.int64), axis=0,
+                                                         dtype=torch.qint8)
+        view.set_(qweight.untyped_storage(), qweight.storage_offset(), qweight.shape, qweight.stride())
+        return view.data_ptr() == qweight.data_ptr() and torch.equal(view.int_repr(), qweight)
+    except Exception:  # noqa: BLE001 - any failure means: copy
+        return False
 
 
 @functools.cache
