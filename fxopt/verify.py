@@ -27,6 +27,19 @@ def exact_tolerance(dtype: torch.dtype) -> float:
     return EXACT_RTOL.get(dtype, 0.0)
 
 
+def compiled_tolerance(gm: fx.GraphModule, output_dtype: torch.dtype) -> float:
+    """The parity tolerance of a whole-graph compiler (Inductor, OpenVINO) on ``gm``: that of
+    the lowest float precision the graph computes in, where below its outputs'. A compiler that
+    fuses the code between two roundings of a bfloat16 graph keeps the value in float32 there,
+    so its outputs differ from the graph's by bfloat16's rounding, not float32's."""
+    limit = exact_tolerance(output_dtype)
+    for node in gm.graph.nodes:
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) and value.dtype.is_floating_point:
+            limit = max(limit, exact_tolerance(value.dtype))
+    return limit
+
+
 @dataclass
 class Comparison:
     """How far ``actual`` is from ``expected``, over every output tensor."""

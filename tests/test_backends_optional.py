@@ -447,3 +447,21 @@ def test_openvino_int8_attention_runs_as_one_fused_kernel() -> None:
     with torch.no_grad():
         expected = model(ids, attention_mask=mask).last_hidden_state
         assert _rel(opt(ids, mask)[0], expected) <= opt.report.final_max_rel_err + 1e-6
+
+
+def test_a_whole_graph_compilers_parity_allows_the_graphs_lowest_precision() -> None:
+    """Inductor fuses the code between a bfloat16 graph's roundings (keeping float32 there): its
+    parity with the graph is checked at bfloat16's tolerance, not float32's, and the result
+    stays within the pass's budget of the model."""
+    from fxopt.testing import run_pass
+    from fxopt.verify import compiled_tolerance, exact_tolerance
+
+    model, x = _mlp(), torch.randn(8, 32)
+    run = run_pass("cast-bf16(budget=0.5)", model, (x,))
+    assert compiled_tolerance(run.after, torch.float32) == exact_tolerance(torch.bfloat16)
+    captured = run_pass("remove-dropout", model, (x,))
+    assert compiled_tolerance(captured.after, torch.float32) == exact_tolerance(torch.float32)
+    opt = _quiet_compile(model, (x,), passes=["fold-batchnorm", "cast-bf16(budget=0.05)"], backend="inductor")
+    assert next(r for r in opt.report.passes if r.name == "cast-bf16").applied == 2
+    assert any("Inductor" in note and "parity" in note for note in opt.report.notes)
+    assert _rel(opt(x), model(x)) < 0.05

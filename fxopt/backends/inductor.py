@@ -38,7 +38,7 @@ import torch.fx as fx
 from fxopt.backends import Backend, Lowered, require_torch_device
 from fxopt.errors import BackendError
 from fxopt.lowering import lower_graph
-from fxopt.verify import compare_outputs, exact_tolerance, run_graph
+from fxopt.verify import compare_outputs, compiled_tolerance, run_graph
 
 
 def lower_inductor(
@@ -61,7 +61,7 @@ def lower_inductor(
     actual = _flat(outputs)
     seconds = time.perf_counter() - start
     comparison = compare_outputs(expected, actual)
-    limit = exact_tolerance(comparison.worst_dtype)
+    limit = compiled_tolerance(gm, comparison.worst_dtype)
     if lowered.parity_rtol() is not None:
         limit = max(limit, lowered.parity_rtol())
     detail = comparison.failure(limit)
