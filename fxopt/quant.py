@@ -9,6 +9,8 @@ on them agrees with the QDQ graph it replaces.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 QMIN, QMAX = -128, 127
@@ -28,6 +30,24 @@ def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scale = w.abs().amax(dim=1).clamp(min=1e-12) / WEIGHT_QMAX
     qweight = torch.round(w / scale[:, None]).clamp(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8)
     return qweight.contiguous(), scale.contiguous()
+
+
+def quantize_weights_stacked(weights: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`quantize_weight` of each of ``weights`` (alike in columns, dtype and device)
+    written into consecutive rows of one int8 tensor and one scale vector: ``(Wq [sum out,
+    in], scale [sum out])``. Sibling Linears quantized so merge as rows of memory already
+    stacked (:func:`fxopt.ir.stacked`), without a copy."""
+    rows = sum(int(w.shape[0]) for w in weights)
+    device = weights[0].device
+    qweight = torch.empty((rows, int(weights[0].shape[1])), dtype=torch.int8, device=device)
+    scale = torch.empty(rows, dtype=torch.float32, device=device)
+    row = 0
+    for weight in weights:
+        q, s = quantize_weight(weight)
+        qweight[row:row + q.shape[0]].copy_(q)
+        scale[row:row + q.shape[0]].copy_(s)
+        row += int(q.shape[0])
+    return qweight, scale
 
 
 def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

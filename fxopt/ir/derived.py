@@ -132,8 +132,13 @@ def share_as(made: torch.Tensor, instead: torch.Tensor) -> None:
         return
     roots = [ref() for ref in origin[0]]
     entry = None if any(r is None for r in roots) else _ENTRIES.get(roots[0], {}).get(origin[1])
-    if entry is not None and origin[2] < len(entry.values) and entry.values[origin[2]] is not None:
-        entry.values[origin[2]] = _held(instead)
+    if entry is None or origin[2] >= len(entry.values) or entry.values[origin[2]] is None:
+        return
+    # Only the derived tensor itself is re-pointed: ``made`` may be some rows of it (siblings
+    # quantized into one tensor), which do not stand for the whole.
+    if len(entry.values[origin[2]]) > 1 and entry.values[origin[2]][1:] != _held(made)[1:]:
+        return
+    entry.values[origin[2]] = _held(instead)
 
 
 def stacked(tensors: Sequence[torch.Tensor]) -> torch.Tensor:

@@ -219,7 +219,44 @@ def test_int8_siblings_merge_after_quantizing(activations: str) -> None:
     before = [n for n in alone.gm.graph.nodes if n.target is ops.linear]
     parts = torch.cat([constant(alone.gm, match_qdq_linear(alone.gm, n).qweight) for n in before])
     assert torch.equal(weight, parts)
+    # quantize-int8 wrote the siblings' rows into one tensor, which the merged Linear reads as
+    # it is: no copy (both sessions quantize the model's same weights, found once: derived())
+    first = constant(alone.gm, match_qdq_linear(alone.gm, before[0]).qweight)
+    assert weight.data_ptr() == first.data_ptr() and weight.untyped_storage().nbytes() == 64 * 24
     for expected, actual in zip(alone.gm(x), merged.gm(x)):
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # quantizing again after the merge finds the same rows, each sibling its own
+    again = _int8_stage(model, x, [quantize], calibration)
+    for expected, actual in zip(alone.gm(x), again.gm(x)):
+        torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_a_sibling_the_search_leaves_float_leaves_no_int8_rows_behind() -> None:
+    """k's rows each hold one large weight, on an input that is zero, among the others (its
+    per-channel int8 step rounds them coarsely), so the budget keeps k float: q and v are
+    quantized into memory of their own, not rows of a tensor that also holds k's, and merge as
+    before."""
+    from fxopt.ir import constant
+    from fxopt.ir.qdq import match_qdq_linear
+
+    torch.manual_seed(0)
+    model, x = Heads().eval(), torch.randn(2, 5, 24)
+    x[..., 0] = 0.0
+    with torch.no_grad():
+        model.k.weight[:, 0] = 50.0
+    stage = _int8_stage(model, x, ["quantize-int8(activations='dynamic-tensor', budget=0.05, force=True)"])
+    record = stage.records[-1]
+    assert record.applied == 2 and record.skipped["over-budget"] == 1
+    assert [s.node for s in record.skips] == ["linear_1"]  # k
+    for node in stage.gm.graph.nodes:
+        qdq = match_qdq_linear(stage.gm, node) if node.target is ops.linear else None
+        if qdq is not None:
+            weight = constant(stage.gm, qdq.qweight)
+            assert weight.untyped_storage().nbytes() == weight.numel()
+    merged = _int8_stage(model, x, ["quantize-int8(activations='dynamic-tensor', budget=0.05, force=True)",
+                                    "merge-siblings"])
+    assert merged.records[-1].applied == 1
+    for expected, actual in zip(stage.gm(x), merged.gm(x)):
         torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
 
 
