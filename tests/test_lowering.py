@@ -241,3 +241,56 @@ def test_a_lowering_that_still_sets_order_is_refused_with_the_way_out() -> None:
     with pytest.raises(ValueError, match=r"sets 'order'.*after = \(\.\.\.\), before = \(\.\.\.\)"), \
             registered_lowering(Numbered):
         pass
+
+
+def _bf16_graph() -> tuple[fx.GraphModule, torch.Tensor]:
+    from fxopt.testing import run_pass
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16)).eval()
+    x = torch.randn(8, 32)
+    run = run_pass("cast-bf16(budget=0.5)", model, (x,))
+    assert run.record.applied == 2
+    return run.after, x
+
+
+def test_openvino_bf16_drops_the_casts_and_keeps_the_bf16_rounded_weights_in_float32() -> None:
+    """The rewrite alone (no OpenVINO needed): no bfloat16 value or cast is left, each weight
+    holds its bfloat16 values as float32, and the graph computes what the bf16 graph does up
+    to the activations' bf16 rounding, which OpenVINO's bf16 precision applies instead."""
+    from fxopt.ir import constants, dtype_of
+    from fxopt.ir.surgery import copy_graph_module
+    from fxopt.lowering.openvino_bf16 import OpenVinoBf16, to_copy
+
+    gm, x = _bf16_graph()
+    lowering = OpenVinoBf16()
+    assert lowering.applies(gm)
+    lowered = copy_graph_module(gm)
+    to_bf16 = [n for n in call_nodes(gm, to_copy) if n.kwargs.get("dtype") == torch.bfloat16]
+    assert len(to_bf16) == 1 and len(call_nodes(gm, to_copy)) == 2  # into bf16 once, back once
+    result = lowering.lower(lowered, torch.device("cpu"))
+    assert result.lowered == 1 and "1 bfloat16 casts" in result.notes[0]
+    assert not any(dtype_of(n) == torch.bfloat16 for n in lowered.graph.nodes)
+    assert not call_nodes(lowered, to_copy)
+    weights = [t for _, t in constants(lowered) if t.dim() == 2]
+    assert len(weights) == 2 and all(w.dtype == torch.float32 and torch.equal(w.bfloat16().float(), w)
+                                     for w in weights)
+    assert_outputs_close(lowered(x), gm(x), rtol=2e-2)
+    assert lowering.runtime_config(lowered) == {"INFERENCE_PRECISION_HINT": "bf16"}
+
+
+def test_openvino_bf16_leaves_a_graph_with_other_bf16_arithmetic_alone() -> None:
+    """A bfloat16 value that is not a constant, a cast, a Linear or an activation (a multiply
+    here): the lowering does not apply, and the graph keeps its casts."""
+    from fxopt.ir import infer_val
+    from fxopt.lowering.openvino_bf16 import OpenVinoBf16
+
+    gm, _ = _bf16_graph()
+    first = call_nodes(gm, ops.linear)[0]
+    with gm.graph.inserting_after(first):
+        doubled = gm.graph.call_function(torch.ops.aten.mul.Tensor, (first, 2.0))
+    first.replace_all_uses_with(doubled, delete_user_cb=lambda user: user is not doubled)
+    infer_val(doubled)
+    gm.recompile()
+    assert doubled.meta["val"].dtype == torch.bfloat16
+    assert not OpenVinoBf16().applies(gm)
