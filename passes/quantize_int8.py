@@ -35,12 +35,12 @@ from typing import Any, ClassVar
 
 import torch.fx as fx
 from fxopt.passes._quantize_int8_search import budget_refusal, choose_layers, observe_scales
+from fxopt.passes._quantize_int8_weights import quantized_weights, without_rows_of_others
 
-from fxopt.ir import add_constant, call_nodes, constant, derived, module_path, ops
+from fxopt.ir import add_constant, call_nodes, constant, module_path, ops
 from fxopt.ir.qdq import insert_qdq
 from fxopt.lossy import check_search_options
 from fxopt.pass_api import Pass, PassContext, PassResult
-from fxopt.quant import quantize_weight, quantize_weights_stacked
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import (
     EXCLUDED,
@@ -112,7 +112,7 @@ class QuantizeInt8(Pass):
             scales, fit_scales = observe_scales(self, gm, candidates, ctx)
         else:
             fit_scales = scales
-        weights = _quantized_weights(gm, candidates)
+        weights = quantized_weights(gm, candidates)
         if self.activations == "auto":
             return self._auto(gm, ctx, candidates, weights, scales, result)
         outcome = choose_layers(self, gm, ctx, candidates, weights, fit_scales, self._quantize)
@@ -135,7 +135,7 @@ class QuantizeInt8(Pass):
 
         second = choose_layers(per_token, gm, ctx, rest, weights, scales, both) if rest else None
         token_names = [] if second is None else [n.name for n in rest if n.name in second.choices]
-        weights = _without_rows_of_others(weights, {*tensor_names, *token_names})
+        weights = without_rows_of_others(weights, {*tensor_names, *token_names})
         both(gm, token_names, weights, scales)
         for node in candidates:
             outcome = first if node.name in tensor_names or second is None else second
@@ -156,7 +156,7 @@ class QuantizeInt8(Pass):
             if pick is not None:
                 result.skip(node, budget_refusal(pick))
         chosen = [n.name for n in candidates if n.name in outcome.choices]  # graph order
-        self._quantize(gm, chosen, _without_rows_of_others(weights, set(chosen)), scales)
+        self._quantize(gm, chosen, without_rows_of_others(weights, set(chosen)), scales)
         for name in chosen:
             result.apply()
             result.details.append({"node": name, "input_scale": scales[name], "activations": self.activations,
@@ -196,45 +196,3 @@ class QuantizeInt8(Pass):
                        add_constant(gm, scale, f"{hint}_int8_scale"), scales[name],
                        dynamic_tensor=self.activations == "dynamic-tensor")
         gm.recompile()
-
-
-def _quantized_weights(gm: fx.GraphModule, candidates: list[fx.Node]) -> dict[str, tuple[Any, Any]]:
-    """Each candidate's ``(int8 weight, scale)``. Siblings (Linears reading one value, with
-    weights alike in columns, dtype and device) are quantized into consecutive rows of one
-    tensor, so that merge-siblings stacks them after quantizing without a copy (on a 1.1B
-    Llama, 0.2 GB of merged int8 weights). Made once per set of weights (:func:`derived`): the
-    graphs of one model (a causal LM's prefill, decode) share one int8 copy."""
-    groups: dict[Any, list[tuple[fx.Node, Any]]] = {}
-    for node in candidates:
-        weight = constant(gm, node.args[1])
-        groups.setdefault((node.args[0], weight.shape[1], weight.dtype, weight.device), []).append((node, weight))
-    weights: dict[str, tuple[Any, Any]] = {}
-    for members in groups.values():
-        if len(members) == 1:
-            node, weight = members[0]
-            weights[node.name] = derived([weight], ("quantize-int8",), lambda w=weight: quantize_weight(w))
-            continue
-        tensors = [weight for _, weight in members]
-        qweight, scale = derived(tensors, ("quantize-int8", "stacked"), lambda t=tensors: quantize_weights_stacked(t))
-        row = 0
-        for node, weight in members:
-            rows = slice(row, row + int(weight.shape[0]))
-            weights[node.name] = (qweight[rows], scale[rows])
-            row = rows.stop
-    return weights
-
-
-def _without_rows_of_others(weights: dict[str, tuple[Any, Any]], chosen: set[str]) -> dict[str, tuple[Any, Any]]:
-    """``weights`` with the chosen ones that share their memory with a Linear left float copied
-    out of it: a sibling's int8 rows are not held for a Linear that does not use them."""
-    holders: dict[int, list[str]] = {}
-    for name, (qweight, _) in weights.items():
-        holders.setdefault(qweight.untyped_storage().data_ptr(), []).append(name)
-    compact = dict(weights)
-    for names in holders.values():
-        if len(names) > 1 and not chosen.issuperset(names):
-            for name in chosen.intersection(names):
-                compact[name] = tuple(derived([part], ("quantize-int8", "own rows"), lambda p=part: p.clone())
-                                      for part in weights[name])
-    return compact
-
