@@ -39,8 +39,9 @@ UNMERGED = (MERGE,)
 # OpenVINO is a candidate of each preset where it is installed (a candidate whose backend is
 # missing is dropped with the reason): it runs fp32, bf16 and int8 BERT-like graphs faster
 # than eager PyTorch on CPU (int8 activations quantized at run time by OpenVINO itself).
-# Inductor is not a candidate: its compile (about a minute for BERT-4L on 2 cores) would
-# dominate every preset's, and it measured no faster than eager there (docs/backends.md).
+# Inductor is not a candidate: its compile (about a minute for BERT-4L cold on a loaded 2-core
+# machine, 6-9 s with a warm cache) would dominate every preset's, for what it measured over the
+# eager candidates: nothing on an AMD EPYC, 2-5% (fp32, bf16) on an AMX Xeon (docs/backends.md).
 
 LOSSLESS = Preset(
     "lossless",
