@@ -57,11 +57,14 @@ class Signature:
 
     def flatten(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None, *, what: str = "input") -> list[torch.Tensor]:
         """Flatten a call's arguments into the graph's inputs, checking each one."""
-        flat, spec = pytree.tree_flatten((tuple(args), self._in_captured_order(kwargs)))
-        if spec != self.in_spec:
-            expected = _describe_structure(self.in_spec)
-            got = _describe_structure(spec)
-            raise InputError(f"{what} structure does not match the captured model: expected {expected}, got {got}")
+        if not kwargs and len(args) == self._positional_tensors() and all(isinstance(a, torch.Tensor) for a in args):
+            flat = list(args)  # the model takes tensors only, as given: no tree to walk on every call
+        else:
+            flat, spec = pytree.tree_flatten((tuple(args), self._in_captured_order(kwargs)))
+            if spec != self.in_spec:
+                expected = _describe_structure(self.in_spec)
+                got = _describe_structure(spec)
+                raise InputError(f"{what} structure does not match the captured model: expected {expected}, got {got}")
         tensors: list[torch.Tensor] = []
         for position, (leaf, spec_entry) in enumerate(zip(flat, self.inputs)):
             check_input(leaf, spec_entry, position, what=what, all_inputs=self.inputs)
@@ -75,7 +78,20 @@ class Signature:
                 for index, batch in enumerate(batches)]
 
     def unflatten(self, outputs: Sequence[Any]) -> Any:
+        if self.out_spec.is_leaf():  # one tensor out
+            return outputs[0]
         return pytree.tree_unflatten(list(outputs), self.out_spec)
+
+    def _positional_tensors(self) -> int:
+        """N where the model takes N positional tensors and nothing else, else -1 (found once:
+        the optimized module's every call asks)."""
+        known = self.__dict__.get("_positional")
+        if known is None:
+            n = self.in_spec.num_leaves
+            _, plain = pytree.tree_flatten((tuple(range(n)), {}))
+            known = n if plain == self.in_spec else -1
+            self.__dict__["_positional"] = known
+        return known
 
     def _in_captured_order(self, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
         # Keyword order is not part of a call's meaning, but it is part of a pytree spec.

@@ -104,6 +104,15 @@ def test_call_with_wrong_shape_or_dtype_after_compile() -> None:
         opt(torch.randn(4, 9))
     with pytest.raises(fxopt.InputError, match="expected dtype torch.float32, got torch.float16"):
         opt(torch.randn(4, 8, dtype=torch.float16))
+    # the structure is checked as well as each tensor (a call of plain tensors skips the tree walk)
+    with pytest.raises(fxopt.InputError, match=r"expected 1 positional tensor\(s\), got 2 positional"):
+        opt(torch.randn(4, 8), torch.randn(4, 8))
+    with pytest.raises(fxopt.InputError, match="structure does not match"):
+        opt((torch.randn(4, 8),))
+    with pytest.raises(fxopt.InputError, match="structure does not match"):
+        opt(torch.randn(4, 8), scale=torch.randn(4))
+    x = torch.randn(4, 8)
+    assert isinstance(opt(x), torch.Tensor)
 
 
 class TwoInputs(nn.Module):
