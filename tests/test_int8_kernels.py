@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from fxopt.passes import QuantizeInt8
@@ -130,6 +132,23 @@ def test_a_pack_that_keeps_its_weight_keeps_the_int8_weight_itself() -> None:
         expected = torch.ops.quantized.linear_dynamic(x, torch.ops.quantized.linear_prepack(copied, None), False)
         got = torch.ops.quantized.linear_dynamic(x, packed, False)
     assert torch.equal(got, expected)
+
+
+def test_quantized_activations_are_read_as_integers_without_a_copy() -> None:
+    """oneDNN's int8 kernel takes uint8 activations: they are the quantized tensor's own
+    memory, the integers ``int_repr()`` would copy."""
+    from fxopt.lowering.onednn_qlinear import quantize_u8
+
+    torch.manual_seed(0)
+    x = torch.randn(6, 40) * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensor types are deprecated upstream
+        quantized = torch.quantize_per_tensor(x, 0.05, 120, torch.quint8)
+    integers = int8.integer_view(quantized)
+    assert integers.dtype == torch.uint8 and integers.data_ptr() == quantized.data_ptr()
+    assert torch.equal(integers, quantized.int_repr())
+    expected = torch.clamp(torch.round(x / 0.05) + 120, 0, 255).to(torch.uint8)
+    assert torch.equal(quantize_u8(x, 0.05, 120), expected)
 
 
 def test_quantized_engine_probe_finds_exact_sums_or_says_why() -> None:

@@ -92,8 +92,9 @@ def _prepack() -> Any:
 
 
 def quantize_u8(x: torch.Tensor, scale: float, zero_point: int = ZERO_POINT) -> torch.Tensor:
-    """``clamp(round(x / scale) + zero_point, 0, 255)`` as uint8, in one native pass."""
-    return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).int_repr()
+    """``clamp(round(x / scale) + zero_point, 0, 255)`` as uint8, in one native pass (read on the
+    quantized tensor's own memory, :func:`fxopt.kernels.int8.integer_view`)."""
+    return kernels.integer_view(torch.quantize_per_tensor(x, scale, zero_point, torch.quint8))
 
 
 def token_qlinear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Tensor, zero_points: torch.Tensor,
