@@ -26,6 +26,7 @@ lowered; the stand-ins race, and only the fastest stage is lowered whole
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -60,7 +61,7 @@ def stand_ins(session: Session, device: str | torch.device | None, pipeline_of: 
     for the candidate's whole lowering (``still_to_build``: the pipelines of the candidates
     after it, which the preset keeps up to date), and a sample of its blocks is lowered."""
     from fxopt import presets
-    from fxopt.session import Stage
+    from fxopt.session import Session, Stage
 
     if stand_in(session.captured.gm) is None:
         return None
@@ -68,13 +69,20 @@ def stand_ins(session: Session, device: str | torch.device | None, pipeline_of: 
 
     def build(candidate: presets.Candidate) -> Any:
         pipeline = pipeline_of(candidate)
-        stage = session.run(pipeline, share_prefix=True)
-        ran.append(pipeline)
+        searched, tail = split_exact_tail(pipeline)
+        stage = session.run(searched, share_prefix=True)
+        ran.append(searched)
         session.keep_stages_for(still_to_build, ran=ran)  # its stage whole, not its prefixes
         cut = stand_in(stage.gm)
         if cut is None:  # its blocks no longer alike: the candidates are built whole
             raise presets.NoStandIn(candidate)
-        module = session.lower(Stage(cut[0], stage.records), candidate.backend, device, pipeline)
+        graph, records = cut[0], list(stage.records)
+        if tail:  # the exact passes after its search run on the stand-in alone, checked against it
+            on_cut = Session.from_graph(graph, session.captured.batches, copy.deepcopy(session.captured.report),
+                                        options=session.options)
+            after = on_cut.run(tail)
+            graph, records = after.gm, records + after.records
+        module = session.lower(Stage(graph, records), candidate.backend, device, pipeline)
         module.report.notes.append(f"a stand-in: {cut[1]}")
         if stage.verification is not None:  # the model's error, not the stand-in's
             module.report.final_max_abs_err, module.report.final_max_rel_err = \
@@ -82,12 +90,21 @@ def stand_ins(session: Session, device: str | torch.device | None, pipeline_of: 
         return module
 
     def drop(candidate: presets.Candidate) -> None:
-        pipeline = pipeline_of(candidate)
-        if pipeline in ran:
-            ran.remove(pipeline)
+        searched, _ = split_exact_tail(pipeline_of(candidate))
+        if searched in ran:
+            ran.remove(searched)
         session.keep_stages_for(still_to_build, ran=ran)
 
     return presets.Proxy(build, drop)
+
+
+def split_exact_tail(pipeline: list[Pass]) -> tuple[list[Pass], list[Pass]]:
+    """``pipeline`` up to its last lossy pass, and the exact passes after it. A candidate's
+    stage is kept for its whole lowering up to its search: the exact passes after it (the int8
+    preset's merge-siblings, whose float merged siblings are new weights) run on its stand-in
+    while the candidates race, and on the whole model only for the one lowered whole."""
+    last = max((i for i, p in enumerate(pipeline) if not p.exact), default=-1)
+    return list(pipeline[:last + 1]), list(pipeline[last + 1:])
 
 
 def stand_in(gm: fx.GraphModule) -> tuple[fx.GraphModule, str] | None:

@@ -70,3 +70,7 @@ def test_past_the_memory_bound_the_int8_candidates_race_on_stand_ins_and_one_is_
     assert error <= 0.05 and opt.report.final_max_rel_err <= 0.05
     linears = [n for n in opt.graph_module.graph.nodes if n.target == ops.linear]
     assert len(linears) < 8 * 7  # the whole model was quantized
+    # merge-siblings, exact and after the search, ran on the stand-ins for the race and on the
+    # whole model for the one lowered whole: its groups there span more than a stand-in's 4 blocks
+    merged = next(r for r in opt.report.passes if r.name == "merge-siblings")
+    assert merged.status == "applied" and merged.applied > 2 * 4, merged
