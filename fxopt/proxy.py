@@ -11,10 +11,11 @@ repeated blocks of a transformer run the same kernels at the same shapes, so a s
 spread over the depth, runs as the whole does in proportion (as TVM tunes one task for each
 distinct subgraph, not each occurrence).
 
-So each candidate's passes run on the whole model (its stage is verified there, its error is
-the whole model's), its graph is cut to :data:`STAND_IN_BLOCKS` of its blocks and only that is
-lowered; the stand-ins race, and only the fastest stage is lowered whole
-(:func:`fxopt.presets.choose`).
+So each candidate's passes up to its search run on the whole model (its stage is verified
+there, its error is the whole model's), its graph is cut to :data:`STAND_IN_BLOCKS` of its
+blocks, the exact passes after its search run on that cut alone (:func:`split_exact_tail`),
+and only that is lowered; the stand-ins race, and only the fastest stage is lowered whole
+(:func:`fxopt.presets.choose`), its exact passes run then.
 
     the cut   the stage's graph with blocks left out: the first two blocks stay (the first
               computes the model's preamble, its masks and rotary tables), then blocks spread
