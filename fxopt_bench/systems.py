@@ -389,16 +389,25 @@ def _openvino(precision: str | None) -> Callable[[BenchContext], Prepared]:
     return build
 
 
-def _openvino_nncf_int8(ctx: BenchContext) -> Prepared:
+def _openvino_nncf_int8(transformer: bool = True) -> Callable[[BenchContext], Prepared]:
     """NNCF post-training quantization (int8 weights and activations, calibrated on the
-    bench inputs) of the OpenVINO model, run in f32 elsewhere."""
+    bench inputs) of the OpenVINO model, run in f32 elsewhere; ``transformer``: with
+    ``model_type=TRANSFORMER`` on a transformers model (else NNCF's default recipe)."""
+
+    def build(ctx: BenchContext) -> Prepared:
+        return _nncf_quantized(ctx, transformer and ctx.config is not None)
+
+    return build
+
+
+def _nncf_quantized(ctx: BenchContext, transformer: bool) -> Prepared:
     import nncf
 
     start = time.perf_counter()
     source = _openvino_model(ctx)
     sample = tuple(t.detach().cpu().numpy() for t in ctx.inputs)
     options: dict[str, Any] = {"subset_size": 1}
-    if ctx.config is not None:  # a transformers model
+    if transformer:
         options["model_type"] = nncf.ModelType.TRANSFORMER
     try:
         with _quiet():
@@ -610,8 +619,11 @@ SYSTEMS_LIST: tuple[System, ...] = (
     System("pt2e-x86-int8", "PT2E static int8 with X86InductorQuantizer, calibrated on the inputs, "
            "Inductor with freezing", _pt2e_x86_int8, ("torchao",), cpu_only=True),
     System("openvino-nncf-int8", "OpenVINO + NNCF post-training int8 (model_type TRANSFORMER on "
-           "transformers), calibrated on the inputs", _openvino_nncf_int8, ("openvino", "nncf"),
+           "transformers), calibrated on the inputs", _openvino_nncf_int8(), ("openvino", "nncf"),
            cpu_only=True),
+    System("openvino-nncf-int8-default", "OpenVINO + NNCF post-training int8, NNCF's default recipe "
+           "(no model_type), calibrated on the inputs", _openvino_nncf_int8(transformer=False),
+           ("openvino", "nncf"), cpu_only=True),
     System("ct2-int8", "CTranslate2 encoder, int8 (BERT only)", _ctranslate2("int8"), ("ctranslate2",),
            cpu_only=True),
     # fxopt int8
