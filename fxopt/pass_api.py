@@ -187,6 +187,9 @@ class Pass:
         (the default pipeline is a topological order of these constraints).
       before: names of the passes this one must run before (the same constraint, declared
         by the other side: :mod:`fxopt.ordering`).
+      prepares: True for a rewrite that pays off only through a later pass (smooth-quant
+        moves activation outliers into the weights for quantization): a preset's candidate
+        whose applied lossy passes are all of these is dropped, as one that changed nothing.
 
     A lossy pass declares a ``budget`` field: the largest relative output error it may
     introduce, which the manager enforces.
@@ -196,6 +199,7 @@ class Pass:
     exact: ClassVar[bool] = True
     after: ClassVar[tuple[str, ...]] = ()
     before: ClassVar[tuple[str, ...]] = ()
+    prepares: ClassVar[bool] = False
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError

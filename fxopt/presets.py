@@ -237,9 +237,11 @@ def _build(trial: Trial, build: Callable[[Candidate], Any], measure_error: Calla
     finally:
         trial.seconds = time.perf_counter() - start
     lossy = [r for r in trial.module.report.passes if not r.exact]
-    if lossy and not any(r.status == "applied" for r in lossy):
+    if lossy and not any(r.status == "applied" and not _prepares(r.name) for r in lossy):
+        # a rewrite that only prepares for a later one (smooth-quant) is no recipe on its own
         trial.dropped = "its lossy passes changed nothing (" + ", ".join(
-            f"{r.name}: {r.status}" for r in lossy) + ")"
+            f"{r.name}: {r.status}" for r in lossy if not _prepares(r.name)) + ")" + "".join(
+            f"; {r.name} {r.status}, which only prepares for them" for r in lossy if _prepares(r.name))
     else:
         trial.error = measure_error(trial.module)
         limit = budget if budget is not None else 1e-4
@@ -249,6 +251,16 @@ def _build(trial: Trial, build: Callable[[Candidate], Any], measure_error: Calla
         _let_go(trial)  # a dropped candidate's weights (a backend's own copy) go now
         return False
     return True
+
+
+def _prepares(name: str) -> bool:
+    """Whether the registered pass ``name`` only prepares for a later one (``Pass.prepares``)."""
+    from fxopt.registry import get_pass_type
+
+    try:
+        return bool(get_pass_type(name).prepares)
+    except FxoptError:  # not registered here (a record from elsewhere): a pass of its own
+        return False
 
 
 class NoStandIn(Exception):  # noqa: N818 - a signal, not an error: the race goes on without stand-ins

@@ -57,7 +57,7 @@ class SmoothQuant(Pass):
     name: ClassVar[str] = "smooth-quant"
     exact: ClassVar[bool] = False  # exact in real arithmetic; opt-in, checked at float tolerance
     after: ClassVar[tuple[str, ...]] = ("prune-hidden",)
-
+    prepares: ClassVar[bool] = True  # it pays off only through the quantization after it
     alpha: float = 0.5  # how much of the outliers moves into the weights (0: none, 1: all)
     explicit: bool = False  # where 1/s cannot be folded into X's producer, a multiply of its own
     budget: float = 1e-4  # float32's exact tolerance: the rewrite only rounds differently

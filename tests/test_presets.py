@@ -99,6 +99,23 @@ def test_candidates_over_budget_or_without_effect_are_dropped_with_reasons() -> 
     assert "dropped: its lossy passes changed nothing (quantize-int8: no change)" in note
 
 
+def test_a_candidate_that_only_smoothed_is_dropped_as_one_that_changed_nothing() -> None:
+    """smooth-quant applied but the quantization after it did not: a float model with extra
+    multiplies is no int8 recipe (it could race fastest on a model too small for int8 to pay)."""
+    preset = presets.Preset("smoothed-only-test", "smooth-quant, then a quantization that takes nothing", (
+        presets.Candidate(("exact", "smooth-quant(explicit=True)", "quantize-int8(include='^no_such_layer$')"),
+                          "eager"),
+        presets.Candidate(("exact", "quantize-int8(activations='dynamic-tensor')"), "eager"),
+    ), budget=0.05)
+    with presets.registered_preset(preset):
+        opt = fxopt.compile(_mlp(), (torch.randn(16, 64),), preset="smoothed-only-test",
+                            calibration=[(torch.randn(16, 64),)])
+    note = _note(opt)
+    assert note.startswith("preset smoothed-only-test: chose [exact, quantize-int8(activations='dynamic-tensor')]")
+    assert ("dropped: its lossy passes changed nothing (quantize-int8: no change); smooth-quant applied, "
+            "which only prepares for them") in note, note
+
+
 def test_no_candidate_within_budget_is_an_error() -> None:
     preset = presets.Preset("impossible-test", "bf16 within 1e-9", (
         presets.Candidate(("exact", "cast-bf16(budget=1)"), "eager"),), budget=1e-9)
