@@ -76,10 +76,10 @@ def interleaved(
 ) -> dict[str, Timing]:
     """The timing loop: ``warmup`` calls of each candidate, then rounds that call each one
     once, timed (each round starting with the next candidate), until ``repeats`` rounds ran
-    and ``min_seconds`` passed (seconds counted from the first timed round), or ``keep`` stops timing every candidate. ``max_seconds``
-    caps the timed rounds (after at least ``min_repeats`` of them): a compile that measures
-    its kernel choices spends a bounded time on each. Each candidate's :class:`Timing` is
-    over the rounds it ran."""
+    and ``min_seconds`` passed (seconds counted from the first timed round), or ``keep`` stops
+    timing every candidate. ``max_seconds`` caps the timed rounds (after at least
+    ``min_repeats`` of them): a compile that measures its kernel choices spends a bounded time
+    on each. Each candidate's :class:`Timing` is over the rounds it ran."""
     with torch.inference_mode():
         for fn in candidates.values():
             for _ in range(warmup):

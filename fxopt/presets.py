@@ -237,11 +237,14 @@ def _build(trial: Trial, build: Callable[[Candidate], Any], measure_error: Calla
     finally:
         trial.seconds = time.perf_counter() - start
     lossy = [r for r in trial.module.report.passes if not r.exact]
-    if lossy and not any(r.status == "applied" and not _prepares(r.name) for r in lossy):
-        # a rewrite that only prepares for a later one (smooth-quant) is no recipe on its own
+    # a rewrite that only prepares for a later one (smooth-quant) is no recipe on its own
+    prepares = {r.name: _prepares(r.name) for r in lossy}
+    preparing = [r for r in lossy if prepares[r.name]]
+    recipe = [r for r in lossy if not prepares[r.name]]
+    if lossy and not any(r.status == "applied" for r in recipe):
         trial.dropped = "its lossy passes changed nothing (" + ", ".join(
-            f"{r.name}: {r.status}" for r in lossy if not _prepares(r.name)) + ")" + "".join(
-            f"; {r.name} {r.status}, which only prepares for them" for r in lossy if _prepares(r.name))
+            f"{r.name}: {r.status}" for r in recipe) + ")" + "".join(
+            f"; {r.name} {r.status}, which only prepares for them" for r in preparing)
     else:
         trial.error = measure_error(trial.module)
         limit = budget if budget is not None else 1e-4

@@ -7,6 +7,7 @@ rejects a wrong input with a one-line error naming it.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -57,7 +58,7 @@ class Signature:
 
     def flatten(self, args: Sequence[Any], kwargs: Mapping[str, Any] | None = None, *, what: str = "input") -> list[torch.Tensor]:
         """Flatten a call's arguments into the graph's inputs, checking each one."""
-        if not kwargs and len(args) == self._positional_tensors() and all(isinstance(a, torch.Tensor) for a in args):
+        if not kwargs and len(args) == self._positional_tensors and all(isinstance(a, torch.Tensor) for a in args):
             flat = list(args)  # the model takes tensors only, as given: no tree to walk on every call
         else:
             flat, spec = pytree.tree_flatten((tuple(args), self._in_captured_order(kwargs)))
@@ -82,16 +83,13 @@ class Signature:
             return outputs[0]
         return pytree.tree_unflatten(list(outputs), self.out_spec)
 
+    @functools.cached_property
     def _positional_tensors(self) -> int:
         """N where the model takes N positional tensors and nothing else, else -1 (found once:
         the optimized module's every call asks)."""
-        known = self.__dict__.get("_positional")
-        if known is None:
-            n = self.in_spec.num_leaves
-            _, plain = pytree.tree_flatten((tuple(range(n)), {}))
-            known = n if plain == self.in_spec else -1
-            self.__dict__["_positional"] = known
-        return known
+        n = self.in_spec.num_leaves
+        _, plain = pytree.tree_flatten((tuple(range(n)), {}))
+        return n if plain == self.in_spec else -1
 
     def _in_captured_order(self, kwargs: Mapping[str, Any] | None) -> dict[str, Any]:
         # Keyword order is not part of a call's meaning, but it is part of a pytree spec.

@@ -46,6 +46,9 @@ def without_rows_of_others(weights: dict[str, tuple[Any, Any]], chosen: set[str]
     for names in holders.values():
         if len(names) > 1 and not chosen.issuperset(names):
             for name in chosen.intersection(names):
+                qweight = weights[name][0]
+                if qweight.nbytes == qweight.untyped_storage().nbytes():
+                    continue  # all of its memory (a tied weight's): no other Linear's rows in it
                 compact[name] = tuple(derived([part], ("quantize-int8", "own rows"), lambda p=part: p.clone())
                                       for part in weights[name])
     return compact

@@ -292,9 +292,8 @@ def quantized_view(qweight: torch.Tensor, weight_scale: torch.Tensor) -> torch.T
     pack); viewing the int8 memory, twice."""
     scales, zeros = weight_scale.double(), torch.zeros(qweight.shape[0], dtype=torch.int64)
     if qweight.is_contiguous() and qweight.device.type == "cpu" and _quantized_views_work():
-        view = torch._empty_per_channel_affine_quantized([0], scales=scales, zero_points=zeros, axis=0,
-                                                         dtype=torch.qint8)
-        return view.set_(qweight.untyped_storage(), qweight.storage_offset(), qweight.shape, qweight.stride())
+        return _on_memory_of(qweight, torch._empty_per_channel_affine_quantized(
+            [0], scales=scales, zero_points=zeros, axis=0, dtype=torch.qint8))
     return torch._make_per_channel_quantized_tensor(qweight, scales, zeros, 0)
 
 
@@ -304,9 +303,14 @@ def integer_view(quantized: torch.Tensor) -> torch.Tensor:
     64 x 4096 activation's 134 us quantization on one thread of an AMX Xeon, the view 28 us)."""
     dtype = torch.uint8 if quantized.dtype == torch.quint8 else torch.int8
     if quantized.device.type == "cpu" and _quantized_views_work():
-        return torch.empty(0, dtype=dtype).set_(quantized.untyped_storage(), quantized.storage_offset(),
-                                                quantized.shape, quantized.stride())
+        return _on_memory_of(quantized, torch.empty(0, dtype=dtype))
     return quantized.int_repr()
+
+
+def _on_memory_of(source: torch.Tensor, empty: torch.Tensor) -> torch.Tensor:
+    """``empty`` (a tensor of another dtype, integer or quantized, of the same element size)
+    set to ``source``'s memory, shape and strides."""
+    return empty.set_(source.untyped_storage(), source.storage_offset(), source.shape, source.stride())
 
 
 @functools.cache
@@ -316,15 +320,13 @@ def _quantized_views_work() -> bool:
     :func:`quantized_view` and :func:`integer_view` copy)."""
     qweight = torch.tensor([[1, -2, 3], [-127, 5, 127]], dtype=torch.int8)[1:]
     try:
-        view = torch._empty_per_channel_affine_quantized([0], scales=torch.ones(1, dtype=torch.double),
-                                                         zero_points=torch.zeros(1, dtype=torch.int64), axis=0,
-                                                         dtype=torch.qint8)
-        view.set_(qweight.untyped_storage(), qweight.storage_offset(), qweight.shape, qweight.stride())
+        view = _on_memory_of(qweight, torch._empty_per_channel_affine_quantized(
+            [0], scales=torch.ones(1, dtype=torch.double), zero_points=torch.zeros(1, dtype=torch.int64), axis=0,
+            dtype=torch.qint8))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             activations = torch.quantize_per_tensor(torch.tensor([[-1.0, 0.5], [0.25, 2.0]]), 0.02, 128, torch.quint8)
-        integers = torch.empty(0, dtype=torch.uint8).set_(activations.untyped_storage(), activations.storage_offset(),
-                                                          activations.shape, activations.stride())
+        integers = _on_memory_of(activations, torch.empty(0, dtype=torch.uint8))
         return (view.data_ptr() == qweight.data_ptr() and torch.equal(view.int_repr(), qweight)
                 and torch.equal(integers, activations.int_repr()))
     except Exception:  # noqa: BLE001 - any failure means: copy

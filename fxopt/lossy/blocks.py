@@ -141,10 +141,8 @@ def run_span(gm: fx.GraphModule, spans: Sequence[Span], k: int, live: Values, ba
                 raise SpanError(f"block {spans[k].key}: the graph's output lies inside it")
             if node.op == "placeholder":
                 env[node.name] = next(inputs)
-            elif held is not None and _of_constants(node):
-                env[node.name] = _folded(gm, node, value, held)
             else:
-                env[node.name] = run_node(gm, node, value)
+                env[node.name] = _computed(gm, node, value, held)
     last = {node.name: position for node, position in last_uses(gm).items()}
     return {name: v for name, v in env.items() if last.get(name, -1) > end}
 
@@ -208,13 +206,20 @@ def run_block(trial: fx.GraphModule, block: Block, live: Values, batch: Sequence
                 if node.name not in given:
                     raise SpanError(f"{node.name} is neither live at the block's start nor an input")
                 env[node.name] = given[node.name]
-            elif held is not None and _of_constants(node):
-                env[node.name] = _folded(trial, node, value, held)
             else:
-                env[node.name] = run_node(trial, node, value)
+                env[node.name] = _computed(trial, node, value, held)
     after = {name: v for name, v in live.items() if name in block.carried}
     after.update((name, v) for name, v in env.items() if name in block.carried)
     return after
+
+
+def _computed(gm: fx.GraphModule, node: fx.Node, value: Callable[[fx.Node], Any],
+              held: dict[int, torch.Tensor] | None) -> Any:
+    """``node``'s value: made once across a block's trials where it reads constants alone
+    (``held`` given: :func:`_folded`), else computed."""
+    if held is not None and _of_constants(node):
+        return _folded(gm, node, value, held)
+    return run_node(gm, node, value)
 
 
 def _of_constants(node: fx.Node) -> bool:
