@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -394,3 +395,66 @@ def test_engine_packed_leaves_a_linear_no_engine_runs_exactly(monkeypatch: pytes
     result = lowering.lower(graph, torch.device("cpu"))
     assert result.lowered == 0 and not result.packed
     assert count_ops(graph, int8.int8_linear_dynamic_tensor_op) == 1
+
+
+def test_each_packed_weight_leaves_the_lowering_as_soon_as_its_kernel_holds_it(monkeypatch) -> None:
+    """The lowering holds an int8 weight once: as each kernel packs its weight, the plain one
+    leaves the optimized graph and the lowering's copies of it (not only at the end), so a
+    large model's lowering does not hold every weight twice at its top."""
+    from fxopt.backends import eager as eager_backend
+    from fxopt.lowering.base import PlainCopies
+
+    torch.manual_seed(0)
+    widths = [64, 96, 128, 96, 64]
+    layers = [torch.nn.Linear(a, b) for a, b in zip(widths, widths[1:])]
+    model = torch.nn.Sequential(*[m for layer in layers for m in (layer, torch.nn.ReLU())]).eval()
+    x = torch.randn(8, 64)
+    alive_at_each_pack, plain = [], []
+    packed = PlainCopies.packed
+
+    def watched(self, gm, target, unpack):
+        weight = gm._buffers.get(target)
+        if any(graph._buffers.get(target) is weight for graph in self.graphs):  # not a site measured alone
+            alive_at_each_pack.append(sum(ref() is not None for ref in plain))  # the earlier sites' weights
+            plain.append(weakref.ref(weight.untyped_storage()))
+        packed(self, gm, target, unpack)
+
+    monkeypatch.setattr(PlainCopies, "packed", watched)
+    monkeypatch.setattr(eager_backend, "COLLECT_BYTES", 0)  # a large model's, where it matters
+    opt = fxopt.compile(model, (x,), passes=["quantize-int8(activations='dynamic-tensor')"])
+    assert len(plain) == 4
+    # Each earlier weight is gone by the next pack but the one before it (it goes once its
+    # kernel has replaced the site, which the next pack's turn finds).
+    assert alive_at_each_pack == [0, 1, 1, 1]
+    assert all(ref() is None for ref in plain)
+    assert any("4 weight(s)" in note and "held only as the kernels pack them" in note for note in opt.report.notes)
+    reference = run_pass("quantize-int8(activations='dynamic-tensor')", model, (x,))
+    assert_outputs_close([opt(x)], reference.outputs(), rtol=5e-3)
+    weights = [t for _, t in constants(opt.graph_module) if t.dim() == 2]  # unpacked when read
+    assert len(weights) == 4 and all(t.dtype == torch.int8 and t.device.type == "cpu" for t in weights)
+
+
+def test_a_released_weight_stays_where_something_else_holds_it_and_comes_back_on_restore() -> None:
+    from fxopt.ir import copy_graph_module
+    from fxopt.lowering.base import LoweringResult, hold_packed, releasing_packed
+
+    root = torch.nn.Module()
+    root.register_buffer("w", torch.randn(4, 8))
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    graph.output(graph.call_function(torch.nn.functional.linear, (x, graph.get_attr("w"))))
+    gm = torch.fx.GraphModule(root, graph)
+    weight, held_elsewhere = gm.w, copy_graph_module(gm)  # a stage kept for another candidate
+    lowering_copy = copy_graph_module(gm)
+    with releasing_packed([gm]) as plain:
+        node = next(n for n in lowering_copy.graph.nodes if n.op == "get_attr")
+        with lowering_copy.graph.inserting_before(node):
+            pack = hold_packed(lowering_copy, node, weight.t().contiguous(), lambda p: p.t(), LoweringResult(), "t")
+        assert not plain.released  # the graph being lowered still reads it
+        node.replace_all_uses_with(pack)
+        plain.settle()
+    assert list(plain.released) == ["w"]
+    assert gm.w.device.type == "meta" and lowering_copy.w.device.type == "meta"
+    assert held_elsewhere.w is weight  # only the lowering's own references went
+    plain.restore()
+    assert torch.equal(gm.w, weight) and not plain.released

@@ -8,7 +8,8 @@ compile's :class:`~fxopt.pipeline.timings.KernelTimings` (its choices go in ``re
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import gc
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -18,9 +19,14 @@ from fxopt.backends import Backend, Lowered, require_torch_device
 from fxopt.ir import remove_unused_constants
 from fxopt.ir.derived import release_freed_memory
 from fxopt.lowering import lower_graph
+from fxopt.lowering.base import PlainCopies, releasing_packed
 from fxopt.phases import phase
 from fxopt.pipeline import timings
 from fxopt.verify import Parity, compare_outputs, exact_tolerance, run_graph
+
+# Constants this large are worth a garbage collection before the kernels pack them (a cycle
+# that holds them would keep them beside their packs).
+COLLECT_BYTES = 64 << 20
 
 
 def lower_eager(
@@ -40,11 +46,16 @@ def lower_eager(
         example_inputs, expected = known
     inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in example_inputs]
     packed: dict[str, Callable[[], torch.Tensor]] = {}
-    both = _both_stages(gm, inputs, device, report, expected, packed)
+    reference = _Reference(gm, inputs, device, expected)
+    # The constants the kernels pack leave the optimized graph (and the lowering's copies of it)
+    # as each is packed, not at the end: a large model's int8 weights are not held twice.
+    with releasing_packed([gm], before_first=reference.outputs) as plain:
+        both = _both_stages(gm, inputs, device, report, reference, packed, plain)
     if both is not None:
         graph, kernels = both
     else:
-        graph, outputs = _lowered(gm, "graph", inputs, device, report, expected, packed)
+        plain.restore()  # the stages are checked one by one, from the optimized graph whole
+        graph, outputs = _lowered(gm, "graph", inputs, device, report, reference.known, packed)
         kernels, _ = _lowered(graph, "kernel", inputs, device, report, outputs, packed)
 
     remove_unused_constants(kernels)  # what the kernels packed is held packed, not twice
@@ -53,7 +64,7 @@ def lower_eager(
         with torch.no_grad():
             return kernels(*inputs)
 
-    held = _packed_only(graph, kernels, packed)
+    held = {**plain.released, **_packed_only(graph, kernels, packed, plain.released)}
     if held:
         size = sum(graph.get_buffer(target).nbytes for target in held)
         report.notes.append(f"{len(held)} weight(s) ({size / 2**20:.1f} MiB) are held only as the kernels pack "
@@ -61,16 +72,16 @@ def lower_eager(
     return Lowered(graph, run, held)
 
 
-def _packed_only(graph: fx.GraphModule, kernels: fx.GraphModule,
-                 packed: dict[str, Callable[[], torch.Tensor]]) -> dict[str, Callable[[], torch.Tensor]]:
+def _packed_only(graph: fx.GraphModule, kernels: fx.GraphModule, packed: dict[str, Callable[[], torch.Tensor]],
+                 released: Mapping[str, Any] = {}) -> dict[str, Callable[[], torch.Tensor]]:
     """The constants of ``graph`` that ``kernels`` reads only through a packed copy
     (``LoweringResult.packed``) which unpacks to exactly the same tensor: what the optimized
-    module need not hold twice."""
+    module need not hold twice (besides those the lowering ``released`` already)."""
     read = {node.target for node in kernels.graph.nodes if node.op == "get_attr"}
     held = {}
     for target, unpack in packed.items():
         value = graph._buffers.get(target)  # a buffer of the graph's own (not of a submodule)
-        if target in read or value is None:
+        if target in read or value is None or target in released:
             continue
         try:
             exact = torch.equal(unpack(), value)
@@ -84,21 +95,31 @@ def _packed_only(graph: fx.GraphModule, kernels: fx.GraphModule,
 
 
 def _both_stages(gm: fx.GraphModule, inputs: list[Any], device: torch.device, report: Any,
-                 expected: list[Any] | None, packed: dict[str, Any]) -> tuple[fx.GraphModule, fx.GraphModule] | None:
+                 reference: _Reference, packed: dict[str, Any],
+                 plain: PlainCopies) -> tuple[fx.GraphModule, fx.GraphModule] | None:
     """The graph-stage and kernel-stage lowerings checked together, in one run of what will
     run (the kernels) against the optimized graph, within the looser of the two stages'
     tolerances; None when not both apply or they disagree (then each stage is checked on its
-    own, so a stage at fault is left out alone)."""
+    own, so a stage at fault is left out alone). The graph stage joins ``plain``'s graphs."""
     choose = timings.current().choose
     graph_stage = lower_graph(gm, "eager", device, "graph", choose=choose)
     if not graph_stage.applied:
         return None
+    plain.graphs.append(graph_stage.graph_module)
+    if sum(t.nbytes for t in gm.buffers()) >= COLLECT_BYTES:
+        # A graph module and its graph refer to each other: the stage this graph was copied
+        # from, and the modules the graph lowerings measured sites on, hold the weights the
+        # kernels are about to pack until a collection finds them.
+        gc.collect()
     kernel_stage = lower_graph(graph_stage.graph_module, "eager", device, "kernel", choose=choose)
+    plain.settle()
     if not kernel_stage.applied:
         return None
-    kernels = kernel_stage.graph_module.to(device)
+    kernels = _on(kernel_stage.graph_module, device)
     try:
-        expected, actual = _parity_runs(gm, kernels, inputs, device, expected)
+        expected = reference.outputs()
+        with torch.no_grad(), phase("parity"):
+            actual = run_graph(kernels, inputs)
     except Exception:
         return None
     comparison = compare_outputs(expected, actual)
@@ -111,7 +132,7 @@ def _both_stages(gm: fx.GraphModule, inputs: list[Any], device: torch.device, re
     report.kernels.extend(graph_stage.choices + kernel_stage.choices)
     packed.update(graph_stage.packed)
     packed.update(kernel_stage.packed)
-    graph = graph_stage.graph_module.to(device)
+    graph = _on(graph_stage.graph_module, device)
     graph.recompile()
     kernels.recompile()
     return graph, kernels
@@ -159,6 +180,26 @@ def _checked(gm: fx.GraphModule, lowered: Any, inputs: list[Any], device: torch.
         return gm.to(device), expected
     report.kernels.extend(lowered.choices)
     return kernels, actual
+
+
+def _on(gm: fx.GraphModule, device: torch.device) -> fx.GraphModule:
+    """``gm`` on ``device``, the placeholders of the constants held packed only left on the meta
+    device (:class:`~fxopt.lowering.base.PlainCopies`)."""
+    return gm._apply(lambda t: t if t.device.type == "meta" else t.to(device))
+
+
+class _Reference:
+    """The optimized graph's outputs on the parity inputs: ``known`` ones (the pass manager's),
+    else computed at most once, before a packed constant leaves the graph."""
+
+    def __init__(self, gm: fx.GraphModule, inputs: list[Any], device: torch.device, known: list[Any] | None) -> None:
+        self._gm, self._inputs, self._device, self.known = gm, inputs, device, known
+
+    def outputs(self) -> list[Any]:
+        if self.known is None:
+            with torch.no_grad(), phase("parity"):
+                self.known = run_graph(self._gm.to(self._device), self._inputs)
+        return self.known
 
 
 def _parity_runs(gm: fx.GraphModule, kernels: fx.GraphModule, inputs: list[Any], device: torch.device,

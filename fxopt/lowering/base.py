@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -11,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import size_hint, unique_attr_name
+from fxopt.ir.derived import release_freed_memory
 
 OnnxTranslations = Mapping[Any, Callable[..., Any]]
 
@@ -60,10 +63,104 @@ def hold_packed(gm: fx.GraphModule, constant_node: fx.Node, packed: Any, unpack:
     holder = PackedConstant(packed, unpack)
     gm.add_module(name, holder)
     result.packed[constant_node.target] = holder.unpacked
+    scope = _RELEASING.get()
+    if scope is not None:
+        scope.packed(gm, str(constant_node.target), holder.unpacked)
     with warnings.catch_warnings():
         # fx warns that a plain attribute is no parameter or buffer: it is not meant to be one.
         warnings.simplefilter("ignore")
         return gm.graph.get_attr(f"{name}.packed")
+
+
+class PlainCopies:
+    """The graphs of one lowering that hold the plain constants its kernels pack, and the
+    constants they let go of (:func:`releasing_packed`).
+
+    A kernel that packs a weight (oneDNN's int8 layout) holds a copy of its own; until the
+    lowering ends, each graph of it (the optimized graph, the graph stage, the kernels) still
+    holds the plain weight too, so a large model's lowering held its int8 weights twice (a 1.1B
+    Llama's: 0.7 GiB more at the top of its compile). Here a packed constant goes from those
+    graphs as soon as nothing in the graph being lowered reads it and its pack unpacks to it
+    exactly: each graph's reference becomes a placeholder on the meta device (as the optimized
+    module holds it, :class:`fxopt.OptimizedModule`), and ``released`` says how to unpack it.
+    Only these graphs' own references go: a tensor that something else holds (a stage kept for
+    another candidate, the user's model) stays where it is, whole."""
+
+    def __init__(self, graphs: Iterable[fx.GraphModule], before_first: Callable[[], Any] | None = None) -> None:
+        self.graphs = list(graphs)
+        self.released: dict[str, Callable[[], torch.Tensor]] = {}
+        self._before_first = before_first  # what needs the graphs whole (their outputs), run once
+        self._pending: list[tuple[fx.GraphModule, str, Callable[[], torch.Tensor]]] = []
+
+    def packed(self, gm: fx.GraphModule, target: str, unpack: Callable[[], torch.Tensor]) -> None:
+        """``gm``'s constant ``target`` is now held packed too (``unpack`` gives it back): it
+        goes once ``gm`` no longer reads it (its kernel replaces the site after packing). A graph
+        that is no copy of these graphs (a lowering measuring a site on a module of its own), or
+        a constant they do not hold, is not theirs to let go of."""
+        plain = gm._buffers.get(target)
+        if plain is None or not any(graph._buffers.get(target) is plain for graph in self.graphs):
+            return
+        self._pending.append((gm, target, unpack))
+        self.settle()
+
+    def settle(self) -> None:
+        """Let go of each packed constant that its graph no longer reads."""
+        waiting, freed = [], False
+        for gm, target, unpack in self._pending:
+            if any(node.users for node in gm.graph.find_nodes(op="get_attr", target=target)):
+                waiting.append((gm, target, unpack))
+            else:
+                freed = self._release(gm, target, unpack) or freed
+        self._pending = waiting
+        if freed:
+            release_freed_memory()
+
+    def restore(self) -> None:
+        """Put each released constant back, unpacked, into the graphs that held it (a lowering
+        that is not kept runs the optimized graph as it was)."""
+        for target, unpack in self.released.items():
+            for graph in self.graphs:
+                held = graph._buffers.get(target)
+                if held is not None and held.device.type == "meta":
+                    graph.register_buffer(target, unpack())
+        self.released.clear()
+
+    def _release(self, gm: fx.GraphModule, target: str, unpack: Callable[[], torch.Tensor]) -> bool:
+        plain = gm._buffers.get(target)  # a buffer of the graph's own (not of a submodule)
+        if plain is None or plain.device.type == "meta" or target in self.released:
+            return False
+        try:
+            exact = torch.equal(unpack(), plain)
+        except Exception:  # a build whose packed layout does not read back
+            exact = False
+        if not exact:
+            return False
+        if self._before_first is not None:
+            self._before_first()
+            self._before_first = None
+        placeholder = torch.empty_like(plain, device="meta")
+        for graph in (gm, *self.graphs):
+            if graph._buffers.get(target) is plain:
+                graph.register_buffer(target, placeholder)
+        self.released[target] = unpack
+        return True
+
+
+_RELEASING: contextvars.ContextVar[PlainCopies | None] = contextvars.ContextVar("fxopt_releasing", default=None)
+
+
+@contextlib.contextmanager
+def releasing_packed(graphs: Iterable[fx.GraphModule],
+                     before_first: Callable[[], Any] | None = None) -> Iterator[PlainCopies]:
+    """While inside, the constants that kernels pack (:func:`hold_packed`) go from ``graphs``
+    and from the graph being lowered as soon as they are held packed only (:class:`PlainCopies`);
+    ``before_first`` runs once before the first goes (the graphs' outputs, while they are whole)."""
+    scope = PlainCopies(graphs, before_first)
+    token = _RELEASING.set(scope)
+    try:
+        yield scope
+    finally:
+        _RELEASING.reset(token)
 
 
 # ``choose(op, site, candidates, inputs, prefer=...) -> Choice`` of a compile's

@@ -150,6 +150,11 @@ def _measured_fastest(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: t
                     measured_inputs(shapes, x.dtype, device), prefer="qdq")
     name = _single_copy_where_close(choice.name, choice.times)
     result.choices.append({**choice.as_dict(), "chosen": name, "nodes": [match.linear.name]})
+    for module in candidates.values():
+        # A graph module and its graph refer to each other: the packs a measured module holds
+        # would wait for a garbage collection, a large model's sites' packs piling up till then.
+        for child in list(module._modules):
+            delattr(module, child)
     chosen = variants.get(name)
     if kernel is kernels.int8_linear_dynamic_tensor_op and device.type == "cpu":
         # the engines that lost hold a pack of the weight each: they go now, not with the weight
