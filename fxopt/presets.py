@@ -274,20 +274,36 @@ class NoStandIn(Exception):  # noqa: N818 - a signal, not an error: the race goe
 class Proxy:
     """Stand-ins for the model that the candidates race on (:mod:`fxopt.proxy`): ``build``
     runs a candidate's passes on the model and lowers a stand-in of their result, its report
-    giving the model's error; ``drop`` lets go of a dropped candidate's passes' result."""
+    giving the model's error; ``drop`` lets go of a dropped candidate's passes' result;
+    ``search``, run for every candidate before any stand-in is built, runs the passes on the
+    model alone (``build`` then continues from their result), so that no stand-in is held while
+    another candidate's search keeps its evidence."""
 
     build: Callable[[Candidate], Any]
     drop: Callable[[Candidate], None] = lambda candidate: None
+    search: Callable[[Candidate], None] = lambda candidate: None
 
 
 def _by_proxy(preset: Preset, trials: list[Trial], proxy: Proxy, build: Callable[[Candidate], Any],
               measure_error: Callable[[Any], float], run_example: Callable[[Any], Callable[[], Any]],
               repeats: int, building: Callable[[list[Candidate]], None] | None) -> tuple[Any, list[Trial]] | None:
-    """Each candidate's stand-in built and checked against the budget (its error is the
-    model's), those within it raced; then, fastest first, each is built whole until one is
+    """Each candidate's passes run (``proxy.search``), then each one's stand-in built and
+    checked against the budget (its error is the model's), those within it raced; then, fastest first, each is built whole until one is
     within the budget: the only one lowered whole, unless one fails there. None where a
     candidate's passes left no stand-in (:class:`NoStandIn`): the caller builds them whole."""
     live = [t for t in trials if t.dropped is None]
+    searched: dict[int, float] = {}
+    for index, trial in enumerate(live):
+        if building is not None:
+            building([t.candidate for t in live[index + 1:]])
+        start = time.perf_counter()
+        try:
+            proxy.search(trial.candidate)
+        except FxoptError as exc:
+            trial.dropped = f"failed: {exc}"
+            proxy.drop(trial.candidate)
+        searched[id(trial)] = time.perf_counter() - start
+    live = [t for t in live if t.dropped is None]
     raced: list[tuple[Trial, Trial]] = []
     for index, trial in enumerate(live):
         if building is not None:
@@ -295,6 +311,7 @@ def _by_proxy(preset: Preset, trials: list[Trial], proxy: Proxy, build: Callable
         stand_in = Trial(trial.candidate)
         try:
             kept = _build(stand_in, proxy.build, measure_error, preset.budget)
+            stand_in.seconds = (stand_in.seconds or 0.0) + searched[id(trial)]
         except NoStandIn:  # the ones raced so far are built whole; the dropped stay dropped
             for earlier, _ in raced:
                 earlier.error = earlier.seconds = None

@@ -12,8 +12,10 @@ spread over the depth, runs as the whole does in proportion (as TVM tunes one ta
 distinct subgraph, not each occurrence).
 
 So each candidate's passes up to its search run on the whole model (its stage is verified
-there, its error is the whole model's), its graph is cut to :data:`STAND_IN_BLOCKS` of its
-blocks, the exact passes after its search run on that cut alone (:func:`split_exact_tail`),
+there, its error is the whole model's), every candidate's before any stand-in is made (a
+stand-in held while the next candidate searches would add to that search's evidence, at the
+top of the compile; candidates' quantized weights are one copy, :mod:`fxopt.ir.derived`).
+Then each stage's graph is cut to :data:`STAND_IN_BLOCKS` of its blocks, the exact passes after its search run on that cut alone (:func:`split_exact_tail`),
 and only that is lowered; the stand-ins race, and only the fastest stage is lowered whole
 (:func:`fxopt.presets.choose`), its exact passes run then.
 
@@ -68,12 +70,17 @@ def stand_ins(session: Session, device: str | torch.device | None, pipeline_of: 
         return None
     ran: list[list[Pass]] = []
 
+    def search(candidate: presets.Candidate) -> Stage:
+        searched, _ = split_exact_tail(pipeline_of(candidate))
+        stage = session.run(searched, share_prefix=True)
+        if searched not in ran:
+            ran.append(searched)
+        session.keep_stages_for(still_to_build, ran=ran)  # its stage whole, not its prefixes
+        return stage
+
     def build(candidate: presets.Candidate) -> Any:
         pipeline = pipeline_of(candidate)
-        searched, tail = split_exact_tail(pipeline)
-        stage = session.run(searched, share_prefix=True)
-        ran.append(searched)
-        session.keep_stages_for(still_to_build, ran=ran)  # its stage whole, not its prefixes
+        stage, (_, tail) = search(candidate), split_exact_tail(pipeline)
         cut = stand_in(stage.gm)
         if cut is None:  # its blocks no longer alike: the candidates are built whole
             raise presets.NoStandIn(candidate)
@@ -96,7 +103,7 @@ def stand_ins(session: Session, device: str | torch.device | None, pipeline_of: 
             ran.remove(searched)
         session.keep_stages_for(still_to_build, ran=ran)
 
-    return presets.Proxy(build, drop)
+    return presets.Proxy(build, drop, search)
 
 
 def split_exact_tail(pipeline: list[Pass]) -> tuple[list[Pass], list[Pass]]:

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import fxopt
+import fxopt.proxy
 from fxopt.ir import constants, ops
 from fxopt.proxy import kept_blocks, stand_in
+from fxopt.session import Session
 
 transformers = pytest.importorskip("transformers")
 
@@ -55,9 +57,18 @@ def test_a_model_with_few_or_no_repeated_blocks_has_no_stand_in() -> None:
     assert stand_in(fxopt.capture(mlp, (torch.randn(2, 8),))) is None
 
 
-def test_past_the_memory_bound_the_int8_candidates_race_on_stand_ins_and_one_is_lowered_whole() -> None:
+def test_past_the_memory_bound_the_int8_candidates_race_on_stand_ins_and_one_is_lowered_whole(monkeypatch) -> None:
     model, x = _llama(8), torch.randint(0, 300, (2, 16))
+    events: list[object] = []
+    cut, run = fxopt.proxy.stand_in, Session.run
+    monkeypatch.setattr(fxopt.proxy, "stand_in", lambda gm: events.append("cut") or cut(gm))
+    monkeypatch.setattr(Session, "run", lambda self, pipeline, **kw: events.append(
+        tuple(str(p) for p in pipeline if not p.exact)) or run(self, pipeline, **kw))
     opt = fxopt.compile(model, (x,), preset="int8", backend="eager", memory_bound=1 << 16)
+    # every candidate searched the whole model before the first stand-in was cut (none is held
+    # while another searches); the first cut only asks whether the captured graph has one
+    first_cut = events.index("cut", 1)
+    assert len({e for e in events[:first_cut] if e and e != "cut"}) == 2, events
     notes = [n for n in opt.report.notes if n.startswith("preset int8")]
     assert "a stand-in of a sample of its blocks was lowered and raced" in notes[0], notes
     summary = notes[1]
