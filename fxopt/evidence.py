@@ -93,6 +93,12 @@ class Evidence:
         weights = graph_cost(gm).weight_bytes
         return max(KEPT_VALUES_BYTES - weights, int(KEPT_VALUES_SHARE * weights))
 
+    def past_memory_bound(self, gm: Any) -> bool:
+        """Whether ``gm``'s weights alone exceed :meth:`values_bound`: a large model, whose
+        compile makes no copy of its weights that it can do without (a preset's candidates race
+        on stand-ins, float siblings are not merged into a copy)."""
+        return graph_cost(gm).weight_bytes > self.values_bound(gm)
+
     def drop_values(self) -> None:
         """Release the kept node values (a pass changed the graph, or the pipeline ended)."""
         self.values = None

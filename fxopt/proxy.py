@@ -30,6 +30,7 @@ and only that is lowered; the stand-ins race, and only the fastest stage is lowe
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -86,8 +87,11 @@ def stand_ins(session: Session, device: str | torch.device | None, pipeline_of: 
             raise presets.NoStandIn(candidate)
         graph, records = cut[0], list(stage.records)
         if tail:  # the exact passes after its search run on the stand-in alone, checked against it
+            # the model's memory bound, not the stand-in's: its passes choose as on the model
+            options = dataclasses.replace(session.options,
+                                          memory_bound=session.evidence.values_bound(session.captured.gm))
             on_cut = Session.from_graph(graph, session.captured.batches, copy.deepcopy(session.captured.report),
-                                        options=session.options)
+                                        options=options)
             after = on_cut.run(tail)
             graph, records = after.gm, records + after.records
         module = session.lower(Stage(graph, records), candidate.backend, device, pipeline)

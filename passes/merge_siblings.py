@@ -8,7 +8,8 @@
 The second form is the first after quantize-int8 (:mod:`fxopt.ir.qdq`): int8 weights per
 output channel whose input is quantized alike (per token, per tensor at run time, or one static
 scale and zero point); the input is then quantized once. Run after quantizing, the merge copies
-int8 weights, never float ones, and each sibling was quantized (or left float) on its own.
+int8 weights, never float ones; past the compile's memory bound float siblings, whose merged
+weight is a copy of the model's, stay apart (copy-past-memory-bound).
 
 A whole-graph pass (a group is all the Linears reading one node, the same way). Each member is
 a constant_linear, or an int8 one whose constants its dequantize alone reads, whose weight and
@@ -51,6 +52,7 @@ from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import (
     NOT_CONSTANT,
+    no_copy_past_memory_bound,
     not_costlier,
     private_constant,
     private_linear,
@@ -76,6 +78,7 @@ class MergeSiblings(Pass):
         # matched and applied count sibling groups; every Linear left out is a skip
         result = PassResult()
         siblings: dict[object, list[fx.Node]] = {}
+        large = ctx.evidence.past_memory_bound(gm)
         for node in call_nodes(gm, ops.linear):
             siblings.setdefault(_input_key(gm, node), []).append(node)
         for linears in siblings.values():
@@ -93,7 +96,7 @@ class MergeSiblings(Pass):
                     member.weight.target, member.weight.args[2:], tuple(sorted(member.weight.kwargs.items())))
                 kinds.setdefault((member.parts[0].dtype, member.parts[0].device, form), []).append(member)
             for group in kinds.values():
-                refusal = self._group_refusal(group, len(kinds))
+                refusal = self._group_refusal(group, len(kinds), large)
                 if refusal:
                     for member in group:
                         result.skip(member.node, refusal)
@@ -103,7 +106,7 @@ class MergeSiblings(Pass):
                 result.stats["linears_merged"] += len(group)
         return result
 
-    def _group_refusal(self, group: list[LinearWeights], kinds: int) -> Refusal | None:
+    def _group_refusal(self, group: list[LinearWeights], kinds: int, large: bool) -> Refusal | None:
         if len(group) < self.min_group:
             other = " with the same dtype and device" if kinds > 1 else ""
             return Refusal("too-few-siblings", f"only {len(group)} sibling Linear(s){other} can merge here "
@@ -114,8 +117,10 @@ class MergeSiblings(Pass):
                        for m in group)
         merged = linear_shape_bytes(rows, in_features, sum(m.out_features for m in group),
                                     any(m.bias is not None for m in group), itemsize)
+        copied = 0 if len(group[0].parts) > 1 else sum(m.parts[0].nbytes for m in group)  # int8: one tensor already
         return not_costlier(merged, separate, f"merging would move more memory ({merged} bytes vs {separate}): "
-                            "the zero biases it adds outweigh reading the input once")
+                            "the zero biases it adds outweigh reading the input once") or \
+            no_copy_past_memory_bound(copied, large, "merging float siblings")
 
 
 def _input_key(gm: fx.GraphModule, node: fx.Node) -> object:
@@ -157,9 +162,8 @@ def _merge(gm: fx.GraphModule, group: list[LinearWeights]) -> None:
     first, graph = group[0].node, gm.graph
     *parts, bias = derived([*(p for m in group for p in m.parts), *(m.bias for m in group)], "merge-siblings",
                            lambda: _concatenated(group))
-    # Each sibling's quantized rows are now held in the merged weight: deriving them again
-    # (another candidate quantizing the same weights) finds those rows, and merging them again
-    # finds them consecutive, instead of copying the weights a second time.
+    # Each sibling's quantized rows are held in the merged weight now: quantizing or merging the
+    # same weights again (another candidate) finds those rows instead of copying the weights.
     row = 0
     for member in group:
         for made, merged in zip(member.parts, parts):
@@ -183,8 +187,7 @@ def _merge(gm: fx.GraphModule, group: list[LinearWeights]) -> None:
     infer_val(merged)
     # The merged Linear belongs to the modules its siblings share (q, k, v -> the attention).
     stacks = [m.node.meta.get("nn_module_stack") or {} for m in group]
-    shared = {k: v for k, v in stacks[0].items() if all(st.get(k) == v for st in stacks[1:])}
-    if shared:
+    if shared := {k: v for k, v in stacks[0].items() if all(st.get(k) == v for st in stacks[1:])}:
         merged.meta["nn_module_stack"] = shared
     with graph.inserting_before(first):
         split = graph.call_function(ops.split_with_sizes, (merged, [m.out_features for m in group], -1))

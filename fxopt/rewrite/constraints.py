@@ -38,6 +38,7 @@ NEEDS_CALIBRATION = "needs-calibration"  # the pass needs calibration batches an
 NO_MAPPING = "no-mapping"  # the pass was given nothing to do (an empty mapping)
 UNSUPPORTED_DTYPE = "unsupported-dtype"  # floating point, but not a dtype the rewrite handles
 NOT_ELEMENTWISE = "not-elementwise"  # an activation that mixes more than one value per output
+COPY_PAST_MEMORY_BOUND = "copy-past-memory-bound"  # a copy of the model's weights in a model past the bound
 
 
 def _names(nodes: Iterable[fx.Node], limit: int = 3) -> str:
@@ -179,6 +180,17 @@ def not_costlier(after: float, before: float, detail: str, *, force: bool = Fals
     ``detail`` names the costs, e.g. the FLOPs of both forms."""
     if after > before and not force:
         return Refusal(NOT_CHEAPER, detail)
+    return None
+
+
+def no_copy_past_memory_bound(copied_bytes: int, past_bound: bool, what: str) -> Refusal | None:
+    """``what`` makes no copy of weights the model holds (``copied_bytes``) in a model whose
+    weights exceed the compile's memory bound (:meth:`fxopt.evidence.Evidence.past_memory_bound`):
+    there memory, not a few percent of speed, decides whether the model compiles at all."""
+    if past_bound and copied_bytes:
+        size = f"{copied_bytes / 2**20:.1f} MiB" if copied_bytes >= 2**20 else f"{copied_bytes} bytes"
+        return Refusal(COPY_PAST_MEMORY_BOUND, f"{what} would copy {size} of the model's weights, and they "
+                       "exceed the compile's memory bound (memory_bound= raises it)")
     return None
 
 

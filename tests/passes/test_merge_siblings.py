@@ -285,3 +285,24 @@ def test_int8_siblings_too_few_to_merge_are_left_apart_with_the_reason() -> None
     alone = _int8_stage(model, x, [quantize])
     for expected, actual in zip(alone.gm(x), stage.gm(x)):
         torch.testing.assert_close(actual, expected, rtol=0, atol=0)
+
+
+def test_past_the_memory_bound_float_siblings_stay_apart_and_int8_ones_merge() -> None:
+    """In a model whose weights exceed the compile's memory bound, merging float siblings would
+    copy the model's weights: refused, with the reason; int8 siblings merge (no copy)."""
+    from fxopt.registry import resolve_passes
+    from fxopt.session import Session, SessionOptions
+
+    torch.manual_seed(0)
+    model, x = Heads().eval(), torch.randn(2, 5, 24)
+    bound = SessionOptions(fresh_inputs=False, memory_bound=1024)  # below the model's 7 KiB of weights
+    floats = Session(model, (x,), bound).run(resolve_passes(["merge-siblings"])).records[-1]
+    assert floats.status != "applied"
+    assert [(s.code, s.detail) for s in floats.skips] == [("copy-past-memory-bound", (
+        "merging float siblings would copy 6144 bytes of the model's weights, and they exceed the compile's "
+        "memory bound (memory_bound= raises it)"))] * 3
+    unbounded = Session(model, (x,), SessionOptions(fresh_inputs=False)).run(resolve_passes(["merge-siblings"]))
+    assert unbounded.records[-1].status == "applied"
+    quantize = "quantize-int8(activations='dynamic', budget=1.0, force=True)"
+    int8 = Session(model, (x,), bound).run(resolve_passes([quantize, "merge-siblings"])).records[-1]
+    assert int8.status == "applied" and int8.applied == 1
