@@ -6,7 +6,6 @@ a preset's candidates share one session.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ from fxopt.cost import graph_cost
 from fxopt.errors import FxoptError, InputError
 from fxopt.generation import compile_generative, is_generative
 from fxopt.inputs import FRESH_VECTORS, device_of, fresh_inputs_like, fresh_rows
-from fxopt.ir.derived import release_freed_memory
+from fxopt.ir.derived import collect_let_go
 from fxopt.module import OptimizedModule
 from fxopt.pass_api import Pass
 from fxopt.phases import PhaseTimer
@@ -174,8 +173,7 @@ def _give_back_freed_memory(report: Report) -> None:
     Llama's int8 preset kept 1.4 GB so)."""
     peak_growth = sum(phase["peak_mb"] for phase in (report.memory or {}).values()) * 1e6
     if peak_growth >= GIVE_BACK_BYTES:
-        gc.collect()
-        release_freed_memory()
+        collect_let_go()
 
 
 def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, passes: PassSpec,

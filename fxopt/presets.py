@@ -32,7 +32,6 @@ ones are declared beside the passes), so the core names no pass.
 from __future__ import annotations
 
 import dataclasses
-import gc
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -45,6 +44,7 @@ import torch
 
 from fxopt import latency
 from fxopt.errors import FxoptError, InputError
+from fxopt.ir.derived import collect_let_go
 from fxopt.latency import Timing
 from fxopt.phases import phase
 from fxopt.registrations import Registrations
@@ -328,7 +328,7 @@ def _by_proxy(preset: Preset, trials: list[Trial], proxy: Proxy, build: Callable
         for i, (trial, stand_in) in enumerate(raced):
             trial.proxy_milliseconds = timings[str(i)].median
             stand_in.module = None
-        gc.collect()
+        collect_let_go()
     order = sorted((trial for trial, _ in raced), key=lambda t: t.proxy_milliseconds or 0.0)
     best = None
     for trial in order:
@@ -382,7 +382,7 @@ def _let_go(trial: Trial) -> None:
     """Drop ``trial``'s module now. A graph module refers to itself (its graph, its nodes), so
     without a collection its weights would wait for the next one."""
     trial.module = None
-    gc.collect()
+    collect_let_go()
 
 
 def _unavailable(candidate: Candidate, device: torch.device) -> str | None:

@@ -17,7 +17,6 @@ the core that builds a :class:`~fxopt.PassManager` or a :class:`~fxopt.PassConte
 from __future__ import annotations
 
 import copy
-import gc
 import time
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -40,6 +39,7 @@ from fxopt.inputs import (
     inference_copy,
 )
 from fxopt.ir import copy_graph_module
+from fxopt.ir.derived import collect_let_go
 from fxopt.module import OptimizedModule
 from fxopt.pass_api import Pass, PassContext
 from fxopt.phases import phase
@@ -222,7 +222,7 @@ class Session:
         for key in unwanted:
             del self._stages[key]
         if unwanted:
-            gc.collect()  # a graph module refers to itself: its weights would wait for a collection
+            collect_let_go()  # a graph module refers to itself: its weights would wait for a collection
 
     def _shared_stage(self, key: tuple[Pass, ...], start: int) -> Stage:
         if key in self._stages:

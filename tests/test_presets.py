@@ -331,7 +331,7 @@ def test_a_large_compile_gives_what_it_freed_back_once_its_session_is_gone(
     import fxopt.api
 
     released: list[int] = []
-    monkeypatch.setattr(fxopt.api, "release_freed_memory", lambda: released.append(1))
+    monkeypatch.setattr(fxopt.api, "collect_let_go", lambda: released.append(1))
     model, x = _mlp(), torch.randn(8, 64)
     monkeypatch.setattr(fxopt.api, "GIVE_BACK_BYTES", 2**40)  # a small compile: nothing to give back
     fxopt.compile(model, (x,), preset=preset)

@@ -8,7 +8,6 @@ compile's :class:`~fxopt.pipeline.timings.KernelTimings` (its choices go in ``re
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -17,7 +16,7 @@ import torch.fx as fx
 
 from fxopt.backends import Backend, Lowered, require_torch_device
 from fxopt.ir import remove_unused_constants
-from fxopt.ir.derived import release_freed_memory
+from fxopt.ir.derived import collect_let_go, release_freed_memory
 from fxopt.lowering import lower_graph
 from fxopt.lowering.base import PlainCopies, releasing_packed
 from fxopt.phases import phase
@@ -48,7 +47,7 @@ def lower_eager(
     packed: dict[str, Callable[[], torch.Tensor]] = {}
     reference = _Reference(gm, inputs, device, expected)
     # The constants the kernels pack leave the optimized graph (and the lowering's copies of it)
-    # as each is packed, not at the end: a large model's int8 weights are not held twice.
+    # as each is packed, not at the end: a large model's weights are not held twice.
     with releasing_packed([gm], before_first=reference.outputs) as plain:
         both = _both_stages(gm, inputs, device, report, reference, packed, plain)
     if both is not None:
@@ -110,7 +109,7 @@ def _both_stages(gm: fx.GraphModule, inputs: list[Any], device: torch.device, re
         # A graph module and its graph refer to each other: the stage this graph was copied
         # from, and the modules the graph lowerings measured sites on, hold the weights the
         # kernels are about to pack until a collection finds them.
-        gc.collect()
+        collect_let_go()
     kernel_stage = lower_graph(graph_stage.graph_module, "eager", device, "kernel", choose=choose)
     plain.settle()
     if not kernel_stage.applied:

@@ -43,6 +43,7 @@ from fxopt.backends.ort_runtime import (  # noqa: F401 - part of this module's i
 )
 from fxopt.errors import BackendError
 from fxopt.ir import copy_graph_module
+from fxopt.ir.derived import collect_let_go
 from fxopt.lowering import lower_graph
 from fxopt.verify import compare_outputs, exact_tolerance, run_graph
 
@@ -375,7 +376,7 @@ def lower_onnx(
     # The file has the weights now: the graph (the lowering's own copy) lets go of them before
     # the session loads its copy, so the two are not resident together.
     drop_weights(gm)
-    gc.collect()  # the pipeline's objects that held them sit in reference cycles
+    collect_let_go()  # the pipeline's objects that held them sit in reference cycles
     session = ort_session(exported.path, device, profile_dir=workdir)
     runner = OrtRunner(session, exported, device)
     runner.exported, runner.files = exported, files

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import TypeVar
@@ -176,6 +177,14 @@ def release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def collect_let_go() -> None:
+    """Collect what was let go and give its memory back to the system: a graph module and its
+    graph refer to each other, so the weights of one that was dropped wait for a collection, and
+    glibc keeps what is freed for reuse (:func:`release_freed_memory`)."""
+    gc.collect()
+    release_freed_memory()
 
 
 def _held(part: torch.Tensor | torch.ScriptObject) -> tuple:
