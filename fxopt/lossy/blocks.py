@@ -36,6 +36,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import derived, module_path, subgraph_module
+from fxopt.ir.derived import release_freed_memory
 from fxopt.lossy.sites import Choices, Level, Pick, Site
 from fxopt.phases import progress
 from fxopt.verify import compare_outputs, last_uses, run_node
@@ -313,6 +314,10 @@ def _block_by_block(search: Search, budget: float, spans: Sequence[Span]
             choices = _take(search, [by_name[n] for n in span.sites], choices, measure, share, picks, refused, where)
             measure(choices)
             live = runs[frozenset(choices.items())][1]
+            # the block's trials and dequantized weights go, and their memory back to the system,
+            # before the next block's are made (a large model's blocks are tens of MB each)
+            del measure, runs, held
+            release_freed_memory()
             progress(k + 1, len(spans), "blocks")
         choices = _take(search, rest, choices, search.error, budget, picks, refused, "the output error")
         final = search.error(choices)
