@@ -259,9 +259,12 @@ class Session:
     # ------------------------------------------------------------------ lower
 
     def lower(self, stage: Stage, backend: str, device: str | torch.device | None = None,
-              pipeline: Sequence[Pass] = ()) -> OptimizedModule:
+              pipeline: Sequence[Pass] = (), *, owned: bool = False) -> OptimizedModule:
         """The report's error and cost columns, then ``stage``'s graph (a copy: stages are
-        shared) lowered to ``backend`` and wrapped in an :class:`~fxopt.OptimizedModule`."""
+        shared) lowered to ``backend`` and wrapped in an :class:`~fxopt.OptimizedModule`.
+        ``owned``: nothing else will use ``stage`` (a plain compile's): it is pointed at the
+        lowering's copy, so that its graph's new weights go as the lowering lets them go, even
+        where the calling frame keeps the stage alive."""
         from fxopt.backends import lower
 
         captured = self.captured
@@ -287,7 +290,11 @@ class Session:
             parity = verification.parity()
         # Nothing below needs the stage: where the caller does not keep it either (a plain
         # compile), the pipeline's new weights go as soon as the lowering drops its copy's
-        # (a backend that owns its weights, once it has exported them).
+        # (a backend that owns its weights, once it has exported them). A caller's argument may
+        # outlive this frame's reference (an interpreter hook such as torch.compile's frame
+        # evaluation keeps the calling frame's arguments): an owned stage lets go of its graph.
+        if owned:
+            stage.gm = gm
         del stage
         with phase("cost"):
             report.final = graph_cost(gm)
@@ -308,8 +315,10 @@ class Session:
         if share_prefix:  # a preset's candidate: the preset's race compares them
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                return self.lower(self._run_keeping(pipeline, keep_for), backend, device, pipeline)
-        optimized = self.lower(self.run(pipeline), backend, device, pipeline)
+                stage = self._run_keeping(pipeline, keep_for)
+                kept = any(stage is other for other in self._stages.values())
+                return self.lower(stage, backend, device, pipeline, owned=not kept)
+        optimized = self.lower(self.run(pipeline), backend, device, pipeline, owned=True)
         # Speed is verified like numerics: the result runs the captured graph if that measures faster.
         captured = self.captured
         return never_slower(optimized, captured.gm, captured.batches[0], self.evidence.timings)

@@ -46,9 +46,17 @@ def lower_eager(
     inputs = [t.to(device) if isinstance(t, torch.Tensor) else t for t in example_inputs]
     packed: dict[str, Callable[[], torch.Tensor]] = {}
     reference = _Reference(gm, inputs, device, expected)
+
+    def before_first_release() -> None:
+        reference.outputs()  # while the graph is whole
+        if sum(t.nbytes for t in gm.buffers()) >= COLLECT_BYTES:
+            # A graph module and its graph refer to each other: a stage this graph was copied
+            # from, which nothing holds now, still holds the weights until a collection finds it.
+            collect_let_go()
+
     # The constants the kernels pack leave the optimized graph (and the lowering's copies of it)
     # as each is packed, not at the end: a large model's weights are not held twice.
-    with releasing_packed([gm], before_first=reference.outputs) as plain:
+    with releasing_packed([gm], before_first=before_first_release) as plain:
         both = _both_stages(gm, inputs, device, report, reference, packed, plain)
     if both is not None:
         graph, kernels = both
@@ -105,11 +113,6 @@ def _both_stages(gm: fx.GraphModule, inputs: list[Any], device: torch.device, re
     if not graph_stage.applied:
         return None
     plain.graphs.append(graph_stage.graph_module)
-    if sum(t.nbytes for t in gm.buffers()) >= COLLECT_BYTES:
-        # A graph module and its graph refer to each other: the stage this graph was copied
-        # from, and the modules the graph lowerings measured sites on, hold the weights the
-        # kernels are about to pack until a collection finds them.
-        collect_let_go()
     kernel_stage = lower_graph(graph_stage.graph_module, "eager", device, "kernel", choose=choose)
     plain.settle()
     if not kernel_stage.applied:
