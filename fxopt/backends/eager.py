@@ -23,8 +23,8 @@ from fxopt.phases import phase
 from fxopt.pipeline import timings
 from fxopt.verify import Parity, compare_outputs, exact_tolerance, run_graph
 
-# Constants this large are worth a garbage collection before the kernels pack them (a cycle
-# that holds them would keep them beside their packs).
+# Constants this large are worth a garbage collection before the first packed one is let go
+# (a cycle that holds them would keep them beside their packs).
 COLLECT_BYTES = 64 << 20
 
 
