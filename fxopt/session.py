@@ -40,6 +40,7 @@ from fxopt.inputs import (
 )
 from fxopt.ir import copy_graph_module
 from fxopt.ir.derived import collect_let_go
+from fxopt.lowering.base import holding_weights_once
 from fxopt.module import OptimizedModule
 from fxopt.pass_api import Pass, PassContext
 from fxopt.phases import phase
@@ -301,7 +302,8 @@ class Session:
         target = torch.device(device) if device is not None else device_of(captured.batches[0])
         report.device = str(target)
         start = time.perf_counter()
-        with phase("lowering"), measuring(self.evidence.timings):
+        with phase("lowering"), measuring(self.evidence.timings), \
+                holding_weights_once(self.evidence.past_memory_bound(captured.gm)):
             runner = lower(backend, gm, captured.signature, captured.batches[0], target, report, parity)
         report.lower_seconds = time.perf_counter() - start
         return OptimizedModule(runner.graph_module, captured.signature, report, runner.run, target, runner.packed)

@@ -206,6 +206,35 @@ def test_within_a_small_margin_onednns_fused_kernel_runs_where_the_engine_would_
         torch.testing.assert_close(opt(x), model(x), rtol=0.1, atol=0.1)
 
 
+def test_past_the_memory_bound_the_kernel_holding_the_weight_once_runs_at_any_speed(tmp_path) -> None:
+    """Per tensor, oneDNN's quantized engine (its pack keeps the weight beside its packed copy)
+    measured twice as fast as oneDNN's fused kernel: in a model past the compile's memory bound
+    the fused kernel (one copy) runs all the same."""
+    from fxopt.passes import QuantizeInt8
+
+    from fxopt.kernels import int8 as kernels
+    from fxopt.lowering import onednn_qlinear as qlinear
+
+    if qlinear.qlinear_unsupported_reason() is not None or kernels.preferred_engine() != "onednn":
+        pytest.skip("oneDNN's fused int8 kernel or its quantized engine is not available here")
+    model, x = _Block().eval(), torch.randn(2, 3, 64)
+    timings = _timings(tmp_path, **{"onednn-qlinear": 2.0, "int8-linear": 1.0, "int8-fbgemm": 2.0})
+    chosen, engines = {}, {}
+    for bound in (None, 0):
+        with measuring(timings):
+            opt = fxopt.compile(model, (x,), passes=[QuantizeInt8(activations="dynamic-tensor")], memory_bound=bound)
+        chosen[bound] = {k["chosen"] for k in opt.report.kernels}
+        engines[bound] = [n.args[4] for n in opt.graph_module.graph.nodes
+                          if n.target == kernels.int8_linear_dynamic_tensor_op and len(n.args) > 4]
+        with torch.no_grad():
+            torch.testing.assert_close(opt(x), model(x), rtol=0.1, atol=0.1)
+    assert chosen[None] == {"int8", "int8-linear"} and not engines[None]  # the preferred engine's: twice
+    if "fbgemm" in kernels.exact_engines():  # FBGEMM's engine holds it once, as oneDNN's fused kernel does
+        assert chosen[0] == {"int8-fbgemm"} and engines[0] == ["fbgemm"] * 2
+    else:
+        assert chosen[0] == {"int8", "onednn-qlinear"}
+
+
 def test_a_dynamic_int8_linear_runs_on_the_engine_measured_fastest(tmp_path) -> None:
     """Per tensor, each exact quantized engine is a candidate of its own: FBGEMM's measured
     fastest, both Linears run on it (oneDNN's kernel lowering leaves them there)."""

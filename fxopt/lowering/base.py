@@ -147,6 +147,25 @@ class PlainCopies:
 
 
 _RELEASING: contextvars.ContextVar[PlainCopies | None] = contextvars.ContextVar("fxopt_releasing", default=None)
+_ONE_COPY: contextvars.ContextVar[bool] = contextvars.ContextVar("fxopt_one_copy", default=False)
+
+
+@contextlib.contextmanager
+def holding_weights_once(on: bool = True) -> Iterator[None]:
+    """While inside (``on``), a lowering that measured a kernel holding a weight twice (a
+    quantized engine's pack beside the weight) faster than one holding it once chooses the
+    latter at any speed: the compile is past its memory bound, where memory, not a few percent
+    of speed, decides whether the model fits (:meth:`fxopt.evidence.Evidence.past_memory_bound`)."""
+    token = _ONE_COPY.set(on)
+    try:
+        yield
+    finally:
+        _ONE_COPY.reset(token)
+
+
+def weights_held_once() -> bool:
+    """Whether a lowering must choose kernels that hold each weight once (:func:`holding_weights_once`)."""
+    return _ONE_COPY.get()
 
 
 @contextlib.contextmanager

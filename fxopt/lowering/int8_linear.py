@@ -32,6 +32,7 @@ from fxopt.lowering.base import (
     OnnxTranslations,
     measured_inputs,
     measured_shapes,
+    weights_held_once,
 )
 from fxopt.quant import FLOAT_DTYPES, MIN_ABS_MAX, QMAX, QMIN
 
@@ -169,7 +170,7 @@ def _single_copy_where_close(name: str, times: dict[str, list[float]]) -> str:
     (:func:`fxopt.kernels.int8.close_enough`)."""
     if name != "int8" or not kernels.holds_weight_twice("") or not times.get("int8-fbgemm"):
         return name
-    return "int8-fbgemm" if kernels.close_enough(times["int8-fbgemm"], times["int8"]) else name
+    return "int8-fbgemm" if weights_held_once() or kernels.close_enough(times["int8-fbgemm"], times["int8"]) else name
 
 
 def _kernel_module(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: tuple[Any, ...],

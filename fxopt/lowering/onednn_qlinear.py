@@ -51,6 +51,7 @@ from fxopt.lowering.base import (
     hold_packed,
     measured_inputs,
     measured_shapes,
+    weights_held_once,
 )
 from fxopt.quant import dynamic_tensor_qparams, quantize_per_token
 
@@ -428,7 +429,8 @@ def _measured_faster(gm: fx.GraphModule, node: fx.Node, post: tuple[tuple[str, s
     name = choice.name
     engine = node.args[4] if per_tensor and len(node.args) > 4 else ""
     if (name == "int8-linear" and per_tensor and kernels.holds_weight_twice(str(engine))
-            and kernels.close_enough(choice.times.get("onednn-qlinear", []), choice.times.get("int8-linear", []))):
+            and (weights_held_once() or kernels.close_enough(choice.times.get("onednn-qlinear", []),
+                                                             choice.times.get("int8-linear", [])))):
         name = "onednn-qlinear"  # its pack holds the weight once; the engine's, twice
     result.choices.append({**choice.as_dict(), "chosen": name, "nodes": [node.name]})
     return name == "onednn-qlinear"
