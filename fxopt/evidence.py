@@ -90,15 +90,20 @@ class Evidence:
         """The bytes of node values this store may keep while a lossy pass runs on ``gm``."""
         if self.memory_bound is not None:
             return self.memory_bound
-        weights = graph_cost(gm).weight_bytes
-        return max(KEPT_VALUES_BYTES - weights, int(KEPT_VALUES_SHARE * weights))
+        return _bound_for(graph_cost(gm).weight_bytes)
 
     def past_memory_bound(self, gm: Any) -> bool:
         """Whether ``gm``'s weights alone exceed :meth:`values_bound`: a large model, whose
         compile makes no copy of its weights that it can do without (a preset's candidates race
         on stand-ins, float siblings are not merged into a copy)."""
-        return graph_cost(gm).weight_bytes > self.values_bound(gm)
+        weights = graph_cost(gm).weight_bytes  # weighed once, for the bound too
+        return weights > (self.memory_bound if self.memory_bound is not None else _bound_for(weights))
 
     def drop_values(self) -> None:
         """Release the kept node values (a pass changed the graph, or the pipeline ended)."""
         self.values = None
+
+
+def _bound_for(weights: int) -> int:
+    """The default :meth:`Evidence.values_bound` of a graph with ``weights`` bytes of weights."""
+    return max(KEPT_VALUES_BYTES - weights, int(KEPT_VALUES_SHARE * weights))

@@ -119,9 +119,7 @@ def _both_stages(gm: fx.GraphModule, inputs: list[Any], device: torch.device, re
         return None
     kernels = _on(kernel_stage.graph_module, device)
     try:
-        expected = reference.outputs()
-        with torch.no_grad(), phase("parity"):
-            actual = run_graph(kernels, inputs)
+        expected, actual = _parity_runs(reference, kernels, inputs)
     except Exception:
         return None
     comparison = compare_outputs(expected, actual)
@@ -165,7 +163,7 @@ def _checked(gm: fx.GraphModule, lowered: Any, inputs: list[Any], device: torch.
     model's own shapes rather than trusted. Returns the kept graph and its outputs."""
     kernels = lowered.graph_module.to(device)
     try:
-        expected, actual = _parity_runs(gm, kernels, inputs, device, expected)
+        expected, actual = _parity_runs(_Reference(gm, inputs, device, expected), kernels, inputs)
     except Exception as exc:
         report.notes.append(f"lowered kernels failed on the example inputs ({type(exc).__name__}: {exc}); "
                             "the optimized graph runs without them")
@@ -204,13 +202,10 @@ class _Reference:
         return self.known
 
 
-def _parity_runs(gm: fx.GraphModule, kernels: fx.GraphModule, inputs: list[Any], device: torch.device,
-                 expected: list[Any] | None) -> tuple[list[Any], list[Any]]:
-    """The optimized graph's outputs on ``inputs`` (``expected`` when already known) and the
-    lowered kernels' outputs on them."""
+def _parity_runs(reference: _Reference, kernels: fx.GraphModule, inputs: list[Any]) -> tuple[list[Any], list[Any]]:
+    """The optimized graph's outputs on ``inputs`` and the lowered kernels' outputs on them."""
+    expected = reference.outputs()
     with torch.no_grad(), phase("parity"):
-        if expected is None:
-            expected = run_graph(gm.to(device), inputs)
         return expected, run_graph(kernels, inputs)
 
 

@@ -146,7 +146,6 @@ class PlainCopies:
         return True
 
 
-_RELEASING: contextvars.ContextVar[PlainCopies | None] = contextvars.ContextVar("fxopt_releasing", default=None)
 _ONE_COPY: contextvars.ContextVar[bool] = contextvars.ContextVar("fxopt_one_copy", default=False)
 
 
@@ -166,6 +165,9 @@ def holding_weights_once(on: bool = True) -> Iterator[None]:
 def weights_held_once() -> bool:
     """Whether a lowering must choose kernels that hold each weight once (:func:`holding_weights_once`)."""
     return _ONE_COPY.get()
+
+
+_RELEASING: contextvars.ContextVar[PlainCopies | None] = contextvars.ContextVar("fxopt_releasing", default=None)
 
 
 @contextlib.contextmanager
