@@ -10,6 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fxopt.ir.derived import RELEASE_BYTES, release_freed_memory
 from fxopt.ir.shapes import freeze_arguments, numel_hint
 
 # Relative tolerance (max |a - b| over max |a|) an exact pass must meet, per dtype.
@@ -348,8 +349,13 @@ class ReusingRunner:
                 if values is not None:
                     values[node.name] = value
                 else:  # keep only what a later node reads
+                    freed = 0
                     for dead in [n for n in env if last_use[n] <= index]:
+                        if dead.op != "get_attr" and isinstance(env[dead], torch.Tensor):
+                            freed += env[dead].untyped_storage().nbytes()
                         del env[dead]
+                    if freed >= RELEASE_BYTES:  # a large model's dequantized weight, say
+                        release_freed_memory()
         if values is None:
             self.lean_runs += 1
         elif pin:

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 import torch.fx as fx
 
-from fxopt.ir import add_constant, constant, ops
+from fxopt.ir import add_constant, constant, ops, release_freed_memory
 from fxopt.ir.qdq import insert_qdq
 from fxopt.lossy import (
     ActivationStats,
@@ -72,7 +72,7 @@ def choose_layers(options: Options, gm: fx.GraphModule, ctx: PassContext, candid
                 # Each layer's input in the float graph: from the one run of the starting
                 # graph that the search keeps for its trials to reuse.
                 sources = {n.name: n.args[0].name for n in candidates}
-                seen = running[0].starting_values(set(sources.values()))
+                seen = running[0].starting_values(set(sources.values()), reduce=estimate_rows)
                 local.update(local_errors(options, gm, candidates, weights, scales,
                                           {name: seen[source] for name, source in sources.items()}))
             return local[name]
@@ -113,12 +113,11 @@ def local_errors(options: Options, gm: fx.GraphModule, candidates: list[fx.Node]
                        dynamic_tensor=options.activations == "dynamic-tensor")
             quantized.recompile()
             worst = 0.0
-            for x in inputs[node.name]:
-                rows = x.reshape(-1, x.shape[-1])
-                rows = rows[sampled_rows(rows)]
+            for rows in map(estimate_rows, inputs[node.name]):
                 comparison = compare_outputs([ops.linear(rows, weight, bias)], [quantized(rows)])
                 worst = max(worst, math.inf if comparison.mismatch else comparison.max_rel)
             errors[node.name] = worst
+            release_freed_memory()  # its dequantized weight: tens of MB on a large model
     return errors
 
 
@@ -175,18 +174,20 @@ def budget_refusal(pick: Pick) -> Refusal:
 def _one_layer(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> fx.GraphModule:
     """``x -> linear(x, weight, bias)`` as a graph, for :func:`insert_qdq` to rewrite like the real layer."""
     gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
-    graph = gm.graph
-    x = graph.placeholder("x")
     gm.register_buffer("weight", weight)
-    w = graph.get_attr("weight")
-    b = None
     if bias is not None:
         gm.register_buffer("bias", bias)
-        b = graph.get_attr("bias")
-    linear = graph.call_function(ops.linear, (x, w, b))
+    x, w = gm.graph.placeholder("x"), gm.graph.get_attr("weight")
+    linear = gm.graph.call_function(ops.linear, (x, w, None if bias is None else gm.graph.get_attr("bias")))
     linear.meta["val"] = torch.empty(0, dtype=dtype)
-    graph.output(linear)
+    gm.graph.output(linear)
     return gm
+
+
+def estimate_rows(x: torch.Tensor) -> torch.Tensor:
+    """The rows of ``x`` a local error is measured on (:func:`sampled_rows`); the same again on them."""
+    rows = x.reshape(-1, x.shape[-1])
+    return rows[sampled_rows(rows)]
 
 
 def sampled_rows(rows: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from fxopt.ir.constants import (
     remove_unused_constants,
     unique_attr_name,
 )
-from fxopt.ir.derived import derived, share_as, stacked
+from fxopt.ir.derived import derived, release_freed_memory, share_as, stacked
 from fxopt.ir.linear import (
     PROVENANCE_META,
     LinearParts,
@@ -48,7 +48,7 @@ __all__ = [
     "cleanup", "constant", "constant_users", "constants", "copy_graph_module", "count_ops", "derived",
     "dtype_of", "fake_mode_of", "infer_val", "insert_linear", "is_op", "keep_pieces_valid", "linear_parts", "linear_weights",
     "module_path", "numel_hint", "op_histogram", "ops", "packed_linear", "propagate_shapes", "remove_unused_constants",
-    "share_as", "stacked", "subgraph_module",
+    "release_freed_memory", "share_as", "stacked", "subgraph_module",
     "replace_node", "shape_of", "size_hint", "topo_order", "unique_attr_name", "unpack_linear", "val",
     "weight_parts",
 ]

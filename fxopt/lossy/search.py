@@ -226,10 +226,12 @@ class BudgetedSearch:
             self._starting_pinned.add(index)
         return self._runner.pinned_values(index) if self._runner.pinned(index) else None
 
-    def starting_values(self, names: Iterable[str]) -> dict[str, list[Any]]:
-        """The value of each named node of the starting graph on each fit batch, from the run
-        of the starting graph that the trials reuse (made once per batch, and kept): a pass's
-        estimates cost no run of the graph of their own."""
+    def starting_values(self, names: Iterable[str], reduce: Callable[[Any], Any] = lambda value: value
+                        ) -> dict[str, list[Any]]:
+        """The value of each named node of the starting graph on each fit batch (``reduce(value)``
+        if given: what an estimate reads of it, so that a large model's run keeps no more),
+        from the run of the starting graph that the trials reuse (made once per batch, and
+        kept): a pass's estimates cost no run of the graph of their own."""
         values: dict[str, list[Any]] = {name: [] for name in names}
         for index in self.fit_indices:
             pinned = self._pin(index)
@@ -237,9 +239,12 @@ class BudgetedSearch:
                 pinned = {}
                 watched = [node for node in self.gm.graph.nodes if node.name in values]
                 run_watching(self.gm, watched, [self.ctx.batches[index]],
-                             lambda node, value, seen=pinned: seen.__setitem__(node.name, value))
+                             lambda node, value, seen=pinned: seen.__setitem__(node.name, reduce(value)))
+                for name, seen in values.items():
+                    seen.append(pinned[name])
+                continue
             for name, seen in values.items():
-                seen.append(pinned[name])
+                seen.append(reduce(pinned[name]))
         return values
 
     def step(self, event: str, **fields: Any) -> None:
