@@ -139,7 +139,8 @@ def dequantize_weight_groupwise(q: torch.Tensor, scale: torch.Tensor, zero: torc
     """The float weight ``(q - zero) * scale`` (``zero`` None: 0) that
     :func:`quantize_weight_groupwise` approximates, in ``dtype``."""
     out_features, in_features = q.shape
-    groups = q.reshape(out_features, scale.shape[1], -1).to(torch.float32)
+    # one float copy, computed in place: a large weight's dequantization makes no second one
+    groups = q.reshape(out_features, scale.shape[1], -1).to(torch.float32, copy=True)
     if zero is not None:
-        groups = groups - zero.to(torch.float32)[..., None]
-    return (groups * scale.to(torch.float32)[..., None]).reshape(out_features, in_features).to(dtype)
+        groups.sub_(zero.to(torch.float32)[..., None])
+    return groups.mul_(scale.to(torch.float32)[..., None]).reshape(out_features, in_features).to(dtype)

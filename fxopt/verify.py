@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ir.derived import RELEASE_BYTES, release_freed_memory
+from fxopt.ir.derived import release_freed_memory
 from fxopt.ir.shapes import freeze_arguments, numel_hint
 
 # Relative tolerance (max |a - b| over max |a|) an exact pass must meet, per dtype.
@@ -316,9 +316,12 @@ class ReusingRunner:
             clean = _shared_nodes(gm, stamps, cached_stamps)
             if len(clean) > len(best_clean):
                 best, best_clean = (cached_stamps, cached_values), clean
-        values: dict[str, Any] | None = {}  # None once the run keeps nothing
         env: dict[fx.Node, Any] = {}
         allowance = self._allowance(key, pin)
+        # None once the run keeps nothing; from the start where the values' recorded shapes
+        # alone exceed the allowance (a large model): kept until they did, they would raise
+        # the compile's peak by the allowance for nothing
+        values: dict[str, Any] | None = None if allowance is not None and _values_exceed(gm, allowance) else {}
         last_use = last_uses(gm) if allowance is not None else {}
         held: set[int] = set()  # storages the record would hold
         held_bytes = 0
@@ -349,13 +352,9 @@ class ReusingRunner:
                 if values is not None:
                     values[node.name] = value
                 else:  # keep only what a later node reads
-                    freed = 0
                     for dead in [n for n in env if last_use[n] <= index]:
-                        if dead.op != "get_attr" and isinstance(env[dead], torch.Tensor):
-                            freed += env[dead].untyped_storage().nbytes()
                         del env[dead]
-                    if freed >= RELEASE_BYTES:  # a large model's dequantized weight, say
-                        release_freed_memory()
+                    give_back_after(node)
         if values is None:
             self.lean_runs += 1
         elif pin:
@@ -381,18 +380,28 @@ def _values_estimate(gm: fx.GraphModule) -> int | None:
     """Bytes of the tensors ``gm``'s nodes compute, from their recorded shapes (``meta["val"]``;
     a symbolic size at its hint); a view's output shares its input's memory and is not
     counted. None when a node's value is unknown."""
+    sizes = [_value_bytes(node) for node in gm.graph.nodes]
+    return None if any(size is None for size in sizes) else sum(sizes)  # type: ignore[arg-type]
+
+
+def _values_exceed(gm: fx.GraphModule, allowance: int) -> bool:
+    """Whether the values of ``gm``'s nodes whose shapes are recorded already exceed ``allowance``."""
+    return sum(_value_bytes(node) or 0 for node in gm.graph.nodes) > allowance
+
+
+def _value_bytes(node: fx.Node) -> int | None:
+    """Bytes of the tensors ``node`` computes (0 for a view or a node that computes nothing),
+    from its recorded value; None where it is unknown."""
+    if node.op not in ("call_function", "call_method", "call_module") or getattr(node.target, "is_view", False):
+        return 0
+    value = node.meta.get("val")
+    if value is None:
+        return None
     total = 0
-    for node in gm.graph.nodes:
-        if node.op not in ("call_function", "call_method", "call_module") or getattr(node.target, "is_view", False):
-            continue
-        value = node.meta.get("val")
-        values = value if isinstance(value, (tuple, list)) else [value]
-        for item in values:
-            if isinstance(item, torch.Tensor):
-                total += numel_hint(item.shape) * item.element_size()
-            elif item is not None and not isinstance(item, (int, float, bool, torch.SymInt)):
-                return None
-        if value is None:
+    for item in value if isinstance(value, (tuple, list)) else [value]:
+        if isinstance(item, torch.Tensor):
+            total += numel_hint(item.shape) * item.element_size()
+        elif item is not None and not isinstance(item, (int, float, bool, torch.SymInt)):
             return None
     return total
 
@@ -445,6 +454,14 @@ def _shared_nodes(gm: fx.GraphModule, stamps: dict[str, Any], cached: dict[str, 
                 i.name in clean for i in node.all_input_nodes):
             clean.add(node.name)
     return clean
+
+
+def give_back_after(node: fx.Node) -> None:
+    """In a run that keeps only the live values (a large model's), after ``node`` ran and the
+    values it read last were dropped: where it reads a weight, what it freed (a dequantized copy
+    of the weight, its size) goes back to the system before the next such node makes its own."""
+    if any(source.op == "get_attr" for source in node.all_input_nodes):
+        release_freed_memory()
 
 
 def run_node(gm: fx.GraphModule, node: fx.Node, value: Callable[[fx.Node], Any]) -> Any:

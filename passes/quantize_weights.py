@@ -190,7 +190,7 @@ def _estimate(weight: torch.Tensor, quantized: Callable, name: str):  # noqa: AN
     def estimate(level: object) -> float:
         q, scale, zero = quantized(name, level)
         w = weight.detach().float()
-        return float((dequantize_weight_groupwise(q, scale, zero) - w).norm() / w.norm().clamp(min=1e-12))
+        return float(dequantize_weight_groupwise(q, scale, zero).sub_(w).norm() / w.norm().clamp(min=1e-12))
     return estimate
 
 
