@@ -72,6 +72,27 @@ def test_a_graph_run_span_by_span_computes_exactly_what_a_whole_run_computes() -
 
 
 
+def test_a_span_run_holds_only_the_values_a_later_node_reads(monkeypatch) -> None:
+    """Run span by span, a graph holds what a whole run that keeps no values holds: after each
+    node, only the values some later node reads (a large model's reference run)."""
+    import sys
+
+    import fxopt.lossy.blocks as blocks
+
+    model, batches = _llama(2)
+    gm = fxopt.capture(model, tuple(batches[0]))
+    spans = find_spans(gm, [n.name for n in gm.graph.nodes if n.target == ops.linear])
+    dead: list[str] = []
+
+    def check(node: object) -> None:
+        caller = sys._getframe(1).f_locals
+        dead.extend(name for name in caller["env"] if caller["last"].get(name, -1) <= caller["position"])
+
+    monkeypatch.setattr(blocks, "give_back_after", check)
+    run_by_spans(gm, spans, batches[0])
+    assert dead == []
+
+
 def test_a_blocks_own_graph_computes_what_its_span_of_the_whole_graph_computes() -> None:
     """The trials copy and run a block's nodes alone (fxopt.lossy.blocks.Block), not the whole
     graph: from the same kept values, each block gives the same values after it, bit for bit."""

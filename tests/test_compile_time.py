@@ -317,6 +317,26 @@ def test_reusing_runner_past_its_bound_keeps_no_values_and_the_same_outputs() ->
     assert not nothing.has(0) and nothing.lean_runs == 1
 
 
+def test_a_run_whose_recorded_values_exceed_the_allowance_is_lean_from_its_first_node(monkeypatch) -> None:
+    """A run that cannot keep its values (a large model's) keeps none from the start, and gives
+    back what each node reading a weight freed, rather than keeping values until they overflow."""
+    import fxopt.verify as verify
+
+    gm, ctx, _, _ = _search_case()
+    batch = ctx.batches[0]
+    sizing = ReusingRunner()
+    sizing.run(gm, batch, pin=True)
+    linear = next(n for n in gm.graph.nodes if n.op == "call_function")
+    assert verify._value_bytes(linear) < sizing.pinned_bytes(0) // 2  # room for its first values
+    lean: list[str] = []  # the nodes after which the run held only live values
+    monkeypatch.setattr(verify, "give_back_after", lambda node: lean.append(node.name))
+    runner = ReusingRunner(max_bytes=sizing.pinned_bytes(0) // 2)
+    outputs = runner.run(gm, batch, pin=True)
+    assert lean == [n.name for n in gm.graph.nodes if n.op != "output"]
+    assert runner.lean_runs == 1 and not runner.has(0)
+    assert all(torch.equal(a, b) for a, b in zip(run_graph(gm, batch), outputs))
+
+
 @pytest.mark.parametrize("lossy", ["quantize-int8(activations='dynamic', budget=0.008)",  # 1 of 3 fits
                                    "quantize-weights(bits=4, group_size=32, budget=0.05, strategy='equal-share')"])
 def test_a_search_with_no_room_for_values_chooses_what_an_unbounded_one_does(

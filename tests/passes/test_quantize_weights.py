@@ -50,6 +50,9 @@ def test_groupwise_weights_round_trip_within_half_a_step(bits: int, group_size: 
     assert int(q.max()) <= (127 if bits == 8 else 15) and (zero is None) == (bits == 8)
     step = scale.repeat_interleave(group_size or 128, dim=1)
     assert bool(((dequantize_weight_groupwise(q, scale, zero) - weight).abs() <= step / 2 + 1e-6).all())
+    q_float = q.float()  # computed in place, on a copy of its own: a float q stays as given
+    assert torch.equal(dequantize_weight_groupwise(q_float, scale, zero), dequantize_weight_groupwise(q, scale, zero))
+    assert torch.equal(q_float, q.float())
 
 
 def test_int8_quantizes_every_linear_of_an_mlp_within_budget() -> None:
