@@ -10,7 +10,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ir.derived import release_freed_memory
+from fxopt.ir.derived import RELEASE_BYTES, release_freed_memory
 from fxopt.ir.shapes import freeze_arguments, numel_hint
 
 # Relative tolerance (max |a - b| over max |a|) an exact pass must meet, per dtype.
@@ -352,9 +352,12 @@ class ReusingRunner:
                 if values is not None:
                     values[node.name] = value
                 else:  # keep only what a later node reads
-                    for dead in [n for n in env if last_use[n] <= index]:
-                        del env[dead]
-                    give_back_after(node)
+                    dead = [n for n in env if last_use[n] <= index]
+                    give_back = worth_giving_back(node, [env[n] for n in dead if n.op != "get_attr"], env.get)
+                    for n in dead:
+                        del env[n]
+                    if give_back:
+                        release_freed_memory()
         if values is None:
             self.lean_runs += 1
         elif pin:
@@ -456,12 +459,16 @@ def _shared_nodes(gm: fx.GraphModule, stamps: dict[str, Any], cached: dict[str, 
     return clean
 
 
-def give_back_after(node: fx.Node) -> None:
-    """In a run that keeps only the live values (a large model's), after ``node`` ran and the
-    values it read last were dropped: where it reads a weight, what it freed (a dequantized copy
-    of the weight, its size) goes back to the system before the next such node makes its own."""
-    if any(source.op == "get_attr" for source in node.all_input_nodes):
-        release_freed_memory()
+def worth_giving_back(node: fx.Node, dropped: Sequence[Any], read: Callable[[fx.Node], Any]) -> bool:
+    """In a run that keeps only the live values (a large model's), after ``node`` ran: whether
+    the memory freed then is worth giving back to the system (``release_freed_memory``) before
+    the next node makes its own. It is where ``dropped``, the values it read last, add up to a
+    weight's size (a dequantized copy), or where ``node`` reads an integer weight (``read``
+    gives an input's value) that its op dequantizes inside, a float copy of the weight's size."""
+    freed = sum(v.untyped_storage().nbytes() for v in dropped if isinstance(v, torch.Tensor))
+    return freed >= RELEASE_BYTES or any(
+        source.op == "get_attr" and isinstance(weight := read(source), torch.Tensor)
+        and not weight.is_floating_point() and weight.numel() * 4 >= RELEASE_BYTES for source in node.all_input_nodes)
 
 
 def run_node(gm: fx.GraphModule, node: fx.Node, value: Callable[[fx.Node], Any]) -> Any:

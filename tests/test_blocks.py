@@ -82,15 +82,19 @@ def test_a_span_run_holds_only_the_values_a_later_node_reads(monkeypatch) -> Non
     model, batches = _llama(2)
     gm = fxopt.capture(model, tuple(batches[0]))
     spans = find_spans(gm, [n.name for n in gm.graph.nodes if n.target == ops.linear])
-    dead: list[str] = []
+    kept_past_last_use: list[str] = []
+    checks = []
+    worth = blocks.worth_giving_back
 
-    def check(node: object) -> None:
+    def check(node: object, *args: object) -> bool:  # after each node, before its dead values go
         caller = sys._getframe(1).f_locals
-        dead.extend(name for name in caller["env"] if caller["last"].get(name, -1) <= caller["position"])
+        checks.append(node)
+        kept_past_last_use.extend(name for name in caller["env"] if caller["last"].get(name, -1) < caller["position"])
+        return worth(node, *args)
 
-    monkeypatch.setattr(blocks, "give_back_after", check)
+    monkeypatch.setattr(blocks, "worth_giving_back", check)
     run_by_spans(gm, spans, batches[0])
-    assert dead == []
+    assert len(checks) > 50 and kept_past_last_use == []
 
 
 def test_a_blocks_own_graph_computes_what_its_span_of_the_whole_graph_computes() -> None:

@@ -39,7 +39,7 @@ from fxopt.ir import derived, module_path, subgraph_module
 from fxopt.ir.derived import release_freed_memory
 from fxopt.lossy.sites import Choices, Level, Pick, Site
 from fxopt.phases import progress
-from fxopt.verify import compare_outputs, give_back_after, last_uses, run_node
+from fxopt.verify import compare_outputs, last_uses, run_node, worth_giving_back
 
 # The search is a fxopt.lossy.search.BudgetedSearch (which imports this module): typed Any here.
 Search = Any
@@ -137,6 +137,7 @@ def run_span(gm: fx.GraphModule, spans: Sequence[Span], k: int, live: Values, ba
         raise SpanError(f"block {spans[k].key}: {node.name} is neither live at its start nor in it")
 
     last = {node.name: position for node, position in last_uses(gm).items()}
+    constants = {node.name for node in nodes if node.op == "get_attr"}
     with torch.no_grad():  # a model's parameters require grad: no autograd graph keeps a block's values
         for position, node in enumerate(nodes[start:end + 1], start):
             if node.op == "output":
@@ -145,9 +146,12 @@ def run_span(gm: fx.GraphModule, spans: Sequence[Span], k: int, live: Values, ba
                 env[node.name] = next(inputs)
                 continue
             env[node.name] = _computed(gm, node, value, held)
-            for name in [name for name in env if last.get(name, -1) <= position]:
-                del env[name]  # as a whole run keeps them: only what a later node reads
-            give_back_after(node)
+            dead = [name for name in env if last.get(name, -1) <= position]  # as a run keeping no values
+            give_back = worth_giving_back(node, [env[name] for name in dead if name not in constants], value)
+            for name in dead:
+                del env[name]
+            if give_back:
+                release_freed_memory()
     return {name: v for name, v in env.items() if last.get(name, -1) > end}
 
 
