@@ -312,7 +312,6 @@ def _block_by_block(search: Search, budget: float, spans: Sequence[Span]
                             raise SpanError(f"block {span.key}: a rewrite replaced one of its outputs")
                         comparison = compare_outputs(reference[b][k], [after[b][n] for n in span.outputs])
                         worst = max(worst, math.inf if comparison.mismatch else comparison.max_rel)
-                    release_freed_memory()  # a trial's transients (dequantized weights) go back
                     search.trials += 1
                     search.step("block-trial", block=span.key, choices=dict(combination), error=worst, target=share)
                     runs[key] = (worst, after)
