@@ -463,12 +463,16 @@ def worth_giving_back(node: fx.Node, dropped: Sequence[Any], read: Callable[[fx.
     """In a run that keeps only the live values (a large model's), after ``node`` ran: whether
     the memory freed then is worth giving back to the system (``release_freed_memory``) before
     the next node makes its own. It is where ``dropped``, the values it read last, add up to a
-    weight's size (a dequantized copy), or where ``node`` reads an integer weight (``read``
-    gives an input's value) that its op dequantizes inside, a float copy of the weight's size."""
-    freed = sum(v.untyped_storage().nbytes() for v in dropped if isinstance(v, torch.Tensor))
-    return freed >= RELEASE_BYTES or any(
-        source.op == "get_attr" and isinstance(weight := read(source), torch.Tensor)
-        and not weight.is_floating_point() and weight.numel() * 4 >= RELEASE_BYTES for source in node.all_input_nodes)
+    weight's size (a dequantized copy), or where ``node`` reads an integer weight that its op
+    dequantizes inside (a float copy of the weight's size, freed before it returns; ``read``
+    gives a node's value): not where its output is that copy (a dequantize node)."""
+    if sum(v.untyped_storage().nbytes() for v in dropped if isinstance(v, torch.Tensor)) >= RELEASE_BYTES:
+        return True
+    weights = [weight.numel() for source in node.all_input_nodes
+               if source.op == "get_attr" and isinstance(weight := read(source), torch.Tensor)
+               and not weight.is_floating_point() and weight.numel() * 4 >= RELEASE_BYTES]
+    out = read(node)
+    return bool(weights) and not (isinstance(out, torch.Tensor) and out.numel() >= max(weights))
 
 
 def run_node(gm: fx.GraphModule, node: fx.Node, value: Callable[[fx.Node], Any]) -> Any:

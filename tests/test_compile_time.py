@@ -338,6 +338,26 @@ def test_a_run_whose_recorded_values_exceed_the_allowance_is_lean_from_its_first
     assert all(torch.equal(a, b) for a, b in zip(run_graph(gm, batch), outputs))
 
 
+def test_a_lean_run_gives_memory_back_where_a_weights_size_was_freed() -> None:
+    """After a node that freed a weight-sized value, or whose op dequantized an integer weight
+    inside; not after a dequantize node, whose output is the float copy it keeps."""
+    from fxopt.ir.derived import RELEASE_BYTES
+    from fxopt.verify import worth_giving_back
+
+    graph = torch.fx.Graph()
+    x, weight = graph.placeholder("x"), graph.get_attr("weight")
+    dequantized = graph.call_function(torch.ops.aten._to_copy.default, (weight,))
+    inside = graph.call_function(torch.ops.aten.sum.default, (weight,))  # reads it, returns little
+    values = {x: torch.ones(4), weight: torch.zeros(RELEASE_BYTES // 4, dtype=torch.int8),
+              dequantized: torch.zeros(RELEASE_BYTES // 4), inside: torch.zeros(())}
+    assert not worth_giving_back(dequantized, [], values.get)
+    assert worth_giving_back(inside, [], values.get)
+    assert not worth_giving_back(x, [torch.zeros(16)], values.get)
+    values[weight] = torch.zeros(RELEASE_BYTES // 8, dtype=torch.int8)  # its float copy under the size
+    assert not worth_giving_back(inside, [], values.get)
+    assert worth_giving_back(x, [values[dequantized]], values.get)  # a dequantized copy dropped
+
+
 @pytest.mark.parametrize("lossy", ["quantize-int8(activations='dynamic', budget=0.008)",  # 1 of 3 fits
                                    "quantize-weights(bits=4, group_size=32, budget=0.05, strategy='equal-share')"])
 def test_a_search_with_no_room_for_values_chooses_what_an_unbounded_one_does(
