@@ -352,12 +352,8 @@ class ReusingRunner:
                 if values is not None:
                     values[node.name] = value
                 else:  # keep only what a later node reads
-                    dead = [n for n in env if last_use[n] <= index]
-                    give_back = worth_giving_back(node, [env[n] for n in dead if n.op != "get_attr"], env.get)
-                    for n in dead:
-                        del env[n]
-                    if give_back:
-                        release_freed_memory()
+                    drop_dead_values(node, env, [n for n in env if last_use[n] <= index], env.get,
+                                     lambda n: n.op == "get_attr")
         if values is None:
             self.lean_runs += 1
         elif pin:
@@ -457,6 +453,19 @@ def _shared_nodes(gm: fx.GraphModule, stamps: dict[str, Any], cached: dict[str, 
                 i.name in clean for i in node.all_input_nodes):
             clean.add(node.name)
     return clean
+
+
+def drop_dead_values(node: fx.Node, env: dict[Any, Any], dead: Sequence[Any], read: Callable[[fx.Node], Any],
+                     constant: Callable[[Any], bool]) -> None:
+    """After ``node`` ran in a run that keeps only the live values: ``dead`` (the keys of the
+    values it read last) leave ``env``, and the memory freed goes back to the system where
+    :func:`worth_giving_back` says so (``constant(key)``: a key whose value is a graph constant,
+    which dropping does not free; ``read`` gives a node's value)."""
+    give_back = worth_giving_back(node, [env[key] for key in dead if not constant(key)], read)
+    for key in dead:
+        del env[key]
+    if give_back:
+        release_freed_memory()
 
 
 def worth_giving_back(node: fx.Node, dropped: Sequence[Any], read: Callable[[fx.Node], Any]) -> bool:

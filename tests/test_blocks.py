@@ -84,15 +84,15 @@ def test_a_span_run_holds_only_the_values_a_later_node_reads(monkeypatch) -> Non
     spans = find_spans(gm, [n.name for n in gm.graph.nodes if n.target == ops.linear])
     kept_past_last_use: list[str] = []
     checks = []
-    worth = blocks.worth_giving_back
+    drop = blocks.drop_dead_values
 
-    def check(node: object, *args: object) -> bool:  # after each node, before its dead values go
+    def check(node: object, *args: object) -> None:  # after each node, before its dead values go
         caller = sys._getframe(1).f_locals
         checks.append(node)
         kept_past_last_use.extend(name for name in caller["env"] if caller["last"].get(name, -1) < caller["position"])
-        return worth(node, *args)
+        drop(node, *args)
 
-    monkeypatch.setattr(blocks, "worth_giving_back", check)
+    monkeypatch.setattr(blocks, "drop_dead_values", check)
     run_by_spans(gm, spans, batches[0])
     assert len(checks) > 50 and kept_past_last_use == []
 

@@ -39,7 +39,7 @@ from fxopt.ir import derived, module_path, subgraph_module
 from fxopt.ir.derived import release_freed_memory
 from fxopt.lossy.sites import Choices, Level, Pick, Site
 from fxopt.phases import progress
-from fxopt.verify import compare_outputs, last_uses, run_node, worth_giving_back
+from fxopt.verify import compare_outputs, drop_dead_values, last_uses, run_node
 
 # The search is a fxopt.lossy.search.BudgetedSearch (which imports this module): typed Any here.
 Search = Any
@@ -146,12 +146,9 @@ def run_span(gm: fx.GraphModule, spans: Sequence[Span], k: int, live: Values, ba
                 env[node.name] = next(inputs)
                 continue
             env[node.name] = _computed(gm, node, value, held)
-            dead = [name for name in env if last.get(name, -1) <= position]  # as a run keeping no values
-            give_back = worth_giving_back(node, [env[name] for name in dead if name not in constants], value)
-            for name in dead:
-                del env[name]
-            if give_back:
-                release_freed_memory()
+            # as a run that keeps no values: only what a later node reads
+            drop_dead_values(node, env, [name for name in env if last.get(name, -1) <= position], value,
+                             constants.__contains__)
     return {name: v for name, v in env.items() if last.get(name, -1) > end}
 
 
