@@ -203,12 +203,14 @@ class Session:
         exact = 0
         while exact < len(pipeline) and pipeline[exact].exact:
             exact += 1
-        stage = self._shared_stage(pipeline[:exact], 0)
         # From the longest prefix a run reached, each lossy pass (with the exact ones before it)
         # ends a stage of its own: a pipeline that adds exact passes after another's lossy one
-        # (merge-siblings after quantize-int8) continues from that one's search.
+        # (merge-siblings after quantize-int8) continues from that one's search. The exact
+        # prefix runs only where no longer stage is kept (a kept search's exact prefix may
+        # have gone: running it again would cost a whole model's reference run for nothing).
         done = max((n for n in range(exact, len(pipeline) + 1) if pipeline[:n] in self._stages), default=exact)
-        stage = self._stages.get(pipeline[:done], stage)
+        stage = self._stages[pipeline[:done]] if pipeline[:done] in self._stages \
+            else self._shared_stage(pipeline[:exact], 0)
         for end in range(done + 1, len(pipeline) + 1):
             if not pipeline[end - 1].exact or end == len(pipeline):
                 stage, done = self._shared_stage(pipeline[:end], done), end

@@ -72,6 +72,28 @@ def test_each_lossy_pass_ends_a_shared_stage_and_stages_go_when_no_pipeline_cont
     assert again is not alone and again.records[0] is not alone.records[0]
 
 
+def test_a_kept_stage_is_taken_without_running_its_exact_prefix_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A preset keeps a candidate's search whole and lets its exact prefix go: building the
+    candidate later continues from the search without running (and verifying) the exact
+    passes again."""
+    import fxopt.pipeline.manager as manager
+
+    model, x = _mlp(), torch.randn(8, 16)
+    session = Session(model, (x,), SessionOptions(progress=False))
+    dropout, quantize, merge = resolve_passes(["remove-dropout", "quantize-int8(activations='dynamic-tensor', "
+                                               "budget=1.0, force=True)", "merge-siblings"])
+    searched = session.run([dropout, quantize], share_prefix=True)
+    session.keep_stages_for([], ran=[[dropout, quantize]])  # the search whole, not its exact prefix
+    assert (dropout,) not in session._stages
+    runs = []
+    monkeypatch.setattr(manager.PassManager, "run", lambda self, *a, **k: runs.append(self.passes) or None)
+    assert session.run([dropout, quantize], share_prefix=True) is searched
+    assert runs == []
+    with pytest.raises(TypeError):  # the stub returns nothing: what matters is which passes it was given
+        session.run([dropout, quantize, merge], share_prefix=True)
+    assert [[p.name for p in passes] for passes in runs] == [["merge-siblings"]]
+
+
 def test_a_candidate_quantizing_after_another_holds_no_int8_weight_of_its_own() -> None:
     """An int8 preset's candidates quantize the same weights: once the first merged its
     siblings' int8 weights (and its unmerged stage went), the second finds each sibling's
