@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -231,7 +232,10 @@ class ReusingRunner:
     trial, and the one before it: the combination a rejected trial did not join), all within
     ``max_bytes`` of computed values (None: no bound). A run whose values would not fit keeps
     none: it frees each value after its last use, as generated code does, so that a trial
-    through a large model holds only the values still live.
+    through a large model holds only the values still live. Such a run keeps its outputs
+    instead, for a later run of a graph whose live nodes are all the same (a search's final
+    trial, then the graph its pass committed: the same function, with the trial's dead nodes
+    removed); while every constant it read is alive, nothing else can be at its address.
     """
 
     def __init__(self, keep: int = 2, max_bytes: int | None = None) -> None:
@@ -240,6 +244,8 @@ class ReusingRunner:
         self.lean_runs = 0  # runs that kept no values (over max_bytes, or keep=0)
         self._pinned: dict[Any, tuple[dict[str, Any], dict[str, Any]]] = {}
         self._last: dict[Any, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+        # batch -> the last lean run's (live nodes' stamps, its constants, its outputs)
+        self._lean_outputs: dict[Any, tuple[dict[str, Any], list[weakref.ref], list[Any]]] = {}
         self.computed = 0  # nodes computed (tests compare with the nodes reused)
         self.reused = 0
 
@@ -309,6 +315,11 @@ class ReusingRunner:
     def run(self, gm: fx.GraphModule, inputs: Sequence[Any], key: Any = 0, *, pin: bool = False) -> list[Any]:
         """``gm``'s flat outputs on ``inputs`` (the batch called ``key``: the same tensors every call)."""
         stamps = _stamps(gm)
+        live = _live_stamps(gm, stamps)
+        known = self._lean_outputs.get(key)
+        if known is not None and known[0] == live and all(ref() is not None for ref in known[1]):
+            self.reused += sum(stamp[0] != "get_attr" for stamp in live.values())
+            return list(known[2])
         candidates = [c for c in (self._pinned.get(key), *self._last.get(key, [])) if c is not None]
         best: tuple[dict[str, Any], dict[str, Any]] | None = None
         best_clean: set[str] = set()
@@ -325,6 +336,7 @@ class ReusingRunner:
         last_use = last_uses(gm) if allowance is not None else {}
         held: set[int] = set()  # storages the record would hold
         held_bytes = 0
+        constants: list[weakref.ref] | None = []  # what the outputs of a lean run depend on besides the inputs
         flat_inputs = iter(gm.graph._codegen.process_inputs(*inputs))
         output: Any = None
         with torch.no_grad():
@@ -349,19 +361,27 @@ class ReusingRunner:
                         if held_bytes > allowance:
                             values = None
                 env[node] = value
+                if node.op == "get_attr" and node.name in live and constants is not None:
+                    try:
+                        constants.append(weakref.ref(value))
+                    except TypeError:  # nothing can tell later that it is still alive
+                        constants = None
                 if values is not None:
                     values[node.name] = value
                 else:  # keep only what a later node reads
                     drop_dead_values(node, env, [n for n in env if last_use[n] <= index], env.get,
                                      lambda n: n.op == "get_attr")
+        out = gm.graph._codegen.process_outputs(output)
+        outputs = list(out) if isinstance(out, (tuple, list)) else [out]
         if values is None:
             self.lean_runs += 1
+            if constants is not None:
+                self._lean_outputs[key] = (live, constants, outputs)
         elif pin:
             self._pinned[key] = (stamps, values)
         else:
             self._last[key] = [(stamps, values), *self._last.get(key, [])][: max(self.keep, 0)]
-        out = gm.graph._codegen.process_outputs(output)
-        return list(out) if isinstance(out, (tuple, list)) else [out]
+        return list(outputs)
 
 
 def _record_bytes(record: tuple[dict[str, Any], dict[str, Any]]) -> int:
@@ -417,6 +437,19 @@ def last_uses(gm: fx.GraphModule) -> dict[fx.Node, int]:
 
 def _stamps(gm: fx.GraphModule) -> dict[str, Any]:
     return {node.name: _node_stamp(gm, node) for node in gm.graph.nodes}
+
+
+def _live_stamps(gm: fx.GraphModule, stamps: dict[str, Any]) -> dict[str, Any]:
+    """The stamps of the nodes ``gm``'s outputs depend on (a dead node changes nothing)."""
+    output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
+    live: dict[str, Any] = {}
+    pending = list(output.all_input_nodes)
+    while pending:
+        node = pending.pop()
+        if node.name not in live:
+            live[node.name] = stamps[node.name]
+            pending.extend(node.all_input_nodes)
+    return live
 
 
 def _whole_run_of(gm: fx.GraphModule, stamps: dict[str, Any], record: tuple[dict[str, Any], dict[str, Any]]) -> bool:

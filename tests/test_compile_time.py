@@ -317,6 +317,29 @@ def test_reusing_runner_past_its_bound_keeps_no_values_and_the_same_outputs() ->
     assert not nothing.has(0) and nothing.lean_runs == 1
 
 
+def test_a_lean_run_of_a_graph_whose_live_nodes_ran_last_takes_their_outputs() -> None:
+    """A search's final trial, then the graph its pass committed (the trial without its dead
+    nodes): the second run is not made. A graph that reads another constant is run."""
+    gm, ctx, sites, apply = _search_case()
+    batch = ctx.batches[0]
+    runner = ReusingRunner(max_bytes=0)  # a large model's: every run lean
+    trial = apply(copy_graph_module(gm), {sites[0].name: True})
+    trial.recompile()
+    outputs = runner.run(trial, batch)
+    committed = copy_graph_module(trial)
+    assert committed.graph.eliminate_dead_code()  # the float weight the trial no longer reads
+    committed.recompile()
+    computed = runner.computed
+    again = runner.run(committed, batch)
+    assert runner.computed == computed and all(a is b for a, b in zip(outputs, again))
+    other = copy_graph_module(committed)
+    name = next(n.target for n in other.graph.nodes if n.op == "get_attr" and "_w8" in str(n.target))
+    setattr(other, name, getattr(other, name).clone())  # the same values, another constant
+    rerun = runner.run(other, batch)
+    assert runner.computed > computed
+    assert all(torch.equal(a, b) and a is not b for a, b in zip(outputs, rerun))
+
+
 def test_a_run_whose_recorded_values_exceed_the_allowance_is_lean_from_its_first_node(monkeypatch) -> None:
     """A run that cannot keep its values (a large model's) keeps none from the start, and gives
     back what each node reading a weight freed, rather than keeping values until they overflow."""
