@@ -59,6 +59,25 @@ def measure_side_by_side(
                        max_seconds=max_seconds, min_repeats=min_repeats)
 
 
+class Deferred:
+    """A candidate that costs something to make (a packed weight, a lowered module), for
+    :meth:`fxopt.pipeline.timings.KernelTimings.choose`: ``build()`` makes the callable, only
+    where the choice is measured (a cached verdict builds nothing); ``value`` is what was
+    built, if anything."""
+
+    def __init__(self, build: Callable[[], Callable[..., Any]]) -> None:
+        self.build = build
+        self.value: Callable[..., Any] | None = None
+
+    def made(self) -> Callable[..., Any]:
+        if self.value is None:
+            self.value = self.build()
+        return self.value
+
+    def __call__(self, *args: Any) -> Any:
+        return self.made()(*args)
+
+
 # ``keep(round, samples, elapsed)``: after each round, the candidates to go on timing (from
 # those still timed, whose samples it gets); none left ends the timing.
 KeepPolicy = Callable[[int, Mapping[str, list[float]], float], Iterable[str]]

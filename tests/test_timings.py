@@ -66,6 +66,28 @@ def test_the_cache_is_json_on_disk_and_reused(tmp_path):
     assert again.choose("op", "y", _candidates([]), INPUTS, prefer="plain").source == "measured"
 
 
+def test_a_deferred_candidate_is_made_only_where_the_choice_is_measured(tmp_path):
+    """A candidate that packs a weight to run is made once when measured; a cached verdict
+    (a second compile, or the whole model after its stand-in) makes none."""
+    from fxopt.latency import Deferred
+
+    made = []
+
+    def candidates():
+        return {"fused": Deferred(lambda: made.append("fused") or (lambda x: x * 2)), "plain": lambda x: x * 2}
+
+    timer = fixed_timer({"fused": 0.5, "plain": 1.0})
+    first = KernelTimings(tmp_path, measure=True, timer=timer, fingerprint="m")
+    measured = candidates()
+    assert first.choose("op", "x", measured, INPUTS, prefer="plain").source == "measured"
+    assert made == ["fused"] and measured["fused"].value is not None
+    cached = candidates()
+    again = KernelTimings(tmp_path, measure=True, timer=timer, fingerprint="m")
+    assert (again.choose("op", "x", cached, INPUTS, prefer="plain").name, made) == ("fused", ["fused"])
+    assert cached["fused"].value is None
+    assert torch.equal(cached["fused"](torch.ones(2)), torch.full((2,), 2.0)) and made == ["fused"] * 2
+
+
 def test_verdicts_are_keyed_by_the_kernels_code(tmp_path, monkeypatch):
     from fxopt.pipeline import timings
 

@@ -25,6 +25,7 @@ import torch.fx as fx
 from fxopt.ir import constant, is_op, shape_of
 from fxopt.ir.qdq import QdqLinear, has_qdq_linear, match_qdq_linear
 from fxopt.kernels import int8 as kernels
+from fxopt.latency import Deferred
 from fxopt.lowering.base import (
     Choose,
     Lowering,
@@ -145,13 +146,14 @@ def _measured_fastest(gm: fx.GraphModule, match: QdqLinear, kernel: Any, args: t
     # that take its op further (e.g. onto oneDNN's int8 kernel), not as the bare op.
     site = (f"x={'/'.join(map(str, shapes))} {str(x.dtype).removeprefix('torch.')} {device.type} w={weight} "
             f"kernel={kernel._opname}+kernels bias={match.bias is not None}")
-    candidates = {name: _kernel_module(gm, match, kernel, variant, device, choose)
+    # each lowered (its weight packed) only where the choice is measured, not cached
+    candidates = {name: Deferred(lambda variant=variant: _kernel_module(gm, match, kernel, variant, device, choose))
                   for name, variant in variants.items()}
     choice = choose("int8-linear", site, {**candidates, "qdq": pattern},
                     measured_inputs(shapes, x.dtype, device), prefer="qdq")
     name = _single_copy_where_close(choice.name, choice.times)
     result.choices.append({**choice.as_dict(), "chosen": name, "nodes": [match.linear.name]})
-    for module in candidates.values():
+    for module in (c.value for c in candidates.values() if c.value is not None):
         # A graph module and its graph refer to each other: the packs a measured module holds
         # would wait for a garbage collection, a large model's sites' packs piling up till then.
         for child in list(module._modules):

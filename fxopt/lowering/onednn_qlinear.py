@@ -44,6 +44,7 @@ import torch.fx as fx
 
 from fxopt.ir import arg, constant, derived, dtype_of, is_op, ops, shape_of
 from fxopt.kernels import int8 as kernels
+from fxopt.latency import Deferred
 from fxopt.lowering.base import (
     Choose,
     Lowering,
@@ -400,20 +401,23 @@ def _measured_faster(gm: fx.GraphModule, node: fx.Node, post: tuple[tuple[str, s
     bias = constant(gm, node.args[3]) if len(node.args) > 3 and node.args[3] is not None else None
     per_token, per_tensor = _token_linear(gm, node), is_op(node, kernels.int8_linear_dynamic_tensor_op)
     input_scale, input_zero_point = (None, None) if per_token or per_tensor else _qparams(node)
-    packed = _prepack()(qweight, None)
     zeros = torch.zeros(qweight.shape[0], dtype=torch.int64)
     rest = [constant(gm, a) if isinstance(a, fx.Node) else a for a in node.args[1:]]
 
-    def onednn(x: torch.Tensor) -> torch.Tensor:
-        if per_token:
-            return token_qlinear(x, packed, weight_scale, zeros, bias)
-        if per_tensor:
-            return tensor_qlinear(x, packed, weight_scale, zeros, bias, post_name, algorithm)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            xq = quantize_u8(x, input_scale, input_zero_point)
-        return _qlinear()(xq, input_scale, input_zero_point, packed, weight_scale, zeros, bias,
-                          1.0, 0, torch.float32, post_name, [], algorithm)
+    def onednn_kernel() -> Any:  # the weight packed only where the choice is measured, not cached
+        packed = _prepack()(qweight, None)
+
+        def onednn(x: torch.Tensor) -> torch.Tensor:
+            if per_token:
+                return token_qlinear(x, packed, weight_scale, zeros, bias)
+            if per_tensor:
+                return tensor_qlinear(x, packed, weight_scale, zeros, bias, post_name, algorithm)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                xq = quantize_u8(x, input_scale, input_zero_point)
+            return _qlinear()(xq, input_scale, input_zero_point, packed, weight_scale, zeros, bias,
+                              1.0, 0, torch.float32, post_name, [], algorithm)
+        return onednn
 
     def int8_linear(x: torch.Tensor) -> torch.Tensor:
         y = node.target(x, *rest)
@@ -424,7 +428,7 @@ def _measured_faster(gm: fx.GraphModule, node: fx.Node, post: tuple[tuple[str, s
             f"zero_point={input_zero_point} post={post_name}:{algorithm}"
             + (" per-token" if per_token else " dynamic-tensor" if per_tensor else ""))
     inputs = measured_inputs(shapes, torch.float32)
-    choice = choose("onednn-qlinear", site, {"onednn-qlinear": onednn, "int8-linear": int8_linear}, inputs,
+    choice = choose("onednn-qlinear", site, {"onednn-qlinear": Deferred(onednn_kernel), "int8-linear": int8_linear}, inputs,
                     prefer="int8-linear")
     name = choice.name
     engine = node.args[4] if per_tensor and len(node.args) > 4 else ""

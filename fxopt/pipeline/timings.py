@@ -39,7 +39,7 @@ import torch
 
 from fxopt import isa
 from fxopt.ir import copy_graph_module
-from fxopt.latency import KeepPolicy, interleaved
+from fxopt.latency import Deferred, KeepPolicy, interleaved
 from fxopt.phases import phase
 
 CACHE_DIR_ENV = "FXOPT_CACHE_DIR"
@@ -218,7 +218,8 @@ class KernelTimings:
     def choose(self, op: str, site: str, candidates: Mapping[str, Callable[..., Any]],
                inputs: Sequence[Sequence[Any]], *, prefer: str | None = None, margin: float = 0.0,
                warm: bool = False) -> Choice:
-        """Which of ``candidates`` (name -> callable on one of ``inputs``) runs at ``site``.
+        """Which of ``candidates`` (name -> callable on one of ``inputs``, or a
+        :class:`Deferred` one, made only where they are measured) runs at ``site``.
 
         ``inputs`` holds one argument list per size to measure (the example shape, then a
         second batch size where the batch is dynamic). ``prefer`` (default: the first
@@ -237,7 +238,8 @@ class KernelTimings:
             return Choice(op, site, entry["chosen"], "cache", {k: list(v) for k, v in entry["times"].items()})
         if not self.measure or len(names) == 1:
             return Choice(op, site, names[0], "default")
-        runnable = dict(candidates)
+        # made outside the timing loop
+        runnable = {name: c.made() if isinstance(c, Deferred) else c for name, c in candidates.items()}
         times: dict[str, list[float]] = {name: [] for name in names}
         timer = self.warm_timer if warm else self.timer
         for args in inputs:
