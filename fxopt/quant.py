@@ -24,12 +24,30 @@ TENSOR_EPS = float(torch.finfo(torch.float32).eps)
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+# Elements of a weight quantized at a time: a float chunk that stays in the CPU's cache,
+# where whole-weight temporaries (tens of MB each on a large model) cost more than the math.
+QUANTIZE_CHUNK = 1 << 18
+
+
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-output-channel int8: ``(Wq [out, in] int8, scale [out] float32)``."""
-    w = weight.detach().float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / WEIGHT_QMAX
-    qweight = torch.round(w / scale[:, None]).clamp(-WEIGHT_QMAX, WEIGHT_QMAX).to(torch.int8)
-    return qweight.contiguous(), scale.contiguous()
+    qweight = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    _quantize_rows_into(weight.detach(), qweight, scale)
+    return qweight, scale
+
+
+def _quantize_rows_into(weight: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> None:
+    """:func:`quantize_weight` of a 2-D ``weight``, written into ``qweight`` and ``scale``: on
+    a CPU a few rows at a time (the same numbers: each row is its own)."""
+    rows, columns = weight.shape
+    step = rows if weight.device.type != "cpu" else max(1, QUANTIZE_CHUNK // max(1, columns))
+    for start in range(0, rows, step):
+        w = weight[start:start + step].float()
+        # max |w| as max(max w, -min w): no |w| buffer
+        row_scale = torch.maximum(w.amax(dim=1), w.amin(dim=1).neg_()).clamp_(min=1e-12).div_(WEIGHT_QMAX)
+        scale[start:start + step] = row_scale
+        qweight[start:start + step] = torch.div(w, row_scale[:, None]).round_().clamp_(-WEIGHT_QMAX, WEIGHT_QMAX)
 
 
 def quantize_weights_stacked(weights: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,10 +61,9 @@ def quantize_weights_stacked(weights: Sequence[torch.Tensor]) -> tuple[torch.Ten
     scale = torch.empty(rows, dtype=torch.float32, device=device)
     row = 0
     for weight in weights:
-        q, s = quantize_weight(weight)
-        qweight[row:row + q.shape[0]].copy_(q)
-        scale[row:row + q.shape[0]].copy_(s)
-        row += int(q.shape[0])
+        count = int(weight.shape[0])
+        _quantize_rows_into(weight.detach(), qweight[row:row + count], scale[row:row + count])
+        row += count
     return qweight, scale
 
 

@@ -45,6 +45,30 @@ def test_per_token_quantization_is_bit_exact_with_quantized_decomposed(dtype: to
     assert torch.equal(scale, s)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_weights_quantized_a_few_rows_at_a_time_are_the_whole_weights_numbers(monkeypatch, dtype) -> None:
+    """Chunks of rows (a cache-sized float copy at a time), stacked siblings too: the numbers
+    of quantizing each whole weight at once, with zero rows and a chunk ending mid-weight."""
+    import fxopt.quant as quant
+
+    monkeypatch.setattr(quant, "QUANTIZE_CHUNK", 3 * 40)  # three rows of 40 columns per chunk
+    torch.manual_seed(0)
+    weights = [(torch.randn(rows, 40) * torch.logspace(-3, 2, rows)[:, None]).to(dtype) for rows in (8, 5)]
+    weights[0][4] = 0.0
+
+    def whole(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w = w.float()
+        scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+        return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+    for weight in weights:
+        assert all(map(torch.equal, quantize_weight(weight), whole(weight)))
+    stacked = quant.quantize_weights_stacked(weights)
+    expected = [whole(w) for w in weights]
+    assert torch.equal(stacked[0], torch.cat([q for q, _ in expected]))
+    assert torch.equal(stacked[1], torch.cat([s for _, s in expected]))
+
+
 @pytest.mark.parametrize("shape", [(1, 16), (5, 33), (2, 3, 64), (40, 24)])
 @pytest.mark.parametrize("out_features", [7, 48])
 @pytest.mark.parametrize("with_bias", [True, False])
