@@ -11,7 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ir.derived import RELEASE_BYTES, release_freed_memory
+from fxopt.ir.derived import RELEASE_BYTES, release_freed_memory, version_of
 from fxopt.ir.shapes import freeze_arguments, numel_hint
 
 # Relative tolerance (max |a - b| over max |a|) an exact pass must meet, per dtype.
@@ -235,7 +235,8 @@ class ReusingRunner:
     through a large model holds only the values still live. Such a run keeps its outputs
     instead, for a later run of a graph whose live nodes are all the same (a search's final
     trial, then the graph its pass committed: the same function, with the trial's dead nodes
-    removed); while every constant it read is alive, nothing else can be at its address.
+    removed); while the memory of every constant it read is alive, nothing else can be at
+    its address.
     """
 
     def __init__(self, keep: int = 2, max_bytes: int | None = None) -> None:
@@ -362,8 +363,10 @@ class ReusingRunner:
                             values = None
                 env[node] = value
                 if node.op == "get_attr" and node.name in live and constants is not None:
+                    # its memory's: a trial's constant is a new tensor on memory that lives on
+                    held_by = value.untyped_storage() if isinstance(value, torch.Tensor) else value
                     try:
-                        constants.append(weakref.ref(value))
+                        constants.append(weakref.ref(held_by))
                     except TypeError:  # nothing can tell later that it is still alive
                         constants = None
                 if values is not None:
@@ -474,7 +477,7 @@ def _tensor_identity(obj: Any) -> Any:
     if not isinstance(obj, torch.Tensor):
         return ("object", id(obj))
     return ("tensor", obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(),
-            obj.dtype, obj.device, obj._version)
+            obj.dtype, obj.device, version_of(obj))
 
 
 def _shared_nodes(gm: fx.GraphModule, stamps: dict[str, Any], cached: dict[str, Any]) -> set[str]:

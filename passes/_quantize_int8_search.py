@@ -1,11 +1,9 @@
 """quantize-int8's search description: which layers to quantize, and what each one costs.
 
-Not a pass (a leading underscore): the helpers of :mod:`fxopt.passes.quantize_int8`. Each layer
-is a site of the budgeted search (:mod:`fxopt.lossy`) with one level, saving 3 of every 4
-weight bytes; its estimate is its local error (its own output's relative error with its
-input and weight quantized, on its float input); static activation scales come from the
-one activation observer; a layer left float gets a refusal that says why, with a measured
-error.
+Not a pass: the helpers of :mod:`fxopt.passes.quantize_int8`. Each layer is a site of the
+budgeted search (:mod:`fxopt.lossy`) with one level; its estimate is its local error (its own
+output's error, input and weight quantized, on its float input); static activation scales come
+from the one activation observer; a layer left float gets a refusal that says why.
 """
 
 from __future__ import annotations
@@ -38,8 +36,7 @@ from fxopt.rewrite.constraints import OVER_BUDGET
 from fxopt.verify import compare_outputs
 
 # Rows of each layer's input its local error (the search's estimate) is measured on: the
-# estimate only orders the search's trials, and these GEMMs would otherwise cost as much as
-# a run of the model.
+# estimate only orders the trials; on every row these GEMMs cost as much as a model run.
 ESTIMATE_ROWS = 64
 
 
@@ -58,19 +55,20 @@ Quantize = Callable[[fx.GraphModule, list[str], dict, dict], None]
 
 
 def choose_layers(options: Options, gm: fx.GraphModule, ctx: PassContext, candidates: list[fx.Node],
-                  weights: dict, scales: dict, quantize: Quantize) -> Outcome:
+                  weights: dict, scales: dict, quantize: Quantize,
+                  committed: Callable[[set[str]], dict] | None = None) -> Outcome:
     """Which layers to quantize: a site per layer, on or off, saving 3 of every 4 weight bytes,
     with its local error as the estimate the sensitivity strategy ranks by (measured only
     when quantizing every layer at once is over budget). ``quantize(gm, names, weights,
-    scales)`` rewrites a trial the way the pass does."""
+    scales)`` rewrites a trial the way the pass does; ``committed(names)``: the weights the
+    pass commits ``names`` with, which a trial of the whole graph takes too."""
     local: dict[str, float] = {}
     running: list[BudgetedSearch] = []  # the search, while it runs (no cycle keeps its kept values after)
 
     def estimate_of(name: str) -> Callable[[object], float]:
         def estimate(level: object) -> float:
             if not local:
-                # Each layer's input in the float graph: from the one run of the starting
-                # graph that the search keeps for its trials to reuse.
+                # Each layer's float input: from the starting graph's run the trials reuse.
                 sources = {n.name: n.args[0].name for n in candidates}
                 seen = running[0].starting_values(set(sources.values()), reduce=estimate_rows)
                 local.update(local_errors(options, gm, candidates, weights, scales,
@@ -81,11 +79,13 @@ def choose_layers(options: Options, gm: fx.GraphModule, ctx: PassContext, candid
     sites = [Site(n.name, (True,), (3.0 * constant(gm, n.args[1]).numel(),), estimate=estimate_of(n.name))
              for n in candidates]
 
-    def apply(trial: fx.GraphModule, choices: Mapping[str, object]) -> fx.GraphModule:
-        quantize(trial, [n.name for n in candidates if n.name in choices], weights, scales)
+    def apply(trial: fx.GraphModule, choices: Mapping[str, object], whole: bool = False) -> fx.GraphModule:
+        names = [n.name for n in candidates if n.name in choices]
+        quantize(trial, names, committed(set(names)) if whole and committed else weights, scales)
         return trial
 
-    running.append(BudgetedSearch(gm, ctx, sites, apply, options.budget, options.strategy))
+    running.append(BudgetedSearch(gm, ctx, sites, apply, options.budget, options.strategy,
+                                  apply_whole=lambda trial, choices: apply(trial, choices, whole=True)))
     try:
         return running[0].run()
     finally:

@@ -115,7 +115,8 @@ class QuantizeInt8(Pass):
         weights = quantized_weights(gm, candidates)
         if self.activations == "auto":
             return self._auto(gm, ctx, candidates, weights, scales, result)
-        outcome = choose_layers(self, gm, ctx, candidates, weights, fit_scales, self._quantize)
+        outcome = choose_layers(self, gm, ctx, candidates, weights, fit_scales, self._quantize,
+                                lambda chosen: without_rows_of_others(weights, chosen))
         self._commit(gm, candidates, weights, scales, outcome, result)
         return result
 
@@ -133,7 +134,8 @@ class QuantizeInt8(Pass):
             per_tensor._quantize(trial, tensor_names, weights, scales)
             per_token._quantize(trial, names, weights, scales)
 
-        second = choose_layers(per_token, gm, ctx, rest, weights, scales, both) if rest else None
+        second = choose_layers(per_token, gm, ctx, rest, weights, scales, both,
+                               lambda chosen: without_rows_of_others(weights, {*tensor_names, *chosen})) if rest else None
         token_names = [] if second is None else [n.name for n in rest if n.name in second.choices]
         weights = without_rows_of_others(weights, {*tensor_names, *token_names})
         both(gm, token_names, weights, scales)

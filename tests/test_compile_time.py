@@ -340,6 +340,51 @@ def test_a_lean_run_of_a_graph_whose_live_nodes_ran_last_takes_their_outputs() -
     assert all(torch.equal(a, b) and a is not b for a, b in zip(outputs, rerun))
 
 
+class _OneSiblingOverBudget(nn.Module):
+    """Siblings ``a`` and ``b`` (quantized into rows of one int8 tensor), ``b`` over any small
+    budget: each of its rows has one outlier that sets its scale, its other weights round to 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64)
+        with torch.no_grad():
+            self.b.weight[:, 0] = 50.0
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.c(self.a(x) + self.b(x))
+
+
+def test_a_committed_search_is_verified_with_its_final_trials_outputs(monkeypatch) -> None:
+    """A large model's lean runs: quantize-int8 commits ``a`` with its own copy of its int8
+    rows (not ``b``'s beside them), and its whole-graph trials take that copy too, so the
+    graph it commits is its final trial and the verification runs nothing on the example."""
+    computed: list[int] = []
+    run = ReusingRunner.run
+
+    def counting(self: ReusingRunner, *args: Any, **kwargs: Any) -> Any:
+        before = self.computed
+        out = run(self, *args, **kwargs)
+        computed.append(self.computed - before)
+        return out
+
+    monkeypatch.setattr(ReusingRunner, "run", counting)
+    torch.manual_seed(1)
+    x = torch.randn(32, 64)
+    model = _OneSiblingOverBudget()
+    opt = fxopt.compile(model, (x,), passes=["quantize-int8(activations='dynamic', budget=0.01)"],
+                        memory_bound=0, progress=False)
+    row = opt.report["quantize-int8"]
+    assert [d["node"] for d in row.details] == ["linear", "linear_2"] and row.skipped == {"over-budget": 1}
+    held = [t for _, t in fxopt.ir.constants(opt.graph_module) if t.dtype == torch.int8]
+    assert held and all(t.untyped_storage().nbytes() == t.nbytes for t in held)  # no rows of b's held
+    assert len(computed) >= 2 and computed[-2] > 0 and computed[-1] == 0  # the final trial, then its verification
+    with torch.no_grad():
+        expected = model(x)
+        assert (opt(x) - expected).abs().max() / expected.abs().max() < 0.01
+
+
 def test_a_run_whose_recorded_values_exceed_the_allowance_is_lean_from_its_first_node(monkeypatch) -> None:
     """A run that cannot keep its values (a large model's) keeps none from the start, and gives
     back what each node reading a weight freed, rather than keeping values until they overflow."""

@@ -197,11 +197,16 @@ def _held(part: torch.Tensor | torch.ScriptObject) -> tuple:
             part.dtype)
 
 
+def version_of(tensor: torch.Tensor) -> int | None:
+    """``tensor._version``, or None for a derived tensor: one is never written (a pass never
+    writes a constant in place) and comes back as a new tensor object with a version counter
+    of its own, so its version says nothing."""
+    return None if tensor.untyped_storage() in _ORIGIN else tensor._version
+
+
 def _view(tensor: torch.Tensor) -> tuple:
     storage = tensor.untyped_storage()
-    # A derived tensor is never written (a pass never writes a constant in place) and comes back
-    # as a new tensor object with a version counter of its own: its version says nothing.
-    version = None if storage in _ORIGIN else tensor._version
+    version = version_of(tensor)
     return (storage.data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
             tensor.dtype, tensor.device, version)
 

@@ -101,7 +101,11 @@ class BudgetedSearch:
     ``choose_level(search, site, target, base)`` picks one site's level given the choices
     already made (default: :meth:`most_aggressive`); a pass overrides it when its levels
     are only known as the search goes (low-rank grows its SVD sketch). ``holdout=False``
-    fits on every batch.
+    fits on every batch. ``apply_whole`` (default: ``apply``) rewrites the trials of the
+    whole graph (not of one block) where the pass commits a choice otherwise than a trial
+    makes it (the same values, other constants): the search's last whole trial is then the
+    graph the pass commits, whose verification takes that trial's outputs (a large model's
+    lean run, :class:`~fxopt.verify.ReusingRunner`).
     """
 
     gm: fx.GraphModule
@@ -113,6 +117,7 @@ class BudgetedSearch:
     choose_level: LevelChooser | None = None
     holdout: bool = True
     output_error: bool = True  # False: only ctx.task's metric drop counts (budget in metric units)
+    apply_whole: Apply | None = None
     trials: int = 0
     log: list[dict[str, Any]] = field(default_factory=list)
     _errors: dict[tuple[str, frozenset[tuple[str, Level]]], float] = field(default_factory=dict)
@@ -149,7 +154,8 @@ class BudgetedSearch:
         nodes, :func:`fxopt.ir.subgraph_module`): the live graph is never touched.
         ``runnable=False`` skips regenerating its code (the search's runner interprets it); a
         runnable one writes its code when first called."""
-        candidate = self.apply(copy_graph_module(self.gm if of is None else of, lazy=True), dict(choices))
+        apply = self.apply_whole if of is None and self.apply_whole is not None else self.apply
+        candidate = apply(copy_graph_module(self.gm if of is None else of, lazy=True), dict(choices))
         if runnable:
             candidate.recompile()
         return candidate
