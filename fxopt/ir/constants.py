@@ -53,14 +53,16 @@ def add_constant(gm: fx.GraphModule, tensor: torch.Tensor, name_hint: str, *, be
     The node is inserted at the top of the graph's constants (or before ``before``),
     and gets ``meta["val"]`` so shape propagation and cost models see it at once.
     """
-    tensor = tensor.detach()
+    given, tensor = tensor, tensor.detach()
     name = unique_attr_name(gm, name_hint)
     gm.register_buffer(name, tensor)
     graph = gm.graph
     anchor = before if before is not None else _first_non_placeholder(graph)
     with graph.inserting_before(anchor):
         node = graph.get_attr(name)
-    node.meta["val"] = _fake_like(gm, tensor)
+    # The tensor given, not the new detached one: the fake mode's memo knows it when a search's
+    # trials add the same constant again and again.
+    node.meta["val"] = _fake_like(gm, tensor if given.requires_grad else given)
     return node
 
 
