@@ -8,15 +8,13 @@ from the one activation observer; a layer left float gets a refusal that says wh
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-import torch
 import torch.fx as fx
+from fxopt.passes._quantize_int8_estimate import estimate_rows, local_errors
 
-from fxopt.ir import add_constant, constant, ops, release_freed_memory
-from fxopt.ir.qdq import insert_qdq
+from fxopt.ir import constant
 from fxopt.lossy import (
     ActivationStats,
     BudgetedSearch,
@@ -33,11 +31,6 @@ from fxopt.pass_api import PassContext
 from fxopt.quant import static_asymmetric_qparams, static_scale
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import OVER_BUDGET
-from fxopt.verify import compare_outputs
-
-# Rows of each layer's input its local error (the search's estimate) is measured on: the
-# estimate only orders the trials; on every row these GEMMs cost as much as a model run.
-ESTIMATE_ROWS = 64
 
 
 class Options(Protocol):
@@ -92,35 +85,6 @@ def choose_layers(options: Options, gm: fx.GraphModule, ctx: PassContext, candid
         running.clear()
 
 
-def local_errors(options: Options, gm: fx.GraphModule, candidates: list[fx.Node], weights: dict, scales: dict,
-                 inputs: Mapping[str, list[torch.Tensor]]) -> dict[str, float]:
-    """Each layer's own largest relative output error when its input and weight are
-    quantized as the pass would (the very QDQ pattern, on a one-layer graph), on ``inputs``
-    (each layer's input, per batch). On at most ``ESTIMATE_ROWS`` evenly spaced rows, plus
-    the rows holding the input's smallest and largest value, so that a per-tensor dynamic
-    scale comes out as on every row (rows of a Linear, and of a per-token scale, are
-    independent)."""
-    errors: dict[str, float] = {}
-    with torch.no_grad():
-        for node in candidates:
-            bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-            weight, bias = constant(gm, node.args[1]), None if bias is None else constant(gm, bias)
-            quantized = _one_layer(weight, bias, node.meta["val"].dtype)
-            linear = next(n for n in quantized.graph.nodes if n.target == ops.linear)
-            qweight, weight_scale = weights[node.name]
-            insert_qdq(quantized, linear, add_constant(quantized, qweight, "qweight", before=linear),
-                       add_constant(quantized, weight_scale, "weight_scale", before=linear), scales[node.name],
-                       dynamic_tensor=options.activations == "dynamic-tensor")
-            quantized.recompile()
-            worst = 0.0
-            for rows in map(estimate_rows, inputs[node.name]):
-                comparison = compare_outputs([ops.linear(rows, weight, bias)], [quantized(rows)])
-                worst = max(worst, math.inf if comparison.mismatch else comparison.max_rel)
-            errors[node.name] = worst
-            release_freed_memory()  # its dequantized weight: tens of MB on a large model
-    return errors
-
-
 def observe_scales(options: Options, gm: fx.GraphModule, nodes: list[fx.Node],
                    ctx: PassContext) -> tuple[dict[str, Any], dict[str, Any]]:
     """Per-tensor activation scales over every observable batch, and over the fit batches
@@ -169,32 +133,3 @@ def budget_refusal(pick: Pick) -> Refusal:
     # The others were not measured within budget without it: name the combination, not a culprit.
     return Refusal(OVER_BUDGET, f"quantized together with {pick.others} other layer(s) (the smallest such "
                                 f"combination measured) it gives output error {pick.error:.3g} > {limit}")
-
-
-def _one_layer(weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> fx.GraphModule:
-    """``x -> linear(x, weight, bias)`` as a graph, for :func:`insert_qdq` to rewrite like the real layer."""
-    gm = fx.GraphModule(torch.nn.Module(), fx.Graph())
-    gm.register_buffer("weight", weight)
-    if bias is not None:
-        gm.register_buffer("bias", bias)
-    x, w = gm.graph.placeholder("x"), gm.graph.get_attr("weight")
-    linear = gm.graph.call_function(ops.linear, (x, w, None if bias is None else gm.graph.get_attr("bias")))
-    linear.meta["val"] = torch.empty(0, dtype=dtype)
-    gm.graph.output(linear)
-    return gm
-
-
-def estimate_rows(x: torch.Tensor) -> torch.Tensor:
-    """The rows of ``x`` a local error is measured on (:func:`sampled_rows`); the same again on them."""
-    rows = x.reshape(-1, x.shape[-1])
-    return rows[sampled_rows(rows)]
-
-
-def sampled_rows(rows: torch.Tensor) -> torch.Tensor:
-    """Indices of at most ``ESTIMATE_ROWS`` evenly spaced rows, plus those holding the smallest
-    and the largest value (all rows when there are few)."""
-    count, width = rows.shape
-    if count <= ESTIMATE_ROWS + 2:
-        return torch.arange(count)
-    extremes = torch.stack([rows.argmin() // width, rows.argmax() // width])
-    return torch.cat([torch.arange(0, count, -(-count // ESTIMATE_ROWS)), extremes]).unique()

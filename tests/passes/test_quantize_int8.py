@@ -303,7 +303,8 @@ def test_local_error_is_the_layer_quantized_as_the_pass_would(activations: str, 
     """The estimate the search ranks layers by: one layer's own error, with its input and
     weight quantized by the very QDQ pattern of the pass (on sampled rows of a large input,
     which include the extremes a per-tensor scale is set by)."""
-    from fxopt.passes._quantize_int8_search import local_errors, observe_scales, sampled_rows
+    from fxopt.passes._quantize_int8_estimate import local_errors, sampled_rows
+    from fxopt.passes._quantize_int8_search import observe_scales
 
     from fxopt.capture import capture
     from fxopt.ir import call_nodes, copy_graph_module
@@ -328,6 +329,29 @@ def test_local_error_is_the_layer_quantized_as_the_pass_would(activations: str, 
     assert estimate == pytest.approx(compare_outputs([expected[sampled]], [actual[sampled]]).max_rel, rel=1e-5)
     if rows <= 66:
         assert estimate == pytest.approx(compare_outputs([expected], [actual]).max_rel, rel=1e-5)
+
+
+@pytest.mark.parametrize("activations", ["dynamic", "dynamic-tensor"])
+def test_a_large_layers_local_error_is_the_same_a_chunk_of_channels_at_a_time(activations, monkeypatch) -> None:
+    """A large layer's estimate runs its one-layer graph on a few output channels at a time
+    (each channel's weight row, scale and bias): the error of the layer computed whole."""
+    import fxopt.passes._quantize_int8_estimate as estimate
+
+    from fxopt.capture import capture
+    from fxopt.ir import call_nodes
+    from fxopt.quant import quantize_weight
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 48)
+    gm = capture(torch.nn.Linear(48, 100).eval(), (x,))
+    node = call_nodes(gm, ops.linear)[0]
+    pass_ = QuantizeInt8(activations=activations)
+    weights = {node.name: quantize_weight(constants_of(gm, node))}
+    errors = []
+    for chunk in (1 << 30, 48 * 7):  # whole, then 7 channels at a time (the last chunk has 2)
+        monkeypatch.setattr(estimate, "ESTIMATE_CHUNK", chunk)
+        errors.append(estimate.local_errors(pass_, gm, [node], weights, {node.name: None}, {node.name: [x]}))
+    assert errors[0][node.name] > 0 and errors[1][node.name] == pytest.approx(errors[0][node.name], rel=1e-6)
 
 
 def constants_of(gm, node) -> torch.Tensor:
