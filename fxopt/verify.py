@@ -316,10 +316,12 @@ class ReusingRunner:
     def run(self, gm: fx.GraphModule, inputs: Sequence[Any], key: Any = 0, *, pin: bool = False) -> list[Any]:
         """``gm``'s flat outputs on ``inputs`` (the batch called ``key``: the same tensors every call)."""
         stamps = _stamps(gm)
-        live = _live_stamps(gm, stamps)
+        flat = list(gm.graph._codegen.process_inputs(*inputs))
+        # the live nodes, and the inputs' memory (a batch's key promises the same tensors: checked)
+        live = {**_live_stamps(gm, stamps), "": tuple(map(_input_identity, flat))}
         known = self._lean_outputs.get(key)
         if known is not None and known[0] == live and all(ref() is not None for ref in known[1]):
-            self.reused += sum(stamp[0] != "get_attr" for stamp in live.values())
+            self.reused += sum(name != "" and stamp[0] != "get_attr" for name, stamp in live.items())
             return list(known[2])
         candidates = [c for c in (self._pinned.get(key), *self._last.get(key, [])) if c is not None]
         best: tuple[dict[str, Any], dict[str, Any]] | None = None
@@ -337,8 +339,12 @@ class ReusingRunner:
         last_use = last_uses(gm) if allowance is not None else {}
         held: set[int] = set()  # storages the record would hold
         held_bytes = 0
-        constants: list[weakref.ref] | None = []  # what the outputs of a lean run depend on besides the inputs
-        flat_inputs = iter(gm.graph._codegen.process_inputs(*inputs))
+        # the memory the outputs of a lean run depend on: the inputs', then each constant's
+        constants: list[weakref.ref] | None = [weakref.ref(x.untyped_storage()) for x in flat
+                                               if isinstance(x, torch.Tensor)]
+        if any(identity[0] == "object" for identity in live[""]):
+            constants = None  # an input known by its address alone, which a later one may take
+        flat_inputs = iter(flat)
         output: Any = None
         with torch.no_grad():
             for index, node in enumerate(gm.graph.nodes):
@@ -478,6 +484,13 @@ def _tensor_identity(obj: Any) -> Any:
         return ("object", id(obj))
     return ("tensor", obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(),
             obj.dtype, obj.device, version_of(obj))
+
+
+def _input_identity(value: Any) -> Any:
+    """A graph input's memory (a tensor), its value (a number), else its address."""
+    if isinstance(value, (bool, int, float, str, type(None))):
+        return ("value", type(value).__name__, value)
+    return _tensor_identity(value)
 
 
 def _shared_nodes(gm: fx.GraphModule, stamps: dict[str, Any], cached: dict[str, Any]) -> set[str]:

@@ -332,6 +332,9 @@ def test_a_lean_run_of_a_graph_whose_live_nodes_ran_last_takes_their_outputs() -
     computed = runner.computed
     again = runner.run(committed, batch)
     assert runner.computed == computed and all(a is b for a, b in zip(outputs, again))
+    another_batch = runner.run(committed, [torch.randn_like(batch[0])])  # the same key: checked, not trusted
+    assert runner.computed > computed and not torch.equal(another_batch[0], outputs[0])
+    computed = runner.computed
     other = copy_graph_module(committed)
     name = next(n.target for n in other.graph.nodes if n.op == "get_attr" and "_w8" in str(n.target))
     setattr(other, name, getattr(other, name).clone())  # the same values, another constant
