@@ -245,8 +245,8 @@ class ReusingRunner:
         self.lean_runs = 0  # runs that kept no values (over max_bytes, or keep=0)
         self._pinned: dict[Any, tuple[dict[str, Any], dict[str, Any]]] = {}
         self._last: dict[Any, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
-        # batch -> the last lean run's (live nodes' stamps, its constants, its outputs)
-        self._lean_outputs: dict[Any, tuple[dict[str, Any], list[weakref.ref], list[Any]]] = {}
+        # batch -> the last lean run's (live nodes' stamps, its memory, its output node's value)
+        self._lean_outputs: dict[Any, tuple[dict[str, Any], list[weakref.ref], Any]] = {}
         self.computed = 0  # nodes computed (tests compare with the nodes reused)
         self.reused = 0
 
@@ -321,8 +321,8 @@ class ReusingRunner:
         live = {**_live_stamps(gm, stamps), "": tuple(map(_input_identity, flat))}
         known = self._lean_outputs.get(key)
         if known is not None and known[0] == live and all(ref() is not None for ref in known[1]):
-            self.reused += sum(name != "" and stamp[0] != "get_attr" for name, stamp in live.items())
-            return list(known[2])
+            self.reused += sum(stamp[0] not in ("get_attr", "output", "placeholder") for name, stamp in live.items() if name)
+            return _flat_outputs(gm, known[2])
         candidates = [c for c in (self._pinned.get(key), *self._last.get(key, [])) if c is not None]
         best: tuple[dict[str, Any], dict[str, Any]] | None = None
         best_clean: set[str] = set()
@@ -380,17 +380,21 @@ class ReusingRunner:
                 else:  # keep only what a later node reads
                     drop_dead_values(node, env, [n for n in env if last_use[n] <= index], env.get,
                                      lambda n: n.op == "get_attr")
-        out = gm.graph._codegen.process_outputs(output)
-        outputs = list(out) if isinstance(out, (tuple, list)) else [out]
         if values is None:
             self.lean_runs += 1
             if constants is not None:
-                self._lean_outputs[key] = (live, constants, outputs)
+                self._lean_outputs[key] = (live, constants, output)
         elif pin:
             self._pinned[key] = (stamps, values)
         else:
             self._last[key] = [(stamps, values), *self._last.get(key, [])][: max(self.keep, 0)]
-        return list(outputs)
+        return _flat_outputs(gm, output)
+
+
+def _flat_outputs(gm: fx.GraphModule, output: Any) -> list[Any]:
+    """``gm``'s flat outputs from its output node's value."""
+    out = gm.graph._codegen.process_outputs(output)
+    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
 def _record_bytes(record: tuple[dict[str, Any], dict[str, Any]]) -> int:
@@ -449,9 +453,9 @@ def _stamps(gm: fx.GraphModule) -> dict[str, Any]:
 
 
 def _live_stamps(gm: fx.GraphModule, stamps: dict[str, Any]) -> dict[str, Any]:
-    """The stamps of the nodes ``gm``'s outputs depend on (a dead node changes nothing)."""
+    """The stamps of the output node and of the nodes it depends on (a dead node changes nothing)."""
     output = next(node for node in reversed(gm.graph.nodes) if node.op == "output")
-    live: dict[str, Any] = {}
+    live: dict[str, Any] = {output.name: stamps[output.name]}
     pending = list(output.all_input_nodes)
     while pending:
         node = pending.pop()

@@ -359,6 +359,22 @@ class _OneSiblingOverBudget(nn.Module):
         return self.c(self.a(x) + self.b(x))
 
 
+def test_a_lean_run_takes_kept_outputs_only_where_the_output_node_is_the_same() -> None:
+    """The same live nodes, their outputs in another order: run again, in that order."""
+    graph = torch.fx.Graph()
+    x = graph.placeholder("x")
+    doubled, negated = graph.call_function(torch.mul, (x, 2.0)), graph.call_function(torch.neg, (x,))
+    graph.output((doubled, negated))
+    first = torch.fx.GraphModule(nn.Module(), graph)
+    swapped = copy_graph_module(first)
+    out = next(n for n in swapped.graph.nodes if n.op == "output")
+    out.args = (tuple(reversed(out.args[0])),)
+    swapped.recompile()
+    runner, batch = ReusingRunner(max_bytes=0), [torch.arange(3.0)]
+    a, b = runner.run(first, batch), runner.run(swapped, batch)
+    assert torch.equal(a[0], b[1]) and torch.equal(a[1], b[0]) and runner.computed == 4
+
+
 def test_a_committed_search_is_verified_with_its_final_trials_outputs(monkeypatch) -> None:
     """A large model's lean runs: quantize-int8 commits ``a`` with its own copy of its int8
     rows (not ``b``'s beside them), and its whole-graph trials take that copy too, so the
