@@ -209,8 +209,7 @@ class Session:
         # prefix runs only where no longer stage is kept (a kept search's exact prefix may
         # have gone: running it again would cost a whole model's reference run for nothing).
         done = max((n for n in range(exact, len(pipeline) + 1) if pipeline[:n] in self._stages), default=exact)
-        stage = self._stages[pipeline[:done]] if pipeline[:done] in self._stages \
-            else self._shared_stage(pipeline[:exact], 0)
+        stage = self._shared_stage(pipeline[:done], 0)
         for end in range(done + 1, len(pipeline) + 1):
             if not pipeline[end - 1].exact or end == len(pipeline):
                 stage, done = self._shared_stage(pipeline[:end], done), end
