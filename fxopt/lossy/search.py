@@ -241,16 +241,15 @@ class BudgetedSearch:
         values: dict[str, list[Any]] = {name: [] for name in names}
         for index in self.fit_indices:
             pinned = self._pin(index)
-            if pinned is None:  # past the memory bound: a run that keeps only these
-                pinned = {}
+            if pinned is None:  # past the memory bound: a run that keeps only these, reduced as it goes
+                reduced: dict[str, Any] = {}
                 watched = [node for node in self.gm.graph.nodes if node.name in values]
                 run_watching(self.gm, watched, [self.ctx.batches[index]],
-                             lambda node, value, seen=pinned: seen.__setitem__(node.name, reduce(value)))
-                for name, seen in values.items():
-                    seen.append(pinned[name])
-                continue
+                             lambda node, value, seen=reduced: seen.__setitem__(node.name, reduce(value)))
+            else:
+                reduced = {name: reduce(pinned[name]) for name in values}
             for name, seen in values.items():
-                seen.append(reduce(pinned[name]))
+                seen.append(reduced[name])
         return values
 
     def step(self, event: str, **fields: Any) -> None:
