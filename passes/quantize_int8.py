@@ -133,12 +133,12 @@ class QuantizeInt8(Pass):
         def both(trial: fx.GraphModule, names: list[str], weights: dict, scales: dict) -> None:
             per_tensor._quantize(trial, tensor_names, weights, scales)
             per_token._quantize(trial, names, weights, scales)
+        def committed(chosen: set[str]) -> dict:  # the weights its trials of the whole graph take too
+            return without_rows_of_others(weights, {*tensor_names, *chosen})
 
-        second = choose_layers(per_token, gm, ctx, rest, weights, scales, both,
-                               lambda chosen: without_rows_of_others(weights, {*tensor_names, *chosen})) if rest else None
+        second = choose_layers(per_token, gm, ctx, rest, weights, scales, both, committed) if rest else None
         token_names = [] if second is None else [n.name for n in rest if n.name in second.choices]
-        weights = without_rows_of_others(weights, {*tensor_names, *token_names})
-        both(gm, token_names, weights, scales)
+        both(gm, token_names, committed(set(token_names)), scales)
         for node in candidates:
             outcome = first if node.name in tensor_names or second is None else second
             pick = outcome.refused.get(node.name)
