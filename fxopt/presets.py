@@ -48,6 +48,7 @@ from fxopt.ir.derived import collect_let_go
 from fxopt.latency import Timing
 from fxopt.phases import phase
 from fxopt.registrations import Registrations
+from fxopt.rewrite.constraints import OVER_BUDGET
 
 ENTRY_POINT_GROUP = "fxopt.presets"
 # in a candidate's passes: every registered exact pass, in their declared order, less those the
@@ -68,6 +69,17 @@ class Candidate:
     # A recipe that only means what it says with calibration batches (static activation
     # scales): without them it is dropped before anything is compiled for it.
     needs_calibration: bool = False
+    # A recipe that is only fast where the CPU runs its arithmetic natively: the
+    # :class:`fxopt.isa.Isa` property naming that GEMM unit ("bf16_gemm"). On a CPU where it
+    # is "none" (emulated, slower than float32) the candidate is dropped before it is compiled.
+    cpu_unit: str | None = None
+    # A recipe worth its compile only where the candidates before it fell short: it is built
+    # only when none of those built within the budget left a site alone to stay within it (its
+    # lossy passes refused none over budget). bf16 Linears beside int8 ones: an int8 Linear is
+    # not slower than a bf16 one at the same site, so where an int8 recipe kept every Linear,
+    # bf16 could only lose the race; where the budget made them keep most float, it wins.
+    # Past the compile's memory bound it is not built (its rewrite copies the weights).
+    fallback: bool = False
 
     def describe(self) -> str:
         without = f" (exact without {', '.join(self.without)})" if self.without else ""
@@ -158,6 +170,7 @@ class Trial:
     dropped: str | None = None
     seconds: float | None = None  # building it: the passes it did not share, its lowering
     proxy_milliseconds: float | None = None  # its stand-in's time (Proxy)
+    left_over_budget: int | None = None  # sites its lossy passes left alone to stay within their budget
 
 
 def choose(
@@ -195,12 +208,18 @@ def choose(
             trial.dropped = "needs calibration batches (calibration=[...]), none were given"
     if hold_bytes is not None and weight_bytes > hold_bytes:
         _share_weights_past_the_bound(trials, weight_bytes, hold_bytes)
+        for trial in trials:
+            if trial.dropped is None and trial.candidate.fallback:
+                trial.dropped = (f"a fallback, not built past the compile's memory bound ({hold_bytes / 2**30:.2f} "
+                                 "GiB): its rewrite copies the weights")
     if proxy is not None and sum(t.dropped is None for t in trials) > 1:
         chosen = _by_proxy(preset, trials, proxy, build, measure_error, run_example, repeats, building)
         if chosen is not None:
             return chosen
     held: list[Trial] = []
     for index, trial in enumerate(trials):
+        if trial.dropped is None and trial.candidate.fallback:
+            trial.dropped = _not_needed(trials[:index])
         if trial.dropped is not None:
             continue
         if building is not None:
@@ -217,6 +236,16 @@ def choose(
         _none_met(preset, trials)
     best = _fastest(held, run_example, repeats) if len(held) > 1 or held[0].milliseconds is None else held[0]
     return best.module, trials
+
+
+def _not_needed(before: Sequence[Trial]) -> str | None:
+    """Why a fallback candidate is not built: a candidate before it met the budget without
+    leaving a site alone to stay within it (None: none did, so it is built)."""
+    for trial in before:
+        if trial.dropped is None and trial.left_over_budget == 0:
+            return (f"a fallback, not built: {trial.candidate.describe()} met the budget without leaving a site "
+                    "alone for it")
+    return None
 
 
 def _none_met(preset: Preset, trials: Sequence[Trial]) -> None:
@@ -241,6 +270,7 @@ def _build(trial: Trial, build: Callable[[Candidate], Any], measure_error: Calla
     prepares = {r.name: _prepares(r.name) for r in lossy}
     preparing = [r for r in lossy if prepares[r.name]]
     recipe = [r for r in lossy if not prepares[r.name]]
+    trial.left_over_budget = sum(r.skipped.get(OVER_BUDGET, 0) for r in lossy)
     if lossy and not any(r.status == "applied" for r in recipe):
         trial.dropped = "its lossy passes changed nothing (" + ", ".join(
             f"{r.name}: {r.status}" for r in recipe) + ")" + "".join(
@@ -386,11 +416,20 @@ def _let_go(trial: Trial) -> None:
 
 
 def _unavailable(candidate: Candidate, device: torch.device) -> str | None:
-    """Why ``candidate``'s backend cannot run here (not installed, or not on ``device``)."""
+    """Why ``candidate`` cannot run here: its backend is not installed or not on ``device``,
+    or the CPU emulates the arithmetic it needs (:attr:`Candidate.cpu_unit`)."""
     from fxopt.backends import unavailable_reason
 
     reason = unavailable_reason(candidate.backend, device)
-    return None if reason is None else f"backend not available: {reason}"
+    if reason is not None:
+        return f"backend not available: {reason}"
+    if candidate.cpu_unit is not None and device.type == "cpu":
+        from fxopt import isa
+
+        if getattr(isa.detect(), candidate.cpu_unit) == "none":
+            unit = candidate.cpu_unit.removesuffix("_gemm")
+            return f"this CPU has no {unit} GEMM unit (it would emulate {unit}, slower than float32)"
+    return None
 
 
 RACE_ROUNDS = 2  # rounds every candidate runs before the clearly slower ones stop

@@ -87,6 +87,92 @@ def test_bf16_preset_runs_linears_in_bfloat16() -> None:
         assert float((opt(x) - reference).abs().max() / reference.abs().max()) <= 0.01
 
 
+def _cpu_with(monkeypatch: pytest.MonkeyPatch, *flags: str) -> None:
+    from fxopt import isa
+
+    monkeypatch.setattr(isa, "detect", lambda: isa.from_parts("test CPU", "x86_64", "AVX512", flags))
+
+
+def test_a_candidate_whose_arithmetic_the_cpu_would_emulate_is_dropped_unbuilt(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from fxopt.latency import Timing
+
+    monkeypatch.setattr(presets, "race", lambda runs, repeats=10: {k: Timing.of([1.0]) for k in runs})
+    preset = presets.Preset("units", "float32, and bf16 where the CPU has a unit for it", (
+        presets.Candidate(("exact",), note="float32"),
+        presets.Candidate(("exact",), note="bf16", cpu_unit="bf16_gemm")), budget=0.05)
+    module = SimpleNamespace(report=SimpleNamespace(passes=[]))
+    built: list[str] = []
+
+    def dropped(*flags: str) -> list[str | None]:
+        _cpu_with(monkeypatch, *flags)
+        trials = presets.choose(preset, torch.device("cpu"), lambda c: built.append(c.note) or module,
+                                measure_error=lambda m: 0.0, run_example=lambda m: lambda: None)[1]
+        return [t.dropped for t in trials]
+
+    assert dropped("avx512f", "avx512_vnni", "avx2") == [
+        None, "this CPU has no bf16 GEMM unit (it would emulate bf16, slower than float32)"]
+    assert built == ["float32"]
+    built.clear()
+    for unit in (("amx_tile", "amx_bf16"), ("avx512f", "avx512_bf16")):
+        assert dropped(*unit) == [None, None]
+    assert built == ["float32", "bf16"] * 2
+
+
+def test_a_fallback_is_built_only_where_the_candidates_before_it_left_sites_alone_for_the_budget(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from fxopt.latency import Timing
+    from fxopt.report import PassRecord
+
+    monkeypatch.setattr(presets, "race", lambda runs, repeats=10: {k: Timing.of([1.0]) for k in runs})
+    preset = presets.Preset("fallback-test", "a recipe, and a fallback", (
+        presets.Candidate(("exact", "quantize-int8"), note="int8"),
+        presets.Candidate(("exact", "cast-bf16"), note="bf16", fallback=True)), budget=0.05)
+    built: list[str] = []
+
+    def dropped(left_alone: int, weight_bytes: int = 0) -> list[str | None]:
+        record = PassRecord("quantize-int8", exact=False, status="applied", applied=3,
+                            skipped=Counter({"over-budget": left_alone, "not-float32": 1}))
+        module = SimpleNamespace(report=SimpleNamespace(passes=[record]))
+        trials = presets.choose(preset, torch.device("cpu"), lambda c: built.append(c.note) or module,
+                                measure_error=lambda m: 0.0, run_example=lambda m: lambda: None,
+                                hold_bytes=2**30, weight_bytes=weight_bytes)[1]
+        return [t.dropped for t in trials]
+
+    assert dropped(left_alone=2) == [None, None] and built == ["int8", "bf16"]
+    built.clear()
+    assert dropped(left_alone=0) == [None, "a fallback, not built: [exact, quantize-int8] on eager met the budget "
+                                           "without leaving a site alone for it"]
+    assert built == ["int8"]
+    built.clear()
+    past_the_bound = dropped(left_alone=2, weight_bytes=2**31)[1]
+    assert past_the_bound is not None and past_the_bound.startswith("a fallback, not built past the compile's memory")
+    assert built == ["int8"]
+
+
+def test_held_to_a_budget_no_int8_linear_meets_the_int8_preset_runs_linears_in_bfloat16(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a CPU with a bf16 unit, the int8 preset's bf16 candidates meet a budget under every
+    Linear's int8 error, where its int8 candidates change nothing and are dropped."""
+    _cpu_with(monkeypatch, "amx_tile", "amx_bf16", "amx_int8", "avx512f", "avx512_vnni", "avx512_bf16")
+    model, x = _mlp(), torch.randn(32, 64)
+    x[:, :4] *= 50  # outlier channels: int8 activations lose the rest; bfloat16 keeps its relative precision
+    opt = fxopt.compile(model, (x,), preset="int8", budget=0.006)
+    note = _note(opt)
+    assert note.startswith("preset int8: chose [exact, cast-bf16(budget=0.05)] on "), note
+    assert "quantize-int8: no change" in note
+    dtypes = [constant(opt.graph_module, n.args[1]).dtype for n in call_nodes(opt.graph_module, ops.linear)]
+    assert torch.bfloat16 in dtypes
+    with torch.no_grad():
+        reference = model(x)
+        assert float((opt(x) - reference).abs().max() / reference.abs().max()) <= 0.006
+
+
 def test_candidates_over_budget_or_without_effect_are_dropped_with_reasons() -> None:
     preset = presets.Preset("tight-test", "int8 held to an impossible budget", (
         presets.Candidate(("exact", "quantize-int8(budget=1e-9)"), "eager"),
@@ -179,11 +265,12 @@ def _memory_case(monkeypatch: pytest.MonkeyPatch, hold_bytes: int | None):
     from types import SimpleNamespace
 
     from fxopt.latency import Timing
+    from fxopt.report import PassRecord
 
     class Built:
         def __init__(self, error: float) -> None:
             self.error = error
-            self.report = SimpleNamespace(passes=[SimpleNamespace(exact=False, status="applied", name="lossy")])
+            self.report = SimpleNamespace(passes=[PassRecord("lossy", exact=False, status="applied")])
 
     errors = {"over": 0.5, "slow": 0.01, "fast": 0.01, "fastest": 0.01}
     built: dict[str, weakref.ref] = {}
