@@ -239,10 +239,11 @@ def choose(
 
 
 def _not_needed(before: Sequence[Trial]) -> str | None:
-    """Why a fallback candidate is not built: a candidate before it met the budget without
-    leaving a site alone to stay within it (None: none did, so it is built)."""
+    """Why a fallback candidate is not built: a candidate before it (not a fallback: the
+    fallbacks are alternatives to each other) met the budget without leaving a site alone to
+    stay within it (None: none did, so it is built)."""
     for trial in before:
-        if trial.dropped is None and trial.left_over_budget == 0:
+        if trial.dropped is None and not trial.candidate.fallback and trial.left_over_budget == 0:
             return (f"a fallback, not built: {trial.candidate.describe()} met the budget without leaving a site "
                     "alone for it")
     return None

@@ -132,7 +132,8 @@ def test_a_fallback_is_built_only_where_the_candidates_before_it_left_sites_alon
     monkeypatch.setattr(presets, "race", lambda runs, repeats=10: {k: Timing.of([1.0]) for k in runs})
     preset = presets.Preset("fallback-test", "a recipe, and a fallback", (
         presets.Candidate(("exact", "quantize-int8"), note="int8"),
-        presets.Candidate(("exact", "cast-bf16"), note="bf16", fallback=True)), budget=0.05)
+        presets.Candidate(("exact", "cast-bf16"), note="bf16", fallback=True),
+        presets.Candidate(("exact", "cast-bf16"), "onnx", note="bf16 onnx", fallback=True)), budget=0.05)
     built: list[str] = []
 
     def dropped(left_alone: int, weight_bytes: int = 0) -> list[str | None]:
@@ -144,14 +145,15 @@ def test_a_fallback_is_built_only_where_the_candidates_before_it_left_sites_alon
                                 hold_bytes=2**30, weight_bytes=weight_bytes)[1]
         return [t.dropped for t in trials]
 
-    assert dropped(left_alone=2) == [None, None] and built == ["int8", "bf16"]
+    # the fallbacks are alternatives to each other: the first one built does not stop the next
+    assert dropped(left_alone=2) == [None, None, None] and built == ["int8", "bf16", "bf16 onnx"]
     built.clear()
-    assert dropped(left_alone=0) == [None, "a fallback, not built: [exact, quantize-int8] on eager met the budget "
-                                           "without leaving a site alone for it"]
-    assert built == ["int8"]
+    reason = "a fallback, not built: [exact, quantize-int8] on eager met the budget without leaving a site alone for it"
+    assert dropped(left_alone=0) == [None, reason, reason] and built == ["int8"]
     built.clear()
-    past_the_bound = dropped(left_alone=2, weight_bytes=2**31)[1]
-    assert past_the_bound is not None and past_the_bound.startswith("a fallback, not built past the compile's memory")
+    past_the_bound = dropped(left_alone=2, weight_bytes=2**31)
+    assert past_the_bound[1] is not None and past_the_bound[1].startswith("a fallback, not built past the compile's memory")
+    assert past_the_bound[2] is not None and past_the_bound[2].startswith("its backend would hold a copy")
     assert built == ["int8"]
 
 
