@@ -4,8 +4,9 @@ A preset is data: a budget and a list of candidates, each a pipeline (pass specs
 ``"exact"`` standing for every registered exact pass in order, less those the candidate runs
 elsewhere in its list or leaves out with ``without``) and a backend, optionally limited to
 some devices. ``fxopt.compile(model, inputs, preset="int8")`` compiles every
-candidate that applies (a candidate whose backend is not installed is dropped, with the
-reason and the install command in the report), drops the ones whose output error on the
+candidate that applies (a candidate whose backend is not installed, or whose arithmetic this
+CPU would emulate, is dropped, with the reason and the install command in the report; a
+fallback only where the candidates before it left sites alone for the budget), drops the ones whose output error on the
 example and calibration data exceeds the preset's budget or whose passes all rolled back (or
 whose compile failed), times the rest side by side (interleaved, median; :func:`race` stops
 timing the clearly slower ones after a few rounds) on the example inputs and keeps the

@@ -9,7 +9,9 @@ after quantizing, as int8, in eager PyTorch); given calibration batches,
 also static per-tensor activations (with and without smooth-quant) on oneDNN's fused int8
 kernel, and on OpenVINO smooth-quant, static int8 Linears and an int8 query and key in its
 fused attention (without calibration those candidates are dropped before they are compiled:
-static scales need it). Where the optional
+static scales need it); where those leave Linears float to stay within the budget (a preset
+held to a tight one), bfloat16 Linears on eager and OpenVINO, on a CPU with a bf16 GEMM
+unit. Where the optional
 backend OpenVINO is installed, it is a candidate of each preset on CPU.
 """
 
