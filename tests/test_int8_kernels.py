@@ -103,6 +103,26 @@ def test_dynamic_tensor_qparams_match_choose_qparams(offset: float) -> None:
     assert float(scale) == float(s) and int(zero_point) == int(zp)
 
 
+def test_dynamic_tensor_qparams_as_numbers_are_the_tensor_ops_bits() -> None:
+    """The hot path's float32 scalar arithmetic gives the tensor ops' scale and zero point, bit
+    for bit: random ranges and magnitudes, one sign only, constants, signed zeros, NaN."""
+    from fxopt.quant import dynamic_tensor_qparams, dynamic_tensor_qparams_values
+
+    generator = torch.Generator().manual_seed(0)
+    cases = [torch.randn(64, 97, generator=generator) * 10.0 ** float(torch.randint(-30, 30, (), generator=generator))
+             + float(torch.randn((), generator=generator)) * 10.0 ** float(torch.randint(-3, 3, (), generator=generator))
+             for _ in range(400)]
+    cases += [torch.rand(8, 8, generator=generator) + 5, -torch.rand(8, 8, generator=generator) - 1e-3,
+              torch.zeros(4, 4), torch.full((3, 5), -0.0), torch.full((2, 2), 7.25), torch.tensor([[1e-45, -1e-45]]),
+              torch.tensor([[3.0, float("nan")]]), torch.randn(6, 10, generator=generator)[:, ::3]]
+    for x in cases:
+        scale, zero_point = dynamic_tensor_qparams(x)
+        got = dynamic_tensor_qparams_values(x)
+        assert isinstance(got[1], int)
+        want = (float(scale), int(zero_point))
+        assert got == want or (got[0] != got[0] and want[0] != want[0]), (x, got, want)
+
+
 @pytest.mark.parametrize("shape", [(1, 16), (5, 33), (2, 3, 64)])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("kernel", ["", "onednn", "fbgemm", "int_mm"])  # "": the preferred engine

@@ -54,7 +54,7 @@ from fxopt.lowering.base import (
     measured_shapes,
     weights_held_once,
 )
-from fxopt.quant import dynamic_tensor_qparams, quantize_per_token
+from fxopt.quant import dynamic_tensor_qparams_values, quantize_per_token
 
 aten = torch.ops.aten
 
@@ -120,8 +120,7 @@ def tensor_qlinear(x: torch.Tensor, packed: torch.Tensor, weight_scale: torch.Te
     (:func:`fxopt.quant.dynamic_tensor_qparams`), the weight prepacked, scales, bias and the
     activation applied by the kernel."""
     rows = x.reshape(-1, x.shape[-1])
-    scale, zero_point = dynamic_tensor_qparams(rows)
-    scale_value, zero_point_value = float(scale), int(zero_point)
+    scale_value, zero_point_value = dynamic_tensor_qparams_values(rows)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         xq = quantize_u8(rows, scale_value, zero_point_value)
