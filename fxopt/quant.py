@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy
-
 import torch
 
 QMIN, QMAX = -128, 127
