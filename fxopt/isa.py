@@ -29,6 +29,11 @@ RELEVANT_FLAGS = (
 )
 
 
+# The Isa properties that name a GEMM unit ("none" where the CPU would emulate the arithmetic),
+# which a preset's candidate may require (fxopt.presets.Candidate.cpu_unit).
+GEMM_UNITS = ("int8_gemm", "bf16_gemm")
+
+
 @dataclass(frozen=True)
 class Isa:
     """What this machine's GEMMs can run on."""

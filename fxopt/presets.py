@@ -82,6 +82,12 @@ class Candidate:
     # Past the compile's memory bound it is not built (its rewrite copies the weights).
     fallback: bool = False
 
+    def __post_init__(self) -> None:
+        from fxopt.isa import GEMM_UNITS
+
+        if self.cpu_unit is not None and self.cpu_unit not in GEMM_UNITS:
+            raise InputError(f"Candidate(cpu_unit={self.cpu_unit!r}): must be one of {', '.join(GEMM_UNITS)}")
+
     def describe(self) -> str:
         without = f" (exact without {', '.join(self.without)})" if self.without else ""
         return f"[{', '.join(self.passes)}]{without} on {self.backend}"

@@ -119,6 +119,8 @@ def test_a_candidate_whose_arithmetic_the_cpu_would_emulate_is_dropped_unbuilt(
     for unit in (("amx_tile", "amx_bf16"), ("avx512f", "avx512_bf16")):
         assert dropped(*unit) == [None, None]
     assert built == ["float32", "bf16"] * 2
+    with pytest.raises(fxopt.InputError, match="must be one of int8_gemm, bf16_gemm"):
+        presets.Candidate(("exact",), cpu_unit="bf16")
 
 
 def test_a_fallback_is_built_only_where_the_candidates_before_it_left_sites_alone_for_the_budget(
