@@ -126,19 +126,16 @@ def dynamic_tensor_qparams_values(x: torch.Tensor) -> tuple[float, int]:
     (each call of a dynamic int8 Linear): from the extremes of a float32 tensor, the scale and
     zero point are computed on float32 scalars, in place of eight tensor ops of a few
     microseconds each."""
-    if x.device.type != "cpu" or x.dtype != torch.float32 or x.numel() == 0:
-        scale, zero_point = dynamic_tensor_qparams(x)
-        return float(scale), int(zero_point)
-    extremes = torch.aminmax(x)
-    low = min(numpy.float32(extremes.min.item()), _F32_ZERO)
-    high = max(numpy.float32(extremes.max.item()), _F32_ZERO)
-    if not (numpy.isfinite(low) and numpy.isfinite(high)):  # what the tensor ops make of NaN or inf
-        scale, zero_point = dynamic_tensor_qparams(x)
-        return float(scale), int(zero_point)
-    # float32 arithmetic, as the tensor ops do it: (high - low) / 255, at least eps; round half to even
-    scale = max((high - low) / _F32_LEVELS, _F32_EPS)
-    zero_point = min(max(UQMIN - int(numpy.round(low / scale)), UQMIN), UQMAX)
-    return float(scale), zero_point
+    if x.device.type == "cpu" and x.dtype == torch.float32 and x.numel() > 0:
+        extremes = torch.aminmax(x)
+        low = min(numpy.float32(extremes.min.item()), _F32_ZERO)
+        high = max(numpy.float32(extremes.max.item()), _F32_ZERO)
+        if numpy.isfinite(low) and numpy.isfinite(high):  # NaN or inf: what the tensor ops make of them
+            # float32 arithmetic, as the tensor ops do it: (high - low) / 255, at least eps; round half to even
+            scale = max((high - low) / _F32_LEVELS, _F32_EPS)
+            return float(scale), min(max(UQMIN - int(numpy.round(low / scale)), UQMIN), UQMAX)
+    scale, zero_point = dynamic_tensor_qparams(x)
+    return float(scale), int(zero_point)
 
 
 # Weight-only quantization (the quantize-weights pass and fxopt.kernels.weight_only): the weight
