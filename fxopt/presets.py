@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from fxopt import latency
+from fxopt import isa, latency
 from fxopt.errors import FxoptError, InputError
 from fxopt.ir.derived import collect_let_go
 from fxopt.latency import Timing
@@ -83,10 +83,8 @@ class Candidate:
     fallback: bool = False
 
     def __post_init__(self) -> None:
-        from fxopt.isa import GEMM_UNITS
-
-        if self.cpu_unit is not None and self.cpu_unit not in GEMM_UNITS:
-            raise InputError(f"Candidate(cpu_unit={self.cpu_unit!r}): must be one of {', '.join(GEMM_UNITS)}")
+        if self.cpu_unit is not None and self.cpu_unit not in isa.GEMM_UNITS:
+            raise InputError(f"Candidate(cpu_unit={self.cpu_unit!r}): must be one of {', '.join(isa.GEMM_UNITS)}")
 
     def describe(self) -> str:
         without = f" (exact without {', '.join(self.without)})" if self.without else ""
@@ -431,12 +429,9 @@ def _unavailable(candidate: Candidate, device: torch.device) -> str | None:
     reason = unavailable_reason(candidate.backend, device)
     if reason is not None:
         return f"backend not available: {reason}"
-    if candidate.cpu_unit is not None and device.type == "cpu":
-        from fxopt import isa
-
-        if getattr(isa.detect(), candidate.cpu_unit) == "none":
-            unit = candidate.cpu_unit.removesuffix("_gemm")
-            return f"this CPU has no {unit} GEMM unit (it would emulate {unit}, slower than float32)"
+    if candidate.cpu_unit is not None and device.type == "cpu" and getattr(isa.detect(), candidate.cpu_unit) == "none":
+        unit = candidate.cpu_unit.removesuffix("_gemm")
+        return f"this CPU has no {unit} GEMM unit (it would emulate {unit}, slower than float32)"
     return None
 
 
