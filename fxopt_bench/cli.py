@@ -12,8 +12,10 @@ from typing import Any
 import torch
 
 from fxopt_bench.output import (
+    ERROR_LEGEND,
     format_kernels,
     format_machine,
+    format_output_errors,
     format_scale,
     format_table,
     json_safe,
@@ -67,6 +69,11 @@ def run_bench_cli(args: Any) -> int:
     if result["rows"]:
         print(format_table(result["rows"]))
         print(SPREAD_LEGEND)
+        print(ERROR_LEGEND)
+        per_output = format_output_errors(result["rows"])
+        if per_output:
+            print("fresh-input error per output:")
+            print("\n".join(f"  {line}" for line in per_output))
         kernels = format_kernels(result["rows"])
         if kernels:
             print("kernel choices (op: sites per chosen kernel):")

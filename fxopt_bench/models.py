@@ -194,6 +194,27 @@ def build_dlrm(quick: bool = False) -> tuple[nn.Module, tuple[torch.Tensor, ...]
     return model.eval(), (dense, sparse)
 
 
+def fresh_inputs(inputs: tuple[torch.Tensor, ...], seed: int = 1) -> tuple[torch.Tensor, ...]:
+    """Inputs of the same shapes drawn as the builders draw theirs, from another seed: what
+    a calibrated system has not seen. Integers (token ids, table indices) are uniform over the
+    example's range, floats normal with the example's mean and spread."""
+    generator = torch.Generator().manual_seed(seed)
+    fresh = []
+    for tensor in inputs:
+        source = tensor.detach().cpu()
+        if source.dtype == torch.bool or source.numel() < 2 or (
+                not source.is_floating_point() and bool(((source == 0) | (source == 1)).all())):
+            drawn = source.clone()  # masks keep their pattern
+        elif source.is_floating_point():
+            drawn = torch.randn(source.shape, generator=generator, dtype=torch.float64)
+            drawn = (drawn * source.double().std() + source.double().mean()).to(source.dtype)
+        else:
+            low, high = int(source.min()), int(source.max())
+            drawn = torch.randint(low, high + 1, source.shape, generator=generator, dtype=source.dtype)
+        fresh.append(drawn.to(tensor.device))
+    return tuple(fresh)
+
+
 MODELS: dict[str, BenchModel] = {
     "mlp": BenchModel("mlp", "MLP 1024-4096-4096-1024, BatchNorm + Dropout, batch 64", build_mlp),
     "bert": BenchModel("bert", "BertModel 768 wide, 4 layers, batch 8 x 128", build_bert),

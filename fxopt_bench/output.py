@@ -13,20 +13,43 @@ from fxopt_bench.timing import SPREAD_LEGEND
 
 def format_table(rows: Sequence[dict[str, Any]], markdown: bool = False) -> str:
     """One line per row; the speedup carries its spread (see :data:`SPREAD_LEGEND`)."""
-    header = ["system", "model", "median ms", "speedup", "max rel err", "compile s", "params", "weight MB",
-              "GFLOPs", "note"]
+    header = ["system", "model", "median ms", "speedup", "max rel err", "fresh err", "compile s", "params",
+              "weight MB", "GFLOPs", "note"]
     body = []
     for r in rows:
         if r["status"] != "ok":
-            body.append([r["system"], r["model"], "-", "-", "-", "-", "-", "-", "-", f"{r['status']}: {r['note']}"])
+            body.append([r["system"], r["model"], *["-"] * 8, f"{r['status']}: {r['note']}"])
             continue
         body.append([
             r["system"], r["model"], f"{r['median_ms']:.3f}", format_speedup(r),
-            f"{r['max_rel_err']:.1e}", f"{r['compile_s']:.1f}", _count(r["params"]),
+            f"{r['max_rel_err']:.1e}", _error(r.get("fresh_rel_err")), f"{r['compile_s']:.1f}", _count(r["params"]),
             f"{r['weight_bytes'] / 1e6:.1f}" if r.get("weight_bytes") is not None else "-",
             f"{r['flops'] / 1e9:.3g}" if r.get("flops") is not None else "-", r["note"],
         ])
     return _table(header, body, markdown)
+
+
+ERROR_LEGEND = ("max rel err: on the bench inputs (calibrated systems calibrate on them); fresh err: on inputs "
+                "drawn alike from another seed; each the largest over the outputs, a largest absolute error over "
+                "the output's largest magnitude")
+
+
+def format_output_errors(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per row of a model with several outputs: each output's error on the fresh
+    input, named where the model names its outputs, e.g.
+    ``openvino-nncf-int8 / bert: last_hidden_state 1.4e-02, pooler_output 3.5e-02``."""
+    lines = []
+    for r in rows:
+        errors = r.get("fresh_output_rel_errs")
+        if r.get("status") != "ok" or not errors or len(errors) < 2:
+            continue
+        names = r.get("output_names") or [f"output {i}" for i in range(len(errors))]
+        lines.append(f"{r['system']} / {r['model']}: " + ", ".join(f"{n} {_error(e)}" for n, e in zip(names, errors)))
+    return lines
+
+
+def _error(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1e}"
 
 
 def format_kernels(rows: Sequence[dict[str, Any]]) -> list[str]:
@@ -105,7 +128,10 @@ def write_markdown(result: dict[str, Any], path: str | Path, command: str, date:
     when = [f"Date: {date}", ""] if date else []
     parts = [*when, f"Machine: {format_machine(result['machine'])}", "", f"Command: `{command}`", ""]
     if result["rows"]:
-        parts += [format_table(result["rows"], markdown=True), "", SPREAD_LEGEND, ""]
+        parts += [format_table(result["rows"], markdown=True), "", SPREAD_LEGEND, "", ERROR_LEGEND, ""]
+        per_output = format_output_errors(result["rows"])
+        if per_output:
+            parts += ["Fresh-input error per output:", "", *(f"- {line}" for line in per_output), ""]
         kernels = format_kernels(result["rows"])
         if kernels:
             parts += ["Kernel choices:", "", *(f"- {line}" for line in kernels), ""]

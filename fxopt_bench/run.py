@@ -24,12 +24,14 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from fxopt_bench.models import fresh_inputs
 from fxopt_bench.systems import SYSTEMS, BenchContext, Prepared, Unavailable, first_line
 from fxopt_bench.timing import Timing, measure_side_by_side, speedup
 
 ROW_FIELDS = ("system", "model", "median_ms", "speedup_vs_eager", "max_rel_err", "compile_s",
               "params", "weight_bytes", "flops", "status", "note", "q1_ms", "q3_ms",
-              "speedup_low", "speedup_high", "within_noise", "max_abs_err", "kernels")
+              "speedup_low", "speedup_high", "within_noise", "max_abs_err", "kernels",
+              "fresh_rel_err", "output_rel_errs", "fresh_output_rel_errs", "output_names")
 
 
 @dataclass
@@ -39,6 +41,10 @@ class Row:
     ``speedup_low``/``speedup_high`` bound the speedup by the two systems' quartiles
     (:class:`fxopt_bench.timing.Speedup`); ``within_noise`` says that range reaches 1.00x.
     ``kernels``: an fxopt system's kernel choices (its report's ``kernels``), None for the others.
+    ``max_rel_err`` is on the bench inputs (the ones calibrated systems calibrate on),
+    ``fresh_rel_err`` on inputs drawn alike from another seed (:func:`fxopt_bench.models.fresh_inputs`);
+    each is the largest over the outputs, whose own errors are ``output_rel_errs`` and
+    ``fresh_output_rel_errs`` (in the order of ``output_names`` where the model names them).
     """
 
     system: str
@@ -59,6 +65,10 @@ class Row:
     within_noise: bool | None = None
     max_abs_err: float | None = None
     kernels: list[dict[str, Any]] | None = None  # fxopt's kernel choices (report.kernels); None for peers
+    fresh_rel_err: float | None = None
+    output_rel_errs: list[float] | None = None
+    fresh_output_rel_errs: list[float] | None = None
+    output_names: list[str] | None = None
 
 
 @dataclass
@@ -86,6 +96,17 @@ def flat_outputs(outputs: Any) -> list[torch.Tensor]:
         elif hasattr(leaf, "__array__") and not isinstance(leaf, (int, float, bool, str)):
             tensors.append(torch.as_tensor(leaf))
     return tensors
+
+
+def output_names(outputs: Any) -> list[str] | None:
+    """The names of a model's outputs in :func:`flat_outputs` order (a transformers
+    ModelOutput's keys), or None when they have none."""
+    if not hasattr(outputs, "keys"):
+        return None
+    names = [str(key) for key in outputs.keys()]
+    if len(names) != len(flat_outputs(outputs)):
+        return None  # a nested value: the flat order is not the keys'
+    return names
 
 
 def output_error(expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> tuple[float, float, str | None]:
@@ -128,8 +149,11 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...
         folder = Path(workdir) if workdir is not None else Path(scratch)
         folder.mkdir(parents=True, exist_ok=True)
         ctx = BenchContext(name, model, inputs, device, folder)
+        fresh = fresh_inputs(inputs)
         with torch.inference_mode():
-            reference = flat_outputs(model(*inputs))
+            output = model(*inputs)
+            reference, fresh_reference = flat_outputs(output), flat_outputs(model(*fresh))
+        names = output_names(output)
         for system_name in systems:
             system = SYSTEMS[system_name]
             reason = system.skip_reason(ctx)
@@ -154,7 +178,10 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...
         for system_name, ready in list(prepared.items()):
             try:
                 with torch.inference_mode():
-                    max_abs, max_rel, mismatch = output_error(reference, flat_outputs(ready.run()))
+                    actual = flat_outputs(ready.run())
+                    max_abs, max_rel, mismatch = output_error(reference, actual)
+                    fresh_actual = flat_outputs(ready.run(*fresh))
+                    _, fresh_rel, fresh_mismatch = output_error(fresh_reference, fresh_actual)
             except Exception as exc:
                 rows[system_name] = Row(system_name, name, status="failed", note=f"run failed: {first_line(exc)}")
                 del prepared[system_name]
@@ -162,9 +189,14 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...
             row = Row(system_name, name, compile_s=ready.compile_s, params=ready.params,
                       weight_bytes=ready.weight_bytes, note=ready.note,
                       flops=ready.flops if ready.flops is not None else ctx.model_flops(),
-                      max_abs_err=max_abs, max_rel_err=max_rel, kernels=ready.kernels)
-            if mismatch:
-                row.note = (row.note + "; " if row.note else "") + mismatch
+                      max_abs_err=max_abs, max_rel_err=max_rel, kernels=ready.kernels,
+                      fresh_rel_err=fresh_rel, output_names=names)
+            if not mismatch and not fresh_mismatch:
+                row.output_rel_errs = [output_error([e], [a])[1] for e, a in zip(reference, actual)]
+                row.fresh_output_rel_errs = [output_error([e], [a])[1] for e, a in zip(fresh_reference, fresh_actual)]
+            for problem in (mismatch, fresh_mismatch and f"fresh input: {fresh_mismatch}"):
+                if problem:
+                    row.note = (row.note + "; " if row.note else "") + problem
             rows[system_name] = row
         warmup = config.warmup if config.warmup is not None else (1 if config.quick else 3)
         repeats = config.repeats if config.repeats is not None else (10 if config.quick else 30)
@@ -232,7 +264,9 @@ def compare(
 
     Returns one row per system: ``name`` (the system's display name), ``ms`` (median),
     ``speedup`` (vs eager fp32) with ``speedup_low``/``speedup_high``, ``max_abs_err`` and
-    ``max_rel_err``, or ``error`` when it could not be built or run.
+    ``max_rel_err`` (on ``example_inputs``), ``fresh_rel_err`` (on inputs drawn alike from
+    another seed, :func:`fxopt_bench.models.fresh_inputs`), or ``error`` when it could not be
+    built or run.
     """
     inputs = tuple(example_inputs) if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     names = list(systems) if systems is not None else list(INT8_COMPARISON)
@@ -248,13 +282,14 @@ def compare(
         results.append({"name": title, "ms": row.median_ms, "speedup": row.speedup_vs_eager,
                         "speedup_low": row.speedup_low, "speedup_high": row.speedup_high,
                         "within_noise": row.within_noise,
-                        "max_abs_err": row.max_abs_err, "max_rel_err": row.max_rel_err})
+                        "max_abs_err": row.max_abs_err, "max_rel_err": row.max_rel_err,
+                        "fresh_rel_err": row.fresh_rel_err})
     return results
 
 
 def format_rows(rows: Sequence[dict[str, Any]]) -> str:
     """The rows of :func:`compare` as a table, speedups with their spread."""
-    lines = [f"{'system':<30} {'ms':>9} {'vs eager':>22} {'max abs err':>12} {'max rel err':>12}"]
+    lines = [f"{'system':<30} {'ms':>9} {'vs eager':>22} {'max abs err':>12} {'max rel err':>12} {'fresh err':>12}"]
     for row in rows:
         if "error" in row:
             lines.append(f"{row['name']:<30} {row['error']}")
@@ -262,7 +297,7 @@ def format_rows(rows: Sequence[dict[str, Any]]) -> str:
         flag = " ~" if row["within_noise"] else ""
         ratio = f"{row['speedup']:.2f}x [{row['speedup_low']:.2f}-{row['speedup_high']:.2f}]{flag}"
         lines.append(f"{row['name']:<30} {row['ms']:>9.2f} {ratio:>22} "
-                     f"{row['max_abs_err']:>12.3e} {row['max_rel_err']:>12.3e}")
+                     f"{row['max_abs_err']:>12.3e} {row['max_rel_err']:>12.3e} {row['fresh_rel_err']:>12.3e}")
     return "\n".join(lines)
 
 

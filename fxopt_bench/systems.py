@@ -56,9 +56,10 @@ class Unavailable(Exception):
 @dataclass
 class Prepared:
     """A system ready to time: ``run()`` returns the model's outputs for the bench inputs,
-    in whatever form the system produces them (tensors, NumPy arrays, a ModelOutput)."""
+    in whatever form the system produces them (tensors, NumPy arrays, a ModelOutput);
+    ``run(*inputs)`` for other inputs of the same shapes and dtypes (the fresh-input error)."""
 
-    run: Callable[[], Any]
+    run: Callable[..., Any]
     compile_s: float
     params: int | None
     weight_bytes: int | None
@@ -162,7 +163,7 @@ def _importable(module: str) -> bool:
 
 def _eager(ctx: BenchContext) -> Prepared:
     params, weight_bytes = state_cost(ctx.model)
-    return Prepared(lambda: ctx.model(*ctx.inputs), 0.0, params, weight_bytes)
+    return Prepared(lambda *x: ctx.model(*(x or ctx.inputs)), 0.0, params, weight_bytes)
 
 
 def _inductor(freezing: bool) -> Callable[[BenchContext], Prepared]:
@@ -170,7 +171,7 @@ def _inductor(freezing: bool) -> Callable[[BenchContext], Prepared]:
         start = time.perf_counter()
         compiled = _compile_with_inductor(ctx.model, ctx.inputs, freezing)
         params, weight_bytes = state_cost(ctx.model)
-        return Prepared(lambda: compiled(*ctx.inputs), time.perf_counter() - start, params, weight_bytes)
+        return Prepared(lambda *x: compiled(*(x or ctx.inputs)), time.perf_counter() - start, params, weight_bytes)
 
     return build
 
@@ -209,7 +210,7 @@ def _torch_ao_dynamic_int8(ctx: BenchContext) -> Prepared:
     except Exception as exc:
         raise Unavailable(f"torch.ao quantize_dynamic failed: {first_line(exc)}") from exc
     params, weight_bytes = state_cost(quantized)
-    return Prepared(lambda: quantized(*ctx.inputs), time.perf_counter() - start, params, weight_bytes)
+    return Prepared(lambda *x: quantized(*(x or ctx.inputs)), time.perf_counter() - start, params, weight_bytes)
 
 
 def _pt2e_api() -> tuple[Any, Any, Any]:
@@ -252,7 +253,7 @@ def _pt2e_x86_int8(ctx: BenchContext) -> Prepared:
         raise Unavailable(f"PT2E quantization failed: {first_line(exc)}") from exc
     compiled = _compile_with_inductor(quantized, ctx.inputs, freezing=True)
     params, weight_bytes = state_cost(quantized)
-    return Prepared(lambda: compiled(*ctx.inputs), time.perf_counter() - start, params, weight_bytes)
+    return Prepared(lambda *x: compiled(*(x or ctx.inputs)), time.perf_counter() - start, params, weight_bytes)
 
 
 # ---------------------------------------------------------------- ONNX Runtime
@@ -360,7 +361,11 @@ def _ort_prepared(ctx: BenchContext, path: Path, start: float) -> Prepared:
     feed = {name: tensor.detach().cpu().numpy() for name, tensor in zip(names, ctx.inputs)}
     session.run(None, feed)
     params, weight_bytes = onnx_cost(path)
-    return Prepared(lambda: session.run(None, feed), time.perf_counter() - start, params, weight_bytes)
+
+    def run(*inputs: torch.Tensor) -> Any:
+        return session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)} if inputs else feed)
+
+    return Prepared(run, time.perf_counter() - start, params, weight_bytes)
 
 
 # ---------------------------------------------------------------- OpenVINO
@@ -428,8 +433,8 @@ def _openvino_prepared(ctx: BenchContext, model: Any, precision: str | None, sta
     request = compiled.create_infer_request()
     feed = [t.detach().cpu().numpy() for t in ctx.inputs]
 
-    def run() -> Any:
-        return request.infer(feed).to_tuple()
+    def run(*inputs: torch.Tensor) -> Any:
+        return request.infer([t.detach().cpu().numpy() for t in inputs] if inputs else feed).to_tuple()
 
     run()
     params, weight_bytes = openvino_cost(model)
@@ -460,8 +465,8 @@ def _ctranslate2(quantization: str | None) -> Callable[[BenchContext], Prepared]
                                       intra_threads=torch.get_num_threads(), inter_threads=1)
         ids = ctx.inputs[0].tolist()
 
-        def run() -> Any:
-            output = encoder.forward_batch(ids)
+        def run(*inputs: torch.Tensor) -> Any:
+            output = encoder.forward_batch(inputs[0].tolist() if inputs else ids)
             pooled = output.pooler_output
             return (np.asarray(output.last_hidden_state),
                     *(() if pooled is None else (np.asarray(pooled),)))
@@ -527,7 +532,7 @@ def _fxopt(passes: Callable[[], list[Any]] | None = None, backend: str = "eager"
             raise Unavailable(f"fxopt.compile failed: {first_line(exc)}") from exc
         seconds = time.perf_counter() - start
         report = opt.report
-        return Prepared(lambda: opt(*ctx.inputs), seconds, report.final.params, report.final.weight_bytes,
+        return Prepared(lambda *x: opt(*(x or ctx.inputs)), seconds, report.final.params, report.final.weight_bytes,
                         pipeline_note(report, lossy), report.final.flops, list(report.kernels))
 
     return build

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,8 @@ from torch import nn
 import fxopt_bench as bench
 from fxopt.cli import main
 from fxopt_bench import output, scale
+from fxopt_bench.models import fresh_inputs
+from fxopt_bench.run import output_names
 
 
 @pytest.fixture(autouse=True)
@@ -63,6 +65,60 @@ def test_a_failing_system_becomes_a_row_not_a_crash(monkeypatch: pytest.MonkeyPa
                            lambda m: None)
     assert rows[1].status == "failed" and "kernel exploded" in rows[1].note
     assert rows[0].status == "ok"
+
+
+def test_fresh_inputs_are_new_values_of_the_same_kind() -> None:
+    ids = torch.randint(3, 50, (4, 16))
+    mask = torch.randint(0, 2, (4, 16))
+    x = torch.randn(4, 8) * 3 + 5
+    fresh_ids, fresh_mask, fresh_x = fresh_inputs((ids, mask, x))
+    assert fresh_ids.dtype == ids.dtype and fresh_ids.shape == ids.shape and not torch.equal(fresh_ids, ids)
+    assert 3 <= int(fresh_ids.min()) and int(fresh_ids.max()) <= 49
+    assert torch.equal(fresh_mask, mask)  # a 0/1 mask keeps its pattern
+    assert fresh_x.shape == x.shape and not torch.allclose(fresh_x, x)
+    assert abs(float(fresh_x.mean()) - 5) < 1.5 and 1.5 < float(fresh_x.std()) < 4.5
+
+
+class TwoOutputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = torch.relu(self.body(x))
+        return hidden, torch.tanh(self.head(hidden))
+
+
+def test_errors_are_measured_per_output_and_on_a_fresh_input(monkeypatch: pytest.MonkeyPatch) -> None:
+    model, inputs = TwoOutputs().eval(), (torch.randn(6, 8),)
+
+    def remembers_its_inputs(ctx: bench.BenchContext) -> bench.Prepared:
+        # Right on the bench inputs, whatever it is given: only a fresh input shows it.
+        answer = ctx.model(*ctx.inputs)
+        return bench.Prepared(lambda *x: answer, 0.0, None, None)
+
+    monkeypatch.setitem(bench.SYSTEMS, "remembers", bench.System("remembers", "replays its outputs",
+                                                                  remembers_its_inputs))
+    config = bench.BenchConfig(systems=["eager", "torch.ao-int8", "remembers"], repeats=1, warmup=0)
+    rows = {r.system: r for r in bench.run_model("two", model, inputs, config, lambda m: None)}
+    eager, ao, replay = rows["eager"], rows["torch.ao-int8"], rows["remembers"]
+    assert eager.fresh_rel_err == 0.0 and eager.fresh_output_rel_errs == [0.0, 0.0]
+    assert len(ao.output_rel_errs) == len(ao.fresh_output_rel_errs) == 2
+    assert ao.max_rel_err == max(ao.output_rel_errs) > 0 and ao.fresh_rel_err == max(ao.fresh_output_rel_errs) > 0
+    assert replay.max_rel_err == 0.0 and replay.fresh_rel_err > 0.1
+    assert eager.output_names is None  # a tuple names nothing
+    lines = output.format_output_errors([asdict(r) for r in rows.values()])
+    assert lines[0] == "eager / two: output 0 0.0e+00, output 1 0.0e+00" and len(lines) == 3
+
+
+def test_a_model_output_names_the_errors_of_its_outputs() -> None:
+    transformers = pytest.importorskip("transformers")
+    value = transformers.modeling_outputs.BaseModelOutputWithPooling(
+        last_hidden_state=torch.zeros(2, 3, 4), pooler_output=torch.zeros(2, 4))
+    assert output_names(value) == ["last_hidden_state", "pooler_output"]
+    row = {"system": "s", "model": "bert", "status": "ok", "fresh_output_rel_errs": [0.014, 0.035],
+           "output_names": ["last_hidden_state", "pooler_output"]}
+    assert output.format_output_errors([row]) == ["s / bert: last_hidden_state 1.4e-02, pooler_output 3.5e-02"]
 
 
 def test_cli_writes_json_and_markdown(tmp_path, capsys) -> None:
