@@ -169,6 +169,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--systems", default=None,
                    help="comma-separated systems (default: all; a peer that is not installed is a skipped row)")
     p.add_argument("--quick", action="store_true", help="small sizes and few repeats")
+    p.add_argument("--outputs", default=None, metavar="A,B",
+                   help="serve only these outputs of each model (names of a transformers ModelOutput, e.g. "
+                        "last_hidden_state, or positions): every system is given the model that returns them")
     p.add_argument("--json", metavar="PATH", help="write {machine, rows} as JSON")
     p.add_argument("--markdown", metavar="PATH", help="write a markdown table")
     p.add_argument("--plot", metavar="PATH", help="write a PNG bar chart of speedups (needs matplotlib)")

@@ -54,7 +54,8 @@ def run_bench_cli(args: Any) -> int:
         return _run_generate_cli(args)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     systems = [s.strip() for s in args.systems.split(",") if s.strip()] if args.systems else None
-    config = BenchConfig(models=models, systems=systems, quick=args.quick, device=args.device,
+    outputs = [o.strip() for o in args.outputs.split(",") if o.strip()] if getattr(args, "outputs", None) else None
+    config = BenchConfig(models=models, systems=systems, quick=args.quick, device=args.device, outputs=outputs,
                          repeats=getattr(args, "repeats", None), warmup=getattr(args, "warmup", None),
                          llama_layers=getattr(args, "llama_layers", None) or 22,
                          llama_cases=[c.strip() for c in args.llama_cases.split(",") if c.strip()]
@@ -66,6 +67,8 @@ def run_bench_cli(args: Any) -> int:
 
     result = run_bench(config, progress)
     print(f"machine: {format_machine(result['machine'])}")
+    if result.get("outputs"):
+        print(f"outputs served: {', '.join(result['outputs'])}")
     if result["rows"]:
         print(format_table(result["rows"]))
         print(SPREAD_LEGEND)

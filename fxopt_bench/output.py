@@ -127,6 +127,8 @@ def format_machine(machine: dict[str, Any]) -> str:
 def write_markdown(result: dict[str, Any], path: str | Path, command: str, date: str | None = None) -> None:
     when = [f"Date: {date}", ""] if date else []
     parts = [*when, f"Machine: {format_machine(result['machine'])}", "", f"Command: `{command}`", ""]
+    if result.get("outputs"):
+        parts += [f"Outputs served: {', '.join(result['outputs'])}", ""]
     if result["rows"]:
         parts += [format_table(result["rows"], markdown=True), "", SPREAD_LEGEND, "", ERROR_LEGEND, ""]
         per_output = format_output_errors(result["rows"])

@@ -81,6 +81,7 @@ class BenchConfig:
     repeats: int | None = None
     llama_layers: int = 22  # --models scale-llama: layers of the 1.1B Llama shape
     llama_cases: list[str] | None = None  # and which of fxopt_bench.scale.LLAMA_CASES (None: all)
+    outputs: list[str] | None = None  # serve only these outputs (SelectedOutputs); None: all of them
 
 
 def flat_outputs(outputs: Any) -> list[torch.Tensor]:
@@ -96,6 +97,32 @@ def flat_outputs(outputs: Any) -> list[torch.Tensor]:
         elif hasattr(leaf, "__array__") and not isinstance(leaf, (int, float, bool, str)):
             tensors.append(torch.as_tensor(leaf))
     return tensors
+
+
+class SelectedOutputs(torch.nn.Module):
+    """``model`` serving only some of its outputs (``fxopt bench --outputs``): what an
+    embedding server that reads BertModel's ``last_hidden_state`` runs. ``outputs`` are
+    names of a transformers ModelOutput or positions in a tuple (``"0"``); one gives a
+    tensor, several a tuple. ``config`` is the model's (NNCF's transformer recipe reads it)."""
+
+    def __init__(self, model: torch.nn.Module, outputs: Sequence[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.outputs = [int(o) if o.isdigit() else o for o in outputs]
+        self.config = getattr(model, "config", None)
+
+    def forward(self, *inputs: torch.Tensor) -> Any:
+        result = self.model(*inputs)
+        if isinstance(result, torch.Tensor):
+            result = (result,)  # one output: position 0, not the tensor's first row
+        picked = []
+        for key in self.outputs:
+            try:
+                picked.append(result[key])
+            except (KeyError, IndexError, TypeError) as exc:
+                names = list(result.keys()) if hasattr(result, "keys") else f"{len(result)} positions"
+                raise ValueError(f"the model has no output {key!r} (it has {names})") from exc
+        return picked[0] if len(picked) == 1 else tuple(picked)
 
 
 def output_names(outputs: Any) -> list[str] | None:
@@ -230,6 +257,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     if unknown:
         raise ValueError(f"unknown model {unknown[0]!r} (available: {', '.join([*MODELS, 'scale', 'scale-llama'])})")
     result: dict[str, Any] = {"machine": machine_info(config.device), "rows": [], "scale": []}
+    if config.outputs:
+        result["outputs"] = list(config.outputs)
     for name in config.models:
         if name == "scale":
             result["scale"] = run_scale(quick=config.quick, progress=progress)
@@ -240,6 +269,8 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
             continue
         progress(f"{name}: building ({MODELS[name].description}{', quick size' if config.quick else ''}) ...")
         model, inputs = MODELS[name].build(config.quick)
+        if config.outputs:
+            model = SelectedOutputs(model, config.outputs)
         rows = run_model(name, model, inputs, config, progress)
         result["rows"].extend(asdict(r) for r in rows)
         del model

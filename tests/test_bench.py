@@ -17,7 +17,7 @@ import fxopt_bench as bench
 from fxopt.cli import main
 from fxopt_bench import output, scale
 from fxopt_bench.models import fresh_inputs
-from fxopt_bench.run import output_names
+from fxopt_bench.run import SelectedOutputs, output_names
 
 
 @pytest.fixture(autouse=True)
@@ -119,6 +119,32 @@ def test_a_model_output_names_the_errors_of_its_outputs() -> None:
     row = {"system": "s", "model": "bert", "status": "ok", "fresh_output_rel_errs": [0.014, 0.035],
            "output_names": ["last_hidden_state", "pooler_output"]}
     assert output.format_output_errors([row]) == ["s / bert: last_hidden_state 1.4e-02, pooler_output 3.5e-02"]
+
+
+def test_outputs_serves_the_named_outputs_to_every_system(tmp_path, capsys) -> None:
+    pytest.importorskip("transformers")
+    json_path = tmp_path / "bench.json"
+    code = main(["bench", "--models", "bert", "--quick", "--systems", "eager,fxopt", "--outputs", "last_hidden_state",
+                 "--repeats", "1", "--warmup", "0", "--json", str(json_path)])
+    assert code == 0
+    data = json.loads(json_path.read_text())
+    assert data["outputs"] == ["last_hidden_state"]
+    for row in data["rows"]:
+        assert row["status"] == "ok" and len(row["fresh_output_rel_errs"]) == 1 and row["fresh_rel_err"] < 1e-4
+    assert "outputs served: last_hidden_state" in capsys.readouterr().out
+
+
+def test_selected_outputs_by_position_and_a_wrong_name_says_what_there_is() -> None:
+    model, (x,) = TwoOutputs().eval(), (torch.randn(3, 8),)
+    _, head = model(x)
+    assert torch.equal(SelectedOutputs(model, ["1"])(x), head)
+    assert SelectedOutputs(nn.Linear(8, 2), ["0"])(x).shape == (3, 2)  # the one output, not its first row
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, vocab_size=50)
+    bert = transformers.BertModel(config).eval()
+    with pytest.raises(ValueError, match="no output 'logits'.*last_hidden_state"):
+        SelectedOutputs(bert, ["logits"])(torch.randint(0, 50, (1, 4)))
 
 
 def test_cli_writes_json_and_markdown(tmp_path, capsys) -> None:
