@@ -25,7 +25,14 @@ import torch
 import torch.utils._pytree as pytree
 
 from fxopt_bench.models import fresh_inputs
-from fxopt_bench.systems import SYSTEMS, BenchContext, Prepared, Unavailable, first_line
+from fxopt_bench.systems import (
+    SYSTEMS,
+    BenchContext,
+    Prepared,
+    Unavailable,
+    find_system,
+    first_line,
+)
 from fxopt_bench.timing import Timing, measure_side_by_side, speedup
 
 ROW_FIELDS = ("system", "model", "median_ms", "speedup_vs_eager", "max_rel_err", "compile_s",
@@ -170,6 +177,7 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...
     model = model.to(device)
     inputs = tuple(t.to(device) for t in inputs)
     systems = config.systems or list(SYSTEMS)
+    _check_systems(systems)
     rows: dict[str, Row] = {}
     prepared: dict[str, Prepared] = {}
     with tempfile.TemporaryDirectory(prefix="fxopt-bench-") as scratch:
@@ -182,7 +190,7 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...
             reference, fresh_reference = flat_outputs(output), flat_outputs(model(*fresh))
         names = output_names(output)
         for system_name in systems:
-            system = SYSTEMS[system_name]
+            system = find_system(system_name)
             reason = system.skip_reason(ctx)
             if reason is not None:
                 rows[system_name] = Row(system_name, name, status="skipped", note=reason)
@@ -250,9 +258,7 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
     from fxopt_bench.scale import run_scale, run_scale_llama
 
     progress = progress or (lambda message: None)
-    unknown = [s for s in (config.systems or []) if s not in SYSTEMS]
-    if unknown:
-        raise ValueError(f"unknown system {unknown[0]!r} (available: {', '.join(SYSTEMS)})")
+    _check_systems(config.systems or [])
     unknown = [m for m in config.models if m not in MODELS and m not in ("scale", "scale-llama")]
     if unknown:
         raise ValueError(f"unknown model {unknown[0]!r} (available: {', '.join([*MODELS, 'scale', 'scale-llama'])})")
@@ -275,6 +281,13 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] | None = None
         result["rows"].extend(asdict(r) for r in rows)
         del model
     return result
+
+
+def _check_systems(names: Sequence[str]) -> None:
+    unknown = [s for s in names if find_system(s) is None]
+    if unknown:
+        raise ValueError(f"unknown system {unknown[0]!r} (available: {', '.join(SYSTEMS)}; and a preset row "
+                         f"held to another budget, e.g. fxopt-preset-int8@0.014)")
 
 
 INT8_COMPARISON = ("eager", "ort", "ort-int8", "torch.ao-int8", "fxopt-int8", "fxopt-int8-onnx",
@@ -303,10 +316,11 @@ def compare(
     names = list(systems) if systems is not None else list(INT8_COMPARISON)
     if "eager" not in names:
         names.insert(0, "eager")
+    _check_systems(names)
     config = BenchConfig(systems=names, repeats=repeats, warmup=warmup)
     results = []
     for row in run_model("model", model, inputs, config, lambda message: None, workdir=workdir):
-        title = SYSTEMS[row.system].title
+        title = find_system(row.system).title
         if row.status != "ok":
             results.append({"name": title, "error": f"{row.status}: {row.note}"})
             continue

@@ -685,6 +685,29 @@ SYSTEMS_LIST: tuple[System, ...] = (
 
 SYSTEMS: dict[str, System] = {system.name: system for system in SYSTEMS_LIST}
 
+# The preset rows that take a budget in their name (``fxopt-preset-int8@0.014``), with the
+# preset each compiles and whether it calibrates on the inputs.
+BUDGETED_PRESETS = {"fxopt-preset-lossless": ("lossless", False), "fxopt-preset-bf16": ("bf16", False),
+                    "fxopt-preset-int8": ("int8", True)}
+
+
+def find_system(name: str) -> System | None:
+    """The system called ``name``: one of :data:`SYSTEMS`, or a preset row held to another
+    budget, ``<preset row>@<budget>`` (``fxopt-preset-int8@0.014``); None when there is none."""
+    if name in SYSTEMS:
+        return SYSTEMS[name]
+    base, _, budget_text = name.partition("@")
+    if base not in BUDGETED_PRESETS:
+        return None
+    try:
+        budget = float(budget_text)
+    except ValueError:
+        return None
+    if not 0 < budget < 1:
+        return None
+    preset, calibrate = BUDGETED_PRESETS[base]
+    return System(name, f"as {base}, held to budget={budget:g}", _fxopt(preset=preset, calibrate=calibrate, budget=budget))
+
 
 # ---------------------------------------------------------------- costs
 

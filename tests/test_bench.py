@@ -210,6 +210,23 @@ def test_kernel_choices_are_grouped_by_op_and_kernel() -> None:
 def test_cli_rejects_unknown_names() -> None:
     assert main(["bench", "--systems", "eager,warp-drive"]) == 1
     assert main(["bench", "--models", "resnet"]) == 1
+    for name in ("fxopt-int8@0.01", "fxopt-preset-int8@x", "fxopt-preset-int8@2", "fxopt-preset-int8@"):
+        assert main(["bench", "--systems", f"eager,{name}"]) == 1, name
+
+
+def test_a_preset_row_takes_a_budget_in_its_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fxopt_bench import systems
+
+    built: list[dict[str, Any]] = []
+    monkeypatch.setattr(systems, "_fxopt", lambda **options: built.append(options) or (lambda ctx: None))
+    system = systems.find_system("fxopt-preset-int8@0.014")
+    assert system.name == "fxopt-preset-int8@0.014" and "budget=0.014" in system.description
+    assert built == [{"preset": "int8", "calibrate": True, "budget": 0.014}]
+    systems.find_system("fxopt-preset-bf16@0.02")
+    assert built[-1] == {"preset": "bf16", "calibrate": False, "budget": 0.02}
+    assert systems.find_system("fxopt-preset-int8") is bench.SYSTEMS["fxopt-preset-int8"]
+    with pytest.raises(ValueError, match="fxopt-preset-int8@0.014"):
+        bench.compare(nn.Linear(2, 2), torch.randn(1, 2), systems=["eager", "fxopt-int8@0.1"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
