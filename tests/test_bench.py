@@ -106,9 +106,30 @@ def test_errors_are_measured_per_output_and_on_a_fresh_input(monkeypatch: pytest
     assert len(ao.output_rel_errs) == len(ao.fresh_output_rel_errs) == 2
     assert ao.max_rel_err == max(ao.output_rel_errs) > 0 and ao.fresh_rel_err == max(ao.fresh_output_rel_errs) > 0
     assert replay.max_rel_err == 0.0 and replay.fresh_rel_err > 0.1
+    assert replay.status == "ok" and "fresh input" not in replay.note
     assert eager.output_names is None  # a tuple names nothing
     lines = output.format_output_errors([asdict(r) for r in rows.values()])
     assert lines[0] == "eager / two: output 0 0.0e+00, output 1 0.0e+00" and len(lines) == 3
+
+
+def test_a_system_that_cannot_take_other_inputs_keeps_its_row(monkeypatch: pytest.MonkeyPatch) -> None:
+    def bench_inputs_only(ctx: bench.BenchContext) -> bench.Prepared:
+        def run(*inputs: torch.Tensor) -> Any:
+            if inputs:
+                raise RuntimeError("compiled for the bench inputs only")
+            return ctx.model(*ctx.inputs)
+
+        return bench.Prepared(run, 0.0, None, None)
+
+    monkeypatch.setitem(bench.SYSTEMS, "fixed", bench.System("fixed", "bench inputs only", bench_inputs_only))
+    model, inputs = TwoOutputs().eval(), (torch.randn(6, 8),)
+    config = bench.BenchConfig(systems=["eager", "fixed"], repeats=1, warmup=0)
+    fixed = bench.run_model("two", model, inputs, config, lambda m: None)[1]
+    assert fixed.status == "ok" and fixed.median_ms > 0 and fixed.max_rel_err == 0.0
+    assert fixed.fresh_rel_err is None and "fresh input failed: compiled for the bench inputs only" in fixed.note
+    table = bench.format_rows([{"name": "fixed", "ms": 1.0, "speedup": 1.0, "speedup_low": 1.0, "speedup_high": 1.0,
+                                "within_noise": True, "max_abs_err": 0.0, "max_rel_err": 0.0, "fresh_rel_err": None}])
+    assert table.splitlines()[1].rstrip().endswith("-")
 
 
 def test_a_model_output_names_the_errors_of_its_outputs() -> None:
