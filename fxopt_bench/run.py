@@ -143,31 +143,34 @@ def output_names(outputs: Any) -> list[str] | None:
     return names
 
 
-def output_error(expected: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -> tuple[float, float, str | None]:
-    """``(max abs error, max rel error, mismatch)`` of ``actual`` against ``expected``.
+def output_errors(expected: Sequence[torch.Tensor],
+                  actual: Sequence[torch.Tensor]) -> tuple[float, list[float], str | None]:
+    """``(max abs error, each output's rel error, mismatch)`` of ``actual`` against ``expected``.
 
     The relative error of each output is its largest absolute error over its largest finite
-    magnitude, so near-zero elements do not inflate it; a structural difference (count,
-    shape, NaN pattern) is a mismatch instead.
+    magnitude, so near-zero elements do not inflate it (0 for an output with no finite
+    element); a structural difference (count, shape, NaN pattern) is a mismatch instead, with
+    infinite errors.
     """
     if len(expected) != len(actual):
-        return float("inf"), float("inf"), f"{len(actual)} outputs instead of {len(expected)}"
-    max_abs = max_rel = 0.0
+        return float("inf"), [float("inf")], f"{len(actual)} outputs instead of {len(expected)}"
+    max_abs, relative = 0.0, []
     for index, (e, a) in enumerate(zip(expected, actual)):
         if tuple(e.shape) != tuple(a.shape):
-            return float("inf"), float("inf"), (f"output {index} has shape {tuple(a.shape)} instead of "
-                                                f"{tuple(e.shape)}")
+            return float("inf"), [float("inf")], (f"output {index} has shape {tuple(a.shape)} instead of "
+                                                  f"{tuple(e.shape)}")
         e, a = e.detach().cpu().double(), a.detach().cpu().double()
         if not torch.equal(torch.isnan(e), torch.isnan(a)):
-            return float("inf"), float("inf"), f"output {index}: NaN pattern differs"
+            return float("inf"), [float("inf")], f"output {index}: NaN pattern differs"
         finite = torch.isfinite(e) & torch.isfinite(a)
         if not finite.any():
+            relative.append(0.0)
             continue
         diff = (e[finite] - a[finite]).abs().max().item()
         scale = e[finite].abs().max().item()
         max_abs = max(max_abs, diff)
-        max_rel = max(max_rel, diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
-    return max_abs, max_rel, None
+        relative.append(diff / scale if scale > 0 else (0.0 if diff == 0 else float("inf")))
+    return max_abs, relative, None
 
 
 def run_model(name: str, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], config: BenchConfig,
@@ -214,7 +217,7 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...
             try:
                 with torch.inference_mode():
                     actual = flat_outputs(ready.run())
-                max_abs, max_rel, mismatch = output_error(reference, actual)
+                max_abs, relative, mismatch = output_errors(reference, actual)
             except Exception as exc:
                 rows[system_name] = Row(system_name, name, status="failed", note=f"run failed: {first_line(exc)}")
                 del prepared[system_name]
@@ -222,19 +225,18 @@ def run_model(name: str, model: torch.nn.Module, inputs: tuple[torch.Tensor, ...
             row = Row(system_name, name, compile_s=ready.compile_s, params=ready.params,
                       weight_bytes=ready.weight_bytes, note=ready.note,
                       flops=ready.flops if ready.flops is not None else ctx.model_flops(),
-                      max_abs_err=max_abs, max_rel_err=max_rel, kernels=ready.kernels, output_names=names)
-            if not mismatch:
-                row.output_rel_errs = [output_error([e], [a])[1] for e, a in zip(reference, actual)]
+                      max_abs_err=max_abs, max_rel_err=max(relative, default=0.0), kernels=ready.kernels,
+                      output_names=names, output_rel_errs=None if mismatch else relative)
             fresh_problem = None
             try:  # a system that cannot take other inputs still has its bench-input row
                 with torch.inference_mode():
                     fresh_actual = flat_outputs(ready.run(*fresh))
-                _, row.fresh_rel_err, fresh_mismatch = output_error(fresh_reference, fresh_actual)
+                _, fresh_relative, fresh_mismatch = output_errors(fresh_reference, fresh_actual)
+                row.fresh_rel_err = max(fresh_relative, default=0.0)
                 if fresh_mismatch:
                     fresh_problem = f"fresh input: {fresh_mismatch}"
                 else:
-                    row.fresh_output_rel_errs = [output_error([e], [a])[1]
-                                                 for e, a in zip(fresh_reference, fresh_actual)]
+                    row.fresh_output_rel_errs = fresh_relative
             except Exception as exc:
                 fresh_problem = f"fresh input failed: {first_line(exc)}"
             for problem in (mismatch, fresh_problem):
@@ -324,8 +326,7 @@ def compare(
     names = list(systems) if systems is not None else list(INT8_COMPARISON)
     if "eager" not in names:
         names.insert(0, "eager")
-    _check_systems(names)
-    config = BenchConfig(systems=names, repeats=repeats, warmup=warmup)
+    config = BenchConfig(systems=names, repeats=repeats, warmup=warmup)  # run_model checks the names
     results = []
     for row in run_model("model", model, inputs, config, lambda message: None, workdir=workdir):
         title = find_system(row.system).title

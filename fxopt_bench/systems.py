@@ -161,9 +161,14 @@ def _importable(module: str) -> bool:
 
 # ---------------------------------------------------------------- PyTorch
 
+def _on_inputs(ctx: BenchContext, call: Callable[..., Any]) -> Callable[..., Any]:
+    """A :attr:`Prepared.run`: ``call`` on the bench inputs, or on the inputs it is given."""
+    return lambda *inputs: call(*(inputs or ctx.inputs))
+
+
 def _eager(ctx: BenchContext) -> Prepared:
     params, weight_bytes = state_cost(ctx.model)
-    return Prepared(lambda *x: ctx.model(*(x or ctx.inputs)), 0.0, params, weight_bytes)
+    return Prepared(_on_inputs(ctx, ctx.model), 0.0, params, weight_bytes)
 
 
 def _inductor(freezing: bool) -> Callable[[BenchContext], Prepared]:
@@ -171,7 +176,7 @@ def _inductor(freezing: bool) -> Callable[[BenchContext], Prepared]:
         start = time.perf_counter()
         compiled = _compile_with_inductor(ctx.model, ctx.inputs, freezing)
         params, weight_bytes = state_cost(ctx.model)
-        return Prepared(lambda *x: compiled(*(x or ctx.inputs)), time.perf_counter() - start, params, weight_bytes)
+        return Prepared(_on_inputs(ctx, compiled), time.perf_counter() - start, params, weight_bytes)
 
     return build
 
@@ -210,7 +215,7 @@ def _torch_ao_dynamic_int8(ctx: BenchContext) -> Prepared:
     except Exception as exc:
         raise Unavailable(f"torch.ao quantize_dynamic failed: {first_line(exc)}") from exc
     params, weight_bytes = state_cost(quantized)
-    return Prepared(lambda *x: quantized(*(x or ctx.inputs)), time.perf_counter() - start, params, weight_bytes)
+    return Prepared(_on_inputs(ctx, quantized), time.perf_counter() - start, params, weight_bytes)
 
 
 def _pt2e_api() -> tuple[Any, Any, Any]:
@@ -253,7 +258,7 @@ def _pt2e_x86_int8(ctx: BenchContext) -> Prepared:
         raise Unavailable(f"PT2E quantization failed: {first_line(exc)}") from exc
     compiled = _compile_with_inductor(quantized, ctx.inputs, freezing=True)
     params, weight_bytes = state_cost(quantized)
-    return Prepared(lambda *x: compiled(*(x or ctx.inputs)), time.perf_counter() - start, params, weight_bytes)
+    return Prepared(_on_inputs(ctx, compiled), time.perf_counter() - start, params, weight_bytes)
 
 
 # ---------------------------------------------------------------- ONNX Runtime
@@ -358,12 +363,16 @@ def _ort_prepared(ctx: BenchContext, path: Path, start: float) -> Prepared:
     names = [i.name for i in session.get_inputs()]
     if len(names) != len(ctx.inputs):
         raise Unavailable(f"the ONNX graph takes {len(names)} inputs, the model {len(ctx.inputs)}")
-    feed = {name: tensor.detach().cpu().numpy() for name, tensor in zip(names, ctx.inputs)}
+
+    def feed_of(inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
+        return {name: tensor.detach().cpu().numpy() for name, tensor in zip(names, inputs)}
+
+    feed = feed_of(ctx.inputs)
     session.run(None, feed)
     params, weight_bytes = onnx_cost(path)
 
     def run(*inputs: torch.Tensor) -> Any:
-        return session.run(None, {n: t.detach().cpu().numpy() for n, t in zip(names, inputs)} if inputs else feed)
+        return session.run(None, feed_of(inputs) if inputs else feed)
 
     return Prepared(run, time.perf_counter() - start, params, weight_bytes)
 
@@ -431,10 +440,14 @@ def _openvino_prepared(ctx: BenchContext, model: Any, precision: str | None, sta
     core = ov.Core()
     compiled = core.compile_model(model, "CPU", config)
     request = compiled.create_infer_request()
-    feed = [t.detach().cpu().numpy() for t in ctx.inputs]
+
+    def feed_of(inputs: Sequence[torch.Tensor]) -> list[Any]:
+        return [tensor.detach().cpu().numpy() for tensor in inputs]
+
+    feed = feed_of(ctx.inputs)
 
     def run(*inputs: torch.Tensor) -> Any:
-        return request.infer([t.detach().cpu().numpy() for t in inputs] if inputs else feed).to_tuple()
+        return request.infer(feed_of(inputs) if inputs else feed).to_tuple()
 
     run()
     params, weight_bytes = openvino_cost(model)
@@ -532,7 +545,7 @@ def _fxopt(passes: Callable[[], list[Any]] | None = None, backend: str = "eager"
             raise Unavailable(f"fxopt.compile failed: {first_line(exc)}") from exc
         seconds = time.perf_counter() - start
         report = opt.report
-        return Prepared(lambda *x: opt(*(x or ctx.inputs)), seconds, report.final.params, report.final.weight_bytes,
+        return Prepared(_on_inputs(ctx, opt), seconds, report.final.params, report.final.weight_bytes,
                         pipeline_note(report, lossy), report.final.flops, list(report.kernels))
 
     return build
