@@ -7,8 +7,8 @@ then int8 Linears with activations per tensor (chosen at run time) or per token,
 PyTorch or ONNX Runtime, within the quantize-int8 pass's 5% budget (sibling Linears merged
 after quantizing, as int8, in eager PyTorch); given calibration batches,
 also static per-tensor activations (with and without smooth-quant) on oneDNN's fused int8
-kernel, and on OpenVINO smooth-quant, static int8 Linears and an int8 query and key in its
-fused attention (without calibration those candidates are dropped before they are compiled:
+kernel, and on OpenVINO static int8 Linears (with and without smooth-quant) and an int8 query
+and key in its fused attention (without calibration those candidates are dropped before they are compiled:
 static scales need it); where those leave Linears float to stay within the budget (a preset
 held to a tight one), bfloat16 Linears on eager and OpenVINO, on a CPU with a bf16 GEMM
 unit. Where the optional
