@@ -15,6 +15,9 @@
     mul(x, 1)                     =>  x                         x floating point
     _assert_tensor_metadata(x)    =>  (nothing)                 export's check of what capture
                                                                 already holds (x's dtype, device)
+    sdpa(q, k, v, mask)           =>  sdpa(q, k, v)             mask computed from constants alone
+                                                                (through broadcasts and views): all
+                                                                True, or all zero when additive
 
 Weights must be frozen constants; anything else is left as it is. Writes to constants or
 inputs never reach this point: capture refuses them (see :func:`fxopt.capture.freeze`).
@@ -28,9 +31,25 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxopt.ir import add_constant, aten, cleanup, constant, infer_val, is_op, ops, shape_of, val
+from fxopt.ir import (
+    add_constant,
+    aten,
+    cleanup,
+    computed_constant,
+    constant,
+    infer_val,
+    is_op,
+    ops,
+    shape_of,
+    val,
+)
 
 _TRANSPOSES = (aten.numpy_T.default, aten.mT.default)
+_SDPA = aten.scaled_dot_product_attention.default
+# ops that copy, repeat or rearrange elements: a mask whose every element is the same keeps it
+_ELEMENT_PRESERVING = (aten.expand.default, aten.unsqueeze.default, aten.view.default, aten.reshape.default,
+                       aten._unsafe_view.default, aten.slice.Tensor, aten.select.int, aten.squeeze.dim,
+                       aten.permute.default, aten.transpose.int, aten.clone.default, aten.contiguous.default)
 
 
 def canonicalize(gm: fx.GraphModule) -> int:
@@ -40,6 +59,9 @@ def canonicalize(gm: fx.GraphModule) -> int:
         rewrites += _functional_form(node)
     for node in list(gm.graph.nodes):
         rewrites += _drop_identity(node)
+    for node in list(gm.graph.nodes):
+        if is_op(node, _SDPA):
+            rewrites += _drop_constant_mask(gm, node)
     for node in list(gm.graph.nodes):
         if is_op(node, ops.addmm, ops.mm, ops.matmul):
             rewrites += _matmul_to_linear(gm, node)
@@ -204,6 +226,28 @@ def _drop_identity(node: fx.Node) -> int:
         return 0
     node.replace_all_uses_with(x)
     node.graph.erase_node(node)
+    return 1
+
+
+def _drop_constant_mask(gm: fx.GraphModule, sdpa: fx.Node) -> int:
+    """An attention mask that masks nothing, dropped. Tracing a transformers model called
+    without an attention mask materializes one (``arange(n) >= 0`` expanded to the batch):
+    every backend runs attention without a mask faster, and ONNX's Attention with a mask
+    guards fully masked rows (OpenVINO adds a NaN check on the output for it)."""
+    position = 3 if len(sdpa.args) > 3 else None
+    mask = sdpa.args[3] if position is not None else sdpa.kwargs.get("attn_mask")
+    source = mask
+    while isinstance(source, fx.Node) and is_op(source, _ELEMENT_PRESERVING):
+        source = source.args[0]
+    value = computed_constant(gm, source)
+    if value is None or value.numel() == 0:
+        return 0
+    if not (bool(value.all()) if value.dtype == torch.bool else value.is_floating_point() and not value.any()):
+        return 0
+    if position is not None:
+        sdpa.args = (*sdpa.args[:3], None, *sdpa.args[4:])
+    else:
+        sdpa.kwargs = {k: v for k, v in sdpa.kwargs.items() if k != "attn_mask"}
     return 1
 
 

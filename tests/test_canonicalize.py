@@ -124,3 +124,42 @@ def test_casts_to_what_a_tensor_already_is_and_scaling_by_one_are_gone() -> None
     assert len(casts) == 1 and casts[0].args[0].meta["val"].dtype == torch.int64, names
     assert count_ops(gm, aten.mul.Tensor) == 0, names
     torch.testing.assert_close(gm(x, ids)[0], model(x, ids), rtol=0, atol=0)
+
+
+class MaskedAttention(nn.Module):
+    """Attention whose mask is built as transformers builds one for a call without a mask
+    (``arange(n) >= 0``, expanded to the batch), or from the input, or from a constant."""
+
+    def __init__(self, mask: str) -> None:
+        super().__init__()
+        self.mask = mask
+        self.register_buffer("keep", torch.tensor([True, True, False, True, True, True]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = x.view(x.shape[0], 2, 6, 4)
+        n = q.shape[2]
+        if self.mask == "all-true":
+            mask = (torch.arange(n) >= 0)[None, None, None, :].expand(x.shape[0], -1, n, -1)
+        elif self.mask == "all-zero":
+            mask = torch.zeros(n).mul(2.0)[None, None, None, :].expand(x.shape[0], 1, n, n)
+        elif self.mask == "constant-partial":
+            mask = self.keep[None, None, None, :].expand(x.shape[0], -1, n, -1)
+        else:  # "from-input": which keys count depends on the input
+            mask = (x.view(x.shape[0], 6, 8)[:, :, 0] > -10)[:, None, None, :].expand(-1, 1, n, -1)
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+
+
+@pytest.mark.parametrize("mask, dropped", [("all-true", True), ("all-zero", True),
+                                           ("constant-partial", False), ("from-input", False)])
+def test_a_mask_that_masks_nothing_is_dropped(mask: str, dropped: bool) -> None:
+    model = MaskedAttention(mask).eval()
+    x = torch.randn(3, 48)
+    gm = fxopt.capture(model, (x,))
+    sdpa = [n for n in gm.graph.nodes if n.target is aten.scaled_dot_product_attention.default]
+    assert len(sdpa) == 1
+    kept = sdpa[0].args[3] if len(sdpa[0].args) > 3 else sdpa[0].kwargs.get("attn_mask")
+    assert (kept is None) == dropped
+    torch.testing.assert_close(gm(x)[0], model(x))
+    # the batch stays dynamic: another batch size runs through the graph
+    other = torch.randn(5, 48)
+    torch.testing.assert_close(gm(other)[0], model(other))

@@ -10,6 +10,7 @@ tensor in place. The submodules split the IR by concern; everything is re-export
 from fxopt.ir.constants import (
     add_constant,
     all_finite,
+    computed_constant,
     constant,
     constants,
     fake_mode_of,
@@ -45,7 +46,7 @@ from fxopt.ir.surgery import (
 
 __all__ = [
     "PROVENANCE_META", "LinearParts", "LinearWeights", "PackedLinear", "add_constant", "all_finite", "arg", "aten", "call_nodes",
-    "cleanup", "constant", "constant_users", "constants", "copy_graph_module", "count_ops", "derived",
+    "cleanup", "computed_constant", "constant", "constant_users", "constants", "copy_graph_module", "count_ops", "derived",
     "dtype_of", "fake_mode_of", "infer_val", "insert_linear", "is_op", "keep_pieces_valid", "linear_parts", "linear_weights",
     "module_path", "numel_hint", "op_histogram", "ops", "packed_linear", "propagate_shapes", "remove_unused_constants",
     "release_freed_memory", "share_as", "stacked", "subgraph_module",

@@ -22,6 +22,48 @@ def constant(gm: fx.GraphModule, node: Any) -> torch.Tensor | None:
     return value if isinstance(value, torch.Tensor) else None
 
 
+def computed_constant(gm: fx.GraphModule, node: Any, max_nodes: int = 32,
+                      max_numel: int = 1 << 22) -> torch.Tensor | None:
+    """The value of ``node`` when it is computed from constants and literals alone (a mask
+    built from ``arange``, a constant's transform), else None.
+
+    Evaluates at most ``max_nodes`` ATen calls producing at most ``max_numel`` elements each
+    (their shapes are read from the graph before anything runs); a value that depends on an
+    input, a size, a random op or anything but a deterministic ATen call is not a constant.
+    """
+    order: list[fx.Node] = []
+    seen: set[fx.Node] = set()
+
+    def visit(current: fx.Node) -> bool:
+        if current in seen:
+            return True
+        seen.add(current)
+        if current.op == "get_attr":
+            return constant(gm, current) is not None
+        if current.op != "call_function" or not isinstance(current.target, torch._ops.OpOverload):
+            return False
+        if torch.Tag.nondeterministic_seeded in current.target.tags or len(order) >= max_nodes:
+            return False
+        fake = current.meta.get("val")
+        if not isinstance(fake, torch.Tensor) or any(not isinstance(d, int) for d in fake.shape):
+            return False
+        if fake.numel() > max_numel or not all(visit(n) for n in current.all_input_nodes):
+            return False
+        order.append(current)
+        return True
+
+    if not isinstance(node, fx.Node) or not visit(node):
+        return None
+    values: dict[fx.Node, Any] = {}
+    with torch.no_grad():
+        for current in order:
+            args, kwargs = fx.node.map_arg((current.args, current.kwargs),
+                                           lambda n: values[n] if n in values else constant(gm, n))
+            values[current] = current.target(*args, **kwargs)
+    value = values[node] if node in values else constant(gm, node)
+    return value if isinstance(value, torch.Tensor) else None
+
+
 def _lookup(gm: torch.nn.Module, target: str) -> Any:
     obj: Any = gm
     for atom in str(target).split("."):
