@@ -9,7 +9,8 @@ on them agrees with the QDQ graph it replaces.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy
 import torch
@@ -98,6 +99,14 @@ def quantize_per_tensor(x: torch.Tensor, scale: float) -> torch.Tensor:
 def static_scale(abs_max: float) -> float:
     """The per-tensor scale for activations observed up to ``abs_max`` in magnitude."""
     return max(float(abs_max), MIN_ABS_MAX) / QMAX
+
+
+def static_scales(maxima: Mapping[Any, Sequence[float]], batches: Iterable[int]) -> dict[str, float]:
+    """Per-tensor symmetric int8 scale of each value (a graph node, by its name): its largest
+    magnitude over the batches at the given positions (``maxima``: each value's largest
+    magnitude per batch, as an observer collected them)."""
+    chosen = list(batches)
+    return {node.name: static_scale(max(seen[i] for i in chosen)) for node, seen in maxima.items()}
 
 
 def static_asymmetric_qparams(low: float, high: float) -> tuple[float, int]:

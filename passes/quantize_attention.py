@@ -20,7 +20,7 @@ that cost least error first (``over-budget`` with the measured error for the res
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -28,7 +28,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import is_op
-from fxopt.ir.qdq import qops
+from fxopt.ir.qdq import static_qdq
 from fxopt.lossy import (
     BudgetedSearch,
     Site,
@@ -38,7 +38,7 @@ from fxopt.lossy import (
     known_values,
 )
 from fxopt.pass_api import Pass, PassContext, PassResult
-from fxopt.quant import FLOAT_DTYPES, QMAX, QMIN, static_scale
+from fxopt.quant import FLOAT_DTYPES, static_scales
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import (
     NEEDS_CALIBRATION,
@@ -81,8 +81,8 @@ class QuantizeAttention(Pass):
         maxima = collect_activations(gm, values, ctx.observable_batches,
                                      reduce=lambda v: float(v.detach().abs().max()), known=known_values(ctx, gm))
         fit = fit_indices(ctx)
-        scales = _scales(maxima, range(len(ctx.observable_batches)))
-        fit_scales = _scales(maxima, fit)
+        scales = static_scales(maxima, range(len(ctx.observable_batches)))
+        fit_scales = static_scales(maxima, fit)
         sites = [Site(node.name, (True,)) for node in candidates]
 
         def apply(trial: fx.GraphModule, choices: Mapping[str, object]) -> fx.GraphModule:
@@ -112,26 +112,13 @@ def _refusal(node: fx.Node) -> Refusal | None:
     return None
 
 
-def _scales(maxima: dict[fx.Node, list[float]], batches: Iterable[int]) -> dict[str, float]:
-    """Per-tensor symmetric int8 scale of each value: its largest magnitude over the batches
-    at the given positions (``maxima``: each value's largest magnitude per batch)."""
-    chosen = list(batches)
-    return {node.name: static_scale(max(seen[i] for i in chosen)) for node, seen in maxima.items()}
-
-
 def _quantize(gm: fx.GraphModule, names: list[str], scales: dict[str, float]) -> None:
     nodes = {n.name: n for n in gm.graph.nodes}
     for name in names:
         attention = nodes[name]
         args = list(attention.args)
         for index in QUANTIZED_INPUTS:
-            value = args[index]
-            scale = scales[value.name]
-            dtype = value.meta["val"].dtype
             with gm.graph.inserting_before(attention):
-                quantized = gm.graph.call_function(qops.quantize_per_tensor, (value, scale, 0, QMIN, QMAX, torch.int8))
-                args[index] = gm.graph.call_function(qops.dequantize_per_tensor,
-                                                     (quantized, scale, 0, QMIN, QMAX, torch.int8),
-                                                     {"out_dtype": dtype})
+                args[index] = static_qdq(gm.graph, args[index], scales[args[index].name])
         attention.args = tuple(args)
     gm.recompile()
