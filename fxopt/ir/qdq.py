@@ -127,12 +127,13 @@ def has_qdq_linear(gm: fx.GraphModule) -> bool:
     return any(match_qdq_linear(gm, n) is not None for n in gm.graph.nodes)
 
 
-def static_qdq(graph: fx.Graph, value: fx.Node, scale: float) -> fx.Node:
+def static_qdq(graph: fx.Graph, value: fx.Node, scale: float, dtype: torch.dtype | None = None) -> fx.Node:
     """``dequantize_per_tensor(quantize_per_tensor(value, scale))``, symmetric int8, inserted
-    at the graph's insertion point; returns the dequantized node (of ``value``'s dtype)."""
+    at the graph's insertion point; returns the dequantized node, of ``dtype`` (default:
+    ``value``'s)."""
     quantized = graph.call_function(qops.quantize_per_tensor, (value, scale, 0, QMIN, QMAX, torch.int8))
     return graph.call_function(qops.dequantize_per_tensor, (quantized, scale, 0, QMIN, QMAX, torch.int8),
-                               {"out_dtype": value.meta["val"].dtype})
+                               {"out_dtype": dtype or value.meta["val"].dtype})
 
 
 def insert_qdq(
@@ -171,7 +172,7 @@ def insert_qdq(
             xdq = graph.call_function(qops.dequantize_per_tensor, (xq, scale, zero, UQMIN, UQMAX, torch.uint8),
                                       {"out_dtype": dtype})
         else:
-            xdq = static_qdq(graph, x, input_scale)
+            xdq = static_qdq(graph, x, input_scale, dtype)
         wdq = graph.call_function(qops.dequantize_per_channel,
                                   (qweight, weight_scale, None, 0, -WEIGHT_QMAX, WEIGHT_QMAX, torch.int8),
                                   {"out_dtype": dtype})
