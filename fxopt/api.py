@@ -21,7 +21,7 @@ from fxopt.pass_api import Pass
 from fxopt.phases import PhaseTimer
 from fxopt.pipeline import PassInstrument
 from fxopt.proxy import stand_ins
-from fxopt.registry import resolve_passes
+from fxopt.registry import expand_exact, resolve_passes
 from fxopt.report import Report
 from fxopt.session import Session, SessionOptions
 from fxopt.signature import split_example_inputs
@@ -206,7 +206,7 @@ def _compile_preset(name: str, model: torch.nn.Module, example_inputs: Any, pass
         session = Session(model, example_inputs, options)
 
         def pipeline_of(candidate: presets.Candidate) -> list[Pass]:
-            return presets.within_budget(resolve_passes(presets.expand(candidate.passes, candidate.without)),
+            return presets.within_budget(resolve_passes(expand_exact(candidate.passes, candidate.without)),
                                          budget)
 
         still_to_build: list[list[Pass]] = []

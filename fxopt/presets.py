@@ -55,7 +55,6 @@ ENTRY_POINT_GROUP = "fxopt.presets"
 # in a candidate's passes: every registered exact pass, in their declared order, less those the
 # candidate names elsewhere (they run there instead: merge-siblings after quantize-int8) or
 # leaves out (Candidate.without)
-EXACT = "exact"
 
 
 @dataclass(frozen=True)
@@ -131,19 +130,6 @@ def registered_preset(preset: Preset) -> Iterator[Preset]:
     """Register ``preset`` for the length of a ``with`` block (tests, experiments)."""
     with _REGISTRATIONS.registered({preset.name: preset}):
         yield preset
-
-
-def expand(passes: Sequence[str], without: Sequence[str] = ()) -> list[Any]:
-    """A candidate's pass list with ``"exact"`` replaced by the exact passes in order, less
-    those named elsewhere in the list (they run there) and those in ``without``."""
-    from fxopt.registry import default_pipeline, parse_pass_spec
-
-    named = (spec.name if hasattr(spec, "name") else parse_pass_spec(spec)[0] for spec in passes if spec != EXACT)
-    left_out = {*without, *named}
-    expanded: list[Any] = []
-    for spec in passes:
-        expanded.extend([p for p in default_pipeline() if p.name not in left_out] if spec == EXACT else [spec])
-    return expanded
 
 
 def with_budget(preset: Preset, budget: float) -> Preset:

@@ -204,18 +204,36 @@ def _instantiate(pass_type: type[Pass], options: dict[str, Any]) -> Pass:
         raise OptionTypeError(f"pass '{pass_type.name}': {exc}") from exc
 
 
+EXACT = "exact"  # in a pass list: every registered exact pass, in order
+
+
+def expand_exact(passes: Sequence[Any], without: Sequence[str] = ()) -> list[Any]:
+    """``passes`` with ``"exact"`` replaced by the exact passes in order, less those named
+    elsewhere in the list (they run there) and those in ``without``."""
+    if EXACT not in passes:
+        return list(passes)
+    named = (spec.name if hasattr(spec, "name") else parse_pass_spec(spec)[0]
+             for spec in passes if isinstance(spec, (str, Pass)) and spec != EXACT)
+    left_out = {*without, *named}
+    expanded: list[Any] = []
+    for spec in passes:
+        expanded.extend([p for p in default_pipeline() if p.name not in left_out] if spec == EXACT else [spec])
+    return expanded
+
+
 def resolve_passes(passes: str | Pass | Iterable[str | Pass] | None) -> list[Pass]:
     """Turn ``passes=`` into pass instances.
 
     Accepts None (the default pipeline), a pass object, a name, a comma-separated string
-    (``"remove-dropout,low-rank(energy=0.99)"``), or a list mixing names and objects.
+    (``"remove-dropout,low-rank(energy=0.99)"``), or a list mixing names and objects;
+    ``"exact"`` in a list stands for every exact pass not named elsewhere in it.
     """
     if passes is None:
         return default_pipeline()
     if isinstance(passes, (str, Pass)):
         passes = [passes]
     resolved: list[Pass] = []
-    for item in passes:
+    for item in expand_exact(list(passes)):
         if isinstance(item, Pass):
             resolved.append(item)
         elif isinstance(item, str):

@@ -39,11 +39,8 @@ DEFAULT_CASES = ("lossless", "int8", "preset-lossless", "preset-int8")
 def compile_case(model: torch.nn.Module, inputs: Any, case: str) -> Any:
     """``fxopt.compile`` as the case says; returns the optimized module."""
     import fxopt
-    from fxopt.presets import expand
 
     options = dict(CASES[case])
-    if "passes" in options:
-        options["passes"] = expand(options["passes"])
     if options.pop("calibrate", False):
         options["calibration"] = [inputs]
     with warnings.catch_warnings():

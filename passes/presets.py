@@ -17,7 +17,8 @@ backend OpenVINO is installed, it is a candidate of each preset on CPU.
 
 from __future__ import annotations
 
-from fxopt.presets import EXACT, Candidate, Preset
+from fxopt.presets import Candidate, Preset
+from fxopt.registry import EXACT
 
 INT8_PER_TENSOR = "quantize-int8(activations='dynamic-tensor')"
 INT8_STATIC = "quantize-int8(activations='static', symmetric=False)"

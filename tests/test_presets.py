@@ -9,6 +9,7 @@ from torch import nn
 import fxopt
 from fxopt import presets
 from fxopt.ir import call_nodes, constant, ops
+from fxopt.registry import expand_exact
 
 
 def _mlp() -> nn.Module:
@@ -366,15 +367,15 @@ def test_before_each_build_the_preset_says_which_candidates_are_still_to_be_buil
 
 def test_exact_leaves_out_the_passes_a_candidate_runs_elsewhere_or_without() -> None:
     names = lambda specs: [p if isinstance(p, str) else p.name for p in specs]  # noqa: E731
-    full = names(presets.expand(["exact"]))
+    full = names(expand_exact(["exact"]))
     assert "merge-siblings" in full
-    after = names(presets.expand(["exact", "quantize-int8", "merge-siblings"]))
+    after = names(expand_exact(["exact", "quantize-int8", "merge-siblings"]))
     assert after == [n for n in full if n != "merge-siblings"] + ["quantize-int8", "merge-siblings"]
-    assert names(presets.expand(["exact", "quantize-int8"], without=("merge-siblings",))) == \
+    assert names(expand_exact(["exact", "quantize-int8"], without=("merge-siblings",))) == \
         [n for n in full if n != "merge-siblings"] + ["quantize-int8"]
     from fxopt.registry import get_pass
 
-    assert names(presets.expand(["exact", get_pass("merge-siblings")])).count("merge-siblings") == 1
+    assert names(expand_exact(["exact", get_pass("merge-siblings")])).count("merge-siblings") == 1
 
 
 def test_past_the_memory_bound_backends_that_copy_the_weights_are_not_built(

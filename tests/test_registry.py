@@ -275,3 +275,15 @@ def test_one_topological_order_for_passes_lowerings_and_techniques(monkeypatch: 
     lowering.lowerings()
     techniques.list_techniques()
     assert calls == ["passes", "lowerings", "techniques"]
+
+
+def test_exact_in_a_pass_list_stands_for_the_exact_passes_not_named_elsewhere() -> None:
+    exact = [p.name for p in registry.default_pipeline()]
+    resolved = [p.name for p in registry.resolve_passes(["exact", "quantize-int8"])]
+    assert resolved == [*exact, "quantize-int8"]
+    # a pass named elsewhere runs there, with its options, and not twice
+    resolved = registry.resolve_passes(["merge-siblings", "exact", "low-rank(energy=0.9)"])
+    names = [p.name for p in resolved]
+    assert names == ["merge-siblings", *[n for n in exact if n != "merge-siblings"], "low-rank"]
+    assert resolved[-1].energy == 0.9
+    assert [p.name for p in registry.resolve_passes("exact")] == exact
