@@ -62,7 +62,8 @@ def test_default_pipeline_is_every_exact_pass_in_order() -> None:
     assert [t.name for t in fxopt.list_passes()] == [
         "remove-dropout", "fold-batchnorm", "swap-activations", "swap-activations-lossy",
         "merge-consecutive", "low-rank", "merge-siblings", "prune-hidden", "cast-bf16", "cast-fp16",
-        "smooth-quant", "quantize-int8", "quantize-attention", "quantize-residual", "quantize-weights"]
+        "smooth-quant", "quantize-int8", "quantize-attention", "quantize-residual", "quantize-embeddings",
+        "quantize-weights"]
     # merge-siblings may run before the lossy passes (float weights) or after quantize-int8
     # (int8 weights): neither order is declared against
     for order in (["merge-siblings", "quantize-int8"], ["quantize-int8", "merge-siblings"]):
