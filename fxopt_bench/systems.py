@@ -674,15 +674,17 @@ SYSTEMS_LIST: tuple[System, ...] = (
            _fxopt(lambda: [*_default_pipeline(), "smooth-quant(explicit=True)", STATIC_PERCENTILE,
                            "quantize-attention"], "openvino", calibrate=True), ("openvino",), cpu_only=True,
            label="fxopt int8 OpenVINO (static)"),
-    # Without smooth-quant, and the residual stream int8 around each LayerNorm (NNCF's default
-    # scheme): held to 7.5e-2, the error NNCF's default recipe measures on BERT-4L's hidden
-    # states on the fresh input fxopt's own check draws (7.3e-2; 5% refuses both recipes there).
-    System("fxopt-int8-openvino-residual", "fxopt lossless pipeline + quantize-int8 (static per-tensor "
+    # Every tensor NNCF's default recipe quantizes: the Linears (without smooth-quant), Q @ K^T,
+    # the residual stream around each LayerNorm and the embedding tables. Held to 7.5e-2, the
+    # error NNCF's default recipe measures on BERT-4L's hidden states on the fresh input fxopt's
+    # own check draws (7.3e-2; 5% refuses both recipes there).
+    System("fxopt-int8-openvino-full", "fxopt lossless pipeline + quantize-int8 (static per-tensor "
            "activations, percentile observer, calibrated on the inputs) + quantize-attention + "
-           "quantize-residual(budget=0.075), OpenVINO backend",
+           "quantize-residual + quantize-embeddings (budget=0.075), OpenVINO backend",
            _fxopt(lambda: [*_default_pipeline(), STATIC_PERCENTILE, "quantize-attention",
-                           "quantize-residual(budget=0.075)"], "openvino", calibrate=True), ("openvino",),
-           cpu_only=True, label="fxopt int8 OpenVINO (static, int8 residual)"),
+                           "quantize-residual(budget=0.075)", "quantize-embeddings(budget=0.075)"], "openvino",
+                  calibrate=True), ("openvino",), cpu_only=True,
+           label="fxopt int8 OpenVINO (static, int8 residual and embeddings)"),
     # OpenVINO quantizes the activations of a dynamic int8 Linear itself, in groups, on its
     # int8 kernels; the graph's int8 weights are used as they are.
     System("fxopt-int8-pt-openvino", "as fxopt-int8-pt, OpenVINO backend (int8 weights, activations "
