@@ -9,12 +9,12 @@
 OpenVINO runs a LayerNorm that reads and writes int8 as one int8 kernel: BERT's residual sum
 then enters its LayerNorm as int8, and the LayerNorm's output reaches the next Linears and the
 next residual add as one int8 tensor, where without this pass it writes a float32 tensor and an
-int8 copy of it (BERT-4L, one thread, AMX: 1.04x the OpenVINO int8 graph without it). The
+int8 copy of it (BERT-4L, one thread, AMX: 1.06-1.07x the OpenVINO int8 graph without it). The
 Linears' input scale widens to the LayerNorm output's largest magnitude: a percentile scale
 clips the outliers the residual carries (BERT-4L's output error 0.24 clipped, 0.044 widened).
 Eager PyTorch and ONNX Runtime run the quantize/dequantize pairs as float emulation, slower:
-this pass is opt-in, for the OpenVINO backend (the int8 preset's OpenVINO candidate without
-smooth-quant runs it after quantize-attention).
+this pass is opt-in, for the OpenVINO backend, after quantize-int8's static activations and
+quantize-attention (not a candidate of the int8 preset: see docs/presets-and-kernels.md).
 
 Constraints (refusal codes): the LayerNorm reads an add (others are not candidates) of
 float32/float16/bfloat16 values (``unsupported-dtype``); only a symmetric int8 per-tensor
