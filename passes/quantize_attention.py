@@ -20,7 +20,6 @@ that cost least error first (``over-budget`` with the measured error for the res
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -29,21 +28,13 @@ import torch.fx as fx
 
 from fxopt.ir import is_op
 from fxopt.ir.qdq import static_qdq
-from fxopt.lossy import (
-    BudgetedSearch,
-    Site,
-    check_search_options,
-    collect_activations,
-    fit_indices,
-    known_values,
-)
+from fxopt.lossy import check_search_options, search_switches, static_scales_of
 from fxopt.pass_api import Pass, PassContext, PassResult
-from fxopt.quant import FLOAT_DTYPES, static_scales
+from fxopt.quant import FLOAT_DTYPES
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import (
     NEEDS_CALIBRATION,
     NOT_FLOATING_POINT,
-    OVER_BUDGET,
     UNSUPPORTED_DTYPE,
 )
 
@@ -76,29 +67,10 @@ class QuantizeAttention(Pass):
                     "scales from the example inputs alone could clip later inputs")))
             return result
         values = {node.args[i] for node in candidates for i in QUANTIZED_INPUTS}
-        # The search trials scales from its fit batches only (clipping on held-out ones shows);
-        # the committed scales cover every batch.
-        maxima = collect_activations(gm, values, ctx.observable_batches,
-                                     reduce=lambda v: float(v.detach().abs().max()), known=known_values(ctx, gm))
-        fit = fit_indices(ctx)
-        scales = static_scales(maxima, range(len(ctx.observable_batches)))
-        fit_scales = static_scales(maxima, fit)
-        sites = [Site(node.name, (True,)) for node in candidates]
-
-        def apply(trial: fx.GraphModule, choices: Mapping[str, object]) -> fx.GraphModule:
-            _quantize(trial, [n.name for n in candidates if n.name in choices], fit_scales)
-            return trial
-
-        outcome = BudgetedSearch(gm, ctx, sites, apply, self.budget, self.strategy).run()
-        for name, pick in outcome.refused.items():
-            what = "alone" if pick.others == 0 else f"with {pick.others} other attention(s) quantized"
-            result.skip(name, Refusal(OVER_BUDGET, f"quantized {what} the output error is {pick.error:.3g} "
-                                                   f"> budget {pick.target:g}"))
-        chosen = [n.name for n in candidates if n.name in outcome.choices]
-        _quantize(gm, chosen, scales)
-        for name in chosen:
-            result.apply()
-            result.details.append({"node": name, "error": outcome.picks[name].error, **outcome.details_for(name)})
+        scales, fit_scales = static_scales_of(gm, ctx, values)
+        search_switches(gm, ctx, result, candidates, lambda g, names: _quantize(g, names, scales), self.budget,
+                        self.strategy, sites_noun="attention(s)", rewritten="quantized",
+                        rewrite_trial=lambda g, names: _quantize(g, names, fit_scales))
         return result
 
 

@@ -28,13 +28,12 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir import add_constant, call_nodes, constant, derived
-from fxopt.lossy import BudgetedSearch, Site, check_search_options
+from fxopt.lossy import check_search_options, search_switches
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.quant import FLOAT_DTYPES, quantize_weight
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import (
     NOT_CONSTANT,
-    OVER_BUDGET,
     UNSUPPORTED_DTYPE,
     finite,
     private_constant,
@@ -65,23 +64,8 @@ class QuantizeEmbeddings(Pass):
         # derived(): graphs sharing a model's weights (a causal LM's prefill and decode) share one
         # int8 copy of each table
         tables = {n.name: _quantized(constant(gm, n.args[0])) for n in candidates}
-        sites = [Site(n.name, (True,)) for n in candidates]
-
-        def apply(trial: fx.GraphModule, choices: Mapping[str, object]) -> fx.GraphModule:
-            _quantize(trial, choices, tables)
-            return trial
-
-        outcome = BudgetedSearch(gm, ctx, sites, apply, self.budget, self.strategy).run()
-        for name, pick in outcome.refused.items():
-            what = "alone" if pick.others == 0 else f"with {pick.others} other table(s) quantized"
-            result.skip(name, Refusal(OVER_BUDGET, f"int8 rows {what} give output error {pick.error:.3g} "
-                                                   f"> budget {pick.target:g}"))
-        _quantize(gm, outcome.choices, tables)
-        for node in candidates:
-            if node.name in outcome.choices:
-                result.apply()
-                result.details.append({"node": node.name, "error": outcome.picks[node.name].error,
-                                       **outcome.details_for(node.name)})
+        search_switches(gm, ctx, result, candidates, lambda g, names: _quantize(g, names, tables), self.budget,
+                        self.strategy, sites_noun="table(s)", rewritten="quantized")
         return result
 
 
@@ -102,9 +86,8 @@ def _quantized(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return derived([table], ("quantize-embeddings",), make)
 
 
-def _quantize(gm: fx.GraphModule, choices: Mapping[str, object],
-              tables: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    for lookup in [n for n in gm.graph.nodes if n.name in choices]:
+def _quantize(gm: fx.GraphModule, names: list[str], tables: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    for lookup in [n for n in gm.graph.nodes if n.name in names]:
         rows, scale = tables[lookup.name]
         hint = f"{lookup.args[0].target}_int8"
         rows_node = add_constant(gm, rows, hint, before=lookup)

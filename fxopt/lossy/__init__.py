@@ -20,8 +20,9 @@ from fxopt.lossy.observer import (
     merge_stats,
     observe,
     observe_each,
+    static_scales_of,
 )
-from fxopt.lossy.search import BudgetedSearch
+from fxopt.lossy.search import BudgetedSearch, search_switches
 from fxopt.lossy.sites import (
            STRATEGIES,
            Outcome,
@@ -37,6 +38,6 @@ from fxopt.lossy.sites import (
 from fxopt.lossy.task import METRICS, TaskBudget
 
 __all__ = ["METRICS", "STRATEGIES", "TaskBudget", "ActivationStats", "BudgetedSearch", "Outcome", "Pick", "Site", "check_search_options", "collect_activations",
-           "estimated_trial_limit",
+           "estimated_trial_limit", "search_switches",
            "first_passing", "fit_batches", "fit_indices", "inputs_of", "known_values", "merge_stats", "observe", "observe_each",
-           "split_batches"]
+           "split_batches", "static_scales_of"]

@@ -82,8 +82,10 @@ from fxopt.lossy.sites import (  # noqa: F401 - part of this module's interface
     fit_indices,
     split_batches,
 )
-from fxopt.pass_api import PassContext
+from fxopt.pass_api import PassContext, PassResult
 from fxopt.phases import progress
+from fxopt.rewrite import Refusal
+from fxopt.rewrite.constraints import OVER_BUDGET
 from fxopt.verify import ReusingRunner, compare_outputs, run_graph
 
 LevelChooser = Callable[["BudgetedSearch", Site, float, Choices], Pick]
@@ -523,3 +525,33 @@ def _most_aggressive(base: Choices, sites: Sequence[Site]) -> dict[str, Level]:
     """``base`` with each of ``sites`` at its most aggressive level (a prefix the estimated
     sensitivity search measures)."""
     return {**base, **{site.name: site.levels[-1] for site in sites}}
+
+
+def search_switches(gm: fx.GraphModule, ctx: PassContext, result: PassResult, candidates: Sequence[fx.Node],
+                    rewrite: Callable[[fx.GraphModule, list[str]], None], budget: float, strategy: str, *,
+                    sites_noun: str, rewritten: str = "rewritten",
+                    rewrite_trial: Callable[[fx.GraphModule, list[str]], None] | None = None) -> list[str]:
+    """A budgeted search whose sites are ``candidates`` switched on or off (one level each):
+    ``rewrite(graph, names)`` rewrites the named nodes of a graph; ``rewrite_trial`` (default
+    ``rewrite``) those of a trial, where a pass fits what it derives (static scales) on the fit
+    batches only. Skips each refused node with its measured error (``over-budget``; the message
+    names the other ``sites_noun`` ``rewritten`` with it), commits the chosen ones on ``gm`` and
+    records each as applied with its details; returns their names."""
+    trial_rewrite = rewrite_trial or rewrite
+
+    def apply(trial: fx.GraphModule, choices: Choices) -> fx.GraphModule:
+        trial_rewrite(trial, [n.name for n in candidates if n.name in choices])
+        return trial
+
+    sites = [Site(node.name, (True,)) for node in candidates]
+    outcome = BudgetedSearch(gm, ctx, sites, apply, budget, strategy).run()
+    for name, pick in outcome.refused.items():
+        context = "alone" if pick.others == 0 else f"with {pick.others} other {sites_noun} {rewritten}"
+        result.skip(name, Refusal(OVER_BUDGET, f"{rewritten} {context} the output error is {pick.error:.3g} "
+                                               f"> budget {pick.target:g}"))
+    chosen = [n.name for n in candidates if n.name in outcome.choices]
+    rewrite(gm, chosen)
+    for name in chosen:
+        result.apply()
+        result.details.append({"node": name, "error": outcome.picks[name].error, **outcome.details_for(name)})
+    return chosen
