@@ -13,6 +13,9 @@ A lossy pass describes its options as data and leaves the trial-and-measure loop
     for name, pick in outcome.refused.items():
         result.skip(name, f"rank {pick.tried}: error {pick.error:.3g} > {pick.target:.3g}")
 
+A pass whose sites are nodes switched on or off (quantize this attention or not) hands all of
+that to :func:`search_switches`.
+
 One trial mechanism: every candidate is ``apply`` on a structural copy of the graph
 (``fxopt.ir.copy_graph_module``), never the live graph, and its error against
 ``ctx.reference`` is memoised per split, so no combination is ever run twice.
