@@ -163,3 +163,27 @@ def test_a_mask_that_masks_nothing_is_dropped(mask: str, dropped: bool) -> None:
     # the batch stays dynamic: another batch size runs through the graph
     other = torch.randn(5, 48)
     torch.testing.assert_close(gm(other)[0], model(other))
+
+
+def test_computed_constant_evaluates_only_what_constants_alone_decide() -> None:
+    from fxopt.ir import computed_constant
+
+    class Values(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.register_buffer("table", torch.arange(6.0))
+
+        def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            from_constants = (self.table * 2 + torch.arange(6)) >= 3
+            from_input = self.table + x
+            drawn = torch.rand(6) + self.table
+            return from_constants, from_input, drawn
+
+    gm = fxopt.capture(Values().eval(), (torch.randn(6),))
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    from_constants, from_input, drawn = outputs[:3]
+    value = computed_constant(gm, from_constants)
+    assert torch.equal(value, (torch.arange(6.0) * 2 + torch.arange(6)) >= 3)
+    assert computed_constant(gm, from_input) is None  # reads the input
+    assert computed_constant(gm, drawn) is None  # a random op is not a constant
+    assert computed_constant(gm, from_constants, max_nodes=1) is None  # more calls than allowed
