@@ -32,11 +32,7 @@ from fxopt.lossy import check_search_options, search_switches, static_scales_of
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.quant import FLOAT_DTYPES
 from fxopt.rewrite import Refusal
-from fxopt.rewrite.constraints import (
-    NEEDS_CALIBRATION,
-    NOT_FLOATING_POINT,
-    UNSUPPORTED_DTYPE,
-)
+from fxopt.rewrite.constraints import NOT_FLOATING_POINT, UNSUPPORTED_DTYPE, calibrated
 
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
 QUANTIZED_INPUTS = (0, 1)  # query, key
@@ -60,11 +56,10 @@ class QuantizeAttention(Pass):
         candidates = result.admit((n for n in gm.graph.nodes if is_op(n, SDPA)), _refusal)
         if not candidates:
             return result
-        if not ctx.calibrated:
+        refusal = calibrated(ctx, "static query and key scales")
+        if refusal is not None:
             for node in candidates:
-                result.skip(node, Refusal(NEEDS_CALIBRATION, (
-                    "static query and key scales need calibration batches (calibration=[...]); "
-                    "scales from the example inputs alone could clip later inputs")))
+                result.skip(node, refusal)
             return result
         values = {node.args[i] for node in candidates for i in QUANTIZED_INPUTS}
         scales, fit_scales = static_scales_of(gm, ctx, values)

@@ -44,7 +44,7 @@ from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.rewrite import Refusal
 from fxopt.rewrite.constraints import (
     EXCLUDED,
-    NEEDS_CALIBRATION,
+    calibrated,
     finite,
     floating_point,
     large_enough,
@@ -100,11 +100,10 @@ class QuantizeInt8(Pass):
             return result
         scales: dict[str, Any] = {n.name: None for n in candidates}
         if self.activations == "static":
-            if not ctx.calibrated:
+            refusal = calibrated(ctx, "static activation scales (activations='static')")
+            if refusal is not None:
                 for node in candidates:
-                    result.skip(node, Refusal(NEEDS_CALIBRATION, (
-                        "activations='static' needs calibration batches (calibration=[...]); "
-                        "a scale from the example inputs alone could clip later inputs")))
+                    result.skip(node, refusal)
                 return result
             # The search trials static scales observed on its fit batches only, so that clipping
             # on the held-out ones shows; the committed scales cover every batch (wider, so they

@@ -39,7 +39,7 @@ from fxopt.lossy import check_search_options, search_switches, static_scales_of
 from fxopt.pass_api import Pass, PassContext, PassResult
 from fxopt.quant import FLOAT_DTYPES
 from fxopt.rewrite import Refusal
-from fxopt.rewrite.constraints import NEEDS_CALIBRATION, UNSUPPORTED_DTYPE
+from fxopt.rewrite.constraints import UNSUPPORTED_DTYPE, calibrated
 
 LAYER_NORM = torch.ops.aten.layer_norm.default
 
@@ -63,11 +63,10 @@ class QuantizeResidual(Pass):
         candidates = result.admit(matches, _refusal)
         if not candidates:
             return result
-        if not ctx.calibrated:
+        refusal = calibrated(ctx, "static residual scales")
+        if refusal is not None:
             for node in candidates:
-                result.skip(node, Refusal(NEEDS_CALIBRATION, (
-                    "static residual scales need calibration batches (calibration=[...]); "
-                    "scales from the example inputs alone could clip later inputs")))
+                result.skip(node, refusal)
             return result
         values = {node.args[0] for node in candidates} | {node for node in candidates if _shared_quantizations(node)}
         scales, fit_scales = static_scales_of(gm, ctx, values)

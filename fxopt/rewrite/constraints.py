@@ -11,6 +11,7 @@ rule's ``check`` reads as a list of conditions::
 from __future__ import annotations
 
 from collections.abc import Collection, Iterable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -114,6 +115,15 @@ def constant_or_absent(gm: fx.GraphModule, *nodes: fx.Node | None, what: str = "
     if all(n is None or constant(gm, n) is not None for n in nodes):
         return None
     return Refusal(NOT_CONSTANT, f"{what} are not constants")
+
+
+def calibrated(ctx: Any, what: str) -> Refusal | None:
+    """The compile has calibration batches, which ``what`` (static scales) are observed on:
+    scales from the example inputs alone could clip later inputs."""
+    if ctx.calibrated:
+        return None
+    return Refusal(NEEDS_CALIBRATION, f"{what} need calibration batches (calibration=[...]); scales from the "
+                                      "example inputs alone could clip later inputs")
 
 
 def finite(*tensors: torch.Tensor | float | None, what: str = "the weights") -> Refusal | None:

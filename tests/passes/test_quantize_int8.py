@@ -124,7 +124,7 @@ def test_static_without_calibration_is_refused_with_reason() -> None:
     torch.manual_seed(0)
     run = run_pass(QuantizeInt8(activations="static"), mlp(32, 32), (torch.randn(4, 32),))
     assert not run.modified
-    assert_skipped(run, "needs calibration batches", code="needs-calibration")
+    assert_skipped(run, "need calibration batches", code="needs-calibration")
 
 
 def test_filters_and_size_rule_say_why() -> None:
