@@ -80,6 +80,9 @@ class Candidate:
     # bf16 could only lose the race; where the budget made them keep most float, it wins.
     # Past the compile's memory bound it is not built (its rewrite copies the weights).
     fallback: bool = False
+    # A recipe whose error only a loose budget admits: built only where the preset is held to
+    # at least this budget (below it, its verification would refuse it after its compile).
+    min_budget: float | None = None
 
     def __post_init__(self) -> None:
         if self.cpu_unit is not None and self.cpu_unit not in isa.GEMM_UNITS:
@@ -197,6 +200,9 @@ def choose(
         trial.dropped = _unavailable(trial.candidate, device)
         if trial.dropped is None and trial.candidate.needs_calibration and not calibrated:
             trial.dropped = "needs calibration batches (calibration=[...]), none were given"
+        least = trial.candidate.min_budget
+        if trial.dropped is None and least is not None and not (preset.budget is not None and preset.budget >= least):
+            trial.dropped = f"built only at a budget of {least:g} or more (the error its recipe costs)"
     if hold_bytes is not None and weight_bytes > hold_bytes:
         _share_weights_past_the_bound(trials, weight_bytes, hold_bytes)
         for trial in trials:

@@ -35,6 +35,14 @@ SMOOTH_QUANT = "smooth-quant(explicit=True)"
 # fused attention kernel computes Q @ K^T in int8 when the query and key are quantized.
 INT8_STATIC_OPENVINO = "quantize-int8(activations='static', observer='percentile')"
 INT8_ATTENTION = "quantize-attention"
+# What OpenVINO + NNCF's default recipe quantizes besides: the residual stream around each
+# LayerNorm (OpenVINO's LayerNorm then reads and writes int8) and the embedding tables. Its error
+# is about NNCF default's (BERT-4L's hidden states: 5.0e-2 on the calibration batch, 6.8e-2 on
+# the fresh input the preset's check draws, where NNCF's default measures 7.3e-2), which 5%
+# refuses after the compile: built only where the preset is held to 7e-2 or more (the passes'
+# budgets are lowered to the preset's, see fxopt.presets.within_budget).
+INT8_LOOSE = ("quantize-residual(budget=1.0)", "quantize-embeddings(budget=1.0)")
+LOOSE_BUDGET = 0.07
 # Sibling Linears (Q, K, V; a gated MLP's gate and up) merge after quantizing, as int8: each
 # is quantized (or left float) on its own, and no float copy of the merged weights is made
 # (a 1.1B Llama's is 2.5 GB). Eager PyTorch runs one GEMM per group; ONNX Runtime and OpenVINO
@@ -92,6 +100,8 @@ INT8 = Preset(
                   needs_calibration=True, without=UNMERGED),
         Candidate((EXACT, INT8_STATIC_OPENVINO, INT8_ATTENTION), "openvino", devices=("cpu",),
                   needs_calibration=True, without=UNMERGED),
+        Candidate((EXACT, INT8_STATIC_OPENVINO, INT8_ATTENTION, *INT8_LOOSE), "openvino", devices=("cpu",),
+                  needs_calibration=True, without=UNMERGED, min_budget=LOOSE_BUDGET),
         Candidate((EXACT, INT8_PER_TENSOR), "openvino", devices=("cpu",), without=UNMERGED),
         Candidate((EXACT, "quantize-int8(activations='dynamic')", MERGE), "eager"),
         Candidate((EXACT, BF16_FALLBACK), "eager", devices=("cpu",), cpu_unit="bf16_gemm", fallback=True),

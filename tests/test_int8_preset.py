@@ -8,8 +8,10 @@ import torch
 from fxopt.passes.presets import (
     INT8,
     INT8_ATTENTION,
+    INT8_LOOSE,
     INT8_STATIC,
     INT8_STATIC_OPENVINO,
+    LOOSE_BUDGET,
     MERGE,
     SMOOTH_QUANT,
 )
@@ -36,7 +38,10 @@ def test_static_candidates_are_declared_for_cpu() -> None:
     # with and without smooth-quant: its multiply keeps LayerNorm's output float in OpenVINO
     assert [c.passes[1:] for c in openvino] == [(SMOOTH_QUANT, INT8_STATIC_OPENVINO, INT8_ATTENTION),
                                                 (SMOOTH_QUANT, INT8_STATIC, INT8_ATTENTION),
-                                                (INT8_STATIC_OPENVINO, INT8_ATTENTION)]
+                                                (INT8_STATIC_OPENVINO, INT8_ATTENTION),
+                                                (INT8_STATIC_OPENVINO, INT8_ATTENTION, *INT8_LOOSE)]
+    # the last only where the preset is held to a loose budget
+    assert [c.min_budget for c in openvino] == [None, None, None, LOOSE_BUDGET]
     assert all(c.devices == ("cpu",) for c in static)
     # (the bf16 fallbacks merge them, as the bf16 preset does: OpenVINO runs merged bf16 siblings as fast)
     assert all(c.without == (MERGE,) for c in INT8.candidates if c.backend != "eager" and not c.fallback)

@@ -500,3 +500,27 @@ def test_where_a_candidate_leaves_no_stand_in_the_candidates_are_built_whole_and
         measure_error=lambda m: m.error, run_example=lambda m: lambda: m.ms, proxy=presets.Proxy(stand_in))
     assert whole == ["a", "b"] and chosen.ms == 1.0
     assert [t.proxy_milliseconds for t in trials] == [None, None] and [t.milliseconds for t in trials] == [2.0, 1.0]
+
+
+def test_a_candidate_for_loose_budgets_is_built_only_when_the_preset_is_held_to_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    from fxopt.latency import Timing
+
+    monkeypatch.setattr(presets, "race", lambda runs, repeats=10: {k: Timing.of([1.0]) for k in runs})
+    candidates = (presets.Candidate(("exact",), note="tight"),
+                  presets.Candidate(("exact",), note="loose", min_budget=0.07))
+    module = SimpleNamespace(report=SimpleNamespace(passes=[]))
+    for budget, built in ((0.05, ["tight"]), (0.07, ["tight", "loose"]), (0.1, ["tight", "loose"])):
+        seen: list[str] = []
+
+        def build(candidate: presets.Candidate, seen: list[str] = seen) -> SimpleNamespace:
+            seen.append(candidate.note)
+            return module
+
+        _, trials = presets.choose(presets.Preset("loose", "two", candidates, budget=budget), torch.device("cpu"),
+                                   build, measure_error=lambda m: 0.0, run_example=lambda m: lambda: None)
+        assert seen == built
+        if budget < 0.07:
+            assert trials[1].dropped == "built only at a budget of 0.07 or more (the error its recipe costs)"
