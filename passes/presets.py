@@ -9,7 +9,8 @@ after quantizing, as int8, in eager PyTorch); given calibration batches,
 also static per-tensor activations (with and without smooth-quant) on oneDNN's fused int8
 kernel, and on OpenVINO static int8 Linears (with and without smooth-quant) and an int8 query
 and key in its fused attention (without calibration those candidates are dropped before they are compiled:
-static scales need it); where those leave Linears float to stay within the budget (a preset
+static scales need it), and held to a budget of 7e-2 or more, OpenVINO with the residual stream
+and the embedding tables int8 as well (NNCF's default scheme); where those leave Linears float to stay within the budget (a preset
 held to a tight one), bfloat16 Linears on eager and OpenVINO, on a CPU with a bf16 GEMM
 unit. Where the optional
 backend OpenVINO is installed, it is a candidate of each preset on CPU.

@@ -14,7 +14,8 @@ Linears' input scale widens to the LayerNorm output's largest magnitude: a perce
 clips the outliers the residual carries (BERT-4L's output error 0.24 clipped, 0.044 widened).
 Eager PyTorch and ONNX Runtime run the quantize/dequantize pairs as float emulation, slower:
 this pass is opt-in, for the OpenVINO backend, after quantize-int8's static activations and
-quantize-attention (not a candidate of the int8 preset: see docs/presets-and-kernels.md).
+quantize-attention (the int8 preset's candidate for budgets of 7e-2 or more: see
+docs/presets-and-kernels.md).
 
 Constraints (refusal codes): the LayerNorm reads an add (others are not candidates) of
 float32/float16/bfloat16 values (``unsupported-dtype``); only a symmetric int8 per-tensor
