@@ -109,7 +109,9 @@ def _quantize(gm: fx.GraphModule, names: list[str], scales: dict[str, float]) ->
             quantize.args = (norm, widened, *quantize.args[2:])
             for dequantize in list(quantize.users):
                 dequantize.args = (quantize, widened, *dequantize.args[2:])
-        shared = next(iter(quantizations[0].users))
+        shared = next((user for quantize in quantizations for user in quantize.users), None)
+        if shared is None:
+            continue
         for residual in [user for user in norm.users if is_op(user, ops.add)]:
             residual.args = tuple(shared if a is norm else a for a in residual.args)
     gm.recompile()
