@@ -52,9 +52,6 @@ from fxopt.registrations import Registrations
 from fxopt.rewrite.constraints import OVER_BUDGET
 
 ENTRY_POINT_GROUP = "fxopt.presets"
-# in a candidate's passes: every registered exact pass, in their declared order, less those the
-# candidate names elsewhere (they run there instead: merge-siblings after quantize-int8) or
-# leaves out (Candidate.without)
 
 
 @dataclass(frozen=True)

@@ -204,7 +204,10 @@ def _instantiate(pass_type: type[Pass], options: dict[str, Any]) -> Pass:
         raise OptionTypeError(f"pass '{pass_type.name}': {exc}") from exc
 
 
-EXACT = "exact"  # in a pass list: every registered exact pass, in order
+# In a pass list: every registered exact pass in declared order, less those the list names
+# elsewhere (they run there instead: merge-siblings after quantize-int8) or leaves out (a
+# preset candidate's ``without``).
+EXACT = "exact"
 
 
 def expand_exact(passes: Sequence[Any], without: Sequence[str] = ()) -> list[Any]:
