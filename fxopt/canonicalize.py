@@ -33,6 +33,7 @@ import torch.fx as fx
 
 from fxopt.ir import (
     add_constant,
+    arg,
     aten,
     cleanup,
     computed_constant,
@@ -59,9 +60,10 @@ def canonicalize(gm: fx.GraphModule) -> int:
         rewrites += _functional_form(node)
     for node in list(gm.graph.nodes):
         rewrites += _drop_identity(node)
+    masks_nothing: dict[fx.Node, bool] = {}  # the attentions of a model share one mask: judged once
     for node in list(gm.graph.nodes):
         if is_op(node, _SDPA):
-            rewrites += _drop_constant_mask(gm, node)
+            rewrites += _drop_constant_mask(gm, node, masks_nothing)
     for node in list(gm.graph.nodes):
         if is_op(node, ops.addmm, ops.mm, ops.matmul):
             rewrites += _matmul_to_linear(gm, node)
@@ -229,22 +231,24 @@ def _drop_identity(node: fx.Node) -> int:
     return 1
 
 
-def _drop_constant_mask(gm: fx.GraphModule, sdpa: fx.Node) -> int:
+def _drop_constant_mask(gm: fx.GraphModule, sdpa: fx.Node, masks_nothing: dict[fx.Node, bool]) -> int:
     """An attention mask that masks nothing, dropped. Tracing a transformers model called
     without an attention mask materializes one (``arange(n) >= 0`` expanded to the batch):
     every backend runs attention without a mask faster, and ONNX's Attention with a mask
-    guards fully masked rows (OpenVINO adds a NaN check on the output for it)."""
-    position = 3 if len(sdpa.args) > 3 else None
-    mask = sdpa.args[3] if position is not None else sdpa.kwargs.get("attn_mask")
-    source = mask
+    guards fully masked rows (OpenVINO adds a NaN check on the output for it).
+    ``masks_nothing``: the verdict on each mask's source so far."""
+    source = arg(sdpa, 3, "attn_mask")
     while isinstance(source, fx.Node) and is_op(source, _ELEMENT_PRESERVING):
         source = source.args[0]
-    value = computed_constant(gm, source)
-    if value is None or value.numel() == 0:
+    if not isinstance(source, fx.Node):
         return 0
-    if not (bool(value.all()) if value.dtype == torch.bool else value.is_floating_point() and not value.any()):
+    if source not in masks_nothing:
+        value = computed_constant(gm, source)
+        masks_nothing[source] = value is not None and value.numel() > 0 and (
+            bool(value.all()) if value.dtype == torch.bool else value.is_floating_point() and not value.any())
+    if not masks_nothing[source]:
         return 0
-    if position is not None:
+    if len(sdpa.args) > 3:
         sdpa.args = (*sdpa.args[:3], None, *sdpa.args[4:])
     else:
         sdpa.kwargs = {k: v for k, v in sdpa.kwargs.items() if k != "attn_mask"}
