@@ -93,10 +93,9 @@ def _quantize(gm: fx.GraphModule, names: list[str], tables: Mapping[str, tuple[t
         rows_node = add_constant(gm, rows, hint, before=lookup)
         scale_node = add_constant(gm, scale, f"{hint}_scale", before=lookup)
         ids, options = lookup.args[1], lookup.args[2:]
-        dtype = constant(gm, lookup.args[0]).dtype
         with gm.graph.inserting_before(lookup):
             gathered = gm.graph.call_function(EMBEDDING, (rows_node, ids, *options))
-            widened = gm.graph.call_function(CAST, (gathered,), {"dtype": dtype})
+            widened = gm.graph.call_function(CAST, (gathered,), {"dtype": scale.dtype})  # the table's
             scales = gm.graph.call_function(EMBEDDING, (scale_node, ids, *options))
             dequantized = gm.graph.call_function(torch.ops.aten.mul.Tensor, (widened, scales))
         dequantized.meta.update(lookup.meta)

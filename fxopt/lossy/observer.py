@@ -21,6 +21,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fxopt.lossy.sites import fit_indices
+from fxopt.quant import static_scales
+
 
 @dataclass
 class ActivationStats:
@@ -213,9 +216,6 @@ def static_scales_of(gm: fx.GraphModule, ctx: Any, values: Iterable[fx.Node]) ->
     """Per-tensor symmetric scales of ``values`` (by node name) from their largest magnitudes:
     over every observable batch (what a pass commits) and over the fit batches alone (what its
     search's trials use, so that clipping on the held-out batches shows in their error)."""
-    from fxopt.lossy.sites import fit_indices
-    from fxopt.quant import static_scales
-
     maxima = collect_activations(gm, values, ctx.observable_batches,
                                  reduce=lambda v: float(v.detach().abs().max()), known=known_values(ctx, gm))
     return static_scales(maxima, range(len(ctx.observable_batches))), static_scales(maxima, fit_indices(ctx))
