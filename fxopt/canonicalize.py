@@ -53,17 +53,20 @@ _ELEMENT_PRESERVING = (aten.expand.default, aten.unsqueeze.default, aten.view.de
                        aten.permute.default, aten.transpose.int, aten.clone.default, aten.contiguous.default)
 
 
-def canonicalize(gm: fx.GraphModule) -> int:
-    """Rewrite ``gm`` in place into canonical form; returns the number of rewrites."""
+def canonicalize(gm: fx.GraphModule, notes: list[str] | None = None) -> int:
+    """Rewrite ``gm`` in place into canonical form; returns the number of rewrites. ``notes``
+    gets a line for each rewrite that changes which kernel runs (the report's notes)."""
     rewrites = 0
     for node in list(gm.graph.nodes):
         rewrites += _functional_form(node)
     for node in list(gm.graph.nodes):
         rewrites += _drop_identity(node)
     masks_nothing: dict[fx.Node, bool] = {}  # the attentions of a model share one mask: judged once
-    for node in list(gm.graph.nodes):
-        if is_op(node, _SDPA):
-            rewrites += _drop_constant_mask(gm, node, masks_nothing)
+    dropped = sum(_drop_constant_mask(gm, node, masks_nothing) for node in list(gm.graph.nodes) if is_op(node, _SDPA))
+    if dropped and notes is not None:
+        notes.append(f"canonicalize: {dropped} attention mask(s) computed from constants that mask nothing "
+                     "dropped: attention runs unmasked")
+    rewrites += dropped
     for node in list(gm.graph.nodes):
         if is_op(node, ops.addmm, ops.mm, ops.matmul):
             rewrites += _matmul_to_linear(gm, node)

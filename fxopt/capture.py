@@ -77,7 +77,7 @@ def capture(
     exported = _export_with_shapes(model, args, kwargs, dynamic_shapes, notes)
     gm = freeze(exported, model, share_weights=share_weights)
     with phase("canonicalize"):
-        canonicalize(gm)
+        canonicalize(gm, notes)
     # torch.export keeps the nodes of the last exported graph in a module-level map
     # (proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT) until the next export, and
     # those nodes keep their module alive: return a copy and leave that module no weights.

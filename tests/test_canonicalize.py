@@ -160,6 +160,9 @@ def test_a_mask_that_masks_nothing_is_dropped(mask: str, dropped: bool) -> None:
     kept = sdpa[0].args[3] if len(sdpa[0].args) > 3 else sdpa[0].kwargs.get("attn_mask")
     assert (kept is None) == dropped
     torch.testing.assert_close(gm(x)[0], model(x))
+    said = [n for n in gm.meta["fxopt_notes"] if "attention mask" in n]
+    assert said == (["canonicalize: 1 attention mask(s) computed from constants that mask nothing dropped: "
+                     "attention runs unmasked"] if dropped else [])
     # the batch stays dynamic: another batch size runs through the graph
     other = torch.randn(5, 48)
     torch.testing.assert_close(gm(other)[0], model(other))
